@@ -1,0 +1,57 @@
+"""Pieces shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
+
+from google.protobuf import duration_pb2
+
+from batchgate.v1 import batch_pb2, file_pb2
+
+DEFAULT_CHUNK = 256 * 1024
+TERMINAL_STATUSES = frozenset({
+    batch_pb2.BATCH_STATUS_COMPLETED, batch_pb2.BATCH_STATUS_FAILED,
+    batch_pb2.BATCH_STATUS_EXPIRED, batch_pb2.BATCH_STATUS_CANCELLED,
+})
+# Large uploads/downloads stream 2 MiB messages at most.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                   ("grpc.max_send_message_length", 4 * 1024 * 1024)]
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+def file_sha256(path: str | os.PathLike) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while data := fh.read(1024 * 1024):
+            h.update(data)
+            size += len(data)
+    return size, h.hexdigest()
+
+
+def upload_header(filename: str, *, purpose: int, size: int | None, sha256: str, request_id: str,
+                  expires_after_seconds: int | None) -> file_pb2.UploadFileRequest:
+    header = file_pb2.UploadFileHeader(filename=filename, purpose=purpose, expected_sha256=sha256,
+                                       request_id=request_id)
+    if size is not None:
+        header.expected_bytes = size
+    if expires_after_seconds:
+        header.expires_after.CopyFrom(duration_pb2.Duration(seconds=expires_after_seconds))
+    return file_pb2.UploadFileRequest(header=header)
+
+
+def read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    while data := stream.read(chunk_size):
+        yield data
+
+
+def upload_messages(header: file_pb2.UploadFileRequest, chunks: Iterable[bytes]) -> Iterator[file_pb2.UploadFileRequest]:
+    yield header
+    for chunk in chunks:
+        yield file_pb2.UploadFileRequest(chunk=chunk)

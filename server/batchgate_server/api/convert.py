@@ -1,0 +1,72 @@
+"""Domain records <-> proto messages. No logic beyond field mapping."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from batchgate.v1 import batch_pb2, file_pb2
+from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
+
+PURPOSE_TO_PROTO = {
+    FilePurpose.BATCH: file_pb2.FILE_PURPOSE_BATCH,
+    FilePurpose.BATCH_OUTPUT: file_pb2.FILE_PURPOSE_BATCH_OUTPUT,
+}
+PURPOSE_FROM_PROTO = {v: k for k, v in PURPOSE_TO_PROTO.items()}
+
+STATUS_TO_PROTO = {s: batch_pb2.BatchStatus.Value(f"BATCH_STATUS_{s.name}") for s in BatchStatus}
+STATUS_FROM_PROTO = {v: k for k, v in STATUS_TO_PROTO.items()}
+
+COST_STATUS_TO_PROTO = {
+    "pending": batch_pb2.COST_STATUS_PENDING,
+    "known": batch_pb2.COST_STATUS_KNOWN,
+    "unknown": batch_pb2.COST_STATUS_UNKNOWN,
+}
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def file_to_proto(f: FileRecord) -> file_pb2.File:
+    return file_pb2.File(
+        id=f.id, filename=f.filename, purpose=PURPOSE_TO_PROTO[f.purpose], bytes=f.bytes, sha256=f.sha256,
+        created_at=timestamp(f.created_at), expires_at=timestamp(f.expires_at), line_count=f.line_count,
+        endpoint=f.endpoint, model=f.model,
+    )
+
+
+_TIMESTAMP_FIELDS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
+                     "failed_at", "expired_at", "cancelling_at", "cancelled_at")
+
+
+def batch_to_proto(b: BatchRecord) -> batch_pb2.Batch:
+    msg = batch_pb2.Batch(
+        id=b.id, endpoint=b.endpoint, input_file_id=b.input_file_id, completion_window=b.completion_window,
+        status=STATUS_TO_PROTO[b.status], output_file_id=b.output_file_id, error_file_id=b.error_file_id,
+        request_counts=batch_pb2.RequestCounts(
+            total=b.request_counts.total, completed=b.request_counts.completed, failed=b.request_counts.failed),
+        errors=[batch_pb2.BatchError(code=e.code, message=e.message, param=e.param, line=e.line)
+                for e in b.errors],
+        metadata=b.metadata, model=b.model, provider=b.provider, revision=b.revision,
+        cost=batch_pb2.Cost(
+            status=COST_STATUS_TO_PROTO[b.cost.status], currency=b.cost.currency, amount=b.cost.amount,
+            input_amount=b.cost.input_amount, output_amount=b.cost.output_amount, reason=b.cost.reason,
+            price_source=b.cost.price_source),
+    )
+    for name in _TIMESTAMP_FIELDS:
+        value = getattr(b, name)
+        if value is not None:
+            getattr(msg, name).CopyFrom(timestamp(value))
+    if b.usage is not None:
+        msg.usage.CopyFrom(batch_pb2.Usage(
+            input_tokens=b.usage.input_tokens,
+            input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=b.usage.cached_tokens),
+            output_tokens=b.usage.output_tokens,
+            output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=b.usage.reasoning_tokens),
+            total_tokens=b.usage.total_tokens,
+        ))
+    return msg

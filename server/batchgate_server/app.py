@@ -1,0 +1,125 @@
+"""Wiring: stores, managers, tracker, servicers, reflection and health, in one object
+that tests start in-process on port 0 and the CLI starts for real."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
+from batchgate_server.api.files import FileServicer
+from batchgate_server.core.auth import Authenticator
+from batchgate_server.core.files import FileLimits, FileManager
+from batchgate_server.settings import Settings
+from batchgate_server.store.blobs import LocalBlobStore
+from batchgate_server.store.metadata import MetadataStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
+    batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
+)
+# Streams carry up to 2 MiB chunks plus framing.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def loopback_only(address: str) -> str:
+    """The same port on 127.0.0.1 when `address` would listen beyond this machine."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if host == "localhost":
+        return address
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return address
+    except ValueError:
+        pass
+    return f"127.0.0.1:{port}"
+
+
+class BatchgateServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port: int = 0
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.store: MetadataStore | None = None
+
+    async def start(self) -> int:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = await MetadataStore.open(s.db_path)
+        blobs = LocalBlobStore(s.blob_dir)
+        leftovers = blobs.clear_temporary()
+        if leftovers:
+            log.info("removed %d temporary upload(s) left by an earlier run", leftovers)
+        self.auth = Authenticator(self.store, s.master_key)
+        await self.auth.start()
+        self.files = FileManager(self.store, blobs, FileLimits(s.max_file_bytes, s.max_file_lines,
+                                                               s.max_chunk_bytes))
+        orphans = await self.files.remove_orphan_blobs()
+        if orphans:
+            log.info("removed %d blob(s) with no file record", orphans)
+
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        server = grpc.aio.server(options=options)
+        file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), server)
+        self._add_batch_service(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+
+        address = s.address
+        if self.auth.open:
+            address = loopback_only(address)
+            log.warning("no API key configured (BATCHGATE_MASTER_KEY or `batchgate-server keys create`):"
+                        " serving without authentication, on loopback only (%s)", address)
+        self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not listen on {address}")
+        await server.start()
+        self._server = server
+        for name in (*SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health = health_servicer
+        self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
+        await self._start_background()
+        log.info("batchgate listening on %s (port %d), data in %s", address, self.port, s.data_dir)
+        return self.port
+
+    def _add_batch_service(self, server: grpc.aio.Server) -> None:
+        """Hooked up by the batch layer."""
+
+    async def _start_background(self) -> None:
+        """Hooked up by the batch layer."""
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._health.enter_graceful_shutdown()
+            await self._server.stop(self.settings.grace_period if grace is None else grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._stop_background()
+        if self.store is not None:
+            await self.store.close()
+
+    async def _stop_background(self) -> None:
+        """Hooked up by the batch layer."""
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()

@@ -1,0 +1,53 @@
+"""`batchgate-server`: run the server, or manage API keys (`batchgate-server keys create --project P`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from batchgate_server.app import BatchgateServer
+from batchgate_server.core.auth import create_api_key
+from batchgate_server.settings import build_parser, settings_from_args
+from batchgate_server.store.metadata import MetadataStore
+
+
+async def _serve(server: BatchgateServer) -> None:
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down: finishing in-flight calls")
+    await server.stop()
+
+
+async def _create_key(settings, project: str) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = await MetadataStore.open(settings.db_path)
+    try:
+        key_id, secret = await create_api_key(store, project)
+    finally:
+        await store.close()
+    print(f"key_id:  {key_id}\nproject: {project}\napi_key: {secret}\n(the key is shown once; only its hash is stored)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["keys", "create"]:
+        keys = argparse.ArgumentParser(prog="batchgate-server keys create", parents=[build_parser(add_help=False)])
+        keys.add_argument("--project", required=True)
+        args = keys.parse_args(argv[2:])
+        asyncio.run(_create_key(settings_from_args(args), args.project))
+        return
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(BatchgateServer(settings_from_args(args))))
+
+
+if __name__ == "__main__":
+    main()

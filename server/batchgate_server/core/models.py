@@ -1,0 +1,141 @@
+"""Domain types shared by every layer. Plain dataclasses: no proto, no SQL."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BatchStatus(str, enum.Enum):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+
+
+class FilePurpose(str, enum.Enum):
+    BATCH = "batch"
+    BATCH_OUTPUT = "batch_output"
+
+
+@dataclass
+class FileRecord:
+    id: str
+    project: str
+    filename: str
+    purpose: FilePurpose
+    bytes: int
+    sha256: str
+    created_at: float
+    expires_at: float | None = None
+    line_count: int = 0
+    endpoint: str = ""
+    model: str = ""
+    request_id: str = ""
+
+
+@dataclass
+class RequestCounts:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass
+class BatchError:
+    code: str
+    message: str
+    param: str = ""
+    line: int | None = None
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def add(self, other: "Usage") -> None:
+        self.input_tokens += other.input_tokens
+        self.cached_tokens += other.cached_tokens
+        self.output_tokens += other.output_tokens
+        self.reasoning_tokens += other.reasoning_tokens
+
+
+@dataclass
+class Cost:
+    """What a batch cost. status: pending | known | unknown. Amounts are exact decimal strings."""
+
+    status: str = "pending"
+    currency: str = "USD"
+    amount: str = ""
+    input_amount: str = ""
+    output_amount: str = ""
+    reason: str = ""
+    price_source: str = ""
+
+
+# Timestamps a status transition stamps, by the status entered.
+STATUS_TIMESTAMP = {
+    BatchStatus.IN_PROGRESS: "in_progress_at",
+    BatchStatus.FINALIZING: "finalizing_at",
+    BatchStatus.COMPLETED: "completed_at",
+    BatchStatus.FAILED: "failed_at",
+    BatchStatus.EXPIRED: "expired_at",
+    BatchStatus.CANCELLING: "cancelling_at",
+    BatchStatus.CANCELLED: "cancelled_at",
+}
+
+
+@dataclass
+class BatchRecord:
+    id: str
+    project: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: float
+    expires_at: float
+    model: str = ""
+    provider: str = ""
+    deployment_id: str = ""
+    api_key_id: str = ""
+    request_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    request_counts: RequestCounts = field(default_factory=RequestCounts)
+    errors: list[BatchError] = field(default_factory=list)
+    usage: Usage | None = None
+    cost: Cost = field(default_factory=Cost)
+    output_file_id: str = ""
+    error_file_id: str = ""
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    expired_at: float | None = None
+    cancelling_at: float | None = None
+    cancelled_at: float | None = None
+    revision: int = 1
+    # Opaque, JSON-serialisable state owned by the provider adapter (job ids,
+    # remapped custom_ids, ...). Persisted with every change.
+    provider_state: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,152 @@
+"""The provider seam: one small interface every batch backend implements.
+
+The tracker is the only caller. A provider never touches the store or the API
+layer; it gets a `ProviderJob` describing the batch and returns plain values.
+Everything a provider needs to survive a restart goes into `job.state` and is
+persisted by `await job.save_state()` (one SQLite transaction with a revision
+bump), so `submit` must be idempotent: after a crash it may be called again for
+a job whose state says it was already (partly) submitted.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchgate_server.core.models import BatchError, RequestCounts
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One entry of the model list: where and how a model_name is served."""
+
+    id: str  # stable across restarts: batches are pinned to it
+    model_name: str  # what callers ask for
+    provider: str  # openai | azure | anthropic | vertex_ai | bedrock | openai_compatible
+    model: str  # the provider's own model name (Azure: deployment name)
+    params: Mapping[str, Any] = field(default_factory=dict)  # litellm_params, secrets resolved
+    model_info: Mapping[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+
+
+class JobStatus(str, enum.Enum):
+    """Provider-neutral status a poll reports; the tracker maps it onto BatchStatus."""
+
+    VALIDATING = "validating"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class PollResult:
+    status: JobStatus
+    request_counts: RequestCounts | None = None  # None: unknown, keep what we have
+    errors: list[BatchError] = field(default_factory=list)  # set when status is FAILED
+    detail: str = ""
+
+
+class ResultKind(str, enum.Enum):
+    OUTPUT = "output"  # goes to the batch's output file (HTTP 2xx responses)
+    ERROR = "error"  # goes to the error file (non-2xx responses and non-HTTP failures)
+
+
+@dataclass
+class ResultLine:
+    kind: ResultKind
+    # One OpenAI batch output line, serialised JSON without the trailing newline:
+    # {"id": "batch_req_…", "custom_id": …, "response": {"status_code", "request_id", "body"} | null,
+    #  "error": {"code", "message"} | null}
+    data: bytes
+
+
+@dataclass
+class ProviderJob:
+    batch_id: str
+    endpoint: str  # "/v1/chat/completions", ...
+    deployment: Deployment
+    line_count: int
+    created_at: float
+    expires_at: float  # completion window end (unix seconds)
+    state: dict[str, Any]
+    # Re-openable stream of the input file's lines (raw bytes, no newline), in order.
+    open_input: Callable[[], AsyncIterator[bytes]]
+    save_state: Callable[[], Awaitable[None]]
+    # A private scratch directory that survives restarts (local disk).
+    workdir: Path
+    # Set when the batch is being cancelled.
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ProviderError(Exception):
+    """A failure talking to a provider.
+
+    retryable=True: transient (429/5xx/network); the tracker backs off and polls again.
+    retryable=False: the batch fails with `code` (e.g. "provider_auth") and `message`.
+    """
+
+    def __init__(self, message: str, *, code: str = "provider_error", retryable: bool = False,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class UnsupportedRequest(Exception):
+    """Raised by `check` at CreateBatch: the batch cannot run on this provider (INVALID_ARGUMENT
+    or FAILED_PRECONDITION with `reason`)."""
+
+    def __init__(self, message: str, *, reason: str = "UNSUPPORTED_ENDPOINT",
+                 precondition: bool = False, details: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.precondition = precondition
+        self.details = dict(details or {})
+
+
+class BatchProvider(abc.ABC):
+    name: str = ""
+    # Seconds between polls while a job runs (the tracker backs off on errors).
+    poll_interval: float = 10.0
+
+    def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
+        """Called at CreateBatch. Raise UnsupportedRequest for a batch this provider can't run
+        (endpoint, size limits, missing configuration)."""
+
+    @abc.abstractmethod
+    async def submit(self, job: ProviderJob) -> None:
+        """Start the job at the provider. Idempotent (see module docstring)."""
+
+    @abc.abstractmethod
+    async def poll(self, job: ProviderJob) -> PollResult:
+        """Report the job's status and progress."""
+
+    @abc.abstractmethod
+    async def cancel(self, job: ProviderJob) -> None:
+        """Ask the provider to stop the job; poll then reports CANCELLING/CANCELLED."""
+
+    @abc.abstractmethod
+    def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
+        """Every result line of an ended job (completed, cancelled or expired), already
+        normalised to OpenAI batch output lines with the caller's original custom_ids."""
+
+    async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
+        """Return when the job may have changed, or after `timeout` seconds. Remote providers
+        just sleep (the tracker also wakes on cancel); the in-process executor returns as soon
+        as it has progressed."""
+        await asyncio.sleep(timeout)
+
+    async def close(self) -> None:
+        """Release clients (HTTP pools) at shutdown."""

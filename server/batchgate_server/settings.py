@@ -1,0 +1,79 @@
+"""Server settings: command-line flags, each with a BATCHGATE_* environment fallback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Settings:
+    address: str = "127.0.0.1:50051"
+    data_dir: Path = Path("./data")
+    config_file: Path | None = None
+    master_key: str = field(default="", repr=False)
+    max_file_bytes: int = 200 * MIB
+    max_file_lines: int = 50_000
+    max_chunk_bytes: int = 2 * MIB
+    expiry_sweep_interval: float = 60.0
+    heartbeat_interval: float = 15.0
+    grace_period: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "batchgate.sqlite3"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"BATCHGATE_{name}", default)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="batchgate-server", description="Run the batchgate gRPC server.",
+                                add_help=add_help)
+    p.add_argument("--address", default=_env("ADDRESS", d.address), help="host:port to listen on [BATCHGATE_ADDRESS]")
+    p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", str(d.data_dir))),
+                   help="SQLite database and file blobs [BATCHGATE_DATA_DIR]")
+    p.add_argument("--config", dest="config_file", type=Path,
+                   default=Path(v) if (v := _env("CONFIG", "")) else None,
+                   help="YAML config with a LiteLLM-style model_list [BATCHGATE_CONFIG]")
+    p.add_argument("--max-file-bytes", type=int, default=int(_env("MAX_FILE_BYTES", str(d.max_file_bytes))),
+                   help="largest accepted upload [BATCHGATE_MAX_FILE_BYTES]")
+    p.add_argument("--max-file-lines", type=int, default=int(_env("MAX_FILE_LINES", str(d.max_file_lines))),
+                   help="most request lines in a batch file [BATCHGATE_MAX_FILE_LINES]")
+    p.add_argument("--heartbeat-interval", type=float,
+                   default=float(_env("HEARTBEAT_INTERVAL", str(d.heartbeat_interval))),
+                   help="seconds between WatchBatch heartbeats on an idle stream [BATCHGATE_HEARTBEAT_INTERVAL]")
+    p.add_argument("--expiry-sweep-interval", type=float,
+                   default=float(_env("EXPIRY_SWEEP_INTERVAL", str(d.expiry_sweep_interval))),
+                   help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        address=args.address,
+        data_dir=args.data_dir,
+        config_file=args.config_file,
+        master_key=os.environ.get("BATCHGATE_MASTER_KEY", ""),
+        max_file_bytes=args.max_file_bytes,
+        max_file_lines=args.max_file_lines,
+        heartbeat_interval=args.heartbeat_interval,
+        expiry_sweep_interval=args.expiry_sweep_interval,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,254 @@
+"""Metadata store: SQLite through aiosqlite, WAL mode, versioned schema.
+
+Batches keep their queryable fields as columns and the whole record as a JSON
+document, so most later changes need no migration. Every batch change bumps
+`revision` in the same statement (compare-and-set on the old revision), which is
+what WatchBatch resumes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiosqlite
+
+from batchgate_server.core.models import BatchRecord, BatchStatus, FileRecord
+from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
+
+log = logging.getLogger(__name__)
+
+# Each entry migrates from version i to i+1. Append only; never edit a shipped one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        line_count INTEGER NOT NULL DEFAULT 0,
+        endpoint TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL DEFAULT '',
+        request_id TEXT
+    );
+    CREATE UNIQUE INDEX files_request_id ON files(project, request_id) WHERE request_id IS NOT NULL;
+    CREATE INDEX files_project_created ON files(project, created_at DESC, id DESC);
+    CREATE INDEX files_expires ON files(expires_at) WHERE expires_at IS NOT NULL;
+
+    CREATE TABLE api_keys (
+        key_hash TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL UNIQUE,
+        project TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+
+    CREATE TABLE batches (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        request_id TEXT,
+        revision INTEGER NOT NULL,
+        doc TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX batches_request_id ON batches(project, request_id) WHERE request_id IS NOT NULL;
+    CREATE INDEX batches_project_created ON batches(project, created_at DESC, id DESC);
+    CREATE INDEX batches_status ON batches(status);
+    """,
+]
+
+
+class RevisionConflict(Exception):
+    """The batch changed since it was read (someone else wrote it)."""
+
+
+class MetadataStore:
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> "MetadataStore":
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        store = cls(db)
+        await store.migrate()
+        return store
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def schema_version(self) -> int:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0])
+
+    async def migrate(self) -> None:
+        version = await self.schema_version()
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {version} is newer than this server ({len(MIGRATIONS)})"
+            )
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            log.info("migrating metadata schema to version %d", target)
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, script.split(";")):
+                    await self.db.execute(statement)
+                await self.db.execute(f"PRAGMA user_version={target}")
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    # -- api keys -------------------------------------------------------------------
+
+    async def add_api_key(self, key_hash: str, key_id: str, project: str, now: float) -> None:
+        await self.db.execute(
+            "INSERT INTO api_keys(key_hash, key_id, project, created_at) VALUES (?,?,?,?)",
+            (key_hash, key_id, project, now),
+        )
+
+    async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
+        async with self.db.execute(
+            "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,)
+        ) as cur:
+            row = await cur.fetchone()
+        return (row["key_id"], row["project"]) if row else None
+
+    async def count_api_keys(self) -> int:
+        async with self.db.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL") as cur:
+            row = await cur.fetchone()
+        return int(row[0])
+
+    # -- files ----------------------------------------------------------------------
+
+    async def insert_file(self, f: FileRecord) -> None:
+        await self.db.execute(
+            "INSERT INTO files(id, project, filename, purpose, bytes, sha256, created_at, expires_at,"
+            " line_count, endpoint, model, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (f.id, f.project, f.filename, f.purpose.value, f.bytes, f.sha256, f.created_at, f.expires_at,
+             f.line_count, f.endpoint, f.model, f.request_id or None),
+        )
+
+    async def get_file(self, file_id: str) -> FileRecord | None:
+        async with self.db.execute("SELECT * FROM files WHERE id=?", (file_id,)) as cur:
+            row = await cur.fetchone()
+        return file_from_row(row) if row else None
+
+    async def get_file_by_request_id(self, project: str, request_id: str) -> FileRecord | None:
+        async with self.db.execute(
+            "SELECT * FROM files WHERE project=? AND request_id=?", (project, request_id)
+        ) as cur:
+            row = await cur.fetchone()
+        return file_from_row(row) if row else None
+
+    async def list_files(self, project: str | None, purpose: str | None, limit: int,
+                         after: tuple[float, str] | None) -> list[FileRecord]:
+        sql, args = "SELECT * FROM files WHERE 1=1", []
+        if project is not None:
+            sql += " AND project=?"
+            args.append(project)
+        if purpose:
+            sql += " AND purpose=?"
+            args.append(purpose)
+        if after:
+            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            args += [after[0], after[0], after[1]]
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        async with self.db.execute(sql, args) as cur:
+            return [file_from_row(r) for r in await cur.fetchall()]
+
+    async def delete_file(self, file_id: str) -> bool:
+        cur = await self.db.execute("DELETE FROM files WHERE id=?", (file_id,))
+        return cur.rowcount > 0
+
+    async def expired_files(self, now: float, limit: int = 500) -> list[FileRecord]:
+        async with self.db.execute(
+            "SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit)
+        ) as cur:
+            return [file_from_row(r) for r in await cur.fetchall()]
+
+    async def all_file_ids(self) -> set[str]:
+        async with self.db.execute("SELECT id FROM files") as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    # -- batches --------------------------------------------------------------------
+
+    async def insert_batch(self, b: BatchRecord) -> None:
+        await self.db.execute(
+            "INSERT INTO batches(id, project, status, created_at, request_id, revision, doc)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b)),
+        )
+
+    async def get_batch(self, batch_id: str) -> BatchRecord | None:
+        async with self.db.execute("SELECT doc FROM batches WHERE id=?", (batch_id,)) as cur:
+            row = await cur.fetchone()
+        return batch_from_doc(row[0]) if row else None
+
+    async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
+        async with self.db.execute(
+            "SELECT doc FROM batches WHERE project=? AND request_id=?", (project, request_id)
+        ) as cur:
+            row = await cur.fetchone()
+        return batch_from_doc(row[0]) if row else None
+
+    async def list_batches(self, project: str | None, statuses: Sequence[BatchStatus], limit: int,
+                           after: tuple[float, str] | None) -> list[BatchRecord]:
+        sql, args = "SELECT doc FROM batches WHERE 1=1", []
+        if project is not None:
+            sql += " AND project=?"
+            args.append(project)
+        if statuses:
+            sql += f" AND status IN ({','.join('?' * len(statuses))})"
+            args += [s.value for s in statuses]
+        if after:
+            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            args += [after[0], after[0], after[1]]
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        async with self.db.execute(sql, args) as cur:
+            return [batch_from_doc(r[0]) for r in await cur.fetchall()]
+
+    async def active_batches(self) -> list[BatchRecord]:
+        terminal = [s.value for s in BatchStatus if s.is_terminal]
+        async with self.db.execute(
+            f"SELECT doc FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
+            " ORDER BY created_at", terminal
+        ) as cur:
+            return [batch_from_doc(r[0]) for r in await cur.fetchall()]
+
+    async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = ()) -> BatchRecord:
+        """Persist `b` with the revision bumped, together with any result files, in one
+        transaction. Raises RevisionConflict when the stored revision is not b.revision."""
+        old = b.revision
+        b.revision = old + 1
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await self.db.execute(
+                "UPDATE batches SET status=?, revision=?, doc=? WHERE id=? AND revision=?",
+                (b.status.value, b.revision, batch_to_doc(b), b.id, old),
+            )
+            if cur.rowcount != 1:
+                raise RevisionConflict(b.id)
+            for f in extra_files:
+                if await self.get_file(f.id) is None:
+                    await self.insert_file(f)
+            await self.db.execute("COMMIT")
+        except BaseException:
+            b.revision = old
+            await self.db.execute("ROLLBACK")
+            raise
+        return b

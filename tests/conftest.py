@@ -1,0 +1,129 @@
+"""Shared fixtures: the real server, in-process on a loopback port, reached through the
+generated stubs with real API keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from batchgate.v1 import batch_pb2_grpc, file_pb2, file_pb2_grpc
+from batchgate_server.app import BatchgateServer
+from batchgate_server.core.auth import create_api_key
+from batchgate_server.settings import Settings
+
+MASTER_KEY = "test-master-key"
+
+
+@dataclasses.dataclass
+class Caller:
+    """Stubs plus the metadata of one API key."""
+
+    files: file_pb2_grpc.FileServiceStub
+    batches: batch_pb2_grpc.BatchServiceStub
+    metadata: tuple[tuple[str, str], ...]
+    project: str
+
+
+@dataclasses.dataclass
+class Harness:
+    server: BatchgateServer
+    channel: grpc.aio.Channel
+    port: int
+    data_dir: Path
+    alice: Caller
+    bob: Caller
+    admin: Caller
+    anonymous: Caller
+
+    async def upload(self, caller: Caller, content: bytes, *, filename: str = "requests.jsonl",
+                     chunk_size: int = 256 * 1024, **header_fields) -> file_pb2.File:
+        return (await caller.files.UploadFile(upload_requests(content, filename=filename, chunk_size=chunk_size,
+                                                              **header_fields),
+                                              metadata=caller.metadata)).file
+
+
+def upload_requests(content: bytes, *, filename: str = "requests.jsonl", chunk_size: int = 256 * 1024,
+                    purpose: int = file_pb2.FILE_PURPOSE_BATCH, **header_fields):
+    yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(filename=filename, purpose=purpose,
+                                                                      **header_fields))
+    for start in range(0, len(content), chunk_size):
+        yield file_pb2.UploadFileRequest(chunk=content[start:start + chunk_size])
+
+
+def request_line(custom_id: str, *, model: str = "gpt-4o-mini", url: str = "/v1/chat/completions",
+                 content: str = "Hello") -> dict:
+    if url == "/v1/embeddings":
+        body = {"model": model, "input": content}
+    else:
+        body = {"model": model, "messages": [{"role": "user", "content": content}]}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def jsonl(lines: list[dict]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def batch_file(n: int, **kw) -> bytes:
+    return jsonl([request_line(f"req-{i}", content=f"Question number {i}?", **kw) for i in range(n)])
+
+
+def make_settings(data_dir: Path, **overrides) -> Settings:
+    defaults = dict(address="127.0.0.1:0", data_dir=data_dir, master_key=MASTER_KEY, heartbeat_interval=0.5,
+                    grace_period=0.5)
+    defaults.update(overrides)
+    return Settings(**defaults)
+
+
+async def start_harness(data_dir: Path, **overrides) -> Harness:
+    server = BatchgateServer(make_settings(data_dir, **overrides))
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+        ("grpc.max_send_message_length", 4 * 1024 * 1024)])
+    files = file_pb2_grpc.FileServiceStub(channel)
+    batches = batch_pb2_grpc.BatchServiceStub(channel)
+
+    async def caller(project: str) -> Caller:
+        _, secret = await create_api_key(server.store, project)
+        return Caller(files, batches, (("authorization", f"Bearer {secret}"),), project)
+
+    return Harness(
+        server=server, channel=channel, port=port, data_dir=data_dir,
+        alice=await caller("alice"), bob=await caller("bob"),
+        admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default"),
+        anonymous=Caller(files, batches, (), ""),
+    )
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = await start_harness(tmp_path / "data")
+    try:
+        yield h
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
+
+
+def error_details(err: grpc.aio.AioRpcError):
+    """(ErrorInfo, BadRequest | None) of a rich status."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no rich status on {err.code()}: {err.details()}"
+    info, bad_request = None, None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+    assert info is not None, "every error carries an ErrorInfo"
+    return info, bad_request

@@ -1,0 +1,359 @@
+"""FileService against the real server through the generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from batchgate.v1 import file_pb2
+from tests.conftest import batch_file, error_details, jsonl, request_line, upload_requests
+
+
+def blob_files(h) -> list:
+    return [p for p in (h.data_dir / "files").rglob("*") if p.is_file()]
+
+
+async def test_upload_records_validation_facts(harness):
+    content = batch_file(3)
+    f = await harness.upload(harness.alice, content, filename="in.jsonl")
+    assert f.id.startswith("file-")
+    assert f.filename == "in.jsonl"
+    assert f.purpose == file_pb2.FILE_PURPOSE_BATCH
+    assert f.bytes == len(content)
+    assert f.sha256 == hashlib.sha256(content).hexdigest()
+    assert f.line_count == 3
+    assert f.endpoint == "/v1/chat/completions"
+    assert f.model == "gpt-4o-mini"
+    assert f.created_at.seconds > 0
+    assert not f.HasField("expires_at")
+
+
+async def test_get_list_download_delete_round_trip(harness):
+    a = harness.alice
+    content = batch_file(50)
+    f = await harness.upload(a, content, chunk_size=1000)
+    got = (await a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata)).file
+    assert got == f
+
+    chunks = [m async for m in a.files.DownloadFile(file_pb2.DownloadFileRequest(file_id=f.id),
+                                                       metadata=a.metadata)]
+    assert chunks[0].file.id == f.id
+    assert b"".join(m.data for m in chunks) == content
+    assert [m.offset for m in chunks] == [sum(len(c.data) for c in chunks[:i]) for i in range(len(chunks))]
+
+    listed = (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files
+    assert [x.id for x in listed] == [f.id]
+
+    deleted = await a.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=f.id), metadata=a.metadata)
+    assert deleted.deleted and deleted.file_id == f.id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert blob_files(harness) == []
+
+
+async def test_download_honours_offset_and_limit(harness):
+    a = harness.alice
+    content = batch_file(200)
+    f = await harness.upload(a, content)
+
+    async def fetch(offset: int, limit: int) -> bytes:
+        stream = a.files.DownloadFile(file_pb2.DownloadFileRequest(file_id=f.id, read_offset=offset,
+                                                                   read_limit=limit), metadata=a.metadata)
+        return b"".join([m.data async for m in stream])
+
+    assert await fetch(100, 0) == content[100:]
+    assert await fetch(100, 50) == content[100:150]
+    assert await fetch(len(content), 0) == b""
+    # Resume: the first part plus the rest from where it stopped is the whole file.
+    assert await fetch(0, 777) + await fetch(777, 0) == content
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await fetch(len(content) + 1, 0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(err.value)[0].reason == "INVALID_RANGE"
+
+
+async def test_list_paginates_newest_first_and_binds_token_to_filter(harness):
+    a = harness.alice
+    ids = [(await harness.upload(a, batch_file(1))).id for _ in range(7)]
+    seen, token = [], ""
+    while True:
+        page = await a.files.ListFiles(file_pb2.ListFilesRequest(page_size=3, page_token=token),
+                                       metadata=a.metadata)
+        assert len(page.files) <= 3
+        seen += [f.id for f in page.files]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == list(reversed(ids))
+
+    first = await a.files.ListFiles(file_pb2.ListFilesRequest(page_size=3), metadata=a.metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.files.ListFiles(file_pb2.ListFilesRequest(page_size=3, page_token=first.next_page_token,
+                                                          purpose=file_pb2.FILE_PURPOSE_BATCH_OUTPUT),
+                                metadata=a.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(err.value)[0].reason == "PAGE_TOKEN_FILTER_MISMATCH"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.files.ListFiles(file_pb2.ListFilesRequest(page_token="garbage!"), metadata=a.metadata)
+    assert error_details(err.value)[0].reason == "INVALID_PAGE_TOKEN"
+
+
+async def test_projects_are_isolated(harness):
+    f = await harness.upload(harness.alice, batch_file(2))
+    b = harness.bob
+    for call in (
+        b.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=b.metadata),
+        b.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=f.id), metadata=b.metadata),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        info, _ = error_details(err.value)
+        assert info.reason == "FILE_NOT_FOUND" and info.metadata["file_id"] == f.id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in b.files.DownloadFile(file_pb2.DownloadFileRequest(file_id=f.id), metadata=b.metadata):
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (await b.files.ListFiles(file_pb2.ListFilesRequest(), metadata=b.metadata)).files == []
+    # The master key sees every project's files.
+    admin = harness.admin
+    assert (await admin.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=admin.metadata)).file.id == f.id
+    # Alice still has it: Bob's delete did nothing.
+    assert (await harness.alice.files.GetFile(file_pb2.GetFileRequest(file_id=f.id),
+                                              metadata=harness.alice.metadata)).file.id == f.id
+
+
+@pytest.mark.parametrize("metadata, reason", [
+    ((), "MISSING_API_KEY"),
+    ((("authorization", "Bearer nope"),), "INVALID_API_KEY"),
+    ((("authorization", "Basic abc"),), "MALFORMED_API_KEY"),
+])
+async def test_bad_credentials_are_unauthenticated(harness, metadata, reason):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.alice.files.ListFiles(file_pb2.ListFilesRequest(), metadata=metadata)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_details(err.value)[0].reason == reason
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.alice.files.UploadFile(upload_requests(batch_file(1)), metadata=metadata)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_request_id_replays_the_first_upload(harness):
+    a = harness.alice
+    first = await harness.upload(a, batch_file(2), request_id="upload-1")
+    again = await harness.upload(a, batch_file(5), request_id="upload-1")
+    assert again == first
+    other_project = await harness.upload(harness.bob, batch_file(5), request_id="upload-1")
+    assert other_project.id != first.id and other_project.line_count == 5
+    assert len(blob_files(harness)) == 2
+
+
+async def test_expected_size_and_sha256_are_checked(harness):
+    content = batch_file(3)
+    good = await harness.upload(harness.alice, content, expected_bytes=len(content),
+                                expected_sha256=hashlib.sha256(content).hexdigest())
+    assert good.bytes == len(content)
+    for fields, reason in [
+        ({"expected_bytes": len(content) + 1}, "SIZE_MISMATCH"),
+        ({"expected_bytes": len(content) - 1}, "SIZE_MISMATCH"),
+        ({"expected_sha256": "0" * 64}, "SHA256_MISMATCH"),
+        ({"expected_sha256": "XYZ"}, "INVALID_SHA256"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await harness.upload(harness.alice, content, **fields)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert error_details(err.value)[0].reason == reason
+    assert len(blob_files(harness)) == 1
+
+
+BAD_HEADERS = [
+    ({"filename": ""}, "INVALID_FILENAME"),
+    ({"filename": "x" * 256}, "INVALID_FILENAME"),
+    ({"purpose": file_pb2.FILE_PURPOSE_UNSPECIFIED}, "INVALID_PURPOSE"),
+    ({"purpose": file_pb2.FILE_PURPOSE_BATCH_OUTPUT}, "INVALID_PURPOSE"),
+    ({"request_id": "r" * 129}, "INVALID_REQUEST_ID"),
+    ({"expires_after": duration_pb2.Duration(seconds=31 * 24 * 3600)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(seconds=-5)}, "INVALID_EXPIRES_AFTER"),
+]
+
+
+@pytest.mark.parametrize("fields, reason", BAD_HEADERS, ids=[r for _, r in BAD_HEADERS])
+async def test_bad_header_is_invalid_argument(harness, fields, reason):
+    kwargs = {"filename": "in.jsonl", **fields}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(harness.alice, batch_file(1), **kwargs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.reason == reason
+    assert bad is not None and bad.field_violations
+
+
+async def test_stream_protocol_errors(harness):
+    a = harness.alice
+
+    async def call(messages):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await a.files.UploadFile(iter(messages), metadata=a.metadata)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return error_details(err.value)[0].reason
+
+    header = file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+        filename="a.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
+    chunk = file_pb2.UploadFileRequest(chunk=batch_file(1))
+    assert await call([]) == "MISSING_UPLOAD_HEADER"
+    assert await call([chunk]) == "MISSING_UPLOAD_HEADER"
+    assert await call([header, chunk, header]) == "UNEXPECTED_UPLOAD_HEADER"
+    assert await call([header, file_pb2.UploadFileRequest(chunk=b"x" * (2 * 1024 * 1024 + 1))]) == "CHUNK_TOO_LARGE"
+    assert blob_files(harness) == []
+
+
+def _line(**overrides) -> bytes:
+    line = request_line("a")
+    line.update(overrides)
+    return json.dumps(line).encode()
+
+
+# One case per rule: (content, problem code, line number of the first problem).
+BAD_FILES = {
+    "empty_file": (b"", "empty_file", 0),
+    "invalid_utf8": (_line() + b"\n" + b'{"custom_id": "\xff\xfe"}\n', "invalid_utf8", 2),
+    "invalid_json": (_line() + b"\n{not json\n", "invalid_json_line", 2),
+    "not_an_object": (b"[1, 2]\n", "invalid_json_line", 1),
+    "blank_line_in_middle": (_line() + b"\n\n" + _line(custom_id="b") + b"\n", "invalid_json_line", 2),
+    "missing_custom_id": (json.dumps({"method": "POST", "url": "/v1/chat/completions",
+                                      "body": {"model": "m"}}).encode(), "missing_custom_id", 1),
+    "duplicate_custom_id": (_line() + b"\n" + _line() + b"\n", "duplicate_custom_id", 2),
+    "wrong_method": (_line(method="GET"), "invalid_method", 1),
+    "unsupported_url": (_line(url="/v1/images/edits"), "unsupported_url", 1),
+    "url_mismatch": (_line() + b"\n" + json.dumps(request_line("b", url="/v1/embeddings")).encode(),
+                     "url_mismatch", 2),
+    "body_not_object": (_line(body="hi"), "invalid_body", 1),
+    "missing_model": (_line(body={"messages": []}), "missing_model", 1),
+    "model_mismatch": (_line() + b"\n" + json.dumps(request_line("b", model="gpt-4o")).encode(),
+                       "model_mismatch", 2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+async def test_each_validation_rule_rejects_with_line_number(harness, case):
+    content, code, line = BAD_FILES[case]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(harness.alice, content, chunk_size=7)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.reason == "INVALID_BATCH_FILE"
+    assert info.metadata["first_problem"] == code
+    first = bad.field_violations[0]
+    assert first.field == (f"line {line}" if line else "file")
+    assert first.description.startswith(code)
+    assert blob_files(harness) == [], "a rejected upload leaves nothing behind"
+
+
+async def test_limits_on_lines_and_bytes(tmp_path):
+    from tests.conftest import start_harness
+
+    h = await start_harness(tmp_path / "d", max_file_lines=5, max_file_bytes=4000)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.upload(h.alice, batch_file(6))
+        info, bad = error_details(err.value)
+        assert info.metadata["first_problem"] == "too_many_tasks"
+        assert bad.field_violations[0].field == "line 6"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.upload(h.alice, jsonl([request_line("x", content="y" * 5000)]), chunk_size=1024)
+        assert error_details(err.value)[0].reason == "FILE_TOO_LARGE"
+        assert blob_files(h) == []
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
+
+
+async def test_first_twenty_problems_and_total_count(harness):
+    lines = [_line(custom_id=f"id-{i}", method="GET") for i in range(25)]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(harness.alice, b"\n".join(lines))
+    info, bad = error_details(err.value)
+    assert info.metadata["total_problems"] == "25"
+    assert len(bad.field_violations) == 20
+    assert [v.field for v in bad.field_violations] == [f"line {i}" for i in range(1, 21)]
+
+
+async def test_interrupted_upload_leaves_no_file_and_no_temp_data(harness):
+    a = harness.alice
+    sent = asyncio.Event()
+
+    async def messages():
+        yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+            filename="big.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
+        yield file_pb2.UploadFileRequest(chunk=batch_file(100))
+        sent.set()
+        await asyncio.sleep(30)  # the client goes away mid-upload
+
+    call = a.files.UploadFile(messages(), metadata=a.metadata)
+    await sent.wait()
+    await asyncio.sleep(0.2)
+    assert list((harness.data_dir / "files" / "tmp").iterdir()), "the upload is being written"
+    call.cancel()
+    for _ in range(50):
+        if not list((harness.data_dir / "files" / "tmp").iterdir()):
+            break
+        await asyncio.sleep(0.05)
+    assert list((harness.data_dir / "files" / "tmp").iterdir()) == []
+    assert blob_files(harness) == []
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+
+
+async def test_expired_files_are_swept(harness):
+    a = harness.alice
+    f = await harness.upload(a, batch_file(1), expires_after=duration_pb2.Duration(seconds=1))
+    keep = await harness.upload(a, batch_file(1))
+    assert f.expires_at.seconds >= f.created_at.seconds + 1
+    await asyncio.sleep(1.1)
+    assert await harness.server.files.sweep_expired() == 1
+    ids = [x.id for x in (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files]
+    assert ids == [keep.id]
+    assert len(blob_files(harness)) == 1
+
+
+async def test_large_upload_200mb(harness, tmp_path):
+    """A 200 MB batch file streams through with validation and comes back byte for byte."""
+    a = harness.alice
+    line_template = request_line("x", content="lorem ipsum dolor sit amet " * 150)
+    path = tmp_path / "big.jsonl"
+    target = 200 * 1024 * 1024 - 64 * 1024
+    h = hashlib.sha256()
+    lines = 0
+    with open(path, "wb") as fh:
+        size = 0
+        while True:
+            line_template["custom_id"] = f"req-{lines}"
+            data = json.dumps(line_template).encode() + b"\n"
+            if size + len(data) > target:
+                break
+            fh.write(data)
+            h.update(data)
+            size += len(data)
+            lines += 1
+
+    def chunks():
+        yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+            filename="big.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH, expected_bytes=size,
+            expected_sha256=h.hexdigest()))
+        with open(path, "rb") as fin:
+            while data := fin.read(1024 * 1024):
+                yield file_pb2.UploadFileRequest(chunk=data)
+
+    f = (await a.files.UploadFile(chunks(), metadata=a.metadata)).file
+    assert f.bytes == size and f.line_count == lines and f.sha256 == h.hexdigest()
+    back = hashlib.sha256()
+    total = 0
+    async for m in a.files.DownloadFile(file_pb2.DownloadFileRequest(file_id=f.id), metadata=a.metadata):
+        back.update(m.data)
+        total += len(m.data)
+    assert total == size and back.hexdigest() == f.sha256
