@@ -13,9 +13,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
+from batchgate_server.api.batches import BatchServicer
 from batchgate_server.api.files import FileServicer
+from batchgate_server.config import load_model_list
+from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
+from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
+from batchgate_server.core.routing import Router
+from batchgate_server.core.tracker import Tracker
+from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.pricing.table import PriceTable
+from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.settings import Settings
 from batchgate_server.store.blobs import LocalBlobStore
 from batchgate_server.store.metadata import MetadataStore
@@ -67,6 +76,7 @@ class BatchgateServer:
         orphans = await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
+        self._build_batch_layer(blobs)
 
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
@@ -97,11 +107,29 @@ class BatchgateServer:
         log.info("batchgate listening on %s (port %d), data in %s", address, self.port, s.data_dir)
         return self.port
 
+    def _build_batch_layer(self, blobs: LocalBlobStore) -> None:
+        s = self.settings
+        self.model_list = load_model_list(s.config_file)
+        prices = PriceTable.load_builtin()
+        if s.price_file is not None:
+            prices = PriceTable.load_file(s.price_file, base=prices)
+        self.accounting = Accounting(prices)
+        self.router = Router(self.model_list)
+        self.providers = ProviderRegistry()
+        self.hub = WatchHub()
+        self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
+                               s.work_dir, blobs.path)
+        self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
+                                    self.accounting)
+        log.info("model list from %s: %s", self.model_list.source,
+                 ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
+
     def _add_batch_service(self, server: grpc.aio.Server) -> None:
-        """Hooked up by the batch layer."""
+        batch_pb2_grpc.add_BatchServiceServicer_to_server(
+            BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
 
     async def _start_background(self) -> None:
-        """Hooked up by the batch layer."""
+        await self.tracker.start()
 
     async def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
@@ -118,7 +146,9 @@ class BatchgateServer:
             await self.store.close()
 
     async def _stop_background(self) -> None:
-        """Hooked up by the batch layer."""
+        if hasattr(self, "tracker"):
+            await self.tracker.stop()
+            await self.providers.close()
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -15,6 +15,7 @@ class Settings:
     address: str = "127.0.0.1:50051"
     data_dir: Path = Path("./data")
     config_file: Path | None = None
+    price_file: Path | None = None
     master_key: str = field(default="", repr=False)
     max_file_bytes: int = 200 * MIB
     max_file_lines: int = 50_000
@@ -51,6 +52,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config_file", type=Path,
                    default=Path(v) if (v := _env("CONFIG", "")) else None,
                    help="YAML config with a LiteLLM-style model_list [BATCHGATE_CONFIG]")
+    p.add_argument("--prices", dest="price_file", type=Path,
+                   default=Path(v) if (v := _env("PRICES", "")) else None,
+                   help="JSON/YAML price table merged over the built-in one [BATCHGATE_PRICES]")
     p.add_argument("--max-file-bytes", type=int, default=int(_env("MAX_FILE_BYTES", str(d.max_file_bytes))),
                    help="largest accepted upload [BATCHGATE_MAX_FILE_BYTES]")
     p.add_argument("--max-file-lines", type=int, default=int(_env("MAX_FILE_LINES", str(d.max_file_lines))),
@@ -70,6 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         address=args.address,
         data_dir=args.data_dir,
         config_file=args.config_file,
+        price_file=args.price_file,
         master_key=os.environ.get("BATCHGATE_MASTER_KEY", ""),
         max_file_bytes=args.max_file_bytes,
         max_file_lines=args.max_file_lines,

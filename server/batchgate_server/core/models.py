@@ -119,6 +119,7 @@ class BatchRecord:
     model: str = ""
     provider: str = ""
     deployment_id: str = ""
+    input_line_count: int = 0
     api_key_id: str = ""
     request_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
@@ -139,3 +140,8 @@ class BatchRecord:
     # Opaque, JSON-serialisable state owned by the provider adapter (job ids,
     # remapped custom_ids, ...). Persisted with every change.
     provider_state: dict[str, Any] = field(default_factory=dict)
+    # Ids the result files will get, chosen once so a finalisation redone after a
+    # crash writes the same files instead of new ones.
+    result_file_ids: list[str] = field(default_factory=list)
+    # The price in force when the batch was created (pricing.table snapshot), or None.
+    price: dict[str, Any] | None = None

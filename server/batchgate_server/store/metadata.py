@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import aiosqlite
@@ -61,6 +62,28 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX batches_request_id ON batches(project, request_id) WHERE request_id IS NOT NULL;
     CREATE INDEX batches_project_created ON batches(project, created_at DESC, id DESC);
     CREATE INDEX batches_status ON batches(status);
+    """,
+    """
+    CREATE TABLE usage_ledger (
+        batch_id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        api_key_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        deployment_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        ended_at REAL NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        cost_status TEXT NOT NULL,
+        cost_amount TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        usage_by_model TEXT NOT NULL
+    );
+    CREATE INDEX usage_ledger_ended ON usage_ledger(ended_at);
+    CREATE INDEX usage_ledger_project ON usage_ledger(project, ended_at)
     """,
 ]
 
@@ -230,9 +253,11 @@ class MetadataStore:
         ) as cur:
             return [batch_from_doc(r[0]) for r in await cur.fetchall()]
 
-    async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = ()) -> BatchRecord:
-        """Persist `b` with the revision bumped, together with any result files, in one
-        transaction. Raises RevisionConflict when the stored revision is not b.revision."""
+    async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
+                           ledger: dict[str, Any] | None = None) -> BatchRecord:
+        """Persist `b` with the revision bump, its result files and its ledger row in one
+        transaction. The ledger row is keyed by batch id: it is written at most once, ever.
+        Raises RevisionConflict when the stored revision is not b.revision."""
         old = b.revision
         b.revision = old + 1
         await self.db.execute("BEGIN IMMEDIATE")
@@ -246,6 +271,11 @@ class MetadataStore:
             for f in extra_files:
                 if await self.get_file(f.id) is None:
                     await self.insert_file(f)
+            if ledger is not None:
+                columns = ",".join(ledger)
+                await self.db.execute(
+                    f"INSERT OR IGNORE INTO usage_ledger({columns}) VALUES ({','.join('?' * len(ledger))})",
+                    tuple(ledger.values()))
             await self.db.execute("COMMIT")
         except BaseException:
             b.revision = old

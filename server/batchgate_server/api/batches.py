@@ -1,0 +1,75 @@
+"""BatchService: thin gRPC adapter over core.batches.BatchManager."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from google.protobuf import timestamp_pb2
+
+from batchgate.v1 import batch_pb2, batch_pb2_grpc
+from batchgate_server.api.convert import STATUS_FROM_PROTO, batch_to_proto
+from batchgate_server.api.handlers import server_stream, unary
+from batchgate_server.core.auth import Authenticator, Principal
+from batchgate_server.core.batches import BatchManager, CreateBatch
+from batchgate_server.core.errors import FieldViolation, InvalidArgument
+from batchgate_server.core.models import BatchRecord
+
+# Many watchers of one batch receive the same state: convert it once.
+_CACHE_SIZE = 256
+
+
+class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
+    def __init__(self, auth: Authenticator, batches: BatchManager, heartbeat_interval: float) -> None:
+        self.auth = auth
+        self.batches = batches
+        self.heartbeat_interval = heartbeat_interval
+        self._converted: OrderedDict[tuple[str, int], batch_pb2.Batch] = OrderedDict()
+
+    def _to_proto(self, record: BatchRecord) -> batch_pb2.Batch:
+        key = (record.id, record.revision)
+        msg = self._converted.get(key)
+        if msg is None:
+            msg = batch_to_proto(record)
+            self._converted[key] = msg
+            if len(self._converted) > _CACHE_SIZE:
+                self._converted.popitem(last=False)
+        return msg
+
+    @unary
+    async def CreateBatch(self, request: batch_pb2.CreateBatchRequest, context, principal: Principal):
+        record = await self.batches.create(principal, CreateBatch(
+            input_file_id=request.input_file_id, endpoint=request.endpoint,
+            completion_window=request.completion_window, metadata=dict(request.metadata), model=request.model,
+            provider=request.provider, request_id=request.request_id))
+        return batch_pb2.CreateBatchResponse(batch=self._to_proto(record))
+
+    @unary
+    async def GetBatch(self, request: batch_pb2.GetBatchRequest, context, principal: Principal):
+        return batch_pb2.GetBatchResponse(batch=self._to_proto(await self.batches.get(principal, request.batch_id)))
+
+    @unary
+    async def ListBatches(self, request: batch_pb2.ListBatchesRequest, context, principal: Principal):
+        statuses = []
+        for value in request.statuses:
+            if value not in STATUS_FROM_PROTO:
+                raise InvalidArgument(f"unknown status {value} in the filter", "INVALID_STATUS_FILTER",
+                                      violations=[FieldViolation("statuses", "BATCH_STATUS_* values only")])
+            statuses.append(STATUS_FROM_PROTO[value])
+        rows, token = await self.batches.list(principal, request.page_size, request.page_token, statuses)
+        return batch_pb2.ListBatchesResponse(batches=[self._to_proto(b) for b in rows], next_page_token=token)
+
+    @unary
+    async def CancelBatch(self, request: batch_pb2.CancelBatchRequest, context, principal: Principal):
+        return batch_pb2.CancelBatchResponse(batch=self._to_proto(await self.batches.cancel(principal,
+                                                                                             request.batch_id)))
+
+    @server_stream
+    async def WatchBatch(self, request: batch_pb2.WatchBatchRequest, context, principal: Principal):
+        async for event in self.batches.watch(principal, request.batch_id, request.start_revision,
+                                              self.heartbeat_interval):
+            if isinstance(event, int):
+                now = timestamp_pb2.Timestamp()
+                now.GetCurrentTime()
+                yield batch_pb2.WatchBatchResponse(heartbeat=batch_pb2.Heartbeat(sent_at=now, revision=event))
+            else:
+                yield batch_pb2.WatchBatchResponse(batch=self._to_proto(event))

@@ -1,0 +1,90 @@
+"""Usage and cost of a batch, decided once, when it ends.
+
+Usage is summed from the normalised output lines in the same pass that writes
+the output file; cost comes from the price snapshot taken when the batch was
+created. Both go onto the batch and into one ledger row, in the transaction that
+records the terminal state, so restarts and repeated reads never count twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from batchgate_server.core.models import BatchRecord, Cost, Usage
+from batchgate_server.pricing.cost import compute_cost
+from batchgate_server.pricing.table import ModelPrice, PriceTable
+from batchgate_server.pricing.usage import sum_usage_from_output
+
+_FLUSH_LINES = 2048
+
+
+class UsageCounter:
+    """Accumulates usage per model from output lines fed one at a time."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[str, Usage] = {}
+        self._pending: list[bytes] = []
+
+    @property
+    def by_model(self) -> dict[str, Usage]:
+        self.flush()
+        return self._by_model
+
+    def add_line(self, line: bytes) -> None:
+        self._pending.append(line)
+        if len(self._pending) >= _FLUSH_LINES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        for model, usage in sum_usage_from_output(self._pending).items():
+            self._by_model.setdefault(model, Usage()).add(usage)
+        self._pending.clear()
+
+
+class Accounting:
+    def __init__(self, prices: PriceTable) -> None:
+        self.prices = prices
+
+    def snapshot(self, model: str, model_info: Mapping[str, Any] | None) -> dict[str, Any]:
+        return self.prices.snapshot(model, model_info)
+
+    def usage_counter(self) -> UsageCounter:
+        return UsageCounter()
+
+    def price(self, rec: BatchRecord, usage_by_model: Mapping[str, Usage]) -> tuple[Usage, Cost]:
+        total = Usage()
+        for usage in usage_by_model.values():
+            total.add(usage)
+        snapshot = rec.price or {}
+        price = ModelPrice.from_snapshot(snapshot) if snapshot.get("priced") else None
+        source = snapshot.get("table_version", "")
+        # A batch runs one model; every model name its outputs report is priced at the
+        # snapshot (providers report dated names such as gpt-4o-mini-2024-07-18).
+        cost = compute_cost(usage_by_model, lambda _model: price, price_source=source)
+        if cost.status == "unknown" and not price:
+            cost.reason = f"no price for model {rec.model!r} when the batch was created ({cost.reason})"
+        return total, cost
+
+    def nothing_to_charge(self, rec: BatchRecord) -> Cost:
+        return Cost(status="known", amount="0", input_amount="0", output_amount="0",
+                    price_source=(rec.price or {}).get("table_version", ""))
+
+    def ledger_row(self, rec: BatchRecord, usage_by_model: Mapping[str, Usage] | None,
+                   cost: Cost | None = None) -> dict[str, Any]:
+        total = Usage()
+        for usage in (usage_by_model or {}).values():
+            total.add(usage)
+        cost = cost or self.nothing_to_charge(rec)
+        return {
+            "batch_id": rec.id, "project": rec.project, "api_key_id": rec.api_key_id, "model": rec.model,
+            "provider": rec.provider, "deployment_id": rec.deployment_id, "created_at": rec.created_at,
+            "ended_at": time.time(), "input_tokens": total.input_tokens, "cached_tokens": total.cached_tokens,
+            "output_tokens": total.output_tokens, "reasoning_tokens": total.reasoning_tokens,
+            "cost_status": cost.status, "cost_amount": cost.amount, "metadata": json.dumps(rec.metadata),
+            "usage_by_model": json.dumps({m: vars(u) for m, u in (usage_by_model or {}).items()}),
+        }

@@ -1,0 +1,188 @@
+"""The Batch use cases: create (validate, route, hand to the tracker), get, list, cancel, watch."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from batchgate_server.core import pagination
+from batchgate_server.core.accounting import Accounting
+from batchgate_server.core.auth import Principal
+from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
+from batchgate_server.core.files import FileManager
+from batchgate_server.core.ids import new_batch_id
+from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
+from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose
+from batchgate_server.core.routing import Router
+from batchgate_server.core.tracker import Tracker
+from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.providers.base import UnsupportedRequest
+from batchgate_server.providers.registry import ProviderRegistry
+from batchgate_server.store.metadata import MetadataStore
+
+log = logging.getLogger(__name__)
+
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+MAX_REQUEST_ID = 128
+
+
+@dataclass
+class CreateBatch:
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str]
+    model: str = ""
+    provider: str = ""
+    request_id: str = ""
+
+
+def _invalid(message: str, reason: str, field: str, description: str, **meta: str) -> InvalidArgument:
+    return InvalidArgument(message, reason, dict(meta), [FieldViolation(field, description)])
+
+
+def check_create(req: CreateBatch) -> None:
+    if not req.input_file_id:
+        raise _invalid("input_file_id is required", "MISSING_INPUT_FILE_ID", "input_file_id", "required")
+    if req.endpoint not in SUPPORTED_ENDPOINTS:
+        raise _invalid(f"endpoint {req.endpoint!r} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
+                       "UNSUPPORTED_ENDPOINT", "endpoint", f"one of {', '.join(SUPPORTED_ENDPOINTS)}")
+    if req.completion_window not in COMPLETION_WINDOWS:
+        raise _invalid(f"completion_window {req.completion_window!r} is not supported; use \"24h\"",
+                       "INVALID_COMPLETION_WINDOW", "completion_window", 'must be "24h"')
+    if len(req.metadata) > MAX_METADATA_PAIRS:
+        raise _invalid(f"metadata has {len(req.metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed",
+                       "INVALID_METADATA", "metadata", f"at most {MAX_METADATA_PAIRS} pairs")
+    for key, value in req.metadata.items():
+        if not key or len(key) > MAX_METADATA_KEY:
+            raise _invalid(f"metadata key {key[:80]!r} must be 1 to {MAX_METADATA_KEY} characters",
+                           "INVALID_METADATA", f"metadata[{key[:80]}]", f"key of 1 to {MAX_METADATA_KEY} characters")
+        if len(value) > MAX_METADATA_VALUE:
+            raise _invalid(f"metadata value of {key!r} is longer than {MAX_METADATA_VALUE} characters",
+                           "INVALID_METADATA", f"metadata[{key}]", f"value of at most {MAX_METADATA_VALUE} characters")
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise _invalid("request_id is longer than 128 characters", "INVALID_REQUEST_ID", "request_id",
+                       "at most 128 characters")
+
+
+class BatchManager:
+    def __init__(self, store: MetadataStore, files: FileManager, router: Router, providers: ProviderRegistry,
+                 tracker: Tracker, hub: WatchHub, accounting: Accounting) -> None:
+        self.store = store
+        self.files = files
+        self.router = router
+        self.providers = providers
+        self.tracker = tracker
+        self.hub = hub
+        self.accounting = accounting
+
+    async def create(self, principal: Principal, req: CreateBatch) -> BatchRecord:
+        check_create(req)
+        if req.request_id:
+            previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
+            if previous is not None:
+                return previous
+        source = await self.files.get(principal, req.input_file_id)
+        if source.purpose is not FilePurpose.BATCH:
+            raise FailedPrecondition(f"file {source.id} has purpose {source.purpose.value!r}; a batch needs a "
+                                     "file uploaded with purpose batch", "FILE_NOT_BATCH_INPUT",
+                                     {"file_id": source.id, "purpose": source.purpose.value})
+        if source.endpoint != req.endpoint:
+            raise _invalid(f"the batch endpoint {req.endpoint!r} does not match the file's url {source.endpoint!r}",
+                           "ENDPOINT_MISMATCH", "endpoint", f"the file's requests target {source.endpoint}",
+                           file_endpoint=source.endpoint)
+        deployment = self.router.pick(requested_model=req.model, file_model=source.model, provider=req.provider)
+        try:
+            provider = self.providers.get(deployment.provider)
+            provider.check(req.endpoint, deployment, source.line_count)
+        except UnsupportedRequest as err:
+            details = {"provider": deployment.provider, **err.details}
+            if err.precondition:
+                raise FailedPrecondition(err.message, err.reason, details) from None
+            raise InvalidArgument(err.message, err.reason, details,
+                                  [FieldViolation("endpoint" if "ENDPOINT" in err.reason else "model", err.message)]
+                                  ) from None
+        now = time.time()
+        record = BatchRecord(
+            id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
+            completion_window=req.completion_window, status=BatchStatus.VALIDATING, created_at=now,
+            expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=deployment.model_name,
+            provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
+            api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
+            price=self.accounting.snapshot(deployment.model, deployment.model_info),
+        )
+        try:
+            await self.store.insert_batch(record)
+        except sqlite3.IntegrityError:
+            previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
+            if previous is None:
+                raise
+            return previous
+        log.info("batch %s created: %d requests on %s (%s), project %s", record.id, source.line_count,
+                 deployment.model_name, deployment.provider, principal.project)
+        self.tracker.adopt(copy.deepcopy(record))
+        return record
+
+    async def get(self, principal: Principal, batch_id: str) -> BatchRecord:
+        if not batch_id:
+            raise _invalid("batch_id is required", "MISSING_BATCH_ID", "batch_id", "required")
+        record = await self.store.get_batch(batch_id)
+        if record is None or not principal.can_see(record.project):
+            raise not_found("batch", batch_id)
+        return record
+
+    async def list(self, principal: Principal, size: int, token: str,
+                   statuses: Sequence[BatchStatus]) -> tuple[list[BatchRecord], str]:
+        limit = pagination.page_size(size)
+        filter_key = f"{principal.scope}|{','.join(sorted(s.value for s in statuses))}"
+        after = pagination.decode_token(token, filter_key)
+        rows = await self.store.list_batches(principal.scope, statuses, limit + 1, after)
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_token = pagination.encode_token(rows[-1].created_at, rows[-1].id, filter_key)
+        return rows, next_token
+
+    async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
+        record = await self.get(principal, batch_id)
+        runner = self.tracker.runner(batch_id)
+        if record.status.is_terminal or runner is None:
+            raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
+                                     "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
+        return await runner.request_cancel()
+
+    async def watch(self, principal: Principal, batch_id: str, start_revision: int,
+                    heartbeat: float) -> AsyncIterator[BatchRecord | int]:
+        """Yields Batch states newer than start_revision, and the current revision as an int when
+        a heartbeat is due. Ends right after a terminal state."""
+        await self.get(principal, batch_id)  # NOT_FOUND for other projects
+        if start_revision < 0:
+            raise _invalid("start_revision must not be negative", "INVALID_START_REVISION", "start_revision",
+                           "must be >= 0")
+        # Subscribe before reading the snapshot so no change can fall between the two.
+        with self.hub.subscribe(batch_id) as slot:
+            current = await self.store.get_batch(batch_id)
+            sent = start_revision
+            if current.revision > sent:
+                yield current
+                sent = current.revision
+            if current.status.is_terminal:
+                return
+            while True:
+                latest = await slot.next(heartbeat)
+                if latest is None:
+                    yield sent
+                    continue
+                if latest.revision <= sent:
+                    continue
+                yield latest
+                sent = latest.revision
+                if latest.status.is_terminal:
+                    return

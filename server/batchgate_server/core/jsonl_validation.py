@@ -1,0 +1,393 @@
+"""Streaming validation of an OpenAI batch input file (JSONL) while it is uploaded.
+
+Pure and synchronous: feed the upload's chunks in order, then call ``finish()``.
+Chunks may split lines anywhere, even inside a multi-byte UTF-8 character.
+Memory stays flat: only the current partial line and a ``custom_id -> first line``
+map are kept, never the whole file.
+
+Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
+
+* the file is UTF-8 (``invalid_utf8``, at the line holding the bad byte);
+* every non-blank line is one JSON object (``invalid_json_line``). A trailing
+  newline, CRLF endings and blank lines at the very end of the file are fine;
+  a blank line followed by a request line is ``invalid_json_line``;
+* ``custom_id`` non-empty string (``missing_custom_id``), unique
+  (``duplicate_custom_id``);
+* ``method`` == ``"POST"`` (``invalid_method``);
+* ``url`` one of the supported endpoints (``unsupported_url``) and the same on
+  every line (``url_mismatch``);
+* ``body`` an object (``invalid_body``) whose ``model`` is a non-empty string
+  (``missing_model``), the same on every line (``model_mismatch``);
+* at least one request line (``empty_file``, line 0); at most ``max_lines``
+  request lines (``too_many_tasks``, once); at most ``max_bytes`` bytes
+  (``file_too_large``, once; validation stops there).
+
+``ValidationResult.line_count`` counts request lines (non-blank lines, valid or
+not); ``LineProblem.line`` is the physical 1-based line number. Past ``max_lines``
+new custom_ids are no longer remembered (repeats of earlier ones are still
+found), so a file of millions of tiny lines cannot grow the map without bound.
+
+Performance: complete lines are cut out of each chunk with one ``bytes.split``;
+every line is decoded once (strict UTF-8, which also finds the bad line) and the
+``str`` goes once through the C JSON scanner; the Python work per line is a
+handful of dict lookups. ``bench/validate_speed.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+__all__ = [
+    "SUPPORTED_ENDPOINTS",
+    "LineProblem",
+    "ValidationResult",
+    "JsonlValidator",
+]
+
+SUPPORTED_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/moderations",
+)
+
+# Problem codes.
+INVALID_UTF8 = "invalid_utf8"
+INVALID_JSON_LINE = "invalid_json_line"
+MISSING_CUSTOM_ID = "missing_custom_id"
+DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+INVALID_METHOD = "invalid_method"
+UNSUPPORTED_URL = "unsupported_url"
+URL_MISMATCH = "url_mismatch"
+INVALID_BODY = "invalid_body"
+MISSING_MODEL = "missing_model"
+MODEL_MISMATCH = "model_mismatch"
+EMPTY_FILE = "empty_file"
+TOO_MANY_TASKS = "too_many_tasks"
+FILE_TOO_LARGE = "file_too_large"
+
+_JSON_WS = " \t\r\n"
+
+
+@dataclass
+class LineProblem:
+    line: int  # 1-based line number (0 for whole-file problems such as empty_file)
+    code: str
+    message: str
+
+
+@dataclass
+class ValidationResult:
+    line_count: int  # request (non-blank) lines seen, valid or not
+    endpoint: str  # the single url all lines share ("" if none)
+    model: str  # the single body.model all lines share ("" if none)
+    problems: list[LineProblem] = field(default_factory=list)  # first max_reported, line order
+    total_problems: int = 0  # every problem found
+
+    @property
+    def ok(self) -> bool:
+        return self.total_problems == 0
+
+
+def _reject_constant(name: str) -> None:
+    # NaN / Infinity / -Infinity are not JSON.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decode_json = _decoder.decode
+# The C scanner behind JSONDecoder.decode, without its two regex calls per line:
+# (value, end) for a value starting at index 0, StopIteration if none does.
+_scan_once = _decoder.scan_once
+
+_BLANK = object()
+_INVALID = object()
+
+
+def _parse_slow(line: str) -> tuple[object, str]:
+    """(value, "") | (_BLANK, "") | (_INVALID, message) for a line the fast path refused."""
+    try:
+        return _decode_json(line), ""
+    except (ValueError, RecursionError) as exc:
+        if not line.strip(_JSON_WS):
+            return _BLANK, ""
+        return _INVALID, "line is not valid JSON: " + _describe(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
+
+
+def _show(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class JsonlValidator:
+    """Validates an OpenAI batch input JSONL fed in arbitrary chunks."""
+
+    def __init__(
+        self,
+        *,
+        max_lines: int = 50_000,
+        max_bytes: int = 200 * 1024 * 1024,
+        supported_endpoints=SUPPORTED_ENDPOINTS,
+        max_reported: int = 20,
+    ) -> None:
+        self._max_lines = max_lines
+        self._max_bytes = max_bytes
+        self._supported = frozenset(supported_endpoints)
+        self._max_reported = max_reported
+
+        self._bytes = 0  # bytes fed so far
+        self._parts: list[bytes] = []  # pieces of the current, incomplete line
+        self._lineno = 0  # physical lines consumed so far
+        self._tasks = 0  # request (non-blank) lines seen
+        self._blank_start = 0  # first line of a run of blank lines not yet judged
+        self._blank_count = 0
+        self._seen: dict[str, int] = {}  # custom_id -> line where it first appeared
+        self._endpoint: str | None = None
+        self._model: str | None = None
+        self._problems: list[LineProblem] = []
+        self._total = 0
+        self._too_many_reported = False
+        self._stopped = False  # max_bytes exceeded: nothing more is validated
+        self._result: ValidationResult | None = None
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def too_large(self) -> bool:
+        return self._bytes > self._max_bytes
+
+    def feed(self, chunk: bytes) -> None:
+        """Validate the next chunk of the upload. Never raises for bad content."""
+        if self._result is not None or not chunk:
+            return
+        if type(chunk) is not bytes:
+            chunk = bytes(chunk)
+        before = self._bytes
+        self._bytes = before + len(chunk)
+        if self._stopped:
+            return
+        if self._bytes > self._max_bytes:
+            allowed = self._max_bytes - before
+            self._consume(chunk[:allowed])
+            self._stopped = True
+            self._parts = []
+            self._blank_count = 0
+            # The first byte past the limit sits on the line after the ones consumed.
+            self._add(
+                self._lineno + 1,
+                FILE_TOO_LARGE,
+                f"file exceeds the maximum size of {self._max_bytes} bytes",
+            )
+            return
+        self._consume(chunk)
+
+    def finish(self) -> ValidationResult:
+        """Validate the last (unterminated) line and return the result. Idempotent."""
+        if self._result is not None:
+            return self._result
+        if not self._stopped and self._parts:
+            tail = b"".join(self._parts)
+            self._parts = []
+            self._process_block(tail, terminated=False)
+        # Blank lines still pending are at the end of the file: allowed.
+        self._blank_count = 0
+        if self._tasks == 0 and not self._stopped:
+            self._add(0, EMPTY_FILE, "file contains no request lines")
+        self._result = ValidationResult(
+            line_count=self._tasks,
+            endpoint=self._endpoint or "",
+            model=self._model or "",
+            problems=list(self._problems),
+            total_problems=self._total,
+        )
+        return self._result
+
+    # ---------------------------------------------------------------- internal
+
+    def _add(self, line: int, code: str, message: str) -> None:
+        self._total += 1
+        if len(self._problems) < self._max_reported:
+            self._problems.append(LineProblem(line, code, message))
+
+    def _consume(self, chunk: bytes) -> None:
+        idx = chunk.rfind(b"\n")
+        if idx < 0:
+            if chunk:
+                self._parts.append(chunk)
+            return
+        if self._parts:
+            self._parts.append(chunk[: idx + 1])
+            block = b"".join(self._parts)
+            self._parts = []
+        else:
+            block = chunk[: idx + 1]
+        if idx + 1 < len(chunk):
+            self._parts.append(chunk[idx + 1 :])
+        self._process_block(block, terminated=True)
+
+    def _process_block(self, block: bytes, *, terminated: bool) -> None:
+        """Validate complete lines (``block`` ends with b"\\n" when terminated)."""
+        lines = block.split(b"\n")
+        if terminated:
+            lines.pop()  # the empty piece after the final b"\n"
+        self._check_lines(lines)
+
+    def _flush_blanks(self) -> None:
+        """A request line follows pending blank lines: they were in the middle."""
+        start, count = self._blank_start, self._blank_count
+        self._blank_count = 0
+        for line in range(start, start + count):
+            self._add(line, INVALID_JSON_LINE, "blank line in the middle of the file")
+            if len(self._problems) >= self._max_reported:
+                # Only the count matters from here on.
+                self._total += start + count - 1 - line
+                break
+
+    def _report_too_many(self, line: int) -> None:
+        self._too_many_reported = True
+        self._add(line, TOO_MANY_TASKS, f"file has more than {self._max_lines} requests")
+
+    def _check_lines(self, lines: list[bytes]) -> None:
+        # Hot loop. Each line is decoded once (strict UTF-8; keeping lines apart keeps
+        # pure-ASCII lines in CPython's compact 1-byte form) and scanned once by the C
+        # JSON scanner; everything the valid path needs is a local.
+        utf8 = bytes.decode
+        scan = _scan_once
+        seen = self._seen
+        setdefault = seen.setdefault
+        supported = self._supported
+        add = self._add
+        max_lines = self._max_lines
+        n = self._lineno
+        tasks = self._tasks
+        endpoint = self._endpoint
+        model = self._model
+        dict_ = dict
+        str_ = str
+        try:
+            for raw in lines:
+                n += 1
+                try:
+                    line = utf8(raw, "utf-8")
+                except UnicodeDecodeError as exc:
+                    if self._blank_count:
+                        self._flush_blanks()
+                    tasks += 1
+                    if tasks > max_lines and not self._too_many_reported:
+                        self._report_too_many(n)
+                    add(
+                        n,
+                        INVALID_UTF8,
+                        f"line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)",
+                    )
+                    continue
+                try:
+                    obj, end = scan(line, 0)
+                    if end != len(line) and line[end:].strip(_JSON_WS):
+                        obj, error = _parse_slow(line)
+                except (StopIteration, ValueError, RecursionError):
+                    obj, error = _parse_slow(line)
+                if obj is _BLANK:
+                    if not self._blank_count:
+                        self._blank_start = n
+                    self._blank_count += 1
+                    continue
+                if self._blank_count:
+                    self._flush_blanks()
+                tasks += 1
+                if tasks > max_lines and not self._too_many_reported:
+                    self._report_too_many(n)
+                if obj is _INVALID:
+                    add(n, INVALID_JSON_LINE, error)
+                    continue
+                if obj.__class__ is not dict_:
+                    add(n, INVALID_JSON_LINE, "line must be a JSON object, got " + type(obj).__name__)
+                    continue
+
+                cid = obj.get("custom_id")
+                if cid.__class__ is str_ and cid:
+                    if tasks <= max_lines:
+                        first = setdefault(cid, n)
+                    else:  # over the limit: stop growing the map, still spot repeats
+                        first = seen.get(cid, n)
+                    if first != n:
+                        add(
+                            n,
+                            DUPLICATE_CUSTOM_ID,
+                            f"custom_id {_show(cid)} is a duplicate of line {first}",
+                        )
+                else:
+                    add(
+                        n,
+                        MISSING_CUSTOM_ID,
+                        "custom_id is missing" if cid is None
+                        else f"custom_id must be a non-empty string, got {_show(cid)}",
+                    )
+
+                method = obj.get("method")
+                if method != "POST":
+                    add(
+                        n,
+                        INVALID_METHOD,
+                        "method is missing (must be \"POST\")" if method is None
+                        else f"method must be \"POST\", got {_show(method)}",
+                    )
+
+                url = obj.get("url")
+                if url != endpoint or endpoint is None:
+                    if url.__class__ is not str_ or url not in supported:
+                        add(
+                            n,
+                            UNSUPPORTED_URL,
+                            "url is missing" if url is None
+                            else f"url {_show(url)} is not a supported endpoint "
+                            f"(supported: {', '.join(sorted(supported))})",
+                        )
+                    elif endpoint is None:
+                        endpoint = self._endpoint = url
+                    else:
+                        add(
+                            n,
+                            URL_MISMATCH,
+                            f"url {_show(url)} differs from {_show(endpoint)} used by earlier lines",
+                        )
+
+                body = obj.get("body")
+                if body.__class__ is not dict_:
+                    add(
+                        n,
+                        INVALID_BODY,
+                        "body is missing" if body is None
+                        else f"body must be a JSON object, got {type(body).__name__}",
+                    )
+                    continue
+                m = body.get("model")
+                if m != model or model is None:
+                    if m.__class__ is not str_ or not m:
+                        add(
+                            n,
+                            MISSING_MODEL,
+                            "body.model is missing" if m is None
+                            else f"body.model must be a non-empty string, got {_show(m)}",
+                        )
+                    elif model is None:
+                        model = self._model = m
+                    else:
+                        add(
+                            n,
+                            MODEL_MISMATCH,
+                            f"body.model {_show(m)} differs from {_show(model)} used by earlier lines",
+                        )
+        finally:
+            self._lineno = n
+            self._tasks = tasks

@@ -1,0 +1,111 @@
+"""Which deployment runs a batch.
+
+Resolution: CreateBatch.model (a model_name, or "provider/model"), else the
+file's body.model matched against model_name, else the file's model as
+"provider/model" with credentials from the provider's usual environment
+variables. Among several deployments of one model_name the one with the fewest
+queued requests per unit of weight wins; a deployment that keeps failing cools
+down. A batch stays on its deployment for life (the id is stored with it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+from batchgate_server.config import ModelList, split_model
+from batchgate_server.core.errors import FieldViolation, InvalidArgument
+from batchgate_server.providers.base import Deployment
+
+ADHOC_PREFIX = "adhoc:"
+
+# provider -> litellm_params key -> environment variable
+ENV_CREDENTIALS: dict[str, dict[str, str]] = {
+    "openai": {"api_key": "OPENAI_API_KEY", "api_base": "OPENAI_API_BASE"},
+    "azure": {"api_key": "AZURE_API_KEY", "api_base": "AZURE_API_BASE", "api_version": "AZURE_API_VERSION"},
+    "anthropic": {"api_key": "ANTHROPIC_API_KEY", "api_base": "ANTHROPIC_API_BASE"},
+    "vertex_ai": {"vertex_project": "VERTEXAI_PROJECT", "vertex_location": "VERTEXAI_LOCATION",
+                  "gcs_bucket_name": "GCS_BUCKET_NAME", "vertex_credentials": "GOOGLE_APPLICATION_CREDENTIALS"},
+    "bedrock": {"aws_region_name": "AWS_REGION_NAME", "s3_bucket_name": "AWS_S3_BUCKET_NAME",
+                "aws_batch_role_arn": "AWS_BATCH_ROLE_ARN"},
+    "openai_compatible": {"api_base": "OPENAI_COMPATIBLE_API_BASE", "api_key": "OPENAI_COMPATIBLE_API_KEY"},
+}
+
+
+def adhoc_deployment(model: str) -> Deployment | None:
+    """A deployment for "provider/model" with credentials from the environment."""
+    provider, name = split_model(model)
+    if not provider or not name:
+        return None
+    params = {"model": model}
+    for key, env in ENV_CREDENTIALS.get(provider, {}).items():
+        if os.environ.get(env):
+            params[key] = os.environ[env]
+    if model.startswith("simulated/"):
+        params["transport"] = "simulated"
+    return Deployment(id=ADHOC_PREFIX + model, model_name=model, provider=provider, model=name, params=params)
+
+
+class Router:
+    def __init__(self, model_list: ModelList, clock: Callable[[], float] = time.monotonic) -> None:
+        self.model_list = model_list
+        self._clock = clock
+        self._queued: dict[str, int] = defaultdict(int)
+        self._failures: dict[str, list[float]] = defaultdict(list)
+        self._cooldown_until: dict[str, float] = {}
+
+    # -- choosing -------------------------------------------------------------------
+
+    def pick(self, *, requested_model: str, file_model: str, provider: str = "") -> Deployment:
+        name = requested_model or file_model
+        candidates = self.model_list.named(name)
+        if not candidates and (d := adhoc_deployment(name)) is not None:
+            candidates = [d]
+        if provider:
+            candidates = [d for d in candidates if d.provider == provider]
+        if not candidates:
+            names = sorted({d.model_name for d in self.model_list.deployments})
+            field = "model" if requested_model else "input_file.model"
+            hint = f" with provider {provider!r}" if provider else ""
+            raise InvalidArgument(
+                f"no deployment serves model {name!r}{hint}; configured model names: {', '.join(names)}"
+                " (or use 'provider/model')", "MODEL_NOT_FOUND", {"model": name, "provider": provider},
+                [FieldViolation(field, f"unknown model {name!r}")])
+        now = self._clock()
+        warm = [d for d in candidates if self._cooldown_until.get(d.id, 0) <= now]
+        pool = warm or candidates  # all cooling down: still serve, from the least loaded
+        return min(pool, key=lambda d: (self._queued[d.id] / d.weight, -d.weight))
+
+    def deployment(self, deployment_id: str) -> Deployment | None:
+        """The deployment a stored batch is pinned to (also after a restart)."""
+        if deployment_id.startswith(ADHOC_PREFIX):
+            return adhoc_deployment(deployment_id.removeprefix(ADHOC_PREFIX))
+        return self.model_list.by_id(deployment_id)
+
+    # -- feedback from the tracker ---------------------------------------------------
+
+    def add_load(self, deployment_id: str, requests: int) -> None:
+        self._queued[deployment_id] += requests
+
+    def remove_load(self, deployment_id: str, requests: int) -> None:
+        self._queued[deployment_id] = max(0, self._queued[deployment_id] - requests)
+
+    def queued(self, deployment_id: str) -> int:
+        return self._queued[deployment_id]
+
+    def record_failure(self, deployment_id: str) -> None:
+        now = self._clock()
+        window = self.model_list.router.cooldown_time
+        recent = [t for t in self._failures[deployment_id] if now - t < window] + [now]
+        self._failures[deployment_id] = recent
+        if len(recent) >= self.model_list.router.allowed_fails:
+            self._cooldown_until[deployment_id] = now + window
+            self._failures[deployment_id] = []
+
+    def record_success(self, deployment_id: str) -> None:
+        self._failures.pop(deployment_id, None)
+
+    def cooling_down(self, deployment_id: str) -> bool:
+        return self._cooldown_until.get(deployment_id, 0) > self._clock()

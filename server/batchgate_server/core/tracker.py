@@ -1,0 +1,375 @@
+"""The tracker owns every batch that has not ended.
+
+One runner task per batch advances the state machine: submit to the provider,
+poll it (one poll per batch however many watchers), collect the results into
+batch_output files, and end the batch. Every change is persisted with its
+revision bump in one SQLite transaction and then published to watchers. After a
+restart `start()` adopts every unfinished batch again; providers keep what they
+need to resume in `job.state`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from batchgate_server.core.accounting import Accounting
+from batchgate_server.core.backoff import Backoff
+from batchgate_server.core.ids import new_file_id
+from batchgate_server.core.models import (
+    STATUS_TIMESTAMP,
+    BatchError,
+    BatchRecord,
+    BatchStatus,
+    FilePurpose,
+    FileRecord,
+    RequestCounts,
+)
+from batchgate_server.core.routing import Router
+from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.providers.base import (
+    BatchProvider,
+    JobStatus,
+    PollResult,
+    ProviderError,
+    ProviderJob,
+    ResultKind,
+    UnsupportedRequest,
+)
+from batchgate_server.providers.registry import ProviderRegistry, input_reader
+from batchgate_server.store.blobs import BlobStore
+from batchgate_server.store.metadata import MetadataStore
+
+log = logging.getLogger(__name__)
+
+ENDED_BY_POLL = {
+    JobStatus.COMPLETED: BatchStatus.COMPLETED,
+    JobStatus.EXPIRED: BatchStatus.EXPIRED,
+    JobStatus.CANCELLED: BatchStatus.CANCELLED,
+}
+
+
+class Tracker:
+    def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
+                 providers: ProviderRegistry, accounting: Accounting, work_root: Path,
+                 input_path: Callable[[str], Path], *, min_poll_interval: float = 0.1) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.hub = hub
+        self.router = router
+        self.providers = providers
+        self.accounting = accounting
+        self.work_root = work_root
+        self.input_path = input_path
+        self.min_poll_interval = min_poll_interval
+        self._runners: dict[str, BatchRunner] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        active = await self.store.active_batches()
+        for record in active:
+            self.adopt(record)
+        if active:
+            log.info("resumed %d unfinished batch(es)", len(active))
+        return len(active)
+
+    def adopt(self, record: BatchRecord) -> None:
+        runner = BatchRunner(self, record)
+        self._runners[record.id] = runner
+        task = asyncio.create_task(runner.run(), name=f"batch-{record.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def runner(self, batch_id: str) -> "BatchRunner | None":
+        return self._runners.get(batch_id)
+
+    async def stop(self) -> None:
+        """Stop driving batches (they resume on the next start); nothing is cancelled at providers."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _forget(self, batch_id: str) -> None:
+        self._runners.pop(batch_id, None)
+
+
+class BatchRunner:
+    def __init__(self, tracker: Tracker, record: BatchRecord) -> None:
+        self.t = tracker
+        self.rec = record
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._cancel_sent = False
+        self.deployment = tracker.router.deployment(record.deployment_id)
+        self.job: ProviderJob | None = None
+
+    # -- persistence --------------------------------------------------------------------
+
+    async def _persist(self, mutate: Callable[[BatchRecord], None], extra_files=(), ledger=None) -> None:
+        async with self._lock:
+            before = copy.deepcopy(self.rec)
+            mutate(self.rec)
+            try:
+                await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger)
+            except BaseException:
+                self.rec = before
+                raise
+            self.t.hub.publish(copy.deepcopy(self.rec))
+
+    async def _save_state(self) -> None:
+        await self._persist(lambda r: None)
+
+    def _enter(self, status: BatchStatus) -> Callable[[BatchRecord], None]:
+        now = time.time()
+
+        def mutate(r: BatchRecord) -> None:
+            r.status = status
+            stamp = STATUS_TIMESTAMP.get(status)
+            if stamp and getattr(r, stamp) is None:
+                setattr(r, stamp, now)
+            if status is BatchStatus.IN_PROGRESS and r.request_counts.total == 0:
+                r.request_counts = RequestCounts(total=self._line_count())
+
+        return mutate
+
+    def _line_count(self) -> int:
+        return self.rec.input_line_count
+
+    # -- cancel -------------------------------------------------------------------------
+
+    async def request_cancel(self) -> BatchRecord:
+        """Called by CancelBatch: record the intent now, the run loop carries it out."""
+        if self.rec.status not in (BatchStatus.CANCELLING,) and not self.rec.status.is_terminal:
+            await self._persist(self._enter(BatchStatus.CANCELLING))
+        if self.job is not None:
+            self.job.cancel_requested.set()
+        self._wake.set()
+        return copy.deepcopy(self.rec)
+
+    # -- the run loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        rec = self.rec
+        load = rec.input_line_count or 1
+        try:
+            if self.deployment is None:
+                await self._fail("deployment_not_found",
+                                 f"deployment {rec.deployment_id!r} is no longer in the model list")
+                return
+            provider = self.t.providers.get(self.deployment.provider)
+            self.job = self._make_job()
+            if rec.status is BatchStatus.CANCELLING:
+                self.job.cancel_requested.set()
+            self.t.router.add_load(self.deployment.id, load)
+            backoff = Backoff(base=1.0, cap=120.0)
+            while not self.rec.status.is_terminal:
+                try:
+                    await self._step(provider)
+                    backoff.reset()
+                except ProviderError as err:
+                    self.t.router.record_failure(self.deployment.id)
+                    if not err.retryable:
+                        await self._fail(err.code, err.message)
+                        break
+                    delay = backoff.next(err.retry_after)
+                    log.warning("batch %s: %s (retrying in %.1fs)", rec.id, err.message, delay)
+                    await self._sleep(delay)
+                except UnsupportedRequest as err:
+                    await self._fail(err.reason.lower(), err.message)
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug must not leave the batch hanging forever
+            log.exception("batch %s: unexpected error", rec.id)
+            try:
+                await self._fail("internal_error", f"batchgate failed to run this batch: {type(err).__name__}")
+            except Exception:
+                log.exception("batch %s: could not record the failure", rec.id)
+        finally:
+            if self.deployment is not None:
+                self.t.router.remove_load(self.deployment.id, load)
+            self.t._forget(rec.id)
+
+    def _make_job(self) -> ProviderJob:
+        rec = self.rec
+        job = ProviderJob(
+            batch_id=rec.id, endpoint=rec.endpoint, deployment=self.deployment, line_count=self._line_count(),
+            created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
+            open_input=input_reader(self.t.input_path)(rec.input_file_id), save_state=self._save_state,
+            workdir=self.t.work_root / rec.id)
+        return job
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _wait_for_change(self, provider: BatchProvider) -> None:
+        interval = float(self.deployment.params.get("poll_interval", provider.poll_interval))
+        waiter = asyncio.create_task(provider.wait_for_change(self.job, interval))
+        woken = asyncio.create_task(self._wake.wait())
+        try:
+            await asyncio.wait({waiter, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            woken.cancel()
+        self._wake.clear()
+        # Coalesce bursts of progress into at most one revision per min_poll_interval.
+        await asyncio.sleep(self.t.min_poll_interval)
+
+    async def _step(self, provider: BatchProvider) -> None:
+        job = self.job
+        status = self.rec.status
+        if status is BatchStatus.VALIDATING:
+            await provider.submit(job)
+            await self._persist(self._enter(BatchStatus.IN_PROGRESS))
+            self.t.router.record_success(self.deployment.id)
+            return
+        if status is BatchStatus.CANCELLING and not self._cancel_sent:
+            await provider.cancel(job)
+            self._cancel_sent = True
+        poll = await provider.poll(job)
+        await self._apply_poll(poll, provider)
+        if not self.rec.status.is_terminal:
+            await self._wait_for_change(provider)
+
+    async def _apply_poll(self, poll: PollResult, provider: BatchProvider) -> None:
+        rec = self.rec
+        counts = poll.request_counts
+        if counts is not None and counts.total == 0:
+            counts = RequestCounts(rec.request_counts.total, counts.completed, counts.failed)
+        counts_changed = counts is not None and counts != rec.request_counts
+        ended = ENDED_BY_POLL.get(poll.status)
+        if ended is not None:
+            await self._finish(provider, ended)
+            return
+        if poll.status is JobStatus.FAILED:
+            await self._fail_with(poll.errors or [BatchError("provider_failed", poll.detail or
+                                                             "the provider reported the batch as failed")])
+            return
+        target = None
+        if poll.status is JobStatus.FINALIZING and rec.status is BatchStatus.IN_PROGRESS:
+            target = BatchStatus.FINALIZING
+        elif poll.status is JobStatus.CANCELLING and rec.status is not BatchStatus.CANCELLING:
+            target = BatchStatus.CANCELLING
+        if target is None and not counts_changed:
+            return
+
+        def mutate(r: BatchRecord) -> None:
+            if counts_changed:
+                r.request_counts = counts
+            if target is not None:
+                self._enter(target)(r)
+
+        await self._persist(mutate)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    async def _fail(self, code: str, message: str) -> None:
+        await self._fail_with([BatchError(code, message)])
+
+    async def _fail_with(self, errors: list[BatchError]) -> None:
+        def mutate(r: BatchRecord) -> None:
+            self._enter(BatchStatus.FAILED)(r)
+            r.errors = list(errors)
+            r.cost = self.t.accounting.nothing_to_charge(r)
+
+        log.warning("batch %s failed: %s", self.rec.id, errors[0].message if errors else "")
+        await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
+        self._cleanup()
+
+    async def _finish(self, provider: BatchProvider, status: BatchStatus) -> None:
+        rec = self.rec
+        if not rec.result_file_ids or (status is BatchStatus.COMPLETED
+                                       and rec.status is not BatchStatus.FINALIZING):
+            def prepare(r: BatchRecord) -> None:
+                if not r.result_file_ids:
+                    r.result_file_ids = [new_file_id(), new_file_id()]
+                if status is BatchStatus.COMPLETED:
+                    self._enter(BatchStatus.FINALIZING)(r)
+
+            await self._persist(prepare)
+        output_id, error_id = self.rec.result_file_ids
+        sinks = {ResultKind.OUTPUT: _ResultSink(self.t.blobs), ResultKind.ERROR: _ResultSink(self.t.blobs)}
+        usage = self.t.accounting.usage_counter()
+        try:
+            async for line in provider.results(self.job):
+                sinks[line.kind].write(line.data)
+                if line.kind is ResultKind.OUTPUT:
+                    usage.add_line(line.data)
+        except BaseException:
+            for sink in sinks.values():
+                sink.abort()
+            raise
+        now = time.time()
+        files = []
+        for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
+            record = sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now)
+            if record is not None:
+                files.append(record)
+        out_lines, err_lines = sinks[ResultKind.OUTPUT].lines, sinks[ResultKind.ERROR].lines
+        usage_total, cost = self.t.accounting.price(self.rec, usage.by_model)
+
+        def mutate(r: BatchRecord) -> None:
+            self._enter(status)(r)
+            r.output_file_id = output_id if out_lines else ""
+            r.error_file_id = error_id if err_lines else ""
+            total = r.request_counts.total or self._line_count() or (out_lines + err_lines)
+            r.request_counts = RequestCounts(total=total, completed=out_lines, failed=err_lines)
+            r.usage = usage_total
+            r.cost = cost
+
+        try:
+            await self._persist(mutate, extra_files=files,
+                                ledger=self.t.accounting.ledger_row(self.rec, usage.by_model, cost=cost))
+        except BaseException:
+            for f in files:  # not recorded: a retry writes them again under the same ids
+                self.t.blobs.delete(f.id)
+            raise
+        log.info("batch %s %s: %d ok, %d failed", rec.id, status.value, out_lines, err_lines)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.job is not None:
+            shutil.rmtree(self.job.workdir, ignore_errors=True)
+
+
+class _ResultSink:
+    """Writes one result file while hashing it; commits it only if it got lines."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._writer = blobs.open_writer()
+        self._hash = hashlib.sha256()
+        self.lines = 0
+        self.bytes = 0
+
+    def write(self, data: bytes) -> None:
+        data = data + b"\n"
+        self._writer.write(data)
+        self._hash.update(data)
+        self.lines += 1
+        self.bytes += len(data)
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def commit(self, file_id: str, project: str, filename: str, now: float) -> FileRecord | None:
+        if self.lines == 0:
+            self._writer.abort()
+            return None
+        self._writer.commit(file_id)
+        return FileRecord(id=file_id, project=project, filename=filename, purpose=FilePurpose.BATCH_OUTPUT,
+                          bytes=self.bytes, sha256=self._hash.hexdigest(), created_at=now,
+                          line_count=self.lines)

@@ -1,0 +1,143 @@
+"""Provider `openai_compatible`: batchgate runs the batch itself against an
+OpenAI-compatible HTTP server (vLLM, Ollama, llama.cpp …), or the in-process
+`simulated` model.
+
+Deployment params (litellm_params): api_base, api_key, max_concurrency, rpm, tpm,
+timeout (per request), max_retries, completion_window (seconds, caps the batch's
+window); for transport "simulated": latency_ms, failure_rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from batchgate_server.core.models import RequestCounts
+from batchgate_server.providers.base import (
+    BatchProvider,
+    Deployment,
+    JobStatus,
+    PollResult,
+    ProviderJob,
+    ResultKind,
+    ResultLine,
+    UnsupportedRequest,
+)
+from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun
+from batchgate_server.providers.executor.simulated import SimulatedTransport
+from batchgate_server.providers.executor.transport import HttpTransport
+
+SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
+                       "/v1/moderations")
+OUTCOME_STATUS = {"completed": JobStatus.COMPLETED, "expired": JobStatus.EXPIRED, "cancelled": JobStatus.CANCELLED}
+
+
+def _number(params, key, cast=float):
+    value = params.get(key)
+    return None if value is None else cast(value)
+
+
+def options_for(deployment: Deployment) -> ExecutorOptions:
+    p = deployment.params
+    simulated = p.get("transport") == "simulated"
+    return ExecutorOptions(
+        max_concurrency=_number(p, "max_concurrency", int) or (256 if simulated else 64),
+        rpm=_number(p, "rpm"), tpm=_number(p, "tpm"),
+        timeout=_number(p, "timeout") or 120.0,
+        max_retries=_number(p, "max_retries", int) if p.get("max_retries") is not None else 5,
+        backoff_base=_number(p, "backoff_base") or 0.5,
+        completion_window=_number(p, "completion_window"),
+        rewrite_model=None if simulated else deployment.model,
+    )
+
+
+class ExecutorProvider(BatchProvider):
+    name = "openai_compatible"
+    poll_interval = 1.0
+
+    def __init__(self) -> None:
+        self._runs: dict[str, ExecutorRun] = {}
+        self._transports: dict[str, object] = {}
+
+    def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
+        if endpoint not in SUPPORTED_ENDPOINTS:
+            raise UnsupportedRequest(f"the built-in executor supports {', '.join(SUPPORTED_ENDPOINTS)}")
+        if deployment.params.get("transport") != "simulated" and not deployment.params.get("api_base"):
+            raise UnsupportedRequest(
+                f"deployment {deployment.model_name!r} needs litellm_params.api_base (the OpenAI-compatible "
+                "server to run the batch against)", reason="DEPLOYMENT_MISCONFIGURED", precondition=True)
+
+    def _transport(self, deployment: Deployment):
+        transport = self._transports.get(deployment.id)
+        if transport is None:
+            p = deployment.params
+            if p.get("transport") == "simulated":
+                transport = SimulatedTransport(deployment.model, latency_ms=float(p.get("latency_ms", 0)),
+                                               failure_rate=float(p.get("failure_rate", 0)))
+            else:
+                options = options_for(deployment)
+                transport = HttpTransport(p["api_base"], p.get("api_key"), timeout=options.timeout,
+                                          max_connections=options.max_concurrency)
+            self._transports[deployment.id] = transport
+        return transport
+
+    def _run(self, job: ProviderJob) -> ExecutorRun:
+        run = self._runs.get(job.batch_id)
+        if run is None:
+            # First poll in this process: a new batch, or one resumed after a restart (the
+            # results log tells the run which requests are already answered).
+            run = ExecutorRun(job, self._transport(job.deployment), options_for(job.deployment))
+            self._runs[job.batch_id] = run
+            run.start()
+        return run
+
+    async def submit(self, job: ProviderJob) -> None:
+        self._run(job)
+
+    async def poll(self, job: ProviderJob) -> PollResult:
+        run = self._run(job)
+        if run._task is not None and run._task.done() and run.outcome is None:
+            error = run._task.exception()
+            self._runs.pop(job.batch_id, None)
+            run.log.close()
+            raise RuntimeError(f"executor run failed: {error!r}")
+        counts = RequestCounts(total=job.line_count, completed=run.completed, failed=run.failed)
+        if run.outcome is not None:
+            return PollResult(OUTCOME_STATUS[run.outcome], counts)
+        status = JobStatus.CANCELLING if job.cancel_requested.is_set() else JobStatus.IN_PROGRESS
+        return PollResult(status, counts)
+
+    async def cancel(self, job: ProviderJob) -> None:
+        job.cancel_requested.set()
+        self._run(job)
+
+    async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
+        run = self._runs.get(job.batch_id)
+        if run is None:
+            await asyncio.sleep(timeout)
+            return
+        try:
+            await asyncio.wait_for(run.changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        run.changed.clear()
+
+    async def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
+        run = self._runs.pop(job.batch_id, None)
+        if run is not None:
+            await run.stop()
+        for kind, path in ((ResultKind.OUTPUT, job.workdir / "output.jsonl"),
+                           (ResultKind.ERROR, job.workdir / "errors.jsonl")):
+            if not path.exists():
+                continue
+            with open(path, "rb") as fh:
+                for raw in fh:
+                    if raw.endswith(b"\n"):
+                        yield ResultLine(kind, raw[:-1])
+
+    async def close(self) -> None:
+        for run in list(self._runs.values()):
+            await run.stop()
+        self._runs.clear()
+        for transport in self._transports.values():
+            await transport.close()

@@ -1,0 +1,52 @@
+"""Token buckets for requests-per-minute and tokens-per-minute limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+
+class TokenBucket:
+    def __init__(self, per_minute: float, clock=time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.tokens = self.capacity
+        self._clock = clock
+        self._stamp = clock()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+
+    async def take(self, amount: float = 1.0) -> None:
+        amount = min(amount, self.capacity)  # one oversized request still goes through, alone
+        async with self._lock:
+            while True:
+                self._refill()
+                if self.tokens >= amount:
+                    self.tokens -= amount
+                    return
+                await asyncio.sleep((amount - self.tokens) / self.rate)
+
+    def refund(self, amount: float) -> None:
+        """Give back an over-estimate once the real count is known (may go negative: a debt)."""
+        self._refill()
+        self.tokens = min(self.capacity, self.tokens + amount)
+
+
+class RateLimiter:
+    def __init__(self, rpm: float | None, tpm: float | None) -> None:
+        self.requests = TokenBucket(rpm) if rpm else None
+        self.tokens = TokenBucket(tpm) if tpm else None
+
+    async def acquire(self, estimated_tokens: int) -> None:
+        if self.requests is not None:
+            await self.requests.take(1)
+        if self.tokens is not None:
+            await self.tokens.take(estimated_tokens)
+
+    def settle(self, estimated_tokens: int, actual_tokens: int | None) -> None:
+        if self.tokens is not None and actual_tokens is not None:
+            self.tokens.refund(estimated_tokens - actual_tokens)
