@@ -55,7 +55,8 @@ SECRET_PARAMS = {"api_key", "aws_secret_access_key", "aws_session_token", "verte
 
 # Without a config file batchgate still runs batches: on the in-process simulated model.
 EMBEDDED_MODEL_LIST: list[dict[str, Any]] = [
-    {"model_name": "simulated", "litellm_params": {"model": "simulated/echo"},
+    {"model_name": "simulated",
+     "litellm_params": {"model": "simulated/echo", "latency_ms": 20, "max_concurrency": 64},
      # Simulated answers cost nothing: priced at zero rather than "unknown".
      "model_info": {"id": "builtin-simulated", "mode": "batch", "input_cost_per_token": 0,
                     "output_cost_per_token": 0, "input_cost_per_token_batches": 0,
