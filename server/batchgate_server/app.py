@@ -10,11 +10,11 @@ import logging
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.api.batches import BatchServicer
 from batchgate_server.api.files import FileServicer
+from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.config import load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
@@ -85,9 +85,7 @@ class BatchgateServer:
         self._add_batch_service(server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
 
         address = s.address
         if self.auth.open:

@@ -23,14 +23,17 @@ Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
   (``file_too_large``, once; validation stops there).
 
 ``ValidationResult.line_count`` counts request lines (non-blank lines, valid or
-not); ``LineProblem.line`` is the physical 1-based line number. Past ``max_lines``
-new custom_ids are no longer remembered (repeats of earlier ones are still
-found), so a file of millions of tiny lines cannot grow the map without bound.
+not); ``LineProblem.line`` is the physical 1-based line number.
 
-Performance: complete lines are cut out of each chunk with one ``bytes.split``;
-every line is decoded once (strict UTF-8, which also finds the bad line) and the
-``str`` goes once through the C JSON scanner; the Python work per line is a
-handful of dict lookups. ``bench/validate_speed.py`` measures it.
+Once a line goes past ``max_lines`` (reported as ``too_many_tasks``) the file is
+rejected anyway, so later lines are only counted (``bytes.count``, no JSON, no
+further problems, blank lines counted too): a 200 MB flood of tiny lines then
+costs no Python work per line and the custom_id map stops at ``max_lines`` ids.
+
+Performance: complete lines are decoded straight out of each chunk (memoryview
+slices, no per-line copy), once each (strict UTF-8, which also finds the bad
+line), and the ``str`` goes once through the C JSON scanner; the Python work per
+line is a handful of dict lookups. ``bench/validate_speed.py`` measures it.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class LineProblem:
 
 @dataclass
 class ValidationResult:
-    line_count: int  # request (non-blank) lines seen, valid or not
+    line_count: int  # request (non-blank) lines, valid or not (past max_lines: all lines)
     endpoint: str  # the single url all lines share ("" if none)
     model: str  # the single body.model all lines share ("" if none)
     problems: list[LineProblem] = field(default_factory=list)  # first max_reported, line order
@@ -156,7 +159,10 @@ class JsonlValidator:
         self._model: str | None = None
         self._problems: list[LineProblem] = []
         self._total = 0
-        self._too_many_reported = False
+        # Past max_lines the file is rejected anyway: lines are only counted from then
+        # on (bytes.count, GB/s) so that a flood of tiny lines costs no Python per line.
+        self._counting = False
+        self._open_line = False  # counting mode: the current line has uncounted bytes
         self._stopped = False  # max_bytes exceeded: nothing more is validated
         self._result: ValidationResult | None = None
 
@@ -195,10 +201,16 @@ class JsonlValidator:
         """Validate the last (unterminated) line and return the result. Idempotent."""
         if self._result is not None:
             return self._result
-        if not self._stopped and self._parts:
+        if self._stopped:
+            pass  # the line being read when the limit was crossed is not looked at
+        elif self._counting:
+            if self._open_line:  # last line, without a final newline
+                self._lineno += 1
+                self._tasks += 1
+        elif self._parts:
             tail = b"".join(self._parts)
             self._parts = []
-            self._process_block(tail, terminated=False)
+            self._check_lines(tail, 0, len(tail))
         # Blank lines still pending are at the end of the file: allowed.
         self._blank_count = 0
         if self._tasks == 0 and not self._stopped:
@@ -220,27 +232,42 @@ class JsonlValidator:
             self._problems.append(LineProblem(line, code, message))
 
     def _consume(self, chunk: bytes) -> None:
-        idx = chunk.rfind(b"\n")
-        if idx < 0:
+        if self._counting:
+            self._count_lines(chunk, 0, len(chunk))
+            return
+        first = chunk.find(b"\n")
+        if first < 0:
             if chunk:
                 self._parts.append(chunk)
             return
+        start = 0
         if self._parts:
-            self._parts.append(chunk[: idx + 1])
-            block = b"".join(self._parts)
+            # The line that earlier chunks started ends in this one.
+            self._parts.append(chunk[:first])
+            line = b"".join(self._parts)
             self._parts = []
-        else:
-            block = chunk[: idx + 1]
-        if idx + 1 < len(chunk):
-            self._parts.append(chunk[idx + 1 :])
-        self._process_block(block, terminated=True)
+            self._check_lines(line, 0, len(line))
+            start = first + 1
+            if self._counting:
+                self._count_lines(chunk, start, len(chunk))
+                return
+        stop = chunk.rfind(b"\n") + 1
+        if start < stop:
+            self._check_lines(chunk, start, stop)
+            if self._counting:
+                self._count_lines(chunk, stop, len(chunk))
+                return
+        if stop < len(chunk):
+            self._parts.append(chunk[stop:])
 
-    def _process_block(self, block: bytes, *, terminated: bool) -> None:
-        """Validate complete lines (``block`` ends with b"\\n" when terminated)."""
-        lines = block.split(b"\n")
-        if terminated:
-            lines.pop()  # the empty piece after the final b"\n"
-        self._check_lines(lines)
+    def _count_lines(self, buf: bytes, start: int, stop: int) -> None:
+        """Counting mode: count the lines in ``buf[start:stop]`` without reading them."""
+        if start >= stop:
+            return
+        k = buf.count(b"\n", start, stop)
+        self._lineno += k
+        self._tasks += k
+        self._open_line = buf[stop - 1] != 10
 
     def _flush_blanks(self) -> None:
         """A request line follows pending blank lines: they were in the middle."""
@@ -254,17 +281,23 @@ class JsonlValidator:
                 break
 
     def _report_too_many(self, line: int) -> None:
-        self._too_many_reported = True
+        """Line ``line`` is one request too many: report it and only count from here on."""
+        self._counting = True
         self._add(line, TOO_MANY_TASKS, f"file has more than {self._max_lines} requests")
 
-    def _check_lines(self, lines: list[bytes]) -> None:
-        # Hot loop. Each line is decoded once (strict UTF-8; keeping lines apart keeps
-        # pure-ASCII lines in CPython's compact 1-byte form) and scanned once by the C
-        # JSON scanner; everything the valid path needs is a local.
-        utf8 = bytes.decode
+    def _check_lines(self, buf: bytes, start: int, stop: int) -> None:
+        """Validate the lines in ``buf[start:stop]``.
+
+        Every line there ends with b"\\n", except that a line reaching ``stop`` may not.
+        Hot loop: lines are decoded straight out of ``buf`` through a memoryview (no
+        per-line bytes copy), once each (strict UTF-8; decoding lines apart keeps
+        pure-ASCII lines in CPython's compact 1-byte form), then scanned once by the
+        C JSON scanner; everything the valid path needs is a local.
+        """
+        view = memoryview(buf)
+        find = buf.find
         scan = _scan_once
-        seen = self._seen
-        setdefault = seen.setdefault
+        setdefault = self._seen.setdefault
         supported = self._supported
         add = self._add
         max_lines = self._max_lines
@@ -274,17 +307,24 @@ class JsonlValidator:
         model = self._model
         dict_ = dict
         str_ = str
+        i = start
         try:
-            for raw in lines:
+            while i < stop:
+                j = find(b"\n", i, stop)
+                if j < 0:
+                    j = stop
+                raw = view[i:j]
+                i = j + 1
                 n += 1
                 try:
-                    line = utf8(raw, "utf-8")
+                    line = str_(raw, "utf-8")
                 except UnicodeDecodeError as exc:
                     if self._blank_count:
                         self._flush_blanks()
                     tasks += 1
-                    if tasks > max_lines and not self._too_many_reported:
+                    if tasks > max_lines:
                         self._report_too_many(n)
+                        break
                     add(
                         n,
                         INVALID_UTF8,
@@ -305,8 +345,9 @@ class JsonlValidator:
                 if self._blank_count:
                     self._flush_blanks()
                 tasks += 1
-                if tasks > max_lines and not self._too_many_reported:
+                if tasks > max_lines:
                     self._report_too_many(n)
+                    break
                 if obj is _INVALID:
                     add(n, INVALID_JSON_LINE, error)
                     continue
@@ -316,10 +357,7 @@ class JsonlValidator:
 
                 cid = obj.get("custom_id")
                 if cid.__class__ is str_ and cid:
-                    if tasks <= max_lines:
-                        first = setdefault(cid, n)
-                    else:  # over the limit: stop growing the map, still spot repeats
-                        first = seen.get(cid, n)
+                    first = setdefault(cid, n)
                     if first != n:
                         add(
                             n,
@@ -391,3 +429,5 @@ class JsonlValidator:
         finally:
             self._lineno = n
             self._tasks = tasks
+        if self._counting:
+            self._count_lines(buf, i, stop)

@@ -8,6 +8,7 @@ what WatchBatch resumes from.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -95,6 +96,14 @@ class RevisionConflict(Exception):
 class MetadataStore:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        # One connection serves the whole server: a statement issued while another
+        # coroutine's transaction is open would silently join it. Every write (and every
+        # transaction) holds this lock.
+        self._write = asyncio.Lock()
+
+    async def _exec(self, sql: str, args=()) -> aiosqlite.Cursor:
+        async with self._write:
+            return await self.db.execute(sql, args)
 
     @classmethod
     async def open(cls, path: Path) -> "MetadataStore":
@@ -137,7 +146,7 @@ class MetadataStore:
     # -- api keys -------------------------------------------------------------------
 
     async def add_api_key(self, key_hash: str, key_id: str, project: str, now: float) -> None:
-        await self.db.execute(
+        await self._exec(
             "INSERT INTO api_keys(key_hash, key_id, project, created_at) VALUES (?,?,?,?)",
             (key_hash, key_id, project, now),
         )
@@ -157,6 +166,10 @@ class MetadataStore:
     # -- files ----------------------------------------------------------------------
 
     async def insert_file(self, f: FileRecord) -> None:
+        async with self._write:
+            await self._insert_file(f)
+
+    async def _insert_file(self, f: FileRecord) -> None:
         await self.db.execute(
             "INSERT INTO files(id, project, filename, purpose, bytes, sha256, created_at, expires_at,"
             " line_count, endpoint, model, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -194,7 +207,7 @@ class MetadataStore:
             return [file_from_row(r) for r in await cur.fetchall()]
 
     async def delete_file(self, file_id: str) -> bool:
-        cur = await self.db.execute("DELETE FROM files WHERE id=?", (file_id,))
+        cur = await self._exec("DELETE FROM files WHERE id=?", (file_id,))
         return cur.rowcount > 0
 
     async def expired_files(self, now: float, limit: int = 500) -> list[FileRecord]:
@@ -210,7 +223,7 @@ class MetadataStore:
     # -- batches --------------------------------------------------------------------
 
     async def insert_batch(self, b: BatchRecord) -> None:
-        await self.db.execute(
+        await self._exec(
             "INSERT INTO batches(id, project, status, created_at, request_id, revision, doc)"
             " VALUES (?,?,?,?,?,?,?)",
             (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b)),
@@ -258,6 +271,12 @@ class MetadataStore:
         """Persist `b` with the revision bump, its result files and its ledger row in one
         transaction. The ledger row is keyed by batch id: it is written at most once, ever.
         Raises RevisionConflict when the stored revision is not b.revision."""
+        async with self._write:
+            await self._update_batch(b, extra_files, ledger)
+        return b
+
+    async def _update_batch(self, b: BatchRecord, extra_files: Sequence[FileRecord],
+                            ledger: dict[str, Any] | None) -> None:
         old = b.revision
         b.revision = old + 1
         await self.db.execute("BEGIN IMMEDIATE")
@@ -270,7 +289,7 @@ class MetadataStore:
                 raise RevisionConflict(b.id)
             for f in extra_files:
                 if await self.get_file(f.id) is None:
-                    await self.insert_file(f)
+                    await self._insert_file(f)
             if ledger is not None:
                 columns = ",".join(ledger)
                 await self.db.execute(
@@ -281,4 +300,3 @@ class MetadataStore:
             b.revision = old
             await self.db.execute("ROLLBACK")
             raise
-        return b

@@ -1,0 +1,148 @@
+"""Throughput of JsonlValidator on a realistic ~200 MB OpenAI batch input file.
+
+Writes 50,000 chat-completion request lines (2-4 KB of message text each, some
+non-ASCII, newlines and quotes) to a temporary file, then validates it in
+256 KiB chunks and prints MB/s and peak RSS.
+
+    .venv/bin/python bench/validate_speed.py [--lines 50000] [--chunk 262144]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+
+from batchgate_server.core.jsonl_validation import JsonlValidator  # noqa: E402
+
+# Mostly English prose, like real chat prompts: paragraphs ("\n\n"), some quotes,
+# a few accented / CJK words and the odd emoji.
+ENGLISH = (
+    "the a of to and in is that for it as with was on be by this are or from at an have not "
+    "which but they his her all were when there can more one will would been has their if each "
+    "about how up out them then she many some so these into other could time two like our what "
+    "customer invoice contract clause summary report analysis request response model answer "
+    "question review product service payment delivery account support ticket issue policy data "
+    "please write explain describe compare list translate classify extract rewrite summarize "
+    "following text document email message article paragraph section table code function"
+).split(" ")
+PUNCT = (".", ",", ",", "?", ":", ";")
+RARE = ("café", "naïve", "résumé", "Zürich", "straße", "東京", "数据", "🚀", "—", "’", "'s", "(e.g.)")
+
+
+def _paragraph(rng: random.Random, size: int) -> str:
+    out: list[str] = []
+    n = 0
+    while n < size:
+        r = rng.random()
+        if r < 0.012:
+            w = rng.choice(RARE)
+        elif r < 0.016:
+            w = '"' + rng.choice(ENGLISH) + '"'
+        elif r < 0.020:
+            w = "\n\n"
+        else:
+            w = rng.choice(ENGLISH)
+            if rng.random() < 0.08:
+                w += rng.choice(PUNCT)
+        out.append(w)
+        n += len(w) + 1
+    return " ".join(out)[:size]
+
+
+def generate(path: Path, lines: int, seed: int = 7) -> int:
+    rng = random.Random(seed)
+    pool = [_paragraph(rng, rng.randint(1600, 3300)) for _ in range(200)]
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for i in range(lines):
+            user = rng.choice(pool)
+            extra = rng.choice(pool)[: rng.randint(750, 1800)]
+            req = {
+                "custom_id": f"request-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "gpt-4o-mini",
+                    "messages": [
+                        {"role": "system", "content": "You are a careful assistant."},
+                        {"role": "user", "content": user},
+                        {"role": "assistant", "content": "Understood."},
+                        {"role": "user", "content": extra},
+                    ],
+                    "max_tokens": 512,
+                    "temperature": 0.2,
+                },
+            }
+            # Python SDK users get ensure_ascii=True, other tools write raw UTF-8.
+            f.write(json.dumps(req, ensure_ascii=rng.random() < 0.7))
+            f.write("\n")
+    return path.stat().st_size
+
+
+def _bare_json(path: Path, chunk_size: int) -> None:
+    """The floor any stdlib validator pays: split lines, decode, C JSON scan."""
+    scan = json.JSONDecoder().scan_once
+    rest = b""
+    with path.open("rb", buffering=0) as f:
+        while chunk := f.read(chunk_size):
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                scan(line.decode("utf-8"), 0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lines", type=int, default=50_000)
+    ap.add_argument("--chunk", type=int, default=256 * 1024)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "batch.jsonl"
+        size = generate(path, args.lines)
+        os.sync()  # let writeback finish so it does not steal CPU from the timed runs
+        mb = size / 1e6
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"file: {mb:.1f} MB, {args.lines} lines, chunk {args.chunk} B")
+        print(f"peak RSS after generation: {rss_before / 1024:.1f} MiB")
+        rates: list[float] = []
+        bare: list[float] = []
+        for _ in range(args.repeat):
+            v = JsonlValidator()
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            with path.open("rb", buffering=0) as f:
+                while chunk := f.read(args.chunk):
+                    v.feed(chunk)
+            res = v.finish()
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0
+            assert res.ok, res.problems
+            assert res.line_count == args.lines
+            rates.append(mb / wall)
+            # Same loop without any validation, interleaved so machine noise hits both.
+            t0 = time.perf_counter()
+            _bare_json(path, args.chunk)
+            bare.append(mb / (time.perf_counter() - t0))
+            print(
+                f"validate (reads included): {mb / wall:6.1f} MB/s wall, {mb / cpu:6.1f} MB/s cpu   "
+                f"| bare split+decode+json.scan: {bare[-1]:6.1f} MB/s"
+            )
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        med = sorted(rates)[len(rates) // 2]
+        print(f"validator: best {max(rates):.1f} MB/s, median {med:.1f} MB/s "
+              f"(bare JSON best {max(bare):.1f}, median {sorted(bare)[len(bare) // 2]:.1f})")
+        print(f"peak RSS: {rss / 1024:.1f} MiB (grew {(rss - rss_before) / 1024:.1f} MiB while validating)")
+
+
+if __name__ == "__main__":
+    main()

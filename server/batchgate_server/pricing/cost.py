@@ -1,0 +1,97 @@
+"""Turn per-model usage into a ``core.models.Cost`` with exact decimal amounts.
+
+Charging rules (OpenAI usage semantics):
+
+* ``cached_tokens`` are a subset of ``input_tokens``: the uncached part is
+  charged at the batch input price, the cached part at the batch cached price
+  (cached is clamped to input_tokens if a provider reports more).
+* ``reasoning_tokens`` are a subset of ``output_tokens`` and are charged as
+  output; they are not charged twice.
+* Amounts are computed exactly (Decimal, 50-digit context), then each part is
+  rounded half-up to 1e-9 USD (a nano-dollar) and ``amount`` is the sum of the
+  rounded parts, so ``amount == input_amount + output_amount`` always holds; the
+  rounding error is at most 1e-9 USD per part. Strings are plain notation with
+  trailing zeros removed ("0.0000435", "12.5", "0").
+* A model with usage but no price (or with output tokens but no output price)
+  makes the whole cost ``unknown`` with a reason naming the model(s); amounts
+  are then "" and never "0". No usage at all (e.g. every request failed) is
+  ``known`` with amount "0".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from decimal import ROUND_HALF_UP, Context, Decimal
+
+from batchgate_server.core.models import Cost, Usage
+from batchgate_server.pricing.table import ModelPrice
+
+QUANTUM = Decimal("1e-9")
+_CTX = Context(prec=50)
+
+
+def _fmt(d: Decimal) -> str:
+    return format(d.normalize(), "f") if d else "0"
+
+
+def _q(d: Decimal) -> Decimal:
+    return d.quantize(QUANTUM, rounding=ROUND_HALF_UP, context=_CTX)
+
+
+def usage_amounts(usage: Usage, price: ModelPrice) -> tuple[Decimal, Decimal | None]:
+    """Exact (input, output) amounts for one model; output None when unpriceable."""
+    cached = min(max(usage.cached_tokens, 0), max(usage.input_tokens, 0))
+    uncached = max(usage.input_tokens, 0) - cached
+    mul, add = _CTX.multiply, _CTX.add
+    inp = add(mul(Decimal(uncached), price.input), mul(Decimal(cached), price.cached_input))
+    out_tokens = max(usage.output_tokens, 0)
+    if price.output is None:
+        return inp, (Decimal(0) if out_tokens == 0 else None)
+    return inp, mul(Decimal(out_tokens), price.output)
+
+
+def compute_cost(
+    usage_by_model: Mapping[str, Usage],
+    price_for: Callable[[str], ModelPrice | None],
+    *,
+    price_source: str,
+) -> Cost:
+    """Cost of a batch from its per-model usage. See the module docstring for the rules."""
+    total_in = Decimal(0)
+    total_out = Decimal(0)
+    missing: list[str] = []
+    no_output_price: list[str] = []
+    for model in sorted(usage_by_model):
+        usage = usage_by_model[model]
+        if usage.input_tokens <= 0 and usage.output_tokens <= 0:
+            continue  # nothing to charge, whether or not the model has a price
+        price = price_for(model)
+        if price is None:
+            missing.append(model or "<no model name>")
+            continue
+        inp, out = usage_amounts(usage, price)
+        if out is None:
+            no_output_price.append(model)
+            continue
+        total_in = _CTX.add(total_in, inp)
+        total_out = _CTX.add(total_out, out)
+
+    if missing or no_output_price:
+        reasons = []
+        if missing:
+            reasons.append("no price for model(s): " + ", ".join(missing))
+        if no_output_price:
+            reasons.append("no output price for model(s): " + ", ".join(no_output_price))
+        return Cost(status="unknown", currency="USD", amount="", input_amount="", output_amount="",
+                    reason="; ".join(reasons), price_source=price_source)
+
+    q_in, q_out = _q(total_in), _q(total_out)
+    return Cost(
+        status="known",
+        currency="USD",
+        amount=_fmt(_CTX.add(q_in, q_out)),
+        input_amount=_fmt(q_in),
+        output_amount=_fmt(q_out),
+        reason="",
+        price_source=price_source,
+    )

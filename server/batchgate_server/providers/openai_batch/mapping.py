@@ -1,0 +1,287 @@
+"""Pure translation for the OpenAI / Azure OpenAI batch adapters: no I/O, no clock (except
+where a caller passes `now`), unit-tested in tests/unit/test_openai_batch_mapping.py.
+
+* provider Batch JSON -> BatchInfo -> PollResult (statuses incl. Azure's capitalised ones,
+  request_counts possibly null, errors with line numbers, unix or ISO-8601 timestamps);
+* input-line rewriting (body.model -> the deployment's model, Azure line urls without /v1);
+* error bodies and Retry-After headers.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.providers.base import JobStatus, PollResult
+
+OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
+                    "/v1/moderations")
+# Azure global batch on the GA data-plane surface (api-version 2024-10-21): chat completions and
+# embeddings. Responses batches only exist on the v1 surface, which this adapter doesn't target.
+AZURE_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
+OPENAI_MAX_LINES = 50_000
+AZURE_MAX_LINES = 100_000
+
+# Keys: the status lowercased with "_", "-" and spaces removed, so "in_progress", "InProgress",
+# "In_progress" and "in progress" all land on the same entry.
+_STATUS = {
+    "validating": JobStatus.VALIDATING,
+    "inprogress": JobStatus.IN_PROGRESS,
+    "finalizing": JobStatus.FINALIZING,
+    "completed": JobStatus.COMPLETED,
+    "failed": JobStatus.FAILED,
+    "expired": JobStatus.EXPIRED,
+    "cancelling": JobStatus.CANCELLING,
+    "canceling": JobStatus.CANCELLING,
+    "cancelled": JobStatus.CANCELLED,
+    "canceled": JobStatus.CANCELLED,
+}
+
+TIMESTAMP_FIELDS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
+                    "failed_at", "expired_at", "cancelling_at", "cancelled_at")
+
+
+def map_status(raw: Any) -> JobStatus | None:
+    """The JobStatus for a provider status string; None when unknown."""
+    if not isinstance(raw, str):
+        return None
+    key = raw.strip().lower().replace("_", "").replace("-", "").replace(" ", "")
+    return _STATUS.get(key)
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """Unix seconds (int/float/numeric string; milliseconds are detected) or ISO-8601 -> float."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+    elif isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return None
+        try:
+            v = float(s)
+        except ValueError:
+            return _parse_iso(s)
+    else:
+        return None
+    if not math.isfinite(v) or v <= 0:
+        return None
+    if v > 1e11:  # milliseconds since the epoch
+        v /= 1000.0
+    return v
+
+
+def _parse_iso(s: str) -> float | None:
+    t = s.replace(" ", "T", 1) if "T" not in s and " " in s else s
+    if t.endswith(("Z", "z")):
+        t = t[:-1] + "+00:00"
+    # Python < 3.11-safe trimming of 7-digit (.NET) fractions: keep at most 6 digits.
+    if "." in t:
+        head, _, rest = t.partition(".")
+        digits = ""
+        while rest and rest[0].isdigit():
+            digits, rest = digits + rest[0], rest[1:]
+        t = head + ("." + digits[:6] if digits else "") + rest
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _int(value: Any) -> int | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def parse_request_counts(value: Any) -> RequestCounts | None:
+    """{total, completed, failed} -> RequestCounts; None when absent or entirely null."""
+    if not isinstance(value, Mapping):
+        return None
+    total, completed, failed = (_int(value.get(k)) for k in ("total", "completed", "failed"))
+    if total is None and completed is None and failed is None:
+        return None
+    completed = completed or 0
+    failed = failed or 0
+    if total is None:
+        total = completed + failed
+    return RequestCounts(total=total, completed=completed, failed=failed)
+
+
+def parse_errors(value: Any) -> list[BatchError]:
+    """errors: {"object": "list", "data": [...]} | [...] | null -> [BatchError]."""
+    if isinstance(value, Mapping):
+        items = value.get("data")
+    else:
+        items = value
+    if not isinstance(items, list):
+        return []
+    out = []
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        line = _int(item.get("line"))
+        out.append(BatchError(code=str(item.get("code") or "provider_error"),
+                              message=str(item.get("message") or ""),
+                              param=str(item.get("param") or ""),
+                              line=line))
+    return out
+
+
+@dataclass
+class BatchInfo:
+    id: str
+    status: JobStatus | None  # None: a status we don't know
+    raw_status: str
+    request_counts: RequestCounts | None
+    errors: list[BatchError]
+    output_file_id: str | None
+    error_file_id: str | None
+    timestamps: dict[str, float | None] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    input_file_id: str | None = None
+
+
+def parse_batch(obj: Any) -> BatchInfo:
+    """A provider Batch object -> BatchInfo. Raises ValueError when `obj` isn't a batch."""
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("id"), str):
+        raise ValueError("not a batch object (no id)")
+    raw_status = obj.get("status")
+    return BatchInfo(
+        id=obj["id"],
+        status=map_status(raw_status),
+        raw_status=str(raw_status),
+        request_counts=parse_request_counts(obj.get("request_counts")),
+        errors=parse_errors(obj.get("errors")),
+        output_file_id=obj.get("output_file_id") or None,
+        error_file_id=obj.get("error_file_id") or None,
+        timestamps={k: parse_timestamp(obj.get(k)) for k in TIMESTAMP_FIELDS},
+        metadata=dict(obj.get("metadata") or {}),
+        input_file_id=obj.get("input_file_id") or None,
+    )
+
+
+def to_poll_result(info: BatchInfo, provider_label: str = "openai") -> PollResult:
+    if info.status is None:
+        raise ValueError(f"unknown batch status {info.raw_status!r}")
+    errors = list(info.errors)
+    if info.status is JobStatus.FAILED and not errors:
+        errors = [BatchError(code="provider_failed",
+                             message=f"The {provider_label} batch {info.id} failed without details.")]
+    return PollResult(status=info.status, request_counts=info.request_counts,
+                      errors=errors if info.status is JobStatus.FAILED else [],
+                      detail=f"{provider_label} batch {info.id}: {info.raw_status}")
+
+
+def batch_to_poll_result(obj: Any, provider_label: str = "openai") -> PollResult:
+    return to_poll_result(parse_batch(obj), provider_label)
+
+
+# ------------------------------------------------------------------------------ endpoints & lines
+
+def azure_path(url: str) -> str:
+    """"/v1/chat/completions" -> "/chat/completions" (Azure's legacy surface has no /v1)."""
+    return url[3:] if url.startswith("/v1/") else url
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def rewrite_line(raw: bytes, model: str, *, azure: bool = False) -> bytes:
+    """Set body.model to the deployment's model (and drop the /v1 of the url for Azure).
+
+    A line that is not a JSON object is passed through unchanged: the provider reports it (with
+    its line number) rather than the adapter guessing. Unchanged lines are returned as-is."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(obj, dict):
+        return raw
+    changed = False
+    body = obj.get("body")
+    if isinstance(body, dict) and body.get("model") != model:
+        body["model"] = model
+        changed = True
+    if azure:
+        url = obj.get("url")
+        if isinstance(url, str) and url.startswith("/v1/"):
+            obj["url"] = azure_path(url)
+            changed = True
+    if not changed:
+        return raw
+    try:
+        return _dumps(obj).encode()
+    except ValueError:  # NaN/Infinity in the input: leave it for the provider to reject
+        return raw
+
+
+# ------------------------------------------------------------------------------ HTTP details
+
+def error_message(body: bytes | str, limit: int = 500) -> tuple[str, str | None]:
+    """(message, error code) from an OpenAI/Azure error body ({"error": {"message", "code"}})."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if isinstance(obj, Mapping):
+        err = obj.get("error", obj)
+        if isinstance(err, Mapping):
+            msg = err.get("message") or err.get("msg")
+            code = err.get("code") or err.get("type")
+            if msg:
+                return str(msg)[:limit], (str(code) if code is not None else None)
+        elif isinstance(err, str):
+            return err[:limit], None
+    text = " ".join(text.split())
+    return (text[:limit] or "(empty body)"), None
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from retry-after-ms, Retry-After (seconds) or Retry-After (HTTP date)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    ms = lower.get("retry-after-ms")
+    if ms:
+        try:
+            v = float(ms) / 1000.0
+            if math.isfinite(v) and v >= 0:
+                return v
+        except ValueError:
+            pass
+    ra = lower.get("retry-after")
+    if not ra:
+        return None
+    try:
+        v = float(ra)
+        return v if math.isfinite(v) and v >= 0 else None
+    except ValueError:
+        pass
+    try:
+        dt = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError):
+        return None
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    if now is None:
+        now = time.time()
+    return max(0.0, dt.timestamp() - now)

@@ -1,0 +1,62 @@
+"""Helpers for batch tests: model-list configs pointing at fakes, waiting, reading results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from batchgate.v1 import batch_pb2, file_pb2
+
+TERMINAL = {batch_pb2.BATCH_STATUS_COMPLETED, batch_pb2.BATCH_STATUS_FAILED, batch_pb2.BATCH_STATUS_EXPIRED,
+            batch_pb2.BATCH_STATUS_CANCELLED}
+
+
+def write_config(path: Path, entries: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({"model_list": entries}))
+    return path
+
+
+def upstream_entry(name: str, base_url: str, **params) -> dict:
+    litellm_params = {"model": "hosted_vllm/fake-model", "api_base": base_url, "max_concurrency": 8,
+                      "max_retries": 2, "backoff_base": 0.05, "timeout": 2}
+    litellm_params.update(params)
+    return {"model_name": name, "litellm_params": litellm_params}
+
+
+async def create(caller, file_id: str, **fields) -> batch_pb2.Batch:
+    request = batch_pb2.CreateBatchRequest(input_file_id=file_id, endpoint=fields.pop("endpoint", "/v1/chat/completions"),
+                                           completion_window=fields.pop("completion_window", "24h"), **fields)
+    return (await caller.batches.CreateBatch(request, metadata=caller.metadata)).batch
+
+
+async def watch_all(caller, batch_id: str, start_revision: int = 0) -> list[batch_pb2.Batch]:
+    states = []
+    async for event in caller.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch_id,
+                                                                             start_revision=start_revision),
+                                                 metadata=caller.metadata, timeout=60):
+        if event.WhichOneof("event") == "batch":
+            states.append(event.batch)
+    return states
+
+
+async def download_lines(caller, file_id: str) -> list[dict]:
+    if not file_id:
+        return []
+    data = b"".join([m.data async for m in caller.files.DownloadFile(
+        file_pb2.DownloadFileRequest(file_id=file_id), metadata=caller.metadata)])
+    return [json.loads(line) for line in data.splitlines()]
+
+
+async def results(caller, batch: batch_pb2.Batch) -> tuple[list[dict], list[dict]]:
+    return await download_lines(caller, batch.output_file_id), await download_lines(caller, batch.error_file_id)
+
+
+def status_names(states) -> list[str]:
+    names = []
+    for s in states:
+        name = batch_pb2.BatchStatus.Name(s.status).removeprefix("BATCH_STATUS_").lower()
+        if not names or names[-1] != name:
+            names.append(name)
+    return names

