@@ -11,10 +11,12 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
-from batchgate_server.api.batches import BatchServicer
+from batchgate.v1 import batch_pb2, file_pb2, file_pb2_grpc
+from batchgate.v1 import usage_pb2, usage_pb2_grpc
+from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.reflection import enable_reflection
+from batchgate_server.api.usage import UsageServicer
 from batchgate_server.config import load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
@@ -22,11 +24,14 @@ from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
+from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.pricing.table import PriceTable
+from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.settings import Settings
 from batchgate_server.store.blobs import LocalBlobStore
+from batchgate_server.store.ledger import UsageLedger
 from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = (
     file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 # Streams carry up to 2 MiB chunks plus framing.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -83,6 +89,8 @@ class BatchgateServer:
         server = grpc.aio.server(options=options)
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), server)
         self._add_batch_service(server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store.db))), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -123,10 +131,16 @@ class BatchgateServer:
                  ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
 
     def _add_batch_service(self, server: grpc.aio.Server) -> None:
-        batch_pb2_grpc.add_BatchServiceServicer_to_server(
-            BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
+        add_batch_service(BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
 
     async def _start_background(self) -> None:
+        # Build the configured providers now: importing their HTTP stacks on the first
+        # CreateBatch would stall that call (and every other) for a good half second.
+        for provider in sorted({d.provider for d in self.model_list.deployments}):
+            try:
+                self.providers.get(provider)
+            except UnsupportedRequest as err:
+                log.warning("provider %s unavailable: %s", provider, err.message)
         await self.tracker.start()
 
     async def stop(self, grace: float | None = None) -> None:

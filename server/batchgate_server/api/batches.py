@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from batchgate.v1 import batch_pb2, batch_pb2_grpc
@@ -24,6 +25,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         self.batches = batches
         self.heartbeat_interval = heartbeat_interval
         self._converted: OrderedDict[tuple[str, int], batch_pb2.Batch] = OrderedDict()
+        self._watch_events: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
     def _to_proto(self, record: BatchRecord) -> batch_pb2.Batch:
         key = (record.id, record.revision)
@@ -34,6 +36,17 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
             if len(self._converted) > _CACHE_SIZE:
                 self._converted.popitem(last=False)
         return msg
+
+    def _watch_event(self, record: BatchRecord) -> bytes:
+        """The serialised WatchBatchResponse for a state: encoded once, sent to every watcher."""
+        key = (record.id, record.revision)
+        data = self._watch_events.get(key)
+        if data is None:
+            data = batch_pb2.WatchBatchResponse(batch=self._to_proto(record)).SerializeToString()
+            self._watch_events[key] = data
+            if len(self._watch_events) > _CACHE_SIZE:
+                self._watch_events.popitem(last=False)
+        return data
 
     @unary
     async def CreateBatch(self, request: batch_pb2.CreateBatchRequest, context, principal: Principal):
@@ -72,4 +85,29 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
                 now.GetCurrentTime()
                 yield batch_pb2.WatchBatchResponse(heartbeat=batch_pb2.Heartbeat(sent_at=now, revision=event))
             else:
-                yield batch_pb2.WatchBatchResponse(batch=self._to_proto(event))
+                yield self._watch_event(event)
+
+
+def _serialize_watch_event(message: batch_pb2.WatchBatchResponse | bytes) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _CapturedHandlers:
+    """Stands in for a server to catch the generated method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_batch_service(servicer: BatchServicer, server) -> None:
+    """The generated registration, except that WatchBatch may yield pre-serialised events
+    (one encoding per state, however many watchers)."""
+    captured = _CapturedHandlers()
+    batch_pb2_grpc.add_BatchServiceServicer_to_server(servicer, captured)
+    handlers = captured.handlers
+    handlers["WatchBatch"] = handlers["WatchBatch"]._replace(response_serializer=_serialize_watch_event)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)

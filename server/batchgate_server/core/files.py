@@ -73,6 +73,11 @@ def check_header(h: UploadHeader) -> None:
                        "header.expires_after", "1s to 30 days")
 
 
+def _hash_and_write(hasher, writer: BlobWriter, chunk: bytes) -> None:
+    hasher.update(chunk)
+    writer.write(chunk)
+
+
 def validation_error(result: ValidationResult) -> InvalidArgument:
     first = result.problems[0]
     where = f"line {first.line}" if first.line else "file"
@@ -106,6 +111,7 @@ class FileManager:
         validator = JsonlValidator(max_lines=self.limits.max_lines, max_bytes=self.limits.max_bytes)
         hasher = hashlib.sha256()
         writer = self.blobs.open_writer()
+        loop = asyncio.get_running_loop()
         size = 0
         try:
             async for chunk in chunks:
@@ -119,13 +125,17 @@ class FileManager:
                 if header.expected_bytes is not None and size > header.expected_bytes:
                     raise _invalid(f"received more than the {header.expected_bytes} bytes the header announced",
                                    "SIZE_MISMATCH", "header.expected_bytes", "more bytes arrived")
-                validator.feed(chunk)
+                # Hashing and writing release the GIL: they run on the second core while this
+                # thread validates the same chunk.
+                stored = loop.run_in_executor(None, _hash_and_write, hasher, writer, chunk)
+                try:
+                    validator.feed(chunk)
+                finally:
+                    await stored
                 if validator.too_large:
                     raise _invalid(f"the file exceeds the {self.limits.max_bytes}-byte limit", "FILE_TOO_LARGE",
                                    "file", f"at most {self.limits.max_bytes} bytes",
                                    max_bytes=str(self.limits.max_bytes))
-                hasher.update(chunk)
-                writer.write(chunk)
             if header.expected_bytes is not None and size != header.expected_bytes:
                 raise _invalid(f"received {size} bytes, the header announced {header.expected_bytes}",
                                "SIZE_MISMATCH", "header.expected_bytes", f"received {size}")
@@ -160,7 +170,7 @@ class FileManager:
 
     async def _commit(self, writer: BlobWriter, record: FileRecord, header: UploadHeader) -> FileRecord:
         try:
-            writer.commit(record.id)
+            await asyncio.to_thread(writer.commit, record.id)  # fsync: not on the event loop
         except BaseException:
             writer.abort()
             raise

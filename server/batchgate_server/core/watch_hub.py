@@ -28,10 +28,14 @@ class WatchSlot:
 
     async def next(self, timeout: float) -> BatchRecord | None:
         """The newest state not yet taken, or None after `timeout` seconds of quiet."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        if not self._ready.is_set():
+            try:
+                # asyncio.timeout, not wait_for: no extra task per wait, which counts with
+                # a thousand watchers waking on every change.
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
         self._ready.clear()
         return self.latest
 
