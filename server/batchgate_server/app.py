@@ -125,6 +125,7 @@ class BatchgateServer:
         self.hub = WatchHub()
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
                                s.work_dir, blobs.path)
+        self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting)
         log.info("model list from %s: %s", self.model_list.source,

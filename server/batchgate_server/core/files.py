@@ -96,6 +96,8 @@ class FileManager:
         self.store = store
         self.blobs = blobs
         self.limits = limits
+        # Set by the batch layer: which running batch reads this file, if any.
+        self.used_by: Callable[[str], str | None] = lambda file_id: None
 
     # -- upload -----------------------------------------------------------------------
 
@@ -226,6 +228,11 @@ class FileManager:
 
     async def delete(self, principal: Principal, file_id: str) -> None:
         record = await self.get(principal, file_id)
+        batch_id = self.used_by(record.id)
+        if batch_id is not None:
+            raise FailedPrecondition(f"file {record.id} is the input of batch {batch_id}, which is still running;"
+                                     " cancel it or wait for it to end", "FILE_IN_USE",
+                                     {"file_id": record.id, "batch_id": batch_id})
         await self.store.delete_file(record.id)
         self.blobs.delete(record.id)
 

@@ -6,6 +6,11 @@ batch_output files, and end the batch. Every change is persisted with its
 revision bump in one SQLite transaction and then published to watchers. After a
 restart `start()` adopts every unfinished batch again; providers keep what they
 need to resume in `job.state`.
+
+Provider errors: a non-retryable one (401/403, 404 on our job, …) fails the batch
+with its code; retryable ones (429/5xx/network) are retried with backoff honouring
+Retry-After until they have lasted `give_up_after` seconds (litellm_params, default
+6 h), then the batch fails. Every error counts toward the deployment's cooldown.
 """
 
 from __future__ import annotations
@@ -55,6 +60,16 @@ ENDED_BY_POLL = {
 }
 
 
+# A provider that answers nothing but retryable errors (429/5xx/network) for this long fails the
+# batch (the job may still run at the provider; its results would be lost to us anyway).
+DEFAULT_GIVE_UP_AFTER = 6 * 3600.0
+
+
+def batch_load(line_count: int) -> int:
+    """What a batch counts for in its deployment's queue (Router.add_load)."""
+    return line_count or 1
+
+
 class Tracker:
     def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
                  providers: ProviderRegistry, accounting: Accounting, work_root: Path,
@@ -79,8 +94,10 @@ class Tracker:
             log.info("resumed %d unfinished batch(es)", len(active))
         return len(active)
 
-    def adopt(self, record: BatchRecord) -> None:
-        runner = BatchRunner(self, record)
+    def adopt(self, record: BatchRecord, *, load_reserved: bool = False) -> None:
+        """Drive `record` to its end. load_reserved: the caller already counted it with
+        router.add_load (the runner removes it when the batch ends)."""
+        runner = BatchRunner(self, record, load_reserved=load_reserved)
         self._runners[record.id] = runner
         task = asyncio.create_task(runner.run(), name=f"batch-{record.id}")
         self._tasks.add(task)
@@ -88,6 +105,10 @@ class Tracker:
 
     def runner(self, batch_id: str) -> "BatchRunner | None":
         return self._runners.get(batch_id)
+
+    def batch_reading(self, file_id: str) -> str | None:
+        """The id of an unfinished batch whose input is `file_id`."""
+        return next((r.rec.id for r in self._runners.values() if r.rec.input_file_id == file_id), None)
 
     async def stop(self) -> None:
         """Stop driving batches (they resume on the next start); nothing is cancelled at providers."""
@@ -104,9 +125,10 @@ class Tracker:
 
 
 class BatchRunner:
-    def __init__(self, tracker: Tracker, record: BatchRecord) -> None:
+    def __init__(self, tracker: Tracker, record: BatchRecord, *, load_reserved: bool = False) -> None:
         self.t = tracker
         self.rec = record
+        self._load_reserved = load_reserved
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._cancel_sent = False
@@ -160,7 +182,9 @@ class BatchRunner:
 
     async def run(self) -> None:
         rec = self.rec
-        load = rec.input_line_count or 1
+        load = batch_load(rec.input_line_count)
+        if not self._load_reserved and self.deployment is not None:
+            self.t.router.add_load(self.deployment.id, load)
         try:
             if self.deployment is None:
                 await self._fail("deployment_not_found",
@@ -170,18 +194,27 @@ class BatchRunner:
             self.job = self._make_job()
             if rec.status is BatchStatus.CANCELLING:
                 self.job.cancel_requested.set()
-            self.t.router.add_load(self.deployment.id, load)
             backoff = Backoff(base=1.0, cap=120.0)
+            give_up_after = self._give_up_after()
+            failing_since: float | None = None  # start of the current run of retryable errors
             while not self.rec.status.is_terminal:
                 try:
                     await self._step(provider)
                     backoff.reset()
+                    failing_since = None
                 except ProviderError as err:
                     self.t.router.record_failure(self.deployment.id)
                     if not err.retryable:
                         await self._fail(err.code, err.message)
                         break
-                    delay = backoff.next(err.retry_after)
+                    now = time.monotonic()
+                    failing_since = now if failing_since is None else failing_since
+                    if now - failing_since >= give_up_after:
+                        await self._fail(err.code, f"{err.message}; batchgate retried for "
+                                                   f"{now - failing_since:.0f}s and gave up")
+                        break
+                    delay = min(backoff.next(err.retry_after),
+                                max(0.0, failing_since + give_up_after - now) + 0.01)
                     log.warning("batch %s: %s (retrying in %.1fs)", rec.id, err.message, delay)
                     await self._sleep(delay)
                 except UnsupportedRequest as err:
@@ -199,6 +232,14 @@ class BatchRunner:
             if self.deployment is not None:
                 self.t.router.remove_load(self.deployment.id, load)
             self.t._forget(rec.id)
+
+    def _give_up_after(self) -> float:
+        """Seconds of nothing but retryable provider errors (429/5xx/network) before the batch
+        fails: litellm_params.give_up_after, else DEFAULT_GIVE_UP_AFTER."""
+        try:
+            return float(self.deployment.params.get("give_up_after", DEFAULT_GIVE_UP_AFTER))
+        except (TypeError, ValueError):
+            return DEFAULT_GIVE_UP_AFTER
 
     def _make_job(self) -> ProviderJob:
         rec = self.rec
