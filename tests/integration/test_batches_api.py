@@ -339,3 +339,40 @@ async def test_list_newest_first_paginated_and_filtered(harness):
     running = await a.batches.ListBatches(batch_pb2.ListBatchesRequest(
         statuses=[batch_pb2.BATCH_STATUS_IN_PROGRESS, batch_pb2.BATCH_STATUS_VALIDATING]), metadata=a.metadata)
     assert running.batches == []
+
+
+async def test_rpm_limit_paces_requests(tmp_path, upstream):
+    config = write_config(tmp_path / "models.yaml", [upstream_entry("paced", upstream.base_url, rpm=300)])
+    h = await start_harness(tmp_path / "data", config_file=config)
+    try:
+        a = h.alice
+        f = await h.upload(a, jsonl([request_line(f"p{i}", model="paced", content=f"paced {i}") for i in range(15)]))
+        batch = await create(a, f.id)
+        started = asyncio.get_running_loop().time()
+        final = (await watch_all(a, batch.id))[-1]
+        elapsed = asyncio.get_running_loop().time() - started
+        assert final.request_counts.completed == 15
+        # 300 rpm = 5/s with a one-second burst of 5: the other 10 need at least 2 seconds.
+        assert elapsed >= 1.9
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
+
+
+async def test_per_request_timeout_becomes_an_error_line(tmp_path, upstream):
+    config = write_config(tmp_path / "models.yaml", [upstream_entry("impatient", upstream.base_url, timeout=0.3,
+                                                                    max_retries=1)])
+    h = await start_harness(tmp_path / "data", config_file=config)
+    try:
+        a = h.alice
+        f = await h.upload(a, jsonl([request_line("t", model="impatient", content="FAIL:hang now"),
+                                     request_line("u", model="impatient", content="fine")]))
+        final = (await watch_all(a, (await create(a, f.id)).id))[-1]
+        out, err = await results(a, final)
+        assert [line["custom_id"] for line in out] == ["u"]
+        assert err[0]["custom_id"] == "t" and err[0]["response"] is None
+        assert err[0]["error"]["code"] == "request_timeout"
+        assert upstream.count("FAIL:hang now") == 2, "one retry after the timeout"
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)

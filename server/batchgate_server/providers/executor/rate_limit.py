@@ -1,4 +1,10 @@
-"""Token buckets for requests-per-minute and tokens-per-minute limits."""
+"""Token buckets for requests-per-minute and tokens-per-minute limits.
+
+A bucket holds one second's worth of its per-minute budget, so a batch cannot
+spend a whole minute's quota in its first instant. A request larger than the
+bucket waits for a full bucket and then leaves a debt, which later requests pay
+off by waiting: the long-run rate stays at the limit.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ import time
 
 
 class TokenBucket:
-    def __init__(self, per_minute: float, clock=time.monotonic) -> None:
-        self.capacity = float(per_minute)
+    def __init__(self, per_minute: float, clock=time.monotonic, burst_seconds: float = 1.0) -> None:
         self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst_seconds)
         self.tokens = self.capacity
         self._clock = clock
         self._stamp = clock()
@@ -21,17 +27,17 @@ class TokenBucket:
         self._stamp = now
 
     async def take(self, amount: float = 1.0) -> None:
-        amount = min(amount, self.capacity)  # one oversized request still goes through, alone
+        needed = min(amount, self.capacity)
         async with self._lock:
             while True:
                 self._refill()
-                if self.tokens >= amount:
-                    self.tokens -= amount
+                if self.tokens >= needed:
+                    self.tokens -= amount  # may go below zero: a debt
                     return
-                await asyncio.sleep((amount - self.tokens) / self.rate)
+                await asyncio.sleep((needed - self.tokens) / self.rate)
 
     def refund(self, amount: float) -> None:
-        """Give back an over-estimate once the real count is known (may go negative: a debt)."""
+        """Settle an estimate once the real count is known (negative: charge more)."""
         self._refill()
         self.tokens = min(self.capacity, self.tokens + amount)
 
