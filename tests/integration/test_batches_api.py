@@ -376,3 +376,41 @@ async def test_per_request_timeout_becomes_an_error_line(tmp_path, upstream):
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+async def test_cancel_while_validating_never_reaches_the_provider(fake_harness, upstream):
+    a = fake_harness.alice
+    f = await fake_harness.upload(a, jsonl([request_line(f"v{i}", model="fake-llm", content=f"v {i}") for i in range(50)]))
+    batch = await create(a, f.id)
+    # Cancel in the same breath as the create: the runner has not submitted yet.
+    cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id), metadata=a.metadata)).batch
+    assert cancelled.status in (batch_pb2.BATCH_STATUS_CANCELLING, batch_pb2.BATCH_STATUS_CANCELLED)
+    final = (await watch_all(a, batch.id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_CANCELLED
+    out, err = await results(a, final)
+    assert len(out) + len(err) in (0, 50)  # either never started, or every request answered once
+    # Nothing ran: nothing to charge. Something ran on this unpriced model: unknown, never zero.
+    expected = batch_pb2.COST_STATUS_UNKNOWN if out else batch_pb2.COST_STATUS_KNOWN
+    assert final.cost.status == expected
+    assert upstream.requests_total <= 8
+
+
+async def test_simulated_failure_rate_is_deterministic(tmp_path):
+    config = write_config(tmp_path / "models.yaml", [{"model_name": "flaky-sim", "litellm_params": {
+        "model": "simulated/echo", "failure_rate": 0.3}}])
+    h = await start_harness(tmp_path / "data", config_file=config)
+    try:
+        a = h.alice
+        f = await h.upload(a, batch_file(400, model="flaky-sim"))
+        runs = []
+        for _ in range(2):
+            final = (await watch_all(a, (await create(a, f.id)).id))[-1]
+            out, err = await results(a, final)
+            runs.append(sorted(line["custom_id"] for line in err))
+            assert final.request_counts.failed == len(err) and final.request_counts.completed == len(out)
+            assert {line["response"]["status_code"] for line in err} == {400}
+        assert runs[0] == runs[1], "the same requests fail every time"
+        assert 0.2 < len(runs[0]) / 400 < 0.4
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)

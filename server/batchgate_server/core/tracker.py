@@ -273,9 +273,23 @@ class BatchRunner:
     async def _step(self, provider: BatchProvider) -> None:
         job = self.job
         status = self.rec.status
+        submitted = self.rec.in_progress_at is not None
+        if status is BatchStatus.CANCELLING and not submitted:
+            await self._cancel_before_submission()
+            return
         if status is BatchStatus.VALIDATING:
             await provider.submit(job)
-            await self._persist(self._enter(BatchStatus.IN_PROGRESS))
+
+            def started(r: BatchRecord) -> None:
+                # A cancel may have arrived while submitting: keep CANCELLING, but record
+                # that the provider has the job so the cancel is sent to it.
+                self._enter(BatchStatus.IN_PROGRESS if r.status is BatchStatus.VALIDATING
+                            else r.status)(r)
+                r.in_progress_at = r.in_progress_at or time.time()
+                if r.request_counts.total == 0:
+                    r.request_counts = RequestCounts(total=self._line_count())
+
+            await self._persist(started)
             self.t.router.record_success(self.deployment.id)
             return
         if status is BatchStatus.CANCELLING and not self._cancel_sent:
@@ -293,6 +307,10 @@ class BatchRunner:
             counts = RequestCounts(rec.request_counts.total, counts.completed, counts.failed)
         counts_changed = counts is not None and counts != rec.request_counts
         ended = ENDED_BY_POLL.get(poll.status)
+        if ended is BatchStatus.COMPLETED and rec.status is BatchStatus.CANCELLING:
+            # The caller was told the batch is cancelling: it ends cancelled, results kept,
+            # even when the provider finished every request before the cancel landed.
+            ended = BatchStatus.CANCELLED
         if ended is not None:
             await self._finish(provider, ended)
             return
@@ -317,6 +335,17 @@ class BatchRunner:
         await self._persist(mutate)
 
     # -- ending ---------------------------------------------------------------------------
+
+    async def _cancel_before_submission(self) -> None:
+        """Cancelled while validating: nothing reached the provider, nothing ran, nothing to charge."""
+        def mutate(r: BatchRecord) -> None:
+            self._enter(BatchStatus.CANCELLED)(r)
+            r.request_counts = RequestCounts(total=self._line_count())
+            r.usage = None
+            r.cost = self.t.accounting.nothing_to_charge(r)
+
+        await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
+        self._cleanup()
 
     async def _fail(self, code: str, message: str) -> None:
         await self._fail_with([BatchError(code, message)])
