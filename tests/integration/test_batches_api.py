@@ -393,8 +393,8 @@ async def test_cancel_right_after_create_ends_cancelled_and_consistent(fake_harn
     # Nothing ran: nothing to charge. Something ran on this unpriced model: unknown, never zero.
     expected = batch_pb2.COST_STATUS_UNKNOWN if out else batch_pb2.COST_STATUS_KNOWN
     assert final.cost.status == expected
-    assert upstream.requests_total == len(out) + len(err) - sum(
-        1 for line in err if line["error"] and line["error"]["code"] == "batch_cancelled")
+    # Requests in flight at the cancel (at most max_concurrency=8) were stopped, not answered.
+    assert len(out) <= upstream.requests_total <= len(out) + 8
 
 
 async def test_simulated_failure_rate_is_deterministic(tmp_path):
