@@ -1,0 +1,70 @@
+"""The server as operators run it: key management, open mode, graceful shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from batchgate.v1 import file_pb2, file_pb2_grpc
+from tests.conftest import batch_file, start_harness, upload_requests
+
+SERVER = str(Path(sys.executable).with_name("batchgate-server"))
+
+
+async def test_open_mode_binds_loopback_only_and_says_so(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="batchgate_server.app")
+    h = await start_harness(tmp_path / "data", master_key="", address="0.0.0.0:0")
+    try:
+        assert h.server.auth.open
+        assert any("loopback only (127.0.0.1:0)" in r.getMessage() for r in caplog.records)
+        # No key needed in open mode; everything lands in the default project.
+        f = (await h.anonymous.files.UploadFile(upload_requests(batch_file(1)))).file
+        assert f.line_count == 1
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
+
+
+def test_keys_create_then_authenticate_then_sigterm(tmp_path):
+    data = tmp_path / "data"
+    out = subprocess.run([SERVER, "keys", "create", "--project", "team-a", "--data-dir", str(data)],
+                         capture_output=True, text=True, check=True).stdout
+    secret = re.search(r"api_key: (\S+)", out).group(1)
+    assert secret.startswith("bg-")
+    stored = subprocess.run(["sqlite3", str(data / "batchgate.sqlite3"), "select key_hash from api_keys"],
+                            capture_output=True, text=True)
+    if stored.returncode == 0:
+        assert secret not in stored.stdout, "only the hash is stored"
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "BATCHGATE_MASTER_KEY"}
+    proc = subprocess.Popen([SERVER, "--address", f"127.0.0.1:{port}", "--data-dir", str(data)], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            files = file_pb2_grpc.FileServiceStub(channel)
+            f = files.UploadFile(upload_requests(batch_file(2)),
+                                 metadata=(("authorization", f"Bearer {secret}"),)).file
+            assert f.line_count == 2
+            with pytest.raises(grpc.RpcError) as err:
+                files.ListFiles(file_pb2.ListFilesRequest())
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        log = proc.stderr.read()
+    assert code == 0, log
+    assert "shutting down" in log
