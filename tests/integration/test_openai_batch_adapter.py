@@ -365,7 +365,8 @@ async def test_unknown_job_is_provider_job_not_found(api, openai_provider, tmp_p
         with pytest.raises(ProviderError) as ei:
             await call
         assert ei.value.code == "provider_job_not_found" and not ei.value.retryable
-        assert "batch_doesnotexist" in ei.value.message and "404" in ei.value.message
+        assert "404" in ei.value.message and h.job.batch_id in ei.value.message
+        assert "batch_doesnotexist" not in ei.value.message  # callers see our ids only
     with pytest.raises(ProviderError) as ei:
         await collect(openai_provider, h.job)
     assert ei.value.code == "provider_job_not_found"

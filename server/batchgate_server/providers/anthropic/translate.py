@@ -611,3 +611,11 @@ def translation_error_line(custom_id: str, error: TranslationError, *, request_i
                      "body": {"error": {"message": error.message, "type": "invalid_request_error",
                                         "param": error.param, "code": "unsupported_parameter"}},
                  })
+
+
+def provider_error_line(custom_id: str, *, code: str, message: str, request_index: int,
+                        batch_id: str) -> ResultLine:
+    """An error-file line (non-HTTP failure: response null) for a request the provider gave no
+    usable result for, e.g. one missing from the results stream."""
+    return _line(ResultKind.ERROR, batch_id=batch_id, request_index=request_index,
+                 custom_id=custom_id, response=None, error={"code": code, "message": message})

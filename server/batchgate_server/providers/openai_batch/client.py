@@ -59,11 +59,36 @@ def backoff_delay(attempt: int, base: float, retry_after: float | None = None) -
     return d / 2 + random.uniform(0, d / 2)
 
 
+_ID_SEGMENT = re.compile(r"/(batches|files)/[^/?]+")
+
+
+def public_path(path: str) -> str:
+    """`path` for messages that reach callers: the provider's own ids left out
+    ("/batches/batch_abc/cancel" -> "/batches/{id}/cancel"); logs keep the real path."""
+    return _ID_SEGMENT.sub(r"/\1/{id}", path)
+
+
+# OpenAI (Bearer), Azure (api-key) and Anthropic (x-api-key), which share this client.
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
+
+
+def scrub(text: str, conn: Conn) -> str:
+    """`text` with the credentials of `conn` masked (a provider may echo a key back)."""
+    for name, value in conn.headers.items():
+        if name.lower() not in CREDENTIAL_HEADERS:
+            continue
+        secret = value.split(" ", 1)[1] if value.lower().startswith("bearer ") else value
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _status_error(conn: Conn, method: str, path: str, resp: httpx.Response, body: bytes,
                   retry_after: float | None) -> ProviderError:
     msg, code = error_message(body)
+    msg = scrub(msg, conn)
     status = resp.status_code
-    where = f"{conn.label} {method} {path}"
+    where = f"{conn.label} {method} {public_path(path)}"
     if status in (401, 403):
         return ProviderError(f"{where}: HTTP {status}: {msg} (check the deployment's api_key)",
                              code="provider_auth", retryable=False)
@@ -123,8 +148,8 @@ class ApiClient:
                     if body_stream is not None and hasattr(body_stream, "aclose"):
                         await body_stream.aclose()  # release the input file on failures too
             except httpx.TransportError as e:
-                last = ProviderError(f"{conn.label} {method} {path}: network error: "
-                                     f"{type(e).__name__}: {e}".rstrip(": "),
+                last = ProviderError(f"{conn.label} {method} {public_path(path)}: network error: "
+                                     f"{type(e).__name__}: {scrub(str(e), conn)}".rstrip(": "),
                                      code="provider_unreachable", retryable=True)
                 if not idempotent and not isinstance(e, _NOT_SENT):
                     raise last from e  # may have reached the server: the caller reconciles
@@ -145,7 +170,7 @@ class ApiClient:
             if attempt + 1 >= attempts:
                 break
             delay = backoff_delay(attempt, conn.backoff_base, delay_hint)
-            log.info("%s; retry %d/%d in %.2fs", last.message, attempt + 1, attempts - 1, delay)
+            log.info("%s (%s); retry %d/%d in %.2fs", last.message, path, attempt + 1, attempts - 1, delay)
             await asyncio.sleep(delay)
         assert last is not None
         raise ProviderError(f"{last.message} (gave up after {attempts} attempts)", code=last.code,
@@ -158,8 +183,8 @@ class ApiClient:
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            raise ProviderError(f"{conn.label} {method} {path}: HTTP {resp.status_code} with a body "
-                                f"that is not a JSON object: {resp.content[:200]!r}",
+            raise ProviderError(f"{conn.label} {method} {public_path(path)}: HTTP {resp.status_code} with a "
+                                f"body that is not a JSON object: {scrub(repr(resp.content[:200]), conn)}",
                                 code="provider_bad_response", retryable=True)
         return data
 
@@ -185,7 +210,7 @@ class ApiClient:
             if pending.strip():
                 yield bytes(pending).rstrip(b"\r")
         except httpx.TransportError as e:
-            raise ProviderError(f"{conn.label} GET {path}: download interrupted: "
+            raise ProviderError(f"{conn.label} GET {public_path(path)}: download interrupted: "
                                 f"{type(e).__name__}: {e}", code="provider_unreachable",
                                 retryable=True) from e
         finally:

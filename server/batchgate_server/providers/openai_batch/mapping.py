@@ -184,7 +184,7 @@ def to_poll_result(info: BatchInfo, provider_label: str = "openai") -> PollResul
     errors = list(info.errors)
     if info.status is JobStatus.FAILED and not errors:
         errors = [BatchError(code="provider_failed",
-                             message=f"The {provider_label} batch {info.id} failed without details.")]
+                             message=f"The {provider_label} batch failed without details.")]
     return PollResult(status=info.status, request_counts=info.request_counts,
                       errors=errors if info.status is JobStatus.FAILED else [],
                       detail=f"{provider_label} batch {info.id}: {info.raw_status}")

@@ -12,6 +12,7 @@ timeout            seconds per HTTP operation (connect capped at 10 s), default 
 max_retries        retries after the first attempt on 429/5xx/network errors, default 3
 poll_interval      seconds between polls for this deployment (class default 5.0)
 backoff_base       first backoff step in seconds (exponential, jittered), default 0.5
+give_up_after      (the tracker's) seconds of only retryable errors before the batch fails, default 6 h
 =================  =====================================================================
 
 job.state keys: ``input_file_id``, ``create_started`` (set before POST /batches, so a crash
@@ -210,8 +211,10 @@ class _OpenAIFamilyProvider(BatchProvider):
                     yield ResultLine(ResultKind.OUTPUT, line)
             except ProviderError as e:
                 if e.code == "provider_not_found":
+                    log.warning("batch %s: %s output file %s of batch %s is gone", job.batch_id,
+                                self.label, info.output_file_id, bid)
                     raise ProviderError(
-                        f"{self.label} output file {info.output_file_id} of batch {bid} is gone "
+                        f"the {self.label} output file of batch {job.batch_id} is gone "
                         f"(deleted, or past its retention)", code="provider_result_missing",
                         retryable=False) from e
                 raise
@@ -250,11 +253,14 @@ class _OpenAIFamilyProvider(BatchProvider):
             return await self._api.request_json(conn, method, path)
         except ProviderError as e:
             if e.code == "provider_not_found":
+                # Callers see our ids only; the provider's go to the log for operators.
+                log.warning("batch %s: %s answered 404 for its batch %s at %s: %s", job.batch_id,
+                            self.label, job.state.get("provider_batch_id"), conn.base_url, e.message)
                 raise ProviderError(
-                    f"{self.label} doesn't know batch {job.state.get('provider_batch_id')} that "
-                    f"batchgate created for {job.batch_id} at {conn.base_url} (404). It was "
-                    f"deleted, or deployment {job.deployment.id!r} now points at another "
-                    f"account/resource (api_base or api_key changed). Detail: {e.message}",
+                    f"{self.label} no longer knows the batch that batchgate created for "
+                    f"{job.batch_id} ({method} answered HTTP 404): it was deleted at the provider, "
+                    f"or deployment {job.deployment.id!r} now points at another account/resource "
+                    f"(api_base or api_key changed)",
                     code="provider_job_not_found", retryable=False) from e
             raise
 
