@@ -36,7 +36,7 @@ from batchgate_server.providers.base import JobStatus, ResultKind, ResultLine
 
 __all__ = [
     "ANTHROPIC_VERSION", "BEDROCK_STATUS_TO_STATUS", "CHAT_ENDPOINT", "EMBEDDINGS_ENDPOINT",
-    "SUPPORTED_ENDPOINTS", "TranslationError", "bedrock_output_to_openai",
+    "SUPPORTED_ENDPOINTS", "TranslationError", "batch_request_output_id", "bedrock_output_to_openai",
     "chat_to_bedrock_record", "embedding_to_bedrock_record", "invocation_type",
     "is_anthropic_model", "is_titan_embedding_model", "make_job_name", "parse_manifest",
     "translation_error_line", "validate_job_name",
@@ -543,6 +543,11 @@ _EXCEPTION_HTTP = {
 def _line_id(batch_id: str, request_index: int) -> str:
     digest = hashlib.sha256(f"{batch_id}\x00{request_index}".encode("utf-8", "surrogatepass"))
     return "batch_req_" + digest.hexdigest()[:32]
+
+
+def batch_request_output_id(batch_id: str, request_index: int) -> str:
+    """The OpenAI output line id ("batch_req_…") of request `request_index` of a batch."""
+    return _line_id(batch_id, request_index)
 
 
 def _dumps(obj: Any) -> bytes:

@@ -1,0 +1,371 @@
+"""AWS Bedrock batch inference adapter (BatchProvider over S3 + CreateModelInvocationJob).
+
+Flow: translate each OpenAI line into a `{"recordId", "modelInput"}` record (Claude Messages body
+for anthropic.claude models, Converse for other chat models, Titan Text Embeddings V2 for
+/v1/embeddings; see translate.py), upload the JSONL to
+s3://<bucket>/<prefix>/<batch_id>/input/<batch_id>.jsonl, CreateModelInvocationJob (idempotent
+through clientRequestToken, derived from the batch id), poll GetModelInvocationJob (record counts
+while it runs), StopModelInvocationJob on cancel, then read <output>/<jobId>/*.jsonl.out (and
+manifest.json.out) back. Lines that cannot be translated are never sent and come back as error
+lines; every request gets exactly one result line.
+
+Bedrock refuses jobs under a minimum record count (100 by default) and over 50,000 records:
+CreateBatch checks the file's line count, and submit re-checks the number of records actually
+sent (untranslatable lines are not sent).
+
+Deployment.params (litellm_params):
+
+======================  ======================================================================
+aws_region_name         required (AWS_REGION_NAME, AWS_REGION, AWS_DEFAULT_REGION)
+s3_bucket_name          required, "bucket" or "bucket/some/prefix" (AWS_S3_BUCKET_NAME)
+aws_batch_role_arn      required: the service role Bedrock assumes to read/write S3 (AWS_BATCH_ROLE_ARN)
+aws_access_key_id, aws_secret_access_key, aws_session_token, aws_profile_name
+                        credentials; default: boto3's usual chain (env, profile, instance role)
+s3_path_prefix          key prefix inside the bucket, default "batchgate"
+aws_bedrock_endpoint    Bedrock control-plane endpoint override (tests, VPC endpoints)
+s3_endpoint_url         S3 endpoint override
+bedrock_min_records     minimum records per job, default 100 (the Bedrock quota)
+bedrock_max_records     maximum records per job, default 50,000
+max_tokens              max_tokens for Claude requests that set none, default 4096
+timeout, max_retries    per AWS call (botocore standard retry mode)
+poll_interval           seconds between polls (read by the tracker; class default 30)
+======================  ======================================================================
+
+job.state keys: sent / skipped, input_uri, output_uri, job_arn, no_job, expire_sent, cancel_sent
+(see the Vertex adapter: the same meanings). A re-submit after a crash is safe without a lookup:
+the clientRequestToken makes Bedrock answer with the job it already created.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+
+from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.providers.base import (
+    BatchProvider,
+    Deployment,
+    JobStatus,
+    PollResult,
+    ProviderError,
+    ProviderJob,
+    ResultLine,
+    UnsupportedRequest,
+)
+from batchgate_server.providers.custom_ids import bedrock_codec
+from batchgate_server.providers.staged import (
+    InputLine,
+    ResultTracker,
+    index_input,
+    unanswered,
+    write_translated,
+)
+
+from . import translate
+from .client import SETTINGS, BedrockClient, BedrockConfig, missing_setting
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_RECORDS = 100
+DEFAULT_MAX_RECORDS = 50_000
+TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.EXPIRED, JobStatus.CANCELLED}
+SUPPORTED_TEXT = ("/v1/chat/completions (Anthropic Claude models via InvokeModel, other chat models via "
+                  "Converse) and /v1/embeddings (Amazon Titan Text Embeddings V2 only)")
+
+
+def model_id(deployment: Deployment) -> str:
+    """The Bedrock modelId: LiteLLM's route prefixes (bedrock/converse/…, bedrock/invoke/…) dropped."""
+    model = deployment.model
+    for route in ("converse/", "invoke/"):
+        model = model.removeprefix(route)
+    return model
+
+
+def client_request_token(batch_id: str) -> str:
+    """A valid clientRequestToken ([a-zA-Z0-9](-*[a-zA-Z0-9])*) that is stable per batch."""
+    token = re.sub(r"-+", "-", re.sub(r"[^a-zA-Z0-9]", "-", batch_id)).strip("-")
+    return ("batchgate-" + token)[:256].rstrip("-")
+
+
+def _limit(params: Mapping, key: str, default: int) -> int:
+    try:
+        value = params.get(key)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def record_limits(params: Mapping) -> tuple[int, int]:
+    return (max(1, _limit(params, "bedrock_min_records", DEFAULT_MIN_RECORDS)),
+            max(1, _limit(params, "bedrock_max_records", DEFAULT_MAX_RECORDS)))
+
+
+def _epoch(value) -> int:
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    return int(time.time())
+
+
+class BedrockBatchProvider(BatchProvider):
+    name = "bedrock"
+    poll_interval = 30.0
+
+    def __init__(self, *, client: BedrockClient | None = None) -> None:
+        self._client = client or BedrockClient()
+
+    # ------------------------------------------------------------------ BatchProvider
+    def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
+        mid = model_id(deployment)
+        if endpoint not in translate.SUPPORTED_ENDPOINTS:
+            raise UnsupportedRequest(f"Bedrock batch inference supports {SUPPORTED_TEXT}; {endpoint} is not "
+                                     "supported", reason="UNSUPPORTED_ENDPOINT",
+                                     details={"endpoint": endpoint,
+                                              "supported": ",".join(translate.SUPPORTED_ENDPOINTS)})
+        if endpoint == translate.EMBEDDINGS_ENDPOINT and not translate.is_titan_embedding_model(mid):
+            raise UnsupportedRequest(f"Bedrock batch embeddings need an Amazon Titan Text Embeddings V2 model "
+                                     f"(amazon.titan-embed-text-v2:0); deployment {deployment.model_name!r} runs "
+                                     f"{mid!r}. Bedrock supports {SUPPORTED_TEXT}",
+                                     reason="UNSUPPORTED_ENDPOINT_FOR_MODEL",
+                                     details={"endpoint": endpoint, "model": mid})
+        if endpoint == translate.CHAT_ENDPOINT and translate.is_titan_embedding_model(mid):
+            raise UnsupportedRequest(f"{mid!r} is an embedding model; use /v1/embeddings. Bedrock supports "
+                                     f"{SUPPORTED_TEXT}", reason="UNSUPPORTED_ENDPOINT_FOR_MODEL",
+                                     details={"endpoint": endpoint, "model": mid})
+        missing = missing_setting(deployment.params)
+        if missing:
+            raise UnsupportedRequest(
+                f"deployment {deployment.model_name!r} (bedrock) has no {missing}: set litellm_params.{missing} "
+                f"or the environment variable {SETTINGS[missing][1][0]}",
+                reason="PROVIDER_NOT_CONFIGURED", precondition=True,
+                details={"setting": missing, "env": SETTINGS[missing][1][0], "deployment": deployment.id})
+        low, high = record_limits(deployment.params)
+        if line_count < low:
+            raise UnsupportedRequest(
+                f"Bedrock batch inference needs at least {low} records per job; this file has {line_count}. "
+                f"Add requests, or run it on a synchronous deployment", reason="BATCH_TOO_SMALL",
+                precondition=True, details={"minimum": str(low), "line_count": str(line_count)})
+        if line_count > high:
+            raise UnsupportedRequest(
+                f"Bedrock batch inference accepts at most {high} records per job; this file has {line_count}. "
+                f"Split it into several batches", reason="BATCH_TOO_LARGE", precondition=True,
+                details={"maximum": str(high), "line_count": str(line_count)})
+
+    async def submit(self, job: ProviderJob) -> None:
+        st = job.state
+        if st.get("job_arn") or st.get("no_job"):
+            return
+        cfg = BedrockConfig.from_params(job.deployment.params)
+        mid = model_id(job.deployment)
+        if not st.get("input_uri"):
+            staged = await write_translated(job, bedrock_codec(), job.workdir / f"{job.batch_id}.jsonl",
+                                            self._translator(job), (translate.TranslationError,))
+            try:
+                st["sent"], st["skipped"] = staged.sent, staged.skipped
+                if staged.sent == 0:
+                    log.info("batch %s: no line could be translated for Bedrock; no job created", job.batch_id)
+                    st["no_job"] = True
+                    await job.save_state()
+                    return
+                low, high = record_limits(job.deployment.params)
+                if staged.sent < low:
+                    raise UnsupportedRequest(
+                        f"only {staged.sent} of {job.line_count} requests can be sent to Bedrock "
+                        f"({staged.skipped} cannot be translated, first: {staged.first_error}); Bedrock batch "
+                        f"inference needs at least {low} records per job", reason="BATCH_TOO_SMALL",
+                        precondition=True)
+                if staged.sent > high:
+                    raise UnsupportedRequest(f"{staged.sent} records exceed Bedrock's {high} per job",
+                                             reason="BATCH_TOO_LARGE", precondition=True)
+                if staged.skipped:
+                    log.info("batch %s: %d line(s) cannot be sent to Bedrock, first: %s", job.batch_id,
+                             staged.skipped, staged.first_error)
+                base = f"{cfg.prefix}/{job.batch_id}" if cfg.prefix else job.batch_id
+                st["input_uri"] = await self._client.upload_file(cfg, staged.path,
+                                                                 f"{base}/input/{job.batch_id}.jsonl")
+                st["output_uri"] = f"s3://{cfg.bucket}/{base}/output/"
+            finally:
+                staged.path.unlink(missing_ok=True)
+            await job.save_state()
+        hours = min(168, max(24, math.ceil((job.expires_at - job.created_at) / 3600)))
+        arn = await self._client.create_job(
+            cfg, jobName=translate.make_job_name(job.batch_id), roleArn=cfg.role_arn,
+            clientRequestToken=client_request_token(job.batch_id), modelId=mid,
+            inputDataConfig={"s3InputDataConfig": {"s3Uri": st["input_uri"], "s3InputFormat": "JSONL"}},
+            outputDataConfig={"s3OutputDataConfig": {"s3Uri": st["output_uri"]}},
+            timeoutDurationInHours=hours, modelInvocationType=translate.invocation_type(mid, job.endpoint),
+            tags=[{"key": "batchgate_batch_id", "value": job.batch_id}])
+        st["job_arn"] = arn
+        await job.save_state()
+
+    async def poll(self, job: ProviderJob) -> PollResult:
+        st = job.state
+        skipped = int(st.get("skipped") or 0)
+        if st.get("no_job"):
+            return PollResult(JobStatus.COMPLETED, RequestCounts(job.line_count, 0, skipped))
+        arn = st.get("job_arn")
+        if not arn:
+            if job.cancel_requested.is_set():
+                return PollResult(JobStatus.CANCELLED)
+            raise ProviderError(f"batch {job.batch_id} has no Bedrock job (not submitted)",
+                                code="provider_job_not_found")
+        cfg = BedrockConfig.from_params(job.deployment.params)
+        info = await self._get_job(cfg, job, arn)
+        raw = str(info.get("status") or "")
+        status = translate.BEDROCK_STATUS_TO_STATUS.get(raw)
+        if status is None:
+            log.warning("batch %s: unknown Bedrock job status %r; still waiting", job.batch_id, raw)
+            status = JobStatus.IN_PROGRESS
+        counts = None
+        if any(k in info for k in ("successRecordCount", "errorRecordCount")):
+            counts = RequestCounts(job.line_count, int(info.get("successRecordCount") or 0),
+                                   int(info.get("errorRecordCount") or 0) + skipped)
+        if status is JobStatus.FAILED:
+            return PollResult(JobStatus.FAILED, counts, errors=[BatchError(
+                "provider_job_failed", f"Bedrock batch inference job {arn} failed: "
+                f"{info.get('message') or 'no reason given'}")], detail=raw)
+        if status is JobStatus.CANCELLED and st.get("expire_sent"):
+            status = JobStatus.EXPIRED
+        if status not in TERMINAL and job.cancel_requested.is_set() and not st.get("cancel_sent"):
+            # A cancel that arrived while submit was still running: carry it out now.
+            await self.cancel(job)
+            status = JobStatus.CANCELLING
+        elif status not in TERMINAL and not st.get("expire_sent") and time.time() > job.expires_at:
+            log.info("batch %s: completion window over; stopping Bedrock job %s", job.batch_id, arn)
+            st["expire_sent"] = True
+            await job.save_state()
+            await self._stop(cfg, job, arn)
+        return PollResult(status, counts, detail=raw)
+
+    async def cancel(self, job: ProviderJob) -> None:
+        st = job.state
+        cfg = BedrockConfig.from_params(job.deployment.params)
+        arn = st.get("job_arn")
+        if not arn:
+            if not st.get("input_uri"):
+                return  # nothing was created at Bedrock
+            # A create may have reached Bedrock before an interruption: look the job up by name.
+            arn = await self._client.find_job(cfg, translate.make_job_name(job.batch_id),
+                                              client_request_token(job.batch_id))
+            if not arn:
+                return
+            st["job_arn"] = arn
+            await job.save_state()
+        st["cancel_sent"] = True
+        await self._stop(cfg, job, arn)
+
+    async def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
+        st = job.state
+        codec = bedrock_codec()
+        tracker = ResultTracker(await index_input(job, codec))
+        outcome = "cancelled" if job.cancel_requested.is_set() else "completed"
+        arn = st.get("job_arn")
+        translator = self._translator(job)
+        if arn:
+            cfg = BedrockConfig.from_params(job.deployment.params)
+            info = await self._get_job(cfg, job, arn)
+            raw_status = info.get("status")
+            if raw_status == "Expired" or (raw_status == "Stopped" and st.get("expire_sent")):
+                outcome = "expired"
+            elif raw_status in ("Stopped", "Stopping"):
+                outcome = "cancelled"
+            else:
+                outcome = "completed"
+            created = _epoch(info.get("endTime") or info.get("lastModifiedTime"))
+            out_uri = (((info.get("outputDataConfig") or {}).get("s3OutputDataConfig") or {}).get("s3Uri")
+                       or st["output_uri"])
+            bucket, _, prefix = out_uri.removeprefix("s3://").partition("/")
+            job_id = arn.rsplit("/", 1)[-1]
+            prefix = f"{prefix.rstrip('/')}/{job_id}/" if prefix.strip("/") else f"{job_id}/"
+            keys = await self._client.list_keys(cfg, bucket, prefix)
+            for key in sorted(k for k in keys if k.endswith(".jsonl.out")):
+                async for raw in self._client.iter_lines(cfg, bucket, key):
+                    line = self._record(job, tracker, raw, key, created)
+                    if line is not None:
+                        yield line
+            manifest = next((k for k in keys if k.endswith("manifest.json.out")), None)
+            if manifest is not None:
+                await self._check_manifest(cfg, job, bucket, manifest, tracker)
+            elif outcome == "completed":
+                log.warning("batch %s: Bedrock job %s wrote no manifest.json.out", job.batch_id, arn)
+        if tracker.unknown or tracker.duplicates:
+            log.warning("batch %s: ignored %d record(s) of other batches and %d duplicate(s)", job.batch_id,
+                        tracker.unknown, tracker.duplicates)
+        async for line in unanswered(job, codec, tracker, translator, (translate.TranslationError,),
+                                     translate.translation_error_line, lambda i: translate.batch_request_output_id(job.batch_id, i),
+                                     outcome, "Bedrock"):
+            yield line
+
+    async def close(self) -> None:
+        self._client.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _translator(self, job: ProviderJob):
+        mid = model_id(job.deployment)
+        embeddings = job.endpoint == translate.EMBEDDINGS_ENDPOINT
+        max_tokens = _limit(job.deployment.params, "max_tokens", 4096)
+
+        def translate_line(line: InputLine) -> dict:
+            if not isinstance(line.body, Mapping):
+                raise translate.TranslationError("body", "the request body must be a JSON object")
+            if embeddings:
+                return translate.embedding_to_bedrock_record(line.body, record_id=line.provider_id, model_id=mid)
+            return translate.chat_to_bedrock_record(line.body, record_id=line.provider_id, model_id=mid,
+                                                    default_max_tokens=max_tokens)
+
+        return translate_line
+
+    def _record(self, job: ProviderJob, tracker: ResultTracker, raw: bytes, key: str,
+                created: int) -> ResultLine | None:
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            log.warning("batch %s: skipping a line of %s that is not JSON", job.batch_id, key)
+            return None
+        if not isinstance(record, Mapping):
+            return None
+        hit = tracker.claim(record.get("recordId"))
+        if hit is None:
+            return None
+        index, custom_id = hit
+        return translate.bedrock_output_to_openai(record, decode_custom_id=lambda _rid: custom_id,
+                                                  request_index=index, batch_id=job.batch_id,
+                                                  model_id=model_id(job.deployment), endpoint=job.endpoint,
+                                                  created=created)
+
+    async def _check_manifest(self, cfg: BedrockConfig, job: ProviderJob, bucket: str, key: str,
+                              tracker: ResultTracker) -> None:
+        try:
+            manifest = json.loads(await self._client.read_object(cfg, bucket, key))
+            counts, usage = translate.parse_manifest(manifest)
+        except (ValueError, TypeError, AttributeError) as e:
+            log.warning("batch %s: unreadable %s: %s", job.batch_id, key, e)
+            return
+        if counts.completed + counts.failed != len(tracker.answered):
+            log.warning("batch %s: manifest reports %d processed records, the output files hold %d",
+                        job.batch_id, counts.completed + counts.failed, len(tracker.answered))
+        log.info("batch %s: Bedrock manifest: %d ok, %d failed, %d input / %d output tokens", job.batch_id,
+                 counts.completed, counts.failed, usage.input_tokens, usage.output_tokens)
+
+    async def _get_job(self, cfg: BedrockConfig, job: ProviderJob, arn: str) -> dict:
+        try:
+            return await self._client.get_job(cfg, arn)
+        except ProviderError as e:
+            if e.code == "provider_not_found":
+                raise ProviderError(f"Bedrock doesn't know job {arn} that batchgate created for {job.batch_id}: "
+                                    f"it was deleted, or deployment {job.deployment.id!r} now points at another "
+                                    f"account or region. {e.message}", code="provider_job_not_found") from e
+            raise
+
+    async def _stop(self, cfg: BedrockConfig, job: ProviderJob, arn: str) -> None:
+        try:
+            await self._client.stop_job(cfg, arn)
+        except ProviderError as e:
+            if e.code == "provider_invalid_request":  # ValidationException/ConflictException: already ended
+                log.info("batch %s: Bedrock refused to stop %s: %s", job.batch_id, arn, e.message)
+                return
+            raise

@@ -1,0 +1,390 @@
+"""The Bedrock adapter through the real batchgate server: S3 is moto's server reached with boto3,
+the Bedrock control plane is tests/fakes/bedrock_control_plane.py reached by boto3's `bedrock`
+client (endpoint_url), so botocore validates and signs every call as it would against AWS."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import anthropic.types
+import grpc
+import pytest
+from openai.types import CreateEmbeddingResponse
+from openai.types.chat import ChatCompletion
+
+from batchgate.v1 import batch_pb2
+from batchgate_server.providers.base import Deployment, JobStatus, ProviderJob
+from batchgate_server.providers.bedrock.provider import BedrockBatchProvider, client_request_token
+from tests.conftest import error_details, jsonl, request_line, start_harness
+from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3
+from tests.integration.batch_helpers import create, results, status_names, watch_all, write_config
+
+BUCKET = "bedrock-batches"
+REGION = "us-east-1"
+ROLE = "arn:aws:iam::123456789012:role/BedrockBatchInference"
+DENIED_ROLE = "arn:aws:iam::123456789012:role/NoPassRole"
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+HOSTILE_IDS = ["Req 1/ü", "x" * 100, "bgl_0", "BGL_7", "a.b:c", "😀", "ok_id-1", " "]
+ENV_VARS = ("AWS_REGION_NAME", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_S3_BUCKET_NAME", "AWS_S3_BUCKET",
+            "AWS_BATCH_ROLE_ARN")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = MotoS3()
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ENV_VARS:
+            mp.delenv(name, raising=False)
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+async def cp(s3):
+    fake = FakeBedrockControlPlane(s3_endpoint=s3.url, region=REGION, denied_roles={DENIED_ROLE})
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+def bedrock(cp):
+    """The shared fake with its per-test switches reset afterwards."""
+    yield cp
+    cp.hold_after = None
+    cp.records_per_tick = None
+
+
+def entry(name: str, cp: FakeBedrockControlPlane, s3: MotoS3, model: str = CLAUDE, **params) -> dict:
+    p = {"model": f"bedrock/{model}", "aws_region_name": REGION, "s3_bucket_name": BUCKET,
+         "aws_batch_role_arn": ROLE, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+         "aws_bedrock_endpoint": cp.base_url, "s3_endpoint_url": s3.url, "poll_interval": 0.05,
+         "max_retries": 0, "timeout": 10}
+    p.update(params)
+    return {"model_name": name, "litellm_params": {k: v for k, v in p.items() if v is not None}}
+
+
+@pytest.fixture(scope="module")
+async def h(cp, s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bedrock-server")
+    config = write_config(root / "models.yaml", [
+        entry("claude", cp, s3),
+        entry("nova", cp, s3, model="amazon.nova-lite-v1:0"),
+        entry("titan-embed", cp, s3, model="amazon.titan-embed-text-v2:0"),
+        entry("claude-min-5", cp, s3, bedrock_min_records=5),
+        entry("claude-bad-key", cp, s3, aws_access_key_id="AKIAUNKNOWNKEY"),
+        entry("claude-denied-role", cp, s3, aws_batch_role_arn=DENIED_ROLE),
+        entry("claude-no-bucket", cp, s3, s3_bucket_name="no-such-bucket"),
+        entry("claude-unconfigured", cp, s3, aws_batch_role_arn=None),
+    ])
+    harness = await start_harness(root / "data", config_file=config)
+    yield harness
+    await harness.channel.close()
+    await harness.server.stop(grace=0)
+
+
+def chat(custom_id: str, text: str, model: str = "claude", **body) -> dict:
+    line = request_line(custom_id, model=model, content=text)
+    line["body"].update(body)
+    return line
+
+
+def many(n: int, model: str = "claude", prefix: str = "r") -> list[dict]:
+    return [chat(f"{prefix}{i}", f"question {i}", model=model) for i in range(n)]
+
+
+async def run(h, lines: list[dict], **create_fields):
+    a = h.alice
+    f = await h.upload(a, jsonl(lines))
+    batch = await create(a, f.id, **create_fields)
+    states = await watch_all(a, batch.id)
+    out, err = await results(a, states[-1])
+    return states[-1], states, out, err
+
+
+def s3_lines(s3: MotoS3, key: str) -> list[dict]:
+    return [json.loads(x) for x in s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()]
+
+
+# -- the happy paths -------------------------------------------------------------------------------
+
+
+async def test_claude_batch_end_to_end_with_hostile_custom_ids(h, bedrock, s3):
+    lines = [chat(cid, f"hostile {i}", max_tokens=64) for i, cid in enumerate(HOSTILE_IDS)] + many(95)
+    final, states, out, err = await run(h, lines)
+
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert status_names(states)[-3:] == ["in_progress", "finalizing", "completed"]
+    assert final.provider == "bedrock" and err == []
+    assert sorted(line["custom_id"] for line in out) == sorted(line["custom_id"] for line in lines)
+    for line in out:
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        assert line["response"]["status_code"] == 200
+        completion = ChatCompletion.model_validate(line["response"]["body"])
+        assert completion.choices[0].message.content.startswith("[claude]")
+        assert completion.usage.prompt_tokens > 0
+    by_id = {line["custom_id"]: line for line in out}
+    assert by_id["Req 1/ü"]["response"]["body"]["choices"][0]["message"]["content"].endswith("hostile 0")
+    assert len({line["id"] for line in out}) == len(out)
+    assert final.request_counts.completed == final.request_counts.total == len(lines)
+    assert final.usage.input_tokens > 0 and final.cost.status == batch_pb2.COST_STATUS_KNOWN
+
+    # What reached Bedrock: one job, created idempotently, reading the staged records from S3.
+    job = bedrock.job_for_token(client_request_token(final.id))
+    assert job is not None and job.status == "Completed"
+    req = job.request
+    assert req["modelId"] == CLAUDE and req["modelInvocationType"] == "InvokeModel"
+    assert req["roleArn"] == ROLE and req["timeoutDurationInHours"] == 24
+    in_uri = req["inputDataConfig"]["s3InputDataConfig"]["s3Uri"]
+    assert in_uri == f"s3://{BUCKET}/batchgate/{final.id}/input/{final.id}.jsonl"
+    records = s3_lines(s3, in_uri.split("/", 3)[3])
+    assert [r["recordId"] for r in records[:len(HOSTILE_IDS)]] == [
+        "bgl_0", "bgl_1", "bgl_2", "bgl_3", "bgl_4", "bgl_5", "ok_id-1", "bgl_7"]
+    assert records[0]["modelInput"]["anthropic_version"] == "bedrock-2023-05-31"
+    assert records[0]["modelInput"]["max_tokens"] == 64 and "model" not in records[0]["modelInput"]
+    # The fake's output has the real layout and Anthropic's own types accept it.
+    out_prefix = req["outputDataConfig"]["s3OutputDataConfig"]["s3Uri"].split("/", 3)[3]
+    out_key = f"{out_prefix}{job.job_id}/{final.id}.jsonl.out"
+    first = s3_lines(s3, out_key)[0]
+    anthropic.types.Message.model_validate(first["modelOutput"])
+    manifest = json.loads(s3.client().get_object(Bucket=BUCKET, Key=f"{out_prefix}{job.job_id}/manifest.json.out")
+                          ["Body"].read())
+    assert manifest["successRecordCount"] == len(lines)
+
+
+async def test_converse_model_with_failed_and_untranslatable_records(h, bedrock):
+    lines = many(100, model="nova")
+    lines.append(chat("refused-1", "BEDROCK:fail please", model="nova"))
+    lines.append(chat("refused-2", "BEDROCK:fail again", model="nova"))
+    lines.append(chat("logit-bias", "hello", model="nova", logit_bias={"1": 2}))
+    final, _, out, err = await run(h, lines)
+
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    assert len(out) == 100
+    for line in out:
+        assert ChatCompletion.model_validate(line["response"]["body"]).choices[0].message.content.startswith(
+            "[converse]")
+    errors = {line["custom_id"]: line for line in err}
+    assert set(errors) == {"refused-1", "refused-2", "logit-bias"}
+    assert errors["refused-1"]["response"]["status_code"] == 400
+    assert errors["logit-bias"]["response"]["body"]["error"]["param"] == "logit_bias"
+    assert final.request_counts.completed == 100 and final.request_counts.failed == 3
+    job = bedrock.job_for_token(client_request_token(final.id))
+    assert job.status == "PartiallyCompleted" and job.request["modelInvocationType"] == "Converse"
+    assert len(job.records) == 102  # the untranslatable line was never sent
+
+
+async def test_titan_embeddings(h, bedrock):
+    lines = [request_line(f"e{i}", model="titan-embed", url="/v1/embeddings", content=f"text {i}")
+             for i in range(100)]
+    for line in lines:
+        line["body"]["dimensions"] = 256
+    final, _, out, err = await run(h, lines, endpoint="/v1/embeddings")
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and err == []
+    assert len(out) == 100
+    for line in out:
+        emb = CreateEmbeddingResponse.model_validate(line["response"]["body"])
+        assert len(emb.data[0].embedding) == 256
+    assert final.usage.input_tokens > 0
+
+
+# -- failures --------------------------------------------------------------------------------------
+
+
+async def test_job_failed_at_bedrock(h, bedrock):
+    lines = many(99) + [chat("boom", "BEDROCK:fail_job now")]
+    final, _, out, err = await run(h, lines)
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert final.errors[0].code == "provider_job_failed"
+    assert "Internal server error" in final.errors[0].message
+    assert out == [] and err == []
+
+
+async def test_stop_mid_run_returns_partial_results(h, bedrock):
+    bedrock.hold_after = 40
+    a = h.alice
+    f = await h.upload(a, jsonl(many(100)))
+    batch = await create(a, f.id)
+    cancelled, final = False, None
+    async for event in a.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch.id), metadata=a.metadata,
+                                            timeout=30):
+        if event.WhichOneof("event") != "batch":
+            continue
+        final = event.batch
+        if not cancelled and final.request_counts.completed >= 40:
+            await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id), metadata=a.metadata)
+            cancelled = True
+    assert cancelled and final.status == batch_pb2.BATCH_STATUS_CANCELLED
+    out, err = await results(a, final)
+    assert len(out) == 40 and len(err) == 60
+    assert {line["error"]["code"] for line in err} == {"batch_cancelled"}
+    assert sorted(line["custom_id"] for line in out + err) == sorted(f"r{i}" for i in range(100))
+    assert bedrock.job_for_token(client_request_token(final.id)).status == "Stopped"
+
+
+async def test_too_few_translatable_records_fail_at_submit(h, bedrock):
+    lines = many(99) + [chat("logit-bias", "hello", logit_bias={"1": 2})]
+    final, _, out, err = await run(h, lines)
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert final.errors[0].code == "batch_too_small"
+    msg = final.errors[0].message
+    assert "only 99 of 100" in msg and "at least 100" in msg and "logit_bias" in msg
+    assert bedrock.job_for_token(client_request_token(final.id)) is None
+
+
+@pytest.mark.parametrize("model, code, words", [
+    ("claude-bad-key", "provider_auth", ["UnrecognizedClientException", "security token"]),
+    ("claude-denied-role", "provider_auth", ["AccessDeniedException", "iam:PassRole"]),
+    ("claude-no-bucket", "provider_bucket_not_found", ["no-such-bucket", "s3_bucket_name"]),
+])
+async def test_setup_failures_fail_the_batch_with_a_clear_error(h, bedrock, model, code, words):
+    final, _, out, err = await run(h, many(100, model=model))
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert final.errors[0].code == code, final.errors[0].message
+    for word in words:
+        assert word in final.errors[0].message
+    assert out == [] and err == []
+
+
+# -- rejected at CreateBatch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, n, minimum", [("claude", 3, 100), ("claude-min-5", 4, 5)])
+async def test_below_the_minimum_is_failed_precondition_with_the_numbers(h, model, n, minimum):
+    a = h.alice
+    f = await h.upload(a, jsonl(many(n, model=model)))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await create(a, f.id)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"at least {minimum} records" in exc.value.details() and f"has {n}" in exc.value.details()
+    info, _ = error_details(exc.value)
+    assert info.reason == "BATCH_TOO_SMALL"
+    assert info.metadata["minimum"] == str(minimum) and info.metadata["line_count"] == str(n)
+
+
+async def test_missing_setting_is_failed_precondition_naming_it(h):
+    a = h.alice
+    f = await h.upload(a, jsonl(many(100, model="claude-unconfigured")))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await create(a, f.id)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "aws_batch_role_arn" in exc.value.details() and "AWS_BATCH_ROLE_ARN" in exc.value.details()
+    info, _ = error_details(exc.value)
+    assert info.reason == "PROVIDER_NOT_CONFIGURED" and info.metadata["setting"] == "aws_batch_role_arn"
+
+
+@pytest.mark.parametrize("model, url, body, reason", [
+    ("claude", "/v1/completions", {"prompt": "hi"}, "UNSUPPORTED_ENDPOINT"),
+    ("claude", "/v1/embeddings", {"input": "hi"}, "UNSUPPORTED_ENDPOINT_FOR_MODEL"),
+    ("titan-embed", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+     "UNSUPPORTED_ENDPOINT_FOR_MODEL"),
+])
+async def test_unsupported_endpoint_is_invalid_argument(h, model, url, body, reason):
+    a = h.alice
+    line = {"custom_id": "x", "method": "POST", "url": url, "body": {"model": model, **body}}
+    f = await h.upload(a, jsonl([line]))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await create(a, f.id, endpoint=url)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "/v1/chat/completions" in exc.value.details() and "Titan" in exc.value.details()
+    info, _ = error_details(exc.value)
+    assert info.reason == reason
+
+
+# -- the adapter on its own ---------------------------------------------------------------------------
+
+
+def _job(bedrock, s3, tmp_path, batch_id: str, n: int = 100, expires_in: float = 86400) -> ProviderJob:
+    dep = Deployment(id="d", model_name="claude", provider="bedrock", model=CLAUDE,
+                     params=entry("x", bedrock, s3)["litellm_params"])
+    path = tmp_path / f"{batch_id}.jsonl"
+    path.write_bytes(jsonl(many(n)))
+
+    async def open_input():
+        for raw in path.read_bytes().splitlines():
+            yield raw
+
+    async def save_state():
+        pass
+
+    now = time.time()
+    return ProviderJob(batch_id=batch_id, endpoint="/v1/chat/completions", deployment=dep, line_count=n,
+                       created_at=now, expires_at=now + expires_in, state={}, open_input=open_input,
+                       save_state=save_state, workdir=tmp_path / "work")
+
+
+async def _poll_until(provider, job, status: JobStatus, limit: int = 10):
+    for _ in range(limit):
+        result = await provider.poll(job)
+        if result.status is status:
+            return result
+    raise AssertionError(f"never reached {status}")
+
+
+async def test_cancel_after_a_crash_finds_the_job_by_name(bedrock, s3, tmp_path):
+    provider = BedrockBatchProvider()
+    try:
+        job = _job(bedrock, s3, tmp_path, "batch_lost")
+        await provider.submit(job)
+        arn = job.state.pop("job_arn")  # the ARN was never saved
+        job.cancel_requested.set()
+        await provider.cancel(job)
+        assert job.state["job_arn"] == arn
+        assert any(m == "GET" and p.startswith("/model-invocation-jobs?") for m, p in bedrock.calls)
+        await _poll_until(provider, job, JobStatus.CANCELLED)
+        lines = [json.loads(r.data) async for r in provider.results(job)]
+        assert len(lines) == 100 and {x["error"]["code"] for x in lines} == {"batch_cancelled"}
+    finally:
+        await provider.close()
+
+
+async def test_completion_window_end_stops_the_job_and_reports_expired(bedrock, s3, tmp_path):
+    provider = BedrockBatchProvider()
+    try:
+        job = _job(bedrock, s3, tmp_path, "batch_late", expires_in=-1)
+        await provider.submit(job)
+        await _poll_until(provider, job, JobStatus.EXPIRED)
+        assert job.state["expire_sent"]
+        assert bedrock.job_for_token(client_request_token("batch_late")).status == "Stopped"
+        lines = [json.loads(r.data) async for r in provider.results(job)]
+        assert len(lines) == 100 and {x["error"]["code"] for x in lines} == {"batch_expired"}
+    finally:
+        await provider.close()
+
+
+async def test_resubmit_is_idempotent_through_the_client_request_token(bedrock, s3, tmp_path):
+    job = _job(bedrock, s3, tmp_path, "batch_idem")
+    provider = BedrockBatchProvider()
+    try:
+        await provider.submit(job)
+        arn = job.state.pop("job_arn")  # created, but the process died before saving the ARN
+        await provider.submit(job)
+        assert job.state["job_arn"] == arn
+        assert sum(1 for r in bedrock.create_requests if r["clientRequestToken"] == "batchgate-batch-idem") == 2
+        assert sum(1 for j in bedrock.jobs.values() if j.request["clientRequestToken"] == "batchgate-batch-idem") == 1
+    finally:
+        await provider.close()
+
+
+def test_settings_fall_back_to_the_environment(monkeypatch):
+    provider = BedrockBatchProvider()
+    dep = Deployment(id="d", model_name="c", provider="bedrock", model=CLAUDE, params={})
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(Exception) as exc:
+        provider.check("/v1/chat/completions", dep, 100)
+    assert "aws_region_name" in str(exc.value)
+    monkeypatch.setenv("AWS_REGION_NAME", "us-west-2")
+    monkeypatch.setenv("AWS_S3_BUCKET_NAME", "b")
+    monkeypatch.setenv("AWS_BATCH_ROLE_ARN", ROLE)
+    provider.check("/v1/chat/completions", dep, 100)
+
+
+def test_client_request_token_is_valid_for_bedrock():
+    import re
+
+    for batch_id in ("batch_0123abcd", "batch__x--y", "weird id/ü"):
+        assert re.fullmatch(r"[a-zA-Z0-9]{1,256}(-*[a-zA-Z0-9]){0,256}", client_request_token(batch_id))
