@@ -60,3 +60,23 @@ def status_names(states) -> list[str]:
         if not names or names[-1] != name:
             names.append(name)
     return names
+
+
+LIFECYCLE = ["validating", "in_progress", "finalizing", "completed"]
+STAMPS = {"in_progress": "in_progress_at", "finalizing": "finalizing_at", "completed": "completed_at",
+          "cancelling": "cancelling_at", "cancelled": "cancelled_at", "expired": "expired_at",
+          "failed": "failed_at"}
+
+
+def assert_lifecycle(states, expected: list[str] = LIFECYCLE) -> None:
+    """The statuses a watcher saw are, in order, part of `expected` and end with its last one;
+    the final Batch carries the timestamp of every transition after the first, so the steps a
+    late watcher missed still provably happened, in order."""
+    seen = status_names(states)
+    assert seen[-1] == expected[-1], seen
+    positions = [expected.index(name) for name in seen]
+    assert positions == sorted(positions), f"{seen} is not in lifecycle order {expected}"
+    final = states[-1]
+    stamps = [getattr(final, STAMPS[name]).ToNanoseconds() for name in expected[1:]]
+    assert all(stamps), f"missing a transition timestamp in {final}"
+    assert stamps == sorted(stamps)

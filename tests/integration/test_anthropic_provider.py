@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion
 from batchgate.v1 import batch_pb2
 from tests.conftest import error_details, jsonl, start_harness
 from tests.fakes.anthropic_batches import FakeAnthropicBatches
-from tests.integration.batch_helpers import create, results, status_names, watch_all, write_config
+from tests.integration.batch_helpers import assert_lifecycle, create, results, status_names, watch_all, write_config
 
 KEY = "test-key"
 MODEL = "claude-3-5-haiku-20241022"
@@ -87,7 +87,7 @@ async def test_claude_answers_come_back_as_openai_batch_output(h, fakes):
     assert batch.provider == "anthropic" and batch.model == "claude-batch"
 
     states = await watch_all(a, batch.id)
-    assert status_names(states) == ["validating", "in_progress", "finalizing", "completed"]
+    assert_lifecycle(states)
     final = states[-1]
     assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (12, 12, 0)
     assert final.output_file_id and not final.error_file_id

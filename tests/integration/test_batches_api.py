@@ -15,6 +15,7 @@ from batchgate.v1 import batch_pb2, file_pb2
 from tests.conftest import batch_file, error_details, jsonl, request_line, start_harness
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.integration.batch_helpers import (
+    assert_lifecycle,
     create,
     results,
     status_names,
@@ -67,7 +68,7 @@ async def test_simulated_batch_runs_to_completion_through_watch(harness):
     assert batch.expires_at.seconds - batch.created_at.seconds == 24 * 3600
 
     states = await watch_all(a, batch.id)
-    assert status_names(states)[-3:] == ["in_progress", "finalizing", "completed"]
+    assert_lifecycle(states)
     revisions = [s.revision for s in states]
     assert revisions == sorted(set(revisions)), "revisions only grow"
     final = states[-1]

@@ -18,7 +18,7 @@ from batchgate_server.providers.base import Deployment, JobStatus, ProviderJob
 from batchgate_server.providers.bedrock.provider import BedrockBatchProvider, client_request_token
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3
-from tests.integration.batch_helpers import create, results, status_names, watch_all, write_config
+from tests.integration.batch_helpers import assert_lifecycle, create, results, status_names, watch_all, write_config
 
 BUCKET = "bedrock-batches"
 REGION = "us-east-1"
@@ -117,7 +117,7 @@ async def test_claude_batch_end_to_end_with_hostile_custom_ids(h, bedrock, s3):
     final, states, out, err = await run(h, lines)
 
     assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
-    assert status_names(states)[-3:] == ["in_progress", "finalizing", "completed"]
+    assert_lifecycle(states)
     assert final.provider == "bedrock" and err == []
     assert sorted(line["custom_id"] for line in out) == sorted(line["custom_id"] for line in lines)
     for line in out:

@@ -18,7 +18,7 @@ from batchgate_server.providers.base import Deployment, JobStatus, ProviderJob
 from batchgate_server.providers.vertex.provider import JOB_LABEL, VertexBatchProvider, job_label
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator
-from tests.integration.batch_helpers import create, results, status_names, watch_all, write_config
+from tests.integration.batch_helpers import assert_lifecycle, create, results, status_names, watch_all, write_config
 
 BUCKET = "vertex-batches"
 PROJECT = "test-project"
@@ -123,7 +123,7 @@ async def test_chat_batch_end_to_end_with_hostile_custom_ids(h, vertex, gcs):
     final, states, out, err = await run(h, lines)
 
     assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
-    assert status_names(states)[-3:] == ["in_progress", "finalizing", "completed"]
+    assert_lifecycle(states)
     assert final.provider == "vertex_ai" and final.model == "gemini"
     assert err == []
     assert sorted(line["custom_id"] for line in out) == sorted(HOSTILE_IDS + ["with-system"])
