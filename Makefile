@@ -42,6 +42,7 @@ bench: install
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
+	$(PY) bench/passthrough.py
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache

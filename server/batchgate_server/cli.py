@@ -9,13 +9,20 @@ import signal
 import sys
 
 from batchgate_server.app import BatchgateServer
+from batchgate_server.config import ConfigError
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import build_parser, settings_from_args
 from batchgate_server.store.metadata import MetadataStore
 
 
 async def _serve(server: BatchgateServer) -> None:
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # e.g. a ConfigError: release what start() had opened (the SQLite thread would keep
+        # the process alive) before the error is reported
+        await server.stop(grace=0)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -46,7 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(BatchgateServer(settings_from_args(args))))
+    try:
+        asyncio.run(_serve(BatchgateServer(settings_from_args(args))))
+    except ConfigError as err:  # a clear start-up error naming the entry, no traceback
+        print(f"batchgate-server: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

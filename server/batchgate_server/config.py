@@ -10,14 +10,20 @@
           id: oai-main                         # stable deployment id (optional)
           input_cost_per_token_batches: 7.5e-8 # price overrides (optional)
 
-Keys LiteLLM knows but batchgate does not use are ignored with a warning; a wrong
-type is a start-up error naming the entry. Secrets never reach logs or errors.
+Unknown top-level and entry keys are ignored with a warning (litellm_settings,
+general_settings … are accepted and ignored); a wrong type is a start-up error naming the
+entry. `os.environ/NAME` also reads the config's environment_variables section. Secrets
+never reach logs or errors (messages name the variable or the type, never a value).
+
+router_settings as LiteLLM reads them: a deployment that fails more than allowed_fails
+times within a minute is skipped for cooldown_time seconds (while another is warm).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from batchgate_server.pricing.table import PRICE_KEYS
 from batchgate_server.providers.base import Deployment
 
 log = logging.getLogger(__name__)
@@ -51,7 +58,19 @@ PROVIDER_ALIASES = {
 KNOWN_TOP_LEVEL = {"model_list", "litellm_settings", "router_settings", "general_settings", "environment_variables",
                    "batchgate"}
 KNOWN_ENTRY_KEYS = {"model_name", "litellm_params", "model_info"}
-SECRET_PARAMS = {"api_key", "aws_secret_access_key", "aws_session_token", "vertex_credentials", "aws_access_key_id"}
+SECRET_PARAMS = {"api_key", "aws_secret_access_key", "aws_session_token", "vertex_credentials", "aws_access_key_id",
+                 "azure_ad_token", "client_secret", "aws_bedrock_runtime_endpoint_token"}
+_SECRET_SUFFIXES = ("key", "secret", "token", "password", "credentials")
+# litellm_params that must be strings when present (None means "not set")
+STRING_PARAMS = ("api_key", "api_base", "api_version", "organization", "azure_ad_token", "vertex_project",
+                 "vertex_location", "aws_region_name", "aws_access_key_id", "aws_secret_access_key",
+                 "aws_session_token", "custom_llm_provider")
+# LiteLLM infers the provider of a bare model name; batchgate does so for these families
+_BARE_MODEL_PROVIDERS = (("gpt-", "openai"), ("chatgpt-", "openai"), ("o1", "openai"), ("o3", "openai"),
+                         ("o4", "openai"), ("text-embedding-", "openai"), ("omni-moderation", "openai"),
+                         ("text-moderation", "openai"), ("claude-", "anthropic"))
+# LiteLLM counts a deployment's failures per minute (allowed_fails "per minute")
+FAILURE_WINDOW_SECONDS = 60.0
 
 # Without a config file batchgate still runs batches: on the in-process simulated model.
 EMBEDDED_MODEL_LIST: list[dict[str, Any]] = [
@@ -71,7 +90,8 @@ class ConfigError(Exception):
 @dataclass
 class RouterSettings:
     cooldown_time: float = 60.0  # seconds a failing deployment is skipped
-    allowed_fails: int = 3  # failures within cooldown_time before it cools down
+    allowed_fails: int = 3  # failures tolerated within a minute; one more and it cools down
+    failure_window: float = FAILURE_WINDOW_SECONDS
 
 
 @dataclass
@@ -87,13 +107,21 @@ class ModelList:
         return [d for d in self.deployments if d.model_name == model_name]
 
 
-def resolve_env(value: Any, where: str) -> Any:
+def resolve_env(value: Any, where: str, extra_env: Mapping[str, str] | None = None) -> Any:
+    """`os.environ/NAME` -> the variable's value (the config's environment_variables section first,
+    as LiteLLM sets those into the environment). Errors name the variable, never a value."""
     if isinstance(value, str) and value.startswith("os.environ/"):
-        name = value.removeprefix("os.environ/")
-        if name not in os.environ:
-            raise ConfigError(f"{where}: environment variable {name} is not set")
+        name = value.removeprefix("os.environ/").strip()
+        if extra_env and name in extra_env:
+            return extra_env[name]
+        if not name or name not in os.environ:
+            raise ConfigError(f"{where}: environment variable {name or '(empty name)'} is not set")
         return os.environ[name]
     return value
+
+
+def is_secret_param(key: str) -> bool:
+    return key in SECRET_PARAMS or key.lower().endswith(_SECRET_SUFFIXES)
 
 
 def split_model(model: str) -> tuple[str, str]:
@@ -103,15 +131,42 @@ def split_model(model: str) -> tuple[str, str]:
     return "", model
 
 
-def _deployment_id(entry_name: str, params: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+def _deployment_id(entry_name: str, params: Mapping[str, Any], info: Mapping[str, Any],
+                   raw_params: Mapping[str, Any] | None = None) -> str:
     if info.get("id"):
         return str(info["id"])
     basis = "|".join(str(params.get(k, "")) for k in ("model", "api_base", "api_version", "vertex_project",
                                                       "vertex_location", "aws_region_name"))
+    # Two accounts serving the same model differ only by their key. Use the key's reference
+    # (os.environ/NAME: stable when the key is rotated) or, for a literal key, its hash.
+    raw_key = (raw_params or {}).get("api_key")
+    if isinstance(raw_key, str) and raw_key.startswith("os.environ/"):
+        basis += "|" + raw_key
+    elif raw_key:
+        basis += "|" + hashlib.sha256(str(raw_key).encode()).hexdigest()
     return "dep_" + hashlib.sha256(f"{entry_name}|{basis}".encode()).hexdigest()[:16]
 
 
-def parse_entry(entry: Any, index: int) -> Deployment:
+def _provider_of(model: str, params: Mapping[str, Any]) -> tuple[str, str]:
+    """(batchgate provider, provider model) of litellm_params.model, as LiteLLM reads it."""
+    provider, provider_model = split_model(model)
+    if provider:
+        return provider, provider_model
+    explicit = params.get("custom_llm_provider")
+    if isinstance(explicit, str) and explicit in PROVIDER_ALIASES:
+        return PROVIDER_ALIASES[explicit], model
+    for prefix, inferred in _BARE_MODEL_PROVIDERS:
+        if model.startswith(prefix):
+            return inferred, model
+    return "", model
+
+
+def _check_number(value: Any, where: str, *, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+        raise ConfigError(f"{where} must be a {'positive ' if positive else ''}number, got {type(value).__name__}")
+
+
+def parse_entry(entry: Any, index: int, extra_env: Mapping[str, str] | None = None) -> Deployment:
     where = f"model_list[{index}]"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: must be a mapping, got {type(entry).__name__}")
@@ -119,19 +174,26 @@ def parse_entry(entry: Any, index: int) -> Deployment:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: model_name must be a non-empty string")
     where = f"{where} ({name})"
-    for key in set(entry) - KNOWN_ENTRY_KEYS:
+    for key in sorted(set(entry) - KNOWN_ENTRY_KEYS, key=str):
         log.warning("%s: ignoring unknown key %r", where, key)
     params = entry.get("litellm_params")
     if not isinstance(params, Mapping):
-        raise ConfigError(f"{where}: litellm_params must be a mapping")
-    info = entry.get("model_info") or {}
+        raise ConfigError(f"{where}: litellm_params must be a mapping, got {type(params).__name__}")
+    info = entry.get("model_info")
+    if info is None:
+        info = {}
     if not isinstance(info, Mapping):
-        raise ConfigError(f"{where}: model_info must be a mapping")
-    model = params.get("model")
+        raise ConfigError(f"{where}: model_info must be a mapping, got {type(info).__name__}")
+    resolved = {k: resolve_env(v, f"{where}: litellm_params.{k}", extra_env) for k, v in params.items()}
+    model = resolved.get("model")
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{where}: litellm_params.model must be a string like 'openai/gpt-4o-mini'")
-    resolved = {k: resolve_env(v, f"{where}: litellm_params.{k}") for k, v in params.items()}
-    provider, provider_model = split_model(model)
+    for key in STRING_PARAMS:
+        value = resolved.get(key)
+        if value is not None and not isinstance(value, str):
+            # the type only: the value may be a secret
+            raise ConfigError(f"{where}: litellm_params.{key} must be a string, got {type(value).__name__}")
+    provider, provider_model = _provider_of(model, resolved)
     if not provider:
         raise ConfigError(f"{where}: litellm_params.model {model!r} needs a provider prefix, one of "
                           f"{', '.join(sorted(PROVIDER_ALIASES))}")
@@ -141,13 +203,62 @@ def parse_entry(entry: Any, index: int) -> Deployment:
     if info.get("batch_executor") == "builtin":
         provider = "openai_compatible"
     weight = resolved.get("weight", 1)
-    if not isinstance(weight, (int, float)) or weight <= 0:
-        raise ConfigError(f"{where}: litellm_params.weight must be a positive number")
-    for key in ("rpm", "tpm", "max_concurrency", "timeout", "max_retries"):
-        if key in resolved and not isinstance(resolved[key], (int, float)):
-            raise ConfigError(f"{where}: litellm_params.{key} must be a number")
-    return Deployment(id=_deployment_id(name, resolved, info), model_name=name, provider=provider,
+    _check_number(weight, f"{where}: litellm_params.weight", positive=True)
+    for key in ("rpm", "tpm", "max_concurrency", "timeout", "max_retries", "poll_interval", "backoff_base",
+                "give_up_after"):
+        if key in resolved and resolved[key] is not None:
+            _check_number(resolved[key], f"{where}: litellm_params.{key}")
+    _check_model_info(info, where)
+    return Deployment(id=_deployment_id(name, resolved, info, params), model_name=name, provider=provider,
                       model=provider_model, params=resolved, model_info=dict(info), weight=float(weight))
+
+
+def _check_model_info(info: Mapping[str, Any], where: str) -> None:
+    for key in ("id", "mode", "base_model"):
+        value = info.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise ConfigError(f"{where}: model_info.{key} must be a string, got {type(value).__name__}")
+    for key in PRICE_KEYS:
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):  # "1e-6": PyYAML reads exponents without a dot as strings
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: model_info.{key} must be a number, got {info[key]!r}") from None
+        _check_number(value, f"{where}: model_info.{key}")
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{where}: model_info.{key} must be a finite number >= 0, got {info[key]!r}")
+
+
+def _mapping(doc: Mapping[str, Any], key: str, source: str) -> Mapping[str, Any]:
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: {key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _router_settings(doc: Mapping[str, Any], source: str) -> RouterSettings:
+    rs = _mapping(doc, "router_settings", source)
+    # LiteLLM reads these from router_settings; litellm_settings is an older home for them.
+    ls = _mapping(doc, "litellm_settings", source)
+    settings = RouterSettings()
+    for key, cast in (("cooldown_time", float), ("allowed_fails", int)):
+        section, value = ("router_settings", rs[key]) if rs.get(key) is not None else \
+            ("litellm_settings", ls.get(key))
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{source}: {section}.{key} must be a number >= 0, got {value!r}")
+        setattr(settings, key, cast(value))
+    strategy = rs.get("routing_strategy")
+    if strategy not in (None, "simple-shuffle", "least-busy"):
+        log.warning("%s: router_settings.routing_strategy %r is not supported; batchgate routes to the "
+                    "deployment with the fewest queued requests per unit of weight", source, strategy)
+    return settings
 
 
 def parse_config(doc: Any, source: str) -> ModelList:
@@ -155,22 +266,24 @@ def parse_config(doc: Any, source: str) -> ModelList:
         doc = {}
     if not isinstance(doc, Mapping):
         raise ConfigError(f"{source}: the config must be a mapping with a model_list")
-    for key in set(doc) - KNOWN_TOP_LEVEL:
+    for key in sorted(set(doc) - KNOWN_TOP_LEVEL, key=str):
         log.warning("%s: ignoring unknown top-level key %r", source, key)
+    env_section = _mapping(doc, "environment_variables", source)
+    extra_env = {str(k): str(v) for k, v in env_section.items() if v is not None}
     entries = doc.get("model_list") or []
     if not isinstance(entries, list):
-        raise ConfigError(f"{source}: model_list must be a list")
-    deployments = [parse_entry(e, i) for i, e in enumerate(entries)]
+        raise ConfigError(f"{source}: model_list must be a list, got {type(entries).__name__}")
+    try:
+        deployments = [parse_entry(e, i, extra_env) for i, e in enumerate(entries)]
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     seen: dict[str, str] = {}
     for d in deployments:
         if d.id in seen:
             raise ConfigError(f"{source}: two deployments share the id {d.id!r} ({seen[d.id]} and {d.model_name});"
                               " give them distinct model_info.id")
         seen[d.id] = d.model_name
-    rs = doc.get("router_settings") or {}
-    router = RouterSettings(cooldown_time=float(rs.get("cooldown_time", 60.0)),
-                            allowed_fails=int(rs.get("allowed_fails", 3)))
-    return ModelList(deployments, router, source)
+    return ModelList(deployments, _router_settings(doc, source), source)
 
 
 def load_model_list(path: Path | None) -> ModelList:
@@ -187,5 +300,5 @@ def load_model_list(path: Path | None) -> ModelList:
 
 
 def redact(params: Mapping[str, Any]) -> dict[str, Any]:
-    """litellm_params safe to log."""
-    return {k: ("***" if k in SECRET_PARAMS else v) for k, v in params.items()}
+    """litellm_params safe to log: secret-looking keys masked (set values only)."""
+    return {k: ("***" if is_secret_param(str(k)) and v not in (None, "") else v) for k, v in params.items()}

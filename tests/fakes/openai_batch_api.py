@@ -28,7 +28,9 @@ Switches: ``api_key`` (401 on a wrong key: Bearer for OpenAI, ``api-key`` header
 ``inject(status, n, retry_after=None, path_contains=None, body=None)`` (the next n matching calls
 fail), ``expire(batch_id)`` / ``expire_all`` (the next in_progress step expires the batch:
 partial output + batch_expired error lines), ``store_uploads=False`` (keep only statistics of
-uploaded files: for memory tests), and the Azure quirks ``capitalized_status``,
+uploaded files: for memory tests; with ``synthetic_output=True`` each uploaded line's custom_id and
+size are kept and answered by an output line of about the same size, generated while the output file
+is downloaded: a 200 MB round trip without the fake holding 200 MB), and the Azure quirks ``capitalized_status``,
 ``iso_timestamps``, ``null_request_counts``, ``empty_error_file``.
 
 Observation: ``calls`` (list of (method, path_qs, headers)), ``uploads`` (UploadStats per file id),
@@ -68,6 +70,9 @@ class UploadStats:
     first_line: bytes = b""
     chunked: bool = False
     content_type: str = ""
+    records: list | None = None  # (custom_id, line bytes) per line, when synthetic_output is on
+    started_at: float = 0.0  # time.monotonic() of the first and the last body chunk
+    finished_at: float = 0.0
 
 
 @dataclasses.dataclass
@@ -79,6 +84,7 @@ class FakeFile:
     created_at: int
     content: bytes | None  # None when uploads are not stored
     expires_at: int | None = None
+    source: Any = None  # () -> iterator of bytes: content generated while it is downloaded
 
     def json(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
@@ -117,7 +123,8 @@ class FakeBatchAPI:
     def __init__(self, *, azure: bool = False, api_key: str | None = "sk-test", clock: str = "poll",
                  step_ms: float = 50.0, lines_per_tick: int | None = None,
                  max_lines: int | None = None, known_models: set[str] | None = None,
-                 store_uploads: bool = True, capitalized_status: bool = False,
+                 store_uploads: bool = True, synthetic_output: bool = False,
+                 capitalized_status: bool = False,
                  iso_timestamps: bool = False, null_request_counts: bool = False,
                  empty_error_file: bool = False) -> None:
         self.azure = azure
@@ -128,6 +135,9 @@ class FakeBatchAPI:
         self.max_lines = max_lines if max_lines is not None else (100_000 if azure else 50_000)
         self.known_models = known_models
         self.store_uploads = store_uploads
+        self.synthetic_output = synthetic_output
+        # file id -> (first byte sent, last byte sent, bytes) of GET /files/{id}/content
+        self.downloads: dict[str, tuple[float, float, int]] = {}
         self.capitalized_status = capitalized_status
         self.iso_timestamps = iso_timestamps
         self.null_request_counts = null_request_counts
@@ -325,6 +335,11 @@ class FakeBatchAPI:
             err("invalid_request", f"Input file {b.input_file_id} no longer exists.")
             b.errors = errors
             return
+        stats = self.uploads.get(f.id)
+        if f.content is None and stats is not None and stats.records is not None:
+            b.model = next(iter(stats.models), None)
+            b.lines = [{"custom_id": cid, "_size": size} for cid, size in stats.records]
+            return
         if f.content is None:  # statistics-only upload: accept, nothing to process
             b.lines = []
             return
@@ -384,6 +399,11 @@ class FakeBatchAPI:
         b.lines = [] if errors else lines
 
     def _process(self, b: FakeBatch, line: dict) -> None:
+        if "_size" in line:  # synthetic: answered when the output file is read
+            b.completed += 1
+            b.usage["input_tokens"] += line["_size"] // 4
+            b.usage["output_tokens"] += line["_size"] // 4
+            return
         req_id = self._new_id("req_")
         if b"FAIL" in line["_raw"]:
             b.failed += 1
@@ -404,7 +424,30 @@ class FakeBatchAPI:
                                                 "body": body},
                                    "error": None}))
 
+    def _synthetic_output(self, b: FakeBatch, lines: list):
+        template = build_response(b.endpoint, {"model": b.model, "messages": []}, text="")
+        template["choices"][0]["message"]["content"] = ""
+        overhead = 140 + len(_dumps(template))  # + the envelope around the body, roughly
+        for no, line in enumerate(lines):
+            size = line["_size"]
+            template["id"] = f"chatcmpl-synth{no:08d}"
+            template["choices"][0]["message"]["content"] = "y" * max(16, size - overhead)
+            template["usage"]["prompt_tokens"] = template["usage"]["completion_tokens"] = size // 4
+            template["usage"]["total_tokens"] = size // 2
+            yield _dumps({"id": f"batch_req_synth{no:08d}", "custom_id": line["custom_id"],
+                          "response": {"status_code": 200, "request_id": f"req_synth{no:08d}",
+                                       "body": template},
+                          "error": None}).encode() + b"\n"
+
     def _write_results(self, b: FakeBatch) -> None:
+        synthetic = [line for line in b.lines[:b.processed] if "_size" in line]
+        if synthetic:
+            f = FakeFile(id=self._new_id("file-"), filename=f"{b.id}_output.jsonl",
+                         purpose="batch_output", bytes=sum(line["_size"] for line in synthetic),
+                         created_at=int(time.time()), content=None,
+                         source=lambda: self._synthetic_output(b, synthetic))
+            self.files[f.id] = f
+            b.output_file_id = f.id
         if b.out_lines:
             b.output_file_id = self._add_file(f"{b.id}_output.jsonl", "batch_output",
                                               ("\n".join(b.out_lines) + "\n").encode()).id
@@ -458,6 +501,8 @@ class FakeBatchAPI:
         stats = UploadStats(chunked=request.headers.get("Transfer-Encoding", "").lower() == "chunked",
                             content_type=request.headers.get("Content-Type", ""))
         content = bytearray() if self.store_uploads else None
+        if not self.store_uploads and self.synthetic_output:
+            stats.records = []
         got_file = False
         async for part in reader:
             if part.name == "purpose":
@@ -470,6 +515,9 @@ class FakeBatchAPI:
                     chunk = await part.read_chunk(256 * 1024)
                     if not chunk:
                         break
+                    if not stats.started_at:
+                        stats.started_at = time.monotonic()
+                    stats.finished_at = time.monotonic()
                     stats.bytes += len(chunk)
                     if content is not None:
                         content += chunk
@@ -507,6 +555,8 @@ class FakeBatchAPI:
             obj = json.loads(ln)
             stats.urls.add(obj.get("url"))
             stats.models.add((obj.get("body") or {}).get("model"))
+            if stats.records is not None:
+                stats.records.append((obj.get("custom_id"), len(ln)))
         except (ValueError, AttributeError):
             stats.urls.add(None)
 
@@ -534,12 +584,28 @@ class FakeBatchAPI:
         if isinstance(f, web.Response):
             return f
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        data = f.content or b""
-        resp.content_length = len(data)
-        await resp.prepare(request)
-        for i in range(0, len(data), 64 * 1024):
-            await resp.write(data[i:i + 64 * 1024])
+        started, sent = time.monotonic(), 0
+        if f.source is not None:  # generated as it goes out (chunked)
+            await resp.prepare(request)
+            buf = bytearray()
+            for piece in f.source():
+                buf += piece
+                if len(buf) >= 256 * 1024:
+                    await resp.write(bytes(buf))
+                    sent += len(buf)
+                    buf.clear()
+            if buf:
+                await resp.write(bytes(buf))
+                sent += len(buf)
+        else:
+            data = f.content or b""
+            resp.content_length = len(data)
+            await resp.prepare(request)
+            for i in range(0, len(data), 64 * 1024):
+                await resp.write(data[i:i + 64 * 1024])
+            sent = len(data)
         await resp.write_eof()
+        self.downloads[f.id] = (started, time.monotonic(), sent)
         return resp
 
     async def _delete_file(self, request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from batchgate_server.core.ids import new_batch_id
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose
 from batchgate_server.core.routing import Router
-from batchgate_server.core.tracker import Tracker
+from batchgate_server.core.tracker import Tracker, batch_load
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
@@ -99,35 +99,45 @@ class BatchManager:
                            "ENDPOINT_MISMATCH", "endpoint", f"the file's requests target {source.endpoint}",
                            file_endpoint=source.endpoint)
         deployment = self.router.pick(requested_model=req.model, file_model=source.model, provider=req.provider)
+        # Count the batch against its deployment now, not when its runner starts: creates that
+        # run concurrently must see each other's load or they all land on the same deployment.
+        load = batch_load(source.line_count)
+        self.router.add_load(deployment.id, load)
+        adopted = False
         try:
-            provider = self.providers.get(deployment.provider)
-            provider.check(req.endpoint, deployment, source.line_count)
-        except UnsupportedRequest as err:
-            details = {"provider": deployment.provider, **err.details}
-            if err.precondition:
-                raise FailedPrecondition(err.message, err.reason, details) from None
-            raise InvalidArgument(err.message, err.reason, details,
-                                  [FieldViolation("endpoint" if "ENDPOINT" in err.reason else "model", err.message)]
-                                  ) from None
-        now = time.time()
-        record = BatchRecord(
-            id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
-            completion_window=req.completion_window, status=BatchStatus.VALIDATING, created_at=now,
-            expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=deployment.model_name,
-            provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
-            api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
-            price=self.accounting.snapshot(deployment.model, deployment.model_info),
-        )
-        try:
-            await self.store.insert_batch(record)
-        except sqlite3.IntegrityError:
-            previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
-            if previous is None:
-                raise
-            return previous
+            try:
+                provider = self.providers.get(deployment.provider)
+                provider.check(req.endpoint, deployment, source.line_count)
+            except UnsupportedRequest as err:
+                details = {"provider": deployment.provider, **err.details}
+                if err.precondition:
+                    raise FailedPrecondition(err.message, err.reason, details) from None
+                raise InvalidArgument(err.message, err.reason, details,
+                                      [FieldViolation("endpoint" if "ENDPOINT" in err.reason else "model",
+                                                      err.message)]) from None
+            now = time.time()
+            record = BatchRecord(
+                id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
+                completion_window=req.completion_window, status=BatchStatus.VALIDATING, created_at=now,
+                expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=deployment.model_name,
+                provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
+                api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
+                price=self.accounting.snapshot(deployment.model, deployment.model_info),
+            )
+            try:
+                await self.store.insert_batch(record)
+            except sqlite3.IntegrityError:
+                previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
+                if previous is None:
+                    raise
+                return previous
+            self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
+            adopted = True
+        finally:
+            if not adopted:
+                self.router.remove_load(deployment.id, load)
         log.info("batch %s created: %d requests on %s (%s), project %s", record.id, source.line_count,
                  deployment.model_name, deployment.provider, principal.project)
-        self.tracker.adopt(copy.deepcopy(record))
         return record
 
     async def get(self, principal: Principal, batch_id: str) -> BatchRecord:

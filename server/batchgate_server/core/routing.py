@@ -96,12 +96,14 @@ class Router:
         return self._queued[deployment_id]
 
     def record_failure(self, deployment_id: str) -> None:
+        """Like LiteLLM: more than allowed_fails failures within a minute cool the deployment
+        down for cooldown_time seconds."""
+        settings = self.model_list.router
         now = self._clock()
-        window = self.model_list.router.cooldown_time
-        recent = [t for t in self._failures[deployment_id] if now - t < window] + [now]
+        recent = [t for t in self._failures[deployment_id] if now - t < settings.failure_window] + [now]
         self._failures[deployment_id] = recent
-        if len(recent) >= self.model_list.router.allowed_fails:
-            self._cooldown_until[deployment_id] = now + window
+        if len(recent) > settings.allowed_fails:
+            self._cooldown_until[deployment_id] = now + settings.cooldown_time
             self._failures[deployment_id] = []
 
     def record_success(self, deployment_id: str) -> None:

@@ -29,7 +29,8 @@ class Deployment:
     model_name: str  # what callers ask for
     provider: str  # openai | azure | anthropic | vertex_ai | bedrock | openai_compatible
     model: str  # the provider's own model name (Azure: deployment name)
-    params: Mapping[str, Any] = field(default_factory=dict)  # litellm_params, secrets resolved
+    # litellm_params, secrets resolved: kept out of repr() so a logged deployment or job shows no key
+    params: Mapping[str, Any] = field(default_factory=dict, repr=False)
     model_info: Mapping[str, Any] = field(default_factory=dict)
     weight: float = 1.0
 

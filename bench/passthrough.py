@@ -1,0 +1,164 @@
+"""A ~200 MB batch through batchgate to the fake OpenAI Batch API and its ~200 MB output back.
+
+The server runs as a subprocess (`batchgate-server --config ...`) with a LiteLLM-format config whose
+deployment points at tests/fakes/openai_batch_api.py, run in this process on its own thread with
+``store_uploads=False, synthetic_output=True``: it keeps only each line's custom_id and size and
+answers with output lines of the same size, generated as the output file is downloaded.
+
+Prints, for the server process:
+  * upload to batchgate (UploadFile, validated as it streams)          MB/s
+  * upload to the provider (streamed multipart, every line rewritten)  MB/s, as the fake received it
+  * results back (provider output -> a batch_output File of ours)      MB/s, as the fake sent it
+  * download from batchgate (DownloadFile)                             MB/s
+  * peak RSS growth over the idle server, per phase (VmHWM, reset between phases); target < 64 MB
+
+    .venv/bin/python bench/passthrough.py [--mb 200] [--lines 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, reset_peak, rss_kib, start_server, stop  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from batchgate import BatchgateClient  # noqa: E402
+from batchgate.v1 import batch_pb2  # noqa: E402
+from tests.fakes.openai_batch_api import FakeBatchAPI  # noqa: E402
+
+KEY = "sk-bench-passthrough"
+TARGET_RSS_MB = 64
+WORDS = ("summarise the following customer message and classify its sentiment as positive negative or "
+         "neutral then list the product names it mentions with one short reason for each").split()
+
+
+class FakeOnThread:
+    """The fake provider on its own event loop thread (its memory is not the server's)."""
+
+    def __init__(self, api: FakeBatchAPI) -> None:
+        self.api = api
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-openai", daemon=True)
+
+    def __enter__(self) -> FakeBatchAPI:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.api.start(), self.loop).result(timeout=30)
+        return self.api
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.api.stop(), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+def write_input(path: Path, total_bytes: int, lines: int) -> int:
+    """`lines` chat requests of about total_bytes/lines bytes each, streamed to `path`."""
+    per_line = total_bytes // lines
+    text_len = max(8, per_line - len(json.dumps(line_for(0, ""))) - 1)
+    corpus = " ".join(WORDS * (text_len // 40 + 200))
+    with open(path, "w") as fh:
+        for i in range(lines):
+            start = (i * 7) % 997
+            fh.write(json.dumps(line_for(i, corpus[start:start + text_len])) + "\n")
+    return path.stat().st_size
+
+
+def line_for(i: int, text: str) -> dict:
+    return {"custom_id": f"req-{i:06d}", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "max_tokens": 256,
+                     "messages": [{"role": "system", "content": "You are a precise analyst."},
+                                  {"role": "user", "content": text}]}}
+
+
+def mb(n: int | float) -> float:
+    return n / 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mb", type=float, default=200.0, help="input size in MB (10^6 bytes)")
+    ap.add_argument("--lines", type=int, default=50_000)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp_name, \
+            FakeOnThread(FakeBatchAPI(api_key=KEY, store_uploads=False, synthetic_output=True)) as fake:
+        tmp = Path(tmp_name)
+        source = tmp / "input.jsonl"
+        t = time.perf_counter()
+        size = write_input(source, int(args.mb * 1e6), args.lines)
+        print(f"input: {args.lines:,} lines, {mb(size):.1f} MB (written in {time.perf_counter() - t:.1f}s)")
+
+        config = tmp / "litellm.yaml"
+        config.write_text(yaml.safe_dump({"model_list": [{
+            "model_name": "gpt-4o-mini",
+            "litellm_params": {"model": "openai/gpt-4o-mini-2024-07-18", "api_key": "os.environ/BENCH_OPENAI_KEY",
+                               "api_base": fake.base_url, "poll_interval": 0.2, "timeout": 600},
+            "model_info": {"id": "bench-openai", "mode": "batch"}}]}))
+        server, port = start_server(tmp / "data", "--config", str(config), env={"BENCH_OPENAI_KEY": KEY})
+        try:
+            pid = server.pid
+            with BatchgateClient(f"127.0.0.1:{port}") as bg:
+                time.sleep(0.5)
+                baseline = rss_kib(pid)
+                peaks: dict[str, int] = {}
+
+                reset_peak(pid)
+                t = time.perf_counter()
+                f = bg.upload_file(source)
+                upload_s = time.perf_counter() - t
+                peaks["upload to batchgate"] = rss_kib(pid, "VmHWM")
+                assert f.line_count == args.lines, f
+
+                reset_peak(pid)
+                batch = bg.create_batch(f.id, "/v1/chat/completions")
+                final = bg.wait(batch.id)
+                peaks["provider round trip"] = rss_kib(pid, "VmHWM")
+                assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+                assert final.request_counts.completed == args.lines, final.request_counts
+
+                reset_peak(pid)
+                out_path = tmp / "output.jsonl"
+                t = time.perf_counter()
+                out_bytes = bg.download_file(final.output_file_id, out_path)
+                download_s = time.perf_counter() - t
+                peaks["download from batchgate"] = rss_kib(pid, "VmHWM")
+        finally:
+            stop(server)
+
+        (stats,) = fake.uploads.values()
+        (dl_start, dl_end, dl_bytes) = next(iter(fake.downloads.values()))
+        with open(out_path, "rb") as fh:
+            first = json.loads(fh.readline())
+        assert stats.models == {"gpt-4o-mini-2024-07-18"} and stats.lines == args.lines and stats.chunked
+        assert first["custom_id"] == "req-000000" and first["response"]["status_code"] == 200
+        assert dl_bytes == out_bytes, (dl_bytes, out_bytes)
+
+        up_s = stats.finished_at - stats.started_at
+        back_s = dl_end - dl_start
+        print(f"upload to batchgate:      {mb(size) / upload_s:7.1f} MB/s  ({mb(size):.1f} MB in {upload_s:.2f}s)")
+        print(f"upload to the provider:   {mb(stats.bytes) / up_s:7.1f} MB/s  ({mb(stats.bytes):.1f} MB in {up_s:.2f}s,"
+              f" every line rewritten to the deployment's model)")
+        print(f"results back from it:     {mb(dl_bytes) / back_s:7.1f} MB/s  ({mb(dl_bytes):.1f} MB in {back_s:.2f}s,"
+              f" into a batch_output file with usage counted)")
+        print(f"download from batchgate:  {mb(out_bytes) / download_s:7.1f} MB/s  ({mb(out_bytes):.1f} MB in"
+              f" {download_s:.2f}s)")
+        print(f"server RSS: idle {baseline / 1024:.1f} MB; peak growth per phase: " + ", ".join(
+            f"{name} {(peak - baseline) / 1024:+.1f} MB" for name, peak in peaks.items()))
+        worst = max(peaks.values()) - baseline
+        verdict = "OK" if worst / 1024 < TARGET_RSS_MB else "OVER TARGET"
+        print(f"peak RSS growth {worst / 1024:.1f} MB (target < {TARGET_RSS_MB} MB): {verdict}")
+
+
+if __name__ == "__main__":
+    main()
