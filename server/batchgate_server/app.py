@@ -90,7 +90,7 @@ class BatchgateServer:
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), server)
         self._add_batch_service(server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store.db))), server)
+            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store))), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
-from batchgate.v1 import batch_pb2, file_pb2
+from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
 
 DEFAULT_CHUNK = 256 * 1024
 TERMINAL_STATUSES = frozenset({
@@ -55,3 +56,27 @@ def upload_messages(header: file_pb2.UploadFileRequest, chunks: Iterable[bytes])
     yield header
     for chunk in chunks:
         yield file_pb2.UploadFileRequest(chunk=chunk)
+
+
+TimeLike = datetime.datetime | float | int | timestamp_pb2.Timestamp | None
+
+
+def to_timestamp(value: TimeLike) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp from a datetime (naive means UTC), unix seconds, or a Timestamp; None stays None."""
+    if value is None or isinstance(value, timestamp_pb2.Timestamp):
+        return value
+    ts = timestamp_pb2.Timestamp()
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        ts.FromDatetime(value)
+    else:
+        ts.FromNanoseconds(int(round(value * 1e9)))
+    return ts
+
+
+def usage_request(*, start_time: TimeLike, end_time: TimeLike, group_by: Iterable[int], metadata_key: str,
+                  project: str, model: str, provider: str, page_size: int) -> usage_pb2.QueryUsageRequest:
+    return usage_pb2.QueryUsageRequest(start_time=to_timestamp(start_time), end_time=to_timestamp(end_time),
+                                       group_by=list(group_by), metadata_key=metadata_key, project=project,
+                                       model=model, provider=provider, page_size=page_size)

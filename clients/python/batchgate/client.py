@@ -24,13 +24,15 @@ from batchgate._common import (
     CHANNEL_OPTIONS,
     DEFAULT_CHUNK,
     TERMINAL_STATUSES,
+    TimeLike,
     auth_metadata,
     file_sha256,
     read_chunks,
     upload_header,
     upload_messages,
+    usage_request,
 )
-from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
+from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 __all__ = ["BatchgateClient", "TERMINAL_STATUSES"]
 
@@ -46,6 +48,7 @@ class BatchgateClient:
         self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.files = file_pb2_grpc.FileServiceStub(self.channel)
         self.batches = batch_pb2_grpc.BatchServiceStub(self.channel)
+        self.usage = usage_pb2_grpc.UsageServiceStub(self.channel)
         self._md = auth_metadata(api_key)
         self.timeout = timeout
 
@@ -177,3 +180,24 @@ class BatchgateClient:
         for last in self.watch(batch_id):
             pass
         return last if last is not None else self.get_batch(batch_id)
+
+    # -- usage ----------------------------------------------------------------------
+
+    def query_usage(self, *, start_time: TimeLike = None, end_time: TimeLike = None, group_by: Iterable[int] = (),
+                    metadata_key: str = "", project: str = "", model: str = "", provider: str = "",
+                    page_size: int = 1000) -> usage_pb2.QueryUsageResponse:
+        """Usage and cost of the batches that ended in [start_time, end_time), grouped by
+        `group_by` (USAGE_GROUP_BY_* values; USAGE_GROUP_BY_METADATA_KEY needs `metadata_key`).
+        Follows every page and returns them as one response: all rows, and the totals. Times are
+        datetimes (naive = UTC), unix seconds or Timestamps."""
+        request = usage_request(start_time=start_time, end_time=end_time, group_by=group_by,
+                                metadata_key=metadata_key, project=project, model=model, provider=provider,
+                                page_size=page_size)
+        result = usage_pb2.QueryUsageResponse()
+        while True:
+            page = self.usage.QueryUsage(request, metadata=self._md, timeout=self.timeout)
+            result.rows.extend(page.rows)
+            result.totals.CopyFrom(page.totals)
+            if not page.next_page_token:
+                return result
+            request.page_token = page.next_page_token

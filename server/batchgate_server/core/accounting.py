@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from batchgate_server.core.models import BatchRecord, Cost, Usage
-from batchgate_server.pricing.cost import compute_cost
+from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
 from batchgate_server.pricing.table import ModelPrice, PriceTable
 from batchgate_server.pricing.usage import sum_usage_from_output
 
@@ -62,12 +62,17 @@ class Accounting:
             total.add(usage)
         snapshot = rec.price or {}
         price = ModelPrice.from_snapshot(snapshot) if snapshot.get("priced") else None
-        source = snapshot.get("table_version", "")
+        # Where the price came from: the table layer, or the deployment's model_info over it.
+        source = (price.source if price is not None else "") or snapshot.get("table_version", "")
         # A batch runs one model; every model name its outputs report is priced at the
         # snapshot (providers report dated names such as gpt-4o-mini-2024-07-18).
         cost = compute_cost(usage_by_model, lambda _model: price, price_source=source)
         if cost.status == "unknown" and not price:
-            cost.reason = f"no price for model {rec.model!r} when the batch was created ({cost.reason})"
+            priced_as = snapshot.get("model") or rec.model
+            table = snapshot.get("table_version") or "the price table"
+            cost.reason = (f"no price for model {priced_as!r} (deployment of {rec.model!r}) in {table} when the "
+                           "batch was created; set input/output_cost_per_token in the deployment's model_info "
+                           "or in a --prices file")
         return total, cost
 
     def nothing_to_charge(self, rec: BatchRecord) -> Cost:
@@ -85,6 +90,8 @@ class Accounting:
             "provider": rec.provider, "deployment_id": rec.deployment_id, "created_at": rec.created_at,
             "ended_at": time.time(), "input_tokens": total.input_tokens, "cached_tokens": total.cached_tokens,
             "output_tokens": total.output_tokens, "reasoning_tokens": total.reasoning_tokens,
-            "cost_status": cost.status, "cost_amount": cost.amount, "metadata": json.dumps(rec.metadata),
+            "cost_status": cost.status, "cost_amount": cost.amount,
+            "cost_nanos": amount_to_nanos(cost.amount) if cost.status == "known" else None,
+            "metadata": json.dumps(rec.metadata),
             "usage_by_model": json.dumps({m: vars(u) for m, u in (usage_by_model or {}).items()}),
         }

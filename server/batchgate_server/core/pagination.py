@@ -43,3 +43,27 @@ def decode_token(token: str, filter_key: str) -> tuple[float, str] | None:
         raise InvalidArgument("page_token was issued for a different filter", "PAGE_TOKEN_FILTER_MISMATCH",
                               violations=[FieldViolation("page_token", "filter changed between pages")])
     return cursor
+
+
+def encode_cursor(cursor: object, filter_key: str) -> str:
+    """A token for any JSON-serialisable cursor (e.g. the group values of an aggregate)."""
+    raw = json.dumps({"k": cursor, "f": _filter_digest(filter_key)}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str, filter_key: str) -> object | None:
+    """The cursor of an encode_cursor token; None for the first page. Same errors as decode_token."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        doc = json.loads(raw)
+        cursor = doc["k"]
+        digest = doc["f"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument("page_token is not one this server issued", "INVALID_PAGE_TOKEN",
+                              violations=[FieldViolation("page_token", "malformed")]) from None
+    if digest != _filter_digest(filter_key):
+        raise InvalidArgument("page_token was issued for a different filter", "PAGE_TOKEN_FILTER_MISMATCH",
+                              violations=[FieldViolation("page_token", "filter changed between pages")])
+    return cursor

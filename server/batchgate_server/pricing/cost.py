@@ -95,3 +95,26 @@ def compute_cost(
         reason="",
         price_source=price_source,
     )
+
+
+NANOS_PER_UNIT = 10**9
+
+
+def amount_to_nanos(amount: str) -> int | None:
+    """An exact amount string ("0.002962575") as an integer of 1e-9 USD; None when it is empty,
+    malformed or finer than a nano-dollar (compute_cost never produces such amounts)."""
+    try:
+        d = Decimal(amount)
+    except (ArithmeticError, ValueError, TypeError):
+        return None
+    if not d.is_finite() or d < 0:
+        return None
+    nanos = _CTX.multiply(d, NANOS_PER_UNIT)
+    if nanos != nanos.to_integral_value():
+        return None
+    return int(nanos)
+
+
+def nanos_to_amount(nanos: int) -> str:
+    """Inverse of amount_to_nanos, in the same plain notation as Cost amounts ("0.3", "12", "0")."""
+    return _fmt(_CTX.divide(Decimal(nanos), NANOS_PER_UNIT))

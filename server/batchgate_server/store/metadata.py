@@ -86,6 +86,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX usage_ledger_ended ON usage_ledger(ended_at);
     CREATE INDEX usage_ledger_project ON usage_ledger(project, ended_at)
     """,
+    # cost_nanos: a known cost in integer 1e-9 USD (cost amounts are rounded to nano-dollars), so
+    # QueryUsage sums costs exactly in SQL. NULL when the cost is unknown. Rows written before this
+    # migration are converted from their decimal string exactly, digit by digit (no REAL on the way).
+    """
+    ALTER TABLE usage_ledger ADD COLUMN cost_nanos INTEGER;
+    UPDATE usage_ledger SET cost_nanos = CASE
+        WHEN cost_status != 'known' OR cost_amount = '' OR cost_amount GLOB '*[^0-9.]*'
+             OR cost_amount GLOB '*.*.*' THEN NULL
+        WHEN instr(cost_amount, '.') = 0 THEN CAST(cost_amount AS INTEGER) * 1000000000
+        WHEN length(cost_amount) - instr(cost_amount, '.') > 9 THEN NULL
+        ELSE CAST(substr(cost_amount, 1, instr(cost_amount, '.') - 1) AS INTEGER) * 1000000000
+             + CAST(substr(substr(cost_amount, instr(cost_amount, '.') + 1) || '000000000', 1, 9) AS INTEGER)
+    END
+    """,
 ]
 
 
@@ -100,6 +114,12 @@ class MetadataStore:
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
         self._write = asyncio.Lock()
+
+    def committed_reads(self) -> asyncio.Lock:
+        """Hold while reading what must be committed (the usage ledger): a plain read on the shared
+        connection, issued while another coroutine's transaction is open, would see its uncommitted
+        rows. Not re-entrant; never hold it around a write."""
+        return self._write
 
     async def _exec(self, sql: str, args=()) -> aiosqlite.Cursor:
         async with self._write:
