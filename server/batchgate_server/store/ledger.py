@@ -106,7 +106,7 @@ class UsageLedger:
 
     def __init__(self, store: MetadataStore) -> None:
         self.store = store
-        self.db = store.db
+        self.db = store.reader
 
     async def high_water(self) -> int:
         """The newest ledger rowid: what `LedgerFilter.as_of` pins a multi-page query to."""

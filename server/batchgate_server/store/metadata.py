@@ -9,6 +9,7 @@ what WatchBatch resumes from.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -108,18 +109,20 @@ class RevisionConflict(Exception):
 
 
 class MetadataStore:
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection | None = None) -> None:
         self.db = db
-        # One connection serves the whole server: a statement issued while another
+        # Reads go through their own connection: in WAL mode it sees only committed data,
+        # so nobody reads a batch state whose transaction may still roll back.
+        self.reader = reader or db
+        # One writer connection serves the whole server: a statement issued while another
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
         self._write = asyncio.Lock()
 
-    def committed_reads(self) -> asyncio.Lock:
-        """Hold while reading what must be committed (the usage ledger): a plain read on the shared
-        connection, issued while another coroutine's transaction is open, would see its uncommitted
-        rows. Not re-entrant; never hold it around a write."""
-        return self._write
+    def committed_reads(self) -> contextlib.AbstractAsyncContextManager:
+        """Kept for readers that group several statements: the reader connection already sees
+        only committed rows, so this needs no lock."""
+        return contextlib.nullcontext()
 
     async def _exec(self, sql: str, args=()) -> aiosqlite.Cursor:
         async with self._write:
@@ -135,9 +138,16 @@ class MetadataStore:
         await db.execute("PRAGMA busy_timeout=5000")
         store = cls(db)
         await store.migrate()
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        reader.row_factory = sqlite3.Row
+        await reader.execute("PRAGMA query_only=ON")
+        await reader.execute("PRAGMA busy_timeout=5000")
+        store.reader = reader
         return store
 
     async def close(self) -> None:
+        if self.reader is not self.db:
+            await self.reader.close()
         await self.db.close()
 
     async def schema_version(self) -> int:
@@ -172,14 +182,14 @@ class MetadataStore:
         )
 
     async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        async with self.db.execute(
+        async with self.reader.execute(
             "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,)
         ) as cur:
             row = await cur.fetchone()
         return (row["key_id"], row["project"]) if row else None
 
     async def count_api_keys(self) -> int:
-        async with self.db.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL") as cur:
+        async with self.reader.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL") as cur:
             row = await cur.fetchone()
         return int(row[0])
 
@@ -198,12 +208,12 @@ class MetadataStore:
         )
 
     async def get_file(self, file_id: str) -> FileRecord | None:
-        async with self.db.execute("SELECT * FROM files WHERE id=?", (file_id,)) as cur:
+        async with self.reader.execute("SELECT * FROM files WHERE id=?", (file_id,)) as cur:
             row = await cur.fetchone()
         return file_from_row(row) if row else None
 
     async def get_file_by_request_id(self, project: str, request_id: str) -> FileRecord | None:
-        async with self.db.execute(
+        async with self.reader.execute(
             "SELECT * FROM files WHERE project=? AND request_id=?", (project, request_id)
         ) as cur:
             row = await cur.fetchone()
@@ -223,7 +233,7 @@ class MetadataStore:
             args += [after[0], after[0], after[1]]
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         args.append(limit)
-        async with self.db.execute(sql, args) as cur:
+        async with self.reader.execute(sql, args) as cur:
             return [file_from_row(r) for r in await cur.fetchall()]
 
     async def delete_file(self, file_id: str) -> bool:
@@ -231,13 +241,13 @@ class MetadataStore:
         return cur.rowcount > 0
 
     async def expired_files(self, now: float, limit: int = 500) -> list[FileRecord]:
-        async with self.db.execute(
+        async with self.reader.execute(
             "SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit)
         ) as cur:
             return [file_from_row(r) for r in await cur.fetchall()]
 
     async def all_file_ids(self) -> set[str]:
-        async with self.db.execute("SELECT id FROM files") as cur:
+        async with self.reader.execute("SELECT id FROM files") as cur:
             return {r[0] for r in await cur.fetchall()}
 
     # -- batches --------------------------------------------------------------------
@@ -250,12 +260,12 @@ class MetadataStore:
         )
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
-        async with self.db.execute("SELECT doc FROM batches WHERE id=?", (batch_id,)) as cur:
+        async with self.reader.execute("SELECT doc FROM batches WHERE id=?", (batch_id,)) as cur:
             row = await cur.fetchone()
         return batch_from_doc(row[0]) if row else None
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
-        async with self.db.execute(
+        async with self.reader.execute(
             "SELECT doc FROM batches WHERE project=? AND request_id=?", (project, request_id)
         ) as cur:
             row = await cur.fetchone()
@@ -275,12 +285,12 @@ class MetadataStore:
             args += [after[0], after[0], after[1]]
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         args.append(limit)
-        async with self.db.execute(sql, args) as cur:
+        async with self.reader.execute(sql, args) as cur:
             return [batch_from_doc(r[0]) for r in await cur.fetchall()]
 
     async def active_batches(self) -> list[BatchRecord]:
         terminal = [s.value for s in BatchStatus if s.is_terminal]
-        async with self.db.execute(
+        async with self.reader.execute(
             f"SELECT doc FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
             " ORDER BY created_at", terminal
         ) as cur:

@@ -1,0 +1,62 @@
+"""The SQLite metadata store: versioned schema, revisions, and reads that only see commits."""
+
+import time
+
+import aiosqlite
+import pytest
+
+from batchgate_server.core.models import BatchRecord, BatchStatus
+from batchgate_server.store.metadata import MIGRATIONS, MetadataStore, RevisionConflict
+
+
+def batch(batch_id: str = "batch_1") -> BatchRecord:
+    now = time.time()
+    return BatchRecord(id=batch_id, project="p", endpoint="/v1/chat/completions", input_file_id="file-1",
+                       completion_window="24h", status=BatchStatus.VALIDATING, created_at=now, expires_at=now + 86400)
+
+
+async def test_schema_is_versioned_and_migrations_run_once(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    store = await MetadataStore.open(path)
+    assert await store.schema_version() == len(MIGRATIONS)
+    await store.close()
+    store = await MetadataStore.open(path)  # reopening migrates nothing and loses nothing
+    assert await store.schema_version() == len(MIGRATIONS)
+    async with store.db.execute("PRAGMA journal_mode") as cur:
+        assert (await cur.fetchone())[0] == "wal"
+    await store.close()
+
+
+async def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    async with aiosqlite.connect(path) as db:
+        await db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    with pytest.raises(RuntimeError, match="newer than this server"):
+        await MetadataStore.open(path)
+
+
+async def test_revision_bumps_with_every_update_and_detects_conflicts(tmp_path):
+    store = await MetadataStore.open(tmp_path / "db.sqlite3")
+    b = batch()
+    await store.insert_batch(b)
+    b.status = BatchStatus.IN_PROGRESS
+    await store.update_batch(b)
+    assert b.revision == 2 and (await store.get_batch(b.id)).revision == 2
+    stale = batch()  # revision 1
+    with pytest.raises(RevisionConflict):
+        await store.update_batch(stale)
+    assert stale.revision == 1, "a failed update leaves the record's revision as it was"
+    await store.close()
+
+
+async def test_reads_never_see_an_open_transaction(tmp_path):
+    store = await MetadataStore.open(tmp_path / "db.sqlite3")
+    b = batch()
+    await store.insert_batch(b)
+    await store.db.execute("BEGIN IMMEDIATE")
+    await store.db.execute("UPDATE batches SET status='failed', revision=99 WHERE id=?", (b.id,))
+    seen = await store.get_batch(b.id)
+    assert seen.revision == 1 and seen.status is BatchStatus.VALIDATING
+    await store.db.execute("ROLLBACK")
+    assert (await store.get_batch(b.id)).revision == 1
+    await store.close()
