@@ -33,7 +33,8 @@ from tests.integration.usage_helpers import (
 # Explicit batch prices: input $1/M, cached input $0.50/M, output $2/M.
 PRICED_INFO = {"input_cost_per_token_batches": "0.000001", "cache_read_input_token_cost_batches": "0.0000005",
                "output_cost_per_token_batches": "0.000002"}
-# Standard prices only (input $4/M, output $8/M): batches pay half.
+# Standard prices only (input $4/M, output $8/M). The built-in executor sends real-time
+# requests, so it pays the standard rate (providers' batch APIs pay half; see test_pricing).
 HALF_INFO = {"input_cost_per_token": "0.000004", "output_cost_per_token": "0.000008"}
 
 
@@ -124,28 +125,29 @@ async def test_hand_computed_cost_with_cached_and_reasoning_tokens(h):
             report.totals.reasoning_tokens) == (1, "0.000776", 80, 20)
 
 
-async def test_half_of_the_standard_price_without_a_batch_price(h):
+async def test_the_executor_pays_the_standard_price(h):
     final = await run_batch(h, h.alice, "half-llm", [text(), text()])
     assert (final.usage.input_tokens, final.usage.output_tokens) == (2 * PROMPT_TOKENS, 2 * COMPLETION_TOKENS)
-    # batch input = $4/M / 2 = 0.000002, batch output = $8/M / 2 = 0.000004
-    # input  200 * 0.000002 = 0.0004
-    # output 104 * 0.000004 = 0.000416
-    # total                 = 0.000816
-    assert cost_tuple(final) == (KNOWN, "0.0004", "0.000416", "0.000816")
-    assert "50% of standard" in final.cost.price_source
+    # real-time requests: input $4/M = 0.000004, output $8/M = 0.000008
+    # input  200 * 0.000004 = 0.0008
+    # output 104 * 0.000008 = 0.000832
+    # total                 = 0.001632
+    assert cost_tuple(final) == (KNOWN, "0.0008", "0.000832", "0.001632")
+    assert final.cost.price_source.startswith("standard rate (the built-in executor makes real-time requests)")
 
 
 async def test_builtin_price_found_by_the_deployment_model(h):
     # "mini" is hosted_vllm/gpt-4o-mini: the snapshot prices deployment.model "gpt-4o-mini" from
-    # the builtin table (batch input $0.075/M, cached $0.075/M, output $0.30/M).
+    # the builtin table, at the standard rate because the executor makes real-time requests
+    # (input $0.15/M, cached input $0.075/M, output $0.60/M).
     final = await run_batch(h, h.alice, "mini", [text("CACHED:40"), text()])
     assert (final.usage.input_tokens, final.usage.input_tokens_details.cached_tokens,
             final.usage.output_tokens) == (200, 40, 104)
-    # input  200 * 0.000000075 = 0.000015  (cached tokens at the same rate: no cache discount in Batch)
-    # output 104 * 0.0000003   = 0.0000312
-    # total                    = 0.0000462
-    assert cost_tuple(final) == (KNOWN, "0.000015", "0.0000312", "0.0000462")
-    assert final.cost.price_source == "builtin@2026-11-01"
+    # input  160 * 0.00000015 + 40 cached * 0.000000075 = 0.000024 + 0.000003 = 0.000027
+    # output 104 * 0.0000006                             = 0.0000624
+    # total                                              = 0.0000894
+    assert cost_tuple(final) == (KNOWN, "0.000027", "0.0000624", "0.0000894")
+    assert final.cost.price_source.endswith("builtin@2026-11-01")
 
 
 async def test_openai_batch_api_output_priced(tmp_path):
@@ -198,7 +200,8 @@ async def test_model_without_a_price_is_unknown_never_zero(h):
 
 def price_file(path, house_special_input: str, house_special_output: str):
     path.write_text(yaml.safe_dump({"version": f"ops-{house_special_input}", "models": {
-        "gpt-4o-mini": {"input_cost_per_token_batches": "0.000001", "output_cost_per_token_batches": "0.000002"},
+        "gpt-4o-mini": {"input_cost_per_token": "0.000001", "output_cost_per_token": "0.000002",
+                        "input_cost_per_token_batches": "0.000001", "output_cost_per_token_batches": "0.000002"},
         "house-special": {"input_cost_per_token": house_special_input, "output_cost_per_token": house_special_output},
     }}))
     return path
@@ -215,15 +218,15 @@ async def test_operator_price_file_overrides_and_model_info_wins(tmp_path, upstr
     h = await start_harness(tmp_path / "data", config_file=config, price_file=prices)
     try:
         mini = await run_batch(h, h.alice, "mini", [text(), text()])
-        # the file's gpt-4o-mini batch prices replace the builtin ones: input $1/M, output $2/M
+        # the file's gpt-4o-mini prices replace the builtin ones: input $1/M, output $2/M
         # input 200 * 0.000001 = 0.0002; output 104 * 0.000002 = 0.000208; total 0.000408
         assert cost_tuple(mini) == (KNOWN, "0.0002", "0.000208", "0.000408")
-        assert mini.cost.price_source.startswith(f"file:{prices}@ops-0.00001 over builtin@")
+        assert f"file:{prices}@ops-0.00001 over builtin@" in mini.cost.price_source
 
         special = await run_batch(h, h.alice, "special", [text()])
-        # a model only the file knows, standard prices only: batch = half = input $5/M, output $10/M
-        # input 100 * 0.000005 = 0.0005; output 52 * 0.00001 = 0.00052; total 0.00102
-        assert cost_tuple(special) == (KNOWN, "0.0005", "0.00052", "0.00102")
+        # a model only the file knows, standard prices only, paid in full by the executor:
+        # input 100 * 0.00001 = 0.001; output 52 * 0.00002 = 0.00104; total 0.00204
+        assert cost_tuple(special) == (KNOWN, "0.001", "0.00104", "0.00204")
 
         own = await run_batch(h, h.alice, "special-own-price", [text()])
         # the deployment's model_info beats the file: input 100 * 0.000001 = 0.0001,
@@ -232,8 +235,8 @@ async def test_operator_price_file_overrides_and_model_info_wins(tmp_path, upstr
         assert own.cost.price_source.startswith("model_info over file:")
 
         totals = (await query(h, h.admin)).totals
-        # 0.000408 + 0.00102 + 0.000204 = 0.001632
-        assert (totals.batch_count, totals.cost_amount) == (3, "0.001632")
+        # 0.000408 + 0.00204 + 0.000204 = 0.002652
+        assert (totals.batch_count, totals.cost_amount) == (3, "0.002652")
     finally:
         await stop(h)
 
@@ -255,15 +258,15 @@ async def test_prices_in_force_at_creation_survive_a_restart_with_new_prices(tmp
     try:
         final = (await watch_all(h.alice, slow.id))[-1]
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and final.request_counts.completed == 2
-        # still the prices of creation time: batch input $5/M, output $10/M
-        # input 200 * 0.000005 = 0.001; output 104 * 0.00001 = 0.00104; total 0.00204
-        assert cost_tuple(final) == (KNOWN, "0.001", "0.00104", "0.00204")
+        # still the prices of creation time (standard rate, executor): input $10/M, output $20/M
+        # input 200 * 0.00001 = 0.002; output 104 * 0.00002 = 0.00208; total 0.00408
+        assert cost_tuple(final) == (KNOWN, "0.002", "0.00208", "0.00408")
         new = await run_batch(h, h.alice, "special", [text()])
-        # created after the change: input 100 * 0.00005 = 0.005; output 52 * 0.0001 = 0.0052; total 0.0102
-        assert cost_tuple(new) == (KNOWN, "0.005", "0.0052", "0.0102")
+        # created after the change: input 100 * 0.0001 = 0.01; output 52 * 0.0002 = 0.0104; total 0.0204
+        assert cost_tuple(new) == (KNOWN, "0.01", "0.0104", "0.0204")
         assert len(await ledger_rows(h, slow.id)) == 1 and len(await ledger_rows(h, new.id)) == 1
         totals = (await query(h, h.alice)).totals
-        assert (totals.batch_count, totals.cost_amount) == (2, "0.01224")  # 0.00204 + 0.0102
+        assert (totals.batch_count, totals.cost_amount) == (2, "0.02448")  # 0.00408 + 0.0204
     finally:
         await stop(h)
 

@@ -19,6 +19,11 @@ from batchgate_server.pricing.table import ModelPrice, PriceTable
 from batchgate_server.pricing.usage import sum_usage_from_output
 
 _FLUSH_LINES = 2048
+STANDARD_FOR_BATCH = (
+    ("input_cost_per_token_batches", "input_cost_per_token"),
+    ("output_cost_per_token_batches", "output_cost_per_token"),
+    ("cache_read_input_token_cost_batches", "cache_read_input_token_cost"),
+)
 
 
 class UsageCounter:
@@ -50,8 +55,17 @@ class Accounting:
     def __init__(self, prices: PriceTable) -> None:
         self.prices = prices
 
-    def snapshot(self, model: str, model_info: Mapping[str, Any] | None) -> dict[str, Any]:
-        return self.prices.snapshot(model, model_info)
+    def snapshot(self, model: str, model_info: Mapping[str, Any] | None, provider: str = "") -> dict[str, Any]:
+        snapshot = self.prices.snapshot(model, model_info)
+        explicit_batch_price = any(k.endswith("_batches") for k in (model_info or {}))
+        if provider == "openai_compatible" and snapshot.get("priced") and not explicit_batch_price:
+            # The built-in executor sends real-time requests: an upstream that bills per token
+            # bills them at its standard rate, not the batch discount.
+            for batch_key, standard_key in STANDARD_FOR_BATCH:
+                if snapshot.get(standard_key) is not None:
+                    snapshot[batch_key] = snapshot[standard_key]
+            snapshot["source"] = f"standard rate (the built-in executor makes real-time requests); {snapshot.get('source', '')}"
+        return snapshot
 
     def usage_counter(self) -> UsageCounter:
         return UsageCounter()

@@ -122,7 +122,7 @@ class BatchManager:
                 expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=deployment.model_name,
                 provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
                 api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
-                price=self.accounting.snapshot(deployment.model, deployment.model_info),
+                price=self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider),
             )
             try:
                 await self.store.insert_batch(record)
