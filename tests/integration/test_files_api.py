@@ -357,3 +357,15 @@ async def test_large_upload_200mb(harness, tmp_path):
         back.update(m.data)
         total += len(m.data)
     assert total == size and back.hexdigest() == f.sha256
+
+
+async def test_concurrent_uploads_with_one_request_id_make_one_file(harness):
+    """Both uploads pass the replay check before either commits; the second commit loses the
+    race on the unique index and answers with the winner's file."""
+    a = harness.alice
+    results = await asyncio.gather(*[harness.upload(a, batch_file(400), request_id="same-upload", chunk_size=4096)
+                                     for _ in range(4)])
+    assert len({f.id for f in results}) == 1
+    assert len(blob_files(harness)) == 1
+    listed = (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files
+    assert [f.id for f in listed] == [results[0].id]

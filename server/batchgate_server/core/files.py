@@ -181,7 +181,7 @@ class FileManager:
         except sqlite3.IntegrityError:
             # Two uploads raced with the same request_id: the first one wins.
             self.blobs.delete(record.id)
-            previous = await self.store.get_file_by_request_id(principal.project, header.request_id)
+            previous = await self.store.get_file_by_request_id(record.project, header.request_id)
             if previous is None:
                 raise
             return previous
@@ -204,15 +204,11 @@ class FileManager:
 
     async def list(self, principal: Principal, size: int, token: str,
                    purpose: FilePurpose | None) -> tuple[list[FileRecord], str]:
-        limit = pagination.page_size(size)
         filter_key = f"{principal.scope}|{purpose.value if purpose else ''}"
-        after = pagination.decode_token(token, filter_key)
-        rows = await self.store.list_files(principal.scope, purpose.value if purpose else None, limit + 1, after)
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_token = pagination.encode_token(rows[-1].created_at, rows[-1].id, filter_key)
-        return rows, next_token
+        return await pagination.keyset_page(
+            size, token, filter_key,
+            lambda limit, after: self.store.list_files(principal.scope, purpose.value if purpose else None,
+                                                       limit, after))
 
     def read(self, record: FileRecord, offset: int, limit: int) -> Iterator[bytes]:
         if offset < 0 or limit < 0:
