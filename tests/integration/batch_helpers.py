@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import yaml
 
 from batchgate.v1 import batch_pb2, file_pb2
+from batchgate_server.providers.base import Deployment, ProviderJob
+from tests.conftest import jsonl
 
 TERMINAL = {batch_pb2.BATCH_STATUS_COMPLETED, batch_pb2.BATCH_STATUS_FAILED, batch_pb2.BATCH_STATUS_EXPIRED,
             batch_pb2.BATCH_STATUS_CANCELLED}
@@ -51,6 +54,36 @@ async def download_lines(caller, file_id: str) -> list[dict]:
 
 async def results(caller, batch: batch_pb2.Batch) -> tuple[list[dict], list[dict]]:
     return await download_lines(caller, batch.output_file_id), await download_lines(caller, batch.error_file_id)
+
+
+async def run_batch(h, lines: list[dict], **create_fields) -> tuple[batch_pb2.Batch, list, list, list]:
+    """Upload `lines` as alice, create a batch, watch it to its end: (final state, all states,
+    output lines, error lines)."""
+    a = h.alice
+    f = await h.upload(a, jsonl(lines))
+    batch = await create(a, f.id, **create_fields)
+    states = await watch_all(a, batch.id)
+    out, err = await results(a, states[-1])
+    return states[-1], states, out, err
+
+
+def provider_job(path: Path, deployment: Deployment, lines: list[dict], batch_id: str,
+                 expires_in: float = 86400) -> ProviderJob:
+    """A ProviderJob for driving an adapter directly: its input (`lines`, written to `path`) is
+    read back from disk, state saving is a no-op, work files go to `path`'s folder / "work"."""
+    path.write_bytes(jsonl(lines))
+
+    async def open_input():
+        for raw in path.read_bytes().splitlines():
+            yield raw
+
+    async def save_state():
+        pass
+
+    now = time.time()
+    return ProviderJob(batch_id=batch_id, endpoint="/v1/chat/completions", deployment=deployment,
+                       line_count=len(lines), created_at=now, expires_at=now + expires_in, state={},
+                       open_input=open_input, save_state=save_state, workdir=path.parent / "work")
 
 
 def status_names(states) -> list[str]:

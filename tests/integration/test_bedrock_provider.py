@@ -5,7 +5,6 @@ client (endpoint_url), so botocore validates and signs every call as it would ag
 from __future__ import annotations
 
 import json
-import time
 
 import anthropic.types
 import grpc
@@ -18,7 +17,15 @@ from batchgate_server.providers.base import Deployment, JobStatus, ProviderJob
 from batchgate_server.providers.bedrock.provider import BedrockBatchProvider, client_request_token
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3
-from tests.integration.batch_helpers import assert_lifecycle, create, results, status_names, watch_all, write_config
+from tests.integration.batch_helpers import (
+    assert_lifecycle,
+    create,
+    provider_job,
+    results,
+    status_names,
+    write_config,
+)
+from tests.integration.batch_helpers import run_batch as run
 
 BUCKET = "bedrock-batches"
 REGION = "us-east-1"
@@ -94,15 +101,6 @@ def chat(custom_id: str, text: str, model: str = "claude", **body) -> dict:
 
 def many(n: int, model: str = "claude", prefix: str = "r") -> list[dict]:
     return [chat(f"{prefix}{i}", f"question {i}", model=model) for i in range(n)]
-
-
-async def run(h, lines: list[dict], **create_fields):
-    a = h.alice
-    f = await h.upload(a, jsonl(lines))
-    batch = await create(a, f.id, **create_fields)
-    states = await watch_all(a, batch.id)
-    out, err = await results(a, states[-1])
-    return states[-1], states, out, err
 
 
 def s3_lines(s3: MotoS3, key: str) -> list[dict]:
@@ -300,20 +298,7 @@ async def test_unsupported_endpoint_is_invalid_argument(h, model, url, body, rea
 def _job(bedrock, s3, tmp_path, batch_id: str, n: int = 100, expires_in: float = 86400) -> ProviderJob:
     dep = Deployment(id="d", model_name="claude", provider="bedrock", model=CLAUDE,
                      params=entry("x", bedrock, s3)["litellm_params"])
-    path = tmp_path / f"{batch_id}.jsonl"
-    path.write_bytes(jsonl(many(n)))
-
-    async def open_input():
-        for raw in path.read_bytes().splitlines():
-            yield raw
-
-    async def save_state():
-        pass
-
-    now = time.time()
-    return ProviderJob(batch_id=batch_id, endpoint="/v1/chat/completions", deployment=dep, line_count=n,
-                       created_at=now, expires_at=now + expires_in, state={}, open_input=open_input,
-                       save_state=save_state, workdir=tmp_path / "work")
+    return provider_job(tmp_path / f"{batch_id}.jsonl", dep, many(n), batch_id, expires_in)
 
 
 async def _poll_until(provider, job, status: JobStatus, limit: int = 10):

@@ -5,7 +5,6 @@ credentials are real service-account keys whose tokens google-auth fetches from 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,15 @@ from batchgate_server.providers.base import Deployment, JobStatus, ProviderJob
 from batchgate_server.providers.vertex.provider import JOB_LABEL, VertexBatchProvider, job_label
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator
-from tests.integration.batch_helpers import assert_lifecycle, create, results, status_names, watch_all, write_config
+from tests.integration.batch_helpers import (
+    assert_lifecycle,
+    create,
+    provider_job,
+    results,
+    status_names,
+    write_config,
+)
+from tests.integration.batch_helpers import run_batch as run
 
 BUCKET = "vertex-batches"
 PROJECT = "test-project"
@@ -102,15 +109,6 @@ def chat(custom_id: str, text: str, model: str = "gemini", **body) -> dict:
     line = request_line(custom_id, model=model, content=text)
     line["body"].update(body)
     return line
-
-
-async def run(h, lines: list[dict], **create_fields) -> tuple[batch_pb2.Batch, list, list, list]:
-    a = h.alice
-    f = await h.upload(a, jsonl(lines))
-    batch = await create(a, f.id, **create_fields)
-    states = await watch_all(a, batch.id)
-    out, err = await results(a, states[-1])
-    return states[-1], states, out, err
 
 
 # -- the happy path --------------------------------------------------------------------------------
@@ -273,20 +271,7 @@ async def test_unsupported_endpoint_is_invalid_argument(h):
 
 def _job(tmp_path: Path, deployment: Deployment, lines: list[dict], batch_id: str,
          expires_in: float = 86400) -> ProviderJob:
-    path = tmp_path / "input.jsonl"
-    path.write_bytes(jsonl(lines))
-
-    async def open_input():
-        for raw in path.read_bytes().splitlines():
-            yield raw
-
-    async def save_state():
-        pass
-
-    now = time.time()
-    return ProviderJob(batch_id=batch_id, endpoint="/v1/chat/completions", deployment=deployment,
-                       line_count=len(lines), created_at=now, expires_at=now + expires_in, state={},
-                       open_input=open_input, save_state=save_state, workdir=tmp_path / "work")
+    return provider_job(tmp_path / "input.jsonl", deployment, lines, batch_id, expires_in)
 
 
 async def test_resubmit_after_a_crash_adopts_the_job_instead_of_creating_another(vertex, keys, tmp_path):

@@ -150,15 +150,10 @@ class BatchManager:
 
     async def list(self, principal: Principal, size: int, token: str,
                    statuses: Sequence[BatchStatus]) -> tuple[list[BatchRecord], str]:
-        limit = pagination.page_size(size)
         filter_key = f"{principal.scope}|{','.join(sorted(s.value for s in statuses))}"
-        after = pagination.decode_token(token, filter_key)
-        rows = await self.store.list_batches(principal.scope, statuses, limit + 1, after)
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_token = pagination.encode_token(rows[-1].created_at, rows[-1].id, filter_key)
-        return rows, next_token
+        return await pagination.keyset_page(
+            size, token, filter_key,
+            lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after))
 
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)

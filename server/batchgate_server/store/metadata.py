@@ -108,6 +108,25 @@ class RevisionConflict(Exception):
     """The batch changed since it was read (someone else wrote it)."""
 
 
+def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, list[Any]]],
+                  after: tuple[float, str] | None, limit: int) -> tuple[str, list[Any]]:
+    """`select` filtered by project (None: all) and `conditions` (SQL, args), newest first, from
+    after the keyset cursor (created_at, id), at most `limit` rows."""
+    sql, args = select + " WHERE 1=1", []
+    if project is not None:
+        sql += " AND project=?"
+        args.append(project)
+    for condition, values in conditions:
+        sql += " AND " + condition
+        args += values
+    if after:
+        sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+        args += [after[0], after[0], after[1]]
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    args.append(limit)
+    return sql, args
+
+
 class MetadataStore:
     def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection | None = None) -> None:
         self.db = db
@@ -221,18 +240,8 @@ class MetadataStore:
 
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
                          after: tuple[float, str] | None) -> list[FileRecord]:
-        sql, args = "SELECT * FROM files WHERE 1=1", []
-        if project is not None:
-            sql += " AND project=?"
-            args.append(project)
-        if purpose:
-            sql += " AND purpose=?"
-            args.append(purpose)
-        if after:
-            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
-            args += [after[0], after[0], after[1]]
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        args.append(limit)
+        sql, args = _keyset_query("SELECT * FROM files", project, [("purpose=?", [purpose])] if purpose else [],
+                                  after, limit)
         async with self.reader.execute(sql, args) as cur:
             return [file_from_row(r) for r in await cur.fetchall()]
 
@@ -273,18 +282,9 @@ class MetadataStore:
 
     async def list_batches(self, project: str | None, statuses: Sequence[BatchStatus], limit: int,
                            after: tuple[float, str] | None) -> list[BatchRecord]:
-        sql, args = "SELECT doc FROM batches WHERE 1=1", []
-        if project is not None:
-            sql += " AND project=?"
-            args.append(project)
-        if statuses:
-            sql += f" AND status IN ({','.join('?' * len(statuses))})"
-            args += [s.value for s in statuses]
-        if after:
-            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
-            args += [after[0], after[0], after[1]]
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        args.append(limit)
+        conditions = ([(f"status IN ({','.join('?' * len(statuses))})", [s.value for s in statuses])]
+                      if statuses else [])
+        sql, args = _keyset_query("SELECT doc FROM batches", project, conditions, after, limit)
         async with self.reader.execute(sql, args) as cur:
             return [batch_from_doc(r[0]) for r in await cur.fetchall()]
 

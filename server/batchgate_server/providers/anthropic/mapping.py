@@ -37,11 +37,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from batchgate_server.core.models import RequestCounts
 from batchgate_server.providers.base import JobStatus, PollResult
+from batchgate_server.providers.openai_batch.mapping import iso_to_unix
 
 PROCESSING_STATUSES = ("in_progress", "canceling", "ended")
 COUNT_FIELDS = ("processing", "succeeded", "errored", "canceled", "expired")
@@ -58,20 +58,8 @@ def parse_rfc3339(value: Any) -> float | None:
         s = s[:-1] + "+00:00"
     if len(s) > 10 and s[10] in " t":
         s = s[:10] + "T" + s[11:]
-    if "." in s:  # at most 6 fraction digits for fromisoformat
-        head, _, rest = s.partition(".")
-        digits = ""
-        while rest and rest[0].isdigit():
-            digits, rest = digits + rest[0], rest[1:]
-        s = head + ("." + digits[:6] if digits else "") + rest
-    try:
-        dt = datetime.fromisoformat(s)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    ts = dt.timestamp()
-    return ts if math.isfinite(ts) else None
+    ts = iso_to_unix(s)
+    return ts if ts is not None and math.isfinite(ts) else None
 
 
 def _count(value: Any) -> int:

@@ -55,9 +55,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -76,6 +75,7 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.custom_ids import anthropic_codec
 from batchgate_server.providers.openai_batch.client import ApiClient, Conn
+from batchgate_server.providers.params import float_param, int_param
 
 from . import mapping
 from .translate import (
@@ -103,22 +103,6 @@ IDS_FILE = "anthropic_ids.jsonl"
 ERRORS_FILE = "anthropic_translation_errors.jsonl"
 CHUNK = 256 * 1024
 _YIELD_EVERY = 500  # lines translated between two chances for the event loop to run others
-
-
-def _float(params: Mapping[str, Any], key: str, default: float) -> float:
-    v = params.get(key)
-    try:
-        return float(v) if v is not None and v != "" else default
-    except (TypeError, ValueError):
-        return default
-
-
-def _int(params: Mapping[str, Any], key: str, default: int) -> int:
-    v = params.get(key)
-    try:
-        return int(v) if v is not None and v != "" else default
-    except (TypeError, ValueError):
-        return default
 
 
 @dataclass
@@ -152,9 +136,9 @@ class AnthropicBatchProvider(BatchProvider):
             base = base[:-3]
         headers = {"x-api-key": str(p["api_key"]),
                    "anthropic-version": str(p.get("anthropic_version") or ANTHROPIC_VERSION)}
-        return Conn(label=LABEL, base_url=base, headers=headers, timeout=_float(p, "timeout", 60.0),
-                    max_retries=max(0, _int(p, "max_retries", 3)),
-                    backoff_base=max(0.0, _float(p, "backoff_base", 0.5)))
+        return Conn(label=LABEL, base_url=base, headers=headers, timeout=float_param(p, "timeout", 60.0),
+                    max_retries=max(0, int_param(p, "max_retries", 3)),
+                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
 
     # ------------------------------------------------------------------ BatchProvider
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
@@ -360,7 +344,7 @@ class AnthropicBatchProvider(BatchProvider):
         workdir.mkdir(parents=True, exist_ok=True)
         p = job.deployment.params
         model = job.deployment.model
-        max_tokens = _int(p, "default_max_tokens", DEFAULT_MAX_TOKENS)
+        max_tokens = int_param(p, "default_max_tokens", DEFAULT_MAX_TOKENS)
         codec = anthropic_codec()
         files = {name: workdir / (name + ".tmp") for name in (IDS_FILE, ERRORS_FILE)
                  + ((BODY_FILE,) if write_body else ())}

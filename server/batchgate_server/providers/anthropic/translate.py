@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from batchgate_server.providers import output_lines
 from batchgate_server.providers.base import ResultKind, ResultLine
 
 DEFAULT_MAX_TOKENS = 4096
@@ -368,13 +369,14 @@ def _assistant_blocks(msg: Mapping[str, Any], where: str) -> list[dict]:
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) \
                 or not isinstance(call_id, str) or not call_id:
             raise TranslationError(cwhere, "a tool call needs an id and a function name")
-        arguments = _parse_arguments(fn.get("arguments"), f"{cwhere}.function.arguments")
+        arguments = parse_arguments(fn.get("arguments"), f"{cwhere}.function.arguments")
         blocks.append({"type": "tool_use", "id": _tool_id(call_id), "name": fn["name"],
                        "input": arguments})
     return blocks
 
 
-def _parse_arguments(arguments: Any, where: str) -> dict:
+def parse_arguments(arguments: Any, where: str) -> dict:
+    """A tool call's `function.arguments` (a JSON object string, an object, or empty) as a dict."""
     if arguments is None or arguments == "":
         return {}
     if isinstance(arguments, Mapping):
@@ -481,35 +483,19 @@ def _translate_response_format(fmt: Any) -> dict | None:
     raise TranslationError("response_format", f"unsupported response_format type {ftype!r}")
 
 
-def _dumps(obj: Any) -> bytes:
-    try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: keep them as \u escapes
-        return json.dumps(obj, separators=(",", ":")).encode("ascii")
-
-
 def batch_request_line(custom_id: str, params: dict) -> bytes:
     """One element of the create body's `requests` array, serialised."""
-    return _dumps({"custom_id": custom_id, "params": params})
+    return output_lines.dumps({"custom_id": custom_id, "params": params})
 
 
 # ---------------------------------------------------------------------------------------------
 # Results: Anthropic result lines -> OpenAI batch output lines
 
 
-def _line_id(batch_id: str, request_index: int) -> str:
-    digest = hashlib.sha256(f"{batch_id}\x00{request_index}".encode("utf-8", "surrogatepass"))
-    return "batch_req_" + digest.hexdigest()[:32]
-
-
 def _line(kind: ResultKind, *, batch_id: str, request_index: int, custom_id: str,
           response: dict | None, error: dict | None) -> ResultLine:
-    return ResultLine(kind=kind, data=_dumps({
-        "id": _line_id(batch_id, request_index),
-        "custom_id": custom_id,
-        "response": response,
-        "error": error,
-    }))
+    return output_lines.result_line(kind, output_lines.line_id(batch_id, request_index), custom_id,
+                                    response=response, error=error)
 
 
 def _chat_completion(message: Mapping[str, Any], created: int) -> dict:
@@ -604,18 +590,12 @@ def anthropic_result_to_openai(result_line: dict, *, original_custom_id: str, re
 def translation_error_line(custom_id: str, error: TranslationError, *, request_index: int,
                            batch_id: str) -> ResultLine:
     """The error-file line for a request that was never sent because it can't be translated."""
-    return _line(ResultKind.ERROR, batch_id=batch_id, request_index=request_index,
-                 custom_id=custom_id, error=None, response={
-                     "status_code": 400,
-                     "request_id": None,
-                     "body": {"error": {"message": error.message, "type": "invalid_request_error",
-                                        "param": error.param, "code": "unsupported_parameter"}},
-                 })
+    return output_lines.translation_error_line(custom_id, error, request_index=request_index,
+                                               batch_id=batch_id, request_id=None)
 
 
 def provider_error_line(custom_id: str, *, code: str, message: str, request_index: int,
                         batch_id: str) -> ResultLine:
     """An error-file line (non-HTTP failure: response null) for a request the provider gave no
     usable result for, e.g. one missing from the results stream."""
-    return _line(ResultKind.ERROR, batch_id=batch_id, request_index=request_index,
-                 custom_id=custom_id, response=None, error={"code": code, "message": message})
+    return output_lines.no_result_line(output_lines.line_id(batch_id, request_index), custom_id, code, message)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from batchgate_server.providers.base import ProviderError
+from batchgate_server.providers.params import float_param, param_or_env
 from batchgate_server.providers.staged import aiter_lines
 
 log = logging.getLogger(__name__)
@@ -40,23 +40,11 @@ RETRYABLE_CODES = {"ThrottlingException", "Throttling", "TooManyRequestsExceptio
 
 def setting(params: Mapping[str, Any], name: str) -> Any:
     keys, envs = SETTINGS[name]
-    for key in keys:
-        value = params.get(key)
-        if value not in (None, ""):
-            return value
-    return next((os.environ[e] for e in envs if os.environ.get(e)), None)
+    return param_or_env(params, keys, envs)
 
 
 def missing_setting(params: Mapping[str, Any]) -> str | None:
     return next((name for name in REQUIRED if not setting(params, name)), None)
-
-
-def _num(params: Mapping[str, Any], key: str, default: float) -> float:
-    try:
-        value = params.get(key)
-        return float(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        return default
 
 
 @dataclass(frozen=True)
@@ -91,8 +79,8 @@ class BedrockConfig:
                    profile=params.get("aws_profile_name") or None,
                    bedrock_endpoint=params.get("aws_bedrock_endpoint") or None,
                    s3_endpoint=params.get("s3_endpoint_url") or None,
-                   timeout=_num(params, "timeout", 60.0),
-                   max_retries=max(0, int(_num(params, "max_retries", 3))))
+                   timeout=float_param(params, "timeout", 60.0),
+                   max_retries=max(0, int(float_param(params, "max_retries", 3))))
 
     @property
     def session_key(self) -> tuple:

@@ -45,26 +45,19 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
+from pathlib import Path
 
-from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.core.models import RequestCounts
 from batchgate_server.providers.base import (
-    BatchProvider,
     Deployment,
-    JobStatus,
-    PollResult,
     ProviderError,
     ProviderJob,
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.custom_ids import bedrock_codec
-from batchgate_server.providers.staged import (
-    InputLine,
-    ResultTracker,
-    index_input,
-    unanswered,
-    write_translated,
-)
+from batchgate_server.providers.custom_ids import CustomIdCodec, bedrock_codec
+from batchgate_server.providers.params import int_param
+from batchgate_server.providers.staged import InputLine, ResultTracker, Staged, StagedBatchProvider
 
 from . import translate
 from .client import SETTINGS, BedrockClient, BedrockConfig, missing_setting
@@ -73,7 +66,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_RECORDS = 100
 DEFAULT_MAX_RECORDS = 50_000
-TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.EXPIRED, JobStatus.CANCELLED}
 SUPPORTED_TEXT = ("/v1/chat/completions (Anthropic Claude models via InvokeModel, other chat models via "
                   "Converse) and /v1/embeddings (Amazon Titan Text Embeddings V2 only)")
 
@@ -92,17 +84,9 @@ def client_request_token(batch_id: str) -> str:
     return ("batchgate-" + token)[:256].rstrip("-")
 
 
-def _limit(params: Mapping, key: str, default: int) -> int:
-    try:
-        value = params.get(key)
-        return int(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        return default
-
-
 def record_limits(params: Mapping) -> tuple[int, int]:
-    return (max(1, _limit(params, "bedrock_min_records", DEFAULT_MIN_RECORDS)),
-            max(1, _limit(params, "bedrock_max_records", DEFAULT_MAX_RECORDS)))
+    return (max(1, int_param(params, "bedrock_min_records", DEFAULT_MIN_RECORDS)),
+            max(1, int_param(params, "bedrock_max_records", DEFAULT_MAX_RECORDS)))
 
 
 def _epoch(value) -> int:
@@ -111,9 +95,19 @@ def _epoch(value) -> int:
     return int(time.time())
 
 
-class BedrockBatchProvider(BatchProvider):
+class BedrockBatchProvider(StagedBatchProvider):
     name = "bedrock"
-    poll_interval = 30.0
+    log = log
+    label = "Bedrock"
+    job_key = "job_arn"
+    job_kind = "batch inference job"
+    status_field = "status"
+    status_map = translate.BEDROCK_STATUS_TO_STATUS
+    expired_state, cancelled_state, cancelling_state = "Expired", "Stopped", "Stopping"
+    end_verb = "stopping"
+    output_noun = "record(s)"
+    translation_errors = (translate.TranslationError,)
+    _translation_error_line = staticmethod(translate.translation_error_line)
 
     def __init__(self, *, client: BedrockClient | None = None) -> None:
         self._client = client or BedrockClient()
@@ -136,13 +130,7 @@ class BedrockBatchProvider(BatchProvider):
             raise UnsupportedRequest(f"{mid!r} is an embedding model; use /v1/embeddings. Bedrock supports "
                                      f"{SUPPORTED_TEXT}", reason="UNSUPPORTED_ENDPOINT_FOR_MODEL",
                                      details={"endpoint": endpoint, "model": mid})
-        missing = missing_setting(deployment.params)
-        if missing:
-            raise UnsupportedRequest(
-                f"deployment {deployment.model_name!r} (bedrock) has no {missing}: set litellm_params.{missing} "
-                f"or the environment variable {SETTINGS[missing][1][0]}",
-                reason="PROVIDER_NOT_CONFIGURED", precondition=True,
-                details={"setting": missing, "env": SETTINGS[missing][1][0], "deployment": deployment.id})
+        self._require_settings(deployment)
         low, high = record_limits(deployment.params)
         if line_count < low:
             raise UnsupportedRequest(
@@ -161,36 +149,8 @@ class BedrockBatchProvider(BatchProvider):
             return
         cfg = BedrockConfig.from_params(job.deployment.params)
         mid = model_id(job.deployment)
-        if not st.get("input_uri"):
-            staged = await write_translated(job, bedrock_codec(), job.workdir / f"{job.batch_id}.jsonl",
-                                            self._translator(job), (translate.TranslationError,))
-            try:
-                st["sent"], st["skipped"] = staged.sent, staged.skipped
-                if staged.sent == 0:
-                    log.info("batch %s: no line could be translated for Bedrock; no job created", job.batch_id)
-                    st["no_job"] = True
-                    await job.save_state()
-                    return
-                low, high = record_limits(job.deployment.params)
-                if staged.sent < low:
-                    raise UnsupportedRequest(
-                        f"only {staged.sent} of {job.line_count} requests can be sent to Bedrock "
-                        f"({staged.skipped} cannot be translated, first: {staged.first_error}); Bedrock batch "
-                        f"inference needs at least {low} records per job", reason="BATCH_TOO_SMALL",
-                        precondition=True)
-                if staged.sent > high:
-                    raise UnsupportedRequest(f"{staged.sent} records exceed Bedrock's {high} per job",
-                                             reason="BATCH_TOO_LARGE", precondition=True)
-                if staged.skipped:
-                    log.info("batch %s: %d line(s) cannot be sent to Bedrock, first: %s", job.batch_id,
-                             staged.skipped, staged.first_error)
-                base = f"{cfg.prefix}/{job.batch_id}" if cfg.prefix else job.batch_id
-                st["input_uri"] = await self._client.upload_file(cfg, staged.path,
-                                                                 f"{base}/input/{job.batch_id}.jsonl")
-                st["output_uri"] = f"s3://{cfg.bucket}/{base}/output/"
-            finally:
-                staged.path.unlink(missing_ok=True)
-            await job.save_state()
+        if not await self._stage(job, cfg):
+            return
         hours = min(168, max(24, math.ceil((job.expires_at - job.created_at) / 3600)))
         arn = await self._client.create_job(
             cfg, jobName=translate.make_job_name(job.batch_id), roleArn=cfg.role_arn,
@@ -201,45 +161,6 @@ class BedrockBatchProvider(BatchProvider):
             tags=[{"key": "batchgate_batch_id", "value": job.batch_id}])
         st["job_arn"] = arn
         await job.save_state()
-
-    async def poll(self, job: ProviderJob) -> PollResult:
-        st = job.state
-        skipped = int(st.get("skipped") or 0)
-        if st.get("no_job"):
-            return PollResult(JobStatus.COMPLETED, RequestCounts(job.line_count, 0, skipped))
-        arn = st.get("job_arn")
-        if not arn:
-            if job.cancel_requested.is_set():
-                return PollResult(JobStatus.CANCELLED)
-            raise ProviderError(f"batch {job.batch_id} has no Bedrock job (not submitted)",
-                                code="provider_job_not_found")
-        cfg = BedrockConfig.from_params(job.deployment.params)
-        info = await self._get_job(cfg, job, arn)
-        raw = str(info.get("status") or "")
-        status = translate.BEDROCK_STATUS_TO_STATUS.get(raw)
-        if status is None:
-            log.warning("batch %s: unknown Bedrock job status %r; still waiting", job.batch_id, raw)
-            status = JobStatus.IN_PROGRESS
-        counts = None
-        if any(k in info for k in ("successRecordCount", "errorRecordCount")):
-            counts = RequestCounts(job.line_count, int(info.get("successRecordCount") or 0),
-                                   int(info.get("errorRecordCount") or 0) + skipped)
-        if status is JobStatus.FAILED:
-            return PollResult(JobStatus.FAILED, counts, errors=[BatchError(
-                "provider_job_failed", f"Bedrock batch inference job {arn} failed: "
-                f"{info.get('message') or 'no reason given'}")], detail=raw)
-        if status is JobStatus.CANCELLED and st.get("expire_sent"):
-            status = JobStatus.EXPIRED
-        if status not in TERMINAL and job.cancel_requested.is_set() and not st.get("cancel_sent"):
-            # A cancel that arrived while submit was still running: carry it out now.
-            await self.cancel(job)
-            status = JobStatus.CANCELLING
-        elif status not in TERMINAL and not st.get("expire_sent") and time.time() > job.expires_at:
-            log.info("batch %s: completion window over; stopping Bedrock job %s", job.batch_id, arn)
-            st["expire_sent"] = True
-            await job.save_state()
-            await self._stop(cfg, job, arn)
-        return PollResult(status, counts, detail=raw)
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
@@ -256,58 +177,76 @@ class BedrockBatchProvider(BatchProvider):
             st["job_arn"] = arn
             await job.save_state()
         st["cancel_sent"] = True
-        await self._stop(cfg, job, arn)
-
-    async def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
-        st = job.state
-        codec = bedrock_codec()
-        tracker = ResultTracker(await index_input(job, codec))
-        outcome = "cancelled" if job.cancel_requested.is_set() else "completed"
-        arn = st.get("job_arn")
-        translator = self._translator(job)
-        if arn:
-            cfg = BedrockConfig.from_params(job.deployment.params)
-            info = await self._get_job(cfg, job, arn)
-            raw_status = info.get("status")
-            if raw_status == "Expired" or (raw_status == "Stopped" and st.get("expire_sent")):
-                outcome = "expired"
-            elif raw_status in ("Stopped", "Stopping"):
-                outcome = "cancelled"
-            else:
-                outcome = "completed"
-            created = _epoch(info.get("endTime") or info.get("lastModifiedTime"))
-            out_uri = (((info.get("outputDataConfig") or {}).get("s3OutputDataConfig") or {}).get("s3Uri")
-                       or st["output_uri"])
-            bucket, _, prefix = out_uri.removeprefix("s3://").partition("/")
-            job_id = arn.rsplit("/", 1)[-1]
-            prefix = f"{prefix.rstrip('/')}/{job_id}/" if prefix.strip("/") else f"{job_id}/"
-            keys = await self._client.list_keys(cfg, bucket, prefix)
-            for key in sorted(k for k in keys if k.endswith(".jsonl.out")):
-                async for raw in self._client.iter_lines(cfg, bucket, key):
-                    line = self._record(job, tracker, raw, key, created)
-                    if line is not None:
-                        yield line
-            manifest = next((k for k in keys if k.endswith("manifest.json.out")), None)
-            if manifest is not None:
-                await self._check_manifest(cfg, job, bucket, manifest, tracker)
-            elif outcome == "completed":
-                log.warning("batch %s: Bedrock job %s wrote no manifest.json.out", job.batch_id, arn)
-        if tracker.unknown or tracker.duplicates:
-            log.warning("batch %s: ignored %d record(s) of other batches and %d duplicate(s)", job.batch_id,
-                        tracker.unknown, tracker.duplicates)
-        async for line in unanswered(job, codec, tracker, translator, (translate.TranslationError,),
-                                     translate.translation_error_line, lambda i: translate.batch_request_output_id(job.batch_id, i),
-                                     outcome, "Bedrock"):
-            yield line
+        await self._end_job(cfg, job, arn)
 
     async def close(self) -> None:
         self._client.close()
+
+    # ------------------------------------------------------------------ StagedBatchProvider hooks
+    def _config(self, params: Mapping) -> BedrockConfig:
+        return BedrockConfig.from_params(params)
+
+    def _codec(self) -> CustomIdCodec:
+        return bedrock_codec()
+
+    def _staging_path(self, job: ProviderJob) -> Path:
+        return job.workdir / f"{job.batch_id}.jsonl"
+
+    def _missing_setting(self, params: Mapping) -> tuple[str, str] | None:
+        missing = missing_setting(params)
+        return (missing, SETTINGS[missing][1][0]) if missing else None
+
+    def _check_staged(self, job: ProviderJob, staged: Staged) -> None:
+        low, high = record_limits(job.deployment.params)
+        if staged.sent < low:
+            raise UnsupportedRequest(
+                f"only {staged.sent} of {job.line_count} requests can be sent to Bedrock "
+                f"({staged.skipped} cannot be translated, first: {staged.first_error}); Bedrock batch "
+                f"inference needs at least {low} records per job", reason="BATCH_TOO_SMALL",
+                precondition=True)
+        if staged.sent > high:
+            raise UnsupportedRequest(f"{staged.sent} records exceed Bedrock's {high} per job",
+                                     reason="BATCH_TOO_LARGE", precondition=True)
+
+    async def _upload(self, cfg: BedrockConfig, job: ProviderJob, path: Path, base: str) -> None:
+        job.state["input_uri"] = await self._client.upload_file(cfg, path, f"{base}/input/{job.batch_id}.jsonl")
+        job.state["output_uri"] = f"s3://{cfg.bucket}/{base}/output/"
+
+    def _counts(self, job: ProviderJob, info: Mapping, skipped: int) -> RequestCounts | None:
+        if any(k in info for k in ("successRecordCount", "errorRecordCount")):
+            return RequestCounts(job.line_count, int(info.get("successRecordCount") or 0),
+                                 int(info.get("errorRecordCount") or 0) + skipped)
+        return None
+
+    def _failure_reason(self, info: Mapping):
+        return info.get("message") or "no reason given"
+
+    async def _read_output(self, cfg: BedrockConfig, job: ProviderJob, arn: str, info: Mapping,
+                           tracker: ResultTracker, outcome: str) -> AsyncIterator[ResultLine]:
+        st = job.state
+        created = _epoch(info.get("endTime") or info.get("lastModifiedTime"))
+        out_uri = (((info.get("outputDataConfig") or {}).get("s3OutputDataConfig") or {}).get("s3Uri")
+                   or st["output_uri"])
+        bucket, _, prefix = out_uri.removeprefix("s3://").partition("/")
+        job_id = arn.rsplit("/", 1)[-1]
+        prefix = f"{prefix.rstrip('/')}/{job_id}/" if prefix.strip("/") else f"{job_id}/"
+        keys = await self._client.list_keys(cfg, bucket, prefix)
+        for key in sorted(k for k in keys if k.endswith(".jsonl.out")):
+            async for raw in self._client.iter_lines(cfg, bucket, key):
+                line = self._record(job, tracker, raw, key, created)
+                if line is not None:
+                    yield line
+        manifest = next((k for k in keys if k.endswith("manifest.json.out")), None)
+        if manifest is not None:
+            await self._check_manifest(cfg, job, bucket, manifest, tracker)
+        elif outcome == "completed":
+            log.warning("batch %s: Bedrock job %s wrote no manifest.json.out", job.batch_id, arn)
 
     # ------------------------------------------------------------------ helpers
     def _translator(self, job: ProviderJob):
         mid = model_id(job.deployment)
         embeddings = job.endpoint == translate.EMBEDDINGS_ENDPOINT
-        max_tokens = _limit(job.deployment.params, "max_tokens", 4096)
+        max_tokens = int_param(job.deployment.params, "max_tokens", 4096)
 
         def translate_line(line: InputLine) -> dict:
             if not isinstance(line.body, Mapping):
@@ -321,12 +260,8 @@ class BedrockBatchProvider(BatchProvider):
 
     def _record(self, job: ProviderJob, tracker: ResultTracker, raw: bytes, key: str,
                 created: int) -> ResultLine | None:
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            log.warning("batch %s: skipping a line of %s that is not JSON", job.batch_id, key)
-            return None
-        if not isinstance(record, Mapping):
+        record = self._output_object(job, raw, key)
+        if record is None:
             return None
         hit = tracker.claim(record.get("recordId"))
         if hit is None:
@@ -361,7 +296,7 @@ class BedrockBatchProvider(BatchProvider):
                                     f"account or region. {e.message}", code="provider_job_not_found") from e
             raise
 
-    async def _stop(self, cfg: BedrockConfig, job: ProviderJob, arn: str) -> None:
+    async def _end_job(self, cfg: BedrockConfig, job: ProviderJob, arn: str) -> None:
         try:
             await self._client.stop_job(cfg, arn)
         except ProviderError as e:

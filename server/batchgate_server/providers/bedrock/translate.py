@@ -30,9 +30,11 @@ from batchgate_server.providers.anthropic.translate import (
     TranslationError,
     anthropic_result_to_openai,
     chat_to_anthropic_params,
+    parse_arguments,
     translation_error_line,
 )
 from batchgate_server.providers.base import JobStatus, ResultKind, ResultLine
+from batchgate_server.providers.output_lines import dumps, error_body, line_id, response_line
 
 __all__ = [
     "ANTHROPIC_VERSION", "BEDROCK_STATUS_TO_STATUS", "CHAT_ENDPOINT", "EMBEDDINGS_ENDPOINT",
@@ -258,22 +260,6 @@ def _converse_blocks(content: Any, where: str, *, media: bool) -> list[dict]:
     return blocks
 
 
-def _parse_arguments(arguments: Any, where: str) -> dict:
-    if arguments is None or arguments == "":
-        return {}
-    if isinstance(arguments, Mapping):
-        return dict(arguments)
-    if not isinstance(arguments, str):
-        raise TranslationError(where, "arguments must be a JSON string")
-    try:
-        parsed = json.loads(arguments)
-    except ValueError as exc:
-        raise TranslationError(where, f"arguments are not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise TranslationError(where, "arguments must encode a JSON object")
-    return parsed
-
-
 def _converse_messages(messages: Any) -> tuple[list[dict], list[dict], bool]:
     if not isinstance(messages, list) or not messages:
         raise TranslationError("messages", "'messages' must be a non-empty array")
@@ -314,7 +300,7 @@ def _converse_messages(messages: Any) -> tuple[list[dict], list[dict], bool]:
                         or not call["id"]:
                     raise TranslationError(cw, "a tool call needs an id and a function name")
                 blocks.append({"toolUse": {"toolUseId": _tool_use_id(call["id"]), "name": fn["name"],
-                                           "input": _parse_arguments(fn.get("arguments"),
+                                           "input": parse_arguments(fn.get("arguments"),
                                                                      cw + ".function.arguments")}})
                 uses_tools = True
             add("assistant", blocks)
@@ -540,30 +526,7 @@ _EXCEPTION_HTTP = {
 }
 
 
-def _line_id(batch_id: str, request_index: int) -> str:
-    digest = hashlib.sha256(f"{batch_id}\x00{request_index}".encode("utf-8", "surrogatepass"))
-    return "batch_req_" + digest.hexdigest()[:32]
-
-
-def batch_request_output_id(batch_id: str, request_index: int) -> str:
-    """The OpenAI output line id ("batch_req_…") of request `request_index` of a batch."""
-    return _line_id(batch_id, request_index)
-
-
-def _dumps(obj: Any) -> bytes:
-    try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: keep them as \u escapes
-        return json.dumps(obj, separators=(",", ":")).encode("ascii")
-
-
-def _line(kind: ResultKind, out_id: str, custom_id: str, status: int, body: dict,
-          request_id: str = "") -> ResultLine:
-    return ResultLine(kind=kind, data=_dumps({
-        "id": out_id, "custom_id": custom_id,
-        "response": {"status_code": status, "request_id": request_id, "body": body},
-        "error": None,
-    }))
+batch_request_output_id = line_id  # the OpenAI output line id ("batch_req_…") of a request
 
 
 def _error_status(code: Any, message: str) -> int:
@@ -657,7 +620,7 @@ def bedrock_output_to_openai(record: Mapping[str, Any], *, decode_custom_id: Cal
     if not isinstance(record_id, str) or not record_id:
         raise TranslationError("recordId", "output record has no recordId")
     custom_id = decode_custom_id(record_id)
-    out_id = _line_id(batch_id, request_index)
+    out_id = line_id(batch_id, request_index)
     shown_model = model or model_id
 
     error = record.get("error")
@@ -669,23 +632,20 @@ def bedrock_output_to_openai(record: Mapping[str, Any], *, decode_custom_id: Cal
             code, message = None, str(error)
         status = _error_status(code, message)
         err_code = str(code) if code is not None and not str(code).strip().isdigit() else None
-        return _line(ResultKind.ERROR, out_id, custom_id, status,
-                     {"error": {"message": message, "type": _error_type(status), "param": None,
-                                "code": err_code}})
+        return response_line(ResultKind.ERROR, out_id, custom_id, status,
+                             error_body(message, _error_type(status), None, err_code))
 
     output = record.get("modelOutput")
     if not isinstance(output, Mapping):
-        return _line(ResultKind.ERROR, out_id, custom_id, 500,
-                     {"error": {"message": "Bedrock returned neither modelOutput nor error for this record",
-                                "type": "server_error", "param": None, "code": None}})
+        return response_line(ResultKind.ERROR, out_id, custom_id, 500, error_body(
+            "Bedrock returned neither modelOutput nor error for this record", "server_error"))
 
     if endpoint == EMBEDDINGS_ENDPOINT:
         body = _embedding_response(output, model=shown_model)
         if body is None:
-            return _line(ResultKind.ERROR, out_id, custom_id, 500,
-                         {"error": {"message": "Bedrock embedding output has no embedding",
-                                    "type": "server_error", "param": None, "code": None}})
-        return _line(ResultKind.OUTPUT, out_id, custom_id, 200, body)
+            return response_line(ResultKind.ERROR, out_id, custom_id, 500,
+                                 error_body("Bedrock embedding output has no embedding", "server_error"))
+        return response_line(ResultKind.OUTPUT, out_id, custom_id, 200, body)
 
     if output.get("type") == "message" or ("content" in output and "output" not in output):
         # Anthropic Messages response (InvokeModel on a Claude model).
@@ -700,11 +660,10 @@ def bedrock_output_to_openai(record: Mapping[str, Any], *, decode_custom_id: Cal
 
     if isinstance(output.get("output"), Mapping):
         body = _converse_completion(output, out_id=out_id, model=shown_model, created=created)
-        return _line(ResultKind.OUTPUT, out_id, custom_id, 200, body)
+        return response_line(ResultKind.OUTPUT, out_id, custom_id, 200, body)
 
-    return _line(ResultKind.ERROR, out_id, custom_id, 500,
-                 {"error": {"message": "unrecognised Bedrock modelOutput shape", "type": "server_error",
-                            "param": None, "code": None}})
+    return response_line(ResultKind.ERROR, out_id, custom_id, 500,
+                         error_body("unrecognised Bedrock modelOutput shape", "server_error"))
 
 
 def _normalise_anthropic_line(line: ResultLine, out_id: str) -> ResultLine:
@@ -713,4 +672,4 @@ def _normalise_anthropic_line(line: ResultLine, out_id: str) -> ResultLine:
     if data.get("id") == out_id:
         return line
     data["id"] = out_id
-    return ResultLine(kind=line.kind, data=_dumps(data))
+    return ResultLine(kind=line.kind, data=dumps(data))

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from batchgate_server.providers.base import ProviderError
+from batchgate_server.providers.lines import complete_lines, last_line
 
 from .mapping import error_message, parse_retry_after
 
@@ -196,19 +197,10 @@ class ApiClient:
         try:
             async for chunk in resp.aiter_bytes():
                 pending += chunk
-                start = 0
-                while True:
-                    nl = pending.find(b"\n", start)
-                    if nl < 0:
-                        break
-                    line = bytes(pending[start:nl]).rstrip(b"\r")
-                    start = nl + 1
-                    if line.strip():
-                        yield line
-                if start:
-                    del pending[:start]
-            if pending.strip():
-                yield bytes(pending).rstrip(b"\r")
+                for line in complete_lines(pending):
+                    yield line
+            if (line := last_line(pending)) is not None:
+                yield line
         except httpx.TransportError as e:
             raise ProviderError(f"{conn.label} GET {public_path(path)}: download interrupted: "
                                 f"{type(e).__name__}: {e}", code="provider_unreachable",

@@ -83,7 +83,13 @@ def _parse_iso(s: str) -> float | None:
     t = s.replace(" ", "T", 1) if "T" not in s and " " in s else s
     if t.endswith(("Z", "z")):
         t = t[:-1] + "+00:00"
-    # Python < 3.11-safe trimming of 7-digit (.NET) fractions: keep at most 6 digits.
+    return iso_to_unix(t)
+
+
+def iso_to_unix(t: str) -> float | None:
+    """ISO 8601 text (offset written as +HH:MM; none means UTC) -> unix seconds; None when
+    fromisoformat can't read it. Fractions longer than 6 digits (.NET writes 7) are cut to 6, which
+    Python < 3.11 needs."""
     if "." in t:
         head, _, rest = t.partition(".")
         digits = ""

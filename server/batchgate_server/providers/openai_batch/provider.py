@@ -40,6 +40,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
+from batchgate_server.providers.params import float_param, int_param
 
 from . import mapping
 from .client import ApiClient, Conn, multipart_stream
@@ -50,22 +51,6 @@ OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 AZURE_DEFAULT_API_VERSION = "2024-10-21"
 METADATA_KEY = "batchgate_batch_id"
 LOOKUP_PAGES = 5  # pages of 100 batches searched when reconciling an interrupted create
-
-
-def _float(params: Mapping[str, Any], key: str, default: float) -> float:
-    v = params.get(key)
-    try:
-        return float(v) if v is not None and v != "" else default
-    except (TypeError, ValueError):
-        return default
-
-
-def _int(params: Mapping[str, Any], key: str, default: int) -> int:
-    v = params.get(key)
-    try:
-        return int(v) if v is not None and v != "" else default
-    except (TypeError, ValueError):
-        return default
 
 
 class _OpenAIFamilyProvider(BatchProvider):
@@ -93,9 +78,9 @@ class _OpenAIFamilyProvider(BatchProvider):
         if problem:
             raise ProviderError(problem, code="provider_not_configured", retryable=False)
         return Conn(label=self.label, base_url=self._base_url(p), headers=self._headers(p),
-                    query=self._query(p), timeout=_float(p, "timeout", 60.0),
-                    max_retries=max(0, _int(p, "max_retries", 3)),
-                    backoff_base=max(0.0, _float(p, "backoff_base", 0.5)))
+                    query=self._query(p), timeout=float_param(p, "timeout", 60.0),
+                    max_retries=max(0, int_param(p, "max_retries", 3)),
+                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
 
     def _base_url(self, p: Mapping[str, Any]) -> str:
         base = str(p.get("api_base") or OPENAI_DEFAULT_BASE).rstrip("/")

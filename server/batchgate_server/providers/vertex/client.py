@@ -19,6 +19,7 @@ import httpx
 from batchgate_server.providers.base import ProviderError
 from batchgate_server.providers.openai_batch.client import backoff_delay
 from batchgate_server.providers.openai_batch.mapping import parse_retry_after
+from batchgate_server.providers.params import float_param, param_or_env
 from batchgate_server.providers.staged import aiter_lines
 
 log = logging.getLogger(__name__)
@@ -41,24 +42,12 @@ REQUIRED = ("vertex_project", "vertex_location", "gcs_bucket_name")
 
 def setting(params: Mapping[str, Any], name: str) -> Any:
     keys, env = SETTINGS[name]
-    for key in keys:
-        value = params.get(key)
-        if value not in (None, ""):
-            return value
-    return os.environ.get(env) or None
+    return param_or_env(params, keys, (env,))
 
 
 def missing_setting(params: Mapping[str, Any]) -> str | None:
     """The first required setting that is neither in litellm_params nor in its env variable."""
     return next((name for name in REQUIRED if not setting(params, name)), None)
-
-
-def _num(params: Mapping[str, Any], key: str, default: float) -> float:
-    try:
-        value = params.get(key)
-        return float(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
-        return default
 
 
 @dataclass(frozen=True)
@@ -92,9 +81,9 @@ class VertexConfig:
                    prefix=prefix, credentials=setting(params, "vertex_credentials"),
                    api_base=str(api_base).rstrip("/"),
                    gcs_endpoint=params.get("gcs_endpoint_url") or None,
-                   timeout=_num(params, "timeout", 60.0),
-                   max_retries=max(0, int(_num(params, "max_retries", 3))),
-                   backoff_base=max(0.0, _num(params, "backoff_base", 0.5)))
+                   timeout=float_param(params, "timeout", 60.0),
+                   max_retries=max(0, int(float_param(params, "max_retries", 3))),
+                   backoff_base=max(0.0, float_param(params, "backoff_base", 0.5)))
 
     @property
     def parent(self) -> str:

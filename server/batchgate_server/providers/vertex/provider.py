@@ -33,31 +33,21 @@ call went out; poll sends it if a cancel arrived while submit was still running)
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
-from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.core.models import RequestCounts
 from batchgate_server.providers.base import (
-    BatchProvider,
     Deployment,
-    JobStatus,
-    PollResult,
     ProviderError,
     ProviderJob,
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.custom_ids import vertex_codec
-from batchgate_server.providers.staged import (
-    InputLine,
-    ResultTracker,
-    index_input,
-    unanswered,
-    write_translated,
-)
+from batchgate_server.providers.custom_ids import CustomIdCodec, vertex_codec
+from batchgate_server.providers.staged import InputLine, ResultTracker, StagedBatchProvider
 
 from . import translate
 from .client import SETTINGS, VertexClient, VertexConfig, missing_setting
@@ -66,7 +56,6 @@ log = logging.getLogger(__name__)
 
 MAX_REQUESTS = 200_000  # Vertex AI Gemini batch prediction: requests per job
 JOB_LABEL = "batchgate_batch_id"
-TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.EXPIRED, JobStatus.CANCELLED}
 
 
 def job_label(batch_id: str) -> str:
@@ -83,9 +72,20 @@ def _translate(line: InputLine) -> dict:
     return translate.chat_to_vertex_instance(line.body, custom_id_label=line.provider_id)
 
 
-class VertexBatchProvider(BatchProvider):
+class VertexBatchProvider(StagedBatchProvider):
     name = "vertex_ai"
-    poll_interval = 30.0
+    log = log
+    label = "Vertex AI"
+    job_key = "job_name"
+    job_kind = "batch prediction job"
+    status_field = "state"
+    status_map = translate.JOB_STATE_TO_STATUS
+    expired_state, cancelled_state, cancelling_state = (
+        "JOB_STATE_EXPIRED", "JOB_STATE_CANCELLED", "JOB_STATE_CANCELLING")
+    end_verb = "cancelling"
+    output_noun = "prediction line(s)"
+    translation_errors = (translate.TranslationError,)
+    _translation_error_line = staticmethod(translate.translation_error_line)
 
     def __init__(self, *, client: VertexClient | None = None) -> None:
         self._client = client or VertexClient()
@@ -98,13 +98,7 @@ class VertexBatchProvider(BatchProvider):
                 f"models) only; {endpoint} is not supported",
                 reason="UNSUPPORTED_ENDPOINT",
                 details={"endpoint": endpoint, "supported": ",".join(translate.SUPPORTED_ENDPOINTS)})
-        missing = missing_setting(deployment.params)
-        if missing:
-            raise UnsupportedRequest(
-                f"deployment {deployment.model_name!r} (vertex_ai) has no {missing}: set "
-                f"litellm_params.{missing} or the environment variable {SETTINGS[missing][1]}",
-                reason="PROVIDER_NOT_CONFIGURED", precondition=True,
-                details={"setting": missing, "env": SETTINGS[missing][1], "deployment": deployment.id})
+        self._require_settings(deployment)
         if line_count > MAX_REQUESTS:
             raise UnsupportedRequest(
                 f"Vertex AI accepts at most {MAX_REQUESTS} requests per batch prediction job; this file has "
@@ -116,25 +110,8 @@ class VertexBatchProvider(BatchProvider):
         if st.get("job_name") or st.get("no_job"):
             return
         cfg = VertexConfig.from_params(job.deployment.params)
-        if not st.get("input_uri"):
-            staged = await write_translated(job, vertex_codec(), job.workdir / "vertex-input.jsonl",
-                                            _translate, (translate.TranslationError,))
-            try:
-                st["sent"], st["skipped"] = staged.sent, staged.skipped
-                if staged.sent == 0:
-                    log.info("batch %s: no line could be translated for Vertex AI; no job created", job.batch_id)
-                    st["no_job"] = True
-                    await job.save_state()
-                    return
-                if staged.skipped:
-                    log.info("batch %s: %d line(s) cannot be sent to Vertex AI, first: %s", job.batch_id,
-                             staged.skipped, staged.first_error)
-                base = f"{cfg.prefix}/{job.batch_id}" if cfg.prefix else job.batch_id
-                st["input_uri"] = await self._client.upload_file(cfg, staged.path, f"{base}/input.jsonl")
-                st["output_prefix"] = f"gs://{cfg.bucket}/{base}/output"
-            finally:
-                staged.path.unlink(missing_ok=True)
-            await job.save_state()
+        if not await self._stage(job, cfg):
+            return
         label = job_label(job.batch_id)
         if st.get("create_started"):
             found = await self._client.find_jobs(cfg, JOB_LABEL, label)
@@ -165,44 +142,6 @@ class VertexBatchProvider(BatchProvider):
         st["job_name"] = name
         await job.save_state()
 
-    async def poll(self, job: ProviderJob) -> PollResult:
-        st = job.state
-        skipped = int(st.get("skipped") or 0)
-        if st.get("no_job"):
-            return PollResult(JobStatus.COMPLETED, RequestCounts(job.line_count, 0, skipped))
-        name = st.get("job_name")
-        if not name:
-            if job.cancel_requested.is_set():  # cancelled before a job existed (cancel() looked)
-                return PollResult(JobStatus.CANCELLED)
-            raise ProviderError(f"batch {job.batch_id} has no Vertex AI job (not submitted)",
-                                code="provider_job_not_found")
-        cfg = VertexConfig.from_params(job.deployment.params)
-        info = await self._get_job(cfg, job, name)
-        state = str(info.get("state") or "")
-        status = translate.JOB_STATE_TO_STATUS.get(state)
-        if status is None:
-            log.warning("batch %s: unknown Vertex AI job state %r; still waiting", job.batch_id, state)
-            status = JobStatus.IN_PROGRESS
-        stats = translate.completion_stats_to_counts(info.get("completionStats"), 0)
-        counts = RequestCounts(job.line_count, stats.completed, stats.failed + skipped)
-        if status is JobStatus.FAILED:
-            err = info.get("error") if isinstance(info.get("error"), Mapping) else {}
-            message = str(err.get("message") or "no reason given")
-            return PollResult(JobStatus.FAILED, counts, errors=[BatchError(
-                "provider_job_failed", f"Vertex AI batch prediction job {name} failed: {message}")], detail=state)
-        if status is JobStatus.CANCELLED and st.get("expire_sent"):
-            status = JobStatus.EXPIRED
-        if status not in TERMINAL and job.cancel_requested.is_set() and not st.get("cancel_sent"):
-            # A cancel that arrived while submit was still running: carry it out now.
-            await self.cancel(job)
-            status = JobStatus.CANCELLING
-        elif status not in TERMINAL and not st.get("expire_sent") and time.time() > job.expires_at:
-            log.info("batch %s: completion window over; cancelling Vertex AI job %s", job.batch_id, name)
-            st["expire_sent"] = True
-            await job.save_state()
-            await self._cancel_job(cfg, job, name)
-        return PollResult(status, counts, detail=state)
-
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
         name = st.get("job_name")
@@ -216,56 +155,59 @@ class VertexBatchProvider(BatchProvider):
             name = st["job_name"] = found[0].get("name")
             await job.save_state()
         st["cancel_sent"] = True
-        await self._cancel_job(cfg, job, name)
-
-    async def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
-        st = job.state
-        codec = vertex_codec()
-        tracker = ResultTracker(await index_input(job, codec))
-        outcome = "cancelled" if job.cancel_requested.is_set() else "completed"
-        name = st.get("job_name")
-        if name:
-            cfg = VertexConfig.from_params(job.deployment.params)
-            info = await self._get_job(cfg, job, name)
-            state = info.get("state")
-            if state == "JOB_STATE_EXPIRED" or (state == "JOB_STATE_CANCELLED" and st.get("expire_sent")):
-                outcome = "expired"
-            elif state in ("JOB_STATE_CANCELLED", "JOB_STATE_CANCELLING"):
-                outcome = "cancelled"
-            else:
-                outcome = "completed"
-            out_dir = (info.get("outputInfo") or {}).get("gcsOutputDirectory")
-            if out_dir:
-                uris = [u for u in await self._client.list_objects(cfg, out_dir)
-                        if u.rsplit("/", 1)[-1].startswith("predictions") and u.endswith(".jsonl")]
-                for uri in sorted(uris):
-                    async for raw in self._client.iter_lines(cfg, uri):
-                        line = self._prediction(job, tracker, raw, uri)
-                        if line is not None:
-                            yield line
-            elif outcome == "completed":
-                log.warning("batch %s: Vertex AI job %s ended %s without an output directory", job.batch_id,
-                            name, state)
-        if tracker.unknown or tracker.duplicates:
-            log.warning("batch %s: ignored %d prediction line(s) of other batches and %d duplicate(s)",
-                        job.batch_id, tracker.unknown, tracker.duplicates)
-        async for line in unanswered(job, codec, tracker, _translate, (translate.TranslationError,),
-                                     translate.translation_error_line,
-                                     lambda i: translate.batch_request_output_id(job.batch_id, i),
-                                     outcome, "Vertex AI"):
-            yield line
+        await self._end_job(cfg, job, name)
 
     async def close(self) -> None:
         await self._client.aclose()
 
+    # ------------------------------------------------------------------ StagedBatchProvider hooks
+    def _config(self, params: Mapping) -> VertexConfig:
+        return VertexConfig.from_params(params)
+
+    def _codec(self) -> CustomIdCodec:
+        return vertex_codec()
+
+    def _staging_path(self, job: ProviderJob) -> Path:
+        return job.workdir / "vertex-input.jsonl"
+
+    def _translator(self, job: ProviderJob):
+        return _translate
+
+    def _missing_setting(self, params: Mapping) -> tuple[str, str] | None:
+        missing = missing_setting(params)
+        return (missing, SETTINGS[missing][1]) if missing else None
+
+    async def _upload(self, cfg: VertexConfig, job: ProviderJob, path: Path, base: str) -> None:
+        job.state["input_uri"] = await self._client.upload_file(cfg, path, f"{base}/input.jsonl")
+        job.state["output_prefix"] = f"gs://{cfg.bucket}/{base}/output"
+
+    def _counts(self, job: ProviderJob, info: Mapping, skipped: int) -> RequestCounts:
+        stats = translate.completion_stats_to_counts(info.get("completionStats"), 0)
+        return RequestCounts(job.line_count, stats.completed, stats.failed + skipped)
+
+    def _failure_reason(self, info: Mapping) -> str:
+        err = info.get("error") if isinstance(info.get("error"), Mapping) else {}
+        return str(err.get("message") or "no reason given")
+
+    async def _read_output(self, cfg: VertexConfig, job: ProviderJob, name: str, info: Mapping,
+                           tracker: ResultTracker, outcome: str) -> AsyncIterator[ResultLine]:
+        out_dir = (info.get("outputInfo") or {}).get("gcsOutputDirectory")
+        if out_dir:
+            uris = [u for u in await self._client.list_objects(cfg, out_dir)
+                    if u.rsplit("/", 1)[-1].startswith("predictions") and u.endswith(".jsonl")]
+            for uri in sorted(uris):
+                async for raw in self._client.iter_lines(cfg, uri):
+                    line = self._prediction(job, tracker, raw, uri)
+                    if line is not None:
+                        yield line
+        elif outcome == "completed":
+            log.warning("batch %s: Vertex AI job %s ended %s without an output directory", job.batch_id,
+                        name, info.get("state"))
+
     # ------------------------------------------------------------------ helpers
     def _prediction(self, job: ProviderJob, tracker: ResultTracker, raw: bytes, uri: str) -> ResultLine | None:
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            log.warning("batch %s: skipping a line of %s that is not JSON", job.batch_id, uri)
-            return None
-        if not isinstance(obj, Mapping):
+        obj = self._output_object(job, raw, uri)
+        if obj is None:
             return None
         request = obj.get("request")
         labels = request.get("labels") if isinstance(request, Mapping) else None
@@ -289,7 +231,7 @@ class VertexBatchProvider(BatchProvider):
                     code="provider_job_not_found") from e
             raise
 
-    async def _cancel_job(self, cfg: VertexConfig, job: ProviderJob, name: str) -> None:
+    async def _end_job(self, cfg: VertexConfig, job: ProviderJob, name: str) -> None:
         try:
             await self._client.cancel_job(cfg, name)
         except ProviderError as e:

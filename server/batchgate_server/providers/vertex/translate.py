@@ -25,7 +25,9 @@ from datetime import datetime
 from typing import Any
 
 from batchgate_server.core.models import RequestCounts
+from batchgate_server.providers import output_lines
 from batchgate_server.providers.base import JobStatus, ResultKind, ResultLine
+from batchgate_server.providers.output_lines import error_body, line_id, response_line
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)
 
@@ -685,16 +687,7 @@ def _g(d: Mapping[str, Any] | None, camel: str, default: Any = None) -> Any:
     return d.get(snake, default)
 
 
-def batch_request_output_id(batch_id: str, request_index: int) -> str:
-    digest = hashlib.sha256(f"{batch_id}\x00{request_index}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return f"batch_req_{digest}"
-
-
-def _dumps(obj: Any) -> bytes:
-    try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates (legal in JSON text): keep them as \u escapes
-        return json.dumps(obj, separators=(",", ":")).encode("ascii")
+batch_request_output_id = line_id
 
 
 def _status_to_http(status: Any) -> tuple[int, str, str]:
@@ -749,10 +742,8 @@ def _error_type(http: int) -> str:
 
 def _error_line(out_id: str, custom_id: str, http: int, message: str, code: str,
                 request_id: str = "") -> ResultLine:
-    body = {"error": {"message": message, "type": _error_type(http), "param": None, "code": code or None}}
-    line = {"id": out_id, "custom_id": custom_id,
-            "response": {"status_code": http, "request_id": request_id, "body": body}, "error": None}
-    return ResultLine(kind=ResultKind.ERROR, data=_dumps(line))
+    return response_line(ResultKind.ERROR, out_id, custom_id, http,
+                         error_body(message, _error_type(http), None, code or None), request_id)
 
 
 def _created(response: Mapping[str, Any], processed_time: Any) -> int:
@@ -857,16 +848,11 @@ def vertex_prediction_to_openai(line: Mapping[str, Any], *, decode_custom_id: Ca
         "choices": choices,
         "usage": _usage(_g(response, "usageMetadata")),
     }
-    out = {"id": out_id, "custom_id": custom_id,
-           "response": {"status_code": 200, "request_id": request_id, "body": completion}, "error": None}
-    return ResultLine(kind=ResultKind.OUTPUT, data=_dumps(out))
+    return response_line(ResultKind.OUTPUT, out_id, custom_id, 200, completion, request_id)
 
 
 def translation_error_line(custom_id: str, error: TranslationError, *, request_index: int,
                            batch_id: str) -> ResultLine:
     """The error-file line for a request never sent because it cannot be translated."""
-    body = {"error": {"message": error.message, "type": "invalid_request_error",
-                      "param": error.param, "code": "unsupported_parameter"}}
-    line = {"id": batch_request_output_id(batch_id, request_index), "custom_id": custom_id,
-            "response": {"status_code": 400, "request_id": "", "body": body}, "error": None}
-    return ResultLine(kind=ResultKind.ERROR, data=_dumps(line))
+    return output_lines.translation_error_line(custom_id, error, request_index=request_index,
+                                               batch_id=batch_id, request_id="")
