@@ -103,13 +103,15 @@ class BatchgateServer:
         self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {address}")
+        # Adopt unfinished batches before the first call is served: until then CancelBatch would
+        # call a running batch ended, and DeleteFile could remove a running batch's input.
+        await self._start_background()
         await server.start()
         self._server = server
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._health = health_servicer
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
-        await self._start_background()
         log.info("batchgate listening on %s (port %d), data in %s", address, self.port, s.data_dir)
         return self.port
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import sqlite3
@@ -125,13 +126,15 @@ class BatchManager:
                 price=self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider),
             )
             try:
-                await self.store.insert_batch(record)
+                # Shielded: once the row is queued it will be committed even if the caller's
+                # deadline fires, so the runner must be started in the same breath, or the batch
+                # would sit in validating with nobody driving it until the next restart.
+                await asyncio.shield(self._insert_and_adopt(record))
             except sqlite3.IntegrityError:
                 previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
                 if previous is None:
                     raise
                 return previous
-            self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
             adopted = True
         finally:
             if not adopted:
@@ -139,6 +142,10 @@ class BatchManager:
         log.info("batch %s created: %d requests on %s (%s), project %s", record.id, source.line_count,
                  deployment.model_name, deployment.provider, principal.project)
         return record
+
+    async def _insert_and_adopt(self, record: BatchRecord) -> None:
+        await self.store.insert_batch(record)
+        self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
 
     async def get(self, principal: Principal, batch_id: str) -> BatchRecord:
         if not batch_id:

@@ -20,6 +20,7 @@ import copy
 import hashlib
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,10 +50,11 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.registry import ProviderRegistry, input_reader
 from batchgate_server.store.blobs import BlobStore
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.metadata import MetadataStore, RevisionConflict
 
 log = logging.getLogger(__name__)
 
+YIELD_EVERY_LINES = 2000
 ENDED_BY_POLL = {
     JobStatus.COMPLETED: BatchStatus.COMPLETED,
     JobStatus.EXPIRED: BatchStatus.EXPIRED,
@@ -138,6 +140,13 @@ class BatchRunner:
     # -- persistence --------------------------------------------------------------------
 
     async def _persist(self, mutate: Callable[[BatchRecord], None], extra_files=(), ledger=None) -> None:
+        # Shielded: aiosqlite finishes a statement it has queued even when the awaiting task is
+        # cancelled (a CancelBatch deadline, shutdown), so a cancel here must not leave memory
+        # and database disagreeing about the revision. The write, the in-memory record and the
+        # publish complete together; the cancellation is delivered afterwards.
+        await asyncio.shield(self._persist_now(mutate, extra_files, ledger))
+
+    async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
         async with self._lock:
             before = copy.deepcopy(self.rec)
             mutate(self.rec)
@@ -220,12 +229,24 @@ class BatchRunner:
                 except UnsupportedRequest as err:
                     await self._fail(err.reason.lower(), err.message)
                     break
+                except (OSError, sqlite3.OperationalError, RevisionConflict) as err:
+                    # Our own storage failing (disk full, database locked by a backup, a stale
+                    # revision): transient from the batch's point of view. Back off and retry
+                    # from the stored record; never fail the batch and lose its results for it.
+                    log.warning("batch %s: storage error %s: %s (retrying)", rec.id, type(err).__name__, err)
+                    stored = await self.t.store.get_batch(rec.id)
+                    if stored is not None and stored.revision != self.rec.revision:
+                        self.rec = stored
+                        self.job.state = stored.provider_state
+                    await self._sleep(backoff.next())
         except asyncio.CancelledError:
             raise
         except Exception as err:  # a bug must not leave the batch hanging forever
             log.exception("batch %s: unexpected error", rec.id)
             try:
-                await self._fail("internal_error", f"batchgate failed to run this batch: {type(err).__name__}")
+                # The work directory is kept: it may hold answers the upstream already billed.
+                await self._fail("internal_error", f"batchgate failed to run this batch: {type(err).__name__}",
+                                 keep_workdir=True)
             except Exception:
                 log.exception("batch %s: could not record the failure", rec.id)
         finally:
@@ -347,10 +368,10 @@ class BatchRunner:
         await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
         self._cleanup()
 
-    async def _fail(self, code: str, message: str) -> None:
-        await self._fail_with([BatchError(code, message)])
+    async def _fail(self, code: str, message: str, keep_workdir: bool = False) -> None:
+        await self._fail_with([BatchError(code, message)], keep_workdir=keep_workdir)
 
-    async def _fail_with(self, errors: list[BatchError]) -> None:
+    async def _fail_with(self, errors: list[BatchError], keep_workdir: bool = False) -> None:
         def mutate(r: BatchRecord) -> None:
             self._enter(BatchStatus.FAILED)(r)
             r.errors = list(errors)
@@ -358,7 +379,10 @@ class BatchRunner:
 
         log.warning("batch %s failed: %s", self.rec.id, errors[0].message if errors else "")
         await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
-        self._cleanup()
+        if keep_workdir:
+            log.warning("batch %s: work files kept in %s", self.rec.id, self.t.work_root / self.rec.id)
+        else:
+            self._cleanup()
 
     async def _finish(self, provider: BatchProvider, status: BatchStatus) -> None:
         rec = self.rec
@@ -375,10 +399,14 @@ class BatchRunner:
         sinks = {ResultKind.OUTPUT: _ResultSink(self.t.blobs), ResultKind.ERROR: _ResultSink(self.t.blobs)}
         usage = self.t.accounting.usage_counter()
         try:
+            written = 0
             async for line in provider.results(self.job):
                 sinks[line.kind].write(line.data)
                 if line.kind is ResultKind.OUTPUT:
                     usage.add_line(line.data)
+                written += 1
+                if written % YIELD_EVERY_LINES == 0:
+                    await asyncio.sleep(0)  # a 50k-line result must not stall every other RPC
         except BaseException:
             for sink in sinks.values():
                 sink.abort()
@@ -386,14 +414,18 @@ class BatchRunner:
         now = time.time()
         files = []
         for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
-            record = sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now)
+            record = await asyncio.to_thread(sinks[kind].commit, file_id, rec.project,
+                                             f"{rec.id}_{kind.value}.jsonl", now)
             if record is not None:
                 files.append(record)
         out_lines, err_lines = sinks[ResultKind.OUTPUT].lines, sinks[ResultKind.ERROR].lines
         usage_total, cost = self.t.accounting.price(self.rec, usage.by_model)
 
         def mutate(r: BatchRecord) -> None:
-            self._enter(status)(r)
+            # A cancel accepted while results were being collected still ends the batch cancelled.
+            ended = BatchStatus.CANCELLED if (status is BatchStatus.COMPLETED
+                                              and r.status is BatchStatus.CANCELLING) else status
+            self._enter(ended)(r)
             r.output_file_id = output_id if out_lines else ""
             r.error_file_id = error_id if err_lines else ""
             total = r.request_counts.total or self._line_count() or (out_lines + err_lines)
@@ -404,11 +436,15 @@ class BatchRunner:
         try:
             await self._persist(mutate, extra_files=files,
                                 ledger=self.t.accounting.ledger_row(self.rec, usage.by_model, cost=cost))
+        except asyncio.CancelledError:
+            # The shielded write may still land: keep the blobs (unrecorded ones are removed as
+            # orphans at the next start, and a redone finalisation rewrites the same ids).
+            raise
         except BaseException:
             for f in files:  # not recorded: a retry writes them again under the same ids
                 self.t.blobs.delete(f.id)
             raise
-        log.info("batch %s %s: %d ok, %d failed", rec.id, status.value, out_lines, err_lines)
+        log.info("batch %s %s: %d ok, %d failed", rec.id, self.rec.status.value, out_lines, err_lines)
         self._cleanup()
 
     def _cleanup(self) -> None:
