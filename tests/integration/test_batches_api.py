@@ -417,3 +417,22 @@ async def test_simulated_failure_rate_is_deterministic(tmp_path):
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+async def test_odd_request_values_never_cost_an_answer(fake_harness, upstream):
+    """A max_tokens the executor cannot read used to kill its worker: that custom_id went
+    unanswered, and max_concurrency such lines stalled the batch."""
+    a = fake_harness.alice
+    lines = []
+    for i in range(12):  # more odd lines than the deployment's 8 workers
+        line = request_line(f"odd-{i}", model="fake-llm", content=f"odd {i}")
+        line["body"]["max_tokens"] = ["lots", None, {"n": 1}, -5][i % 4]
+        lines.append(line)
+    lines += [request_line(f"ok-{i}", model="fake-llm", content=f"fine {i}") for i in range(5)]
+    f = await fake_harness.upload(a, jsonl(lines))
+    final = (await watch_all(a, (await create(a, f.id)).id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    out, err = await results(a, final)
+    answered = sorted(line["custom_id"] for line in out + err)
+    assert answered == sorted([f"odd-{i}" for i in range(12)] + [f"ok-{i}" for i in range(5)])
+    assert final.request_counts.completed + final.request_counts.failed == 17

@@ -23,6 +23,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
+from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun
 from batchgate_server.providers.executor.simulated import SimulatedTransport
 from batchgate_server.providers.executor.transport import HttpTransport
@@ -58,6 +59,7 @@ class ExecutorProvider(BatchProvider):
     def __init__(self) -> None:
         self._runs: dict[str, ExecutorRun] = {}
         self._transports: dict[str, object] = {}
+        self._limiters: dict[str, RateLimiter] = {}
 
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
         if endpoint not in SUPPORTED_ENDPOINTS:
@@ -86,9 +88,17 @@ class ExecutorProvider(BatchProvider):
         if run is None:
             # First poll in this process: a new batch, or one resumed after a restart (the
             # results log tells the run which requests are already answered).
-            run = ExecutorRun(job, self._transport(job.deployment), options_for(job.deployment))
+            options = options_for(job.deployment)
+            limiter = self._limiters.get(job.deployment.id)
+            if limiter is None:
+                limiter = self._limiters[job.deployment.id] = RateLimiter(options.rpm, options.tpm)
+            run = ExecutorRun(job, self._transport(job.deployment), options, limiter)
             self._runs[job.batch_id] = run
-            run.start()
+            saved = job.state.get("executor_outcome")
+            if saved in OUTCOME_STATUS:
+                run.outcome = saved  # finished before a restart: report it, send nothing
+            else:
+                run.start()
         return run
 
     async def submit(self, job: ProviderJob) -> None:
@@ -131,9 +141,11 @@ class ExecutorProvider(BatchProvider):
             if not path.exists():
                 continue
             with open(path, "rb") as fh:
-                for raw in fh:
+                for number, raw in enumerate(fh, 1):
                     if raw.endswith(b"\n"):
                         yield ResultLine(kind, raw[:-1])
+                    if number % 2000 == 0:
+                        await asyncio.sleep(0)  # long files: let other work run
 
     async def close(self) -> None:
         for run in list(self._runs.values()):

@@ -18,6 +18,7 @@ from batchgate_server.providers.executor.transport import TransportFailure
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_AFTER = 600.0
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
 
@@ -54,8 +55,9 @@ def _line_id(batch_id: str, custom_id: str) -> str:
 
 
 def _estimate_tokens(body: dict, raw_len: int) -> int:
-    out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens") or 256
-    return raw_len // 4 + int(out)
+    out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    # Only a plain number counts: a malformed value is the upstream's to reject, not a crash here.
+    return raw_len // 4 + (out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else 256)
 
 
 def _usage_tokens(parsed: dict) -> int | None:
@@ -67,12 +69,14 @@ def _usage_tokens(parsed: dict) -> int | None:
 
 
 class ExecutorRun:
-    def __init__(self, job: ProviderJob, transport, options: ExecutorOptions) -> None:
+    def __init__(self, job: ProviderJob, transport, options: ExecutorOptions,
+                 limiter: RateLimiter | None = None) -> None:
         self.job = job
         self.transport = transport
         self.options = options
         self.log = ResultsLog(job.workdir)
-        self.limiter = RateLimiter(options.rpm, options.tpm)
+        # Shared by every batch on the deployment: the limits are the upstream's, not per batch.
+        self.limiter = limiter or RateLimiter(options.rpm, options.tpm)
         self.changed = asyncio.Event()
         self.outcome: str | None = None  # completed | expired | cancelled, once finished
         deadline = job.expires_at
@@ -107,6 +111,10 @@ class ExecutorRun:
         try:
             outcome = await self._send_all()
             await self._close_unanswered(outcome)
+            # Saved before it is reported: after a crash during finalisation the resumed run
+            # finds every request answered and must not mistake an expired batch for a completed one.
+            self.job.state["executor_outcome"] = outcome
+            await self.job.save_state()
             self.outcome = outcome
         except asyncio.CancelledError:
             raise
@@ -155,6 +163,14 @@ class ExecutorRun:
             line = await queue.get()
             try:
                 await self._execute(line)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                # One bad request must not take its worker down (its custom_id would go
+                # unanswered, and enough of them would stall the whole batch).
+                log.exception("batch %s: request %r failed in the executor", self.job.batch_id, line.get("custom_id"))
+                self._write_error(line["custom_id"], None, {
+                    "code": "invalid_request", "message": f"batchgate could not send this request: {type(err).__name__}"})
             finally:
                 queue.task_done()
 
@@ -188,7 +204,10 @@ class ExecutorRun:
             if retryable and attempt < self.options.max_retries:
                 attempt += 1
                 self.limiter.settle(estimate, 0)
-                await asyncio.sleep(self._backoff(attempt, retry_after_seconds(resp.headers.get("retry-after"))))
+                retry_after = retry_after_seconds(resp.headers.get("retry-after"))
+                if retry_after is not None:  # never past the batch's deadline (nor forever)
+                    retry_after = min(retry_after, max(0.0, self.deadline - time.time()), MAX_RETRY_AFTER)
+                await asyncio.sleep(self._backoff(attempt, retry_after))
                 continue
             self.limiter.settle(estimate, _usage_tokens(parsed))
             request_id = resp.headers.get("x-request-id", "")
