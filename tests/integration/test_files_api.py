@@ -99,9 +99,14 @@ async def test_list_paginates_newest_first_and_binds_token_to_filter(harness):
                                 metadata=a.metadata)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_details(err.value)[0].reason == "PAGE_TOKEN_FILTER_MISMATCH"
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await a.files.ListFiles(file_pb2.ListFilesRequest(page_token="garbage!"), metadata=a.metadata)
-    assert error_details(err.value)[0].reason == "INVALID_PAGE_TOKEN"
+    import base64
+
+    deep = base64.urlsafe_b64encode(b"[" * 1500).decode()  # nests deeper than json can parse
+    for token in ("garbage!", deep, "x" * 5000):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await a.files.ListFiles(file_pb2.ListFilesRequest(page_token=token), metadata=a.metadata)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(err.value)[0].reason == "INVALID_PAGE_TOKEN"
 
 
 async def test_projects_are_isolated(harness):
@@ -180,6 +185,7 @@ BAD_HEADERS = [
     ({"request_id": "r" * 129}, "INVALID_REQUEST_ID"),
     ({"expires_after": duration_pb2.Duration(seconds=31 * 24 * 3600)}, "INVALID_EXPIRES_AFTER"),
     ({"expires_after": duration_pb2.Duration(seconds=-5)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(seconds=10**14)}, "INVALID_EXPIRES_AFTER"),
 ]
 
 
@@ -369,3 +375,31 @@ async def test_concurrent_uploads_with_one_request_id_make_one_file(harness):
     assert len(blob_files(harness)) == 1
     listed = (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files
     assert [f.id for f in listed] == [results[0].id]
+
+
+async def test_expiry_sweep_spares_the_input_of_a_running_batch(tmp_path):
+    from tests.conftest import start_harness
+    from tests.integration.batch_helpers import upstream_entry, watch_all, write_config
+    from tests.fakes.openai_compatible_upstream import FakeUpstream
+    from batchgate.v1 import batch_pb2
+
+    up = FakeUpstream()
+    await up.start()
+    h = await start_harness(tmp_path / "d", config_file=write_config(tmp_path / "m.yaml", [
+        upstream_entry("slow", up.base_url)]))
+    try:
+        a = h.alice
+        content = jsonl([request_line(f"s{i}", model="slow", content=f"SLOW:1500 s{i}") for i in range(3)])
+        f = await h.upload(a, content, expires_after=duration_pb2.Duration(seconds=1))
+        batch = (await a.batches.CreateBatch(batch_pb2.CreateBatchRequest(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"),
+            metadata=a.metadata)).batch
+        await asyncio.sleep(1.1)
+        assert await h.server.files.sweep_expired() == 0, "still read by the running batch"
+        final = (await watch_all(a, batch.id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and final.request_counts.completed == 3
+        assert await h.server.files.sweep_expired() == 1, "gone once the batch has ended"
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
+        await up.stop()

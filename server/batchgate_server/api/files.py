@@ -22,7 +22,8 @@ def _header_from_proto(h: file_pb2.UploadFileHeader) -> UploadHeader:
         expected_bytes=h.expected_bytes if h.HasField("expected_bytes") else None,
         expected_sha256=h.expected_sha256,
         request_id=h.request_id,
-        expires_after=h.expires_after.ToTimedelta().total_seconds() if h.HasField("expires_after") else None,
+        # seconds + nanos directly: ToTimedelta() overflows on absurd values instead of failing validation
+        expires_after=(h.expires_after.seconds + h.expires_after.nanos / 1e9) if h.HasField("expires_after") else None,
     )
 
 

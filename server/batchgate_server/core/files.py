@@ -224,7 +224,7 @@ class FileManager:
 
     async def delete(self, principal: Principal, file_id: str) -> None:
         record = await self.get(principal, file_id)
-        batch_id = self.used_by(record.id)
+        batch_id = self.used_by(record.id) or await self.store.active_batch_reading(record.id)
         if batch_id is not None:
             raise FailedPrecondition(f"file {record.id} is the input of batch {batch_id}, which is still running;"
                                      " cancel it or wait for it to end", "FILE_IN_USE",
@@ -237,6 +237,8 @@ class FileManager:
     async def sweep_expired(self, now: float | None = None) -> int:
         removed = 0
         for record in await self.store.expired_files(now or time.time()):
+            if await self.store.active_batch_reading(record.id):
+                continue  # a running batch still reads it: it goes once that batch has ended
             await self.store.delete_file(record.id)
             self.blobs.delete(record.id)
             removed += 1

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 100
+MAX_TOKEN_LENGTH = 2048
 MAX_PAGE_SIZE = 1000
 
 T = TypeVar("T")
@@ -37,12 +38,15 @@ def _open(token: str, filter_key: str, read: Callable[[dict], T]) -> T | None:
     """`read(doc)` of a token's document once its filter digest matched; None for no token."""
     if not token:
         return None
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidArgument("page_token is not one this server issued", "INVALID_PAGE_TOKEN",
+                              violations=[FieldViolation("page_token", "too long")])
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         doc = json.loads(raw)
         cursor = read(doc)
         digest = doc["f"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise InvalidArgument("page_token is not one this server issued", "INVALID_PAGE_TOKEN",
                               violations=[FieldViolation("page_token", "malformed")]) from None
     if digest != _filter_digest(filter_key):

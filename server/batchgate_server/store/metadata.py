@@ -288,6 +288,16 @@ class MetadataStore:
         async with self.reader.execute(sql, args) as cur:
             return [batch_from_doc(r[0]) for r in await cur.fetchall()]
 
+    async def active_batch_reading(self, file_id: str) -> str | None:
+        """The id of an unfinished batch whose input is `file_id`, if any."""
+        terminal = [s.value for s in BatchStatus if s.is_terminal]
+        async with self.reader.execute(
+            f"SELECT id FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
+            " AND json_extract(doc, '$.input_file_id') = ? LIMIT 1", (*terminal, file_id)
+        ) as cur:
+            row = await cur.fetchone()
+        return row[0] if row else None
+
     async def active_batches(self) -> list[BatchRecord]:
         terminal = [s.value for s in BatchStatus if s.is_terminal]
         async with self.reader.execute(
