@@ -83,7 +83,7 @@ class ExecutorProvider(BatchProvider):
             self._transports[deployment.id] = transport
         return transport
 
-    def _run(self, job: ProviderJob) -> ExecutorRun:
+    async def _run(self, job: ProviderJob) -> ExecutorRun:
         run = self._runs.get(job.batch_id)
         if run is None:
             # First poll in this process: a new batch, or one resumed after a restart (the
@@ -92,7 +92,12 @@ class ExecutorProvider(BatchProvider):
             limiter = self._limiters.get(job.deployment.id)
             if limiter is None:
                 limiter = self._limiters[job.deployment.id] = RateLimiter(options.rpm, options.tpm)
-            run = ExecutorRun(job, self._transport(job.deployment), options, limiter)
+            # Built on a worker thread: after a restart the results log is read back whole
+            # (answered ids, a torn last line), which must not stall the event loop.
+            run = await asyncio.to_thread(ExecutorRun, job, self._transport(job.deployment), options, limiter)
+            if job.batch_id in self._runs:  # another caller got there first
+                run.log.close()
+                return self._runs[job.batch_id]
             self._runs[job.batch_id] = run
             saved = job.state.get("executor_outcome")
             if saved in OUTCOME_STATUS:
@@ -102,10 +107,10 @@ class ExecutorProvider(BatchProvider):
         return run
 
     async def submit(self, job: ProviderJob) -> None:
-        self._run(job)
+        await self._run(job)
 
     async def poll(self, job: ProviderJob) -> PollResult:
-        run = self._run(job)
+        run = await self._run(job)
         if run._task is not None and run._task.done() and run.outcome is None:
             error = run._task.exception()
             self._runs.pop(job.batch_id, None)
@@ -119,7 +124,7 @@ class ExecutorProvider(BatchProvider):
 
     async def cancel(self, job: ProviderJob) -> None:
         job.cancel_requested.set()
-        self._run(job)
+        await self._run(job)
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         run = self._runs.get(job.batch_id)
