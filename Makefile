@@ -38,6 +38,7 @@ demo: install
 	$(PY) examples/demo.py
 
 bench: install
+	$(PY) bench/validate_speed.py
 	$(PY) bench/upload.py
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py

@@ -53,3 +53,24 @@ async def test_settle_refunds_over_estimates():
     assert limiter.tokens.tokens < 21
     limiter.settle(80, 10)
     assert limiter.tokens.tokens >= 89
+
+
+async def test_retry_after_pauses_every_request_to_the_deployment():
+    clock = Clock()
+    limiter = RateLimiter(rpm=None, tpm=None, clock=clock)
+    limiter.pause(3.0)
+    limiter.pause(1.0)  # a shorter pause never shortens a longer one
+    real_sleep = asyncio.sleep
+    slept = []
+
+    async def fake_sleep(seconds):
+        slept.append(seconds)
+        clock.now += seconds
+        await real_sleep(0)
+
+    asyncio.sleep = fake_sleep
+    try:
+        await asyncio.gather(limiter.acquire(10), limiter.acquire(10))
+    finally:
+        asyncio.sleep = real_sleep
+    assert clock.now >= 3.0 and slept, "both callers waited out the pause"

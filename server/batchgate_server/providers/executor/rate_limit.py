@@ -43,11 +43,19 @@ class TokenBucket:
 
 
 class RateLimiter:
-    def __init__(self, rpm: float | None, tpm: float | None) -> None:
+    def __init__(self, rpm: float | None, tpm: float | None, clock=time.monotonic) -> None:
         self.requests = TokenBucket(rpm) if rpm else None
         self.tokens = TokenBucket(tpm) if tpm else None
+        self._clock = clock
+        self._paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """The upstream said Retry-After: hold every request to it, not just the one refused."""
+        self._paused_until = max(self._paused_until, self._clock() + seconds)
 
     async def acquire(self, estimated_tokens: int) -> None:
+        while (wait := self._paused_until - self._clock()) > 0:
+            await asyncio.sleep(wait)
         if self.requests is not None:
             await self.requests.take(1)
         if self.tokens is not None:

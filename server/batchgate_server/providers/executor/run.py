@@ -207,6 +207,8 @@ class ExecutorRun:
                 retry_after = retry_after_seconds(resp.headers.get("retry-after"))
                 if retry_after is not None:  # never past the batch's deadline (nor forever)
                     retry_after = min(retry_after, max(0.0, self.deadline - time.time()), MAX_RETRY_AFTER)
+                    if resp.status in (429, 503):
+                        self.limiter.pause(retry_after)  # the whole deployment backs off
                 await asyncio.sleep(self._backoff(attempt, retry_after))
                 continue
             self.limiter.settle(estimate, _usage_tokens(parsed))
