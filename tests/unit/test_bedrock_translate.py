@@ -11,9 +11,8 @@ from anthropic.types import Message
 from botocore.validate import ParamValidator
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
-from openai.types.shared import ErrorObject
-from pydantic import BaseModel, ConfigDict
 
+from tests.openai_shapes import BatchOutputLine, ErrorBody
 from batchgate_server.core.models import RequestCounts, Usage
 from batchgate_server.providers.anthropic.translate import chat_to_anthropic_params
 from batchgate_server.providers.base import JobStatus, ResultKind
@@ -48,38 +47,11 @@ _CONVERSE = _RUNTIME.operation_model("Converse")
 
 # --- validators ------------------------------------------------------------------------------------
 
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    status_code: int
-    request_id: str | None
-    body: dict[str, Any]
-
-
-class _LineError(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    code: str
-    message: str
-
-
-class _BatchOutputLine(BaseModel):
-    """openai-openapi BatchRequestOutput (the openai package has no model for it)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    id: str
-    custom_id: str
-    response: _Response | None
-    error: _LineError | None
-
-
-class _ErrorBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    error: ErrorObject
-
-
 def check_line(result, kind: ResultKind, *, embeddings: bool = False) -> dict:
     assert result.kind is kind
     assert isinstance(result.data, bytes) and b"\n" not in result.data
     raw = json.loads(result.data)
-    line = _BatchOutputLine.model_validate(raw)
+    line = BatchOutputLine.model_validate(raw)
     assert line.id.startswith("batch_req_")
     if kind is ResultKind.OUTPUT:
         assert line.error is None and line.response is not None and line.response.status_code == 200
@@ -89,7 +61,7 @@ def check_line(result, kind: ResultKind, *, embeddings: bool = False) -> dict:
             ChatCompletion.model_validate(line.response.body, strict=True)
     else:
         assert line.response is not None and line.response.status_code >= 400
-        _ErrorBody.model_validate(line.response.body)
+        ErrorBody.model_validate(line.response.body)
     return raw
 
 

@@ -7,9 +7,8 @@ from typing import Any, Literal
 
 import pytest
 from openai.types.chat import ChatCompletion
-from openai.types.shared import ErrorObject
-from pydantic import BaseModel, ConfigDict
 
+from tests.openai_shapes import BatchOutputLine, ErrorBody
 from batchgate_server.core.models import RequestCounts
 from batchgate_server.providers.base import JobStatus, ResultKind
 from batchgate_server.providers.custom_ids import vertex_codec
@@ -32,38 +31,11 @@ WAV_B64 = "UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA="
 
 # --- OpenAI batch output line validation ------------------------------------------------------
 
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    status_code: int
-    request_id: str | None
-    body: dict[str, Any]
-
-
-class _LineError(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    code: str
-    message: str
-
-
-class _BatchOutputLine(BaseModel):
-    """openai-openapi BatchRequestOutput (the openai package has no model for it)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-    id: str
-    custom_id: str
-    response: _Response | None
-    error: _LineError | None
-
-
-class _ErrorBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    error: ErrorObject
-
-
 def check_line(result, kind: ResultKind) -> dict:
     assert result.kind is kind
     assert isinstance(result.data, bytes) and b"\n" not in result.data
     raw = json.loads(result.data)
-    line = _BatchOutputLine.model_validate(raw)
+    line = BatchOutputLine.model_validate(raw)
     assert line.id.startswith("batch_req_")
     if kind is ResultKind.OUTPUT:
         assert line.error is None and line.response is not None
@@ -72,7 +44,7 @@ def check_line(result, kind: ResultKind) -> dict:
         assert line.response.body["object"] == "chat.completion"
     else:
         assert line.response is not None and line.response.status_code >= 400
-        _ErrorBody.model_validate(line.response.body)
+        ErrorBody.model_validate(line.response.body)
     return raw
 
 
