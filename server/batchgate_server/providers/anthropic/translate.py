@@ -208,17 +208,23 @@ def _max_tokens(body: Mapping[str, Any], default: int) -> int:
     return default
 
 
+def append_turn(turns: list[dict], role: str, blocks: list[dict]) -> None:
+    """Adds `blocks` as a `role` turn, merged into the previous turn of the same role: the
+    Messages and Converse APIs both want user and assistant turns to alternate."""
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": list(blocks)})
+
+
 def _translate_messages(messages: list[Any]) -> tuple[list[dict], list[dict]]:
     system_blocks: list[dict] = []
     turns: list[dict] = []
 
     def add(role: str, blocks: list[dict]) -> None:
-        if not blocks:
-            return
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": list(blocks)})
+        append_turn(turns, role, blocks)
 
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"

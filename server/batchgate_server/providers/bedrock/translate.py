@@ -28,6 +28,7 @@ from typing import Any
 from batchgate_server.core.models import RequestCounts, Usage
 from batchgate_server.providers.anthropic.translate import (
     TranslationError,
+    append_turn,
     anthropic_result_to_openai,
     chat_to_anthropic_params,
     parse_arguments,
@@ -268,12 +269,7 @@ def _converse_messages(messages: Any) -> tuple[list[dict], list[dict], bool]:
     uses_tools = False
 
     def add(role: str, blocks: list[dict]) -> None:
-        if not blocks:
-            return
-        if turns and turns[-1]["role"] == role:  # Converse wants alternating roles
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": list(blocks)})
+        append_turn(turns, role, blocks)
 
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
