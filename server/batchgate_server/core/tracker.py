@@ -302,13 +302,12 @@ class BatchRunner:
             await provider.submit(job)
 
             def started(r: BatchRecord) -> None:
-                # A cancel may have arrived while submitting: keep CANCELLING, but record
-                # that the provider has the job so the cancel is sent to it.
-                self._enter(BatchStatus.IN_PROGRESS if r.status is BatchStatus.VALIDATING
-                            else r.status)(r)
-                r.in_progress_at = r.in_progress_at or time.time()
-                if r.request_counts.total == 0:
-                    r.request_counts = RequestCounts(total=self._line_count())
+                was = r.status
+                self._enter(BatchStatus.IN_PROGRESS)(r)  # stamps in_progress_at and the total
+                if was is BatchStatus.CANCELLING:
+                    # A cancel arrived while submitting: keep it. in_progress_at records that
+                    # the provider has the job, so the cancel is sent there.
+                    r.status = was
 
             await self._persist(started)
             self.t.router.record_success(self.deployment.id)
