@@ -7,10 +7,10 @@ import email.utils
 import hashlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 
+from batchgate_server.core.backoff import jittered_delay
 from batchgate_server.providers.base import ProviderJob
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.results_log import ResultsLog
@@ -225,9 +225,8 @@ class ExecutorRun:
             return
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        ceiling = min(self.options.backoff_cap, self.options.backoff_base * (2 ** (attempt - 1)))
-        delay = random.uniform(ceiling / 2, ceiling)
-        return max(delay, retry_after) if retry_after is not None else delay
+        # `attempt` counts retries from 1 here; jittered_delay counts from 0.
+        return jittered_delay(attempt - 1, self.options.backoff_base, self.options.backoff_cap, retry_after)
 
     # -- writing results --------------------------------------------------------------------
 

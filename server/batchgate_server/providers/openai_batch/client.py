@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from batchgate_server.core.backoff import jittered_delay
 from batchgate_server.providers.base import ProviderError
 from batchgate_server.providers.lines import complete_lines, last_line
 
@@ -56,8 +57,7 @@ def backoff_delay(attempt: int, base: float, retry_after: float | None = None) -
     shorter), else exponential with equal jitter, capped."""
     if retry_after is not None:
         return retry_after + random.uniform(0, min(1.0, retry_after * 0.1))
-    d = min(BACKOFF_CAP, base * (2 ** attempt))
-    return d / 2 + random.uniform(0, d / 2)
+    return jittered_delay(attempt, base, BACKOFF_CAP)
 
 
 _ID_SEGMENT = re.compile(r"/(batches|files)/[^/?]+")
