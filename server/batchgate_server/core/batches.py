@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from batchgate_server.core import pagination
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
 from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
@@ -18,6 +18,7 @@ from batchgate_server.core.files import FileManager
 from batchgate_server.core.ids import new_batch_id
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose
+from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker, batch_load
 from batchgate_server.core.watch_hub import WatchHub
@@ -75,7 +76,7 @@ def check_create(req: CreateBatch) -> None:
 
 class BatchManager:
     def __init__(self, store: MetadataStore, files: FileManager, router: Router, providers: ProviderRegistry,
-                 tracker: Tracker, hub: WatchHub, accounting: Accounting) -> None:
+                 tracker: Tracker, hub: WatchHub, accounting: Accounting, page_tokens: PageTokens) -> None:
         self.store = store
         self.files = files
         self.router = router
@@ -83,6 +84,7 @@ class BatchManager:
         self.tracker = tracker
         self.hub = hub
         self.accounting = accounting
+        self.page_tokens = page_tokens
 
     async def create(self, principal: Principal, req: CreateBatch) -> BatchRecord:
         check_create(req)
@@ -157,8 +159,8 @@ class BatchManager:
 
     async def list(self, principal: Principal, size: int, token: str,
                    statuses: Sequence[BatchStatus]) -> tuple[list[BatchRecord], str]:
-        filter_key = f"{principal.scope}|{','.join(sorted(s.value for s in statuses))}"
-        return await pagination.keyset_page(
+        filter_key = json.dumps(["batches", principal.scope, sorted(s.value for s in statuses)])
+        return await self.page_tokens.keyset_page(
             size, token, filter_key,
             lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after))
 
