@@ -227,6 +227,22 @@ async def test_watch_resumes_from_a_revision_and_heartbeats(fake_harness, upstre
     assert await watch_all(a, batch.id, start_revision=states[-1].revision) == []
 
 
+async def test_watch_from_a_future_revision_sends_the_current_state_and_ends_with_the_terminal_one(
+        fake_harness, upstream):
+    # No client can have seen a revision beyond the current one: it gets the current state at once,
+    # then every change, and the stream closes after the terminal state.
+    a = fake_harness.alice
+    f = await fake_harness.upload(a, jsonl([request_line("h", model="fake-llm", content="SLOW:1000 hi")]))
+    batch = await create(a, f.id)
+    running = await asyncio.wait_for(watch_all(a, batch.id, start_revision=batch.revision + 1000), 20)
+    assert running[0].revision >= batch.revision
+    assert running[-1].status == batch_pb2.BATCH_STATUS_COMPLETED
+    final = running[-1]
+    ended = await asyncio.wait_for(watch_all(a, batch.id, start_revision=final.revision + 1), 20)
+    assert ended == [final]
+    assert await watch_all(a, batch.id, start_revision=final.revision) == [], "nothing newer than what it has"
+
+
 async def test_watch_and_get_are_isolated_between_projects(harness):
     f = await harness.upload(harness.alice, batch_file(5))
     batch = await create(harness.alice, f.id, model="simulated")

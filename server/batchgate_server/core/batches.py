@@ -175,7 +175,9 @@ class BatchManager:
     async def watch(self, principal: Principal, batch_id: str, start_revision: int,
                     heartbeat: float) -> AsyncIterator[BatchRecord | int]:
         """Yields Batch states newer than start_revision, and the current revision as an int when
-        a heartbeat is due. Ends right after a terminal state."""
+        a heartbeat is due. Ends right after a terminal state. A start_revision beyond the current
+        one cannot have been seen by anyone (revisions only grow): the watcher's view is unknown,
+        so it is sent the current state first, as from 0."""
         await self.get(principal, batch_id)  # NOT_FOUND for other projects
         if start_revision < 0:
             raise _invalid("start_revision must not be negative", "INVALID_START_REVISION", "start_revision",
@@ -183,7 +185,7 @@ class BatchManager:
         # Subscribe before reading the snapshot so no change can fall between the two.
         with self.hub.subscribe(batch_id) as slot:
             current = await self.store.get_batch(batch_id)
-            sent = start_revision
+            sent = start_revision if start_revision <= current.revision else 0
             if current.revision > sent:
                 yield current
                 sent = current.revision

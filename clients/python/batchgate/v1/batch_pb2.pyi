@@ -611,7 +611,8 @@ class WatchBatchRequest(_message.Message):
     batch_id: _builtins.str
     start_revision: _builtins.int
     """Resume: send nothing with a revision at or below this one. 0 sends the
-    current state first.
+    current state first; so does a revision beyond the batch's current one,
+    which no client can have seen.
     """
     def __init__(
         self,
