@@ -335,6 +335,35 @@ async def test_request_id_replays_the_first_batch(harness):
     assert [b.id for b in listed] == [first.id]
 
 
+async def test_request_id_reused_with_other_parameters_is_refused(harness):
+    a = harness.alice
+    f = await harness.upload(a, batch_file(2))
+    other = await harness.upload(a, batch_file(3))
+    asked = dict(model="simulated", request_id="nightly-2", metadata={"team": "search"})
+    first = await create(a, f.id, **asked)
+    changes = {
+        "input_file_id": dict(file_id=other.id),
+        "endpoint": dict(endpoint="/v1/embeddings"),
+        "model": dict(model="simulated/echo"),
+        "provider": dict(provider="openai_compatible"),
+        "metadata": dict(metadata={"team": "ads"}),
+    }
+    for field, change in changes.items():
+        fields = {**asked, **change}
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(a, fields.pop("file_id", f.id), **fields)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, field
+        info, _ = error_details(err.value)
+        assert info.reason == "REQUEST_ID_REUSED", field
+        assert info.metadata["batch_id"] == first.id and info.metadata["field"] == field
+        assert first.id in err.value.details() and field in err.value.details()
+    again = await create(a, f.id, model="simulated", request_id="nightly-2", metadata={"team": "search"})
+    assert again.id == first.id, "identical parameters still replay"
+    # Another project's key is another namespace.
+    assert (await create(harness.bob, (await harness.upload(harness.bob, batch_file(1))).id,
+                         model="simulated", request_id="nightly-2")).id != first.id
+
+
 async def test_list_newest_first_paginated_and_filtered(harness):
     a = harness.alice
     f = await harness.upload(a, batch_file(1))

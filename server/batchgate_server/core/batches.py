@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
-from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
+from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, echo, not_found
 from batchgate_server.core.files import FileManager
 from batchgate_server.core.ids import new_batch_id
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
@@ -74,6 +74,21 @@ def check_create(req: CreateBatch) -> None:
                        "at most 128 characters")
 
 
+def replay(previous: BatchRecord, req: CreateBatch) -> BatchRecord:
+    """The batch `req.request_id` created, if `req` asks for the same batch; REQUEST_ID_REUSED
+    naming the first parameter that differs otherwise (a key names one request, as in AIP-155)."""
+    asked = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
+             "completion_window": previous.completion_window, "metadata": previous.metadata,
+             "model": previous.requested_model, "provider": previous.requested_provider}
+    for name, value in asked.items():
+        if value is not None and getattr(req, name) != value:
+            raise FailedPrecondition(
+                f"request_id {echo(req.request_id)} already created batch {previous.id} with another {name};"
+                " use a new request_id for another batch", "REQUEST_ID_REUSED",
+                {"request_id": req.request_id, "batch_id": previous.id, "field": name})
+    return previous
+
+
 class BatchManager:
     def __init__(self, store: MetadataStore, files: FileManager, router: Router, providers: ProviderRegistry,
                  tracker: Tracker, hub: WatchHub, accounting: Accounting, page_tokens: PageTokens) -> None:
@@ -91,7 +106,7 @@ class BatchManager:
         if req.request_id:
             previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
             if previous is not None:
-                return previous
+                return replay(previous, req)
         source = await self.files.get(principal, req.input_file_id)
         if source.purpose is not FilePurpose.BATCH:
             raise FailedPrecondition(f"file {source.id} has purpose {source.purpose.value!r}; a batch needs a "
@@ -126,6 +141,7 @@ class BatchManager:
                 provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
                 api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
                 price=self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider),
+                requested_model=req.model, requested_provider=req.provider,
             )
             try:
                 # Shielded: once the row is queued it will be committed even if the caller's
@@ -136,7 +152,7 @@ class BatchManager:
                 previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
                 if previous is None:
                     raise
-                return previous
+                return replay(previous, req)
             adopted = True
         finally:
             if not adopted:

@@ -425,7 +425,9 @@ class CreateBatchRequest(_message.Message):
     """Restricts routing to one provider when set."""
     request_id: _builtins.str
     """Idempotency key: the same request_id from the same project returns the
-    batch created the first time.
+    batch created the first time; with other parameters (file, endpoint,
+    model, provider, completion window or metadata) it is FAILED_PRECONDITION
+    REQUEST_ID_REUSED, naming that batch and the field that differs.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
