@@ -288,6 +288,9 @@ CREATE_CASES = [
     ({"model": "simulated", "provider": "anthropic"}, grpc.StatusCode.INVALID_ARGUMENT, "MODEL_NOT_FOUND"),
     ({"input_file_id": "file-doesnotexist"}, grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND"),
     ({"request_id": "r" * 129}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID"),
+    ({"metadata": {"": "v"}}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_METADATA"),
+    ({"model": "m" * 257}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL"),
+    ({"model": "simulated", "provider": "p" * 65}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PROVIDER"),
 ]
 
 

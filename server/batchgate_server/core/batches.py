@@ -29,10 +29,14 @@ from batchgate_server.store.metadata import MetadataStore
 log = logging.getLogger(__name__)
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
+# Metadata as OpenAI bounds it: at most 16 pairs, keys up to 64 characters, values up to 512.
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MAX_REQUEST_ID = 128
+# Model names (a model_name, "provider/model", a Bedrock ARN) are far shorter; both are stored.
+MAX_MODEL = 256
+MAX_PROVIDER = 64
 
 
 @dataclass
@@ -72,6 +76,12 @@ def check_create(req: CreateBatch) -> None:
     if len(req.request_id) > MAX_REQUEST_ID:
         raise _invalid("request_id is longer than 128 characters", "INVALID_REQUEST_ID", "request_id",
                        "at most 128 characters")
+    if len(req.model) > MAX_MODEL:
+        raise _invalid(f"model is longer than {MAX_MODEL} characters", "INVALID_MODEL", "model",
+                       f"at most {MAX_MODEL} characters")
+    if len(req.provider) > MAX_PROVIDER:
+        raise _invalid(f"provider is longer than {MAX_PROVIDER} characters", "INVALID_PROVIDER", "provider",
+                       f"at most {MAX_PROVIDER} characters")
 
 
 def replay(previous: BatchRecord, req: CreateBatch) -> BatchRecord:
