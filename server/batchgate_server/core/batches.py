@@ -8,7 +8,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from batchgate_server.core.accounting import Accounting
@@ -183,12 +183,13 @@ class BatchManager:
             raise not_found("batch", batch_id)
         return record
 
-    async def list(self, principal: Principal, size: int, token: str,
-                   statuses: Sequence[BatchStatus]) -> tuple[list[BatchRecord], str]:
+    async def list(self, principal: Principal, size: int, token: str, statuses: Sequence[BatchStatus],
+                   weigh: Callable[[BatchRecord], int]) -> tuple[list[BatchRecord], str]:
+        """A page of batches (see PageTokens.keyset_page; `weigh`: a batch's size in the response)."""
         filter_key = json.dumps(["batches", principal.scope, sorted(s.value for s in statuses)])
         return await self.page_tokens.keyset_page(
             size, token, filter_key,
-            lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after))
+            lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after), weigh)
 
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)

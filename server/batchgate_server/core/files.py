@@ -204,13 +204,14 @@ class FileManager:
             raise not_found("file", file_id)
         return record
 
-    async def list(self, principal: Principal, size: int, token: str,
-                   purpose: FilePurpose | None) -> tuple[list[FileRecord], str]:
+    async def list(self, principal: Principal, size: int, token: str, purpose: FilePurpose | None,
+                   weigh: Callable[[FileRecord], int]) -> tuple[list[FileRecord], str]:
+        """A page of files (see PageTokens.keyset_page; `weigh`: a file's size in the response)."""
         filter_key = json.dumps(["files", principal.scope, purpose.value if purpose else ""])
         return await self.page_tokens.keyset_page(
             size, token, filter_key,
             lambda limit, after: self.store.list_files(principal.scope, purpose.value if purpose else None,
-                                                       limit, after))
+                                                       limit, after), weigh)
 
     def read(self, record: FileRecord, offset: int, limit: int) -> Iterator[bytes]:
         if offset < 0 or limit < 0:

@@ -23,6 +23,11 @@ from batchgate_server.core.errors import FieldViolation, InvalidArgument
 DEFAULT_PAGE_SIZE = 100
 MAX_TOKEN_LENGTH = 2048
 MAX_PAGE_SIZE = 1000
+# A page's items stop short of this many bytes: the response stays under the 4 MiB send limit
+# (app.MAX_MESSAGE_BYTES) with room for the token and the framing.
+MAX_PAGE_BYTES = 3 * 1024 * 1024 + 512 * 1024
+ITEM_FRAMING_BYTES = 5  # a repeated field's tag and length, per item
+FETCH_ROWS = 100  # rows read at a time while a page fills: large rows are not all read for nothing
 
 R = TypeVar("R")  # a row with .created_at and .id
 
@@ -83,19 +88,34 @@ class PageTokens:
         return doc["k"]
 
     async def keyset_page(self, size: int, token: str, filter_key: str,
-                          fetch: Callable[[int, tuple[float, str] | None], Awaitable[list[R]]]
-                          ) -> tuple[list[R], str]:
+                          fetch: Callable[[int, tuple[float, str] | None], Awaitable[list[R]]],
+                          weigh: Callable[[R], int], max_bytes: int = MAX_PAGE_BYTES) -> tuple[list[R], str]:
         """One page of a listing ordered by the keyset (created_at, id): `fetch(limit, after)` returns
-        up to `limit` rows after the cursor `after` (None: from the start). Returns the rows and the
-        next page's token ("" on the last page)."""
+        up to `limit` rows after the cursor `after` (None: from the start). The page ends after `size`
+        rows or before its rows would weigh more than `max_bytes` (`weigh(row)`: the row's size in
+        the response), whichever comes first, holding at least one row so that every page moves on.
+        Returns the rows and the next page's token ("" on the last page), which continues right
+        after the page's last row."""
         limit = page_size(size)
-        after = _keyset(self.open(token, filter_key))
-        rows = await fetch(limit + 1, after)
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_token = self.seal([rows[-1].created_at, rows[-1].id], filter_key)
-        return rows, next_token
+        cursor = _keyset(self.open(token, filter_key))
+        page: list[R] = []
+        used = 0
+        while True:
+            wanted = min(limit - len(page), FETCH_ROWS)
+            rows = await fetch(wanted + 1, cursor)  # one more tells whether the listing goes on
+            for row in rows[:wanted]:
+                used += weigh(row) + ITEM_FRAMING_BYTES
+                if used > max_bytes and page:
+                    return page, self._after(page[-1], filter_key)
+                page.append(row)
+            if len(rows) <= wanted:
+                return page, ""
+            if len(page) == limit:
+                return page, self._after(page[-1], filter_key)
+            cursor = (page[-1].created_at, page[-1].id)
+
+    def _after(self, row: R, filter_key: str) -> str:
+        return self.seal([row.created_at, row.id], filter_key)
 
 
 def _keyset(cursor: object) -> tuple[float, str] | None:

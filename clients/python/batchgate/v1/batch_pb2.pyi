@@ -420,9 +420,11 @@ class CreateBatchRequest(_message.Message):
     completion_window: _builtins.str
     """Only "24h" today."""
     model: _builtins.str
-    """A model_list model_name (or "provider/model"); defaults to the file's model."""
+    """A model_list model_name (or "provider/model"); defaults to the file's model.
+    At most 256 characters.
+    """
     provider: _builtins.str
-    """Restricts routing to one provider when set."""
+    """Restricts routing to one provider when set. At most 64 characters."""
     request_id: _builtins.str
     """Idempotency key: the same request_id from the same project returns the
     batch created the first time; with other parameters (file, endpoint,
@@ -519,7 +521,9 @@ class ListBatchesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1 to 1000; 0 means 100."""
+    """1 to 1000; 0 means 100. A page may hold fewer batches, never none, to stay
+    under the 4 MiB message limit: follow next_page_token.
+    """
     page_token: _builtins.str
     """From a previous ListBatchesResponse; bound to the same filter."""
     @_builtins.property
