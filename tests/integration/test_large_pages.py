@@ -6,9 +6,10 @@ before the bounds existed may hold them."""
 
 from __future__ import annotations
 
+import json
 import time
 
-from batchgate.v1 import batch_pb2, file_pb2
+from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
 from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -73,3 +74,41 @@ async def test_list_files_pages_by_bytes_and_shows_an_oversized_record(harness):
     assert huge.model.startswith("MMMM") and "truncated, 4500000 bytes" in huge.model
     got = (await a.files.GetFile(file_pb2.GetFileRequest(file_id="file-huge"), metadata=a.metadata)).file
     assert got == huge
+
+
+async def insert_ledger_row(harness, batch_id: str, model: str, metadata: dict) -> None:
+    now = time.time()
+    await harness.server.store.db.execute(
+        "INSERT INTO usage_ledger(batch_id, project, api_key_id, model, provider, deployment_id, created_at,"
+        " ended_at, input_tokens, cached_tokens, output_tokens, reasoning_tokens, cost_status, cost_amount,"
+        " metadata, usage_by_model, cost_nanos) VALUES (?,?,?,?,?,?,?,?,1,0,1,0,'known','0.000000001',?,'{}',1)",
+        (batch_id, "alice", "key_a", model, "openai", "adhoc:" + model, now, now, json.dumps(metadata)))
+
+
+def usage_pages(harness, **fields):
+    stub = usage_pb2_grpc.UsageServiceStub(harness.channel)
+    return all_pages(lambda token: stub.QueryUsage(usage_pb2.QueryUsageRequest(page_token=token, **fields),
+                                                   metadata=harness.alice.metadata))
+
+
+async def test_query_usage_pages_by_bytes(harness):
+    # 500 ledger rows of models with 10 KB names (an ad-hoc "provider/…" model before models were
+    # bounded): grouped by model, 5 MB of rows.
+    models = [f"openai/{i:04d}" + "m" * 10_000 for i in range(500)]
+    for i, model in enumerate(models):
+        await insert_ledger_row(harness, f"batch_u{i}", model, {})
+    pages = await usage_pages(harness, group_by=[usage_pb2.USAGE_GROUP_BY_MODEL], page_size=1000)
+    assert len(pages) >= 2
+    assert [row.group["model"] for page in pages for row in page.rows] == sorted(models)
+    assert all(page.totals.batch_count == 500 for page in pages)
+
+
+async def test_query_usage_pages_through_the_longest_metadata_values(harness):
+    # CreateBatch takes metadata values of 512 characters, 4-byte ones included: the cursor of a
+    # page that ends on one is a long token, still a valid one.
+    values = [f"{i}" + "𝄞" * 511 for i in range(3)]
+    for i, value in enumerate(values):
+        await insert_ledger_row(harness, f"batch_m{i}", "openai/gpt-4o-mini", {"team": value})
+    pages = await usage_pages(harness, group_by=[usage_pb2.USAGE_GROUP_BY_METADATA_KEY], metadata_key="team",
+                              page_size=1)
+    assert [row.group["metadata.team"] for page in pages for row in page.rows] == values

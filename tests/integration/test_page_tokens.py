@@ -14,7 +14,7 @@ import pytest
 from grpc_status import rpc_status
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
-from batchgate_server.core.pagination import PageTokens
+from batchgate_server.core.pagination import MAX_TOKEN_LENGTH, PageTokens
 from tests.conftest import Harness, batch_file, error_details, start_harness
 from tests.integration.batch_helpers import create, watch_all
 from tests.integration.usage_helpers import query, stop
@@ -94,8 +94,9 @@ def forgeries(genuine: str) -> dict[str, str]:
     return {
         "garbage": "garbage!",
         "dot only": ".",
-        "overlong": "x" * 5000,
-        "overlong genuine prefix": genuine + "A" * 5000,
+        "overlong": "x" * (MAX_TOKEN_LENGTH + 1),
+        "overlong genuine prefix": genuine + "A" * MAX_TOKEN_LENGTH,
+        "long": "x" * 5000,
         "deep json": _b64(b"[" * 1500),
         "not base64": "%%%%.%%%%",
         "unsigned payload": payload,

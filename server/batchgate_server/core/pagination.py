@@ -15,13 +15,16 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 100
-MAX_TOKEN_LENGTH = 2048
+# A usage cursor carries the values of its page's last group (a 512-character metadata value, a
+# model name): a few KiB, more only for records older than the field bounds. The signature makes
+# any length harmless; this bounds the work of checking one (and stays within MAX_PAGE_BYTES' slack).
+MAX_TOKEN_LENGTH = 256 * 1024
 MAX_PAGE_SIZE = 1000
 # A page's items stop short of this many bytes: the response stays under the 4 MiB send limit
 # (app.MAX_MESSAGE_BYTES) with room for the token and the framing.
@@ -37,6 +40,19 @@ def page_size(requested: int) -> int:
         raise InvalidArgument("page_size must not be negative", "INVALID_PAGE_SIZE",
                               violations=[FieldViolation("page_size", "must be >= 0")])
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def fitting(rows: Sequence[R], weigh: Callable[[R], int], max_bytes: int, *, at_least_one: bool) -> tuple[int, int]:
+    """(n, bytes): how many of the first `rows` fit in `max_bytes` of a response and what they
+    weigh (`weigh(row)`: the row's serialized size). `at_least_one`: the first row goes in
+    whatever it weighs, so that a page always moves on."""
+    used = 0
+    for n, row in enumerate(rows):
+        cost = weigh(row) + ITEM_FRAMING_BYTES
+        if used + cost > max_bytes and (n or not at_least_one):
+            return n, used
+        used += cost
+    return len(rows), used
 
 
 def invalid_token(description: str) -> InvalidArgument:
@@ -65,7 +81,8 @@ class PageTokens:
 
     def seal(self, cursor: object, filter_key: str) -> str:
         """A token for any JSON-serialisable cursor, bound to `filter_key`."""
-        payload = json.dumps({"f": _filter_digest(filter_key), "k": cursor}, separators=(",", ":")).encode()
+        payload = json.dumps({"f": _filter_digest(filter_key), "k": cursor}, separators=(",", ":"),
+                             ensure_ascii=False).encode()
         return f"{_b64(payload)}.{_b64(self._signature(payload))}"
 
     def open(self, token: str, filter_key: str) -> object | None:
@@ -103,19 +120,15 @@ class PageTokens:
         while True:
             wanted = min(limit - len(page), FETCH_ROWS)
             rows = await fetch(wanted + 1, cursor)  # one more tells whether the listing goes on
-            for row in rows[:wanted]:
-                used += weigh(row) + ITEM_FRAMING_BYTES
-                if used > max_bytes and page:
-                    return page, self._after(page[-1], filter_key)
-                page.append(row)
-            if len(rows) <= wanted:
+            taken, weight = fitting(rows[:wanted], weigh, max_bytes - used, at_least_one=not page)
+            page += rows[:taken]
+            used += weight
+            if len(rows) <= taken:
                 return page, ""
-            if len(page) == limit:
-                return page, self._after(page[-1], filter_key)
+            if taken < wanted or len(page) == limit:
+                last = page[-1]
+                return page, self.seal([last.created_at, last.id], filter_key)
             cursor = (page[-1].created_at, page[-1].id)
-
-    def _after(self, row: R, filter_key: str) -> str:
-        return self.seal([row.created_at, row.id], filter_key)
 
 
 def _keyset(cursor: object) -> tuple[float, str] | None:

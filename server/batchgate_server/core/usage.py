@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchgate_server.core import pagination
@@ -110,7 +111,9 @@ class UsageReporter:
         self.ledger = ledger
         self.page_tokens = page_tokens
 
-    async def query(self, principal: Principal, q: UsageQuery) -> UsageReport:
+    async def query(self, principal: Principal, q: UsageQuery, weigh: Callable[[UsageSums], int]) -> UsageReport:
+        """A page of groups: at most q.page_size, and fewer when they would weigh more than
+        MAX_PAGE_BYTES in the response (`weigh`: a row's serialized size)."""
         check_query(q)
         limit = pagination.page_size(q.page_size)
         dims = [Dimension(g.value, q.metadata_key if g is GroupBy.METADATA_KEY else "") for g in q.group_by]
@@ -130,9 +133,11 @@ class UsageReporter:
         f = LedgerFilter(start=q.start, end=q.end, project=project, model=q.model, provider=q.provider,
                          as_of=as_of)
         groups = await self.ledger.aggregate(f, dims, limit + 1, after)
+        rows = [_sums(g) for g in groups[:limit]]
+        kept, _ = pagination.fitting(rows, weigh, pagination.MAX_PAGE_BYTES, at_least_one=True)
         next_token = ""
-        if len(groups) > limit:
-            groups = groups[:limit]
-            next_token = self.page_tokens.seal({"a": as_of, "s": groups[-1].sort_key}, filter_key)
+        if len(groups) > kept:
+            rows = rows[:kept]
+            next_token = self.page_tokens.seal({"a": as_of, "s": groups[kept - 1].sort_key}, filter_key)
         totals = await self.ledger.totals(f)
-        return UsageReport([_sums(g) for g in groups], next_token, _sums(totals))
+        return UsageReport(rows, next_token, _sums(totals))
