@@ -77,3 +77,15 @@ async def test_an_upload_with_many_long_problems_gets_its_bad_request_details(ha
     assert fields == [f"line {n}" for n in range(2, 2 + len(fields))], "the first violations are kept"
     omitted = int(info.metadata.get("omitted_violations", "0"))
     assert len(fields) + omitted == int(info.metadata["reported_problems"])
+
+
+async def test_create_batch_with_huge_strings_names_them_briefly(harness):
+    a = harness.alice
+    f = await harness.upload(a, jsonl([request_line("r1")]))
+    for fields, reason, hint in ((dict(endpoint="/v1/" + "e" * 100_000), "UNSUPPORTED_ENDPOINT", "use one of"),
+                                 (dict(completion_window="9" * 100_000), "INVALID_COMPLETION_WINDOW", 'use "24h"')):
+        err = await _rejected(create(a, f.id, model="simulated", **fields))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        info, bad_request = error_details(err)
+        assert info.reason == reason and [v.field for v in bad_request.field_violations] == list(fields)
+        assert hint in err.details() and "truncated" in err.details()

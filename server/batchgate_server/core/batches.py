@@ -58,17 +58,17 @@ def check_create(req: CreateBatch) -> None:
     if not req.input_file_id:
         raise _invalid("input_file_id is required", "MISSING_INPUT_FILE_ID", "input_file_id", "required")
     if req.endpoint not in SUPPORTED_ENDPOINTS:
-        raise _invalid(f"endpoint {req.endpoint!r} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
+        raise _invalid(f"endpoint {echo(req.endpoint)} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
                        "UNSUPPORTED_ENDPOINT", "endpoint", f"one of {', '.join(SUPPORTED_ENDPOINTS)}")
     if req.completion_window not in COMPLETION_WINDOWS:
-        raise _invalid(f"completion_window {req.completion_window!r} is not supported; use \"24h\"",
+        raise _invalid(f"completion_window {echo(req.completion_window)} is not supported; use \"24h\"",
                        "INVALID_COMPLETION_WINDOW", "completion_window", 'must be "24h"')
     if len(req.metadata) > MAX_METADATA_PAIRS:
         raise _invalid(f"metadata has {len(req.metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed",
                        "INVALID_METADATA", "metadata", f"at most {MAX_METADATA_PAIRS} pairs")
     for key, value in req.metadata.items():
         if not key or len(key) > MAX_METADATA_KEY:
-            raise _invalid(f"metadata key {key[:80]!r} must be 1 to {MAX_METADATA_KEY} characters",
+            raise _invalid(f"metadata key {echo(key)} must be 1 to {MAX_METADATA_KEY} characters",
                            "INVALID_METADATA", f"metadata[{key[:80]}]", f"key of 1 to {MAX_METADATA_KEY} characters")
         if len(value) > MAX_METADATA_VALUE:
             raise _invalid(f"metadata value of {key!r} is longer than {MAX_METADATA_VALUE} characters",
