@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from batchgate.v1 import file_pb2
-from tests.conftest import batch_file, error_details, jsonl, request_line, upload_requests
+from tests.conftest import UPLOAD_FINISH, batch_file, error_details, jsonl, request_line, upload_requests
 
 
 def blob_files(h) -> list:
@@ -214,9 +214,99 @@ async def test_stream_protocol_errors(harness):
     chunk = file_pb2.UploadFileRequest(chunk=batch_file(1))
     assert await call([]) == "MISSING_UPLOAD_HEADER"
     assert await call([chunk]) == "MISSING_UPLOAD_HEADER"
+    assert await call([UPLOAD_FINISH]) == "MISSING_UPLOAD_HEADER"
     assert await call([header, chunk, header]) == "UNEXPECTED_UPLOAD_HEADER"
     assert await call([header, file_pb2.UploadFileRequest(chunk=b"x" * (2 * 1024 * 1024 + 1))]) == "CHUNK_TOO_LARGE"
+    assert await call([header, chunk, UPLOAD_FINISH, chunk]) == "MESSAGE_AFTER_FINISH"
+    assert await call([header, chunk, UPLOAD_FINISH, UPLOAD_FINISH]) == "MESSAGE_AFTER_FINISH"
+    assert await call([header, chunk]) == "UPLOAD_NOT_FINISHED"
     assert blob_files(harness) == []
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+
+
+async def test_a_message_with_no_payload_is_named_as_such(harness):
+    a = harness.alice
+    messages = list(upload_requests(batch_file(1)))
+    messages.insert(1, file_pb2.UploadFileRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.files.UploadFile(iter(messages), metadata=a.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.reason == "EMPTY_UPLOAD_MESSAGE"
+    assert "message 2 of the upload is empty" in err.value.details()
+    assert "none of header, chunk or finish" in err.value.details()
+
+
+async def test_a_half_closed_upload_without_finish_stores_nothing(harness):
+    """Whole lines, then the client half-closes without the finish message: refused, and the
+    message says how to finish an upload."""
+    a = harness.alice
+    messages = [m for m in upload_requests(batch_file(200), chunk_size=4096) if m.WhichOneof("payload") != "finish"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.files.UploadFile(iter(messages), metadata=a.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.reason == "UPLOAD_NOT_FINISHED"
+    assert "finish" in err.value.details() and "nothing was stored" in err.value.details()
+    assert bad.field_violations[0].field == "finish"
+    await wait_until_no_upload_runs(harness)
+    assert blob_files(harness) == [] and temp_files(harness) == []
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+
+
+def temp_files(h) -> list:
+    return list((h.data_dir / "files" / "tmp").iterdir())
+
+
+async def wait_until_no_upload_runs(h, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while h.server.files.uploads_in_progress() or temp_files(h):
+        assert loop.time() < deadline, "an upload is still running"
+        await asyncio.sleep(0.01)
+
+
+async def test_cancelled_or_timed_out_uploads_never_commit(harness):
+    """40 calls that stop after whole lines -- cancelled, past their deadline, or half-closed and
+    cancelled at once -- at varied moments: none of them ever becomes a file."""
+    a = harness.alice
+    content = batch_file(400)
+    lines = content.splitlines(keepends=True)
+    chunks = [b"".join(lines[i:i + 50]) for i in range(0, len(lines), 50)]
+    outcomes = set()
+    for attempt in range(40):
+        sent_lines = (attempt % len(chunks)) + 1
+        sent = asyncio.Event()
+        half_close = attempt % 3 == 2
+
+        async def messages():
+            yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+                filename="cut.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
+            for chunk in chunks[:sent_lines]:
+                yield file_pb2.UploadFileRequest(chunk=chunk)
+            sent.set()
+            if not half_close:
+                await asyncio.Event().wait()  # never finishes: the call is cancelled or times out
+
+        if attempt % 3 == 1:
+            call = a.files.UploadFile(messages(), metadata=a.metadata, timeout=0.05 + 0.01 * (attempt % 7))
+        else:
+            call = a.files.UploadFile(messages(), metadata=a.metadata)
+            await sent.wait()
+            for _ in range(attempt % 4):  # cancel a varying number of loop turns later
+                await asyncio.sleep(0)
+            call.cancel()
+        try:
+            await call
+            outcomes.add("committed")
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+        except grpc.aio.AioRpcError as err:
+            outcomes.add(err.code().name)
+    assert "committed" not in outcomes
+    await wait_until_no_upload_runs(harness)
+    assert blob_files(harness) == [] and temp_files(harness) == []
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
 
 
 def _line(**overrides) -> bytes:
@@ -354,6 +444,7 @@ async def test_large_upload_200mb(harness, tmp_path):
         with open(path, "rb") as fin:
             while data := fin.read(1024 * 1024):
                 yield file_pb2.UploadFileRequest(chunk=data)
+        yield UPLOAD_FINISH
 
     f = (await a.files.UploadFile(chunks(), metadata=a.metadata)).file
     assert f.bytes == size and f.line_count == lines and f.sha256 == h.hexdigest()

@@ -53,9 +53,12 @@ def read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
 
 
 def upload_messages(header: file_pb2.UploadFileRequest, chunks: Iterable[bytes]) -> Iterator[file_pb2.UploadFileRequest]:
+    """The header, the chunks, then the finish message: the server commits the file only after it,
+    so an upload cut short (an exception while reading `chunks`, a cancelled call) stores nothing."""
     yield header
     for chunk in chunks:
         yield file_pb2.UploadFileRequest(chunk=chunk)
+    yield file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
 
 
 TimeLike = datetime.datetime | float | int | timestamp_pb2.Timestamp | None

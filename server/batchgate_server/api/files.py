@@ -31,6 +31,48 @@ def _protocol_error(message: str, reason: str, field: str) -> InvalidArgument:
     return InvalidArgument(message, reason, violations=[FieldViolation(field, message)])
 
 
+_PROTOCOL = "an upload is a header, then the content in chunks, then a finish message, then the end of the stream"
+
+
+async def _read_header(messages: AsyncIterator[file_pb2.UploadFileRequest]) -> UploadHeader:
+    try:
+        first = await anext(messages)
+    except StopAsyncIteration:
+        raise _protocol_error(f"the upload stream was empty: {_PROTOCOL}", "MISSING_UPLOAD_HEADER",
+                              "header") from None
+    if first.WhichOneof("payload") != "header":
+        raise _protocol_error(f"the first message of an upload must be the header: {_PROTOCOL}",
+                              "MISSING_UPLOAD_HEADER", "header")
+    return _header_from_proto(first.header)
+
+
+async def _content(messages: AsyncIterator[file_pb2.UploadFileRequest]) -> AsyncIterator[bytes]:
+    """The chunks after the header. Ends normally only once the finish message has come and the
+    stream ended right after it; a stream that ends any other way raises, so the upload is aborted.
+    (A cancelled call or an expired deadline also ends the request stream quietly: the explicit
+    finish message is what tells a complete upload from a cut one.)"""
+    number = 1  # the header
+    async for message in messages:
+        number += 1
+        kind = message.WhichOneof("payload")
+        if kind == "chunk":
+            yield message.chunk
+        elif kind == "finish":
+            async for _ in messages:
+                raise _protocol_error(f"message {number + 1} came after the finish message (message {number}); "
+                                      f"{_PROTOCOL}", "MESSAGE_AFTER_FINISH", "finish")
+            return
+        elif kind == "header":
+            raise _protocol_error(f"message {number} is a second header; {_PROTOCOL}", "UNEXPECTED_UPLOAD_HEADER",
+                                  "header")
+        else:
+            raise _protocol_error(f"message {number} of the upload is empty: it sets none of header, chunk or "
+                                  f"finish; {_PROTOCOL}", "EMPTY_UPLOAD_MESSAGE", "payload")
+    raise _protocol_error(f"the upload stream ended without a finish message, so nothing was stored: {_PROTOCOL}."
+                          " Send UploadFileRequest.finish after the last chunk to commit the file",
+                          "UPLOAD_NOT_FINISHED", "finish")
+
+
 class FileServicer(file_pb2_grpc.FileServiceServicer):
     def __init__(self, auth: Authenticator, files: FileManager) -> None:
         self.auth = auth
@@ -40,25 +82,9 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                          context: grpc.aio.ServicerContext) -> file_pb2.UploadFileResponse:
         try:
             principal = await self.auth.authenticate(context.invocation_metadata())
-            stream = aiter(request_iterator)
-            try:
-                first = await anext(stream)
-            except StopAsyncIteration:
-                raise _protocol_error("the upload stream was empty: send a header first",
-                                      "MISSING_UPLOAD_HEADER", "header") from None
-            if first.WhichOneof("payload") != "header":
-                raise _protocol_error("the first message of an upload must be the header",
-                                      "MISSING_UPLOAD_HEADER", "header")
-            header = _header_from_proto(first.header)
-
-            async def chunks() -> AsyncIterator[bytes]:
-                async for message in stream:
-                    if message.WhichOneof("payload") != "chunk":
-                        raise _protocol_error("only the first message of an upload may be a header",
-                                              "UNEXPECTED_UPLOAD_HEADER", "header")
-                    yield message.chunk
-
-            record = await self.files.upload(principal, header, chunks(), client_gone=context.cancelled)
+            messages = aiter(request_iterator)
+            header = await _read_header(messages)
+            record = await self.files.upload(principal, header, _content(messages))
             return file_pb2.UploadFileResponse(file=file_to_proto(record))
         except ApiError as err:
             await abort_with(context, err)

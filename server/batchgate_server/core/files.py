@@ -8,6 +8,7 @@ import logging
 import re
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
@@ -98,14 +99,26 @@ class FileManager:
         self.limits = limits
         # Set by the batch layer: which running batch reads this file, if any.
         self.used_by: Callable[[str], str | None] = lambda file_id: None
+        self._uploading: Counter[str] = Counter()  # project -> uploads running now
 
     # -- upload -----------------------------------------------------------------------
 
-    async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes],
-                     client_gone: Callable[[], bool] = lambda: False) -> FileRecord:
-        """Stream `chunks` into a new file. `client_gone` tells a finished stream from one the
-        client abandoned: gRPC ends the request iterator quietly in both cases."""
+    def uploads_in_progress(self, project: str | None = None) -> int:
+        """Uploads running now, of one project or of all."""
+        return self._uploading[project] if project is not None else sum(self._uploading.values())
+
+    async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
+        """Stream `chunks` into a new file. `chunks` ends normally only when the client finished
+        the upload explicitly; any exception it raises (a cut stream, a protocol error) aborts
+        the upload and leaves nothing behind."""
         check_header(header)
+        self._uploading[principal.project] += 1
+        try:
+            return await self._upload(principal, header, chunks)
+        finally:
+            self._uploading[principal.project] -= 1
+
+    async def _upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
         if header.request_id:
             previous = await self.store.get_file_by_request_id(principal.project, header.request_id)
             if previous is not None:
@@ -145,12 +158,6 @@ class FileManager:
             if header.expected_sha256 and digest != header.expected_sha256:
                 raise _invalid("the content's sha256 does not match header.expected_sha256", "SHA256_MISMATCH",
                                "header.expected_sha256", f"content hashes to {digest}", sha256=digest)
-            # A cancelled call ends the request stream as quietly as a finished one; the
-            # cancellation reaches this task on its next await. Yield once so a truncated
-            # upload is discarded instead of committed.
-            await asyncio.sleep(0)
-            if client_gone():
-                raise asyncio.CancelledError("the client cancelled the upload")
             result = validator.finish()
             if not result.ok:
                 raise validation_error(result)
