@@ -186,6 +186,9 @@ BAD_HEADERS = [
     ({"expires_after": duration_pb2.Duration(seconds=31 * 24 * 3600)}, "INVALID_EXPIRES_AFTER"),
     ({"expires_after": duration_pb2.Duration(seconds=-5)}, "INVALID_EXPIRES_AFTER"),
     ({"expires_after": duration_pb2.Duration(seconds=10**14)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(nanos=999_999_999)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(nanos=1)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(seconds=30 * 24 * 3600, nanos=1)}, "INVALID_EXPIRES_AFTER"),
 ]
 
 
@@ -198,6 +201,12 @@ async def test_bad_header_is_invalid_argument(harness, fields, reason):
     info, bad = error_details(err.value)
     assert info.reason == reason
     assert bad is not None and bad.field_violations
+
+
+@pytest.mark.parametrize("seconds", [1, 30 * 24 * 3600], ids=["1s", "30d"])
+async def test_expires_after_accepts_both_edges(harness, seconds):
+    f = await harness.upload(harness.alice, batch_file(1), expires_after=duration_pb2.Duration(seconds=seconds))
+    assert f.expires_at.seconds - f.created_at.seconds in (seconds, seconds + 1)
 
 
 async def test_stream_protocol_errors(harness):

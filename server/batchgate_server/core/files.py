@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAX_FILENAME = 255
 MAX_REQUEST_ID = 128
+MIN_EXPIRES_AFTER = 1
 MAX_EXPIRES_AFTER = 30 * 24 * 3600
 
 
@@ -69,7 +70,7 @@ def check_header(h: UploadHeader) -> None:
     if len(h.request_id) > MAX_REQUEST_ID:
         raise _invalid("header.request_id is longer than 128 characters", "INVALID_REQUEST_ID",
                        "header.request_id", "at most 128 characters")
-    if h.expires_after is not None and not (0 < h.expires_after <= MAX_EXPIRES_AFTER):
+    if h.expires_after is not None and not (MIN_EXPIRES_AFTER <= h.expires_after <= MAX_EXPIRES_AFTER):
         raise _invalid("header.expires_after must be between 1 second and 30 days", "INVALID_EXPIRES_AFTER",
                        "header.expires_after", "1s to 30 days")
 
