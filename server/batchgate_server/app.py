@@ -77,8 +77,9 @@ class BatchgateServer:
             log.info("removed %d temporary upload(s) left by an earlier run", leftovers)
         self.auth = Authenticator(self.store, s.master_key)
         await self.auth.start()
-        self.files = FileManager(self.store, blobs, FileLimits(s.max_file_bytes, s.max_file_lines,
-                                                               s.max_chunk_bytes))
+        self.files = FileManager(self.store, blobs, FileLimits(
+            s.max_file_bytes, s.max_file_lines, s.max_chunk_bytes, upload_idle_timeout=s.upload_idle_timeout,
+            max_uploads_per_project=s.max_uploads_per_project))
         orphans = await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)

@@ -503,3 +503,78 @@ async def test_expiry_sweep_spares_the_input_of_a_running_batch(tmp_path):
         await h.channel.close()
         await h.server.stop(grace=0)
         await up.stop()
+
+
+def _held_upload(release: asyncio.Event | None, *, send_chunk: bool = True):
+    """An upload that sends its header (and a chunk), then waits for `release` (None: forever)."""
+    async def messages():
+        yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+            filename="held.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
+        if send_chunk:
+            yield file_pb2.UploadFileRequest(chunk=batch_file(2))
+        await (release or asyncio.Event()).wait()
+        yield UPLOAD_FINISH
+    return messages()
+
+
+async def test_an_idle_upload_is_aborted_and_cleaned_up(tmp_path):
+    from tests.conftest import start_harness
+
+    h = await start_harness(tmp_path / "d", upload_idle_timeout=0.3)
+    try:
+        a = h.alice
+        for send_chunk in (True, False):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await a.files.UploadFile(_held_upload(None, send_chunk=send_chunk), metadata=a.metadata, timeout=30)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            info, _ = error_details(err.value)
+            assert info.reason == "UPLOAD_IDLE_TIMEOUT" and info.metadata["idle_timeout_seconds"] == "0.3"
+            await wait_until_no_upload_runs(h)
+            assert temp_files(h) == [] and blob_files(h) == []
+        # A stream that never even sends its header is not held forever either.
+        async def nothing():
+            await asyncio.Event().wait()
+            yield UPLOAD_FINISH
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await a.files.UploadFile(nothing(), metadata=a.metadata, timeout=30)
+        assert error_details(err.value)[0].reason == "UPLOAD_IDLE_TIMEOUT"
+        # Uploads that keep sending are not cut.
+        assert (await h.upload(a, batch_file(3))).line_count == 3
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
+
+
+async def test_concurrent_uploads_per_project_are_capped(tmp_path):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from tests.conftest import start_harness
+
+    h = await start_harness(tmp_path / "d", max_uploads_per_project=2)
+    try:
+        a = h.alice
+        release = asyncio.Event()
+        held = [a.files.UploadFile(_held_upload(release), metadata=a.metadata) for _ in range(2)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while h.server.files.uploads_in_progress("alice") < 2:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.upload(a, batch_file(1))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info, _ = error_details(err.value)
+        assert info.reason == "TOO_MANY_UPLOADS" and info.metadata["max_uploads"] == "2"
+        retry = [d for d in rpc_status.from_call(err.value).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        assert len(retry) == 1
+        assert (await h.upload(h.bob, batch_file(1))).line_count == 1, "the cap is per project"
+
+        release.set()
+        assert [(await call).file.line_count for call in held] == [2, 2]
+        assert h.server.files.uploads_in_progress("alice") == 0
+        assert (await h.upload(a, batch_file(1))).line_count == 1, "a slot frees once an upload ends"
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)

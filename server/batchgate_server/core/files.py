@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 from batchgate_server.core import pagination
 from batchgate_server.core.auth import Principal
-from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
+from batchgate_server.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    ResourceExhausted,
+    not_found,
+)
 from batchgate_server.core.ids import new_file_id
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
 from batchgate_server.core.models import FilePurpose, FileRecord
@@ -45,6 +51,10 @@ class FileLimits:
     max_bytes: int
     max_lines: int
     max_chunk_bytes: int
+    # Seconds an upload may wait for its next message: a client that sends a header and then
+    # nothing would otherwise hold a temp file and a descriptor forever.
+    upload_idle_timeout: float = 60.0
+    max_uploads_per_project: int = 8
 
 
 def _invalid(message: str, reason: str, field_name: str, description: str, **meta: str) -> InvalidArgument:
@@ -113,6 +123,11 @@ class FileManager:
         the upload explicitly; any exception it raises (a cut stream, a protocol error) aborts
         the upload and leaves nothing behind."""
         check_header(header)
+        cap = self.limits.max_uploads_per_project
+        if self._uploading[principal.project] >= cap:
+            raise ResourceExhausted(f"project {principal.project!r} already runs {cap} uploads, the most allowed at"
+                                    " once; retry when one of them has ended", "TOO_MANY_UPLOADS", retry_after=1.0,
+                                    metadata={"max_uploads": str(cap)})
         self._uploading[principal.project] += 1
         try:
             return await self._upload(principal, header, chunks)
