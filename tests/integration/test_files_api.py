@@ -149,14 +149,53 @@ async def test_bad_credentials_are_unauthenticated(harness, metadata, reason):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_request_id_replays_the_first_upload(harness):
+async def test_request_id_replays_the_same_upload(harness):
     a = harness.alice
-    first = await harness.upload(a, batch_file(2), request_id="upload-1")
-    again = await harness.upload(a, batch_file(5), request_id="upload-1")
-    assert again == first
+    content = batch_file(2)
+    first = await harness.upload(a, content, request_id="upload-1")
+    assert await harness.upload(a, content, request_id="upload-1") == first
+    assert await harness.upload(a, content, request_id="upload-1", chunk_size=7) == first
+    # With expected_sha256 the replay is answered before the content is read.
+    assert await harness.upload(a, content, request_id="upload-1",
+                                expected_sha256=hashlib.sha256(content).hexdigest()) == first
     other_project = await harness.upload(harness.bob, batch_file(5), request_id="upload-1")
     assert other_project.id != first.id and other_project.line_count == 5
     assert len(blob_files(harness)) == 2
+
+
+REUSED_REQUEST_IDS = {
+    "other_bytes": ({"content": batch_file(5)}, "content"),
+    "a_longer_file": ({"content": batch_file(2) + batch_file(3)[-100:]}, "content"),
+    "other_expected_sha256": ({"expected_sha256": "0" * 64}, "content"),
+    "other_expected_bytes": ({"expected_bytes": 1}, "content"),
+    "other_filename": ({"filename": "other.jsonl"}, "filename"),
+    "other_expires_after": ({"expires_after": duration_pb2.Duration(seconds=60)}, "expires_after"),
+    "no_expires_after": ({"expires_after": None}, "expires_after"),
+    "filename_and_bytes": ({"filename": "other.jsonl", "content": batch_file(3)}, "filename,content"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REUSED_REQUEST_IDS))
+async def test_request_id_reused_for_another_upload_is_refused(harness, case):
+    a = harness.alice
+    first = await harness.upload(a, batch_file(2), filename="in.jsonl", request_id="upload-1",
+                                 expires_after=duration_pb2.Duration(seconds=3600))
+    changes, differs = REUSED_REQUEST_IDS[case]
+    fields = {"content": batch_file(2), "filename": "in.jsonl", "expires_after": duration_pb2.Duration(seconds=3600),
+              **changes}
+    if fields["expires_after"] is None:
+        del fields["expires_after"]
+    content = fields.pop("content")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(a, content, request_id="upload-1", **fields)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info, _ = error_details(err.value)
+    assert info.reason == "REQUEST_ID_REUSED"
+    assert info.metadata["file_id"] == first.id and info.metadata["differs"] == differs
+    assert first.id in err.value.details() and "new request_id" in err.value.details()
+    assert [f.id for f in (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files] \
+        == [first.id]
+    assert len(blob_files(harness)) == 1 and temp_files(harness) == []
 
 
 async def test_expected_size_and_sha256_are_checked(harness):
@@ -467,7 +506,8 @@ async def test_large_upload_200mb(harness, tmp_path):
 
 async def test_concurrent_uploads_with_one_request_id_make_one_file(harness):
     """Both uploads pass the replay check before either commits; the second commit loses the
-    race on the unique index and answers with the winner's file."""
+    race on the unique index and answers with the winner's file -- or refuses when its content
+    is another."""
     a = harness.alice
     results = await asyncio.gather(*[harness.upload(a, batch_file(400), request_id="same-upload", chunk_size=4096)
                                      for _ in range(4)])
@@ -475,6 +515,14 @@ async def test_concurrent_uploads_with_one_request_id_make_one_file(harness):
     assert len(blob_files(harness)) == 1
     listed = (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files
     assert [f.id for f in listed] == [results[0].id]
+
+    results = await asyncio.gather(*[harness.upload(a, batch_file(400 + i), request_id="other-upload",
+                                                    chunk_size=4096) for i in range(2)], return_exceptions=True)
+    (winner,) = [r for r in results if isinstance(r, file_pb2.File)]
+    (loser,) = [r for r in results if not isinstance(r, file_pb2.File)]
+    assert loser.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(loser)[0].metadata["file_id"] == winner.id
+    assert len(blob_files(harness)) == 2
 
 
 async def test_expiry_sweep_spares_the_input_of_a_running_batch(tmp_path):

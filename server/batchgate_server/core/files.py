@@ -85,6 +85,32 @@ def check_header(h: UploadHeader) -> None:
                        "header.expires_after", "1s to 30 days")
 
 
+def replay_differences(previous: FileRecord, h: UploadHeader, content: tuple[int, str] | None) -> list[str]:
+    """What an upload with the request_id of `previous` asks for differently: "filename",
+    "expires_after", "content". The content differs when the upload's (size, sha256) -- `content`,
+    if it was read -- or the header's expected_bytes / expected_sha256 are not those of `previous`."""
+    differs = []
+    if h.filename != previous.filename:
+        differs.append("filename")
+    lifetime = previous.expires_at - previous.created_at if previous.expires_at is not None else None
+    if (h.expires_after is None) != (lifetime is None) or (
+            lifetime is not None and abs(h.expires_after - lifetime) > 1e-3):  # float seconds since the epoch
+        differs.append("expires_after")
+    expected = [(h.expected_bytes, h.expected_sha256)] + ([content] if content else [])
+    if any((size is not None and size != previous.bytes) or (sha256 and sha256 != previous.sha256)
+           for size, sha256 in expected):
+        differs.append("content")
+    return differs
+
+
+def request_id_reused(previous: FileRecord, differs: list[str]) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"request_id {previous.request_id!r} was first used for file {previous.id}, with another "
+        f"{' and '.join(differs)}; repeat the first upload to get that file back, or use a new request_id for"
+        " a different upload", "REQUEST_ID_REUSED",
+        {"file_id": previous.id, "request_id": previous.request_id, "differs": ",".join(differs)})
+
+
 def _hash_and_write(hasher, writer: BlobWriter, chunk: bytes) -> None:
     hasher.update(chunk)
     writer.write(chunk)
@@ -138,7 +164,7 @@ class FileManager:
         if header.request_id:
             previous = await self.store.get_file_by_request_id(principal.project, header.request_id)
             if previous is not None:
-                return previous
+                return await self._replay(previous, header, chunks)
         validator = JsonlValidator(max_lines=self.limits.max_lines, max_bytes=self.limits.max_bytes)
         hasher = hashlib.sha256()
         writer = self.blobs.open_writer()
@@ -148,10 +174,7 @@ class FileManager:
             async for chunk in chunks:
                 if not chunk:
                     continue
-                if len(chunk) > self.limits.max_chunk_bytes:
-                    raise _invalid(f"a chunk of {len(chunk)} bytes exceeds the "
-                                   f"{self.limits.max_chunk_bytes}-byte limit", "CHUNK_TOO_LARGE",
-                                   "chunk", f"at most {self.limits.max_chunk_bytes} bytes")
+                self._check_chunk(chunk)
                 size += len(chunk)
                 if header.expected_bytes is not None and size > header.expected_bytes:
                     raise _invalid(f"received more than the {header.expected_bytes} bytes the header announced",
@@ -193,6 +216,30 @@ class FileManager:
         # the caller goes away now (it can replay with its request_id).
         return await asyncio.shield(self._commit(writer, record, header))
 
+    def _check_chunk(self, chunk: bytes) -> None:
+        if len(chunk) > self.limits.max_chunk_bytes:
+            raise _invalid(f"a chunk of {len(chunk)} bytes exceeds the {self.limits.max_chunk_bytes}-byte limit",
+                           "CHUNK_TOO_LARGE", "chunk", f"at most {self.limits.max_chunk_bytes} bytes")
+
+    async def _replay(self, previous: FileRecord, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
+        """`previous` again when this upload is the same one; REQUEST_ID_REUSED otherwise. Without an
+        expected_sha256 the content is hashed as it streams (nothing is stored), and only until it
+        is known to differ."""
+        content = None
+        if not header.expected_sha256:
+            hasher, size = hashlib.sha256(), 0
+            async for chunk in chunks:
+                self._check_chunk(chunk)
+                size += len(chunk)
+                if size > previous.bytes:
+                    break
+                hasher.update(chunk)  # releases the GIL; at most 2 MiB, well under a millisecond
+            content = (size, hasher.hexdigest())
+        differs = replay_differences(previous, header, content)
+        if differs:
+            raise request_id_reused(previous, differs)
+        return previous
+
     async def _commit(self, writer: BlobWriter, record: FileRecord, header: UploadHeader) -> FileRecord:
         try:
             await asyncio.to_thread(writer.commit, record.id)  # fsync: not on the event loop
@@ -207,6 +254,9 @@ class FileManager:
             previous = await self.store.get_file_by_request_id(record.project, header.request_id)
             if previous is None:
                 raise
+            differs = replay_differences(previous, header, (record.bytes, record.sha256))
+            if differs:
+                raise request_id_reused(previous, differs) from None
             return previous
         except BaseException:
             self.blobs.delete(record.id)
