@@ -381,6 +381,12 @@ BAD_FILES = {
     "missing_model": (_line(body={"messages": []}), "missing_model", 1),
     "model_mismatch": (_line() + b"\n" + json.dumps(request_line("b", model="gpt-4o")).encode(),
                        "model_mismatch", 2),
+    "unpaired_surrogate_in_model": (_line() + b"\n" + _line(custom_id="b").replace(b'"gpt-4o-mini"', b'"\\ud800"'),
+                                    "unpaired_surrogate", 2),
+    "unpaired_surrogate_in_custom_id": (_line(custom_id="x\udc00"), "unpaired_surrogate", 1),
+    "custom_id_too_long": (_line(custom_id="c" * 513), "custom_id_too_long", 1),
+    "model_too_long": (_line(body={"model": "m" * 257}), "model_too_long", 1),
+    "byte_order_mark": (b"\xef\xbb\xbf" + _line(), "invalid_json_line", 1),
 }
 
 
@@ -397,6 +403,20 @@ async def test_each_validation_rule_rejects_with_line_number(harness, case):
     assert first.field == (f"line {line}" if line else "file")
     assert first.description.startswith(code)
     assert blob_files(harness) == [], "a rejected upload leaves nothing behind"
+
+
+async def test_a_huge_model_is_refused_and_nothing_is_stored(harness):
+    """A 4.5 MB body.model used to be stored (then GetFile, DownloadFile and ListFiles failed)."""
+    a = harness.alice
+    content = jsonl([request_line("a", model="m" * 4_500_000)])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(a, content, chunk_size=1024 * 1024)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.metadata["first_problem"] == "model_too_long" and bad.field_violations[0].field == "line 1"
+    assert len(err.value.details()) < 300
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+    assert blob_files(harness) == []
 
 
 async def test_limits_on_lines_and_bytes(tmp_path):
