@@ -219,6 +219,12 @@ async def test_expected_size_and_sha256_are_checked(harness):
 BAD_HEADERS = [
     ({"filename": ""}, "INVALID_FILENAME"),
     ({"filename": "x" * 256}, "INVALID_FILENAME"),
+    ({"filename": "😀" * 256}, "INVALID_FILENAME"),
+    ({"filename": "a\x00b.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "a\nb.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "\x1b[31mred.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "a\x7f.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "a\x85.jsonl"}, "INVALID_FILENAME"),
     ({"purpose": file_pb2.FILE_PURPOSE_UNSPECIFIED}, "INVALID_PURPOSE"),
     ({"purpose": file_pb2.FILE_PURPOSE_BATCH_OUTPUT}, "INVALID_PURPOSE"),
     ({"request_id": "r" * 129}, "INVALID_REQUEST_ID"),
@@ -229,6 +235,11 @@ BAD_HEADERS = [
     ({"expires_after": duration_pb2.Duration(nanos=1)}, "INVALID_EXPIRES_AFTER"),
     ({"expires_after": duration_pb2.Duration(seconds=30 * 24 * 3600, nanos=1)}, "INVALID_EXPIRES_AFTER"),
 ]
+
+
+async def test_filenames_count_characters_not_bytes(harness):
+    for name in ("😀" * 255, "x" * 255, "données été.jsonl", "a b\tc.jsonl".replace("\t", " ")):
+        assert (await harness.upload(harness.alice, batch_file(1), filename=name)).filename == name
 
 
 @pytest.mark.parametrize("fields, reason", BAD_HEADERS, ids=[r for _, r in BAD_HEADERS])

@@ -30,7 +30,10 @@ from batchgate_server.store.metadata import MetadataStore
 log = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Characters, not bytes: the name is never a path on disk. Control characters (C0, DEL, C1)
+# are refused: a NUL or a newline in a name breaks logs, terminals and Content-Disposition.
 MAX_FILENAME = 255
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 MAX_REQUEST_ID = 128
 MIN_EXPIRES_AFTER = 1
 MAX_EXPIRES_AFTER = 30 * 24 * 3600
@@ -65,6 +68,10 @@ def check_header(h: UploadHeader) -> None:
     if not h.filename or len(h.filename) > MAX_FILENAME:
         raise _invalid("header.filename must be 1 to 255 characters", "INVALID_FILENAME",
                        "header.filename", "1 to 255 characters")
+    if control := CONTROL_CHARACTER.search(h.filename):
+        raise _invalid(f"header.filename must not hold control characters; character {control.start() + 1} is "
+                       f"U+{ord(control.group()):04X}", "INVALID_FILENAME", "header.filename",
+                       "no control characters")
     if h.purpose is None:
         raise _invalid("header.purpose must be FILE_PURPOSE_BATCH", "INVALID_PURPOSE",
                        "header.purpose", "required")
