@@ -227,3 +227,26 @@ async def test_deleting_the_input_of_a_running_batch_is_refused(harness):
     async for event in a.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch.id), metadata=a.metadata):
         pass
     await a.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=f.id), metadata=a.metadata)
+
+
+async def test_sync_client_upload_replays_and_refuses_a_reused_request_id(harness, tmp_path):
+    """From a path the client sends expected_sha256, so the replay is answered before the content
+    is read: the call must still end cleanly while the client is streaming."""
+    out = _out_dir(tmp_path)
+    path = out / "in.jsonl"
+    path.write_bytes(batch_file(5_000))  # several chunks: still streaming when the answer comes
+
+    def run():
+        with BatchgateClient(f"127.0.0.1:{harness.port}", api_key=api_key(harness.alice)) as bg:
+            first = bg.upload_file(path, request_id="r-1")
+            again = bg.upload_file(path, request_id="r-1")
+            streamed = bg.upload_file(path.read_bytes(), filename="in.jsonl", request_id="r-1")
+            with pytest.raises(grpc.RpcError) as err:
+                bg.upload_file(batch_file(3), filename="in.jsonl", request_id="r-1")
+            return first, again, streamed, err.value
+
+    first, again, streamed, err = await asyncio.to_thread(run)
+    assert again == first and streamed == first
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info, _ = error_details(err)
+    assert info.reason == "REQUEST_ID_REUSED" and info.metadata["file_id"] == first.id
