@@ -1,4 +1,5 @@
-"""FileService: thin gRPC adapter over core.files.FileManager."""
+"""FileService: a thin gRPC adapter over core.files.FileManager, plus the upload message protocol
+(header, chunks, finish) and its idle timeout."""
 
 from __future__ import annotations
 

@@ -112,8 +112,8 @@ def replay_differences(previous: FileRecord, h: UploadHeader, content: tuple[int
 
 def request_id_reused(previous: FileRecord, differs: list[str]) -> FailedPrecondition:
     return FailedPrecondition(
-        f"request_id {previous.request_id!r} was first used for file {previous.id}, with another "
-        f"{' and '.join(differs)}; repeat the first upload to get that file back, or use a new request_id for"
+        f"request_id {previous.request_id!r} was first used for file {previous.id}; this upload differs in its "
+        f"{' and '.join(differs)}. Repeat the first upload to get that file back, or use a new request_id for"
         " a different upload", "REQUEST_ID_REUSED",
         {"file_id": previous.id, "request_id": previous.request_id, "differs": ",".join(differs)})
 
@@ -240,7 +240,7 @@ class FileManager:
                 size += len(chunk)
                 if size > previous.bytes:
                     break
-                hasher.update(chunk)  # releases the GIL; at most 2 MiB, well under a millisecond
+                hasher.update(chunk)  # on the loop: at most 2 MiB, about a millisecond
             content = (size, hasher.hexdigest())
         differs = replay_differences(previous, header, content)
         if differs:
