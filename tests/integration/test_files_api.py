@@ -610,6 +610,16 @@ async def test_an_idle_upload_is_aborted_and_cleaned_up(tmp_path):
             assert info.reason == "UPLOAD_IDLE_TIMEOUT" and info.metadata["idle_timeout_seconds"] == "0.3"
             await wait_until_no_upload_runs(h)
             assert temp_files(h) == [] and blob_files(h) == []
+        # Nor one that sends finish but never ends its stream: nothing is committed before the end.
+        async def finished_but_open():
+            for message in upload_requests(batch_file(2)):
+                yield message
+            await asyncio.Event().wait()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await a.files.UploadFile(finished_but_open(), metadata=a.metadata, timeout=30)
+        assert error_details(err.value)[0].reason == "UPLOAD_IDLE_TIMEOUT"
+        await wait_until_no_upload_runs(h)
+        assert blob_files(h) == []
         # A stream that never even sends its header is not held forever either.
         async def nothing():
             await asyncio.Event().wait()
