@@ -482,3 +482,19 @@ def test_a_byte_order_mark_is_named():
     assert codes(res) == [(1, "invalid_json_line")]
     message = res.problems[0].message
     assert "byte order mark" in message and "without a BOM" in message and "column 1" not in message
+
+
+def test_where_a_deep_surrogate_sits_is_found_without_building_every_path():
+    """Paths are only spelled out for the string that is reported: a deeply nested line with long
+    keys costs one walk, not a copy of every ancestor's path per node."""
+    import time
+
+    key = "k" * 50_000
+    line = '{"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "x": '
+    line += ('{"%s": ' % key) * 800 + '"\\ud800"' + "}" * 800 + "}}"
+    started = time.process_time()
+    res = validate(line.encode())
+    # CPU time, not wall time: these 40 MB took 9 s of CPU when every node spelt its path, 0.2 s now.
+    assert time.process_time() - started < 3
+    assert codes(res) == [(1, "unpaired_surrogate")]
+    assert "'body.x.kkkkk" in res.problems[0].message and len(res.problems[0].message) < 400
