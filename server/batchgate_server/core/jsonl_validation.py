@@ -15,7 +15,8 @@ Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
 * no string in the line, key or value, holds an unpaired UTF-16 surrogate
   (``unpaired_surrogate``): ``"\\ud800"`` is valid JSON but no UTF-8 text, so
   it could be neither stored nor sent on. The message names where it sits
-  (``'body.messages[0].content'``); the line's other rules are not checked;
+  (the string at ``'body.messages[0].content'``, a key in ``'body'``); the
+  line's other rules are not checked;
 * ``custom_id`` non-empty string (``missing_custom_id``) of at most
   ``max_custom_id_chars`` characters (``custom_id_too_long``), unique
   (``duplicate_custom_id``);
@@ -185,8 +186,8 @@ def _next_suspicious(buf: bytes, start: int, stop: int) -> int:
 
 
 def _unpaired_surrogate_at(line: dict) -> str | None:
-    """Where the first string holding an unpaired surrogate sits in a parsed line
-    (``custom_id``, ``body.messages[0].content``, ``a key in body``), or None. Iterative: the
+    """Where the first string holding an unpaired surrogate sits in a parsed line ("the string
+    at 'body.messages[0].content'", "a key in 'body'"), or None. Iterative: the
     line may nest as deeply as the JSON scanner allows. Each node keeps only a link to its parent
     step, and the path is spelled out for the reported string alone: building every node's path
     would copy long keys once per descendant (a 40 MB line of nested long keys took 39 s)."""
@@ -195,11 +196,11 @@ def _unpaired_surrogate_at(line: dict) -> str | None:
         value, steps = stack.pop()
         if value.__class__ is str:
             if _unencodable(value):
-                return _spell_path(steps)
+                return f"the string at {_show(_spell_path(steps))}"
         elif value.__class__ is dict:
             for key, item in reversed(value.items()):
                 if _unencodable(key):
-                    return f"a key in {_spell_path(steps)}" if steps else "a key"
+                    return f"a key in {_show(_spell_path(steps))}" if steps else "a top-level key"
                 stack.append((item, (steps, key)))
         elif value.__class__ is list:
             stack.extend((value[i], (steps, i)) for i in reversed(range(len(value))))
@@ -464,7 +465,7 @@ class JsonlValidator:
                     add(
                         n,
                         UNPAIRED_SURROGATE,
-                        f"the string at {_show(where)} holds an unpaired UTF-16 surrogate escape such as \"\\ud800\":"
+                        f"{where} holds an unpaired UTF-16 surrogate escape such as \"\\ud800\":"
                         " valid JSON, but not text UTF-8 can encode; escape whole characters (a high surrogate"
                         " followed by a low one) or write them as UTF-8",
                     )
