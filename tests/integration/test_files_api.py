@@ -333,6 +333,7 @@ async def test_cancelled_or_timed_out_uploads_never_commit(harness):
     lines = content.splitlines(keepends=True)
     chunks = [b"".join(lines[i:i + 50]) for i in range(0, len(lines), 50)]
     outcomes = set()
+    end_of_test = asyncio.Event()  # lets the client's request generators end (grpc keeps consuming them)
     for attempt in range(40):
         sent_lines = (attempt % len(chunks)) + 1
         sent = asyncio.Event()
@@ -345,7 +346,7 @@ async def test_cancelled_or_timed_out_uploads_never_commit(harness):
                 yield file_pb2.UploadFileRequest(chunk=chunk)
             sent.set()
             if not half_close:
-                await asyncio.Event().wait()  # never finishes: the call is cancelled or times out
+                await end_of_test.wait()  # the call is cancelled or times out long before
 
         if attempt % 3 == 1:
             call = a.files.UploadFile(messages(), metadata=a.metadata, timeout=0.05 + 0.01 * (attempt % 7))
@@ -362,6 +363,7 @@ async def test_cancelled_or_timed_out_uploads_never_commit(harness):
             outcomes.add("cancelled")
         except grpc.aio.AioRpcError as err:
             outcomes.add(err.code().name)
+    end_of_test.set()
     assert "committed" not in outcomes
     await wait_until_no_upload_runs(harness)
     assert blob_files(harness) == [] and temp_files(harness) == []
@@ -584,15 +586,17 @@ async def test_expiry_sweep_spares_the_input_of_a_running_batch(tmp_path):
         await up.stop()
 
 
-def _held_upload(release: asyncio.Event | None, *, send_chunk: bool = True):
-    """An upload that sends its header (and a chunk), then waits for `release` (None: forever)."""
+def _held_upload(release: asyncio.Event, *, send_chunk: bool = True, finish: bool = True):
+    """An upload that sends its header (and a chunk), then waits for `release` before its finish
+    message (or before just ending, without `finish`)."""
     async def messages():
         yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
             filename="held.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
         if send_chunk:
             yield file_pb2.UploadFileRequest(chunk=batch_file(2))
-        await (release or asyncio.Event()).wait()
-        yield UPLOAD_FINISH
+        await release.wait()
+        if finish:
+            yield UPLOAD_FINISH
     return messages()
 
 
@@ -600,11 +604,13 @@ async def test_an_idle_upload_is_aborted_and_cleaned_up(tmp_path):
     from tests.conftest import start_harness
 
     h = await start_harness(tmp_path / "d", upload_idle_timeout=0.3)
+    end_of_test = asyncio.Event()  # lets the silent clients' generators end
     try:
         a = h.alice
         for send_chunk in (True, False):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await a.files.UploadFile(_held_upload(None, send_chunk=send_chunk), metadata=a.metadata, timeout=30)
+                await a.files.UploadFile(_held_upload(end_of_test, send_chunk=send_chunk, finish=False),
+                                         metadata=a.metadata, timeout=30)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             info, _ = error_details(err.value)
             assert info.reason == "UPLOAD_IDLE_TIMEOUT" and info.metadata["idle_timeout_seconds"] == "0.3"
@@ -614,7 +620,7 @@ async def test_an_idle_upload_is_aborted_and_cleaned_up(tmp_path):
         async def finished_but_open():
             for message in upload_requests(batch_file(2)):
                 yield message
-            await asyncio.Event().wait()
+            await end_of_test.wait()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await a.files.UploadFile(finished_but_open(), metadata=a.metadata, timeout=30)
         assert error_details(err.value)[0].reason == "UPLOAD_IDLE_TIMEOUT"
@@ -622,14 +628,16 @@ async def test_an_idle_upload_is_aborted_and_cleaned_up(tmp_path):
         assert blob_files(h) == []
         # A stream that never even sends its header is not held forever either.
         async def nothing():
-            await asyncio.Event().wait()
-            yield UPLOAD_FINISH
+            await end_of_test.wait()
+            return
+            yield
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await a.files.UploadFile(nothing(), metadata=a.metadata, timeout=30)
         assert error_details(err.value)[0].reason == "UPLOAD_IDLE_TIMEOUT"
         # Uploads that keep sending are not cut.
         assert (await h.upload(a, batch_file(3))).line_count == 3
     finally:
+        end_of_test.set()
         await h.channel.close()
         await h.server.stop(grace=0)
 
