@@ -250,3 +250,29 @@ async def test_sync_client_upload_replays_and_refuses_a_reused_request_id(harnes
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     info, _ = error_details(err)
     assert info.reason == "REQUEST_ID_REUSED" and info.metadata["file_id"] == first.id
+
+
+async def test_an_upload_whose_source_fails_stores_nothing(harness, tmp_path):
+    """The client sends finish only after the last chunk: a source that fails half way (after
+    whole lines) aborts the upload instead of committing what was read so far."""
+    content = batch_file(2000)
+
+    class FailingHalfWay(io.BytesIO):
+        def read(self, size=-1):
+            if self.tell() >= len(content) // 2:
+                raise OSError("disk went away")
+            return super().read(size)
+
+    def run():
+        with BatchgateClient(f"127.0.0.1:{harness.port}", api_key=api_key(harness.alice)) as bg:
+            with pytest.raises((grpc.RpcError, OSError)):
+                bg.upload_file(FailingHalfWay(content), filename="in.jsonl", chunk_size=4096)
+            return list(bg.list_files())
+
+    assert await asyncio.to_thread(run) == []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while harness.server.files.uploads_in_progress():
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    assert [p for p in (harness.data_dir / "files").rglob("*") if p.is_file()] == []
