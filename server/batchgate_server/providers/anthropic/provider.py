@@ -37,7 +37,8 @@ If every line fails translation Anthropic is not called: the job completes with 
 only.
 
 job.state keys: ``requests_sent``, ``not_sent`` (untranslatable lines), ``create_started_at``
-and ``created_after`` (set before POST /v1/messages/batches), ``msgbatch_id``,
+and ``created_after`` (set before POST /v1/messages/batches), ``create_ended_at`` (when it
+failed), ``msgbatch_id``,
 ``provider_created_at``, ``nothing_sent``, ``cancel_sent``, ``abandoned_create``.
 
 At most one message batch per batch
@@ -98,7 +99,7 @@ from batchgate_server.providers.base import (
     UnsupportedRequest,
 )
 from batchgate_server.providers.custom_ids import anthropic_codec
-from batchgate_server.providers.eventual import Consistency, look_until
+from batchgate_server.providers.eventual import Consistency, create_call, look_until
 from batchgate_server.providers.openai_batch.client import ApiClient, Conn
 from batchgate_server.providers.params import float_param, int_param
 
@@ -229,7 +230,7 @@ class AnthropicBatchProvider(BatchProvider):
                 lost = self._lost_create(st, prepared.sent)
                 found = await look_until(
                     lambda: self._find_created(conn, account, lost),
-                    deadline=consistency.lookup_deadline(lost["started_at"], conn.timeout),
+                    deadline=consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]),
                     interval=consistency.lookup_interval())
                 if found:
                     log.info("batch %s: adopting Anthropic message batch %s created before an "
@@ -243,10 +244,12 @@ class AnthropicBatchProvider(BatchProvider):
                             time.time() - lost["started_at"])
                 st["abandoned_create"] = lost
             newest = await self._newest_listed(conn)
+            st.pop("create_ended_at", None)
             st.update(create_started_at=time.time(), requests_sent=prepared.sent, not_sent=prepared.not_sent,
                       created_after=sorted({i for i in (account.last_created, newest) if i}))
             await job.save_state()
-            bid = await self._create(conn, prepared, body_path)
+            async with create_call(job):
+                bid = await self._create(conn, prepared, body_path)
             await self._created(job, account, bid)
         body_path.unlink(missing_ok=True)
         log.info("batch %s: Anthropic message batch %s created with %d requests (%d not sent)",
@@ -278,8 +281,8 @@ class AnthropicBatchProvider(BatchProvider):
     @staticmethod
     def _lost_create(st: dict, sent: int) -> dict:
         """What identifies the create a crash (or a lost answer) left unresolved."""
-        return {"started_at": float(st["create_started_at"]), "sent": sent,
-                "created_after": list(st.get("created_after") or [])}
+        return {"started_at": float(st["create_started_at"]), "ended_at": st.get("create_ended_at"),
+                "sent": sent, "created_after": list(st.get("created_after") or [])}
 
     async def _newest_listed(self, conn: Conn) -> str | None:
         page = await self._api.request_json(conn, "GET", BATCHES_PATH, params={"limit": 1})
@@ -319,7 +322,7 @@ class AnthropicBatchProvider(BatchProvider):
         st = job.state
         lost = st["abandoned_create"]
         consistency = Consistency.from_params(job.deployment.params)
-        watch_until = (consistency.lookup_deadline(lost["started_at"], conn.timeout)
+        watch_until = (consistency.lookup_deadline(lost["started_at"], conn.timeout, lost.get("ended_at"))
                        + DUPLICATE_WATCH * consistency.lookup_patience)
         account = self._account(conn)
         account.claim(st["msgbatch_id"])

@@ -19,7 +19,7 @@ create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30
 At most one provider batch per batch, whatever the crash
 ---------------------------------------------------------
 job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``create_started_at``,
-``provider_batch_id`` and ``provider_created_at``.
+``create_ended_at``, ``provider_batch_id`` and ``provider_created_at``.
 
 * The input is uploaded as ``<batch id>.jsonl`` with purpose ``batch``. A submit that finds
   ``upload_started`` but no ``input_file_id`` (a crash during or right after the upload) first
@@ -60,7 +60,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.eventual import Consistency, look_until
+from batchgate_server.providers.eventual import Consistency, create_call, look_until
 from batchgate_server.providers.params import float_param, int_param
 
 from . import mapping
@@ -152,8 +152,8 @@ class _OpenAIFamilyProvider(BatchProvider):
         started = st.get("create_started_at") or (time.time() if st.get("create_started") else None)
         if started is not None:
             consistency = Consistency.from_params(job.deployment.params)
-            found = await look_until(lambda: self._adopt_created(conn, job),
-                                     deadline=consistency.lookup_deadline(float(started), conn.timeout),
+            deadline = consistency.lookup_deadline(float(started), conn.timeout, st.get("create_ended_at"))
+            found = await look_until(lambda: self._adopt_created(conn, job), deadline=deadline,
                                      interval=consistency.lookup_interval())
             if found:
                 return
@@ -165,14 +165,16 @@ class _OpenAIFamilyProvider(BatchProvider):
             st["input_file_id"] = await self._input_file(conn, job)
             await job.save_state()
         st.pop("create_started", None)  # the flag of earlier versions: now a timestamp
+        st.pop("create_ended_at", None)
         st["create_started_at"] = time.time()
         await job.save_state()
-        batch = await self._api.request_json(
-            conn, "POST", "/batches", idempotent=False,
-            json_body={"input_file_id": st["input_file_id"],
-                       "endpoint": self._provider_endpoint(job.endpoint),
-                       "completion_window": "24h",
-                       "metadata": {METADATA_KEY: job.batch_id}})
+        async with create_call(job):
+            batch = await self._api.request_json(
+                conn, "POST", "/batches", idempotent=False,
+                json_body={"input_file_id": st["input_file_id"],
+                           "endpoint": self._provider_endpoint(job.endpoint),
+                           "completion_window": "24h",
+                           "metadata": {METADATA_KEY: job.batch_id}})
         if not isinstance(batch.get("id"), str):
             raise ProviderError(f"{self.label} POST /batches answered without an id",
                                 code="provider_bad_response", retryable=True)
