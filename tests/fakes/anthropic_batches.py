@@ -58,7 +58,8 @@ Eventual consistency, as a distributed service may show it: ``list_lag`` (second
 stays out of GET /v1/messages/batches), ``get_404_for`` (seconds retrieve, cancel and results of
 a new batch answer 404 not_found_error), ``create_latency`` (seconds the create takes to answer;
 the batch exists from the moment the body was read, so a client killed meanwhile leaves it
-behind, as Anthropic would). ``await create_in_flight()`` returns while a create is being answered (to kill a client then).
+behind, as Anthropic would). ``await create_in_flight()`` returns while a create is being
+answered (to kill a client then).
 
 Failure injection: ``inject(status, n, retry_after=None, path_contains=None, method=None,
 hang=False)`` - the next n matching calls answer `status` with an Anthropic error body.

@@ -54,7 +54,8 @@ found again by what the listing does show:
   the new one is certainly younger than;
 * a submit that finds ``create_started_at`` but no ``msgbatch_id`` lists the account's batches
   (newest first) and adopts the oldest one younger than ``created_after``, created between
-  ``create_started_at`` and the end of the call's timeout (give or take CLOCK_SKEW), holding
+  ``create_started_at`` and the end of the call (``create_ended_at``, else of its timeout; give
+  or take CLOCK_SKEW), holding
   exactly ``requests_sent`` requests and not known to belong to another batch. It looks again
   while the listing may lag (``create_lookup_patience``) before it ever creates again;
 * if it does create again, the lost create's window is kept (``abandoned_create``) and each
@@ -239,8 +240,8 @@ class AnthropicBatchProvider(BatchProvider):
                     body_path.unlink(missing_ok=True)
                     return
                 log.warning("batch %s: the Anthropic create started at %s is not listed after %.0fs of "
-                            "looking; creating the batch again (a late copy will be cancelled)",
-                            job.batch_id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lost["started_at"])),
+                            "looking; creating the batch again (a late copy will be cancelled)", job.batch_id,
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lost["started_at"])),
                             time.time() - lost["started_at"])
                 st["abandoned_create"] = lost
             newest = await self._newest_listed(conn)
@@ -293,7 +294,7 @@ class AnthropicBatchProvider(BatchProvider):
     async def _find_created(self, conn: Conn, account: _Account, lost: dict) -> str | None:
         """The message batch the lost create made, if listed yet (see the module docstring)."""
         earliest = lost["started_at"] - CLOCK_SKEW
-        latest = lost["started_at"] + conn.timeout + CLOCK_SKEW
+        latest = (lost.get("ended_at") or lost["started_at"] + conn.timeout) + CLOCK_SKEW
         older = set(lost["created_after"])
         found: str | None = None
         after: str | None = None
