@@ -398,6 +398,29 @@ async def test_duplicates_found_at_the_lookup_are_cancelled(api, openai_provider
     assert api.batches[first.job.state["provider_batch_id"]].status == "validating"
 
 
+async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(openai_provider, tmp_path):
+    api = FakeBatchAPI(api_key=OPENAI_KEY, clock="manual", list_lag=3600)  # listed far too late
+    await api.start()
+    try:
+        d = openai_dep(api, timeout=0.2, create_lookup_patience=0.2)
+        h = make_job(tmp_path, [chat_line(0)], d)
+        await openai_provider.submit(h.job)
+        first = h.job.state["provider_batch_id"]
+        lost = {k: v for k, v in h.job.state.items() if k not in ("provider_batch_id", "provider_created_at")}
+        h2 = make_job(tmp_path, [chat_line(0)], d, state=lost)
+        await openai_provider.submit(h2.job)  # not listed within the patience: created again
+        assert h2.job.state["provider_batch_id"] != first and h2.job.state["duplicate_watch_until"]
+        await openai_provider.poll(h2.job)
+        assert api.batches[first].status == "validating", "not listed yet: not cancelled"
+        api.list_lag = 0
+        await openai_provider.poll(h2.job)  # listed now: the copy is cancelled at once
+        assert api.batches[first].status == "cancelling"
+        assert api.batches[h2.job.state["provider_batch_id"]].status == "validating"
+        assert "duplicate_watch_until" not in h2.job.state
+    finally:
+        await api.stop()
+
+
 async def test_an_interrupted_upload_is_reused_and_copies_deleted(api, openai_provider, tmp_path):
     lines = [chat_line(i) for i in range(3)]
     d = openai_dep(api)

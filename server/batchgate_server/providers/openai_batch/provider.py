@@ -19,7 +19,7 @@ create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30
 At most one provider batch per batch, whatever the crash
 ---------------------------------------------------------
 job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``create_started_at``,
-``create_ended_at``, ``provider_batch_id`` and ``provider_created_at``.
+``create_ended_at``, ``provider_batch_id``, ``provider_created_at`` and ``duplicate_watch_until``.
 
 * The input is uploaded as ``<batch id>.jsonl`` with purpose ``batch``. A submit that finds
   ``upload_started`` but no ``input_file_id`` (a crash during or right after the upload) first
@@ -29,7 +29,8 @@ job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``
   that metadata, again and again while the listing may still lag (the create's timeout plus
   ``create_lookup_patience``), before it ever creates again. If the lookup finds several (the
   listing lagged longer than the patience once), the oldest is adopted and the others are
-  cancelled at once.
+  cancelled at once. If it does create again, polls keep looking for a late copy for a while
+  (``duplicate_watch_until``) and cancel it as soon as it is listed.
 * A 404 for the batch within ``not_found_grace`` seconds of its create is "not visible yet"
   (retried); after that it fails the batch with ``provider_job_not_found``.
 * Once the batch has ended and its results were read (or it failed), the input file and any copy
@@ -75,6 +76,7 @@ LOOKUP_PAGES = 5  # pages of 100 batches searched when reconciling an interrupte
 FILE_PAGE = 10_000  # files listed per page when looking for our input files
 FILE_PAGES = 5
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+DUPLICATE_WATCH = 10  # after a repeated create, polls look for a late copy this many patiences more
 
 
 class _OpenAIFamilyProvider(BatchProvider):
@@ -158,9 +160,10 @@ class _OpenAIFamilyProvider(BatchProvider):
             if found:
                 return
             log.warning("batch %s: the %s create started at %s is not listed after %.0fs of looking; "
-                        "creating the batch again", job.batch_id, self.label,
+                        "creating the batch again (a late copy will be cancelled)", job.batch_id, self.label,
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(started))),
                         time.time() - float(started))
+            st["duplicate_watch_until"] = deadline + DUPLICATE_WATCH * consistency.lookup_patience
         if not st.get("input_file_id"):
             st["input_file_id"] = await self._input_file(conn, job)
             await job.save_state()
@@ -185,6 +188,8 @@ class _OpenAIFamilyProvider(BatchProvider):
     async def poll(self, job: ProviderJob) -> PollResult:
         conn = self._conn(job.deployment)
         bid = self._batch_id(job)
+        if job.state.get("duplicate_watch_until"):
+            await self._cancel_late_copy(conn, job)
         obj = await self._job_call(conn, job, "GET", f"/batches/{bid}")
         try:
             result = mapping.batch_to_poll_result(obj, self.name)
@@ -203,7 +208,6 @@ class _OpenAIFamilyProvider(BatchProvider):
                 return  # nothing was created at the provider
             if not await self._adopt_created(conn, job):
                 return
-
         bid = st["provider_batch_id"]
         try:
             await self._job_call(conn, job, "POST", f"/batches/{bid}/cancel")
@@ -400,17 +404,29 @@ class _OpenAIFamilyProvider(BatchProvider):
         await job.save_state()
         log.info("batch %s: adopting %s batch %s created before an interruption", job.batch_id,
                  self.label, adopted["id"])
-        for dup in duplicates:
+        await self._cancel_copies(conn, job, duplicates)
+        return str(adopted["id"])
+
+    async def _cancel_late_copy(self, conn: Conn, job: ProviderJob) -> None:
+        """After a repeated create, look for a late-listed copy of ours (for a while) and cancel it."""
+        st = job.state
+        copies = [b for b in await self._created_batches(conn, job) if b["id"] != st["provider_batch_id"]]
+        await self._cancel_copies(conn, job, copies)
+        if copies or time.time() > float(st["duplicate_watch_until"]):
+            del st["duplicate_watch_until"]
+            await job.save_state()
+
+    async def _cancel_copies(self, conn: Conn, job: ProviderJob, copies: list[Mapping[str, Any]]) -> None:
+        for dup in copies:
             if str(dup.get("status", "")).lower() in TERMINAL_STATUSES:
                 continue
             log.warning("batch %s: cancelling %s batch %s, a duplicate of %s", job.batch_id,
-                        self.label, dup["id"], adopted["id"])
+                        self.label, dup["id"], job.state["provider_batch_id"])
             try:
                 await self._api.request_json(conn, "POST", f"/batches/{dup['id']}/cancel")
             except ProviderError as e:
                 if e.code not in ("provider_invalid_request", "provider_not_found"):
                     raise
-        return str(adopted["id"])
 
 
 class OpenAIBatchProvider(_OpenAIFamilyProvider):
