@@ -361,14 +361,13 @@ class _OpenAIFamilyProvider(BatchProvider):
     async def _delete_inputs(self, conn: Conn, job: ProviderJob) -> None:
         """Delete the input file and any copy an interrupted upload left (the batch has ended).
         Best effort: a failure is logged, never fails the batch."""
+        ids = {job.state["input_file_id"]} if job.state.get("input_file_id") else set()
         resumed = job.state.get("upload_resumed_at")
-        if resumed is not None:  # copies of an interrupted upload show up in the listing by then
-            patience = Consistency.from_params(job.deployment.params).lookup_patience
-            await asyncio.sleep(max(0.0, min(patience, float(resumed) + patience - time.time())))
         try:
-            ids = {f["id"] for f in await self._uploaded_inputs(conn, job)}
-            if job.state.get("input_file_id"):
-                ids.add(job.state["input_file_id"])
+            if resumed is not None:  # only an interrupted upload leaves copies; listed by then
+                patience = Consistency.from_params(job.deployment.params).lookup_patience
+                await asyncio.sleep(max(0.0, min(patience, float(resumed) + patience - time.time())))
+                ids |= {f["id"] for f in await self._uploaded_inputs(conn, job)}
             for file_id in sorted(ids):
                 await self._delete_file(conn, job, file_id)
         except ProviderError as e:
