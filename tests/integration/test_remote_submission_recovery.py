@@ -18,7 +18,7 @@ from batchgate.v1 import batch_pb2
 from tests.conftest import jsonl, request_line, start_harness, upload_requests
 from tests.fakes.anthropic_batches import FakeAnthropicBatches
 from tests.fakes.openai_batch_api import FakeBatchAPI
-from tests.integration.batch_helpers import TERMINAL, create, results, watch_all, write_config
+from tests.integration.batch_helpers import create, results, watch_all, write_config
 from tests.integration.test_crash_recovery import Caller, free_port, start_server
 
 pytestmark = pytest.mark.slow
@@ -134,12 +134,10 @@ async def test_a_404_right_after_the_create_is_not_a_lost_job(tmp_path, provider
     h = await start_harness(tmp_path / "data", config_file=config)
     try:
         f = await h.upload(h.alice, jsonl(batch_lines(0)))
-        states = await watch_all(h.alice, (await create(h.alice, f.id)).id)
-        assert states[-1].status in TERMINAL
-        assert states[-1].status == batch_pb2.BATCH_STATUS_COMPLETED, states[-1].errors
-        assert states[-1].request_counts.completed == LINES
-        jobs = fake.batches
-        assert len(jobs) == 1
+        final = (await watch_all(h.alice, (await create(h.alice, f.id)).id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+        assert final.request_counts.completed == LINES
+        assert len(fake.batches) == 1
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
