@@ -134,6 +134,7 @@ CLOCK_SKEW = 2.0  # seconds Anthropic's created_at may differ from our clock
 LOOKUP_PAGES = 5  # pages of LOOKUP_PAGE batches searched for a lost create
 LOOKUP_PAGE = 100
 DUPLICATE_WATCH = 10  # a recreated batch's lost create is watched for this many patiences more
+MAX_CLAIMED = 20_000  # message batch ids remembered per account as belonging to known batches
 
 
 @dataclass
@@ -155,10 +156,14 @@ class _Account:
 
     create_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_created: str | None = None  # the newest message batch this process created or adopted
-    claimed: set[str] = field(default_factory=set)  # message batches of batches we know
+    # Message batches of batches we know, most recently seen last (a dict keeps that order).
+    claimed: dict[str, None] = field(default_factory=dict)
 
     def claim(self, bid: str, *, newest: bool = False) -> None:
-        self.claimed.add(bid)
+        self.claimed.pop(bid, None)
+        self.claimed[bid] = None
+        if len(self.claimed) > MAX_CLAIMED:  # only recent ones can fall in a lost create's window
+            del self.claimed[next(iter(self.claimed))]
         if newest:
             self.last_created = bid
 
