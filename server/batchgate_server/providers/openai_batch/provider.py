@@ -26,8 +26,8 @@ job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``
   looks for that file and reuses it when its size is the full input's, deleting other copies.
 * ``create_started_at`` is saved before POST /batches, whose metadata carries
   ``batchgate_batch_id``. A submit that finds it but no ``provider_batch_id`` looks the batch up by
-  that metadata, again and again while the listing may still lag (the create's timeout plus
-  ``create_lookup_patience``), before it ever creates again. If the lookup finds several (the
+  that metadata, again and again while the listing may still lag (``create_lookup_patience``
+  after the create's answer, or after its timeout when it got none), before it ever creates again. If the lookup finds several (the
   listing lagged longer than the patience once), the oldest is adopted and the others are
   cancelled at once. If it does create again, polls keep looking for a late copy for a while
   (``duplicate_watch_until``) and cancel it as soon as it is listed.
