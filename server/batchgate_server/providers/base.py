@@ -5,7 +5,9 @@ layer; it gets a `ProviderJob` describing the batch and returns plain values.
 Everything a provider needs to survive a restart goes into `job.state` and is
 persisted by `await job.save_state()` (one SQLite transaction with a revision
 bump), so `submit` must be idempotent: after a crash it may be called again for
-a job whose state says it was already (partly) submitted.
+a job whose state says it was already (partly) submitted. A remote provider may
+list a job it just created late, or answer 404 for it for a while:
+providers/eventual.py has the bounded re-lookup and the 404 grace for that.
 """
 
 from __future__ import annotations
