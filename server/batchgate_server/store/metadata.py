@@ -9,12 +9,13 @@ what WatchBatch resumes from.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
+import threading
 from collections.abc import Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -127,21 +128,66 @@ def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, 
     return sql, args
 
 
+# Read-only connections, one per reader thread: reads of different RPCs run side by side (SQLite
+# releases the GIL while it steps), a few are enough on a small machine (bench/reads.py).
+READERS = 4
+
+
+class ReaderPool:
+    """Read-only connections, each on its own thread and serving one statement at a time, run to
+    its end and closed before the next. In WAL mode a connection keeps its read snapshot while
+    any statement on it is open: one connection shared by interleaving coroutines always has one
+    open, so it went on reading an old snapshot for seconds and missed writes that had returned.
+    Here every read starts a fresh snapshot, so it sees every commit before it (and only commits:
+    nobody reads a batch state whose transaction may still roll back)."""
+
+    def __init__(self, path: Path, size: int = READERS) -> None:
+        self._path = path
+        self._threads = ThreadPoolExecutor(size, thread_name_prefix="sqlite-reader")
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._local.conn = conn
+            with self._opened_lock:
+                self._opened.append(conn)
+        return conn
+
+    def _fetchall(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+        cur = self._connection().execute(sql, args)
+        try:
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._fetchall, sql, args)
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
+        for conn in self._opened:
+            conn.close()
+
+
 class MetadataStore:
-    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection | None = None) -> None:
+    def __init__(self, db: aiosqlite.Connection, readers: ReaderPool) -> None:
         self.db = db
-        # Reads go through their own connection: in WAL mode it sees only committed data,
-        # so nobody reads a batch state whose transaction may still roll back.
-        self.reader = reader or db
+        self.readers = readers
         # One writer connection serves the whole server: a statement issued while another
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
         self._write = asyncio.Lock()
-
-    def committed_reads(self) -> contextlib.AbstractAsyncContextManager:
-        """Kept for readers that group several statements: the reader connection already sees
-        only committed rows, so this needs no lock."""
-        return contextlib.nullcontext()
 
     async def _exec(self, sql: str, args=()) -> aiosqlite.Cursor:
         async with self._write:
@@ -155,18 +201,12 @@ class MetadataStore:
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
-        store = cls(db)
+        store = cls(db, ReaderPool(path))
         await store.migrate()
-        reader = await aiosqlite.connect(path, isolation_level=None)
-        reader.row_factory = sqlite3.Row
-        await reader.execute("PRAGMA query_only=ON")
-        await reader.execute("PRAGMA busy_timeout=5000")
-        store.reader = reader
         return store
 
     async def close(self) -> None:
-        if self.reader is not self.db:
-            await self.reader.close()
+        await self.readers.close()
         await self.db.close()
 
     async def schema_version(self) -> int:
@@ -201,15 +241,12 @@ class MetadataStore:
         )
 
     async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        async with self.reader.execute(
-            "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone(
+            "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,))
         return (row["key_id"], row["project"]) if row else None
 
     async def count_api_keys(self) -> int:
-        async with self.reader.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL") as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
         return int(row[0])
 
     # -- files ----------------------------------------------------------------------
@@ -227,37 +264,31 @@ class MetadataStore:
         )
 
     async def get_file(self, file_id: str) -> FileRecord | None:
-        async with self.reader.execute("SELECT * FROM files WHERE id=?", (file_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT * FROM files WHERE id=?", (file_id,))
         return file_from_row(row) if row else None
 
     async def get_file_by_request_id(self, project: str, request_id: str) -> FileRecord | None:
-        async with self.reader.execute(
-            "SELECT * FROM files WHERE project=? AND request_id=?", (project, request_id)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT * FROM files WHERE project=? AND request_id=?",
+                                          (project, request_id))
         return file_from_row(row) if row else None
 
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
                          after: tuple[float, str] | None) -> list[FileRecord]:
         sql, args = _keyset_query("SELECT * FROM files", project, [("purpose=?", [purpose])] if purpose else [],
                                   after, limit)
-        async with self.reader.execute(sql, args) as cur:
-            return [file_from_row(r) for r in await cur.fetchall()]
+        return [file_from_row(r) for r in await self.readers.fetchall(sql, args)]
 
     async def delete_file(self, file_id: str) -> bool:
         cur = await self._exec("DELETE FROM files WHERE id=?", (file_id,))
         return cur.rowcount > 0
 
     async def expired_files(self, now: float, limit: int = 500) -> list[FileRecord]:
-        async with self.reader.execute(
-            "SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit)
-        ) as cur:
-            return [file_from_row(r) for r in await cur.fetchall()]
+        rows = await self.readers.fetchall(
+            "SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit))
+        return [file_from_row(r) for r in rows]
 
     async def all_file_ids(self) -> set[str]:
-        async with self.reader.execute("SELECT id FROM files") as cur:
-            return {r[0] for r in await cur.fetchall()}
+        return {r[0] for r in await self.readers.fetchall("SELECT id FROM files")}
 
     # -- batches --------------------------------------------------------------------
 
@@ -269,15 +300,12 @@ class MetadataStore:
         )
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
-        async with self.reader.execute("SELECT doc FROM batches WHERE id=?", (batch_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT doc FROM batches WHERE id=?", (batch_id,))
         return batch_from_doc(row[0]) if row else None
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
-        async with self.reader.execute(
-            "SELECT doc FROM batches WHERE project=? AND request_id=?", (project, request_id)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT doc FROM batches WHERE project=? AND request_id=?",
+                                          (project, request_id))
         return batch_from_doc(row[0]) if row else None
 
     async def list_batches(self, project: str | None, statuses: Sequence[BatchStatus], limit: int,
@@ -285,26 +313,22 @@ class MetadataStore:
         conditions = ([(f"status IN ({','.join('?' * len(statuses))})", [s.value for s in statuses])]
                       if statuses else [])
         sql, args = _keyset_query("SELECT doc FROM batches", project, conditions, after, limit)
-        async with self.reader.execute(sql, args) as cur:
-            return [batch_from_doc(r[0]) for r in await cur.fetchall()]
+        return [batch_from_doc(r[0]) for r in await self.readers.fetchall(sql, args)]
 
     async def active_batch_reading(self, file_id: str) -> str | None:
         """The id of an unfinished batch whose input is `file_id`, if any."""
         terminal = [s.value for s in BatchStatus if s.is_terminal]
-        async with self.reader.execute(
+        row = await self.readers.fetchone(
             f"SELECT id FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
-            " AND json_extract(doc, '$.input_file_id') = ? LIMIT 1", (*terminal, file_id)
-        ) as cur:
-            row = await cur.fetchone()
+            " AND json_extract(doc, '$.input_file_id') = ? LIMIT 1", (*terminal, file_id))
         return row[0] if row else None
 
     async def active_batches(self) -> list[BatchRecord]:
         terminal = [s.value for s in BatchStatus if s.is_terminal]
-        async with self.reader.execute(
+        rows = await self.readers.fetchall(
             f"SELECT doc FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
-            " ORDER BY created_at", terminal
-        ) as cur:
-            return [batch_from_doc(r[0]) for r in await cur.fetchall()]
+            " ORDER BY created_at", terminal)
+        return [batch_from_doc(r[0]) for r in rows]
 
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
                            ledger: dict[str, Any] | None = None) -> BatchRecord:
@@ -328,7 +352,10 @@ class MetadataStore:
             if cur.rowcount != 1:
                 raise RevisionConflict(b.id)
             for f in extra_files:
-                if await self.get_file(f.id) is None:
+                # A redone finalisation may find its result file recorded already.
+                async with self.db.execute("SELECT 1 FROM files WHERE id=?", (f.id,)) as existing:
+                    recorded = await existing.fetchone() is not None
+                if not recorded:
                     await self._insert_file(f)
             if ledger is not None:
                 columns = ",".join(ledger)
