@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from batchgate_server.app import BatchgateServer
+from batchgate_server.app import BatchgateServer, StartupError
 from batchgate_server.config import ConfigError
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import build_parser, settings_from_args
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:  # a clear start-up error naming the entry, no traceback
         print(f"batchgate-server: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+    except StartupError as err:  # the data directory or the address is taken
+        print(f"batchgate-server: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

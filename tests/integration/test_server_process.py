@@ -68,3 +68,61 @@ def test_keys_create_then_authenticate_then_sigterm(tmp_path):
         log = proc.stderr.read()
     assert code == 0, log
     assert "shutting down" in log
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(data: Path, port: int) -> subprocess.Popen:
+    """A server with a master key (so it may listen as asked), ready to answer."""
+    proc = subprocess.Popen([SERVER, "--address", f"127.0.0.1:{port}", "--data-dir", str(data)],
+                            env={**os.environ, "BATCHGATE_MASTER_KEY": "k"}, stderr=subprocess.PIPE, text=True)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+    return proc
+
+
+def _refused(data: Path, port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([SERVER, "--address", f"127.0.0.1:{port}", "--data-dir", str(data)],
+                          env={**os.environ, "BATCHGATE_MASTER_KEY": "k"}, capture_output=True, text=True,
+                          timeout=30)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+
+
+def test_a_second_server_on_a_data_dir_in_use_refuses_to_start_and_names_the_holder(tmp_path):
+    data = tmp_path / "data"
+    first = _serve(data, _free_port())
+    try:
+        second = _refused(data, _free_port())
+        assert second.returncode == 3, second.stderr
+        assert f"data directory {data} is in use by another batchgate-server (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None, "the first server keeps running"
+    finally:
+        _stop(first)
+    # The lock goes with its holder: the data directory is free again, even after a kill -9.
+    again = _serve(data, _free_port())
+    again.kill()
+    again.wait(timeout=30)
+    _stop(_serve(data, _free_port()))
+
+
+def test_a_port_in_use_is_an_error(tmp_path):
+    port = _free_port()
+    first = _serve(tmp_path / "a", port)
+    try:
+        second = _refused(tmp_path / "b", port)
+        assert second.returncode == 3, second.stderr
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        _stop(first)
