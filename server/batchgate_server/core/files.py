@@ -6,18 +6,24 @@ import asyncio
 import hashlib
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from batchgate_server.core import pagination
 from batchgate_server.core.auth import Principal
-from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
+from batchgate_server.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    exhausted_when_full,
+    not_found,
+)
 from batchgate_server.core.ids import new_file_id
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
 from batchgate_server.core.models import FilePurpose, FileRecord
 from batchgate_server.store.blobs import BlobStore, BlobWriter
+from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,7 @@ class FileManager:
 
     # -- upload -----------------------------------------------------------------------
 
+    @exhausted_when_full
     async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes],
                      client_gone: Callable[[], bool] = lambda: False) -> FileRecord:
         """Stream `chunks` into a new file. `client_gone` tells a finished stream from one the
@@ -178,7 +185,7 @@ class FileManager:
             raise
         try:
             await self.store.insert_file(record)
-        except sqlite3.IntegrityError:
+        except Duplicate:
             # Two uploads raced with the same request_id: the first one wins.
             self.blobs.delete(record.id)
             previous = await self.store.get_file_by_request_id(record.project, header.request_id)
@@ -222,6 +229,7 @@ class FileManager:
                                      "FILE_CONTENT_MISSING", {"file_id": record.id})
         return self.blobs.read(record.id, offset, limit)
 
+    @exhausted_when_full
     async def delete(self, principal: Principal, file_id: str) -> None:
         record = await self.get(principal, file_id)
         batch_id = self.used_by(record.id) or await self.store.active_batch_reading(record.id)

@@ -4,15 +4,19 @@ Batches keep their queryable fields as columns and the whole record as a JSON
 document, so most later changes need no migration. Every batch change bumps
 `revision` in the same statement (compare-and-set on the old revision), which is
 what WatchBatch resumes from.
+
+Every SQLite error leaves here as a StorageError (store/errors.py). A full disk is StorageFull
+for every write but a delete, so space can always be freed (see delete_file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,8 @@ import aiosqlite
 
 from batchgate_server.core.models import BatchRecord, BatchStatus, FileRecord
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
+from batchgate_server.store.errors import RevisionConflict, StorageFull, storage_errors
+from batchgate_server.store.reserve import RESERVE_BYTES, SpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +111,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class RevisionConflict(Exception):
-    """The batch changed since it was read (someone else wrote it)."""
-
-
 def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, list[Any]]],
                   after: tuple[float, str] | None, limit: int) -> tuple[str, list[Any]]:
     """`select` filtered by project (None: all) and `conditions` (SQL, args), newest first, from
@@ -161,11 +163,12 @@ class ReaderPool:
         return conn
 
     def _fetchall(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
-        cur = self._connection().execute(sql, args)
-        try:
-            return cur.fetchall()
-        finally:
-            cur.close()
+        with storage_errors():
+            cur = self._connection().execute(sql, args)
+            try:
+                return cur.fetchall()
+            finally:
+                cur.close()
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return await asyncio.get_running_loop().run_in_executor(self._threads, self._fetchall, sql, args)
@@ -181,27 +184,42 @@ class ReaderPool:
 
 
 class MetadataStore:
-    def __init__(self, db: aiosqlite.Connection, readers: ReaderPool) -> None:
+    def __init__(self, db: aiosqlite.Connection, readers: ReaderPool, reserve: SpaceReserve) -> None:
         self.db = db
         self.readers = readers
+        self.reserve = reserve
         # One writer connection serves the whole server: a statement issued while another
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
         self._write = asyncio.Lock()
 
-    async def _exec(self, sql: str, args=()) -> aiosqlite.Cursor:
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Hold the write lock; SQLite errors leave as StorageErrors. Refills the space reserve
+        first when a delete on a full disk used it up."""
         async with self._write:
+            if self.reserve.short:
+                await asyncio.to_thread(self.reserve.refill)
+            with storage_errors():
+                yield
+
+    async def _exec(self, sql: str, args=()) -> aiosqlite.Cursor:
+        async with self._writing():
             return await self.db.execute(sql, args)
 
     @classmethod
-    async def open(cls, path: Path) -> "MetadataStore":
+    async def open(cls, path: Path, reserve_bytes: int = RESERVE_BYTES) -> "MetadataStore":
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
-        store = cls(db, ReaderPool(path))
+        reserve = SpaceReserve(path.with_name(path.name + "-reserve"), reserve_bytes)
+        if reserve.short:
+            log.warning("the disk is nearly full: only %d of %d reserved bytes at %s", reserve.held,
+                        reserve.size, reserve.path)
+        store = cls(db, ReaderPool(path), reserve)
         await store.migrate()
         return store
 
@@ -252,7 +270,8 @@ class MetadataStore:
     # -- files ----------------------------------------------------------------------
 
     async def insert_file(self, f: FileRecord) -> None:
-        async with self._write:
+        """Raises Duplicate when the project has a file with the same request_id."""
+        async with self._writing():
             await self._insert_file(f)
 
     async def _insert_file(self, f: FileRecord) -> None:
@@ -279,8 +298,32 @@ class MetadataStore:
         return [file_from_row(r) for r in await self.readers.fetchall(sql, args)]
 
     async def delete_file(self, file_id: str) -> bool:
-        cur = await self._exec("DELETE FROM files WHERE id=?", (file_id,))
+        """Works on a full disk too (see below)."""
+        delete = "DELETE FROM files WHERE id=?"
+        async with self._writing():
+            for make_room in (self._restart_wal, self._release_reserve, None):
+                try:
+                    with storage_errors():
+                        cur = await self.db.execute(delete, (file_id,))
+                    break
+                except StorageFull:
+                    if make_room is None:
+                        raise
+                    await make_room()
         return cur.rowcount > 0
+
+    # A delete appends its pages to the write-ahead log, which on a full disk has no room to grow.
+    # First the WAL is checkpointed and restarted: the next transaction overwrites it from its
+    # start, in blocks the file already has. A checkpoint that itself needs room (pages the
+    # database file does not have yet) gets the space reserve.
+
+    async def _restart_wal(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # a checkpoint that cannot finish is retried later
+            await self.db.execute_fetchall("PRAGMA wal_checkpoint(RESTART)")
+
+    async def _release_reserve(self) -> None:
+        await asyncio.to_thread(self.reserve.release)
+        await self._restart_wal()
 
     async def expired_files(self, now: float, limit: int = 500) -> list[FileRecord]:
         rows = await self.readers.fetchall(
@@ -293,6 +336,7 @@ class MetadataStore:
     # -- batches --------------------------------------------------------------------
 
     async def insert_batch(self, b: BatchRecord) -> None:
+        """Raises Duplicate when the project has a batch with the same request_id."""
         await self._exec(
             "INSERT INTO batches(id, project, status, created_at, request_id, revision, doc)"
             " VALUES (?,?,?,?,?,?,?)",
@@ -335,7 +379,7 @@ class MetadataStore:
         """Persist `b` with the revision bump, its result files and its ledger row in one
         transaction. The ledger row is keyed by batch id: it is written at most once, ever.
         Raises RevisionConflict when the stored revision is not b.revision."""
-        async with self._write:
+        async with self._writing():
             await self._update_batch(b, extra_files, ledger)
         return b
 
@@ -365,5 +409,6 @@ class MetadataStore:
             await self.db.execute("COMMIT")
         except BaseException:
             b.revision = old
-            await self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                await self.db.execute("ROLLBACK")
             raise
