@@ -2,7 +2,7 @@
 
     with SmallDisk(tmp_path / "disk") as disk:     # or the `small_disk` fixture (tests/conftest.py)
         ... start a server with data_dir=disk.root / "data" ...
-        disk.fill()    # one filler file takes every free byte
+        disk.fill()    # one filler file takes every free byte (or all but `leave` bytes)
         disk.free()    # and gives them back
 """
 
@@ -35,8 +35,8 @@ class SmallDisk:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def fill(self) -> None:
-        """Write a filler file until not one more byte fits."""
+    def fill(self, leave: int = 0) -> None:
+        """Write a filler file until not one more byte fits, then give back `leave` bytes."""
         chunk = 1024 * 1024
         with open(self.root / FILLER, "ab", buffering=0) as fh:
             while chunk:
@@ -47,6 +47,8 @@ class SmallDisk:
                         raise
                     chunk //= 2
         assert self.free_bytes == 0
+        if leave:
+            os.truncate(self.root / FILLER, os.path.getsize(self.root / FILLER) - leave)
 
     def free(self) -> None:
         (self.root / FILLER).unlink()

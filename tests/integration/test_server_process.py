@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,7 @@ def test_keys_create_then_authenticate_then_sigterm(tmp_path):
     if stored.returncode == 0:
         assert secret not in stored.stdout, "only the hash is stored"
 
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "BATCHGATE_MASTER_KEY"}
     proc = subprocess.Popen([SERVER, "--address", f"127.0.0.1:{port}", "--data-dir", str(data)], env=env,
                             stderr=subprocess.PIPE, text=True)
@@ -71,8 +68,6 @@ def test_keys_create_then_authenticate_then_sigterm(tmp_path):
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from batchgate.v1 import batch_pb2, file_pb2
-from tests.conftest import batch_file, error_details, request_line, jsonl, start_harness
+from tests.conftest import batch_file, error_details, jsonl, request_line, start_harness
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import create, results, write_config
 
@@ -101,8 +101,10 @@ async def test_deletes_keep_working_on_a_disk_that_stays_full(full_disk_harness,
     assert await file_ids(h) == set()
 
 
-async def test_a_running_batch_waits_out_a_full_disk_and_completes_with_every_result(small_disk, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="batchgate_server.core.tracker")
+@pytest.fixture
+async def remote(small_disk, tmp_path):
+    """A server on the small disk with one remote deployment ("remote") on a fake OpenAI batch API
+    whose jobs move only when the test says so: (harness, fake)."""
     api = FakeBatchAPI(api_key="sk-full", clock="manual")
     await api.start()
     config = write_config(tmp_path / "models.yaml", [{"model_name": "remote", "litellm_params": {
@@ -110,51 +112,91 @@ async def test_a_running_batch_waits_out_a_full_disk_and_completes_with_every_re
         "max_retries": 2, "backoff_base": 0.01, "timeout": 5}}])
     h = await start_harness(small_disk.root / "data", config_file=config)
     try:
-        a = h.alice
-        lines = [request_line(f"q-{i}", model="remote", content=f"question {i}") for i in range(200)]
-
-        async def in_progress(batch_id: str) -> None:
-            async def started():
-                got = (await a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch_id),
-                                                metadata=a.metadata)).batch
-                return got.status == batch_pb2.BATCH_STATUS_IN_PROGRESS
-            await poll_until(started, f"{batch_id} in progress")
-
-        finishing = await create(a, (await h.upload(a, jsonl(lines))).id)
-        await in_progress(finishing.id)
-        [provider_job] = list(api.batches)
-        cancelled = await create(a, (await h.upload(a, jsonl(lines[:5]))).id)
-        await in_progress(cancelled.id)
-
-        small_disk.fill()
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=cancelled.id), metadata=a.metadata)
-        assert_storage_full(err.value)
-
-        api.run_to_end(provider_job)
-
-        async def hit_full_disk():
-            return any("storage full" in r.getMessage() and finishing.id in r.getMessage() for r in caplog.records)
-        await poll_until(hit_full_disk, "the tracker to meet the full disk")
-        for batch_id in (finishing.id, cancelled.id):
-            got = (await a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch_id), metadata=a.metadata)).batch
-            assert got.status == batch_pb2.BATCH_STATUS_IN_PROGRESS, "a full disk neither fails nor ends a batch"
-
-        small_disk.free()
-
-        async def completed():
-            got = (await a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=finishing.id),
-                                            metadata=a.metadata)).batch
-            return got if got.status == batch_pb2.BATCH_STATUS_COMPLETED else None
-        final = await poll_until(completed, "the batch to complete once space is back")
-        out, errors = await results(a, final)
-        assert sorted(line["custom_id"] for line in out) == sorted(f"q-{i}" for i in range(200))
-        assert errors == [] and final.request_counts.completed == 200
-        stopped = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=cancelled.id),
-                                               metadata=a.metadata)).batch
-        assert stopped.status == batch_pb2.BATCH_STATUS_CANCELLING
-        assert list((h.data_dir / "files" / "tmp").iterdir()) == []
+        yield h, api
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
         await api.stop()
+
+
+async def get_batch(caller, batch_id: str) -> batch_pb2.Batch:
+    return (await caller.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch_id), metadata=caller.metadata)).batch
+
+
+async def started_remotely(h, api, lines: list[dict]) -> tuple[batch_pb2.Batch, str]:
+    """A batch of `lines` on "remote", in progress: (batch, the fake's job id)."""
+    known = set(api.batches)
+    batch = await create(h.alice, (await h.upload(h.alice, jsonl(lines))).id)
+
+    async def in_progress():
+        return (await get_batch(h.alice, batch.id)).status == batch_pb2.BATCH_STATUS_IN_PROGRESS
+
+    await poll_until(in_progress, f"{batch.id} in progress")
+    [job] = set(api.batches) - known
+    return batch, job
+
+
+async def storage_full_logged(caplog, batch_id: str, says: str) -> None:
+    async def logged():
+        return any("storage full" in r.getMessage() and batch_id in r.getMessage() and says in r.getMessage()
+                   for r in caplog.records)
+
+    await poll_until(logged, f"the tracker to meet the full disk ({says})")
+
+
+async def completed(caller, batch_id: str) -> batch_pb2.Batch:
+    async def done():
+        got = await get_batch(caller, batch_id)
+        return got if got.status == batch_pb2.BATCH_STATUS_COMPLETED else None
+
+    return await poll_until(done, f"{batch_id} to complete once space is back")
+
+
+def questions(n: int, size: int = 10) -> list[dict]:
+    return [request_line(f"q-{i}", model="remote", content=f"question {i} " + "x" * size) for i in range(n)]
+
+
+async def test_a_batch_ending_on_a_full_disk_waits_for_space_then_completes(remote, small_disk, caplog):
+    caplog.set_level(logging.WARNING, logger="batchgate_server.core.tracker")
+    h, api = remote
+    a = h.alice
+    finishing, job = await started_remotely(h, api, questions(200))
+    cancelled, _ = await started_remotely(h, api, questions(5))
+
+    small_disk.fill()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=cancelled.id), metadata=a.metadata)
+    assert_storage_full(err.value)
+    api.run_to_end(job)
+    await storage_full_logged(caplog, finishing.id, "database or disk is full")
+    for batch_id in (finishing.id, cancelled.id):
+        assert (await get_batch(a, batch_id)).status == batch_pb2.BATCH_STATUS_IN_PROGRESS, \
+            "a full disk neither fails nor ends a batch"
+
+    small_disk.free()
+    final = await completed(a, finishing.id)
+    out, errors = await results(a, final)
+    assert sorted(line["custom_id"] for line in out) == sorted(f"q-{i}" for i in range(200))
+    assert errors == [] and final.request_counts.completed == 200
+    stopped = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=cancelled.id),
+                                           metadata=a.metadata)).batch
+    assert stopped.status == batch_pb2.BATCH_STATUS_CANCELLING
+    await assert_nothing_half_written(h)
+
+
+async def test_results_that_do_not_fit_are_written_again_once_space_is_back(remote, small_disk, caplog):
+    caplog.set_level(logging.WARNING, logger="batchgate_server.core.tracker")
+    h, api = remote
+    a = h.alice
+    batch, job = await started_remotely(h, api, questions(1000, size=1000))  # about 2 MB of results
+    small_disk.fill(leave=256 * 1024)  # room for the batch's records, not for its result file
+    api.run_to_end(job)
+    await storage_full_logged(caplog, batch.id, "No space left on device")
+    assert (await get_batch(a, batch.id)).status == batch_pb2.BATCH_STATUS_FINALIZING
+    assert list((h.data_dir / "files" / "tmp").iterdir()) == [], "the cut result file is gone"
+
+    small_disk.free()
+    final = await completed(a, batch.id)
+    out, _ = await results(a, final)
+    assert sorted(line["custom_id"] for line in out) == sorted(f"q-{i}" for i in range(1000))
+    await assert_nothing_half_written(h)
