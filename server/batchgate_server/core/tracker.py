@@ -49,7 +49,13 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.registry import ProviderRegistry, input_reader
 from batchgate_server.store.blobs import BlobStore
-from batchgate_server.store.errors import StorageError, StorageFull, is_full
+from batchgate_server.store.errors import (
+    RevisionConflict,
+    StorageError,
+    StorageFull,
+    StorageUnavailable,
+    is_full,
+)
 from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -232,7 +238,7 @@ class BatchRunner:
                 except UnsupportedRequest as err:
                     await self._fail(err.reason.lower(), err.message)
                     break
-                except (StorageError, OSError) as err:
+                except (StorageFull, StorageUnavailable, RevisionConflict, OSError) as err:
                     # Our own storage failing (a full disk, a database locked by a backup, a stale
                     # revision; OSError: a provider's work files): transient from the batch's point
                     # of view. Back off and retry from the stored record; never fail the batch and
@@ -240,7 +246,10 @@ class BatchRunner:
                     full = isinstance(err, StorageFull) or (isinstance(err, OSError) and is_full(err))
                     log.warning("batch %s: storage %s (%s: %s), retrying", rec.id, "full" if full else "error",
                                 type(err).__name__, err)
-                    stored = await self.t.store.get_batch(rec.id)
+                    try:
+                        stored = await self.t.store.get_batch(rec.id)
+                    except StorageError:
+                        stored = None  # unreadable for now too: the next attempt reads it again
                     if stored is not None and stored.revision != self.rec.revision:
                         self.rec = stored
                         self.job.state = stored.provider_state
