@@ -77,8 +77,13 @@ def _serve(data: Path, port: int) -> subprocess.Popen:
     """A server with a master key (so it may listen as asked), ready to answer."""
     proc = subprocess.Popen([SERVER, "--address", f"127.0.0.1:{port}", "--data-dir", str(data)],
                             env={**os.environ, "BATCHGATE_MASTER_KEY": "k"}, stderr=subprocess.PIPE, text=True)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
     return proc
 
 
@@ -121,3 +126,40 @@ def test_a_port_in_use_is_an_error(tmp_path):
         assert "Traceback" not in second.stderr
     finally:
         _stop(first)
+
+
+def test_keys_create_on_a_full_disk_says_so(tmp_path, small_disk):
+    data = small_disk.root / "data"
+    subprocess.run([SERVER, "keys", "create", "--project", "p", "--data-dir", str(data)], capture_output=True,
+                   check=True)
+    (data / "batchgate.sqlite3-reserve").unlink()  # no space reserve to fall back on
+    small_disk.fill()
+    full = subprocess.run([SERVER, "keys", "create", "--project", "p", "--data-dir", str(data)],
+                          capture_output=True, text=True, timeout=60)
+    assert full.returncode == 1, full.stderr
+    assert "batchgate-server: the disk is full" in full.stderr and "Traceback" not in full.stderr
+
+
+def test_a_server_restarted_on_a_full_disk_serves_reads_and_deletes(tmp_path, small_disk):
+    data = small_disk.root / "data"
+    port = _free_port()
+    first = _serve(data, port)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        files = file_pb2_grpc.FileServiceStub(channel)
+        kept = files.UploadFile(upload_requests(batch_file(500)), metadata=(("authorization", "Bearer k"),)).file
+    _stop(first)
+    small_disk.fill()  # SQLite must create its WAL and shared-memory files again to open the database
+
+    again = _serve(data, port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            files = file_pb2_grpc.FileServiceStub(channel)
+            auth = (("authorization", "Bearer k"),)
+            assert files.GetFile(file_pb2.GetFileRequest(file_id=kept.id), metadata=auth).file.bytes == kept.bytes
+            with pytest.raises(grpc.RpcError) as err:
+                files.UploadFile(upload_requests(batch_file(500)), metadata=auth)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            files.DeleteFile(file_pb2.DeleteFileRequest(file_id=kept.id), metadata=auth)
+            assert list(files.ListFiles(file_pb2.ListFilesRequest(), metadata=auth).files) == []
+    finally:
+        _stop(again)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -25,7 +26,7 @@ import aiosqlite
 
 from batchgate_server.core.models import BatchRecord, BatchStatus, FileRecord
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
-from batchgate_server.store.errors import RevisionConflict, StorageFull, storage_errors
+from batchgate_server.store.errors import RevisionConflict, StorageError, StorageFull, storage_errors
 from batchgate_server.store.reserve import RESERVE_BYTES, SpaceReserve
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,34 @@ class ReaderPool:
             conn.close()
 
 
+async def _connect(path: Path, reserve: SpaceReserve) -> aiosqlite.Connection:
+    """The writer connection; on a full disk with the space reserve released if need be."""
+    try:
+        return await _connect_once(path)
+    except StorageError as err:
+        if reserve.held:
+            reserve.release("to open the database")
+            return await _connect(path, reserve)
+        if shutil.disk_usage(path.parent).free == 0:  # SQLite calls it a disk I/O error
+            raise StorageFull(f"no space left on the disk to open {path} ({err})") from err
+        raise
+
+
+async def _connect_once(path: Path) -> aiosqlite.Connection:
+    with storage_errors():
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            await db.close()  # its thread would keep the process alive
+            raise
+    return db
+
+
 class MetadataStore:
     def __init__(self, db: aiosqlite.Connection, readers: ReaderPool, reserve: SpaceReserve) -> None:
         self.db = db
@@ -210,18 +239,21 @@ class MetadataStore:
 
     @classmethod
     async def open(cls, path: Path, reserve_bytes: int = RESERVE_BYTES) -> "MetadataStore":
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
+        """On a disk full to the last byte SQLite cannot even open the database (it creates its
+        WAL and shared-memory files): the space reserve the last run left is released for it, so
+        the server still starts, and serves reads and deletes."""
         reserve = SpaceReserve(path.with_name(path.name + "-reserve"), reserve_bytes)
+        db = await _connect(path, reserve)
+        await asyncio.to_thread(reserve.refill)
         if reserve.short:
             log.warning("the disk is nearly full: only %d of %d reserved bytes at %s", reserve.held,
                         reserve.size, reserve.path)
         store = cls(db, ReaderPool(path), reserve)
-        await store.migrate()
+        try:
+            await store.migrate()
+        except BaseException:
+            await store.close()  # the connection's thread would keep the process alive
+            raise
         return store
 
     async def close(self) -> None:
@@ -229,8 +261,8 @@ class MetadataStore:
         await self.db.close()
 
     async def schema_version(self) -> int:
-        async with self.db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
+        with storage_errors():
+            [row] = await self.db.execute_fetchall("PRAGMA user_version")
         return int(row[0])
 
     async def migrate(self) -> None:
@@ -241,15 +273,17 @@ class MetadataStore:
             )
         for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("migrating metadata schema to version %d", target)
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in filter(str.strip, script.split(";")):
-                    await self.db.execute(statement)
-                await self.db.execute(f"PRAGMA user_version={target}")
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+            with storage_errors():
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in filter(str.strip, script.split(";")):
+                        await self.db.execute(statement)
+                    await self.db.execute(f"PRAGMA user_version={target}")
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    if self.db.in_transaction:
+                        await self.db.execute("ROLLBACK")
+                    raise
 
     # -- api keys -------------------------------------------------------------------
 
@@ -323,7 +357,7 @@ class MetadataStore:
             await self.db.execute_fetchall("PRAGMA wal_checkpoint(RESTART)")
 
     async def _release_reserve(self) -> None:
-        await asyncio.to_thread(self.reserve.release)
+        await asyncio.to_thread(self.reserve.release, "so a delete can free space")
         await self._restart_wal()
 
     async def expired_files(self, now: float, limit: int = 500) -> list[FileRecord]:

@@ -2,9 +2,10 @@
 
 In WAL mode even a DELETE writes its pages to the write-ahead log first, and moving the log into
 the database (a checkpoint) may need new pages there, so on a disk filled to the last byte (by us
-or by anything else on it) no row could be deleted, and no space freed through the API. The
-reserve is a file of real, allocated blocks in the data directory: a delete that finds no room
-releases it (MetadataStore.delete_file), the freed blob gives the space back, and the next write
+or by anything else on it) no row could be deleted, and no space freed through the API; a restart
+could not even open the database (SQLite creates its WAL and shared-memory files again). The
+reserve is a file of real, allocated blocks in the data directory: a delete or an open that finds
+no room releases it (MetadataStore), the freed blob gives the space back, and the next write
 refills the reserve from whatever space there is by then.
 """
 
@@ -25,10 +26,10 @@ _STEP = 64 * 1024
 
 class SpaceReserve:
     def __init__(self, path: Path, size: int = RESERVE_BYTES) -> None:
+        """Takes no space yet (see refill); `held` is what an earlier run left."""
         self.path = path
         self.size = size
-        self.held = 0
-        self.refill()
+        self.held = path.stat().st_size if path.exists() else 0
 
     @property
     def short(self) -> bool:
@@ -54,8 +55,7 @@ class SpaceReserve:
         finally:
             os.close(fd)
 
-    def release(self) -> None:
-        log.warning("the disk is full: releasing the %d-byte reserve at %s so a delete can free space",
-                    self.held, self.path)
+    def release(self, why: str) -> None:
+        log.warning("the disk is full: releasing the %d-byte space reserve at %s %s", self.held, self.path, why)
         self.path.unlink(missing_ok=True)
         self.held = 0
