@@ -93,6 +93,8 @@ class Tracker:
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._writes: set[asyncio.Future] = set()  # BatchRunner._persist calls in flight
+        self.stopping = False
 
     async def start(self) -> int:
         active = await self.store.active_batches()
@@ -120,6 +122,7 @@ class Tracker:
 
     async def stop(self) -> None:
         """Stop driving batches (they resume on the next start); nothing is cancelled at providers."""
+        self.stopping = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -127,6 +130,9 @@ class Tracker:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        # A cancelled runner's shielded write goes on: it lands before the store is closed.
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _forget(self, batch_id: str) -> None:
         self._runners.pop(batch_id, None)
@@ -149,8 +155,16 @@ class BatchRunner:
         # Shielded: aiosqlite finishes a statement it has queued even when the awaiting task is
         # cancelled (a CancelBatch deadline, shutdown), so a cancel here must not leave memory
         # and database disagreeing about the revision. The write, the in-memory record and the
-        # publish complete together; the cancellation is delivered afterwards.
-        await asyncio.shield(self._persist_now(mutate, extra_files, ledger))
+        # publish complete together; the cancellation is delivered afterwards (Tracker.stop
+        # waits for the write).
+        if self.t.stopping:
+            # No new write while stop() waits for the last ones: the batch resumes from its
+            # stored state at the next start, as after a crash.
+            raise asyncio.CancelledError("the tracker is stopping")
+        write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger))
+        self.t._writes.add(write)
+        write.add_done_callback(self.t._writes.discard)
+        await asyncio.shield(write)
 
     async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
         async with self._lock:
