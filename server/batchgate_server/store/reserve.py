@@ -41,7 +41,9 @@ class SpaceReserve:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
-            log.warning("cannot create the space reserve %s: %s", self.path, err)
+            if not is_full(err):
+                log.warning("cannot create the space reserve %s: %s", self.path, err)
+                self.size = self.held
             return
         try:
             self.held = os.fstat(fd).st_size
@@ -50,8 +52,9 @@ class SpaceReserve:
                 os.posix_fallocate(fd, self.held, step)
                 self.held += step
         except OSError as err:
-            if not is_full(err):
-                log.warning("cannot allocate the space reserve %s: %s", self.path, err)
+            if not is_full(err):  # not a matter of space: do not try again on every write
+                log.warning("cannot allocate the space reserve %s: %s; keeping %d bytes", self.path, err, self.held)
+                self.size = self.held
         finally:
             os.close(fd)
 
