@@ -20,7 +20,6 @@ import copy
 import hashlib
 import logging
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +49,14 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.registry import ProviderRegistry, input_reader
 from batchgate_server.store.blobs import BlobStore
-from batchgate_server.store.metadata import MetadataStore, RevisionConflict
+from batchgate_server.store.errors import (
+    RevisionConflict,
+    StorageError,
+    StorageFull,
+    StorageUnavailable,
+    is_full,
+)
+from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,8 @@ class Tracker:
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._writes: set[asyncio.Future] = set()  # BatchRunner._persist calls in flight
+        self.stopping = False
 
     async def start(self) -> int:
         active = await self.store.active_batches()
@@ -114,6 +122,7 @@ class Tracker:
 
     async def stop(self) -> None:
         """Stop driving batches (they resume on the next start); nothing is cancelled at providers."""
+        self.stopping = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -121,6 +130,9 @@ class Tracker:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        # A cancelled runner's shielded write goes on: it lands before the store is closed.
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _forget(self, batch_id: str) -> None:
         self._runners.pop(batch_id, None)
@@ -143,8 +155,16 @@ class BatchRunner:
         # Shielded: aiosqlite finishes a statement it has queued even when the awaiting task is
         # cancelled (a CancelBatch deadline, shutdown), so a cancel here must not leave memory
         # and database disagreeing about the revision. The write, the in-memory record and the
-        # publish complete together; the cancellation is delivered afterwards.
-        await asyncio.shield(self._persist_now(mutate, extra_files, ledger))
+        # publish complete together; the cancellation is delivered afterwards (Tracker.stop
+        # waits for the write).
+        if self.t.stopping:
+            # No new write while stop() waits for the last ones: the batch resumes from its
+            # stored state at the next start, as after a crash.
+            raise asyncio.CancelledError("the tracker is stopping")
+        write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger))
+        self.t._writes.add(write)
+        write.add_done_callback(self.t._writes.discard)
+        await asyncio.shield(write)
 
     async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
         async with self._lock:
@@ -204,12 +224,15 @@ class BatchRunner:
             if rec.status is BatchStatus.CANCELLING:
                 self.job.cancel_requested.set()
             backoff = Backoff(base=1.0, cap=120.0)
+            # Our own storage comes back when an operator frees space: look again every few seconds.
+            storage_backoff = Backoff(base=0.5, cap=5.0)
             give_up_after = self._give_up_after()
             failing_since: float | None = None  # start of the current run of retryable errors
             while not self.rec.status.is_terminal:
                 try:
                     await self._step(provider)
                     backoff.reset()
+                    storage_backoff.reset()
                     failing_since = None
                 except ProviderError as err:
                     self.t.router.record_failure(self.deployment.id)
@@ -229,16 +252,22 @@ class BatchRunner:
                 except UnsupportedRequest as err:
                     await self._fail(err.reason.lower(), err.message)
                     break
-                except (OSError, sqlite3.OperationalError, RevisionConflict) as err:
-                    # Our own storage failing (disk full, database locked by a backup, a stale
-                    # revision): transient from the batch's point of view. Back off and retry
-                    # from the stored record; never fail the batch and lose its results for it.
-                    log.warning("batch %s: storage error %s: %s (retrying)", rec.id, type(err).__name__, err)
-                    stored = await self.t.store.get_batch(rec.id)
+                except (StorageFull, StorageUnavailable, RevisionConflict, OSError) as err:
+                    # Our own storage failing (a full disk, a database locked by a backup, a stale
+                    # revision; OSError: a provider's work files): transient from the batch's point
+                    # of view. Back off and retry from the stored record; never fail the batch and
+                    # lose its results for it.
+                    full = isinstance(err, StorageFull) or (isinstance(err, OSError) and is_full(err))
+                    log.warning("batch %s: storage %s (%s: %s), retrying", rec.id, "full" if full else "error",
+                                type(err).__name__, err)
+                    try:
+                        stored = await self.t.store.get_batch(rec.id)
+                    except StorageError:
+                        stored = None  # unreadable for now too: the next attempt reads it again
                     if stored is not None and stored.revision != self.rec.revision:
                         self.rec = stored
                         self.job.state = stored.provider_state
-                    await self._sleep(backoff.next())
+                    await self._sleep(storage_backoff.next())
         except asyncio.CancelledError:
             raise
         except Exception as err:  # a bug must not leave the batch hanging forever
@@ -412,11 +441,18 @@ class BatchRunner:
             raise
         now = time.time()
         files = []
-        for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
-            record = await asyncio.to_thread(sinks[kind].commit, file_id, rec.project,
-                                             f"{rec.id}_{kind.value}.jsonl", now)
-            if record is not None:
-                files.append(record)
+        try:
+            for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
+                record = await asyncio.to_thread(sinks[kind].commit, file_id, rec.project,
+                                                 f"{rec.id}_{kind.value}.jsonl", now)
+                if record is not None:
+                    files.append(record)
+        except BaseException:  # e.g. a full disk: neither file is kept, a retry writes both again
+            for sink in sinks.values():
+                sink.abort()
+            for f in files:
+                self.t.blobs.delete(f.id)
+            raise
         out_lines, err_lines = sinks[ResultKind.OUTPUT].lines, sinks[ResultKind.ERROR].lines
         usage_total, cost = self.t.accounting.price(self.rec, usage.by_model)
 
