@@ -5,14 +5,26 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 
 from batchgate.v1 import batch_pb2, file_pb2
-from tests.conftest import batch_file
+from tests.conftest import batch_file, start_harness
 from tests.integration.batch_helpers import create
 
 BACKGROUND_READERS = 64
 SEQUENCES = 150
 CONCURRENT_SEQUENCES = 10
+
+
+@pytest.fixture
+async def harness(tmp_path):
+    # More uploads at once than the per-project default cap, which is not what this test is about.
+    h = await start_harness(tmp_path / "data", max_uploads_per_project=CONCURRENT_SEQUENCES)
+    try:
+        yield h
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
 
 
 async def test_a_write_is_visible_to_the_next_read_under_64_concurrent_readers(harness):
