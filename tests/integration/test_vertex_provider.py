@@ -474,3 +474,16 @@ async def test_release_sweeps_stale_objects_of_earlier_runs_but_not_of_running_b
     finally:
         await asyncio.to_thread(bucket.blob(foreign).delete)
         await provider.close()
+
+
+async def test_a_batch_ended_before_a_lost_create_answer_stops_the_job_that_create_made(vertex, keys, tmp_path):
+    provider = VertexBatchProvider()
+    try:
+        job = _job(tmp_path, _dep(vertex, keys, listing_lag=5), [chat("o", "hi")], "batch_orphan")
+        await provider.submit(job)
+        made = vertex.jobs[job.state.pop("job_name").rsplit("/", 1)[1]]  # the answer was lost in a crash
+        vertex.lag.listing = 0.5  # and the listing shows the job late
+        await provider.release(job)  # cancelled before a re-submit: the tracker ends the batch and releases it
+        assert made.state == "JOB_STATE_CANCELLING"
+    finally:
+        await provider.close()

@@ -372,6 +372,23 @@ class StagedBatchProvider(BatchProvider):
         return obj if isinstance(obj, Mapping) else None
 
     # -- eventual consistency -------------------------------------------------------------
+    async def _create(self, job: ProviderJob, create: Callable[[], Awaitable[str]]) -> None:
+        """Run the provider's create call (`create` answers the job id) with create_started saved
+        before it: from then on a lost answer is looked for (by a re-submit, cancel, release). A
+        refusal (a non-retryable error) made no job, so create_started goes again, unless an
+        earlier create whose answer was lost may have made one."""
+        st = job.state
+        st["create_started"] = time.time()
+        await job.save_state()
+        try:
+            job_id = await create()
+        except ProviderError as e:
+            if not e.retryable and not st.get("recreated"):
+                st.pop("create_started", None)
+                await job.save_state()
+            raise
+        await self._remember_job(job, job_id)
+
     async def _remember_job(self, job: ProviderJob, job_id: str) -> None:
         """Keep the provider's id of the batch's job, and when we learned it (the 404 grace)."""
         job.state[self.job_key] = job_id
@@ -483,6 +500,7 @@ class StagedBatchProvider(BatchProvider):
 
     async def release(self, job: ProviderJob) -> None:
         self._live.discard(job.batch_id)
+        st = job.state
         cfg = self._config(job.deployment.params)
         location = self._staged_location(job, cfg)
         if location is not None:
@@ -492,6 +510,10 @@ class StagedBatchProvider(BatchProvider):
                 await self._delete_staged(cfg, bucket, [o.key for o in objects])
                 self.log.info("batch %s: deleted %d staged object(s) under %s://%s/%s", job.batch_id,
                               len(objects), self.scheme, bucket, prefix)
+        if st.get("create_started") and not st.get(self.job_key):
+            # Ended before we learned its job (cancelled while a crash had lost a create's answer):
+            # stop the job that create may have made.
+            await self.cancel(job)
         await self._sweep(cfg, job.deployment.params)
 
     async def _sweep(self, cfg: Any, params: Mapping[str, Any]) -> None:

@@ -165,18 +165,14 @@ class BedrockBatchProvider(StagedBatchProvider):
         mid = model_id(job.deployment)
         if not await self._stage(job, cfg):
             return
-        if not st.get("create_started"):
-            st["create_started"] = time.time()  # from then on cancel() looks the job up if its ARN is lost
-            await job.save_state()
         hours = min(168, max(24, math.ceil((job.expires_at - job.created_at) / 3600)))
-        arn = await self._client.create_job(
+        await self._create(job, lambda: self._client.create_job(
             cfg, jobName=translate.make_job_name(job.batch_id), roleArn=cfg.role_arn,
             clientRequestToken=client_request_token(job.batch_id), modelId=mid,
             inputDataConfig={"s3InputDataConfig": {"s3Uri": st["input_uri"], "s3InputFormat": "JSONL"}},
             outputDataConfig={"s3OutputDataConfig": {"s3Uri": st["output_uri"]}},
             timeoutDurationInHours=hours, modelInvocationType=translate.invocation_type(mid, job.endpoint),
-            tags=[{"key": "batchgate_batch_id", "value": job.batch_id}])
-        await self._remember_job(job, arn)
+            tags=[{"key": "batchgate_batch_id", "value": job.batch_id}]))
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state

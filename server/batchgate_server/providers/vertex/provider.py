@@ -141,8 +141,6 @@ class VertexBatchProvider(StagedBatchProvider):
             if await self._adopt_earlier(cfg, job):
                 return
             st["recreated"] = True
-        st["create_started"] = time.time()
-        await job.save_state()
         body = {
             "displayName": f"batchgate-{job.batch_id}"[:128],
             "model": model_resource(job.deployment.model),
@@ -151,12 +149,15 @@ class VertexBatchProvider(StagedBatchProvider):
                              "gcsDestination": {"outputUriPrefix": st["output_prefix"]}},
             "labels": {JOB_LABEL: job_label(job.batch_id)},
         }
-        created = await self._client.create_job(cfg, body)
-        name = created.get("name")
-        if not isinstance(name, str) or not name:
-            raise ProviderError("Vertex AI batchPredictionJobs.create answered without a job name",
-                                code="provider_bad_response", retryable=True)
-        await self._remember_job(job, name)
+
+        async def create() -> str:
+            name = (await self._client.create_job(cfg, body)).get("name")
+            if not isinstance(name, str) or not name:
+                raise ProviderError("Vertex AI batchPredictionJobs.create answered without a job name",
+                                    code="provider_bad_response", retryable=True)
+            return name
+
+        await self._create(job, create)
 
     async def poll(self, job: ProviderJob) -> PollResult:
         if job.state.get("recreated") and job.state.get("job_name"):
