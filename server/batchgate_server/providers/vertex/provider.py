@@ -21,9 +21,9 @@ vertex_api_base      REST base override (scheme://host), default https://{locati
 gcs_endpoint_url     GCS endpoint override (STORAGE_EMULATOR_HOST is honoured as well)
 timeout, max_retries, backoff_base   per REST call, as for the OpenAI adapter
 poll_interval        seconds between polls (read by the tracker; class default 30)
-
-not_found_grace, listing_lag, staged_retention   see providers/staged.py (404 grace, listing
-                     lag, retention of the staged objects)
+not_found_grace, listing_lag, staged_retention
+                     see providers/staged.py (404 grace, listing lag, retention of the staged
+                     objects)
 ===================  ===========================================================================
 
 At most one job per batch: Vertex AI's create takes no idempotency key, so every job carries the
@@ -37,11 +37,10 @@ goes when the batch is released).
 job.state keys: sent / skipped (records uploaded / lines that failed translation), staged_prefix,
 input_uri, output_prefix, create_started, recreated (the last create may have a twin that the
 listing did not show yet: polls look for it), twins_pending (a twin found could not be cancelled
-yet: polls try again), job_name, job_seen_at (when we learned job_name: the
-404 grace), no_job (nothing was translatable: no job was created), expire_sent (batchgate
-cancelled the job when the batch's completion window ended; a CANCELLED job is then reported as
-EXPIRED), cancel_sent (the cancel call went out; poll sends it if a cancel arrived while submit
-was still running).
+yet: polls try again), job_name, job_seen_at (when we learned job_name: the 404 grace), no_job
+(nothing was translatable: no job was created), expire_sent (batchgate cancelled the job when the
+batch's completion window ended; a CANCELLED job is then reported as EXPIRED), cancel_sent (the
+cancel call went out; poll sends it if a cancel arrived while submit was still running).
 """
 
 from __future__ import annotations
