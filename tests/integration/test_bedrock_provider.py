@@ -351,9 +351,9 @@ async def test_unsupported_endpoint_is_invalid_argument(h, model, url, body, rea
 # -- the adapter on its own ---------------------------------------------------------------------------
 
 
-def _job(bedrock, s3, tmp_path, batch_id: str, n: int = 100, expires_in: float = 86400) -> ProviderJob:
+def _job(bedrock, s3, tmp_path, batch_id: str, n: int = 100, expires_in: float = 86400, **params) -> ProviderJob:
     dep = Deployment(id="d", model_name="claude", provider="bedrock", model=CLAUDE,
-                     params=entry("x", bedrock, s3)["litellm_params"])
+                     params=entry("x", bedrock, s3, **params)["litellm_params"])
     return provider_job(tmp_path / f"{batch_id}.jsonl", dep, many(n), batch_id, expires_in)
 
 
@@ -410,6 +410,30 @@ async def test_resubmit_is_idempotent_through_the_client_request_token(bedrock, 
         assert sum(1 for j in bedrock.jobs.values() if j.request["clientRequestToken"] == "batchgate-batch-idem") == 1
         await provider.release(job)
     finally:
+        await provider.close()
+
+
+async def test_release_sweeps_stale_objects_of_earlier_runs_but_not_of_running_batches(bedrock, s3, tmp_path):
+    client = s3.client()
+    leftovers = ["swept/batch_gone/input/batch_gone.jsonl", "swept/batch_gone/output/0a1b2c/manifest.json.out"]
+    foreign = "swept/notes.txt"  # not batchgate's: never touched
+    for key in leftovers + [foreign]:
+        await asyncio.to_thread(client.put_object, Bucket=BUCKET, Key=key, Body=b"{}\n")
+    provider = BedrockBatchProvider()
+    try:
+        running, ended = (_job(bedrock, s3, tmp_path, batch_id, s3_path_prefix="swept", staged_retention=0)
+                          for batch_id in ("batch_running", "batch_ended"))
+        for job in (running, ended):
+            await provider.submit(job)
+        await _poll_until(provider, ended, JobStatus.COMPLETED)
+        assert len([r async for r in provider.results(ended)]) == 100
+        await provider.release(ended)
+        assert sorted(staged_objects(s3)()) == sorted([foreign, "swept/batch_running/input/batch_running.jsonl"])
+        await _poll_until(provider, running, JobStatus.COMPLETED)
+        await provider.release(running)
+        assert staged_objects(s3)() == [foreign]
+    finally:
+        await asyncio.to_thread(client.delete_object, Bucket=BUCKET, Key=foreign)
         await provider.close()
 
 
