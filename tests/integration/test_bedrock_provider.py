@@ -278,6 +278,7 @@ async def test_a_job_still_missing_after_the_grace_fails_the_batch(h, bedrock):
     assert out == [] and err == []
 
 
+@pytest.mark.slow
 async def test_kill_9_during_create_leaves_one_job_per_batch(s3, tmp_path):
     bucket = "bedrock-crash"
     await asyncio.to_thread(s3.client().create_bucket, Bucket=bucket)

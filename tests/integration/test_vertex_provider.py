@@ -278,6 +278,7 @@ async def test_a_job_still_missing_after_the_grace_fails_the_batch(h, vertex):
     assert out == [] and err == []
 
 
+@pytest.mark.slow
 async def test_kill_9_during_create_leaves_one_job_per_batch(gcs, tmp_path):
     bucket = "vertex-crash"
     await asyncio.to_thread(gcs.client().create_bucket, bucket)
