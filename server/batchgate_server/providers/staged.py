@@ -353,9 +353,8 @@ class StagedBatchProvider(BatchProvider):
                 self.log.info("batch %s: %d line(s) cannot be sent to %s, first: %s", job.batch_id,
                               staged.skipped, self.label, staged.first_error)
             base = f"{cfg.prefix}/{job.batch_id}" if cfg.prefix else job.batch_id
-            st["staged_prefix"] = f"{self.scheme}://{cfg.bucket}/{base}/"  # saved first: release() finds it
-            await job.save_state()
-            await self._upload(cfg, job, staged.path, base)
+            await self._marked(job, "staged_prefix", f"{self.scheme}://{cfg.bucket}/{base}/",
+                               lambda: self._upload(cfg, job, staged.path, base))
         finally:
             staged.path.unlink(missing_ok=True)
         await job.save_state()
@@ -372,21 +371,28 @@ class StagedBatchProvider(BatchProvider):
         return obj if isinstance(obj, Mapping) else None
 
     # -- eventual consistency -------------------------------------------------------------
-    async def _create(self, job: ProviderJob, create: Callable[[], Awaitable[str]]) -> None:
-        """Run the provider's create call (`create` answers the job id) with create_started saved
-        before it: from then on a lost answer is looked for (by a re-submit, cancel, release). A
-        refusal (a non-retryable error) made no job, so create_started goes again, unless an
-        earlier create whose answer was lost may have made one."""
-        st = job.state
-        st["create_started"] = time.time()
+    @staticmethod
+    async def _marked(job: ProviderJob, key: str, value: Any, call: Callable[[], Awaitable[Any]], *,
+                      keep_on_refusal: bool = False) -> Any:
+        """Save job.state[key] = value, then `await call()`: a crash during the call leaves the mark
+        (the call may have done its work). A refusal (a non-retryable error) did nothing, so the
+        mark goes again unless `keep_on_refusal`."""
+        job.state[key] = value
         await job.save_state()
         try:
-            job_id = await create()
+            return await call()
         except ProviderError as e:
-            if not e.retryable and not st.get("recreated"):
-                st.pop("create_started", None)
+            if not e.retryable and not keep_on_refusal:
+                job.state.pop(key, None)
                 await job.save_state()
             raise
+
+    async def _create(self, job: ProviderJob, create: Callable[[], Awaitable[str]]) -> None:
+        """Run the provider's create call (`create` answers the job id) marked by create_started:
+        from then on a lost answer is looked for (by a re-submit, cancel, release). A refused
+        create made no job, unless an earlier create whose answer was lost may have made one."""
+        job_id = await self._marked(job, "create_started", time.time(), create,
+                                    keep_on_refusal=bool(job.state.get("recreated")))
         await self._remember_job(job, job_id)
 
     async def _remember_job(self, job: ProviderJob, job_id: str) -> None:
@@ -514,7 +520,8 @@ class StagedBatchProvider(BatchProvider):
             # Ended before we learned its job (cancelled while a crash had lost a create's answer):
             # stop the job that create may have made.
             await self.cancel(job)
-        await self._sweep(cfg, job.deployment.params)
+        if location is not None:  # (a batch that staged nothing may have no usable bucket to sweep)
+            await self._sweep(cfg, job.deployment.params)
 
     async def _sweep(self, cfg: Any, params: Mapping[str, Any]) -> None:
         """Delete stale objects of batches not running here (see the module docstring)."""
