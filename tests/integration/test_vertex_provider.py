@@ -299,6 +299,7 @@ async def test_kill_9_during_create_leaves_one_job_per_batch(gcs, tmp_path):
         assert_each_answered_once(outcomes, inputs)
         jobs = {o.batch.id: len(fake.jobs_by_label(JOB_LABEL, job_label(o.batch.id))) for o in outcomes}
         assert jobs == dict.fromkeys(jobs, 1), "one Vertex AI job per batch"
+        assert fake.gate.creates == CRASH_BATCHES  # found again after the restart, not created again
         assert left == [], "staged objects outlived their batch"
     finally:
         await fake.stop()

@@ -14,7 +14,9 @@ Eventual consistency (litellm_params, seconds):
   batch fails with provider_job_not_found.
 - `listing_lag` (default 60): how long after a create the provider's listing may still miss the
   job. A submit after a crash during the create looks the job up again for up to that long
-  (from the create's start) before it creates another.
+  (from the create's start) before it creates another; a batch that ended before we learned its
+  job (cancelled while a crash had lost the create's answer) has that job looked up and cancelled
+  by `release()`.
 
 Retention of staged objects (everything under <prefix>/<batch_id>/ in the bucket: the translated
 input, the provider's output, a duplicate job's output):
