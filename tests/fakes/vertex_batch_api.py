@@ -29,6 +29,8 @@ status error line; "VERTEX:fail_job" fails the whole job (JOB_STATE_FAILED with 
 Eventual consistency (``lag``, see consistency.py): a new job is missing from the listing for
 ``lag.listing`` seconds and GET / :cancel of it answer 404 NOT_FOUND for ``lag.get`` seconds.
 ``gate`` holds create answers (the job exists already) so a test can kill the caller mid-create.
+``create_errors``: statuses the next creates answer *after* making the job, as a gateway that
+timed out on a backend that went on (504 DEADLINE_EXCEEDED, 502 …).
 
 Output: <outputUriPrefix>/prediction-model-<timestamp>/predictions.jsonl, in shuffled order, each
 line {"status", "processed_time", "request" (echoed, labels included), "response"
@@ -58,6 +60,7 @@ __all__ = ["FakeVertexAPI", "GcsEmulator", "VertexJob"]
 
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
             "JOB_STATE_EXPIRED"}
+HTTP_STATUS = {500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _LABEL_RE = re.compile(r"[a-z0-9_-]{0,63}")
 _LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 
@@ -173,6 +176,7 @@ class FakeVertexAPI:
         self.token_requests = 0
         self.lag = Lag()
         self.gate = CreateGate()
+        self.create_errors: list[int] = []
         self._ids = itertools.count(7_814_463_557_919_047_680)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -294,6 +298,10 @@ class FakeVertexAPI:
                         location=request.match_info["location"], body=body)
         self.jobs[job.id] = job
         await self.gate.passed()
+        if self.create_errors:
+            status = self.create_errors.pop(0)
+            return self._error(status, HTTP_STATUS.get(status, "UNKNOWN"), "The service timed out waiting for "
+                               "the backend." if status == 504 else "The service answered badly.")
         return web.json_response(job.json())
 
     @staticmethod

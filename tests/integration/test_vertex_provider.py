@@ -68,6 +68,7 @@ def vertex(api):
     api.hold_after = None
     api.lines_per_tick = None
     api.lag.reset()
+    api.create_errors.clear()
 
 
 def staged_objects(gcs: GcsEmulator, bucket: str = BUCKET):
@@ -114,6 +115,7 @@ async def h(api, keys, tmp_path_factory):
         entry("gemini-no-bucket", api, vertex_credentials=good, gcs_bucket_name="no-such-bucket"),
         entry("gemini-unconfigured", api, vertex_credentials=good, gcs_bucket_name=None),
         entry("gemini-short-grace", api, vertex_credentials=good, not_found_grace=0.5),
+        entry("gemini-retrying", api, vertex_credentials=good, max_retries=2, backoff_base=0.01),
     ])
     api.denied_projects.add("locked-project")
     harness = await start_harness(root / "data", config_file=config)
@@ -276,6 +278,15 @@ async def test_a_job_still_missing_after_the_grace_fails_the_batch(h, vertex):
     assert final.errors[0].code == "provider_job_not_found", final.errors[0].message
     assert final.failed_at.ToNanoseconds() - final.in_progress_at.ToNanoseconds() >= 0.4e9  # the 0.5 s grace
     assert out == [] and err == []
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_create_answered_with_a_gateway_error_is_not_sent_again_blindly(h, vertex, status):
+    vertex.create_errors = [status]  # the job was made; the answer says otherwise
+    final, _, out, err = await run(h, [chat("a", "hello", model="gemini-retrying")])
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert [line["custom_id"] for line in out] == ["a"]
+    assert len(vertex.jobs_by_label(JOB_LABEL, job_label(final.id))) == 1
 
 
 @pytest.mark.slow

@@ -284,7 +284,9 @@ class VertexClient:
                         continue
                 if not err.retryable:
                     raise err
-                if not idempotent and resp.status_code not in (429, 502, 503, 504):
+                if not idempotent and resp.status_code != 429:
+                    # A 5xx may come from a gateway that gave up on a backend that went on: the
+                    # create may have been carried out, so the caller looks before creating again.
                     raise err
                 if retry_after is not None and retry_after > MAX_INLINE_RETRY_AFTER:
                     raise err
