@@ -372,6 +372,7 @@ async def test_cancel_after_a_crash_finds_the_job_by_name(bedrock, s3, tmp_path)
         job = _job(bedrock, s3, tmp_path, "batch_lost")
         await provider.submit(job)
         arn = job.state.pop("job_arn")  # the ARN was never saved
+        bedrock.lag.listing = 0.5  # and the listing shows the job late
         job.cancel_requested.set()
         await provider.cancel(job)
         assert job.state["job_arn"] == arn
