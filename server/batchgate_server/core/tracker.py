@@ -148,6 +148,7 @@ class BatchRunner:
         self._cancel_sent = False
         self.deployment = tracker.router.deployment(record.deployment_id)
         self.job: ProviderJob | None = None
+        self._provider: BatchProvider | None = None
 
     # -- persistence --------------------------------------------------------------------
 
@@ -219,7 +220,7 @@ class BatchRunner:
                 await self._fail("deployment_not_found",
                                  f"deployment {rec.deployment_id!r} is no longer in the model list")
                 return
-            provider = self.t.providers.get(self.deployment.provider)
+            provider = self._provider = self.t.providers.get(self.deployment.provider)
             self.job = self._make_job()
             if rec.status is BatchStatus.CANCELLING:
                 self.job.cancel_requested.set()
@@ -394,7 +395,7 @@ class BatchRunner:
             r.cost = self.t.accounting.nothing_to_charge(r)
 
         await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
-        self._cleanup()
+        await self._cleanup()
 
     async def _fail(self, code: str, message: str, keep_workdir: bool = False) -> None:
         await self._fail_with([BatchError(code, message)], keep_workdir=keep_workdir)
@@ -410,7 +411,7 @@ class BatchRunner:
         if keep_workdir:
             log.warning("batch %s: work files kept in %s", self.rec.id, self.t.work_root / self.rec.id)
         else:
-            self._cleanup()
+            await self._cleanup()
 
     async def _finish(self, provider: BatchProvider, status: BatchStatus) -> None:
         rec = self.rec
@@ -480,11 +481,19 @@ class BatchRunner:
                 self.t.blobs.delete(f.id)
             raise
         log.info("batch %s %s: %d ok, %d failed", rec.id, self.rec.status.value, out_lines, err_lines)
-        self._cleanup()
+        await self._cleanup()
 
-    def _cleanup(self) -> None:
-        if self.job is not None:
-            shutil.rmtree(self.job.workdir, ignore_errors=True)
+    async def _cleanup(self) -> None:
+        """The batch has ended and its results are stored: the provider deletes what the job left
+        with it, then the work directory goes."""
+        if self.job is None:
+            return
+        if self._provider is not None:
+            try:
+                await self._provider.release(self.job)
+            except Exception as err:  # noqa: BLE001 - best effort: the provider's retention sweep tidies up
+                log.warning("batch %s: could not release what it left at the provider: %s", self.rec.id, err)
+        shutil.rmtree(self.job.workdir, ignore_errors=True)
 
 
 class _ResultSink:

@@ -145,6 +145,11 @@ class BatchProvider(abc.ABC):
         """Every result line of an ended job (completed, cancelled or expired), already
         normalised to OpenAI batch output lines with the caller's original custom_ids."""
 
+    async def release(self, job: ProviderJob) -> None:
+        """Called once after the batch has ended and its results are stored: delete what the job
+        left at the provider (staged objects, uploaded files). Best effort and bounded; a failure
+        is only logged, and what is left is the provider's own retention policy's business."""
+
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         """Return when the job may have changed, or after `timeout` seconds. Remote providers
         just sleep (the tracker also wakes on cancel); the in-process executor returns as soon
