@@ -47,6 +47,7 @@ from batchgate_server.providers.base import (
     ProviderJob,
     ResultKind,
     UnsupportedRequest,
+    give_up_after,
 )
 from batchgate_server.providers.registry import ProviderRegistry, input_reader
 from batchgate_server.store.blobs import BlobStore
@@ -60,11 +61,6 @@ ENDED_BY_POLL = {
     JobStatus.EXPIRED: BatchStatus.EXPIRED,
     JobStatus.CANCELLED: BatchStatus.CANCELLED,
 }
-
-
-# A provider that answers nothing but retryable errors (429/5xx/network) for this long fails the
-# batch (the job may still run at the provider; its results would be lost to us anyway).
-DEFAULT_GIVE_UP_AFTER = 6 * 3600.0
 
 
 def batch_load(line_count: int) -> int:
@@ -256,11 +252,8 @@ class BatchRunner:
 
     def _give_up_after(self) -> float:
         """Seconds of nothing but retryable provider errors (429/5xx/network) before the batch
-        fails: litellm_params.give_up_after, else DEFAULT_GIVE_UP_AFTER."""
-        try:
-            return float(self.deployment.params.get("give_up_after", DEFAULT_GIVE_UP_AFTER))
-        except (TypeError, ValueError):
-            return DEFAULT_GIVE_UP_AFTER
+        fails (the job may still run at the provider; its results would be lost to us anyway)."""
+        return give_up_after(self.deployment)
 
     def _make_job(self) -> ProviderJob:
         rec = self.rec

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from batchgate_server.core.backoff import jittered_delay
 from batchgate_server.providers.base import ProviderJob
+from batchgate_server.providers.executor.failures import FailureTally, failure_of
+from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.results_log import ResultsLog
 from batchgate_server.providers.executor.transport import TransportFailure
@@ -34,6 +36,8 @@ class ExecutorOptions:
     # Caps the completion window (seconds from creation); None: the batch's own window.
     completion_window: float | None = None
     rewrite_model: str | None = None
+    # Seconds of upstream outage after which its waiting requests fail (litellm_params.give_up_after).
+    give_up_after: float = 6 * 3600.0
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -51,13 +55,21 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def _line_id(batch_id: str, custom_id: str) -> str:
-    return "batch_req_" + hashlib.sha256(f"{batch_id}\0{custom_id}".encode()).hexdigest()[:24]
+    # surrogatepass: a JSON-escaped lone surrogate ("\ud800") is a valid custom_id but not UTF-8.
+    return "batch_req_" + hashlib.sha256(f"{batch_id}\0{custom_id}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def _estimate_tokens(body: dict, raw_len: int) -> int:
     out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     # Only a plain number counts: a malformed value is the upstream's to reject, not a crash here.
     return raw_len // 4 + (out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else 256)
+
+
+def _json_or_none(raw: bytes):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def _usage_tokens(parsed: dict) -> int | None:
@@ -70,19 +82,26 @@ def _usage_tokens(parsed: dict) -> int | None:
 
 class ExecutorRun:
     def __init__(self, job: ProviderJob, transport, options: ExecutorOptions,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, health: UpstreamHealth | None = None) -> None:
         self.job = job
         self.transport = transport
         self.options = options
-        self.log = ResultsLog(job.workdir)
-        # Shared by every batch on the deployment: the limits are the upstream's, not per batch.
+        secrets = [job.deployment.params.get("api_key") or ""]
+        self.failures = FailureTally(secrets)
+        self.log = ResultsLog(job.workdir, on_error_line=lambda line: self.failures.answered(*failure_of(line)))
+        # Shared by every batch on the deployment: the limits and the outages are the upstream's.
         self.limiter = limiter or RateLimiter(options.rpm, options.tpm)
+        self.health = health or UpstreamHealth(job.deployment.model_name, backoff_base=options.backoff_base,
+                                               backoff_cap=options.backoff_cap, secrets=secrets)
         self.changed = asyncio.Event()
         self.outcome: str | None = None  # completed | expired | cancelled, once finished
         deadline = job.expires_at
         if options.completion_window:
             deadline = min(deadline, job.created_at + options.completion_window)
         self.deadline = deadline
+        # Cleared while the results log cannot be written (a full disk): nothing new is sent.
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._task: asyncio.Task | None = None
 
     @property
@@ -150,13 +169,22 @@ class ExecutorRun:
         await producer
         await queue.join()
 
+    async def _input(self):
+        """The input's requests, each with a custom_id (the stored file was validated at upload;
+        a line without one could not be answered, so it stops the run instead)."""
+        number = 0
+        async for raw in self.job.open_input():
+            number += 1
+            line = _json_or_none(raw)
+            if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+                raise ValueError(f"input line {number} has no custom_id")
+            yield line
+
     async def _produce(self, queue: asyncio.Queue) -> None:
         done = self.log.done
-        async for raw in self.job.open_input():
-            line = json.loads(raw)
-            if line["custom_id"] in done:
-                continue
-            await queue.put(line)
+        async for line in self._input():
+            if line["custom_id"] not in done:
+                await queue.put(line)
 
     async def _worker(self, queue: asyncio.Queue) -> None:
         while True:
@@ -168,9 +196,13 @@ class ExecutorRun:
             except Exception as err:
                 # One bad request must not take its worker down (its custom_id would go
                 # unanswered, and enough of them would stall the whole batch).
-                log.exception("batch %s: request %r failed in the executor", self.job.batch_id, line.get("custom_id"))
-                self._write_error(line["custom_id"], None, {
-                    "code": "invalid_request", "message": f"batchgate could not send this request: {type(err).__name__}"})
+                log.exception("batch %s: request %r failed in the executor", self.job.batch_id, line["custom_id"])
+                try:
+                    await self._write_error(line["custom_id"], None, {
+                        "code": "invalid_request",
+                        "message": f"batchgate could not send this request: {type(err).__name__}"})
+                except Exception:  # left unanswered: _close_unanswered answers it before the run ends
+                    log.exception("batch %s: no error line for request %r", self.job.batch_id, line["custom_id"])
             finally:
                 queue.task_done()
 
@@ -182,46 +214,63 @@ class ExecutorRun:
         payload = json.dumps(body).encode()
         path = line["url"]
         estimate = _estimate_tokens(body, len(payload))
-        attempt = 0
+        health = self.health
+        attempt = 0  # retries spent on failures that were this request's own
         while True:
+            probe = health.outage_since is not None and await health.admit(self.options.give_up_after)
+            if not self._writable.is_set():
+                await self._writable.wait()
             await self.limiter.acquire(estimate)
             try:
                 resp = await self.transport.send(path, payload, custom_id)
             except TransportFailure as failure:
+                resp, code, message, retry_after = None, failure.code, failure.message, None
+            finally:
+                if probe:
+                    health.end_probe()
+            if resp is None:
                 self.limiter.settle(estimate, 0)
-                if attempt < self.options.max_retries:
-                    attempt += 1
-                    await asyncio.sleep(self._backoff(attempt, None))
-                    continue
-                self._write_error(custom_id, None, {"code": failure.code, "message": failure.message})
-                return
-            parsed = None
-            try:
-                parsed = json.loads(resp.body)
-            except ValueError:
-                pass
-            retryable = resp.status in RETRYABLE_STATUS or (200 <= resp.status < 300 and parsed is None)
-            if retryable and attempt < self.options.max_retries:
-                attempt += 1
+                upstream_fault = True
+                final = (None, {"code": code, "message": message})
+            else:
+                parsed = _json_or_none(resp.body)
+                if 200 <= resp.status < 300 and parsed is not None:
+                    health.succeeded()
+                    self.limiter.settle(estimate, _usage_tokens(parsed))
+                    await self._write_output(custom_id, resp.status, resp.headers.get("x-request-id", ""),
+                                             resp.body, parsed)
+                    return
+                upstream_fault = resp.status in RETRYABLE_STATUS
+                if parsed is None:
+                    code, message = "invalid_response", f"the server answered HTTP {resp.status} with a body that is not JSON"
+                    final = (None, {"code": code, "message": message})
+                else:
+                    final = ({"status_code": resp.status, "request_id": resp.headers.get("x-request-id", ""),
+                              "body": parsed}, None)
+                    code, message = failure_of({"response": final[0]})
+                retryable = upstream_fault or 200 <= resp.status < 300
+                if not retryable:
+                    health.failed(custom_id, code, message, upstream_fault=False, probe=probe)
+                    self.limiter.settle(estimate, _usage_tokens(parsed))
+                    await self._write_error(custom_id, *final)
+                    return
                 self.limiter.settle(estimate, 0)
                 retry_after = retry_after_seconds(resp.headers.get("retry-after"))
                 if retry_after is not None:  # never past the batch's deadline (nor forever)
                     retry_after = min(retry_after, max(0.0, self.deadline - time.time()), MAX_RETRY_AFTER)
                     if resp.status in (429, 503):
                         self.limiter.pause(retry_after)  # the whole deployment backs off
+            if health.failed(custom_id, code, message, upstream_fault=upstream_fault, probe=probe):
+                # The deployment is out: waiting for it costs this request none of its retries.
+                if health.outage_for() < self.options.give_up_after:
+                    self.failures.retried(code, message)
+                    continue
+            elif attempt < self.options.max_retries:
+                attempt += 1
+                self.failures.retried(code, message)
                 await asyncio.sleep(self._backoff(attempt, retry_after))
                 continue
-            self.limiter.settle(estimate, _usage_tokens(parsed))
-            request_id = resp.headers.get("x-request-id", "")
-            if parsed is None:
-                self._write_error(custom_id, None, {
-                    "code": "invalid_response",
-                    "message": f"the server answered HTTP {resp.status} with a body that is not JSON"})
-            elif 200 <= resp.status < 300:
-                self._write_output(custom_id, resp.status, request_id, resp.body, parsed)
-            else:
-                self._write_error(custom_id, {"status_code": resp.status, "request_id": request_id,
-                                              "body": parsed}, None)
+            await self._write_error(custom_id, *final)
             return
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -230,30 +279,55 @@ class ExecutorRun:
 
     # -- writing results --------------------------------------------------------------------
 
-    def _write_output(self, custom_id: str, status: int, request_id: str, raw: bytes, parsed) -> None:
+    async def _write_output(self, custom_id: str, status: int, request_id: str, raw: bytes, parsed) -> None:
         raw = raw.strip()
         if b"\n" in raw or b"\r" in raw:
             raw = json.dumps(parsed).encode()
         line = (b'{"id":"' + _line_id(self.job.batch_id, custom_id).encode() + b'","custom_id":'
                 + json.dumps(custom_id).encode() + b',"response":{"status_code":' + str(status).encode()
                 + b',"request_id":' + json.dumps(request_id).encode() + b',"body":' + raw + b'},"error":null}')
-        self.log.write_output(custom_id, line)
-        self.changed.set()
+        await self._keep(self.log.write_output, custom_id, line)
 
-    def _write_error(self, custom_id: str, response: dict | None, error: dict | None) -> None:
-        line = json.dumps({"id": _line_id(self.job.batch_id, custom_id), "custom_id": custom_id,
-                           "response": response, "error": error}).encode()
-        self.log.write_error(custom_id, line)
+    async def _write_error(self, custom_id: str, response: dict | None, error: dict | None) -> None:
+        record = {"id": _line_id(self.job.batch_id, custom_id), "custom_id": custom_id,
+                  "response": response, "error": error}
+        await self._keep(self.log.write_error, custom_id, json.dumps(record).encode())
+        self.failures.answered(*failure_of(record))
+
+    async def _keep(self, write, custom_id: str, line: bytes) -> None:
+        """Write one result line; while the disk refuses it, hold it (and every new request) and
+        try again, so a full disk pauses the run instead of losing answers."""
+        attempt = 0
+        while True:
+            try:
+                write(custom_id, line)
+                break
+            except OSError as err:
+                if self._writable.is_set():
+                    self._writable.clear()
+                    log.warning("batch %s: cannot write results to %s (%s); paused until it can",
+                                self.job.batch_id, self.job.workdir, err)
+                await asyncio.sleep(jittered_delay(attempt, 0.25, 5.0))
+                attempt += 1
+        if not self._writable.is_set():
+            self._writable.set()
+            log.warning("batch %s: results written again; resumed", self.job.batch_id)
         self.changed.set()
 
     async def _close_unanswered(self, outcome: str) -> None:
-        """An expired or cancelled run answers every request it did not send with an error line."""
-        if outcome == "completed":
-            return
-        code = "batch_expired" if outcome == "expired" else "batch_cancelled"
-        message = ("the batch's completion window ended before this request ran" if outcome == "expired"
-                   else "the batch was cancelled before this request ran")
-        async for raw in self.job.open_input():
-            custom_id = json.loads(raw)["custom_id"]
+        """Every request gets an answer before the run reports its outcome: an expired or
+        cancelled run answers those it did not send with an error line; a completed run should
+        have none left, but if a request was lost anyway it must show as an error, never vanish."""
+        if outcome == "completed" and len(self.log.done) >= self.job.line_count:
+            return  # every line answered (custom_ids are unique): no second pass over the input
+        error = {
+            "completed": {"code": "internal_error", "message": "batchgate lost this request before answering it"},
+            "expired": {"code": "batch_expired", "message": "the batch's completion window ended before this request ran"},
+            "cancelled": {"code": "batch_cancelled", "message": "the batch was cancelled before this request ran"},
+        }[outcome]
+        async for line in self._input():
+            custom_id = line["custom_id"]
             if custom_id not in self.log.done:
-                self._write_error(custom_id, None, {"code": code, "message": message})
+                if outcome == "completed":
+                    log.error("batch %s: request %r was never answered", self.job.batch_id, custom_id)
+                await self._write_error(custom_id, None, error)
