@@ -99,3 +99,77 @@ async def test_lone_surrogate_custom_ids_are_answered_and_cost_no_worker(tmp_pat
         assert len({line["id"] for line in out + err}) == len(lines)
     finally:
         await stop_harness(h)
+
+
+# -- item 8: an upstream outage pauses the deployment instead of failing its requests -------------
+
+
+def slow_lines(prefix: str, n: int, ms: int = 40) -> list[dict]:
+    return [request_line(f"{prefix}-{i}", model="fake-llm", content=f"SLOW:{ms} {prefix} {i}") for i in range(n)]
+
+
+def progressed(n: int):
+    return lambda batch: ended(batch) or batch.request_counts.completed >= n
+
+
+async def test_upstream_restart_mid_batch_loses_no_request(tmp_path, upstream):
+    """A restart of the model server longer than max_retries x backoff used to turn every request
+    in flight or sent during it into a connection_error line of a COMPLETED batch."""
+    h = await executor_harness(tmp_path, upstream, backoff_base=0.05, max_retries=2)
+    try:
+        lines = slow_lines("r", 200)
+        batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
+        seen = await watch_until(h.alice, batch.id, progressed(40))
+        assert not ended(seen[-1])
+        await upstream.stop()
+        await asyncio.sleep(2.5)  # the outage: far longer than 2 retries at 0.05 s backoff
+        await upstream.start()
+        final = (await watch_until(h.alice, batch.id, ended))[-1]
+        out, err = await results(h.alice, final)
+        assert err == []
+        assert sorted(line["custom_id"] for line in out) == sorted(line["custom_id"] for line in lines)
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and final.request_counts.completed == 200
+    finally:
+        await stop_harness(h)
+
+
+async def test_outage_holds_every_batch_of_the_deployment_and_probes_with_one_request(tmp_path, upstream):
+    """While every request gets a 500, requests wait instead of spending their retries, and only a
+    probe at a time (with backoff) reaches the upstream, for all batches of the deployment together."""
+    h = await executor_harness(tmp_path, upstream, backoff_base=0.05, backoff_cap=0.4, max_retries=2)
+    try:
+        first, second = slow_lines("a", 150), slow_lines("b", 150)
+        batches = [await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
+                   for lines in (first, second)]
+        await watch_until(h.alice, batches[0].id, progressed(20))
+        upstream.fail_mode = "500"
+        sent_before = upstream.requests_total
+        await asyncio.sleep(3.0)  # the outage
+        during = upstream.requests_total - sent_before
+        upstream.fail_mode = None
+        # In flight when it began (2 x 8 workers) plus probes every <= 0.4 s; spending retries
+        # instead, the 16 workers would send hundreds.
+        assert during <= 16 + 3 / 0.2 + 5, during
+        for batch, lines in zip(batches, (first, second)):
+            final = (await watch_until(h.alice, batch.id, ended))[-1]
+            out, err = await results(h.alice, final)
+            assert err == [] and len(out) == 150, (len(out), err[:1])
+    finally:
+        await stop_harness(h)
+
+
+async def test_requests_of_a_dead_upstream_fail_after_give_up_after(tmp_path, upstream):
+    h = await executor_harness(tmp_path, upstream, backoff_base=0.05, give_up_after=1.0)
+    try:
+        await upstream.stop()
+        lines = slow_lines("d", 30, ms=0)
+        batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
+        started = time.monotonic()
+        final = (await watch_until(h.alice, batch.id, ended))[-1]
+        assert time.monotonic() - started >= 1.0
+        out, err = await results(h.alice, final)
+        assert out == [] and len(err) == 30
+        assert {line["error"]["code"] for line in err} == {"connection_error"}
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and final.request_counts.failed == 30
+    finally:
+        await stop_harness(h)
