@@ -4,8 +4,12 @@ deployment watched live. The real server, the real fake upstream."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import json
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -171,5 +175,71 @@ async def test_requests_of_a_dead_upstream_fail_after_give_up_after(tmp_path, up
         assert out == [] and len(err) == 30
         assert {line["error"]["code"] for line in err} == {"connection_error"}
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and final.request_counts.failed == 30
+    finally:
+        await stop_harness(h)
+
+
+# -- item 5: a full disk pauses a running batch, which resumes by itself ---------------------------
+
+
+@pytest.fixture
+def small_work_dir(tmp_path):
+    """The server's work directory (executor results logs) on a real 1 MiB tmpfs."""
+    work = tmp_path / "data" / "work"
+    work.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(work)], check=True)
+    try:
+        yield work
+    finally:
+        subprocess.run(["umount", str(work)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """A file taking every byte left on `directory`'s filesystem."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        for chunk in (64 * 1024, 4096, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * chunk)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+    return filler
+
+
+def whole_lines(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), f"torn line at the end of {path.name}: {data[-80:]!r}"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+async def test_full_disk_pauses_the_batch_until_space_returns(tmp_path, upstream, small_work_dir):
+    """A full disk used to cost every worker (the batch stalled at IN_PROGRESS until a restart)
+    and leave a half-written results line."""
+    h = await executor_harness(tmp_path, upstream)
+    try:
+        lines = [request_line(f"f-{i}", model="fake-llm", content=f"SLOW:20 full disk {i} " + "x" * 200)
+                 for i in range(300)]
+        batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
+        await watch_until(h.alice, batch.id, progressed(40))
+        filler = fill(small_work_dir)
+        sent = upstream.requests_total
+        await asyncio.sleep(1.5)  # the disk stays full this long
+        # Paused: at most the requests in flight when it filled (8 workers) were sent since.
+        assert upstream.requests_total - sent <= 8
+        state = (await h.alice.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch.id),
+                                               metadata=h.alice.metadata)).batch
+        assert state.status == batch_pb2.BATCH_STATUS_IN_PROGRESS
+        assert state.request_counts.failed == 0
+        for name in ("output.jsonl", "errors.jsonl"):
+            whole_lines(small_work_dir / batch.id / name)
+        filler.unlink()
+        final = (await watch_until(h.alice, batch.id, ended))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+        out, err = await results(h.alice, final)
+        assert err == []
+        assert sorted(line["custom_id"] for line in out) == sorted(line["custom_id"] for line in lines)
+        # Nothing was lost and nothing sent twice: the answers held during the pause were kept.
+        assert all(upstream.count(f"SLOW:20 full disk {i} " + "x" * 200) == 1 for i in range(300))
     finally:
         await stop_harness(h)
