@@ -243,3 +243,54 @@ async def test_full_disk_pauses_the_batch_until_space_returns(tmp_path, upstream
         assert all(upstream.count(f"SLOW:20 full disk {i} " + "x" * 200) == 1 for i in range(300))
     finally:
         await stop_harness(h)
+
+
+# -- item 15: a failing batch is visible while it runs -----------------------------------------------
+
+
+def failing(batch: batch_pb2.Batch) -> bool:
+    return batch.status == batch_pb2.BATCH_STATUS_IN_PROGRESS and len(batch.failures) > 0
+
+
+async def test_watch_shows_failures_by_code_while_the_batch_runs(tmp_path, upstream):
+    h = await executor_harness(tmp_path, upstream)
+    try:
+        lines = [request_line(f"bad-{i}", model="fake-llm", content=f"FAIL:400 bad {i}") for i in range(10)]
+        lines += [request_line(f"slow-{i}", model="fake-llm", content=f"SLOW:1500 slow {i}") for i in range(16)]
+        batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
+        live = (await watch_until(h.alice, batch.id, failing))[-1]
+        assert [f.code for f in live.failures] == ["http_400"]
+        assert 1 <= live.failures[0].count == live.request_counts.failed
+        assert live.failures[0].sample_message == "Invalid request (injected by FAIL:400)."
+        final = (await watch_until(h.alice, batch.id, ended))[-1]
+        assert [(f.code, f.count, f.retried) for f in final.failures] == [("http_400", 10, 0)]
+        got = (await h.alice.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch.id),
+                                             metadata=h.alice.metadata)).batch
+        assert got.failures == final.failures
+    finally:
+        await stop_harness(h)
+
+
+async def test_a_dead_upstream_shows_in_the_batch_and_in_a_few_log_lines(tmp_path, upstream, caplog):
+    h = await executor_harness(tmp_path, upstream, backoff_base=0.05, backoff_cap=0.2, api_key="sk-secret-key-123")
+    try:
+        caplog.set_level("INFO", logger="batchgate_server.providers.executor")
+        await upstream.stop()
+        lines = slow_lines("dead", 40, ms=0)
+        batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
+        live = (await watch_until(h.alice, batch.id, failing))[-1]
+        assert live.failures[0].code == "connection_error"
+        assert live.failures[0].count == 0 and live.failures[0].retried >= 1
+        assert "Cannot connect" in live.failures[0].sample_message
+        # Probes go on with backoff, but the log says it once, not per request or per probe.
+        await watch_until(h.alice, batch.id, lambda b: sum(f.retried for f in b.failures) >= 20)
+        await upstream.start()
+        final = (await watch_until(h.alice, batch.id, ended))[-1]
+        out, err = await results(h.alice, final)
+        assert err == [] and len(out) == 40
+        messages = [r.getMessage() for r in caplog.records if r.name.endswith("executor.health")]
+        assert len(messages) <= 4, messages
+        assert any("upstream out" in m for m in messages) and any("recovered" in m for m in messages)
+        assert "sk-secret-key-123" not in caplog.text
+    finally:
+        await stop_harness(h)

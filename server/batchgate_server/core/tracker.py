@@ -33,6 +33,7 @@ from batchgate_server.core.models import (
     BatchError,
     BatchRecord,
     BatchStatus,
+    FailureCount,
     FilePurpose,
     FileRecord,
     RequestCounts,
@@ -319,13 +320,14 @@ class BatchRunner:
         if counts is not None and counts.total == 0:
             counts = RequestCounts(rec.request_counts.total, counts.completed, counts.failed)
         counts_changed = counts is not None and counts != rec.request_counts
+        failures_changed = poll.failures is not None and poll.failures != rec.failures
         ended = ENDED_BY_POLL.get(poll.status)
         if ended is BatchStatus.COMPLETED and rec.status is BatchStatus.CANCELLING:
             # The caller was told the batch is cancelling: it ends cancelled, results kept,
             # even when the provider finished every request before the cancel landed.
             ended = BatchStatus.CANCELLED
         if ended is not None:
-            await self._finish(provider, ended)
+            await self._finish(provider, ended, poll.failures)
             return
         if poll.status is JobStatus.FAILED:
             await self._fail_with(poll.errors or [BatchError("provider_failed", poll.detail or
@@ -336,12 +338,14 @@ class BatchRunner:
             target = BatchStatus.FINALIZING
         elif poll.status is JobStatus.CANCELLING and rec.status is not BatchStatus.CANCELLING:
             target = BatchStatus.CANCELLING
-        if target is None and not counts_changed:
+        if target is None and not counts_changed and not failures_changed:
             return
 
         def mutate(r: BatchRecord) -> None:
             if counts_changed:
                 r.request_counts = counts
+            if failures_changed:
+                r.failures = poll.failures
             if target is not None:
                 self._enter(target)(r)
 
@@ -376,7 +380,8 @@ class BatchRunner:
         else:
             self._cleanup()
 
-    async def _finish(self, provider: BatchProvider, status: BatchStatus) -> None:
+    async def _finish(self, provider: BatchProvider, status: BatchStatus,
+                      failures: list[FailureCount] | None = None) -> None:
         rec = self.rec
         if not rec.result_file_ids or (status is BatchStatus.COMPLETED
                                        and rec.status is not BatchStatus.FINALIZING):
@@ -424,6 +429,8 @@ class BatchRunner:
             r.request_counts = RequestCounts(total=total, completed=out_lines, failed=err_lines)
             r.usage = usage_total
             r.cost = cost
+            if failures is not None:
+                r.failures = failures
 
         try:
             await self._persist(mutate, extra_files=files,

@@ -90,6 +90,7 @@ class UpstreamHealth:
         (no answer, 5xx, 429, timeout); otherwise the upstream answered, so it is up. Returns whether
         the deployment is out: the attempt then costs the request none of its retries."""
         now = self._clock()
+        code = printable(code, 64)
         if not self._streak:
             self._streak_since = now
         self._streak += 1

@@ -3,8 +3,9 @@ OpenAI-compatible HTTP server (vLLM, Ollama, llama.cpp …), or the in-process
 `simulated` model.
 
 Deployment params (litellm_params): api_base, api_key, max_concurrency, rpm, tpm,
-timeout (per request), max_retries (for a request's own failures), give_up_after
-(seconds of upstream outage before waiting requests fail), completion_window
+timeout (per request), max_retries (for a request's own failures), backoff_base and
+backoff_cap (seconds, between retries and between probes of an upstream that is out),
+give_up_after (seconds of outage before waiting requests fail), completion_window
 (seconds, caps the batch's window); for transport "simulated": latency_ms, failure_rate.
 """
 
@@ -50,6 +51,7 @@ def options_for(deployment: Deployment) -> ExecutorOptions:
         timeout=_number(p, "timeout") or 120.0,
         max_retries=_number(p, "max_retries", int) if p.get("max_retries") is not None else 5,
         backoff_base=_number(p, "backoff_base") or 0.5,
+        backoff_cap=_number(p, "backoff_cap") or 30.0,
         completion_window=_number(p, "completion_window"),
         rewrite_model=None if simulated else deployment.model,
         give_up_after=give_up_after(deployment),
