@@ -16,12 +16,18 @@ from batchgate_server.providers.executor.failures import FailureTally, failure_o
 from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.results_log import ResultsLog
-from batchgate_server.providers.executor.transport import TransportFailure
+from batchgate_server.providers.executor.transport import TransportFailure, TransportResponse
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER = 600.0
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+# The error line of a request still unanswered when a run ends, by how it ended.
+UNSENT_ERROR = {
+    "completed": {"code": "internal_error", "message": "batchgate lost this request before answering it"},
+    "expired": {"code": "batch_expired", "message": "the batch's completion window ended before this request ran"},
+    "cancelled": {"code": "batch_cancelled", "message": "the batch was cancelled before this request ran"},
+}
 
 
 @dataclass
@@ -72,12 +78,49 @@ def _json_or_none(raw: bytes):
         return None
 
 
+def _request(raw: bytes, number: int) -> dict:
+    """Input line `number` (validated at upload). A line without a custom_id could not be answered,
+    so it stops the run instead."""
+    line = _json_or_none(raw)
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+        raise ValueError(f"input line {number} has no custom_id")
+    return line
+
+
 def _usage_tokens(parsed: dict) -> int | None:
     usage = parsed.get("usage") if isinstance(parsed, dict) else None
     if not isinstance(usage, dict):
         return None
     total = usage.get("total_tokens")
     return int(total) if isinstance(total, int) else None
+
+
+@dataclass
+class _Failure:
+    """One failed attempt: its code and message, the error line it becomes if the request ends
+    here (response or error), and whether trying again can help."""
+
+    code: str
+    message: str
+    response: dict | None
+    error: dict | None
+    upstream_fault: bool  # says nothing about the request: no answer, 5xx, 429, a timeout
+    retryable: bool
+    retry_after: float | None = None
+
+
+def _failure_of_answer(resp: TransportResponse, parsed) -> _Failure:
+    """An answer that is not a success: an HTTP error, or a 2xx whose body is not JSON."""
+    upstream_fault = resp.status in RETRYABLE_STATUS
+    retryable = upstream_fault or 200 <= resp.status < 300
+    retry_after = retry_after_seconds(resp.headers.get("retry-after")) if retryable else None
+    if parsed is None:
+        message = f"the server answered HTTP {resp.status} with a body that is not JSON"
+        return _Failure("invalid_response", message, None, {"code": "invalid_response", "message": message},
+                        upstream_fault, retryable, retry_after)
+    response = {"status_code": resp.status, "request_id": resp.headers.get("x-request-id", ""), "body": parsed}
+    code, message = failure_of({"response": response})
+    return _Failure(code, message, response, None, upstream_fault, retryable, retry_after)
 
 
 class ExecutorRun:
@@ -169,20 +212,12 @@ class ExecutorRun:
         await producer
         await queue.join()
 
-    async def _input(self):
-        """The input's requests, each with a custom_id (the stored file was validated at upload;
-        a line without one could not be answered, so it stops the run instead)."""
+    async def _produce(self, queue: asyncio.Queue) -> None:
+        done = self.log.done
         number = 0
         async for raw in self.job.open_input():
             number += 1
-            line = _json_or_none(raw)
-            if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
-                raise ValueError(f"input line {number} has no custom_id")
-            yield line
-
-    async def _produce(self, queue: asyncio.Queue) -> None:
-        done = self.log.done
-        async for line in self._input():
+            line = _request(raw, number)
             if line["custom_id"] not in done:
                 await queue.put(line)
 
@@ -215,7 +250,7 @@ class ExecutorRun:
         path = line["url"]
         estimate = _estimate_tokens(body, len(payload))
         health = self.health
-        attempt = 0  # retries spent on failures that were this request's own
+        attempt = 0  # retries spent on failures of this request's own
         while True:
             probe = health.outage_since is not None and await health.admit(self.options.give_up_after)
             if not self._writable.is_set():
@@ -223,15 +258,9 @@ class ExecutorRun:
             await self.limiter.acquire(estimate)
             try:
                 resp = await self.transport.send(path, payload, custom_id)
-            except TransportFailure as failure:
-                resp, code, message, retry_after = None, failure.code, failure.message, None
-            finally:
-                if probe:
-                    health.end_probe()
-            if resp is None:
-                self.limiter.settle(estimate, 0)
-                upstream_fault = True
-                final = (None, {"code": code, "message": message})
+            except TransportFailure as err:
+                failure = _Failure(err.code, err.message, None, {"code": err.code, "message": err.message},
+                                   upstream_fault=True, retryable=True)
             else:
                 parsed = _json_or_none(resp.body)
                 if 200 <= resp.status < 300 and parsed is not None:
@@ -240,37 +269,29 @@ class ExecutorRun:
                     await self._write_output(custom_id, resp.status, resp.headers.get("x-request-id", ""),
                                              resp.body, parsed)
                     return
-                upstream_fault = resp.status in RETRYABLE_STATUS
-                if parsed is None:
-                    code, message = "invalid_response", f"the server answered HTTP {resp.status} with a body that is not JSON"
-                    final = (None, {"code": code, "message": message})
-                else:
-                    final = ({"status_code": resp.status, "request_id": resp.headers.get("x-request-id", ""),
-                              "body": parsed}, None)
-                    code, message = failure_of({"response": final[0]})
-                retryable = upstream_fault or 200 <= resp.status < 300
-                if not retryable:
-                    health.failed(custom_id, code, message, upstream_fault=False, probe=probe)
-                    self.limiter.settle(estimate, _usage_tokens(parsed))
-                    await self._write_error(custom_id, *final)
-                    return
-                self.limiter.settle(estimate, 0)
-                retry_after = retry_after_seconds(resp.headers.get("retry-after"))
+                failure = _failure_of_answer(resp, parsed)
+            finally:
+                if probe:
+                    health.end_probe()
+            self.limiter.settle(estimate, 0)
+            out = health.failed(custom_id, failure.code, failure.message, upstream_fault=failure.upstream_fault,
+                                probe=probe)
+            if failure.retryable:
+                retry_after = failure.retry_after
                 if retry_after is not None:  # never past the batch's deadline (nor forever)
                     retry_after = min(retry_after, max(0.0, self.deadline - time.time()), MAX_RETRY_AFTER)
-                    if resp.status in (429, 503):
+                    if failure.code in ("http_429", "http_503"):
                         self.limiter.pause(retry_after)  # the whole deployment backs off
-            if health.failed(custom_id, code, message, upstream_fault=upstream_fault, probe=probe):
-                # The deployment is out: waiting for it costs this request none of its retries.
-                if health.outage_for() < self.options.give_up_after:
-                    self.failures.retried(code, message)
+                if out and health.outage_for() < self.options.give_up_after:
+                    # Waiting for the deployment to come back costs this request none of its retries.
+                    self.failures.retried(failure.code, failure.message)
                     continue
-            elif attempt < self.options.max_retries:
-                attempt += 1
-                self.failures.retried(code, message)
-                await asyncio.sleep(self._backoff(attempt, retry_after))
-                continue
-            await self._write_error(custom_id, *final)
+                if not out and attempt < self.options.max_retries:
+                    attempt += 1
+                    self.failures.retried(failure.code, failure.message)
+                    await asyncio.sleep(self._backoff(attempt, retry_after))
+                    continue
+            await self._write_error(custom_id, failure.response, failure.error)
             return
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -297,22 +318,29 @@ class ExecutorRun:
     async def _keep(self, write, custom_id: str, line: bytes) -> None:
         """Write one result line; while the disk refuses it, hold it (and every new request) and
         try again, so a full disk pauses the run instead of losing answers."""
+        try:
+            write(custom_id, line)
+        except OSError as err:
+            await self._keep_when_writable(write, custom_id, line, err)
+        self.changed.set()
+
+    async def _keep_when_writable(self, write, custom_id: str, line: bytes, err: OSError) -> None:
+        if self._writable.is_set():
+            self._writable.clear()
+            log.warning("batch %s: cannot write results to %s (%s); paused until it can",
+                        self.job.batch_id, self.job.workdir, err)
         attempt = 0
         while True:
+            await asyncio.sleep(jittered_delay(attempt, 0.25, 5.0))
+            attempt += 1
             try:
                 write(custom_id, line)
                 break
-            except OSError as err:
-                if self._writable.is_set():
-                    self._writable.clear()
-                    log.warning("batch %s: cannot write results to %s (%s); paused until it can",
-                                self.job.batch_id, self.job.workdir, err)
-                await asyncio.sleep(jittered_delay(attempt, 0.25, 5.0))
-                attempt += 1
+            except OSError:
+                pass
         if not self._writable.is_set():
             self._writable.set()
             log.warning("batch %s: results written again; resumed", self.job.batch_id)
-        self.changed.set()
 
     async def _close_unanswered(self, outcome: str) -> None:
         """Every request gets an answer before the run reports its outcome: an expired or
@@ -320,13 +348,11 @@ class ExecutorRun:
         have none left, but if a request was lost anyway it must show as an error, never vanish."""
         if outcome == "completed" and len(self.log.done) >= self.job.line_count:
             return  # every line answered (custom_ids are unique): no second pass over the input
-        error = {
-            "completed": {"code": "internal_error", "message": "batchgate lost this request before answering it"},
-            "expired": {"code": "batch_expired", "message": "the batch's completion window ended before this request ran"},
-            "cancelled": {"code": "batch_cancelled", "message": "the batch was cancelled before this request ran"},
-        }[outcome]
-        async for line in self._input():
-            custom_id = line["custom_id"]
+        error = UNSENT_ERROR[outcome]
+        number = 0
+        async for raw in self.job.open_input():
+            number += 1
+            custom_id = _request(raw, number)["custom_id"]
             if custom_id not in self.log.done:
                 if outcome == "completed":
                     log.error("batch %s: request %r was never answered", self.job.batch_id, custom_id)
