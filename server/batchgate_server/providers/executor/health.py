@@ -36,7 +36,7 @@ class UpstreamHealth:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.report_every = report_every
-        self._secrets = tuple(secrets)
+        self.secrets = tuple(secrets)  # masked in what is logged or reported
         self._clock = clock
         self.outage_since: float | None = None
         self._failing: set[str] = set()  # requests failing in the current streak (up to the threshold)
@@ -95,7 +95,7 @@ class UpstreamHealth:
             self._streak_since = now
         self._streak += 1
         self._streak_codes[code] += 1
-        self._last_error = f"{code}: {printable(message, secrets=self._secrets)}"
+        self._last_error = f"{code}: {printable(message, secrets=self.secrets)}"
         if not upstream_fault:
             self._failing.clear()
             if self.outage_since is not None:

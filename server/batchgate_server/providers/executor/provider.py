@@ -28,7 +28,7 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
-from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun
+from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun, upstream_health
 from batchgate_server.providers.executor.simulated import SimulatedTransport
 from batchgate_server.providers.executor.transport import HttpTransport
 
@@ -103,9 +103,7 @@ class ExecutorProvider(BatchProvider):
                 limiter = self._limiters[deployment.id] = RateLimiter(options.rpm, options.tpm)
             health = self._health.get(deployment.id)
             if health is None:
-                health = self._health[deployment.id] = UpstreamHealth(
-                    deployment.model_name, backoff_base=options.backoff_base, backoff_cap=options.backoff_cap,
-                    secrets=[deployment.params.get("api_key") or ""])
+                health = self._health[deployment.id] = upstream_health(deployment, options)
             # Built on a worker thread: after a restart the results log is read back whole
             # (answered ids, a torn last line), which must not stall the event loop.
             run = await asyncio.to_thread(ExecutorRun, job, self._transport(deployment), options, limiter, health)

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from batchgate_server.core.backoff import jittered_delay
-from batchgate_server.providers.base import ProviderJob
+from batchgate_server.providers.base import DEFAULT_GIVE_UP_AFTER, Deployment, ProviderJob
 from batchgate_server.providers.executor.failures import FailureTally, failure_of
 from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
@@ -43,7 +43,13 @@ class ExecutorOptions:
     completion_window: float | None = None
     rewrite_model: str | None = None
     # Seconds of upstream outage after which its waiting requests fail (litellm_params.give_up_after).
-    give_up_after: float = 6 * 3600.0
+    give_up_after: float = DEFAULT_GIVE_UP_AFTER
+
+
+def upstream_health(deployment: Deployment, options: ExecutorOptions) -> UpstreamHealth:
+    """The outage and failure-streak tracker for `deployment` (one per deployment, shared by its batches)."""
+    return UpstreamHealth(deployment.model_name, backoff_base=options.backoff_base, backoff_cap=options.backoff_cap,
+                          secrets=[deployment.params.get("api_key") or ""])
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -129,13 +135,11 @@ class ExecutorRun:
         self.job = job
         self.transport = transport
         self.options = options
-        secrets = [job.deployment.params.get("api_key") or ""]
-        self.failures = FailureTally(secrets)
-        self.log = ResultsLog(job.workdir, on_error_line=lambda line: self.failures.answered(*failure_of(line)))
         # Shared by every batch on the deployment: the limits and the outages are the upstream's.
         self.limiter = limiter or RateLimiter(options.rpm, options.tpm)
-        self.health = health or UpstreamHealth(job.deployment.model_name, backoff_base=options.backoff_base,
-                                               backoff_cap=options.backoff_cap, secrets=secrets)
+        self.health = health or upstream_health(job.deployment, options)
+        self.failures = FailureTally(self.health.secrets)
+        self.log = ResultsLog(job.workdir, on_error_line=lambda line: self.failures.answered(*failure_of(line)))
         self.changed = asyncio.Event()
         self.outcome: str | None = None  # completed | expired | cancelled, once finished
         deadline = job.expires_at
