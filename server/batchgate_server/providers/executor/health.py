@@ -98,8 +98,9 @@ class UpstreamHealth:
         self._last_error = f"{code}: {printable(message, secrets=self.secrets)}"
         if not upstream_fault:
             self._failing.clear()
-            if self.outage_since is not None:
-                self._end_outage(now)
+            if self.outage_since is not None:  # it answered, if only to refuse this request
+                log.warning("deployment %s: upstream answering again after %.0fs out; releasing its requests",
+                            self.name, self._end_outage(now))
         else:
             if len(self._failing) < OUTAGE_AFTER_REQUESTS:
                 self._failing.add(custom_id)
@@ -107,8 +108,10 @@ class UpstreamHealth:
                 self.outage_since = now
                 self._failed_probes = 0
                 self._next_probe = now + jittered_delay(0, self.backoff_base, self.backoff_cap)
-                log.warning("deployment %s: upstream out (%s); holding its requests, probing with one",
-                            self.name, self._last_error)
+                log.warning("deployment %s: upstream out after %d failed attempts in a row (%s); holding its "
+                            "requests, probing with one; last %s", self.name, self._streak, self._codes(),
+                            self._last_error)
+                self._next_report = now + self.report_every  # this was the streak's first report
             elif probe and self.outage_since is not None:
                 self._failed_probes += 1
                 self._next_probe = now + jittered_delay(self._failed_probes, self.backoff_base, self.backoff_cap)
@@ -133,20 +136,20 @@ class UpstreamHealth:
     def _codes(self) -> str:
         return ", ".join(f"{code} x{n}" for code, n in self._streak_codes.most_common(4))
 
-    def _end_outage(self, now: float) -> None:
-        log.warning("deployment %s: upstream answering again after %.0fs out; releasing its requests",
-                    self.name, now - self.outage_since)
+    def _end_outage(self, now: float) -> float:
+        """Releases the waiting requests; returns how long the outage lasted."""
+        lasted = now - self.outage_since
         self.outage_since = None
         self._probing = False
         self._changed.set()
+        return lasted
 
     def _recover(self) -> None:
         now = self._clock()
-        if self.outage_since is not None:
-            self._end_outage(now)
+        out = f", {self._end_outage(now):.0f}s of it out" if self.outage_since is not None else ""
         if self._next_report is not None:
-            log.warning("deployment %s: recovered after %.0fs and %d failed attempts in a row (%s)", self.name,
-                        now - self._streak_since, self._streak, self._codes())
+            log.warning("deployment %s: recovered after %.0fs%s and %d failed attempts in a row (%s)", self.name,
+                        now - self._streak_since, out, self._streak, self._codes())
         self._streak = 0
         self._streak_codes.clear()
         self._failing.clear()
