@@ -3,9 +3,11 @@
 An outage: the upstream cannot be reached (connection refused or reset), or it answers 5xx/429 or
 times out for several different requests in a row with no success in between. During an outage
 requests wait instead of spending their retries; one request at a time goes out as a probe, with
-backoff, and the first answer ends the outage for all. A single request failing on its own (its
-body makes the server answer 500 while other requests succeed) is no outage: it spends its own
-retries.
+backoff, and the first real answer (a success, or an error about the request such as a 400) ends
+the outage for all. A single request failing on its own (its body makes the server answer 500
+while other requests succeed) is no outage: it spends its own retries. The limit of telling the two
+apart: when the only requests left are three or more that each get a 5xx of their own, they look
+like an outage and wait (up to give_up_after) like one.
 
 Failure streaks (failed attempts in a row, of any kind) are logged once when they start, every
 `report_every` seconds while they last and once at recovery, never per request.
