@@ -6,13 +6,17 @@ import asyncio
 import io
 import json
 import logging
+import sqlite3
+
+import pytest
 
 from batchgate.v1 import batch_pb2
 from batchgate_server.api.convert import batch_to_proto
 from batchgate_server.core.models import BatchRecord, BatchStatus, FailureCount
-from batchgate_server.providers.base import Deployment
+from batchgate_server.providers.base import Deployment, JobStatus
 from batchgate_server.providers.executor.failures import MAX_CODES, MAX_SAMPLE_CHARS, FailureTally, failure_of
 from batchgate_server.providers.executor.health import UpstreamHealth
+from batchgate_server.providers.executor.provider import ExecutorProvider
 from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun
 from batchgate_server.providers.executor.transport import TransportResponse
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc
@@ -153,3 +157,30 @@ async def test_whatever_breaks_one_request_becomes_its_error_line(tmp_path):
     assert {e["error"]["code"] for e in errors} == {"invalid_request"}
     assert [(f.code, f.count) for f in run.failures.summary()] == [("invalid_request", 12)]
     run.log.close()
+
+
+async def test_a_storage_error_saving_the_outcome_reaches_the_tracker_as_it_is(tmp_path):
+    """The tracker retries its own storage errors (a full database) but fails the batch on anything
+    else: a run that could not save its outcome must not turn into a RuntimeError."""
+    dep = Deployment(id="d", model_name="m", provider="openai_compatible", model="m",
+                     params={"transport": "simulated"})
+    job = provider_job(tmp_path / "in.jsonl", dep, [request_line(f"r{i}", model="m") for i in range(5)], "batch_s")
+    refusals = [sqlite3.OperationalError("database or disk is full")]
+
+    async def save_state():
+        if refusals:
+            raise refusals.pop()
+
+    job.save_state = save_state
+    provider = ExecutorProvider()
+    try:
+        await provider.submit(job)
+        with pytest.raises(sqlite3.OperationalError):
+            while (await provider.poll(job)).status is JobStatus.IN_PROGRESS:
+                await provider.wait_for_change(job, 1.0)
+        while (poll := await provider.poll(job)).status is JobStatus.IN_PROGRESS:  # resumed from its log
+            await provider.wait_for_change(job, 1.0)
+        assert poll.status is JobStatus.COMPLETED and poll.request_counts.completed == 5
+        assert len([line async for line in provider.results(job)]) == 5
+    finally:
+        await provider.close()

@@ -127,7 +127,10 @@ class ExecutorProvider(BatchProvider):
             error = run._task.exception()
             self._runs.pop(job.batch_id, None)
             run.log.close()
-            raise RuntimeError(f"executor run failed: {error!r}")
+            # Raised as it is: the tracker retries its own storage errors (saving the outcome on a
+            # full disk), and the next poll resumes the run from its results log; anything else
+            # fails the batch.
+            raise error
         counts = RequestCounts(total=job.line_count, completed=run.completed, failed=run.failed)
         if run.outcome is not None:
             status = OUTCOME_STATUS[run.outcome]
