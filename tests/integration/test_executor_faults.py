@@ -119,7 +119,7 @@ def progressed(n: int):
 async def test_upstream_restart_mid_batch_loses_no_request(tmp_path, upstream):
     """A restart of the model server longer than max_retries x backoff used to turn every request
     in flight or sent during it into a connection_error line of a COMPLETED batch."""
-    h = await executor_harness(tmp_path, upstream, backoff_base=0.05, max_retries=2)
+    h = await executor_harness(tmp_path, upstream, backoff_base=0.05, backoff_cap=0.4, max_retries=2)
     try:
         lines = slow_lines("r", 200)
         batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
@@ -148,12 +148,13 @@ async def test_outage_holds_every_batch_of_the_deployment_and_probes_with_one_re
         await watch_until(h.alice, batches[0].id, progressed(20))
         upstream.fail_mode = "500"
         sent_before = upstream.requests_total
-        await asyncio.sleep(3.0)  # the outage
+        outage = 2.0
+        await asyncio.sleep(outage)
         during = upstream.requests_total - sent_before
         upstream.fail_mode = None
-        # In flight when it began (2 x 8 workers) plus probes every <= 0.4 s; spending retries
-        # instead, the 16 workers would send hundreds.
-        assert during <= 16 + 3 / 0.2 + 5, during
+        # In flight when it began (2 x 8 workers) plus probes at least 0.2 s apart once backed off;
+        # spending their retries instead, the 16 workers would send hundreds.
+        assert during <= 16 + outage / 0.2 + 5, during
         for batch, lines in zip(batches, (first, second)):
             final = (await watch_until(h.alice, batch.id, ended))[-1]
             out, err = await results(h.alice, final)
@@ -259,7 +260,7 @@ async def test_watch_shows_failures_by_code_while_the_batch_runs(tmp_path, upstr
     h = await executor_harness(tmp_path, upstream)
     try:
         lines = [request_line(f"bad-{i}", model="fake-llm", content=f"FAIL:400 bad {i}") for i in range(10)]
-        lines += [request_line(f"slow-{i}", model="fake-llm", content=f"SLOW:1500 slow {i}") for i in range(16)]
+        lines += [request_line(f"slow-{i}", model="fake-llm", content=f"SLOW:800 slow {i}") for i in range(16)]
         batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
         live = (await watch_until(h.alice, batch.id, failing))[-1]
         assert [f.code for f in live.failures] == ["http_400"]
