@@ -32,6 +32,7 @@ from batchgate_server.core.models import (
     BatchError,
     BatchRecord,
     BatchStatus,
+    FailureCount,
     FilePurpose,
     FileRecord,
     RequestCounts,
@@ -46,6 +47,7 @@ from batchgate_server.providers.base import (
     ProviderJob,
     ResultKind,
     UnsupportedRequest,
+    give_up_after,
 )
 from batchgate_server.providers.registry import ProviderRegistry, input_reader
 from batchgate_server.store.blobs import BlobStore
@@ -66,11 +68,6 @@ ENDED_BY_POLL = {
     JobStatus.EXPIRED: BatchStatus.EXPIRED,
     JobStatus.CANCELLED: BatchStatus.CANCELLED,
 }
-
-
-# A provider that answers nothing but retryable errors (429/5xx/network) for this long fails the
-# batch (the job may still run at the provider; its results would be lost to us anyway).
-DEFAULT_GIVE_UP_AFTER = 6 * 3600.0
 
 
 def batch_load(line_count: int) -> int:
@@ -286,11 +283,8 @@ class BatchRunner:
 
     def _give_up_after(self) -> float:
         """Seconds of nothing but retryable provider errors (429/5xx/network) before the batch
-        fails: litellm_params.give_up_after, else DEFAULT_GIVE_UP_AFTER."""
-        try:
-            return float(self.deployment.params.get("give_up_after", DEFAULT_GIVE_UP_AFTER))
-        except (TypeError, ValueError):
-            return DEFAULT_GIVE_UP_AFTER
+        fails (the job may still run at the provider; its results would be lost to us anyway)."""
+        return give_up_after(self.deployment)
 
     def _make_job(self) -> ProviderJob:
         rec = self.rec
@@ -356,13 +350,14 @@ class BatchRunner:
         if counts is not None and counts.total == 0:
             counts = RequestCounts(rec.request_counts.total, counts.completed, counts.failed)
         counts_changed = counts is not None and counts != rec.request_counts
+        failures_changed = poll.failures is not None and poll.failures != rec.failures
         ended = ENDED_BY_POLL.get(poll.status)
         if ended is BatchStatus.COMPLETED and rec.status is BatchStatus.CANCELLING:
             # The caller was told the batch is cancelling: it ends cancelled, results kept,
             # even when the provider finished every request before the cancel landed.
             ended = BatchStatus.CANCELLED
         if ended is not None:
-            await self._finish(provider, ended)
+            await self._finish(provider, ended, poll.failures)
             return
         if poll.status is JobStatus.FAILED:
             await self._fail_with(poll.errors or [BatchError("provider_failed", poll.detail or
@@ -373,12 +368,14 @@ class BatchRunner:
             target = BatchStatus.FINALIZING
         elif poll.status is JobStatus.CANCELLING and rec.status is not BatchStatus.CANCELLING:
             target = BatchStatus.CANCELLING
-        if target is None and not counts_changed:
+        if target is None and not counts_changed and not failures_changed:
             return
 
         def mutate(r: BatchRecord) -> None:
             if counts_changed:
                 r.request_counts = counts
+            if failures_changed:
+                r.failures = poll.failures
             if target is not None:
                 self._enter(target)(r)
 
@@ -413,7 +410,8 @@ class BatchRunner:
         else:
             await self._cleanup()
 
-    async def _finish(self, provider: BatchProvider, status: BatchStatus) -> None:
+    async def _finish(self, provider: BatchProvider, status: BatchStatus,
+                      failures: list[FailureCount] | None = None) -> None:
         rec = self.rec
         if not rec.result_file_ids or (status is BatchStatus.COMPLETED
                                        and rec.status is not BatchStatus.FINALIZING):
@@ -468,6 +466,8 @@ class BatchRunner:
             r.request_counts = RequestCounts(total=total, completed=out_lines, failed=err_lines)
             r.usage = usage_total
             r.cost = cost
+            if failures is not None:
+                r.failures = failures
 
         try:
             await self._persist(mutate, extra_files=files,

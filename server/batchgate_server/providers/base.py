@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.core.models import BatchError, FailureCount, RequestCounts
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,19 @@ class Deployment:
     params: Mapping[str, Any] = field(default_factory=dict, repr=False)
     model_info: Mapping[str, Any] = field(default_factory=dict)
     weight: float = 1.0
+
+
+# A provider (or, on the executor, an upstream) that answers nothing but retryable errors
+# (429/5xx/network) for this long is given up on: the batch fails, or its waiting requests do.
+DEFAULT_GIVE_UP_AFTER = 6 * 3600.0
+
+
+def give_up_after(deployment: Deployment) -> float:
+    """litellm_params.give_up_after (seconds), else DEFAULT_GIVE_UP_AFTER."""
+    try:
+        return float(deployment.params.get("give_up_after", DEFAULT_GIVE_UP_AFTER))
+    except (TypeError, ValueError):
+        return DEFAULT_GIVE_UP_AFTER
 
 
 class JobStatus(str, enum.Enum):
@@ -56,6 +69,8 @@ class PollResult:
     request_counts: RequestCounts | None = None  # None: unknown, keep what we have
     errors: list[BatchError] = field(default_factory=list)  # set when status is FAILED
     detail: str = ""
+    # Why requests fail so far, by error code (bounded); None: the provider does not say.
+    failures: list[FailureCount] | None = None
 
 
 class ResultKind(str, enum.Enum):
