@@ -16,6 +16,7 @@ from batchgate.v1 import usage_pb2, usage_pb2_grpc
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.reflection import enable_reflection
+from batchgate_server.api.undecodable import UndecodableRequests
 from batchgate_server.api.usage import UsageServicer
 from batchgate_server.config import load_model_list
 from batchgate_server.core.accounting import Accounting
@@ -86,7 +87,7 @@ class BatchgateServer:
 
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[UndecodableRequests()])
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), server)
         self._add_batch_service(server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
