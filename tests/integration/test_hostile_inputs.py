@@ -219,6 +219,31 @@ async def same_request_id_twice(w: World) -> tuple[file_pb2.File, file_pb2.File]
     return first, await upload(w.alice, chat_file(1), request_id="same-twice")
 
 
+async def request_ids_differing_after_a_nul(w: World) -> tuple[file_pb2.File, file_pb2.File]:
+    """Keys compared as C strings would collide here and replay the wrong file."""
+    return (await upload(w.alice, chat_file(1), request_id="nul\x00one"),
+            await upload(w.alice, chat_file(1), request_id="nul\x00two"))
+
+
+async def request_id_after_a_rejected_upload(w: World) -> file_pb2.File:
+    """A rejected upload stores nothing, so its request_id is still free."""
+    try:
+        await upload(w.alice, b"not json\n", request_id="first-try-rejected")
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == CODE.INVALID_ARGUMENT
+    return await upload(w.alice, chat_file(3), request_id="first-try-rejected")
+
+
+async def alices_ids_bob_lists(w: World) -> set[str]:
+    """The ids of alice's files and batches among those bob's listings show."""
+    files = await list_files(w.bob, page_size=1000)
+    batches = await list_batches(w.bob, page_size=1000)
+    listed = {f.id for f in files.files} | {b.id for b in batches.batches}
+    assert w.bob_file in listed and w.bob_batch in listed
+    return listed & {w.alice_file, w.unknown_model_file, w.running_input, w.output_file, w.completed, w.cancelled,
+                     w.running}
+
+
 async def request_id_of_another_project(w: World) -> tuple[file_pb2.File, file_pb2.File, batch_pb2.Batch,
                                                               batch_pb2.Batch]:
     """alice and bob use the same idempotency keys: each gets their own file and batch."""
@@ -334,6 +359,12 @@ AUTH = [
     unauthenticated("auth-first-of-two-headers-wins",
                     lambda w: list_files(w.keyed(("authorization", "Bearer bg-wrong"), w.alice.metadata[0])),
                     "INVALID_API_KEY"),
+    unauthenticated("auth-binary-header-is-not-a-key",
+                    lambda w: list_files(w.keyed(("authorization-bin", w.alice.metadata[0][1].encode()))),
+                    "MISSING_API_KEY"),
+    ok("auth-scheme-is-case-insensitive",
+       lambda w: list_files(w.keyed(("authorization", w.alice.metadata[0][1].replace("Bearer", "bEARER")))),
+       lambda answer: all(f.id for f in answer.files)),
     unauthenticated("auth-8k-garbage-key", lambda w: list_files(w.keyed(("authorization", "Bearer " + "k" * 7000))),
                     "INVALID_API_KEY"),
 ]
@@ -400,6 +431,12 @@ UPLOAD = [
     Case("upload-request-id-reused-other-bytes", reuse_upload_request_id, CODE.FAILED_PRECONDITION,
          "REQUEST_ID_REUSED"),
     ok("upload-request-id-reused-same-bytes", same_request_id_twice, lambda files: files[0].id == files[1].id),
+    ok("upload-request-ids-differing-after-a-nul", request_ids_differing_after_a_nul,
+       lambda files: files[0].id != files[1].id),
+    ok("upload-request-id-free-after-a-rejected-upload", request_id_after_a_rejected_upload,
+       lambda f: f.line_count == 3),
+    ok("upload-filename-is-only-a-name", lambda w: upload(w.alice, chat_file(), filename="../../batchgate.sqlite3\x00"),
+       lambda f: f.filename == "../../batchgate.sqlite3\x00" and f.id.startswith("file-")),
     ok("upload-request-id-of-another-project-is-independent", request_id_of_another_project, independent),
     invalid("upload-not-protobuf", lambda w: not_protobuf(w, "/batchgate.v1.FileService/UploadFile", stream=True),
             "MALFORMED_REQUEST"),
@@ -430,6 +467,9 @@ JSONL = [
              "line 2", "not valid UTF-8"),
     bad_file("jsonl-overlong-utf8-nul", raw_lines(line_with(custom_id="r0").encode().replace(b"r0", b"r\xc0\x80")),
              "line 1", "not valid UTF-8"),
+    bad_file("jsonl-raw-surrogate-bytes",
+             raw_lines(line_with(custom_id="r0").encode().replace(b"r0", b"r\xed\xa0\x80")), "line 1",
+             "not valid UTF-8"),
     bad_file("jsonl-raw-nul-byte", raw_lines(GOOD_LINE.replace("Hello", "Hel\x00lo")), "line 1",
              "not valid JSON"),
     bad_file("jsonl-utf16-file", GOOD_LINE.encode("utf-16") + b"\n", "line 1"),
@@ -445,6 +485,13 @@ JSONL = [
              "line 1", "not a supported endpoint"),
     bad_file("jsonl-url-mismatch", raw_lines(GOOD_LINE, line_with(custom_id="r1", url="/v1/embeddings")), "line 2",
              "differs"),
+    bad_file("jsonl-url-number", raw_lines(line_with(url=5)), "line 1", "not a supported endpoint"),
+    bad_file("jsonl-body-array", raw_lines(line_with(body=[{"model": "simulated"}])), "line 1",
+             "body must be a JSON object"),
+    bad_file("jsonl-cr-only-line-endings", (GOOD_LINE + "\r" + line_with(custom_id="r1")).encode(), "line 1",
+             "not valid JSON"),
+    bad_file("jsonl-bom-on-line-2", raw_lines(GOOD_LINE) + b"\xef\xbb\xbf" + raw_lines(line_with(custom_id="r1")),
+             "line 2"),
     bad_file("jsonl-body-string", raw_lines(line_with(body="{}")), "line 1", "body must be a JSON object"),
     bad_file("jsonl-body-missing", raw_lines(line_with(body=None)), "line 1", "body is missing"),
     bad_file("jsonl-model-missing", raw_lines(line_with(body__model=None)), "line 1", "body.model is missing"),
@@ -462,6 +509,8 @@ JSONL = [
          CODE.INVALID_ARGUMENT, None, "line 1"),
     Case("jsonl-custom-id-100kb", lambda w: upload(w.alice, raw_lines(line_with(custom_id="c" * 100_000))),
          CODE.INVALID_ARGUMENT, None, "line 1"),
+    ok("jsonl-exactly-max-lines-is-fine", lambda w: upload(w.alice, chat_file(MAX_LINES)),
+       lambda f: f.line_count == MAX_LINES),
     ok("jsonl-escaped-surrogate-pair-is-fine",
        lambda w: upload(w.alice, raw_lines(GOOD_LINE.replace('"Hello"', '"\\ud83d\\ude00"'))),
        lambda f: f.line_count == 1),
@@ -477,6 +526,8 @@ FILES = [
     not_found("file-get-batch-id", lambda w: get_file(w.alice, w.completed), "file"),
     not_found("file-get-deleted", lambda w: get_file(w.alice, w.deleted_file), "file"),
     not_found("file-get-odd-bytes", lambda w: get_file(w.alice, "file-\x00\n\u202e\U0001f600 OR 1=1; --"), "file"),
+    not_found("file-get-id-uppercased", lambda w: get_file(w.alice, w.alice_file.upper()), "file"),
+    not_found("file-get-id-with-trailing-newline", lambda w: get_file(w.alice, w.alice_file + "\n"), "file"),
     not_found("file-get-sql-wildcard", lambda w: get_file(w.alice, "%"), "file"),
     not_found("file-get-path-traversal", lambda w: get_file(w.alice, "../../batchgate.sqlite3"), "file"),
     not_found("file-get-2kb-id", lambda w: get_file(w.alice, "file-" + "9" * 2048), "file"),
@@ -533,6 +584,7 @@ LISTS = [
     invalid("list-files-token-with-another-filter",
             lambda w: list_files(w.alice, page_token=w.files_token, purpose=file_pb2.FILE_PURPOSE_BATCH),
             "PAGE_TOKEN_FILTER_MISMATCH", "page_token"),
+    ok("list-another-project-shows-none-of-alices-ids", alices_ids_bob_lists, lambda ids: ids == set()),
     invalid("list-batches-unknown-status", lambda w: list_batches(w.alice, statuses=[42]), "INVALID_STATUS_FILTER",
             "statuses"),
     ok("list-batches-a-million-statuses", lambda w: list_batches(w.alice, statuses=[1] * 1_000_000)),
@@ -632,6 +684,8 @@ WATCH = [
             "INVALID_START_REVISION", "start_revision"),
     invalid("watch-int64-min-revision", lambda w: watch(w.alice, w.running, start_revision=-2**63),
             "INVALID_START_REVISION", "start_revision"),
+    ok("watch-int64-max-revision-on-ended-batch-closes", lambda w: watch(w.alice, w.completed, 2**63 - 1),
+       lambda events: all(e.batch.status in TERMINAL for e in events)),
     ok("watch-ended-batch-sends-its-state-and-closes", lambda w: watch(w.alice, w.completed),
        lambda events: [e.batch.status for e in events] == [batch_pb2.BATCH_STATUS_COMPLETED]),
     ok("watch-past-current-revision-closes-with-terminal-state", watch_past_current_until_end,
@@ -665,6 +719,12 @@ USAGE = [
             "INVALID_METADATA_KEY", "metadata_key"),
     invalid("usage-metadata-key-without-group", lambda w: query_usage(w, w.alice, metadata_key="team"),
             "UNUSED_METADATA_KEY", "metadata_key"),
+    invalid("usage-metadata-key-100kb",
+            lambda w: query_usage(w, w.alice, group_by=[usage_pb2.USAGE_GROUP_BY_METADATA_KEY], metadata_key=ABSURD_ID),
+            "INVALID_METADATA_KEY", "metadata_key"),
+    ok("usage-100kb-filters-match-nothing",
+       lambda w: query_usage(w, w.alice, model=ABSURD_ID, provider=ABSURD_ID, project=ABSURD_ID),
+       lambda answer: answer.totals.batch_count == 0),
     invalid("usage-negative-page-size", lambda w: query_usage(w, w.alice, page_size=-5), "INVALID_PAGE_SIZE",
             "page_size"),
     invalid("usage-token-garbage", lambda w: query_usage(w, w.alice, page_token="%%%"), "INVALID_PAGE_TOKEN",
