@@ -14,6 +14,7 @@ fix makes its case fail loudly until its entry is removed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -49,6 +50,7 @@ class World:
     h: Harness
     usage: usage_pb2_grpc.UsageServiceStub
     revoked: Caller | None = None  # a key of project mallory, revoked
+    carol: Caller | None = None  # a project of its own for the cases about per-project upload limits
     alice_file: str = ""  # a valid chat file of alice's, model "simulated"
     bob_file: str = ""
     unknown_model_file: str = ""  # a valid file whose body.model no deployment serves
@@ -128,6 +130,42 @@ def header_message(**fields) -> file_pb2.UploadFileRequest:
 
 def chunk_message(data: bytes) -> file_pb2.UploadFileRequest:
     return file_pb2.UploadFileRequest(chunk=data)
+
+
+def finish_message() -> file_pb2.UploadFileRequest:
+    assert "finish" in file_pb2.UploadFileRequest.DESCRIPTOR.fields_by_name, \
+        "this proto has no UploadFileRequest.finish yet (issue 16 item 1)"
+    return file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
+
+
+async def one_upload_too_many(w: World) -> file_pb2.File:
+    """carol holds as many uploads open as a project may (a header, then silence): one more is
+    refused at once. Polls until the silent ones are all counted, for at most 3 s."""
+    cap = getattr(w.h.server.settings, "max_uploads_per_project", 8)
+    release = asyncio.Event()
+
+    async def silent():
+        yield header_message()
+        await release.wait()
+
+    silent_calls = [w.carol.files.UploadFile(silent(), metadata=w.carol.metadata, timeout=30) for _ in range(cap)]
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 3
+    try:
+        while True:
+            try:
+                answer = await upload(w.carol, chat_file(1))
+            except grpc.aio.AioRpcError as err:
+                if err.code() == CODE.RESOURCE_EXHAUSTED or loop.time() > give_up:
+                    raise
+            else:
+                if loop.time() > give_up:
+                    return answer
+            await asyncio.sleep(0.05)
+    finally:
+        release.set()
+        for call in silent_calls:
+            call.cancel()
 
 
 async def get_file(caller: Caller, file_id: str):
@@ -437,11 +475,22 @@ UPLOAD = [
        lambda files: files[0].id != files[1].id),
     ok("upload-request-id-free-after-a-rejected-upload", request_id_after_a_rejected_upload,
        lambda f: f.line_count == 3),
-    ok("upload-filename-is-only-a-name", lambda w: upload(w.alice, chat_file(), filename="../../batchgate.sqlite3\x00"),
-       lambda f: f.filename == "../../batchgate.sqlite3\x00" and f.id.startswith("file-")),
+    ok("upload-filename-is-only-a-name", lambda w: upload(w.alice, chat_file(), filename="../../batchgate.sqlite3"),
+       lambda f: f.filename == "../../batchgate.sqlite3" and f.id.startswith("file-")),
+    invalid("upload-filename-with-nul", lambda w: upload(w.alice, chat_file(), filename="a\x00.jsonl"),
+            "INVALID_FILENAME", "header.filename"),
     ok("upload-request-id-of-another-project-is-independent", request_id_of_another_project, independent),
     invalid("upload-not-protobuf", lambda w: not_protobuf(w, "/batchgate.v1.FileService/UploadFile", stream=True),
             "MALFORMED_REQUEST"),
+    invalid("upload-message-after-finish",
+            lambda w: upload_messages(w.alice, [header_message(), chunk_message(chat_file()), finish_message(),
+                                                chunk_message(b"\n")]), "MESSAGE_AFTER_FINISH", "finish"),
+    invalid("upload-two-finishes",
+            lambda w: upload_messages(w.alice, [header_message(), chunk_message(chat_file()), finish_message(),
+                                                finish_message()]), "MESSAGE_AFTER_FINISH", "finish"),
+    invalid("upload-finish-first", lambda w: upload_messages(w.alice, [finish_message(), header_message()]),
+            "MISSING_UPLOAD_HEADER", "header"),
+    Case("upload-one-too-many-at-once", one_upload_too_many, CODE.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS"),
     invalid("upload-ends-without-finish", lambda w: upload_messages(w.alice, [header_message(),
                                                                              chunk_message(chat_file())]),
             "UPLOAD_NOT_FINISHED", "finish"),
@@ -589,7 +638,7 @@ LISTS = [
     ok("list-another-project-shows-none-of-alices-ids", alices_ids_bob_lists, lambda ids: ids == set()),
     invalid("list-batches-unknown-status", lambda w: list_batches(w.alice, statuses=[42]), "INVALID_STATUS_FILTER",
             "statuses"),
-    ok("list-batches-a-million-statuses", lambda w: list_batches(w.alice, statuses=[1] * 1_000_000)),
+    ok("list-batches-300k-statuses", lambda w: list_batches(w.alice, statuses=[1] * 300_000)),
     Case("list-files-unknown-purpose", lambda w: list_files(w.alice, purpose=97), CODE.INVALID_ARGUMENT, None,
          "purpose"),
     invalid("list-batches-not-protobuf", lambda w: not_protobuf(w, "/batchgate.v1.BatchService/ListBatches",
@@ -637,10 +686,11 @@ BATCHES = [
     invalid("batch-create-model-on-another-provider",
             lambda w: create_batch(w.alice, w.alice_file, model="simulated", provider="anthropic"),
             "MODEL_NOT_FOUND", "model"),
-    invalid("batch-create-100kb-model", lambda w: create_batch(w.alice, w.alice_file, model=ABSURD_ID),
-            "MODEL_NOT_FOUND", "model"),
-    invalid("batch-create-100kb-provider", lambda w: create_batch(w.alice, w.alice_file, provider=ABSURD_ID),
-            "MODEL_NOT_FOUND", "model"),
+    Case("batch-create-100kb-model", lambda w: create_batch(w.alice, w.alice_file, model=ABSURD_ID),
+         CODE.INVALID_ARGUMENT, field="model"),
+    # Unknown or too long: the issue fixes the code, not which of the two reasons.
+    Case("batch-create-100kb-provider", lambda w: create_batch(w.alice, w.alice_file, provider=ABSURD_ID),
+         CODE.INVALID_ARGUMENT),
     invalid("batch-create-100kb-endpoint", lambda w: create_batch(w.alice, w.alice_file, endpoint=ABSURD_ID),
             "UNSUPPORTED_ENDPOINT", "endpoint"),
     invalid("batch-create-100kb-window", lambda w: create_batch(w.alice, w.alice_file, completion_window=ABSURD_ID),
@@ -758,10 +808,15 @@ CASES: list[Case] = AUTH + UPLOAD + JSONL + FILES + LISTS + BATCHES + WATCH + US
 PENDING_FIXES: dict[str, str] = {
     "upload-ends-without-finish": "issue 16 item 1: an upload commits only on an explicit finish message",
     "upload-empty-message-after-header": "issue 16 item 16: an empty upload message is not called a header",
+    "upload-message-after-finish": "issue 16 item 1: the finish message ends an upload",
+    "upload-two-finishes": "issue 16 item 1: the finish message ends an upload",
+    "upload-finish-first": "issue 16 item 1: the finish message ends an upload",
+    "upload-one-too-many-at-once": "issue 16 item 14: a cap of concurrent uploads per project",
     "jsonl-lone-surrogate-model": "issue 16 item 3: lone surrogates rejected at upload with the line",
     "jsonl-lone-surrogate-custom-id": "issue 16 item 3: lone surrogates rejected at upload with the line",
     "jsonl-model-100kb": "issue 16 item 4: stored fields bounded",
     "jsonl-custom-id-100kb": "issue 16 item 4: stored fields bounded",
+    "upload-filename-with-nul": "issue 16 item 4: stored fields bounded",
     "list-files-token-forged-overflow": "issue 16 item 9: page tokens signed",
     "list-batches-token-forged-overflow": "issue 16 item 9: page tokens signed",
     "list-files-token-forged-well-formed": "issue 16 item 9: page tokens signed",
@@ -787,7 +842,7 @@ PENDING_FIXES: dict[str, str] = {
 
 # Bugs this module found that no item of issue 16 names (reported to the integrator), also strict xfails.
 NEW_BUGS: dict[str, str] = {
-    "list-batches-a-million-statuses": "UNKNOWN 'too many SQL variables': statuses are not deduplicated",
+    "list-batches-300k-statuses": "UNKNOWN 'too many SQL variables': statuses are not deduplicated",
     "list-files-unknown-purpose": "an unknown purpose enum value silently lists every file",
 }
 
@@ -817,6 +872,7 @@ async def build_world(h: Harness) -> World:
     revoked = await start_key(h, "mallory")
     await store.db.execute("UPDATE api_keys SET revoked_at=1 WHERE project='mallory'")
     w.revoked = revoked
+    w.carol = await start_key(h, "carol")
     w.alice_file = (await upload(w.alice, chat_file(1))).id
     w.bob_file = (await upload(w.bob, chat_file(1))).id
     w.unknown_model_file = (await upload(w.alice, chat_file(1, model="no-such-model"))).id
