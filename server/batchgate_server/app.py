@@ -23,6 +23,7 @@ from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
+from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
 from batchgate_server.core.usage import UsageReporter
@@ -44,6 +45,8 @@ SERVICE_NAMES = (
 )
 # Streams carry up to 2 MiB chunks plus framing.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# The name of the page-token signing key among the database's server secrets.
+PAGE_TOKEN_SECRET = "page_tokens"
 
 
 def loopback_only(address: str) -> str:
@@ -78,8 +81,9 @@ class BatchgateServer:
             log.info("removed %d temporary upload(s) left by an earlier run", leftovers)
         self.auth = Authenticator(self.store, s.master_key)
         await self.auth.start()
+        self.page_tokens = PageTokens(await self.store.server_secret(PAGE_TOKEN_SECRET))
         self.files = FileManager(self.store, blobs, FileLimits(s.max_file_bytes, s.max_file_lines,
-                                                               s.max_chunk_bytes))
+                                                               s.max_chunk_bytes), self.page_tokens)
         orphans = await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
@@ -91,7 +95,7 @@ class BatchgateServer:
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), server)
         self._add_batch_service(server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store))), server)
+            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store), self.page_tokens)), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -130,7 +134,7 @@ class BatchgateServer:
                                s.work_dir, blobs.path)
         self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
-                                    self.accounting)
+                                    self.accounting, self.page_tokens)
         log.info("model list from %s: %s", self.model_list.source,
                  ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
 

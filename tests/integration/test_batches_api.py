@@ -227,6 +227,22 @@ async def test_watch_resumes_from_a_revision_and_heartbeats(fake_harness, upstre
     assert await watch_all(a, batch.id, start_revision=states[-1].revision) == []
 
 
+async def test_watch_from_a_future_revision_sends_the_current_state_and_ends_with_the_terminal_one(
+        fake_harness, upstream):
+    # No client can have seen a revision beyond the current one: it gets the current state at once,
+    # then every change, and the stream closes after the terminal state.
+    a = fake_harness.alice
+    f = await fake_harness.upload(a, jsonl([request_line("h", model="fake-llm", content="SLOW:1000 hi")]))
+    batch = await create(a, f.id)
+    running = await asyncio.wait_for(watch_all(a, batch.id, start_revision=batch.revision + 1000), 20)
+    assert running[0].revision >= batch.revision
+    assert running[-1].status == batch_pb2.BATCH_STATUS_COMPLETED
+    final = running[-1]
+    for future in (final.revision + 1, 2**63 - 1):
+        assert await asyncio.wait_for(watch_all(a, batch.id, start_revision=future), 20) == [final]
+    assert await watch_all(a, batch.id, start_revision=final.revision) == [], "nothing newer than what it has"
+
+
 async def test_watch_and_get_are_isolated_between_projects(harness):
     f = await harness.upload(harness.alice, batch_file(5))
     batch = await create(harness.alice, f.id, model="simulated")
@@ -272,6 +288,9 @@ CREATE_CASES = [
     ({"model": "simulated", "provider": "anthropic"}, grpc.StatusCode.INVALID_ARGUMENT, "MODEL_NOT_FOUND"),
     ({"input_file_id": "file-doesnotexist"}, grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND"),
     ({"request_id": "r" * 129}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST_ID"),
+    ({"metadata": {"": "v"}}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_METADATA"),
+    ({"model": "m" * 257}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL"),
+    ({"model": "simulated", "provider": "p" * 65}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PROVIDER"),
 ]
 
 
@@ -317,6 +336,35 @@ async def test_request_id_replays_the_first_batch(harness):
     assert again.id == first.id
     listed = (await a.batches.ListBatches(batch_pb2.ListBatchesRequest(), metadata=a.metadata)).batches
     assert [b.id for b in listed] == [first.id]
+
+
+async def test_request_id_reused_with_other_parameters_is_refused(harness):
+    a = harness.alice
+    f = await harness.upload(a, batch_file(2))
+    other = await harness.upload(a, batch_file(3))
+    asked = dict(model="simulated", request_id="nightly-2", metadata={"team": "search"})
+    first = await create(a, f.id, **asked)
+    changes = {
+        "input_file_id": dict(file_id=other.id),
+        "endpoint": dict(endpoint="/v1/embeddings"),
+        "model": dict(model="simulated/echo"),
+        "provider": dict(provider="openai_compatible"),
+        "metadata": dict(metadata={"team": "ads"}),
+    }
+    for field, change in changes.items():
+        fields = {**asked, **change}
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(a, fields.pop("file_id", f.id), **fields)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, field
+        info, _ = error_details(err.value)
+        assert info.reason == "REQUEST_ID_REUSED", field
+        assert info.metadata["batch_id"] == first.id and info.metadata["field"] == field
+        assert first.id in err.value.details() and field in err.value.details()
+    again = await create(a, f.id, model="simulated", request_id="nightly-2", metadata={"team": "search"})
+    assert again.id == first.id, "identical parameters still replay"
+    # Another project's key is another namespace.
+    assert (await create(harness.bob, (await harness.upload(harness.bob, batch_file(1))).id,
+                         model="simulated", request_id="nightly-2")).id != first.id
 
 
 async def test_list_newest_first_paginated_and_filtered(harness):

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import datetime
 import hashlib
+import hmac
 import json
 import time
 
@@ -36,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from batchgate import AsyncBatchgateClient, BatchgateClient
 from batchgate.v1 import usage_pb2
+from batchgate_server.app import PAGE_TOKEN_SECRET
 from batchgate_server.core.auth import create_api_key
 from tests.conftest import MASTER_KEY, Caller, Harness, error_details, start_harness
 from tests.fakes.openai_batch_api import FakeBatchAPI
@@ -307,16 +309,19 @@ async def test_bad_requests_are_invalid_argument(world, fields, reason, field):
     assert [v.field for v in bad_request.field_violations] == [field]
 
 
-async def test_forged_page_token_is_invalid_not_internal(world):
-    # A token keeps its filter digest but carries a cursor of the wrong shape: INVALID_ARGUMENT.
+async def test_signed_page_token_of_the_wrong_shape_is_invalid_not_internal(world):
+    # Signed with the server's own key (as by another version of the server) but carrying a cursor
+    # of the wrong shape: INVALID_ARGUMENT. (Unsigned forgeries: test_page_tokens.py.)
     h = world.h
     first = await query(h, h.admin, group_by=[G.USAGE_GROUP_BY_MODEL], page_size=1)
-    token = first.next_page_token
-    doc = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    payload = first.next_page_token.partition(".")[0]
+    doc = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    secret = await h.server.store.server_secret(PAGE_TOKEN_SECRET)
     for bad in ({"a": 1, "s": ["x", "y"]}, {"a": "1", "s": ["x"]}, {"s": ["x"]}, [1], {"a": 1, "s": [None]},
                 {"a": -1, "s": ["x"]}):
-        doc["k"] = bad
-        token = base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+        raw = json.dumps({"f": doc["f"], "k": bad}).encode()
+        token = ".".join(base64.urlsafe_b64encode(part).decode().rstrip("=")
+                         for part in (raw, hmac.new(secret, raw, hashlib.sha256).digest()))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await query(h, h.admin, group_by=[G.USAGE_GROUP_BY_MODEL], page_size=1, page_token=token)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -60,3 +60,17 @@ async def test_reads_never_see_an_open_transaction(tmp_path):
     await store.db.execute("ROLLBACK")
     assert (await store.get_batch(b.id)).revision == 1
     await store.close()
+
+
+async def test_a_server_secret_is_shared_by_every_server_on_the_database_and_survives_restarts(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    first, second = await MetadataStore.open(path), await MetadataStore.open(path)  # two replicas
+    secret = await first.server_secret("page_tokens")
+    assert len(secret) == 32
+    assert await second.server_secret("page_tokens") == secret
+    assert await second.server_secret("another") not in (secret, b"")
+    await first.close()
+    await second.close()
+    reopened = await MetadataStore.open(path)
+    assert await reopened.server_secret("page_tokens") == secret
+    await reopened.close()

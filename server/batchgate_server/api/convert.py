@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf import timestamp_pb2
 
 from batchgate.v1 import batch_pb2, file_pb2
+from batchgate_server.core.errors import clip
 from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 
 PURPOSE_TO_PROTO = {
@@ -31,11 +32,17 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+# Uploads bound the free-text fields of a file far below this; a record stored before they did may
+# hold megabytes (a 4.5 MB body.model), shown cut with a marker so that it still fits a message.
+MAX_SHOWN_FIELD_BYTES = 4096
+
+
 def file_to_proto(f: FileRecord) -> file_pb2.File:
     return file_pb2.File(
-        id=f.id, filename=f.filename, purpose=PURPOSE_TO_PROTO[f.purpose], bytes=f.bytes, sha256=f.sha256,
-        created_at=timestamp(f.created_at), expires_at=timestamp(f.expires_at), line_count=f.line_count,
-        endpoint=f.endpoint, model=f.model,
+        id=f.id, filename=clip(f.filename, MAX_SHOWN_FIELD_BYTES), purpose=PURPOSE_TO_PROTO[f.purpose],
+        bytes=f.bytes, sha256=f.sha256, created_at=timestamp(f.created_at), expires_at=timestamp(f.expires_at),
+        line_count=f.line_count, endpoint=clip(f.endpoint, MAX_SHOWN_FIELD_BYTES),
+        model=clip(f.model, MAX_SHOWN_FIELD_BYTES),
     )
 
 

@@ -30,25 +30,70 @@ _CODES: list[tuple[type[errors.ApiError], grpc.StatusCode, int]] = [
 ]
 
 
+# A client drops a response whose metadata exceeds its limit (gRPC's default: 8 KiB; between 8
+# and 16 KiB at random, always beyond) and reports RESOURCE_EXHAUSTED "Stream removed" instead.
+# An error travels in the trailers twice: its message in grpc-message (percent-encoded, up to three
+# characters a byte) and the whole google.rpc.Status, base64-encoded, in grpc-status-details-bin.
+# These bounds keep the two under 6.5 KiB together, whatever the caller sent us to echo.
+MAX_MESSAGE_BYTES = 512
+MAX_STATUS_BYTES = 3584
+MAX_METADATA_BYTES = 1536  # all ErrorInfo metadata values together
+MAX_METADATA_VALUE_BYTES = 256
+MAX_KEY_BYTES = 64
+MAX_FIELD_BYTES = 128
+MAX_DESCRIPTION_BYTES = 384
+OMITTED_VIOLATIONS = "omitted_violations"  # ErrorInfo metadata: how many violations were left out
+
+
 def _pack(message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
 
 
+def _error_info(err: errors.ApiError, extra: dict[str, str]) -> error_details_pb2.ErrorInfo:
+    metadata = {**err.metadata, **extra}
+    value_bytes = min(MAX_METADATA_VALUE_BYTES, MAX_METADATA_BYTES // max(1, len(metadata)))
+    return error_details_pb2.ErrorInfo(reason=errors.clip(err.reason, MAX_KEY_BYTES), domain=DOMAIN, metadata={
+        errors.clip(k, MAX_KEY_BYTES): errors.clip(v, value_bytes) for k, v in metadata.items()})
+
+
+def _violations_that_fit(err: errors.ApiError, budget: int) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    """The first of the error's violations (clipped) whose BadRequest packs into `budget` bytes."""
+    kept, used = [], _pack(error_details_pb2.BadRequest()).ByteSize() + 8  # + framing in Any and Status
+    for v in err.violations:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=errors.clip(v.field, MAX_FIELD_BYTES),
+                                                                description=errors.clip(v.description,
+                                                                                        MAX_DESCRIPTION_BYTES))
+        used += violation.ByteSize() + 3  # tag and length
+        if used > budget:
+            break
+        kept.append(violation)
+    return kept
+
+
 def to_status(err: errors.ApiError) -> grpc.Status:
+    """The rich status of `err`, bounded (see MAX_STATUS_BYTES): echoed values are cut with a
+    marker, and of the field violations the first that fit are kept, ErrorInfo saying how many
+    more there were."""
     rpc_code = next(code for cls, _, code in _CODES if isinstance(err, cls))
-    details = [_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))]
-    if err.violations:
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in err.violations
-        ])))
+    message = errors.clip(err.message, MAX_MESSAGE_BYTES)
+    trailing = []
     if isinstance(err, errors.ResourceExhausted):
         seconds = max(err.retry_after, 0.0)
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
+        trailing.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
             seconds=int(seconds), nanos=int((seconds % 1) * 1e9)))))
-    return rpc_status.to_status(status_pb2.Status(code=rpc_code, message=err.message, details=details))
+    # Sized as if violations were left out, so the count always has room.
+    reserve = {OMITTED_VIOLATIONS: str(len(err.violations))} if err.violations else {}
+    fixed = status_pb2.Status(code=rpc_code, message=message,
+                              details=[_pack(_error_info(err, reserve)), *trailing]).ByteSize()
+    violations = _violations_that_fit(err, MAX_STATUS_BYTES - fixed)
+    omitted = len(err.violations) - len(violations)
+    details = [_pack(_error_info(err, {OMITTED_VIOLATIONS: str(omitted)} if omitted else {}))]
+    if violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    return rpc_status.to_status(status_pb2.Status(code=rpc_code, message=message,
+                                                  details=details + trailing))
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: errors.ApiError) -> None:

@@ -70,7 +70,8 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
     @unary
     async def ListFiles(self, request: file_pb2.ListFilesRequest, context, principal: Principal):
         purpose = PURPOSE_FROM_PROTO.get(request.purpose)
-        rows, token = await self.files.list(principal, request.page_size, request.page_token, purpose)
+        rows, token = await self.files.list(principal, request.page_size, request.page_token, purpose,
+                                            weigh=lambda f: file_to_proto(f).ByteSize())
         return file_pb2.ListFilesResponse(files=[file_to_proto(f) for f in rows], next_page_token=token)
 
     @server_stream

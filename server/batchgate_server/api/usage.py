@@ -60,7 +60,8 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
         report = await self.usage.query(principal, UsageQuery(
             start=_seconds(request, "start_time"), end=_seconds(request, "end_time"), group_by=group_by,
             metadata_key=request.metadata_key, project=request.project, model=request.model,
-            provider=request.provider, page_size=request.page_size, page_token=request.page_token))
+            provider=request.provider, page_size=request.page_size, page_token=request.page_token),
+            weigh=lambda row: sums_to_proto(row).ByteSize())
         return usage_pb2.QueryUsageResponse(rows=[sums_to_proto(r) for r in report.rows],
                                             next_page_token=report.next_page_token,
                                             totals=sums_to_proto(report.totals))

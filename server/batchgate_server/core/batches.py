@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from batchgate_server.core import pagination
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
-from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
+from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, echo, not_found
 from batchgate_server.core.files import FileManager
 from batchgate_server.core.ids import new_batch_id
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose
+from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker, batch_load
 from batchgate_server.core.watch_hub import WatchHub
@@ -28,10 +29,14 @@ from batchgate_server.store.metadata import MetadataStore
 log = logging.getLogger(__name__)
 
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
+# Metadata as OpenAI bounds it: at most 16 pairs, keys up to 64 characters, values up to 512.
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MAX_REQUEST_ID = 128
+# Model names (a model_name, "provider/model", a Bedrock ARN) are far shorter; both are stored.
+MAX_MODEL = 256
+MAX_PROVIDER = 64
 
 
 @dataclass
@@ -53,17 +58,17 @@ def check_create(req: CreateBatch) -> None:
     if not req.input_file_id:
         raise _invalid("input_file_id is required", "MISSING_INPUT_FILE_ID", "input_file_id", "required")
     if req.endpoint not in SUPPORTED_ENDPOINTS:
-        raise _invalid(f"endpoint {req.endpoint!r} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
+        raise _invalid(f"endpoint {echo(req.endpoint)} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
                        "UNSUPPORTED_ENDPOINT", "endpoint", f"one of {', '.join(SUPPORTED_ENDPOINTS)}")
     if req.completion_window not in COMPLETION_WINDOWS:
-        raise _invalid(f"completion_window {req.completion_window!r} is not supported; use \"24h\"",
+        raise _invalid(f"completion_window {echo(req.completion_window)} is not supported; use \"24h\"",
                        "INVALID_COMPLETION_WINDOW", "completion_window", 'must be "24h"')
     if len(req.metadata) > MAX_METADATA_PAIRS:
         raise _invalid(f"metadata has {len(req.metadata)} pairs; at most {MAX_METADATA_PAIRS} are allowed",
                        "INVALID_METADATA", "metadata", f"at most {MAX_METADATA_PAIRS} pairs")
     for key, value in req.metadata.items():
         if not key or len(key) > MAX_METADATA_KEY:
-            raise _invalid(f"metadata key {key[:80]!r} must be 1 to {MAX_METADATA_KEY} characters",
+            raise _invalid(f"metadata key {echo(key)} must be 1 to {MAX_METADATA_KEY} characters",
                            "INVALID_METADATA", f"metadata[{key[:80]}]", f"key of 1 to {MAX_METADATA_KEY} characters")
         if len(value) > MAX_METADATA_VALUE:
             raise _invalid(f"metadata value of {key!r} is longer than {MAX_METADATA_VALUE} characters",
@@ -71,11 +76,32 @@ def check_create(req: CreateBatch) -> None:
     if len(req.request_id) > MAX_REQUEST_ID:
         raise _invalid("request_id is longer than 128 characters", "INVALID_REQUEST_ID", "request_id",
                        "at most 128 characters")
+    if len(req.model) > MAX_MODEL:
+        raise _invalid(f"model is longer than {MAX_MODEL} characters", "INVALID_MODEL", "model",
+                       f"at most {MAX_MODEL} characters")
+    if len(req.provider) > MAX_PROVIDER:
+        raise _invalid(f"provider is longer than {MAX_PROVIDER} characters", "INVALID_PROVIDER", "provider",
+                       f"at most {MAX_PROVIDER} characters")
+
+
+def replay(previous: BatchRecord, req: CreateBatch) -> BatchRecord:
+    """The batch `req.request_id` created, if `req` asks for the same batch; REQUEST_ID_REUSED
+    naming the first parameter that differs otherwise (a key names one request, as in AIP-155)."""
+    asked = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
+             "completion_window": previous.completion_window, "metadata": previous.metadata,
+             "model": previous.requested_model, "provider": previous.requested_provider}
+    for name, value in asked.items():
+        if value is not None and getattr(req, name) != value:
+            raise FailedPrecondition(
+                f"request_id {echo(req.request_id)} already created batch {previous.id} with another {name};"
+                " use a new request_id for another batch", "REQUEST_ID_REUSED",
+                {"request_id": req.request_id, "batch_id": previous.id, "field": name})
+    return previous
 
 
 class BatchManager:
     def __init__(self, store: MetadataStore, files: FileManager, router: Router, providers: ProviderRegistry,
-                 tracker: Tracker, hub: WatchHub, accounting: Accounting) -> None:
+                 tracker: Tracker, hub: WatchHub, accounting: Accounting, page_tokens: PageTokens) -> None:
         self.store = store
         self.files = files
         self.router = router
@@ -83,13 +109,14 @@ class BatchManager:
         self.tracker = tracker
         self.hub = hub
         self.accounting = accounting
+        self.page_tokens = page_tokens
 
     async def create(self, principal: Principal, req: CreateBatch) -> BatchRecord:
         check_create(req)
         if req.request_id:
             previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
             if previous is not None:
-                return previous
+                return replay(previous, req)
         source = await self.files.get(principal, req.input_file_id)
         if source.purpose is not FilePurpose.BATCH:
             raise FailedPrecondition(f"file {source.id} has purpose {source.purpose.value!r}; a batch needs a "
@@ -124,6 +151,7 @@ class BatchManager:
                 provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
                 api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
                 price=self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider),
+                requested_model=req.model, requested_provider=req.provider,
             )
             try:
                 # Shielded: once the row is queued it will be committed even if the caller's
@@ -134,7 +162,7 @@ class BatchManager:
                 previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
                 if previous is None:
                     raise
-                return previous
+                return replay(previous, req)
             adopted = True
         finally:
             if not adopted:
@@ -155,12 +183,13 @@ class BatchManager:
             raise not_found("batch", batch_id)
         return record
 
-    async def list(self, principal: Principal, size: int, token: str,
-                   statuses: Sequence[BatchStatus]) -> tuple[list[BatchRecord], str]:
-        filter_key = f"{principal.scope}|{','.join(sorted(s.value for s in statuses))}"
-        return await pagination.keyset_page(
+    async def list(self, principal: Principal, size: int, token: str, statuses: Sequence[BatchStatus],
+                   weigh: Callable[[BatchRecord], int]) -> tuple[list[BatchRecord], str]:
+        """A page of batches (see PageTokens.keyset_page; `weigh`: a batch's size in the response)."""
+        filter_key = json.dumps(["batches", principal.scope, sorted(s.value for s in statuses)])
+        return await self.page_tokens.keyset_page(
             size, token, filter_key,
-            lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after))
+            lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after), weigh)
 
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)
@@ -173,7 +202,9 @@ class BatchManager:
     async def watch(self, principal: Principal, batch_id: str, start_revision: int,
                     heartbeat: float) -> AsyncIterator[BatchRecord | int]:
         """Yields Batch states newer than start_revision, and the current revision as an int when
-        a heartbeat is due. Ends right after a terminal state."""
+        a heartbeat is due. Ends right after a terminal state. A start_revision beyond the current
+        one cannot have been seen by anyone (revisions only grow): the watcher's view is unknown,
+        so it is sent the current state first, as from 0."""
         await self.get(principal, batch_id)  # NOT_FOUND for other projects
         if start_revision < 0:
             raise _invalid("start_revision must not be negative", "INVALID_START_REVISION", "start_revision",
@@ -181,7 +212,7 @@ class BatchManager:
         # Subscribe before reading the snapshot so no change can fall between the two.
         with self.hub.subscribe(batch_id) as slot:
             current = await self.store.get_batch(batch_id)
-            sent = start_revision
+            sent = start_revision if start_revision <= current.revision else 0
             if current.revision > sent:
                 yield current
                 sent = current.revision

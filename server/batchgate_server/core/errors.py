@@ -49,9 +49,25 @@ class ResourceExhausted(ApiError):
         self.retry_after = retry_after
 
 
+def clip(text: str, max_bytes: int) -> str:
+    """`text` in at most `max_bytes` bytes of UTF-8, ending in a marker when it had to be cut.
+    Always encodable: a lone surrogate (valid in JSON, not in UTF-8) becomes "?"."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= max_bytes:
+        return data.decode()
+    marker = f"…[truncated, {len(data)} bytes]"
+    return data[:max(0, max_bytes - len(marker.encode()))].decode("utf-8", "ignore") + marker
+
+
+def echo(value: str, max_bytes: int = 120) -> str:
+    """A caller's value quoted for an error message, cut when long: messages name what was sent
+    without carrying all of it (an error must fit gRPC's metadata limits, see api/errors.py)."""
+    return clip(repr(value), max_bytes)
+
+
 def not_found(kind: str, resource_id: str) -> NotFound:
     return NotFound(
-        f"{kind} {resource_id!r} not found",
+        f"{kind} {echo(resource_id)} not found",
         f"{kind.upper()}_NOT_FOUND",
         {f"{kind}_id": resource_id},
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import sqlite3
@@ -11,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from batchgate_server.core import pagination
+from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.auth import Principal
 from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
 from batchgate_server.core.ids import new_file_id
@@ -92,10 +93,11 @@ def validation_error(result: ValidationResult) -> InvalidArgument:
 
 
 class FileManager:
-    def __init__(self, store: MetadataStore, blobs: BlobStore, limits: FileLimits) -> None:
+    def __init__(self, store: MetadataStore, blobs: BlobStore, limits: FileLimits, page_tokens: PageTokens) -> None:
         self.store = store
         self.blobs = blobs
         self.limits = limits
+        self.page_tokens = page_tokens
         # Set by the batch layer: which running batch reads this file, if any.
         self.used_by: Callable[[str], str | None] = lambda file_id: None
 
@@ -202,13 +204,14 @@ class FileManager:
             raise not_found("file", file_id)
         return record
 
-    async def list(self, principal: Principal, size: int, token: str,
-                   purpose: FilePurpose | None) -> tuple[list[FileRecord], str]:
-        filter_key = f"{principal.scope}|{purpose.value if purpose else ''}"
-        return await pagination.keyset_page(
+    async def list(self, principal: Principal, size: int, token: str, purpose: FilePurpose | None,
+                   weigh: Callable[[FileRecord], int]) -> tuple[list[FileRecord], str]:
+        """A page of files (see PageTokens.keyset_page; `weigh`: a file's size in the response)."""
+        filter_key = json.dumps(["files", principal.scope, purpose.value if purpose else ""])
+        return await self.page_tokens.keyset_page(
             size, token, filter_key,
             lambda limit, after: self.store.list_files(principal.scope, purpose.value if purpose else None,
-                                                       limit, after))
+                                                       limit, after), weigh)
 
     def read(self, record: FileRecord, offset: int, limit: int) -> Iterator[bytes]:
         if offset < 0 or limit < 0:

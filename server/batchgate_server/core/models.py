@@ -145,3 +145,7 @@ class BatchRecord:
     result_file_ids: list[str] = field(default_factory=list)
     # The price in force when the batch was created (pricing.table snapshot), or None.
     price: dict[str, Any] | None = None
+    # What CreateBatch asked for (model and provider above are what routing chose), compared when
+    # its request_id is used again. None on batches created before they were kept.
+    requested_model: str | None = None
+    requested_provider: str | None = None

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from batchgate_server.config import ModelList, split_model
-from batchgate_server.core.errors import FieldViolation, InvalidArgument
+from batchgate_server.core.errors import FieldViolation, InvalidArgument, echo
 from batchgate_server.providers.base import Deployment
 
 ADHOC_PREFIX = "adhoc:"
@@ -68,11 +68,11 @@ class Router:
         if not candidates:
             names = sorted({d.model_name for d in self.model_list.deployments})
             field = "model" if requested_model else "input_file.model"
-            hint = f" with provider {provider!r}" if provider else ""
+            hint = f" with provider {echo(provider)}" if provider else ""
             raise InvalidArgument(
-                f"no deployment serves model {name!r}{hint}; configured model names: {', '.join(names)}"
+                f"no deployment serves model {echo(name)}{hint}; configured model names: {', '.join(names)}"
                 " (or use 'provider/model')", "MODEL_NOT_FOUND", {"model": name, "provider": provider},
-                [FieldViolation(field, f"unknown model {name!r}")])
+                [FieldViolation(field, f"unknown model {echo(name)}")])
         now = self._clock()
         warm = [d for d in candidates if self._cooldown_until.get(d.id, 0) <= now]
         pool = warm or candidates  # all cooling down: still serve, from the least loaded

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchgate_server.core import pagination
@@ -101,23 +102,26 @@ def _cursor(raw: object, width: int) -> tuple[int, list | None]:
           and isinstance(raw.get("s"), list) and len(raw["s"]) == width
           and all(type(v) in (str, int) for v in raw["s"]))
     if not ok:
-        raise _invalid("page_token is not one this server issued", "INVALID_PAGE_TOKEN", "page_token", "malformed")
+        raise pagination.invalid_token("malformed")
     return raw["a"], (raw["s"] or None)
 
 
 class UsageReporter:
-    def __init__(self, ledger: UsageLedger) -> None:
+    def __init__(self, ledger: UsageLedger, page_tokens: pagination.PageTokens) -> None:
         self.ledger = ledger
+        self.page_tokens = page_tokens
 
-    async def query(self, principal: Principal, q: UsageQuery) -> UsageReport:
+    async def query(self, principal: Principal, q: UsageQuery, weigh: Callable[[UsageSums], int]) -> UsageReport:
+        """A page of groups: at most q.page_size, and fewer when they would weigh more than
+        MAX_PAGE_BYTES in the response (`weigh`: a row's serialized size)."""
         check_query(q)
         limit = pagination.page_size(q.page_size)
         dims = [Dimension(g.value, q.metadata_key if g is GroupBy.METADATA_KEY else "") for g in q.group_by]
         # Everything that decides the result set, the caller's scope included, binds the token.
-        filter_key = json.dumps([principal.scope, q.start, q.end, [d.name for d in dims], q.project, q.model,
+        filter_key = json.dumps(["usage", principal.scope, q.start, q.end, [d.name for d in dims], q.project, q.model,
                                  q.provider])
         width = sum(2 if d.kind == "metadata" else 1 for d in dims)
-        raw = pagination.decode_cursor(q.page_token, filter_key)
+        raw = self.page_tokens.open(q.page_token, filter_key)
         as_of, after = _cursor(raw, width) if raw is not None else (await self.ledger.high_water(), None)
 
         project: str | None = principal.scope  # None: every project (the master key)
@@ -129,9 +133,11 @@ class UsageReporter:
         f = LedgerFilter(start=q.start, end=q.end, project=project, model=q.model, provider=q.provider,
                          as_of=as_of)
         groups = await self.ledger.aggregate(f, dims, limit + 1, after)
+        rows = [_sums(g) for g in groups[:limit]]
+        kept, _ = pagination.fitting(rows, weigh, pagination.MAX_PAGE_BYTES, at_least_one=True)
         next_token = ""
-        if len(groups) > limit:
-            groups = groups[:limit]
-            next_token = pagination.encode_cursor({"a": as_of, "s": groups[-1].sort_key}, filter_key)
+        if len(groups) > kept:
+            rows = rows[:kept]
+            next_token = self.page_tokens.seal({"a": as_of, "s": groups[kept - 1].sort_key}, filter_key)
         totals = await self.ledger.totals(f)
-        return UsageReport([_sums(g) for g in groups], next_token, _sums(totals))
+        return UsageReport(rows, next_token, _sums(totals))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 from pathlib import Path
@@ -100,6 +102,15 @@ MIGRATIONS: list[str] = [
         ELSE CAST(substr(cost_amount, 1, instr(cost_amount, '.') - 1) AS INTEGER) * 1000000000
              + CAST(substr(substr(cost_amount, instr(cost_amount, '.') + 1) || '000000000', 1, 9) AS INTEGER)
     END
+    """,
+    # Secrets shared by every server on this database (the page-token signing key), each created
+    # on first use by server_secret.
+    """
+    CREATE TABLE server_secrets (
+        name TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        created_at REAL NOT NULL
+    )
     """,
 ]
 
@@ -191,6 +202,18 @@ class MetadataStore:
             except BaseException:
                 await self.db.execute("ROLLBACK")
                 raise
+
+    # -- server secrets -------------------------------------------------------------
+
+    async def server_secret(self, name: str) -> bytes:
+        """The secret `name` (32 random bytes): the first server to ask creates it, every later
+        start and every other server on this database reads the same one."""
+        async with self._write:
+            await self.db.execute("INSERT OR IGNORE INTO server_secrets(name, value, created_at) VALUES (?,?,?)",
+                                  (name, secrets.token_bytes(32), time.time()))
+            async with self.db.execute("SELECT value FROM server_secrets WHERE name=?", (name,)) as cur:
+                row = await cur.fetchone()
+        return bytes(row[0])
 
     # -- api keys -------------------------------------------------------------------
 

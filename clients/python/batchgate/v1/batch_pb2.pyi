@@ -420,12 +420,16 @@ class CreateBatchRequest(_message.Message):
     completion_window: _builtins.str
     """Only "24h" today."""
     model: _builtins.str
-    """A model_list model_name (or "provider/model"); defaults to the file's model."""
+    """A model_list model_name (or "provider/model"); defaults to the file's model.
+    At most 256 characters.
+    """
     provider: _builtins.str
-    """Restricts routing to one provider when set."""
+    """Restricts routing to one provider when set. At most 64 characters."""
     request_id: _builtins.str
     """Idempotency key: the same request_id from the same project returns the
-    batch created the first time.
+    batch created the first time; with other parameters (file, endpoint,
+    model, provider, completion window or metadata) it is FAILED_PRECONDITION
+    REQUEST_ID_REUSED, naming that batch and the field that differs.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -517,7 +521,9 @@ class ListBatchesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATUSES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1 to 1000; 0 means 100."""
+    """1 to 1000; 0 means 100. A page may hold fewer batches, never none, to stay
+    under the 4 MiB message limit: follow next_page_token.
+    """
     page_token: _builtins.str
     """From a previous ListBatchesResponse; bound to the same filter."""
     @_builtins.property
@@ -611,7 +617,8 @@ class WatchBatchRequest(_message.Message):
     batch_id: _builtins.str
     start_revision: _builtins.int
     """Resume: send nothing with a revision at or below this one. 0 sends the
-    current state first.
+    current state first; so does a revision beyond the batch's current one,
+    which no client can have seen.
     """
     def __init__(
         self,

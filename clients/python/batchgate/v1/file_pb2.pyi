@@ -245,7 +245,9 @@ class ListFilesRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """1 to 1000; 0 means 100."""
+    """1 to 1000; 0 means 100. A page may hold fewer files, never none, to stay
+    under the 4 MiB message limit: follow next_page_token.
+    """
     page_token: _builtins.str
     """From a previous ListFilesResponse; bound to the same filter."""
     purpose: Global___FilePurpose.ValueType

@@ -92,7 +92,9 @@ class QueryUsageRequest(_message.Message):
     provider: _builtins.str
     """Only batches run by this provider."""
     page_size: _builtins.int
-    """1 to 1000 rows; 0 means 100."""
+    """1 to 1000 rows; 0 means 100. A page may hold fewer, never none, to stay
+    under the 4 MiB message limit: follow next_page_token.
+    """
     page_token: _builtins.str
     """From a previous QueryUsageResponse; bound to the same request. Every page
     of one query reads the ledger as it was when the first page was read.
