@@ -2,10 +2,12 @@
 
 gRPC decodes every request message before a servicer sees it, and a message that is not valid
 protobuf (a corrupt wire format, or bad UTF-8 in a string field, which any client without a
-strict protobuf library can send) would surface as UNKNOWN "Unexpected DecodeError". This
-interceptor lets decoding fail softly into an `Undecodable`: a unary request is answered
-MALFORMED_REQUEST before the servicer runs; in a client stream (UploadFile) the bad message
-raises where it arrives, so the servicer aborts the upload as it does for any bad input.
+strict protobuf library can send) would surface as UNKNOWN "Unexpected DecodeError". Our
+services register through `SoftDecoding`, which lets decoding fail softly into an
+`Undecodable`: a unary request is answered MALFORMED_REQUEST before the servicer runs; in a
+client stream (UploadFile) the bad message raises where it arrives, so the servicer aborts the
+upload as it does for any bad input. Handlers are replaced once, at registration, so calls pay
+nothing for it (an interceptor would run on every call).
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ from google.protobuf.message import DecodeError
 
 from batchgate_server.api.errors import abort_with
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
-
-# Health and reflection keep gRPC's own handling: only our services answer with ErrorInfo.
-OUR_SERVICES = "/batchgate.v1."
-
 
 @dataclass(frozen=True)
 class Undecodable:
@@ -91,17 +89,18 @@ def _soft_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethod
     return handler  # no bidirectional method in our services
 
 
-class UndecodableRequests(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        # method -> (the servicer's handler, its soft-decoding version): built once per method.
-        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+class SoftDecoding:
+    """Stands in for the server while a service registers (a generated add_*_to_server function,
+    which hands the same handlers to add_generic_rpc_handlers and add_registered_method_handlers):
+    registers their soft-decoding versions both ways on the real server."""
 
-    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.request_deserializer is None or not method.startswith(OUR_SERVICES):
-            return handler
-        known = self._handlers.get(method)
-        if known is None or known[0] is not handler:
-            known = self._handlers[method] = (handler, _soft_handler(method, handler))
-        return known[1]
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, generic_handlers) -> None:
+        pass  # the same handlers come next, as a dict, through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        soft = {name: _soft_handler(f"/{service}/{name}", handler) for name, handler in handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, soft),))
+        self._server.add_registered_method_handlers(service, soft)
