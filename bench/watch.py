@@ -103,6 +103,7 @@ async def main() -> None:
     def upload():
         yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(filename="w.jsonl", purpose=1))
         yield file_pb2.UploadFileRequest(chunk=lines)
+        yield file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
 
     async def run_batch(watchers: bool) -> tuple[int, float, list[tuple[int, float]]]:
         f = (await files.UploadFile(upload())).file

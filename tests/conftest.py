@@ -53,6 +53,10 @@ def upload_requests(content: bytes, *, filename: str = "requests.jsonl", chunk_s
                                                                       **header_fields))
     for start in range(0, len(content), chunk_size):
         yield file_pb2.UploadFileRequest(chunk=content[start:start + chunk_size])
+    yield UPLOAD_FINISH
+
+
+UPLOAD_FINISH = file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
 
 
 def request_line(custom_id: str, *, model: str = "gpt-4o-mini", url: str = "/v1/chat/completions",

@@ -82,8 +82,9 @@ class BatchgateServer:
         self.auth = Authenticator(self.store, s.master_key)
         await self.auth.start()
         self.page_tokens = PageTokens(await self.store.server_secret(PAGE_TOKEN_SECRET))
-        self.files = FileManager(self.store, blobs, FileLimits(s.max_file_bytes, s.max_file_lines,
-                                                               s.max_chunk_bytes), self.page_tokens)
+        self.files = FileManager(self.store, blobs, FileLimits(
+            s.max_file_bytes, s.max_file_lines, s.max_chunk_bytes, upload_idle_timeout=s.upload_idle_timeout,
+            max_uploads_per_project=s.max_uploads_per_project), self.page_tokens)
         orphans = await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)

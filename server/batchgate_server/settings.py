@@ -20,6 +20,8 @@ class Settings:
     max_file_bytes: int = 200 * MIB
     max_file_lines: int = 50_000
     max_chunk_bytes: int = 2 * MIB
+    upload_idle_timeout: float = 60.0
+    max_uploads_per_project: int = 8
     expiry_sweep_interval: float = 60.0
     heartbeat_interval: float = 15.0
     grace_period: float = 10.0
@@ -59,6 +61,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="largest accepted upload [BATCHGATE_MAX_FILE_BYTES]")
     p.add_argument("--max-file-lines", type=int, default=int(_env("MAX_FILE_LINES", str(d.max_file_lines))),
                    help="most request lines in a batch file [BATCHGATE_MAX_FILE_LINES]")
+    p.add_argument("--upload-idle-timeout", type=float,
+                   default=float(_env("UPLOAD_IDLE_TIMEOUT", str(d.upload_idle_timeout))),
+                   help="seconds an upload may wait between two messages before it is aborted"
+                        " [BATCHGATE_UPLOAD_IDLE_TIMEOUT]")
+    p.add_argument("--max-uploads-per-project", type=int,
+                   default=int(_env("MAX_UPLOADS_PER_PROJECT", str(d.max_uploads_per_project))),
+                   help="uploads one project may run at once [BATCHGATE_MAX_UPLOADS_PER_PROJECT]")
     p.add_argument("--heartbeat-interval", type=float,
                    default=float(_env("HEARTBEAT_INTERVAL", str(d.heartbeat_interval))),
                    help="seconds between WatchBatch heartbeats on an idle stream [BATCHGATE_HEARTBEAT_INTERVAL]")
@@ -78,6 +87,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         master_key=os.environ.get("BATCHGATE_MASTER_KEY", ""),
         max_file_bytes=args.max_file_bytes,
         max_file_lines=args.max_file_lines,
+        upload_idle_timeout=args.upload_idle_timeout,
+        max_uploads_per_project=args.max_uploads_per_project,
         heartbeat_interval=args.heartbeat_interval,
         expiry_sweep_interval=args.expiry_sweep_interval,
         log_level=args.log_level,

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from batchgate.v1 import file_pb2
-from tests.conftest import batch_file, error_details, jsonl, request_line, upload_requests
+from tests.conftest import UPLOAD_FINISH, batch_file, error_details, jsonl, request_line, upload_requests
 
 
 def blob_files(h) -> list:
@@ -149,14 +149,53 @@ async def test_bad_credentials_are_unauthenticated(harness, metadata, reason):
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_request_id_replays_the_first_upload(harness):
+async def test_request_id_replays_the_same_upload(harness):
     a = harness.alice
-    first = await harness.upload(a, batch_file(2), request_id="upload-1")
-    again = await harness.upload(a, batch_file(5), request_id="upload-1")
-    assert again == first
+    content = batch_file(2)
+    first = await harness.upload(a, content, request_id="upload-1")
+    assert await harness.upload(a, content, request_id="upload-1") == first
+    assert await harness.upload(a, content, request_id="upload-1", chunk_size=7) == first
+    # With expected_sha256 the replay is answered before the content is read.
+    assert await harness.upload(a, content, request_id="upload-1",
+                                expected_sha256=hashlib.sha256(content).hexdigest()) == first
     other_project = await harness.upload(harness.bob, batch_file(5), request_id="upload-1")
     assert other_project.id != first.id and other_project.line_count == 5
     assert len(blob_files(harness)) == 2
+
+
+REUSED_REQUEST_IDS = {
+    "other_bytes": ({"content": batch_file(5)}, "content"),
+    "a_longer_file": ({"content": batch_file(2) + batch_file(3)[-100:]}, "content"),
+    "other_expected_sha256": ({"expected_sha256": "0" * 64}, "content"),
+    "other_expected_bytes": ({"expected_bytes": 1}, "content"),
+    "other_filename": ({"filename": "other.jsonl"}, "filename"),
+    "other_expires_after": ({"expires_after": duration_pb2.Duration(seconds=60)}, "expires_after"),
+    "no_expires_after": ({"expires_after": None}, "expires_after"),
+    "filename_and_bytes": ({"filename": "other.jsonl", "content": batch_file(3)}, "filename,content"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REUSED_REQUEST_IDS))
+async def test_request_id_reused_for_another_upload_is_refused(harness, case):
+    a = harness.alice
+    first = await harness.upload(a, batch_file(2), filename="in.jsonl", request_id="upload-1",
+                                 expires_after=duration_pb2.Duration(seconds=3600))
+    changes, differs = REUSED_REQUEST_IDS[case]
+    fields = {"content": batch_file(2), "filename": "in.jsonl", "expires_after": duration_pb2.Duration(seconds=3600),
+              **changes}
+    if fields["expires_after"] is None:
+        del fields["expires_after"]
+    content = fields.pop("content")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(a, content, request_id="upload-1", **fields)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info, _ = error_details(err.value)
+    assert info.reason == "REQUEST_ID_REUSED"
+    assert info.metadata["file_id"] == first.id and info.metadata["differs"] == differs
+    assert first.id in err.value.details() and "new request_id" in err.value.details()
+    assert [f.id for f in (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files] \
+        == [first.id]
+    assert len(blob_files(harness)) == 1 and temp_files(harness) == []
 
 
 async def test_expected_size_and_sha256_are_checked(harness):
@@ -180,13 +219,27 @@ async def test_expected_size_and_sha256_are_checked(harness):
 BAD_HEADERS = [
     ({"filename": ""}, "INVALID_FILENAME"),
     ({"filename": "x" * 256}, "INVALID_FILENAME"),
+    ({"filename": "😀" * 256}, "INVALID_FILENAME"),
+    ({"filename": "a\x00b.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "a\nb.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "\x1b[31mred.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "a\x7f.jsonl"}, "INVALID_FILENAME"),
+    ({"filename": "a\x85.jsonl"}, "INVALID_FILENAME"),
     ({"purpose": file_pb2.FILE_PURPOSE_UNSPECIFIED}, "INVALID_PURPOSE"),
     ({"purpose": file_pb2.FILE_PURPOSE_BATCH_OUTPUT}, "INVALID_PURPOSE"),
     ({"request_id": "r" * 129}, "INVALID_REQUEST_ID"),
     ({"expires_after": duration_pb2.Duration(seconds=31 * 24 * 3600)}, "INVALID_EXPIRES_AFTER"),
     ({"expires_after": duration_pb2.Duration(seconds=-5)}, "INVALID_EXPIRES_AFTER"),
     ({"expires_after": duration_pb2.Duration(seconds=10**14)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(nanos=999_999_999)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(nanos=1)}, "INVALID_EXPIRES_AFTER"),
+    ({"expires_after": duration_pb2.Duration(seconds=30 * 24 * 3600, nanos=1)}, "INVALID_EXPIRES_AFTER"),
 ]
+
+
+async def test_filenames_count_characters_not_bytes(harness):
+    for name in ("😀" * 255, "x" * 255, "données été.jsonl", "a b\tc.jsonl".replace("\t", " ")):
+        assert (await harness.upload(harness.alice, batch_file(1), filename=name)).filename == name
 
 
 @pytest.mark.parametrize("fields, reason", BAD_HEADERS, ids=[r for _, r in BAD_HEADERS])
@@ -198,6 +251,12 @@ async def test_bad_header_is_invalid_argument(harness, fields, reason):
     info, bad = error_details(err.value)
     assert info.reason == reason
     assert bad is not None and bad.field_violations
+
+
+@pytest.mark.parametrize("seconds", [1, 30 * 24 * 3600], ids=["1s", "30d"])
+async def test_expires_after_accepts_both_edges(harness, seconds):
+    f = await harness.upload(harness.alice, batch_file(1), expires_after=duration_pb2.Duration(seconds=seconds))
+    assert f.expires_at.seconds - f.created_at.seconds in (seconds, seconds + 1)
 
 
 async def test_stream_protocol_errors(harness):
@@ -214,9 +273,101 @@ async def test_stream_protocol_errors(harness):
     chunk = file_pb2.UploadFileRequest(chunk=batch_file(1))
     assert await call([]) == "MISSING_UPLOAD_HEADER"
     assert await call([chunk]) == "MISSING_UPLOAD_HEADER"
+    assert await call([UPLOAD_FINISH]) == "MISSING_UPLOAD_HEADER"
     assert await call([header, chunk, header]) == "UNEXPECTED_UPLOAD_HEADER"
     assert await call([header, file_pb2.UploadFileRequest(chunk=b"x" * (2 * 1024 * 1024 + 1))]) == "CHUNK_TOO_LARGE"
+    assert await call([header, chunk, UPLOAD_FINISH, chunk]) == "MESSAGE_AFTER_FINISH"
+    assert await call([header, chunk, UPLOAD_FINISH, UPLOAD_FINISH]) == "MESSAGE_AFTER_FINISH"
+    assert await call([header, chunk]) == "UPLOAD_NOT_FINISHED"
     assert blob_files(harness) == []
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+
+
+async def test_a_message_with_no_payload_is_named_as_such(harness):
+    a = harness.alice
+    messages = list(upload_requests(batch_file(1)))
+    messages.insert(1, file_pb2.UploadFileRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.files.UploadFile(iter(messages), metadata=a.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.reason == "EMPTY_UPLOAD_MESSAGE"
+    assert "message 2 of the upload is empty" in err.value.details()
+    assert "none of header, chunk or finish" in err.value.details()
+
+
+async def test_a_half_closed_upload_without_finish_stores_nothing(harness):
+    """Whole lines, then the client half-closes without the finish message: refused, and the
+    message says how to finish an upload."""
+    a = harness.alice
+    messages = [m for m in upload_requests(batch_file(200), chunk_size=4096) if m.WhichOneof("payload") != "finish"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await a.files.UploadFile(iter(messages), metadata=a.metadata)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.reason == "UPLOAD_NOT_FINISHED"
+    assert "finish" in err.value.details() and "nothing was stored" in err.value.details()
+    assert bad.field_violations[0].field == "finish"
+    await wait_until_no_upload_runs(harness)
+    assert blob_files(harness) == [] and temp_files(harness) == []
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+
+
+def temp_files(h) -> list:
+    return list((h.data_dir / "files" / "tmp").iterdir())
+
+
+async def wait_until_no_upload_runs(h, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while h.server.files.uploads_in_progress() or temp_files(h):
+        assert loop.time() < deadline, "an upload is still running"
+        await asyncio.sleep(0.01)
+
+
+async def test_cancelled_or_timed_out_uploads_never_commit(harness):
+    """40 calls that stop after whole lines -- cancelled, past their deadline, or half-closed and
+    cancelled at once -- at varied moments: none of them ever becomes a file."""
+    a = harness.alice
+    content = batch_file(400)
+    lines = content.splitlines(keepends=True)
+    chunks = [b"".join(lines[i:i + 50]) for i in range(0, len(lines), 50)]
+    outcomes = set()
+    end_of_test = asyncio.Event()  # lets the client's request generators end (grpc keeps consuming them)
+    for attempt in range(40):
+        sent_lines = (attempt % len(chunks)) + 1
+        sent = asyncio.Event()
+        half_close = attempt % 3 == 2
+
+        async def messages():
+            yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+                filename="cut.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
+            for chunk in chunks[:sent_lines]:
+                yield file_pb2.UploadFileRequest(chunk=chunk)
+            sent.set()
+            if not half_close:
+                await end_of_test.wait()  # the call is cancelled or times out long before
+
+        if attempt % 3 == 1:
+            call = a.files.UploadFile(messages(), metadata=a.metadata, timeout=0.05 + 0.01 * (attempt % 7))
+        else:
+            call = a.files.UploadFile(messages(), metadata=a.metadata)
+            await sent.wait()
+            for _ in range(attempt % 4):  # cancel a varying number of loop turns later
+                await asyncio.sleep(0)
+            call.cancel()
+        try:
+            await call
+            outcomes.add("committed")
+        except asyncio.CancelledError:
+            outcomes.add("cancelled")
+        except grpc.aio.AioRpcError as err:
+            outcomes.add(err.code().name)
+    end_of_test.set()
+    assert "committed" not in outcomes
+    await wait_until_no_upload_runs(harness)
+    assert blob_files(harness) == [] and temp_files(harness) == []
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
 
 
 def _line(**overrides) -> bytes:
@@ -243,6 +394,12 @@ BAD_FILES = {
     "missing_model": (_line(body={"messages": []}), "missing_model", 1),
     "model_mismatch": (_line() + b"\n" + json.dumps(request_line("b", model="gpt-4o")).encode(),
                        "model_mismatch", 2),
+    "unpaired_surrogate_in_model": (_line() + b"\n" + _line(custom_id="b").replace(b'"gpt-4o-mini"', b'"\\ud800"'),
+                                    "unpaired_surrogate", 2),
+    "unpaired_surrogate_in_custom_id": (_line(custom_id="x\udc00"), "unpaired_surrogate", 1),
+    "custom_id_too_long": (_line(custom_id="c" * 513), "custom_id_too_long", 1),
+    "model_too_long": (_line(body={"model": "m" * 257}), "model_too_long", 1),
+    "byte_order_mark": (b"\xef\xbb\xbf" + _line(), "invalid_json_line", 1),
 }
 
 
@@ -259,6 +416,20 @@ async def test_each_validation_rule_rejects_with_line_number(harness, case):
     assert first.field == (f"line {line}" if line else "file")
     assert first.description.startswith(code)
     assert blob_files(harness) == [], "a rejected upload leaves nothing behind"
+
+
+async def test_a_huge_model_is_refused_and_nothing_is_stored(harness):
+    """A 4.5 MB body.model used to be stored (then GetFile, DownloadFile and ListFiles failed)."""
+    a = harness.alice
+    content = jsonl([request_line("a", model="m" * 4_500_000)])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(a, content, chunk_size=1024 * 1024)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.metadata["first_problem"] == "model_too_long" and bad.field_violations[0].field == "line 1"
+    assert len(err.value.details()) < 300
+    assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+    assert blob_files(harness) == []
 
 
 async def test_limits_on_lines_and_bytes(tmp_path):
@@ -354,6 +525,7 @@ async def test_large_upload_200mb(harness, tmp_path):
         with open(path, "rb") as fin:
             while data := fin.read(1024 * 1024):
                 yield file_pb2.UploadFileRequest(chunk=data)
+        yield UPLOAD_FINISH
 
     f = (await a.files.UploadFile(chunks(), metadata=a.metadata)).file
     assert f.bytes == size and f.line_count == lines and f.sha256 == h.hexdigest()
@@ -367,7 +539,8 @@ async def test_large_upload_200mb(harness, tmp_path):
 
 async def test_concurrent_uploads_with_one_request_id_make_one_file(harness):
     """Both uploads pass the replay check before either commits; the second commit loses the
-    race on the unique index and answers with the winner's file."""
+    race on the unique index and answers with the winner's file -- or refuses when its content
+    is another."""
     a = harness.alice
     results = await asyncio.gather(*[harness.upload(a, batch_file(400), request_id="same-upload", chunk_size=4096)
                                      for _ in range(4)])
@@ -375,6 +548,14 @@ async def test_concurrent_uploads_with_one_request_id_make_one_file(harness):
     assert len(blob_files(harness)) == 1
     listed = (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files
     assert [f.id for f in listed] == [results[0].id]
+
+    results = await asyncio.gather(*[harness.upload(a, batch_file(400 + i), request_id="other-upload",
+                                                    chunk_size=4096) for i in range(2)], return_exceptions=True)
+    (winner,) = [r for r in results if isinstance(r, file_pb2.File)]
+    (loser,) = [r for r in results if not isinstance(r, file_pb2.File)]
+    assert loser.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(loser)[0].metadata["file_id"] == winner.id
+    assert len(blob_files(harness)) == 2
 
 
 async def test_expiry_sweep_spares_the_input_of_a_running_batch(tmp_path):
@@ -403,3 +584,94 @@ async def test_expiry_sweep_spares_the_input_of_a_running_batch(tmp_path):
         await h.channel.close()
         await h.server.stop(grace=0)
         await up.stop()
+
+
+def _held_upload(release: asyncio.Event, *, send_chunk: bool = True, finish: bool = True):
+    """An upload that sends its header (and a chunk), then waits for `release` before its finish
+    message (or before just ending, without `finish`)."""
+    async def messages():
+        yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+            filename="held.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
+        if send_chunk:
+            yield file_pb2.UploadFileRequest(chunk=batch_file(2))
+        await release.wait()
+        if finish:
+            yield UPLOAD_FINISH
+    return messages()
+
+
+async def test_an_idle_upload_is_aborted_and_cleaned_up(tmp_path):
+    from tests.conftest import start_harness
+
+    h = await start_harness(tmp_path / "d", upload_idle_timeout=0.3)
+    end_of_test = asyncio.Event()  # lets the silent clients' generators end
+    try:
+        a = h.alice
+        for send_chunk in (True, False):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await a.files.UploadFile(_held_upload(end_of_test, send_chunk=send_chunk, finish=False),
+                                         metadata=a.metadata, timeout=30)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            info, _ = error_details(err.value)
+            assert info.reason == "UPLOAD_IDLE_TIMEOUT" and info.metadata["idle_timeout_seconds"] == "0.3"
+            await wait_until_no_upload_runs(h)
+            assert temp_files(h) == [] and blob_files(h) == []
+        # Nor one that sends finish but never ends its stream: nothing is committed before the end.
+        async def finished_but_open():
+            for message in upload_requests(batch_file(2)):
+                yield message
+            await end_of_test.wait()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await a.files.UploadFile(finished_but_open(), metadata=a.metadata, timeout=30)
+        assert error_details(err.value)[0].reason == "UPLOAD_IDLE_TIMEOUT"
+        await wait_until_no_upload_runs(h)
+        assert blob_files(h) == []
+        # A stream that never even sends its header is not held forever either.
+        async def nothing():
+            await end_of_test.wait()
+            return
+            yield
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await a.files.UploadFile(nothing(), metadata=a.metadata, timeout=30)
+        assert error_details(err.value)[0].reason == "UPLOAD_IDLE_TIMEOUT"
+        # Uploads that keep sending are not cut.
+        assert (await h.upload(a, batch_file(3))).line_count == 3
+    finally:
+        end_of_test.set()
+        await h.channel.close()
+        await h.server.stop(grace=0)
+
+
+async def test_concurrent_uploads_per_project_are_capped(tmp_path):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from tests.conftest import start_harness
+
+    h = await start_harness(tmp_path / "d", max_uploads_per_project=2)
+    try:
+        a = h.alice
+        release = asyncio.Event()
+        held = [a.files.UploadFile(_held_upload(release), metadata=a.metadata) for _ in range(2)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while h.server.files.uploads_in_progress("alice") < 2:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.upload(a, batch_file(1))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info, _ = error_details(err.value)
+        assert info.reason == "TOO_MANY_UPLOADS" and info.metadata["max_uploads"] == "2"
+        retry = [d for d in rpc_status.from_call(err.value).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        assert len(retry) == 1
+        assert (await h.upload(h.bob, batch_file(1))).line_count == 1, "the cap is per project"
+
+        release.set()
+        assert [(await call).file.line_count for call in held] == [2, 2]
+        assert h.server.files.uploads_in_progress("alice") == 0
+        assert (await h.upload(a, batch_file(1))).line_count == 1, "a slot frees once an upload ends"
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)

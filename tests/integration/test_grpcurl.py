@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ from tests.conftest import MASTER_KEY, batch_file
 GRPCURL = Path(sys.executable).with_name("grpcurl")
 
 
-async def grpcurl(*args: str) -> tuple[int, str, str]:
+async def grpcurl(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(str(GRPCURL), *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
+                                                stderr=asyncio.subprocess.PIPE,
+                                                stdin=asyncio.subprocess.PIPE if stdin is not None else None)
+    out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
     return proc.returncode, out.decode(), err.decode()
 
 
@@ -66,3 +68,24 @@ async def test_health_check(harness):
     code, out, err = await grpcurl("-plaintext", f"127.0.0.1:{harness.port}", "grpc.health.v1.Health/Check")
     assert code == 0, err
     assert json.loads(out)["status"] == "SERVING"
+
+
+async def test_upload_file_with_finish_and_without(harness):
+    """The README's grpcurl upload: header, chunk (base64), finish, one JSON object each on stdin."""
+    content = batch_file(3)
+    key = dict(harness.alice.metadata)["authorization"]
+    header = {"header": {"filename": "in.jsonl", "purpose": "FILE_PURPOSE_BATCH"}}
+    chunk = {"chunk": base64.b64encode(content).decode()}
+    upload = ("-plaintext", "-format-error", "-H", f"authorization: {key}", "-d", "@", f"127.0.0.1:{harness.port}",
+              "batchgate.v1.FileService/UploadFile")
+
+    code, out, err = await grpcurl(*upload, stdin=" ".join(json.dumps(m) for m in (header, chunk, {"finish": {}})))
+    assert code == 0, err
+    got = json.loads(out)["file"]
+    assert got.get("lineCount", got.get("line_count")) == "3" and got["bytes"] == str(len(content))
+
+    code, out, err = await grpcurl(*upload, stdin=" ".join(json.dumps(m) for m in (header, chunk)))
+    assert code != 0
+    status = json.loads(err)
+    assert status["code"] == 3 and "without a finish message" in status["message"]
+    assert status["details"][0]["reason"] == "UPLOAD_NOT_FINISHED"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import secrets
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -53,9 +55,86 @@ def read_chunks(stream: BinaryIO, chunk_size: int) -> Iterator[bytes]:
 
 
 def upload_messages(header: file_pb2.UploadFileRequest, chunks: Iterable[bytes]) -> Iterator[file_pb2.UploadFileRequest]:
+    """The header, the chunks, then the finish message: the server commits the file only after it,
+    so an upload cut short (an exception while reading `chunks`, a cancelled call) stores nothing."""
     yield header
     for chunk in chunks:
         yield file_pb2.UploadFileRequest(chunk=chunk)
+    yield file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
+
+
+class DownloadVerificationError(Exception):
+    """The bytes downloaded are not the file the server's record describes (size or sha256)."""
+
+
+class DownloadTarget:
+    """Where `download_file` writes: a temporary file beside `path`, hashed as it is written, that
+    replaces `path` only once its size and sha256 match the file record. Until then `path` is
+    untouched, and a failed or mismatched download leaves no temporary file behind.
+
+    With `resume` the temporary file is `<path>.part`: it is continued from its end, and kept when a
+    download is interrupted so that the next resume picks it up. A part longer than the file is
+    dropped (it cannot be the start of it); one whose content proves wrong is deleted with the
+    DownloadVerificationError."""
+
+    def __init__(self, path: str | os.PathLike, record: file_pb2.File, *, resume: bool) -> None:
+        self.path = Path(path)
+        self.record = record
+        self.resume = resume
+        self.written = 0  # bytes received by this download
+        self._hasher = hashlib.sha256()
+        if resume:
+            self.temp = self.path.with_name(self.path.name + ".part")
+            self.offset = self._continue_part()
+            self._fh = open(self.temp, "ab")
+        else:
+            self.temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.part")
+            self.offset = 0
+            self._fh = open(self.temp, "xb")
+
+    def _continue_part(self) -> int:
+        try:
+            size = self.temp.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if size > self.record.bytes:
+            self.temp.unlink()
+            return 0
+        with open(self.temp, "rb") as fh:
+            while data := fh.read(1024 * 1024):
+                self._hasher.update(data)
+        return size
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def _verify(self) -> None:
+        size, digest = self.offset + self.written, self._hasher.hexdigest()
+        if size != self.record.bytes or digest != self.record.sha256:
+            raise DownloadVerificationError(
+                f"download of {self.record.id} does not match its record: got {size} bytes with sha256 {digest},"
+                f" expected {self.record.bytes} bytes with sha256 {self.record.sha256}; {self.path} was left as it was")
+
+    def __enter__(self) -> "DownloadTarget":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._verify()
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            self._fh.close()
+            if exc_type is None:
+                os.replace(self.temp, self.path)
+            elif not self.resume:
+                self.temp.unlink(missing_ok=True)
+        except BaseException:
+            self._fh.close()
+            self.temp.unlink(missing_ok=True)
+            raise
 
 
 TimeLike = datetime.datetime | float | int | timestamp_pb2.Timestamp | None

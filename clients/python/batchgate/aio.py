@@ -15,6 +15,7 @@ from batchgate._common import (
     CHANNEL_OPTIONS,
     DEFAULT_CHUNK,
     TERMINAL_STATUSES,
+    DownloadTarget,
     TimeLike,
     auth_metadata,
     file_sha256,
@@ -91,15 +92,12 @@ class AsyncBatchgateClient:
             if message.data:
                 yield message.data
 
-    async def download_file(self, file_id: str, path: str | os.PathLike, *, resume: bool = True) -> int:
-        dest = Path(path)
-        offset = dest.stat().st_size if resume and dest.exists() else 0
-        written = 0
-        with open(dest, "ab" if offset else "wb") as fh:
-            async for data in self.iter_file(file_id, offset=offset):
-                fh.write(data)
-                written += len(data)
-        return written
+    async def download_file(self, file_id: str, path: str | os.PathLike, *, resume: bool = False) -> int:
+        """As BatchgateClient.download_file."""
+        with DownloadTarget(path, await self.get_file(file_id), resume=resume) as target:
+            async for data in self.iter_file(file_id, offset=target.offset):
+                target.write(data)
+        return target.written
 
     async def delete_file(self, file_id: str) -> bool:
         return (await self.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=file_id), metadata=self._md,

@@ -24,6 +24,7 @@ from batchgate._common import (
     CHANNEL_OPTIONS,
     DEFAULT_CHUNK,
     TERMINAL_STATUSES,
+    DownloadTarget,
     TimeLike,
     auth_metadata,
     file_sha256,
@@ -106,16 +107,14 @@ class BatchgateClient:
             if message.data:
                 yield message.data
 
-    def download_file(self, file_id: str, path: str | os.PathLike, *, resume: bool = True) -> int:
-        """Download to `path`; with resume, an existing partial file is continued. Returns bytes written."""
-        dest = Path(path)
-        offset = dest.stat().st_size if resume and dest.exists() else 0
-        written = 0
-        with open(dest, "ab" if offset else "wb") as fh:
-            for data in self.iter_file(file_id, offset=offset):
-                fh.write(data)
-                written += len(data)
-        return written
+    def download_file(self, file_id: str, path: str | os.PathLike, *, resume: bool = False) -> int:
+        """Download to `path`, replacing it only once size and sha256 match the file record
+        (DownloadVerificationError otherwise; `path` stays as it was). With `resume`, an interrupted
+        download kept in `<path>.part` is continued. Returns the bytes received."""
+        with DownloadTarget(path, self.get_file(file_id), resume=resume) as target:
+            for data in self.iter_file(file_id, offset=target.offset):
+                target.write(data)
+        return target.written
 
     def delete_file(self, file_id: str) -> bool:
         return self.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=file_id), metadata=self._md,

@@ -1,7 +1,9 @@
-"""FileService: thin gRPC adapter over core.files.FileManager."""
+"""FileService: a thin gRPC adapter over core.files.FileManager, plus the upload message protocol
+(header, chunks, finish) and its idle timeout."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,7 +13,7 @@ from batchgate_server.api.convert import PURPOSE_FROM_PROTO, file_to_proto
 from batchgate_server.api.errors import abort_with
 from batchgate_server.api.handlers import server_stream, unary
 from batchgate_server.core.auth import Authenticator, Principal
-from batchgate_server.core.errors import ApiError, FieldViolation, InvalidArgument
+from batchgate_server.core.errors import ApiError, DeadlineExceeded, FieldViolation, InvalidArgument
 from batchgate_server.core.files import FileManager, UploadHeader
 
 
@@ -31,6 +33,63 @@ def _protocol_error(message: str, reason: str, field: str) -> InvalidArgument:
     return InvalidArgument(message, reason, violations=[FieldViolation(field, message)])
 
 
+_PROTOCOL = "an upload is a header, then the content in chunks, then a finish message, then the end of the stream"
+
+
+async def _idle_bounded(messages: AsyncIterator[file_pb2.UploadFileRequest],
+                        seconds: float) -> AsyncIterator[file_pb2.UploadFileRequest]:
+    """`messages`, failing with UPLOAD_IDLE_TIMEOUT when the next one takes longer than `seconds`."""
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                message = await anext(messages)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded(f"the upload sent no message for {seconds:g} s and was aborted; nothing was"
+                                   " stored", "UPLOAD_IDLE_TIMEOUT", {"idle_timeout_seconds": f"{seconds:g}"}) from None
+        yield message
+
+
+async def _read_header(messages: AsyncIterator[file_pb2.UploadFileRequest]) -> UploadHeader:
+    try:
+        first = await anext(messages)
+    except StopAsyncIteration:
+        raise _protocol_error(f"the upload stream was empty: {_PROTOCOL}", "MISSING_UPLOAD_HEADER",
+                              "header") from None
+    if first.WhichOneof("payload") != "header":
+        raise _protocol_error(f"the first message of an upload must be the header: {_PROTOCOL}",
+                              "MISSING_UPLOAD_HEADER", "header")
+    return _header_from_proto(first.header)
+
+
+async def _content(messages: AsyncIterator[file_pb2.UploadFileRequest]) -> AsyncIterator[bytes]:
+    """The chunks after the header. Ends normally only once the finish message has come and the
+    stream ended right after it; a stream that ends any other way raises, so the upload is aborted.
+    (A cancelled call or an expired deadline also ends the request stream quietly: the explicit
+    finish message is what tells a complete upload from a cut one.)"""
+    number = 1  # the header
+    async for message in messages:
+        number += 1
+        kind = message.WhichOneof("payload")
+        if kind == "chunk":
+            yield message.chunk
+        elif kind == "finish":
+            async for _ in messages:
+                raise _protocol_error(f"message {number + 1} came after the finish message (message {number}); "
+                                      f"{_PROTOCOL}", "MESSAGE_AFTER_FINISH", "finish")
+            return
+        elif kind == "header":
+            raise _protocol_error(f"message {number} is a second header; {_PROTOCOL}", "UNEXPECTED_UPLOAD_HEADER",
+                                  "header")
+        else:
+            raise _protocol_error(f"message {number} of the upload is empty: it sets none of header, chunk or "
+                                  f"finish; {_PROTOCOL}", "EMPTY_UPLOAD_MESSAGE", "payload")
+    raise _protocol_error(f"the upload stream ended without a finish message, so nothing was stored: {_PROTOCOL}."
+                          " Send UploadFileRequest.finish after the last chunk to commit the file",
+                          "UPLOAD_NOT_FINISHED", "finish")
+
+
 class FileServicer(file_pb2_grpc.FileServiceServicer):
     def __init__(self, auth: Authenticator, files: FileManager) -> None:
         self.auth = auth
@@ -40,25 +99,9 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                          context: grpc.aio.ServicerContext) -> file_pb2.UploadFileResponse:
         try:
             principal = await self.auth.authenticate(context.invocation_metadata())
-            stream = aiter(request_iterator)
-            try:
-                first = await anext(stream)
-            except StopAsyncIteration:
-                raise _protocol_error("the upload stream was empty: send a header first",
-                                      "MISSING_UPLOAD_HEADER", "header") from None
-            if first.WhichOneof("payload") != "header":
-                raise _protocol_error("the first message of an upload must be the header",
-                                      "MISSING_UPLOAD_HEADER", "header")
-            header = _header_from_proto(first.header)
-
-            async def chunks() -> AsyncIterator[bytes]:
-                async for message in stream:
-                    if message.WhichOneof("payload") != "chunk":
-                        raise _protocol_error("only the first message of an upload may be a header",
-                                              "UNEXPECTED_UPLOAD_HEADER", "header")
-                    yield message.chunk
-
-            record = await self.files.upload(principal, header, chunks(), client_gone=context.cancelled)
+            messages = _idle_bounded(aiter(request_iterator), self.files.limits.upload_idle_timeout)
+            header = await _read_header(messages)
+            record = await self.files.upload(principal, header, _content(messages))
             return file_pb2.UploadFileResponse(file=file_to_proto(record))
         except ApiError as err:
             await abort_with(context, err)

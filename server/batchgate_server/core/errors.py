@@ -43,6 +43,10 @@ class PermissionDenied(ApiError):
     pass
 
 
+class DeadlineExceeded(ApiError):
+    pass
+
+
 class ResourceExhausted(ApiError):
     def __init__(self, message: str, reason: str, retry_after: float = 1.0, **kw) -> None:
         super().__init__(message, reason, **kw)

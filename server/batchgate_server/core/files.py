@@ -9,12 +9,19 @@ import logging
 import re
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.auth import Principal
-from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, not_found
+from batchgate_server.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    ResourceExhausted,
+    not_found,
+)
 from batchgate_server.core.ids import new_file_id
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
 from batchgate_server.core.models import FilePurpose, FileRecord
@@ -24,8 +31,12 @@ from batchgate_server.store.metadata import MetadataStore
 log = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Characters, not bytes: the name is never a path on disk. Control characters (C0, DEL, C1)
+# are refused: a NUL or a newline in a name breaks logs, terminals and Content-Disposition.
 MAX_FILENAME = 255
+CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 MAX_REQUEST_ID = 128
+MIN_EXPIRES_AFTER = 1
 MAX_EXPIRES_AFTER = 30 * 24 * 3600
 
 
@@ -44,6 +55,10 @@ class FileLimits:
     max_bytes: int
     max_lines: int
     max_chunk_bytes: int
+    # Seconds an upload may wait for its next message: a client that sends a header and then
+    # nothing would otherwise hold a temp file and a descriptor forever.
+    upload_idle_timeout: float = 60.0
+    max_uploads_per_project: int = 8
 
 
 def _invalid(message: str, reason: str, field_name: str, description: str, **meta: str) -> InvalidArgument:
@@ -54,6 +69,10 @@ def check_header(h: UploadHeader) -> None:
     if not h.filename or len(h.filename) > MAX_FILENAME:
         raise _invalid("header.filename must be 1 to 255 characters", "INVALID_FILENAME",
                        "header.filename", "1 to 255 characters")
+    if control := CONTROL_CHARACTER.search(h.filename):
+        raise _invalid(f"header.filename must not hold control characters; character {control.start() + 1} is "
+                       f"U+{ord(control.group()):04X}", "INVALID_FILENAME", "header.filename",
+                       "no control characters")
     if h.purpose is None:
         raise _invalid("header.purpose must be FILE_PURPOSE_BATCH", "INVALID_PURPOSE",
                        "header.purpose", "required")
@@ -69,9 +88,35 @@ def check_header(h: UploadHeader) -> None:
     if len(h.request_id) > MAX_REQUEST_ID:
         raise _invalid("header.request_id is longer than 128 characters", "INVALID_REQUEST_ID",
                        "header.request_id", "at most 128 characters")
-    if h.expires_after is not None and not (0 < h.expires_after <= MAX_EXPIRES_AFTER):
+    if h.expires_after is not None and not (MIN_EXPIRES_AFTER <= h.expires_after <= MAX_EXPIRES_AFTER):
         raise _invalid("header.expires_after must be between 1 second and 30 days", "INVALID_EXPIRES_AFTER",
                        "header.expires_after", "1s to 30 days")
+
+
+def replay_differences(previous: FileRecord, h: UploadHeader, content: tuple[int, str] | None) -> list[str]:
+    """What an upload with the request_id of `previous` asks for differently: "filename",
+    "expires_after", "content". The content differs when the upload's (size, sha256) -- `content`,
+    if it was read -- or the header's expected_bytes / expected_sha256 are not those of `previous`."""
+    differs = []
+    if h.filename != previous.filename:
+        differs.append("filename")
+    lifetime = previous.expires_at - previous.created_at if previous.expires_at is not None else None
+    if (h.expires_after is None) != (lifetime is None) or (
+            lifetime is not None and abs(h.expires_after - lifetime) > 1e-3):  # float seconds since the epoch
+        differs.append("expires_after")
+    expected = [(h.expected_bytes, h.expected_sha256)] + ([content] if content else [])
+    if any((size is not None and size != previous.bytes) or (sha256 and sha256 != previous.sha256)
+           for size, sha256 in expected):
+        differs.append("content")
+    return differs
+
+
+def request_id_reused(previous: FileRecord, differs: list[str]) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"request_id {previous.request_id!r} was first used for file {previous.id}; this upload differs in its "
+        f"{' and '.join(differs)}. Repeat the first upload to get that file back, or use a new request_id for"
+        " a different upload", "REQUEST_ID_REUSED",
+        {"file_id": previous.id, "request_id": previous.request_id, "differs": ",".join(differs)})
 
 
 def _hash_and_write(hasher, writer: BlobWriter, chunk: bytes) -> None:
@@ -100,18 +145,35 @@ class FileManager:
         self.page_tokens = page_tokens
         # Set by the batch layer: which running batch reads this file, if any.
         self.used_by: Callable[[str], str | None] = lambda file_id: None
+        self._uploading: Counter[str] = Counter()  # project -> uploads running now
 
     # -- upload -----------------------------------------------------------------------
 
-    async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes],
-                     client_gone: Callable[[], bool] = lambda: False) -> FileRecord:
-        """Stream `chunks` into a new file. `client_gone` tells a finished stream from one the
-        client abandoned: gRPC ends the request iterator quietly in both cases."""
+    def uploads_in_progress(self, project: str | None = None) -> int:
+        """Uploads running now, of one project or of all."""
+        return self._uploading[project] if project is not None else sum(self._uploading.values())
+
+    async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
+        """Stream `chunks` into a new file. `chunks` ends normally only when the client finished
+        the upload explicitly; any exception it raises (a cut stream, a protocol error) aborts
+        the upload and leaves nothing behind."""
         check_header(header)
+        cap = self.limits.max_uploads_per_project
+        if self._uploading[principal.project] >= cap:
+            raise ResourceExhausted(f"project {principal.project!r} already runs {cap} uploads, the most allowed at"
+                                    " once; retry when one of them has ended", "TOO_MANY_UPLOADS", retry_after=1.0,
+                                    metadata={"max_uploads": str(cap)})
+        self._uploading[principal.project] += 1
+        try:
+            return await self._upload(principal, header, chunks)
+        finally:
+            self._uploading[principal.project] -= 1
+
+    async def _upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
         if header.request_id:
             previous = await self.store.get_file_by_request_id(principal.project, header.request_id)
             if previous is not None:
-                return previous
+                return await self._replay(previous, header, chunks)
         validator = JsonlValidator(max_lines=self.limits.max_lines, max_bytes=self.limits.max_bytes)
         hasher = hashlib.sha256()
         writer = self.blobs.open_writer()
@@ -121,10 +183,7 @@ class FileManager:
             async for chunk in chunks:
                 if not chunk:
                     continue
-                if len(chunk) > self.limits.max_chunk_bytes:
-                    raise _invalid(f"a chunk of {len(chunk)} bytes exceeds the "
-                                   f"{self.limits.max_chunk_bytes}-byte limit", "CHUNK_TOO_LARGE",
-                                   "chunk", f"at most {self.limits.max_chunk_bytes} bytes")
+                self._check_chunk(chunk)
                 size += len(chunk)
                 if header.expected_bytes is not None and size > header.expected_bytes:
                     raise _invalid(f"received more than the {header.expected_bytes} bytes the header announced",
@@ -147,12 +206,6 @@ class FileManager:
             if header.expected_sha256 and digest != header.expected_sha256:
                 raise _invalid("the content's sha256 does not match header.expected_sha256", "SHA256_MISMATCH",
                                "header.expected_sha256", f"content hashes to {digest}", sha256=digest)
-            # A cancelled call ends the request stream as quietly as a finished one; the
-            # cancellation reaches this task on its next await. Yield once so a truncated
-            # upload is discarded instead of committed.
-            await asyncio.sleep(0)
-            if client_gone():
-                raise asyncio.CancelledError("the client cancelled the upload")
             result = validator.finish()
             if not result.ok:
                 raise validation_error(result)
@@ -172,6 +225,30 @@ class FileManager:
         # the caller goes away now (it can replay with its request_id).
         return await asyncio.shield(self._commit(writer, record, header))
 
+    def _check_chunk(self, chunk: bytes) -> None:
+        if len(chunk) > self.limits.max_chunk_bytes:
+            raise _invalid(f"a chunk of {len(chunk)} bytes exceeds the {self.limits.max_chunk_bytes}-byte limit",
+                           "CHUNK_TOO_LARGE", "chunk", f"at most {self.limits.max_chunk_bytes} bytes")
+
+    async def _replay(self, previous: FileRecord, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
+        """`previous` again when this upload is the same one; REQUEST_ID_REUSED otherwise. Without an
+        expected_sha256 the content is hashed as it streams (nothing is stored), and only until it
+        is known to differ."""
+        content = None
+        if not header.expected_sha256:
+            hasher, size = hashlib.sha256(), 0
+            async for chunk in chunks:
+                self._check_chunk(chunk)
+                size += len(chunk)
+                if size > previous.bytes:
+                    break
+                hasher.update(chunk)  # on the loop: at most 2 MiB, about a millisecond
+            content = (size, hasher.hexdigest())
+        differs = replay_differences(previous, header, content)
+        if differs:
+            raise request_id_reused(previous, differs)
+        return previous
+
     async def _commit(self, writer: BlobWriter, record: FileRecord, header: UploadHeader) -> FileRecord:
         try:
             await asyncio.to_thread(writer.commit, record.id)  # fsync: not on the event loop
@@ -186,6 +263,9 @@ class FileManager:
             previous = await self.store.get_file_by_request_id(record.project, header.request_id)
             if previous is None:
                 raise
+            differs = replay_differences(previous, header, (record.bytes, record.sha256))
+            if differs:
+                raise request_id_reused(previous, differs) from None
             return previous
         except BaseException:
             self.blobs.delete(record.id)

@@ -10,14 +10,22 @@ Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
 * the file is UTF-8 (``invalid_utf8``, at the line holding the bad byte);
 * every non-blank line is one JSON object (``invalid_json_line``). A trailing
   newline, CRLF endings and blank lines at the very end of the file are fine;
-  a blank line followed by a request line is ``invalid_json_line``;
-* ``custom_id`` non-empty string (``missing_custom_id``), unique
+  a blank line followed by a request line is ``invalid_json_line``, and so is
+  a line starting with a UTF-8 byte order mark (its message says so);
+* no string in the line, key or value, holds an unpaired UTF-16 surrogate
+  (``unpaired_surrogate``): ``"\\ud800"`` is valid JSON but no UTF-8 text, so
+  it could be neither stored nor sent on. The message names where it sits
+  (the string at ``'body.messages[0].content'``, a key in ``'body'``); the
+  line's other rules are not checked;
+* ``custom_id`` non-empty string (``missing_custom_id``) of at most
+  ``max_custom_id_chars`` characters (``custom_id_too_long``), unique
   (``duplicate_custom_id``);
 * ``method`` == ``"POST"`` (``invalid_method``);
 * ``url`` one of the supported endpoints (``unsupported_url``) and the same on
   every line (``url_mismatch``);
 * ``body`` an object (``invalid_body``) whose ``model`` is a non-empty string
-  (``missing_model``), the same on every line (``model_mismatch``);
+  (``missing_model``) of at most ``max_model_chars`` characters
+  (``model_too_long``), the same on every line (``model_mismatch``);
 * at least one request line (``empty_file``, line 0); at most ``max_lines``
   request lines (``too_many_tasks``, once); at most ``max_bytes`` bytes
   (``file_too_large``, once; validation stops there).
@@ -30,15 +38,22 @@ rejected anyway, so later lines are only counted (``bytes.count``, no JSON, no
 further problems, blank lines counted too): a 200 MB flood of tiny lines then
 costs no Python work per line and the custom_id map stops at ``max_lines`` ids.
 
+Lengths count characters (code points), not bytes. Every message
+quotes user data through ``_show`` (``repr``, at most 80 characters), so a
+problem stays short and encodable whatever the line held.
+
 Performance: complete lines are decoded straight out of each chunk (memoryview
 slices, no per-line copy), once each (strict UTF-8, which also finds the bad
 line), and the ``str`` goes once through the C JSON scanner; the Python work per
-line is a handful of dict lookups. ``bench/validate_speed.py`` measures it.
+line is a handful of dict lookups. One regex pass over each chunk finds the
+lines that may hold an unpaired surrogate escape; only those are walked string
+by string. ``bench/validate_speed.py`` measures it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -68,6 +83,16 @@ INVALID_BODY = "invalid_body"
 MISSING_MODEL = "missing_model"
 MODEL_MISMATCH = "model_mismatch"
 EMPTY_FILE = "empty_file"
+UNPAIRED_SURROGATE = "unpaired_surrogate"
+CUSTOM_ID_TOO_LONG = "custom_id_too_long"
+MODEL_TOO_LONG = "model_too_long"
+
+# OpenAI documents no custom_id limit; 512 is the longest string it bounds in a batch
+# (a metadata value), far past any id scheme (a UUID is 36, Anthropic allows 64), and
+# keeps the custom_id map of a 50,000-line file within a few tens of MB.
+MAX_CUSTOM_ID_CHARS = 512
+# Model names are short: provider ids, Bedrock ARNs included, stay well under this.
+MAX_MODEL_CHARS = 256
 TOO_MANY_TASKS = "too_many_tasks"
 FILE_TOO_LARGE = "file_too_large"
 
@@ -116,6 +141,9 @@ def _parse_slow(line: str) -> tuple[object, str]:
     except (ValueError, RecursionError) as exc:
         if not line.strip(_JSON_WS):
             return _BLANK, ""
+        if line.startswith("\ufeff"):
+            return _INVALID, ("line starts with a UTF-8 byte order mark (BOM, bytes EF BB BF), which JSON does not"
+                              " allow: save the file as UTF-8 without a BOM")
         return _INVALID, "line is not valid JSON: " + _describe(exc)
 
 
@@ -125,6 +153,74 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc)
+
+
+# Where in the raw text an unpaired surrogate escape may be: a high surrogate escape not
+# followed by a low one, a low one not preceded by a high one, or an escaped backslash
+# before "ud" (after which the plain reading of the text cannot be trusted: "\\ud800" is
+# the letters, not an escape). Escaped pairs (emoji from json.dumps) do not match, so only
+# suspicious lines are parsed for it; one regex pass over each chunk, about 1 GB/s.
+_SUSPICIOUS_ESCAPE = re.compile(
+    rb"\\(?:\\u[dD]"
+    rb"|u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2}\\)u[dD][c-fC-F])"
+)
+
+
+def _unencodable(text: str) -> bool:
+    """True when `text` holds a surrogate, i.e. an unpaired one: the JSON decoder joins
+    escaped pairs. (Encoding runs at GB/s; ASCII strings are answered at once.)"""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _next_suspicious(buf: bytes, start: int, stop: int) -> int:
+    """Where the next suspicious escape in ``buf[start:stop]`` starts (``stop`` if none)."""
+    match = _SUSPICIOUS_ESCAPE.search(buf, start, stop)
+    return match.start() if match else stop
+
+
+def _unpaired_surrogate_at(line: dict) -> str | None:
+    """Where the first string holding an unpaired surrogate sits in a parsed line ("the string
+    at 'body.messages[0].content'", "a key in 'body'"), or None. Iterative: the
+    line may nest as deeply as the JSON scanner allows. Each node keeps only a link to its parent
+    step, and the path is spelled out for the reported string alone: building every node's path
+    would copy long keys once per descendant (a 40 MB line of nested long keys took 39 s)."""
+    stack: list[tuple[object, tuple | None]] = [(line, None)]
+    while stack:
+        value, steps = stack.pop()
+        if value.__class__ is str:
+            if _unencodable(value):
+                return f"the string at {_show(_spell_path(steps))}"
+        elif value.__class__ is dict:
+            for key, item in reversed(value.items()):
+                if _unencodable(key):
+                    return f"a key in {_show(_spell_path(steps))}" if steps else "a top-level key"
+                stack.append((item, (steps, key)))
+        elif value.__class__ is list:
+            stack.extend((value[i], (steps, i)) for i in reversed(range(len(value))))
+    return None
+
+
+def _spell_path(steps: tuple | None, key_limit: int = 40) -> str:
+    """``body.messages[0].content`` from the (parent, key or index) links, long keys cut short."""
+    names: list[object] = []
+    while steps is not None:
+        steps, step = steps
+        names.append(step)
+    path = ""
+    for step in reversed(names):
+        if step.__class__ is int:
+            path += f"[{step}]"
+        else:
+            name = step if len(step) <= key_limit else step[: key_limit - 3] + "..."
+            path += f".{name}" if path else name
+    return path
 
 
 def _show(value: object, limit: int = 80) -> str:
@@ -142,8 +238,12 @@ class JsonlValidator:
         max_bytes: int = 200 * 1024 * 1024,
         supported_endpoints=SUPPORTED_ENDPOINTS,
         max_reported: int = 20,
+        max_custom_id_chars: int = MAX_CUSTOM_ID_CHARS,
+        max_model_chars: int = MAX_MODEL_CHARS,
     ) -> None:
         self._max_lines = max_lines
+        self._max_custom_id = max_custom_id_chars
+        self._max_model = max_model_chars
         self._max_bytes = max_bytes
         self._supported = frozenset(supported_endpoints)
         self._max_reported = max_reported
@@ -301,6 +401,10 @@ class JsonlValidator:
         supported = self._supported
         add = self._add
         max_lines = self._max_lines
+        max_custom_id = self._max_custom_id
+        max_model = self._max_model
+        next_suspicious = _next_suspicious
+        suspicious_at = next_suspicious(buf, start, stop)
         n = self._lineno
         tasks = self._tasks
         endpoint = self._endpoint
@@ -314,6 +418,9 @@ class JsonlValidator:
                 if j < 0:
                     j = stop
                 raw = view[i:j]
+                suspicious = suspicious_at < j
+                if suspicious:
+                    suspicious_at = next_suspicious(buf, j, stop)
                 i = j + 1
                 n += 1
                 try:
@@ -354,11 +461,25 @@ class JsonlValidator:
                 if obj.__class__ is not dict_:
                     add(n, INVALID_JSON_LINE, "line must be a JSON object, got " + type(obj).__name__)
                     continue
+                if suspicious and (where := _unpaired_surrogate_at(obj)) is not None:
+                    add(
+                        n,
+                        UNPAIRED_SURROGATE,
+                        f"{where} holds an unpaired UTF-16 surrogate escape such as \"\\ud800\":"
+                        " valid JSON, but not text UTF-8 can encode; escape whole characters (a high surrogate"
+                        " followed by a low one) or write them as UTF-8",
+                    )
+                    continue
 
                 cid = obj.get("custom_id")
                 if cid.__class__ is str_ and cid:
-                    first = setdefault(cid, n)
-                    if first != n:
+                    if len(cid) > max_custom_id:
+                        add(
+                            n,
+                            CUSTOM_ID_TOO_LONG,
+                            f"custom_id is {len(cid)} characters long; at most {max_custom_id} are allowed",
+                        )
+                    elif (first := setdefault(cid, n)) != n:
                         add(
                             n,
                             DUPLICATE_CUSTOM_ID,
@@ -417,6 +538,12 @@ class JsonlValidator:
                             MISSING_MODEL,
                             "body.model is missing" if m is None
                             else f"body.model must be a non-empty string, got {_show(m)}",
+                        )
+                    elif len(m) > max_model:
+                        add(
+                            n,
+                            MODEL_TOO_LONG,
+                            f"body.model is {len(m)} characters long; at most {max_model} are allowed",
                         )
                     elif model is None:
                         model = self._model = m

@@ -124,11 +124,18 @@ class UploadFileHeader(_message.Message):
     """When set (lowercase hex), the upload fails unless the content hashes to it."""
     request_id: _builtins.str
     """Idempotency key: an upload with a request_id already used by the same
-    project returns the file created the first time.
+    project returns the file created the first time, provided it carries the
+    same content (size and sha256), filename and expires_after. Anything else
+    is FAILED_PRECONDITION, reason REQUEST_ID_REUSED, with the first file's id
+    and the differing parameters in the ErrorInfo metadata. The replay reads
+    and hashes the content (nothing is stored) unless expected_sha256 is set,
+    in which case it answers at once.
     """
     @_builtins.property
     def expires_after(self) -> _duration_pb2.Duration:
-        """When set, the file is deleted this long after it was created."""
+        """When set, the file is deleted this long after it was created: 1 second
+        to 30 days.
+        """
 
     def __init__(
         self,
@@ -151,28 +158,56 @@ class UploadFileHeader(_message.Message):
 Global___UploadFileHeader: _TypeAlias = UploadFileHeader  # noqa: Y015
 
 @_typing.final
+class UploadFileFinish(_message.Message):
+    """The last message of an upload: the content is complete, commit the file.
+    Must be followed by the end of the stream. Its fields are reserved for
+    later; today it carries none.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadFileFinish: _TypeAlias = UploadFileFinish  # noqa: Y015
+
+@_typing.final
 class UploadFileRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    FINISH_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """Then the content, 1 byte to 2 MiB per message (256 KiB is a good size)."""
     @_builtins.property
     def header(self) -> Global___UploadFileHeader:
         """Exactly once, first."""
 
+    @_builtins.property
+    def finish(self) -> Global___UploadFileFinish:
+        """Exactly once, last: the server commits the file only after it. Anything
+        sent after it is INVALID_ARGUMENT, reason MESSAGE_AFTER_FINISH.
+        """
+
     def __init__(
         self,
         *,
         header: Global___UploadFileHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        finish: Global___UploadFileFinish | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finish", b"finish", "header", b"header", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finish", b"finish", "header", b"header", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk", "finish"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -71,10 +71,20 @@ class FileServiceServicer:
     """
 
     def UploadFile(self, request_iterator, context):
-        """UploadFile takes a header message first, then the file's bytes in chunks.
-        Files of purpose FILE_PURPOSE_BATCH are validated line by line while they
-        stream; a rejected upload returns INVALID_ARGUMENT with a
-        google.rpc.BadRequest naming the offending lines and leaves nothing behind.
+        """UploadFile takes a header message first, then the file's bytes in chunks,
+        then a finish message, then the client half-closes the stream. The file is
+        committed only after the finish message: a stream that ends without it (a
+        cancelled call, a deadline, a client that crashed or half-closed early) is
+        an aborted upload and leaves nothing behind; when the client half-closed,
+        it gets INVALID_ARGUMENT with reason UPLOAD_NOT_FINISHED. Files of purpose
+        FILE_PURPOSE_BATCH are validated line by line while they stream; a
+        rejected upload returns INVALID_ARGUMENT with a google.rpc.BadRequest
+        naming the offending lines and leaves nothing behind either.
+
+        A stream idle for longer than the server's upload idle timeout (60 s by
+        default) ends with DEADLINE_EXCEEDED, reason UPLOAD_IDLE_TIMEOUT. A project
+        runs a bounded number of uploads at once; one more gets RESOURCE_EXHAUSTED,
+        reason TOO_MANY_UPLOADS, with a RetryInfo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,10 +37,20 @@ class FileServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FileServiceAsyncStub: ...
     UploadFile: _grpc.StreamUnaryMultiCallable[_file_pb2.UploadFileRequest, _file_pb2.UploadFileResponse]
-    """UploadFile takes a header message first, then the file's bytes in chunks.
-    Files of purpose FILE_PURPOSE_BATCH are validated line by line while they
-    stream; a rejected upload returns INVALID_ARGUMENT with a
-    google.rpc.BadRequest naming the offending lines and leaves nothing behind.
+    """UploadFile takes a header message first, then the file's bytes in chunks,
+    then a finish message, then the client half-closes the stream. The file is
+    committed only after the finish message: a stream that ends without it (a
+    cancelled call, a deadline, a client that crashed or half-closed early) is
+    an aborted upload and leaves nothing behind; when the client half-closed,
+    it gets INVALID_ARGUMENT with reason UPLOAD_NOT_FINISHED. Files of purpose
+    FILE_PURPOSE_BATCH are validated line by line while they stream; a
+    rejected upload returns INVALID_ARGUMENT with a google.rpc.BadRequest
+    naming the offending lines and leaves nothing behind either.
+
+    A stream idle for longer than the server's upload idle timeout (60 s by
+    default) ends with DEADLINE_EXCEEDED, reason UPLOAD_IDLE_TIMEOUT. A project
+    runs a bounded number of uploads at once; one more gets RESOURCE_EXHAUSTED,
+    reason TOO_MANY_UPLOADS, with a RetryInfo.
     """
     GetFile: _grpc.UnaryUnaryMultiCallable[_file_pb2.GetFileRequest, _file_pb2.GetFileResponse]
     """GetFile returns one file's metadata."""
@@ -62,10 +72,20 @@ class FileServiceAsyncStub(FileServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadFile: _aio.StreamUnaryMultiCallable[_file_pb2.UploadFileRequest, _file_pb2.UploadFileResponse]  # type: ignore[assignment]
-    """UploadFile takes a header message first, then the file's bytes in chunks.
-    Files of purpose FILE_PURPOSE_BATCH are validated line by line while they
-    stream; a rejected upload returns INVALID_ARGUMENT with a
-    google.rpc.BadRequest naming the offending lines and leaves nothing behind.
+    """UploadFile takes a header message first, then the file's bytes in chunks,
+    then a finish message, then the client half-closes the stream. The file is
+    committed only after the finish message: a stream that ends without it (a
+    cancelled call, a deadline, a client that crashed or half-closed early) is
+    an aborted upload and leaves nothing behind; when the client half-closed,
+    it gets INVALID_ARGUMENT with reason UPLOAD_NOT_FINISHED. Files of purpose
+    FILE_PURPOSE_BATCH are validated line by line while they stream; a
+    rejected upload returns INVALID_ARGUMENT with a google.rpc.BadRequest
+    naming the offending lines and leaves nothing behind either.
+
+    A stream idle for longer than the server's upload idle timeout (60 s by
+    default) ends with DEADLINE_EXCEEDED, reason UPLOAD_IDLE_TIMEOUT. A project
+    runs a bounded number of uploads at once; one more gets RESOURCE_EXHAUSTED,
+    reason TOO_MANY_UPLOADS, with a RetryInfo.
     """
     GetFile: _aio.UnaryUnaryMultiCallable[_file_pb2.GetFileRequest, _file_pb2.GetFileResponse]  # type: ignore[assignment]
     """GetFile returns one file's metadata."""
@@ -90,10 +110,20 @@ class FileServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_file_pb2.UploadFileRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_file_pb2.UploadFileResponse, _abc.Awaitable[_file_pb2.UploadFileResponse]]:
-        """UploadFile takes a header message first, then the file's bytes in chunks.
-        Files of purpose FILE_PURPOSE_BATCH are validated line by line while they
-        stream; a rejected upload returns INVALID_ARGUMENT with a
-        google.rpc.BadRequest naming the offending lines and leaves nothing behind.
+        """UploadFile takes a header message first, then the file's bytes in chunks,
+        then a finish message, then the client half-closes the stream. The file is
+        committed only after the finish message: a stream that ends without it (a
+        cancelled call, a deadline, a client that crashed or half-closed early) is
+        an aborted upload and leaves nothing behind; when the client half-closed,
+        it gets INVALID_ARGUMENT with reason UPLOAD_NOT_FINISHED. Files of purpose
+        FILE_PURPOSE_BATCH are validated line by line while they stream; a
+        rejected upload returns INVALID_ARGUMENT with a google.rpc.BadRequest
+        naming the offending lines and leaves nothing behind either.
+
+        A stream idle for longer than the server's upload idle timeout (60 s by
+        default) ends with DEADLINE_EXCEEDED, reason UPLOAD_IDLE_TIMEOUT. A project
+        runs a bounded number of uploads at once; one more gets RESOURCE_EXHAUSTED,
+        reason TOO_MANY_UPLOADS, with a RetryInfo.
         """
 
     @_abc_1.abstractmethod
