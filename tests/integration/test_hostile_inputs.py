@@ -38,6 +38,7 @@ DEADLINE = 5.0
 MAX_CHUNK = 64 * 1024
 MAX_FILE = 256 * 1024
 MAX_LINES = 50
+IDLE_TIMEOUT = 1.5  # seconds an upload may stay silent
 ABSURD_ID = "x" * 100_000  # far beyond gRPC's 8 KiB default for metadata, where errors travel
 CODE = grpc.StatusCode
 
@@ -144,39 +145,40 @@ def chunk_message(data: bytes) -> file_pb2.UploadFileRequest:
 
 
 def finish_message() -> file_pb2.UploadFileRequest:
-    assert "finish" in file_pb2.UploadFileRequest.DESCRIPTOR.fields_by_name, \
-        "this proto has no UploadFileRequest.finish yet (issue 16 item 1)"
     return file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
+
+
+def silent_upload(caller: Caller, release: asyncio.Event) -> grpc.aio.StreamUnaryCall:
+    """An upload that sends its header, then nothing until `release` is set."""
+
+    async def messages():
+        yield header_message()
+        await release.wait()
+
+    return caller.files.UploadFile(messages(), metadata=caller.metadata, timeout=30)
 
 
 async def one_upload_too_many(w: World) -> file_pb2.File:
     """carol holds as many uploads open as a project may (a header, then silence): one more is
-    refused at once. Polls until the silent ones are all counted, for at most 3 s."""
-    cap = getattr(w.h.server.settings, "max_uploads_per_project", 8)
+    refused at once."""
+    files = w.h.server.files
+    cap = files.limits.max_uploads_per_project
     release = asyncio.Event()
-
-    async def silent():
-        yield header_message()
-        await release.wait()
-
-    silent_calls = [w.carol.files.UploadFile(silent(), metadata=w.carol.metadata, timeout=30) for _ in range(cap)]
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + 3
+    silent = [silent_upload(w.carol, release) for _ in range(cap)]
     try:
-        while True:
-            try:
-                answer = await upload(w.carol, chat_file(1))
-            except grpc.aio.AioRpcError as err:
-                if err.code() == CODE.RESOURCE_EXHAUSTED or loop.time() > give_up:
-                    raise
-            else:
-                if loop.time() > give_up:
-                    return answer
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(DEADLINE):
+            while files.uploads_in_progress("carol") < cap:
+                await asyncio.sleep(0.01)
+        return await upload(w.carol, chat_file(1))
     finally:
         release.set()
-        for call in silent_calls:
+        for call in silent:
             call.cancel()
+
+
+async def idle_upload(w: World) -> file_pb2.File:
+    """A header, then silence for longer than the server's idle timeout."""
+    return await silent_upload(w.alice, asyncio.Event())
 
 
 async def get_file(caller: Caller, file_id: str):
@@ -520,6 +522,7 @@ UPLOAD = [
     invalid("upload-finish-first", lambda w: upload_messages(w.alice, [finish_message(), header_message()]),
             "MISSING_UPLOAD_HEADER", "header"),
     Case("upload-one-too-many-at-once", one_upload_too_many, CODE.RESOURCE_EXHAUSTED, "TOO_MANY_UPLOADS"),
+    Case("upload-idle-past-the-timeout", idle_upload, CODE.DEADLINE_EXCEEDED, "UPLOAD_IDLE_TIMEOUT"),
     invalid("upload-ends-without-finish", lambda w: upload_messages(w.alice, [header_message(),
                                                                              chunk_message(chat_file())]),
             "UPLOAD_NOT_FINISHED", "finish"),
@@ -854,23 +857,7 @@ CASES: list[Case] = AUTH + UPLOAD + JSONL + FILES + LISTS + BATCHES + WATCH + US
 
 # Cases for behaviour issue 16 demands and the server does not have yet, with the item that
 # fixes them. Strict xfails: the integrator removes an entry once its fix is merged.
-PENDING_FIXES: dict[str, str] = {
-    "upload-ends-without-finish": "issue 16 item 1: an upload commits only on an explicit finish message",
-    "upload-empty-message-after-header": "issue 16 item 16: an empty upload message is not called a header",
-    "upload-message-after-finish": "issue 16 item 1: the finish message ends an upload",
-    "upload-two-finishes": "issue 16 item 1: the finish message ends an upload",
-    "upload-finish-first": "issue 16 item 1: the finish message ends an upload",
-    "upload-one-too-many-at-once": "issue 16 item 14: a cap of concurrent uploads per project",
-    "jsonl-lone-surrogate-model": "issue 16 item 3: lone surrogates rejected at upload with the line",
-    "jsonl-lone-surrogate-custom-id": "issue 16 item 3: lone surrogates rejected at upload with the line",
-    "jsonl-model-100kb": "issue 16 item 4: stored fields bounded",
-    "jsonl-custom-id-100kb": "issue 16 item 4: stored fields bounded",
-    "upload-filename-with-nul": "issue 16 item 4: stored fields bounded",
-    "upload-expires-half-second": "issue 16 item 12: expires_after of at least 1 s",
-    "upload-expires-one-nanosecond": "issue 16 item 12: expires_after of at least 1 s",
-    "upload-request-id-reused-other-bytes": "issue 16 item 13: REQUEST_ID_REUSED",
-    "jsonl-utf8-bom": "issue 16 item 16: a BOM is called a BOM",
-}
+PENDING_FIXES: dict[str, str] = {}  # all merged by now
 
 # Bugs this module found that no item of issue 16 names (reported to the integrator), also strict xfails.
 NEW_BUGS: dict[str, str] = {
@@ -943,7 +930,7 @@ async def world(tmp_path_factory) -> World:
         {"model_name": "slow", "litellm_params": {"model": "simulated/echo", "latency_ms": 600_000}},
     ])
     h = await start_harness(root / "data", config_file=config, max_chunk_bytes=MAX_CHUNK, max_file_bytes=MAX_FILE,
-                            max_file_lines=MAX_LINES)
+                            max_file_lines=MAX_LINES, upload_idle_timeout=IDLE_TIMEOUT)
     try:
         yield await build_world(h)
     finally:
