@@ -25,12 +25,10 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
 from batchgate_server.core.auth import create_api_key
-from tests.conftest import Caller, Harness, jsonl, request_line, start_harness, upload_requests
+from tests.conftest import Caller, Harness, error_details, jsonl, request_line, start_harness, upload_requests
 from tests.integration.batch_helpers import TERMINAL, write_config
 
 # Every call gets this deadline: a server that hangs fails the case instead of the module.
@@ -951,35 +949,21 @@ async def world(tmp_path_factory) -> World:
 # -- the tests --------------------------------------------------------------------------------------
 
 
-def rich_details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo | None,
-                                                     error_details_pb2.BadRequest | None]:
-    status = rpc_status.from_call(err)
-    info = bad_request = None
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-    return info, bad_request
-
-
 @pytest.mark.parametrize("case", params())
 async def test_hostile_input(world: World, case: Case):
     try:
         answer = await case.call(world)
-    except grpc.aio.AioRpcError as err:
-        code, message = err.code(), err.details() or ""
-        info, bad_request = rich_details(err)
+    except grpc.aio.AioRpcError as raised:
+        err = raised
     else:
         assert case.code is CODE.OK, f"{case.name} succeeded; expected {case.code.name}: {answer}"
         assert case.check(answer), f"{case.name}: unexpected answer {answer}"
         return
 
     # What every error owes the caller, whatever the case expects.
+    code, message = err.code(), err.details() or ""
     assert code not in (CODE.INTERNAL, CODE.UNKNOWN), f"{case.name} answered {code.name}: {message[:300]}"
-    assert info is not None, f"{case.name}: {code.name} without an ErrorInfo: {message[:300]}"
+    info, bad_request = error_details(err)
     assert info.domain == "batchgate.dev", info
 
     assert code == case.code, f"{case.name}: {code.name} {info.reason} (expected {case.code.name}): {message[:300]}"
