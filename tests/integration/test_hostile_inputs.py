@@ -691,8 +691,8 @@ LISTS = [
     invalid("list-batches-unknown-status", lambda w: list_batches(w.alice, statuses=[42]), "INVALID_STATUS_FILTER",
             "statuses"),
     ok("list-batches-300k-statuses", lambda w: list_batches(w.alice, statuses=[1] * 300_000)),
-    Case("list-files-unknown-purpose", lambda w: list_files(w.alice, purpose=97), CODE.INVALID_ARGUMENT, None,
-         "purpose"),
+    Case("list-files-unknown-purpose", lambda w: list_files(w.alice, purpose=97), CODE.INVALID_ARGUMENT,
+         "INVALID_PURPOSE_FILTER", "purpose"),
     invalid("list-batches-not-protobuf", lambda w: not_protobuf(w, "/batchgate.v1.BatchService/ListBatches",
                                                                  b"\xff\xff\xff"), "MALFORMED_REQUEST"),
     invalid("list-batches-unspecified-status", lambda w: list_batches(w.alice, statuses=[0]),
@@ -868,10 +868,7 @@ CASES: list[Case] = AUTH + UPLOAD + JSONL + FILES + LISTS + BATCHES + WATCH + US
 PENDING_FIXES: dict[str, str] = {}  # all merged by now
 
 # Bugs this module found that no item of issue 16 names (reported to the integrator), also strict xfails.
-NEW_BUGS: dict[str, str] = {
-    "list-batches-300k-statuses": "UNKNOWN 'too many SQL variables': statuses are not deduplicated",
-    "list-files-unknown-purpose": "an unknown purpose enum value silently lists every file",
-}
+NEW_BUGS: dict[str, str] = {}
 
 
 def params():
