@@ -158,3 +158,32 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         yield url
     finally:
         postgres_server.drop_database(url)
+
+
+class StoreOpener:
+    """Opens PostgreSQL metadata stores on one database, each another server on it (its own pool),
+    and closes them all at the end of the test."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.opened: list = []
+
+    async def __call__(self):
+        from batchgate_server.store.postgres import PostgresMetadataStore
+
+        store = await PostgresMetadataStore.open(self.url)
+        self.opened.append(store)
+        return store
+
+    async def close(self) -> None:
+        for store in self.opened:
+            await store.close()
+
+
+@pytest.fixture
+async def open_postgres_store(postgres_url: str):
+    opener = StoreOpener(postgres_url)
+    try:
+        yield opener
+    finally:
+        await opener.close()

@@ -15,6 +15,7 @@ from batchgate.v1 import batch_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import Settings
+from tests.backends_pg import open_postgres_store, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.storage_full import SmallDisk
 
 MASTER_KEY = "test-master-key"
@@ -113,6 +114,30 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_metadata_store(request):
+    """Opens metadata stores on one database of each backend (every call: another server on it),
+    closed at the end of the test."""
+    return request.getfixturevalue(f"open_{request.param}_store")
+
+
+@pytest.fixture
+async def open_sqlite_store(tmp_path: Path):
+    from batchgate_server.store.metadata import MetadataStore
+
+    opened = []
+
+    async def open_store():
+        opened.append(await MetadataStore.open(tmp_path / "db.sqlite3"))
+        return opened[-1]
+
+    try:
+        yield open_store
+    finally:
+        for store in opened:
+            await store.close()
 
 
 @pytest.fixture
