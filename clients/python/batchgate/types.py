@@ -16,7 +16,7 @@ from google.protobuf import timestamp_pb2
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
 
-__all__ = ["BatchStatus", "FilePurpose", "CostStatus", "UsageGroupBy", "File", "Batch", "wrap", "to_datetime"]
+__all__ = ["BatchStatus", "FilePurpose", "CostStatus", "UsageGroupBy", "File", "Batch", "wrap", "to_datetime", "to_dict"]
 
 
 class _ProtoEnum(enum.IntEnum):
@@ -69,9 +69,9 @@ class _View:
         object.__setattr__(self, "message", message)
 
     def __getattr__(self, name: str) -> Any:
-        if name in self._enums:
-            return self._enums[name](getattr(self.message, name))
         value = getattr(self.message, name)
+        if name in self._enums:
+            return _enum_or_number(self._enums[name], value)
         if isinstance(value, timestamp_pb2.Timestamp):
             return to_datetime(value)
         return value
@@ -130,3 +130,47 @@ def wrap(message: Any) -> Any:
     """The view of a File or Batch message; any other value as it is."""
     view = _VIEWS.get(type(message))
     return view(message) if view is not None else message
+
+
+_ENUMS_BY_NAME = {"batchgate.v1.BatchStatus": BatchStatus, "batchgate.v1.FilePurpose": FilePurpose,
+                  "batchgate.v1.CostStatus": CostStatus, "batchgate.v1.UsageGroupBy": UsageGroupBy}
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    """A message (or view) as plain JSON values: every field present, enums by their short names
+    ("completed"), timestamps as ISO 8601 strings (None when unset), 64-bit integers as numbers
+    (protobuf's JSON mapping writes them as strings, which scripts must then convert)."""
+    if isinstance(message, _View):
+        message = message.message
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            out[field.name] = dict(value)
+        elif field.is_repeated:
+            out[field.name] = [_plain(field, v) for v in value]
+        elif field.has_presence and field.message_type is None and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = _plain(field, value)
+    return out
+
+
+def _plain(field: Any, value: Any) -> Any:
+    if isinstance(value, timestamp_pb2.Timestamp):
+        when = to_datetime(value)
+        return when.isoformat().replace("+00:00", "Z") if when else None
+    if field.message_type is not None:
+        return to_dict(value)
+    if field.enum_type is not None:
+        enum_cls = _ENUMS_BY_NAME.get(field.enum_type.full_name)
+        return str(_enum_or_number(enum_cls, value)) if enum_cls is not None else value
+    return value
+
+
+def _enum_or_number(enum_cls: Any, value: int) -> Any:
+    """The member, or the bare number of a value newer than this client (a server may add states)."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        return value
