@@ -45,8 +45,21 @@ def _env_client(cls):
 
 def batch_completion(model: str, messages: Sequence[Sequence[dict[str, Any]]], *,
                      client: BatchgateClient | None = None, **params: Any) -> Answers:
-    """BatchgateClient.batch_completion on `client`, or on a client made from BATCHGATE_ADDRESS,
-    BATCHGATE_API_KEY and BATCHGATE_TLS_*."""
+    """Each message list as one chat request, all run as one batch; the answers in input order.
+    On `client`, or on a client made from BATCHGATE_ADDRESS, BATCHGATE_API_KEY and BATCHGATE_TLS_*.
+    `params` (temperature, max_tokens, …) go into every request body.
+
+    >>> answers = batch_completion("simulated", [
+    ...     [{"role": "user", "content": "What is 2 + 2?"}],
+    ...     [{"role": "user", "content": "Name a colour."}],
+    ... ], temperature=0)
+    >>> [answer.content for answer in answers]
+    ['[simulated] You said: What is 2 + 2?', '[simulated] You said: Name a colour.']
+    >>> answers.errors, str(answers.batch.status), answers.batch.request_counts.completed
+    ([], 'completed', 2)
+
+    A request that fails is an Answer with `error` set (`ok` false); the others are still there.
+    """
     if client is not None:
         return client.batch_completion(model, messages, **params)
     with _env_client(BatchgateClient) as own:
@@ -54,7 +67,12 @@ def batch_completion(model: str, messages: Sequence[Sequence[dict[str, Any]]], *
 
 
 def embed(model: str, texts: Sequence[str], *, client: BatchgateClient | None = None, **params: Any) -> Answers:
-    """BatchgateClient.embed on `client`, or on a client made from the environment."""
+    """Each text embedded as one request of one batch; the answers in input order.
+
+    >>> answers = embed("simulated", ["first text", "second text"])
+    >>> [(answer.index, len(answer.embedding)) for answer in answers]
+    [(0, 16), (1, 16)]
+    """
     if client is not None:
         return client.embed(model, texts, **params)
     with _env_client(BatchgateClient) as own:
