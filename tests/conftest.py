@@ -3,6 +3,7 @@ generated stubs with real API keys."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -102,6 +103,21 @@ async def start_harness(data_dir: Path, **overrides) -> Harness:
         admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default"),
         anonymous=Caller(files, batches, (), ""),
     )
+
+
+async def stop_harness(h: Harness) -> None:
+    await h.channel.close()
+    await h.server.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path, **overrides) -> AsyncIterator[Harness]:
+    """A harness for the length of an `async with`, for settings the `harness` fixture does not have."""
+    h = await start_harness(data_dir, **overrides)
+    try:
+        yield h
+    finally:
+        await stop_harness(h)
 
 
 @pytest.fixture

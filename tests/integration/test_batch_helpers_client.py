@@ -10,7 +10,7 @@ import pytest
 
 import batchgate
 from batchgate import AsyncBatchgateClient, BatchFailedError
-from tests.conftest import start_harness
+from tests.conftest import serving
 from tests.integration.batch_helpers import write_config
 
 
@@ -41,12 +41,8 @@ async def test_the_docstring_examples_run_as_written(harness, monkeypatch):
 async def flaky(tmp_path):
     config = write_config(tmp_path / "models.yaml", [{"model_name": "flaky", "litellm_params": {
         "model": "simulated/echo", "failure_rate": 0.3}}])
-    h = await start_harness(tmp_path / "data", config_file=config)
-    try:
+    async with serving(tmp_path / "data", config_file=config) as h:
         yield h
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
 
 
 async def test_async_batch_completion_keeps_input_order_with_per_item_errors(flaky):

@@ -21,7 +21,7 @@ from batchgate.cli import (
     EXIT_PARTIAL,
     EXIT_USAGE,
 )
-from tests.conftest import batch_file, jsonl, request_line, start_harness
+from tests.conftest import batch_file, jsonl, request_line, serving
 from tests.integration.batch_helpers import write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,14 +78,10 @@ async def test_run_uploads_runs_watches_and_downloads(harness, tmp_path):
 async def test_run_json_summary_with_failures_by_code_exits_partial(tmp_path):
     config = write_config(tmp_path / "models.yaml", [{"model_name": "flaky", "litellm_params": {
         "model": "simulated/echo", "failure_rate": 0.3}}])
-    h = await start_harness(tmp_path / "data", config_file=config)
-    try:
+    async with serving(tmp_path / "data", config_file=config) as h:
         (tmp_path / "in.jsonl").write_bytes(batch_file(300, model="flaky"))
         code, summary = await cli_json(cli_env(h), "run", str(tmp_path / "in.jsonl"), "--model", "flaky",
                                        "-o", str(tmp_path / "out.jsonl"))
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
     assert code == EXIT_PARTIAL == summary["exit_code"]
     counts = summary["batch"]["request_counts"]
     assert summary["batch"]["status"] == "completed" and counts["total"] == 300
@@ -184,12 +180,8 @@ async def slow_harness(tmp_path):
     """A model slow enough that a batch is still running when the test interrupts its watcher."""
     config = write_config(tmp_path / "models.yaml", [{"model_name": "slow", "litellm_params": {
         "model": "simulated/slow", "latency_ms": 100, "max_concurrency": 2}}])
-    h = await start_harness(tmp_path / "data", config_file=config)
-    try:
+    async with serving(tmp_path / "data", config_file=config) as h:
         yield h
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
 
 
 async def _interrupt_once_created(proc) -> str:
@@ -252,8 +244,7 @@ async def test_cli_over_tls(tmp_path):
     server = ca.issue_cert("127.0.0.1")
     server.private_key_and_cert_chain_pem.write_to_path(tmp_path / "server.pem")
     ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    h = await start_harness(tmp_path / "data", tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.pem")
-    try:
+    async with serving(tmp_path / "data", tls_cert=tmp_path / "server.pem", tls_key=tmp_path / "server.pem") as h:
         env = cli_env(h)
         (tmp_path / "in.jsonl").write_bytes(jsonl([request_line("a")]))
         code, f = await cli_json(env, "--tls-ca", str(tmp_path / "ca.pem"), "files", "upload",
@@ -263,6 +254,3 @@ async def test_cli_over_tls(tmp_path):
         assert [x["id"] for x in listed] == [f["id"]]
         code, _, err = await cli(env, "files", "ls", "--timeout", "5")  # plaintext to a TLS server
         assert code == EXIT_ERROR and "UNAVAILABLE" in err and "agree on TLS" in err
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)

@@ -27,7 +27,16 @@ from batchgate import (
     UnavailableError,
 )
 from batchgate.v1 import batch_pb2, file_pb2
-from tests.conftest import MASTER_KEY, batch_file, jsonl, request_line, start_harness, upload_requests
+from tests.conftest import (
+    MASTER_KEY,
+    batch_file,
+    jsonl,
+    request_line,
+    serving,
+    start_harness,
+    stop_harness,
+    upload_requests,
+)
 
 
 def api_key(caller) -> str:
@@ -99,8 +108,7 @@ async def test_too_many_uploads_carries_its_retry_delay(tmp_path):
     finally:
         release.set()
         holding.cancel()
-        await h.channel.close()
-        await h.server.stop(grace=0)
+        await stop_harness(h)
 
 
 async def test_results_read_as_enums_and_datetimes_over_the_generated_messages(harness):
@@ -140,8 +148,7 @@ async def test_calls_are_retried_while_the_server_is_unavailable_and_create_only
     bg.channel.subscribe(lambda state: state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and failed.set())
     h = await start_harness(data, address=f"127.0.0.1:{port}")
     f = await h.upload(h.admin, batch_file(3))
-    await h.channel.close()
-    await h.server.stop(grace=0)
+    await stop_harness(h)
     try:
         with pytest.raises(UnavailableError):
             BatchgateClient(f"127.0.0.1:{port}", MASTER_KEY, retry=batchgate.NO_RETRIES).get_file(f.id)
@@ -160,8 +167,7 @@ async def test_calls_are_retried_while_the_server_is_unavailable_and_create_only
         assert names == ["again.jsonl", "requests.jsonl"]
     finally:
         bg.close()
-        await h.channel.close()
-        await h.server.stop(grace=0)
+        await stop_harness(h)
 
 
 async def test_a_download_resumes_after_the_last_byte_when_its_stream_drops(tmp_path):
@@ -188,13 +194,8 @@ async def test_a_download_resumes_after_the_last_byte_when_its_stream_drops(tmp_
     stopped = threading.Event()
     running = asyncio.create_task(asyncio.to_thread(download))
     await asyncio.wait_for(first_chunk.wait(), 30)
-    await h.channel.close()
-    await h.server.stop(grace=0)
+    await stop_harness(h)  # 3 MB: more than gRPC's flow-control windows hold, so the stream breaks
     stopped.set()
-    h = await start_harness(data, address=f"127.0.0.1:{port}")
-    try:
+    async with serving(data, address=f"127.0.0.1:{port}"):
         await asyncio.wait_for(running, 60)
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
     assert bytes(got) == content

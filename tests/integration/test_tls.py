@@ -11,7 +11,7 @@ from batchgate import NO_RETRIES, TLS, AsyncBatchgateClient, UnavailableError
 from batchgate_server.app import server_credentials
 from batchgate_server.config import ConfigError
 from batchgate_server.settings import build_parser, settings_from_args
-from tests.conftest import MASTER_KEY, make_settings, start_harness
+from tests.conftest import MASTER_KEY, make_settings, start_harness, stop_harness
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,6 @@ async def _server(tmp_path, pems, *, mutual: bool):
                                tls_client_ca=pems["ca"] if mutual else None)
 
 
-async def _stop(h) -> None:
-    await h.channel.close()
-    await h.server.stop(grace=0)
-
-
 async def test_tls_server_serves_a_client_that_trusts_its_ca_and_refuses_plaintext(tmp_path, pems):
     h = await _server(tmp_path, pems, mutual=False)
     try:
@@ -57,7 +52,7 @@ async def test_tls_server_serves_a_client_that_trusts_its_ca_and_refuses_plainte
         with pytest.raises(UnavailableError):
             await _list(h.port, tls=TLS())  # the system's CAs do not know the test CA
     finally:
-        await _stop(h)
+        await stop_harness(h)
 
 
 async def test_server_name_override_checks_the_certificate_against_another_name(tmp_path, ca, pems):
@@ -69,7 +64,7 @@ async def test_server_name_override_checks_the_certificate_against_another_name(
             await _list(h.port, tls=TLS(root_certificates=pems["ca"]))  # 127.0.0.1 is not in the certificate
         assert await _list(h.port, tls=TLS(root_certificates=pems["ca"], server_name="batchgate.test")) == []
     finally:
-        await _stop(h)
+        await stop_harness(h)
 
 
 async def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(tmp_path, pems):
@@ -88,7 +83,7 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(tmp_path
         with pytest.raises(UnavailableError):
             await _list(h.port)
     finally:
-        await _stop(h)
+        await stop_harness(h)
 
 
 def test_tls_flags_come_from_the_environment(monkeypatch, pems):

@@ -203,11 +203,15 @@ def _duration(seconds: float) -> str:
 
 # -- commands ----------------------------------------------------------------------------------
 
-def cmd_files_upload(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
-    f = bg.upload_file(args.path, purpose=int(FilePurpose.parse(args.purpose)), request_id=args.request_id,
-                       expires_after_seconds=args.expires_after)
-    out.data(to_dict(f), lambda: describe_file(f))
+def _show(out: Output, record: File | Batch, describe: Callable[[Any], str]) -> int:
+    out.data(to_dict(record), lambda: describe(record))
     return EXIT_OK
+
+
+def cmd_files_upload(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
+    return _show(out, bg.upload_file(args.path, purpose=int(FilePurpose.parse(args.purpose)),
+                                     request_id=args.request_id, expires_after_seconds=args.expires_after),
+                 describe_file)
 
 
 def _limited(items: Iterable[Any], limit: int) -> list[Any]:
@@ -229,9 +233,7 @@ def cmd_files_ls(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> 
 
 
 def cmd_files_get(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
-    f = bg.get_file(args.file_id)
-    out.data(to_dict(f), lambda: describe_file(f))
-    return EXIT_OK
+    return _show(out, bg.get_file(args.file_id), describe_file)
 
 
 def cmd_files_download(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
@@ -266,11 +268,9 @@ def _metadata(pairs: Sequence[str]) -> dict[str, str]:
 
 def cmd_batches_create(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
     endpoint = args.endpoint or bg.get_file(args.input_file_id).endpoint
-    b = bg.create_batch(args.input_file_id, endpoint, completion_window=args.completion_window,
-                        metadata=_metadata(args.metadata), model=args.model, provider=args.provider,
-                        request_id=args.request_id)
-    out.data(to_dict(b), lambda: describe_batch(b))
-    return EXIT_OK
+    return _show(out, bg.create_batch(args.input_file_id, endpoint, completion_window=args.completion_window,
+                                      metadata=_metadata(args.metadata), model=args.model, provider=args.provider,
+                                      request_id=args.request_id), describe_batch)
 
 
 def cmd_batches_ls(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
@@ -284,15 +284,11 @@ def cmd_batches_ls(bg: BatchgateClient, args: argparse.Namespace, out: Output) -
 
 
 def cmd_batches_get(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
-    b = bg.get_batch(args.batch_id)
-    out.data(to_dict(b), lambda: describe_batch(b))
-    return EXIT_OK
+    return _show(out, bg.get_batch(args.batch_id), describe_batch)
 
 
 def cmd_batches_cancel(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
-    b = bg.cancel_batch(args.batch_id)
-    out.data(to_dict(b), lambda: f"{b.id} is {b.status}")
-    return EXIT_OK
+    return _show(out, bg.cancel_batch(args.batch_id), lambda b: f"{b.id} is {b.status}")
 
 
 def cmd_batches_watch(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
