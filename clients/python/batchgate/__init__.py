@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from batchgate._batch_helpers import Answer, Answers, BatchFailedError
-from batchgate._common import TERMINAL_STATUSES, TLS, DownloadVerificationError
+from batchgate._common import TLS, DownloadVerificationError
 from batchgate._steps import NO_RETRIES, RetryPolicy
 from batchgate.aio import AsyncBatchgateClient
 from batchgate.client import BatchgateClient
@@ -26,7 +26,7 @@ from batchgate.errors import (
     UnimplementedError,
     Violation,
 )
-from batchgate.types import Batch, BatchStatus, CostStatus, File, FilePurpose, UsageGroupBy
+from batchgate.types import TERMINAL_STATUSES, Batch, BatchStatus, CostStatus, File, FilePurpose, UsageGroupBy
 
 __all__ = [
     "BatchgateClient", "AsyncBatchgateClient", "TLS", "RetryPolicy", "NO_RETRIES",

@@ -14,13 +14,9 @@ from typing import BinaryIO
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
+from batchgate.v1 import file_pb2, usage_pb2
 
 DEFAULT_CHUNK = 256 * 1024
-TERMINAL_STATUSES = frozenset({
-    batch_pb2.BATCH_STATUS_COMPLETED, batch_pb2.BATCH_STATUS_FAILED,
-    batch_pb2.BATCH_STATUS_EXPIRED, batch_pb2.BATCH_STATUS_CANCELLED,
-})
 # Large uploads/downloads stream 2 MiB messages at most.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
                    ("grpc.max_send_message_length", 4 * 1024 * 1024)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import random
 import uuid
@@ -244,8 +243,9 @@ def upload_file(options: Options, source: str | os.PathLike | BinaryIO | bytes, 
         replayable = True
     else:
         stream = io.BytesIO(source) if isinstance(source, bytes) else source
-        header = upload_header(filename or getattr(stream, "name", None) or "upload.jsonl", size=None, sha256="",
-                               **header_fields)
+        name = getattr(stream, "name", None)  # an open file's is its path: the file name is its last part
+        header = upload_header(filename or (Path(name).name if isinstance(name, str) else "upload.jsonl"),
+                               size=None, sha256="", **header_fields)
         replayable = stream.seekable()
         start = stream.tell() if replayable else 0
 

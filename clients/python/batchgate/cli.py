@@ -481,7 +481,7 @@ def _connection_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--address", default=d(env("BATCHGATE_ADDRESS") or "127.0.0.1:50051"),
                    help="server host:port [BATCHGATE_ADDRESS]")
     p.add_argument("--api-key", default=d(env("BATCHGATE_API_KEY")), help="API key [BATCHGATE_API_KEY]")
-    p.add_argument("--tls", action="store_true", default=d(env("BATCHGATE_TLS", "") in ("1", "true", "yes")),
+    p.add_argument("--tls", action="store_true", default=d(env("BATCHGATE_TLS", "").lower() in ("1", "true", "yes")),
                    help="use TLS with the system's CAs [BATCHGATE_TLS=1]")
     p.add_argument("--tls-ca", default=d(env("BATCHGATE_TLS_CA")), help="PEM CAs to trust (implies --tls)"
                    " [BATCHGATE_TLS_CA]")

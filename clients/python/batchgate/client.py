@@ -24,10 +24,10 @@ import grpc
 from batchgate import _batch_helpers, _steps
 from batchgate._base import ClientBase
 from batchgate._batch_helpers import Answers
-from batchgate._common import DEFAULT_CHUNK, TERMINAL_STATUSES, TLS, TimeLike
+from batchgate._common import DEFAULT_CHUNK, TLS, TimeLike
 from batchgate._steps import Blocking, Call, Emit, Open, Read, RetryPolicy, Sleep, Steps, Stepper
 from batchgate.errors import from_rpc_error
-from batchgate.types import Batch, File
+from batchgate.types import TERMINAL_STATUSES, Batch, File
 from batchgate.v1 import file_pb2, usage_pb2
 
 __all__ = ["BatchgateClient", "TERMINAL_STATUSES"]

@@ -52,6 +52,7 @@ CostStatus = _from_proto("CostStatus", batch_pb2.CostStatus.DESCRIPTOR, "COST_ST
 UsageGroupBy = _from_proto("UsageGroupBy", usage_pb2.UsageGroupBy.DESCRIPTOR, "USAGE_GROUP_BY_")
 
 TERMINAL = frozenset({BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED})
+TERMINAL_STATUSES = TERMINAL  # the name the client exported first
 
 
 def to_datetime(ts: timestamp_pb2.Timestamp) -> datetime.datetime | None:
