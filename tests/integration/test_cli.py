@@ -16,6 +16,8 @@ import pytest
 from batchgate.cli import (
     EXIT_CANCELLED,
     EXIT_ERROR,
+    EXIT_EXPIRED,
+    EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
@@ -254,3 +256,33 @@ async def test_cli_over_tls(tmp_path):
         assert [x["id"] for x in listed] == [f["id"]]
         code, _, err = await cli(env, "files", "ls", "--timeout", "5")  # plaintext to a TLS server
         assert code == EXIT_ERROR and "UNAVAILABLE" in err and "agree on TLS" in err
+
+
+async def test_exit_codes_for_an_expired_and_a_failed_batch(tmp_path):
+    from tests.fakes.openai_compatible_upstream import FakeUpstream
+    from tests.integration.batch_helpers import upstream_entry
+
+    upstream = FakeUpstream()
+    await upstream.start()
+    config = write_config(tmp_path / "models.yaml", [
+        upstream_entry("fake-expiring", upstream.base_url, completion_window=1.5),
+        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 100, "max_concurrency": 1}}])
+    lines = [request_line("stuck", model="fake-expiring", content="FAIL:hang"),
+             request_line("fine", model="fake-expiring", content="fine")]
+    (tmp_path / "in.jsonl").write_bytes(jsonl(lines))
+    (tmp_path / "slow.jsonl").write_bytes(batch_file(100, model="slow"))
+    try:
+        async with serving(tmp_path / "data", config_file=config) as h:
+            env = cli_env(h)
+            code, summary = await cli_json(env, "run", str(tmp_path / "in.jsonl"), "--model", "fake-expiring")
+            assert code == EXIT_EXPIRED and summary["batch"]["status"] == "expired"
+            assert summary["failures_by_code"].get("batch_expired", 0) >= 1
+            code, created = await cli_json(env, "batches", "create", (await cli_json(
+                env, "files", "upload", str(tmp_path / "slow.jsonl")))[1]["id"], "--model", "slow")
+    finally:
+        await upstream.stop()
+    # Started again without the deployment the batch is pinned to: it cannot go on, and fails.
+    other = write_config(tmp_path / "other.yaml", [{"model_name": "x", "litellm_params": {"model": "simulated/x"}}])
+    async with serving(tmp_path / "data", config_file=other) as h:
+        code, out, err = await cli(cli_env(h), "batches", "watch", created["id"])
+    assert code == EXIT_FAILED and "status      failed" in out and "deployment_not_found" in out
