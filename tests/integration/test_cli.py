@@ -132,6 +132,8 @@ async def test_files_and_batches_commands_round_trip_as_json(harness, tmp_path):
     code, listed = await cli_json(env, "batches", "ls", "--status", "completed")
     assert [x["id"] for x in listed] == [b["id"]] and listed[0]["request_counts"]["completed"] == 20
     assert (await cli_json(env, "batches", "ls", "--status", "in_progress"))[1] == []
+    code, _, err = await cli(env, "batches", "ls", "--status", "running")
+    assert code == EXIT_USAGE and "'running' is not one of unspecified, validating, failed, in_progress" in err
 
     output_id = states[-1]["output_file_id"]
     code, out, _ = await cli(env, "files", "download", output_id, "-o", "results.jsonl", cwd=tmp_path)
@@ -163,7 +165,11 @@ async def test_usage_table_is_grouped_as_asked(harness, tmp_path):
     assert [r["group"] for r in report["rows"]] == [{"model": "simulated"}]
     assert report["totals"]["batch_count"] == 1 and report["totals"]["input_tokens"] > 0
     code, out, err = await cli(env, "usage", "--by", "colour")
-    assert code != EXIT_OK and "choose project, api_key, model, provider or metadata:KEY" in err
+    assert code == EXIT_USAGE and "choose project, api_key, model, provider or metadata:KEY" in err
+    code, out, err = await cli(env, "usage", "--since", "last tuesday")
+    assert code == EXIT_USAGE and "neither an ISO 8601 time nor a span" in err
+    code, out, err = await cli(env, "usage")
+    assert code == EXIT_OK and out.split("\n")[1].split()[:2] == ["TOTAL", "1"]
 
 
 async def test_command_line_mistakes_and_missing_keys(harness, tmp_path):

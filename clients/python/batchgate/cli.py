@@ -40,6 +40,10 @@ EXIT_EXPIRED = 5         # the batch expired before every request ran
 EXIT_CANCELLED = 6       # the batch was cancelled
 EXIT_INTERRUPTED = 130   # Ctrl-C: stopped watching, the batch left running
 
+class CommandLineError(Exception):
+    """A value on the command line argparse cannot check by itself (exit code 2, as argparse's own)."""
+
+
 _END_CODES = {BatchStatus.FAILED: EXIT_FAILED, BatchStatus.EXPIRED: EXIT_EXPIRED,
               BatchStatus.CANCELLED: EXIT_CANCELLED, BatchStatus.CANCELLING: EXIT_CANCELLED}
 
@@ -261,7 +265,7 @@ def _metadata(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"batchgate: --metadata takes KEY=VALUE, not {pair!r}")
+            raise CommandLineError(f"--metadata takes KEY=VALUE, not {pair!r}")
         result[key] = value
     return result
 
@@ -327,14 +331,14 @@ def _group_flags(by: Sequence[str]) -> tuple[list[int], str]:
         name, _, key = item.partition(":")
         if name == "metadata":
             if not key:
-                raise SystemExit("batchgate: --by metadata needs a key: --by metadata:team")
+                raise CommandLineError("--by metadata needs a key: --by metadata:team")
             metadata_key = key
             groups.append(int(UsageGroupBy.METADATA_KEY))
         else:
             try:
                 groups.append(int(UsageGroupBy.parse(name)))
             except ValueError:
-                raise SystemExit(f"batchgate: --by {name!r}: choose project, api_key, model, provider or"
+                raise CommandLineError(f"--by {name!r}: choose project, api_key, model, provider or"
                                  " metadata:KEY") from None
     return groups, metadata_key
 
@@ -352,7 +356,7 @@ def parse_time(text: str | None) -> datetime.datetime | None:
     try:
         when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise SystemExit(f"batchgate: {text!r} is neither an ISO 8601 time nor a span such as 7d") from None
+        raise CommandLineError(f"{text!r} is neither an ISO 8601 time nor a span such as 7d") from None
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
@@ -370,13 +374,10 @@ def cmd_usage(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int
                 f"{r.output_tokens:,}", f"{r.reasoning_tokens:,}", f"{r.cost_amount or '0'} {r.currency}{unknown}"]
 
     def text() -> str:
-        rows = [row(r, [r.group.get(k, "(none)") for k in keys]) for r in report.rows]
-        total_label = ["TOTAL"] + [""] * (len(keys) - 1) if keys else ["TOTAL"]
         header = [k.upper() for k in keys] or [""]
-        if not keys:
-            rows = []
-        body = rows + [row(report.totals, total_label)]
-        return table(body, [*header, "BATCHES", "INPUT", "CACHED", "OUTPUT", "REASONING", "COST"],
+        rows = [row(r, [r.group.get(k, "(none)") for k in keys]) for r in report.rows] if keys else []
+        rows.append(row(report.totals, ["TOTAL"] + [""] * (len(header) - 1)))
+        return table(rows, [*header, "BATCHES", "INPUT", "CACHED", "OUTPUT", "REASONING", "COST"],
                      right=range(len(header), len(header) + 6))
 
     out.data({"rows": [to_dict(r) for r in report.rows], "totals": to_dict(report.totals)}, text)
@@ -582,7 +583,10 @@ def run_cli(argv: Sequence[str] | None = None, stdout: TextIO | None = None, std
     try:
         with client_from_args(args) as bg:
             return args.handler(bg, args, out)
-    except (BatchgateError, DownloadVerificationError, OSError, ValueError) as err:
+    except (CommandLineError, ValueError) as err:  # ValueError: an enum name or TLS option that is no such thing
+        print(f"batchgate: {err}", file=out.stderr)
+        return EXIT_USAGE
+    except (BatchgateError, DownloadVerificationError, OSError) as err:
         out.error(err)
         return EXIT_ERROR
     except KeyboardInterrupt:
