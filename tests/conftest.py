@@ -16,6 +16,7 @@ from batchgate.v1 import batch_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import Settings
+from tests.storage_full import SmallDisk
 
 MASTER_KEY = "test-master-key"
 
@@ -128,6 +129,13 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MiB tmpfs at tmp_path / "disk", unmounted afterwards (see tests/storage_full.py)."""
+    with SmallDisk(tmp_path / "disk") as disk:
+        yield disk
 
 
 def error_details(err: grpc.aio.AioRpcError):
