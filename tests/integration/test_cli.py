@@ -82,13 +82,16 @@ async def test_run_json_summary_with_failures_by_code_exits_partial(tmp_path):
         "model": "simulated/echo", "failure_rate": 0.3}}])
     async with serving(tmp_path / "data", config_file=config) as h:
         (tmp_path / "in.jsonl").write_bytes(batch_file(300, model="flaky"))
-        code, summary = await cli_json(cli_env(h), "run", str(tmp_path / "in.jsonl"), "--model", "flaky",
-                                       "-o", str(tmp_path / "out.jsonl"))
+        code, out, progress = await cli(cli_env(h), "run", str(tmp_path / "in.jsonl"), "--model", "flaky",
+                                        "-o", str(tmp_path / "out.jsonl"), "--json")
+    summary = json.loads(out)
     assert code == EXIT_PARTIAL == summary["exit_code"]
     counts = summary["batch"]["request_counts"]
     assert summary["batch"]["status"] == "completed" and counts["total"] == 300
     failed = counts["failed"]
-    assert 0 < failed < 300 and summary["failures_by_code"] == {"simulated_failure": failed}
+    assert 0 < failed < 300 and summary["failures_by_code"] == {"http_400": failed}
+    assert summary["batch"]["failures"][0]["code"] == "http_400", "as the server's live summary names them"
+    assert f"failed {failed:,} (http_400 {failed:,})" in progress.splitlines()[-1], "the bar shows them live"
     errors = (tmp_path / "out.errors.jsonl").read_text().splitlines()
     assert len(errors) == failed and summary["files"]["errors"] == str(tmp_path / "out.errors.jsonl")
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 300 - failed

@@ -178,7 +178,7 @@ class Progress:
         eta = (c.total - done) / rate if rate > 0 and c.total > done else None
         text = (f"{str(batch.status):<11} {self._bar(done, c.total)} {done:,}/{c.total:,}"
                 + (f"  {rate:,.0f} req/s" if rate else "") + (f"  ETA {_duration(eta)}" if eta is not None else "")
-                + (f"  failed {c.failed:,}" if c.failed else ""))
+                + (f"  failed {c.failed:,}{_by_code(batch)}" if c.failed else ""))
         changed = batch.status != self._status
         self._status = batch.status
         if self.live:
@@ -197,6 +197,16 @@ class Progress:
         if self._drawn:
             print(file=self.stream, flush=True)
             self._drawn = False
+
+
+def _by_code(batch: Batch, most: int = 3) -> str:
+    """The live failure summary (the built-in executor reports one while the batch runs):
+    " (http_429 12, request_timeout 3, …)"."""
+    failures = list(batch.failures)
+    if not failures:
+        return ""
+    shown = ", ".join(f"{f.code} {f.count:,}" for f in failures[:most])
+    return f" ({shown}{', …' if len(failures) > most else ''})"
 
 
 def _duration(seconds: float) -> str:
@@ -431,10 +441,12 @@ def _interrupted(bg: BatchgateClient, b: Batch, output: Path, out: Output) -> in
 
 
 def _failures_by_code(data: bytes) -> Counter:
+    """Error file lines by code, named as the server's live summary (Batch.failures) names them:
+    "http_<status>" for an HTTP error answer, else the line's error.code."""
     codes: Counter = Counter()
     for raw in data.splitlines():
         _, status, _, error = _batch_helpers.parse_result_line(raw)
-        codes[str((error or {}).get("code") or f"http_{status}")] += 1
+        codes[f"http_{status}" if status else str((error or {}).get("code") or "unknown")] += 1
     return codes
 
 
