@@ -56,6 +56,9 @@ class StartupError(Exception):
     """The server cannot start as configured: its data directory or its address is taken."""
 
 
+BIND_ERROR_UNKNOWN = "gRPC could not bind it"
+
+
 def bind_error(address: str) -> str:
     """Why `address` cannot be listened on, as the operating system says it (gRPC only says
     that binding failed)."""
@@ -67,7 +70,7 @@ def bind_error(address: str) -> str:
             probe.bind(where)
     except (OSError, ValueError) as err:
         return getattr(err, "strerror", None) or str(err)
-    return "gRPC could not bind it"
+    return BIND_ERROR_UNKNOWN
 
 
 def loopback_only(address: str) -> str:
@@ -171,7 +174,11 @@ class BatchgateServer:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise StartupError(f"cannot listen on {address}: {bind_error(address)}")
+            reason = bind_error(address)
+            if credentials is not None and reason == BIND_ERROR_UNKNOWN:  # the port is free: TLS was refused
+                raise ConfigError("gRPC refused the TLS credentials: --tls-cert and --tls-key must be PEM, and the"
+                                  " key must belong to the certificate")
+            raise StartupError(f"cannot listen on {address}: {reason}")
         # Adopt unfinished batches before the first call is served: until then CancelBatch would
         # call a running batch ended, and DeleteFile could remove a running batch's input.
         await self._start_background()

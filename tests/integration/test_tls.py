@@ -8,7 +8,7 @@ import pytest
 import trustme
 
 from batchgate import NO_RETRIES, TLS, AsyncBatchgateClient, UnavailableError
-from batchgate_server.app import server_credentials
+from batchgate_server.app import BatchgateServer, server_credentials
 from batchgate_server.config import ConfigError
 from batchgate_server.settings import build_parser, settings_from_args
 from tests.conftest import MASTER_KEY, make_settings, start_harness, stop_harness
@@ -116,3 +116,13 @@ def test_client_tls_from_the_environment(pems):
     assert TLS.from_env({}) is None
     with pytest.raises(ValueError, match="both a client certificate and its key"):
         TLS(client_certificate=pems["client_cert"]).credentials()
+
+
+async def test_a_certificate_that_is_not_pem_stops_start_up_naming_the_flags(tmp_path, pems):
+    (tmp_path / "bad.pem").write_text("not a certificate\n")
+    server = BatchgateServer(make_settings(tmp_path / "data", tls_cert=tmp_path / "bad.pem", tls_key=pems["key"]))
+    try:
+        with pytest.raises(ConfigError, match="--tls-cert and --tls-key must be PEM"):
+            await server.start()
+    finally:
+        await server.stop(grace=0)
