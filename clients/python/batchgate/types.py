@@ -16,7 +16,8 @@ from google.protobuf import timestamp_pb2
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
 
-__all__ = ["BatchStatus", "FilePurpose", "CostStatus", "UsageGroupBy", "File", "Batch", "wrap", "to_datetime", "to_dict"]
+__all__ = ["BatchStatus", "FilePurpose", "CostStatus", "UsageGroupBy", "File", "Batch", "wrap", "to_datetime",
+           "to_dict"]
 
 
 class _ProtoEnum(enum.IntEnum):
@@ -25,6 +26,10 @@ class _ProtoEnum(enum.IntEnum):
 
     def __str__(self) -> str:
         return self.name.lower()
+
+    def __format__(self, spec: str) -> str:
+        # f"{status:<12}" is the name on every Python: 3.10's IntEnum formats the number
+        return format(str(self), spec)
 
     @classmethod
     def parse(cls, text: str) -> "_ProtoEnum":
