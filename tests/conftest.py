@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -104,6 +105,13 @@ async def start_harness(data_dir: Path, **overrides) -> Harness:
         admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default"),
         anonymous=Caller(files, batches, (), ""),
     )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: for a server that must come back on the same port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def stop_harness(h: Harness) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 import batchgate
 from batchgate import AsyncBatchgateClient, BatchFailedError
-from tests.conftest import serving
+from tests.conftest import free_port, serving, start_harness, stop_harness
 from tests.integration.batch_helpers import write_config
 
 
@@ -74,3 +74,23 @@ async def test_async_embed_and_a_batch_that_cannot_run(harness):
             await bg.batch_completion("no-such-model", [[{"role": "user", "content": "hi"}]])
     assert err.value.reason  # refused at CreateBatch, naming why
     assert issubclass(BatchFailedError, Exception)
+
+
+async def test_a_batch_that_ends_without_a_single_answer_raises_batch_failed(tmp_path):
+    slow = write_config(tmp_path / "slow.yaml", [{"model_name": "slow", "litellm_params": {
+        "model": "simulated/slow", "latency_ms": 60_000, "max_concurrency": 1}}])
+    other = write_config(tmp_path / "other.yaml", [{"model_name": "x", "litellm_params": {"model": "simulated/x"}}])
+    port = free_port()
+    h = await start_harness(tmp_path / "data", config_file=slow, address=f"127.0.0.1:{port}")
+    key = api_key(h.alice)
+    async with AsyncBatchgateClient(f"127.0.0.1:{port}", key) as bg:
+        helper = asyncio.create_task(bg.batch_completion("slow", [[{"role": "user", "content": "hi"}]] * 3))
+        batch_id = None
+        while batch_id is None or not h.server.hub.watcher_count(batch_id):  # created, and watched
+            await asyncio.sleep(0.01)
+            batch_id = next(iter([b.id async for b in bg.list_batches()]), None)
+        await stop_harness(h)  # the helper's watch drops and reconnects…
+        async with serving(tmp_path / "data", config_file=other, address=f"127.0.0.1:{port}"):
+            with pytest.raises(BatchFailedError) as err:  # …to a server without the batch's deployment
+                await asyncio.wait_for(helper, 60)
+    assert str(err.value.batch.status) == "failed" and "deployment_not_found" in str(err.value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import socket
 import threading
 
 import grpc
@@ -30,6 +29,7 @@ from batchgate.v1 import batch_pb2, file_pb2
 from tests.conftest import (
     MASTER_KEY,
     batch_file,
+    free_port,
     jsonl,
     request_line,
     serving,
@@ -129,12 +129,6 @@ async def test_results_read_as_enums_and_datetimes_over_the_generated_messages(h
     assert BatchStatus.parse("in_progress") is BatchStatus.IN_PROGRESS is BatchStatus.parse("BATCH_STATUS_IN_PROGRESS")
     with pytest.raises(ValueError, match="not one of"):
         BatchStatus.parse("done")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_calls_are_retried_while_the_server_is_unavailable_and_create_only_once(tmp_path):
