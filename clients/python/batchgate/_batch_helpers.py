@@ -66,7 +66,8 @@ class Answers(list):
 
 
 class BatchFailedError(Exception):
-    """The batch ended without answering anything (failed validation, say): `batch.errors` says why."""
+    """The batch ended without a single answer (it failed, or was cancelled before anything ran):
+    `batch.errors` say why."""
 
     def __init__(self, batch: Batch) -> None:
         reasons = "; ".join(f"{e.code}: {e.message}" for e in batch.errors) or "no reason given"
