@@ -8,7 +8,9 @@ this run (tests/backends_pg.py: fsync off, so the figures are the drivers' and n
 The ceiling is pgbench (C, libpq, prepared statements) running the same point read with 64
 clients on the same server in the same run. Client CPU per operation is printed beside the rates:
 on a shared machine it varies far less than operations per second. Both drivers run twice, in
-turns (A B A B), and the better round of each is kept.
+turns (A B A B), and the better round of each is kept. Last, the stores themselves on the same
+operations (get_batch, update_batch: a progress update is one statement there, no BEGIN/COMMIT),
+PostgreSQL beside SQLite on a local file.
 
     python bench/postgres_driver.py [--seconds 3]
 """
@@ -21,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -37,6 +40,8 @@ from psycopg.types.string import TextLoader  # noqa: E402
 
 from batchgate_server.core.models import BatchRecord, BatchStatus  # noqa: E402
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc  # noqa: E402
+from batchgate_server.store.metadata import MetadataStore  # noqa: E402
+from batchgate_server.store.postgres import PostgresMetadataStore  # noqa: E402
 from tests.backends_pg import PostgresServer  # noqa: E402
 
 CALLERS = 64
@@ -86,6 +91,36 @@ class AsyncpgDriver:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+class StoreDriver:
+    """The store's own get_batch and update_batch (PostgreSQL, or SQLite when `sqlite_dir` is set)."""
+
+    def __init__(self, sqlite_dir: Path | None = None) -> None:
+        self.sqlite_dir = sqlite_dir
+        self.name = "SQLite store" if sqlite_dir else "PG store"
+
+    async def open(self, url: str) -> None:
+        if self.sqlite_dir:
+            self.store = await MetadataStore.open(self.sqlite_dir / "bench.sqlite3")
+        else:
+            self.store = await PostgresMetadataStore.open(url)
+        for i in range(max(BATCHES, CALLERS)):
+            b = sample_batch(i)
+            if await self.store.get_batch(b.id) is None:
+                await self.store.insert_batch(b)
+
+    async def read(self, batch_id: str) -> BatchRecord:
+        return await self.store.get_batch(batch_id)
+
+    async def update(self, b: BatchRecord) -> None:
+        current = await self.store.get_batch(b.id) if b.revision == 1 else None  # the first: where it is now
+        if current:
+            b.revision = current.revision
+        await self.store.update_batch(b)
+
+    async def close(self) -> None:
+        await self.store.close()
 
 
 class PsycopgDriver:
@@ -204,6 +239,17 @@ def main() -> None:
                       f" client CPU {cpu:4.0f} µs/op")
             a, p = best["asyncpg"][label], best["psycopg"][label]
             print(f"  {'':28} asyncpg/psycopg: {a[0] / p[0]:.2f}× the rate, {a[3] / p[3]:.2f}× the client CPU")
+        with tempfile.TemporaryDirectory() as tmp:
+            store_url = server.create_database()  # the store's own schema
+            stores = {}
+            for driver in (StoreDriver(), StoreDriver(Path(tmp))):
+                stores[driver.name] = uvloop.run(measure(driver, store_url, args.seconds))
+        print("the stores (get_batch, update_batch):")
+        for label, what in (("read", "get_batch"), ("update", "update_batch")):
+            for name, result in stores.items():
+                rate, p50, p99, cpu = result[label]
+                print(f"  {what:28} {name:12} {rate:8,.0f}/s, p50 {p50:5.1f} ms, p99 {p99:5.1f} ms,"
+                      f" client CPU {cpu:4.0f} µs/op")
     finally:
         server.stop()
 
