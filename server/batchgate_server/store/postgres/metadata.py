@@ -24,6 +24,7 @@ needs a connection of its own for long (LISTEN) opens one with `connect()`, outs
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -40,6 +41,7 @@ from batchgate_server.store.postgres import locks, migrations
 from batchgate_server.store.postgres.errors import is_connection_lost, pg_errors
 
 POOL_SIZE = 10
+CLOSE_TIMEOUT = 5.0
 _TERMINAL = [s.value for s in BatchStatus if s.is_terminal]
 _LEDGER_COLUMNS = frozenset({
     "batch_id", "project", "api_key_id", "model", "provider", "deployment_id", "created_at", "ended_at",
@@ -127,8 +129,12 @@ class PostgresMetadataStore:
             return await asyncpg.connect(self.url, server_settings={"application_name": "batchgate"})
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):  # a server gone away has nothing left to close
-            await self.pool.close()
+        """Close the pool, waiting up to CLOSE_TIMEOUT seconds for statements still running, then
+        cutting them off (a database gone away has nothing left to wait for)."""
+        try:
+            await asyncio.wait_for(self.pool.close(), CLOSE_TIMEOUT)
+        except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            self.pool.terminate()
 
     async def migrate(self) -> None:
         with pg_errors():
