@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from batchgate.v1 import batch_pb2
-from batchgate_server.core.ids import new_file_id
-from batchgate_server.core.models import FilePurpose, FileRecord
+from batchgate_server.domain.ids import new_file_id
+from batchgate_server.domain.models import FilePurpose, FileRecord
 from tests.conftest import jsonl, request_line, start_harness
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.integration.batch_helpers import TERMINAL, create, results, upstream_entry, write_config

@@ -5,7 +5,7 @@ import time
 import aiosqlite
 import pytest
 
-from batchgate_server.core.models import BatchRecord, BatchStatus
+from batchgate_server.domain.models import BatchRecord, BatchStatus
 from batchgate_server.store.metadata import MIGRATIONS, MetadataStore, RevisionConflict
 
 

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.auth import Principal
+from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -22,9 +22,9 @@ from batchgate_server.core.errors import (
     exhausted_when_full,
     not_found,
 )
-from batchgate_server.core.ids import new_file_id
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
-from batchgate_server.core.models import FilePurpose, FileRecord
+from batchgate_server.domain.ids import new_file_id
+from batchgate_server.domain.models import FilePurpose, FileRecord
 from batchgate_server.store.blobs import BlobStore, BlobWriter
 from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.metadata import MetadataStore

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
-from batchgate_server.core.backoff import Backoff
-from batchgate_server.core.ids import new_file_id
-from batchgate_server.core.models import (
+from batchgate_server.domain.backoff import Backoff
+from batchgate_server.domain.ids import new_file_id
+from batchgate_server.domain.models import (
     STATUS_TIMESTAMP,
     BatchError,
     BatchRecord,

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiosqlite
 
-from batchgate_server.core.models import BatchRecord, BatchStatus, FileRecord
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FileRecord
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
 from batchgate_server.store.errors import RevisionConflict, StorageError, StorageFull, storage_errors
 from batchgate_server.store.reserve import RESERVE_BYTES, SpaceReserve
