@@ -19,9 +19,7 @@ ROOT = Path(batchgate_server.__file__).parent
 
 # The only store modules core may import: the ports and the neutral errors. Implementations
 # (SQLite, PostgreSQL, local disk, S3, GCS) are picked by app.py alone.
-STORE_SEAM = {f"{PACKAGE}.store.ports", f"{PACKAGE}.store.errors",
-              # until the ports replace them in core (the next commit)
-              f"{PACKAGE}.store.metadata", f"{PACKAGE}.store.ledger", f"{PACKAGE}.store.blobs"}
+STORE_SEAM = {f"{PACKAGE}.store.ports", f"{PACKAGE}.store.errors"}
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
@@ -98,6 +96,8 @@ def test_no_upward_imports():
     ("batchgate_server.domain.models", "batchgate_server.config", True),
     ("batchgate_server.domain.models", "batchgate_server.store.errors", True),
     ("batchgate_server.core.files", "batchgate_server.store.sqlite.metadata", True),
+    ("batchgate_server.core.files", "batchgate_server.store.blobs.local", True),
+    ("batchgate_server.core.files", "batchgate_server.store.urls", True),
     ("batchgate_server.providers.staged", "batchgate_server.store.ports", True),
     ("batchgate_server.core.files", "batchgate_server.store.ports", False),
     ("batchgate_server.core.files", "batchgate_server.store.errors", False),

@@ -31,7 +31,7 @@ from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.store.errors import Duplicate
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
 

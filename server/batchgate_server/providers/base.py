@@ -83,7 +83,8 @@ class ProviderJob:
     created_at: float
     expires_at: float  # completion window end (unix seconds)
     state: dict[str, Any]
-    # Re-openable stream of the input file's lines (raw bytes, no newline), in order.
+    # Re-openable stream of the input file's lines (raw bytes, no newline), in order, read through
+    # the blob store (BlobStore.lines): never a local path, the blob may live in a bucket.
     open_input: Callable[[], AsyncIterator[bytes]]
     save_state: Callable[[], Awaitable[None]]
     # A private scratch directory that survives restarts (local disk).
