@@ -38,10 +38,10 @@ import psycopg_pool  # noqa: E402
 import uvloop  # noqa: E402
 from psycopg.types.string import TextLoader  # noqa: E402
 
-from batchgate_server.core.models import BatchRecord, BatchStatus  # noqa: E402
+from batchgate_server.domain.models import BatchRecord, BatchStatus  # noqa: E402
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc  # noqa: E402
-from batchgate_server.store.metadata import MetadataStore  # noqa: E402
 from batchgate_server.store.postgres import PostgresMetadataStore  # noqa: E402
+from batchgate_server.store.sqlite.metadata import SqliteMetadataStore  # noqa: E402
 from tests.backends_pg import PostgresServer  # noqa: E402
 
 CALLERS = 64
@@ -102,7 +102,7 @@ class StoreDriver:
 
     async def open(self, url: str) -> None:
         if self.sqlite_dir:
-            self.store = await MetadataStore.open(self.sqlite_dir / "bench.sqlite3")
+            self.store = await SqliteMetadataStore.open(self.sqlite_dir / "bench.sqlite3")
         else:
             self.store = await PostgresMetadataStore.open(url)
         for i in range(max(BATCHES, CALLERS)):

@@ -140,30 +140,6 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         await h.server.stop(grace=0)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def open_metadata_store(request):
-    """Opens metadata stores on one database of each backend (every call: another server on it),
-    closed at the end of the test."""
-    return request.getfixturevalue(f"open_{request.param}_store")
-
-
-@pytest.fixture
-async def open_sqlite_store(tmp_path: Path):
-    from batchgate_server.store.metadata import MetadataStore
-
-    opened = []
-
-    async def open_store():
-        opened.append(await MetadataStore.open(tmp_path / "db.sqlite3"))
-        return opened[-1]
-
-    try:
-        yield open_store
-    finally:
-        for store in opened:
-            await store.close()
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 16 MiB tmpfs at tmp_path / "disk", unmounted afterwards (see tests/storage_full.py)."""

@@ -13,15 +13,17 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from batchgate_server.core.models import BatchStatus
+from batchgate_server.domain.models import BatchStatus
 from batchgate_server.store.errors import RevisionConflict, StorageFull, StorageUnavailable
-from batchgate_server.store.ledger import LedgerFilter
+from batchgate_server.store.ports import LedgerFilter
 from batchgate_server.store.postgres import PostgresMetadataStore, PostgresUsageLedger, locks
 from batchgate_server.store.postgres.metadata import _insert_ledger_row
 from batchgate_server.store.postgres.migrations import MIGRATIONS
 from tests.backends_pg import PostgresServer
 from tests.storage_full import SmallDisk
-from tests.unit.test_metadata_store import batch, ledger_row, result_file
+from tests.contract.test_metadata_store_contract import batch_record as batch
+from tests.contract.test_metadata_store_contract import file_record as result_file
+from tests.contract.test_metadata_store_contract import ledger_row
 
 
 async def poll_until(probe, what: str, timeout: float = 30.0):
@@ -54,7 +56,7 @@ async def waiting_store_sessions(admin: asyncpg.Connection, wait: str) -> list[i
 
 async def test_two_replicas_updating_one_batch_exactly_one_wins(open_postgres_store):
     first, second = await open_postgres_store(), await open_postgres_store()
-    await first.insert_batch(batch())
+    await first.insert_batch(batch("batch_1"))
     for round_ in range(20):
         mine, theirs = await first.get_batch("batch_1"), await second.get_batch("batch_1")
         assert mine.revision == theirs.revision == round_ + 1
@@ -77,7 +79,8 @@ async def test_two_replicas_ending_one_batch_write_one_ledger_row(open_postgres_
             b.status = BatchStatus.COMPLETED
             b.output_file_id = f"file-out-{i}-{n}"
         results = await asyncio.gather(*(
-            s.update_batch(b, extra_files=[result_file(b.output_file_id)], ledger=ledger_row(b, input_tokens=n))
+            s.update_batch(b, extra_files=[result_file(b.output_file_id)],
+                           ledger=ledger_row(b.id, tokens=(n, 0, 0, 0)))
             for n, (s, b) in enumerate(zip(stores, copies))), return_exceptions=True)
         assert sum(not isinstance(r, Exception) for r in results) == 1, results
         assert all(isinstance(r, RevisionConflict) for r in results if isinstance(r, Exception))
@@ -99,9 +102,9 @@ async def test_ledger_rows_commit_in_the_order_of_their_seq(open_postgres_store,
     async with store.pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
-        await _insert_ledger_row(conn, ledger_row(first))  # seq 1, not committed yet
+        await _insert_ledger_row(conn, ledger_row(first.id))  # seq 1, not committed yet
         second.status = BatchStatus.COMPLETED
-        ending = asyncio.create_task(store.update_batch(second, ledger=ledger_row(second)))
+        ending = asyncio.create_task(store.update_batch(second, ledger=ledger_row(second.id)))
         await poll_until(lambda: waiting_store_sessions(admin, "advisory"), "the second row to wait")
         assert await ledger.high_water() == 0 and not ending.done()
         await tx.commit()
@@ -116,7 +119,7 @@ async def test_replicas_opening_an_empty_database_at_once_migrate_it_once(open_p
     assert {await s.schema_version() for s in stores} == {len(MIGRATIONS)}
     rows = await admin.fetch("SELECT version FROM schema_migrations ORDER BY version")
     assert [r["version"] for r in rows] == list(range(1, len(MIGRATIONS) + 1))
-    await stores[0].insert_batch(batch())
+    await stores[0].insert_batch(batch("batch_1"))
     assert (await stores[5].get_batch("batch_1")).id == "batch_1"
 
 
@@ -150,20 +153,20 @@ async def test_a_read_after_a_write_on_another_replica_sees_it(open_postgres_sto
 async def test_a_connection_killed_mid_transaction_is_unavailable_then_the_pool_recovers(
         open_postgres_store, admin, postgres_server):
     store = await open_postgres_store()
-    b = batch()
+    b = batch("batch_1")
     await store.insert_batch(b)
     async with admin.transaction():  # hold the batch's row so the terminal transaction stops inside
         await admin.execute("SELECT 1 FROM batches WHERE id = $1 FOR UPDATE", b.id)
         b.status = BatchStatus.COMPLETED
         ending = asyncio.create_task(store.update_batch(b, extra_files=[result_file("file-out")],
-                                                        ledger=ledger_row(b)))
+                                                        ledger=ledger_row(b.id)))
         [pid] = await poll_until(lambda: waiting_store_sessions(admin, "transactionid"), "the update to wait")
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
         with pytest.raises(StorageUnavailable):
             await ending
     assert b.revision == 1, "the failed update left the record as it was"
     assert await store.get_file("file-out") is None and (await store.get_batch(b.id)).revision == 1
-    await store.update_batch(b, extra_files=[result_file("file-out")], ledger=ledger_row(b))
+    await store.update_batch(b, extra_files=[result_file("file-out")], ledger=ledger_row(b.id))
     assert (await PostgresUsageLedger(store).totals(LedgerFilter())).batch_count == 1
     # Every pooled connection killed while idle (a database restart): the next calls still work.
     assert postgres_server.terminate_connections(store.url) >= 1
@@ -219,7 +222,7 @@ async def test_an_application_role_migrates_and_too_many_connections_is_unavaila
         assert await store.schema_version() == len(MIGRATIONS)
         with pytest.raises(StorageUnavailable, match="too many connections|TooManyConnections"):
             await PostgresMetadataStore.open(app_url)
-        await store.insert_batch(batch())  # the first server is not disturbed
+        await store.insert_batch(batch("batch_1"))  # the first server is not disturbed
     finally:
         await store.close()
         postgres_server.drop_database(url)

@@ -4,15 +4,17 @@ neutral ones in errors.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from batchgate_server.store.postgres.ledger import PostgresUsageLedger
 from batchgate_server.store.postgres.metadata import PostgresMetadataStore
-
-SCHEMES = ("postgresql", "postgres")
-
-
-async def open_postgres_store(url: str) -> PostgresMetadataStore:
-    """The store on the database of `url` (postgresql://user:password@host:port/database), migrated."""
-    return await PostgresMetadataStore.open(url)
+from batchgate_server.store.urls import Database, StoreUrl
 
 
-__all__ = ["SCHEMES", "PostgresMetadataStore", "PostgresUsageLedger", "open_postgres_store"]
+async def open_database(url: StoreUrl, data_dir: Path) -> Database:
+    """`postgresql://user:password@host:port/database` (store/urls.py); the data directory is not used."""
+    store = await PostgresMetadataStore.open(url.parts.geturl())
+    return Database(store, PostgresUsageLedger(store))
+
+
+__all__ = ["PostgresMetadataStore", "PostgresUsageLedger", "open_database"]

@@ -1,5 +1,5 @@
 """Aggregate queries over the PostgreSQL usage ledger: the same groups, order, cursors and exact
-sums as the SQLite ledger (store/ledger.py).
+sums as the SQLite ledger (store/sqlite/ledger.py), the contract of store/ports.py UsageLedger.
 
 Sums are exact: PostgreSQL's sum() over bigint and numeric columns is numeric (never a float, never
 an overflow); known costs are summed in integer nano-dollars (`cost_nanos`). Text compares in byte
@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from batchgate_server.store.ledger import COLUMNS, METADATA, Dimension, LedgerFilter, UsageGroup
+from batchgate_server.store.ports import LEDGER_COLUMNS, METADATA, Dimension, LedgerFilter, UsageGroup, UsageLedger
 from batchgate_server.store.postgres.metadata import Params, PostgresMetadataStore, text_param, utf8
 
 _KNOWN = "cost_status = 'known' AND cost_nanos IS NOT NULL"
@@ -53,7 +53,7 @@ def _group(row: asyncpg.Record) -> UsageGroup:
     return UsageGroup(**{name: int(row[name]) for name in _SUM_NAMES})
 
 
-class PostgresUsageLedger:
+class PostgresUsageLedger(UsageLedger):
     """Reads through the store's pool: only committed rows (a batch's end and its ledger row are
     committed together), and every row committed before the query."""
 
@@ -72,8 +72,6 @@ class PostgresUsageLedger:
 
     async def aggregate(self, f: LedgerFilter, dims: Sequence[Dimension], limit: int,
                         after: Sequence[Any] | None = None) -> list[UsageGroup]:
-        """Groups in ascending order of their values, at most `limit`, after the cursor `after`
-        (a previous group's sort_key). Without dims: the one group of everything, if any."""
         if not dims:
             total = await self.totals(f)
             return [total] if total.batch_count and not after else []
@@ -88,7 +86,7 @@ class PostgresUsageLedger:
                 sort += [f"(d{i} IS NOT NULL)::int", f"coalesce(d{i}, ''::bytea)"]
                 cursor += ["int", "bytea"]
             else:
-                select.append(f"l.{COLUMNS[dim.kind]} AS d{i}")
+                select.append(f"l.{LEDGER_COLUMNS[dim.kind]} AS d{i}")
                 sort.append(f"d{i}")
                 cursor.append("text")
         where = _where(f, p)

@@ -34,9 +34,10 @@ from typing import Any
 
 import asyncpg
 
-from batchgate_server.core.models import BatchRecord, BatchStatus, FileRecord
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FileRecord
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
 from batchgate_server.store.errors import RevisionConflict
+from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.postgres import locks, migrations
 from batchgate_server.store.postgres.errors import is_connection_lost, pg_errors
 
@@ -102,7 +103,7 @@ def _file_args(f: FileRecord) -> tuple:
             f.line_count, f.endpoint, utf8(f.model), utf8(f.request_id) if f.request_id else None)
 
 
-class PostgresMetadataStore:
+class PostgresMetadataStore(MetadataStore):
     def __init__(self, url: str, pool: asyncpg.Pool) -> None:
         self.url = url
         self.pool = pool

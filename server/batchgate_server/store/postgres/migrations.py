@@ -32,7 +32,7 @@ from batchgate_server.store.postgres import locks
 log = logging.getLogger(__name__)
 
 # The statuses of an ended batch, as literals: partial indexes need them in the statement, not as
-# parameters. (core/models.py TERMINAL_STATUSES; a new terminal status needs a new migration.)
+# parameters. (domain/models.py TERMINAL_STATUSES; a new terminal status needs a new migration.)
 TERMINAL = "('failed', 'completed', 'expired', 'cancelled')"
 
 # Each entry migrates from version i to i+1. Append only; never edit a shipped one.
