@@ -18,6 +18,10 @@ READ COMMITTED isolation reads a snapshot taken when it starts, so any read issu
 returned — on any pooled connection, from any server on the database — sees it, and never sees
 a transaction that may still roll back.
 
+A write whose connection is lost while it commits may or may not have committed (the client
+cannot tell): it raises StorageUnavailable either way, and the writer's next compare-and-set
+tells which (RevisionConflict when it had).
+
 Connections: `pool` serves every statement here (at most POOL_SIZE at once per server). Work that
 needs a connection of its own for long (LISTEN) opens one with `connect()`, outside the pool.
 """
