@@ -183,6 +183,7 @@ async def test_full_lifecycle_completed(api, openai_provider, tmp_path):
         assert cc.model == "gpt-4o-mini-2024-07-18"
         assert cc.usage.total_tokens > 0
         assert cc.choices[0].message.content.startswith("echo: question ")
+    await openai_provider.release(h.job)
     assert st["input_file_id"] not in api.files, "the input file is deleted once results are read"
     assert api.batches[st["provider_batch_id"]].output_file_id in api.files
 

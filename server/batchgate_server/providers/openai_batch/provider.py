@@ -33,10 +33,12 @@ job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``
   (``duplicate_watch_until``) and cancel it as soon as it is listed.
 * A 404 for the batch within ``not_found_grace`` seconds of its create is "not visible yet"
   (retried); after that it fails the batch with ``provider_job_not_found``.
-* Once the batch has ended and its results were read (or it failed), the input file and any copy
-  of it left by an interrupted upload are deleted at the provider (after an interrupted upload,
-  no sooner than ``create_lookup_patience`` after the resumed submit, so that a late-listed copy
-  is seen); output and error files stay with the provider's own retention.
+* ``release()``, which the tracker calls on every ending (completed, failed, cancelled, also
+  before any create), cancels the batch a create whose answer was lost may have made, and
+  deletes the input file and any copy of it left by an interrupted upload at the provider
+  (after an interrupted upload, no sooner than ``create_lookup_patience`` after the resumed
+  submit, so that a late-listed copy is seen); output and error files stay with the
+  provider's own retention.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ import httpx
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,
-    JobStatus,
     PollResult,
     ProviderError,
     ProviderJob,
@@ -196,8 +197,6 @@ class _OpenAIFamilyProvider(BatchProvider):
         except ValueError as e:
             raise ProviderError(f"{self.label} batch {bid}: {e}", code="provider_bad_response",
                                 retryable=True) from e
-        if result.status is JobStatus.FAILED:
-            await self._delete_inputs(conn, job)  # no results to read: the input is done with
         return result
 
     async def cancel(self, job: ProviderJob) -> None:
@@ -247,7 +246,14 @@ class _OpenAIFamilyProvider(BatchProvider):
                     raise
                 log.warning("batch %s: error file %s not found; treating it as empty",
                             job.batch_id, info.error_file_id)
-        await self._delete_inputs(conn, job)
+
+    async def release(self, job: ProviderJob) -> None:
+        """Every ending (completed, failed, cancelled, also before the create): stop the provider
+        batch a lost create may have made, then delete the uploaded input."""
+        st = job.state
+        if not st.get("provider_batch_id") and (st.get("create_started_at") or st.get("create_started")):
+            await self.cancel(job)
+        await self._delete_inputs(self._conn(job.deployment), job)
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         interval = job.deployment.params.get("poll_interval")
