@@ -28,7 +28,7 @@ def job(tmp_path: Path, saves: list) -> ProviderJob:
 
 
 def test_params_and_defaults():
-    assert Consistency.from_params({}) == Consistency(30.0, 60.0)
+    assert Consistency.from_params({}) == Consistency(30.0, 300.0)
     c = Consistency.from_params({"create_lookup_patience": "2.5", "not_found_grace": -1})
     assert c == Consistency(2.5, 0.0)
     assert c.lookup_deadline(100.0, 60.0) == 162.5, "unanswered: from the end of the call's timeout"

@@ -11,7 +11,7 @@ max_retries        retries after the first attempt on 429/5xx/network errors, de
 backoff_base       first backoff step in seconds (exponential, jittered), default 0.5
 default_max_tokens max_tokens for requests that set none (Anthropic requires it), default 4096
 poll_interval      seconds between polls (read by the tracker; class default 10)
-create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 60 s)
+create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 300 s)
 =================  =====================================================================
 
 How a job runs

@@ -13,7 +13,7 @@ max_retries        retries after the first attempt on 429/5xx/network errors, de
 poll_interval      seconds between polls for this deployment (class default 5.0)
 backoff_base       first backoff step in seconds (exponential, jittered), default 0.5
 give_up_after      (the tracker's) seconds of only retryable errors before the batch fails, default 6 h
-create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 60 s)
+create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 300 s)
 =================  =====================================================================
 
 At most one provider batch per batch, whatever the crash
