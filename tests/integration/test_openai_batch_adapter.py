@@ -367,7 +367,8 @@ async def test_interrupted_create_is_adopted(api, openai_provider, tmp_path):
 
 
 async def test_a_create_listed_late_is_adopted_not_repeated(openai_provider, tmp_path):
-    api = FakeBatchAPI(api_key=OPENAI_KEY, list_lag=0.6)
+    api = FakeBatchAPI(api_key=OPENAI_KEY)
+    api.lag.listing = 0.6
     await api.start()
     try:
         d = openai_dep(api, timeout=0.5, create_lookup_patience=1.0)
@@ -400,7 +401,8 @@ async def test_duplicates_found_at_the_lookup_are_cancelled(api, openai_provider
 
 
 async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(openai_provider, tmp_path):
-    api = FakeBatchAPI(api_key=OPENAI_KEY, clock="manual", list_lag=3600)  # listed far too late
+    api = FakeBatchAPI(api_key=OPENAI_KEY, clock="manual")
+    api.lag.listing = 3600  # listed far too late
     await api.start()
     try:
         d = openai_dep(api, timeout=0.2, create_lookup_patience=0.2)
@@ -413,7 +415,7 @@ async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(openai
         assert h2.job.state["provider_batch_id"] != first and h2.job.state["duplicate_watch_until"]
         await openai_provider.poll(h2.job)
         assert api.batches[first].status == "validating", "not listed yet: not cancelled"
-        api.list_lag = 0
+        api.lag.listing = 0
         await openai_provider.poll(h2.job)  # listed now: the copy is cancelled at once
         assert api.batches[first].status == "cancelling"
         assert api.batches[h2.job.state["provider_batch_id"]].status == "validating"
