@@ -28,7 +28,6 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.openai_batch import AzureBatchProvider, OpenAIBatchProvider
 from tests.fakes.openai_batch_api import FakeBatchAPI
-from tests.fakes.openai_compatible_upstream import FakeUpstream
 
 OPENAI_KEY = "sk-test"
 AZURE_KEY = "az-test-key"
@@ -826,13 +825,6 @@ async def test_official_azure_client_drives_the_azure_fake(azure_api):
 
 
 # ------------------------------------------------------------------ the fake upstream
-
-@pytest.fixture
-async def upstream():
-    up = FakeUpstream()
-    await up.start()
-    yield up
-    await up.stop()
 
 
 async def test_fake_upstream_bodies_parse_with_openai_types(upstream):
