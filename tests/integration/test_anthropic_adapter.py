@@ -541,6 +541,21 @@ async def test_a_lost_create_listed_late_is_adopted_not_repeated(tmp_path, provi
         await api.stop()
 
 
+async def test_a_batch_ended_before_a_lost_create_answer_stops_that_message_batch(tmp_path, manual_api,
+                                                                                  provider):
+    api = manual_api
+    h = make_job(tmp_path, [chat_line(0)], dep(api, **QUICK))
+    await provider.submit(h.job)
+    made = api.batches[h.job.state["msgbatch_id"]]
+    restarted = AnthropicBatchProvider()  # the crash lost the create's answer
+    try:
+        h2 = make_job(tmp_path, [chat_line(0)], dep(api, **QUICK), state=lost(h.job.state))
+        await restarted.release(h2.job)  # cancelled before a re-submit: the tracker ends it and releases it
+        assert made.processing_status == "canceling"
+    finally:
+        await restarted.close()
+
+
 async def test_a_lost_create_is_found_after_a_restart_among_same_sized_batches(tmp_path, api):
     first = AnthropicBatchProvider()
     jobs = [make_job(tmp_path, [chat_line(0)], dep(api, **QUICK), batch_id=f"batch_{k}") for k in range(3)]

@@ -365,6 +365,17 @@ async def test_interrupted_create_is_adopted(api, openai_provider, tmp_path):
     assert h3.job.state["provider_batch_id"] != bid and len(api.batches) == 2
 
 
+async def test_a_batch_ended_before_a_lost_create_answer_stops_that_batch(api, openai_provider, tmp_path):
+    h = make_job(tmp_path, [chat_line(0)], openai_dep(api))
+    await openai_provider.submit(h.job)
+    made, input_id = h.job.state["provider_batch_id"], h.job.state["input_file_id"]
+    lost = {k: v for k, v in h.job.state.items() if k not in ("provider_batch_id", "provider_created_at")}
+    h2 = make_job(tmp_path, [chat_line(0)], openai_dep(api), state=lost)  # cancelled after the restart
+    await openai_provider.release(h2.job)  # the tracker ends the batch and releases it
+    assert api.batches[made].status == "cancelling"
+    assert input_id not in api.files
+
+
 async def test_a_create_listed_late_is_adopted_not_repeated(openai_provider, tmp_path):
     api = FakeBatchAPI(api_key=OPENAI_KEY)
     api.lag.listing = 0.6
