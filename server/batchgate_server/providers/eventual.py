@@ -18,8 +18,10 @@ gone (deleted at the provider) only fails five minutes later. The patience stays
 it is counted from the end of the create call: by then the job exists, and listings that lag
 do so by seconds.
 
-`look_until` repeats a lookup until it finds something or a deadline passes (always at least
-once), so an interrupted create is adopted rather than duplicated when the listing lags.
+`look_until` (`Consistency.look_for_create`) repeats a lookup until it finds something or a
+deadline passes (always at least once), so an interrupted create is adopted rather than
+duplicated when the listing lags; `duplicate_watch_until` bounds how long polls look for a late
+copy after a create had to be sent again.
 `create_call` wraps the create call itself: when the provider answers it with an error, the time
 is saved (``create_ended_at``): the job, if the provider made one, exists by then.
 `Consistency.within_grace` says whether a 404 may still be lag; `not_found_is_transient` turns
@@ -47,6 +49,7 @@ DEFAULT_LOOKUP_PATIENCE = 30.0
 DEFAULT_NOT_FOUND_GRACE = 300.0
 MIN_LOOKUP_INTERVAL = 0.1
 MAX_LOOKUP_INTERVAL = 5.0
+DUPLICATE_WATCH = 10  # after a repeated create, polls look for a late copy this many patiences more
 NOT_VISIBLE_RETRY_AFTER = 1.0  # seconds the tracker waits before polling a not-yet-visible job
 # ProviderError codes of calls that got no answer: the provider may still be making the job.
 UNANSWERED_CODES = frozenset({"provider_unreachable"})
@@ -82,6 +85,15 @@ class Consistency:
 
     def lookup_interval(self) -> float:
         return min(MAX_LOOKUP_INTERVAL, max(MIN_LOOKUP_INTERVAL, self.lookup_patience / 10))
+
+    async def look_for_create(self, find: Callable[[], Awaitable[T | None]], deadline: float) -> T | None:
+        """`look_until(find)` up to `deadline` (a `lookup_deadline`), at this patience's interval."""
+        return await look_until(find, deadline=deadline, interval=self.lookup_interval())
+
+    def duplicate_watch_until(self, lookup_deadline: float) -> float:
+        """After a create was sent again once the lookup up to `lookup_deadline` found nothing: until
+        when polls keep looking for a late-listed copy of the lost create (to cancel it)."""
+        return lookup_deadline + DUPLICATE_WATCH * self.lookup_patience
 
     def within_grace(self, created_at: float | None) -> bool:
         """True while a 404 for a job created (or learned of) at `created_at` may be the

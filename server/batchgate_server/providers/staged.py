@@ -56,7 +56,7 @@ from batchgate_server.providers.base import (
     UnsupportedRequest,
 )
 from batchgate_server.providers.custom_ids import CustomIdCodec
-from batchgate_server.providers.eventual import Consistency, create_call, look_until, wall_time
+from batchgate_server.providers.eventual import Consistency, create_call, wall_time
 from batchgate_server.providers.lines import complete_lines, last_line
 from batchgate_server.providers.output_lines import dumps, line_id, no_result_line
 from batchgate_server.providers.params import float_param
@@ -397,13 +397,11 @@ class StagedBatchProvider(BatchProvider):
     async def _look_for_created(self, job: ProviderJob, cfg: Any, find: Callable[[], Awaitable[Any]]) -> Any:
         """`find()` (None or empty: not found) again and again for as long as the listing may miss
         the job of the create marked by create_started (see providers/eventual.py)."""
-        consistency = Consistency.from_params(job.deployment.params)
-
         async def found() -> Any:
             return await find() or None
 
-        return await look_until(found, deadline=self._lookup_deadline(job, cfg),
-                                interval=consistency.lookup_interval())
+        return await Consistency.from_params(job.deployment.params).look_for_create(
+            found, self._lookup_deadline(job, cfg))
 
     def _lookup_deadline(self, job: ProviderJob, cfg: Any) -> float:
         """Until when the listing may still miss a job whose create started at create_started."""

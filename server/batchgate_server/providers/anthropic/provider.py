@@ -102,7 +102,7 @@ from batchgate_server.providers.base import (
     UnsupportedRequest,
 )
 from batchgate_server.providers.custom_ids import anthropic_codec
-from batchgate_server.providers.eventual import Consistency, create_call, look_until
+from batchgate_server.providers.eventual import Consistency, create_call
 from batchgate_server.providers.openai_batch.client import ApiClient, Conn
 from batchgate_server.providers.params import float_param, int_param
 
@@ -135,7 +135,6 @@ _YIELD_EVERY = 500  # lines translated between two chances for the event loop to
 CLOCK_SKEW = 2.0  # seconds Anthropic's created_at may differ from our clock
 LOOKUP_PAGES = 5  # pages of LOOKUP_PAGE batches searched for a lost create
 LOOKUP_PAGE = 100
-DUPLICATE_WATCH = 10  # a recreated batch's lost create is watched for this many patiences more
 MAX_CLAIMED = 20_000  # message batch ids remembered per account as belonging to known batches
 
 
@@ -236,10 +235,9 @@ class AnthropicBatchProvider(BatchProvider):
             if st.get("create_started_at"):
                 consistency = Consistency.from_params(job.deployment.params)
                 lost = self._lost_create(st, prepared.sent)
-                found = await look_until(
+                found = await consistency.look_for_create(
                     lambda: self._find_created(conn, account, lost),
-                    deadline=consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]),
-                    interval=consistency.lookup_interval())
+                    consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]))
                 if found:
                     log.info("batch %s: adopting Anthropic message batch %s created before an "
                              "interruption", job.batch_id, found)
@@ -330,8 +328,8 @@ class AnthropicBatchProvider(BatchProvider):
         st = job.state
         lost = st["abandoned_create"]
         consistency = Consistency.from_params(job.deployment.params)
-        watch_until = (consistency.lookup_deadline(lost["started_at"], conn.timeout, lost.get("ended_at"))
-                       + DUPLICATE_WATCH * consistency.lookup_patience)
+        watch_until = consistency.duplicate_watch_until(
+            consistency.lookup_deadline(lost["started_at"], conn.timeout, lost.get("ended_at")))
         account = self._account(conn)
         account.claim(st["msgbatch_id"])
         dup = await self._find_created(conn, account, lost)
@@ -360,10 +358,9 @@ class AnthropicBatchProvider(BatchProvider):
         consistency = Consistency.from_params(job.deployment.params)
         lost = self._lost_create(st, int(st.get("requests_sent") or 0))
         async with account.create_lock:  # as in submit: the lost create is alone in its window
-            found = await look_until(
+            found = await consistency.look_for_create(
                 lambda: self._find_created(conn, account, lost),
-                deadline=consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]),
-                interval=consistency.lookup_interval())
+                consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]))
         if found is None:
             return
         log.warning("batch %s: ended while its Anthropic create was unresolved; cancelling message batch %s "

@@ -62,7 +62,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.eventual import Consistency, create_call, look_until
+from batchgate_server.providers.eventual import Consistency, create_call
 from batchgate_server.providers.params import float_param, int_param
 
 from . import mapping
@@ -77,7 +77,6 @@ LOOKUP_PAGES = 5  # pages of 100 batches searched when reconciling an interrupte
 FILE_PAGE = 10_000  # files listed per page when looking for our input files
 FILE_PAGES = 5
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-DUPLICATE_WATCH = 10  # after a repeated create, polls look for a late copy this many patiences more
 
 
 class _OpenAIFamilyProvider(BatchProvider):
@@ -156,15 +155,14 @@ class _OpenAIFamilyProvider(BatchProvider):
         if started is not None:
             consistency = Consistency.from_params(job.deployment.params)
             deadline = consistency.lookup_deadline(float(started), conn.timeout, st.get("create_ended_at"))
-            found = await look_until(lambda: self._adopt_created(conn, job), deadline=deadline,
-                                     interval=consistency.lookup_interval())
+            found = await consistency.look_for_create(lambda: self._adopt_created(conn, job), deadline)
             if found:
                 return
             log.warning("batch %s: the %s create started at %s is not listed after %.0fs of looking; "
                         "creating the batch again (a late copy will be cancelled)", job.batch_id, self.label,
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(started))),
                         time.time() - float(started))
-            st["duplicate_watch_until"] = deadline + DUPLICATE_WATCH * consistency.lookup_patience
+            st["duplicate_watch_until"] = consistency.duplicate_watch_until(deadline)
         if not st.get("input_file_id"):
             st["input_file_id"] = await self._input_file(conn, job)
             await job.save_state()
