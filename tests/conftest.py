@@ -18,6 +18,7 @@ from batchgate_server.app import BatchgateServer
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import Settings
 from tests.backends_pg import open_postgres_store, postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.storage_full import SmallDisk
 
 MASTER_KEY = "test-master-key"
@@ -138,6 +139,22 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+@pytest.fixture
+def upstream_class() -> type[FakeUpstream]:
+    """The fake OpenAI-compatible server `upstream` runs; a module overrides this for a variant."""
+    return FakeUpstream
+
+
+@pytest.fixture
+async def upstream(upstream_class: type[FakeUpstream]) -> AsyncIterator[FakeUpstream]:
+    up = upstream_class()
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.stop()
 
 
 @pytest.fixture
