@@ -114,12 +114,23 @@ class PostgresServer:
         return self._run(str(self.bin_dir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                          "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-d", database, "-c", sql)
 
-    def create_database(self, tablespace: str = "") -> str:
+    def create_database(self, tablespace: str = "", owner: str = "") -> str:
         """A new empty database; its URL. FILE_COPY: with fsync off, copying the template's files is
-        faster than writing them all to the WAL (the default strategy)."""
+        faster than writing them all to the WAL (the default strategy). `owner`: an ordinary role
+        (made if need be) owns it, and the URL connects as that role (not a superuser, which
+        PostgreSQL exempts from connection limits)."""
         name = f"test_{next(self._names)}"
         self.psql(f"CREATE DATABASE {name} STRATEGY FILE_COPY" + (f" TABLESPACE {tablespace}" if tablespace else ""))
-        return self.url(name)
+        if not owner:
+            return self.url(name)
+        self.psql(f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{owner}')"
+                  f" THEN CREATE ROLE {owner} LOGIN; END IF; END $$")
+        self.psql(f"ALTER DATABASE {name} OWNER TO {owner}")
+        return self.url(name).replace(f"//{SUPERUSER}@", f"//{owner}@")
+
+    def set_connection_limit(self, url: str, limit: int) -> None:
+        """At most `limit` connections to the database of `url` (-1: no limit) for ordinary roles."""
+        self.psql(f"ALTER DATABASE {url.rsplit('/', 1)[1]} CONNECTION LIMIT {limit}")
 
     def drop_database(self, url: str) -> None:
         self.psql(f"DROP DATABASE IF EXISTS {url.rsplit('/', 1)[1]} WITH (FORCE)")

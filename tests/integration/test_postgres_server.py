@@ -1,6 +1,6 @@
 """The server on `--database-url postgresql://…`: keys, files, a batch run to its end and its usage,
-all in PostgreSQL, read back by another server on the same database; an unreachable database is a
-clear start-up error."""
+all in PostgreSQL, read back by another server on the same database; a database outage is
+UNAVAILABLE (retried by clients) and an unreachable one a clear start-up error."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+import pytest
+
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
-from tests.conftest import MASTER_KEY, Caller, batch_file, serving
+from tests.conftest import MASTER_KEY, Caller, batch_file, error_details, serving
 from tests.integration.batch_helpers import create, results, watch_all
 from tests.integration.usage_helpers import query
 
@@ -55,6 +58,43 @@ async def test_a_batch_runs_on_postgresql_and_another_server_reads_it_all_back(t
         admin = Caller(h.alice.files, h.alice.batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default")
         assert batch.id in [b.id for b in (await admin.batches.ListBatches(
             batch_pb2.ListBatchesRequest(), metadata=admin.metadata)).batches]
+
+
+async def test_a_database_outage_is_unavailable_with_retry_info_then_calls_work_again(tmp_path, postgres_server):
+    """No connection to be had (every one cut, none allowed): calls are UNAVAILABLE with reason
+    STORAGE_UNAVAILABLE and RetryInfo, which clients retry, not UNKNOWN; then the server recovers."""
+    url = postgres_server.create_database(owner="app")
+    try:
+        async with serving(tmp_path / "data", database_url=url) as h:
+            a = h.alice
+            f = await h.upload(a, batch_file(1, model="simulated"))
+            postgres_server.set_connection_limit(url, 0)
+            assert postgres_server.terminate_connections(url) >= 1
+            for call in (a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata),
+                         a.batches.ListBatches(batch_pb2.ListBatchesRequest(), metadata=a.metadata)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                info, _ = error_details(caught.value)
+                assert info.reason == "STORAGE_UNAVAILABLE" and info.domain == "batchgate.dev"
+                assert retry_delay(caught.value) == 1.0
+            postgres_server.set_connection_limit(url, -1)
+            got = await a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata)
+            assert got.file.id == f.id
+    finally:
+        postgres_server.drop_database(url)
+
+
+def retry_delay(err: grpc.aio.AioRpcError) -> float | None:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    for detail in rpc_status.from_call(err).details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return None
 
 
 def test_an_unreachable_database_stops_the_start_with_a_clear_error(tmp_path):

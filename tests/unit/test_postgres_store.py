@@ -210,13 +210,8 @@ async def test_a_full_disk_is_storage_full_and_reads_still_work(postgres_server:
 async def test_an_application_role_migrates_and_too_many_connections_is_unavailable(postgres_server):
     """An ordinary role owning its database (no superuser): it migrates the schema; past the
     database's connection limit, a server gets StorageUnavailable, not a driver error."""
-    postgres_server.psql("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app')"
-                         " THEN CREATE ROLE app LOGIN; END IF; END $$")
-    url = postgres_server.create_database()
-    name = url.rsplit("/", 1)[1]
-    postgres_server.psql(f"ALTER DATABASE {name} OWNER TO app")
-    postgres_server.psql(f"ALTER DATABASE {name} CONNECTION LIMIT 1")
-    app_url = url.replace("postgresql://postgres@", "postgresql://app@")
+    app_url = postgres_server.create_database(owner="app")
+    postgres_server.set_connection_limit(app_url, 1)
     store = await PostgresMetadataStore.open(app_url)
     try:
         assert await store.schema_version() == len(MIGRATIONS)
@@ -225,4 +220,4 @@ async def test_an_application_role_migrates_and_too_many_connections_is_unavaila
         await store.insert_batch(batch("batch_1"))  # the first server is not disturbed
     finally:
         await store.close()
-        postgres_server.drop_database(url)
+        postgres_server.drop_database(app_url)

@@ -12,7 +12,7 @@ import grpc
 
 from batchgate_server.api.errors import abort_with
 from batchgate_server.core.auth import Authenticator, Principal
-from batchgate_server.core.errors import ApiError
+from batchgate_server.core.errors import ApiError, StorageUnavailable, storage_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,13 @@ class Servicer:
     auth: Authenticator
 
 
+async def _unavailable(context: grpc.aio.ServicerContext, err: StorageUnavailable) -> None:
+    """The database went away under the call (a restart, a failover, no connection left): UNAVAILABLE
+    with RetryInfo, which clients retry, rather than UNKNOWN."""
+    log.warning("storage unavailable: %s", err)
+    await abort_with(context, storage_unavailable())
+
+
 def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[Any]]):
     @functools.wraps(handler)
     async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -31,6 +38,8 @@ def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awa
             return await handler(self, request, context, principal)
         except ApiError as err:
             await abort_with(context, err)
+        except StorageUnavailable as err:
+            await _unavailable(context, err)
 
     return wrapper
 
@@ -44,5 +53,7 @@ def server_stream(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Princip
                 yield item
         except ApiError as err:
             await abort_with(context, err)
+        except StorageUnavailable as err:
+            await _unavailable(context, err)
 
     return wrapper

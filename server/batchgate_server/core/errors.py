@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from batchgate_server.store.errors import StorageFull
+from batchgate_server.store.errors import StorageFull, StorageUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -16,6 +16,9 @@ T = TypeVar("T")
 # What RetryInfo suggests to a caller that met a full disk: space comes back when an operator (or
 # a DeleteFile, or an expiry sweep) frees it, not within milliseconds.
 STORAGE_FULL_RETRY_AFTER = 30.0
+# ... and one whose database is unreachable, restarting or out of connections: a failover or a
+# restart takes seconds.
+STORAGE_UNAVAILABLE_RETRY_AFTER = 1.0
 
 
 @dataclass
@@ -59,10 +62,20 @@ class DeadlineExceeded(ApiError):
     pass
 
 
-class ResourceExhausted(ApiError):
+class Retryable(ApiError):
+    """An error that comes with RetryInfo: the same call may work after `retry_after` seconds."""
+
     def __init__(self, message: str, reason: str, retry_after: float = 1.0, **kw) -> None:
         super().__init__(message, reason, **kw)
         self.retry_after = retry_after
+
+
+class ResourceExhausted(Retryable):
+    pass
+
+
+class Unavailable(Retryable):
+    pass
 
 
 def clip(text: str, max_bytes: int) -> str:
@@ -92,6 +105,11 @@ def not_found(kind: str, resource_id: str) -> NotFound:
 def storage_full() -> ResourceExhausted:
     return ResourceExhausted("the server's storage is full; retry once space has been freed (deleting files"
                              " frees it)", "STORAGE_FULL", retry_after=STORAGE_FULL_RETRY_AFTER)
+
+
+def storage_unavailable() -> Unavailable:
+    return Unavailable("the server's database is unavailable (unreachable, restarting or out of connections);"
+                       " retry shortly", "STORAGE_UNAVAILABLE", retry_after=STORAGE_UNAVAILABLE_RETRY_AFTER)
 
 
 def exhausted_when_full(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:

@@ -42,10 +42,13 @@ def from_driver(err: Exception) -> StorageError:
 
 
 def is_connection_lost(err: BaseException) -> bool:
-    """The connection broke (or never opened) before an answer came: nothing the server said."""
+    """The connection broke (or never opened) before an answer came: nothing the server said.
+    asyncpg's InternalClientError is a connection left in a state it cannot go on from (a
+    statement cut off by the connection's end; a statement cache outdated by another server's
+    migration): we never share a connection between two callers, so nothing else raises it."""
     return isinstance(err, (asyncpg.ConnectionDoesNotExistError, asyncpg.exceptions.ConnectionFailureError,
                             asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError,
-                            OSError)) or (
+                            asyncpg.InternalClientError, OSError)) or (
         isinstance(err, asyncpg.InterfaceError) and "connection is closed" in str(err))
 
 
@@ -56,5 +59,5 @@ def pg_errors() -> Iterator[None]:
         yield
     except StorageError:
         raise
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as err:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError) as err:
         raise from_driver(err) from err

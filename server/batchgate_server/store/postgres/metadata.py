@@ -40,7 +40,7 @@ import asyncpg
 
 from batchgate_server.domain.models import BatchRecord, BatchStatus, FileRecord
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
-from batchgate_server.store.errors import RevisionConflict
+from batchgate_server.store.errors import RevisionConflict, StorageUnavailable
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.postgres import locks, migrations
 from batchgate_server.store.postgres.errors import is_connection_lost, pg_errors
@@ -153,15 +153,27 @@ class PostgresMetadataStore(MetadataStore):
 
     # -- statements ---------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _statements(self) -> AsyncIterator[None]:
+        """Driver errors leave as StorageErrors. A lost connection means the others in the pool
+        may be dead too (a database restart or failover kills them all): every pooled connection
+        is replaced before its next use."""
+        try:
+            with pg_errors():
+                yield
+        except StorageUnavailable as err:
+            if is_connection_lost(err.__cause__ or err):
+                await self.pool.expire_connections()
+            raise
+
     async def _read(self, method: str, sql: str, *args: Any) -> Any:
-        """pool.fetch / fetchrow / fetchval. A read is tried once more on a fresh connection when
-        the first one was lost (a server restart or failover leaves dead connections in the pool):
-        reads change nothing, so a retry is always safe."""
+        """pool.fetch / fetchrow. A read whose connection was lost is tried once more, on a new
+        connection: reads change nothing, so a retry is always safe."""
         for attempt in (1, 2):
             try:
-                with pg_errors():
+                async with self._statements():
                     return await getattr(self.pool, method)(sql, *args)
-            except Exception as err:
+            except StorageUnavailable as err:
                 if attempt == 2 or not is_connection_lost(err.__cause__ or err):
                     raise
 
@@ -173,15 +185,14 @@ class PostgresMetadataStore(MetadataStore):
 
     async def _execute(self, sql: str, *args: Any) -> str:
         """One statement in its own transaction; its status ("UPDATE 1")."""
-        with pg_errors():
+        async with self._statements():
             return await self.pool.execute(sql, *args)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection in a transaction, committed when the block ends, rolled back on an error."""
-        with pg_errors():
-            async with self.pool.acquire() as conn, conn.transaction():
-                yield conn
+        async with self._statements(), self.pool.acquire() as conn, conn.transaction():
+            yield conn
 
     # -- server secrets -------------------------------------------------------------------
 
