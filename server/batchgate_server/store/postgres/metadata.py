@@ -1,12 +1,16 @@
 """Metadata store on PostgreSQL through asyncpg: the same methods and semantics as the SQLite
 store, for any number of servers on one database.
 
-The driver, by measurement (bench/postgres_driver.py: 64 concurrent callers, a pool of 10, on the
-2-core machine shared with other work): asyncpg served 1.48× the point reads of psycopg 3 (async)
-(5,386/s against 3,631/s; 115 against 185 µs of client CPU per read, the JSON decoding included)
-and 1.20× the update transactions (2,397/s against 1,991/s; 306 against 361 µs). It speaks the
-binary protocol natively on asyncio (no libpq), prepares and caches statements by itself, has its
-own pool, and gives every server error its SQLSTATE (store/postgres/errors.py maps them).
+The driver, by measurement (bench/postgres_driver.py: 64 concurrent callers, a pool of 10; three
+runs on the 2-core machine shared with other work, load 3 to 8): asyncpg spent 0.62-0.85x the
+client CPU of psycopg 3 (async) per point read (115-167 against 161-206 us, JSON decoding
+included) and 0.73-0.85x per update transaction (305-335 against 361-428 us), the one figure that
+held in every run. Its rate was 1.18-1.48x psycopg's reads and 1.16-1.20x its transactions in the
+two quieter runs, even (0.84x, 0.99x) in the busiest; psycopg's p99 was lower in all three (37-40
+against 54-80 ms for reads). The server's CPU is what the executor and every RPC share, so the
+CPU per statement decides. asyncpg also speaks the binary protocol natively on asyncio (no libpq),
+prepares and caches statements by itself, has its own pool, and gives every server error its
+SQLSTATE (store/postgres/errors.py maps them).
 
 Batches keep their queryable fields as columns and the whole record as a JSON document; every
 change bumps `revision` with a compare-and-set on the old one (RevisionConflict), so two servers
