@@ -1,0 +1,233 @@
+"""What the object-storage blob stores (S3, GCS) share: bounded HTTP calls with retries, the
+background part uploads that keep memory flat, and the staging names of unfinished blobs.
+
+Every call is bounded: httpx timeouts per connect/read/write, an overall deadline per attempt, and
+at most `attempts` tries with jittered exponential backoff on 408/429/5xx and network failures
+(honouring Retry-After). What is still failing after that is StorageUnavailable; 507 (MinIO's disk
+full) is StorageFull. Nothing of httpx crosses this module: callers get a `Response` whose status
+they interpret (404 → KeyError and so on). Headers are never logged: they carry credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from batchgate_server.core.backoff import jittered_delay
+from batchgate_server.store.errors import StorageError, StorageFull, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+# Parts of 8 MiB: S3 needs at least 5 MiB for every part but the last, and GCS resumable chunks
+# must be multiples of 256 KiB. Memory per writer: one part filling plus IN_FLIGHT being sent.
+PART_SIZE = 8 * 1024 * 1024
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+# Unfinished blobs live under <prefix>/STAGING/… where keys() never looks (keys have no "/").
+STAGING = ".staging"
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    attempts: int = 5
+    backoff_base: float = 0.2
+    backoff_cap: float = 5.0
+    connect_timeout: float = 5.0
+    io_timeout: float = 30.0  # one read or write on the socket
+    attempt_deadline: float = 120.0  # one whole request (an 8 MiB part on a slow link)
+
+
+def check_key(key: str) -> str:
+    """Keys are opaque ids (`file-…`): no "/" and no leading "." (the same rule as local disk)."""
+    if not key or "/" in key or key.startswith("."):
+        raise ValueError(f"bad blob key {key!r}")
+    return key
+
+
+def staging_name() -> str:
+    return f"{STAGING}/{uuid.uuid4().hex}"
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return min(float(value), 60.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        return None if parsed is None else max(0.0, min(60.0, parsed.timestamp() - time.time()))
+
+
+Sign = Callable[[str, str, dict[str, str], bytes], Awaitable[dict[str, str]]]
+
+
+class HttpBackend:
+    """One pooled httpx client for one service (`name` appears in errors, never credentials).
+    `sign(method, url, headers, body)` returns the headers to send (signed, with a token)."""
+
+    def __init__(self, name: str, sign: Sign, limits: CallLimits = CallLimits(), max_connections: int = 16) -> None:
+        self.name = name
+        self.limits = limits
+        self._sign = sign
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(limits.io_timeout, connect=limits.connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            follow_redirects=False)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def call(self, method: str, url: str, *, headers: dict[str, str] | None = None,
+                   body: bytes = b"", what: str = "") -> httpx.Response:
+        """The response (body read) of the first attempt that is not retryable."""
+        return await self._attempts(method, url, headers or {}, body, what, stream=False)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, url: str, *, headers: dict[str, str] | None = None,
+                     what: str = "") -> AsyncIterator[httpx.Response]:
+        """The response with its body unread (retries cover getting the status line only)."""
+        resp = await self._attempts(method, url, headers or {}, b"", what, stream=True)
+        try:
+            yield resp
+        finally:
+            await resp.aclose()
+
+    async def _attempts(self, method: str, url: str, headers: dict[str, str], body: bytes, what: str,
+                        stream: bool) -> httpx.Response:
+        what = what or method
+        for attempt in range(self.limits.attempts):
+            retry_after = None
+            try:
+                signed = await self._sign(method, url, dict(headers), body)
+                async with asyncio.timeout(self.limits.attempt_deadline):
+                    request = self.client.build_request(method, url, headers=signed, content=body)
+                    resp = await self.client.send(request, stream=stream)
+                    if resp.status_code not in RETRY_STATUSES:
+                        if resp.status_code == 507:
+                            await resp.aclose()
+                            raise StorageFull(f"{self.name} {what}: the store is full (507)")
+                        return resp
+                    retry_after = _retry_after(resp)
+                    reason = f"HTTP {resp.status_code}"
+                    await resp.aclose()
+            except (httpx.TransportError, TimeoutError) as err:
+                reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            if attempt + 1 < self.limits.attempts:
+                delay = jittered_delay(attempt, self.limits.backoff_base, self.limits.backoff_cap, retry_after)
+                log.info("%s %s failed (%s); retry %d in %.2fs", self.name, what, reason, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        raise StorageUnavailable(f"{self.name} {what}: {reason} after {self.limits.attempts} attempts")
+
+
+def unexpected(name: str, what: str, resp: httpx.Response) -> StorageError:
+    """A status the caller did not expect (403, 400, …): a misconfiguration, not worth retrying.
+    The body is the service's error document (bounded), never our headers."""
+    return StorageError(f"{name} {what}: HTTP {resp.status_code}: {resp.text[:300]}")
+
+
+async def read_resuming(open_range: Callable[[int], contextlib.AbstractAsyncContextManager[httpx.Response | None]],
+                        start: int, end: int | None, chunk_size: int, attempts: int,
+                        name: str) -> AsyncIterator[bytes]:
+    """Stream bytes [start, end) (end None: to the end of the blob). A connection lost mid-body is
+    resumed from the byte reached with a new ranged request (the caller pins the object's version
+    in `open_range`), at most `attempts` times in a row. `open_range(pos)` yields None when there
+    is nothing from `pos` on."""
+    pos, failures = start, 0
+    while end is None or pos < end:
+        try:
+            async with open_range(pos) as resp:
+                if resp is None:
+                    return
+                async for piece in resp.aiter_bytes(chunk_size):
+                    if end is not None:
+                        piece = piece[:end - pos]
+                    pos += len(piece)
+                    failures = 0
+                    yield piece
+                    if end is not None and pos >= end:
+                        return
+            return
+        except httpx.TransportError as err:
+            failures += 1
+            if failures >= attempts:
+                raise StorageUnavailable(f"{name} read: {type(err).__name__} at byte {pos}, "
+                                         f"{attempts} attempts") from None
+            log.info("%s read broke at byte %d (%s); resuming", name, pos, type(err).__name__)
+
+
+class PartUploads:
+    """Cuts the bytes written into parts of exactly `part_size` (the last may be shorter) and sends
+    each in a background task, at most `in_flight` at a time: `write` returns once its bytes are
+    buffered, so the caller's next chunk is validated while a part is on the wire. `begin()` runs
+    once before the first part (creating the multipart upload or the resumable session).
+    `send(number, data)` (numbers from 1) raises on failure; that error comes out of the next
+    `write` or of `finish`."""
+
+    def __init__(self, begin: Callable[[], Awaitable[None]], send: Callable[[int, bytes], Awaitable[None]],
+                 part_size: int = PART_SIZE, in_flight: int = 2) -> None:
+        self._begin = begin
+        self._send = send
+        self.part_size = part_size
+        self._in_flight = in_flight
+        self._buf = bytearray()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.parts = 0  # parts handed to send so far
+        self.size = 0  # bytes written so far
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        self._buf += data
+        while len(self._buf) >= self.part_size:
+            part = bytes(self._buf[:self.part_size])
+            del self._buf[:self.part_size]
+            await self._submit(part)
+
+    def tail(self) -> bytes:
+        """The bytes not yet handed to a part (all of them when no part was cut)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    async def _submit(self, part: bytes) -> None:
+        while len(self._tasks) >= self._in_flight:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            self._reap()
+        self._reap()
+        if self.parts == 0:
+            await self._begin()
+        self.parts += 1
+        self._tasks.append(asyncio.create_task(self._send(self.parts, part)))
+
+    def _reap(self) -> None:
+        for task in [t for t in self._tasks if t.done()]:
+            self._tasks.remove(task)
+            task.result()  # raises the part's error
+
+    async def finish(self, last: bytes) -> None:
+        """Send `last` (if any) as the final part and wait for every part."""
+        if last:
+            await self._submit(last)
+        while self._tasks:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            self._reap()
+
+    async def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        self._buf.clear()

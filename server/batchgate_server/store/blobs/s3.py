@@ -1,0 +1,421 @@
+"""Blobs in Amazon S3 (or anything speaking its API: MinIO, moto): `s3://bucket/prefix`.
+
+The client: httpx (async, already ours) with botocore's SigV4 signer and credential chain (the
+usual AWS environment, profiles, instance roles; `BATCHGATE_S3_ENDPOINT_URL` or
+`AWS_ENDPOINT_URL_S3` for MinIO/moto, then path-style addressing). Chosen by measurement
+(bench/blob_clients.py, moto in its own process, 200 MB upload in 8 MiB parts, shared 2-core
+machine): see the figures in `CLIENT_CHOICE` below. aiobotocore was not a candidate in the end: it
+pins botocore to an older minor than the one boto3 (which the Bedrock adapter uses) needs, so the
+two cannot be installed together.
+
+Writing: the bytes are cut into 8 MiB parts sent in the background (at most two in flight, so a
+writer holds at most about 24 MiB) as a multipart upload of a staging object
+`<prefix>/.staging/<uuid>`: the blob's key is only known at commit. Commit completes the upload
+(atomic) and copies the staging object onto `<prefix>/<key>` server-side (CopyObject, atomic: a
+reader sees the old blob or the new one, never a part), then deletes the staging object. A blob
+that fits in one part is a single PutObject at commit, with no staging. Abort aborts the multipart
+upload. Nothing under `.staging/` is ever listed by `keys()` or readable by a key.
+
+A crash leaves an incomplete multipart upload (invisible to GET and LIST, but billed) or, rarely,
+a completed staging object: `sweep_stale_uploads` aborts uploads and deletes staging objects under
+our prefix older than `stale_after` (default 24 h, far beyond any upload), at most
+`SWEEP_MAX_PAGES` listing pages per run; the store runs it in the background at most once an hour
+when writers are opened, on every replica (aborting twice is harmless). A bucket lifecycle rule
+`AbortIncompleteMultipartUpload` does the same on AWS and is worth adding too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from batchgate_server.store.blobs.remote import (
+    PART_SIZE, STAGING, CallLimits, HttpBackend, PartUploads, check_key, join, read_resuming, staging_name,
+    unexpected,
+)
+from batchgate_server.store.errors import StorageError, StorageUnavailable
+from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
+
+log = logging.getLogger(__name__)
+
+CLIENT_CHOICE = "see bench/blob_clients.py"
+ENDPOINT_ENV = "BATCHGATE_S3_ENDPOINT_URL"
+COPY_LIMIT = 5 * 1024 ** 3  # CopyObject's largest source; beyond it the copy is multipart
+COPY_PART = 1024 ** 3
+SWEEP_INTERVAL = 3600.0
+SWEEP_MAX_PAGES = 10
+# S3 answers some 200s with an error document (Complete, Copy): these codes in it are retried.
+# A body without a Content-Type is parsed as a form by some servers (moto's werkzeug).
+_OCTETS = {"Content-Type": "application/octet-stream"}
+_RETRY_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
+
+
+def _strip(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _xml(text: bytes) -> ET.Element:
+    root = ET.fromstring(text)
+    for el in root.iter():
+        el.tag = _strip(el.tag)
+    return root
+
+
+def _s3_error(resp: httpx.Response) -> tuple[str, str]:
+    try:
+        root = _xml(resp.content)
+    except ET.ParseError:
+        return "", ""
+    return root.findtext("Code") or "", root.findtext("Message") or ""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
+    return parts.netloc, parts.path.strip("/")
+
+
+class S3BlobWriter(BlobWriter):
+    def __init__(self, store: S3BlobStore) -> None:
+        self._store = store
+        self._staging = join(store.prefix, staging_name())
+        self._upload_id = ""
+        self._etags: dict[int, str] = {}
+        self._completed = False
+        self._done = False
+        self._parts = PartUploads(self._begin, self._send_part, store.part_size, in_flight=2)
+
+    async def write(self, data: bytes) -> None:
+        if self._done:
+            raise StorageError("write after commit or abort")
+        try:
+            await self._parts.write(data)
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def _begin(self) -> None:
+        resp = await self._store.call("POST", self._staging, "uploads", what="CreateMultipartUpload")
+        if resp.status_code != 200:
+            raise unexpected("s3", "CreateMultipartUpload", resp)
+        self._upload_id = _xml(resp.content).findtext("UploadId") or ""
+
+    async def _send_part(self, number: int, data: bytes) -> None:
+        resp = await self._store.call("PUT", self._staging, f"partNumber={number}&uploadId={quote(self._upload_id)}",
+                                      body=data, headers=_OCTETS, what="UploadPart")
+        if resp.status_code != 200:
+            raise unexpected("s3", "UploadPart", resp)
+        self._etags[number] = resp.headers["etag"]
+
+    async def commit(self, key: str) -> int:
+        final = join(self._store.prefix, check_key(key))
+        if self._done:
+            raise StorageError("commit after commit or abort")
+        try:
+            size = self._parts.size
+            if self._parts.parts == 0:
+                resp = await self._store.call("PUT", final, body=self._parts.tail(), headers=_OCTETS,
+                                              what="PutObject")
+                if resp.status_code != 200:
+                    raise unexpected("s3", "PutObject", resp)
+            else:
+                await self._parts.finish(self._parts.tail())
+                await self._complete()
+                await self._store.copy(self._staging, final, size)
+                await self._store.delete_object(self._staging)
+        except BaseException:
+            await self.abort()
+            raise
+        self._done = True
+        return size
+
+    async def _complete(self) -> None:
+        body = "<CompleteMultipartUpload>" + "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{self._etags[n]}</ETag></Part>" for n in sorted(self._etags)
+        ) + "</CompleteMultipartUpload>"
+        try:
+            await self._store.checked("POST", self._staging, f"uploadId={quote(self._upload_id)}", {},
+                                      "CompleteMultipartUpload", body.encode())
+        except StorageError:
+            # A retry after a lost answer finds the upload gone (NoSuchUpload): the staging name is
+            # this writer's alone, so an object under it means that the completion went through.
+            if await self._store.head(self._staging) is None:
+                raise
+        self._completed = True
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        await self._parts.cancel()
+        try:
+            if self._completed:
+                await self._store.delete_object(self._staging)
+            elif self._upload_id:
+                await self._store.abort_upload(self._staging, self._upload_id)
+        except StorageError as err:  # the sweep removes it later
+            log.warning("s3: could not discard the staging upload %s: %s", self._staging, err)
+
+
+class S3BlobStore(BlobStore):
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
+                 limits: CallLimits = CallLimits(), part_size: int = PART_SIZE,
+                 stale_after: float = 24 * 3600.0) -> None:
+        import botocore.session
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.part_size = part_size
+        self.limits = limits
+        self.stale_after = stale_after
+        self._session = botocore.session.get_session()
+        self.region = region or self._session.get_config_variable("region") or "us-east-1"
+        endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3") \
+            or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            self._base = f"{endpoint.rstrip('/')}/{quote(bucket)}"  # path style: MinIO, moto
+        elif "." in bucket:
+            self._base = f"https://s3.{self.region}.amazonaws.com/{quote(bucket)}"
+        else:
+            self._base = f"https://{bucket}.s3.{self.region}.amazonaws.com"
+        self._credentials = None
+        self._http = HttpBackend("s3", self._sign, limits)
+        self._sweep: asyncio.Task[int] | None = None
+        self._next_sweep = 0.0
+
+    # -- the HTTP layer -------------------------------------------------------------------
+
+    def _url(self, name: str, query: str = "") -> str:
+        path = f"/{quote(name, safe='/~')}" if name else "/"
+        return f"{self._base}{path}" + (f"?{query}" if query else "")
+
+    async def _sign(self, method: str, url: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
+        # In a worker thread: credentials may refresh over the network (instance role), and the
+        # payload's SHA-256 (an 8 MiB part) is computed for the signature.
+        return await asyncio.to_thread(self._sign_now, method, url, headers, body)
+
+    def _sign_now(self, method: str, url: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        if self._credentials is None:
+            self._credentials = self._session.get_credentials()
+            if self._credentials is None:
+                raise StorageError("s3: no AWS credentials (environment, profile or instance role)")
+        request = AWSRequest(method=method, url=url, headers=headers, data=body)
+        S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self.region).add_auth(request)
+        return dict(request.headers.items())
+
+    async def call(self, method: str, name: str, query: str = "", *, body: bytes = b"",
+                   headers: dict[str, str] | None = None, what: str = "") -> httpx.Response:
+        return await self._http.call(method, self._url(name, query), headers=headers, body=body, what=what)
+
+    async def head(self, name: str) -> httpx.Response | None:
+        resp = await self.call("HEAD", name, what="HeadObject")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise unexpected("s3", "HeadObject", resp)
+        return resp
+
+    async def delete_object(self, name: str) -> None:
+        resp = await self.call("DELETE", name, what="DeleteObject")
+        if resp.status_code not in (200, 204, 404):
+            raise unexpected("s3", "DeleteObject", resp)
+
+    async def abort_upload(self, name: str, upload_id: str) -> None:
+        resp = await self.call("DELETE", name, f"uploadId={quote(upload_id)}", what="AbortMultipartUpload")
+        if resp.status_code not in (200, 204, 404):
+            raise unexpected("s3", "AbortMultipartUpload", resp)
+
+    async def copy(self, source: str, target: str, size: int) -> None:
+        """Copy `source` onto `target` server-side, atomically for the reader of `target`."""
+        source_header = {"x-amz-copy-source": f"/{quote(self.bucket)}/{quote(source, safe='/~')}"}
+        if size <= COPY_LIMIT:
+            await self.checked("PUT", target, "", source_header, "CopyObject")
+            return
+        resp = await self.checked("POST", target, "uploads", {}, "CreateMultipartUpload")
+        upload_id = _xml(resp.content).findtext("UploadId") or ""
+        try:
+            etags = []
+            for number, start in enumerate(range(0, size, COPY_PART), 1):
+                ranged = {**source_header, "x-amz-copy-source-range": f"bytes={start}-{min(size, start + COPY_PART) - 1}"}
+                resp = await self.checked("PUT", target, f"partNumber={number}&uploadId={quote(upload_id)}", ranged,
+                                           "UploadPartCopy")
+                etags.append(_xml(resp.content).findtext("ETag"))
+            body = "<CompleteMultipartUpload>" + "".join(
+                f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>" for n, e in enumerate(etags, 1)
+            ) + "</CompleteMultipartUpload>"
+            await self.checked("POST", target, f"uploadId={quote(upload_id)}", {}, "CompleteMultipartUpload",
+                                body.encode())
+        except BaseException:
+            with contextlib.suppress(StorageError):
+                await self.abort_upload(target, upload_id)
+            raise
+
+    async def checked(self, method: str, name: str, query: str, headers: dict[str, str], what: str,
+                       body: bytes = b"") -> httpx.Response:
+        """A call S3 may answer 200 with an error document: those are retried like a 5xx."""
+        for attempt in range(self.limits.attempts):
+            resp = await self.call(method, name, query, headers=headers, body=body, what=what)
+            code = _s3_error(resp)[0] if b"<Error" in resp.content[:200] else ""
+            if resp.status_code == 200 and not code:
+                return resp
+            if code not in _RETRY_CODES:
+                raise unexpected("s3", what, resp)
+            await asyncio.sleep(self.limits.backoff_base * 2 ** attempt)
+        raise StorageUnavailable(f"s3 {what}: still failing")
+
+    async def _list(self, query: str, what: str) -> ET.Element:
+        resp = await self._http.call("GET", f"{self._base}/?{query}", what=what)
+        if resp.status_code != 200:
+            raise unexpected("s3", what, resp)
+        return _xml(resp.content)
+
+    # -- the port ---------------------------------------------------------------------------
+
+    def open_writer(self) -> S3BlobWriter:
+        self._maybe_sweep()
+        return S3BlobWriter(self)
+
+    async def read(self, key: str, offset: int = 0, limit: int = 0,
+                   chunk_size: int = DEFAULT_READ_CHUNK) -> AsyncIterator[bytes]:
+        if offset < 0 or limit < 0:
+            raise ValueError("offset and limit must not be negative")
+        url = self._url(join(self.prefix, check_key(key)))
+        end = offset + limit if limit else None
+        etag = ""
+
+        @contextlib.asynccontextmanager
+        async def open_range(pos: int) -> AsyncIterator[httpx.Response | None]:
+            nonlocal etag
+            headers = {"If-Match": etag} if etag else {}
+            if pos or end is not None:
+                headers["Range"] = f"bytes={pos}-{end - 1 if end is not None else ''}"
+            async with self._http.stream("GET", url, headers=headers, what="GetObject") as resp:
+                if resp.status_code == 404:
+                    raise KeyError(key)
+                if resp.status_code == 416:  # from beyond the end: nothing
+                    yield None
+                    return
+                if resp.status_code == 412:
+                    raise StorageUnavailable(f"s3 GetObject: {key} was replaced while being read")
+                if resp.status_code not in (200, 206):
+                    await resp.aread()
+                    raise unexpected("s3", "GetObject", resp)
+                etag = resp.headers.get("etag", "")
+                yield resp
+
+        async for piece in read_resuming(open_range, offset, end, chunk_size, self.limits.attempts, "s3"):
+            yield piece
+
+    async def delete(self, key: str) -> bool:
+        name = join(self.prefix, check_key(key))
+        if await self.head(name) is None:
+            return False
+        await self.delete_object(name)
+        return True
+
+    async def exists(self, key: str) -> bool:
+        return await self.head(join(self.prefix, check_key(key))) is not None
+
+    async def size(self, key: str) -> int:
+        resp = await self.head(join(self.prefix, check_key(key)))
+        if resp is None:
+            raise KeyError(key)
+        return int(resp.headers["content-length"])
+
+    async def keys(self) -> AsyncIterator[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        token = ""
+        while True:
+            query = f"delimiter=%2F&list-type=2&prefix={quote(start, safe='~')}"
+            if token:
+                query = f"continuation-token={quote(token, safe='~')}&{query}"
+            root = await self._list(query, "ListObjectsV2")
+            for item in root.iter("Contents"):
+                name = (item.findtext("Key") or "")[len(start):]
+                if name and "/" not in name:
+                    yield name
+            token = root.findtext("NextContinuationToken") or ""
+            if root.findtext("IsTruncated") != "true" or not token:
+                return
+
+    async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweep
+        await self._http.aclose()
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep or (self._sweep is not None and not self._sweep.done()):
+            return
+        self._next_sweep = now + SWEEP_INTERVAL
+        self._sweep = asyncio.get_running_loop().create_task(self._sweep_logged())
+
+    async def _sweep_logged(self) -> int:
+        try:
+            return await self.sweep_stale_uploads()
+        except StorageError as err:
+            log.warning("s3: sweeping stale uploads failed (next try in an hour): %s", err)
+            return 0
+
+    async def sweep_stale_uploads(self, older_than: float | None = None) -> int:
+        """Abort multipart uploads and delete staging objects under our prefix started more than
+        `older_than` seconds ago (default `stale_after`); returns how many. Bounded: at most
+        SWEEP_MAX_PAGES listing pages of each kind."""
+        cutoff = time.time() - (self.stale_after if older_than is None else older_than)
+        staging = join(self.prefix, STAGING) + "/"
+        removed = 0
+        markers = ""
+        for _ in range(SWEEP_MAX_PAGES):
+            root = await self._list(f"{markers}prefix={quote(staging, safe='~')}&uploads", "ListMultipartUploads")
+            for upload in root.iter("Upload"):
+                if _timestamp(upload.findtext("Initiated")) < cutoff:
+                    await self.abort_upload(upload.findtext("Key") or "", upload.findtext("UploadId") or "")
+                    removed += 1
+            if root.findtext("IsTruncated") != "true":
+                break
+            markers = (f"key-marker={quote(root.findtext('NextKeyMarker') or '', safe='~')}&"
+                       f"upload-id-marker={quote(root.findtext('NextUploadIdMarker') or '', safe='~')}&")
+        token = ""
+        for _ in range(SWEEP_MAX_PAGES):
+            query = f"list-type=2&prefix={quote(staging, safe='~')}"
+            root = await self._list(f"continuation-token={quote(token, safe='~')}&{query}" if token else query,
+                                    "ListObjectsV2")
+            for item in root.iter("Contents"):
+                if _timestamp(item.findtext("LastModified")) < cutoff:
+                    await self.delete_object(item.findtext("Key") or "")
+                    removed += 1
+            token = root.findtext("NextContinuationToken") or ""
+            if root.findtext("IsTruncated") != "true" or not token:
+                break
+        if removed:
+            log.info("s3: removed %d stale staging uploads under %s", removed, staging)
+        return removed
+
+
+def _timestamp(text: str | None) -> float:
+    if not text:
+        return time.time()
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def open_s3_blob_store(url: str) -> S3BlobStore:
+    """`s3://bucket/prefix`; endpoint, region and credentials from the environment."""
+    bucket, prefix = parse_s3_url(url)
+    return S3BlobStore(bucket, prefix)
