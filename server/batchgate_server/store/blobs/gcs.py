@@ -34,8 +34,8 @@ from urllib.parse import quote, urlencode, urlsplit
 import httpx
 
 from batchgate_server.store.blobs.remote import (
-    PART_SIZE, STAGING, CallLimits, HttpBackend, PartUploads, check_key, join, read_resuming, staging_name,
-    unexpected,
+    PART_SIZE, STAGING, CallLimits, HttpBackend, PartUploads, check_key, join, read_resuming, staged_at,
+    staging_name, unexpected,
 )
 from batchgate_server.store.errors import StorageError, StorageUnavailable
 from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
@@ -344,8 +344,10 @@ class GcsBlobStore(BlobStore):
         removed, seen = 0, 0
         async for item in self._list(join(self.prefix, STAGING) + "/", delimiter=False):
             seen += 1
-            created = dt.datetime.fromisoformat(item.get("timeCreated", "").replace("Z", "+00:00")).timestamp() \
-                if item.get("timeCreated") else time.time()
+            created = staged_at(item["name"])
+            if created is None:
+                created = dt.datetime.fromisoformat(item.get("timeCreated", "").replace("Z", "+00:00")).timestamp() \
+                    if item.get("timeCreated") else time.time()
             if created < cutoff and await self.delete_object(item["name"]):
                 removed += 1
             if seen >= SWEEP_MAX_PAGES * 1000:

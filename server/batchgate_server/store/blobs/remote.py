@@ -52,7 +52,15 @@ def check_key(key: str) -> str:
 
 
 def staging_name() -> str:
-    return f"{STAGING}/{uuid.uuid4().hex}"
+    """`.staging/<unix seconds>-<uuid>`: the sweep dates a leftover by its name, by our clocks,
+    not by the server's (moto dates every multipart upload 2010-11-10)."""
+    return f"{STAGING}/{int(time.time())}-{uuid.uuid4().hex}"
+
+
+def staged_at(name: str) -> float | None:
+    """When the staging object `name` was started, from its name; None for a name we did not make."""
+    stamp = name.rsplit("/", 1)[-1].split("-", 1)[0]
+    return float(stamp) if stamp.isdigit() else None
 
 
 def join(prefix: str, name: str) -> str:

@@ -39,8 +39,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from batchgate_server.store.blobs.remote import (
-    PART_SIZE, STAGING, CallLimits, HttpBackend, PartUploads, check_key, join, read_resuming, staging_name,
-    unexpected,
+    PART_SIZE, STAGING, CallLimits, HttpBackend, PartUploads, check_key, join, read_resuming, staged_at,
+    staging_name, unexpected,
 )
 from batchgate_server.store.errors import StorageError, StorageUnavailable
 from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
@@ -385,7 +385,7 @@ class S3BlobStore(BlobStore):
         for _ in range(SWEEP_MAX_PAGES):
             root = await self._list(f"{markers}prefix={quote(staging, safe='~')}&uploads", "ListMultipartUploads")
             for upload in root.iter("Upload"):
-                if _timestamp(upload.findtext("Initiated")) < cutoff:
+                if _started(upload.findtext("Key") or "", upload.findtext("Initiated")) < cutoff:
                     await self.abort_upload(upload.findtext("Key") or "", upload.findtext("UploadId") or "")
                     removed += 1
             if root.findtext("IsTruncated") != "true":
@@ -398,7 +398,7 @@ class S3BlobStore(BlobStore):
             root = await self._list(f"continuation-token={quote(token, safe='~')}&{query}" if token else query,
                                     "ListObjectsV2")
             for item in root.iter("Contents"):
-                if _timestamp(item.findtext("LastModified")) < cutoff:
+                if _started(item.findtext("Key") or "", item.findtext("LastModified")) < cutoff:
                     await self.delete_object(item.findtext("Key") or "")
                     removed += 1
             token = root.findtext("NextContinuationToken") or ""
@@ -409,10 +409,14 @@ class S3BlobStore(BlobStore):
         return removed
 
 
-def _timestamp(text: str | None) -> float:
-    if not text:
+def _started(name: str, server_time: str | None) -> float:
+    """When a staging upload began: by its name (our clock), else by the server's date."""
+    named = staged_at(name)
+    if named is not None:
+        return named
+    if not server_time:
         return time.time()
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return dt.datetime.fromisoformat(server_time.replace("Z", "+00:00")).timestamp()
 
 
 def open_s3_blob_store(url: str) -> S3BlobStore:
