@@ -118,9 +118,9 @@ class HttpBackend:
         for attempt in range(self.limits.attempts):
             retry_after = None
             try:
-                signed = await self._sign(method, url, dict(headers), body)
+                signed = await self._sign(method, url, {**headers, "Content-Length": str(len(body))}, body)
                 async with asyncio.timeout(self.limits.attempt_deadline):
-                    request = self.client.build_request(method, url, headers=signed, content=body)
+                    request = self.client.build_request(method, url, headers=signed, content=_pieces(body))
                     resp = await self.client.send(request, stream=stream)
                     if resp.status_code not in RETRY_STATUSES:
                         if resp.status_code == 507:
@@ -137,6 +137,18 @@ class HttpBackend:
                 log.info("%s %s failed (%s); retry %d in %.2fs", self.name, what, reason, attempt + 1, delay)
                 await asyncio.sleep(delay)
         raise StorageUnavailable(f"{self.name} {what}: {reason} after {self.limits.attempts} attempts")
+
+
+_SEND_PIECE = 256 * 1024
+
+
+async def _pieces(body: bytes) -> AsyncIterator[bytes]:
+    """The body in 256 KiB pieces, each sent before the next is handed over: the HTTP stack
+    then never holds a copy of a whole part (h11 joins what it frames, the event loop's
+    transport buffers what the socket did not take yet)."""
+    view = memoryview(body)
+    for start in range(0, len(body), _SEND_PIECE):
+        yield bytes(view[start:start + _SEND_PIECE])
 
 
 def unexpected(name: str, what: str, resp: httpx.Response) -> StorageError:
@@ -189,23 +201,27 @@ class PartUploads:
         self._send = send
         self.part_size = part_size
         self._in_flight = in_flight
-        self._buf = bytearray()
+        self._buf: list[bytes] = []
+        self._buffered = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.parts = 0  # parts handed to send so far
         self.size = 0  # bytes written so far
 
     async def write(self, data: bytes) -> None:
         self.size += len(data)
-        self._buf += data
-        while len(self._buf) >= self.part_size:
-            part = bytes(self._buf[:self.part_size])
-            del self._buf[:self.part_size]
+        self._buf.append(bytes(data))  # a bytes object is kept as it is; anything mutable is copied
+        self._buffered += len(data)
+        while self._buffered >= self.part_size:
+            joined = self.tail()  # one copy (none when the writes add up to a part exactly)
+            part, rest = joined[:self.part_size], joined[self.part_size:]
+            if rest:
+                self._buf, self._buffered = [rest], len(rest)
             await self._submit(part)
 
     def tail(self) -> bytes:
         """The bytes not yet handed to a part (all of them when no part was cut)."""
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
+        self._buf, self._buffered = [], 0
         return data
 
     async def _submit(self, part: bytes) -> None:
@@ -238,4 +254,4 @@ class PartUploads:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
-        self._buf.clear()
+        self._buf, self._buffered = [], 0
