@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -26,10 +27,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, ROOT, free_port, rss_kib  # noqa: E402
+from _common import (  # noqa: E402
+    BIN, MOTO_CREDENTIALS, ROOT, free_port, moto_server, new_s3_bucket, rss_kib, stop, wait_http,
+)
 
 MB = 1024 * 1024
 PART = 8 * MB
@@ -177,7 +181,7 @@ async def run_local(size: int) -> dict:
 
 
 def child(name: str, endpoint: str, bucket: str, size: int) -> None:
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(MOTO_CREDENTIALS)
     runs = {"local-disk": lambda: run_local(size), "s3-httpx": lambda: run_ours("s3", endpoint, bucket, size),
             "s3-boto3": lambda: run_s3_boto3(endpoint, bucket, size),
             "gcs-httpx": lambda: run_ours("gcs", endpoint, bucket, size),
@@ -187,16 +191,26 @@ def child(name: str, endpoint: str, bucket: str, size: int) -> None:
 
 # -- the parent: emulators, then each candidate -----------------------------------------------------
 
-def wait_http(url: str) -> None:
+@contextlib.contextmanager
+def gcs_emulator() -> Iterator[str]:
+    """gcp-storage-emulator in memory, in its own process; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "gcp-storage-emulator"), "start", "--port", str(port), "-q", "-M"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        yield url
+    finally:
+        stop(proc)
+
+
+def new_gcs_bucket(endpoint: str) -> str:
     import httpx
 
-    for _ in range(300):
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    httpx.post(f"{endpoint}/storage/v1/b?project=bench", json={"name": bucket}).raise_for_status()
+    return bucket
 
 
 def main() -> None:
@@ -209,34 +223,19 @@ def main() -> None:
     if args.child:
         child(*args.child, size)
         return
-    chosen = args.only.split(",")
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'clients/python'}"}
-    s3_port, gcs_port = free_port(), free_port()
-    servers = [subprocess.Popen([str(BIN / "moto_server"), "-p", str(s3_port)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL),
-               subprocess.Popen([str(BIN / "gcp-storage-emulator"), "start", "--port", str(gcs_port), "-q", "-M"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    s3_url, gcs_url = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{gcs_port}"
-    try:
-        wait_http(s3_url)
-        wait_http(gcs_url)
+    with moto_server() as s3_url, gcs_emulator() as gcs_url:
         print(f"{args.mb} MB in {WRITE // MB} MiB writes, {PART // MB} MiB parts; read back in {RANGE // MB} MiB ranges")
         print(f"{'candidate':>11} {'upload MB/s':>12} {'ranged MB/s':>12} {'RSS growth MB':>14} {'vs disk':>8}")
         disk = None
-        for name in chosen:
-            bucket = f"bench-{uuid.uuid4().hex[:12]}"
-            endpoint = s3_url if name.startswith("s3") else gcs_url
+        for name in args.only.split(","):
+            endpoint, bucket = "", ""
             if name.startswith("s3"):
-                import boto3
-
-                boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id="bench",
-                             aws_secret_access_key="bench").create_bucket(Bucket=bucket)
+                endpoint, bucket = s3_url, new_s3_bucket(s3_url)
             elif name.startswith("gcs"):
-                import httpx
-
-                httpx.post(f"{gcs_url}/storage/v1/b?project=bench", json={"name": bucket}).raise_for_status()
-            out = subprocess.run([sys.executable, __file__, "--mb", str(args.mb), "--child", name, endpoint, bucket],
-                                 env=env, capture_output=True, text=True, check=False)
+                endpoint, bucket = gcs_url, new_gcs_bucket(gcs_url)
+            out = subprocess.run([sys.executable, __file__, "--mb", str(args.mb), "--child", name, endpoint or "-",
+                                  bucket or "-"], env=env, capture_output=True, text=True, check=False)
             if out.returncode:
                 print(f"{name:>11} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
@@ -245,10 +244,6 @@ def main() -> None:
             disk = up if name == "local-disk" else disk
             ratio = f"{up / disk:7.2f}x" if disk else ""
             print(f"{name:>11} {up:12.1f} {args.mb / r['ranged_s']:12.1f} {r['rss_growth_mb']:14.1f} {ratio:>8}")
-    finally:
-        for proc in servers:
-            proc.terminate()
-            proc.wait(timeout=15)
 
 
 if __name__ == "__main__":
