@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from batchgate_server.store.blobs.gcs import GcsBlobStore, open_gcs_blob_store
+from batchgate_server.store.blobs.gcs import GcsBlobStore
 from batchgate_server.store.blobs.remote import CallLimits
-from batchgate_server.store.blobs.s3 import S3BlobStore, open_s3_blob_store
+from batchgate_server.store.blobs.s3 import S3BlobStore
 from batchgate_server.store.errors import StorageError, StorageUnavailable
 from batchgate_server.store.ports import BlobStore
+from batchgate_server.store.urls import StoreUrlError, blob_url, open_blob_store
 from tests.backends_objects import QUICK_LIMITS, cut_proxy, gcs_store, s3_store
 
 MIB = 1024 * 1024
@@ -316,16 +316,18 @@ async def test_a_dead_endpoint_is_storage_unavailable_on_every_call(kind, moto_s
         await store.close()
 
 
-def test_urls_name_the_bucket_and_prefix(monkeypatch):
+async def test_blob_urls_open_the_store_for_their_scheme(monkeypatch, tmp_path):
     monkeypatch.setenv("BATCHGATE_S3_ENDPOINT_URL", "http://127.0.0.1:9")
-    s3 = open_s3_blob_store("s3://my-bucket/some/prefix/")
-    assert (s3.bucket, s3.prefix) == ("my-bucket", "some/prefix")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
-    gs = open_gcs_blob_store("gs://other-bucket")
-    assert (gs.bucket, gs.prefix) == ("other-bucket", "")
-    for bad in ("s3:///prefix", "gs://", "http://bucket/p"):
-        with pytest.raises(ValueError):
-            (open_s3_blob_store if bad.startswith("s3") else open_gcs_blob_store)(bad)
-    with pytest.raises(ValueError):
-        open_s3_blob_store("gs://b/p")
-    assert os.environ["BATCHGATE_S3_ENDPOINT_URL"]
+    s3 = await open_blob_store(blob_url("s3://my-bucket/some/prefix/", tmp_path), tmp_path)
+    gs = await open_blob_store(blob_url("gs://other-bucket", tmp_path), tmp_path)
+    try:
+        assert isinstance(s3, S3BlobStore) and (s3.bucket, s3.prefix) == ("my-bucket", "some/prefix")
+        assert isinstance(gs, GcsBlobStore) and (gs.bucket, gs.prefix) == ("other-bucket", "")
+    finally:
+        await s3.close()
+        await gs.close()
+    for bad in ("s3:///prefix", "gs://", "s3://user:pw@bucket/p", "s3://bucket:99/p", "gs://b/p?x=1",
+                "s3://b/a/../c", "gs://b/.staging", "s3://b/a//c"):
+        with pytest.raises(StoreUrlError):
+            await open_blob_store(blob_url(bad, tmp_path), tmp_path)

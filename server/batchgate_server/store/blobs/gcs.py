@@ -37,7 +37,8 @@ import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -47,6 +48,7 @@ from batchgate_server.store.blobs.remote import (
 )
 from batchgate_server.store.errors import StorageError, StorageUnavailable
 from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
+from batchgate_server.store.urls import StoreUrl
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,6 @@ SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 SWEEP_INTERVAL = 3600.0
 SWEEP_MAX_PAGES = 10
 _REWRITE_ROUNDS = 100  # rewrites across locations or classes take several calls; ours take one
-
-
-def parse_gs_url(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    if parts.scheme != "gs" or not parts.netloc:
-        raise ValueError(f"not a gs://bucket/prefix URL: {url!r}")
-    return parts.netloc, parts.path.strip("/")
 
 
 def _q(name: str) -> str:
@@ -365,7 +360,7 @@ class GcsBlobStore(BlobStore):
         return removed
 
 
-def open_gcs_blob_store(url: str) -> GcsBlobStore:
-    """`gs://bucket/prefix`; credentials from the usual Google environment."""
-    bucket, prefix = parse_gs_url(url)
+async def open_gcs_blob_store(url: StoreUrl, data_dir: Path) -> GcsBlobStore:
+    """`gs://bucket/prefix` (store/urls.py); credentials from the usual Google environment."""
+    bucket, prefix = url.bucket_and_prefix()
     return GcsBlobStore(bucket, prefix)

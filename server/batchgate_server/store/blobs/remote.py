@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from batchgate_server.core.backoff import jittered_delay
+from batchgate_server.domain.backoff import jittered_delay
 from batchgate_server.store.errors import StorageError, StorageFull, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -190,14 +190,17 @@ async def read_resuming(open_range: Callable[[int], contextlib.AbstractAsyncCont
 class PartUploads:
     """Cuts the bytes written into parts of exactly `part_size` (the last may be shorter) and sends
     each in a background task, at most `in_flight` at a time: `write` returns once its bytes are
-    buffered, so the caller's next chunk is validated while a part is on the wire. `begin()` runs
-    once before the first part (creating the multipart upload or the resumable session).
-    `send(number, data)` (numbers from 1) raises on failure; that error comes out of the next
-    `write` or of `finish`."""
+    buffered, so the caller's next chunk is validated while a part is on the wire. Memory: the
+    part being filled (the caller's chunks, joined only once a slot is free) plus `in_flight`
+    parts. `begin()` runs once before the first part (creating the multipart upload or the
+    resumable session), shielded: a cancelled write still learns what it created, so an abort
+    can remove it. `send(number, data)` (numbers from 1) raises on failure; that error comes out
+    of the next `write` or of `finish`."""
 
     def __init__(self, begin: Callable[[], Awaitable[None]], send: Callable[[int, bytes], Awaitable[None]],
                  part_size: int = PART_SIZE, in_flight: int = 2) -> None:
         self._begin = begin
+        self._begun: asyncio.Task[None] | None = None
         self._send = send
         self.part_size = part_size
         self._in_flight = in_flight
@@ -212,6 +215,7 @@ class PartUploads:
         self._buf.append(bytes(data))  # a bytes object is kept as it is; anything mutable is copied
         self._buffered += len(data)
         while self._buffered >= self.part_size:
+            await self._free_slot()
             joined = self.tail()  # one copy (none when the writes add up to a part exactly)
             part, rest = joined[:self.part_size], joined[self.part_size:]
             if rest:
@@ -224,13 +228,17 @@ class PartUploads:
         self._buf, self._buffered = [], 0
         return data
 
-    async def _submit(self, part: bytes) -> None:
+    async def _free_slot(self) -> None:
         while len(self._tasks) >= self._in_flight:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
             self._reap()
         self._reap()
-        if self.parts == 0:
-            await self._begin()
+
+    async def _submit(self, part: bytes) -> None:
+        await self._free_slot()
+        if self._begun is None:
+            self._begun = asyncio.ensure_future(self._begin())
+        await asyncio.shield(self._begun)
         self.parts += 1
         self._tasks.append(asyncio.create_task(self._send(self.parts, part)))
 
@@ -248,9 +256,11 @@ class PartUploads:
             self._reap()
 
     async def cancel(self) -> None:
+        """Stop the parts in flight; wait for a `begin` in flight to end (its upload is then known
+        and can be aborted)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *([self._begun] if self._begun else [])]:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()

@@ -42,7 +42,8 @@ import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
-from urllib.parse import quote, urlsplit
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -52,6 +53,7 @@ from batchgate_server.store.blobs.remote import (
 )
 from batchgate_server.store.errors import StorageError, StorageUnavailable
 from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
+from batchgate_server.store.urls import StoreUrl
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +85,6 @@ def _s3_error(resp: httpx.Response) -> tuple[str, str]:
     except ET.ParseError:
         return "", ""
     return root.findtext("Code") or "", root.findtext("Message") or ""
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ValueError(f"not an s3://bucket/prefix URL: {url!r}")
-    return parts.netloc, parts.path.strip("/")
 
 
 class S3BlobWriter(BlobWriter):
@@ -426,7 +421,7 @@ def _started(name: str, server_time: str | None) -> float:
     return dt.datetime.fromisoformat(server_time.replace("Z", "+00:00")).timestamp()
 
 
-def open_s3_blob_store(url: str) -> S3BlobStore:
-    """`s3://bucket/prefix`; endpoint, region and credentials from the environment."""
-    bucket, prefix = parse_s3_url(url)
+async def open_s3_blob_store(url: StoreUrl, data_dir: Path) -> S3BlobStore:
+    """`s3://bucket/prefix` (store/urls.py); endpoint, region and credentials from the environment."""
+    bucket, prefix = url.bucket_and_prefix()
     return S3BlobStore(bucket, prefix)
