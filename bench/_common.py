@@ -96,10 +96,10 @@ MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "benc
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server in its own process on a free port; yields its URL."""
+def emulator(*command: str, port_flag: str = "--port") -> Iterator[str]:
+    """An emulator's command (from the venv's bin) in its own process on a free port; yields its URL."""
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-p", str(port)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(BIN / command[0]), *command[1:], port_flag, str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -107,6 +107,10 @@ def moto_server() -> Iterator[str]:
         yield url
     finally:
         stop(proc)
+
+
+def moto_server() -> contextlib.AbstractContextManager[str]:
+    return emulator("moto_server", port_flag="-p")
 
 
 def new_s3_bucket(endpoint: str) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
@@ -27,12 +26,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    BIN, MOTO_CREDENTIALS, ROOT, free_port, moto_server, new_s3_bucket, rss_kib, stop, wait_http,
+    MOTO_CREDENTIALS, ROOT, emulator, moto_server, new_s3_bucket, rss_kib,
 )
 
 MB = 1024 * 1024
@@ -191,20 +189,6 @@ def child(name: str, endpoint: str, bucket: str, size: int) -> None:
 
 # -- the parent: emulators, then each candidate -----------------------------------------------------
 
-@contextlib.contextmanager
-def gcs_emulator() -> Iterator[str]:
-    """gcp-storage-emulator in memory, in its own process; yields its URL."""
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "gcp-storage-emulator"), "start", "--port", str(port), "-q", "-M"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url)
-        yield url
-    finally:
-        stop(proc)
-
-
 def new_gcs_bucket(endpoint: str) -> str:
     import httpx
 
@@ -224,7 +208,7 @@ def main() -> None:
         child(*args.child, size)
         return
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'clients/python'}"}
-    with moto_server() as s3_url, gcs_emulator() as gcs_url:
+    with moto_server() as s3_url, emulator("gcp-storage-emulator", "start", "-q", "-M") as gcs_url:
         print(f"{args.mb} MB in {WRITE // MB} MiB writes, {PART // MB} MiB parts; read back in {RANGE // MB} MiB ranges")
         print(f"{'candidate':>11} {'upload MB/s':>12} {'ranged MB/s':>12} {'RSS growth MB':>14} {'vs disk':>8}")
         disk = None

@@ -30,7 +30,6 @@ most once an hour when writers are opened.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -43,19 +42,15 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from batchgate_server.store.blobs.remote import (
-    PART_SIZE, STAGING, CallLimits, HttpBackend, PartUploads, check_key, join, read_resuming, staged_at,
-    staging_name, unexpected,
+    PART_SIZE, SWEEP_MAX_PAGES, CallLimits, HttpBackend, RemoteBlobStore, RemoteBlobWriter, staged_at, unexpected,
 )
 from batchgate_server.store.errors import StorageError, StorageUnavailable
-from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
 from batchgate_server.store.urls import StoreUrl
 
 log = logging.getLogger(__name__)
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
-SWEEP_INTERVAL = 3600.0
-SWEEP_MAX_PAGES = 10
 _REWRITE_ROUNDS = 100  # rewrites across locations or classes take several calls; ours take one
 
 
@@ -63,24 +58,14 @@ def _q(name: str) -> str:
     return quote(name, safe="")
 
 
-class GcsBlobWriter(BlobWriter):
+class GcsBlobWriter(RemoteBlobWriter):
+    _store: GcsBlobStore
+
     def __init__(self, store: GcsBlobStore) -> None:
-        self._store = store
-        self._staging = join(store.prefix, staging_name())
+        super().__init__(store, in_flight=1)  # a session takes its chunks in order
         self._session = ""
         self._sent = 0  # bytes the session has acknowledged
         self._finalised = False
-        self._done = False
-        self._parts = PartUploads(self._begin, self._send_chunk, store.part_size, in_flight=1)
-
-    async def write(self, data: bytes) -> None:
-        if self._done:
-            raise StorageError("write after commit or abort")
-        try:
-            await self._parts.write(data)
-        except BaseException:
-            await self.abort()
-            raise
 
     async def _begin(self, name: str = "") -> None:
         resp = await self._store.http.call(
@@ -91,7 +76,10 @@ class GcsBlobWriter(BlobWriter):
             raise unexpected("gcs", "start resumable upload", resp)
         self._session = resp.headers["location"]
 
-    async def _send_chunk(self, number: int, data: bytes, total: int | None = None) -> None:
+    async def _send_part(self, number: int, data: bytes) -> None:
+        await self._send_chunk(data)
+
+    async def _send_chunk(self, data: bytes, total: int | None = None) -> None:
         """Send `data` from byte `_sent` on; `total` (the blob's size) finalises the upload. A chunk
         the session kept only in part (its Range says so) is sent again from there."""
         start = self._sent
@@ -117,60 +105,42 @@ class GcsBlobWriter(BlobWriter):
             if total is None and self._sent >= start + len(data):
                 return
 
-    async def commit(self, key: str) -> int:
-        final = join(self._store.prefix, check_key(key))
-        if self._done:
-            raise StorageError("commit after commit or abort")
-        try:
-            size = self._parts.size
-            if size == 0:
-                # One resumable request stating a total of 0: gcp-storage-emulator fails an empty
-                # simple upload.
-                await self._begin(final)
-                await self._send_chunk(1, b"", total=0)
-            elif self._parts.parts == 0:
-                resp = await self._store.http.call("POST", self._store.upload_url(final, "media"),
-                                                   body=self._parts.tail(),
-                                                   headers={"Content-Type": "application/octet-stream"},
-                                                   what="upload")
-                if resp.status_code != 200:
-                    raise unexpected("gcs", "upload", resp)
-            else:
-                tail = self._parts.tail()
-                await self._parts.finish(b"")
-                await self._send_chunk(self._parts.parts + 1, tail, total=size)
-                await self._store.rewrite(self._staging, final)
-                await self._store.delete_object(self._staging)
-        except BaseException:
-            await self.abort()
-            raise
-        self._done = True
+    async def _commit(self, name: str) -> int:
+        size = self._parts.size
+        if size == 0:
+            # One resumable request stating a total of 0: gcp-storage-emulator fails an empty
+            # simple upload.
+            await self._begin(name)
+            await self._send_chunk(b"", total=0)
+        elif self._parts.parts == 0:
+            resp = await self._store.http.call("POST", self._store.upload_url(name, "media"), body=self._parts.tail(),
+                                               headers={"Content-Type": "application/octet-stream"}, what="upload")
+            if resp.status_code != 200:
+                raise unexpected("gcs", "upload", resp)
+        else:
+            tail = self._parts.tail()
+            await self._parts.finish(b"")
+            await self._send_chunk(tail, total=size)
+            await self._store.rewrite(self._staging, name)
+            await self._store.delete_object(self._staging)
         return size
 
-    async def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        await self._parts.cancel()
-        try:
-            if self._finalised:
-                await self._store.delete_object(self._staging)
-            elif self._session:
-                # GCS answers a cancelled session with 499; emulators may not know the verb.
-                await self._store.http.call("DELETE", self._session, what="cancel resumable upload")
-        except StorageError as err:
-            log.warning("gcs: could not discard the staging upload %s: %s", self._staging, err)
+    async def _discard(self) -> None:
+        if self._finalised:
+            await self._store.delete_object(self._staging)
+        elif self._session:
+            # GCS answers a cancelled session with 499; emulators may not know the verb.
+            await self._store.http.call("DELETE", self._session, what="cancel resumable upload")
 
 
-class GcsBlobStore(BlobStore):
+class GcsBlobStore(RemoteBlobStore):
+    service = "gcs"
+
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  limits: CallLimits = CallLimits(), part_size: int = PART_SIZE,
                  stale_after: float = 24 * 3600.0) -> None:
+        super().__init__(prefix, limits, part_size, stale_after)
         self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.part_size = part_size
-        self.limits = limits
-        self.stale_after = stale_after
         emulator = endpoint_url or os.environ.get(EMULATOR_ENV, "")
         if emulator and "://" not in emulator:
             emulator = f"http://{emulator}"
@@ -178,8 +148,6 @@ class GcsBlobStore(BlobStore):
         self._base = emulator.rstrip("/") if emulator else "https://storage.googleapis.com"
         self._credentials: Any = None
         self.http = HttpBackend("gcs", self._authorise, limits)
-        self._sweep: asyncio.Task[int] | None = None
-        self._next_sweep = 0.0
 
     # -- the HTTP layer -------------------------------------------------------------------
 
@@ -260,92 +228,43 @@ class GcsBlobStore(BlobStore):
 
     # -- the port ---------------------------------------------------------------------------
 
-    def open_writer(self) -> GcsBlobWriter:
-        self._maybe_sweep()
+    def _writer(self) -> GcsBlobWriter:
         return GcsBlobWriter(self)
 
-    async def read(self, key: str, offset: int = 0, limit: int = 0,
-                   chunk_size: int = DEFAULT_READ_CHUNK) -> AsyncIterator[bytes]:
-        if offset < 0 or limit < 0:
-            raise ValueError("offset and limit must not be negative")
-        name = join(self.prefix, check_key(key))
-        end = offset + limit if limit else None
-        generation = ""
+    def _ranged_get(self, name: str, version: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        # The generation pins the object read first: a resumed read never mixes two versions.
+        return self.object_url(name, alt="media", **({"generation": version} if version else {})), headers
 
-        @contextlib.asynccontextmanager
-        async def open_range(pos: int) -> AsyncIterator[httpx.Response | None]:
-            nonlocal generation
-            # The generation pins the object read first: a resumed read never mixes two versions.
-            params = {"alt": "media", **({"generation": generation} if generation else {})}
-            headers = {}
-            if pos or end is not None:
-                headers["Range"] = f"bytes={pos}-{end - 1 if end is not None else ''}"
-            async with self.http.stream("GET", self.object_url(name, **params), headers=headers,
-                                        what="download") as resp:
-                if resp.status_code == 404:
-                    if generation:
-                        raise StorageUnavailable(f"gcs download: {key} was replaced while being read")
-                    raise KeyError(key)
-                if resp.status_code == 416:  # from beyond the end: nothing
-                    yield None
-                    return
-                if resp.status_code not in (200, 206):
-                    await resp.aread()
-                    raise unexpected("gcs", "download", resp)
-                generation = resp.headers.get("x-goog-generation", "")
-                yield resp
-
-        async for piece in read_resuming(open_range, offset, end, chunk_size, self.limits.attempts, "gcs"):
-            yield piece
+    def _version(self, resp: httpx.Response) -> str:
+        return resp.headers.get("x-goog-generation", "")
 
     async def delete(self, key: str) -> bool:
-        return await self.delete_object(join(self.prefix, check_key(key)))
+        return await self.delete_object(self.name_of(key))
 
     async def exists(self, key: str) -> bool:
-        return await self.metadata(join(self.prefix, check_key(key))) is not None
+        return await self.metadata(self.name_of(key)) is not None
 
     async def size(self, key: str) -> int:
-        meta = await self.metadata(join(self.prefix, check_key(key)))
+        meta = await self.metadata(self.name_of(key))
         if meta is None:
             raise KeyError(key)
         return int(meta["size"])
 
     async def keys(self) -> AsyncIterator[str]:
-        start = f"{self.prefix}/" if self.prefix else ""
+        start = self.key_prefix
         async for item in self._list(start, delimiter=True):
             name = item["name"][len(start):]
             if name and "/" not in name:
                 yield name
 
-    async def close(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sweep
-        await self.http.aclose()
-
     # -- housekeeping -----------------------------------------------------------------------
-
-    def _maybe_sweep(self) -> None:
-        now = time.monotonic()
-        if now < self._next_sweep or (self._sweep is not None and not self._sweep.done()):
-            return
-        self._next_sweep = now + SWEEP_INTERVAL
-        self._sweep = asyncio.get_running_loop().create_task(self._sweep_logged())
-
-    async def _sweep_logged(self) -> int:
-        try:
-            return await self.sweep_stale_uploads()
-        except StorageError as err:
-            log.warning("gcs: sweeping stale staging objects failed (next try in an hour): %s", err)
-            return 0
 
     async def sweep_stale_uploads(self, older_than: float | None = None) -> int:
         """Delete staging objects under our prefix created more than `older_than` seconds ago
         (default `stale_after`); returns how many. Bounded to SWEEP_MAX_PAGES pages."""
-        cutoff = time.time() - (self.stale_after if older_than is None else older_than)
+        cutoff = self._cutoff(older_than)
         removed, seen = 0, 0
-        async for item in self._list(join(self.prefix, STAGING) + "/", delimiter=False):
+        async for item in self._list(self.staging_prefix, delimiter=False):
             seen += 1
             created = staged_at(item["name"])
             if created is None:
@@ -355,8 +274,6 @@ class GcsBlobStore(BlobStore):
                 removed += 1
             if seen >= SWEEP_MAX_PAGES * 1000:
                 break
-        if removed:
-            log.info("gcs: removed %d stale staging objects under %s", removed, self.prefix or "the bucket root")
         return removed
 
 

@@ -23,12 +23,15 @@ import httpx
 
 from batchgate_server.domain.backoff import jittered_delay
 from batchgate_server.store.errors import StorageError, StorageFull, StorageUnavailable
+from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
 
 log = logging.getLogger(__name__)
 
 # Parts of 8 MiB: S3 needs at least 5 MiB for every part but the last, and GCS resumable chunks
 # must be multiples of 256 KiB. Memory per writer: one part filling plus IN_FLIGHT being sent.
 PART_SIZE = 8 * 1024 * 1024
+SWEEP_INTERVAL = 3600.0  # seconds between two sweeps of stale staging uploads by one store
+SWEEP_MAX_PAGES = 10  # listing pages one sweep reads (of each kind), at most
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 # Unfinished blobs live under <prefix>/STAGING/… where keys() never looks (keys have no "/").
 STAGING = ".staging"
@@ -265,3 +268,165 @@ class PartUploads:
                 await task
         self._tasks.clear()
         self._buf, self._buffered = [], 0
+
+
+class RemoteBlobWriter(BlobWriter):
+    """What the S3 and GCS writers share: the staging name, the part pipeline (`in_flight` parts
+    at a time), and the commit/abort bookkeeping. Subclasses say how to begin the staging upload,
+    send a part, commit (`_commit(name)`: everything to the object `name`, returning the size)
+    and discard what was staged (`_discard`)."""
+
+    def __init__(self, store: RemoteBlobStore, in_flight: int) -> None:
+        self._store = store
+        self._staging = join(store.prefix, staging_name())
+        self._done = False
+        self._parts = PartUploads(self._begin, self._send_part, store.part_size, in_flight)
+
+    async def _begin(self) -> None:
+        raise NotImplementedError
+
+    async def _send_part(self, number: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def _commit(self, name: str) -> int:
+        raise NotImplementedError
+
+    async def _discard(self) -> None:
+        raise NotImplementedError
+
+    async def write(self, data: bytes) -> None:
+        if self._done:
+            raise StorageError("write after commit or abort")
+        try:
+            await self._parts.write(data)
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def commit(self, key: str) -> int:
+        name = self._store.name_of(key)
+        if self._done:
+            raise StorageError("commit after commit or abort")
+        try:
+            size = await self._commit(name)
+        except BaseException:
+            await self.abort()
+            raise
+        self._done = True
+        return size
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        await self._parts.cancel()
+        try:
+            await self._discard()
+        except StorageError as err:  # the sweep removes it later
+            log.warning("%s: could not discard the staging upload %s: %s", self._store.service, self._staging, err)
+
+
+class RemoteBlobStore(BlobStore):
+    """What the S3 and GCS stores share: keys under a prefix, and the background sweep of what
+    crashed writers left in staging (`sweep_stale_uploads`, at most every SWEEP_INTERVAL, started
+    when a writer is opened)."""
+
+    service = ""
+
+    def __init__(self, prefix: str, limits: CallLimits, part_size: int, stale_after: float) -> None:
+        self.prefix = prefix.strip("/")
+        self.limits = limits
+        self.part_size = part_size
+        self.stale_after = stale_after
+        self._sweep: asyncio.Task[int] | None = None
+        self._next_sweep = 0.0
+        self.http: HttpBackend  # set by the subclass
+
+    def name_of(self, key: str) -> str:
+        return join(self.prefix, check_key(key))
+
+    @property
+    def key_prefix(self) -> str:
+        """What every object name of a key starts with."""
+        return f"{self.prefix}/" if self.prefix else ""
+
+    @property
+    def staging_prefix(self) -> str:
+        return join(self.prefix, STAGING) + "/"
+
+    def _writer(self) -> RemoteBlobWriter:
+        raise NotImplementedError
+
+    def open_writer(self) -> RemoteBlobWriter:
+        self._maybe_sweep()
+        return self._writer()
+
+    async def sweep_stale_uploads(self, older_than: float | None = None) -> int:
+        raise NotImplementedError
+
+    def _cutoff(self, older_than: float | None) -> float:
+        return time.time() - (self.stale_after if older_than is None else older_than)
+
+    def _maybe_sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep or (self._sweep is not None and not self._sweep.done()):
+            return
+        self._next_sweep = now + SWEEP_INTERVAL
+        self._sweep = asyncio.get_running_loop().create_task(self._sweep_logged())
+
+    async def _sweep_logged(self) -> int:
+        try:
+            removed = await self.sweep_stale_uploads()
+        except StorageError as err:
+            log.warning("%s: sweeping stale staging uploads failed (next try in an hour): %s", self.service, err)
+            return 0
+        if removed:
+            log.info("%s: removed %d stale staging uploads under %s", self.service, removed, self.staging_prefix)
+        return removed
+
+    async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweep
+        await self.http.aclose()
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _ranged_get(self, name: str, version: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """URL and headers of a GET of `name` (its `Range` in headers), pinned to `version` if set."""
+        raise NotImplementedError
+
+    def _version(self, resp: httpx.Response) -> str:
+        """What pins the object a GET answered (ETag, generation), for the resumed requests."""
+        raise NotImplementedError
+
+    async def read(self, key: str, offset: int = 0, limit: int = 0,
+                   chunk_size: int = DEFAULT_READ_CHUNK) -> AsyncIterator[bytes]:
+        if offset < 0 or limit < 0:
+            raise ValueError("offset and limit must not be negative")
+        name = self.name_of(key)
+        end = offset + limit if limit else None
+        version = ""
+
+        @contextlib.asynccontextmanager
+        async def open_range(pos: int) -> AsyncIterator[httpx.Response | None]:
+            nonlocal version
+            ranged = {"Range": f"bytes={pos}-{end - 1 if end is not None else ''}"} if pos or end is not None else {}
+            url, headers = self._ranged_get(name, version, ranged)
+            async with self.http.stream("GET", url, headers=headers, what="read") as resp:
+                if resp.status_code == 416:  # from beyond the end: nothing
+                    yield None
+                    return
+                if resp.status_code in (404, 412):  # 412: the pinned version is gone
+                    if version:
+                        raise StorageUnavailable(f"{self.service} read: {key} was replaced or deleted while being read")
+                    raise KeyError(key)
+                if resp.status_code not in (200, 206):
+                    await resp.aread()
+                    raise unexpected(self.service, "read", resp)
+                version = self._version(resp)
+                yield resp
+
+        async for piece in read_resuming(open_range, offset, end, chunk_size, self.limits.attempts, self.service):
+            yield piece

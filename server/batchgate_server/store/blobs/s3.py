@@ -48,11 +48,9 @@ from urllib.parse import quote
 import httpx
 
 from batchgate_server.store.blobs.remote import (
-    PART_SIZE, STAGING, CallLimits, HttpBackend, PartUploads, check_key, join, read_resuming, staged_at,
-    staging_name, unexpected,
+    PART_SIZE, SWEEP_MAX_PAGES, CallLimits, HttpBackend, RemoteBlobStore, RemoteBlobWriter, staged_at, unexpected,
 )
 from batchgate_server.store.errors import StorageError, StorageUnavailable
-from batchgate_server.store.ports import DEFAULT_READ_CHUNK, BlobStore, BlobWriter
 from batchgate_server.store.urls import StoreUrl
 
 log = logging.getLogger(__name__)
@@ -60,8 +58,6 @@ log = logging.getLogger(__name__)
 ENDPOINT_ENV = "BATCHGATE_S3_ENDPOINT_URL"
 COPY_LIMIT = 5 * 1024 ** 3  # CopyObject's largest source; beyond it the copy is multipart
 COPY_PART = 1024 ** 3
-SWEEP_INTERVAL = 3600.0
-SWEEP_MAX_PAGES = 10
 # S3 answers some 200s with an error document (Complete, Copy): these codes in it are retried.
 # A body without a Content-Type is parsed as a form by some servers (moto's werkzeug).
 _OCTETS = {"Content-Type": "application/octet-stream"}
@@ -87,24 +83,21 @@ def _s3_error(resp: httpx.Response) -> tuple[str, str]:
     return root.findtext("Code") or "", root.findtext("Message") or ""
 
 
-class S3BlobWriter(BlobWriter):
+def _completion(etags: list[str]) -> bytes:
+    """The CompleteMultipartUpload document for parts 1…n with these ETags."""
+    return ("<CompleteMultipartUpload>" + "".join(
+        f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>" for n, etag in enumerate(etags, 1)
+    ) + "</CompleteMultipartUpload>").encode()
+
+
+class S3BlobWriter(RemoteBlobWriter):
+    _store: S3BlobStore
+
     def __init__(self, store: S3BlobStore) -> None:
-        self._store = store
-        self._staging = join(store.prefix, staging_name())
+        super().__init__(store, in_flight=2)
         self._upload_id = ""
         self._etags: dict[int, str] = {}
         self._completed = False
-        self._done = False
-        self._parts = PartUploads(self._begin, self._send_part, store.part_size, in_flight=2)
-
-    async def write(self, data: bytes) -> None:
-        if self._done:
-            raise StorageError("write after commit or abort")
-        try:
-            await self._parts.write(data)
-        except BaseException:
-            await self.abort()
-            raise
 
     async def _begin(self) -> None:
         resp = await self._store.call("POST", self._staging, "uploads", what="CreateMultipartUpload")
@@ -119,35 +112,23 @@ class S3BlobWriter(BlobWriter):
             raise unexpected("s3", "UploadPart", resp)
         self._etags[number] = resp.headers["etag"]
 
-    async def commit(self, key: str) -> int:
-        final = join(self._store.prefix, check_key(key))
-        if self._done:
-            raise StorageError("commit after commit or abort")
-        try:
-            size = self._parts.size
-            if self._parts.parts == 0:
-                resp = await self._store.call("PUT", final, body=self._parts.tail(), headers=_OCTETS,
-                                              what="PutObject")
-                if resp.status_code != 200:
-                    raise unexpected("s3", "PutObject", resp)
-            else:
-                await self._parts.finish(self._parts.tail())
-                await self._complete()
-                await self._store.copy(self._staging, final, size)
-                await self._store.delete_object(self._staging)
-        except BaseException:
-            await self.abort()
-            raise
-        self._done = True
+    async def _commit(self, name: str) -> int:
+        size = self._parts.size
+        if self._parts.parts == 0:
+            resp = await self._store.call("PUT", name, body=self._parts.tail(), headers=_OCTETS, what="PutObject")
+            if resp.status_code != 200:
+                raise unexpected("s3", "PutObject", resp)
+            return size
+        await self._parts.finish(self._parts.tail())
+        await self._complete()
+        await self._store.copy(self._staging, name, size)
+        await self._store.delete_object(self._staging)
         return size
 
     async def _complete(self) -> None:
-        body = "<CompleteMultipartUpload>" + "".join(
-            f"<Part><PartNumber>{n}</PartNumber><ETag>{self._etags[n]}</ETag></Part>" for n in sorted(self._etags)
-        ) + "</CompleteMultipartUpload>"
         try:
             await self._store.checked("POST", self._staging, f"uploadId={quote(self._upload_id)}", {},
-                                      "CompleteMultipartUpload", body.encode())
+                                      "CompleteMultipartUpload", _completion([self._etags[n] for n in sorted(self._etags)]))
         except StorageError:
             # A retry after a lost answer finds the upload gone (NoSuchUpload): the staging name is
             # this writer's alone, so an object under it means that the completion went through.
@@ -155,31 +136,23 @@ class S3BlobWriter(BlobWriter):
                 raise
         self._completed = True
 
-    async def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        await self._parts.cancel()
-        try:
-            if self._completed:
-                await self._store.delete_object(self._staging)
-            elif self._upload_id:
-                await self._store.abort_upload(self._staging, self._upload_id)
-        except StorageError as err:  # the sweep removes it later
-            log.warning("s3: could not discard the staging upload %s: %s", self._staging, err)
+    async def _discard(self) -> None:
+        if self._completed:
+            await self._store.delete_object(self._staging)
+        elif self._upload_id:
+            await self._store.abort_upload(self._staging, self._upload_id)
 
 
-class S3BlobStore(BlobStore):
+class S3BlobStore(RemoteBlobStore):
+    service = "s3"
+
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
                  limits: CallLimits = CallLimits(), part_size: int = PART_SIZE,
                  stale_after: float = 24 * 3600.0) -> None:
         import botocore.session
 
+        super().__init__(prefix, limits, part_size, stale_after)
         self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.part_size = part_size
-        self.limits = limits
-        self.stale_after = stale_after
         self._session = botocore.session.get_session()
         self.region = region or self._session.get_config_variable("region") or "us-east-1"
         endpoint = endpoint_url or os.environ.get(ENDPOINT_ENV) or os.environ.get("AWS_ENDPOINT_URL_S3") \
@@ -191,9 +164,7 @@ class S3BlobStore(BlobStore):
         else:
             self._base = f"https://{bucket}.s3.{self.region}.amazonaws.com"
         self._credentials = None
-        self._http = HttpBackend("s3", self._sign, limits)
-        self._sweep: asyncio.Task[int] | None = None
-        self._next_sweep = 0.0
+        self.http = HttpBackend("s3", self._sign, limits)
 
     # -- the HTTP layer -------------------------------------------------------------------
 
@@ -220,7 +191,7 @@ class S3BlobStore(BlobStore):
 
     async def call(self, method: str, name: str, query: str = "", *, body: bytes = b"",
                    headers: dict[str, str] | None = None, what: str = "") -> httpx.Response:
-        return await self._http.call(method, self._url(name, query), headers=headers, body=body, what=what)
+        return await self.http.call(method, self._url(name, query), headers=headers, body=body, what=what)
 
     async def head(self, name: str) -> httpx.Response | None:
         resp = await self.call("HEAD", name, what="HeadObject")
@@ -279,66 +250,40 @@ class S3BlobStore(BlobStore):
         raise StorageUnavailable(f"s3 {what}: still failing")
 
     async def _list(self, query: str, what: str) -> ET.Element:
-        resp = await self._http.call("GET", f"{self._base}/?{query}", what=what)
+        resp = await self.http.call("GET", f"{self._base}/?{query}", what=what)
         if resp.status_code != 200:
             raise unexpected("s3", what, resp)
         return _xml(resp.content)
 
     # -- the port ---------------------------------------------------------------------------
 
-    def open_writer(self) -> S3BlobWriter:
-        self._maybe_sweep()
+    def _writer(self) -> S3BlobWriter:
         return S3BlobWriter(self)
 
-    async def read(self, key: str, offset: int = 0, limit: int = 0,
-                   chunk_size: int = DEFAULT_READ_CHUNK) -> AsyncIterator[bytes]:
-        if offset < 0 or limit < 0:
-            raise ValueError("offset and limit must not be negative")
-        url = self._url(join(self.prefix, check_key(key)))
-        end = offset + limit if limit else None
-        etag = ""
+    def _ranged_get(self, name: str, version: str, headers: dict[str, str]) -> tuple[str, dict[str, str]]:
+        return self._url(name), {**headers, "If-Match": version} if version else headers
 
-        @contextlib.asynccontextmanager
-        async def open_range(pos: int) -> AsyncIterator[httpx.Response | None]:
-            nonlocal etag
-            headers = {"If-Match": etag} if etag else {}
-            if pos or end is not None:
-                headers["Range"] = f"bytes={pos}-{end - 1 if end is not None else ''}"
-            async with self._http.stream("GET", url, headers=headers, what="GetObject") as resp:
-                if resp.status_code == 404:
-                    raise KeyError(key)
-                if resp.status_code == 416:  # from beyond the end: nothing
-                    yield None
-                    return
-                if resp.status_code == 412:
-                    raise StorageUnavailable(f"s3 GetObject: {key} was replaced while being read")
-                if resp.status_code not in (200, 206):
-                    await resp.aread()
-                    raise unexpected("s3", "GetObject", resp)
-                etag = resp.headers.get("etag", "")
-                yield resp
-
-        async for piece in read_resuming(open_range, offset, end, chunk_size, self.limits.attempts, "s3"):
-            yield piece
+    def _version(self, resp: httpx.Response) -> str:
+        return resp.headers.get("etag", "")
 
     async def delete(self, key: str) -> bool:
-        name = join(self.prefix, check_key(key))
+        name = self.name_of(key)
         if await self.head(name) is None:
             return False
         await self.delete_object(name)
         return True
 
     async def exists(self, key: str) -> bool:
-        return await self.head(join(self.prefix, check_key(key))) is not None
+        return await self.head(self.name_of(key)) is not None
 
     async def size(self, key: str) -> int:
-        resp = await self.head(join(self.prefix, check_key(key)))
+        resp = await self.head(self.name_of(key))
         if resp is None:
             raise KeyError(key)
         return int(resp.headers["content-length"])
 
     async def keys(self) -> AsyncIterator[str]:
-        start = f"{self.prefix}/" if self.prefix else ""
+        start = self.key_prefix
         token = ""
         while True:
             query = f"delimiter=%2F&list-type=2&prefix={quote(start, safe='~')}"
@@ -353,35 +298,14 @@ class S3BlobStore(BlobStore):
             if root.findtext("IsTruncated") != "true" or not token:
                 return
 
-    async def close(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sweep
-        await self._http.aclose()
-
     # -- housekeeping -----------------------------------------------------------------------
-
-    def _maybe_sweep(self) -> None:
-        now = time.monotonic()
-        if now < self._next_sweep or (self._sweep is not None and not self._sweep.done()):
-            return
-        self._next_sweep = now + SWEEP_INTERVAL
-        self._sweep = asyncio.get_running_loop().create_task(self._sweep_logged())
-
-    async def _sweep_logged(self) -> int:
-        try:
-            return await self.sweep_stale_uploads()
-        except StorageError as err:
-            log.warning("s3: sweeping stale uploads failed (next try in an hour): %s", err)
-            return 0
 
     async def sweep_stale_uploads(self, older_than: float | None = None) -> int:
         """Abort multipart uploads and delete staging objects under our prefix started more than
         `older_than` seconds ago (default `stale_after`); returns how many. Bounded: at most
         SWEEP_MAX_PAGES listing pages of each kind."""
-        cutoff = time.time() - (self.stale_after if older_than is None else older_than)
-        staging = join(self.prefix, STAGING) + "/"
+        cutoff = self._cutoff(older_than)
+        staging = self.staging_prefix
         removed = 0
         markers = ""
         for _ in range(SWEEP_MAX_PAGES):
@@ -406,8 +330,6 @@ class S3BlobStore(BlobStore):
             token = root.findtext("NextContinuationToken") or ""
             if root.findtext("IsTruncated") != "true" or not token:
                 break
-        if removed:
-            log.info("s3: removed %d stale staging uploads under %s", removed, staging)
         return removed
 
 
