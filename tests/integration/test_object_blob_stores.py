@@ -6,18 +6,21 @@ emulators are inspected directly (boto3, google-cloud-storage) to see what a sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 
 from batchgate.v1 import batch_pb2, file_pb2
 from batchgate_server.store.blobs.gcs import GcsBlobStore
 from batchgate_server.store.blobs.remote import CallLimits
 from batchgate_server.store.blobs.s3 import S3BlobStore
-from batchgate_server.store.errors import StorageError, StorageUnavailable
+from batchgate_server.store.errors import StorageError, StorageFull, StorageUnavailable
 from batchgate_server.store.ports import BlobStore
 from batchgate_server.store.urls import StoreUrlError, blob_url, open_blob_store
 from tests.backends_objects import QUICK_LIMITS, cut_proxy, gcs_store, s3_store
@@ -387,3 +390,93 @@ async def test_an_upload_refused_mid_way_leaves_nothing_in_the_bucket(served):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert remote.objects() == []
     assert remote.pending_uploads() == []
+
+
+# -- answers the emulators do not give ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def scripted_server(statuses: list[int], body: bytes = b"{}"):
+    """An HTTP server answering request n with statuses[n] (200 once the list is used up); yields
+    (url, the requests it saw as (method, headers))."""
+    seen: list[tuple[str, dict]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append((request.method, dict(request.headers)))
+        status = statuses[len(seen) - 1] if len(seen) <= len(statuses) else 200
+        return web.Response(status=status, body=body if request.method != "HEAD" else None,
+                            headers={"Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+def scripted_store(kind: str, url: str) -> Any:
+    if kind == "s3":
+        return S3BlobStore("bucket-x", "p", endpoint_url=url, limits=QUICK_LIMITS)
+    return GcsBlobStore("bucket-x", "p", endpoint_url=url, limits=QUICK_LIMITS)
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+async def test_5xx_and_429_are_retried_with_backoff(kind, moto_s3):
+    async with scripted_server([503, 429]) as (url, seen):
+        store = scripted_store(kind, url)
+        try:
+            assert await store.exists("file-a")
+        finally:
+            await store.close()
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+async def test_a_store_failing_every_attempt_is_storage_unavailable(kind, moto_s3):
+    async with scripted_server([500] * 10) as (url, seen):
+        store = scripted_store(kind, url)
+        try:
+            with pytest.raises(StorageUnavailable, match="HTTP 500 after 3 attempts"):
+                await store.exists("file-a")
+        finally:
+            await store.close()
+    assert len(seen) == QUICK_LIMITS.attempts
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+async def test_a_full_store_is_storage_full_and_aborts_the_writer(kind, moto_s3):
+    async with scripted_server([507] * 10) as (url, seen):
+        store = scripted_store(kind, url)
+        try:
+            writer = store.open_writer()
+            await writer.write(b"some bytes")
+            with pytest.raises(StorageFull):
+                await writer.commit("file-a")
+            with pytest.raises(StorageError):
+                await writer.write(b"more")  # aborted
+        finally:
+            await store.close()
+
+
+async def test_a_refusal_is_a_storage_error_naming_the_answer_not_the_credentials(moto_s3, caplog, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-key-value")
+    caplog.set_level(logging.DEBUG)
+    async with scripted_server([403], body=b"<Error><Code>AccessDenied</Code></Error>") as (url, seen):
+        store = scripted_store("s3", url)
+        try:
+            with pytest.raises(StorageError) as err:
+                await read_all(store, "file-a")
+        finally:
+            await store.close()
+    assert not isinstance(err.value, StorageUnavailable) and "AccessDenied" in str(err.value)
+    signature = seen[0][1]["Authorization"]
+    assert signature.startswith("AWS4-HMAC-SHA256 Credential=testing/")
+    for text in (str(err.value), caplog.text):
+        assert "very-secret-key-value" not in text and signature not in text
