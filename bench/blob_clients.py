@@ -209,7 +209,8 @@ def main() -> None:
         return
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'server'}:{ROOT / 'clients/python'}"}
     with moto_server() as s3_url, emulator("gcp-storage-emulator", "start", "-q", "-M") as gcs_url:
-        print(f"{args.mb} MB in {WRITE // MB} MiB writes, {PART // MB} MiB parts; read back in {RANGE // MB} MiB ranges")
+        print(f"{args.mb} MB in {WRITE // MB} MiB writes, {PART // MB} MiB parts; "
+              f"read back in {RANGE // MB} MiB ranges")
         print(f"{'candidate':>11} {'upload MB/s':>12} {'ranged MB/s':>12} {'RSS growth MB':>14} {'vs disk':>8}")
         disk = None
         for name in args.only.split(","):

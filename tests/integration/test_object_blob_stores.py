@@ -480,3 +480,17 @@ async def test_a_refusal_is_a_storage_error_naming_the_answer_not_the_credential
     assert signature.startswith("AWS4-HMAC-SHA256 Credential=testing/")
     for text in (str(err.value), caplog.text):
         assert "very-secret-key-value" not in text and signature not in text
+
+
+async def test_a_blob_beyond_copy_objects_limit_is_copied_in_parts(s3_blob_store, moto_s3, s3_bucket, monkeypatch):
+    import batchgate_server.store.blobs.s3 as s3_module
+
+    # CopyObject takes sources up to 5 GiB; shrink the limit to see the multipart copy at work.
+    monkeypatch.setattr(s3_module, "COPY_LIMIT", 1)
+    monkeypatch.setattr(s3_module, "COPY_PART", 5 * MIB)
+    data = blob(2 * s3_blob_store.part_size + 11)
+    await write_all(s3_blob_store, data, "file-huge")
+    assert await read_all(s3_blob_store, "file-huge") == data
+    assert await keys(s3_blob_store) == ["file-huge"]
+    etag = moto_s3.client().head_object(Bucket=s3_bucket, Key="blobs/v1/file-huge")["ETag"]
+    assert etag.endswith('-3"'), etag  # a multipart object of three 5 MiB copy parts

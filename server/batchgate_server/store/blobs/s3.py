@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 ENDPOINT_ENV = "BATCHGATE_S3_ENDPOINT_URL"
 COPY_LIMIT = 5 * 1024 ** 3  # CopyObject's largest source; beyond it the copy is multipart
 COPY_PART = 1024 ** 3
-# S3 answers some 200s with an error document (Complete, Copy): these codes in it are retried.
 # A body without a Content-Type is parsed as a form by some servers (moto's werkzeug).
 _OCTETS = {"Content-Type": "application/octet-stream"}
+# S3 answers some 200s with an error document (Complete, Copy): these codes in it are retried.
 _RETRY_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
 
 
@@ -75,12 +75,12 @@ def _xml(text: bytes) -> ET.Element:
     return root
 
 
-def _s3_error(resp: httpx.Response) -> tuple[str, str]:
+def _error_code(resp: httpx.Response) -> str:
+    """The Code of an S3 error document ("" for anything else)."""
     try:
-        root = _xml(resp.content)
+        return _xml(resp.content).findtext("Code") or ""
     except ET.ParseError:
-        return "", ""
-    return root.findtext("Code") or "", root.findtext("Message") or ""
+        return ""
 
 
 def _completion(etags: list[str]) -> bytes:
@@ -127,8 +127,9 @@ class S3BlobWriter(RemoteBlobWriter):
 
     async def _complete(self) -> None:
         try:
+            etags = [self._etags[n] for n in sorted(self._etags)]
             await self._store.checked("POST", self._staging, f"uploadId={quote(self._upload_id)}", {},
-                                      "CompleteMultipartUpload", _completion([self._etags[n] for n in sorted(self._etags)]))
+                                      "CompleteMultipartUpload", _completion(etags))
         except StorageError:
             # A retry after a lost answer finds the upload gone (NoSuchUpload): the staging name is
             # this writer's alone, so an object under it means that the completion went through.
@@ -222,7 +223,8 @@ class S3BlobStore(RemoteBlobStore):
         try:
             etags = []
             for number, start in enumerate(range(0, size, COPY_PART), 1):
-                ranged = {**source_header, "x-amz-copy-source-range": f"bytes={start}-{min(size, start + COPY_PART) - 1}"}
+                last = min(size, start + COPY_PART) - 1
+                ranged = {**source_header, "x-amz-copy-source-range": f"bytes={start}-{last}"}
                 resp = await self.checked("PUT", target, f"partNumber={number}&uploadId={quote(upload_id)}", ranged,
                                            "UploadPartCopy")
                 etags.append(_xml(resp.content).findtext("ETag"))
@@ -241,7 +243,7 @@ class S3BlobStore(RemoteBlobStore):
         """A call S3 may answer 200 with an error document: those are retried like a 5xx."""
         for attempt in range(self.limits.attempts):
             resp = await self.call(method, name, query, headers=headers, body=body, what=what)
-            code = _s3_error(resp)[0] if b"<Error" in resp.content[:200] else ""
+            code = _error_code(resp) if b"<Error" in resp.content[:200] else ""
             if resp.status_code == 200 and not code:
                 return resp
             if code not in _RETRY_CODES:
