@@ -18,7 +18,7 @@ from batchgate_server.core.files import FileManager
 from batchgate_server.core.ids import new_batch_id
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose
-from batchgate_server.core.pagination import PageTokens
+from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker, batch_load
 from batchgate_server.core.watch_hub import WatchHub
@@ -190,6 +190,14 @@ class BatchManager:
         return await self.page_tokens.keyset_page(
             size, token, filter_key,
             lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after), weigh)
+
+    async def list_after(self, principal: Principal, limit: int, after_id: str,
+                         weigh: Callable[[BatchRecord], int]) -> tuple[list[BatchRecord], bool]:
+        """Up to `limit` batches after the batch `after_id` ("": from the start), newest first, and
+        whether more follow: the HTTP listing, whose cursor is an id."""
+        cursor = await after_cursor("batch", after_id, self.store.get_batch, lambda r: principal.can_see(r.project))
+        return await keyset_rows(limit, cursor,
+                                 lambda size, after: self.store.list_batches(principal.scope, (), size, after), weigh)
 
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)

@@ -12,10 +12,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
-from batchgate_server.core.pagination import PageTokens
+from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.auth import Principal
 from batchgate_server.core.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -119,6 +121,24 @@ def request_id_reused(previous: FileRecord, differs: list[str]) -> FailedPrecond
         {"file_id": previous.id, "request_id": previous.request_id, "differs": ",".join(differs)})
 
 
+T = TypeVar("T")
+
+
+async def idle_bounded(messages: AsyncIterator[T], seconds: float) -> AsyncIterator[T]:
+    """`messages` (an upload's messages or chunks, on any API), failing with UPLOAD_IDLE_TIMEOUT
+    when the next one takes longer than `seconds`."""
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                message = await anext(messages)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise DeadlineExceeded(f"the upload sent no message for {seconds:g} s and was aborted; nothing was"
+                                   " stored", "UPLOAD_IDLE_TIMEOUT", {"idle_timeout_seconds": f"{seconds:g}"}) from None
+        yield message
+
+
 def _hash_and_write(hasher, writer: BlobWriter, chunk: bytes) -> None:
     hasher.update(chunk)
     writer.write(chunk)
@@ -131,7 +151,7 @@ def validation_error(result: ValidationResult) -> InvalidArgument:
         f"the batch file has {result.total_problems} problem(s); first at {where}: {first.message}",
         "INVALID_BATCH_FILE",
         {"total_problems": str(result.total_problems), "reported_problems": str(len(result.problems)),
-         "first_problem": first.code},
+         "first_problem": first.code, "first_line": str(first.line)},
         [FieldViolation(f"line {p.line}" if p.line else "file", f"{p.code}: {p.message}")
          for p in result.problems],
     )
@@ -292,6 +312,16 @@ class FileManager:
             size, token, filter_key,
             lambda limit, after: self.store.list_files(principal.scope, purpose.value if purpose else None,
                                                        limit, after), weigh)
+
+    async def list_after(self, principal: Principal, limit: int, after_id: str, purpose: FilePurpose | None,
+                         oldest_first: bool, weigh: Callable[[FileRecord], int]) -> tuple[list[FileRecord], bool]:
+        """Up to `limit` files after the file `after_id` ("": from the start), and whether more follow:
+        the HTTP listing, whose cursor is an id."""
+        cursor = await after_cursor("file", after_id, self.store.get_file, lambda r: principal.can_see(r.project))
+        return await keyset_rows(
+            limit, cursor,
+            lambda size, after: self.store.list_files(principal.scope, purpose.value if purpose else None, size,
+                                                      after, oldest_first), weigh)
 
     def read(self, record: FileRecord, offset: int, limit: int) -> Iterator[bytes]:
         if offset < 0 or limit < 0:
