@@ -13,6 +13,7 @@ MIB = 1024 * 1024
 @dataclass
 class Settings:
     address: str = "127.0.0.1:50051"
+    http_address: str = ""  # the OpenAI-compatible HTTP API: off unless set
     data_dir: Path = Path("./data")
     config_file: Path | None = None
     price_file: Path | None = None
@@ -49,6 +50,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="batchgate-server", description="Run the batchgate gRPC server.",
                                 add_help=add_help)
     p.add_argument("--address", default=_env("ADDRESS", d.address), help="host:port to listen on [BATCHGATE_ADDRESS]")
+    p.add_argument("--http-address", default=_env("HTTP_ADDRESS", d.http_address),
+                   help="host:port of the OpenAI-compatible HTTP API; off when empty [BATCHGATE_HTTP_ADDRESS]")
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", str(d.data_dir))),
                    help="SQLite database and file blobs [BATCHGATE_DATA_DIR]")
     p.add_argument("--config", dest="config_file", type=Path,
@@ -81,6 +84,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         address=args.address,
+        http_address=args.http_address,
         data_dir=args.data_dir,
         config_file=args.config_file,
         price_file=args.price_file,

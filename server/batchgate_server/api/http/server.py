@@ -1,0 +1,44 @@
+"""The aiohttp application serving /v1/files and /v1/batches, started and stopped with the gRPC
+server. aiohttp rather than an ASGI stack: chosen by bench/http.py, and its multipart reader
+streams a part as it arrives (Starlette's spools the whole upload to a temporary file first)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from batchgate_server.api.http.batches import BatchRoutes
+from batchgate_server.api.http.errors import openai_errors
+from batchgate_server.api.http.files import FileRoutes
+from batchgate_server.core.auth import Authenticator
+from batchgate_server.core.batches import BatchManager
+from batchgate_server.core.files import FileManager
+
+
+def build_app(auth: Authenticator, files: FileManager, batches: BatchManager, heartbeat_interval: float) -> web.Application:
+    app = web.Application(middlewares=[openai_errors])
+    FileRoutes(auth, files).add_to(app.router)
+    BatchRoutes(auth, batches, heartbeat_interval).add_to(app.router)
+    return app
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class HttpServer:
+    def __init__(self, app: web.Application, grace_period: float) -> None:
+        # shutdown_timeout: how long in-flight requests (an upload, an SSE watch) may finish on stop.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_period)
+        self.port = 0
+
+    async def start(self, address: str) -> int:
+        host, port = split_address(address)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self.port
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
