@@ -27,6 +27,7 @@ class Caller:
     batches: batch_pb2_grpc.BatchServiceStub
     metadata: tuple[tuple[str, str], ...]
     project: str
+    api_key: str = ""  # the secret behind `metadata` (for HTTP clients)
 
 
 @dataclasses.dataclass
@@ -94,12 +95,12 @@ async def start_harness(data_dir: Path, **overrides) -> Harness:
 
     async def caller(project: str) -> Caller:
         _, secret = await create_api_key(server.store, project)
-        return Caller(files, batches, (("authorization", f"Bearer {secret}"),), project)
+        return Caller(files, batches, (("authorization", f"Bearer {secret}"),), project, secret)
 
     return Harness(
         server=server, channel=channel, port=port, data_dir=data_dir,
         alice=await caller("alice"), bob=await caller("bob"),
-        admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default"),
+        admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default", MASTER_KEY),
         anonymous=Caller(files, batches, (), ""),
     )
 
@@ -107,6 +108,17 @@ async def start_harness(data_dir: Path, **overrides) -> Harness:
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     h = await start_harness(tmp_path / "data")
+    try:
+        yield h
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)
+
+
+@pytest.fixture
+async def http_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The harness with the OpenAI-compatible HTTP API on too (server.http_port)."""
+    h = await start_harness(tmp_path / "data", http_address="127.0.0.1:0")
     try:
         yield h
     finally:

@@ -38,6 +38,9 @@ _TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "r
 # has ended, a reused request_id) does not go away by asking again.
 _NO_RETRY = {409}
 
+# What the router's and Range's own errors say in their headers.
+_KEPT_HEADERS = {"Allow", "Content-Range"}
+
 # Bounds on what an error echoes back (an error answers a hostile request too).
 MAX_MESSAGE_BYTES = 2048
 MAX_VIOLATIONS = 20
@@ -107,7 +110,7 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         message = {404: f"no route for {request.method} {request.path}",
                    405: f"{request.path} does not take {request.method}"}.get(exc.status, exc.reason)
         return json_response(error_body(exc.status, message, code), exc.status,
-                             {k: v for k, v in exc.headers.items() if k == "Allow"})
+                             {k: v for k, v in exc.headers.items() if k in _KEPT_HEADERS})
     except Exception:
         log.exception("HTTP %s %s failed", request.method, request.path)
         return json_response(error_body(500, "internal error; the server logged it", "internal_error"), 500)
