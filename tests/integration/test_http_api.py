@@ -261,6 +261,9 @@ async def test_hostile_multipart_bodies_are_400(http_harness):
             ("multipart/form-data; boundary=b0undary",
              b'--b0undary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n' + b"x" * 5000 + b"\r\n",
              "field_too_long"),
+            ("multipart/form-data; boundary=b0undary",  # a raw control character in a part header
+             b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a\x07b"\r\n\r\nx\r\n',
+             "malformed_multipart"),
         ]:
             async with http.post(url(h, "/v1/files"), data=data,
                                  headers={**auth(h.alice), "Content-Type": content_type}) as response:
@@ -354,3 +357,24 @@ async def test_without_any_key_http_binds_loopback_only(tmp_path):
 
 async def test_http_is_off_by_default(harness):
     assert harness.server.http_port == 0 and harness.server.settings.http_address == ""
+
+
+async def test_after_of_another_project_is_refused_like_an_unknown_id(http_harness):
+    h = http_harness
+    async with sdk(h, h.alice) as alice, sdk(h, h.bob) as bob:
+        f = await upload(alice, batch_file(1, model="simulated"))
+        batch = await alice.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                           completion_window="24h")
+        assert [x.id async for x in bob.files.list()] == [] and (await bob.batches.list()).data == []
+        answers = []
+        for after in (f.id, "file-unknown", batch.id, "batch_unknown"):
+            listing = bob.batches.list if after.startswith("batch") else bob.files.list
+            with pytest.raises(openai.BadRequestError) as caught:
+                await listing(after=after)
+            body = dict(caught.value.body)
+            answers.append((caught.value.code, body.pop("message").replace(after, "ID"),
+                            json.dumps(body).replace(after, "ID")))
+        assert answers[0] == answers[1] and answers[2] == answers[3] and answers[0][0] == "invalid_after"
+        with pytest.raises(openai.BadRequestError) as caught:
+            await alice.files.list(limit=0)
+        assert caught.value.code == "invalid_limit"

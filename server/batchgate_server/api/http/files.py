@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from batchgate_server.api.http.errors import json_response
 from batchgate_server.api.http.objects import file_deleted, file_object, list_object
@@ -19,6 +20,8 @@ from batchgate_server.core.files import FileManager, UploadHeader, idle_bounded
 from batchgate_server.core.models import FilePurpose
 
 PURPOSES = {p.value: p for p in FilePurpose}
+# What aiohttp's multipart reader raises for a broken body (a bad boundary, a header it refuses).
+_MALFORMED = (ValueError, HttpProcessingError)
 # Content goes to FileManager in pieces of about this size: the multipart reader hands out what
 # the socket had (often 64 KiB or less), and every piece costs FileManager a hop to a thread.
 CHUNK_BYTES = 1024 * 1024
@@ -53,7 +56,7 @@ async def _fields_then_file(reader: MultipartReader) -> tuple[dict[str, str], Bo
     while True:
         try:
             part = await reader.next()
-        except ValueError as err:
+        except _MALFORMED as err:
             raise _malformed(err) from None
         if part is None:
             raise invalid("the multipart body has no file part", "MISSING_FILE", "file", "required")
@@ -95,7 +98,7 @@ async def _content(reader: MultipartReader, part: BodyPartReader) -> AsyncIterat
         if buffered:
             yield bytes(buffered)
         following = await reader.next()
-    except ValueError as err:  # aiohttp's word for a broken body
+    except _MALFORMED as err:
         raise _malformed(err) from None
     if following is not None:
         raise invalid("a form field came after the file part; send purpose (and expires_after) before the file",
