@@ -241,14 +241,21 @@ async def test_a_body_without_its_closing_boundary_stores_nothing(http_harness):
     assert await stored_files(h) == []
 
 
-async def test_fields_after_the_file_are_refused(http_harness):
+async def test_fields_after_the_file_are_read_before_anything_is_stored(http_harness):
     h = http_harness
-    status, body = await post_multipart(h, multipart(batch_file(2, model="simulated"), fields_after=True))
-    assert status == 400 and body["error"]["code"] == "missing_purpose"
-    status, body = await post_multipart(h, multipart(batch_file(2, model="simulated")).replace(
-        b"--b0undary--", b'--b0undary\r\nContent-Disposition: form-data; name="x"\r\n\r\ny\r\n--b0undary--'))
-    assert status == 400 and body["error"]["code"] == "field_after_file" and body["error"]["param"] == "x"
-    assert await stored_files(h) == []
+    content = batch_file(2, model="simulated")
+    status, body = await post_multipart(h, multipart(content, fields_after=True))  # the node SDK's order
+    assert status == 200 and body["bytes"] == len(content) and body["purpose"] == "batch"
+    refused = [
+        (multipart(content, fields_after=True).replace(b"\r\n\r\nbatch\r\n", b"\r\n\r\nfine-tune\r\n"),
+         "invalid_purpose"),
+        (multipart(content).replace(b'name="purpose"', b'name="other"'), "invalid_purpose"),  # no purpose at all
+        (multipart(content, close=False) + multipart(content), "multiple_files"),
+    ]
+    for data, code in refused:
+        status, body = await post_multipart(h, data)
+        assert (status, body["error"]["code"]) == (400, code), data[-300:]
+    assert len(await stored_files(h)) == 1
 
 
 async def test_hostile_multipart_bodies_are_400(http_harness):

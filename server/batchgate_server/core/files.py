@@ -176,7 +176,9 @@ class FileManager:
     async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
         """Stream `chunks` into a new file. `chunks` ends normally only when the client finished
         the upload explicitly; any exception it raises (a cut stream, a protocol error) aborts
-        the upload and leaves nothing behind."""
+        the upload and leaves nothing behind. An API that learns header fields only after the
+        content (a multipart form with its fields after the file) sets them on `header` before
+        `chunks` ends: the header is checked again then."""
         check_header(header)
         cap = self.limits.max_uploads_per_project
         if self._uploading[principal.project] >= cap:
@@ -219,6 +221,7 @@ class FileManager:
                     raise _invalid(f"the file exceeds the {self.limits.max_bytes}-byte limit", "FILE_TOO_LARGE",
                                    "file", f"at most {self.limits.max_bytes} bytes",
                                    max_bytes=str(self.limits.max_bytes))
+            check_header(header)
             if header.expected_bytes is not None and size != header.expected_bytes:
                 raise _invalid(f"received {size} bytes, the header announced {header.expected_bytes}",
                                "SIZE_MISMATCH", "header.expected_bytes", f"received {size}")
@@ -264,6 +267,7 @@ class FileManager:
                     break
                 hasher.update(chunk)  # on the loop: at most 2 MiB, about a millisecond
             content = (size, hasher.hexdigest())
+            check_header(header)
         differs = replay_differences(previous, header, content)
         if differs:
             raise request_id_reused(previous, differs)

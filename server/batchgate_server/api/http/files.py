@@ -50,25 +50,28 @@ async def _field(part: BodyPartReader) -> str:
                       "UTF-8 text") from None
 
 
-async def _fields_then_file(reader: MultipartReader) -> tuple[dict[str, str], BodyPartReader]:
-    """The form fields that precede the file part, and the file part (its content still unread)."""
-    fields: dict[str, str] = {}
-    while True:
-        try:
-            part = await reader.next()
-        except _MALFORMED as err:
-            raise _malformed(err) from None
-        if part is None:
-            raise invalid("the multipart body has no file part", "MISSING_FILE", "file", "required")
-        if not isinstance(part, BodyPartReader):
-            raise invalid("nested multipart bodies are not accepted", "MALFORMED_MULTIPART", "body",
-                          "flat multipart/form-data")
+async def _next_part(reader: MultipartReader) -> BodyPartReader | None:
+    try:
+        part = await reader.next()
+    except _MALFORMED as err:
+        raise _malformed(err) from None
+    if part is not None and not isinstance(part, BodyPartReader):
+        raise invalid("nested multipart bodies are not accepted", "MALFORMED_MULTIPART", "body",
+                      "flat multipart/form-data")
+    return part
+
+
+async def _read_fields(reader: MultipartReader, fields: dict[str, str]) -> BodyPartReader | None:
+    """Adds the form fields up to the next file part to `fields`; returns that part (its content
+    unread), or None at the end of the body."""
+    while (part := await _next_part(reader)) is not None:
         if part.name == "file":
-            return fields, part
+            return part
         if len(fields) >= MAX_FIELDS:
-            raise invalid(f"more than {MAX_FIELDS} form fields before the file", "TOO_MANY_FIELDS", "body",
+            raise invalid(f"more than {MAX_FIELDS} form fields", "TOO_MANY_FIELDS", "body",
                           f"at most {MAX_FIELDS} fields")
         fields[part.name or ""] = await _field(part)
+    return None
 
 
 def _expires_after(fields: dict[str, str]) -> float | None:
@@ -84,10 +87,21 @@ def _expires_after(fields: dict[str, str]) -> float | None:
     return float(seconds)
 
 
-async def _content(reader: MultipartReader, part: BodyPartReader) -> AsyncIterator[bytes]:
-    """The file part's bytes, in pieces of about CHUNK_BYTES. Ends normally only once the multipart
-    body has ended properly (its closing boundary) right after the file part: a body cut short
-    (the client went away, a boundary missing) raises, and FileManager stores nothing."""
+def _apply_fields(header: UploadHeader, fields: dict[str, str], final: bool) -> None:
+    """The form fields onto `header`. Until the body has ended (`final` False) a purpose not sent yet
+    is taken to be batch: clients send the fields before the file (curl -F in order, the Python SDK)
+    or after it (the node SDK), and the content streams in before the latter arrive."""
+    purpose = fields.get("purpose")
+    header.purpose = PURPOSES.get(purpose) if purpose is not None else (None if final else FilePurpose.BATCH)
+    header.expires_after = _expires_after(fields)
+
+
+async def _content(reader: MultipartReader, part: BodyPartReader, header: UploadHeader,
+                   fields: dict[str, str]) -> AsyncIterator[bytes]:
+    """The file part's bytes, in pieces of about CHUNK_BYTES, then the fields after it set on
+    `header` (FileManager checks it again). Ends normally only once the multipart body has ended
+    properly (its closing boundary): a body cut short (the client went away, a boundary missing)
+    raises, and FileManager stores nothing."""
     buffered = bytearray()
     try:
         while chunk := await part.read_chunk(CHUNK_BYTES):
@@ -95,14 +109,14 @@ async def _content(reader: MultipartReader, part: BodyPartReader) -> AsyncIterat
             if len(buffered) >= CHUNK_BYTES:
                 yield bytes(buffered)
                 buffered.clear()
-        if buffered:
-            yield bytes(buffered)
-        following = await reader.next()
     except _MALFORMED as err:
         raise _malformed(err) from None
-    if following is not None:
-        raise invalid("a form field came after the file part; send purpose (and expires_after) before the file",
-                      "FIELD_AFTER_FILE", following.name or "body", "no part after the file")
+    if buffered:
+        yield bytes(buffered)
+    if await _read_fields(reader, fields) is not None:
+        raise invalid("the multipart body has a second file part; upload one file per request", "MULTIPLE_FILES",
+                      "file", "one file part")
+    _apply_fields(header, fields, final=True)
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None:
@@ -142,15 +156,15 @@ class FileRoutes:
             reader = await request.multipart()
         except (ValueError, KeyError, AssertionError) as err:  # no boundary, …
             raise _malformed(err) from None
-        fields, part = await _fields_then_file(reader)
-        purpose = fields.get("purpose")
-        if purpose is None:
-            raise invalid("purpose is required (before the file part)", "MISSING_PURPOSE", "purpose", "required")
-        header = UploadHeader(filename=part.filename or "", purpose=PURPOSES.get(purpose),
-                              expires_after=_expires_after(fields),
+        fields: dict[str, str] = {}
+        part = await _read_fields(reader, fields)
+        if part is None:
+            raise invalid("the multipart body has no file part", "MISSING_FILE", "file", "required")
+        header = UploadHeader(filename=part.filename or "", purpose=None,
                               request_id=request.headers.get("Idempotency-Key", ""))
-        record = await self.files.upload(principal, header,
-                                         idle_bounded(_content(reader, part), self.files.limits.upload_idle_timeout))
+        _apply_fields(header, fields, final=False)
+        record = await self.files.upload(principal, header, idle_bounded(_content(reader, part, header, fields),
+                                                                         self.files.limits.upload_idle_timeout))
         return json_response(file_object(record))
 
     async def list(self, request: web.Request) -> web.Response:
