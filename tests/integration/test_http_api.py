@@ -271,6 +271,11 @@ async def test_hostile_multipart_bodies_are_400(http_harness):
             ("multipart/form-data; boundary=b0undary",  # a raw control character in a part header
              b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a\x07b"\r\n\r\nx\r\n',
              "malformed_multipart"),
+            ("multipart/form-data; boundary=b0undary",  # a part header of 100 KB
+             b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="' + b"a" * 100_000 + b'"\r\n',
+             "malformed_multipart"),
+            ("multipart/form-data; boundary=b0undary",  # a part without a name
+             b'--b0undary\r\nContent-Type: text/plain\r\n\r\nx\r\n--b0undary--\r\n', "missing_file"),
         ]:
             async with http.post(url(h, "/v1/files"), data=data,
                                  headers={**auth(h.alice), "Content-Type": content_type}) as response:
