@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from batchgate.v1 import batch_pb2, file_pb2
-from tests.conftest import batch_file, error_details, jsonl, request_line, start_harness, upload_requests
+from tests.conftest import batch_file, error_details, jsonl, request_line, running_harness, upload_requests
 from tests.integration.batch_helpers import watch_all
 
 MAX_FILE_BYTES = 4096
@@ -33,9 +33,8 @@ class World:
 
 @pytest.fixture(scope="module")
 async def world(tmp_path_factory) -> AsyncIterator[World]:
-    h = await start_harness(tmp_path_factory.mktemp("surfaces") / "data", http_address="127.0.0.1:0",
-                            max_file_bytes=MAX_FILE_BYTES)
-    try:
+    async with running_harness(tmp_path_factory.mktemp("surfaces") / "data", http_address="127.0.0.1:0",
+                               max_file_bytes=MAX_FILE_BYTES) as h:
         f = await h.upload(h.alice, batch_file(2, model="simulated"))
         batch = (await h.alice.batches.CreateBatch(batch_pb2.CreateBatchRequest(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"),
@@ -43,9 +42,6 @@ async def world(tmp_path_factory) -> AsyncIterator[World]:
         await watch_all(h.alice, batch.id)
         async with aiohttp.ClientSession() as http:
             yield World(h, http, f.id, batch.id)
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
 
 
 # -- the two surfaces' calls ----------------------------------------------------------------------

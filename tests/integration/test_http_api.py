@@ -13,7 +13,7 @@ import pytest
 from openai.types import Batch, FileDeleted, FileObject
 
 from batchgate_server.app import BatchgateServer
-from tests.conftest import batch_file, jsonl, make_settings, request_line, start_harness
+from tests.conftest import batch_file, jsonl, make_settings, request_line, running_harness
 from tests.integration.batch_helpers import write_config
 
 FIELDS_OURS = {"batchgate"}
@@ -91,8 +91,7 @@ async def test_a_batch_through_the_openai_sdk_runs_to_completion(http_harness):
 async def test_cancel_through_the_openai_sdk(tmp_path):
     config = write_config(tmp_path / "models.yaml", [
         {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
-    h = await start_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config)
-    try:
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config) as h:
         async with sdk(h, h.alice) as client:
             f = await upload(client, batch_file(2, model="slow"))
             batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
@@ -108,9 +107,6 @@ async def test_cancel_through_the_openai_sdk(tmp_path):
             assert caught.value.status_code == 409 and caught.value.code == "batch_already_ended"
             # The SDK would retry a 409 on its own; this one cannot succeed by asking again.
             assert caught.value.response.headers["x-should-retry"] == "false"
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
 
 
 async def test_pagination_with_after_as_the_sdk_pages(http_harness):
@@ -133,8 +129,7 @@ async def test_pagination_with_after_as_the_sdk_pages(http_harness):
 
 
 async def test_errors_reach_the_sdk_exception_classes(tmp_path):
-    h = await start_harness(tmp_path / "data", http_address="127.0.0.1:0", max_file_bytes=2048)
-    try:
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", max_file_bytes=2048) as h:
         async with sdk(h, h.alice) as client:
             with pytest.raises(openai.BadRequestError) as caught:
                 await upload(client, jsonl([request_line("a")]) + b"{not json\n")
@@ -160,22 +155,15 @@ async def test_errors_reach_the_sdk_exception_classes(tmp_path):
             with pytest.raises(openai.AuthenticationError) as caught:
                 await stranger.files.list()
             assert caught.value.status_code == 401 and caught.value.code == "invalid_api_key"
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
 
 
 async def test_too_many_uploads_is_429_with_retry_after(tmp_path):
-    h = await start_harness(tmp_path / "data", http_address="127.0.0.1:0", max_uploads_per_project=0)
-    try:
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", max_uploads_per_project=0) as h:
         async with sdk(h, h.alice) as client:
             with pytest.raises(openai.RateLimitError) as caught:
                 await upload(client, batch_file(1))
         assert caught.value.status_code == 429 and caught.value.code == "too_many_uploads"
         assert caught.value.response.headers["Retry-After"] == "1"
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
 
 
 async def test_idempotency_key_replays_the_upload_and_the_batch(http_harness):
@@ -302,9 +290,8 @@ async def test_content_with_range(http_harness):
 async def test_sse_watch_resumes_after_last_event_id_and_sends_heartbeats(tmp_path):
     config = write_config(tmp_path / "models.yaml", [
         {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
-    h = await start_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config,
-                            heartbeat_interval=0.05)
-    try:
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config,
+                            heartbeat_interval=0.05) as h:
         async with sdk(h, h.alice) as client:
             f = await upload(client, batch_file(1, model="slow"))
             batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
@@ -332,9 +319,6 @@ async def test_sse_watch_resumes_after_last_event_id_and_sends_heartbeats(tmp_pa
                 assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_start_revision"
             async with http.get(events, headers=auth(h.bob)) as response:
                 assert response.status == 404 and (await response.json())["error"]["code"] == "batch_not_found"
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
 
 
 async def test_unknown_routes_and_methods_answer_in_openai_shape(http_harness):

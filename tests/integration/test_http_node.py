@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_harness
+from tests.conftest import running_harness
 from tests.integration.batch_helpers import write_config
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "node"
@@ -22,8 +22,7 @@ async def test_the_openai_npm_package_drives_the_http_api(tmp_path):
     assert (NODE_DIR / "node_modules" / "openai").is_dir(), f"run `npm ci` in {NODE_DIR} (make test does)"
     config = write_config(tmp_path / "models.yaml", [
         {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
-    h = await start_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config)
-    try:
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config) as h:
         # The server runs on this event loop: the script must run beside it, not block it.
         proc = await asyncio.create_subprocess_exec(
             "node", str(NODE_DIR / "openai_sdk.mjs"), cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE,
@@ -33,9 +32,6 @@ async def test_the_openai_npm_package_drives_the_http_api(tmp_path):
         out, err = await asyncio.wait_for(proc.communicate(), 120)
         assert proc.returncode == 0, err.decode()
         seen = json.loads(out)
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
     assert seen == {
         "created": [["file", "batch", "processed", True]] * 3,
         "retrieved": "a.jsonl",
