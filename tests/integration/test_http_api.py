@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -376,3 +378,61 @@ async def test_after_of_another_project_is_refused_like_an_unknown_id(http_harne
         with pytest.raises(openai.BadRequestError) as caught:
             await alice.files.list(limit=0)
         assert caught.value.code == "invalid_limit"
+
+
+async def test_an_upload_that_stalls_times_out_and_stores_nothing(tmp_path):
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", upload_idle_timeout=0.3) as h:
+        body = multipart(batch_file(50, model="simulated"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.server.http_port)
+        writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {h.alice.api_key}\r\n"
+                      f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: {len(body)}\r\n\r\n"
+                      ).encode() + body[:len(body) // 2])
+        await writer.drain()  # … and nothing more
+        status_line = await asyncio.wait_for(reader.readline(), 30)
+        head_and_body = await reader.read(4096)
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 408"), status_line
+        assert b'"code": "upload_idle_timeout"' in head_and_body
+        assert await stored_files(h) == [] and h.server.files.uploads_in_progress() == 0
+
+
+def test_the_server_process_serves_http_from_its_environment_and_stops_on_sigterm(tmp_path):
+    """As an operator runs it: BATCHGATE_HTTP_ADDRESS, a key, and SIGTERM while a watch is open."""
+    import contextlib
+    import http.client
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from bench._common import free_port, wait_port
+
+    grpc_port, http_port = free_port(), free_port()
+    config = write_config(tmp_path / "models.yaml", [
+        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("batchgate-server")), "--address", f"127.0.0.1:{grpc_port}",
+         "--data-dir", str(tmp_path / "data"), "--heartbeat-interval", "60", "--config", str(config)],
+        env={**os.environ, "BATCHGATE_MASTER_KEY": "process-key", "BATCHGATE_HTTP_ADDRESS": f"127.0.0.1:{http_port}"})
+    try:
+        wait_port(http_port, timeout=30)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="process-key", max_retries=0)
+        f = client.files.create(file=("in.jsonl", io.BytesIO(batch_file(1, model="slow"))), purpose="batch")
+        assert [x.id for x in client.files.list()] == [f.id]
+        batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/batches/{batch.id}/events",
+                                         headers={"Authorization": "Bearer process-key"})
+        with urllib.request.urlopen(request, timeout=30) as events:
+            assert events.headers["Content-Type"] == "text/event-stream"
+            assert events.readline().startswith(b"id: ")  # the batch runs for a minute: the stream stays open
+            proc.send_signal(signal.SIGTERM)
+            stopping = time.monotonic()
+            with contextlib.suppress(http.client.IncompleteRead):
+                events.read()  # the server ends the stream as it shuts down …
+        assert proc.wait(timeout=30) == 0
+        # … at once, not after its 10 s grace period
+        assert time.monotonic() - stopping < 8
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 
@@ -39,6 +40,13 @@ class BatchRoutes:
         # Every watcher and poller of a state gets the same bytes: encoded once per revision.
         self._json = RevisionCache(lambda record: json.dumps(batch_object(record), ensure_ascii=False).encode())
         self._event = RevisionCache(lambda record: _sse_event(self._json(record), record.revision))
+        self._watches: set[asyncio.Task] = set()
+
+    async def close_watches(self, app: web.Application | None = None) -> None:
+        """Ends every open event stream (on shutdown): a watch could otherwise hold the server for
+        its whole grace period, and its client resumes elsewhere with Last-Event-ID anyway."""
+        for task in list(self._watches):
+            task.cancel()
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/batches", self.create)
@@ -93,6 +101,14 @@ class BatchRoutes:
                           "INVALID_START_REVISION", "Last-Event-ID", "a revision from an earlier event")
         watch = self.batches.watch(principal, request.match_info["batch_id"], int(last_event_id or 0),
                                    self.heartbeat_interval)
+        task = asyncio.current_task()
+        self._watches.add(task)
+        try:
+            return await self._stream(request, watch)
+        finally:
+            self._watches.discard(task)
+
+    async def _stream(self, request: web.Request, watch) -> web.StreamResponse:
         async with contextlib.aclosing(watch):
             first = await anext(watch)  # NOT_FOUND and the like, before the stream starts, as JSON errors
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

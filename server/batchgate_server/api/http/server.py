@@ -16,10 +16,13 @@ from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileManager
 
 
-def build_app(auth: Authenticator, files: FileManager, batches: BatchManager, heartbeat_interval: float) -> web.Application:
+def build_app(auth: Authenticator, files: FileManager, batches: BatchManager,
+              heartbeat_interval: float) -> web.Application:
     app = web.Application(middlewares=[openai_errors])
     FileRoutes(auth, files).add_to(app.router)
-    BatchRoutes(auth, batches, heartbeat_interval).add_to(app.router)
+    batch_routes = BatchRoutes(auth, batches, heartbeat_interval)
+    batch_routes.add_to(app.router)
+    app.on_shutdown.append(batch_routes.close_watches)  # before in-flight requests get their grace period
     return app
 
 
