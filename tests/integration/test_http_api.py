@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -207,8 +208,9 @@ async def stored_files(h) -> list:
     return await h.server.store.list_files(None, None, 100, None)
 
 
-async def test_an_upload_cut_mid_body_stores_nothing(http_harness):
+async def test_an_upload_cut_mid_body_stores_nothing(http_harness, caplog):
     h = http_harness
+    caplog.set_level(logging.ERROR)
     body = multipart(batch_file(2000, model="simulated"))
     reader, writer = await asyncio.open_connection("127.0.0.1", h.server.http_port)
     writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {h.alice.api_key}\r\n"
@@ -222,6 +224,7 @@ async def test_an_upload_cut_mid_body_stores_nothing(http_harness):
         await asyncio.sleep(0.01)
     assert await stored_files(h) == []
     assert not list((h.data_dir / "files").rglob("*.tmp*")) and not list(h.server.files.blobs.keys())
+    assert not caplog.records, "a client that goes away is no server error"
 
 
 async def test_a_body_without_its_closing_boundary_stores_nothing(http_harness):
@@ -436,3 +439,25 @@ def test_the_server_process_serves_http_from_its_environment_and_stops_on_sigter
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_a_resumed_watch_opens_at_once_without_waiting_for_a_change(tmp_path):
+    config = write_config(tmp_path / "models.yaml", [
+        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config,
+                               heartbeat_interval=60) as h:
+        async with sdk(h, h.alice) as client:
+            f = await upload(client, batch_file(1, model="slow"))
+            batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                completion_window="24h")
+            while (state := await client.batches.retrieve(batch.id)).status != "in_progress":
+                await asyncio.sleep(0.02)  # then nothing changes for a minute: each request takes that long
+            revision = state.model_extra["batchgate"]["revision"]
+        async with aiohttp.ClientSession() as http:
+            request = http.get(url(h, f"/v1/batches/{batch.id}/events"),
+                               headers={**auth(h.alice), "Last-Event-ID": str(revision)})
+            response = await asyncio.wait_for(request.__aenter__(), 10)  # not the 60 s to the first heartbeat
+            try:
+                assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+            finally:
+                response.close()

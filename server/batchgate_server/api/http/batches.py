@@ -8,7 +8,7 @@ import json
 
 from aiohttp import web
 
-from batchgate_server.api.http.errors import json_response
+from batchgate_server.api.http.errors import error_of, json_response
 from batchgate_server.api.http.objects import batch_object, list_object
 from batchgate_server.api.http.params import (
     authenticate,
@@ -21,7 +21,7 @@ from batchgate_server.api.http.params import (
 from batchgate_server.api.revision_cache import RevisionCache
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.batches import BatchManager, CreateBatch
-from batchgate_server.core.errors import echo
+from batchgate_server.core.errors import ApiError, echo
 
 DEFAULT_BATCHES_LIMIT, MAX_BATCHES_LIMIT = 20, 100  # OpenAI's for GET /v1/batches
 # CreateBatch fields OpenAI has and batchgate does not do: refused rather than silently ignored.
@@ -95,29 +95,33 @@ class BatchRoutes:
         object as data and its revision as the event id (so `Last-Event-ID` resumes after it), a
         comment as heartbeat, and the end of the stream after a terminal state."""
         principal = await authenticate(self.auth, request)
+        batch_id = request.match_info["batch_id"]
         last_event_id = request.headers.get("Last-Event-ID", "").strip()
         if last_event_id and not last_event_id.isdigit():
             raise invalid(f"Last-Event-ID must be a batch revision (a whole number), not {echo(last_event_id)}",
                           "INVALID_START_REVISION", "Last-Event-ID", "a revision from an earlier event")
-        watch = self.batches.watch(principal, request.match_info["batch_id"], int(last_event_id or 0),
-                                   self.heartbeat_interval)
+        # NOT_FOUND as a JSON error before the stream starts, which then opens at once (a watch
+        # resumed at the current revision has nothing to send until the next change or heartbeat).
+        await self.batches.get(principal, batch_id)
         task = asyncio.current_task()
         self._watches.add(task)
         try:
-            return await self._stream(request, watch)
+            return await self._stream(request, self.batches.watch(principal, batch_id, int(last_event_id or 0),
+                                                                  self.heartbeat_interval))
         finally:
             self._watches.discard(task)
 
     async def _stream(self, request: web.Request, watch) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
         async with contextlib.aclosing(watch):
-            first = await anext(watch)  # NOT_FOUND and the like, before the stream starts, as JSON errors
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                                   "X-Accel-Buffering": "no"})
-            await response.prepare(request)
-            await self._send(response, first)
-            async for event in watch:
-                await self._send(response, event)
-            await response.write_eof()
+            try:
+                async for event in watch:
+                    await self._send(response, event)
+            except ApiError as err:  # after the stream has started: an event of its own
+                await response.write(b"event: error\ndata: %s\n\n" % json.dumps(error_of(err)).encode())
+        await response.write_eof()
         return response
 
     async def _send(self, response: web.StreamResponse, event) -> None:

@@ -38,6 +38,7 @@ _TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "r
 # has ended, a reused request_id) does not go away by asking again.
 _NO_RETRY = {409}
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's name for it: never sent, the connection is gone
 # What the router's and Range's own errors say in their headers.
 _KEPT_HEADERS = {"Allow", "Content-Range"}
 
@@ -72,7 +73,8 @@ def _line(err: errors.ApiError) -> int | None:
     return int(line) if line.isdigit() and int(line) > 0 else None
 
 
-def to_response(err: errors.ApiError) -> web.Response:
+def error_of(err: errors.ApiError) -> dict:
+    """The OpenAI error body of `err`."""
     status = status_of(err)
     violations = [{"field": _param(v.field), "description": errors.clip(v.description, MAX_VIOLATION_BYTES)}
                   for v in err.violations[:MAX_VIOLATIONS]]
@@ -80,14 +82,18 @@ def to_response(err: errors.ApiError) -> web.Response:
              "metadata": {k: errors.clip(v, MAX_METADATA_VALUE_BYTES) for k, v in err.metadata.items()}}
     if len(err.violations) > MAX_VIOLATIONS:
         extra["omitted_violations"] = len(err.violations) - MAX_VIOLATIONS
-    body = error_body(status, err.message, err.reason.lower(), param=violations[0]["field"] if violations else None,
+    return error_body(status, err.message, err.reason.lower(), param=violations[0]["field"] if violations else None,
                       line=_line(err), batchgate=extra)
+
+
+def to_response(err: errors.ApiError) -> web.Response:
+    status = status_of(err)
     headers = {}
     if isinstance(err, errors.ResourceExhausted):
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     if status in _NO_RETRY:
         headers["x-should-retry"] = "false"
-    return json_response(body, status, headers)
+    return json_response(error_of(err), status, headers)
 
 
 def json_response(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -111,6 +117,11 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
                    405: f"{request.path} does not take {request.method}"}.get(exc.status, exc.reason)
         return json_response(error_body(exc.status, message, code), exc.status,
                              {k: v for k, v in exc.headers.items() if k in _KEPT_HEADERS})
+    except ConnectionResetError:
+        # The client went away mid-upload or mid-download: no bug, and nobody to read an answer
+        # (aiohttp drops it quietly; raised on, it would log the disconnection as an error).
+        log.info("HTTP %s %s: the client went away", request.method, request.path)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
     except Exception:
         log.exception("HTTP %s %s failed", request.method, request.path)
         return json_response(error_body(500, "internal error; the server logged it", "internal_error"), 500)
