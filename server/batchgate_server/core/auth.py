@@ -55,10 +55,11 @@ class Authenticator:
                 header = value.decode() if isinstance(value, bytes) else value
                 break
         if not header:
-            raise Unauthenticated("missing 'authorization: Bearer <key>' metadata", "MISSING_API_KEY")
+            raise Unauthenticated("missing 'authorization: Bearer <key>' (gRPC metadata or HTTP header)",
+                                  "MISSING_API_KEY")
         scheme, _, secret = header.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
-            raise Unauthenticated("authorization metadata must be 'Bearer <key>'", "MALFORMED_API_KEY")
+            raise Unauthenticated("authorization must be 'Bearer <key>'", "MALFORMED_API_KEY")
         secret = secret.strip()
         if self._master_key and hmac.compare_digest(secret, self._master_key):
             return Principal(DEFAULT_PROJECT, "master", is_admin=True)

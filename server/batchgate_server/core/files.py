@@ -76,10 +76,11 @@ def check_header(h: UploadHeader) -> None:
                        f"U+{ord(control.group()):04X}", "INVALID_FILENAME", "header.filename",
                        "no control characters")
     if h.purpose is None:
-        raise _invalid("header.purpose must be FILE_PURPOSE_BATCH", "INVALID_PURPOSE",
+        raise _invalid('header.purpose must be FILE_PURPOSE_BATCH ("batch" over HTTP)', "INVALID_PURPOSE",
                        "header.purpose", "required")
     if h.purpose is not FilePurpose.BATCH:
-        raise _invalid("only FILE_PURPOSE_BATCH files can be uploaded; batch_output files are written by batches",
+        raise _invalid('only FILE_PURPOSE_BATCH ("batch") files can be uploaded; batch_output files are written by'
+                       " batches",
                        "INVALID_PURPOSE", "header.purpose", "must be FILE_PURPOSE_BATCH")
     if h.expected_bytes is not None and h.expected_bytes < 0:
         raise _invalid("header.expected_bytes must not be negative", "INVALID_EXPECTED_BYTES",
