@@ -16,6 +16,7 @@ from batchgate.v1 import batch_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import Settings
+from tests.storage_full import SmallDisk
 
 MASTER_KEY = "test-master-key"
 
@@ -131,6 +132,13 @@ async def http_harness(tmp_path: Path) -> AsyncIterator[Harness]:
     """The harness with the OpenAI-compatible HTTP API on too (server.http_port)."""
     async with running_harness(tmp_path / "data", http_address="127.0.0.1:0") as h:
         yield h
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MiB tmpfs at tmp_path / "disk", unmounted afterwards (see tests/storage_full.py)."""
+    with SmallDisk(tmp_path / "disk") as disk:
+        yield disk
 
 
 def error_details(err: grpc.aio.AioRpcError):

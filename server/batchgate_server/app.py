@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.http.server import HttpServer, build_app
 from batchgate_server.api.reflection import enable_reflection
+from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
 from batchgate_server.config import load_model_list
 from batchgate_server.core.accounting import Accounting
@@ -34,6 +36,7 @@ from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.settings import Settings
 from batchgate_server.store.blobs import LocalBlobStore
 from batchgate_server.store.ledger import UsageLedger
+from batchgate_server.store.lock import DataDirInUse, DataDirLock
 from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,24 @@ SERVICE_NAMES = (
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # The name of the page-token signing key among the database's server secrets.
 PAGE_TOKEN_SECRET = "page_tokens"
+
+
+class StartupError(Exception):
+    """The server cannot start as configured: its data directory or its address is taken."""
+
+
+def bind_error(address: str) -> str:
+    """Why `address` cannot be listened on, as the operating system says it (gRPC only says
+    that binding failed)."""
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host.strip("[]") or None, int(port),
+                                                           type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except (OSError, ValueError) as err:
+        return getattr(err, "strerror", None) or str(err)
+    return "gRPC could not bind it"
 
 
 def loopback_only(address: str) -> str:
@@ -72,10 +93,18 @@ class BatchgateServer:
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self.store: MetadataStore | None = None
+        self._data_lock: DataDirLock | None = None
 
     async def start(self) -> int:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
+        # Two servers on one data directory would each drive the same batches.
+        self._data_lock = DataDirLock(s.data_dir)
+        try:
+            self._data_lock.acquire()
+        except DataDirInUse as err:
+            self._data_lock = None
+            raise StartupError(str(err)) from None
         self.store = await MetadataStore.open(s.db_path)
         blobs = LocalBlobStore(s.blob_dir)
         leftovers = blobs.clear_temporary()
@@ -92,13 +121,16 @@ class BatchgateServer:
             log.info("removed %d blob(s) with no file record", orphans)
         self._build_batch_layer(blobs)
 
+        # gRPC sets SO_REUSEPORT by default: a second server would share the port and take half of
+        # the connections.
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(options=options)
-        file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), server)
-        self._add_batch_service(server)
+        ours = SoftDecoding(server)  # undecodable requests are INVALID_ARGUMENT, not UNKNOWN
+        file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
+        self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store), self.page_tokens)), server)
+            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store), self.page_tokens)), ours)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -109,9 +141,12 @@ class BatchgateServer:
             http_address = http_address and loopback_only(http_address)
             log.warning("no API key configured (BATCHGATE_MASTER_KEY or `batchgate-server keys create`):"
                         " serving without authentication, on loopback only (%s)", address)
-        self.port = server.add_insecure_port(address)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not listen on {address}")
+            raise StartupError(f"cannot listen on {address}: {bind_error(address)}")
         # Adopt unfinished batches before the first call is served: until then CancelBatch would
         # call a running batch ended, and DeleteFile could remove a running batch's input.
         await self._start_background()
@@ -147,7 +182,7 @@ class BatchgateServer:
         log.info("model list from %s: %s", self.model_list.source,
                  ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
 
-    def _add_batch_service(self, server: grpc.aio.Server) -> None:
+    def _add_batch_service(self, server: SoftDecoding) -> None:
         add_batch_service(BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
 
     async def _start_background(self) -> None:
@@ -175,6 +210,8 @@ class BatchgateServer:
         await self._stop_background()
         if self.store is not None:
             await self.store.close()
+        if self._data_lock is not None:
+            self._data_lock.release()
 
     async def _stop_background(self) -> None:
         if hasattr(self, "tracker"):

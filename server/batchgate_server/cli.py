@@ -8,10 +8,11 @@ import logging
 import signal
 import sys
 
-from batchgate_server.app import BatchgateServer
+from batchgate_server.app import BatchgateServer, StartupError
 from batchgate_server.config import ConfigError
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import build_parser, settings_from_args
+from batchgate_server.store.errors import StorageError, StorageFull
 from batchgate_server.store.metadata import MetadataStore
 
 
@@ -54,7 +55,15 @@ def run(coro) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        _main(sys.argv[1:] if argv is None else argv)
+    except StorageError as err:  # e.g. a disk so full that not even an API key fits
+        what = "the disk is full" if isinstance(err, StorageFull) else "storage error"
+        print(f"batchgate-server: {what}: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _main(argv: list[str]) -> None:
     if argv[:2] == ["keys", "create"]:
         keys = argparse.ArgumentParser(prog="batchgate-server keys create", parents=[build_parser(add_help=False)])
         keys.add_argument("--project", required=True)
@@ -69,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:  # a clear start-up error naming the entry, no traceback
         print(f"batchgate-server: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+    except StartupError as err:  # the data directory or the address is taken
+        print(f"batchgate-server: {err}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ Output, as Bedrock writes it: <outputUri>/<jobId>/<input file name>.out (one lin
 recordId, modelInput and modelOutput or error{errorCode, errorMessage}) and manifest.json.out
 (record and token counts). modelOutput depends on the job: Anthropic Messages responses for Claude
 InvokeModel jobs, Converse responses for Converse jobs, Titan embeddings for Titan InvokeModel.
+
+Eventual consistency (``lag``, see consistency.py): a new job is missing from
+ListModelInvocationJobs for ``lag.listing`` seconds, and Get/Stop of it answer 404
+ResourceNotFoundException for ``lag.get`` seconds. ``gate`` holds create answers (the job exists
+already) so a test can kill the caller mid-create.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
+
+from tests.fakes.consistency import CreateGate, Lag
 
 __all__ = ["FakeBedrockControlPlane", "MotoS3", "InvocationJob"]
 
@@ -157,6 +164,8 @@ class FakeBedrockControlPlane:
         self.by_token: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
         self.create_requests: list[dict] = []
+        self.lag = Lag()
+        self.gate = CreateGate()
         self._s3 = None
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -225,7 +234,8 @@ class FakeBedrockControlPlane:
     def _job(self, request: web.Request) -> InvocationJob | web.Response:
         ident = unquote(request.match_info["ident"])
         job = self.jobs.get(ident.rsplit("/", 1)[-1])
-        if job is None or (ident.startswith("arn:") and ident != job.arn):
+        if (job is None or (ident.startswith("arn:") and ident != job.arn)
+                or not self.lag.found(job.submit_time)):
             return self._error(404, "ResourceNotFoundException", f"Could not find job {ident}")
         return job
 
@@ -245,6 +255,7 @@ class FakeBedrockControlPlane:
                                f"iam:PassRole on resource: {body['roleArn']}")
         token = body.get("clientRequestToken")
         if token and token in self.by_token:
+            await self.gate.passed()
             return web.json_response({"jobArn": self.by_token[token]})
         if any(j.request["jobName"] == body["jobName"] for j in self.jobs.values()):
             return self._error(400, "ConflictException",
@@ -254,6 +265,7 @@ class FakeBedrockControlPlane:
         self.jobs[job_id] = InvocationJob(job_id=job_id, arn=arn, request=body)
         if token:
             self.by_token[token] = arn
+        await self.gate.passed()
         return web.json_response({"jobArn": arn})
 
     @staticmethod
@@ -308,7 +320,7 @@ class FakeBedrockControlPlane:
         return web.json_response({})
 
     async def _list(self, request: web.Request) -> web.Response:
-        jobs = list(self.jobs.values())
+        jobs = [j for j in self.jobs.values() if self.lag.listed(j.submit_time)]
         q = request.query
         if q.get("statusEquals"):
             jobs = [j for j in jobs if j.status == q["statusEquals"]]

@@ -26,6 +26,12 @@ cancelled). POST :cancel -> JOB_STATE_CANCELLING -> (next step) JOB_STATE_CANCEL
 predictions of the lines processed so far. A request whose text contains "VERTEX:fail" gets a
 status error line; "VERTEX:fail_job" fails the whole job (JOB_STATE_FAILED with error).
 
+Eventual consistency (``lag``, see consistency.py): a new job is missing from the listing for
+``lag.listing`` seconds and GET / :cancel of it answer 404 NOT_FOUND for ``lag.get`` seconds.
+``gate`` holds create answers (the job exists already) so a test can kill the caller mid-create.
+``create_errors``: statuses the next creates answer *after* making the job, as a gateway that
+timed out on a backend that went on (504 DEADLINE_EXCEEDED, 502 …).
+
 Output: <outputUriPrefix>/prediction-model-<timestamp>/predictions.jsonl, in shuffled order, each
 line {"status", "processed_time", "request" (echoed, labels included), "response"
 (GenerateContentResponse: candidates, usageMetadata, modelVersion, createTime, responseId)}.
@@ -48,10 +54,13 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.consistency import CreateGate, Lag
+
 __all__ = ["FakeVertexAPI", "GcsEmulator", "VertexJob"]
 
 TERMINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
             "JOB_STATE_EXPIRED"}
+HTTP_STATUS = {500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _LABEL_RE = re.compile(r"[a-z0-9_-]{0,63}")
 _LABEL_KEY_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 
@@ -165,6 +174,9 @@ class FakeVertexAPI:
         self.tokens: dict[str, str] = {}  # issued access token -> client_email
         self.calls: list[tuple[str, str]] = []
         self.token_requests = 0
+        self.lag = Lag()
+        self.gate = CreateGate()
+        self.create_errors: list[int] = []
         self._ids = itertools.count(7_814_463_557_919_047_680)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
@@ -193,6 +205,9 @@ class FakeVertexAPI:
 
     def job_by_label(self, key: str, value: str) -> VertexJob | None:
         return next((j for j in self.jobs.values() if (j.body.get("labels") or {}).get(key) == value), None)
+
+    def jobs_by_label(self, key: str, value: str) -> list[VertexJob]:
+        return [j for j in self.jobs.values() if (j.body.get("labels") or {}).get(key) == value]
 
     # ------------------------------------------------------------------ server
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -282,6 +297,11 @@ class FakeVertexAPI:
         job = VertexJob(id=str(next(self._ids)), project=request.match_info["project"],
                         location=request.match_info["location"], body=body)
         self.jobs[job.id] = job
+        await self.gate.passed()
+        if self.create_errors:
+            status = self.create_errors.pop(0)
+            return self._error(status, HTTP_STATUS.get(status, "UNKNOWN"), "The service timed out waiting for "
+                               "the backend." if status == 504 else "The service answered badly.")
         return web.json_response(job.json())
 
     @staticmethod
@@ -311,7 +331,7 @@ class FakeVertexAPI:
     def _job_or_error(self, request: web.Request) -> VertexJob | web.Response:
         job_id = request.match_info["job"].split(":", 1)[0]
         job = self.jobs.get(job_id)
-        if job is None or job.project != request.match_info["project"]:
+        if job is None or job.project != request.match_info["project"] or not self.lag.found(job.create_time):
             return self._error(404, "NOT_FOUND", f"The BatchPredictionJob does not exist: {job_id}.")
         return job
 
@@ -339,7 +359,7 @@ class FakeVertexAPI:
 
     async def _list(self, request: web.Request) -> web.Response:
         jobs = [j for j in self.jobs.values() if j.project == request.match_info["project"]
-                and j.location == request.match_info["location"]]
+                and j.location == request.match_info["location"] and self.lag.listed(j.create_time)]
         flt = request.query.get("filter", "")
         for key, value in re.findall(r'labels\.([\w-]+)\s*=\s*"?([^"\s]*)"?', flt):
             jobs = [j for j in jobs if (j.body.get("labels") or {}).get(key) == value]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -113,3 +115,14 @@ def assert_lifecycle(states, expected: list[str] = LIFECYCLE) -> None:
     stamps = [getattr(final, STAMPS[name]).ToNanoseconds() for name in expected[1:]]
     assert all(stamps), f"missing a transition timestamp in {final}"
     assert stamps == sorted(stamps)
+
+
+async def eventually_empty(list_names: Callable[[], list[str]], timeout: float = 10.0) -> list[str]:
+    """Poll the blocking `list_names` (objects left in a bucket …) until it answers nothing or
+    `timeout` passes; returns its last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        names = await asyncio.to_thread(list_names)
+        if not names or time.monotonic() > deadline:
+            return names
+        await asyncio.sleep(0.05)

@@ -503,13 +503,82 @@ async def test_results_gone_is_provider_result_missing(tmp_path, api, provider):
     assert e.value.code == "provider_result_missing" and not e.value.retryable
 
 
-async def test_unresolved_create_is_sent_again(tmp_path, api, provider, caplog):
-    """Message Batches can't be looked up by caller data: a create whose answer was lost is
-    repeated (documented at-least-once), with a warning."""
-    h = make_job(tmp_path, [chat_line(0)], dep(api), state={"create_started_at": time.time() - 5})
+QUICK = dict(timeout=0.3, create_lookup_patience=0.3)  # a lost create is looked for ~0.6 s
+
+
+def lost(state: dict) -> dict:
+    """The state a crash between Anthropic's create and our save leaves."""
+    return {k: v for k, v in state.items() if k not in ("msgbatch_id", "provider_created_at")}
+
+
+async def test_an_unresolved_create_that_never_arrived_is_sent_again(tmp_path, api, provider, caplog):
+    h = make_job(tmp_path, [chat_line(0)], dep(api, **QUICK), state={"create_started_at": time.time()})
     await provider.submit(h.job)
     assert h.job.state["msgbatch_id"] and len(api.batches) == 1
-    assert "may have succeeded" in caplog.text
+    assert api.calls_to("GET", "/v1/messages/batches?limit=100") > 1, "looked again before creating"
+    assert "creating the batch again" in caplog.text
+
+
+async def test_a_lost_create_listed_late_is_adopted_not_repeated(tmp_path, provider):
+    api = FakeAnthropicBatches(api_key=KEY, tick_ms=10, list_lag=0.5)
+    await api.start()
+    restarted = AnthropicBatchProvider()
+    try:
+        d = dep(api, timeout=0.3, create_lookup_patience=1.0)
+        before = make_job(tmp_path, [chat_line(i) for i in range(2)], d, batch_id="batch_before")
+        await provider.submit(before.job)  # same size, created just before: not the lost one
+        h = make_job(tmp_path, [chat_line(i) for i in range(2)], d)
+        await provider.submit(h.job)  # ... and then the process dies before saving the id
+        after = make_job(tmp_path, [chat_line(i) for i in range(2)], d, batch_id="batch_after")
+        await restarted.submit(after.job)  # same size, created right after the restart
+        h2 = make_job(tmp_path, [chat_line(i) for i in range(2)], d, state=lost(h.job.state))
+        await restarted.submit(h2.job)  # not listed yet: looks again until it is
+        assert h2.job.state["msgbatch_id"] == h.job.state["msgbatch_id"]
+        assert len(api.batches) == 3
+    finally:
+        await restarted.close()
+        await api.stop()
+
+
+async def test_a_lost_create_is_found_after_a_restart_among_same_sized_batches(tmp_path, api):
+    first = AnthropicBatchProvider()
+    jobs = [make_job(tmp_path, [chat_line(0)], dep(api, **QUICK), batch_id=f"batch_{k}") for k in range(3)]
+    for h in jobs:
+        await first.submit(h.job)
+    await first.close()
+    restarted = AnthropicBatchProvider()  # knows nothing of the batches created before
+    try:
+        h = make_job(tmp_path, [chat_line(0)], dep(api, **QUICK), batch_id="batch_1",
+                     state=lost(jobs[1].job.state))
+        await restarted.submit(h.job)
+        assert h.job.state["msgbatch_id"] == jobs[1].job.state["msgbatch_id"]
+        assert len(api.batches) == 3
+    finally:
+        await restarted.close()
+
+
+async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(tmp_path, provider):
+    api = FakeAnthropicBatches(api_key=KEY, clock="manual", list_lag=3600)  # listed far too late
+    await api.start()
+    try:
+        d = dep(api, **QUICK)
+        h = make_job(tmp_path, [chat_line(0)], d)
+        await provider.submit(h.job)
+        first = h.job.state["msgbatch_id"]
+        restarted = AnthropicBatchProvider()
+        h2 = make_job(tmp_path, [chat_line(0)], d, state=lost(h.job.state))
+        await restarted.submit(h2.job)  # not listed within the patience: created again
+        assert h2.job.state["msgbatch_id"] != first and h2.job.state["abandoned_create"]
+        await restarted.poll(h2.job)
+        assert api.batches[first].processing_status == "in_progress", "not listed yet: not cancelled"
+        api.list_lag = 0
+        await restarted.poll(h2.job)  # listed now: the copy is cancelled at once
+        await restarted.close()
+        assert api.batches[first].processing_status == "canceling"
+        assert api.batches[h2.job.state["msgbatch_id"]].processing_status == "in_progress"
+        assert "abandoned_create" not in h2.job.state
+    finally:
+        await api.stop()
 
 
 async def test_api_base_with_v1_suffix(tmp_path, api, provider):

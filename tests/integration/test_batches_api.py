@@ -4,7 +4,9 @@ with a fake OpenAI-compatible upstream."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 
 import grpc
 import pytest
@@ -484,3 +486,16 @@ async def test_odd_request_values_never_cost_an_answer(fake_harness, upstream):
     answered = sorted(line["custom_id"] for line in out + err)
     assert answered == sorted([f"odd-{i}" for i in range(12)] + [f"ok-{i}" for i in range(5)])
     assert final.request_counts.completed + final.request_counts.failed == 17
+
+
+async def test_stopping_finishes_the_batch_writes_in_flight(tmp_path, caplog):
+    caplog.set_level(logging.ERROR)
+    h = await start_harness(tmp_path / "data")
+    a = h.alice
+    f = await h.upload(a, batch_file(1))
+    await asyncio.gather(*(create(a, f.id, model="simulated") for _ in range(100)))
+    await h.channel.close()
+    await h.server.stop(grace=0)  # with runners mid-write
+    gc.collect()  # report any write that failed unseen
+    failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert failed == [], "no write may meet a closed store"

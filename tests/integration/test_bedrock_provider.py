@@ -4,6 +4,7 @@ client (endpoint_url), so botocore validates and signs every call as it would ag
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import anthropic.types
@@ -20,11 +21,13 @@ from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3
 from tests.integration.batch_helpers import (
     assert_lifecycle,
     create,
+    eventually_empty,
     provider_job,
     results,
     status_names,
     write_config,
 )
+from tests.integration.create_crash import assert_each_answered_once, kill_during_create
 from tests.integration.batch_helpers import run_batch as run
 
 BUCKET = "bedrock-batches"
@@ -63,6 +66,19 @@ def bedrock(cp):
     yield cp
     cp.hold_after = None
     cp.records_per_tick = None
+    cp.lag.reset()
+
+
+def staged_objects(s3: MotoS3, bucket: str = BUCKET):
+    client = s3.client()
+    return lambda: [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents") or []]
+
+
+@pytest.fixture(autouse=True)
+async def bucket_left_clean(s3):
+    """After every test: nothing staged is left in the bucket (every batch has ended by then)."""
+    yield
+    assert await eventually_empty(staged_objects(s3)) == [], "staged objects outlived their batch"
 
 
 def entry(name: str, cp: FakeBedrockControlPlane, s3: MotoS3, model: str = CLAUDE, **params) -> dict:
@@ -86,6 +102,7 @@ async def h(cp, s3, tmp_path_factory):
         entry("claude-denied-role", cp, s3, aws_batch_role_arn=DENIED_ROLE),
         entry("claude-no-bucket", cp, s3, s3_bucket_name="no-such-bucket"),
         entry("claude-unconfigured", cp, s3, aws_batch_role_arn=None),
+        entry("claude-short-grace", cp, s3, not_found_grace=0.5),
     ])
     harness = await start_harness(root / "data", config_file=config)
     yield harness
@@ -103,14 +120,10 @@ def many(n: int, model: str = "claude", prefix: str = "r") -> list[dict]:
     return [chat(f"{prefix}{i}", f"question {i}", model=model) for i in range(n)]
 
 
-def s3_lines(s3: MotoS3, key: str) -> list[dict]:
-    return [json.loads(x) for x in s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read().splitlines()]
-
-
 # -- the happy paths -------------------------------------------------------------------------------
 
 
-async def test_claude_batch_end_to_end_with_hostile_custom_ids(h, bedrock, s3):
+async def test_claude_batch_end_to_end_with_hostile_custom_ids(h, bedrock):
     lines = [chat(cid, f"hostile {i}", max_tokens=64) for i, cid in enumerate(HOSTILE_IDS)] + many(95)
     final, states, out, err = await run(h, lines)
 
@@ -138,19 +151,14 @@ async def test_claude_batch_end_to_end_with_hostile_custom_ids(h, bedrock, s3):
     assert req["roleArn"] == ROLE and req["timeoutDurationInHours"] == 24
     in_uri = req["inputDataConfig"]["s3InputDataConfig"]["s3Uri"]
     assert in_uri == f"s3://{BUCKET}/batchgate/{final.id}/input/{final.id}.jsonl"
-    records = s3_lines(s3, in_uri.split("/", 3)[3])
+    records = job.records  # what the fake read from S3 (the object itself is deleted once the batch ended)
     assert [r["recordId"] for r in records[:len(HOSTILE_IDS)]] == [
         "bgl_0", "bgl_1", "bgl_2", "bgl_3", "bgl_4", "bgl_5", "ok_id-1", "bgl_7"]
     assert records[0]["modelInput"]["anthropic_version"] == "bedrock-2023-05-31"
     assert records[0]["modelInput"]["max_tokens"] == 64 and "model" not in records[0]["modelInput"]
-    # The fake's output has the real layout and Anthropic's own types accept it.
-    out_prefix = req["outputDataConfig"]["s3OutputDataConfig"]["s3Uri"].split("/", 3)[3]
-    out_key = f"{out_prefix}{job.job_id}/{final.id}.jsonl.out"
-    first = s3_lines(s3, out_key)[0]
-    anthropic.types.Message.model_validate(first["modelOutput"])
-    manifest = json.loads(s3.client().get_object(Bucket=BUCKET, Key=f"{out_prefix}{job.job_id}/manifest.json.out")
-                          ["Body"].read())
-    assert manifest["successRecordCount"] == len(lines)
+    # The fake's output (read back from <output>/<jobId>/*.jsonl.out above) passes Anthropic's own types.
+    anthropic.types.Message.model_validate(job.outputs[0]["modelOutput"])
+    assert job.success == len(lines)
 
 
 async def test_converse_model_with_failed_and_untranslatable_records(h, bedrock):
@@ -247,6 +255,55 @@ async def test_setup_failures_fail_the_batch_with_a_clear_error(h, bedrock, mode
     assert out == [] and err == []
 
 
+# -- an eventually consistent Bedrock, and a crash during the create ---------------------------------
+
+CRASH_BATCHES = 6
+
+
+async def test_a_404_right_after_the_create_is_waited_out(h, bedrock):
+    bedrock.lag.get = 1.5
+    final, _, out, err = await run(h, many(100))
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert len(out) == 100 and err == []
+    assert bedrock.lag.not_found > 0  # the job was invisible for a while
+    assert bedrock.job_for_token(client_request_token(final.id)).status == "Completed"
+
+
+async def test_a_job_still_missing_after_the_grace_fails_the_batch(h, bedrock):
+    bedrock.lag.get = 120  # as good as deleted
+    final, _, out, err = await run(h, many(100, model="claude-short-grace"))
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert final.errors[0].code == "provider_job_not_found", final.errors[0].message
+    assert final.failed_at.ToNanoseconds() - final.in_progress_at.ToNanoseconds() >= 0.4e9  # the 0.5 s grace
+    assert out == [] and err == []
+
+
+@pytest.mark.slow
+async def test_kill_9_during_create_leaves_one_job_per_batch(s3, tmp_path):
+    bucket = "bedrock-crash"
+    await asyncio.to_thread(s3.client().create_bucket, Bucket=bucket)
+    fake = FakeBedrockControlPlane(s3_endpoint=s3.url, region=REGION, min_records=5)
+    await fake.start()
+    fake.lag.listing, fake.lag.get = 3.0, 1.5
+    left: list[str] = []
+
+    async def check_bucket() -> None:
+        left.extend(await eventually_empty(staged_objects(s3, bucket)))
+
+    try:
+        config = write_config(tmp_path / "models.yaml", [entry(
+            "claude", fake, s3, s3_bucket_name=bucket, bedrock_min_records=5, listing_lag=8, not_found_grace=30)])
+        inputs = [many(5, prefix=f"b{b}-") for b in range(CRASH_BATCHES)]
+        outcomes = await kill_during_create(tmp_path, config, fake.gate, inputs, before_stop=check_bucket)
+        assert_each_answered_once(outcomes, inputs)
+        tokens = [j.request["clientRequestToken"] for j in fake.jobs.values()]
+        assert sorted(tokens) == sorted(client_request_token(o.batch.id) for o in outcomes), "one job per batch"
+        assert len(fake.create_requests) >= 2 * CRASH_BATCHES  # created again after the restart: the token held
+        assert left == [], "staged objects outlived their batch"
+    finally:
+        await fake.stop()
+
+
 # -- rejected at CreateBatch ---------------------------------------------------------------------------
 
 
@@ -295,9 +352,9 @@ async def test_unsupported_endpoint_is_invalid_argument(h, model, url, body, rea
 # -- the adapter on its own ---------------------------------------------------------------------------
 
 
-def _job(bedrock, s3, tmp_path, batch_id: str, n: int = 100, expires_in: float = 86400) -> ProviderJob:
+def _job(bedrock, s3, tmp_path, batch_id: str, n: int = 100, expires_in: float = 86400, **params) -> ProviderJob:
     dep = Deployment(id="d", model_name="claude", provider="bedrock", model=CLAUDE,
-                     params=entry("x", bedrock, s3)["litellm_params"])
+                     params=entry("x", bedrock, s3, **params)["litellm_params"])
     return provider_job(tmp_path / f"{batch_id}.jsonl", dep, many(n), batch_id, expires_in)
 
 
@@ -315,6 +372,7 @@ async def test_cancel_after_a_crash_finds_the_job_by_name(bedrock, s3, tmp_path)
         job = _job(bedrock, s3, tmp_path, "batch_lost")
         await provider.submit(job)
         arn = job.state.pop("job_arn")  # the ARN was never saved
+        bedrock.lag.listing = 0.5  # and the listing shows the job late
         job.cancel_requested.set()
         await provider.cancel(job)
         assert job.state["job_arn"] == arn
@@ -322,6 +380,7 @@ async def test_cancel_after_a_crash_finds_the_job_by_name(bedrock, s3, tmp_path)
         await _poll_until(provider, job, JobStatus.CANCELLED)
         lines = [json.loads(r.data) async for r in provider.results(job)]
         assert len(lines) == 100 and {x["error"]["code"] for x in lines} == {"batch_cancelled"}
+        await provider.release(job)
     finally:
         await provider.close()
 
@@ -336,6 +395,7 @@ async def test_completion_window_end_stops_the_job_and_reports_expired(bedrock, 
         assert bedrock.job_for_token(client_request_token("batch_late")).status == "Stopped"
         lines = [json.loads(r.data) async for r in provider.results(job)]
         assert len(lines) == 100 and {x["error"]["code"] for x in lines} == {"batch_expired"}
+        await provider.release(job)
     finally:
         await provider.close()
 
@@ -350,7 +410,32 @@ async def test_resubmit_is_idempotent_through_the_client_request_token(bedrock, 
         assert job.state["job_arn"] == arn
         assert sum(1 for r in bedrock.create_requests if r["clientRequestToken"] == "batchgate-batch-idem") == 2
         assert sum(1 for j in bedrock.jobs.values() if j.request["clientRequestToken"] == "batchgate-batch-idem") == 1
+        await provider.release(job)
     finally:
+        await provider.close()
+
+
+async def test_release_sweeps_stale_objects_of_earlier_runs_but_not_of_running_batches(bedrock, s3, tmp_path):
+    client = s3.client()
+    leftovers = ["swept/batch_gone/input/batch_gone.jsonl", "swept/batch_gone/output/0a1b2c/manifest.json.out"]
+    foreign = "swept/notes.txt"  # not batchgate's: never touched
+    for key in leftovers + [foreign]:
+        await asyncio.to_thread(client.put_object, Bucket=BUCKET, Key=key, Body=b"{}\n")
+    provider = BedrockBatchProvider()
+    try:
+        running, ended = (_job(bedrock, s3, tmp_path, batch_id, s3_path_prefix="swept", staged_retention=0)
+                          for batch_id in ("batch_running", "batch_ended"))
+        for job in (running, ended):
+            await provider.submit(job)
+        await _poll_until(provider, ended, JobStatus.COMPLETED)
+        assert len([r async for r in provider.results(ended)]) == 100
+        await provider.release(ended)
+        assert sorted(staged_objects(s3)()) == sorted([foreign, "swept/batch_running/input/batch_running.jsonl"])
+        await _poll_until(provider, running, JobStatus.COMPLETED)
+        await provider.release(running)
+        assert staged_objects(s3)() == [foreign]
+    finally:
+        await asyncio.to_thread(client.delete_object, Bucket=BUCKET, Key=foreign)
         await provider.close()
 
 

@@ -153,8 +153,11 @@ async def test_full_lifecycle_completed(api, openai_provider, tmp_path):
     await openai_provider.submit(h.job)
     st = h.job.state
     assert st["input_file_id"].startswith("file-") and st["provider_batch_id"].startswith("batch_")
-    # a state save after each step, the last one carrying the provider batch id
-    assert h.saves[0]["input_file_id"] == st["input_file_id"]
+    # a state save before and after each step, the last one carrying the provider batch id
+    assert h.saves[0] == {"upload_started": True}, "saved before the upload"
+    assert h.saves[1]["input_file_id"] == st["input_file_id"] and "create_started_at" not in h.saves[1]
+    assert h.saves[2]["create_started_at"] and "provider_batch_id" not in h.saves[2], \
+        "saved before the create"
     assert h.saves[-1]["provider_batch_id"] == st["provider_batch_id"]
     created = api.created_batch_requests[0]
     assert created == {"input_file_id": st["input_file_id"], "endpoint": "/v1/chat/completions",
@@ -180,6 +183,8 @@ async def test_full_lifecycle_completed(api, openai_provider, tmp_path):
         assert cc.model == "gpt-4o-mini-2024-07-18"
         assert cc.usage.total_tokens > 0
         assert cc.choices[0].message.content.startswith("echo: question ")
+    assert st["input_file_id"] not in api.files, "the input file is deleted once results are read"
+    assert api.batches[st["provider_batch_id"]].output_file_id in api.files
 
 
 async def test_failing_lines_become_error_results(api, openai_provider, tmp_path):
@@ -260,7 +265,7 @@ async def test_wrong_key_is_provider_auth(api, openai_provider, tmp_path):
     assert ei.value.code == "provider_auth" and ei.value.retryable is False
     assert "sk-wrong" not in ei.value.message
     assert len(api.calls) == 1  # not retried
-    assert h.job.state == {}
+    assert h.job.state == {"upload_started": True}
 
 
 async def test_429_then_success_honours_retry_after(api, openai_provider, tmp_path):
@@ -329,14 +334,16 @@ async def test_upload_retried_on_500(api, openai_provider, tmp_path):
 
 
 async def test_500_on_create_is_reconciled_not_duplicated(api, openai_provider, tmp_path):
-    h = make_job(tmp_path, [chat_line(0)], openai_dep(api))
+    patience = dict(timeout=0.5, create_lookup_patience=0.5)  # the lookup lasts until 1 s after the create
+    h = make_job(tmp_path, [chat_line(0)], openai_dep(api, **patience))
     api.inject(500, 1, path_contains="/batches", method="POST")
     with pytest.raises(ProviderError) as ei:
         await openai_provider.submit(h.job)
     assert ei.value.retryable
-    assert h.job.state.get("create_started") and "provider_batch_id" not in h.job.state
-    await openai_provider.submit(h.job)  # the tracker tries again: looks up, then creates
-    assert api.calls_to("GET", "/v1/batches?") == 1
+    assert h.job.state.get("create_started_at") and "provider_batch_id" not in h.job.state
+    await openai_provider.submit(h.job)  # the tracker tries again: looks up for a while, then creates
+    assert time.time() - h.job.state["create_started_at"] < 1, "the create after the lookups is recorded"
+    assert api.calls_to("GET", "/v1/batches?") > 1
     assert len(api.batches) == 1
     assert h.job.state["provider_batch_id"] in api.batches
 
@@ -346,16 +353,86 @@ async def test_interrupted_create_is_adopted(api, openai_provider, tmp_path):
     await openai_provider.submit(h.job)
     bid = h.job.state["provider_batch_id"]
     # Crash after the provider created the batch but before we saved its id:
-    lost = {k: v for k, v in h.job.state.items() if k != "provider_batch_id"}
+    lost = {k: v for k, v in h.job.state.items() if k not in ("provider_batch_id", "provider_created_at")}
     h2 = make_job(tmp_path, [chat_line(0)], openai_dep(api), state=lost)
     await openai_provider.submit(h2.job)
     assert h2.job.state["provider_batch_id"] == bid
     assert len(api.batches) == 1 and len(api.created_batch_requests) == 1
     # another gateway batch's lost create doesn't adopt this one
-    h3 = make_job(tmp_path, [chat_line(0)], openai_dep(api), batch_id="batch_gw_other",
-                  state=lost)
+    h3 = make_job(tmp_path, [chat_line(0)], openai_dep(api, timeout=0.2, create_lookup_patience=0.2),
+                  batch_id="batch_gw_other", state=lost)
     await openai_provider.submit(h3.job)
     assert h3.job.state["provider_batch_id"] != bid and len(api.batches) == 2
+
+
+async def test_a_create_listed_late_is_adopted_not_repeated(openai_provider, tmp_path):
+    api = FakeBatchAPI(api_key=OPENAI_KEY, list_lag=0.6)
+    await api.start()
+    try:
+        d = openai_dep(api, timeout=0.5, create_lookup_patience=1.0)
+        h = make_job(tmp_path, [chat_line(0)], d)
+        await openai_provider.submit(h.job)
+        lost = {k: v for k, v in h.job.state.items() if k not in ("provider_batch_id", "provider_created_at")}
+        h2 = make_job(tmp_path, [chat_line(0)], d, state=lost)
+        await openai_provider.submit(h2.job)  # not listed yet: looks again until it is
+        assert h2.job.state["provider_batch_id"] == h.job.state["provider_batch_id"]
+        assert len(api.batches) == 1 and api.calls_to("GET", "/v1/batches?") > 1
+    finally:
+        await api.stop()
+
+
+async def test_duplicates_found_at_the_lookup_are_cancelled(api, openai_provider, tmp_path):
+    """Two provider batches for one batch (the listing once lagged past the patience): the oldest
+    is adopted, the other cancelled at once."""
+    d = openai_dep(api)
+    first = make_job(tmp_path, [chat_line(0)], d)
+    await openai_provider.submit(first.job)
+    second = make_job(tmp_path, [chat_line(0)], d)
+    await openai_provider.submit(second.job)
+    assert len(api.batches) == 2
+    lost = {k: v for k, v in first.job.state.items() if k not in ("provider_batch_id", "provider_created_at")}
+    h = make_job(tmp_path, [chat_line(0)], d, state=lost)
+    await openai_provider.submit(h.job)
+    assert h.job.state["provider_batch_id"] == first.job.state["provider_batch_id"]
+    assert api.batches[second.job.state["provider_batch_id"]].status == "cancelling"
+    assert api.batches[first.job.state["provider_batch_id"]].status == "validating"
+
+
+async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(openai_provider, tmp_path):
+    api = FakeBatchAPI(api_key=OPENAI_KEY, clock="manual", list_lag=3600)  # listed far too late
+    await api.start()
+    try:
+        d = openai_dep(api, timeout=0.2, create_lookup_patience=0.2)
+        h = make_job(tmp_path, [chat_line(0)], d)
+        await openai_provider.submit(h.job)
+        first = h.job.state["provider_batch_id"]
+        lost = {k: v for k, v in h.job.state.items() if k not in ("provider_batch_id", "provider_created_at")}
+        h2 = make_job(tmp_path, [chat_line(0)], d, state=lost)
+        await openai_provider.submit(h2.job)  # not listed within the patience: created again
+        assert h2.job.state["provider_batch_id"] != first and h2.job.state["duplicate_watch_until"]
+        await openai_provider.poll(h2.job)
+        assert api.batches[first].status == "validating", "not listed yet: not cancelled"
+        api.list_lag = 0
+        await openai_provider.poll(h2.job)  # listed now: the copy is cancelled at once
+        assert api.batches[first].status == "cancelling"
+        assert api.batches[h2.job.state["provider_batch_id"]].status == "validating"
+        assert "duplicate_watch_until" not in h2.job.state
+    finally:
+        await api.stop()
+
+
+async def test_an_interrupted_upload_is_reused_and_copies_deleted(api, openai_provider, tmp_path):
+    lines = [chat_line(i) for i in range(3)]
+    d = openai_dep(api)
+    h = make_job(tmp_path, lines, d)
+    await openai_provider.submit(h.job)
+    whole = h.job.state["input_file_id"]
+    api._add_file("batch_gw1.jsonl", "batch", b"{}\n")  # a cut copy, by name only
+    h2 = make_job(tmp_path, lines, d, state={"upload_started": True})  # crashed before saving the id
+    await openai_provider.submit(h2.job)
+    assert h2.job.state["input_file_id"] == whole
+    assert api.calls_to("POST", "/v1/files") == 1
+    assert [f.id for f in api.files.values() if f.purpose == "batch"] == [whole]
 
 
 async def test_unknown_job_is_provider_job_not_found(api, openai_provider, tmp_path):

@@ -38,7 +38,8 @@ POOL_B_KEY = "sk-e2e-pool-b-SECRET-5a6b"
 WRONG_KEY = "sk-e2e-wrong-SECRET-eeee"
 SECRETS = (OPENAI_KEY, AZURE_KEY, POOL_A_KEY, POOL_B_KEY, WRONG_KEY)
 
-FAST = {"poll_interval": 0.05, "max_retries": 2, "backoff_base": 0.01, "timeout": 5}
+FAST = {"poll_interval": 0.05, "max_retries": 2, "backoff_base": 0.01, "timeout": 5,
+        "create_lookup_patience": 0.5, "not_found_grace": 1}
 
 
 # ------------------------------------------------------------------ fixtures & helpers

@@ -4,6 +4,7 @@ credentials are real service-account keys whose tokens google-auth fetches from 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator
 from tests.integration.batch_helpers import (
     assert_lifecycle,
     create,
+    eventually_empty,
     provider_job,
     results,
     status_names,
     write_config,
 )
+from tests.integration.create_crash import assert_each_answered_once, kill_during_create
 from tests.integration.batch_helpers import run_batch as run
 
 BUCKET = "vertex-batches"
@@ -64,6 +67,20 @@ def vertex(api):
     yield api
     api.hold_after = None
     api.lines_per_tick = None
+    api.lag.reset()
+    api.create_errors.clear()
+
+
+def staged_objects(gcs: GcsEmulator, bucket: str = BUCKET):
+    client = gcs.client()
+    return lambda: [b.name for b in client.list_blobs(bucket)]
+
+
+@pytest.fixture(autouse=True)
+async def bucket_left_clean(gcs):
+    """After every test: nothing staged is left in the bucket (every batch has ended by then)."""
+    yield
+    assert await eventually_empty(staged_objects(gcs)) == [], "staged objects outlived their batch"
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +114,8 @@ async def h(api, keys, tmp_path_factory):
         entry("gemini-denied", api, vertex_credentials=good, vertex_project="locked-project"),
         entry("gemini-no-bucket", api, vertex_credentials=good, gcs_bucket_name="no-such-bucket"),
         entry("gemini-unconfigured", api, vertex_credentials=good, gcs_bucket_name=None),
+        entry("gemini-short-grace", api, vertex_credentials=good, not_found_grace=0.5),
+        entry("gemini-retrying", api, vertex_credentials=good, max_retries=2, backoff_base=0.01),
     ])
     api.denied_projects.add("locked-project")
     harness = await start_harness(root / "data", config_file=config)
@@ -147,8 +166,7 @@ async def test_chat_batch_end_to_end_with_hostile_custom_ids(h, vertex, gcs):
     assert job.body["model"] == "publishers/google/models/gemini-2.5-flash"
     [uri] = job.body["inputConfig"]["gcsSource"]["uris"]
     assert uri == f"gs://{BUCKET}/batchgate/{final.id}/input.jsonl"
-    staged = [json.loads(x) for x in gcs.client().bucket(BUCKET).blob(uri.split("/", 3)[3])
-              .download_as_bytes().splitlines()]
+    staged = job.lines  # what the fake read from GCS (the object itself is deleted once the batch ended)
     assert len(staged) == len(lines)
     labels = [s["request"]["labels"]["batchgate_custom_id"] for s in staged]
     # Valid label values are kept; the rest (and ids in the reserved bgl_ space) get bgl_<line>.
@@ -239,6 +257,65 @@ async def test_setup_failures_fail_the_batch_with_a_clear_error(h, vertex, model
     assert out == [] and err == []
 
 
+# -- an eventually consistent Vertex AI, and a crash during the create -------------------------------
+
+CRASH_BATCHES = 6
+
+
+async def test_a_404_right_after_the_create_is_waited_out(h, vertex):
+    vertex.lag.get = 1.5
+    final, _, out, err = await run(h, [chat("a", "hello"), chat("b", "again")])
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert sorted(line["custom_id"] for line in out) == ["a", "b"] and err == []
+    assert vertex.lag.not_found > 0  # the job was invisible for a while
+    assert len(vertex.jobs_by_label(JOB_LABEL, job_label(final.id))) == 1
+
+
+async def test_a_job_still_missing_after_the_grace_fails_the_batch(h, vertex):
+    vertex.lag.get = 120  # as good as deleted
+    final, _, out, err = await run(h, [chat("a", "hello", model="gemini-short-grace")])
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert final.errors[0].code == "provider_job_not_found", final.errors[0].message
+    assert final.failed_at.ToNanoseconds() - final.in_progress_at.ToNanoseconds() >= 0.4e9  # the 0.5 s grace
+    assert out == [] and err == []
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_create_answered_with_a_gateway_error_is_not_sent_again_blindly(h, vertex, status):
+    vertex.create_errors = [status]  # the job was made; the answer says otherwise
+    final, _, out, err = await run(h, [chat("a", "hello", model="gemini-retrying")])
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert [line["custom_id"] for line in out] == ["a"]
+    assert len(vertex.jobs_by_label(JOB_LABEL, job_label(final.id))) == 1
+
+
+@pytest.mark.slow
+async def test_kill_9_during_create_leaves_one_job_per_batch(gcs, tmp_path):
+    bucket = "vertex-crash"
+    await asyncio.to_thread(gcs.client().create_bucket, bucket)
+    fake = FakeVertexAPI(storage_client=gcs.client(), allow_anonymous=True)
+    await fake.start()
+    fake.lag.listing, fake.lag.get = 3.0, 1.5  # longer than a restart takes
+    left: list[str] = []
+
+    async def check_bucket() -> None:
+        left.extend(await eventually_empty(staged_objects(gcs, bucket)))
+
+    try:
+        config = write_config(tmp_path / "models.yaml", [entry(
+            "gemini", fake, vertex_credentials="anonymous", gcs_bucket_name=bucket, listing_lag=8,
+            not_found_grace=30)])
+        inputs = [[chat(f"b{b}-{i}", f"question {b}.{i}") for i in range(3)] for b in range(CRASH_BATCHES)]
+        outcomes = await kill_during_create(tmp_path, config, fake.gate, inputs, before_stop=check_bucket)
+        assert_each_answered_once(outcomes, inputs)
+        jobs = {o.batch.id: len(fake.jobs_by_label(JOB_LABEL, job_label(o.batch.id))) for o in outcomes}
+        assert jobs == dict.fromkeys(jobs, 1), "one Vertex AI job per batch"
+        assert fake.gate.creates == CRASH_BATCHES  # found again after the restart, not created again
+        assert left == [], "staged objects outlived their batch"
+    finally:
+        await fake.stop()
+
+
 # -- rejected at CreateBatch ---------------------------------------------------------------------------
 
 
@@ -271,6 +348,7 @@ async def test_unsupported_endpoint_is_invalid_argument(h):
 
 def _job(tmp_path: Path, deployment: Deployment, lines: list[dict], batch_id: str,
          expires_in: float = 86400) -> ProviderJob:
+    tmp_path.mkdir(exist_ok=True)
     return provider_job(tmp_path / "input.jsonl", deployment, lines, batch_id, expires_in)
 
 
@@ -292,13 +370,14 @@ async def test_resubmit_after_a_crash_adopts_the_job_instead_of_creating_another
         lines = [json.loads(r.data) async for r in provider.results(job)]
         again = [json.loads(r.data) async for r in provider.results(job)]
         assert lines == again and [x["custom_id"] for x in lines] == ["a"]  # results() is repeatable
+        await provider.release(job)
     finally:
         await provider.close()
 
 
-def _dep(vertex: FakeVertexAPI, keys: dict) -> Deployment:
+def _dep(vertex: FakeVertexAPI, keys: dict, **params) -> Deployment:
     return Deployment(id="d", model_name="gemini", provider="vertex_ai", model="gemini-2.5-flash",
-                      params=entry("x", vertex, vertex_credentials=str(keys["good"]))["litellm_params"])
+                      params=entry("x", vertex, vertex_credentials=str(keys["good"]), **params)["litellm_params"])
 
 
 async def _poll_until(provider, job, *statuses: JobStatus, limit: int = 10):
@@ -323,6 +402,7 @@ async def test_completion_window_end_cancels_the_job_and_reports_expired(vertex,
         assert sorted(x["custom_id"] for x in lines) == ["e0", "e1", "e2"]
         assert sum(1 for x in lines if x["error"] and x["error"]["code"] == "batch_expired") == 3 - sum(
             1 for x in lines if x["error"] is None)
+        await provider.release(job)
     finally:
         await provider.close()
 
@@ -338,6 +418,7 @@ async def test_a_cancel_that_arrived_during_submit_is_carried_out_by_poll(vertex
         await _poll_until(provider, job, JobStatus.CANCELLED)
         lines = [json.loads(r.data) async for r in provider.results(job)]
         assert [x["error"]["code"] for x in lines] == ["batch_cancelled", "batch_cancelled"]
+        await provider.release(job)
     finally:
         await provider.close()
 
@@ -354,3 +435,68 @@ def test_settings_fall_back_to_the_environment(monkeypatch):
     monkeypatch.setenv("VERTEXAI_LOCATION", "europe-west4")
     monkeypatch.setenv("GCS_BUCKET_NAME", "b")
     provider.check("/v1/chat/completions", dep, 1)
+
+
+async def test_a_duplicate_seen_once_the_listing_catches_up_is_cancelled(vertex, keys, tmp_path):
+    dep = _dep(vertex, keys, listing_lag=1.0)
+    provider = VertexBatchProvider()
+    try:
+        job = _job(tmp_path, dep, [chat(f"d{i}", f"hi {i}") for i in range(3)], "batch_dup")
+        await provider.submit(job)
+        lost = vertex.jobs[job.state.pop("job_name").rsplit("/", 1)[1]]  # created, but its name was never saved
+        vertex.lag.listing = 30  # and the listing lags longer than batchgate looks again
+        await provider.submit(job)
+        assert len(vertex.jobs_by_label(JOB_LABEL, "batch_dup")) == 2
+        vertex.hold_after = 1
+        vertex.advance(lost.id, 2)  # the lost job runs on: one prediction so far
+        vertex.hold_after = None
+        vertex.lag.listing = 0  # the listing catches up
+        await provider.poll(job)
+        assert lost.state == "JOB_STATE_CANCELLING"
+        vertex.advance(lost.id)  # cancelled: its prediction lands under the batch's output prefix
+        await _poll_until(provider, job, JobStatus.COMPLETED)
+        lines = [json.loads(r.data) async for r in provider.results(job)]
+        assert sorted(x["custom_id"] for x in lines) == ["d0", "d1", "d2"]
+        assert all(x["error"] is None for x in lines)
+        await provider.release(job)  # the duplicate's prediction goes with the rest
+    finally:
+        await provider.close()
+
+
+async def test_release_sweeps_stale_objects_of_earlier_runs_but_not_of_running_batches(vertex, keys, gcs,
+                                                                                       tmp_path):
+    dep = _dep(vertex, keys, gcs_path_prefix="swept", staged_retention=0)
+    bucket = gcs.client().bucket(BUCKET)
+    leftovers = ["swept/batch_gone/input.jsonl", "swept/batch_gone/output/prediction-model-x/predictions.jsonl"]
+    foreign = "swept/notes.txt"  # not batchgate's: never touched
+    for name in leftovers + [foreign]:
+        await asyncio.to_thread(bucket.blob(name).upload_from_string, b"{}\n")
+    provider = VertexBatchProvider()
+    try:
+        running = _job(tmp_path / "a", dep, [chat("r", "hi")], "batch_running")
+        ended = _job(tmp_path / "b", dep, [chat("e", "hi")], "batch_ended")
+        for job in (running, ended):
+            await provider.submit(job)
+        await _poll_until(provider, ended, JobStatus.COMPLETED)
+        assert [json.loads(r.data)["custom_id"] async for r in provider.results(ended)] == ["e"]
+        await provider.release(ended)
+        assert sorted(staged_objects(gcs)()) == sorted([foreign, "swept/batch_running/input.jsonl"])
+        await _poll_until(provider, running, JobStatus.COMPLETED)
+        await provider.release(running)
+        assert staged_objects(gcs)() == [foreign]
+    finally:
+        await asyncio.to_thread(bucket.blob(foreign).delete)
+        await provider.close()
+
+
+async def test_a_batch_ended_before_a_lost_create_answer_stops_the_job_that_create_made(vertex, keys, tmp_path):
+    provider = VertexBatchProvider()
+    try:
+        job = _job(tmp_path, _dep(vertex, keys, listing_lag=5), [chat("o", "hi")], "batch_orphan")
+        await provider.submit(job)
+        made = vertex.jobs[job.state.pop("job_name").rsplit("/", 1)[1]]  # the answer was lost in a crash
+        vertex.lag.listing = 0.5  # and the listing shows the job late
+        await provider.release(job)  # cancelled before a re-submit: the tracker ends the batch and releases it
+        assert made.state == "JOB_STATE_CANCELLING"
+    finally:
+        await provider.close()

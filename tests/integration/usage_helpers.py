@@ -70,12 +70,9 @@ async def query(h: Harness, caller: Caller, **fields) -> usage_pb2.QueryUsageRes
 
 
 async def ledger_rows(h: Harness, batch_id: str) -> list[dict]:
-    """The committed ledger rows of a batch. (A watch may show the terminal state a moment before
-    its transaction commits: reads on the store's one connection see that transaction's rows.)"""
-    store = h.server.store
-    async with store.committed_reads():
-        async with store.db.execute("SELECT * FROM usage_ledger WHERE batch_id=?", (batch_id,)) as cur:
-            return [dict(r) for r in await cur.fetchall()]
+    """The committed ledger rows of a batch."""
+    rows = await h.server.store.readers.fetchall("SELECT * FROM usage_ledger WHERE batch_id=?", (batch_id,))
+    return [dict(r) for r in rows]
 
 
 async def stop(h: Harness) -> None:

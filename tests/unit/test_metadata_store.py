@@ -74,3 +74,29 @@ async def test_a_server_secret_is_shared_by_every_server_on_the_database_and_sur
     reopened = await MetadataStore.open(path)
     assert await reopened.server_secret("page_tokens") == secret
     await reopened.close()
+
+
+async def test_store_errors_are_neutral_not_sqlite(tmp_path):
+    from batchgate_server.store.errors import Duplicate
+
+    store = await MetadataStore.open(tmp_path / "db.sqlite3")
+    try:
+        first = batch("batch_1")
+        first.request_id = "same"
+        await store.insert_batch(first)
+        again = batch("batch_2")
+        again.request_id = "same"
+        with pytest.raises(Duplicate):
+            await store.insert_batch(again)
+    finally:
+        await store.close()
+
+
+async def test_the_space_reserve_is_allocated_next_to_the_database(tmp_path):
+    store = await MetadataStore.open(tmp_path / "db.sqlite3", reserve_bytes=256 * 1024)
+    try:
+        reserve = tmp_path / "db.sqlite3-reserve"
+        assert reserve.stat().st_blocks * 512 >= 256 * 1024, "real blocks, not a sparse file"
+        assert not store.reserve.short
+    finally:
+        await store.close()

@@ -58,6 +58,8 @@ def batch_to_proto(b: BatchRecord) -> batch_pb2.Batch:
             total=b.request_counts.total, completed=b.request_counts.completed, failed=b.request_counts.failed),
         errors=[batch_pb2.BatchError(code=e.code, message=e.message, param=e.param, line=e.line)
                 for e in b.errors],
+        failures=[batch_pb2.FailureCount(code=f.code, count=f.count, retried=f.retried,
+                                         sample_message=f.sample_message) for f in b.failures],
         metadata=b.metadata, model=b.model, provider=b.provider, revision=b.revision,
         cost=batch_pb2.Cost(
             status=COST_STATUS_TO_PROTO[b.cost.status], currency=b.cost.currency, amount=b.cost.amount,

@@ -6,14 +6,20 @@ import asyncio
 import copy
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
-from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, echo, not_found
+from batchgate_server.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    echo,
+    exhausted_when_full,
+    not_found,
+)
 from batchgate_server.core.files import FileManager
 from batchgate_server.core.ids import new_batch_id
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
@@ -24,6 +30,7 @@ from batchgate_server.core.tracker import Tracker, batch_load
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
+from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,7 @@ class BatchManager:
         self.accounting = accounting
         self.page_tokens = page_tokens
 
+    @exhausted_when_full
     async def create(self, principal: Principal, req: CreateBatch) -> BatchRecord:
         check_create(req)
         if req.request_id:
@@ -158,7 +166,7 @@ class BatchManager:
                 # deadline fires, so the runner must be started in the same breath, or the batch
                 # would sit in validating with nobody driving it until the next restart.
                 await asyncio.shield(self._insert_and_adopt(record))
-            except sqlite3.IntegrityError:
+            except Duplicate:
                 previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
                 if previous is None:
                     raise
@@ -199,6 +207,7 @@ class BatchManager:
         return await keyset_rows(limit, cursor,
                                  lambda size, after: self.store.list_batches(principal.scope, (), size, after), weigh)
 
+    @exhausted_when_full
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)
         runner = self.tracker.runner(batch_id)

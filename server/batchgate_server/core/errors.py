@@ -3,7 +3,19 @@ with google.rpc rich details. Never raised for a bug: those stay INTERNAL."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
+
+from batchgate_server.store.errors import StorageFull
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# What RetryInfo suggests to a caller that met a full disk: space comes back when an operator (or
+# a DeleteFile, or an expiry sweep) frees it, not within milliseconds.
+STORAGE_FULL_RETRY_AFTER = 30.0
 
 
 @dataclass
@@ -75,3 +87,20 @@ def not_found(kind: str, resource_id: str) -> NotFound:
         f"{kind.upper()}_NOT_FOUND",
         {f"{kind}_id": resource_id},
     )
+
+
+def storage_full() -> ResourceExhausted:
+    return ResourceExhausted("the server's storage is full; retry once space has been freed (deleting files"
+                             " frees it)", "STORAGE_FULL", retry_after=STORAGE_FULL_RETRY_AFTER)
+
+
+def exhausted_when_full(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """For use cases that write: a full disk is RESOURCE_EXHAUSTED STORAGE_FULL."""
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except StorageFull as err:
+            raise storage_full() from err
+
+    return wrapper

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,12 +21,14 @@ from batchgate_server.core.errors import (
     FieldViolation,
     InvalidArgument,
     ResourceExhausted,
+    exhausted_when_full,
     not_found,
 )
 from batchgate_server.core.ids import new_file_id
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
 from batchgate_server.core.models import FilePurpose, FileRecord
 from batchgate_server.store.blobs import BlobStore, BlobWriter
+from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class FileManager:
         """Uploads running now, of one project or of all."""
         return self._uploading[project] if project is not None else sum(self._uploading.values())
 
+    @exhausted_when_full
     async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
         """Stream `chunks` into a new file. `chunks` ends normally only when the client finished
         the upload explicitly; any exception it raises (a cut stream, a protocol error) aborts
@@ -282,7 +284,7 @@ class FileManager:
             raise
         try:
             await self.store.insert_file(record)
-        except sqlite3.IntegrityError:
+        except Duplicate:
             # Two uploads raced with the same request_id: the first one wins.
             self.blobs.delete(record.id)
             previous = await self.store.get_file_by_request_id(record.project, header.request_id)
@@ -340,6 +342,7 @@ class FileManager:
                                      "FILE_CONTENT_MISSING", {"file_id": record.id})
         return self.blobs.read(record.id, offset, limit)
 
+    @exhausted_when_full
     async def delete(self, principal: Principal, file_id: str) -> None:
         record = await self.get(principal, file_id)
         batch_id = self.used_by(record.id) or await self.store.active_batch_reading(record.id)

@@ -64,6 +64,16 @@ class BatchError:
 
 
 @dataclass
+class FailureCount:
+    """Requests of a running batch that failed with one error code (the live failure summary)."""
+
+    code: str  # an error line's error.code, or "http_<status>" for an HTTP error answer
+    count: int = 0  # requests answered with this error (lines of the error file)
+    retried: int = 0  # failed attempts with this code that were retried
+    sample_message: str = ""  # one of their messages, shortened
+
+
+@dataclass
 class Usage:
     input_tokens: int = 0
     cached_tokens: int = 0
@@ -125,6 +135,8 @@ class BatchRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     request_counts: RequestCounts = field(default_factory=RequestCounts)
     errors: list[BatchError] = field(default_factory=list)
+    # While it runs (built-in executor): why requests fail, by error code, few and short.
+    failures: list[FailureCount] = field(default_factory=list)
     usage: Usage | None = None
     cost: Cost = field(default_factory=Cost)
     output_file_id: str = ""

@@ -20,7 +20,6 @@ import copy
 import hashlib
 import logging
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from batchgate_server.core.models import (
     BatchError,
     BatchRecord,
     BatchStatus,
+    FailureCount,
     FilePurpose,
     FileRecord,
     RequestCounts,
@@ -47,10 +47,18 @@ from batchgate_server.providers.base import (
     ProviderJob,
     ResultKind,
     UnsupportedRequest,
+    give_up_after,
 )
 from batchgate_server.providers.registry import ProviderRegistry, input_reader
 from batchgate_server.store.blobs import BlobStore
-from batchgate_server.store.metadata import MetadataStore, RevisionConflict
+from batchgate_server.store.errors import (
+    RevisionConflict,
+    StorageError,
+    StorageFull,
+    StorageUnavailable,
+    is_full,
+)
+from batchgate_server.store.metadata import MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +68,6 @@ ENDED_BY_POLL = {
     JobStatus.EXPIRED: BatchStatus.EXPIRED,
     JobStatus.CANCELLED: BatchStatus.CANCELLED,
 }
-
-
-# A provider that answers nothing but retryable errors (429/5xx/network) for this long fails the
-# batch (the job may still run at the provider; its results would be lost to us anyway).
-DEFAULT_GIVE_UP_AFTER = 6 * 3600.0
 
 
 def batch_load(line_count: int) -> int:
@@ -87,6 +90,8 @@ class Tracker:
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._writes: set[asyncio.Future] = set()  # BatchRunner._persist calls in flight
+        self.stopping = False
 
     async def start(self) -> int:
         active = await self.store.active_batches()
@@ -114,6 +119,7 @@ class Tracker:
 
     async def stop(self) -> None:
         """Stop driving batches (they resume on the next start); nothing is cancelled at providers."""
+        self.stopping = True
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -121,6 +127,9 @@ class Tracker:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        # A cancelled runner's shielded write goes on: it lands before the store is closed.
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _forget(self, batch_id: str) -> None:
         self._runners.pop(batch_id, None)
@@ -136,6 +145,7 @@ class BatchRunner:
         self._cancel_sent = False
         self.deployment = tracker.router.deployment(record.deployment_id)
         self.job: ProviderJob | None = None
+        self._provider: BatchProvider | None = None
 
     # -- persistence --------------------------------------------------------------------
 
@@ -143,8 +153,16 @@ class BatchRunner:
         # Shielded: aiosqlite finishes a statement it has queued even when the awaiting task is
         # cancelled (a CancelBatch deadline, shutdown), so a cancel here must not leave memory
         # and database disagreeing about the revision. The write, the in-memory record and the
-        # publish complete together; the cancellation is delivered afterwards.
-        await asyncio.shield(self._persist_now(mutate, extra_files, ledger))
+        # publish complete together; the cancellation is delivered afterwards (Tracker.stop
+        # waits for the write).
+        if self.t.stopping:
+            # No new write while stop() waits for the last ones: the batch resumes from its
+            # stored state at the next start, as after a crash.
+            raise asyncio.CancelledError("the tracker is stopping")
+        write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger))
+        self.t._writes.add(write)
+        write.add_done_callback(self.t._writes.discard)
+        await asyncio.shield(write)
 
     async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
         async with self._lock:
@@ -199,17 +217,20 @@ class BatchRunner:
                 await self._fail("deployment_not_found",
                                  f"deployment {rec.deployment_id!r} is no longer in the model list")
                 return
-            provider = self.t.providers.get(self.deployment.provider)
+            provider = self._provider = self.t.providers.get(self.deployment.provider)
             self.job = self._make_job()
             if rec.status is BatchStatus.CANCELLING:
                 self.job.cancel_requested.set()
             backoff = Backoff(base=1.0, cap=120.0)
+            # Our own storage comes back when an operator frees space: look again every few seconds.
+            storage_backoff = Backoff(base=0.5, cap=5.0)
             give_up_after = self._give_up_after()
             failing_since: float | None = None  # start of the current run of retryable errors
             while not self.rec.status.is_terminal:
                 try:
                     await self._step(provider)
                     backoff.reset()
+                    storage_backoff.reset()
                     failing_since = None
                 except ProviderError as err:
                     self.t.router.record_failure(self.deployment.id)
@@ -229,16 +250,22 @@ class BatchRunner:
                 except UnsupportedRequest as err:
                     await self._fail(err.reason.lower(), err.message)
                     break
-                except (OSError, sqlite3.OperationalError, RevisionConflict) as err:
-                    # Our own storage failing (disk full, database locked by a backup, a stale
-                    # revision): transient from the batch's point of view. Back off and retry
-                    # from the stored record; never fail the batch and lose its results for it.
-                    log.warning("batch %s: storage error %s: %s (retrying)", rec.id, type(err).__name__, err)
-                    stored = await self.t.store.get_batch(rec.id)
+                except (StorageFull, StorageUnavailable, RevisionConflict, OSError) as err:
+                    # Our own storage failing (a full disk, a database locked by a backup, a stale
+                    # revision; OSError: a provider's work files): transient from the batch's point
+                    # of view. Back off and retry from the stored record; never fail the batch and
+                    # lose its results for it.
+                    full = isinstance(err, StorageFull) or (isinstance(err, OSError) and is_full(err))
+                    log.warning("batch %s: storage %s (%s: %s), retrying", rec.id, "full" if full else "error",
+                                type(err).__name__, err)
+                    try:
+                        stored = await self.t.store.get_batch(rec.id)
+                    except StorageError:
+                        stored = None  # unreadable for now too: the next attempt reads it again
                     if stored is not None and stored.revision != self.rec.revision:
                         self.rec = stored
                         self.job.state = stored.provider_state
-                    await self._sleep(backoff.next())
+                    await self._sleep(storage_backoff.next())
         except asyncio.CancelledError:
             raise
         except Exception as err:  # a bug must not leave the batch hanging forever
@@ -256,11 +283,8 @@ class BatchRunner:
 
     def _give_up_after(self) -> float:
         """Seconds of nothing but retryable provider errors (429/5xx/network) before the batch
-        fails: litellm_params.give_up_after, else DEFAULT_GIVE_UP_AFTER."""
-        try:
-            return float(self.deployment.params.get("give_up_after", DEFAULT_GIVE_UP_AFTER))
-        except (TypeError, ValueError):
-            return DEFAULT_GIVE_UP_AFTER
+        fails (the job may still run at the provider; its results would be lost to us anyway)."""
+        return give_up_after(self.deployment)
 
     def _make_job(self) -> ProviderJob:
         rec = self.rec
@@ -326,13 +350,14 @@ class BatchRunner:
         if counts is not None and counts.total == 0:
             counts = RequestCounts(rec.request_counts.total, counts.completed, counts.failed)
         counts_changed = counts is not None and counts != rec.request_counts
+        failures_changed = poll.failures is not None and poll.failures != rec.failures
         ended = ENDED_BY_POLL.get(poll.status)
         if ended is BatchStatus.COMPLETED and rec.status is BatchStatus.CANCELLING:
             # The caller was told the batch is cancelling: it ends cancelled, results kept,
             # even when the provider finished every request before the cancel landed.
             ended = BatchStatus.CANCELLED
         if ended is not None:
-            await self._finish(provider, ended)
+            await self._finish(provider, ended, poll.failures)
             return
         if poll.status is JobStatus.FAILED:
             await self._fail_with(poll.errors or [BatchError("provider_failed", poll.detail or
@@ -343,12 +368,14 @@ class BatchRunner:
             target = BatchStatus.FINALIZING
         elif poll.status is JobStatus.CANCELLING and rec.status is not BatchStatus.CANCELLING:
             target = BatchStatus.CANCELLING
-        if target is None and not counts_changed:
+        if target is None and not counts_changed and not failures_changed:
             return
 
         def mutate(r: BatchRecord) -> None:
             if counts_changed:
                 r.request_counts = counts
+            if failures_changed:
+                r.failures = poll.failures
             if target is not None:
                 self._enter(target)(r)
 
@@ -365,7 +392,7 @@ class BatchRunner:
             r.cost = self.t.accounting.nothing_to_charge(r)
 
         await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
-        self._cleanup()
+        await self._cleanup()
 
     async def _fail(self, code: str, message: str, keep_workdir: bool = False) -> None:
         await self._fail_with([BatchError(code, message)], keep_workdir=keep_workdir)
@@ -381,9 +408,10 @@ class BatchRunner:
         if keep_workdir:
             log.warning("batch %s: work files kept in %s", self.rec.id, self.t.work_root / self.rec.id)
         else:
-            self._cleanup()
+            await self._cleanup()
 
-    async def _finish(self, provider: BatchProvider, status: BatchStatus) -> None:
+    async def _finish(self, provider: BatchProvider, status: BatchStatus,
+                      failures: list[FailureCount] | None = None) -> None:
         rec = self.rec
         if not rec.result_file_ids or (status is BatchStatus.COMPLETED
                                        and rec.status is not BatchStatus.FINALIZING):
@@ -412,11 +440,18 @@ class BatchRunner:
             raise
         now = time.time()
         files = []
-        for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
-            record = await asyncio.to_thread(sinks[kind].commit, file_id, rec.project,
-                                             f"{rec.id}_{kind.value}.jsonl", now)
-            if record is not None:
-                files.append(record)
+        try:
+            for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
+                record = await asyncio.to_thread(sinks[kind].commit, file_id, rec.project,
+                                                 f"{rec.id}_{kind.value}.jsonl", now)
+                if record is not None:
+                    files.append(record)
+        except BaseException:  # e.g. a full disk: neither file is kept, a retry writes both again
+            for sink in sinks.values():
+                sink.abort()
+            for f in files:
+                self.t.blobs.delete(f.id)
+            raise
         out_lines, err_lines = sinks[ResultKind.OUTPUT].lines, sinks[ResultKind.ERROR].lines
         usage_total, cost = self.t.accounting.price(self.rec, usage.by_model)
 
@@ -431,6 +466,8 @@ class BatchRunner:
             r.request_counts = RequestCounts(total=total, completed=out_lines, failed=err_lines)
             r.usage = usage_total
             r.cost = cost
+            if failures is not None:
+                r.failures = failures
 
         try:
             await self._persist(mutate, extra_files=files,
@@ -444,11 +481,19 @@ class BatchRunner:
                 self.t.blobs.delete(f.id)
             raise
         log.info("batch %s %s: %d ok, %d failed", rec.id, self.rec.status.value, out_lines, err_lines)
-        self._cleanup()
+        await self._cleanup()
 
-    def _cleanup(self) -> None:
-        if self.job is not None:
-            shutil.rmtree(self.job.workdir, ignore_errors=True)
+    async def _cleanup(self) -> None:
+        """The batch has ended and its results are stored: the provider deletes what the job left
+        with it, then the work directory goes."""
+        if self.job is None:
+            return
+        if self._provider is not None:
+            try:
+                await self._provider.release(self.job)
+            except Exception as err:  # noqa: BLE001 - best effort: the provider's retention sweep tidies up
+                log.warning("batch %s: could not release what it left at the provider: %s", self.rec.id, err)
+        shutil.rmtree(self.job.workdir, ignore_errors=True)
 
 
 class _ResultSink:

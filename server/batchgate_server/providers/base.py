@@ -5,7 +5,9 @@ layer; it gets a `ProviderJob` describing the batch and returns plain values.
 Everything a provider needs to survive a restart goes into `job.state` and is
 persisted by `await job.save_state()` (one SQLite transaction with a revision
 bump), so `submit` must be idempotent: after a crash it may be called again for
-a job whose state says it was already (partly) submitted.
+a job whose state says it was already (partly) submitted. A remote provider may
+list a job it just created late, or answer 404 for it for a while:
+providers/eventual.py has the bounded re-lookup and the 404 grace for that.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.core.models import BatchError, FailureCount, RequestCounts
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,19 @@ class Deployment:
     params: Mapping[str, Any] = field(default_factory=dict, repr=False)
     model_info: Mapping[str, Any] = field(default_factory=dict)
     weight: float = 1.0
+
+
+# A provider (or, on the executor, an upstream) that answers nothing but retryable errors
+# (429/5xx/network) for this long is given up on: the batch fails, or its waiting requests do.
+DEFAULT_GIVE_UP_AFTER = 6 * 3600.0
+
+
+def give_up_after(deployment: Deployment) -> float:
+    """litellm_params.give_up_after (seconds), else DEFAULT_GIVE_UP_AFTER."""
+    try:
+        return float(deployment.params.get("give_up_after", DEFAULT_GIVE_UP_AFTER))
+    except (TypeError, ValueError):
+        return DEFAULT_GIVE_UP_AFTER
 
 
 class JobStatus(str, enum.Enum):
@@ -54,6 +69,8 @@ class PollResult:
     request_counts: RequestCounts | None = None  # None: unknown, keep what we have
     errors: list[BatchError] = field(default_factory=list)  # set when status is FAILED
     detail: str = ""
+    # Why requests fail so far, by error code (bounded); None: the provider does not say.
+    failures: list[FailureCount] | None = None
 
 
 class ResultKind(str, enum.Enum):
@@ -142,6 +159,11 @@ class BatchProvider(abc.ABC):
     def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
         """Every result line of an ended job (completed, cancelled or expired), already
         normalised to OpenAI batch output lines with the caller's original custom_ids."""
+
+    async def release(self, job: ProviderJob) -> None:
+        """Called once after the batch has ended and its results are stored: delete what the job
+        left at the provider (staged objects, uploaded files). Best effort and bounded; a failure
+        is only logged, and what is left is the provider's own retention policy's business."""
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         """Return when the job may have changed, or after `timeout` seconds. Remote providers

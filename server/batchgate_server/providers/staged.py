@@ -7,6 +7,27 @@ readers, and subclass `StagedBatchProvider` for the staging / poll / results ste
 State kept in `job.state` stays small: the custom_id mapping is deterministic (see
 `custom_ids.CustomIdCodec`), so `results()` rebuilds it from the input file instead of storing
 one entry per remapped id.
+
+Eventual consistency (litellm_params, seconds):
+- `not_found_grace` (default 300): a job we created that answers 404 is taken as not visible yet
+  (poll reports no change, a cancel is retried) until this long after we learned its id; then the
+  batch fails with provider_job_not_found.
+- `listing_lag` (default 60): how long after a create the provider's listing may still miss the
+  job. A submit after a crash during the create looks the job up again for up to that long
+  (from the create's start) before it creates another; a batch that ended before we learned its
+  job (cancelled while a crash had lost the create's answer) has that job looked up and cancelled
+  by `release()`.
+
+Retention of staged objects (everything under <prefix>/<batch_id>/ in the bucket: the translated
+input, the provider's output, a duplicate job's output):
+- `release()` deletes them once the batch has ended and its results are stored (the tracker
+  calls it; a batch that failed with internal_error keeps them, like its work directory).
+- A sweep, at most once an hour per bucket and prefix, run by `release()`, reads up to 1,000
+  objects under <prefix>/ (resuming where the last sweep stopped) and deletes those of batches
+  this process is not running that are older than `staged_retention` (default 7 days, far longer
+  than any batch runs): leftovers of a crash between a batch's end and its release, output a
+  cancelled duplicate wrote after it, staging of batches failed with internal_error. Only keys
+  shaped like ours (<prefix>/batch_…/input…|output/…) are ever deleted.
 """
 
 from __future__ import annotations
@@ -14,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +58,44 @@ from batchgate_server.providers.base import (
 from batchgate_server.providers.custom_ids import CustomIdCodec
 from batchgate_server.providers.lines import complete_lines, last_line
 from batchgate_server.providers.output_lines import dumps, line_id, no_result_line
+from batchgate_server.providers.params import float_param
 
 READ_CHUNK = 1024 * 1024
 WRITE_FLUSH = 1024 * 1024
 YIELD_EVERY = 500  # input lines between two `await asyncio.sleep(0)` in CPU-bound loops
 TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.EXPIRED, JobStatus.CANCELLED}
+
+DEFAULT_NOT_FOUND_GRACE = 300.0
+DEFAULT_LISTING_LAG = 60.0
+DEFAULT_STAGED_RETENTION = 7 * 86400.0
+SWEEP_EVERY = 3600.0
+SWEEP_LIMIT = 1000  # objects one sweep reads
+RELEASE_LIMIT = 10_000  # objects of one batch release deletes
+STAGED_KEY = re.compile(r"(batch_[A-Za-z0-9_-]+)/(?:input\.jsonl$|input/|output/)")
+
+
+def wall_time(value: Any) -> float:
+    """A unix time kept in job.state; 0 for a missing or old-style (boolean) entry."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+async def look_again(find: Callable[[], Awaitable[Any]], until: float) -> Any:
+    """`await find()` until it answers something or the wall clock passes `until` (at least once),
+    pausing 0.25 s, 0.5 s, … up to 5 s between looks: for listings that show a new job late."""
+    pause = 0.25
+    while True:
+        found = await find()
+        left = until - time.time()
+        if found or left <= 0:
+            return found
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, 5.0)
+
+
+@dataclass(frozen=True)
+class StagedObject:
+    key: str  # object name inside the bucket
+    updated: float  # unix time of its last write
 
 
 @dataclass
@@ -197,6 +253,7 @@ class StagedBatchProvider(BatchProvider):
     poll_interval = 30.0
     log: logging.Logger = logging.getLogger(__name__)  # subclasses log under their own module
     label: str = ""  # the provider's name in messages: "Bedrock", "Vertex AI"
+    scheme: str = ""  # of the object store's URIs: "gs", "s3"
     job_key: str = ""  # job.state key of the provider's job id (ARN, resource name)
     job_kind: str = ""  # "batch inference job", "batch prediction job"
     status_field: str = ""  # the job description's state field ("status", "state")
@@ -205,6 +262,11 @@ class StagedBatchProvider(BatchProvider):
     end_verb = "cancelling"  # how the log line calls ending a job at the completion window
     output_noun = "record(s)"  # what the provider's output lines are called in the log
     translation_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self) -> None:
+        self._live: set[str] = set()  # batches this process runs: the sweep leaves their objects alone
+        self._swept: dict[tuple[str, str], float] = {}  # (bucket, prefix) -> monotonic time of the last sweep
+        self._sweep_after: dict[tuple[str, str], str] = {}  # (bucket, prefix) -> where the next sweep goes on
 
     # -- hooks ----------------------------------------------------------------------------
     def _config(self, params: Mapping[str, Any]) -> Any:
@@ -252,6 +314,15 @@ class StagedBatchProvider(BatchProvider):
         """The result lines of the job's output files (each request claimed in `tracker`)."""
         raise NotImplementedError
 
+    async def _list_staged(self, cfg: Any, bucket: str, prefix: str, after: str,
+                           limit: int) -> list[StagedObject]:
+        """Up to `limit` objects under `prefix` whose names sort after `after`, in name order."""
+        raise NotImplementedError
+
+    async def _delete_staged(self, cfg: Any, bucket: str, keys: list[str]) -> None:
+        """Delete these objects (one already gone is no error)."""
+        raise NotImplementedError
+
     # -- shared steps ---------------------------------------------------------------------
     def _require_settings(self, deployment: Deployment) -> None:
         missing = self._missing_setting(deployment.params)
@@ -284,7 +355,8 @@ class StagedBatchProvider(BatchProvider):
                 self.log.info("batch %s: %d line(s) cannot be sent to %s, first: %s", job.batch_id,
                               staged.skipped, self.label, staged.first_error)
             base = f"{cfg.prefix}/{job.batch_id}" if cfg.prefix else job.batch_id
-            await self._upload(cfg, job, staged.path, base)
+            await self._marked(job, "staged_prefix", f"{self.scheme}://{cfg.bucket}/{base}/",
+                               lambda: self._upload(cfg, job, staged.path, base))
         finally:
             staged.path.unlink(missing_ok=True)
         await job.save_state()
@@ -300,7 +372,59 @@ class StagedBatchProvider(BatchProvider):
             return None
         return obj if isinstance(obj, Mapping) else None
 
+    # -- eventual consistency -------------------------------------------------------------
+    @staticmethod
+    async def _marked(job: ProviderJob, key: str, value: Any, call: Callable[[], Awaitable[Any]], *,
+                      keep_on_refusal: bool = False) -> Any:
+        """Save job.state[key] = value, then `await call()`: a crash during the call leaves the mark
+        (the call may have done its work). A refusal (a non-retryable error) did nothing, so the
+        mark goes again unless `keep_on_refusal`."""
+        job.state[key] = value
+        await job.save_state()
+        try:
+            return await call()
+        except ProviderError as e:
+            if not e.retryable and not keep_on_refusal:
+                job.state.pop(key, None)
+                await job.save_state()
+            raise
+
+    async def _create(self, job: ProviderJob, create: Callable[[], Awaitable[str]]) -> None:
+        """Run the provider's create call (`create` answers the job id) marked by create_started:
+        from then on a lost answer is looked for (by a re-submit, cancel, release). A refused
+        create made no job, unless an earlier create whose answer was lost may have made one."""
+        job_id = await self._marked(job, "create_started", time.time(), create,
+                                    keep_on_refusal=bool(job.state.get("recreated")))
+        await self._remember_job(job, job_id)
+
+    async def _remember_job(self, job: ProviderJob, job_id: str) -> None:
+        """Keep the provider's id of the batch's job, and when we learned it (the 404 grace)."""
+        job.state[self.job_key] = job_id
+        job.state["job_seen_at"] = time.time()
+        await job.save_state()
+
+    def _may_be_lagging(self, job: ProviderJob) -> bool:
+        """True while a 404 for the batch's job may be the provider not showing it yet."""
+        grace = float_param(job.deployment.params, "not_found_grace", DEFAULT_NOT_FOUND_GRACE)
+        return time.time() - wall_time(job.state.get("job_seen_at")) < grace
+
+    def _listing_until(self, job: ProviderJob) -> float:
+        """Until when the listing may still miss a job whose create started at create_started."""
+        lag = float_param(job.deployment.params, "listing_lag", DEFAULT_LISTING_LAG)
+        return wall_time(job.state.get("create_started")) + lag
+
+    async def _stop(self, cfg: Any, job: ProviderJob, job_id: str) -> None:
+        """`_end_job`, where a 404 in the grace period is retried (the tracker backs off)."""
+        try:
+            await self._end_job(cfg, job, job_id)
+        except ProviderError as e:
+            if e.code == "provider_not_found" and self._may_be_lagging(job):
+                raise ProviderError(f"{self.label} does not show job {job_id} yet: {e.message}",
+                                    code="provider_job_not_visible", retryable=True) from e
+            raise
+
     async def poll(self, job: ProviderJob) -> PollResult:
+        self._live.add(job.batch_id)
         st = job.state
         skipped = int(st.get("skipped") or 0)
         if st.get("no_job"):
@@ -312,7 +436,14 @@ class StagedBatchProvider(BatchProvider):
             raise ProviderError(f"batch {job.batch_id} has no {self.label} job (not submitted)",
                                 code="provider_job_not_found")
         cfg = self._config(job.deployment.params)
-        info = await self._get_job(cfg, job, job_id)
+        try:
+            info = await self._get_job(cfg, job, job_id)
+        except ProviderError as e:
+            if e.code != "provider_job_not_found" or not self._may_be_lagging(job):
+                raise
+            self.log.info("batch %s: %s does not show job %s yet; polling again", job.batch_id, self.label,
+                          job_id)
+            return PollResult(JobStatus.IN_PROGRESS, detail="not visible yet")
         raw = str(info.get(self.status_field) or "")
         status = self.status_map.get(raw)
         if status is None:
@@ -335,7 +466,7 @@ class StagedBatchProvider(BatchProvider):
                           self.label, job_id)
             st["expire_sent"] = True
             await job.save_state()
-            await self._end_job(cfg, job, job_id)
+            await self._stop(cfg, job, job_id)
         return PollResult(status, counts, detail=raw)
 
     async def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
@@ -363,3 +494,54 @@ class StagedBatchProvider(BatchProvider):
                                      self._translation_error_line,
                                      lambda i: line_id(job.batch_id, i), outcome, self.label):
             yield line
+
+    # -- retention ------------------------------------------------------------------------
+    def _staged_location(self, job: ProviderJob, cfg: Any) -> tuple[str, str] | None:
+        """(bucket, prefix/) holding everything staged for the batch; None if nothing was."""
+        uri = job.state.get("staged_prefix")
+        if uri:
+            bucket, _, prefix = uri.partition("://")[2].partition("/")
+            return bucket, prefix
+        if job.state.get("input_uri"):  # staged before staged_prefix was kept
+            return cfg.bucket, (f"{cfg.prefix}/{job.batch_id}/" if cfg.prefix else f"{job.batch_id}/")
+        return None
+
+    async def release(self, job: ProviderJob) -> None:
+        self._live.discard(job.batch_id)
+        st = job.state
+        cfg = self._config(job.deployment.params)
+        location = self._staged_location(job, cfg)
+        if location is not None:
+            bucket, prefix = location
+            objects = await self._list_staged(cfg, bucket, prefix, "", RELEASE_LIMIT)
+            if objects:
+                await self._delete_staged(cfg, bucket, [o.key for o in objects])
+                self.log.info("batch %s: deleted %d staged object(s) under %s://%s/%s", job.batch_id,
+                              len(objects), self.scheme, bucket, prefix)
+        if st.get("create_started") and not st.get(self.job_key):
+            # Ended before we learned its job (cancelled while a crash had lost a create's answer):
+            # stop the job that create may have made.
+            await self.cancel(job)
+        if location is not None:  # (a batch that staged nothing may have no usable bucket to sweep)
+            await self._sweep(cfg, job.deployment.params)
+
+    async def _sweep(self, cfg: Any, params: Mapping[str, Any]) -> None:
+        """Delete stale objects of batches not running here (see the module docstring)."""
+        where = (cfg.bucket, cfg.prefix)
+        now = time.monotonic()
+        if now - self._swept.get(where, -math.inf) < SWEEP_EVERY:
+            return
+        self._swept[where] = now
+        root = f"{cfg.prefix}/" if cfg.prefix else ""
+        objects = await self._list_staged(cfg, cfg.bucket, root, self._sweep_after.get(where, ""), SWEEP_LIMIT)
+        self._sweep_after[where] = objects[-1].key if len(objects) >= SWEEP_LIMIT else ""
+        cutoff = time.time() - float_param(params, "staged_retention", DEFAULT_STAGED_RETENTION)
+        stale = []
+        for obj in objects:
+            m = STAGED_KEY.match(obj.key, len(root))
+            if m and m.group(1) not in self._live and obj.updated <= cutoff:
+                stale.append(obj.key)
+        if stale:
+            await self._delete_staged(cfg, cfg.bucket, stale)
+            self.log.info("swept %d stale staged object(s) from %s://%s/%s", len(stale), self.scheme, cfg.bucket,
+                          root)

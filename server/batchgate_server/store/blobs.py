@@ -1,5 +1,6 @@
 """Blob store: file bytes on local disk, written through a temporary file and
-committed with an atomic rename so a crash never leaves a half-written blob."""
+committed with an atomic rename so a crash never leaves a half-written blob. A full disk is
+StorageFull, and a write that meets it removes its temporary file."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from batchgate_server.store.errors import storage_errors
+
 
 class BlobWriter(abc.ABC):
     @abc.abstractmethod
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Raises StorageFull when the disk is full (the writer is aborted then)."""
 
     @abc.abstractmethod
     def commit(self, key: str) -> None:
-        """Make the written bytes visible under `key` atomically."""
+        """Make the written bytes visible under `key` atomically. Raises StorageFull when the disk
+        is full (the writer is aborted then)."""
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -48,26 +53,40 @@ class LocalBlobWriter(BlobWriter):
     def __init__(self, store: "LocalBlobStore") -> None:
         self._store = store
         self._tmp = store.tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._fh = open(self._tmp, "wb")
+        with storage_errors():
+            self._fh = open(self._tmp, "wb")
         self._done = False
 
     def write(self, data: bytes) -> None:
-        self._fh.write(data)
+        try:
+            with storage_errors():
+                self._fh.write(data)
+        except BaseException:
+            self.abort()
+            raise
 
     def commit(self, key: str) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        final = self._store.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._tmp, final)
+        try:
+            with storage_errors():
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                final = self._store.path(key)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._tmp, final)
+        except BaseException:
+            self.abort()
+            raise
         self._done = True
 
     def abort(self) -> None:
         if self._done:
             return
         self._done = True
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # flushing the buffer failed (a full disk): the bytes are discarded anyway
         self._tmp.unlink(missing_ok=True)
 
 

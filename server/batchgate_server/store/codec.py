@@ -11,6 +11,7 @@ from batchgate_server.core.models import (
     BatchRecord,
     BatchStatus,
     Cost,
+    FailureCount,
     FilePurpose,
     FileRecord,
     RequestCounts,
@@ -29,6 +30,7 @@ def batch_from_doc(text: str) -> BatchRecord:
     doc["status"] = BatchStatus(doc["status"])
     doc["request_counts"] = RequestCounts(**doc["request_counts"])
     doc["errors"] = [BatchError(**e) for e in doc["errors"]]
+    doc["failures"] = [FailureCount(**f) for f in doc.get("failures", ())]  # absent from older documents
     doc["usage"] = Usage(**doc["usage"]) if doc.get("usage") else None
     doc["cost"] = Cost(**doc["cost"])
     return BatchRecord(**doc)

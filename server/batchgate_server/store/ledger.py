@@ -101,41 +101,27 @@ def _group(row: Any, offset: int) -> UsageGroup:
 
 
 class UsageLedger:
-    """Reads only committed rows: every query waits out a transaction that is open on the store's
-    shared connection (the one that records a batch's end and its ledger row together)."""
+    """Reads through the store's reader pool: only committed rows (a batch's end and its ledger
+    row are committed together), and every row committed before the query."""
 
     def __init__(self, store: MetadataStore) -> None:
-        self.store = store
-        self.db = store.reader
+        self.readers = store.readers
 
     async def high_water(self) -> int:
         """The newest ledger rowid: what `LedgerFilter.as_of` pins a multi-page query to."""
-        async with self.store.committed_reads():
-            async with self.db.execute("SELECT coalesce(max(rowid), 0) FROM usage_ledger") as cur:
-                row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT coalesce(max(rowid), 0) FROM usage_ledger")
         return int(row[0])
 
     async def totals(self, f: LedgerFilter) -> UsageGroup:
-        async with self.store.committed_reads():
-            return await self._totals(f)
-
-    async def _totals(self, f: LedgerFilter) -> UsageGroup:
         where, args = _where(f)
-        async with self.db.execute(f"SELECT {_SUMS} FROM usage_ledger WHERE {where}", args) as cur:
-            row = await cur.fetchone()
-        return _group(row, 0)
+        return _group(await self.readers.fetchone(f"SELECT {_SUMS} FROM usage_ledger WHERE {where}", args), 0)
 
     async def aggregate(self, f: LedgerFilter, dims: Sequence[Dimension], limit: int,
                         after: Sequence[Any] | None = None) -> list[UsageGroup]:
         """Groups in ascending order of their values, at most `limit`, after the cursor `after`
         (a previous group's sort_key). Without dims: the one group of everything, if any."""
-        async with self.store.committed_reads():
-            return await self._aggregate(f, dims, limit, after)
-
-    async def _aggregate(self, f: LedgerFilter, dims: Sequence[Dimension], limit: int,
-                         after: Sequence[Any] | None) -> list[UsageGroup]:
         if not dims:
-            total = await self._totals(f)
+            total = await self.totals(f)
             return [total] if total.batch_count and not after else []
         select, select_args, sort = [], [], []
         for i, dim in enumerate(dims):
@@ -159,12 +145,11 @@ class UsageLedger:
         sql += f" ORDER BY {', '.join(sort)} LIMIT ?"
         args.append(limit)
         out = []
-        async with self.db.execute(sql, args) as cur:
-            for row in await cur.fetchall():
-                g = _group(row, len(dims))
-                for i, dim in enumerate(dims):
-                    if row[i] is not None:
-                        g.group[dim.name] = str(row[i])
-                g.sort_key = list(row[len(dims) + 7:])
-                out.append(g)
+        for row in await self.readers.fetchall(sql, args):
+            g = _group(row, len(dims))
+            for i, dim in enumerate(dims):
+                if row[i] is not None:
+                    g.group[dim.name] = str(row[i])
+            g.sort_key = list(row[len(dims) + 7:])
+            out.append(g)
         return out

@@ -4,6 +4,9 @@ Batches keep their queryable fields as columns and the whole record as a JSON
 document, so most later changes need no migration. Every batch change bumps
 `revision` in the same statement (compare-and-set on the old revision), which is
 what WatchBatch resumes from.
+
+Every SQLite error leaves here as a StorageError (store/errors.py). A full disk is StorageFull
+for every write but a delete, so space can always be freed (see delete_file).
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 import sqlite3
+import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
 from batchgate_server.core.models import BatchRecord, BatchStatus, FileRecord
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
+from batchgate_server.store.errors import RevisionConflict, StorageError, StorageFull, storage_errors
+from batchgate_server.store.reserve import RESERVE_BYTES, SpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +123,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class RevisionConflict(Exception):
-    """The batch changed since it was read (someone else wrote it)."""
-
-
 def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, list[Any]]],
                   after: tuple[float, str] | None, limit: int, oldest_first: bool = False) -> tuple[str, list[Any]]:
     """`select` filtered by project (None: all) and `conditions` (SQL, args), newest first (or
@@ -140,51 +144,138 @@ def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, 
     return sql, args
 
 
+# Read-only connections, one per reader thread: reads of different RPCs run side by side (SQLite
+# releases the GIL while it steps), so a long read (a big ListFiles page, a usage query) does not
+# queue every GetBatch behind it. On the 2-core machine 1 and 4 measure the same (bench/reads.py).
+READERS = 4
+
+
+class ReaderPool:
+    """Read-only connections, each on its own thread and serving one statement at a time, run to
+    its end and closed before the next. In WAL mode a connection keeps its read snapshot while
+    any statement on it is open: one connection shared by interleaving coroutines always has one
+    open, so it went on reading an old snapshot for seconds and missed writes that had returned.
+    Here every read starts a fresh snapshot, so it sees every commit before it (and only commits:
+    nobody reads a batch state whose transaction may still roll back)."""
+
+    def __init__(self, path: Path, size: int = READERS) -> None:
+        self._path = path
+        self._threads = ThreadPoolExecutor(size, thread_name_prefix="sqlite-reader")
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            self._local.conn = conn
+            with self._opened_lock:
+                self._opened.append(conn)
+        return conn
+
+    def _fetchall(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+        with storage_errors():
+            cur = self._connection().execute(sql, args)
+            try:
+                return cur.fetchall()
+            finally:
+                cur.close()
+
+    async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._fetchall, sql, args)
+
+    async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
+        for conn in self._opened:
+            conn.close()
+
+
+async def _connect(path: Path, reserve: SpaceReserve) -> aiosqlite.Connection:
+    """The writer connection; on a full disk with the space reserve released if need be."""
+    try:
+        return await _connect_once(path)
+    except StorageError as err:
+        if reserve.held:
+            reserve.release("to open the database")
+            return await _connect(path, reserve)
+        if shutil.disk_usage(path.parent).free == 0:  # SQLite calls it a disk I/O error
+            raise StorageFull(f"no space left on the disk to open {path} ({err})") from err
+        raise
+
+
+async def _connect_once(path: Path) -> aiosqlite.Connection:
+    with storage_errors():
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            await db.close()  # its thread would keep the process alive
+            raise
+    return db
+
+
 class MetadataStore:
-    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection | None = None) -> None:
+    def __init__(self, db: aiosqlite.Connection, readers: ReaderPool, reserve: SpaceReserve) -> None:
         self.db = db
-        # Reads go through their own connection: in WAL mode it sees only committed data,
-        # so nobody reads a batch state whose transaction may still roll back.
-        self.reader = reader or db
+        self.readers = readers
+        self.reserve = reserve
         # One writer connection serves the whole server: a statement issued while another
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
         self._write = asyncio.Lock()
 
-    def committed_reads(self) -> contextlib.AbstractAsyncContextManager:
-        """Kept for readers that group several statements: the reader connection already sees
-        only committed rows, so this needs no lock."""
-        return contextlib.nullcontext()
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Hold the write lock; SQLite errors leave as StorageErrors. Refills the space reserve
+        first when a delete on a full disk used it up."""
+        async with self._write:
+            if self.reserve.short:
+                await asyncio.to_thread(self.reserve.refill)
+            with storage_errors():
+                yield
 
     async def _exec(self, sql: str, args=()) -> aiosqlite.Cursor:
-        async with self._write:
+        async with self._writing():
             return await self.db.execute(sql, args)
 
     @classmethod
-    async def open(cls, path: Path) -> "MetadataStore":
-        db = await aiosqlite.connect(path, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA busy_timeout=5000")
-        store = cls(db)
-        await store.migrate()
-        reader = await aiosqlite.connect(path, isolation_level=None)
-        reader.row_factory = sqlite3.Row
-        await reader.execute("PRAGMA query_only=ON")
-        await reader.execute("PRAGMA busy_timeout=5000")
-        store.reader = reader
+    async def open(cls, path: Path, reserve_bytes: int = RESERVE_BYTES) -> "MetadataStore":
+        """On a disk full to the last byte SQLite cannot even open the database (it creates its
+        WAL and shared-memory files): the space reserve the last run left is released for it, so
+        the server still starts, and serves reads and deletes."""
+        reserve = SpaceReserve(path.with_name(path.name + "-reserve"), reserve_bytes)
+        db = await _connect(path, reserve)
+        await asyncio.to_thread(reserve.refill)
+        if reserve.short:
+            log.warning("the disk is nearly full: only %d of %d reserved bytes at %s", reserve.held,
+                        reserve.size, reserve.path)
+        store = cls(db, ReaderPool(path), reserve)
+        try:
+            await store.migrate()
+        except BaseException:
+            await store.close()  # the connection's thread would keep the process alive
+            raise
         return store
 
     async def close(self) -> None:
-        if self.reader is not self.db:
-            await self.reader.close()
+        await self.readers.close()
         await self.db.close()
 
     async def schema_version(self) -> int:
-        async with self.db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
+        with storage_errors():
+            [row] = await self.db.execute_fetchall("PRAGMA user_version")
         return int(row[0])
 
     async def migrate(self) -> None:
@@ -195,15 +286,17 @@ class MetadataStore:
             )
         for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
             log.info("migrating metadata schema to version %d", target)
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in filter(str.strip, script.split(";")):
-                    await self.db.execute(statement)
-                await self.db.execute(f"PRAGMA user_version={target}")
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+            with storage_errors():
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in filter(str.strip, script.split(";")):
+                        await self.db.execute(statement)
+                    await self.db.execute(f"PRAGMA user_version={target}")
+                    await self.db.execute("COMMIT")
+                except BaseException:
+                    if self.db.in_transaction:
+                        await self.db.execute("ROLLBACK")
+                    raise
 
     # -- server secrets -------------------------------------------------------------
 
@@ -226,21 +319,19 @@ class MetadataStore:
         )
 
     async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        async with self.reader.execute(
-            "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone(
+            "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,))
         return (row["key_id"], row["project"]) if row else None
 
     async def count_api_keys(self) -> int:
-        async with self.reader.execute("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL") as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
         return int(row[0])
 
     # -- files ----------------------------------------------------------------------
 
     async def insert_file(self, f: FileRecord) -> None:
-        async with self._write:
+        """Raises Duplicate when the project has a file with the same request_id."""
+        async with self._writing():
             await self._insert_file(f)
 
     async def _insert_file(self, f: FileRecord) -> None:
@@ -252,41 +343,60 @@ class MetadataStore:
         )
 
     async def get_file(self, file_id: str) -> FileRecord | None:
-        async with self.reader.execute("SELECT * FROM files WHERE id=?", (file_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT * FROM files WHERE id=?", (file_id,))
         return file_from_row(row) if row else None
 
     async def get_file_by_request_id(self, project: str, request_id: str) -> FileRecord | None:
-        async with self.reader.execute(
-            "SELECT * FROM files WHERE project=? AND request_id=?", (project, request_id)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT * FROM files WHERE project=? AND request_id=?",
+                                          (project, request_id))
         return file_from_row(row) if row else None
 
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
                          after: tuple[float, str] | None, oldest_first: bool = False) -> list[FileRecord]:
         sql, args = _keyset_query("SELECT * FROM files", project, [("purpose=?", [purpose])] if purpose else [],
                                   after, limit, oldest_first)
-        async with self.reader.execute(sql, args) as cur:
-            return [file_from_row(r) for r in await cur.fetchall()]
+        return [file_from_row(r) for r in await self.readers.fetchall(sql, args)]
 
     async def delete_file(self, file_id: str) -> bool:
-        cur = await self._exec("DELETE FROM files WHERE id=?", (file_id,))
+        """Works on a full disk too (see below)."""
+        delete = "DELETE FROM files WHERE id=?"
+        async with self._writing():
+            for make_room in (self._restart_wal, self._release_reserve, None):
+                try:
+                    with storage_errors():
+                        cur = await self.db.execute(delete, (file_id,))
+                    break
+                except StorageFull:
+                    if make_room is None:
+                        raise
+                    await make_room()
         return cur.rowcount > 0
 
+    # A delete appends its pages to the write-ahead log, which on a full disk has no room to grow.
+    # First the WAL is checkpointed and restarted: the next transaction overwrites it from its
+    # start, in blocks the file already has. A checkpoint that itself needs room (pages the
+    # database file does not have yet) gets the space reserve.
+
+    async def _restart_wal(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # a checkpoint that cannot finish is retried later
+            await self.db.execute_fetchall("PRAGMA wal_checkpoint(RESTART)")
+
+    async def _release_reserve(self) -> None:
+        await asyncio.to_thread(self.reserve.release, "so a delete can free space")
+        await self._restart_wal()
+
     async def expired_files(self, now: float, limit: int = 500) -> list[FileRecord]:
-        async with self.reader.execute(
-            "SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit)
-        ) as cur:
-            return [file_from_row(r) for r in await cur.fetchall()]
+        rows = await self.readers.fetchall(
+            "SELECT * FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? LIMIT ?", (now, limit))
+        return [file_from_row(r) for r in rows]
 
     async def all_file_ids(self) -> set[str]:
-        async with self.reader.execute("SELECT id FROM files") as cur:
-            return {r[0] for r in await cur.fetchall()}
+        return {r[0] for r in await self.readers.fetchall("SELECT id FROM files")}
 
     # -- batches --------------------------------------------------------------------
 
     async def insert_batch(self, b: BatchRecord) -> None:
+        """Raises Duplicate when the project has a batch with the same request_id."""
         await self._exec(
             "INSERT INTO batches(id, project, status, created_at, request_id, revision, doc)"
             " VALUES (?,?,?,?,?,?,?)",
@@ -294,15 +404,12 @@ class MetadataStore:
         )
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
-        async with self.reader.execute("SELECT doc FROM batches WHERE id=?", (batch_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT doc FROM batches WHERE id=?", (batch_id,))
         return batch_from_doc(row[0]) if row else None
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
-        async with self.reader.execute(
-            "SELECT doc FROM batches WHERE project=? AND request_id=?", (project, request_id)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self.readers.fetchone("SELECT doc FROM batches WHERE project=? AND request_id=?",
+                                          (project, request_id))
         return batch_from_doc(row[0]) if row else None
 
     async def list_batches(self, project: str | None, statuses: Sequence[BatchStatus], limit: int,
@@ -310,33 +417,29 @@ class MetadataStore:
         conditions = ([(f"status IN ({','.join('?' * len(statuses))})", [s.value for s in statuses])]
                       if statuses else [])
         sql, args = _keyset_query("SELECT doc FROM batches", project, conditions, after, limit)
-        async with self.reader.execute(sql, args) as cur:
-            return [batch_from_doc(r[0]) for r in await cur.fetchall()]
+        return [batch_from_doc(r[0]) for r in await self.readers.fetchall(sql, args)]
 
     async def active_batch_reading(self, file_id: str) -> str | None:
         """The id of an unfinished batch whose input is `file_id`, if any."""
         terminal = [s.value for s in BatchStatus if s.is_terminal]
-        async with self.reader.execute(
+        row = await self.readers.fetchone(
             f"SELECT id FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
-            " AND json_extract(doc, '$.input_file_id') = ? LIMIT 1", (*terminal, file_id)
-        ) as cur:
-            row = await cur.fetchone()
+            " AND json_extract(doc, '$.input_file_id') = ? LIMIT 1", (*terminal, file_id))
         return row[0] if row else None
 
     async def active_batches(self) -> list[BatchRecord]:
         terminal = [s.value for s in BatchStatus if s.is_terminal]
-        async with self.reader.execute(
+        rows = await self.readers.fetchall(
             f"SELECT doc FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
-            " ORDER BY created_at", terminal
-        ) as cur:
-            return [batch_from_doc(r[0]) for r in await cur.fetchall()]
+            " ORDER BY created_at", terminal)
+        return [batch_from_doc(r[0]) for r in rows]
 
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
                            ledger: dict[str, Any] | None = None) -> BatchRecord:
         """Persist `b` with the revision bump, its result files and its ledger row in one
         transaction. The ledger row is keyed by batch id: it is written at most once, ever.
         Raises RevisionConflict when the stored revision is not b.revision."""
-        async with self._write:
+        async with self._writing():
             await self._update_batch(b, extra_files, ledger)
         return b
 
@@ -353,7 +456,10 @@ class MetadataStore:
             if cur.rowcount != 1:
                 raise RevisionConflict(b.id)
             for f in extra_files:
-                if await self.get_file(f.id) is None:
+                # A redone finalisation may find its result file recorded already.
+                async with self.db.execute("SELECT 1 FROM files WHERE id=?", (f.id,)) as existing:
+                    recorded = await existing.fetchone() is not None
+                if not recorded:
                     await self._insert_file(f)
             if ledger is not None:
                 columns = ",".join(ledger)
@@ -363,5 +469,6 @@ class MetadataStore:
             await self.db.execute("COMMIT")
         except BaseException:
             b.revision = old
-            await self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                await self.db.execute("ROLLBACK")
             raise

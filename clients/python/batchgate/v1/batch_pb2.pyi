@@ -135,6 +135,48 @@ class BatchError(_message.Message):
 Global___BatchError: _TypeAlias = BatchError  # noqa: Y015
 
 @_typing.final
+class FailureCount(_message.Message):
+    """Requests of a batch that failed with one error code: the live failure summary
+    of a running batch, reported by the built-in executor (other providers report
+    failures in the error file only).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    SAMPLE_MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The error line's `error.code` ("connection_error", "request_timeout",
+    "invalid_response", ...), or "http_<status>" for an HTTP error answer
+    (e.g. "http_400"); "other" counts every code after the first seven.
+    """
+    count: _builtins.int
+    """Requests answered with this error (lines of the error file)."""
+    retried: _builtins.int
+    """Failed attempts with this code that were retried; an upstream outage shows
+    here while its requests wait.
+    """
+    sample_message: _builtins.str
+    """One of these failures' messages, at most 200 characters."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        count: _builtins.int = ...,
+        retried: _builtins.int = ...,
+        sample_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "count", b"count", "retried", b"retried", "sample_message", b"sample_message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailureCount: _TypeAlias = FailureCount  # noqa: Y015
+
+@_typing.final
 class InputTokensDetails(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -302,6 +344,7 @@ class Batch(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """"batch_…" """
     endpoint: _builtins.str
@@ -347,6 +390,13 @@ class Batch(_message.Message):
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def cost(self) -> Global___Cost: ...
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailureCount]:
+        """Why requests fail, by error code, most frequent first (at most 8 entries);
+        updated while the batch runs. Empty when nothing failed or the provider does
+        not report it.
+        """
+
     def __init__(
         self,
         *,
@@ -374,10 +424,11 @@ class Batch(_message.Message):
         provider: _builtins.str = ...,
         cost: Global___Cost | None = ...,
         revision: _builtins.int = ...,
+        failures: _abc.Iterable[Global___FailureCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled_at", b"cancelled_at", "cancelling_at", b"cancelling_at", "completed_at", b"completed_at", "cost", b"cost", "created_at", b"created_at", "expired_at", b"expired_at", "expires_at", b"expires_at", "failed_at", b"failed_at", "finalizing_at", b"finalizing_at", "in_progress_at", b"in_progress_at", "request_counts", b"request_counts", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_at", b"cancelled_at", "cancelling_at", b"cancelling_at", "completed_at", b"completed_at", "completion_window", b"completion_window", "cost", b"cost", "created_at", b"created_at", "endpoint", b"endpoint", "error_file_id", b"error_file_id", "errors", b"errors", "expired_at", b"expired_at", "expires_at", b"expires_at", "failed_at", b"failed_at", "finalizing_at", b"finalizing_at", "id", b"id", "in_progress_at", b"in_progress_at", "input_file_id", b"input_file_id", "metadata", b"metadata", "model", b"model", "output_file_id", b"output_file_id", "provider", b"provider", "request_counts", b"request_counts", "revision", b"revision", "status", b"status", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_at", b"cancelled_at", "cancelling_at", b"cancelling_at", "completed_at", b"completed_at", "completion_window", b"completion_window", "cost", b"cost", "created_at", b"created_at", "endpoint", b"endpoint", "error_file_id", b"error_file_id", "errors", b"errors", "expired_at", b"expired_at", "expires_at", b"expires_at", "failed_at", b"failed_at", "failures", b"failures", "finalizing_at", b"finalizing_at", "id", b"id", "in_progress_at", b"in_progress_at", "input_file_id", b"input_file_id", "metadata", b"metadata", "model", b"model", "output_file_id", b"output_file_id", "provider", b"provider", "request_counts", b"request_counts", "revision", b"revision", "status", b"status", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,7 @@ max_retries        retries after the first attempt on 429/5xx/network errors, de
 backoff_base       first backoff step in seconds (exponential, jittered), default 0.5
 default_max_tokens max_tokens for requests that set none (Anthropic requires it), default 4096
 poll_interval      seconds between polls (read by the tracker; class default 10)
+create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 60 s)
 =================  =====================================================================
 
 How a job runs
@@ -36,14 +37,38 @@ If every line fails translation Anthropic is not called: the job completes with 
 only.
 
 job.state keys: ``requests_sent``, ``not_sent`` (untranslatable lines), ``create_started_at``
-(set before POST /v1/messages/batches), ``msgbatch_id``, ``nothing_sent``, ``cancel_sent``.
+and ``created_after`` (set before POST /v1/messages/batches), ``create_ended_at`` (when it
+failed), ``msgbatch_id``,
+``provider_created_at``, ``nothing_sent``, ``cancel_sent``, ``abandoned_create``.
 
-Idempotency caveat: Message Batches carry no metadata or idempotency key, so a create that
-may have reached Anthropic without us saving its id (a crash, or a network failure after the
-body was sent) cannot be reconciled: the next submit creates the batch again and logs a
-warning naming ``create_started_at`` so an operator can cancel a stray duplicate. Creates are
-therefore at-least-once; only failures where the request certainly never arrived (connect
-errors, 429/502/503/504) are retried inline.
+At most one message batch per batch
+-----------------------------------
+Message Batches carry no metadata or idempotency key, so a create that may have reached
+Anthropic without us saving its id (a crash, or a network failure after the body was sent) is
+found again by what the listing does show:
+
+* creates are serialised per account (api_base + api_key) in this process, so at most one
+  create is ever unresolved per account, and it is the only one of ours in its time window;
+* before the POST the state records ``create_started_at`` and ``created_after``: the newest
+  message batch this process created on the account and the newest one listed, i.e. batches
+  the new one is certainly younger than;
+* a submit that finds ``create_started_at`` but no ``msgbatch_id`` lists the account's batches
+  (newest first) and adopts the oldest one younger than ``created_after``, created between
+  ``create_started_at`` and the end of the call (``create_ended_at``, else of its timeout; give
+  or take CLOCK_SKEW), holding
+  exactly ``requests_sent`` requests and not known to belong to another batch. It looks again
+  while the listing may lag (``create_lookup_patience``) before it ever creates again;
+* if it does create again, the lost create's window is kept (``abandoned_create``) and each
+  poll looks for it for a while longer: found late, it is cancelled at once;
+* results are matched by custom id: a request of ours missing from them becomes an error line
+  (``provider_result_missing``), a result that isn't ours is skipped.
+
+The residual risk is another client of the same workspace creating a batch of exactly the same
+size within seconds of a create that batchgate lost. Only failures where the request certainly
+never arrived (connect errors, 429/502/503/504) are retried inline.
+
+A 404 for the batch within ``not_found_grace`` seconds of its create is "not visible yet"
+(retried); after that it fails the batch with ``provider_job_not_found``.
 
 Status mapping: see mapping.py (ended -> cancelled / expired / completed).
 """
@@ -51,12 +76,13 @@ Status mapping: see mapping.py (ended -> cancelled / expired / completed).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
@@ -74,6 +100,7 @@ from batchgate_server.providers.base import (
     UnsupportedRequest,
 )
 from batchgate_server.providers.custom_ids import anthropic_codec
+from batchgate_server.providers.eventual import Consistency, create_call, look_until
 from batchgate_server.providers.openai_batch.client import ApiClient, Conn
 from batchgate_server.providers.params import float_param, int_param
 
@@ -103,6 +130,11 @@ IDS_FILE = "anthropic_ids.jsonl"
 ERRORS_FILE = "anthropic_translation_errors.jsonl"
 CHUNK = 256 * 1024
 _YIELD_EVERY = 500  # lines translated between two chances for the event loop to run others
+CLOCK_SKEW = 2.0  # seconds Anthropic's created_at may differ from our clock
+LOOKUP_PAGES = 5  # pages of LOOKUP_PAGE batches searched for a lost create
+LOOKUP_PAGE = 100
+DUPLICATE_WATCH = 10  # a recreated batch's lost create is watched for this many patiences more
+MAX_CLAIMED = 20_000  # message batch ids remembered per account as belonging to known batches
 
 
 @dataclass
@@ -118,12 +150,35 @@ class _Entry:
     original: str
 
 
+@dataclass
+class _Account:
+    """What this process knows of one Anthropic account (api_base + api_key)."""
+
+    create_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_created: str | None = None  # the newest message batch this process created or adopted
+    # Message batches of batches we know, most recently seen last (a dict keeps that order).
+    claimed: dict[str, None] = field(default_factory=dict)
+
+    def claim(self, bid: str, *, newest: bool = False) -> None:
+        self.claimed.pop(bid, None)
+        self.claimed[bid] = None
+        if len(self.claimed) > MAX_CLAIMED:  # only recent ones can fall in a lost create's window
+            del self.claimed[next(iter(self.claimed))]
+        if newest:
+            self.last_created = bid
+
+
 class AnthropicBatchProvider(BatchProvider):
     name = "anthropic"
     poll_interval = 10.0
 
     def __init__(self, *, http_client: httpx.AsyncClient | None = None) -> None:
         self._api = ApiClient(http_client)
+        self._accounts: dict[tuple[str, str], _Account] = {}
+
+    def _account(self, conn: Conn) -> _Account:
+        key = hashlib.sha256(conn.headers["x-api-key"].encode()).hexdigest()
+        return self._accounts.setdefault((conn.base_url, key), _Account())
 
     # ------------------------------------------------------------------ configuration
     def _conn(self, dep: Deployment) -> Conn:
@@ -173,14 +228,40 @@ class AnthropicBatchProvider(BatchProvider):
             st.update(nothing_sent=True, requests_sent=0, not_sent=prepared.not_sent)
             await job.save_state()
             return
-        if st.get("create_started_at"):
-            log.warning("batch %s: an earlier create at Anthropic (started %s) may have succeeded "
-                        "without batchgate recording it; Message Batches can't be looked up by caller "
-                        "data, so creating it again (cancel a stray duplicate in the Anthropic console)",
-                        job.batch_id, time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                    time.gmtime(st["create_started_at"])))
-        st.update(create_started_at=time.time(), requests_sent=prepared.sent, not_sent=prepared.not_sent)
-        await job.save_state()
+        account = self._account(conn)
+        # One create in flight per account: a lost one is then alone in its time window.
+        async with account.create_lock:
+            if st.get("create_started_at"):
+                consistency = Consistency.from_params(job.deployment.params)
+                lost = self._lost_create(st, prepared.sent)
+                found = await look_until(
+                    lambda: self._find_created(conn, account, lost),
+                    deadline=consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]),
+                    interval=consistency.lookup_interval())
+                if found:
+                    log.info("batch %s: adopting Anthropic message batch %s created before an "
+                             "interruption", job.batch_id, found)
+                    await self._created(job, account, found)
+                    body_path.unlink(missing_ok=True)
+                    return
+                log.warning("batch %s: the Anthropic create started at %s is not listed after %.0fs of "
+                            "looking; creating the batch again (a late copy will be cancelled)", job.batch_id,
+                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(lost["started_at"])),
+                            time.time() - lost["started_at"])
+                st["abandoned_create"] = lost
+            newest = await self._newest_listed(conn)
+            st.pop("create_ended_at", None)
+            st.update(create_started_at=time.time(), requests_sent=prepared.sent, not_sent=prepared.not_sent,
+                      created_after=sorted({i for i in (account.last_created, newest) if i}))
+            await job.save_state()
+            async with create_call(job):
+                bid = await self._create(conn, prepared, body_path)
+            await self._created(job, account, bid)
+        body_path.unlink(missing_ok=True)
+        log.info("batch %s: Anthropic message batch %s created with %d requests (%d not sent)",
+                 job.batch_id, bid, prepared.sent, prepared.not_sent)
+
+    async def _create(self, conn: Conn, prepared: _Prepared, body_path) -> str:
 
         def body() -> AsyncIterator[bytes]:
             async def chunks() -> AsyncIterator[bytes]:
@@ -196,11 +277,74 @@ class AnthropicBatchProvider(BatchProvider):
         if not isinstance(bid, str) or not bid:
             raise ProviderError(f"Anthropic POST {BATCHES_PATH} answered without an id",
                                 code="provider_bad_response", retryable=True)
-        st["msgbatch_id"] = bid
+        return bid
+
+    async def _created(self, job: ProviderJob, account: _Account, bid: str) -> None:
+        job.state.update(msgbatch_id=bid, provider_created_at=time.time())
         await job.save_state()
-        body_path.unlink(missing_ok=True)
-        log.info("batch %s: Anthropic message batch %s created with %d requests (%d not sent)",
-                 job.batch_id, bid, prepared.sent, prepared.not_sent)
+        account.claim(bid, newest=True)
+
+    @staticmethod
+    def _lost_create(st: dict, sent: int) -> dict:
+        """What identifies the create a crash (or a lost answer) left unresolved."""
+        return {"started_at": float(st["create_started_at"]), "ended_at": st.get("create_ended_at"),
+                "sent": sent, "created_after": list(st.get("created_after") or [])}
+
+    async def _newest_listed(self, conn: Conn) -> str | None:
+        page = await self._api.request_json(conn, "GET", BATCHES_PATH, params={"limit": 1})
+        data = page.get("data") or []
+        newest = data[0].get("id") if data and isinstance(data[0], dict) else None
+        return newest if isinstance(newest, str) else None
+
+    async def _find_created(self, conn: Conn, account: _Account, lost: dict) -> str | None:
+        """The message batch the lost create made, if listed yet (see the module docstring)."""
+        earliest = lost["started_at"] - CLOCK_SKEW
+        latest = (lost.get("ended_at") or lost["started_at"] + conn.timeout) + CLOCK_SKEW
+        older = set(lost["created_after"])
+        found: str | None = None
+        after: str | None = None
+        for _ in range(LOOKUP_PAGES):
+            params: dict = {"limit": LOOKUP_PAGE, **({"after_id": after} if after else {})}
+            page = await self._api.request_json(conn, "GET", BATCHES_PATH, params=params)
+            data = page.get("data") or []
+            for obj in data:
+                try:
+                    info = mapping.parse_batch(obj)
+                except ValueError:
+                    continue
+                if info.id in older or (info.created_at is not None and info.created_at < earliest):
+                    return found  # newest first: everything further is older than our create
+                if info.created_at is None or info.created_at > latest or info.id in account.claimed:
+                    continue
+                if info.total == lost["sent"]:
+                    found = info.id  # keep going: the oldest match is the first create after the marker
+            if not page.get("has_more") or not data:
+                break
+            after = page.get("last_id") or data[-1].get("id")
+        return found
+
+    async def _cancel_late_duplicate(self, conn: Conn, job: ProviderJob) -> None:
+        """After a create was repeated, look (for a while) for the lost one and cancel it."""
+        st = job.state
+        lost = st["abandoned_create"]
+        consistency = Consistency.from_params(job.deployment.params)
+        watch_until = (consistency.lookup_deadline(lost["started_at"], conn.timeout, lost.get("ended_at"))
+                       + DUPLICATE_WATCH * consistency.lookup_patience)
+        account = self._account(conn)
+        account.claim(st["msgbatch_id"])
+        dup = await self._find_created(conn, account, lost)
+        if dup is not None:
+            log.warning("batch %s: cancelling Anthropic message batch %s, a late-listed duplicate of %s",
+                        job.batch_id, dup, st["msgbatch_id"])
+            try:
+                await self._api.request_json(conn, "POST", f"{BATCHES_PATH}/{dup}/cancel")
+            except ProviderError as e:
+                if e.code not in ("provider_invalid_request", "provider_not_found"):
+                    raise
+            account.claim(dup)
+        if dup is not None or time.time() > watch_until:
+            del st["abandoned_create"]
+            await job.save_state()
 
     async def poll(self, job: ProviderJob) -> PollResult:
         st = job.state
@@ -215,12 +359,13 @@ class AnthropicBatchProvider(BatchProvider):
             if cancel_requested:  # cancelled before it was submitted
                 if st.get("create_started_at"):
                     log.warning("batch %s: cancelled while its Anthropic create was unresolved; a "
-                                "batch created then can't be found (see the module docstring)",
-                                job.batch_id)
+                                "batch that create made is not looked for", job.batch_id)
                 return PollResult(JobStatus.CANCELLED, None, detail="cancelled before submission")
             raise ProviderError(f"batch {job.batch_id} has no Anthropic message batch id (not submitted)",
                                 code="provider_job_not_found", retryable=False)
         conn = self._conn(job.deployment)
+        if st.get("abandoned_create"):
+            await self._cancel_late_duplicate(conn, job)
         obj = await self._job_call(conn, job, "GET", f"{BATCHES_PATH}/{bid}")
         try:
             return mapping.batch_to_poll_result(obj, total=job.line_count, not_sent=not_sent,
@@ -326,10 +471,15 @@ class AnthropicBatchProvider(BatchProvider):
         return path + (f"?{u.query}" if u.query else "")
 
     async def _job_call(self, conn: Conn, job: ProviderJob, method: str, path: str) -> dict:
+        self._account(conn).claim(job.state["msgbatch_id"])
         try:
             return await self._api.request_json(conn, method, path)
         except ProviderError as e:
             if e.code == "provider_not_found":
+                transient = Consistency.from_params(job.deployment.params).not_found_is_transient(
+                    e, job.state.get("provider_created_at"), f"Anthropic message batch of {job.batch_id}")
+                if transient is not None:
+                    raise transient from e
                 raise ProviderError(
                     f"Anthropic doesn't know message batch {job.state.get('msgbatch_id')} that batchgate "
                     f"created for {job.batch_id} at {conn.base_url} (404). It was deleted, or deployment "

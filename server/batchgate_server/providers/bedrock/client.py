@@ -29,6 +29,7 @@ SETTINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 REQUIRED = ("aws_region_name", "s3_bucket_name", "aws_batch_role_arn")
 MULTIPART_CHUNK = 8 * 1024 * 1024
+DELETE_BATCH = 1000  # keys per S3 DeleteObjects call (its limit)
 
 AUTH_CODES = {"AccessDeniedException", "AccessDenied", "UnrecognizedClientException", "InvalidClientTokenId",
               "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "ExpiredTokenException",
@@ -224,6 +225,33 @@ class BedrockClient:
                 keys.extend(obj["Key"] for obj in page.get("Contents") or [])
             return keys
         return await self._call(f"S3 list s3://{bucket}/{prefix}", call, bucket=bucket)
+
+    async def list_objects(self, cfg: BedrockConfig, bucket: str, prefix: str, after: str,
+                           limit: int) -> list[tuple[str, float]]:
+        """(key, unix time of the last write) of up to `limit` objects under `prefix` whose keys
+        sort after `after`, in key order."""
+        def call() -> list[tuple[str, float]]:
+            paginator = self._client(cfg, "s3").get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=bucket, Prefix=prefix, StartAfter=after,
+                                       PaginationConfig={"MaxItems": limit})
+            return [(obj["Key"], obj["LastModified"].timestamp()) for page in pages
+                    for obj in page.get("Contents") or []]
+        return await self._call(f"S3 list s3://{bucket}/{prefix}", call, bucket=bucket)
+
+    async def delete_keys(self, cfg: BedrockConfig, bucket: str, keys: list[str]) -> None:
+        """Delete these objects, 1,000 per DeleteObjects call; one already gone is no error."""
+        def call() -> None:
+            s3 = self._client(cfg, "s3")
+            for start in range(0, len(keys), DELETE_BATCH):
+                answer = s3.delete_objects(Bucket=bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[start:start + DELETE_BATCH]], "Quiet": True})
+                failed = answer.get("Errors") or []
+                if failed:
+                    first = failed[0]
+                    raise ProviderError(f"S3 could not delete {len(failed)} object(s) of s3://{bucket}, first "
+                                        f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}",
+                                        code="provider_unavailable", retryable=True)
+        await self._call(f"S3 delete from s3://{bucket}", call, bucket=bucket)
 
     async def read_object(self, cfg: BedrockConfig, bucket: str, key: str) -> bytes:
         def call() -> bytes:

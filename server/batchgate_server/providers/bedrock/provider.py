@@ -29,11 +29,15 @@ bedrock_max_records     maximum records per job, default 50,000
 max_tokens              max_tokens for Claude requests that set none, default 4096
 timeout, max_retries    per AWS call (botocore standard retry mode)
 poll_interval           seconds between polls (read by the tracker; class default 30)
+not_found_grace, listing_lag, staged_retention
+                        see providers/staged.py (404 grace, listing lag, retention of the staged
+                        objects)
 ======================  ======================================================================
 
-job.state keys: sent / skipped, input_uri, output_uri, job_arn, no_job, expire_sent, cancel_sent
-(see the Vertex adapter: the same meanings). A re-submit after a crash is safe without a lookup:
-the clientRequestToken makes Bedrock answer with the job it already created.
+job.state keys: sent / skipped, staged_prefix, input_uri, output_uri, create_started, job_arn,
+job_seen_at, no_job, expire_sent, cancel_sent (see the Vertex adapter: the same meanings). A
+re-submit after a crash is safe without a lookup: the clientRequestToken makes Bedrock answer
+with the job it already created (so a crash during the create leaves one job, not two).
 """
 
 from __future__ import annotations
@@ -57,7 +61,14 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.custom_ids import CustomIdCodec, bedrock_codec
 from batchgate_server.providers.params import int_param
-from batchgate_server.providers.staged import InputLine, ResultTracker, Staged, StagedBatchProvider
+from batchgate_server.providers.staged import (
+    InputLine,
+    ResultTracker,
+    Staged,
+    StagedBatchProvider,
+    StagedObject,
+    look_again,
+)
 
 from . import translate
 from .client import SETTINGS, BedrockClient, BedrockConfig, missing_setting
@@ -99,6 +110,7 @@ class BedrockBatchProvider(StagedBatchProvider):
     name = "bedrock"
     log = log
     label = "Bedrock"
+    scheme = "s3"
     job_key = "job_arn"
     job_kind = "batch inference job"
     status_field = "status"
@@ -110,6 +122,7 @@ class BedrockBatchProvider(StagedBatchProvider):
     _translation_error_line = staticmethod(translate.translation_error_line)
 
     def __init__(self, *, client: BedrockClient | None = None) -> None:
+        super().__init__()
         self._client = client or BedrockClient()
 
     # ------------------------------------------------------------------ BatchProvider
@@ -144,6 +157,7 @@ class BedrockBatchProvider(StagedBatchProvider):
                 details={"maximum": str(high), "line_count": str(line_count)})
 
     async def submit(self, job: ProviderJob) -> None:
+        self._live.add(job.batch_id)
         st = job.state
         if st.get("job_arn") or st.get("no_job"):
             return
@@ -152,32 +166,31 @@ class BedrockBatchProvider(StagedBatchProvider):
         if not await self._stage(job, cfg):
             return
         hours = min(168, max(24, math.ceil((job.expires_at - job.created_at) / 3600)))
-        arn = await self._client.create_job(
+        await self._create(job, lambda: self._client.create_job(
             cfg, jobName=translate.make_job_name(job.batch_id), roleArn=cfg.role_arn,
             clientRequestToken=client_request_token(job.batch_id), modelId=mid,
             inputDataConfig={"s3InputDataConfig": {"s3Uri": st["input_uri"], "s3InputFormat": "JSONL"}},
             outputDataConfig={"s3OutputDataConfig": {"s3Uri": st["output_uri"]}},
             timeoutDurationInHours=hours, modelInvocationType=translate.invocation_type(mid, job.endpoint),
-            tags=[{"key": "batchgate_batch_id", "value": job.batch_id}])
-        st["job_arn"] = arn
-        await job.save_state()
+            tags=[{"key": "batchgate_batch_id", "value": job.batch_id}]))
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
         cfg = BedrockConfig.from_params(job.deployment.params)
         arn = st.get("job_arn")
         if not arn:
-            if not st.get("input_uri"):
+            if not (st.get("create_started") or st.get("input_uri")):
                 return  # nothing was created at Bedrock
-            # A create may have reached Bedrock before an interruption: look the job up by name.
-            arn = await self._client.find_job(cfg, translate.make_job_name(job.batch_id),
-                                              client_request_token(job.batch_id))
+            # A create may have reached Bedrock before an interruption: look the job up by name, for
+            # as long as the listing may not show it yet.
+            arn = await look_again(lambda: self._client.find_job(cfg, translate.make_job_name(job.batch_id),
+                                                                 client_request_token(job.batch_id)),
+                                   self._listing_until(job))
             if not arn:
                 return
-            st["job_arn"] = arn
-            await job.save_state()
+            await self._remember_job(job, arn)
         st["cancel_sent"] = True
-        await self._end_job(cfg, job, arn)
+        await self._stop(cfg, job, arn)
 
     async def close(self) -> None:
         self._client.close()
@@ -191,6 +204,14 @@ class BedrockBatchProvider(StagedBatchProvider):
 
     def _staging_path(self, job: ProviderJob) -> Path:
         return job.workdir / f"{job.batch_id}.jsonl"
+
+    async def _list_staged(self, cfg: BedrockConfig, bucket: str, prefix: str, after: str,
+                           limit: int) -> list[StagedObject]:
+        return [StagedObject(key, updated)
+                for key, updated in await self._client.list_objects(cfg, bucket, prefix, after, limit)]
+
+    async def _delete_staged(self, cfg: BedrockConfig, bucket: str, keys: list[str]) -> None:
+        await self._client.delete_keys(cfg, bucket, keys)
 
     def _missing_setting(self, params: Mapping) -> tuple[str, str] | None:
         missing = missing_setting(params)

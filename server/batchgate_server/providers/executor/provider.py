@@ -3,8 +3,10 @@ OpenAI-compatible HTTP server (vLLM, Ollama, llama.cpp …), or the in-process
 `simulated` model.
 
 Deployment params (litellm_params): api_base, api_key, max_concurrency, rpm, tpm,
-timeout (per request), max_retries, completion_window (seconds, caps the batch's
-window); for transport "simulated": latency_ms, failure_rate.
+timeout (per request), max_retries (for a request's own failures), backoff_base and
+backoff_cap (seconds, between retries and between probes of an upstream that is out),
+give_up_after (seconds of outage before waiting requests fail), completion_window
+(seconds, caps the batch's window); for transport "simulated": latency_ms, failure_rate.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from batchgate_server.providers.base import (
     ResultKind,
     ResultLine,
     UnsupportedRequest,
+    give_up_after,
 )
+from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
-from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun
+from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun, upstream_health
 from batchgate_server.providers.executor.simulated import SimulatedTransport
 from batchgate_server.providers.executor.transport import HttpTransport
 
@@ -47,8 +51,10 @@ def options_for(deployment: Deployment) -> ExecutorOptions:
         timeout=_number(p, "timeout") or 120.0,
         max_retries=_number(p, "max_retries", int) if p.get("max_retries") is not None else 5,
         backoff_base=_number(p, "backoff_base") or 0.5,
+        backoff_cap=_number(p, "backoff_cap") or 30.0,
         completion_window=_number(p, "completion_window"),
         rewrite_model=None if simulated else deployment.model,
+        give_up_after=give_up_after(deployment),
     )
 
 
@@ -60,6 +66,7 @@ class ExecutorProvider(BatchProvider):
         self._runs: dict[str, ExecutorRun] = {}
         self._transports: dict[str, object] = {}
         self._limiters: dict[str, RateLimiter] = {}
+        self._health: dict[str, UpstreamHealth] = {}
 
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
         if endpoint not in SUPPORTED_ENDPOINTS:
@@ -88,13 +95,18 @@ class ExecutorProvider(BatchProvider):
         if run is None:
             # First poll in this process: a new batch, or one resumed after a restart (the
             # results log tells the run which requests are already answered).
-            options = options_for(job.deployment)
-            limiter = self._limiters.get(job.deployment.id)
+            deployment = job.deployment
+            options = options_for(deployment)
+            # Shared by every batch of the deployment: its rate limits and its outages.
+            limiter = self._limiters.get(deployment.id)
             if limiter is None:
-                limiter = self._limiters[job.deployment.id] = RateLimiter(options.rpm, options.tpm)
+                limiter = self._limiters[deployment.id] = RateLimiter(options.rpm, options.tpm)
+            health = self._health.get(deployment.id)
+            if health is None:
+                health = self._health[deployment.id] = upstream_health(deployment, options)
             # Built on a worker thread: after a restart the results log is read back whole
             # (answered ids, a torn last line), which must not stall the event loop.
-            run = await asyncio.to_thread(ExecutorRun, job, self._transport(job.deployment), options, limiter)
+            run = await asyncio.to_thread(ExecutorRun, job, self._transport(deployment), options, limiter, health)
             if job.batch_id in self._runs:  # another caller got there first
                 run.log.close()
                 return self._runs[job.batch_id]
@@ -115,12 +127,16 @@ class ExecutorProvider(BatchProvider):
             error = run._task.exception()
             self._runs.pop(job.batch_id, None)
             run.log.close()
-            raise RuntimeError(f"executor run failed: {error!r}")
+            # Raised as it is: the tracker retries its own storage errors (saving the outcome on a
+            # full disk), and the next poll resumes the run from its results log; anything else
+            # fails the batch.
+            raise error
         counts = RequestCounts(total=job.line_count, completed=run.completed, failed=run.failed)
         if run.outcome is not None:
-            return PollResult(OUTCOME_STATUS[run.outcome], counts)
-        status = JobStatus.CANCELLING if job.cancel_requested.is_set() else JobStatus.IN_PROGRESS
-        return PollResult(status, counts)
+            status = OUTCOME_STATUS[run.outcome]
+        else:
+            status = JobStatus.CANCELLING if job.cancel_requested.is_set() else JobStatus.IN_PROGRESS
+        return PollResult(status, counts, failures=run.failures.summary())
 
     async def cancel(self, job: ProviderJob) -> None:
         job.cancel_requested.set()

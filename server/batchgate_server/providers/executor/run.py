@@ -11,15 +11,23 @@ import time
 from dataclasses import dataclass
 
 from batchgate_server.core.backoff import jittered_delay
-from batchgate_server.providers.base import ProviderJob
+from batchgate_server.providers.base import DEFAULT_GIVE_UP_AFTER, Deployment, ProviderJob
+from batchgate_server.providers.executor.failures import FailureTally, failure_of
+from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.results_log import ResultsLog
-from batchgate_server.providers.executor.transport import TransportFailure
+from batchgate_server.providers.executor.transport import TransportFailure, TransportResponse
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER = 600.0
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+# The error line of a request still unanswered when a run ends, by how it ended.
+UNSENT_ERROR = {
+    "completed": {"code": "internal_error", "message": "batchgate lost this request before answering it"},
+    "expired": {"code": "batch_expired", "message": "the batch's completion window ended before this request ran"},
+    "cancelled": {"code": "batch_cancelled", "message": "the batch was cancelled before this request ran"},
+}
 
 
 @dataclass
@@ -34,6 +42,14 @@ class ExecutorOptions:
     # Caps the completion window (seconds from creation); None: the batch's own window.
     completion_window: float | None = None
     rewrite_model: str | None = None
+    # Seconds of upstream outage after which its waiting requests fail (litellm_params.give_up_after).
+    give_up_after: float = DEFAULT_GIVE_UP_AFTER
+
+
+def upstream_health(deployment: Deployment, options: ExecutorOptions) -> UpstreamHealth:
+    """The outage and failure-streak tracker for `deployment` (one per deployment, shared by its batches)."""
+    return UpstreamHealth(deployment.model_name, backoff_base=options.backoff_base, backoff_cap=options.backoff_cap,
+                          secrets=[deployment.params.get("api_key") or ""])
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -51,13 +67,30 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def _line_id(batch_id: str, custom_id: str) -> str:
-    return "batch_req_" + hashlib.sha256(f"{batch_id}\0{custom_id}".encode()).hexdigest()[:24]
+    # surrogatepass: a JSON-escaped lone surrogate ("\ud800") is a valid custom_id but not UTF-8.
+    return "batch_req_" + hashlib.sha256(f"{batch_id}\0{custom_id}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def _estimate_tokens(body: dict, raw_len: int) -> int:
     out = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     # Only a plain number counts: a malformed value is the upstream's to reject, not a crash here.
     return raw_len // 4 + (out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else 256)
+
+
+def _json_or_none(raw: bytes):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _request(raw: bytes, number: int) -> dict:
+    """Input line `number` (validated at upload). A line without a custom_id could not be answered,
+    so it stops the run instead."""
+    line = _json_or_none(raw)
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+        raise ValueError(f"input line {number} has no custom_id")
+    return line
 
 
 def _usage_tokens(parsed: dict) -> int | None:
@@ -68,21 +101,54 @@ def _usage_tokens(parsed: dict) -> int | None:
     return int(total) if isinstance(total, int) else None
 
 
+@dataclass
+class _Failure:
+    """One failed attempt: its code and message, the error line it becomes if the request ends
+    here (response or error), and whether trying again can help."""
+
+    code: str
+    message: str
+    response: dict | None
+    error: dict | None
+    upstream_fault: bool  # says nothing about the request: no answer, 5xx, 429, a timeout
+    retryable: bool
+    retry_after: float | None = None
+
+
+def _failure_of_answer(resp: TransportResponse, parsed) -> _Failure:
+    """An answer that is not a success: an HTTP error, or a 2xx whose body is not JSON."""
+    upstream_fault = resp.status in RETRYABLE_STATUS
+    retryable = upstream_fault or 200 <= resp.status < 300
+    retry_after = retry_after_seconds(resp.headers.get("retry-after")) if retryable else None
+    if parsed is None:
+        message = f"the server answered HTTP {resp.status} with a body that is not JSON"
+        return _Failure("invalid_response", message, None, {"code": "invalid_response", "message": message},
+                        upstream_fault, retryable, retry_after)
+    response = {"status_code": resp.status, "request_id": resp.headers.get("x-request-id", ""), "body": parsed}
+    code, message = failure_of({"response": response})
+    return _Failure(code, message, response, None, upstream_fault, retryable, retry_after)
+
+
 class ExecutorRun:
     def __init__(self, job: ProviderJob, transport, options: ExecutorOptions,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, health: UpstreamHealth | None = None) -> None:
         self.job = job
         self.transport = transport
         self.options = options
-        self.log = ResultsLog(job.workdir)
-        # Shared by every batch on the deployment: the limits are the upstream's, not per batch.
+        # Shared by every batch on the deployment: the limits and the outages are the upstream's.
         self.limiter = limiter or RateLimiter(options.rpm, options.tpm)
+        self.health = health or upstream_health(job.deployment, options)
+        self.failures = FailureTally(self.health.secrets)
+        self.log = ResultsLog(job.workdir, on_error_line=lambda line: self.failures.answered(*failure_of(line)))
         self.changed = asyncio.Event()
         self.outcome: str | None = None  # completed | expired | cancelled, once finished
         deadline = job.expires_at
         if options.completion_window:
             deadline = min(deadline, job.created_at + options.completion_window)
         self.deadline = deadline
+        # Cleared while the results log cannot be written (a full disk): nothing new is sent.
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._task: asyncio.Task | None = None
 
     @property
@@ -152,11 +218,12 @@ class ExecutorRun:
 
     async def _produce(self, queue: asyncio.Queue) -> None:
         done = self.log.done
+        number = 0
         async for raw in self.job.open_input():
-            line = json.loads(raw)
-            if line["custom_id"] in done:
-                continue
-            await queue.put(line)
+            number += 1
+            line = _request(raw, number)
+            if line["custom_id"] not in done:
+                await queue.put(line)
 
     async def _worker(self, queue: asyncio.Queue) -> None:
         while True:
@@ -168,9 +235,13 @@ class ExecutorRun:
             except Exception as err:
                 # One bad request must not take its worker down (its custom_id would go
                 # unanswered, and enough of them would stall the whole batch).
-                log.exception("batch %s: request %r failed in the executor", self.job.batch_id, line.get("custom_id"))
-                self._write_error(line["custom_id"], None, {
-                    "code": "invalid_request", "message": f"batchgate could not send this request: {type(err).__name__}"})
+                log.exception("batch %s: request %r failed in the executor", self.job.batch_id, line["custom_id"])
+                try:
+                    await self._write_error(line["custom_id"], None, {
+                        "code": "invalid_request",
+                        "message": f"batchgate could not send this request: {type(err).__name__}"})
+                except Exception:  # left unanswered: _close_unanswered answers it before the run ends
+                    log.exception("batch %s: no error line for request %r", self.job.batch_id, line["custom_id"])
             finally:
                 queue.task_done()
 
@@ -182,46 +253,49 @@ class ExecutorRun:
         payload = json.dumps(body).encode()
         path = line["url"]
         estimate = _estimate_tokens(body, len(payload))
-        attempt = 0
+        health = self.health
+        attempt = 0  # retries spent on failures of this request's own
         while True:
+            probe = health.outage_since is not None and await health.admit(self.options.give_up_after)
+            if not self._writable.is_set():
+                await self._writable.wait()
             await self.limiter.acquire(estimate)
             try:
                 resp = await self.transport.send(path, payload, custom_id)
-            except TransportFailure as failure:
-                self.limiter.settle(estimate, 0)
-                if attempt < self.options.max_retries:
-                    attempt += 1
-                    await asyncio.sleep(self._backoff(attempt, None))
-                    continue
-                self._write_error(custom_id, None, {"code": failure.code, "message": failure.message})
-                return
-            parsed = None
-            try:
-                parsed = json.loads(resp.body)
-            except ValueError:
-                pass
-            retryable = resp.status in RETRYABLE_STATUS or (200 <= resp.status < 300 and parsed is None)
-            if retryable and attempt < self.options.max_retries:
-                attempt += 1
-                self.limiter.settle(estimate, 0)
-                retry_after = retry_after_seconds(resp.headers.get("retry-after"))
+            except TransportFailure as err:
+                failure = _Failure(err.code, err.message, None, {"code": err.code, "message": err.message},
+                                   upstream_fault=True, retryable=True)
+            else:
+                parsed = _json_or_none(resp.body)
+                if 200 <= resp.status < 300 and parsed is not None:
+                    health.succeeded()
+                    self.limiter.settle(estimate, _usage_tokens(parsed))
+                    await self._write_output(custom_id, resp.status, resp.headers.get("x-request-id", ""),
+                                             resp.body, parsed)
+                    return
+                failure = _failure_of_answer(resp, parsed)
+            finally:
+                if probe:
+                    health.end_probe()
+            self.limiter.settle(estimate, 0)
+            out = health.failed(custom_id, failure.code, failure.message, upstream_fault=failure.upstream_fault,
+                                probe=probe)
+            if failure.retryable:
+                retry_after = failure.retry_after
                 if retry_after is not None:  # never past the batch's deadline (nor forever)
                     retry_after = min(retry_after, max(0.0, self.deadline - time.time()), MAX_RETRY_AFTER)
-                    if resp.status in (429, 503):
+                    if failure.code in ("http_429", "http_503"):
                         self.limiter.pause(retry_after)  # the whole deployment backs off
-                await asyncio.sleep(self._backoff(attempt, retry_after))
-                continue
-            self.limiter.settle(estimate, _usage_tokens(parsed))
-            request_id = resp.headers.get("x-request-id", "")
-            if parsed is None:
-                self._write_error(custom_id, None, {
-                    "code": "invalid_response",
-                    "message": f"the server answered HTTP {resp.status} with a body that is not JSON"})
-            elif 200 <= resp.status < 300:
-                self._write_output(custom_id, resp.status, request_id, resp.body, parsed)
-            else:
-                self._write_error(custom_id, {"status_code": resp.status, "request_id": request_id,
-                                              "body": parsed}, None)
+                if out and health.outage_for() < self.options.give_up_after:
+                    # Waiting for the deployment to come back costs this request none of its retries.
+                    self.failures.retried(failure.code, failure.message)
+                    continue
+                if not out and attempt < self.options.max_retries:
+                    attempt += 1
+                    self.failures.retried(failure.code, failure.message)
+                    await asyncio.sleep(self._backoff(attempt, retry_after))
+                    continue
+            await self._write_error(custom_id, failure.response, failure.error)
             return
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -230,30 +304,60 @@ class ExecutorRun:
 
     # -- writing results --------------------------------------------------------------------
 
-    def _write_output(self, custom_id: str, status: int, request_id: str, raw: bytes, parsed) -> None:
+    async def _write_output(self, custom_id: str, status: int, request_id: str, raw: bytes, parsed) -> None:
         raw = raw.strip()
         if b"\n" in raw or b"\r" in raw:
             raw = json.dumps(parsed).encode()
         line = (b'{"id":"' + _line_id(self.job.batch_id, custom_id).encode() + b'","custom_id":'
                 + json.dumps(custom_id).encode() + b',"response":{"status_code":' + str(status).encode()
                 + b',"request_id":' + json.dumps(request_id).encode() + b',"body":' + raw + b'},"error":null}')
-        self.log.write_output(custom_id, line)
+        await self._keep(self.log.write_output, custom_id, line)
+
+    async def _write_error(self, custom_id: str, response: dict | None, error: dict | None) -> None:
+        record = {"id": _line_id(self.job.batch_id, custom_id), "custom_id": custom_id,
+                  "response": response, "error": error}
+        await self._keep(self.log.write_error, custom_id, json.dumps(record).encode())
+        self.failures.answered(*failure_of(record))
+
+    async def _keep(self, write, custom_id: str, line: bytes) -> None:
+        """Write one result line; while the disk refuses it, hold it (and every new request) and
+        try again, so a full disk pauses the run instead of losing answers."""
+        try:
+            write(custom_id, line)
+        except OSError as err:
+            await self._keep_when_writable(write, custom_id, line, err)
         self.changed.set()
 
-    def _write_error(self, custom_id: str, response: dict | None, error: dict | None) -> None:
-        line = json.dumps({"id": _line_id(self.job.batch_id, custom_id), "custom_id": custom_id,
-                           "response": response, "error": error}).encode()
-        self.log.write_error(custom_id, line)
-        self.changed.set()
+    async def _keep_when_writable(self, write, custom_id: str, line: bytes, err: OSError) -> None:
+        if self._writable.is_set():
+            self._writable.clear()
+            log.warning("batch %s: cannot write results to %s (%s); paused until it can",
+                        self.job.batch_id, self.job.workdir, err)
+        attempt = 0
+        while True:
+            await asyncio.sleep(jittered_delay(attempt, 0.25, 5.0))
+            attempt += 1
+            try:
+                write(custom_id, line)
+                break
+            except OSError:
+                pass
+        if not self._writable.is_set():
+            self._writable.set()
+            log.warning("batch %s: results written again; resumed", self.job.batch_id)
 
     async def _close_unanswered(self, outcome: str) -> None:
-        """An expired or cancelled run answers every request it did not send with an error line."""
-        if outcome == "completed":
-            return
-        code = "batch_expired" if outcome == "expired" else "batch_cancelled"
-        message = ("the batch's completion window ended before this request ran" if outcome == "expired"
-                   else "the batch was cancelled before this request ran")
+        """Every request gets an answer before the run reports its outcome: an expired or
+        cancelled run answers those it did not send with an error line; a completed run should
+        have none left, but if a request was lost anyway it must show as an error, never vanish."""
+        if outcome == "completed" and len(self.log.done) >= self.job.line_count:
+            return  # every line answered (custom_ids are unique): no second pass over the input
+        error = UNSENT_ERROR[outcome]
+        number = 0
         async for raw in self.job.open_input():
-            custom_id = json.loads(raw)["custom_id"]
+            number += 1
+            custom_id = _request(raw, number)["custom_id"]
             if custom_id not in self.log.done:
-                self._write_error(custom_id, None, {"code": code, "message": message})
+                if outcome == "completed":
+                    log.error("batch %s: request %r was never answered", self.job.batch_id, custom_id)
+                await self._write_error(custom_id, None, error)

@@ -13,17 +13,37 @@ max_retries        retries after the first attempt on 429/5xx/network errors, de
 poll_interval      seconds between polls for this deployment (class default 5.0)
 backoff_base       first backoff step in seconds (exponential, jittered), default 0.5
 give_up_after      (the tracker's) seconds of only retryable errors before the batch fails, default 6 h
+create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 60 s)
 =================  =====================================================================
 
-job.state keys: ``input_file_id``, ``create_started`` (set before POST /batches, so a crash
-between the provider creating the batch and us saving its id is reconciled by looking the batch up
-by metadata.batchgate_batch_id instead of creating a second one) and ``provider_batch_id``.
+At most one provider batch per batch, whatever the crash
+---------------------------------------------------------
+job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``create_started_at``,
+``create_ended_at``, ``provider_batch_id``, ``provider_created_at`` and ``duplicate_watch_until``.
+
+* The input is uploaded as ``<batch id>.jsonl`` with purpose ``batch``. A submit that finds
+  ``upload_started`` but no ``input_file_id`` (a crash during or right after the upload) first
+  looks for that file and reuses it when its size is the full input's, deleting other copies.
+* ``create_started_at`` is saved before POST /batches, whose metadata carries
+  ``batchgate_batch_id``. A submit that finds it but no ``provider_batch_id`` looks the batch up by
+  that metadata, again and again while the listing may still lag (``create_lookup_patience``
+  after the create's answer, or after its timeout when it got none), before it ever creates again. If the lookup finds several (the
+  listing lagged longer than the patience once), the oldest is adopted and the others are
+  cancelled at once. If it does create again, polls keep looking for a late copy for a while
+  (``duplicate_watch_until``) and cancel it as soon as it is listed.
+* A 404 for the batch within ``not_found_grace`` seconds of its create is "not visible yet"
+  (retried); after that it fails the batch with ``provider_job_not_found``.
+* Once the batch has ended and its results were read (or it failed), the input file and any copy
+  of it left by an interrupted upload are deleted at the provider (after an interrupted upload,
+  no sooner than ``create_lookup_patience`` after the resumed submit, so that a late-listed copy
+  is seen); output and error files stay with the provider's own retention.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +53,7 @@ import httpx
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,
+    JobStatus,
     PollResult,
     ProviderError,
     ProviderJob,
@@ -40,6 +61,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
+from batchgate_server.providers.eventual import Consistency, create_call, look_until
 from batchgate_server.providers.params import float_param, int_param
 
 from . import mapping
@@ -51,6 +73,10 @@ OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 AZURE_DEFAULT_API_VERSION = "2024-10-21"
 METADATA_KEY = "batchgate_batch_id"
 LOOKUP_PAGES = 5  # pages of 100 batches searched when reconciling an interrupted create
+FILE_PAGE = 10_000  # files listed per page when looking for our input files
+FILE_PAGES = 5
+TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+DUPLICATE_WATCH = 10  # after a repeated create, polls look for a late copy this many patiences more
 
 
 class _OpenAIFamilyProvider(BatchProvider):
@@ -125,54 +151,63 @@ class _OpenAIFamilyProvider(BatchProvider):
         if st.get("provider_batch_id"):
             return
         conn = self._conn(job.deployment)
-        if not st.get("input_file_id"):
-            file_obj = await self._upload(conn, job)
-            st["input_file_id"] = file_obj["id"]
-            await job.save_state()
-        if st.get("create_started"):
-            found = await self._find_created(conn, job)
+        started = st.get("create_started_at") or (time.time() if st.get("create_started") else None)
+        if started is not None:
+            consistency = Consistency.from_params(job.deployment.params)
+            deadline = consistency.lookup_deadline(float(started), conn.timeout, st.get("create_ended_at"))
+            found = await look_until(lambda: self._adopt_created(conn, job), deadline=deadline,
+                                     interval=consistency.lookup_interval())
             if found:
-                log.info("batch %s: adopting %s batch %s created before an interruption",
-                         job.batch_id, self.label, found)
-                st["provider_batch_id"] = found
-                await job.save_state()
                 return
-        else:
-            st["create_started"] = True
+            log.warning("batch %s: the %s create started at %s is not listed after %.0fs of looking; "
+                        "creating the batch again (a late copy will be cancelled)", job.batch_id, self.label,
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(started))),
+                        time.time() - float(started))
+            st["duplicate_watch_until"] = deadline + DUPLICATE_WATCH * consistency.lookup_patience
+        if not st.get("input_file_id"):
+            st["input_file_id"] = await self._input_file(conn, job)
             await job.save_state()
-        batch = await self._api.request_json(
-            conn, "POST", "/batches", idempotent=False,
-            json_body={"input_file_id": st["input_file_id"],
-                       "endpoint": self._provider_endpoint(job.endpoint),
-                       "completion_window": "24h",
-                       "metadata": {METADATA_KEY: job.batch_id}})
+        st.pop("create_started", None)  # the flag of earlier versions: now a timestamp
+        st.pop("create_ended_at", None)
+        st["create_started_at"] = time.time()
+        await job.save_state()
+        async with create_call(job):
+            batch = await self._api.request_json(
+                conn, "POST", "/batches", idempotent=False,
+                json_body={"input_file_id": st["input_file_id"],
+                           "endpoint": self._provider_endpoint(job.endpoint),
+                           "completion_window": "24h",
+                           "metadata": {METADATA_KEY: job.batch_id}})
         if not isinstance(batch.get("id"), str):
             raise ProviderError(f"{self.label} POST /batches answered without an id",
                                 code="provider_bad_response", retryable=True)
         st["provider_batch_id"] = batch["id"]
+        st["provider_created_at"] = time.time()
         await job.save_state()
 
     async def poll(self, job: ProviderJob) -> PollResult:
         conn = self._conn(job.deployment)
         bid = self._batch_id(job)
+        if job.state.get("duplicate_watch_until"):
+            await self._cancel_late_copy(conn, job)
         obj = await self._job_call(conn, job, "GET", f"/batches/{bid}")
         try:
-            return mapping.batch_to_poll_result(obj, self.name)
+            result = mapping.batch_to_poll_result(obj, self.name)
         except ValueError as e:
             raise ProviderError(f"{self.label} batch {bid}: {e}", code="provider_bad_response",
                                 retryable=True) from e
+        if result.status is JobStatus.FAILED:
+            await self._delete_inputs(conn, job)  # no results to read: the input is done with
+        return result
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
         conn = self._conn(job.deployment)
         if not st.get("provider_batch_id"):
-            if not (st.get("create_started") and st.get("input_file_id")):
+            if not (st.get("create_started_at") or st.get("create_started")):
                 return  # nothing was created at the provider
-            found = await self._find_created(conn, job)
-            if not found:
+            if not await self._adopt_created(conn, job):
                 return
-            st["provider_batch_id"] = found
-            await job.save_state()
         bid = st["provider_batch_id"]
         try:
             await self._job_call(conn, job, "POST", f"/batches/{bid}/cancel")
@@ -212,6 +247,7 @@ class _OpenAIFamilyProvider(BatchProvider):
                     raise
                 log.warning("batch %s: error file %s not found; treating it as empty",
                             job.batch_id, info.error_file_id)
+        await self._delete_inputs(conn, job)
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         interval = job.deployment.params.get("poll_interval")
@@ -238,6 +274,10 @@ class _OpenAIFamilyProvider(BatchProvider):
             return await self._api.request_json(conn, method, path)
         except ProviderError as e:
             if e.code == "provider_not_found":
+                transient = Consistency.from_params(job.deployment.params).not_found_is_transient(
+                    e, job.state.get("provider_created_at"), f"{self.label} batch of {job.batch_id}")
+                if transient is not None:
+                    raise transient from e
                 # Callers see our ids only; the provider's go to the log for operators.
                 log.warning("batch %s: %s answered 404 for its batch %s at %s: %s", job.batch_id,
                             self.label, job.state.get("provider_batch_id"), conn.base_url, e.message)
@@ -249,43 +289,143 @@ class _OpenAIFamilyProvider(BatchProvider):
                     code="provider_job_not_found", retryable=False) from e
             raise
 
-    async def _upload(self, conn: Conn, job: ProviderJob) -> dict:
-        model = job.deployment.model
-        azure = self.azure
+    def _input_lines(self, job: ProviderJob) -> AsyncIterator[bytes]:
+        model, azure = job.deployment.model, self.azure
 
         async def lines() -> AsyncIterator[bytes]:
             async for raw in job.open_input():
                 yield mapping.rewrite_line(raw, model, azure=azure)
 
-        content_type, body = multipart_stream({"purpose": "batch"}, "file",
-                                              f"{job.batch_id}.jsonl", lines)
+        return lines()
+
+    async def _input_file(self, conn: Conn, job: ProviderJob) -> str:
+        """The id of the input file at the provider: one an interrupted submit uploaded in full
+        (other copies are deleted), else a fresh upload."""
+        st = job.state
+        if st.get("upload_started"):
+            # A copy may still be missing from the listing: the end-of-batch cleanup looks again
+            # once the listing has caught up (see _delete_inputs).
+            st.setdefault("upload_resumed_at", time.time())
+            copies = await self._uploaded_inputs(conn, job)
+            if copies:
+                size = 0
+                async for line in self._input_lines(job):
+                    size += len(line) + 1
+                whole = [f for f in copies if f.get("bytes") == size]
+                keep = whole[0]["id"] if whole else None
+                for f in copies:
+                    if f["id"] != keep:
+                        await self._delete_file(conn, job, f["id"])
+                if keep:
+                    log.info("batch %s: reusing the input uploaded to %s before an interruption",
+                             job.batch_id, self.label)
+                    return keep
+        else:
+            st["upload_started"] = True
+            await job.save_state()
+        content_type, body = multipart_stream({"purpose": "batch"}, "file", self._input_name(job),
+                                              lambda: self._input_lines(job))
         obj = await self._api.request_json(conn, "POST", "/files", content=body,
                                            headers={"Content-Type": content_type})
         if not isinstance(obj.get("id"), str):
             raise ProviderError(f"{self.label} POST /files answered without an id",
                                 code="provider_bad_response", retryable=True)
-        return obj
+        return obj["id"]
 
-    async def _find_created(self, conn: Conn, job: ProviderJob) -> str | None:
-        """The provider batch a previous, interrupted submit created for this job, if any."""
-        after: str | None = None
+    @staticmethod
+    def _input_name(job: ProviderJob) -> str:
+        return f"{job.batch_id}.jsonl"
+
+    async def _uploaded_inputs(self, conn: Conn, job: ProviderJob) -> list[Mapping[str, Any]]:
+        """Our input files at the provider (by name and purpose), oldest first."""
+        name, found, after = self._input_name(job), [], None
+        for _ in range(FILE_PAGES):
+            params: dict[str, Any] = {"purpose": "batch", "limit": FILE_PAGE}
+            if after:
+                params["after"] = after
+            page = await self._api.request_json(conn, "GET", "/files", params=params)
+            data = [f for f in page.get("data") or [] if isinstance(f, Mapping) and f.get("id")]
+            found += [f for f in data if f.get("filename") == name]
+            if not page.get("has_more") or not data:
+                break
+            after = page.get("last_id") or data[-1]["id"]
+        return sorted(found, key=lambda f: (f.get("created_at") or 0, f["id"]))
+
+    async def _delete_file(self, conn: Conn, job: ProviderJob, file_id: str) -> None:
+        try:
+            await self._api.request_json(conn, "DELETE", f"/files/{file_id}")
+        except ProviderError as e:
+            if e.code != "provider_not_found":
+                raise
+
+    async def _delete_inputs(self, conn: Conn, job: ProviderJob) -> None:
+        """Delete the input file and any copy an interrupted upload left (the batch has ended).
+        Best effort: a failure is logged, never fails the batch."""
+        ids = {job.state["input_file_id"]} if job.state.get("input_file_id") else set()
+        resumed = job.state.get("upload_resumed_at")
+        try:
+            if resumed is not None:  # only an interrupted upload leaves copies; listed by then
+                patience = Consistency.from_params(job.deployment.params).lookup_patience
+                await asyncio.sleep(max(0.0, min(patience, float(resumed) + patience - time.time())))
+                ids |= {f["id"] for f in await self._uploaded_inputs(conn, job)}
+            for file_id in sorted(ids):
+                await self._delete_file(conn, job, file_id)
+        except ProviderError as e:
+            log.warning("batch %s: could not delete its input file at %s: %s", job.batch_id,
+                        self.label, e.message)
+
+    async def _created_batches(self, conn: Conn, job: ProviderJob) -> list[Mapping[str, Any]]:
+        """The provider batches whose metadata names this job, oldest first."""
+        found, after = [], None
         for _ in range(LOOKUP_PAGES):
             params: dict[str, Any] = {"limit": 100}
             if after:
                 params["after"] = after
             page = await self._api.request_json(conn, "GET", "/batches", params=params)
-            data = page.get("data") or []
-            for b in data:
-                if not isinstance(b, Mapping):
-                    continue
-                md = b.get("metadata") or {}
-                if md.get(METADATA_KEY) == job.batch_id and \
-                        b.get("input_file_id") == job.state.get("input_file_id"):
-                    return str(b["id"])
+            data = [b for b in page.get("data") or [] if isinstance(b, Mapping) and b.get("id")]
+            found += [b for b in data if (b.get("metadata") or {}).get(METADATA_KEY) == job.batch_id]
             if not page.get("has_more") or not data:
-                return None
-            after = page.get("last_id") or data[-1].get("id")
-        return None
+                break
+            after = page.get("last_id") or data[-1]["id"]
+        return sorted(found, key=lambda b: (mapping.parse_timestamp(b.get("created_at")) or 0, b["id"]))
+
+    async def _adopt_created(self, conn: Conn, job: ProviderJob) -> str | None:
+        """Adopt the provider batch an interrupted submit created for this job, if it is listed;
+        cancel any further one (at most one provider batch per batch)."""
+        created = await self._created_batches(conn, job)
+        if not created:
+            return None
+        adopted, *duplicates = created
+        st = job.state
+        st.update(provider_batch_id=str(adopted["id"]), provider_created_at=time.time())
+        if isinstance(adopted.get("input_file_id"), str):
+            st["input_file_id"] = adopted["input_file_id"]
+        await job.save_state()
+        log.info("batch %s: adopting %s batch %s created before an interruption", job.batch_id,
+                 self.label, adopted["id"])
+        await self._cancel_copies(conn, job, duplicates)
+        return str(adopted["id"])
+
+    async def _cancel_late_copy(self, conn: Conn, job: ProviderJob) -> None:
+        """After a repeated create, look for a late-listed copy of ours (for a while) and cancel it."""
+        st = job.state
+        copies = [b for b in await self._created_batches(conn, job) if b["id"] != st["provider_batch_id"]]
+        await self._cancel_copies(conn, job, copies)
+        if copies or time.time() > float(st["duplicate_watch_until"]):
+            del st["duplicate_watch_until"]
+            await job.save_state()
+
+    async def _cancel_copies(self, conn: Conn, job: ProviderJob, copies: list[Mapping[str, Any]]) -> None:
+        for dup in copies:
+            if str(dup.get("status", "")).lower() in TERMINAL_STATUSES:
+                continue
+            log.warning("batch %s: cancelling %s batch %s, a duplicate of %s", job.batch_id,
+                        self.label, dup["id"], job.state["provider_batch_id"])
+            try:
+                await self._api.request_json(conn, "POST", f"/batches/{dup['id']}/cancel")
+            except ProviderError as e:
+                if e.code not in ("provider_invalid_request", "provider_not_found"):
+                    raise
 
 
 class OpenAIBatchProvider(_OpenAIFamilyProvider):

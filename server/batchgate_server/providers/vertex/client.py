@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,7 +284,9 @@ class VertexClient:
                         continue
                 if not err.retryable:
                     raise err
-                if not idempotent and resp.status_code not in (429, 502, 503, 504):
+                if not idempotent and resp.status_code != 429:
+                    # A 5xx may come from a gateway that gave up on a backend that went on: the
+                    # create may have been carried out, so the caller looks before creating again.
                     raise err
                 if retry_after is not None and retry_after > MAX_INLINE_RETRY_AFTER:
                     raise err
@@ -397,6 +400,45 @@ class VertexClient:
             return await asyncio.to_thread(ls)
         except Exception as e:  # noqa: BLE001
             raise self._gcs_error(e, cfg, "list", gs_prefix, "provider_result_missing") from e
+
+    async def list_blobs(self, cfg: VertexConfig, bucket: str, prefix: str, after: str,
+                         limit: int) -> list[tuple[str, float]]:
+        """(name, unix time of the last write) of up to `limit` objects under `prefix` whose names
+        sort after `after`, in name order."""
+        client = await self._storage_client(cfg)
+
+        def ls() -> list[tuple[str, float]]:
+            out: list[tuple[str, float]] = []
+            for blob in client.list_blobs(bucket, prefix=prefix, start_offset=after or None, timeout=cfg.timeout):
+                if blob.name > after:
+                    out.append((blob.name, blob.updated.timestamp() if blob.updated else time.time()))
+                    if len(out) >= limit:
+                        break
+            return out
+
+        try:
+            return await asyncio.to_thread(ls)
+        except Exception as e:  # noqa: BLE001
+            raise self._gcs_error(e, cfg, "list", f"gs://{bucket}/{prefix}", "provider_bucket_not_found") from e
+
+    async def delete_blobs(self, cfg: VertexConfig, bucket: str, names: list[str]) -> None:
+        """Delete these objects; one already gone is no error."""
+        from google.api_core import exceptions as gax
+
+        client = await self._storage_client(cfg)
+
+        def rm() -> None:
+            target = client.bucket(bucket)
+            for name in names:
+                try:
+                    target.blob(name).delete(timeout=cfg.timeout)
+                except gax.NotFound:
+                    pass
+
+        try:
+            await asyncio.to_thread(rm)
+        except Exception as e:  # noqa: BLE001
+            raise self._gcs_error(e, cfg, "delete from", f"gs://{bucket}", "provider_bucket_not_found") from e
 
     async def iter_lines(self, cfg: VertexConfig, uri: str) -> AsyncIterator[bytes]:
         """Lines of a gs:// object, read in 1 MiB ranges in a worker thread."""

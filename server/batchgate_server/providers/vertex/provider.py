@@ -21,33 +21,54 @@ vertex_api_base      REST base override (scheme://host), default https://{locati
 gcs_endpoint_url     GCS endpoint override (STORAGE_EMULATOR_HOST is honoured as well)
 timeout, max_retries, backoff_base   per REST call, as for the OpenAI adapter
 poll_interval        seconds between polls (read by the tracker; class default 30)
+not_found_grace, listing_lag, staged_retention
+                     see providers/staged.py (404 grace, listing lag, retention of the staged
+                     objects)
 ===================  ===========================================================================
 
-job.state keys: sent / skipped (records uploaded / lines that failed translation), input_uri,
-output_prefix, create_started (set before the create call: after a crash the job is found again
-by its batchgate_batch_id label instead of being created twice), job_name, no_job (nothing was
-translatable: no job was created), expire_sent (batchgate cancelled the job when the batch's
-completion window ended; a CANCELLED job is then reported as EXPIRED), cancel_sent (the cancel
-call went out; poll sends it if a cancel arrived while submit was still running).
+At most one job per batch: Vertex AI's create takes no idempotency key, so every job carries the
+batch id in its `batchgate_batch_id` label, and create_started (the wall time) is saved before the
+create call. A submit that finds create_started set (a crash during the create) lists the jobs
+with that label, again and again until listing_lag after that create, and adopts the oldest; it
+creates another only when none shows up. After such a re-create, every poll until listing_lag
+later lists the label again and cancels any job but ours (its output, under the batch's prefix,
+goes when the batch is released).
+
+job.state keys: sent / skipped (records uploaded / lines that failed translation), staged_prefix,
+input_uri, output_prefix, create_started, recreated (the last create may have a twin that the
+listing did not show yet: polls look for it), twins_pending (a twin found could not be cancelled
+yet: polls try again), job_name, job_seen_at (when we learned job_name: the 404 grace), no_job
+(nothing was translatable: no job was created), expire_sent (batchgate cancelled the job when the
+batch's completion window ended; a CANCELLED job is then reported as EXPIRED), cancel_sent (the
+cancel call went out; poll sends it if a cancel arrived while submit was still running).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from batchgate_server.core.models import RequestCounts
 from batchgate_server.providers.base import (
     Deployment,
+    PollResult,
     ProviderError,
     ProviderJob,
     ResultLine,
     UnsupportedRequest,
 )
 from batchgate_server.providers.custom_ids import CustomIdCodec, vertex_codec
-from batchgate_server.providers.staged import InputLine, ResultTracker, StagedBatchProvider
+from batchgate_server.providers.staged import (
+    TERMINAL,
+    InputLine,
+    ResultTracker,
+    StagedBatchProvider,
+    StagedObject,
+    look_again,
+)
 
 from . import translate
 from .client import SETTINGS, VertexClient, VertexConfig, missing_setting
@@ -76,6 +97,7 @@ class VertexBatchProvider(StagedBatchProvider):
     name = "vertex_ai"
     log = log
     label = "Vertex AI"
+    scheme = "gs"
     job_key = "job_name"
     job_kind = "batch prediction job"
     status_field = "state"
@@ -88,6 +110,7 @@ class VertexBatchProvider(StagedBatchProvider):
     _translation_error_line = staticmethod(translate.translation_error_line)
 
     def __init__(self, *, client: VertexClient | None = None) -> None:
+        super().__init__()
         self._client = client or VertexClient()
 
     # ------------------------------------------------------------------ BatchProvider
@@ -106,56 +129,50 @@ class VertexBatchProvider(StagedBatchProvider):
                 details={"limit": str(MAX_REQUESTS), "line_count": str(line_count)})
 
     async def submit(self, job: ProviderJob) -> None:
+        self._live.add(job.batch_id)
         st = job.state
         if st.get("job_name") or st.get("no_job"):
             return
         cfg = VertexConfig.from_params(job.deployment.params)
         if not await self._stage(job, cfg):
             return
-        label = job_label(job.batch_id)
         if st.get("create_started"):
-            found = await self._client.find_jobs(cfg, JOB_LABEL, label)
-            same_input = [j for j in found
-                          if ((j.get("inputConfig") or {}).get("gcsSource") or {}).get("uris") == [st["input_uri"]]]
-            if same_input or found:
-                name = (same_input or found)[0].get("name")
-                log.info("batch %s: adopting Vertex AI job %s created before an interruption", job.batch_id, name)
-                st["job_name"] = name
-                await job.save_state()
+            if await self._adopt_earlier(cfg, job):
                 return
-        else:
-            st["create_started"] = True
-            await job.save_state()
+            st["recreated"] = True
         body = {
             "displayName": f"batchgate-{job.batch_id}"[:128],
             "model": model_resource(job.deployment.model),
             "inputConfig": {"instancesFormat": "jsonl", "gcsSource": {"uris": [st["input_uri"]]}},
             "outputConfig": {"predictionsFormat": "jsonl",
                              "gcsDestination": {"outputUriPrefix": st["output_prefix"]}},
-            "labels": {JOB_LABEL: label},
+            "labels": {JOB_LABEL: job_label(job.batch_id)},
         }
-        created = await self._client.create_job(cfg, body)
-        name = created.get("name")
-        if not isinstance(name, str) or not name:
-            raise ProviderError("Vertex AI batchPredictionJobs.create answered without a job name",
-                                code="provider_bad_response", retryable=True)
-        st["job_name"] = name
-        await job.save_state()
+
+        async def create() -> str:
+            name = (await self._client.create_job(cfg, body)).get("name")
+            if not isinstance(name, str) or not name:
+                raise ProviderError("Vertex AI batchPredictionJobs.create answered without a job name",
+                                    code="provider_bad_response", retryable=True)
+            return name
+
+        await self._create(job, create)
+
+    async def poll(self, job: ProviderJob) -> PollResult:
+        if job.state.get("recreated") and job.state.get("job_name"):
+            await self._cancel_twins(job)
+        return await super().poll(job)
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
-        name = st.get("job_name")
         cfg = VertexConfig.from_params(job.deployment.params)
-        if not name:
+        if not st.get("job_name"):
             if not (st.get("create_started") and st.get("input_uri")):
                 return  # nothing was created at Vertex AI
-            found = await self._client.find_jobs(cfg, JOB_LABEL, job_label(job.batch_id))
-            if not found:
+            if not await self._adopt_earlier(cfg, job):
                 return
-            name = st["job_name"] = found[0].get("name")
-            await job.save_state()
         st["cancel_sent"] = True
-        await self._end_job(cfg, job, name)
+        await self._stop(cfg, job, st["job_name"])
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -169,6 +186,14 @@ class VertexBatchProvider(StagedBatchProvider):
 
     def _staging_path(self, job: ProviderJob) -> Path:
         return job.workdir / "vertex-input.jsonl"
+
+    async def _list_staged(self, cfg: VertexConfig, bucket: str, prefix: str, after: str,
+                           limit: int) -> list[StagedObject]:
+        return [StagedObject(name, updated)
+                for name, updated in await self._client.list_blobs(cfg, bucket, prefix, after, limit)]
+
+    async def _delete_staged(self, cfg: VertexConfig, bucket: str, keys: list[str]) -> None:
+        await self._client.delete_blobs(cfg, bucket, keys)
 
     def _translator(self, job: ProviderJob):
         return _translate
@@ -205,6 +230,55 @@ class VertexBatchProvider(StagedBatchProvider):
                         name, info.get("state"))
 
     # ------------------------------------------------------------------ helpers
+    async def _labelled_jobs(self, cfg: VertexConfig, job: ProviderJob) -> list[dict]:
+        """The jobs carrying the batch's label, oldest first."""
+        found = await self._client.find_jobs(cfg, JOB_LABEL, job_label(job.batch_id))
+        return sorted(found, key=lambda j: (str(j.get("createTime") or ""), str(j.get("name") or "")))
+
+    async def _adopt_earlier(self, cfg: VertexConfig, job: ProviderJob) -> bool:
+        """After a crash during the create: look for the job it made, for as long as the listing may
+        lag; adopt the oldest found (cancelling any other). False when none shows up."""
+        found = await look_again(lambda: self._labelled_jobs(cfg, job), self._listing_until(job))
+        if not found:
+            return False
+        name = str(found[0].get("name"))
+        log.info("batch %s: adopting Vertex AI job %s created before an interruption", job.batch_id, name)
+        await self._remember_job(job, name)
+        await self._cancel_jobs(cfg, job, found[1:])
+        return True
+
+    async def _cancel_twins(self, job: ProviderJob) -> None:
+        """Until listing_lag after a re-create, cancel any job of this batch but ours: a create that was
+        in flight at a crash and that the listing showed too late."""
+        st = job.state
+        if time.time() > self._listing_until(job) and not st.get("twins_pending"):
+            st.pop("recreated", None)
+            await job.save_state()
+            return
+        cfg = VertexConfig.from_params(job.deployment.params)
+        twins = [j for j in await self._labelled_jobs(cfg, job) if j.get("name") != st["job_name"]]
+        pending = not await self._cancel_jobs(cfg, job, twins)
+        if pending != bool(st.get("twins_pending")):
+            st["twins_pending"] = pending
+            await job.save_state()
+
+    async def _cancel_jobs(self, cfg: VertexConfig, job: ProviderJob, jobs: list[dict]) -> bool:
+        """Cancel these duplicates of the batch's job; False if one could not be cancelled yet."""
+        done = True
+        for twin in jobs:
+            state = str(twin.get("state") or "")
+            if self.status_map.get(state) in TERMINAL or state == self.cancelling_state:
+                continue
+            try:
+                await self._client.cancel_job(cfg, str(twin.get("name")))
+            except ProviderError as e:
+                log.warning("batch %s: could not cancel duplicate Vertex AI job %s yet: %s", job.batch_id,
+                            twin.get("name"), e.message)
+                done = False
+            else:
+                log.warning("batch %s: cancelled duplicate Vertex AI job %s", job.batch_id, twin.get("name"))
+        return done
+
     def _prediction(self, job: ProviderJob, tracker: ResultTracker, raw: bytes, uri: str) -> ResultLine | None:
         obj = self._output_object(job, raw, uri)
         if obj is None:
