@@ -1,6 +1,10 @@
-"""One table of isolation, validation and hostile-input cases, run against both surfaces where they
-overlap: the gRPC stubs (status code and ErrorInfo reason) and the OpenAI-compatible HTTP API (HTTP
-status, `code` = the reason in lower case, `batchgate.reason` exact). Same core, same answers."""
+"""Isolation, validation and hostile-input cases run against both surfaces where they overlap: the gRPC
+stubs (status code and ErrorInfo reason) and the OpenAI-compatible HTTP API (HTTP status, `code` = the
+reason in lower case, `batchgate.reason` exact). Same core, same answers.
+
+CASES is this module's table, each case with its call on either surface. The JSONL cases of
+test_hostile_inputs.py (its gRPC table) are uploaded over HTTP here too, with the same limits, and
+must name the same problem."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import pytest
 
 from batchgate.v1 import batch_pb2, file_pb2
 from tests.conftest import batch_file, error_details, jsonl, request_line, running_harness, upload_requests
+from tests.integration import test_hostile_inputs as hostile
 from tests.integration.batch_helpers import watch_all
 
 MAX_FILE_BYTES = 4096
@@ -237,3 +242,41 @@ async def test_http(world, case: Case):
     assert error["message"] and error["type"] in ("invalid_request_error", "authentication_error")
     if case.param is not None:
         assert error["param"] == case.param, json.dumps(error)
+
+
+# -- the gRPC hostile table's uploads, over HTTP ---------------------------------------------------
+
+HOSTILE_UPLOADS = [case for case in hostile.CASES if case.content is not None]
+
+
+@pytest.fixture(scope="module")
+async def limited(tmp_path_factory) -> AsyncIterator[World]:
+    """A server with the hostile table's limits, so that its cases mean the same here."""
+    async with running_harness(tmp_path_factory.mktemp("hostile-http") / "data", http_address="127.0.0.1:0",
+                               max_chunk_bytes=hostile.MAX_CHUNK, max_file_bytes=hostile.MAX_FILE,
+                               max_file_lines=hostile.MAX_LINES) as h:
+        async with aiohttp.ClientSession() as http:
+            yield World(h, http, "", "")
+
+
+def hostile_params():
+    for case in HOSTILE_UPLOADS:
+        reason = hostile.PENDING_FIXES.get(case.name) or hostile.NEW_BUGS.get(case.name)
+        marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
+        yield pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.parametrize("case", hostile_params())
+async def test_http_hostile_upload(limited: World, case: hostile.Case):
+    status, body = await http_call(limited, "POST", "/v1/files", data=form(case.content))
+    error = body["error"]
+    assert (status, error["batchgate"]["reason"], error["code"]) == (400, case.reason, case.reason.lower())
+    fields = [v["field"] for v in error["batchgate"]["violations"]]
+    assert case.field in fields, fields[:10]
+    assert error["param"] == fields[0]
+    if case.says is not None:
+        assert case.says.lower() in error["message"].lower(), error["message"][:300]
+
+
+def test_the_hostile_table_has_uploads_to_share():
+    assert len(HOSTILE_UPLOADS) >= 30

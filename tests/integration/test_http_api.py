@@ -461,3 +461,11 @@ async def test_a_resumed_watch_opens_at_once_without_waiting_for_a_change(tmp_pa
                 assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
             finally:
                 response.close()
+
+
+async def test_uploads_reach_the_core_in_pieces_within_its_chunk_limit(tmp_path):
+    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", max_chunk_bytes=64 * 1024) as h:
+        content = batch_file(3000, model="simulated")  # about 500 KB: many pieces of at most 64 KiB
+        async with sdk(h, h.alice) as client:
+            f = await upload(client, content)
+        assert f.bytes == len(content) and f.model_extra["batchgate"]["line_count"] == 3000

@@ -22,9 +22,10 @@ from batchgate_server.core.models import FilePurpose
 PURPOSES = {p.value: p for p in FilePurpose}
 # What aiohttp's multipart reader raises for a broken body (a bad boundary, a header it refuses).
 _MALFORMED = (ValueError, HttpProcessingError)
-# Content goes to FileManager in pieces of about this size: the multipart reader hands out what
-# the socket had (often 64 KiB or less), and every piece costs FileManager a hop to a thread.
-CHUNK_BYTES = 1024 * 1024
+# Content goes to FileManager in pieces of this size (or its chunk limit, if smaller): the multipart
+# reader hands out what the socket had (often 64 KiB or less), and every piece costs FileManager a
+# hop to a thread.
+CONTENT_PIECE_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 1024  # purpose, expires_after[…]: a few characters
 MAX_FIELDS = 16  # form fields before the file part
 MAX_FILES_LIMIT = 10_000  # OpenAI's bounds for GET /v1/files
@@ -96,19 +97,19 @@ def _apply_fields(header: UploadHeader, fields: dict[str, str], final: bool) -> 
     header.expires_after = _expires_after(fields)
 
 
-async def _content(reader: MultipartReader, part: BodyPartReader, header: UploadHeader,
-                   fields: dict[str, str]) -> AsyncIterator[bytes]:
-    """The file part's bytes, in pieces of about CHUNK_BYTES, then the fields after it set on
-    `header` (FileManager checks it again). Ends normally only once the multipart body has ended
-    properly (its closing boundary): a body cut short (the client went away, a boundary missing)
-    raises, and FileManager stores nothing."""
+async def _content(reader: MultipartReader, part: BodyPartReader, header: UploadHeader, fields: dict[str, str],
+                   piece_bytes: int) -> AsyncIterator[bytes]:
+    """The file part's bytes in pieces of `piece_bytes`, then the fields after it set on `header`
+    (FileManager checks it again). Ends normally only once the multipart body has ended properly
+    (its closing boundary) right after: a body cut short (the client went away, a boundary
+    missing) raises, and FileManager stores nothing."""
     buffered = bytearray()
     try:
-        while chunk := await part.read_chunk(CHUNK_BYTES):
+        while chunk := await part.read_chunk(piece_bytes):
             buffered += chunk
-            if len(buffered) >= CHUNK_BYTES:
-                yield bytes(buffered)
-                buffered.clear()
+            while len(buffered) >= piece_bytes:
+                yield bytes(buffered[:piece_bytes])
+                del buffered[:piece_bytes]
     except _MALFORMED as err:
         raise _malformed(err) from None
     if buffered:
@@ -163,8 +164,9 @@ class FileRoutes:
         header = UploadHeader(filename=part.filename or "", purpose=None,
                               request_id=request.headers.get("Idempotency-Key", ""))
         _apply_fields(header, fields, final=False)
-        record = await self.files.upload(principal, header, idle_bounded(_content(reader, part, header, fields),
-                                                                         self.files.limits.upload_idle_timeout))
+        pieces = _content(reader, part, header, fields, min(CONTENT_PIECE_BYTES, self.files.limits.max_chunk_bytes))
+        record = await self.files.upload(principal, header,
+                                         idle_bounded(pieces, self.files.limits.upload_idle_timeout))
         return json_response(file_object(record))
 
     async def list(self, request: web.Request) -> web.Response:
