@@ -383,13 +383,14 @@ async def test_after_of_another_project_is_refused_like_an_unknown_id(http_harne
         assert caught.value.code == "invalid_limit"
 
 
-async def test_an_upload_that_stalls_times_out_and_stores_nothing(tmp_path):
+@pytest.mark.parametrize("sent", ["half the file", "the headers only"])
+async def test_an_upload_that_stalls_times_out_and_stores_nothing(tmp_path, sent):
     async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", upload_idle_timeout=0.3) as h:
         body = multipart(batch_file(50, model="simulated"))
         reader, writer = await asyncio.open_connection("127.0.0.1", h.server.http_port)
         writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {h.alice.api_key}\r\n"
                       f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: {len(body)}\r\n\r\n"
-                      ).encode() + body[:len(body) // 2])
+                      ).encode() + (body[:len(body) // 2] if sent == "half the file" else b""))
         await writer.drain()  # … and nothing more
         status_line = await asyncio.wait_for(reader.readline(), 30)
         head_and_body = await reader.read(4096)

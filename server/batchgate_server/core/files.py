@@ -136,9 +136,13 @@ async def idle_bounded(messages: AsyncIterator[T], seconds: float) -> AsyncItera
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise DeadlineExceeded(f"the upload sent no message for {seconds:g} s and was aborted; nothing was"
-                                   " stored", "UPLOAD_IDLE_TIMEOUT", {"idle_timeout_seconds": f"{seconds:g}"}) from None
+            raise upload_idle(seconds) from None
         yield message
+
+
+def upload_idle(seconds: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"the upload sent no message for {seconds:g} s and was aborted; nothing was stored",
+                            "UPLOAD_IDLE_TIMEOUT", {"idle_timeout_seconds": f"{seconds:g}"})
 
 
 def _hash_and_write(hasher, writer: BlobWriter, chunk: bytes) -> None:

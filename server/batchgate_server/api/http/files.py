@@ -3,6 +3,7 @@ arrives, listings paged by id, downloads with Range."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from batchgate_server.api.http.objects import file_deleted, file_object, list_ob
 from batchgate_server.api.http.params import authenticate, invalid, query_choice, query_limit
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.errors import echo
-from batchgate_server.core.files import FileManager, UploadHeader, idle_bounded
+from batchgate_server.core.files import FileManager, UploadHeader, idle_bounded, upload_idle
 from batchgate_server.core.models import FilePurpose
 
 PURPOSES = {p.value: p for p in FilePurpose}
@@ -158,15 +159,19 @@ class FileRoutes:
         except (ValueError, KeyError, AssertionError) as err:  # no boundary, …
             raise _malformed(err) from None
         fields: dict[str, str] = {}
-        part = await _read_fields(reader, fields)
+        idle = self.files.limits.upload_idle_timeout
+        try:
+            async with asyncio.timeout(idle):  # the fields before the file are a few bytes
+                part = await _read_fields(reader, fields)
+        except TimeoutError:
+            raise upload_idle(idle) from None
         if part is None:
             raise invalid("the multipart body has no file part", "MISSING_FILE", "file", "required")
         header = UploadHeader(filename=part.filename or "", purpose=None,
                               request_id=request.headers.get("Idempotency-Key", ""))
         _apply_fields(header, fields, final=False)
         pieces = _content(reader, part, header, fields, min(CONTENT_PIECE_BYTES, self.files.limits.max_chunk_bytes))
-        record = await self.files.upload(principal, header,
-                                         idle_bounded(pieces, self.files.limits.upload_idle_timeout))
+        record = await self.files.upload(principal, header, idle_bounded(pieces, idle))
         return json_response(file_object(record))
 
     async def list(self, request: web.Request) -> web.Response:
