@@ -287,9 +287,17 @@ async def test_content_with_range(http_harness):
                 assert (r.status, await r.read()) == (status, expected), header
                 if status == 206:
                     assert r.headers["Content-Range"].endswith(f"/{len(content)}")
+        for unsatisfiable in (f"bytes={len(content)}-", "bytes=9-3", "bytes=-0"):
+            async with http.get(url(h, f"/v1/files/{f.id}/content"),
+                                headers={**auth(h.alice), "Range": unsatisfiable}) as r:
+                assert r.status == 416 and r.headers["Content-Range"] == f"bytes */{len(content)}", unsatisfiable
+                assert (await r.json())["error"]["code"] == "requested_range_not_satisfiable"
         async with http.get(url(h, f"/v1/files/{f.id}/content"),
-                            headers={**auth(h.alice), "Range": f"bytes={len(content)}-"}) as r:
-            assert r.status == 416 and r.headers["Content-Range"] == f"bytes */{len(content)}"
+                            headers={**auth(h.alice), "Range": f"bytes=5-{10 * len(content)}"}) as r:
+            assert (r.status, await r.read()) == (206, content[5:])  # a last byte past the end: the end
+        async with http.post(url(h, "/v1/files"), data=b"x", headers={
+                **auth(h.alice), "Content-Type": f"multipart/form-data; boundary={'b' * 71}"}) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "malformed_multipart")
 
 
 async def test_sse_watch_resumes_after_last_event_id_and_sends_heartbeats(tmp_path):

@@ -132,7 +132,7 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | None:
         start, end = max(0, size - int(last)), size
     else:
         start, end = int(first), min(size, int(last) + 1) if last else size
-    if start >= size or start >= end or (last and first and int(last) < int(first)):
+    if start >= end:  # past the end, or last before first
         raise web.HTTPRequestRangeNotSatisfiable(headers={"Content-Range": f"bytes */{size}"})
     return start, end
 
@@ -156,7 +156,9 @@ class FileRoutes:
                           "INVALID_CONTENT_TYPE", "body", "multipart/form-data")
         try:
             reader = await request.multipart()
-        except (ValueError, KeyError, AssertionError) as err:  # no boundary, …
+        except KeyError:
+            raise _malformed(ValueError("the Content-Type names no boundary")) from None
+        except ValueError as err:  # a boundary over 70 characters
             raise _malformed(err) from None
         fields: dict[str, str] = {}
         idle = self.files.limits.upload_idle_timeout
@@ -200,9 +202,10 @@ class FileRoutes:
         span = _byte_range(request.headers.get("Range", ""), record.bytes) if "Range" in request.headers else None
         start, end = span or (0, record.bytes)
         chunks = self.files.read(record, start, end - start)  # checks the blob before anything is sent
+        filename = quote(record.filename.encode("utf-8", "replace"), safe="")
         response = web.StreamResponse(status=206 if span else 200, headers={
             "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-            "Content-Disposition": "attachment; filename*=UTF-8''" + quote(record.filename.encode("utf-8", "replace"), safe="")})
+            "Content-Disposition": f"attachment; filename*=UTF-8''{filename}"})
         if span:
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{record.bytes}"
         response.content_length = end - start
