@@ -478,3 +478,27 @@ async def test_uploads_reach_the_core_in_pieces_within_its_chunk_limit(tmp_path)
         async with sdk(h, h.alice) as client:
             f = await upload(client, content)
         assert f.bytes == len(content) and f.model_extra["batchgate"]["line_count"] == 3000
+
+
+async def test_strings_that_are_no_text_are_refused_before_anything_is_stored(http_harness):
+    """JSON can carry an unpaired surrogate escape and a header undecodable bytes; protobuf
+    (the gRPC side) can carry neither. Refused, never stored, never a 500 for encoding them."""
+    h = http_harness
+    f = await h.upload(h.alice, batch_file(1, model="simulated"))
+    create = '{"input_file_id": "%s", "endpoint": "/v1/chat/completions", "completion_window": "24h", %s}'
+    async with aiohttp.ClientSession() as http:
+        for extra, where in [('"metadata": {"k": "\\ud800"}', "metadata.k"), ('"metadata": {"\\udc00": "v"}', "key"),
+                             ('"model": "\\ud800x"', "model")]:
+            async with http.post(url(h, "/v1/batches"), data=create % (f.id, extra),
+                                 headers={**auth(h.alice), "Content-Type": "application/json"}) as r:
+                error = (await r.json())["error"]
+                assert (r.status, error["code"]) == (400, "unpaired_surrogate") and where in error["message"], extra
+        raw = (b'--b0undary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b0undary\r\n'
+               b'Content-Disposition: form-data; name="file"; filename="\xff\xfe.jsonl"\r\n\r\n' +
+               batch_file(1) + b"\r\n--b0undary--\r\n")
+        status, body = await post_multipart(h, raw)
+        assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_filename", "filename")
+        async with http.get(url(h, "/v1/files/file-%ED%B0%80%FF"), headers=auth(h.alice)) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (404, "file_not_found")
+    assert await h.server.store.list_batches(None, (), 10, None) == []
+    assert [x.id for x in await stored_files(h)] == [f.id]

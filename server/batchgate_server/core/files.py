@@ -72,6 +72,11 @@ def check_header(h: UploadHeader) -> None:
     if not h.filename or len(h.filename) > MAX_FILENAME:
         raise _invalid("header.filename must be 1 to 255 characters", "INVALID_FILENAME",
                        "header.filename", "1 to 255 characters")
+    try:
+        h.filename.encode()
+    except UnicodeEncodeError:  # surrogates: bytes that were no UTF-8 (as an HTTP header decodes them)
+        raise _invalid("header.filename must be UTF-8 text", "INVALID_FILENAME", "header.filename",
+                       "UTF-8 text") from None
     if control := CONTROL_CHARACTER.search(h.filename):
         raise _invalid(f"header.filename must not hold control characters; character {control.start() + 1} is "
                        f"U+{ord(control.group()):04X}", "INVALID_FILENAME", "header.filename",

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 from aiohttp import web
 
-from batchgate_server.api.http.errors import error_of, json_response
+from batchgate_server.api.http.errors import error_of, json_bytes, json_response
 from batchgate_server.api.http.objects import batch_object, list_object
 from batchgate_server.api.http.params import (
     authenticate,
@@ -38,7 +37,7 @@ class BatchRoutes:
         self.batches = batches
         self.heartbeat_interval = heartbeat_interval
         # Every watcher and poller of a state gets the same bytes: encoded once per revision.
-        self._json = RevisionCache(lambda record: json.dumps(batch_object(record), ensure_ascii=False).encode())
+        self._json = RevisionCache(lambda record: json_bytes(batch_object(record)))
         self._event = RevisionCache(lambda record: _sse_event(self._json(record), record.revision))
         self._watches: set[asyncio.Task] = set()
 
@@ -120,7 +119,7 @@ class BatchRoutes:
                 async for event in watch:
                     await self._send(response, event)
             except ApiError as err:  # after the stream has started: an event of its own
-                await response.write(b"event: error\ndata: %s\n\n" % json.dumps(error_of(err)).encode())
+                await response.write(b"event: error\ndata: %s\n\n" % json_bytes(error_of(err)))
         await response.write_eof()
         return response
 

@@ -96,9 +96,17 @@ def to_response(err: errors.ApiError) -> web.Response:
     return json_response(error_of(err), status, headers)
 
 
+def json_bytes(doc: object) -> bytes:
+    """`doc` as JSON in UTF-8. A string that is no text (a surrogate, from a record stored before
+    such strings were refused, or echoed from a URL) is sent escaped (\\udc80) rather than failing."""
+    try:
+        return json.dumps(doc, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(doc).encode()
+
+
 def json_response(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json.dumps(body, ensure_ascii=False).encode(), status=status, headers=headers,
-                        content_type="application/json")
+    return web.Response(body=json_bytes(body), status=status, headers=headers, content_type="application/json")
 
 
 @web.middleware

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from batchgate_server.core.auth import Authenticator, Principal
 from batchgate_server.core.errors import FieldViolation, InvalidArgument, echo
+from batchgate_server.core.jsonl_validation import unpaired_surrogate_at
 
 # A CreateBatch body is a few hundred bytes; 16 pairs of metadata at most 9 KiB.
 MAX_JSON_BODY_BYTES = 64 * 1024
@@ -57,6 +58,10 @@ async def json_object(request: web.Request) -> dict:
         raise invalid(f"the request body is not JSON: {err}", "INVALID_JSON", "body", "a JSON object") from None
     if not isinstance(doc, dict):
         raise invalid("the request body must be a JSON object", "INVALID_JSON", "body", "a JSON object")
+    # gRPC cannot carry such a string (protobuf strings are UTF-8); JSON can, and it must not be stored.
+    if (where := unpaired_surrogate_at(doc)) is not None:
+        raise invalid(f'{where} holds an unpaired UTF-16 surrogate escape such as "\\ud800": valid JSON, but no'
+                      " text; escape whole characters", "UNPAIRED_SURROGATE", "body", "UTF-8 text")
     return doc
 
 
