@@ -58,6 +58,10 @@ async def test_files_through_the_openai_sdk(http_harness):
         assert [x.id async for x in client.files.list()] == [f.id]
         assert [x.id async for x in client.files.list(purpose="batch_output")] == []
         assert (await client.files.content(f.id)).content == content
+        expiring = await client.files.create(file=("e.jsonl", io.BytesIO(content)), purpose="batch",
+                                             expires_after={"anchor": "created_at", "seconds": 3600})
+        assert expiring.expires_at - expiring.created_at in (3599, 3600, 3601)
+        await client.files.delete(expiring.id)
         deleted = await client.files.delete(f.id)
         assert isinstance(deleted, FileDeleted) and deleted.deleted and deleted.id == f.id
         with pytest.raises(openai.NotFoundError) as caught:
@@ -502,3 +506,25 @@ async def test_strings_that_are_no_text_are_refused_before_anything_is_stored(ht
             assert (r.status, (await r.json())["error"]["code"]) == (404, "file_not_found")
     assert await h.server.store.list_batches(None, (), 10, None) == []
     assert [x.id for x in await stored_files(h)] == [f.id]
+
+
+async def test_numbers_in_queries_and_headers_are_ascii_digits_or_refused(http_harness):
+    h = http_harness
+    f = await h.upload(h.alice, batch_file(1, model="simulated"))
+    content = batch_file(1, model="simulated")
+    async with aiohttp.ClientSession() as http:
+        for query in ("limit=²", "limit=" + "9" * 5000, "limit=-1", "limit=1.5"):
+            async with http.get(url(h, f"/v1/files?{query}"), headers=auth(h.alice)) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_limit"), query
+        for last_event_id in ("²", "9" * 5000, "-1"):
+            async with http.get(url(h, "/v1/batches/batch_x/events"),
+                                headers={**auth(h.alice), "Last-Event-ID": last_event_id}) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (400, "invalid_start_revision")
+        for byte_range in ("bytes=²-", "bytes=" + "9" * 5000 + "-"):
+            async with http.get(url(h, f"/v1/files/{f.id}/content"), headers={**auth(h.alice), "Range": byte_range}) as r:
+                assert (r.status, await r.read()) == (200, content), byte_range  # not understood: the whole file
+    data = multipart(content).replace(b"batch\r\n", b'batch\r\n--b0undary\r\nContent-Disposition: form-data; '
+                                      b'name="expires_after[anchor]"\r\n\r\ncreated_at\r\n--b0undary\r\nContent-'
+                                      b'Disposition: form-data; name="expires_after[seconds]"\r\n\r\n\xc2\xb2\r\n', 1)
+    status, body = await post_multipart(h, data)
+    assert (status, body["error"]["code"]) == (400, "invalid_expires_after")

@@ -16,6 +16,7 @@ from batchgate_server.api.http.params import (
     query_limit,
     string_field,
     string_map,
+    whole_number,
 )
 from batchgate_server.api.revision_cache import RevisionCache
 from batchgate_server.core.auth import Authenticator
@@ -96,7 +97,8 @@ class BatchRoutes:
         principal = await authenticate(self.auth, request)
         batch_id = request.match_info["batch_id"]
         last_event_id = request.headers.get("Last-Event-ID", "").strip()
-        if last_event_id and not last_event_id.isdigit():
+        start_revision = whole_number(last_event_id) if last_event_id else 0
+        if start_revision is None:
             raise invalid(f"Last-Event-ID must be a batch revision (a whole number), not {echo(last_event_id)}",
                           "INVALID_START_REVISION", "Last-Event-ID", "a revision from an earlier event")
         # NOT_FOUND as a JSON error before the stream starts, which then opens at once (a watch
@@ -105,7 +107,7 @@ class BatchRoutes:
         task = asyncio.current_task()
         self._watches.add(task)
         try:
-            return await self._stream(request, self.batches.watch(principal, batch_id, int(last_event_id or 0),
+            return await self._stream(request, self.batches.watch(principal, batch_id, start_revision,
                                                                   self.heartbeat_interval))
         finally:
             self._watches.discard(task)

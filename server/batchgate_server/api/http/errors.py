@@ -69,8 +69,8 @@ def error_body(status: int, message: str, code: str, *, param: str | None = None
 
 
 def _line(err: errors.ApiError) -> int | None:
-    line = err.metadata.get("first_line", "")
-    return int(line) if line.isdigit() and int(line) > 0 else None
+    line = err.metadata.get("first_line", "")  # set by the core (validation_error): digits
+    return int(line) if line.isascii() and line.isdigit() and int(line) > 0 else None
 
 
 def error_of(err: errors.ApiError) -> dict:

@@ -14,7 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from batchgate_server.api.http.errors import json_response
 from batchgate_server.api.http.objects import file_deleted, file_object, list_object
-from batchgate_server.api.http.params import authenticate, invalid, query_choice, query_limit
+from batchgate_server.api.http.params import authenticate, invalid, query_choice, query_limit, whole_number
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.errors import echo
 from batchgate_server.core.files import FileManager, UploadHeader, idle_bounded, upload_idle
@@ -30,7 +30,7 @@ CONTENT_PIECE_BYTES = 1024 * 1024
 MAX_FIELD_BYTES = 1024  # purpose, expires_after[…]: a few characters
 MAX_FIELDS = 16  # form fields before the file part
 MAX_FILES_LIMIT = 10_000  # OpenAI's bounds for GET /v1/files
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]{0,20})-([0-9]{0,20})")  # ASCII digits only: \d takes "²"
 
 
 def _malformed(err: Exception) -> Exception:
@@ -83,10 +83,11 @@ def _expires_after(fields: dict[str, str]) -> float | None:
     if anchor != "created_at":
         raise invalid('expires_after[anchor] must be "created_at"', "INVALID_EXPIRES_AFTER",
                       "expires_after[anchor]", '"created_at"')
-    if seconds is None or not seconds.isdigit():
+    value = whole_number(seconds or "")
+    if value is None:
         raise invalid("expires_after[seconds] must be a whole number of seconds", "INVALID_EXPIRES_AFTER",
                       "expires_after[seconds]", "an integer")
-    return float(seconds)
+    return float(value)
 
 
 def _apply_fields(header: UploadHeader, fields: dict[str, str], final: bool) -> None:

@@ -23,15 +23,22 @@ async def authenticate(auth: Authenticator, request: web.Request) -> Principal:
     return await auth.authenticate((("authorization", request.headers.get("Authorization", "")),))
 
 
+def whole_number(text: str) -> int | None:
+    """`text` as a whole number of ASCII digits, None otherwise (str.isdigit also takes "²", which int()
+    refuses; 20 digits are beyond any count or revision here, and int() refuses over 4300)."""
+    return int(text) if 0 < len(text) <= 20 and text.isascii() and text.isdigit() else None
+
+
 def query_limit(request: web.Request, default: int, most: int) -> int:
     """The `limit` query parameter: 1 to `most` (OpenAI's bounds for the listing)."""
     text = request.query.get("limit", "")
     if not text:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= most:
+    value = whole_number(text)
+    if value is None or not 1 <= value <= most:
         raise invalid(f"limit must be an integer from 1 to {most}, not {echo(text)}", "INVALID_LIMIT", "limit",
                       f"1 to {most}")
-    return int(text)
+    return value
 
 
 def query_choice(request: web.Request, name: str, choices: tuple[str, ...], default: str | None) -> str | None:
