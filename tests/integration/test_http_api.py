@@ -528,3 +528,14 @@ async def test_numbers_in_queries_and_headers_are_ascii_digits_or_refused(http_h
                                       b'Disposition: form-data; name="expires_after[seconds]"\r\n\r\n\xc2\xb2\r\n', 1)
     status, body = await post_multipart(h, data)
     assert (status, body["error"]["code"]) == (400, "invalid_expires_after")
+
+
+async def test_a_key_of_any_bytes_is_an_invalid_key(http_harness):
+    """gRPC metadata is ASCII; an HTTP header may hold any bytes (these were 500s)."""
+    h = http_harness
+    for value in (b"Bearer bg-\xc3\xa9", b"Bearer \xff\xfe", b"Bearer test-master-k\xc3\xa9y"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.server.http_port)
+        writer.write(b"GET /v1/files HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + value + b"\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401") and b'"code": "invalid_api_key"' in answer, answer[:200]

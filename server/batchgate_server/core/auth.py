@@ -61,8 +61,13 @@ class Authenticator:
         if scheme.lower() != "bearer" or not secret.strip():
             raise Unauthenticated("authorization must be 'Bearer <key>'", "MALFORMED_API_KEY")
         secret = secret.strip()
-        if self._master_key and hmac.compare_digest(secret, self._master_key):
+        # As bytes: compare_digest refuses non-ASCII strings, and an HTTP header may hold any bytes
+        # (decoded with surrogates where they are no UTF-8).
+        if self._master_key and hmac.compare_digest(secret.encode("utf-8", "surrogatepass"),
+                                                    self._master_key.encode("utf-8", "surrogatepass")):
             return Principal(DEFAULT_PROJECT, "master", is_admin=True)
+        if not secret.isascii():  # project keys are ASCII (new_key_secret)
+            raise Unauthenticated("invalid API key", "INVALID_API_KEY")
         found = await self._store.find_api_key(hash_key(secret))
         if found is None:
             raise Unauthenticated("invalid API key", "INVALID_API_KEY")
