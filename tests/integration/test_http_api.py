@@ -348,7 +348,8 @@ async def test_unknown_routes_and_methods_answer_in_openai_shape(http_harness):
         async with http.post(url(h, "/v1/batches"), data=b"x" * 100_000,
                              headers={**auth(h.alice), "Content-Type": "application/json"}) as r:
             assert r.status == 413 and (await r.json())["error"]["code"] == "body_too_large"
-        for body, code in [(b"[1]", "invalid_json"), (b"{", "invalid_json"), (b'{"metadata": [1]}', "invalid_field_type"),
+        for body, code in [(b"[1]", "invalid_json"), (b"{", "invalid_json"), (b"\xff{}", "invalid_json"),
+                           (b'{"a": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", "invalid_json"), (b'{"metadata": [1]}', "invalid_field_type"),
                            (b'{"input_file_id": 5}', "invalid_field_type"), (b'{"batchgate": 1}', "invalid_field_type"),
                            (b'{"input_file_id": "f", "endpoint": "/v1/chat/completions", "completion_window": "24h",'
                             b' "batchgate": {"provider": "' + b"p" * 65 + b'"}}', "invalid_provider"),

@@ -63,6 +63,8 @@ async def json_object(request: web.Request) -> dict:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise invalid(f"the request body is not JSON: {err}", "INVALID_JSON", "body", "a JSON object") from None
+    except RecursionError:
+        raise invalid("the request body nests too deeply", "INVALID_JSON", "body", "a JSON object") from None
     if not isinstance(doc, dict):
         raise invalid("the request body must be a JSON object", "INVALID_JSON", "body", "a JSON object")
     # gRPC cannot carry such a string (protobuf strings are UTF-8); JSON can, and it must not be stored.
