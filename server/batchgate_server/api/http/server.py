@@ -1,8 +1,8 @@
 """The aiohttp application serving /v1/files and /v1/batches, started and stopped with the gRPC
-server. aiohttp, already a dependency, rather than Starlette on uvicorn: bench/http_api.py measures
-both bare. aiohttp answered GETs faster (wrk, 50 connections) with a steadier p99, and its
-MultipartReader streams the file part as it arrives, several times faster than the validated
-upload consumes it (Starlette's request.form() spools the whole file to disk first)."""
+server. aiohttp (already a dependency) rather than Starlette on uvicorn, by bench/http_api.py: bare,
+aiohttp answered 50 concurrent GETs faster in 4 runs of 5, and its MultipartReader streams the file
+part as it arrives at 200–670 MB/s (python-multipart's parser did 260–690), several times what a
+validated upload consumes (100–160 MB/s); Starlette's request.form() spools the file to disk first."""
 
 from __future__ import annotations
 
