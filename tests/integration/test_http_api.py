@@ -366,13 +366,23 @@ async def test_without_any_key_http_binds_loopback_only(tmp_path):
     await server.start()
     try:
         assert server.auth.open
-        assert [host for host, _ in server._http._runner.addresses] == ["127.0.0.1"]
+        assert [host for host, _ in server._http.addresses] == ["127.0.0.1"]
     finally:
         await server.stop(grace=0)
 
 
 async def test_http_is_off_by_default(harness):
     assert harness.server.http_port == 0 and harness.server.settings.http_address == ""
+
+
+async def test_an_http_address_in_use_is_a_clear_start_up_error(http_harness, tmp_path):
+    taken = f"127.0.0.1:{http_harness.server.http_port}"
+    server = BatchgateServer(make_settings(tmp_path / "other", http_address=taken))
+    try:
+        with pytest.raises(RuntimeError, match=f"could not listen on {taken} \\(HTTP\\)"):
+            await server.start()
+    finally:
+        await server.stop(grace=0)
 
 
 async def test_after_of_another_project_is_refused_like_an_unknown_id(http_harness):

@@ -41,9 +41,18 @@ class HttpServer:
         host, port = split_address(address)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        try:
+            await site.start()
+        except OSError as err:  # as the gRPC side says it: the address, not a traceback into asyncio
+            await self._runner.cleanup()
+            raise RuntimeError(f"could not listen on {address} (HTTP): {err.strerror}") from None
+        self.port = self.addresses[0][1]
         return self.port
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) of every socket listening."""
+        return [address[:2] for address in self._runner.addresses]
 
     async def stop(self) -> None:
         await self._runner.cleanup()
