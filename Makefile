@@ -52,6 +52,7 @@ bench: install
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py
 	$(PY) bench/http_api.py
+	$(PY) bench/client_overhead.py
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache $(NODE_TESTS)/node_modules

@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,7 +21,7 @@ from batchgate_server.api.http.server import HttpServer, build_app
 from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
-from batchgate_server.config import load_model_list
+from batchgate_server.config import ConfigError, load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.batches import BatchManager
@@ -34,10 +35,9 @@ from batchgate_server.pricing.table import PriceTable
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.settings import Settings
-from batchgate_server.store.blobs import LocalBlobStore
-from batchgate_server.store.ledger import UsageLedger
 from batchgate_server.store.lock import DataDirInUse, DataDirLock
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import BlobStore, MetadataStore
+from batchgate_server.store.urls import Database, blob_url, database_url, open_blob_store, open_database
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class StartupError(Exception):
     """The server cannot start as configured: its data directory or its address is taken."""
 
 
+BIND_ERROR_UNKNOWN = "gRPC could not bind it"
+
+
 def bind_error(address: str) -> str:
     """Why `address` cannot be listened on, as the operating system says it (gRPC only says
     that binding failed)."""
@@ -67,7 +70,7 @@ def bind_error(address: str) -> str:
             probe.bind(where)
     except (OSError, ValueError) as err:
         return getattr(err, "strerror", None) or str(err)
-    return "gRPC could not bind it"
+    return BIND_ERROR_UNKNOWN
 
 
 def loopback_only(address: str) -> str:
@@ -84,6 +87,30 @@ def loopback_only(address: str) -> str:
     return f"127.0.0.1:{port}"
 
 
+def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (None: plaintext); with --tls-client-ca, clients
+    must present a certificate signed by one of those CAs."""
+    if s.tls_cert is None and s.tls_key is None:
+        if s.tls_client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if s.tls_cert is None or s.tls_key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+
+    def pem(flag: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"{flag} {path}: {err.strerror or err}") from None
+
+    client_ca = pem("--tls-client-ca", s.tls_client_ca) if s.tls_client_ca is not None else None
+    try:
+        return grpc.ssl_server_credentials([(pem("--tls-key", s.tls_key), pem("--tls-cert", s.tls_cert))],
+                                           root_certificates=client_ca, require_client_auth=client_ca is not None)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"TLS credentials rejected: {err}") from None
+
+
 class BatchgateServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -93,10 +120,13 @@ class BatchgateServer:
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self.store: MetadataStore | None = None
+        self._database: Database | None = None
+        self._blobs: BlobStore | None = None
         self._data_lock: DataDirLock | None = None
 
     async def start(self) -> int:
         s = self.settings
+        db_url, blobs_url = database_url(s.database_url, s.data_dir), blob_url(s.blob_url, s.data_dir)
         s.data_dir.mkdir(parents=True, exist_ok=True)
         # Two servers on one data directory would each drive the same batches.
         self._data_lock = DataDirLock(s.data_dir)
@@ -105,11 +135,10 @@ class BatchgateServer:
         except DataDirInUse as err:
             self._data_lock = None
             raise StartupError(str(err)) from None
-        self.store = await MetadataStore.open(s.db_path)
-        blobs = LocalBlobStore(s.blob_dir)
-        leftovers = blobs.clear_temporary()
-        if leftovers:
-            log.info("removed %d temporary upload(s) left by an earlier run", leftovers)
+        # The one place that picks the storage implementations (store/urls.py).
+        self._database = await open_database(db_url, s.data_dir)
+        self.store = self._database.metadata
+        self._blobs = blobs = await open_blob_store(blobs_url, s.data_dir)
         self.auth = Authenticator(self.store, s.master_key)
         await self.auth.start()
         self.page_tokens = PageTokens(await self.store.server_secret(PAGE_TOKEN_SECRET))
@@ -130,7 +159,7 @@ class BatchgateServer:
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
         self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store), self.page_tokens)), ours)
+            UsageServicer(self.auth, UsageReporter(self._database.ledger, self.page_tokens)), ours)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -141,12 +170,20 @@ class BatchgateServer:
             http_address = http_address and loopback_only(http_address)
             log.warning("no API key configured (BATCHGATE_MASTER_KEY or `batchgate-server keys create`):"
                         " serving without authentication, on loopback only (%s)", address)
+        credentials = server_credentials(s)
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise StartupError(f"cannot listen on {address}: {bind_error(address)}")
+            reason = bind_error(address)
+            if credentials is not None and reason == BIND_ERROR_UNKNOWN:  # the port is free: TLS was refused
+                raise ConfigError("gRPC refused the TLS credentials: --tls-cert and --tls-key must be PEM, and the"
+                                  " key must belong to the certificate")
+            raise StartupError(f"cannot listen on {address}: {reason}")
         # Adopt unfinished batches before the first call is served: until then CancelBatch would
         # call a running batch ended, and DeleteFile could remove a running batch's input.
         await self._start_background()
@@ -161,10 +198,12 @@ class BatchgateServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._health = health_servicer
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
-        log.info("batchgate listening on %s (port %d), data in %s", address, self.port, s.data_dir)
+        log.info("batchgate listening on %s (port %d, %s), data in %s (metadata %s, blobs %s)", address,
+                 self.port, "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS",
+                 s.data_dir, db_url, blobs_url)
         return self.port
 
-    def _build_batch_layer(self, blobs: LocalBlobStore) -> None:
+    def _build_batch_layer(self, blobs: BlobStore) -> None:
         s = self.settings
         self.model_list = load_model_list(s.config_file)
         prices = PriceTable.load_builtin()
@@ -175,7 +214,7 @@ class BatchgateServer:
         self.providers = ProviderRegistry()
         self.hub = WatchHub()
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir, blobs.path)
+                               s.work_dir)
         self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens)
@@ -208,8 +247,10 @@ class BatchgateServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._stop_background()
-        if self.store is not None:
-            await self.store.close()
+        if self._blobs is not None:
+            await self._blobs.close()
+        if self._database is not None:
+            await self._database.close()
         if self._data_lock is not None:
             self._data_lock.release()
 

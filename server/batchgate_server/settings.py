@@ -15,6 +15,9 @@ class Settings:
     address: str = "127.0.0.1:50051"
     http_address: str = ""  # the OpenAI-compatible HTTP API: off unless set
     data_dir: Path = Path("./data")
+    # Empty: SQLite and local disk in data_dir (store/urls.py). A database URL may hold a password.
+    database_url: str = field(default="", repr=False)
+    blob_url: str = ""
     config_file: Path | None = None
     price_file: Path | None = None
     master_key: str = field(default="", repr=False)
@@ -27,14 +30,9 @@ class Settings:
     heartbeat_interval: float = 15.0
     grace_period: float = 10.0
     log_level: str = "INFO"
-
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "batchgate.sqlite3"
-
-    @property
-    def blob_dir(self) -> Path:
-        return self.data_dir / "files"
+    tls_cert: Path | None = None  # PEM certificate chain: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CAs: require a client certificate they signed (mutual TLS)
 
     @property
     def work_dir(self) -> Path:
@@ -45,6 +43,10 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"BATCHGATE_{name}", default)
 
 
+def _path_env(name: str) -> Path | None:
+    return Path(v) if (v := _env(name, "")) else None
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(prog="batchgate-server", description="Run the batchgate gRPC server.",
@@ -53,12 +55,16 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--http-address", default=_env("HTTP_ADDRESS", d.http_address),
                    help="host:port of the OpenAI-compatible HTTP API; off when empty [BATCHGATE_HTTP_ADDRESS]")
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", str(d.data_dir))),
-                   help="SQLite database and file blobs [BATCHGATE_DATA_DIR]")
-    p.add_argument("--config", dest="config_file", type=Path,
-                   default=Path(v) if (v := _env("CONFIG", "")) else None,
+                   help="SQLite database and file blobs (by default), executor work files [BATCHGATE_DATA_DIR]")
+    p.add_argument("--database-url", default=_env("DATABASE_URL", d.database_url),
+                   help="metadata database: sqlite:///abs/path.sqlite3 or postgresql://user:pass@host:port/db;"
+                        " default SQLite in the data dir [BATCHGATE_DATABASE_URL]")
+    p.add_argument("--blob-url", default=_env("BLOB_URL", d.blob_url),
+                   help="file blobs: file:///abs/path, s3://bucket/prefix or gs://bucket/prefix; default the"
+                        " data dir [BATCHGATE_BLOB_URL]")
+    p.add_argument("--config", dest="config_file", type=Path, default=_path_env("CONFIG"),
                    help="YAML config with a LiteLLM-style model_list [BATCHGATE_CONFIG]")
-    p.add_argument("--prices", dest="price_file", type=Path,
-                   default=Path(v) if (v := _env("PRICES", "")) else None,
+    p.add_argument("--prices", dest="price_file", type=Path, default=_path_env("PRICES"),
                    help="JSON/YAML price table merged over the built-in one [BATCHGATE_PRICES]")
     p.add_argument("--max-file-bytes", type=int, default=int(_env("MAX_FILE_BYTES", str(d.max_file_bytes))),
                    help="largest accepted upload [BATCHGATE_MAX_FILE_BYTES]")
@@ -78,6 +84,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    default=float(_env("EXPIRY_SWEEP_INTERVAL", str(d.expiry_sweep_interval))),
                    help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    p.add_argument("--tls-cert", type=Path, default=_path_env("TLS_CERT"),
+                   help="PEM certificate chain: serve TLS (plaintext is then refused) [BATCHGATE_TLS_CERT]")
+    p.add_argument("--tls-key", type=Path, default=_path_env("TLS_KEY"),
+                   help="PEM private key of --tls-cert [BATCHGATE_TLS_KEY]")
+    p.add_argument("--tls-client-ca", type=Path, default=_path_env("TLS_CLIENT_CA"),
+                   help="PEM CA certificates: require client certificates they signed (mutual TLS)"
+                        " [BATCHGATE_TLS_CLIENT_CA]")
     return p
 
 
@@ -86,6 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         address=args.address,
         http_address=args.http_address,
         data_dir=args.data_dir,
+        database_url=args.database_url,
+        blob_url=args.blob_url,
         config_file=args.config_file,
         price_file=args.price_file,
         master_key=os.environ.get("BATCHGATE_MASTER_KEY", ""),
@@ -96,4 +111,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         heartbeat_interval=args.heartbeat_interval,
         expiry_sweep_interval=args.expiry_sweep_interval,
         log_level=args.log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )

@@ -16,7 +16,7 @@ import pytest
 from openai.types import Batch, FileDeleted, FileObject
 
 from batchgate_server.app import BatchgateServer
-from tests.conftest import batch_file, jsonl, make_settings, request_line, running_harness
+from tests.conftest import batch_file, free_port, jsonl, make_settings, request_line, running_harness
 from tests.integration.batch_helpers import write_config
 
 FIELDS_OURS = {"batchgate"}
@@ -227,7 +227,7 @@ async def test_an_upload_cut_mid_body_stores_nothing(http_harness, caplog):
     while h.server.files.uploads_in_progress():
         await asyncio.sleep(0.01)
     assert await stored_files(h) == []
-    assert not list((h.data_dir / "files").rglob("*.tmp*")) and not list(h.server.files.blobs.keys())
+    assert not list(h.data_dir.rglob("*.part")) and [key async for key in h.server.files.blobs.keys()] == []
     assert not caplog.records, "a client that goes away is no server error"
 
 
@@ -433,7 +433,7 @@ def test_the_server_process_serves_http_from_its_environment_and_stops_on_sigter
     import time
     import urllib.request
 
-    from bench._common import free_port, wait_port
+    from bench._common import wait_port
 
     grpc_port, http_port = free_port(), free_port()
     config = write_config(tmp_path / "models.yaml", [

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from batchgate_server.core.models import BatchRecord
+from batchgate_server.domain.models import BatchRecord
 
 T = TypeVar("T")
 

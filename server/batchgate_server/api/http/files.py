@@ -4,6 +4,7 @@ arrives, listings paged by id, downloads with Range."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from batchgate_server.api.http.params import authenticate, invalid, query_choice
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.errors import echo
 from batchgate_server.core.files import FileManager, UploadHeader, idle_bounded, upload_idle
-from batchgate_server.core.models import FilePurpose
+from batchgate_server.domain.models import FilePurpose
 
 PURPOSES = {p.value: p for p in FilePurpose}
 # What aiohttp's multipart reader raises for a broken body (a bad boundary, a header it refuses).
@@ -202,7 +203,6 @@ class FileRoutes:
         record = await self.files.get(principal, request.match_info["file_id"])
         span = _byte_range(request.headers.get("Range", ""), record.bytes) if "Range" in request.headers else None
         start, end = span or (0, record.bytes)
-        chunks = self.files.read(record, start, end - start)  # checks the blob before anything is sent
         filename = quote(record.filename.encode("utf-8", "replace"), safe="")
         response = web.StreamResponse(status=206 if span else 200, headers={
             "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
@@ -210,8 +210,11 @@ class FileRoutes:
         if span:
             response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{record.bytes}"
         response.content_length = end - start
-        await response.prepare(request)
-        for data in chunks:
-            await response.write(data)
+        async with contextlib.aclosing(self.files.read(record, start, end - start)) as chunks:
+            first = await anext(chunks, b"")  # FILE_CONTENT_MISSING, as a JSON error, before anything is sent
+            await response.prepare(request)
+            await response.write(first)
+            async for data in chunks:
+                await response.write(data)
         await response.write_eof()
         return response

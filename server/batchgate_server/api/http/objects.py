@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from batchgate_server.api.convert import MAX_SHOWN_FIELD_BYTES
 from batchgate_server.core.errors import clip
-from batchgate_server.core.models import BatchRecord, FileRecord
+from batchgate_server.domain.models import BatchRecord, FileRecord
 
 
 def _seconds(value: float | None) -> int | None:
