@@ -140,20 +140,10 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         await h.server.stop(grace=0)
 
 
-@contextlib.asynccontextmanager
-async def running_harness(data_dir: Path, **overrides) -> AsyncIterator[Harness]:
-    h = await start_harness(data_dir, **overrides)
-    try:
-        yield h
-    finally:
-        await h.channel.close()
-        await h.server.stop(grace=0)
-
-
 @pytest.fixture
 async def http_harness(tmp_path: Path) -> AsyncIterator[Harness]:
     """The harness with the OpenAI-compatible HTTP API on too (server.http_port)."""
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0") as h:
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0") as h:
         yield h
 
 

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from batchgate.v1 import batch_pb2, file_pb2
-from tests.conftest import batch_file, error_details, jsonl, request_line, running_harness, upload_requests
+from tests.conftest import batch_file, error_details, jsonl, request_line, serving, upload_requests
 from tests.integration import test_hostile_inputs as hostile
 from tests.integration.batch_helpers import watch_all
 
@@ -38,8 +38,8 @@ class World:
 
 @pytest.fixture(scope="module")
 async def world(tmp_path_factory) -> AsyncIterator[World]:
-    async with running_harness(tmp_path_factory.mktemp("surfaces") / "data", http_address="127.0.0.1:0",
-                               max_file_bytes=MAX_FILE_BYTES) as h:
+    async with serving(tmp_path_factory.mktemp("surfaces") / "data", http_address="127.0.0.1:0",
+                       max_file_bytes=MAX_FILE_BYTES) as h:
         f = await h.upload(h.alice, batch_file(2, model="simulated"))
         batch = (await h.alice.batches.CreateBatch(batch_pb2.CreateBatchRequest(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"),
@@ -252,9 +252,9 @@ HOSTILE_UPLOADS = [case for case in hostile.CASES if case.content is not None]
 @pytest.fixture(scope="module")
 async def limited(tmp_path_factory) -> AsyncIterator[World]:
     """A server with the hostile table's limits, so that its cases mean the same here."""
-    async with running_harness(tmp_path_factory.mktemp("hostile-http") / "data", http_address="127.0.0.1:0",
-                               max_chunk_bytes=hostile.MAX_CHUNK, max_file_bytes=hostile.MAX_FILE,
-                               max_file_lines=hostile.MAX_LINES) as h:
+    async with serving(tmp_path_factory.mktemp("hostile-http") / "data", http_address="127.0.0.1:0",
+                       max_chunk_bytes=hostile.MAX_CHUNK, max_file_bytes=hostile.MAX_FILE,
+                       max_file_lines=hostile.MAX_LINES) as h:
         async with aiohttp.ClientSession() as http:
             yield World(h, http, "", "")
 

@@ -16,10 +16,22 @@ import pytest
 from openai.types import Batch, FileDeleted, FileObject
 
 from batchgate_server.app import BatchgateServer
-from tests.conftest import batch_file, free_port, jsonl, make_settings, request_line, running_harness
+from tests.conftest import batch_file, free_port, jsonl, make_settings, request_line, serving
 from tests.integration.batch_helpers import write_config
 
 FIELDS_OURS = {"batchgate"}
+
+
+def slow_model_config(tmp_path: Path) -> Path:
+    """A model list with "slow": a simulated model whose every request takes a minute."""
+    return write_config(tmp_path / "models.yaml", [
+        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
+
+
+async def slow_batch(client: openai.AsyncOpenAI) -> Batch:
+    """A batch of one request on "slow" (slow_model_config): it runs for a minute."""
+    f = await upload(client, batch_file(1, model="slow"))
+    return await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
 
 
 def sdk(h, caller_or_key) -> openai.AsyncOpenAI:
@@ -96,9 +108,8 @@ async def test_a_batch_through_the_openai_sdk_runs_to_completion(http_harness):
 
 
 async def test_cancel_through_the_openai_sdk(tmp_path):
-    config = write_config(tmp_path / "models.yaml", [
-        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config) as h:
+    config = slow_model_config(tmp_path)
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", config_file=config) as h:
         async with sdk(h, h.alice) as client:
             f = await upload(client, batch_file(2, model="slow"))
             batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
@@ -136,7 +147,7 @@ async def test_pagination_with_after_as_the_sdk_pages(http_harness):
 
 
 async def test_errors_reach_the_sdk_exception_classes(tmp_path):
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", max_file_bytes=2048) as h:
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", max_file_bytes=2048) as h:
         async with sdk(h, h.alice) as client:
             with pytest.raises(openai.BadRequestError) as caught:
                 await upload(client, jsonl([request_line("a")]) + b"{not json\n")
@@ -165,7 +176,7 @@ async def test_errors_reach_the_sdk_exception_classes(tmp_path):
 
 
 async def test_too_many_uploads_is_429_with_retry_after(tmp_path):
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", max_uploads_per_project=0) as h:
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", max_uploads_per_project=0) as h:
         async with sdk(h, h.alice) as client:
             with pytest.raises(openai.RateLimitError) as caught:
                 await upload(client, batch_file(1))
@@ -305,14 +316,10 @@ async def test_content_with_range(http_harness):
 
 
 async def test_sse_watch_resumes_after_last_event_id_and_sends_heartbeats(tmp_path):
-    config = write_config(tmp_path / "models.yaml", [
-        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config,
-                            heartbeat_interval=0.05) as h:
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", config_file=slow_model_config(tmp_path),
+                       heartbeat_interval=0.05) as h:
         async with sdk(h, h.alice) as client:
-            f = await upload(client, batch_file(1, model="slow"))
-            batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                                completion_window="24h")
+            batch = await slow_batch(client)
         events = url(h, f"/v1/batches/{batch.id}/events")
         async with aiohttp.ClientSession() as http:
             async with http.get(events, headers=auth(h.alice)) as response:
@@ -408,7 +415,7 @@ async def test_after_of_another_project_is_refused_like_an_unknown_id(http_harne
 
 @pytest.mark.parametrize("sent", ["half the file", "the headers only"])
 async def test_an_upload_that_stalls_times_out_and_stores_nothing(tmp_path, sent):
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", upload_idle_timeout=0.3) as h:
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", upload_idle_timeout=0.3) as h:
         body = multipart(batch_file(50, model="simulated"))
         reader, writer = await asyncio.open_connection("127.0.0.1", h.server.http_port)
         writer.write((f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {h.alice.api_key}\r\n"
@@ -436,8 +443,7 @@ def test_the_server_process_serves_http_from_its_environment_and_stops_on_sigter
     from bench._common import wait_port
 
     grpc_port, http_port = free_port(), free_port()
-    config = write_config(tmp_path / "models.yaml", [
-        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
+    config = slow_model_config(tmp_path)
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("batchgate-server")), "--address", f"127.0.0.1:{grpc_port}",
          "--data-dir", str(tmp_path / "data"), "--heartbeat-interval", "60", "--config", str(config)],
@@ -466,14 +472,10 @@ def test_the_server_process_serves_http_from_its_environment_and_stops_on_sigter
 
 
 async def test_a_resumed_watch_opens_at_once_without_waiting_for_a_change(tmp_path):
-    config = write_config(tmp_path / "models.yaml", [
-        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config,
-                               heartbeat_interval=60) as h:
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", config_file=slow_model_config(tmp_path),
+                       heartbeat_interval=60) as h:
         async with sdk(h, h.alice) as client:
-            f = await upload(client, batch_file(1, model="slow"))
-            batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
-                                                completion_window="24h")
+            batch = await slow_batch(client)
             while (state := await client.batches.retrieve(batch.id)).status != "in_progress":
                 await asyncio.sleep(0.02)  # then nothing changes for a minute: each request takes that long
             revision = state.model_extra["batchgate"]["revision"]
@@ -488,7 +490,7 @@ async def test_a_resumed_watch_opens_at_once_without_waiting_for_a_change(tmp_pa
 
 
 async def test_uploads_reach_the_core_in_pieces_within_its_chunk_limit(tmp_path):
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", max_chunk_bytes=64 * 1024) as h:
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", max_chunk_bytes=64 * 1024) as h:
         content = batch_file(3000, model="simulated")  # about 500 KB: many pieces of at most 64 KiB
         async with sdk(h, h.alice) as client:
             f = await upload(client, content)

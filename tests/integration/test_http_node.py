@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import running_harness
-from tests.integration.batch_helpers import write_config
+from tests.conftest import serving
+from tests.integration.test_http_api import slow_model_config
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "node"
 
@@ -20,9 +20,8 @@ NODE_DIR = Path(__file__).resolve().parent.parent / "node"
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 async def test_the_openai_npm_package_drives_the_http_api(tmp_path):
     assert (NODE_DIR / "node_modules" / "openai").is_dir(), f"run `npm ci` in {NODE_DIR} (make test does)"
-    config = write_config(tmp_path / "models.yaml", [
-        {"model_name": "slow", "litellm_params": {"model": "simulated/slow", "latency_ms": 60_000}}])
-    async with running_harness(tmp_path / "data", http_address="127.0.0.1:0", config_file=config) as h:
+    config = slow_model_config(tmp_path)
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", config_file=config) as h:
         # The server runs on this event loop: the script must run beside it, not block it.
         proc = await asyncio.create_subprocess_exec(
             "node", str(NODE_DIR / "openai_sdk.mjs"), cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE,
