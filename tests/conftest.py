@@ -17,6 +17,7 @@ from batchgate.v1 import batch_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import Settings
+from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.storage_full import SmallDisk
 
 MASTER_KEY = "test-master-key"
@@ -145,6 +146,22 @@ async def http_harness(tmp_path: Path) -> AsyncIterator[Harness]:
     """The harness with the OpenAI-compatible HTTP API on too (server.http_port)."""
     async with serving(tmp_path / "data", http_address="127.0.0.1:0") as h:
         yield h
+
+
+@pytest.fixture
+def upstream_class() -> type[FakeUpstream]:
+    """The fake OpenAI-compatible server `upstream` runs; a module overrides this for a variant."""
+    return FakeUpstream
+
+
+@pytest.fixture
+async def upstream(upstream_class: type[FakeUpstream]) -> AsyncIterator[FakeUpstream]:
+    up = upstream_class()
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.stop()
 
 
 @pytest.fixture
