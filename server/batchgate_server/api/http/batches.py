@@ -7,7 +7,7 @@ import contextlib
 
 from aiohttp import web
 
-from batchgate_server.api.http.errors import error_of, json_bytes, json_response
+from batchgate_server.api.http.errors import json_bytes, json_response
 from batchgate_server.api.http.objects import batch_object, list_object
 from batchgate_server.api.http.params import (
     authenticate,
@@ -21,7 +21,7 @@ from batchgate_server.api.http.params import (
 from batchgate_server.api.revision_cache import RevisionCache
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.batches import BatchManager, CreateBatch
-from batchgate_server.core.errors import ApiError, echo
+from batchgate_server.core.errors import echo
 
 DEFAULT_BATCHES_LIMIT, MAX_BATCHES_LIMIT = 20, 100  # OpenAI's for GET /v1/batches
 # CreateBatch fields OpenAI has and batchgate does not do: refused rather than silently ignored.
@@ -116,12 +116,9 @@ class BatchRoutes:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        async with contextlib.aclosing(watch):
-            try:
-                async for event in watch:
-                    await self._send(response, event)
-            except ApiError as err:  # after the stream has started: an event of its own
-                await response.write(b"event: error\ndata: %s\n\n" % json_bytes(error_of(err)))
+        async with contextlib.aclosing(watch):  # raises only before its first state: checked above
+            async for event in watch:
+                await self._send(response, event)
         await response.write_eof()
         return response
 

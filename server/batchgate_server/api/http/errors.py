@@ -73,7 +73,7 @@ def _line(err: errors.ApiError) -> int | None:
     return int(line) if line.isascii() and line.isdigit() and int(line) > 0 else None
 
 
-def error_of(err: errors.ApiError) -> dict:
+def _error_of(err: errors.ApiError) -> dict:
     """The OpenAI error body of `err`."""
     status = status_of(err)
     violations = [{"field": _param(v.field), "description": errors.clip(v.description, MAX_VIOLATION_BYTES)}
@@ -93,7 +93,7 @@ def to_response(err: errors.ApiError) -> web.Response:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     if status in _NO_RETRY:
         headers["x-should-retry"] = "false"
-    return json_response(error_of(err), status, headers)
+    return json_response(_error_of(err), status, headers)
 
 
 def json_bytes(doc: object) -> bytes:
