@@ -552,3 +552,23 @@ async def test_a_key_of_any_bytes_is_an_invalid_key(http_harness):
         answer = await reader.read()
         writer.close()
         assert answer.startswith(b"HTTP/1.1 401") and b'"code": "invalid_api_key"' in answer, answer[:200]
+
+
+async def test_an_idempotency_key_of_undecodable_bytes_is_refused(http_harness):
+    """An HTTP header may carry bytes that are no UTF-8 (aiohttp decodes them to surrogates, which
+    SQLite cannot bind: a 500 before the core refused them)."""
+    h = http_harness
+    f = await h.upload(h.alice, batch_file(1, model="simulated"))
+    create = json.dumps({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    body = multipart(batch_file(1, model="simulated"))
+    for request, target in [(b"POST /v1/batches", create.encode()), (b"POST /v1/files", body)]:
+        content_type = b"application/json" if target is not body else b"multipart/form-data; boundary=b0undary"
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.server.http_port)
+        writer.write(request + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer " +
+                     h.alice.api_key.encode() + b"\r\nIdempotency-Key: k\xff\xfe\r\nContent-Type: " + content_type +
+                     b"\r\nContent-Length: " + str(len(target)).encode() + b"\r\n\r\n" + target)
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400") and b'"code": "invalid_request_id"' in answer, answer[:300]
+    assert await h.server.store.list_batches(None, (), 10, None) == []
+    assert [x.id for x in await stored_files(h)] == [f.id]

@@ -18,6 +18,7 @@ from batchgate_server.core.errors import (
     InvalidArgument,
     echo,
     exhausted_when_full,
+    is_utf8_text,
     not_found,
 )
 from batchgate_server.core.files import FileManager
@@ -83,6 +84,8 @@ def check_create(req: CreateBatch) -> None:
     if len(req.request_id) > MAX_REQUEST_ID:
         raise _invalid("request_id is longer than 128 characters", "INVALID_REQUEST_ID", "request_id",
                        "at most 128 characters")
+    if not is_utf8_text(req.request_id):
+        raise _invalid("request_id must be UTF-8 text", "INVALID_REQUEST_ID", "request_id", "UTF-8 text")
     if len(req.model) > MAX_MODEL:
         raise _invalid(f"model is longer than {MAX_MODEL} characters", "INVALID_MODEL", "model",
                        f"at most {MAX_MODEL} characters")

@@ -23,6 +23,7 @@ from batchgate_server.core.errors import (
     InvalidArgument,
     ResourceExhausted,
     exhausted_when_full,
+    is_utf8_text,
     not_found,
 )
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
@@ -72,11 +73,8 @@ def check_header(h: UploadHeader) -> None:
     if not h.filename or len(h.filename) > MAX_FILENAME:
         raise _invalid("header.filename must be 1 to 255 characters", "INVALID_FILENAME",
                        "header.filename", "1 to 255 characters")
-    try:
-        h.filename.encode()
-    except UnicodeEncodeError:  # surrogates: bytes that were no UTF-8 (as an HTTP header decodes them)
-        raise _invalid("header.filename must be UTF-8 text", "INVALID_FILENAME", "header.filename",
-                       "UTF-8 text") from None
+    if not is_utf8_text(h.filename):
+        raise _invalid("header.filename must be UTF-8 text", "INVALID_FILENAME", "header.filename", "UTF-8 text")
     if control := CONTROL_CHARACTER.search(h.filename):
         raise _invalid(f"header.filename must not hold control characters; character {control.start() + 1} is "
                        f"U+{ord(control.group()):04X}", "INVALID_FILENAME", "header.filename",
@@ -97,6 +95,9 @@ def check_header(h: UploadHeader) -> None:
     if len(h.request_id) > MAX_REQUEST_ID:
         raise _invalid("header.request_id is longer than 128 characters", "INVALID_REQUEST_ID",
                        "header.request_id", "at most 128 characters")
+    if not is_utf8_text(h.request_id):
+        raise _invalid("header.request_id must be UTF-8 text", "INVALID_REQUEST_ID", "header.request_id",
+                       "UTF-8 text")
     if h.expires_after is not None and not (MIN_EXPIRES_AFTER <= h.expires_after <= MAX_EXPIRES_AFTER):
         raise _invalid("header.expires_after must be between 1 second and 30 days", "INVALID_EXPIRES_AFTER",
                        "header.expires_after", "1s to 30 days")

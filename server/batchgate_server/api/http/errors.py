@@ -97,12 +97,10 @@ def to_response(err: errors.ApiError) -> web.Response:
 
 
 def json_bytes(doc: object) -> bytes:
-    """`doc` as JSON in UTF-8. A string that is no text (a surrogate, from a record stored before
-    such strings were refused, or echoed from a URL) is sent escaped (\\udc80) rather than failing."""
-    try:
-        return json.dumps(doc, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        return json.dumps(doc).encode()
+    """`doc` as JSON in UTF-8. Every string in it is text: the core refuses surrogates before
+    anything is stored (is_utf8_text), SQLite could not store them, and aiohttp decodes URLs with
+    replacement characters; one could only come from a caller's header echoed in an error."""
+    return json.dumps(doc, ensure_ascii=False).encode()
 
 
 def json_response(body: dict, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
