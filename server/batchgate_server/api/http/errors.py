@@ -97,9 +97,9 @@ def to_response(err: errors.ApiError) -> web.Response:
 
 
 def json_bytes(doc: object) -> bytes:
-    """`doc` as JSON in UTF-8. Every string in it is text: the core refuses surrogates before
-    anything is stored (is_utf8_text), SQLite could not store them, and aiohttp decodes URLs with
-    replacement characters; one could only come from a caller's header echoed in an error."""
+    """`doc` as JSON in UTF-8. Every string in it is text: JSON bodies with surrogates are refused,
+    the core refuses them in header-borne fields (is_utf8_text), SQLite could not store them,
+    aiohttp decodes URLs with replacement characters, and errors echo values through repr."""
     return json.dumps(doc, ensure_ascii=False).encode()
 
 
