@@ -31,7 +31,11 @@ class Caller:
     batches: batch_pb2_grpc.BatchServiceStub
     metadata: tuple[tuple[str, str], ...]
     project: str
-    api_key: str = ""  # the secret behind `metadata` (for HTTP clients)
+
+    @property
+    def api_key(self) -> str:
+        """The secret behind `metadata`, for HTTP clients ("" for none)."""
+        return next((value.removeprefix("Bearer ") for key, value in self.metadata if key == "authorization"), "")
 
 
 @dataclasses.dataclass
@@ -99,12 +103,12 @@ async def start_harness(data_dir: Path, **overrides) -> Harness:
 
     async def caller(project: str) -> Caller:
         _, secret = await create_api_key(server.store, project)
-        return Caller(files, batches, (("authorization", f"Bearer {secret}"),), project, secret)
+        return Caller(files, batches, (("authorization", f"Bearer {secret}"),), project)
 
     return Harness(
         server=server, channel=channel, port=port, data_dir=data_dir,
         alice=await caller("alice"), bob=await caller("bob"),
-        admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default", MASTER_KEY),
+        admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default"),
         anonymous=Caller(files, batches, (), ""),
     )
 
