@@ -284,6 +284,15 @@ async def test_hostile_multipart_bodies_are_400(http_harness):
              "malformed_multipart"),
             ("multipart/form-data; boundary=b0undary",  # a part without a name
              b'--b0undary\r\nContent-Type: text/plain\r\n\r\nx\r\n--b0undary--\r\n', "missing_file"),
+            ("multipart/form-data; boundary=b0undary",
+             b"".join(b'--b0undary\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i
+                      for i in range(17)), "too_many_fields"),
+            ("multipart/form-data; boundary=b0undary",
+             b'--b0undary\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n\xff\r\n', "invalid_field"),
+            ("multipart/form-data; boundary=b0undary",
+             b'--b0undary\r\nContent-Disposition: form-data; name="expires_after[anchor]"\r\n\r\nnow\r\n'
+             b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\nx\r\n',
+             "invalid_expires_after"),
         ]:
             async with http.post(url(h, "/v1/files"), data=data,
                                  headers={**auth(h.alice), "Content-Type": content_type}) as response:
