@@ -46,7 +46,7 @@ demo: install
 
 bench: install
 	$(PY) bench/validate_speed.py
-	$(PY) bench/upload.py
+	$(PY) bench/upload.py --moto
 	$(PY) bench/blob_clients.py
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py
