@@ -46,7 +46,8 @@ demo: install
 
 bench: install
 	$(PY) bench/validate_speed.py
-	$(PY) bench/upload.py
+	$(PY) bench/upload.py --moto
+	$(PY) bench/blob_clients.py
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
