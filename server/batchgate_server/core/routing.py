@@ -45,7 +45,8 @@ def adhoc_deployment(model: str) -> Deployment | None:
             params[key] = os.environ[env]
     if model.startswith("simulated/"):
         params["transport"] = "simulated"
-    return Deployment(id=ADHOC_PREFIX + model, model_name=model, provider=provider, model=name, params=params)
+    return Deployment(id=ADHOC_PREFIX + model, model_name=model, provider=provider, model=name, params=params,
+                      ad_hoc=True)
 
 
 class Router:
