@@ -96,8 +96,12 @@ class Router:
         left = self.queued(deployment_id) - requests
         if left > 0:
             self._queued[deployment_id] = left
-        else:
-            self._queued.pop(deployment_id, None)
+            return
+        self._queued.pop(deployment_id, None)
+        if deployment_id.startswith(ADHOC_PREFIX):
+            # The only candidate for its name: its failures and cooldown steer nothing.
+            self._failures.pop(deployment_id, None)
+            self._cooldown_until.pop(deployment_id, None)
 
     def queued(self, deployment_id: str) -> int:
         return self._queued.get(deployment_id, 0)
