@@ -6,7 +6,7 @@ and after an idle pause, and the idle growth per round.
 
 The server runs as its own process (batchgate-server, on uvloop); the clients run in CLIENT_PROCS
 other processes, so client memory is not counted. About two minutes on the 2-core machine.
-Target: the idle RSS levels off (growth per round falls to ~0 after the first rounds).
+Target: the idle RSS levels off (no growth after the first rounds).
 """
 
 from __future__ import annotations
@@ -172,10 +172,10 @@ def main() -> None:
                       f"{mb(after):>9} {mb(idle[-1]):>9} {mb(idle[-1] - idle[-2], '+'):>11}", flush=True)
                 for error in sorted(set(errors))[:3]:
                     print(f"      e.g. {error}")
-            if ROUNDS >= 4:
-                late = ROUNDS // 2
-                print(f"idle growth per round over the last {late} rounds: "
-                      f"{mb((idle[-1] - idle[-1 - late]) / late, '+')} (first round {mb(idle[1] - idle[0], '+')})")
+            if ROUNDS >= 4:  # the plateau: the idle RSS of the later half of the rounds
+                late = idle[ROUNDS // 2 + 1:]
+                print(f"idle RSS over rounds {ROUNDS // 2 + 1}-{ROUNDS}: {mb(min(late))} to {mb(max(late))} "
+                      f"(start {mb(idle[0])}, after round 1 {mb(idle[1])})")
         finally:
             stop(proc)
 
