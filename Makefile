@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/passthrough.py
 	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache $(NODE_TESTS)/node_modules
