@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
@@ -65,11 +66,16 @@ async def test_a_database_outage_is_unavailable_with_retry_info_then_calls_work_
     STORAGE_UNAVAILABLE and RetryInfo, which clients retry, not UNKNOWN; then the server recovers."""
     url = postgres_server.create_database(owner="app")
     try:
-        async with serving(tmp_path / "data", database_url=url) as h:
+        async with serving(tmp_path / "data", database_url=url, http_address="127.0.0.1:0") as h, \
+                aiohttp.ClientSession() as http:
             a = h.alice
             f = await h.upload(a, batch_file(1, model="simulated"))
             postgres_server.set_connection_limit(url, 0)
             assert postgres_server.terminate_connections(url) >= 1
+            async with http.get(f"http://127.0.0.1:{h.server.http_port}/v1/files/{f.id}",
+                                headers=dict(a.metadata)) as response:
+                assert response.status == 503 and response.headers["Retry-After"] == "1"
+                assert (await response.json())["error"]["code"] == "storage_unavailable"
             for call in (a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata),
                          a.batches.ListBatches(batch_pb2.ListBatchesRequest(), metadata=a.metadata)):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
