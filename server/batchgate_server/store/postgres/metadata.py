@@ -82,15 +82,19 @@ class Params:
 
 
 def _keyset_query(select: str, project: str | None, conditions: Sequence[str], p: Params,
-                  after: tuple[float, str] | None, limit: int) -> str:
+                  after: tuple[float, str] | None, limit: int, oldest_first: bool = False) -> str:
     """`select` filtered by project (None: all) and `conditions` (SQL with p's parameters), newest
-    first, from after the keyset cursor (created_at, id), at most `limit` rows."""
+    first (or oldest first), from after the keyset cursor (created_at, id), at most `limit` rows.
+    Either way an index on (…, created_at DESC, id DESC) serves it, read forwards or backwards."""
     where = ["TRUE", *conditions]
     if project is not None:
         where.append(f"project = {p(text_param(project))}")
     if after:
-        where.append(f"(created_at, id) < ({p(after[0])}, {p(text_param(after[1]))})")
-    return f"{select} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT {p(limit)}"
+        beyond = ">" if oldest_first else "<"
+        where.append(f"(created_at, id) {beyond} ({p(after[0])}, {p(text_param(after[1]))})")
+    direction = "ASC" if oldest_first else "DESC"
+    return (f"{select} WHERE {' AND '.join(where)} ORDER BY created_at {direction}, id {direction}"
+            f" LIMIT {p(limit)}")
 
 
 def _file(row: asyncpg.Record) -> FileRecord:
@@ -240,10 +244,11 @@ class PostgresMetadataStore(MetadataStore):
         return _file(row) if row else None
 
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
-                         after: tuple[float, str] | None) -> list[FileRecord]:
+                         after: tuple[float, str] | None, oldest_first: bool = False) -> list[FileRecord]:
         p = Params()
         conditions = [f"purpose = {p(text_param(purpose))}"] if purpose else []
-        sql = _keyset_query(f"SELECT {_FILE_COLUMNS} FROM files", project, conditions, p, after, limit)
+        sql = _keyset_query(f"SELECT {_FILE_COLUMNS} FROM files", project, conditions, p, after, limit,
+                            oldest_first)
         return [_file(r) for r in await self._fetch(sql, *p.values)]
 
     async def delete_file(self, file_id: str) -> bool:
