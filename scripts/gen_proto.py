@@ -1,8 +1,11 @@
-"""Regenerates the Python code for proto/ into clients/python (or into --out).
+"""Regenerates the code made from proto/: the Python stubs in clients/python, README.md's error
+table (scripts/gen_error_table.py) and the TypeScript client's generated code (buf generate, see
+clients/typescript/buf.gen.yaml).
 
 Uses grpc_tools.protoc with the mypy-protobuf plugins so the stubs ship with .pyi
-types. `--check` generates into a scratch folder and fails when the committed
-code differs, so stale generated code cannot land.
+types. Only proto/batchgate is generated for Python: the vendored proto/google/rpc
+messages come from googleapis-common-protos. `--check` generates into a scratch
+folder and fails when the committed code differs, so stale generated code cannot land.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gen_error_table  # scripts/ is on the path of a script run from it
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 CLIENT_ROOT = ROOT / "clients" / "python"
@@ -23,7 +28,7 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def proto_files() -> list[Path]:
-    return sorted(PROTO_ROOT.rglob("*.proto"))
+    return sorted((PROTO_ROOT / "batchgate").rglob("*.proto"))
 
 
 def generate(out_dir: Path) -> None:
@@ -64,7 +69,7 @@ def check() -> int:
         print("generated code is stale; run `make gen`:", *stale, sep="\n  ", file=sys.stderr)
         return 1
     print("generated code is up to date")
-    return 0
+    return gen_error_table.main(["--check"])
 
 
 def main() -> int:
@@ -79,7 +84,7 @@ def main() -> int:
     for package_dir in {p.parent for p in generated_files(CLIENT_ROOT)}:
         init = CLIENT_ROOT / package_dir / "__init__.py"
         init.touch(exist_ok=True)
-    return 0
+    return gen_error_table.main([])
 
 
 if __name__ == "__main__":
