@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The TypeScript client: npm installs its package-lock into node_modules (which npm stamps itself).
+TS := clients/typescript
+TS_STAMP := $(TS)/node_modules/.package-lock.json
 
-.PHONY: install gen check-gen lint format test test-fast demo bench clean
+.PHONY: install typescript gen check-gen lint format test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -15,10 +18,16 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e clients/python -e ".[dev]"
 	touch $(STAMP)
 
-gen: install
+$(TS_STAMP): $(TS)/package.json $(TS)/package-lock.json
+	npm ci --prefix $(TS) --no-audit --no-fund
+
+typescript: $(TS_STAMP)
+	npm run --prefix $(TS) build
+
+gen: install $(TS_STAMP)
 	$(PY) scripts/gen_proto.py
 
-check-gen: install
+check-gen: install $(TS_STAMP)
 	$(PY) scripts/gen_proto.py --check
 
 lint: install
@@ -28,7 +37,7 @@ lint: install
 format: install
 	$(BIN)/buf format -w
 
-test: install check-gen lint
+test: install check-gen lint typescript
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -47,4 +56,4 @@ bench: install
 	$(PY) bench/client_overhead.py
 
 clean:
-	rm -rf $(VENV) .demo-data .pytest_cache
+	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist
