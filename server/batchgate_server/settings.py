@@ -14,6 +14,9 @@ MIB = 1024 * 1024
 class Settings:
     address: str = "127.0.0.1:50051"
     data_dir: Path = Path("./data")
+    # Empty: SQLite and local disk in data_dir (store/urls.py). A database URL may hold a password.
+    database_url: str = field(default="", repr=False)
+    blob_url: str = ""
     config_file: Path | None = None
     price_file: Path | None = None
     master_key: str = field(default="", repr=False)
@@ -29,14 +32,6 @@ class Settings:
     tls_cert: Path | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CAs: require a client certificate they signed (mutual TLS)
-
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "batchgate.sqlite3"
-
-    @property
-    def blob_dir(self) -> Path:
-        return self.data_dir / "files"
 
     @property
     def work_dir(self) -> Path:
@@ -57,7 +52,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--address", default=_env("ADDRESS", d.address), help="host:port to listen on [BATCHGATE_ADDRESS]")
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", str(d.data_dir))),
-                   help="SQLite database and file blobs [BATCHGATE_DATA_DIR]")
+                   help="SQLite database and file blobs (by default), executor work files [BATCHGATE_DATA_DIR]")
+    p.add_argument("--database-url", default=_env("DATABASE_URL", d.database_url),
+                   help="metadata database: sqlite:///abs/path.sqlite3 or postgresql://user:pass@host:port/db;"
+                        " default SQLite in the data dir [BATCHGATE_DATABASE_URL]")
+    p.add_argument("--blob-url", default=_env("BLOB_URL", d.blob_url),
+                   help="file blobs: file:///abs/path, s3://bucket/prefix or gs://bucket/prefix; default the"
+                        " data dir [BATCHGATE_BLOB_URL]")
     p.add_argument("--config", dest="config_file", type=Path, default=_path_env("CONFIG"),
                    help="YAML config with a LiteLLM-style model_list [BATCHGATE_CONFIG]")
     p.add_argument("--prices", dest="price_file", type=Path, default=_path_env("PRICES"),
@@ -95,6 +96,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         address=args.address,
         data_dir=args.data_dir,
+        database_url=args.database_url,
+        blob_url=args.blob_url,
         config_file=args.config_file,
         price_file=args.price_file,
         master_key=os.environ.get("BATCHGATE_MASTER_KEY", ""),

@@ -13,7 +13,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 
-from batchgate_server.core.models import BatchRecord
+from batchgate_server.domain.models import BatchRecord
 
 
 class WatchSlot:
