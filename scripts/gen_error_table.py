@@ -58,7 +58,7 @@ def _cell(text: str) -> str:
 
 def table(items: list[Reason]) -> str:
     rows = ["| reason | code | when | what to do |", "|---|---|---|---|"]
-    rows += [f"| `{r.name}` | {r.code} | {_cell(r.when)} | {_cell(r.todo)} |" for r in items]
+    rows += [f"| `{r.name}` | {r.code} | {_cell(r.when)} | {_cell(r.todo[:1].upper() + r.todo[1:])} |" for r in items]
     return "\n".join(rows)
 
 

@@ -11,7 +11,7 @@ import pytest
 from batchgate import ErrorReason, InvalidArgumentError
 from batchgate.v1 import error_reason_pb2
 from batchgate_server.core import jsonl_validation
-from tests.server_reasons import documented, scan
+from tests.server_reasons import ROOT, documented, scan
 
 DOCUMENTED = documented()
 
@@ -77,3 +77,13 @@ def test_a_reason_the_client_does_not_know_stays_a_string():
     err = InvalidArgumentError("m", reason="SOMETHING_NEWER")
     assert err.reason == "SOMETHING_NEWER" and err.reason_enum is None
     assert InvalidArgumentError("m").reason_enum is None
+
+
+def test_the_readme_table_is_the_proto_and_a_new_reason_makes_it_stale():
+    gen_error_table = __import__("gen_error_table")  # loaded by documented()
+    readme = (ROOT / "README.md").read_text()
+    reasons = gen_error_table.reasons()
+    assert gen_error_table.render(readme, reasons) == readme, "run `make gen`"
+    added = gen_error_table.reasons(gen_error_table.PROTO.read_text().replace(
+        "  STORAGE_FULL = 60;\n", "  STORAGE_FULL = 60;\n  // NOT_FOUND. A test reason. Do: nothing.\n  TEST_REASON = 61;\n"))
+    assert added[-1].name == "TEST_REASON" and gen_error_table.render(readme, added) != readme
