@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from batchgate.v1 import file_pb2
+from batchgate.v1 import batch_pb2, file_pb2
+from tests.conftest import batch_file, free_port, start_harness, stop_harness
+from tests.integration.batch_helpers import write_config
 from tests.typescript_build import build
 
 REQUESTS = 5
@@ -30,11 +32,15 @@ def request_line(i: int) -> str:
                       separators=(",", ":"))
 
 
-async def run_node(script: Path, harness, **env: str) -> dict:
+def node_env(harness) -> dict[str, str]:
     key = dict(harness.alice.metadata)["authorization"].removeprefix("Bearer ")
+    return {**os.environ, "BATCHGATE_ADDRESS": f"127.0.0.1:{harness.port}", "BATCHGATE_API_KEY": key}
+
+
+async def run_node(script: Path, harness, **env: str) -> dict:
     proc = await asyncio.create_subprocess_exec(
         "node", str(script), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "BATCHGATE_ADDRESS": f"127.0.0.1:{harness.port}", "BATCHGATE_API_KEY": key, **env})
+        env={**node_env(harness), **env})
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 0, err.decode()
     return json.loads(out)
@@ -94,3 +100,32 @@ async def test_upload_watch_download_and_typed_errors(harness, built):
     unfinished = report["unfinished"]
     assert (unfinished["code"], unfinished["reason"]) == ("INVALID_ARGUMENT", "UPLOAD_NOT_FINISHED")
     assert unfinished["reasonEnum"] == 9  # ErrorReason.UPLOAD_NOT_FINISHED in error_reason.proto
+
+
+async def test_a_watch_resumes_after_the_last_revision_when_the_server_restarts(tmp_path, built):
+    """The server goes away while node watches a running batch and comes back on the same port: the
+    watch reconnects by itself, from the last revision it saw (no state twice), to the batch's end."""
+    port, data = free_port(), tmp_path / "data"
+    config = write_config(tmp_path / "models.yaml", [{"model_name": "steady", "litellm_params": {
+        "model": "simulated/echo", "latency_ms": 700, "max_concurrency": 1}}])
+    h = await start_harness(data, address=f"127.0.0.1:{port}", config_file=config)
+    try:
+        f = await h.upload(h.alice, batch_file(4))
+        batch = (await h.alice.batches.CreateBatch(batch_pb2.CreateBatchRequest(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h", model="steady"),
+            metadata=h.alice.metadata)).batch
+        proc = await asyncio.create_subprocess_exec("node", str(built / "test" / "watch.js"), batch.id,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                    env=node_env(h))
+        before = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))]
+        assert before[0]["status"] != "COMPLETED"
+        await stop_harness(h)
+        h = await start_harness(data, address=f"127.0.0.1:{port}", config_file=config)
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        await stop_harness(h)
+    after = [json.loads(line) for line in out.splitlines()]
+    revisions = [int(state["revision"]) for state in before + after]
+    assert after and revisions == sorted(set(revisions)), revisions
+    assert after[-1]["status"] == "COMPLETED" and after[-1]["completed"] == "4"

@@ -33,8 +33,10 @@ export const DEFAULT_CHUNK_BYTES = 256 * 1024;
 export const TERMINAL_STATUSES: ReadonlySet<BatchStatus> = new Set([
   BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.EXPIRED, BatchStatus.CANCELLED,
 ]);
-/** Codes after which a watch or download opens its stream again (where it left off). */
-const RECONNECT_CODES: ReadonlySet<Code> = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Internal]);
+/** Codes after which a watch or download opens its stream again, where it left off: a server restarting
+ * or shutting down ends its streams with these (a caller's own abort is told apart by its signal). */
+const RECONNECT_CODES: ReadonlySet<Code> = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Internal,
+  Code.Canceled]);
 
 export interface TlsOptions {
   /** PEM CA certificates to trust instead of the system's. */
