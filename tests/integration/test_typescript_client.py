@@ -129,3 +129,22 @@ async def test_a_watch_resumes_after_the_last_revision_when_the_server_restarts(
     revisions = [int(state["revision"]) for state in before + after]
     assert after and revisions == sorted(set(revisions)), revisions
     assert after[-1]["status"] == "COMPLETED" and after[-1]["completed"] == "4"
+
+
+async def test_the_readme_typescript_example_runs(harness, built, tmp_path):
+    """README "TypeScript": the example as written (it is plain JavaScript too), importing the built client
+    from a checkout, with requests.jsonl beside it."""
+    from tests.readme import section
+
+    example = section("### TypeScript").split("```ts\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "clients" / "typescript").mkdir(parents=True)
+    (tmp_path / "clients" / "typescript" / "dist").symlink_to(built)
+    (tmp_path / "clients" / "typescript" / "node_modules").symlink_to(built.parent / "node_modules")
+    (tmp_path / "example.mjs").write_text(example)
+    (tmp_path / "requests.jsonl").write_bytes(batch_file(3))
+    proc = await asyncio.create_subprocess_exec("node", "example.mjs", cwd=tmp_path, env=node_env(harness),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert lines[-2] == "COMPLETED 3n" and lines[-1] == "[ 1 ]", lines
