@@ -82,13 +82,17 @@ export interface CreateBatchOptions {
   requestId?: string;
 }
 
-export interface WatchOptions {
-  /** Resume: send only states after this revision. */
-  startRevision?: bigint;
-  /** Stream reopenings allowed in a row without a new state (default 20). */
+export interface ReconnectOptions {
+  /** Stream reopenings allowed in a row without a message in between (default 20). */
   maxReconnects?: number;
+  /** The first pause before reopening; it grows with each failure in a row, up to ten times (default 500). */
   reconnectDelayMs?: number;
   signal?: AbortSignal;
+}
+
+export interface WatchOptions extends ReconnectOptions {
+  /** Resume: send only states after this revision. */
+  startRevision?: bigint;
 }
 
 export type Content = Uint8Array | string | Iterable<Uint8Array> | AsyncIterable<Uint8Array>;
@@ -168,25 +172,13 @@ export class BatchgateClient {
    */
   async *watch(batchId: string, options: WatchOptions = {}): AsyncGenerator<Batch> {
     let revision = options.startRevision ?? 0n;
-    let failures = 0;
-    const maxReconnects = options.maxReconnects ?? 20;
-    for (;;) {
-      try {
-        for await (const event of this.batches.watchBatch({ batchId, startRevision: revision },
-          { signal: options.signal })) {
-          if (event.event.case !== "batch") continue;
-          failures = 0;
-          revision = event.event.value.revision;
-          yield event.event.value;
-          if (TERMINAL_STATUSES.has(event.event.value.status)) return;
-        }
-        return;
-      } catch (err) {
-        const typed = toBatchgateError(err);
-        if (!RECONNECT_CODES.has(typed.grpcCode) || failures >= maxReconnects || options.signal?.aborted) throw typed;
-        failures += 1;
-        await new Promise((resolve) => setTimeout(resolve, (options.reconnectDelayMs ?? 500) * Math.min(failures, 10)));
-      }
+    const events = resumable(() => this.batches.watchBatch({ batchId, startRevision: revision },
+      { signal: options.signal }), options);
+    for await (const event of events) {
+      if (event.event.case !== "batch") continue;
+      revision = event.event.value.revision;
+      yield event.event.value;
+      if (TERMINAL_STATUSES.has(event.event.value.status)) return;
     }
   }
 
@@ -198,22 +190,13 @@ export class BatchgateClient {
   }
 
   /** The file's bytes from `offset`, chunk by chunk; a dropped stream resumes after the last byte received. */
-  async *iterFile(fileId: string, offset = 0n, maxReconnects = 20): AsyncGenerator<Uint8Array> {
-    let failures = 0;
-    for (;;) {
-      try {
-        for await (const message of this.files.downloadFile({ fileId, readOffset: offset })) {
-          if (message.data.byteLength === 0) continue;
-          failures = 0;
-          offset = message.offset + BigInt(message.data.byteLength);
-          yield message.data;
-        }
-        return;
-      } catch (err) {
-        const typed = toBatchgateError(err);
-        if (!RECONNECT_CODES.has(typed.grpcCode) || failures >= maxReconnects) throw typed;
-        failures += 1;
-      }
+  async *iterFile(fileId: string, offset = 0n, options: ReconnectOptions = {}): AsyncGenerator<Uint8Array> {
+    const messages = resumable(() => this.files.downloadFile({ fileId, readOffset: offset },
+      { signal: options.signal }), options);
+    for await (const message of messages) {
+      if (message.data.byteLength === 0) continue;
+      offset = message.offset + BigInt(message.data.byteLength);
+      yield message.data;
     }
   }
 
@@ -240,6 +223,31 @@ export class BatchgateClient {
       return await call();
     } catch (err) {
       throw toBatchgateError(err);
+    }
+  }
+}
+
+/**
+ * The messages of the streams `open` makes, until one ends. A stream that fails with a reconnect code is
+ * opened again after a pause; `open` reads the caller's progress (a revision, an offset), so the new
+ * stream starts where the last one stopped. Typed errors for everything else.
+ */
+async function* resumable<T>(open: () => AsyncIterable<T>, options: ReconnectOptions): AsyncGenerator<T> {
+  let failures = 0;
+  for (;;) {
+    try {
+      for await (const item of open()) {
+        failures = 0;
+        yield item;
+      }
+      return;
+    } catch (err) {
+      const typed = toBatchgateError(err);
+      if (!RECONNECT_CODES.has(typed.grpcCode) || failures >= (options.maxReconnects ?? 20) || options.signal?.aborted) {
+        throw typed;
+      }
+      failures += 1;
+      await new Promise((resolve) => setTimeout(resolve, (options.reconnectDelayMs ?? 500) * Math.min(failures, 10)));
     }
   }
 }
