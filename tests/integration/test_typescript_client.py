@@ -148,3 +148,24 @@ async def test_the_readme_typescript_example_runs(harness, built, tmp_path):
     assert proc.returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert lines[-2] == "COMPLETED 3n" and lines[-1] == "[ 1 ]", lines
+
+
+async def test_a_download_resumes_after_the_last_byte_when_the_server_restarts(tmp_path, built):
+    """The server stops mid-download (3 MB: more than HTTP/2's flow-control windows hold, so the stream
+    breaks) and starts again: node asks for the rest from the offset it reached and gets the file whole."""
+    port, data = free_port(), tmp_path / "data"
+    h = await start_harness(data, address=f"127.0.0.1:{port}")
+    try:
+        content = batch_file(30_000)
+        f = await h.upload(h.alice, content)
+        proc = await asyncio.create_subprocess_exec("node", str(built / "test" / "download.js"), f.id,
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE, env=node_env(h))
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"first\n"
+        await stop_harness(h)
+        h = await start_harness(data, address=f"127.0.0.1:{port}")
+        out, err = await asyncio.wait_for(proc.communicate(b"go\n"), 90)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        await stop_harness(h)
+    assert json.loads(out) == {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
