@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 TS := clients/typescript
 TS_STAMP := $(TS)/node_modules/.package-lock.json
 
+NODE_TESTS := tests/node
+NODE_STAMP := $(NODE_TESTS)/node_modules/.package-lock.json
+
 .PHONY: install typescript gen check-gen lint format test test-fast demo bench clean
 
 install: $(STAMP)
@@ -37,7 +40,11 @@ lint: install
 format: install
 	$(BIN)/buf format -w
 
-test: install check-gen lint typescript
+# The openai npm package for tests/integration/test_http_node.py, as package-lock.json pins it.
+$(NODE_STAMP): $(NODE_TESTS)/package.json $(NODE_TESTS)/package-lock.json
+	cd $(NODE_TESTS) && npm ci --no-audit --no-fund
+
+test: install check-gen lint typescript $(NODE_STAMP)
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -53,7 +60,8 @@ bench: install
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py
+	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
 
 clean:
-	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist
+	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist $(NODE_TESTS)/node_modules

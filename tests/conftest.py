@@ -32,6 +32,11 @@ class Caller:
     metadata: tuple[tuple[str, str], ...]
     project: str
 
+    @property
+    def api_key(self) -> str:
+        """The secret behind `metadata`, for HTTP clients ("" for none)."""
+        return next((value.removeprefix("Bearer ") for key, value in self.metadata if key == "authorization"), "")
+
 
 @dataclasses.dataclass
 class Harness:
@@ -138,6 +143,13 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+@pytest.fixture
+async def http_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The harness with the OpenAI-compatible HTTP API on too (server.http_port)."""
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0") as h:
+        yield h
 
 
 @pytest.fixture

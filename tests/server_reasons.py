@@ -2,9 +2,10 @@
 
 A reason reaches a caller through a call that takes one: an ApiError subclass (`InvalidArgument(message,
 reason, …)`), a helper with a `reason` parameter (`_invalid(message, reason, …)`, `UnsupportedRequest(…,
-reason=…)` and its default), or `not_found(kind, id)`, whose reason is `KIND_NOT_FOUND`. The reason passed
-is a string literal (or a choice between literals), or it is forwarded: a parameter of the function making
-the call, or another error's `.reason`, both checked where they began. Anything else is reported as
+reason=…)` and its default), or a helper whose reason is an f-string of a parameter (`not_found(kind, id)`:
+`f"{kind.upper()}_NOT_FOUND"`), resolved at each of its calls. The reason passed is a string literal (or a
+choice between literals), or it is forwarded: a parameter of the function making the call, or another
+error's `.reason`, both checked where they began. Anything else is reported as
 unresolved, so a reason computed some new way fails the test instead of slipping past it.
 
 Run it to list them: `python tests/server_reasons.py`.
@@ -22,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "server" / "batchgate_server"
 ERROR_BASE = "ApiError"  # core/errors.py: its dataclass fields are (message, reason, …)
-NOT_FOUND_HELPER = "not_found"  # core/errors.py: not_found(kind, id) raises KIND_NOT_FOUND
 
 
 @dataclass
@@ -114,49 +114,105 @@ def _literals(expr: ast.expr) -> list[str] | None:
     return None
 
 
+@dataclass
+class Template:
+    """A helper whose reason is an f-string of one of its parameters (`f"{kind.upper()}_NOT_FOUND"` in
+    not_found(kind, id), `f"INVALID_{name.upper()}"`): its reasons are found at its calls."""
+
+    index: int  # the parameter's position
+    param: str
+    pieces: list[str | None]  # literal text, or None where the parameter's value goes
+    upper: bool
+
+    def render(self, value: str) -> str:
+        text = value.upper() if self.upper else value
+        return "".join(text if piece is None else piece for piece in self.pieces)
+
+
+def _template(joined: ast.JoinedStr, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> Template | None:
+    params, pieces, found, upper = _params(fn), [], None, False
+    for value in joined.values:
+        if isinstance(value, ast.Constant):
+            pieces.append(value.value)
+            continue
+        expr = value.value if isinstance(value, ast.FormattedValue) else None
+        upper = isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "upper"
+        if upper:
+            expr = expr.func.value
+        if not (isinstance(expr, ast.Name) and expr.id in params) or found not in (None, expr.id):
+            return None
+        found = expr.id
+        pieces.append(None)
+    return Template(params.index(found), found, pieces, upper) if found else None
+
+
+def _call_name(node: ast.Call) -> str | None:
+    return node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+
+
+def _given_reason(node: ast.Call, takes: Takes) -> ast.expr | None:
+    given = next((kw.value for kw in node.keywords if kw.arg == "reason"), None)
+    if given is None and takes.index is not None and len(node.args) > takes.index:
+        given = node.args[takes.index]
+    return given
+
+
+def _templates(modules: dict[Path, ast.Module], takers: dict[str, Takes]) -> dict[str, Template]:
+    templates = {}
+    for tree in modules.values():
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and _call_name(node) in takers:
+                    given = _given_reason(node, takers[_call_name(node)])
+                    if isinstance(given, ast.JoinedStr) and (template := _template(given, fn)):
+                        templates[fn.name] = template
+    return templates
+
+
 def scan() -> Scan:
     modules = _modules()
     takers = _reason_takers(modules)
+    templates = _templates(modules, takers)
     result = Scan()
 
-    def visit(node: ast.AST, params: set[str], where_file: str) -> None:
+    def add(found: list[str] | None, given: ast.expr, params: set[str], where: str) -> None:
+        if found is not None:
+            for reason in found:
+                result.reasons[reason].append(where)
+        elif isinstance(given, ast.Name) and given.id in params:
+            pass  # forwarded: the caller's literal is checked at its own call
+        elif isinstance(given, ast.Attribute) and given.attr == "reason":
+            pass  # re-raised from another error, whose reason is checked where it was raised
+        else:
+            result.unresolved.append(where)
+
+    def visit(node: ast.AST, fn: str, params: set[str], where_file: str) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            params = set(_params(node)) | {a.arg for a in node.args.kwonlyargs}
+            fn, params = node.name, set(_params(node)) | {a.arg for a in node.args.kwonlyargs}
         if isinstance(node, ast.Call):
-            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-            where = f"{where_file}:{node.lineno}"
-            if name == NOT_FOUND_HELPER and node.args:
-                kind = _literals(node.args[0])
-                if kind is None:
-                    if not (isinstance(node.args[0], ast.Name) and node.args[0].id in params):
-                        result.unresolved.append(where)
-                else:
-                    for k in kind:
-                        result.reasons[f"{k.upper()}_NOT_FOUND"].append(where)
-            elif name in takers:
-                takes = takers[name]
-                given = next((kw.value for kw in node.keywords if kw.arg == "reason"), None)
-                if given is None and takes.index is not None and len(node.args) > takes.index:
-                    given = node.args[takes.index]
+            name, where = _call_name(node), f"{where_file}:{node.lineno}"
+            if name in templates:
+                template = templates[name]
+                given = next((kw.value for kw in node.keywords if kw.arg == template.param), None)
+                if given is None and len(node.args) > template.index:
+                    given = node.args[template.index]
+                if given is not None:
+                    literals = _literals(given)
+                    add(literals and [template.render(v) for v in literals], given, params, where)
+            if name in takers:
+                given = _given_reason(node, takers[name])
                 if given is None:
-                    if takes.default is not None:
-                        result.reasons[takes.default].append(where)
-                elif (found := _literals(given)) is not None:
-                    for reason in found:
-                        result.reasons[reason].append(where)
-                elif isinstance(given, ast.Name) and given.id in params:
-                    pass  # forwarded: the caller's literal is checked at its own call
-                elif isinstance(given, ast.Attribute) and given.attr == "reason":
-                    pass  # re-raised from another error, whose reason is checked where it was raised
-                elif isinstance(given, ast.JoinedStr) and name == "NotFound":
-                    pass  # not_found() itself: KIND_NOT_FOUND, checked at every not_found call
-                else:
-                    result.unresolved.append(where)
+                    if takers[name].default is not None:
+                        result.reasons[takers[name].default].append(where)
+                elif not (isinstance(given, ast.JoinedStr) and fn in templates):  # a template's own call
+                    add(_literals(given), given, params, where)
         for child in ast.iter_child_nodes(node):
-            visit(child, params, where_file)
+            visit(child, fn, params, where_file)
 
     for path, tree in modules.items():
-        visit(tree, set(), str(path.relative_to(ROOT)))
+        visit(tree, "", set(), str(path.relative_to(ROOT)))
     return result
 
 

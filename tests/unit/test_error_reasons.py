@@ -1,8 +1,8 @@
 """The error reasons of proto/batchgate/v1/error_reason.proto are every reason the server raises.
 
-Statically here (tests/server_reasons.py reads the server's code); dynamically in
-tests/integration/test_hostile_inputs.py, which checks every ErrorInfo its 240 cases get against the
-enum and the gRPC code documented for it.
+Statically here: tests/server_reasons.py reads the server's code, and the reasons the case tables
+expect are checked against the enum. Dynamically in tests/integration/test_hostile_inputs.py, which
+checks every ErrorInfo its cases get against the enum and the gRPC code documented for it.
 """
 
 import grpc
@@ -56,12 +56,12 @@ def test_invalid_batch_file_lists_every_problem_code_of_the_validator():
     assert listed == codes
 
 
-def test_the_hostile_table_expects_only_documented_reasons():
-    from tests.integration.test_hostile_inputs import CASES
-
-    expected = {case.reason for case in CASES if case.reason}
+@pytest.mark.parametrize("table", ["test_hostile_inputs", "test_api_surfaces"])
+def test_the_case_tables_expect_only_documented_reasons_with_their_codes(table):
+    cases = __import__(f"tests.integration.{table}", fromlist=["CASES"]).CASES
+    expected = {case.reason for case in cases if case.reason}
     assert expected - set(DOCUMENTED) == set()
-    for case in CASES:
+    for case in cases:
         if case.reason:
             assert DOCUMENTED[case.reason].code == case.code.name, case.name
 
@@ -84,6 +84,6 @@ def test_the_readme_table_is_the_proto_and_a_new_reason_makes_it_stale():
     readme = (ROOT / "README.md").read_text()
     reasons = gen_error_table.reasons()
     assert gen_error_table.render(readme, reasons) == readme, "run `make gen`"
-    added = gen_error_table.reasons(gen_error_table.PROTO.read_text().replace(
-        "  STORAGE_FULL = 60;\n", "  STORAGE_FULL = 60;\n  // NOT_FOUND. A test reason. Do: nothing.\n  TEST_REASON = 61;\n"))
+    body, _, end = gen_error_table.PROTO.read_text().rpartition("}")  # the enum's end
+    added = gen_error_table.reasons(body + "  // NOT_FOUND. A test reason. Do: nothing.\n  TEST_REASON = 999;\n}" + end)
     assert added[-1].name == "TEST_REASON" and gen_error_table.render(readme, added) != readme

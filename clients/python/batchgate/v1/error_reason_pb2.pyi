@@ -77,7 +77,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     INVALID_PURPOSE: _ErrorReason.ValueType  # 13
     """INVALID_ARGUMENT. header.purpose is unset or not FILE_PURPOSE_BATCH (output
-    files are written by batches only). Do: upload with FILE_PURPOSE_BATCH.
+    files are written by batches only); over HTTP also a listing's `purpose`
+    filter that is neither `batch` nor `batch_output`. Do: upload with
+    FILE_PURPOSE_BATCH (`purpose=batch`).
     """
     INVALID_EXPECTED_BYTES: _ErrorReason.ValueType  # 14
     """INVALID_ARGUMENT. header.expected_bytes is negative. Do: send the file's
@@ -276,6 +278,68 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     CancelBatch); nothing was half-written; with a RetryInfo. Do: retry after
     the delay; deleting files frees space.
     """
+    INVALID_AFTER: _ErrorReason.ValueType  # 61
+    """The OpenAI-compatible HTTP API's own input errors (gRPC code as mapped to
+    HTTP 400, or 413 for a body too large; see README.md, "OpenAI-compatible HTTP").
+
+    INVALID_ARGUMENT. A listing's `after` is not the id of an item of that
+    listing the caller can see; metadata `after`. Do: send the id of the last
+    item of the previous page.
+    """
+    INVALID_LIMIT: _ErrorReason.ValueType  # 62
+    """INVALID_ARGUMENT. A listing's `limit` is not a whole number in its range.
+    Do: send a number the message names.
+    """
+    INVALID_ORDER: _ErrorReason.ValueType  # 63
+    """INVALID_ARGUMENT. A listing's `order` is neither `asc` nor `desc`.
+    Do: send one of them.
+    """
+    BODY_TOO_LARGE: _ErrorReason.ValueType  # 64
+    """INVALID_ARGUMENT. A JSON request body is larger than the API takes.
+    Do: send a smaller body.
+    """
+    INVALID_JSON: _ErrorReason.ValueType  # 65
+    """INVALID_ARGUMENT. The request body is not JSON, or not a JSON object.
+    Do: send a JSON object.
+    """
+    UNPAIRED_SURROGATE: _ErrorReason.ValueType  # 66
+    """INVALID_ARGUMENT. A JSON body holds an unpaired UTF-16 surrogate escape
+    (valid JSON, but no text). Do: escape whole characters.
+    """
+    INVALID_FIELD_TYPE: _ErrorReason.ValueType  # 67
+    """INVALID_ARGUMENT. A JSON field has the wrong type (a string, an object of
+    strings, an object were expected). Do: send the type the message names.
+    """
+    UNSUPPORTED_PARAMETER: _ErrorReason.ValueType  # 68
+    """INVALID_ARGUMENT. A CreateBatch parameter of OpenAI's that batchgate does
+    not support (say `output_expires_after`). Do: leave it out.
+    """
+    INVALID_CONTENT_TYPE: _ErrorReason.ValueType  # 69
+    """INVALID_ARGUMENT. POST /v1/files whose body is not multipart/form-data.
+    Do: send the file as a multipart form.
+    """
+    MALFORMED_MULTIPART: _ErrorReason.ValueType  # 70
+    """INVALID_ARGUMENT. The multipart body is malformed or nested.
+    Do: send a flat multipart/form-data body with one file part.
+    """
+    MISSING_FILE: _ErrorReason.ValueType  # 71
+    """INVALID_ARGUMENT. The multipart body has no file part. Do: add the `file`
+    part.
+    """
+    MULTIPLE_FILES: _ErrorReason.ValueType  # 72
+    """INVALID_ARGUMENT. The multipart body has a second file part. Do: upload one
+    file per request.
+    """
+    TOO_MANY_FIELDS: _ErrorReason.ValueType  # 73
+    """INVALID_ARGUMENT. The multipart body has more form fields than the API
+    takes. Do: send only `purpose`, `expires_after[…]` and `file`.
+    """
+    FIELD_TOO_LONG: _ErrorReason.ValueType  # 74
+    """INVALID_ARGUMENT. A form field is longer than the API takes. Do: send a
+    shorter value.
+    """
+    INVALID_FIELD: _ErrorReason.ValueType  # 75
+    """INVALID_ARGUMENT. A form field is not UTF-8 text. Do: send it as text."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every `google.rpc.ErrorInfo.reason` batchgate sends, in the
@@ -352,7 +416,9 @@ holds a control character. Do: send a plain file name.
 """
 INVALID_PURPOSE: ErrorReason.ValueType  # 13
 """INVALID_ARGUMENT. header.purpose is unset or not FILE_PURPOSE_BATCH (output
-files are written by batches only). Do: upload with FILE_PURPOSE_BATCH.
+files are written by batches only); over HTTP also a listing's `purpose`
+filter that is neither `batch` nor `batch_output`. Do: upload with
+FILE_PURPOSE_BATCH (`purpose=batch`).
 """
 INVALID_EXPECTED_BYTES: ErrorReason.ValueType  # 14
 """INVALID_ARGUMENT. header.expected_bytes is negative. Do: send the file's
@@ -551,4 +617,66 @@ STORAGE_FULL: ErrorReason.ValueType  # 60
 CancelBatch); nothing was half-written; with a RetryInfo. Do: retry after
 the delay; deleting files frees space.
 """
+INVALID_AFTER: ErrorReason.ValueType  # 61
+"""The OpenAI-compatible HTTP API's own input errors (gRPC code as mapped to
+HTTP 400, or 413 for a body too large; see README.md, "OpenAI-compatible HTTP").
+
+INVALID_ARGUMENT. A listing's `after` is not the id of an item of that
+listing the caller can see; metadata `after`. Do: send the id of the last
+item of the previous page.
+"""
+INVALID_LIMIT: ErrorReason.ValueType  # 62
+"""INVALID_ARGUMENT. A listing's `limit` is not a whole number in its range.
+Do: send a number the message names.
+"""
+INVALID_ORDER: ErrorReason.ValueType  # 63
+"""INVALID_ARGUMENT. A listing's `order` is neither `asc` nor `desc`.
+Do: send one of them.
+"""
+BODY_TOO_LARGE: ErrorReason.ValueType  # 64
+"""INVALID_ARGUMENT. A JSON request body is larger than the API takes.
+Do: send a smaller body.
+"""
+INVALID_JSON: ErrorReason.ValueType  # 65
+"""INVALID_ARGUMENT. The request body is not JSON, or not a JSON object.
+Do: send a JSON object.
+"""
+UNPAIRED_SURROGATE: ErrorReason.ValueType  # 66
+"""INVALID_ARGUMENT. A JSON body holds an unpaired UTF-16 surrogate escape
+(valid JSON, but no text). Do: escape whole characters.
+"""
+INVALID_FIELD_TYPE: ErrorReason.ValueType  # 67
+"""INVALID_ARGUMENT. A JSON field has the wrong type (a string, an object of
+strings, an object were expected). Do: send the type the message names.
+"""
+UNSUPPORTED_PARAMETER: ErrorReason.ValueType  # 68
+"""INVALID_ARGUMENT. A CreateBatch parameter of OpenAI's that batchgate does
+not support (say `output_expires_after`). Do: leave it out.
+"""
+INVALID_CONTENT_TYPE: ErrorReason.ValueType  # 69
+"""INVALID_ARGUMENT. POST /v1/files whose body is not multipart/form-data.
+Do: send the file as a multipart form.
+"""
+MALFORMED_MULTIPART: ErrorReason.ValueType  # 70
+"""INVALID_ARGUMENT. The multipart body is malformed or nested.
+Do: send a flat multipart/form-data body with one file part.
+"""
+MISSING_FILE: ErrorReason.ValueType  # 71
+"""INVALID_ARGUMENT. The multipart body has no file part. Do: add the `file`
+part.
+"""
+MULTIPLE_FILES: ErrorReason.ValueType  # 72
+"""INVALID_ARGUMENT. The multipart body has a second file part. Do: upload one
+file per request.
+"""
+TOO_MANY_FIELDS: ErrorReason.ValueType  # 73
+"""INVALID_ARGUMENT. The multipart body has more form fields than the API
+takes. Do: send only `purpose`, `expires_after[…]` and `file`.
+"""
+FIELD_TOO_LONG: ErrorReason.ValueType  # 74
+"""INVALID_ARGUMENT. A form field is longer than the API takes. Do: send a
+shorter value.
+"""
+INVALID_FIELD: ErrorReason.ValueType  # 75
+"""INVALID_ARGUMENT. A form field is not UTF-8 text. Do: send it as text."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
