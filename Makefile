@@ -55,13 +55,15 @@ demo: install
 
 bench: install
 	$(PY) bench/validate_speed.py
-	$(PY) bench/upload.py
+	$(PY) bench/upload.py --moto
+	$(PY) bench/blob_clients.py
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py
 	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist $(NODE_TESTS)/node_modules
