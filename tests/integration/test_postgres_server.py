@@ -4,6 +4,7 @@ UNAVAILABLE (retried by clients) and an unreachable one a clear start-up error."
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -15,8 +16,10 @@ import grpc
 import pytest
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
-from tests.conftest import MASTER_KEY, Caller, batch_file, error_details, serving
+from batchgate_server.core.errors import STORAGE_UNAVAILABLE_RETRY_AFTER
+from tests.conftest import MASTER_KEY, Caller, batch_file, serving
 from tests.integration.batch_helpers import create, results, watch_all
+from tests.integration.test_storage_unavailable import assert_storage_unavailable
 from tests.integration.usage_helpers import query
 
 SERVER = str(Path(sys.executable).with_name("batchgate-server"))
@@ -74,33 +77,19 @@ async def test_a_database_outage_is_unavailable_with_retry_info_then_calls_work_
             assert postgres_server.terminate_connections(url) >= 1
             async with http.get(f"http://127.0.0.1:{h.server.http_port}/v1/files/{f.id}",
                                 headers=dict(a.metadata)) as response:
-                assert response.status == 503 and response.headers["Retry-After"] == "1"
+                assert response.status == 503
+                assert response.headers["Retry-After"] == str(math.ceil(STORAGE_UNAVAILABLE_RETRY_AFTER))
                 assert (await response.json())["error"]["code"] == "storage_unavailable"
             for call in (a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata),
                          a.batches.ListBatches(batch_pb2.ListBatchesRequest(), metadata=a.metadata)):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await call
-                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-                info, _ = error_details(caught.value)
-                assert info.reason == "STORAGE_UNAVAILABLE" and info.domain == "batchgate.dev"
-                assert retry_delay(caught.value) == 1.0
+                assert_storage_unavailable(caught.value)
             postgres_server.set_connection_limit(url, -1)
             got = await a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata)
             assert got.file.id == f.id
     finally:
         postgres_server.drop_database(url)
-
-
-def retry_delay(err: grpc.aio.AioRpcError) -> float | None:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    for detail in rpc_status.from_call(err).details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-    return None
 
 
 def test_an_unreachable_database_stops_the_start_with_a_clear_error(tmp_path):

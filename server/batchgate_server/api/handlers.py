@@ -12,7 +12,7 @@ import grpc
 
 from batchgate_server.api.errors import abort_with
 from batchgate_server.core.auth import Authenticator, Principal
-from batchgate_server.core.errors import ApiError, StorageUnavailable, storage_unavailable
+from batchgate_server.core.errors import ApiError, StorageError, from_storage
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,6 @@ class Servicer:
     auth: Authenticator
 
 
-async def _unavailable(context: grpc.aio.ServicerContext, err: StorageUnavailable) -> None:
-    """The database went away under the call (a restart, a failover, no connection left): UNAVAILABLE
-    with RetryInfo, which clients retry, rather than UNKNOWN."""
-    log.warning("storage unavailable: %s", err)
-    await abort_with(context, storage_unavailable())
-
-
 def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awaitable[Any]]):
     @functools.wraps(handler)
     async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -38,8 +31,8 @@ def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awa
             return await handler(self, request, context, principal)
         except ApiError as err:
             await abort_with(context, err)
-        except StorageUnavailable as err:
-            await _unavailable(context, err)
+        except StorageError as err:
+            await abort_with_storage_error(context, err)
 
     return wrapper
 
@@ -53,7 +46,15 @@ def server_stream(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Princip
                 yield item
         except ApiError as err:
             await abort_with(context, err)
-        except StorageUnavailable as err:
-            await _unavailable(context, err)
+        except StorageError as err:
+            await abort_with_storage_error(context, err)
 
     return wrapper
+
+
+async def abort_with_storage_error(context: grpc.aio.ServicerContext, err: StorageError) -> None:
+    """A full or unavailable store as the status a caller can act on; anything else stays a bug."""
+    mapped = from_storage(err)
+    if mapped is None:
+        raise err
+    await abort_with(context, mapped)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from batchgate_server.store.errors import StorageFull, StorageUnavailable
+from batchgate_server.store.errors import StorageError, StorageFull, StorageUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -16,9 +16,8 @@ T = TypeVar("T")
 # What RetryInfo suggests to a caller that met a full disk: space comes back when an operator (or
 # a DeleteFile, or an expiry sweep) frees it, not within milliseconds.
 STORAGE_FULL_RETRY_AFTER = 30.0
-# ... and one whose database is unreachable, restarting or out of connections: a failover or a
-# restart takes seconds.
-STORAGE_UNAVAILABLE_RETRY_AFTER = 1.0
+# A database or bucket that is busy, restarting or unreachable usually is back within seconds.
+STORAGE_UNAVAILABLE_RETRY_AFTER = 2.0
 
 
 @dataclass
@@ -62,19 +61,19 @@ class DeadlineExceeded(ApiError):
     pass
 
 
-class Retryable(ApiError):
-    """An error that comes with RetryInfo: the same call may work after `retry_after` seconds."""
+class RetryLater(ApiError):
+    """An error the caller should retry after `retry_after` seconds (sent as RetryInfo / Retry-After)."""
 
     def __init__(self, message: str, reason: str, retry_after: float = 1.0, **kw) -> None:
         super().__init__(message, reason, **kw)
         self.retry_after = retry_after
 
 
-class ResourceExhausted(Retryable):
+class ResourceExhausted(RetryLater):
     pass
 
 
-class Unavailable(Retryable):
+class Unavailable(RetryLater):
     pass
 
 
@@ -118,17 +117,33 @@ def storage_full() -> ResourceExhausted:
 
 
 def storage_unavailable() -> Unavailable:
-    return Unavailable("the server's database is unavailable (unreachable, restarting or out of connections);"
-                       " retry shortly", "STORAGE_UNAVAILABLE", retry_after=STORAGE_UNAVAILABLE_RETRY_AFTER)
+    return Unavailable("the server's storage (database or blob store) is unavailable for the moment; retry"
+                       " shortly", "STORAGE_UNAVAILABLE", retry_after=STORAGE_UNAVAILABLE_RETRY_AFTER)
+
+
+def from_storage(err: StorageError) -> ApiError | None:
+    """What a caller is told of a storage failure, None for one that is a bug of ours (INTERNAL):
+    a full store is RESOURCE_EXHAUSTED STORAGE_FULL, a busy or unreachable one UNAVAILABLE
+    STORAGE_UNAVAILABLE, both with a delay to retry after. Both API surfaces' error boundaries
+    (api/handlers.py, api/http/errors.py) and the write use cases below call it."""
+    if isinstance(err, StorageFull):
+        return storage_full()
+    if isinstance(err, StorageUnavailable):
+        return storage_unavailable()
+    return None
 
 
 def exhausted_when_full(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """For use cases that write: a full disk is RESOURCE_EXHAUSTED STORAGE_FULL."""
+    """For use cases that write: a full store is RESOURCE_EXHAUSTED STORAGE_FULL, an unavailable
+    one UNAVAILABLE STORAGE_UNAVAILABLE (see from_storage)."""
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except StorageFull as err:
-            raise storage_full() from err
+        except StorageError as err:
+            mapped = from_storage(err)
+            if mapped is None:
+                raise
+            raise mapped from err
 
     return wrapper

@@ -90,7 +90,7 @@ def _error_of(err: errors.ApiError) -> dict:
 def to_response(err: errors.ApiError) -> web.Response:
     status = status_of(err)
     headers = {}
-    if isinstance(err, errors.Retryable):
+    if isinstance(err, errors.RetryLater):
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     if status in _NO_RETRY:
         headers["x-should-retry"] = "false"
@@ -116,9 +116,11 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except errors.ApiError as err:
         return to_response(err)
-    except errors.StorageUnavailable as err:  # the database went away under the call: 503, retried
-        log.warning("HTTP %s %s: storage unavailable: %s", request.method, request.path, err)
-        return to_response(errors.storage_unavailable())
+    except errors.StorageError as err:
+        mapped = errors.from_storage(err)
+        if mapped is None:
+            raise
+        return to_response(mapped)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
