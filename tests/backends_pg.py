@@ -17,6 +17,7 @@ import glob
 import itertools
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -198,3 +199,19 @@ async def open_postgres_store(postgres_url: str):
         yield opener
     finally:
         await opener.close()
+
+
+async def run_sql(store, sql: str, *args) -> list[dict]:
+    """Test-only: run `sql` (with `?` placeholders) on the database of `store`, SQLite or PostgreSQL,
+    committed; its rows as dicts. For what no store method does (revoking a key, reading raw rows)."""
+    from batchgate_server.store.postgres import PostgresMetadataStore
+
+    if isinstance(store, PostgresMetadataStore):
+        numbered = iter(range(1, len(args) + 1))
+        async with store.pool.acquire() as conn:
+            rows = await conn.fetch(re.sub(r"\?", lambda _: f"${next(numbered)}", sql), *args)
+        return [dict(r) for r in rows]
+    if sql.lstrip().upper().startswith("SELECT"):
+        return [dict(r) for r in await store.readers.fetchall(sql, args)]
+    await store.db.execute(sql, args)
+    return []
