@@ -1,16 +1,15 @@
 """Metadata store on PostgreSQL through asyncpg: the same methods and semantics as the SQLite
 store, for any number of servers on one database.
 
-The driver, by measurement (bench/postgres_driver.py: 64 concurrent callers, a pool of 10; three
-runs on the 2-core machine shared with other work, load 3 to 8): asyncpg spent 0.62-0.85x the
-client CPU of psycopg 3 (async) per point read (115-167 against 161-206 us, JSON decoding
-included) and 0.73-0.85x per update transaction (305-335 against 361-428 us), the one figure that
-held in every run. Its rate was 1.18-1.48x psycopg's reads and 1.16-1.20x its transactions in the
-two quieter runs, even (0.84x, 0.99x) in the busiest; psycopg's p99 was lower in all three (37-40
-against 54-80 ms for reads). The server's CPU is what the executor and every RPC share, so the
-CPU per statement decides. asyncpg also speaks the binary protocol natively on asyncio (no libpq),
-prepares and caches statements by itself, has its own pool, and gives every server error its
-SQLSTATE (store/postgres/errors.py maps them).
+The driver, by measurement (bench/postgres_driver.py: 64 concurrent callers, a pool of 10; four
+runs on the 2-core machine shared with other work, load 3 to 8): on point reads (GetBatch, the hot
+path) asyncpg spent 0.62-0.85x the client CPU of psycopg 3 (async) in every run (109-167 against
+161-206 us, JSON decoding included) and served 1.18-1.48x its rate in three runs of four (0.84x
+in the busiest). On update transactions they were even: 0.73-1.00x the CPU, 0.94-1.20x the rate.
+psycopg's p99 was the lower in every run (31-40 against 38-80 ms for reads). The server's CPU is
+what the executor and every RPC share, so the CPU per read decides. asyncpg also speaks the binary
+protocol natively on asyncio (no libpq), prepares and caches statements by itself, has its own
+pool, and gives every server error its SQLSTATE (store/postgres/errors.py maps them).
 
 Batches keep their queryable fields as columns and the whole record as a JSON document; every
 change bumps `revision` with a compare-and-set on the old one (RevisionConflict), so two servers
