@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -13,12 +14,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from batchgate_server.domain.models import BatchStatus
+from batchgate_server.domain.models import TERMINAL_STATUSES, BatchStatus
 from batchgate_server.store.errors import RevisionConflict, StorageFull, StorageUnavailable
 from batchgate_server.store.ports import LedgerFilter
 from batchgate_server.store.postgres import PostgresMetadataStore, PostgresUsageLedger, locks
 from batchgate_server.store.postgres.metadata import _insert_ledger_row
-from batchgate_server.store.postgres.migrations import MIGRATIONS
+from batchgate_server.store.postgres.migrations import MIGRATIONS, TERMINAL
 from tests.backends_pg import PostgresServer
 from tests.storage_full import SmallDisk
 from tests.contract.test_metadata_store_contract import batch_record as batch
@@ -221,3 +222,9 @@ async def test_an_application_role_migrates_and_too_many_connections_is_unavaila
     finally:
         await store.close()
         postgres_server.drop_database(app_url)
+
+
+def test_the_schema_knows_every_terminal_status():
+    """The partial indexes and the queries for unfinished batches name the terminal statuses as
+    literals: they must be the domain's (a new terminal status needs a new migration)."""
+    assert set(re.findall(r"'(\w+)'", TERMINAL)) == {s.value for s in TERMINAL_STATUSES}

@@ -50,7 +50,6 @@ from batchgate_server.store.postgres.errors import is_connection_lost, pg_errors
 
 POOL_SIZE = 10
 CLOSE_TIMEOUT = 5.0
-_TERMINAL = [s.value for s in BatchStatus if s.is_terminal]
 _LEDGER_COLUMNS = frozenset({
     "batch_id", "project", "api_key_id", "model", "provider", "deployment_id", "created_at", "ended_at",
     "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_status", "cost_amount",
