@@ -19,6 +19,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -148,6 +149,10 @@ def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, 
 # releases the GIL while it steps), so a long read (a big ListFiles page, a usage query) does not
 # queue every GetBatch behind it. On the 2-core machine 1 and 4 measure the same (bench/reads.py).
 READERS = 4
+# Batch documents kept in memory (a few KB each) while the database does not change: GetBatch on
+# a quiet batch then answers without a reader thread's round trip, the cost that kept it at
+# 59-80% of a bare health check's rate.
+CACHED_BATCHES = 2048
 
 
 class ReaderPool:
@@ -164,6 +169,7 @@ class ReaderPool:
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
+        self._probe: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -191,6 +197,18 @@ class ReaderPool:
     async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, args)
         return rows[0] if rows else None
+
+    def data_version(self) -> int:
+        """SQLite's data_version, read on the calling thread: it changes whenever a commit lands
+        in the database from any connection, of this process or another (every replica's
+        writes). A few microseconds: it reads the WAL index's header, no page."""
+        with storage_errors():
+            if self._probe is None:
+                self._probe = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+                self._probe.execute("PRAGMA query_only=ON")
+                with self._opened_lock:
+                    self._opened.append(self._probe)
+            return self._probe.execute("PRAGMA data_version").fetchone()[0]
 
     async def close(self) -> None:
         await asyncio.to_thread(self._threads.shutdown, wait=True)
@@ -235,6 +253,11 @@ class SqliteMetadataStore(MetadataStore):
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
         self._write = asyncio.Lock()
+        # id -> a batch's document, most recently used last, all read while the database's
+        # data_version was `_docs_version`: any commit anywhere (ours or another replica's)
+        # changes it, and the cache starts afresh.
+        self._batch_docs: OrderedDict[str, str] = OrderedDict()
+        self._docs_version: int | None = None
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:
@@ -404,8 +427,24 @@ class SqliteMetadataStore(MetadataStore):
         )
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
+        version = self.readers.data_version()
+        if version != self._docs_version:
+            self._batch_docs.clear()
+            self._docs_version = version
+        doc = self._batch_docs.get(batch_id)
+        if doc is not None:
+            self._batch_docs.move_to_end(batch_id)
+            return batch_from_doc(doc)
         row = await self.readers.fetchone("SELECT doc FROM batches WHERE id=?", (batch_id,))
-        return batch_from_doc(row[0]) if row else None
+        if row is None:
+            return None
+        # Kept only when nothing was committed while the reader ran: the document is then the
+        # one current at `version`.
+        if self.readers.data_version() == version == self._docs_version:
+            self._batch_docs[batch_id] = row[0]
+            if len(self._batch_docs) > CACHED_BATCHES:
+                self._batch_docs.popitem(last=False)
+        return batch_from_doc(row[0])
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
         row = await self.readers.fetchone("SELECT doc FROM batches WHERE project=? AND request_id=?",
