@@ -105,14 +105,14 @@ async def test_the_space_reserve_is_allocated_next_to_the_database(tmp_path):
 
 
 async def test_a_batch_read_again_reflects_every_commit_of_any_handle(tmp_path):
-    # GetBatch's in-memory documents: a read after a commit on this handle or another (a
-    # replica's) sees the commit, however often the batch was read before it.
+    # GetBatch's point reads on the loop's own connection: a read after a commit on this handle or
+    # another (a replica's) sees the commit, however often the batch was read before it.
     path = tmp_path / "db.sqlite3"
     writer, replica = await SqliteMetadataStore.open(path), await SqliteMetadataStore.open(path)
     b = batch()
     await writer.insert_batch(b)
     for revision in range(2, 6):
-        for reader in (replica, replica, writer, writer):  # the second read of each comes from memory
+        for reader in (replica, replica, writer, writer):
             assert (await reader.get_batch(b.id)).revision == revision - 1
         b.status = BatchStatus.IN_PROGRESS
         await (writer if revision % 2 else replica).update_batch(b)
@@ -144,3 +144,4 @@ def test_a_stored_batch_document_reads_back_the_same_either_way():
     del older["failures"]
     assert batch_from_doc(json.dumps(older)) == plain
     assert asdict(batch_from_doc(doc)) == asdict(full)
+

@@ -19,7 +19,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -149,10 +148,6 @@ def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, 
 # releases the GIL while it steps), so a long read (a big ListFiles page, a usage query) does not
 # queue every GetBatch behind it. On the 2-core machine 1 and 4 measure the same (bench/reads.py).
 READERS = 4
-# Batch documents kept in memory (a few KB each) while the database does not change: GetBatch on
-# a quiet batch then answers without a reader thread's round trip, the cost that kept it at
-# 59-80% of a bare health check's rate.
-CACHED_BATCHES = 2048
 
 
 class ReaderPool:
@@ -169,7 +164,7 @@ class ReaderPool:
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
-        self._probe: sqlite3.Connection | None = None
+        self._inline: sqlite3.Connection | None = None  # point reads on the event loop's thread
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -198,17 +193,41 @@ class ReaderPool:
         rows = await self.fetchall(sql, args)
         return rows[0] if rows else None
 
-    def data_version(self) -> int:
-        """SQLite's data_version, read on the calling thread: it changes whenever a commit lands
-        in the database from any connection, of this process or another (every replica's
-        writes). A few microseconds: it reads the WAL index's header, no page."""
-        with storage_errors():
-            if self._probe is None:
-                self._probe = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-                self._probe.execute("PRAGMA query_only=ON")
-                with self._opened_lock:
-                    self._opened.append(self._probe)
-            return self._probe.execute("PRAGMA data_version").fetchone()[0]
+    async def point_read(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """fetchone for a read of one row by its key, run on the calling thread: a few
+        microseconds on a page SQLite has cached, where a reader thread's round trip costs tens
+        (it kept GetBatch at 59-80% of a bare health check's rate). Never waits on a lock: when
+        SQLite would (SQLITE_BUSY, e.g. while another connection recovers the WAL index) the
+        read goes to a reader thread instead. Like every read here it sees every commit before it."""
+        try:
+            rows = self._read_inline(sql, args)
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                with storage_errors():  # converted on the error path only: the context costs µs
+                    raise
+            rows = None
+        except Exception:
+            with storage_errors():
+                raise
+        if rows is None:
+            rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+    def _read_inline(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+        conn = self._inline
+        if conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=0")  # SQLITE_BUSY at once, never a wait on the loop
+            with self._opened_lock:
+                self._opened.append(conn)
+            self._inline = conn
+        cur = conn.execute(sql, args)
+        try:
+            return cur.fetchall()  # to the end: the statement resets and holds no snapshot
+        finally:
+            cur.close()
 
     async def close(self) -> None:
         await asyncio.to_thread(self._threads.shutdown, wait=True)
@@ -253,11 +272,6 @@ class SqliteMetadataStore(MetadataStore):
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
         self._write = asyncio.Lock()
-        # id -> a batch's document, most recently used last, all read while the database's
-        # data_version was `_docs_version`: any commit anywhere (ours or another replica's)
-        # changes it, and the cache starts afresh.
-        self._batch_docs: OrderedDict[str, str] = OrderedDict()
-        self._docs_version: int | None = None
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:
@@ -342,7 +356,7 @@ class SqliteMetadataStore(MetadataStore):
         )
 
     async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        row = await self.readers.fetchone(
+        row = await self.readers.point_read(
             "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,))
         return (row["key_id"], row["project"]) if row else None
 
@@ -427,24 +441,8 @@ class SqliteMetadataStore(MetadataStore):
         )
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
-        version = self.readers.data_version()
-        if version != self._docs_version:
-            self._batch_docs.clear()
-            self._docs_version = version
-        doc = self._batch_docs.get(batch_id)
-        if doc is not None:
-            self._batch_docs.move_to_end(batch_id)
-            return batch_from_doc(doc)
-        row = await self.readers.fetchone("SELECT doc FROM batches WHERE id=?", (batch_id,))
-        if row is None:
-            return None
-        # Kept only when nothing was committed while the reader ran: the document is then the
-        # one current at `version`.
-        if self.readers.data_version() == version == self._docs_version:
-            self._batch_docs[batch_id] = row[0]
-            if len(self._batch_docs) > CACHED_BATCHES:
-                self._batch_docs.popitem(last=False)
-        return batch_from_doc(row[0])
+        row = await self.readers.point_read("SELECT doc FROM batches WHERE id=?", (batch_id,))
+        return batch_from_doc(row[0]) if row else None
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
         row = await self.readers.fetchone("SELECT doc FROM batches WHERE project=? AND request_id=?",
