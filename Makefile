@@ -40,6 +40,7 @@ demo: install
 bench: install
 	$(PY) bench/validate_speed.py
 	$(PY) bench/upload.py
+	$(PY) bench/reads.py
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py

@@ -154,7 +154,7 @@ def main() -> None:
             print(f"upload, full validation:   {_span(validated)} MiB/s")
             print(f"upload, ceiling (no validation, same server, same client): {_span(raw)} MiB/s")
             print(f"  ratio {ratio:.2f} of the ceiling (best runs; target >= 0.70: {verdict(ratio, 0.70)})")
-            print(f"server RSS growth, {big_lines} lines: {_span(growth_big)} MiB"
+            print(f"server RSS growth, {big_lines} lines: max {max(growth_big):.1f} (range {min(growth_big):.1f}-{max(growth_big):.1f}) MiB"
                   f" (target < 32: {verdict(max(growth_big), 32, higher_is_better=False)})")
 
             baseline = rss_kib(server.pid)

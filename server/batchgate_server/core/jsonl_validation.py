@@ -254,37 +254,38 @@ class _CustomIdIndex:
     """custom_id -> the line it first appeared on, in 16 bytes an id whatever its length.
 
     A Python dict of the ids took ~200 bytes an id (+41 MiB for 203k lines). Here an id is
-    two 64-bit SipHash values (``hash()``, keyed per process, so no input can aim at a
-    collision): the first, whole, is the sort key, kept in one of 4096 sorted arrays
-    picked by its low bits; 32 bits of the second and the line sit beside it. An id is a
-    duplicate when both match: a false report between two different ids needs a 96-bit
-    collision of a keyed hash (about 6e-18 for a million ids). Arrays of a few hundred
-    entries each keep the sorted insert a short memmove.
+    two SipHash values (``hash()``, keyed per process, so no input can aim at a collision):
+    the first, all 64 bits, is the sort key, kept in one of 4096 sorted arrays picked by its
+    low bits; beside it, in one 64-bit word, the line and as many bits of the second as the
+    line leaves (32 below four billion lines). An id is a duplicate when both match: a false
+    report between two different ids needs a 96-bit collision of a keyed hash (about 6e-18
+    for a million ids). Arrays of a few hundred entries keep the sorted insert a short memmove.
     """
 
     _BUCKET_BITS = 12
 
     def __init__(self, max_line: int) -> None:
         self._mask = (1 << self._BUCKET_BITS) - 1
-        self._line_type = "I" if max_line < 1 << 32 else "Q"
-        self._buckets: list[tuple[array, array, array] | None] = [None] * (1 << self._BUCKET_BITS)
+        self._line_bits = max(32, max_line.bit_length())
+        self._line_mask = (1 << self._line_bits) - 1
+        # Made on first use: a validator of a small file makes a few.
+        self._buckets: list[tuple[array, array] | None] = [None] * (1 << self._BUCKET_BITS)
 
     def first_line(self, custom_id: str, line: int) -> int:
         """The line `custom_id` first appeared on; `line` (recorded) if this is its first time."""
         key = hash(custom_id)
-        check = hash(custom_id + "\0") & 0xFFFFFFFF
+        check = (hash(custom_id + "\0") << self._line_bits) & 0xFFFFFFFFFFFFFFFF
         bucket = self._buckets[key & self._mask]
         if bucket is None:
-            bucket = self._buckets[key & self._mask] = (array("q"), array("I"), array(self._line_type))
-        keys, checks, lines = bucket
+            bucket = self._buckets[key & self._mask] = (array("q"), array("Q"))
+        keys, tags = bucket
         i = at = bisect_left(keys, key)
         while i < len(keys) and keys[i] == key:
-            if checks[i] == check:
-                return lines[i]
+            if tags[i] & ~self._line_mask == check:
+                return tags[i] & self._line_mask
             i += 1
         keys.insert(at, key)
-        checks.insert(at, check)
-        lines.insert(at, line)
+        tags.insert(at, check | line)
         return line
 
 
