@@ -161,7 +161,7 @@ def main() -> None:
             print(f"  health   {_range([c[0] for c in checks])} req/s, server CPU {_range([c[1] for c in checks])} µs per call")
             print(f"  rate ratio {min(ratios):.2f}-{max(ratios):.2f}, server CPU ratio (health/GetBatch)"
                   f" {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f} (target >= 0.90:"
-                  f" {'meets' if max(ratios) >= 0.9 else 'MISSES'} by the best round's rate)")
+                  f" {'meets' if sorted(ratios)[1] >= 0.9 else 'MISSES'} by the median round's rate)")
         finally:
             stop(proc)
 

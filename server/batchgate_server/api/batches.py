@@ -26,6 +26,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         self.heartbeat_interval = heartbeat_interval
         self._converted: OrderedDict[tuple[str, int], batch_pb2.Batch] = OrderedDict()
         self._watch_events: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._get_responses: OrderedDict[tuple[str, int], bytes] = OrderedDict()
 
     def _to_proto(self, record: BatchRecord) -> batch_pb2.Batch:
         key = (record.id, record.revision)
@@ -39,13 +40,20 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     def _watch_event(self, record: BatchRecord) -> bytes:
         """The serialised WatchBatchResponse for a state: encoded once, sent to every watcher."""
+        return self._encoded(self._watch_events, record, batch_pb2.WatchBatchResponse)
+
+    def _get_response(self, record: BatchRecord) -> bytes:
+        """The serialised GetBatchResponse for a state: pollers of a batch mostly read the same one."""
+        return self._encoded(self._get_responses, record, batch_pb2.GetBatchResponse)
+
+    def _encoded(self, cache: OrderedDict[tuple[str, int], bytes], record: BatchRecord, response) -> bytes:
         key = (record.id, record.revision)
-        data = self._watch_events.get(key)
+        data = cache.get(key)
         if data is None:
-            data = batch_pb2.WatchBatchResponse(batch=self._to_proto(record)).SerializeToString()
-            self._watch_events[key] = data
-            if len(self._watch_events) > _CACHE_SIZE:
-                self._watch_events.popitem(last=False)
+            data = response(batch=self._to_proto(record)).SerializeToString()
+            cache[key] = data
+            if len(cache) > _CACHE_SIZE:
+                cache.popitem(last=False)
         return data
 
     @unary
@@ -58,7 +66,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     @unary
     async def GetBatch(self, request: batch_pb2.GetBatchRequest, context, principal: Principal):
-        return batch_pb2.GetBatchResponse(batch=self._to_proto(await self.batches.get(principal, request.batch_id)))
+        return self._get_response(await self.batches.get(principal, request.batch_id))
 
     @unary
     async def ListBatches(self, request: batch_pb2.ListBatchesRequest, context, principal: Principal):
@@ -90,7 +98,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
                 yield self._watch_event(event)
 
 
-def _serialize_watch_event(message: batch_pb2.WatchBatchResponse | bytes) -> bytes:
+def _serialize_unless_bytes(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
@@ -105,11 +113,12 @@ class _CapturedHandlers:
 
 
 def add_batch_service(servicer: BatchServicer, server) -> None:
-    """The generated registration, except that WatchBatch may yield pre-serialised events
-    (one encoding per state, however many watchers)."""
+    """The generated registration, except that WatchBatch and GetBatch may answer with
+    pre-serialised messages (one encoding per state, however many watchers and pollers)."""
     captured = _CapturedHandlers()
     batch_pb2_grpc.add_BatchServiceServicer_to_server(servicer, captured)
     handlers = captured.handlers
-    handlers["WatchBatch"] = handlers["WatchBatch"]._replace(response_serializer=_serialize_watch_event)
+    for name in ("WatchBatch", "GetBatch"):
+        handlers[name] = handlers[name]._replace(response_serializer=_serialize_unless_bytes)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
     server.add_registered_method_handlers(captured.service, handlers)
