@@ -98,8 +98,7 @@ CUSTOM_ID_TOO_LONG = "custom_id_too_long"
 MODEL_TOO_LONG = "model_too_long"
 
 # OpenAI documents no custom_id limit; 512 is the longest string it bounds in a batch
-# (a metadata value), far past any id scheme (a UUID is 36, Anthropic allows 64), and
-# keeps the custom_id map of a 50,000-line file within a few tens of MB.
+# (a metadata value), far past any id scheme (a UUID is 36, Anthropic allows 64).
 MAX_CUSTOM_ID_CHARS = 512
 # Model names are short: provider ids, Bedrock ARNs included, stay well under this.
 MAX_MODEL_CHARS = 256
