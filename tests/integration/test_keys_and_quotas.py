@@ -21,6 +21,7 @@ from batchgate_server.core.auth import hash_key
 from batchgate_server.domain.models import ApiKeyRecord
 from tests.conftest import MASTER_KEY, batch_file, error_details, serving, upload_requests
 from tests.integration.batch_helpers import create, watch_all
+from tests.readme import section, sh_blocks
 
 SERVER = str(Path(sys.executable).with_name("batchgate-server"))
 MASTER = (("authorization", f"Bearer {MASTER_KEY}"),)
@@ -349,3 +350,25 @@ async def test_quotas_from_the_config_file_until_the_admin_rpc_replaces_them(tmp
         assert report.running_batches == 1 and batch.id
         none = await admin.GetProjectQuota(admin_pb2.GetProjectQuotaRequest(project="nobody"), metadata=MASTER)
         assert none.source == "none" and none.stored_bytes == 0 and none.monthly_spend == "0"
+
+
+def test_the_readme_keys_commands_run_as_written(tmp_path):
+    [block, _grpcurl] = sh_blocks("### Keys")
+    commands = [line for line in block.splitlines() if line.startswith(".venv/bin/batchgate-server keys ")]
+    assert len(commands) == 3
+    outputs = []
+    for command in commands:
+        argv = command.replace(".venv/bin/batchgate-server", SERVER).replace("./data", str(tmp_path / "data")).split()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (command, done.stderr)
+        outputs.append(done.stdout)
+    [listed] = json.loads(outputs[2])
+    assert listed["project"] == "team-search" and listed["name"] == "ci" and listed["expires_at"]
+    assert listed["key_id"] in outputs[1]
+
+
+def test_the_readme_quota_example_is_a_valid_config(tmp_path):
+    from batchgate_server.config import parse_config
+    example = yaml.safe_load(section("### Quotas").split("```yaml\n", 1)[1].split("```", 1)[0])
+    quota = parse_config(example, "README").quotas["team-search"]
+    assert (quota.max_running_batches, quota.max_uploads, quota.monthly_budget_nanos) == (10, 4, 250 * 10**9)
