@@ -74,8 +74,10 @@ async def test_the_master_key_creates_lists_and_revokes_and_a_revoked_key_is_ref
     assert again.api_key.revoke_time == revoked.api_key.revoke_time
 
 
-async def test_a_key_revoked_through_one_replica_is_refused_by_another(tmp_path):
-    shared = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_key_revoked_through_one_replica_is_refused_by_another(tmp_path, request, backend):
+    shared = (f"sqlite:///{tmp_path / 'shared.sqlite3'}" if backend == "sqlite"
+              else request.getfixturevalue("postgres_url"))
     async with serving(tmp_path / "a", database_url=shared) as a, \
             serving(tmp_path / "b", database_url=shared) as b:
         created = await admin_stub(a).CreateApiKey(admin_pb2.CreateApiKeyRequest(project="team-a"), metadata=MASTER)
@@ -304,7 +306,18 @@ async def test_monthly_budget_is_checked_from_the_ledger(tmp_path):
 
 
 async def test_stored_bytes_quota_refuses_the_upload_that_would_pass_it(http_harness):
-    h = http_harness
+    await stored_bytes_quota_refuses(http_harness)
+
+
+async def test_quotas_hold_on_postgresql_too(tmp_path, postgres_url):
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0", database_url=postgres_url) as h:
+        await stored_bytes_quota_refuses(h)
+        await set_quota(h, max_running_batches=0)
+        f = (await h.alice.files.ListFiles(file_pb2.ListFilesRequest(), metadata=h.alice.metadata)).files[0]
+        await refused(create(h.alice, f.id), grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_RUNNING_BATCHES")
+
+
+async def stored_bytes_quota_refuses(h) -> None:
     content = batch_file(3)
     await set_quota(h, max_stored_bytes=len(content) + 10)
     await h.upload(h.alice, content)
@@ -372,3 +385,26 @@ def test_the_readme_quota_example_is_a_valid_config(tmp_path):
     example = yaml.safe_load(section("### Quotas").split("```yaml\n", 1)[1].split("```", 1)[0])
     quota = parse_config(example, "README").quotas["team-search"]
     assert (quota.max_running_batches, quota.max_uploads, quota.monthly_budget_nanos) == (10, 4, 250 * 10**9)
+
+
+async def test_the_admin_service_is_in_health_and_reflection(harness):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    name = "batchgate.v1.AdminService"
+    health = await health_pb2_grpc.HealthStub(harness.channel).Check(health_pb2.HealthCheckRequest(service=name))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def ask():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+    async for answer in reflection_pb2_grpc.ServerReflectionStub(harness.channel).ServerReflectionInfo(ask()):
+        assert name in {s.name for s in answer.list_services_response.service}
+
+
+async def test_the_python_client_carries_the_admin_stub(harness):
+    from batchgate import AsyncBatchgateClient
+
+    async with AsyncBatchgateClient(f"127.0.0.1:{harness.port}", api_key=MASTER_KEY) as client:
+        created = await client.admin.CreateApiKey(admin_pb2.CreateApiKeyRequest(project="from-client"),
+                                                  metadata=MASTER)
+    assert created.api_key.project == "from-client"
