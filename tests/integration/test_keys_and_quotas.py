@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 from batchgate.v1 import admin_pb2, admin_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.core.auth import hash_key
 from batchgate_server.domain.models import ApiKeyRecord
-from tests.conftest import MASTER_KEY, batch_file, error_details, serving, upload_requests
+from tests.conftest import MASTER_KEY, batch_file, error_details, serving
 from tests.integration.batch_helpers import create, watch_all
 from tests.readme import section, sh_blocks
 

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchgate_server.core.auth import Principal, create_api_key
-from batchgate_server.core.errors import FieldViolation, InvalidArgument, PermissionDenied, echo, not_found
-from batchgate_server.core.files import FileManager
+from batchgate_server.core.errors import PermissionDenied, echo, not_found
+from batchgate_server.core.errors import invalid_field as _invalid
+from batchgate_server.core.files import CONTROL_CHARACTER, FileManager
 from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.quotas import Quotas, month_start
 from batchgate_server.domain.models import ApiKeyRecord, ProjectQuota
@@ -18,12 +19,7 @@ from batchgate_server.store.ports import LedgerFilter, MetadataStore
 
 PROJECT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_KEY_NAME = 128
-CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 QUOTA_LIMITS = ("max_running_batches", "max_stored_bytes", "max_uploads", "monthly_budget_nanos")
-
-
-def _invalid(message: str, reason: str, field_name: str, description: str) -> InvalidArgument:
-    return InvalidArgument(message, reason, violations=[FieldViolation(field_name, description)])
 
 
 def check_project(project: str, field_name: str = "project") -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
+from batchgate_server.core.errors import invalid_field as _invalid
 from batchgate_server.core.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -57,10 +58,6 @@ class CreateBatch:
     model: str = ""
     provider: str = ""
     request_id: str = ""
-
-
-def _invalid(message: str, reason: str, field: str, description: str, **meta: str) -> InvalidArgument:
-    return InvalidArgument(message, reason, dict(meta), [FieldViolation(field, description)])
 
 
 def check_create(req: CreateBatch) -> None:

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from batchgate_server.core.auth import Principal
 from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
+from batchgate_server.core.errors import invalid_field as _invalid
 from batchgate_server.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -64,10 +65,6 @@ class FileLimits:
     # nothing would otherwise hold a temp file and a descriptor forever.
     upload_idle_timeout: float = 60.0
     max_uploads_per_project: int = 8
-
-
-def _invalid(message: str, reason: str, field_name: str, description: str, **meta: str) -> InvalidArgument:
-    return InvalidArgument(message, reason, dict(meta), [FieldViolation(field_name, description)])
 
 
 def check_header(h: UploadHeader) -> None:
