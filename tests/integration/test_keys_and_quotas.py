@@ -113,6 +113,10 @@ async def test_last_use_is_written_once_a_minute_not_per_call(harness):
     for _ in range(3):
         await list_files(created.secret, harness)
     assert (await harness.server.store.get_api_key(created.api_key.key_id)).last_used_at == first
+    # A use recorded over a minute ago (by this replica or another) is moved on by the next call.
+    await harness.server.store.touch_api_key(created.api_key.key_id, first - 61)
+    await list_files(created.secret, harness)
+    assert (await harness.server.store.get_api_key(created.api_key.key_id)).last_used_at >= first
 
 
 async def test_project_keys_may_not_call_the_admin_service(harness):
