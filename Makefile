@@ -66,6 +66,7 @@ bench: install
 	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
 	$(PY) bench/postgres_driver.py
+	$(PY) bench/quotas.py
 	$(PY) bench/soak.py
 
 clean:

@@ -13,8 +13,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from batchgate.v1 import batch_pb2, file_pb2, file_pb2_grpc
+from batchgate.v1 import admin_pb2, admin_pb2_grpc, batch_pb2, file_pb2, file_pb2_grpc
 from batchgate.v1 import usage_pb2, usage_pb2_grpc
+from batchgate_server.api.admin import AdminServicer
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.http.server import HttpServer, build_app
@@ -23,10 +24,12 @@ from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
 from batchgate_server.config import ConfigError, load_model_list
 from batchgate_server.core.accounting import Accounting
+from batchgate_server.core.admin import Admin
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
 from batchgate_server.core.pagination import PageTokens
+from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
 from batchgate_server.core.usage import UsageReporter
@@ -45,6 +48,7 @@ SERVICE_NAMES = (
     file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
 )
 # Streams carry up to 2 MiB chunks plus framing.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -160,6 +164,8 @@ class BatchgateServer:
         self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(self.auth, UsageReporter(self._database.ledger, self.page_tokens)), ours)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.auth, Admin(self.store, self.quotas, self.files, self.page_tokens)), ours)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -216,8 +222,10 @@ class BatchgateServer:
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
                                s.work_dir)
         self.files.used_by = self.tracker.batch_reading
+        self.quotas = Quotas(self.store, self._database.ledger, self.model_list.quotas)
+        self.files.quotas = self.quotas
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
-                                    self.accounting, self.page_tokens)
+                                    self.accounting, self.page_tokens, self.quotas)
         log.info("model list from %s: %s", self.model_list.source,
                  ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
 

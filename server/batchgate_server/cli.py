@@ -1,18 +1,24 @@
-"""`batchgate-server`: run the server, or manage API keys (`batchgate-server keys create --project P`)."""
+"""`batchgate-server`: run the server, or manage API keys (`batchgate-server keys create|list|revoke`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
+import time
+from datetime import datetime, timezone
 
 from batchgate_server.app import BatchgateServer, StartupError
 from batchgate_server.config import ConfigError
-from batchgate_server.core.auth import create_api_key
+from batchgate_server.core.admin import create_checked_key, revoke_key
+from batchgate_server.core.errors import ApiError
+from batchgate_server.domain.models import ApiKeyRecord
 from batchgate_server.settings import build_parser, settings_from_args
 from batchgate_server.store.errors import StorageError, StorageFull
+from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.urls import StoreUrlError, database_url, open_database
 
 
@@ -33,15 +39,109 @@ async def _serve(server: BatchgateServer) -> None:
     await server.stop()
 
 
-async def _create_key(settings, project: str) -> None:
+KEYS_USAGE = "batchgate-server keys {create,list,revoke} ..."
+
+
+async def _with_store(settings, action):
+    """Run `action(store)` on the server's metadata database (the one --database-url names)."""
     url = database_url(settings.database_url, settings.data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = await open_database(url, settings.data_dir)
     try:
-        key_id, secret = await create_api_key(database.metadata, project)
+        return await action(database.metadata)
     finally:
         await database.close()
-    print(f"key_id:  {key_id}\nproject: {project}\napi_key: {secret}\n(the key is shown once; only its hash is stored)")
+
+
+def _when(seconds: float | None) -> str:
+    return "" if seconds is None else datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _key_json(key: ApiKeyRecord) -> dict:
+    return {"key_id": key.id, "project": key.project, "name": key.name, "created_at": _when(key.created_at),
+            "expires_at": _when(key.expires_at) or None, "revoked_at": _when(key.revoked_at) or None,
+            "last_used_at": _when(key.last_used_at) or None}
+
+
+def _key_status(key: ApiKeyRecord, now: float) -> str:
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def _print_table(keys: list[ApiKeyRecord]) -> None:
+    now = time.time()
+    header = ("KEY_ID", "PROJECT", "NAME", "STATUS", "CREATED", "LAST_USED", "EXPIRES")
+    rows = [header] + [(k.id, k.project, k.name, _key_status(k, now), _when(k.created_at),
+                        _when(k.last_used_at) or "never", _when(k.expires_at) or "never") for k in keys]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+async def _all_keys(store: MetadataStore, project: str | None) -> list[ApiKeyRecord]:
+    keys: list[ApiKeyRecord] = []
+    after = None
+    while page := await store.list_api_keys(project, 500, after):
+        keys += page
+        after = (page[-1].created_at, page[-1].id)
+    return keys
+
+
+def _expiry(args: argparse.Namespace) -> float | None:
+    if args.expires_in is not None:
+        return time.time() + args.expires_in * 86400
+    if args.expires_at is not None:
+        moment = datetime.fromisoformat(args.expires_at.replace("Z", "+00:00"))
+        return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return None
+
+
+def _keys(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="batchgate-server keys", description="Manage project API keys.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{create,list,revoke}")
+    server_flags = [build_parser(add_help=False)]
+    create = commands.add_parser("create", parents=server_flags, help="make a key; prints its secret once")
+    create.add_argument("--project", required=True)
+    create.add_argument("--name", default="", help="a label for people (at most 128 characters)")
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", type=float, metavar="DAYS", help="the key stops working after DAYS days")
+    expiry.add_argument("--expires-at", metavar="ISO8601", help="the key stops working at this time (UTC if no zone)")
+    listing = commands.add_parser("list", parents=server_flags, help="list keys (never their secrets)")
+    listing.add_argument("--project", default=None, help="only this project's keys")
+    listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    revoke = commands.add_parser("revoke", parents=server_flags, help="refuse a key from its next call on")
+    revoke.add_argument("key_id", help="the key's id (key_…), as `keys list` shows it")
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    try:
+        if args.command == "create":
+            try:
+                expires_at = _expiry(args)
+            except ValueError as err:
+                parser.error(f"--expires-at: {err}")
+            key, secret = asyncio.run(_with_store(
+                settings, lambda store: create_checked_key(store, args.project, args.name, expires_at)))
+            print(f"key_id:  {key.id}\nproject: {key.project}\nname:    {key.name}\n"
+                  f"expires: {_when(key.expires_at) or 'never'}\napi_key: {secret}\n"
+                  "(the key is shown once; only its hash is stored)")
+        elif args.command == "list":
+            keys = asyncio.run(_with_store(settings, lambda store: _all_keys(store, args.project)))
+            if args.json:
+                print(json.dumps([_key_json(k) for k in keys], indent=2))
+            else:
+                _print_table(keys)
+        else:
+            key = asyncio.run(_with_store(settings, lambda store: revoke_key(store, args.key_id)))
+            print(f"revoked {key.id} (project {key.project}) at {_when(key.revoked_at)}")
+    except ApiError as err:  # a bad project name, an unknown key id: what the admin RPC would say
+        print(f"batchgate-server keys {args.command}: {err.message} ({err.reason})", file=sys.stderr)
+        sys.exit(2)
+    except StoreUrlError as err:
+        print(f"batchgate-server: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(coro) -> None:
@@ -65,15 +165,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    if argv[:2] == ["keys", "create"]:
-        keys = argparse.ArgumentParser(prog="batchgate-server keys create", parents=[build_parser(add_help=False)])
-        keys.add_argument("--project", required=True)
-        args = keys.parse_args(argv[2:])
-        try:
-            asyncio.run(_create_key(settings_from_args(args), args.project))
-        except StoreUrlError as err:
-            print(f"batchgate-server: {err}", file=sys.stderr)
-            sys.exit(2)
+    if argv[:1] == ["keys"]:
+        _keys(argv[1:])
         return
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),

@@ -33,6 +33,8 @@ from typing import Any
 import yaml
 
 from batchgate_server.domain.deployment import Deployment
+from batchgate_server.domain.models import ProjectQuota
+from batchgate_server.pricing.cost import amount_to_nanos
 from batchgate_server.pricing.table import PRICE_KEYS
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,9 @@ PROVIDER_ALIASES = {
     "simulated": "openai_compatible",
 }
 KNOWN_TOP_LEVEL = {"model_list", "litellm_settings", "router_settings", "general_settings", "environment_variables",
-                   "batchgate"}
+                   "batchgate", "project_quotas"}
+# project_quotas.<project>.<key>: integer limits, and monthly_budget as a USD amount.
+QUOTA_LIMIT_KEYS = ("max_running_batches", "max_stored_bytes", "max_uploads")
 KNOWN_ENTRY_KEYS = {"model_name", "litellm_params", "model_info"}
 SECRET_PARAMS = {"api_key", "aws_secret_access_key", "aws_session_token", "vertex_credentials", "aws_access_key_id",
                  "azure_ad_token", "client_secret", "aws_bedrock_runtime_endpoint_token"}
@@ -99,6 +103,7 @@ class ModelList:
     deployments: list[Deployment]
     router: RouterSettings = field(default_factory=RouterSettings)
     source: str = "embedded"
+    quotas: dict[str, ProjectQuota] = field(default_factory=dict)  # project_quotas, by project
 
     def by_id(self, deployment_id: str) -> Deployment | None:
         return next((d for d in self.deployments if d.id == deployment_id), None)
@@ -283,7 +288,34 @@ def parse_config(doc: Any, source: str) -> ModelList:
             raise ConfigError(f"{source}: two deployments share the id {d.id!r} ({seen[d.id]} and {d.model_name});"
                               " give them distinct model_info.id")
         seen[d.id] = d.model_name
-    return ModelList(deployments, _router_settings(doc, source), source)
+    return ModelList(deployments, _router_settings(doc, source), source, _project_quotas(doc, source))
+
+
+def _project_quotas(doc: Mapping[str, Any], source: str) -> dict[str, ProjectQuota]:
+    quotas = {}
+    for project, entry in _mapping(doc, "project_quotas", source).items():
+        where = f"{source}: project_quotas.{project}"
+        if not isinstance(project, str) or not project:
+            raise ConfigError(f"{source}: project_quotas keys must be project names")
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where} must be a mapping")
+        for key in sorted(set(entry) - {*QUOTA_LIMIT_KEYS, "monthly_budget"}, key=str):
+            raise ConfigError(f"{where}: unknown key {key!r}; use {', '.join(QUOTA_LIMIT_KEYS)} or monthly_budget")
+        quota = ProjectQuota(project)
+        for key in QUOTA_LIMIT_KEYS:
+            value = entry.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{where}.{key} must be an integer >= 0, got {value!r}")
+            setattr(quota, key, value)
+        if entry.get("monthly_budget") is not None:
+            quota.monthly_budget_nanos = amount_to_nanos(str(entry["monthly_budget"]))
+            if quota.monthly_budget_nanos is None:
+                raise ConfigError(f"{where}.monthly_budget must be a USD amount >= 0 such as \"250.00\","
+                                  f" got {entry['monthly_budget']!r}")
+        quotas[project] = quota
+    return quotas
 
 
 def load_model_list(path: Path | None) -> ModelList:

@@ -76,7 +76,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         " [BATCHGATE_UPLOAD_IDLE_TIMEOUT]")
     p.add_argument("--max-uploads-per-project", type=int,
                    default=int(_env("MAX_UPLOADS_PER_PROJECT", str(d.max_uploads_per_project))),
-                   help="uploads one project may run at once [BATCHGATE_MAX_UPLOADS_PER_PROJECT]")
+                   help="uploads one project may run at once, unless its quota sets max_uploads"
+                        " [BATCHGATE_MAX_UPLOADS_PER_PROJECT]")
     p.add_argument("--heartbeat-interval", type=float,
                    default=float(_env("HEARTBEAT_INTERVAL", str(d.heartbeat_interval))),
                    help="seconds between WatchBatch heartbeats on an idle stream [BATCHGATE_HEARTBEAT_INTERVAL]")

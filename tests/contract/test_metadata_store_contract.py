@@ -12,6 +12,7 @@ import json
 import pytest
 
 from batchgate_server.domain.models import (
+    ApiKeyRecord,
     BatchError,
     BatchRecord,
     BatchStatus,
@@ -19,6 +20,7 @@ from batchgate_server.domain.models import (
     FailureCount,
     FilePurpose,
     FileRecord,
+    ProjectQuota,
     RequestCounts,
     Usage,
 )
@@ -298,16 +300,94 @@ async def test_active_batches_are_the_unfinished_oldest_first(database):
 # -- api keys and secrets ------------------------------------------------------------------
 
 
+def api_key(key_id: str, *, project: str = "p", created_at: float = NOW, **kw) -> ApiKeyRecord:
+    return ApiKeyRecord(id=key_id, project=project, created_at=created_at, **kw)
+
+
 async def test_api_keys_are_found_by_hash_and_counted(database):
     store = database.metadata
     assert await store.count_api_keys() == 0
-    await store.add_api_key("hash-1", "key-1", "p", NOW)
-    await store.add_api_key("hash-2", "key-2", "q", NOW)
-    assert await store.find_api_key("hash-1") == ("key-1", "p")
+    await store.add_api_key("hash-1", api_key("key-1", name="ci", expires_at=NOW + 60))
+    await store.add_api_key("hash-2", api_key("key-2", project="q"))
+    assert await store.find_api_key("hash-1") == api_key("key-1", name="ci", expires_at=NOW + 60)
     assert await store.find_api_key("hash-none") is None
+    assert await store.get_api_key("key-2") == api_key("key-2", project="q")
+    assert await store.get_api_key("key-none") is None
     assert await store.count_api_keys() == 2
     with pytest.raises(Duplicate):
-        await store.add_api_key("hash-1", "key-3", "p", NOW)
+        await store.add_api_key("hash-1", api_key("key-3"))
+    with pytest.raises(Duplicate):
+        await store.add_api_key("hash-3", api_key("key-1"))
+
+
+async def test_a_revoked_key_is_still_found_and_no_longer_counted(database_backend, database):
+    store = database.metadata
+    await store.add_api_key("hash-1", api_key("key-1"))
+    other = (await database_backend.open()).metadata  # another replica on the same database
+    revoked = await other.revoke_api_key("key-1", NOW + 5)
+    assert revoked is not None and revoked.revoked_at == NOW + 5
+    assert (await store.find_api_key("hash-1")).revoked_at == NOW + 5
+    assert await store.count_api_keys() == 0
+    # Revoking again keeps the first time; an unknown id is None.
+    assert (await store.revoke_api_key("key-1", NOW + 9)).revoked_at == NOW + 5
+    assert await store.revoke_api_key("key-none", NOW) is None
+
+
+async def test_touching_a_key_records_its_last_use(database):
+    store = database.metadata
+    await store.add_api_key("hash-1", api_key("key-1"))
+    await store.touch_api_key("key-1", NOW + 61)
+    assert (await store.find_api_key("hash-1")).last_used_at == NOW + 61
+
+
+async def test_api_keys_list_newest_first_by_project_in_keyset_pages(database):
+    store = database.metadata
+    for i in range(5):
+        await store.add_api_key(f"hash-{i}", api_key(f"key-{i}", project="p" if i % 2 else "q",
+                                                     created_at=NOW + i // 2))
+    everything = [k.id for k in await store.list_api_keys(None, 10, None)]
+    assert everything == ["key-4", "key-3", "key-2", "key-1", "key-0"]
+    assert [k.id for k in await store.list_api_keys("p", 10, None)] == ["key-3", "key-1"]
+    assert [k.id for k in await store.list_api_keys(None, 2, (NOW + 1, "key-3"))] == ["key-2", "key-1"]
+
+
+async def test_project_quotas_round_trip_replace_and_delete(database):
+    store = database.metadata
+    assert await store.get_project_quota("p") is None
+    quota = ProjectQuota("p", max_running_batches=2, max_stored_bytes=10**12, max_uploads=0,
+                         monthly_budget_nanos=250 * 10**9)
+    await store.set_project_quota(quota)
+    assert await store.get_project_quota("p") == quota
+    await store.set_project_quota(ProjectQuota("p", max_uploads=3))
+    assert await store.get_project_quota("p") == ProjectQuota("p", max_uploads=3)
+    assert await store.get_project_quota("q") is None
+    assert await store.delete_project_quota("p") is True
+    assert await store.delete_project_quota("p") is False
+    assert await store.get_project_quota("p") is None
+
+
+async def test_stored_bytes_sum_a_projects_files(database):
+    store = database.metadata
+    assert await store.stored_bytes("p") == 0
+    for file_id, project in (("file-1", "p"), ("file-2", "p"), ("file-3", "q")):
+        await store.insert_file(file_record(file_id, project=project))  # 123 bytes each
+    assert await store.stored_bytes("p") == 246
+    await store.delete_file("file-1")
+    assert await store.stored_bytes("p") == 123
+
+
+async def test_unfinished_batches_are_counted_per_project(database):
+    store = database.metadata
+    await store.insert_batch(batch_record("batch-1"))
+    await store.insert_batch(batch_record("batch-2", status=BatchStatus.IN_PROGRESS))
+    await store.insert_batch(batch_record("batch-3", status=BatchStatus.COMPLETED))
+    await store.insert_batch(batch_record("batch-4", project="q"))
+    assert await store.count_unfinished_batches("p") == 2
+    ended = await store.get_batch("batch-1")
+    ended.status = BatchStatus.CANCELLED
+    await store.update_batch(ended)
+    assert await store.count_unfinished_batches("p") == 1
+    assert await store.count_unfinished_batches("none") == 0
 
 
 async def test_a_server_secret_is_made_once_and_shared(database_backend, database):

@@ -13,7 +13,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from batchgate.v1 import batch_pb2, file_pb2
-from tests.conftest import batch_file, error_details, jsonl, request_line, start_harness
+from batchgate_server.core.auth import create_api_key
+from tests.conftest import Caller, batch_file, error_details, jsonl, request_line, start_harness
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import create, results, write_config
 
@@ -200,3 +201,14 @@ async def test_results_that_do_not_fit_are_written_again_once_space_is_back(remo
     out, _ = await results(a, final)
     assert sorted(line["custom_id"] for line in out) == sorted(f"q-{i}" for i in range(1000))
     await assert_nothing_half_written(h)
+
+
+async def test_a_key_used_for_the_first_time_on_a_full_disk_still_reads(full_disk_harness, small_disk):
+    # Its first use records last_used_at, a write the full disk may refuse: the call must go on.
+    h = full_disk_harness
+    _, secret = await create_api_key(h.server.store, "first-use")
+    fresh = Caller(h.alice.files, h.alice.batches, (("authorization", f"Bearer {secret}"),), "first-use")
+    await h.upload(h.alice, batch_file(10))
+    small_disk.fill()
+    listed = await fresh.files.ListFiles(file_pb2.ListFilesRequest(), metadata=fresh.metadata)
+    assert list(listed.files) == []

@@ -332,3 +332,24 @@ def test_a_deployment_repr_shows_no_secret(env, tmp_path):
     ml = load_model_list(path)
     text = repr(ml.deployments)
     assert SECRET not in text and AZURE_SECRET not in text
+
+
+@pytest.mark.parametrize(("quotas", "message"), [
+    ({"p": {"max_running_batches": -1}}, "max_running_batches must be an integer >= 0"),
+    ({"p": {"max_stored_bytes": "10GB"}}, "max_stored_bytes must be an integer >= 0"),
+    ({"p": {"max_uploads": True}}, "max_uploads must be an integer >= 0"),
+    ({"p": {"monthly_budget": "lots"}}, "monthly_budget must be a USD amount"),
+    ({"p": {"monthly_budget": -5}}, "monthly_budget must be a USD amount"),
+    ({"p": {"max_batches": 3}}, "unknown key 'max_batches'"),
+    ({"p": 3}, "project_quotas.p must be a mapping"),
+    ([1], "project_quotas must be a mapping"),
+])
+def test_bad_project_quotas_are_clear_errors(quotas, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"project_quotas": quotas}, "cfg.yaml")
+
+
+def test_project_quotas_are_read_with_unset_limits_as_none():
+    quotas = parse_config({"project_quotas": {"p": {"max_uploads": 0, "monthly_budget": 12.5}}}, "cfg.yaml").quotas
+    assert quotas["p"].max_uploads == 0 and quotas["p"].monthly_budget_nanos == 12_500_000_000
+    assert quotas["p"].max_running_batches is None and quotas["p"].max_stored_bytes is None

@@ -8,7 +8,7 @@ from typing import Any
 
 from batchgate._common import DEFAULT_ADDRESS, TLS, auth_metadata, make_channel
 from batchgate._steps import Call, Open, Options, RetryPolicy
-from batchgate.v1 import batch_pb2_grpc, file_pb2_grpc, usage_pb2_grpc
+from batchgate.v1 import admin_pb2_grpc, batch_pb2_grpc, file_pb2_grpc, usage_pb2_grpc
 
 
 class ClientBase:
@@ -29,6 +29,7 @@ class ClientBase:
         self.files = file_pb2_grpc.FileServiceStub(self.channel)
         self.batches = batch_pb2_grpc.BatchServiceStub(self.channel)
         self.usage = usage_pb2_grpc.UsageServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)  # master key only
         self._md = auth_metadata(api_key)
         self.options = Options(timeout=timeout, retry=retry or RetryPolicy())
 

@@ -25,6 +25,7 @@ import {
   UploadFileRequestSchema,
 } from "./gen/batchgate/v1/file_pb.js";
 import { UsageService } from "./gen/batchgate/v1/usage_pb.js";
+import { AdminService } from "./gen/batchgate/v1/admin_pb.js";
 import { toBatchgateError } from "./errors.js";
 
 export const DEFAULT_ADDRESS = "127.0.0.1:50051";
@@ -101,6 +102,8 @@ export class BatchgateClient {
   readonly files: Client<typeof FileService>;
   readonly batches: Client<typeof BatchService>;
   readonly usage: Client<typeof UsageService>;
+  /** Keys and quotas: the master key only. */
+  readonly admin: Client<typeof AdminService>;
   private readonly timeoutMs?: number;
 
   constructor(options: ClientOptions = {}) {
@@ -110,6 +113,7 @@ export class BatchgateClient {
     this.files = createClient(FileService, transport);
     this.batches = createClient(BatchService, transport);
     this.usage = createClient(UsageService, transport);
+    this.admin = createClient(AdminService, transport);
     this.timeoutMs = options.timeoutMs;
   }
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from batchgate.v1 import batch_pb2, file_pb2
-from batchgate_server.core.errors import clip
+from batchgate_server.core.errors import FieldViolation, InvalidArgument, clip
 from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 
 PURPOSE_TO_PROTO = {
@@ -30,6 +31,25 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+# The range google.protobuf.Timestamp defines: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+
+def seconds_of(request: Message, name: str) -> float | None:
+    """The Timestamp field `name` of `request` in seconds (None when unset), checked."""
+    if not request.HasField(name):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(request, name)
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument(f"{name} has nanos out of range", "INVALID_TIME_RANGE",
+                              violations=[FieldViolation(name, "nanos must be 0 to 999,999,999")])
+    if not MIN_TIMESTAMP_SECONDS <= ts.seconds <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidArgument(f"{name} is outside the years 1 to 9999 a Timestamp can hold", "INVALID_TIME_RANGE",
+                              violations=[FieldViolation(name, "between 0001-01-01 and 9999-12-31")])
+    return ts.seconds + ts.nanos / 1e9
 
 
 # Uploads bound the free-text fields of a file far below this; a record stored before they did may

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from google.protobuf import timestamp_pb2
-
 from batchgate.v1 import usage_pb2, usage_pb2_grpc
+from batchgate_server.api.convert import seconds_of
 from batchgate_server.api.handlers import unary
 from batchgate_server.core.auth import Authenticator, Principal
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
@@ -17,24 +16,6 @@ GROUP_BY_FROM_PROTO = {
     usage_pb2.USAGE_GROUP_BY_PROVIDER: GroupBy.PROVIDER,
     usage_pb2.USAGE_GROUP_BY_METADATA_KEY: GroupBy.METADATA_KEY,
 }
-
-
-# The range google.protobuf.Timestamp defines: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-MIN_TIMESTAMP_SECONDS = -62_135_596_800
-MAX_TIMESTAMP_SECONDS = 253_402_300_799
-
-
-def _seconds(request: usage_pb2.QueryUsageRequest, name: str) -> float | None:
-    if not request.HasField(name):
-        return None
-    ts: timestamp_pb2.Timestamp = getattr(request, name)
-    if not 0 <= ts.nanos < 1_000_000_000:
-        raise InvalidArgument(f"{name} has nanos out of range", "INVALID_TIME_RANGE",
-                              violations=[FieldViolation(name, "nanos must be 0 to 999,999,999")])
-    if not MIN_TIMESTAMP_SECONDS <= ts.seconds <= MAX_TIMESTAMP_SECONDS:
-        raise InvalidArgument(f"{name} is outside the years 1 to 9999 a Timestamp can hold", "INVALID_TIME_RANGE",
-                              violations=[FieldViolation(name, "between 0001-01-01 and 9999-12-31")])
-    return ts.seconds + ts.nanos / 1e9
 
 
 def sums_to_proto(s: UsageSums) -> usage_pb2.UsageRow:
@@ -58,7 +39,7 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
                                       violations=[FieldViolation("group_by", "USAGE_GROUP_BY_* values only")])
             group_by.append(GROUP_BY_FROM_PROTO[value])
         report = await self.usage.query(principal, UsageQuery(
-            start=_seconds(request, "start_time"), end=_seconds(request, "end_time"), group_by=group_by,
+            start=seconds_of(request, "start_time"), end=seconds_of(request, "end_time"), group_by=group_by,
             metadata_key=request.metadata_key, project=request.project, model=request.model,
             provider=request.provider, page_size=request.page_size, page_token=request.page_token),
             weigh=lambda row: sums_to_proto(row).ByteSize())

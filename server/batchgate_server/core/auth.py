@@ -2,18 +2,31 @@
 
 Keys are long random secrets, so one SHA-256 is enough to store them safely
 (no password stretching needed) and lets a lookup be a single indexed read.
+
+Nothing is cached: every call reads its key's row (one indexed read on the reader pool), so a key
+revoked or expired through any replica is refused by every replica on its very next call. What is
+throttled is the write: last_used_at moves at most once a minute per key (LAST_USED_RESOLUTION),
+judged from the row just read, so replicas share the throttle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import time
 from dataclasses import dataclass
 
 from batchgate_server.core.errors import Unauthenticated
 from batchgate_server.domain.ids import new_key_secret
+from batchgate_server.domain.models import ApiKeyRecord
+from batchgate_server.store.errors import StorageError
 from batchgate_server.store.ports import MetadataStore
+
+log = logging.getLogger(__name__)
+
+# Seconds: last_used_at is written when the stored one is older than this.
+LAST_USED_RESOLUTION = 60.0
 
 DEFAULT_PROJECT = "default"
 
@@ -68,17 +81,31 @@ class Authenticator:
             return Principal(DEFAULT_PROJECT, "master", is_admin=True)
         if not secret.isascii():  # project keys are ASCII (new_key_secret)
             raise Unauthenticated("invalid API key", "INVALID_API_KEY")
-        found = await self._store.find_api_key(hash_key(secret))
-        if found is None:
+        key = await self._store.find_api_key(hash_key(secret))
+        if key is None:
             raise Unauthenticated("invalid API key", "INVALID_API_KEY")
-        key_id, project = found
-        return Principal(project, key_id)
+        now = time.time()
+        if key.revoked_at is not None:
+            raise Unauthenticated(f"API key {key.id} was revoked", "API_KEY_REVOKED", {"key_id": key.id})
+        if key.expires_at is not None and key.expires_at <= now:
+            raise Unauthenticated(f"API key {key.id} has expired", "API_KEY_EXPIRED", {"key_id": key.id})
+        if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+            await self._touch(key.id, now)
+        return Principal(key.project, key.id)
+
+    async def _touch(self, key_id: str, now: float) -> None:
+        try:
+            await self._store.touch_api_key(key_id, now)
+        except StorageError as err:  # a full or busy store must not refuse a valid key
+            log.warning("could not record the use of API key %s: %s", key_id, err)
 
 
-async def create_api_key(store: MetadataStore, project: str) -> tuple[str, str]:
-    """Create a key for `project`; returns (key_id, secret). The secret is not stored."""
+async def create_api_key(store: MetadataStore, project: str, name: str = "",
+                         expires_at: float | None = None) -> tuple[ApiKeyRecord, str]:
+    """Create a key for `project`; returns its record and its secret. The secret is not stored."""
     secret = new_key_secret()
     key_hash = hash_key(secret)
-    key_id = "key_" + key_hash[:12]
-    await store.add_api_key(key_hash, key_id, project, time.time())
-    return key_id, secret
+    key = ApiKeyRecord(id="key_" + key_hash[:12], project=project, created_at=time.time(), name=name,
+                       expires_at=expires_at)
+    await store.add_api_key(key_hash, key)
+    return key, secret

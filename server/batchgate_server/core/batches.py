@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
+from batchgate_server.core.errors import invalid_field as _invalid
 from batchgate_server.core.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -23,6 +24,7 @@ from batchgate_server.core.errors import (
 )
 from batchgate_server.core.files import FileManager
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
+from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker, batch_load
@@ -56,10 +58,6 @@ class CreateBatch:
     model: str = ""
     provider: str = ""
     request_id: str = ""
-
-
-def _invalid(message: str, reason: str, field: str, description: str, **meta: str) -> InvalidArgument:
-    return InvalidArgument(message, reason, dict(meta), [FieldViolation(field, description)])
 
 
 def check_create(req: CreateBatch) -> None:
@@ -111,8 +109,10 @@ def replay(previous: BatchRecord, req: CreateBatch) -> BatchRecord:
 
 class BatchManager:
     def __init__(self, store: MetadataStore, files: FileManager, router: Router, providers: ProviderRegistry,
-                 tracker: Tracker, hub: WatchHub, accounting: Accounting, page_tokens: PageTokens) -> None:
+                 tracker: Tracker, hub: WatchHub, accounting: Accounting, page_tokens: PageTokens,
+                 quotas: Quotas) -> None:
         self.store = store
+        self.quotas = quotas
         self.files = files
         self.router = router
         self.providers = providers
@@ -129,6 +129,7 @@ class BatchManager:
             if previous is not None:
                 return replay(previous, req)
         source = await self.files.get(principal, req.input_file_id)
+        await self.quotas.check_create_batch(principal.project)
         if source.purpose is not FilePurpose.BATCH:
             raise FailedPrecondition(f"file {source.id} has purpose {source.purpose.value!r}; a batch needs a "
                                      "file uploaded with purpose batch", "FILE_NOT_BATCH_INPUT",

@@ -103,6 +103,11 @@ def echo(value: str, max_bytes: int = 120) -> str:
     return clip(repr(value), max_bytes)
 
 
+def invalid_field(message: str, reason: str, field_name: str, description: str, **meta: str) -> InvalidArgument:
+    """INVALID_ARGUMENT naming the one field at fault (a BadRequest field violation)."""
+    return InvalidArgument(message, reason, dict(meta), [FieldViolation(field_name, description)])
+
+
 def not_found(kind: str, resource_id: str) -> NotFound:
     return NotFound(
         f"{kind} {echo(resource_id)} not found",

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from batchgate_server.core.auth import Principal
 from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
+from batchgate_server.core.errors import invalid_field as _invalid
 from batchgate_server.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -27,6 +28,7 @@ from batchgate_server.core.errors import (
     not_found,
 )
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
+from batchgate_server.core.quotas import Quotas
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import FilePurpose, FileRecord
 from batchgate_server.store.errors import Duplicate
@@ -63,10 +65,6 @@ class FileLimits:
     # nothing would otherwise hold a temp file and a descriptor forever.
     upload_idle_timeout: float = 60.0
     max_uploads_per_project: int = 8
-
-
-def _invalid(message: str, reason: str, field_name: str, description: str, **meta: str) -> InvalidArgument:
-    return InvalidArgument(message, reason, dict(meta), [FieldViolation(field_name, description)])
 
 
 def check_header(h: UploadHeader) -> None:
@@ -173,6 +171,7 @@ class FileManager:
         # Set by the batch layer: which running batch reads this file, if any.
         self.used_by: Callable[[str], str | None] = lambda file_id: None
         self._uploading: Counter[str] = Counter()  # project -> uploads running now
+        self.quotas: Quotas | None = None  # set by the batch layer (it needs the ledger and the config)
 
     # -- upload -----------------------------------------------------------------------
 
@@ -189,10 +188,13 @@ class FileManager:
         `chunks` ends: the header is checked again then."""
         check_header(header)
         cap = self.limits.max_uploads_per_project
+        if self.quotas is not None:
+            cap = await self.quotas.upload_cap(principal.project, cap)
         if self._uploading[principal.project] >= cap:
             raise ResourceExhausted(f"project {principal.project!r} already runs {cap} uploads, the most allowed at"
                                     " once; retry when one of them has ended", "TOO_MANY_UPLOADS", retry_after=1.0,
-                                    metadata={"max_uploads": str(cap)})
+                                    metadata={"max_uploads": str(cap), "limit": str(cap),
+                                              "current": str(self._uploading[principal.project])})
         self._uploading[principal.project] += 1
         try:
             return await self._upload(principal, header, chunks)
@@ -245,6 +247,8 @@ class FileManager:
             result = validator.finish()
             if not result.ok:
                 raise validation_error(result)
+            if self.quotas is not None:
+                await self.quotas.check_stored_bytes(principal.project, size)
             now = time.time()
             record = FileRecord(
                 id=new_file_id(), project=principal.project, filename=header.filename,

@@ -161,3 +161,28 @@ class BatchRecord:
     # its request_id is used again. None on batches created before they were kept.
     requested_model: str | None = None
     requested_provider: str | None = None
+
+
+@dataclass
+class ApiKeyRecord:
+    """A project API key as stored: its hash, never its secret."""
+
+    id: str  # "key_…": safe to show, log and record on batches
+    project: str
+    created_at: float
+    name: str = ""
+    expires_at: float | None = None  # None: never expires
+    revoked_at: float | None = None
+    last_used_at: float | None = None  # updated at most once a minute (core/auth.py)
+
+
+@dataclass
+class ProjectQuota:
+    """Per-project limits; None means no limit of that kind (the upload cap then falls back to
+    --max-uploads-per-project)."""
+
+    project: str
+    max_running_batches: int | None = None
+    max_stored_bytes: int | None = None
+    max_uploads: int | None = None
+    monthly_budget_nanos: int | None = None  # USD, in 1e-9 units like the ledger's cost_nanos

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchgate_server.domain.models import BatchRecord, BatchStatus, FileRecord
+from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 
 DEFAULT_READ_CHUNK = 256 * 1024
 # Blocks in which `BlobStore.lines` reads a blob.
@@ -123,16 +123,55 @@ class MetadataStore(abc.ABC):
     # -- api keys
 
     @abc.abstractmethod
-    async def add_api_key(self, key_hash: str, key_id: str, project: str, now: float) -> None:
-        """Duplicate when key_hash or key_id is taken."""
+    async def add_api_key(self, key_hash: str, key: ApiKeyRecord) -> None:
+        """Duplicate when key_hash or key.id is taken."""
 
     @abc.abstractmethod
-    async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        """(key_id, project) of the unrevoked key with this hash, if any."""
+    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """The key with this hash, revoked or expired ones included (the caller tells them apart)."""
+
+    @abc.abstractmethod
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_api_keys(self, project: str | None, limit: int,
+                            after: tuple[float, str] | None) -> list[ApiKeyRecord]:
+        """At most `limit` keys of `project` (None: all), revoked ones included, newest first,
+        after the keyset cursor (created_at, id)."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, key_id: str, now: float) -> ApiKeyRecord | None:
+        """Mark the key revoked at `now` (a key revoked already keeps its first revoked_at);
+        returns it as stored, None when there is no such key."""
+
+    @abc.abstractmethod
+    async def touch_api_key(self, key_id: str, now: float) -> None:
+        """Set last_used_at to `now` (callers throttle this: it is a write)."""
 
     @abc.abstractmethod
     async def count_api_keys(self) -> int:
         """Unrevoked keys."""
+
+    # -- project quotas
+
+    @abc.abstractmethod
+    async def set_project_quota(self, quota: ProjectQuota) -> None:
+        """Store `quota` for its project, replacing any earlier one."""
+
+    @abc.abstractmethod
+    async def get_project_quota(self, project: str) -> ProjectQuota | None: ...
+
+    @abc.abstractmethod
+    async def delete_project_quota(self, project: str) -> bool:
+        """False when the project had none."""
+
+    @abc.abstractmethod
+    async def stored_bytes(self, project: str) -> int:
+        """The sum of the sizes of the project's file records (inputs and outputs)."""
+
+    @abc.abstractmethod
+    async def count_unfinished_batches(self, project: str) -> int:
+        """The project's batches in a non-terminal status."""
 
     # -- files
 

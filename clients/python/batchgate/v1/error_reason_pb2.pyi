@@ -33,8 +33,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Do: send it as `Bearer ` followed by the key.
     """
     INVALID_API_KEY: _ErrorReason.ValueType  # 3
-    """UNAUTHENTICATED. The key is neither the master key nor a live project key
-    (unknown or revoked). Do: use a key from `batchgate-server keys create`.
+    """UNAUTHENTICATED. The key is neither the master key nor a project key this
+    server knows. Do: use a key from `batchgate-server keys create`.
     """
     MALFORMED_REQUEST: _ErrorReason.ValueType  # 4
     """INVALID_ARGUMENT. The request is not a valid protobuf message of its type
@@ -68,8 +68,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     TOO_MANY_UPLOADS: _ErrorReason.ValueType  # 11
     """RESOURCE_EXHAUSTED. The project already runs `--max-uploads-per-project`
-    uploads; metadata `max_uploads`, with a RetryInfo. Do: retry after the
-    RetryInfo delay, or upload fewer files at once.
+    uploads (or its quota's max_uploads); metadata `max_uploads`, `limit`,
+    `current`, with a RetryInfo. Do: retry after the RetryInfo delay, or
+    upload fewer files at once.
     """
     INVALID_FILENAME: _ErrorReason.ValueType  # 12
     """INVALID_ARGUMENT. header.filename is empty, longer than 255 characters or
@@ -346,6 +347,60 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     INVALID_FIELD: _ErrorReason.ValueType  # 75
     """INVALID_ARGUMENT. A form field is not UTF-8 text. Do: send it as text."""
+    API_KEY_REVOKED: _ErrorReason.ValueType  # 100
+    """UNAUTHENTICATED. The project key was revoked (`batchgate-server keys
+    revoke` or AdminService.RevokeApiKey); metadata `key_id`. Do: ask the
+    operator for a new key.
+    """
+    API_KEY_EXPIRED: _ErrorReason.ValueType  # 101
+    """UNAUTHENTICATED. The project key is past its expiry time; metadata
+    `key_id`. Do: ask the operator for a new key.
+    """
+    ADMIN_KEY_REQUIRED: _ErrorReason.ValueType  # 102
+    """PERMISSION_DENIED. An AdminService call made with a project key. Do: call
+    it with the master key (BATCHGATE_MASTER_KEY).
+    """
+    QUOTA_RUNNING_BATCHES: _ErrorReason.ValueType  # 103
+    """RESOURCE_EXHAUSTED. CreateBatch while the project has as many unfinished
+    batches as its quota's max_running_batches; metadata `project`, `limit`,
+    `current`, with a RetryInfo. Do: wait for a batch to end (or cancel one),
+    or ask the operator for a higher quota.
+    """
+    QUOTA_STORED_BYTES: _ErrorReason.ValueType  # 104
+    """RESOURCE_EXHAUSTED. An upload would take the project's files past its
+    quota's max_stored_bytes; metadata `project`, `limit`, `current` (bytes
+    stored now), `upload_bytes`, with a RetryInfo. Do: delete files you no
+    longer need, or ask the operator for a higher quota.
+    """
+    QUOTA_MONTHLY_BUDGET: _ErrorReason.ValueType  # 105
+    """RESOURCE_EXHAUSTED. CreateBatch once the project's spend this calendar
+    month (UTC, from the usage ledger) has reached its quota's monthly_budget;
+    metadata `project`, `limit`, `current` (USD), with a RetryInfo until the
+    next month. Do: wait for next month, or ask the operator for a higher
+    budget.
+    """
+    API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 106
+    """NOT_FOUND. RevokeApiKey names no key; metadata `api_key_id`. Do: take the
+    id from ListApiKeys (`key_…`, never the secret).
+    """
+    INVALID_PROJECT: _ErrorReason.ValueType  # 107
+    """INVALID_ARGUMENT. A project name that is empty, longer than 64 characters
+    or holds characters other than letters, digits, `-`, `_` and `.`.
+    Do: send a plain project name.
+    """
+    INVALID_KEY_NAME: _ErrorReason.ValueType  # 108
+    """INVALID_ARGUMENT. An API key name longer than 128 characters or with a
+    control character. Do: send a short plain label.
+    """
+    INVALID_EXPIRE_TIME: _ErrorReason.ValueType  # 109
+    """INVALID_ARGUMENT. An API key's expire_time is not in the future.
+    Do: send a later time, or none for a key that never expires.
+    """
+    INVALID_QUOTA: _ErrorReason.ValueType  # 110
+    """INVALID_ARGUMENT. A quota limit is negative, or monthly_budget is not a
+    USD amount such as "250.00"; a BadRequest names the field. Do: send
+    limits >= 0, or leave a limit unset for none.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every `google.rpc.ErrorInfo.reason` batchgate sends, in the
@@ -378,8 +433,8 @@ MALFORMED_API_KEY: ErrorReason.ValueType  # 2
 Do: send it as `Bearer ` followed by the key.
 """
 INVALID_API_KEY: ErrorReason.ValueType  # 3
-"""UNAUTHENTICATED. The key is neither the master key nor a live project key
-(unknown or revoked). Do: use a key from `batchgate-server keys create`.
+"""UNAUTHENTICATED. The key is neither the master key nor a project key this
+server knows. Do: use a key from `batchgate-server keys create`.
 """
 MALFORMED_REQUEST: ErrorReason.ValueType  # 4
 """INVALID_ARGUMENT. The request is not a valid protobuf message of its type
@@ -413,8 +468,9 @@ sending chunks without long pauses.
 """
 TOO_MANY_UPLOADS: ErrorReason.ValueType  # 11
 """RESOURCE_EXHAUSTED. The project already runs `--max-uploads-per-project`
-uploads; metadata `max_uploads`, with a RetryInfo. Do: retry after the
-RetryInfo delay, or upload fewer files at once.
+uploads (or its quota's max_uploads); metadata `max_uploads`, `limit`,
+`current`, with a RetryInfo. Do: retry after the RetryInfo delay, or
+upload fewer files at once.
 """
 INVALID_FILENAME: ErrorReason.ValueType  # 12
 """INVALID_ARGUMENT. header.filename is empty, longer than 255 characters or
@@ -691,4 +747,58 @@ shorter value.
 """
 INVALID_FIELD: ErrorReason.ValueType  # 75
 """INVALID_ARGUMENT. A form field is not UTF-8 text. Do: send it as text."""
+API_KEY_REVOKED: ErrorReason.ValueType  # 100
+"""UNAUTHENTICATED. The project key was revoked (`batchgate-server keys
+revoke` or AdminService.RevokeApiKey); metadata `key_id`. Do: ask the
+operator for a new key.
+"""
+API_KEY_EXPIRED: ErrorReason.ValueType  # 101
+"""UNAUTHENTICATED. The project key is past its expiry time; metadata
+`key_id`. Do: ask the operator for a new key.
+"""
+ADMIN_KEY_REQUIRED: ErrorReason.ValueType  # 102
+"""PERMISSION_DENIED. An AdminService call made with a project key. Do: call
+it with the master key (BATCHGATE_MASTER_KEY).
+"""
+QUOTA_RUNNING_BATCHES: ErrorReason.ValueType  # 103
+"""RESOURCE_EXHAUSTED. CreateBatch while the project has as many unfinished
+batches as its quota's max_running_batches; metadata `project`, `limit`,
+`current`, with a RetryInfo. Do: wait for a batch to end (or cancel one),
+or ask the operator for a higher quota.
+"""
+QUOTA_STORED_BYTES: ErrorReason.ValueType  # 104
+"""RESOURCE_EXHAUSTED. An upload would take the project's files past its
+quota's max_stored_bytes; metadata `project`, `limit`, `current` (bytes
+stored now), `upload_bytes`, with a RetryInfo. Do: delete files you no
+longer need, or ask the operator for a higher quota.
+"""
+QUOTA_MONTHLY_BUDGET: ErrorReason.ValueType  # 105
+"""RESOURCE_EXHAUSTED. CreateBatch once the project's spend this calendar
+month (UTC, from the usage ledger) has reached its quota's monthly_budget;
+metadata `project`, `limit`, `current` (USD), with a RetryInfo until the
+next month. Do: wait for next month, or ask the operator for a higher
+budget.
+"""
+API_KEY_NOT_FOUND: ErrorReason.ValueType  # 106
+"""NOT_FOUND. RevokeApiKey names no key; metadata `api_key_id`. Do: take the
+id from ListApiKeys (`key_…`, never the secret).
+"""
+INVALID_PROJECT: ErrorReason.ValueType  # 107
+"""INVALID_ARGUMENT. A project name that is empty, longer than 64 characters
+or holds characters other than letters, digits, `-`, `_` and `.`.
+Do: send a plain project name.
+"""
+INVALID_KEY_NAME: ErrorReason.ValueType  # 108
+"""INVALID_ARGUMENT. An API key name longer than 128 characters or with a
+control character. Do: send a short plain label.
+"""
+INVALID_EXPIRE_TIME: ErrorReason.ValueType  # 109
+"""INVALID_ARGUMENT. An API key's expire_time is not in the future.
+Do: send a later time, or none for a key that never expires.
+"""
+INVALID_QUOTA: ErrorReason.ValueType  # 110
+"""INVALID_ARGUMENT. A quota limit is negative, or monthly_budget is not a
+USD amount such as "250.00"; a BadRequest names the field. Do: send
+limits >= 0, or leave a limit unset for none.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -41,7 +41,7 @@ from typing import Any
 
 import asyncpg
 
-from batchgate_server.domain.models import BatchRecord, BatchStatus, FileRecord
+from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
 from batchgate_server.store.errors import RevisionConflict, StorageUnavailable
 from batchgate_server.store.ports import MetadataStore
@@ -80,7 +80,8 @@ class Params:
 
 
 def _keyset_query(select: str, project: str | None, conditions: Sequence[str], p: Params,
-                  after: tuple[float, str] | None, limit: int, oldest_first: bool = False) -> str:
+                  after: tuple[float, str] | None, limit: int, oldest_first: bool = False,
+                  id_column: str = "id") -> str:
     """`select` filtered by project (None: all) and `conditions` (SQL with p's parameters), newest
     first (or oldest first), from after the keyset cursor (created_at, id), at most `limit` rows.
     Either way an index on (…, created_at DESC, id DESC) serves it, read forwards or backwards."""
@@ -89,10 +90,14 @@ def _keyset_query(select: str, project: str | None, conditions: Sequence[str], p
         where.append(f"project = {p(text_param(project))}")
     if after:
         beyond = ">" if oldest_first else "<"
-        where.append(f"(created_at, id) {beyond} ({p(after[0])}, {p(text_param(after[1]))})")
+        where.append(f"(created_at, {id_column}) {beyond} ({p(after[0])}, {p(text_param(after[1]))})")
     direction = "ASC" if oldest_first else "DESC"
-    return (f"{select} WHERE {' AND '.join(where)} ORDER BY created_at {direction}, id {direction}"
+    return (f"{select} WHERE {' AND '.join(where)} ORDER BY created_at {direction}, {id_column} {direction}"
             f" LIMIT {p(limit)}")
+
+
+_API_KEY_SELECT = ("SELECT key_id AS id, project, created_at, name, expires_at, revoked_at, last_used_at"
+                   " FROM api_keys")
 
 
 def _file(row: asyncpg.Record) -> FileRecord:
@@ -213,17 +218,64 @@ class PostgresMetadataStore(MetadataStore):
 
     # -- api keys -------------------------------------------------------------------------
 
-    async def add_api_key(self, key_hash: str, key_id: str, project: str, now: float) -> None:
-        await self._execute("INSERT INTO api_keys(key_hash, key_id, project, created_at) VALUES ($1, $2, $3, $4)",
-                            key_hash, key_id, project, now)
+    async def add_api_key(self, key_hash: str, key: ApiKeyRecord) -> None:
+        await self._execute("INSERT INTO api_keys(key_hash, key_id, project, created_at, name, expires_at)"
+                            " VALUES ($1, $2, $3, $4, $5, $6)",
+                            key_hash, key.id, key.project, key.created_at, key.name, key.expires_at)
 
-    async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        row = await self._fetchrow("SELECT key_id, project FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-                                   text_param(key_hash))
-        return (row["key_id"], row["project"]) if row else None
+    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        row = await self._fetchrow(f"{_API_KEY_SELECT} WHERE key_hash = $1", text_param(key_hash))
+        return ApiKeyRecord(**row) if row else None
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        row = await self._fetchrow(f"{_API_KEY_SELECT} WHERE key_id = $1", text_param(key_id))
+        return ApiKeyRecord(**row) if row else None
+
+    async def list_api_keys(self, project: str | None, limit: int,
+                            after: tuple[float, str] | None) -> list[ApiKeyRecord]:
+        p = Params()
+        sql = _keyset_query(_API_KEY_SELECT, project, [], p, after, limit, id_column="key_id")
+        return [ApiKeyRecord(**r) for r in await self._fetch(sql, *p.values)]
+
+    async def revoke_api_key(self, key_id: str, now: float) -> ApiKeyRecord | None:
+        await self._execute("UPDATE api_keys SET revoked_at = $1 WHERE key_id = $2 AND revoked_at IS NULL",
+                            now, text_param(key_id))
+        return await self.get_api_key(key_id)
+
+    async def touch_api_key(self, key_id: str, now: float) -> None:
+        await self._execute("UPDATE api_keys SET last_used_at = $1 WHERE key_id = $2", now, text_param(key_id))
 
     async def count_api_keys(self) -> int:
         row = await self._fetchrow("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
+        return int(row[0])
+
+    # -- project quotas -------------------------------------------------------------------
+
+    async def set_project_quota(self, quota: ProjectQuota) -> None:
+        await self._execute(
+            "INSERT INTO project_quotas(project, max_running_batches, max_stored_bytes, max_uploads,"
+            " monthly_budget_nanos) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (project) DO UPDATE SET"
+            " max_running_batches = EXCLUDED.max_running_batches, max_stored_bytes = EXCLUDED.max_stored_bytes,"
+            " max_uploads = EXCLUDED.max_uploads, monthly_budget_nanos = EXCLUDED.monthly_budget_nanos",
+            quota.project, quota.max_running_batches, quota.max_stored_bytes, quota.max_uploads,
+            quota.monthly_budget_nanos)
+
+    async def get_project_quota(self, project: str) -> ProjectQuota | None:
+        row = await self._fetchrow("SELECT * FROM project_quotas WHERE project = $1", text_param(project))
+        return ProjectQuota(**row) if row else None
+
+    async def delete_project_quota(self, project: str) -> bool:
+        return await self._execute("DELETE FROM project_quotas WHERE project = $1",
+                                   text_param(project)) != "DELETE 0"
+
+    async def stored_bytes(self, project: str) -> int:
+        row = await self._fetchrow("SELECT coalesce(sum(bytes), 0) FROM files WHERE project = $1",
+                                   text_param(project))
+        return int(row[0])
+
+    async def count_unfinished_batches(self, project: str) -> int:
+        row = await self._fetchrow(f"SELECT count(*) FROM batches WHERE status NOT IN {migrations.TERMINAL}"
+                                   " AND project = $1", text_param(project))
         return int(row[0])
 
     # -- files ----------------------------------------------------------------------------

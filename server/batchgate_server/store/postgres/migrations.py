@@ -116,6 +116,25 @@ MIGRATIONS: list[str] = [
         created_at DOUBLE PRECISION NOT NULL
     )
     """,
+    # Named, expiring keys with a last-use time; per-project quotas set through AdminService.
+    # files_project_bytes lets SUM(bytes) per project (stored_bytes) read the index only;
+    # batches_active_project counts a project's unfinished batches (count_unfinished_batches).
+    f"""
+    ALTER TABLE api_keys ADD COLUMN name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE api_keys ADD COLUMN expires_at DOUBLE PRECISION;
+    ALTER TABLE api_keys ADD COLUMN last_used_at DOUBLE PRECISION;
+    CREATE INDEX api_keys_created ON api_keys(created_at DESC, key_id DESC);
+    CREATE INDEX api_keys_project_created ON api_keys(project, created_at DESC, key_id DESC);
+    CREATE TABLE project_quotas (
+        project TEXT COLLATE "C" PRIMARY KEY,
+        max_running_batches BIGINT,
+        max_stored_bytes BIGINT,
+        max_uploads BIGINT,
+        monthly_budget_nanos BIGINT
+    );
+    CREATE INDEX files_project_bytes ON files(project) INCLUDE (bytes);
+    CREATE INDEX batches_active_project ON batches(project) WHERE status NOT IN {TERMINAL}
+    """,
 ]
 
 _VERSIONS = """

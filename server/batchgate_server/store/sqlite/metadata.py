@@ -26,7 +26,7 @@ from typing import Any
 
 import aiosqlite
 
-from batchgate_server.domain.models import BatchRecord, BatchStatus, FileRecord
+from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
 from batchgate_server.store.errors import RevisionConflict, StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
@@ -122,11 +122,33 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL
     )
     """,
+    # Named, expiring keys with a last-use time; per-project quotas set through AdminService.
+    # files_project_bytes covers SUM(bytes) per project (stored_bytes): the sum reads the index,
+    # not the rows.
+    """
+    ALTER TABLE api_keys ADD COLUMN name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE api_keys ADD COLUMN expires_at REAL;
+    ALTER TABLE api_keys ADD COLUMN last_used_at REAL;
+    CREATE INDEX api_keys_project_created ON api_keys(project, created_at DESC, key_id DESC);
+    CREATE TABLE project_quotas (
+        project TEXT PRIMARY KEY,
+        max_running_batches INTEGER,
+        max_stored_bytes INTEGER,
+        max_uploads INTEGER,
+        monthly_budget_nanos INTEGER
+    );
+    CREATE INDEX files_project_bytes ON files(project, bytes)
+    """,
 ]
+
+QUOTA_COLUMNS = ("max_running_batches", "max_stored_bytes", "max_uploads", "monthly_budget_nanos")
+API_KEY_SELECT = ("SELECT key_id AS id, project, created_at, name, expires_at, revoked_at, last_used_at"
+                  " FROM api_keys")
 
 
 def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, list[Any]]],
-                  after: tuple[float, str] | None, limit: int, oldest_first: bool = False) -> tuple[str, list[Any]]:
+                  after: tuple[float, str] | None, limit: int, oldest_first: bool = False,
+                  id_column: str = "id") -> tuple[str, list[Any]]:
     """`select` filtered by project (None: all) and `conditions` (SQL, args), newest first (or
     oldest first), from after the keyset cursor (created_at, id), at most `limit` rows."""
     sql, args = select + " WHERE 1=1", []
@@ -138,10 +160,10 @@ def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, 
         args += values
     if after:
         beyond = ">" if oldest_first else "<"
-        sql += f" AND (created_at {beyond} ? OR (created_at = ? AND id {beyond} ?))"
+        sql += f" AND (created_at {beyond} ? OR (created_at = ? AND {id_column} {beyond} ?))"
         args += [after[0], after[0], after[1]]
     direction = "ASC" if oldest_first else "DESC"
-    sql += f" ORDER BY created_at {direction}, id {direction} LIMIT ?"
+    sql += f" ORDER BY created_at {direction}, {id_column} {direction} LIMIT ?"
     args.append(limit)
     return sql, args
 
@@ -351,19 +373,60 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- api keys -------------------------------------------------------------------
 
-    async def add_api_key(self, key_hash: str, key_id: str, project: str, now: float) -> None:
+    async def add_api_key(self, key_hash: str, key: ApiKeyRecord) -> None:
         await self._exec(
-            "INSERT INTO api_keys(key_hash, key_id, project, created_at) VALUES (?,?,?,?)",
-            (key_hash, key_id, project, now),
+            "INSERT INTO api_keys(key_hash, key_id, project, created_at, name, expires_at) VALUES (?,?,?,?,?,?)",
+            (key_hash, key.id, key.project, key.created_at, key.name, key.expires_at),
         )
 
-    async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        row = await self.readers.point_read(
-            "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,))
-        return (row["key_id"], row["project"]) if row else None
+    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        row = await self.readers.point_read(API_KEY_SELECT + " WHERE key_hash=?", (key_hash,))
+        return ApiKeyRecord(**row) if row else None
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        row = await self.readers.fetchone(API_KEY_SELECT + " WHERE key_id=?", (key_id,))
+        return ApiKeyRecord(**row) if row else None
+
+    async def list_api_keys(self, project: str | None, limit: int,
+                            after: tuple[float, str] | None) -> list[ApiKeyRecord]:
+        sql, args = _keyset_query(API_KEY_SELECT, project, [], after, limit, id_column="key_id")
+        return [ApiKeyRecord(**r) for r in await self.readers.fetchall(sql, args)]
+
+    async def revoke_api_key(self, key_id: str, now: float) -> ApiKeyRecord | None:
+        await self._exec("UPDATE api_keys SET revoked_at=? WHERE key_id=? AND revoked_at IS NULL", (now, key_id))
+        return await self.get_api_key(key_id)
+
+    async def touch_api_key(self, key_id: str, now: float) -> None:
+        await self._exec("UPDATE api_keys SET last_used_at=? WHERE key_id=?", (now, key_id))
 
     async def count_api_keys(self) -> int:
         row = await self.readers.fetchone("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
+        return int(row[0])
+
+    # -- project quotas ---------------------------------------------------------------
+
+    async def set_project_quota(self, quota: ProjectQuota) -> None:
+        await self._exec(
+            f"INSERT OR REPLACE INTO project_quotas(project, {','.join(QUOTA_COLUMNS)}) VALUES (?,?,?,?,?)",
+            (quota.project, *(getattr(quota, c) for c in QUOTA_COLUMNS)))
+
+    async def get_project_quota(self, project: str) -> ProjectQuota | None:
+        row = await self.readers.fetchone("SELECT * FROM project_quotas WHERE project=?", (project,))
+        return ProjectQuota(**row) if row else None
+
+    async def delete_project_quota(self, project: str) -> bool:
+        cur = await self._exec("DELETE FROM project_quotas WHERE project=?", (project,))
+        return cur.rowcount > 0
+
+    async def stored_bytes(self, project: str) -> int:
+        row = await self.readers.fetchone("SELECT coalesce(sum(bytes), 0) FROM files WHERE project=?", (project,))
+        return int(row[0])
+
+    async def count_unfinished_batches(self, project: str) -> int:
+        terminal = [s.value for s in BatchStatus if s.is_terminal]
+        row = await self.readers.fetchone(
+            f"SELECT count(*) FROM batches WHERE project=? AND status NOT IN ({','.join('?' * len(terminal))})",
+            (project, *terminal))
         return int(row[0])
 
     # -- files ----------------------------------------------------------------------
