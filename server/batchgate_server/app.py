@@ -18,12 +18,14 @@ from batchgate.v1 import usage_pb2, usage_pb2_grpc
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.http.server import HttpServer, build_app
+from batchgate_server.api.readiness import ReadinessGate
 from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
-from batchgate_server.config import ConfigError, load_model_list
+from batchgate_server.config import ConfigError, is_secret_param, load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
+from batchgate_server.core.events import BatchEvents
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
 from batchgate_server.core.pagination import PageTokens
@@ -31,6 +33,8 @@ from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
 from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.observability import logs
+from batchgate_server.observability.metrics import GrpcMetrics, Metrics, MetricsServer
 from batchgate_server.pricing.table import PriceTable
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
@@ -111,6 +115,27 @@ def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
         raise ConfigError(f"TLS credentials rejected: {err}") from None
 
 
+def grpc_options(s: Settings) -> list[tuple[str, int]]:
+    """Message sizes, keepalive and connection age (--keepalive-*, --max-connection-age*)."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    # gRPC sets SO_REUSEPORT by default: a second server would share the port and take half of
+    # the connections.
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    if s.keepalive_time > 0:
+        options += [("grpc.keepalive_time_ms", ms(s.keepalive_time)),
+                    ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout)),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.max_pings_without_data", 0)]
+    # Clients' own keepalive pings (the Python client's, a load balancer's health pings) are
+    # welcome down to every 10 s; faster ones are answered with GOAWAY too_many_pings.
+    options += [("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+    if s.max_connection_age > 0:
+        options += [("grpc.max_connection_age_ms", ms(s.max_connection_age)),
+                    ("grpc.max_connection_age_grace_ms", ms(s.max_connection_age_grace))]
+    return options
+
+
 class BatchgateServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -123,6 +148,10 @@ class BatchgateServer:
         self._database: Database | None = None
         self._blobs: BlobStore | None = None
         self._data_lock: DataDirLock | None = None
+        self.metrics: Metrics | None = None  # None while --metrics-address is empty
+        self._metrics_server: MetricsServer | None = None
+        self.metrics_port: int = 0
+        self.ready = ReadinessGate()
 
     async def start(self) -> int:
         s = self.settings
@@ -148,13 +177,13 @@ class BatchgateServer:
         orphans = await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
+        if s.metrics_address:
+            self.metrics = Metrics()
         self._build_batch_layer(blobs)
-
-        # gRPC sets SO_REUSEPORT by default: a second server would share the port and take half of
-        # the connections.
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
-        server = grpc.aio.server(options=options)
+        logs.add_secrets([s.master_key, *(str(v) for d in self.model_list.deployments
+                                          for k, v in d.params.items() if is_secret_param(str(k)) and v)])
+        interceptors = [self.ready] if self.metrics is None else [GrpcMetrics(self.metrics), self.ready]
+        server = grpc.aio.server(options=grpc_options(s), interceptors=interceptors)
         ours = SoftDecoding(server)  # undecodable requests are INVALID_ARGUMENT, not UNKNOWN
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
         self._add_batch_service(ours)
@@ -184,11 +213,20 @@ class BatchgateServer:
                 raise ConfigError("gRPC refused the TLS credentials: --tls-cert and --tls-key must be PEM, and the"
                                   " key must belong to the certificate")
             raise StartupError(f"cannot listen on {address}: {reason}")
-        # Adopt unfinished batches before the first call is served: until then CancelBatch would
-        # call a running batch ended, and DeleteFile could remove a running batch's input.
-        await self._start_background()
+        if self.metrics is not None:
+            self.metrics.watch(self.tracker, self.router, [d.id for d in self.model_list.deployments])
+            self._metrics_server = MetricsServer(self.metrics)
+            self.metrics_port = await self._metrics_server.start(s.metrics_address)
+            log.info("Prometheus metrics on http://%s/metrics (port %d)", s.metrics_address, self.metrics_port)
+        # Health says NOT_SERVING, and every other call is refused UNAVAILABLE (api/readiness.py),
+        # until unfinished batches are adopted.
+        for name in (*SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health = health_servicer
         await server.start()
         self._server = server
+        await self._start_background()
+        self.ready.ready = True
         if http_address:
             self._http = HttpServer(build_app(self.auth, self.files, self.batches, s.heartbeat_interval),
                                     s.grace_period)
@@ -196,7 +234,6 @@ class BatchgateServer:
             log.info("OpenAI-compatible HTTP API on %s (port %d)", http_address, self.http_port)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._health = health_servicer
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
         log.info("batchgate listening on %s (port %d, %s), data in %s (metadata %s, blobs %s)", address,
                  self.port, "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS",
@@ -214,7 +251,7 @@ class BatchgateServer:
         self.providers = ProviderRegistry()
         self.hub = WatchHub()
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir)
+                               s.work_dir, events=self.metrics or BatchEvents())
         self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens)
@@ -237,6 +274,8 @@ class BatchgateServer:
     async def stop(self, grace: float | None = None) -> None:
         if self._http is not None:
             await self._http.stop()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._health.enter_graceful_shutdown()

@@ -11,6 +11,7 @@ import sys
 from batchgate_server.app import BatchgateServer, StartupError
 from batchgate_server.config import ConfigError
 from batchgate_server.core.auth import create_api_key
+from batchgate_server.observability.logs import configure as configure_logging
 from batchgate_server.settings import build_parser, settings_from_args
 from batchgate_server.store.errors import StorageError, StorageFull
 from batchgate_server.store.urls import StoreUrlError, database_url, open_database
@@ -76,8 +77,7 @@ def _main(argv: list[str]) -> None:
             sys.exit(2)
         return
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         run(_serve(BatchgateServer(settings_from_args(args))))
     except ConfigError as err:  # a clear start-up error naming the entry, no traceback

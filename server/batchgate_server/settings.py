@@ -33,6 +33,16 @@ class Settings:
     tls_cert: Path | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CAs: require a client certificate they signed (mutual TLS)
+    metrics_address: str = ""  # Prometheus /metrics listener: off unless set
+    log_format: str = "text"  # text | json
+    # HTTP/2 keepalive: a ping every keepalive_time seconds on a quiet connection keeps a long
+    # WatchBatch alive through load balancers' idle timeouts (60 s on many) and finds dead peers.
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    # 0: off. Set, connections are closed (GOAWAY) after this age so a load balancer can spread
+    # them again; calls in flight get max_connection_age_grace seconds to end.
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 30.0
 
     @property
     def work_dir(self) -> Path:
@@ -84,6 +94,27 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    default=float(_env("EXPIRY_SWEEP_INTERVAL", str(d.expiry_sweep_interval))),
                    help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", d.log_format),
+                   help="text lines, or one JSON object a line with batch_id, file_id, project and deployment"
+                        " where known [BATCHGATE_LOG_FORMAT]")
+    p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS", d.metrics_address),
+                   help="host:port serving Prometheus metrics at /metrics; off when empty"
+                        " [BATCHGATE_METRICS_ADDRESS]")
+    p.add_argument("--keepalive-time", type=float, default=float(_env("KEEPALIVE_TIME", str(d.keepalive_time))),
+                   help="seconds between HTTP/2 keepalive pings on a quiet connection; 0 turns them off"
+                        " [BATCHGATE_KEEPALIVE_TIME]")
+    p.add_argument("--keepalive-timeout", type=float,
+                   default=float(_env("KEEPALIVE_TIMEOUT", str(d.keepalive_timeout))),
+                   help="seconds to wait for a ping's answer before the connection is closed"
+                        " [BATCHGATE_KEEPALIVE_TIMEOUT]")
+    p.add_argument("--max-connection-age", type=float,
+                   default=float(_env("MAX_CONNECTION_AGE", str(d.max_connection_age))),
+                   help="close connections after this many seconds so load balancers can rebalance; 0: never"
+                        " [BATCHGATE_MAX_CONNECTION_AGE]")
+    p.add_argument("--max-connection-age-grace", type=float,
+                   default=float(_env("MAX_CONNECTION_AGE_GRACE", str(d.max_connection_age_grace))),
+                   help="seconds calls in flight may go on after --max-connection-age"
+                        " [BATCHGATE_MAX_CONNECTION_AGE_GRACE]")
     p.add_argument("--tls-cert", type=Path, default=_path_env("TLS_CERT"),
                    help="PEM certificate chain: serve TLS (plaintext is then refused) [BATCHGATE_TLS_CERT]")
     p.add_argument("--tls-key", type=Path, default=_path_env("TLS_KEY"),
@@ -114,4 +145,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        metrics_address=args.metrics_address,
+        log_format=args.log_format,
+        keepalive_time=args.keepalive_time,
+        keepalive_timeout=args.keepalive_timeout,
+        max_connection_age=args.max_connection_age,
+        max_connection_age_grace=args.max_connection_age_grace,
     )
