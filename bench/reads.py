@@ -31,6 +31,7 @@ SECONDS = 5.0
 def upload_request(content: bytes):
     yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(filename="r.jsonl", purpose=1))
     yield file_pb2.UploadFileRequest(chunk=content)
+    yield file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
 
 
 LINE = json.dumps({"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
