@@ -167,3 +167,36 @@ async def test_health_is_not_serving_until_unfinished_batches_are_adopted(tmp_pa
         server.release.set()
         await starting
         await server.stop(grace=0)
+
+
+async def test_max_connection_age_ends_a_long_watch_so_the_client_reconnects(tmp_path, upstream):
+    """--max-connection-age reaches gRPC: a watch on a batch that does not end is cut UNAVAILABLE
+    (which clients reconnect on) once the connection is older than the age plus its grace."""
+    upstream.latency_ms = 60_000
+    config = write_config(tmp_path / "models.yaml", [upstream_entry("fake-llm", upstream.base_url)])
+    async with serving(tmp_path / "data", config_file=config, max_connection_age=0.5,
+                       max_connection_age_grace=0.5) as h:
+        f = await h.upload(h.alice, jsonl([request_line("slow", model="fake-llm")]))
+        batch = await create(h.alice, f.id)
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            async for _ in h.alice.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch.id),
+                                                      metadata=h.alice.metadata, timeout=20):
+                pass
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        upstream.latency_ms = 0
+
+
+def test_keepalive_and_connection_age_flags_become_grpc_options():
+    from batchgate_server.app import grpc_options
+    from batchgate_server.settings import build_parser, settings_from_args
+
+    s = settings_from_args(build_parser().parse_args(["--keepalive-time", "20", "--keepalive-timeout", "5",
+                                                      "--max-connection-age", "1800"]))
+    options = dict(grpc_options(s))
+    assert options["grpc.keepalive_time_ms"] == 20_000 and options["grpc.keepalive_timeout_ms"] == 5_000
+    assert options["grpc.max_connection_age_ms"] == 1_800_000
+    assert options["grpc.max_connection_age_grace_ms"] == 30_000
+    defaults = dict(grpc_options(settings_from_args(build_parser().parse_args([]))))
+    assert defaults["grpc.keepalive_time_ms"] == 30_000 and "grpc.max_connection_age_ms" not in defaults
+    off = dict(grpc_options(settings_from_args(build_parser().parse_args(["--keepalive-time", "0"]))))
+    assert "grpc.keepalive_time_ms" not in off
