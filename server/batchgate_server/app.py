@@ -25,6 +25,7 @@ from batchgate_server.api.usage import UsageServicer
 from batchgate_server.config import ConfigError, is_secret_param, load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
+from batchgate_server.core.deployment_health import DeploymentHealth
 from batchgate_server.core.events import BatchEvents
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
@@ -44,6 +45,9 @@ from batchgate_server.store.ports import BlobStore, MetadataStore
 from batchgate_server.store.urls import Database, blob_url, database_url, open_blob_store, open_database
 
 log = logging.getLogger(__name__)
+
+# The health service's name for a deployment's own health (its provider's answer to a probe).
+DEPLOYMENT_HEALTH_PREFIX = "batchgate.deployment/"
 
 SERVICE_NAMES = (
     file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
@@ -227,6 +231,10 @@ class BatchgateServer:
         self._server = server
         await self._start_background()
         self.ready.ready = True
+        self.deployment_health = DeploymentHealth(self.model_list.deployments, self.providers,
+                                                  interval=s.deployment_health_interval,
+                                                  on_change=self._deployment_health_changed)
+        self.deployment_health.start()
         if http_address:
             self._http = HttpServer(build_app(self.auth, self.files, self.batches, s.heartbeat_interval),
                                     s.grace_period)
@@ -239,6 +247,12 @@ class BatchgateServer:
                  self.port, "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS",
                  s.data_dir, db_url, blobs_url)
         return self.port
+
+    async def _deployment_health_changed(self, deployment, ok: bool) -> None:
+        await self._health.set(DEPLOYMENT_HEALTH_PREFIX + deployment.id, health_pb2.HealthCheckResponse.SERVING
+                               if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.metrics is not None:
+            self.metrics.deployment_up.labels(deployment.id, deployment.provider).set(1 if ok else 0)
 
     def _build_batch_layer(self, blobs: BlobStore) -> None:
         s = self.settings
@@ -280,6 +294,8 @@ class BatchgateServer:
             with contextlib.suppress(Exception):
                 await self._health.enter_graceful_shutdown()
             await self._server.stop(self.settings.grace_period if grace is None else grace)
+        if hasattr(self, "deployment_health"):
+            await self.deployment_health.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -43,6 +43,7 @@ class Settings:
     # them again; calls in flight get max_connection_age_grace seconds to end.
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 30.0
+    deployment_health_interval: float = 60.0  # seconds between health probes of each deployment; 0: off
 
     @property
     def work_dir(self) -> Path:
@@ -122,6 +123,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, default=_path_env("TLS_CLIENT_CA"),
                    help="PEM CA certificates: require client certificates they signed (mutual TLS)"
                         " [BATCHGATE_TLS_CLIENT_CA]")
+    p.add_argument("--deployment-health-interval", type=float,
+                   default=float(_env("DEPLOYMENT_HEALTH_INTERVAL", str(d.deployment_health_interval))),
+                   help="seconds between health probes (a models list) of each deployment, backed off while it"
+                        " fails; 0 turns them off [BATCHGATE_DEPLOYMENT_HEALTH_INTERVAL]")
     return p
 
 
@@ -151,4 +156,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         keepalive_timeout=args.keepalive_timeout,
         max_connection_age=args.max_connection_age,
         max_connection_age_grace=args.max_connection_age_grace,
+        deployment_health_interval=args.deployment_health_interval,
     )

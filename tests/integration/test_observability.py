@@ -200,3 +200,37 @@ def test_keepalive_and_connection_age_flags_become_grpc_options():
     assert defaults["grpc.keepalive_time_ms"] == 30_000 and "grpc.max_connection_age_ms" not in defaults
     off = dict(grpc_options(settings_from_args(build_parser().parse_args(["--keepalive-time", "0"]))))
     assert "grpc.keepalive_time_ms" not in off
+
+
+async def next_status(watch) -> int:
+    return (await asyncio.wait_for(watch.read(), 20)).status
+
+
+async def test_each_deployment_has_a_health_name_fed_by_probes(tmp_path, upstream):
+    """batchgate.deployment/<id> follows its upstream's models list: SERVING while it answers,
+    NOT_SERVING once it is gone, SERVING again when it is back (and the same in the metrics);
+    the simulated deployment is never probed."""
+    config = write_config(tmp_path / "models.yaml", [upstream_entry("fake-llm", upstream.base_url)])
+    async with serving(tmp_path / "data", config_file=config, metrics_address="127.0.0.1:0",
+                       deployment_health_interval=0.1) as h:
+        deployment = next(d for d in h.server.model_list.deployments if d.model_name == "fake-llm")
+        name = f"batchgate.deployment/{deployment.id}"
+        health = health_pb2_grpc.HealthStub(h.channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=name))
+        status = await next_status(watch)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:  # before the first probe
+            status = await next_status(watch)
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        assert value(await scrape(h.server.metrics_port), "batchgate_deployment_up", deployment=deployment.id) == 1
+
+        await upstream.stop()
+        assert await next_status(watch) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert value(await scrape(h.server.metrics_port), "batchgate_deployment_up", deployment=deployment.id) == 0
+        await upstream.start()  # the same port again
+        assert await next_status(watch) == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+        simulated = next(d for d in h.server.model_list.deployments if d.model_name == "simulated")
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await health.Check(health_pb2.HealthCheckRequest(service=f"batchgate.deployment/{simulated.id}"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND

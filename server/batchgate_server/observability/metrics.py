@@ -63,6 +63,10 @@ METRICS = (
               ("deployment",)),
     MetricDef("batchgate_deployment_queued_requests", GaugeMetricFamily,
               "Requests of unfinished batches routed to a deployment", ("deployment",)),
+    MetricDef("batchgate_deployment_up", Gauge,
+              "1 while a deployment's last health probe (a models list) succeeded, 0 after a failed one;"
+              " deployments that are not probed (simulated, or --deployment-health-interval 0) are absent",
+              ("deployment", "provider")),
     MetricDef("batchgate_tokens", Counter,
               "Tokens billed, from the usage ledger (counted once, when the row is committed), by model,"
               " provider, project and kind (input, cached, output, reasoning)",
@@ -109,6 +113,7 @@ class Metrics(BatchEvents):
         self.tokens: Counter = made["batchgate_tokens"]
         self.cost: Counter = made["batchgate_cost_usd"]
         self.ended: Counter = made["batchgate_batches_ended"]
+        self.deployment_up: Gauge = made["batchgate_deployment_up"]
         self._sources: list[Callable[[], Iterable[GaugeMetricFamily]]] = []
         self._adopted_at: dict[str, float] = {}  # batch id -> time.monotonic() of its adoption
         self.registry.register(self)

@@ -162,5 +162,14 @@ class BatchProvider(abc.ABC):
         as it has progressed."""
         await asyncio.sleep(timeout)
 
+    def probes(self, deployment: Deployment) -> bool:
+        """Whether `probe` can check this deployment (never for one that needs no network)."""
+        return False
+
+    async def probe(self, deployment: Deployment) -> None:
+        """One cheap authenticated call (a models list), no retries: returns when the deployment
+        answers, raises ProviderError when it does not (core/deployment_health.py schedules it)."""
+        raise NotImplementedError
+
     async def close(self) -> None:
         """Release clients (HTTP pools) at shutdown."""

@@ -60,6 +60,17 @@ class HttpTransport:
         except aiohttp.ClientError as err:
             raise TransportFailure("connection_error", f"{type(err).__name__}: {err}") from None
 
+    async def probe(self, path: str) -> int:
+        """The status of a GET of `path` (the models list), for the deployment health checks."""
+        try:
+            async with self._client().get(self.base_url + path) as resp:
+                await resp.read()
+                return resp.status
+        except TimeoutError:
+            raise TransportFailure("request_timeout", f"no answer within {self._timeout.total:g}s") from None
+        except aiohttp.ClientError as err:
+            raise TransportFailure("connection_error", f"{type(err).__name__}: {err}") from None
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
