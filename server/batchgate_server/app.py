@@ -186,9 +186,11 @@ class BatchgateServer:
         self._build_batch_layer(blobs)
         logs.add_secrets([s.master_key, *(str(v) for d in self.model_list.deployments
                                           for k, v in d.params.items() if is_secret_param(str(k)) and v)])
-        interceptors = [self.ready] if self.metrics is None else [GrpcMetrics(self.metrics), self.ready]
-        server = grpc.aio.server(options=grpc_options(s), interceptors=interceptors)
-        ours = SoftDecoding(server)  # undecodable requests are INVALID_ARGUMENT, not UNKNOWN
+        server = grpc.aio.server(options=grpc_options(s))
+        # Undecodable requests are INVALID_ARGUMENT, not UNKNOWN; calls wait for start-up; calls
+        # are timed when metrics are on. All wrapped once here: no per-call interceptor.
+        wrappers = (self.ready.wrap,) if self.metrics is None else (self.ready.wrap, GrpcMetrics(self.metrics).wrap)
+        ours = SoftDecoding(server, wrappers)
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
         self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(

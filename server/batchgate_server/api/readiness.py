@@ -1,50 +1,46 @@
 """Calls wait for start-up to finish: the port opens first, so the health service can say
-NOT_SERVING while unfinished batches are adopted, and every other call is answered UNAVAILABLE
-(retryable) until then: before adoption CancelBatch would call a running batch ended, and
-DeleteFile could remove a running batch's input."""
+NOT_SERVING while unfinished batches are adopted, and every call of our services is answered
+UNAVAILABLE SERVER_STARTING (retryable) until then: before adoption CancelBatch would call a
+running batch ended, and DeleteFile could remove a running batch's input. Health and reflection
+are not gated: they tell the truth about start-up.
+
+The gate wraps each handler once, at registration (api/undecodable.py SoftDecoding): a grpc.aio
+interceptor would run an extra coroutine and handler lookup on every call, the gate costs one
+attribute read (bench/grpc_metrics.py compares the two).
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import grpc
 
 from batchgate_server.api.errors import abort_with
 from batchgate_server.core.errors import Unavailable
 
-# Health and reflection answer during start-up: they tell the truth about it.
-ALWAYS_SERVED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
 
 def starting() -> Unavailable:
     return Unavailable("batchgate is starting: adopting unfinished batches; retry shortly", "SERVER_STARTING")
 
 
-class ReadinessGate(grpc.aio.ServerInterceptor):
+class ReadinessGate:
     def __init__(self) -> None:
         self.ready = False
 
-    async def intercept_service(self, continuation, details):
-        if self.ready or details.method.startswith(ALWAYS_SERVED):
-            return await continuation(details)
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        return _refusing(handler)
-
-
-def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    async def refuse(request, context):
-        await abort_with(context, starting())
-
-    async def refuse_stream(request, context):
-        await abort_with(context, starting())
-        yield  # an async generator, as streaming handlers are
-
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer,
-                                                   handler.response_serializer)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer,
-                                                    handler.response_serializer)
-    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None else \
-        grpc.stream_stream_rpc_method_handler
-    return make(refuse_stream, handler.request_deserializer, handler.response_serializer)
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        gate = self
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                    if getattr(handler, k) is not None)
+        inner = getattr(handler, kind)
+        if inspect.isasyncgenfunction(inner):
+            async def gated(request, context):
+                if not gate.ready:
+                    await abort_with(context, starting())
+                async for response in inner(request, context):
+                    yield response
+        else:
+            async def gated(request, context):
+                if not gate.ready:
+                    await abort_with(context, starting())
+                return await inner(request, context)
+        return handler._replace(**{kind: gated})
