@@ -264,7 +264,7 @@ class BatchgateServer:
             prices = PriceTable.load_file(s.price_file, base=prices)
         self.accounting = Accounting(prices)
         self.router = Router(self.model_list)
-        self.providers = ProviderRegistry()
+        self.providers = ProviderRegistry(request_events=self.metrics.requests if self.metrics else None)
         self.hub = WatchHub()
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
                                s.work_dir, events=self.metrics or BatchEvents())

@@ -46,9 +46,16 @@ async def test_metrics_move_as_a_batch_runs(tmp_path, upstream):
         assert value(before, "batchgate_batch_transitions_total") == 0
         assert value(before, "batchgate_deployment_cooldown", deployment=h.server.model_list.deployments[0].id) == 0
 
+        upstream.fail_next("500")  # one attempt fails and is retried
         final, states, out, _ = await run_batch(h, [request_line(f"r{i}", model="fake-llm") for i in range(3)])
         assert len(out) == 3
         after = await scrape(port)
+        deployment = next(d.id for d in h.server.model_list.deployments if d.model_name == "fake-llm")
+        assert value(after, "batchgate_upstream_requests_sent_total", deployment=deployment) == 4
+        assert value(after, "batchgate_upstream_responses_total", deployment=deployment, outcome="ok") == 3
+        assert value(after, "batchgate_upstream_responses_total", deployment=deployment, outcome="http_500") == 1
+        assert value(after, "batchgate_upstream_retries_total", deployment=deployment, code="http_500") == 1
+        assert value(after, "batchgate_upstream_requests_in_flight", deployment=deployment) == 0
         assert value(after, "batchgate_batch_transitions_total", from_status="validating",
                      to_status="in_progress", provider="openai_compatible") == 1
         assert value(after, "batchgate_batch_transitions_total", to_status="completed") == 1

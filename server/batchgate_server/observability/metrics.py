@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from batchgate_server.core.events import BatchEvents
 from batchgate_server.domain.models import STATUS_TIMESTAMP, BatchRecord, BatchStatus
+from batchgate_server.providers.base import RequestEvents
 
 # RPC latencies span a GetBatch (~100 µs) to a long upload; WatchBatch streams are not timed.
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -67,6 +68,19 @@ METRICS = (
               "1 while a deployment's last health probe (a models list) succeeded, 0 after a failed one;"
               " deployments that are not probed (simulated, or --deployment-health-interval 0) are absent",
               ("deployment", "provider")),
+    MetricDef("batchgate_upstream_requests_sent", Counter,
+              "Requests the executor sent to a deployment's upstream (each attempt: a retry is sent again)",
+              ("deployment",)),
+    MetricDef("batchgate_upstream_responses", Counter,
+              "Sent requests that ended, by outcome: ok, or the error code (http_429, http_500,"
+              " connection_error, request_timeout, …)", ("deployment", "outcome")),
+    MetricDef("batchgate_upstream_requests_in_flight", Gauge,
+              "Requests sent to a deployment's upstream and not answered yet", ("deployment",)),
+    MetricDef("batchgate_upstream_retries", Counter,
+              "Failed attempts that will be sent again, by error code", ("deployment", "code")),
+    MetricDef("batchgate_rate_limit_wait_seconds", Histogram,
+              "Time a request waited for its deployment's rpm/tpm limits or a 429's pause (waits over 1 ms)",
+              ("deployment",), (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300)),
     MetricDef("batchgate_tokens", Counter,
               "Tokens billed, from the usage ledger (counted once, when the row is committed), by model,"
               " provider, project and kind (input, cached, output, reasoning)",
@@ -114,6 +128,7 @@ class Metrics(BatchEvents):
         self.cost: Counter = made["batchgate_cost_usd"]
         self.ended: Counter = made["batchgate_batches_ended"]
         self.deployment_up: Gauge = made["batchgate_deployment_up"]
+        self.requests = UpstreamRequestMetrics(made)
         self._sources: list[Callable[[], Iterable[GaugeMetricFamily]]] = []
         self._adopted_at: dict[str, float] = {}  # batch id -> time.monotonic() of its adoption
         self.registry.register(self)
@@ -190,6 +205,42 @@ class Metrics(BatchEvents):
         if row.get("cost_nanos"):
             self.cost.labels(model, provider, project).inc(row["cost_nanos"] / 1e9)
         self.ended.labels(status.value, provider, project).inc()
+
+
+class UpstreamRequestMetrics(RequestEvents):
+    """The providers' request hooks (providers/base.py RequestEvents). The executor calls these for
+    every request, thousands a second: label children are cached per deployment."""
+
+    def __init__(self, made: dict[str, Any]) -> None:
+        self._sent_metric = made["batchgate_upstream_requests_sent"]
+        self._responses = made["batchgate_upstream_responses"]
+        self._in_flight_metric = made["batchgate_upstream_requests_in_flight"]
+        self._retries = made["batchgate_upstream_retries"]
+        self._waits = made["batchgate_rate_limit_wait_seconds"]
+        self._sent: dict[str, Any] = {}
+        self._in_flight: dict[str, Any] = {}
+        self._outcomes: dict[tuple[str, str], Any] = {}
+
+    def sent(self, deployment_id: str) -> None:
+        sent = self._sent.get(deployment_id)
+        if sent is None:
+            sent = self._sent[deployment_id] = self._sent_metric.labels(deployment_id)
+            self._in_flight[deployment_id] = self._in_flight_metric.labels(deployment_id)
+        sent.inc()
+        self._in_flight[deployment_id].inc()
+
+    def answered(self, deployment_id: str, outcome: str) -> None:
+        child = self._outcomes.get((deployment_id, outcome))
+        if child is None:
+            child = self._outcomes[(deployment_id, outcome)] = self._responses.labels(deployment_id, outcome)
+        child.inc()
+        self._in_flight[deployment_id].dec()
+
+    def retried(self, deployment_id: str, code: str) -> None:
+        self._retries.labels(deployment_id, code).inc()
+
+    def rate_limited(self, deployment_id: str, seconds: float) -> None:
+        self._waits.labels(deployment_id).observe(seconds)
 
 
 class GrpcMetrics:

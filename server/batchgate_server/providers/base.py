@@ -122,8 +122,28 @@ class UnsupportedRequest(Exception):
         self.details = dict(details or {})
 
 
+class RequestEvents:
+    """What a provider tells observers about the requests it sends upstream, by deployment id.
+    This no-op is the default; app.py hands the registry the metrics' implementation. Hooks must
+    be cheap and must not raise: they run on every request."""
+
+    def sent(self, deployment_id: str) -> None:
+        """A request (an attempt: a retry is sent again) went out."""
+
+    def answered(self, deployment_id: str, outcome: str) -> None:
+        """A sent request ended: "ok", or its error code (http_429, connection_error, …)."""
+
+    def retried(self, deployment_id: str, code: str) -> None:
+        """A failed attempt will be sent again."""
+
+    def rate_limited(self, deployment_id: str, seconds: float) -> None:
+        """A request waited `seconds` for the deployment's rpm/tpm limits or a 429's pause."""
+
+
 class BatchProvider(abc.ABC):
     name: str = ""
+    # Set by ProviderRegistry: where request counts go.
+    requests: RequestEvents = RequestEvents()
     # Seconds between polls while a job runs (the tracker backs off on errors).
     poll_interval: float = 10.0
 

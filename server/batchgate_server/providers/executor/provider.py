@@ -118,7 +118,8 @@ class ExecutorProvider(BatchProvider):
                 health = self._health[deployment.id] = upstream_health(deployment, options)
             # Built on a worker thread: after a restart the results log is read back whole
             # (answered ids, a torn last line), which must not stall the event loop.
-            run = await asyncio.to_thread(ExecutorRun, job, self._transport(deployment), options, limiter, health)
+            run = await asyncio.to_thread(ExecutorRun, job, self._transport(deployment), options, limiter, health,
+                                          events=self.requests)
             if job.batch_id in self._runs:  # another caller got there first
                 run.log.close()
                 return self._runs[job.batch_id]
