@@ -90,8 +90,22 @@ async def test_metrics_move_as_a_batch_runs(tmp_path, upstream):
             in (0, 1)  # the cancel reaches the server asynchronously
         assert value(final_scrape, "batchgate_grpc_call_duration_seconds_count",
                      method="/batchgate.v1.FileService/GetFile", code="NOT_FOUND") == 1
+        assert value(final_scrape, "batchgate_grpc_errors_total", method="/batchgate.v1.FileService/GetFile",
+                     code="NOT_FOUND", reason="FILE_NOT_FOUND") == 1
+        assert value(final_scrape, "batchgate_upload_bytes_total") == value(after, "batchgate_upload_bytes_total") \
+            + f.bytes > f.bytes
         # Counted once: the ledger row was committed once, however often the endpoint is scraped.
         assert value(final_scrape, "batchgate_tokens_total", project="alice", kind="input") == usage.input_tokens
+
+
+async def test_upload_rejects_are_counted_by_reason(tmp_path):
+    async with serving(tmp_path / "data", metrics_address="127.0.0.1:0") as h:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await h.upload(h.alice, b"not json\n")
+        samples = await scrape(h.server.metrics_port)
+        assert value(samples, "batchgate_grpc_errors_total", method="/batchgate.v1.FileService/UploadFile",
+                     code="INVALID_ARGUMENT", reason="INVALID_BATCH_FILE") == 1
+        assert value(samples, "batchgate_upload_bytes_total") == 0
 
 
 async def test_metrics_are_off_by_default(harness):

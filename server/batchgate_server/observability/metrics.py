@@ -48,6 +48,11 @@ METRICS = (
               " server streams are counted once they end)", ("method", "code"), RPC_BUCKETS),
     MetricDef("batchgate_grpc_streams_open", Gauge,
               "Streams open now, by method (WatchBatch watchers, UploadFile uploads)", ("method",)),
+    MetricDef("batchgate_grpc_errors", Counter,
+              "Failed gRPC calls by method, code and ErrorInfo reason (INVALID_BATCH_FILE, FILE_NOT_FOUND,"
+              " TOO_MANY_UPLOADS, …): UploadFile's are the validation rejects", ("method", "code", "reason")),
+    MetricDef("batchgate_upload_bytes", Counter,
+              "Bytes of files accepted by UploadFile", ()),
     MetricDef("batchgate_batches", Gauge,
               "Unfinished batches this server drives, by status and provider", ("status", "provider")),
     MetricDef("batchgate_batch_transitions", Counter,
@@ -128,6 +133,8 @@ class Metrics(BatchEvents):
         self.cost: Counter = made["batchgate_cost_usd"]
         self.ended: Counter = made["batchgate_batches_ended"]
         self.deployment_up: Gauge = made["batchgate_deployment_up"]
+        self.grpc_errors: Counter = made["batchgate_grpc_errors"]
+        self.upload_bytes: Counter = made["batchgate_upload_bytes"]
         self.requests = UpstreamRequestMetrics(made)
         self._sources: list[Callable[[], Iterable[GaugeMetricFamily]]] = []
         self._adopted_at: dict[str, float] = {}  # batch id -> time.monotonic() of its adoption
@@ -261,6 +268,8 @@ class GrpcMetrics:
     def _observe(self, method: str, context, started: float, failed: bool) -> None:
         code = context.code()
         name = code.name if isinstance(code, grpc.StatusCode) else ("UNKNOWN" if failed else "OK")
+        if name != "OK":
+            self._m.grpc_errors.labels(method, name, _error_reason(context)).inc()
         child = self._children.get((method, name))
         if child is None:
             child = self._children[(method, name)] = self._m.rpc_seconds.labels(method, name)
@@ -285,6 +294,7 @@ class GrpcMetrics:
         kind = ("unary_stream" if handler.unary_stream is not None else
                 "stream_unary" if handler.stream_unary is not None else "stream_stream")
         inner = getattr(handler, kind)
+        count_upload, upload_bytes = method == UPLOAD_METHOD, self._m.upload_bytes
         if inspect.isasyncgenfunction(inner):
             async def behaviour(request, context):
                 started, failed = time.perf_counter(), True
@@ -303,11 +313,31 @@ class GrpcMetrics:
                 try:
                     response = await inner(request, context)
                     failed = False
+                    if count_upload:
+                        upload_bytes.inc(response.file.bytes)
                     return response
                 finally:
                     streams.dec()
                     observe(method, context, started, failed)
         return handler._replace(**{kind: behaviour})
+
+
+UPLOAD_METHOD = "/batchgate.v1.FileService/UploadFile"
+
+
+def _error_reason(context) -> str:
+    """The ErrorInfo reason of a failed call (api/errors.py puts one in every error), "" if none."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in context.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return info.reason
+    return ""
 
 
 class MetricsServer:
