@@ -272,7 +272,7 @@ class BatchgateServer:
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens)
         log.info("model list from %s: %s", self.model_list.source,
-                 ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
+                 ", ".join(f"{d.model_name} ({d.provider}/{d.model}, id {d.id})" for d in self.model_list.deployments))
 
     def _add_batch_service(self, server: SoftDecoding) -> None:
         add_batch_service(BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)

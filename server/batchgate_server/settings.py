@@ -58,6 +58,13 @@ def _path_env(name: str) -> Path | None:
     return Path(v) if (v := _env(name, "")) else None
 
 
+def _seconds_flag(p: argparse.ArgumentParser, defaults: Settings, flag: str, help: str) -> None:
+    """A flag of seconds named like its Settings field, with its BATCHGATE_* environment fallback."""
+    name = flag.removeprefix("--").replace("-", "_")
+    p.add_argument(flag, type=float, default=float(_env(name.upper(), str(getattr(defaults, name)))),
+                   help=f"{help} [BATCHGATE_{name.upper()}]")
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(prog="batchgate-server", description="Run the batchgate gRPC server.",
@@ -101,21 +108,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS", d.metrics_address),
                    help="host:port serving Prometheus metrics at /metrics; off when empty"
                         " [BATCHGATE_METRICS_ADDRESS]")
-    p.add_argument("--keepalive-time", type=float, default=float(_env("KEEPALIVE_TIME", str(d.keepalive_time))),
-                   help="seconds between HTTP/2 keepalive pings on a quiet connection; 0 turns them off"
-                        " [BATCHGATE_KEEPALIVE_TIME]")
-    p.add_argument("--keepalive-timeout", type=float,
-                   default=float(_env("KEEPALIVE_TIMEOUT", str(d.keepalive_timeout))),
-                   help="seconds to wait for a ping's answer before the connection is closed"
-                        " [BATCHGATE_KEEPALIVE_TIMEOUT]")
-    p.add_argument("--max-connection-age", type=float,
-                   default=float(_env("MAX_CONNECTION_AGE", str(d.max_connection_age))),
-                   help="close connections after this many seconds so load balancers can rebalance; 0: never"
-                        " [BATCHGATE_MAX_CONNECTION_AGE]")
-    p.add_argument("--max-connection-age-grace", type=float,
-                   default=float(_env("MAX_CONNECTION_AGE_GRACE", str(d.max_connection_age_grace))),
-                   help="seconds calls in flight may go on after --max-connection-age"
-                        " [BATCHGATE_MAX_CONNECTION_AGE_GRACE]")
+    _seconds_flag(p, d, "--keepalive-time", "seconds between HTTP/2 keepalive pings on a quiet connection; 0 turns"
+                                            " them off")
+    _seconds_flag(p, d, "--keepalive-timeout", "seconds to wait for a ping's answer before the connection is closed")
+    _seconds_flag(p, d, "--max-connection-age", "close connections after this many seconds so load balancers can"
+                                                " rebalance; 0: never")
+    _seconds_flag(p, d, "--max-connection-age-grace", "seconds calls in flight may go on after --max-connection-age")
     p.add_argument("--tls-cert", type=Path, default=_path_env("TLS_CERT"),
                    help="PEM certificate chain: serve TLS (plaintext is then refused) [BATCHGATE_TLS_CERT]")
     p.add_argument("--tls-key", type=Path, default=_path_env("TLS_KEY"),
@@ -123,10 +121,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, default=_path_env("TLS_CLIENT_CA"),
                    help="PEM CA certificates: require client certificates they signed (mutual TLS)"
                         " [BATCHGATE_TLS_CLIENT_CA]")
-    p.add_argument("--deployment-health-interval", type=float,
-                   default=float(_env("DEPLOYMENT_HEALTH_INTERVAL", str(d.deployment_health_interval))),
-                   help="seconds between health probes (a models list) of each deployment, backed off while it"
-                        " fails; 0 turns them off [BATCHGATE_DEPLOYMENT_HEALTH_INTERVAL]")
+    _seconds_flag(p, d, "--deployment-health-interval", "seconds between health probes (a models list) of each"
+                                                        " deployment, backed off while it fails; 0 turns them off")
     return p
 
 
