@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,7 +36,6 @@ from batchgate_server.core.tracker import Tracker
 from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.observability import logs
-from batchgate_server.observability.metrics import GrpcMetrics, Metrics, MetricsServer
 from batchgate_server.pricing.table import PriceTable
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
@@ -43,6 +43,9 @@ from batchgate_server.settings import Settings
 from batchgate_server.store.lock import DataDirInUse, DataDirLock
 from batchgate_server.store.ports import BlobStore, MetadataStore
 from batchgate_server.store.urls import Database, blob_url, database_url, open_blob_store, open_database
+
+if TYPE_CHECKING:  # imported when metrics are on: prometheus_client costs start-up time
+    from batchgate_server.observability.metrics import Metrics, MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +185,7 @@ class BatchgateServer:
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
         if s.metrics_address:
+            from batchgate_server.observability.metrics import Metrics
             self.metrics = Metrics()
         self._build_batch_layer(blobs)
         logs.add_secrets([s.master_key, *(str(v) for d in self.model_list.deployments
@@ -189,7 +193,7 @@ class BatchgateServer:
         server = grpc.aio.server(options=grpc_options(s))
         # Undecodable requests are INVALID_ARGUMENT, not UNKNOWN; calls wait for start-up; calls
         # are timed when metrics are on. All wrapped once here: no per-call interceptor.
-        wrappers = (self.ready.wrap,) if self.metrics is None else (self.ready.wrap, GrpcMetrics(self.metrics).wrap)
+        wrappers = (self.ready.wrap,) if self.metrics is None else (self.ready.wrap, self.metrics.grpc_wrapper())
         ours = SoftDecoding(server, wrappers)
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
         self._add_batch_service(ours)
@@ -221,6 +225,7 @@ class BatchgateServer:
             raise StartupError(f"cannot listen on {address}: {reason}")
         if self.metrics is not None:
             self.metrics.watch(self.tracker, self.router, [d.id for d in self.model_list.deployments])
+            from batchgate_server.observability.metrics import MetricsServer
             self._metrics_server = MetricsServer(self.metrics)
             self.metrics_port = await self._metrics_server.start(s.metrics_address)
             log.info("Prometheus metrics on http://%s/metrics (port %d)", s.metrics_address, self.metrics_port)

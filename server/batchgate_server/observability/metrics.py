@@ -177,6 +177,10 @@ class Metrics(BatchEvents):
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return ()
 
+    def grpc_wrapper(self):
+        """The handler wrapper (api/undecodable.py SoftDecoding) that times calls into these metrics."""
+        return GrpcMetrics(self).wrap
+
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
 
