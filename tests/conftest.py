@@ -86,8 +86,10 @@ def batch_file(n: int, **kw) -> bytes:
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
+    # Deployment health probes off: tests count the calls a fake provider gets (test_observability
+    # turns them on).
     defaults = dict(address="127.0.0.1:0", data_dir=data_dir, master_key=MASTER_KEY, heartbeat_interval=0.5,
-                    grace_period=0.5)
+                    grace_period=0.5, deployment_health_interval=0)
     defaults.update(overrides)
     return Settings(**defaults)
 

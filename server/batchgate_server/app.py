@@ -27,7 +27,7 @@ from batchgate_server.config import ConfigError, is_secret_param, load_model_lis
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.deployment_health import DeploymentHealth
-from batchgate_server.core.events import BatchEvents
+from batchgate_server.core.events import BatchEvents, EventFanout
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
 from batchgate_server.core.pagination import PageTokens
@@ -35,7 +35,7 @@ from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
 from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
-from batchgate_server.observability import logs
+from batchgate_server.observability import logs, tracing
 from batchgate_server.pricing.table import PriceTable
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
@@ -193,7 +193,8 @@ class BatchgateServer:
         server = grpc.aio.server(options=grpc_options(s))
         # Undecodable requests are INVALID_ARGUMENT, not UNKNOWN; calls wait for start-up; calls
         # are timed when metrics are on. All wrapped once here: no per-call interceptor.
-        wrappers = (self.ready.wrap,) if self.metrics is None else (self.ready.wrap, self.metrics.grpc_wrapper())
+        wrappers = (self.ready.wrap,) + ((self.metrics.grpc_wrapper(),) if self.metrics is not None else ()) \
+            + ((tracing.rpc_wrapper,) if tracing.active() else ())
         ours = SoftDecoding(server, wrappers)
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
         self._add_batch_service(ours)
@@ -261,6 +262,14 @@ class BatchgateServer:
         if self.metrics is not None:
             self.metrics.deployment_up.labels(deployment.id, deployment.provider).set(1 if ok else 0)
 
+    def _batch_events(self) -> BatchEvents:
+        observers: list[BatchEvents] = [o for o in (self.metrics,) if o is not None]
+        if tracing.active():
+            observers.append(tracing.BatchTraces())
+        if len(observers) <= 1:
+            return observers[0] if observers else BatchEvents()
+        return EventFanout(observers)
+
     def _build_batch_layer(self, blobs: BlobStore) -> None:
         s = self.settings
         self.model_list = load_model_list(s.config_file)
@@ -272,7 +281,7 @@ class BatchgateServer:
         self.providers = ProviderRegistry(request_events=self.metrics.requests if self.metrics else None)
         self.hub = WatchHub()
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir, events=self.metrics or BatchEvents())
+                               s.work_dir, events=self._batch_events())
         self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens)

@@ -12,6 +12,7 @@ from batchgate_server.app import BatchgateServer, StartupError
 from batchgate_server.config import ConfigError
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.observability.logs import configure as configure_logging
+from batchgate_server.observability.tracing import configure_from_environment as configure_traces
 from batchgate_server.settings import build_parser, settings_from_args
 from batchgate_server.store.errors import StorageError, StorageFull
 from batchgate_server.store.urls import StoreUrlError, database_url, open_database
@@ -78,6 +79,7 @@ def _main(argv: list[str]) -> None:
         return
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    configure_traces()  # OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT; off unless set
     try:
         run(_serve(BatchgateServer(settings_from_args(args))))
     except ConfigError as err:  # a clear start-up error naming the entry, no traceback

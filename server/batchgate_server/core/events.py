@@ -14,7 +14,9 @@ from batchgate_server.domain.models import BatchRecord
 
 class BatchEvents:
     def adopted(self, rec: BatchRecord) -> None:
-        """The tracker took `rec` on (a new batch, or an unfinished one after a restart)."""
+        """The tracker took `rec` on (a new batch, or an unfinished one after a restart). Runs in
+        the context the batch's runner task will run in: a context variable set here is the
+        runner's alone."""
 
     def changed(self, before: BatchRecord, after: BatchRecord, ledger: dict[str, Any] | None) -> None:
         """A write committed. `ledger`: the usage-ledger row that same transaction wrote (once per
@@ -25,3 +27,26 @@ class BatchEvents:
 
     def released(self, rec: BatchRecord) -> None:
         """The tracker stopped driving `rec` (it ended, or the server is stopping)."""
+
+
+class EventFanout(BatchEvents):
+    """Several observers (metrics, traces) as one."""
+
+    def __init__(self, observers: list[BatchEvents]) -> None:
+        self.observers = observers
+
+    def adopted(self, rec: BatchRecord) -> None:
+        for o in self.observers:
+            o.adopted(rec)
+
+    def changed(self, before: BatchRecord, after: BatchRecord, ledger: dict[str, Any] | None) -> None:
+        for o in self.observers:
+            o.changed(before, after, ledger)
+
+    def polled(self, rec: BatchRecord) -> None:
+        for o in self.observers:
+            o.polled(rec)
+
+    def released(self, rec: BatchRecord) -> None:
+        for o in self.observers:
+            o.released(rec)

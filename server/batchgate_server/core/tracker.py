@@ -16,6 +16,7 @@ Retry-After until they have lasted `give_up_after` seconds (litellm_params, defa
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import hashlib
 import logging
@@ -107,8 +108,9 @@ class Tracker:
         router.add_load (the runner removes it when the batch ends)."""
         runner = BatchRunner(self, record, load_reserved=load_reserved)
         self._runners[record.id] = runner
-        self.events.adopted(record)
-        task = asyncio.create_task(runner.run(), name=f"batch-{record.id}")
+        context = contextvars.copy_context()  # the runner's own: what the hook sets stays there
+        context.run(self.events.adopted, record)
+        task = asyncio.create_task(runner.run(), name=f"batch-{record.id}", context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
