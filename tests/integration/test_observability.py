@@ -255,3 +255,36 @@ async def test_each_deployment_has_a_health_name_fed_by_probes(tmp_path, upstrea
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await health.Check(health_pb2.HealthCheckRequest(service=f"batchgate.deployment/{simulated.id}"))
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_server_process_logs_json_and_exports_traces_from_otel_environment(tmp_path):
+    """As an operator runs it: --log-format json on stderr (every line an object, the master key in
+    none), and OTEL_TRACES_EXPORTER=console printing the spans of the calls made."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = str(Path(sys.executable).with_name("batchgate-server"))
+    port = free_port()
+    env = {**os.environ, "BATCHGATE_MASTER_KEY": REAL_LOOKING_KEY, "OTEL_TRACES_EXPORTER": "console"}
+    proc = subprocess.Popen([server, "--address", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
+                             "--log-format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            files = file_pb2_grpc.FileServiceStub(channel)
+            with pytest.raises(grpc.RpcError):
+                files.GetFile(file_pb2.GetFileRequest(file_id="file-missing"),
+                              metadata=(("authorization", f"Bearer {REAL_LOOKING_KEY}"),))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    entries = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any(e["message"].startswith("batchgate listening on") for e in entries)
+    assert REAL_LOOKING_KEY not in err
+    assert '"name": "batchgate.v1.FileService/GetFile"' in out
+    assert '"rpc.grpc.status_code": "NOT_FOUND"' in out and '"file_id": "file-missing"' in out

@@ -35,9 +35,14 @@ def configure_from_environment() -> bool:
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
     if exporter_name in ("", "none") and not endpoint:
         return False
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        log.warning("traces: OTEL_* asks for traces but opentelemetry-sdk is not installed"
+                    " (pip install 'batchgate-server[traces]'); traces off")
+        return False
 
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()
