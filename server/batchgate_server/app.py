@@ -244,8 +244,10 @@ class BatchgateServer:
                                                   on_change=self._deployment_health_changed)
         self.deployment_health.start()
         if http_address:
-            self._http = HttpServer(build_app(self.auth, self.files, self.batches, s.heartbeat_interval),
-                                    s.grace_period)
+            http_app = build_app(self.auth, self.files, self.batches, s.heartbeat_interval)
+            if self.metrics is not None:
+                http_app.middlewares.insert(0, self.metrics.http_middleware())
+            self._http = HttpServer(http_app, s.grace_period)
             self.http_port = await self._http.start(http_address)
             log.info("OpenAI-compatible HTTP API on %s (port %d)", http_address, self.http_port)
         for name in (*SERVICE_NAMES, ""):

@@ -108,6 +108,24 @@ async def test_upload_rejects_are_counted_by_reason(tmp_path):
         assert value(samples, "batchgate_upload_bytes_total") == 0
 
 
+async def test_the_http_api_is_counted_by_route_template(tmp_path):
+    async with serving(tmp_path / "data", metrics_address="127.0.0.1:0", http_address="127.0.0.1:0") as h:
+        base = f"http://127.0.0.1:{h.server.http_port}/v1"
+        auth = {"Authorization": f"Bearer {h.alice.api_key}"}
+        async with aiohttp.ClientSession() as session:
+            for batch_id in ("batch_a", "batch_b"):
+                async with session.get(f"{base}/batches/{batch_id}", headers=auth) as resp:
+                    assert resp.status == 404
+            async with session.get(f"{base}/batches", headers=auth) as resp:
+                assert resp.status == 200
+        samples = await scrape(h.server.metrics_port)
+        route = "/v1/batches/{batch_id}"
+        assert value(samples, "batchgate_http_request_duration_seconds_count", method="GET", route=route,
+                     status="404") == 2, "both ids under one route template"
+        assert value(samples, "batchgate_http_request_duration_seconds_count", method="GET", route="/v1/batches",
+                     status="200") == 1
+
+
 async def test_metrics_are_off_by_default(harness):
     assert harness.server.metrics is None and harness.server.metrics_port == 0
 

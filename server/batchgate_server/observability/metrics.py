@@ -48,6 +48,10 @@ METRICS = (
               " server streams are counted once they end)", ("method", "code"), RPC_BUCKETS),
     MetricDef("batchgate_grpc_streams_open", Gauge,
               "Streams open now, by method (WatchBatch watchers, UploadFile uploads)", ("method",)),
+    MetricDef("batchgate_http_request_duration_seconds", Histogram,
+              "Requests to the OpenAI-compatible HTTP API (--http-address) by method, route template and"
+              " status, and how long they took (SSE watches are counted once they end)",
+              ("method", "route", "status"), RPC_BUCKETS),
     MetricDef("batchgate_grpc_errors", Counter,
               "Failed gRPC calls by method, code and ErrorInfo reason (INVALID_BATCH_FILE, FILE_NOT_FOUND,"
               " TOO_MANY_UPLOADS, …): UploadFile's are the validation rejects", ("method", "code", "reason")),
@@ -134,6 +138,7 @@ class Metrics(BatchEvents):
         self.ended: Counter = made["batchgate_batches_ended"]
         self.deployment_up: Gauge = made["batchgate_deployment_up"]
         self.grpc_errors: Counter = made["batchgate_grpc_errors"]
+        self.http_seconds: Histogram = made["batchgate_http_request_duration_seconds"]
         self.upload_bytes: Counter = made["batchgate_upload_bytes"]
         self.requests = UpstreamRequestMetrics(made)
         self._sources: list[Callable[[], Iterable[GaugeMetricFamily]]] = []
@@ -180,6 +185,31 @@ class Metrics(BatchEvents):
     def grpc_wrapper(self):
         """The handler wrapper (api/undecodable.py SoftDecoding) that times calls into these metrics."""
         return GrpcMetrics(self).wrap
+
+    def http_middleware(self):
+        """An aiohttp middleware timing the HTTP API's requests; put first, it sees the status the
+        error middleware has made of an error. Routes are their templates (/v1/batches/{batch_id}),
+        so the label set stays bounded whatever ids are asked for."""
+        from aiohttp import web
+
+        seconds = self.http_seconds
+
+        @web.middleware
+        async def timed(request, handler):
+            started, status = time.perf_counter(), 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as err:
+                status = err.status
+                raise
+            finally:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                seconds.labels(request.method, route, str(status)).observe(time.perf_counter() - started)
+
+        return timed
 
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
