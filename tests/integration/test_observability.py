@@ -83,6 +83,9 @@ async def test_metrics_move_as_a_batch_runs(tmp_path, upstream):
         during = await scrape(port)
         assert value(during, "batchgate_grpc_streams_open", method="/batchgate.v1.BatchService/WatchBatch") == 1
         assert value(during, "batchgate_batches", provider="openai_compatible") == 1
+        lag = during[("batchgate_tracker_lag_seconds", (("provider", "openai_compatible"),))]
+        assert 0 <= lag < 30, "the running batch is polled (or was adopted) moments ago"
+        assert value(after, "batchgate_tracker_lag_seconds") == 0, "no batch was running: no lag"
         stream.cancel()
         upstream.latency_ms = 0
         final_scrape = await scrape(port)
