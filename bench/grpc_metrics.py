@@ -28,7 +28,7 @@ ROUNDS = 5
 
 def ready_gate() -> ReadinessGate:
     gate = ReadinessGate()
-    gate.ready = True
+    gate.open()
     return gate
 
 

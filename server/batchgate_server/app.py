@@ -230,15 +230,15 @@ class BatchgateServer:
             self._metrics_server = MetricsServer(self.metrics)
             self.metrics_port = await self._metrics_server.start(s.metrics_address)
             log.info("Prometheus metrics on http://%s/metrics (port %d)", s.metrics_address, self.metrics_port)
-        # Health says NOT_SERVING, and every other call is refused UNAVAILABLE (api/readiness.py),
-        # until unfinished batches are adopted.
+        # Health says NOT_SERVING, and every other call waits (api/readiness.py), until unfinished
+        # batches are adopted.
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._health = health_servicer
         await server.start()
         self._server = server
         await self._start_background()
-        self.ready.ready = True
+        self.ready.open()
         self.deployment_health = DeploymentHealth(self.model_list.deployments, self.providers,
                                                   interval=s.deployment_health_interval,
                                                   on_change=self._deployment_health_changed)

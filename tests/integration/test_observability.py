@@ -1,5 +1,5 @@
 """Operating batchgate: metrics scraped while a batch runs, JSON logs that name the batch and hide
-keys, health that tells the truth during start-up. The real server, the real fake upstream."""
+keys, health that tells the truth during start-up (calls wait meanwhile). The real server, the real fake upstream."""
 
 from __future__ import annotations
 
@@ -193,14 +193,17 @@ async def test_health_is_not_serving_until_unfinished_batches_are_adopted(tmp_pa
                 except grpc.aio.AioRpcError:
                     await asyncio.sleep(0.01)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # A call made now waits for the adoption instead of acting on a half-started server.
             files = file_pb2_grpc.FileServiceStub(channel)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await files.GetFile(file_pb2.GetFileRequest(file_id="file-x"),
-                                    metadata=(("authorization", f"Bearer {MASTER_KEY}"),))
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_details(refused.value)[0].reason == "SERVER_STARTING"
+            call = asyncio.ensure_future(files.GetFile(file_pb2.GetFileRequest(file_id="file-x"),
+                                                       metadata=(("authorization", f"Bearer {MASTER_KEY}"),)))
+            await asyncio.sleep(0.2)  # ample time for the call to be answered were it not held
+            assert not call.done()
             server.release.set()
             await starting
+            with pytest.raises(grpc.aio.AioRpcError) as answered:
+                await call
+            assert answered.value.code() == grpc.StatusCode.NOT_FOUND, "answered once the server is ready"
             assert (await health.Check(health_pb2.HealthCheckRequest())).status == \
                 health_pb2.HealthCheckResponse.SERVING
             assert (await health.Check(health_pb2.HealthCheckRequest(service="batchgate.v1.BatchService"))).status \

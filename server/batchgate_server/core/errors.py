@@ -59,10 +59,6 @@ class DeadlineExceeded(ApiError):
     pass
 
 
-class Unavailable(ApiError):
-    """Not now, retry soon: e.g. the server is still starting."""
-
-
 class ResourceExhausted(ApiError):
     def __init__(self, message: str, reason: str, retry_after: float = 1.0, **kw) -> None:
         super().__init__(message, reason, **kw)
