@@ -101,7 +101,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--expiry-sweep-interval", type=float,
                    default=float(_env("EXPIRY_SWEEP_INTERVAL", str(d.expiry_sweep_interval))),
                    help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level),
+                   help="DEBUG, INFO, WARNING or ERROR [BATCHGATE_LOG_LEVEL]")
     p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", d.log_format),
                    help="text lines, or one JSON object a line with batch_id, file_id, project and deployment"
                         " where known [BATCHGATE_LOG_FORMAT]")

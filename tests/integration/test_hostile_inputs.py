@@ -28,8 +28,10 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
 from batchgate_server.core.auth import create_api_key
+from tests.backends_pg import run_sql
 from tests.conftest import Caller, Harness, error_details, jsonl, request_line, start_harness, upload_requests
 from tests.integration.batch_helpers import TERMINAL, write_config
+from tests.server_reasons import documented
 
 # Every call gets this deadline: a server that hangs fails the case instead of the module.
 DEADLINE = 5.0
@@ -39,6 +41,7 @@ MAX_LINES = 50
 IDLE_TIMEOUT = 1.5  # seconds an upload may stay silent
 ABSURD_ID = "x" * 100_000  # far beyond gRPC's 8 KiB default for metadata, where errors travel
 CODE = grpc.StatusCode
+DOCUMENTED_REASONS = documented()  # proto/batchgate/v1/error_reason.proto: reason -> its code and docs
 
 
 @dataclass
@@ -899,7 +902,7 @@ async def build_world(h: Harness) -> World:
     w = World(h, usage_pb2_grpc.UsageServiceStub(h.channel))
     store = h.server.store
     revoked = await start_key(h, "mallory")
-    await store.db.execute("UPDATE api_keys SET revoked_at=1 WHERE project='mallory'")
+    await run_sql(store, "UPDATE api_keys SET revoked_at=1 WHERE project='mallory'")
     w.revoked = revoked
     w.carol = await start_key(h, "carol")
     w.dave = await start_key(h, "dave")
@@ -967,6 +970,9 @@ async def test_hostile_input(world: World, case: Case):
     assert code not in (CODE.INTERNAL, CODE.UNKNOWN), f"{case.name} answered {code.name}: {message[:300]}"
     info, bad_request = error_details(err)
     assert info.domain == "batchgate.dev", info
+    # Whatever the case expects, the reason is one the contract lists, with the code it documents.
+    assert info.reason in DOCUMENTED_REASONS, f"{case.name}: {info.reason} is not in error_reason.proto"
+    assert code.name == DOCUMENTED_REASONS[info.reason].code, f"{case.name}: {info.reason} came with {code.name}"
 
     assert code == case.code, f"{case.name}: {code.name} {info.reason} (expected {case.code.name}): {message[:300]}"
     if case.reason is not None:
