@@ -24,6 +24,9 @@ def _tracer_provider():
         provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
         trace.set_tracer_provider(provider)
     yield
+    # The provider stays for the session (it cannot be unset); later tests' spans are not kept.
+    EXPORTER.clear()
+    EXPORTER.shutdown()
 
 
 async def test_one_trace_follows_a_batch_from_create_to_its_end(tmp_path, upstream):

@@ -118,7 +118,8 @@ def _entered_at(rec: BatchRecord) -> float:
 
 
 class Metrics(BatchEvents):
-    """The registry, the batch hooks (core/events.py) and the gRPC interceptor's children."""
+    """The registry, the batch hooks (core/events.py), and what the gRPC wrapper and the HTTP
+    middleware record into."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
