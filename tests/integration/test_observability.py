@@ -101,6 +101,22 @@ async def test_metrics_move_as_a_batch_runs(tmp_path, upstream):
         assert value(final_scrape, "batchgate_tokens_total", project="alice", kind="input") == usage.input_tokens
 
 
+async def test_rpm_waits_and_429_retries_are_counted(tmp_path, upstream):
+    """rpm 300 lets 5 requests through at once (a bucket holds one second's budget): of 8, the
+    last ones wait for the limit. A 429 is retried."""
+    upstream.retry_after_s = 0.05
+    upstream.fail_next("429")
+    config = write_config(tmp_path / "models.yaml", [upstream_entry("fake-llm", upstream.base_url, rpm=300)])
+    async with serving(tmp_path / "data", config_file=config, metrics_address="127.0.0.1:0") as h:
+        final, *_ = await run_batch(h, [request_line(f"r{i}", model="fake-llm") for i in range(8)])
+        assert final.request_counts.completed == 8
+        samples = await scrape(h.server.metrics_port)
+    deployment = next(d.id for d in h.server.model_list.deployments if d.model_name == "fake-llm")
+    assert value(samples, "batchgate_upstream_retries_total", deployment=deployment, code="http_429") == 1
+    assert value(samples, "batchgate_rate_limit_wait_seconds_count", deployment=deployment) >= 3
+    assert value(samples, "batchgate_rate_limit_wait_seconds_sum", deployment=deployment) >= 0.3
+
+
 async def test_upload_rejects_are_counted_by_reason(tmp_path):
     async with serving(tmp_path / "data", metrics_address="127.0.0.1:0") as h:
         with pytest.raises(grpc.aio.AioRpcError):
