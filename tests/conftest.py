@@ -94,8 +94,10 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
     """Test server settings; the stores are the backend's (tests/backends.py) unless `overrides` names them."""
     if "database_url" not in overrides and "blob_url" not in overrides:
         overrides = {**store_overrides(data_dir), **overrides}
+    # Deployment health probes off: tests count the calls a fake provider gets (test_observability
+    # turns them on).
     defaults = dict(address="127.0.0.1:0", data_dir=data_dir, master_key=MASTER_KEY, heartbeat_interval=0.5,
-                    grace_period=0.5)
+                    grace_period=0.5, deployment_health_interval=0)
     defaults.update(overrides)
     return Settings(**defaults)
 

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,13 +20,16 @@ from batchgate_server.api.admin import AdminServicer
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.http.server import HttpServer, build_app
+from batchgate_server.api.readiness import ReadinessGate
 from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
-from batchgate_server.config import ConfigError, load_model_list
+from batchgate_server.config import ConfigError, is_secret_param, load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.admin import Admin
 from batchgate_server.core.auth import Authenticator
+from batchgate_server.core.deployment_health import DeploymentHealth
+from batchgate_server.core.events import BatchEvents, EventFanout
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
 from batchgate_server.core.pagination import PageTokens
@@ -34,6 +38,7 @@ from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
 from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.observability import logs, tracing
 from batchgate_server.pricing.table import PriceTable
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
@@ -42,7 +47,13 @@ from batchgate_server.store.lock import DataDirInUse, DataDirLock
 from batchgate_server.store.ports import BlobStore, MetadataStore
 from batchgate_server.store.urls import Database, blob_url, database_url, open_blob_store, open_database
 
+if TYPE_CHECKING:  # imported when metrics are on: prometheus_client costs start-up time
+    from batchgate_server.observability.metrics import Metrics, MetricsServer
+
 log = logging.getLogger(__name__)
+
+# The health service's name for a deployment's own health (its provider's answer to a probe).
+DEPLOYMENT_HEALTH_PREFIX = "batchgate.deployment/"
 
 SERVICE_NAMES = (
     file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
@@ -115,6 +126,27 @@ def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
         raise ConfigError(f"TLS credentials rejected: {err}") from None
 
 
+def grpc_options(s: Settings) -> list[tuple[str, int]]:
+    """Message sizes, keepalive and connection age (--keepalive-*, --max-connection-age*)."""
+    ms = lambda seconds: int(seconds * 1000)  # noqa: E731
+    # gRPC sets SO_REUSEPORT by default: a second server would share the port and take half of
+    # the connections.
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    if s.keepalive_time > 0:
+        options += [("grpc.keepalive_time_ms", ms(s.keepalive_time)),
+                    ("grpc.keepalive_timeout_ms", ms(s.keepalive_timeout)),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.max_pings_without_data", 0)]
+    # Clients' own keepalive pings (the Python client's, a load balancer's health pings) are
+    # welcome down to every 10 s; faster ones are answered with GOAWAY too_many_pings.
+    options += [("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+    if s.max_connection_age > 0:
+        options += [("grpc.max_connection_age_ms", ms(s.max_connection_age)),
+                    ("grpc.max_connection_age_grace_ms", ms(s.max_connection_age_grace))]
+    return options
+
+
 class BatchgateServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -127,6 +159,10 @@ class BatchgateServer:
         self._database: Database | None = None
         self._blobs: BlobStore | None = None
         self._data_lock: DataDirLock | None = None
+        self.metrics: Metrics | None = None  # None while --metrics-address is empty
+        self._metrics_server: MetricsServer | None = None
+        self.metrics_port: int = 0
+        self.ready = ReadinessGate()
 
     async def start(self) -> int:
         s = self.settings
@@ -152,14 +188,18 @@ class BatchgateServer:
         orphans = await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
+        if s.metrics_address:
+            from batchgate_server.observability.metrics import Metrics
+            self.metrics = Metrics()
         self._build_batch_layer(blobs)
-
-        # gRPC sets SO_REUSEPORT by default: a second server would share the port and take half of
-        # the connections.
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
-        server = grpc.aio.server(options=options)
-        ours = SoftDecoding(server)  # undecodable requests are INVALID_ARGUMENT, not UNKNOWN
+        logs.add_secrets([s.master_key, *(str(v) for d in self.model_list.deployments
+                                          for k, v in d.params.items() if is_secret_param(str(k)) and v)])
+        server = grpc.aio.server(options=grpc_options(s))
+        # Undecodable requests are INVALID_ARGUMENT, not UNKNOWN; calls wait for start-up; calls
+        # are timed when metrics are on. All wrapped once here: no per-call interceptor.
+        wrappers = (self.ready.wrap,) + ((self.metrics.grpc_wrapper(),) if self.metrics is not None else ()) \
+            + ((tracing.rpc_wrapper,) if tracing.active() else ())
+        ours = SoftDecoding(server, wrappers)
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
         self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
@@ -190,24 +230,53 @@ class BatchgateServer:
                 raise ConfigError("gRPC refused the TLS credentials: --tls-cert and --tls-key must be PEM, and the"
                                   " key must belong to the certificate")
             raise StartupError(f"cannot listen on {address}: {reason}")
-        # Adopt unfinished batches before the first call is served: until then CancelBatch would
-        # call a running batch ended, and DeleteFile could remove a running batch's input.
-        await self._start_background()
+        if self.metrics is not None:
+            self.metrics.watch(self.tracker, self.router, [d.id for d in self.model_list.deployments])
+            from batchgate_server.observability.metrics import MetricsServer
+            self._metrics_server = MetricsServer(self.metrics)
+            self.metrics_port = await self._metrics_server.start(s.metrics_address)
+            log.info("Prometheus metrics on http://%s/metrics (port %d)", s.metrics_address, self.metrics_port)
+        # Health says NOT_SERVING, and every other call waits (api/readiness.py), until unfinished
+        # batches are adopted.
+        for name in (*SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health = health_servicer
         await server.start()
         self._server = server
+        await self._start_background()
+        self.ready.open()
+        self.deployment_health = DeploymentHealth(self.model_list.deployments, self.providers,
+                                                  interval=s.deployment_health_interval,
+                                                  on_change=self._deployment_health_changed)
+        self.deployment_health.start()
         if http_address:
-            self._http = HttpServer(build_app(self.auth, self.files, self.batches, s.heartbeat_interval),
-                                    s.grace_period)
+            http_app = build_app(self.auth, self.files, self.batches, s.heartbeat_interval)
+            if self.metrics is not None:
+                http_app.middlewares.insert(0, self.metrics.http_middleware())
+            self._http = HttpServer(http_app, s.grace_period)
             self.http_port = await self._http.start(http_address)
             log.info("OpenAI-compatible HTTP API on %s (port %d)", http_address, self.http_port)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._health = health_servicer
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
         log.info("batchgate listening on %s (port %d, %s), data in %s (metadata %s, blobs %s)", address,
                  self.port, "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS",
                  s.data_dir, db_url, blobs_url)
         return self.port
+
+    async def _deployment_health_changed(self, deployment, ok: bool) -> None:
+        await self._health.set(DEPLOYMENT_HEALTH_PREFIX + deployment.id, health_pb2.HealthCheckResponse.SERVING
+                               if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.metrics is not None:
+            self.metrics.deployment_up.labels(deployment.id, deployment.provider).set(1 if ok else 0)
+
+    def _batch_events(self) -> BatchEvents:
+        observers: list[BatchEvents] = [o for o in (self.metrics,) if o is not None]
+        if tracing.active():
+            observers.append(tracing.BatchTraces())
+        if len(observers) <= 1:
+            return observers[0] if observers else BatchEvents()
+        return EventFanout(observers)
 
     def _build_batch_layer(self, blobs: BlobStore) -> None:
         s = self.settings
@@ -217,17 +286,17 @@ class BatchgateServer:
             prices = PriceTable.load_file(s.price_file, base=prices)
         self.accounting = Accounting(prices)
         self.router = Router(self.model_list)
-        self.providers = ProviderRegistry()
+        self.providers = ProviderRegistry(request_events=self.metrics.requests if self.metrics else None)
         self.hub = WatchHub()
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir)
+                               s.work_dir, events=self._batch_events())
         self.files.used_by = self.tracker.batch_reading
         self.quotas = Quotas(self.store, self._database.ledger, self.model_list.quotas)
         self.files.quotas = self.quotas
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens, self.quotas)
         log.info("model list from %s: %s", self.model_list.source,
-                 ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
+                 ", ".join(f"{d.model_name} ({d.provider}/{d.model}, id {d.id})" for d in self.model_list.deployments))
 
     def _add_batch_service(self, server: SoftDecoding) -> None:
         add_batch_service(BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
@@ -245,10 +314,14 @@ class BatchgateServer:
     async def stop(self, grace: float | None = None) -> None:
         if self._http is not None:
             await self._http.stop()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._health.enter_graceful_shutdown()
             await self._server.stop(self.settings.grace_period if grace is None else grace)
+        if hasattr(self, "deployment_health"):
+            await self.deployment_health.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -16,6 +16,8 @@ from batchgate_server.config import ConfigError
 from batchgate_server.core.admin import create_checked_key, revoke_key
 from batchgate_server.core.errors import ApiError
 from batchgate_server.domain.models import ApiKeyRecord
+from batchgate_server.observability.logs import configure as configure_logging
+from batchgate_server.observability.tracing import configure_from_environment as configure_traces
 from batchgate_server.settings import build_parser, settings_from_args
 from batchgate_server.store.errors import StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
@@ -169,8 +171,8 @@ def _main(argv: list[str]) -> None:
         _keys(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
+    configure_traces()  # OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT; off unless set
     try:
         run(_serve(BatchgateServer(settings_from_args(args))))
     except ConfigError as err:  # a clear start-up error naming the entry, no traceback

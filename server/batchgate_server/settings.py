@@ -33,6 +33,17 @@ class Settings:
     tls_cert: Path | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CAs: require a client certificate they signed (mutual TLS)
+    metrics_address: str = ""  # Prometheus /metrics listener: off unless set
+    log_format: str = "text"  # text | json
+    # HTTP/2 keepalive: a ping every keepalive_time seconds on a quiet connection keeps a long
+    # WatchBatch alive through load balancers' idle timeouts (60 s on many) and finds dead peers.
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    # 0: off. Set, connections are closed (GOAWAY) after this age so a load balancer can spread
+    # them again; calls in flight get max_connection_age_grace seconds to end.
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 30.0
+    deployment_health_interval: float = 60.0  # seconds between health probes of each deployment; 0: off
 
     @property
     def work_dir(self) -> Path:
@@ -45,6 +56,13 @@ def _env(name: str, default: str) -> str:
 
 def _path_env(name: str) -> Path | None:
     return Path(v) if (v := _env(name, "")) else None
+
+
+def _seconds_flag(p: argparse.ArgumentParser, defaults: Settings, flag: str, help: str) -> None:
+    """A flag of seconds named like its Settings field, with its BATCHGATE_* environment fallback."""
+    name = flag.removeprefix("--").replace("-", "_")
+    p.add_argument(flag, type=float, default=float(_env(name.upper(), str(getattr(defaults, name)))),
+                   help=f"{help} [BATCHGATE_{name.upper()}]")
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -86,6 +104,18 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level),
                    help="DEBUG, INFO, WARNING or ERROR [BATCHGATE_LOG_LEVEL]")
+    p.add_argument("--log-format", choices=("text", "json"), default=_env("LOG_FORMAT", d.log_format),
+                   help="text lines, or one JSON object a line with batch_id, file_id, project and deployment"
+                        " where known [BATCHGATE_LOG_FORMAT]")
+    p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS", d.metrics_address),
+                   help="host:port serving Prometheus metrics at /metrics; off when empty"
+                        " [BATCHGATE_METRICS_ADDRESS]")
+    _seconds_flag(p, d, "--keepalive-time", "seconds between HTTP/2 keepalive pings on a quiet connection; 0 turns"
+                                            " them off")
+    _seconds_flag(p, d, "--keepalive-timeout", "seconds to wait for a ping's answer before the connection is closed")
+    _seconds_flag(p, d, "--max-connection-age", "close connections after this many seconds so load balancers can"
+                                                " rebalance; 0: never")
+    _seconds_flag(p, d, "--max-connection-age-grace", "seconds calls in flight may go on after --max-connection-age")
     p.add_argument("--tls-cert", type=Path, default=_path_env("TLS_CERT"),
                    help="PEM certificate chain: serve TLS (plaintext is then refused) [BATCHGATE_TLS_CERT]")
     p.add_argument("--tls-key", type=Path, default=_path_env("TLS_KEY"),
@@ -93,6 +123,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, default=_path_env("TLS_CLIENT_CA"),
                    help="PEM CA certificates: require client certificates they signed (mutual TLS)"
                         " [BATCHGATE_TLS_CLIENT_CA]")
+    _seconds_flag(p, d, "--deployment-health-interval", "seconds between health probes (a models list) of each"
+                                                        " deployment, backed off while it fails; 0 turns them off")
     return p
 
 
@@ -116,4 +148,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        metrics_address=args.metrics_address,
+        log_format=args.log_format,
+        keepalive_time=args.keepalive_time,
+        keepalive_timeout=args.keepalive_timeout,
+        max_connection_age=args.max_connection_age,
+        max_connection_age_grace=args.max_connection_age_grace,
+        deployment_health_interval=args.deployment_health_interval,
     )

@@ -93,6 +93,43 @@ async def test_upload_file_with_finish_and_without(harness):
     assert status["details"][0]["reason"] == "UPLOAD_NOT_FINISHED"
 
 
+BUF = Path(sys.executable).with_name("buf")
+
+
+async def buf_curl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge",
+                                                *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_buf_curl_over_reflection_v1(harness):
+    """buf curl speaks reflection v1 (grpcio-reflection serves only v1alpha): listing services
+    and a call whose schema comes from reflection."""
+    base = f"http://127.0.0.1:{harness.port}"
+    code, out, err = await buf_curl("--reflect-protocol", "grpc-v1", "--list-services", base)
+    assert code == 0, err
+    assert {"batchgate.v1.BatchService", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= set(out.split())
+    f = await harness.upload(harness.alice, batch_file(2))
+    key = dict(harness.alice.metadata)["authorization"]
+    code, out, err = await buf_curl("--reflect-protocol", "grpc-v1", "-H", f"authorization: {key}",
+                                    "-d", json.dumps({"file_id": f.id}), f"{base}/batchgate.v1.FileService/GetFile")
+    assert code == 0, err
+    assert json.loads(out)["file"]["id"] == f.id
+    code, out, err = await buf_curl("--reflect-protocol", "grpc-v1", "--list-methods", base)
+    assert code == 0, err
+    assert "batchgate.v1.BatchService/WatchBatch" in out.split()
+
+
+async def test_grpcurl_describes_the_v1_reflection_service(harness):
+    code, out, err = await grpcurl("-plaintext", f"127.0.0.1:{harness.port}", "describe",
+                                   "grpc.reflection.v1.ServerReflection")
+    assert code == 0, err
+    assert "rpc ServerReflectionInfo ( stream .grpc.reflection.v1.ServerReflectionRequest )" in out
+
+
 # -- the README's examples, run as written ----------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,7 @@
 """The server's layers import one way: api → core → providers / store / pricing → domain
-(store, providers and pricing import themselves and domain only).
+(store, providers and pricing import themselves and domain only). observability (metrics, log
+format) sits beside api: it may read core and domain, and no lower layer imports it (core reaches
+it through the hooks of core/events.py that app.py wires).
 
 Every `import` of every server module (top level or inside a function, absolute or relative) is
 read with `ast` and checked against the rules below, so an upward arrow fails here rather than in
@@ -63,8 +65,10 @@ def _violations(module: str, imported: str) -> str | None:
         return "domain imports nothing of ours"
     if src in ("store", "providers", "pricing") and dst != "domain":
         return f"{src} imports itself and domain only"
-    if src == "core" and dst in ("api", "app", "cli"):
+    if src == "core" and dst in ("api", "app", "cli", "observability"):
         return f"core must not import {dst}"
+    if src == "observability" and dst in ("api", "app", "cli"):
+        return f"observability must not import {dst}"
     if src == "core" and dst == "store" and imported != f"{PACKAGE}.store" and not any(
             imported == seam or imported.startswith(seam + ".") for seam in STORE_SEAM):
         return "core imports the store's ports and errors only, never an implementation"
@@ -105,6 +109,11 @@ def test_no_upward_imports():
     ("batchgate_server.store.sqlite.metadata", "batchgate_server.domain.models", False),
     ("batchgate_server.domain.deployment", "batchgate_server.domain.models", False),
     ("batchgate_server.app", "batchgate_server.store.sqlite.metadata", False),
+    ("batchgate_server.core.tracker", "batchgate_server.observability.metrics", True),
+    ("batchgate_server.providers.executor.run", "batchgate_server.observability.logs", True),
+    ("batchgate_server.observability.metrics", "batchgate_server.api.handlers", True),
+    ("batchgate_server.observability.metrics", "batchgate_server.core.events", False),
+    ("batchgate_server.observability.logs", "batchgate_server.domain.log_context", False),
 ])
 def test_rules_catch_upward_arrows(module, imported, bad):
     assert (_violations(module, imported) is not None) is bad

@@ -13,6 +13,7 @@ import grpc
 from batchgate_server.api.errors import abort_with
 from batchgate_server.core.auth import Authenticator, Principal
 from batchgate_server.core.errors import ApiError, StorageError, from_storage
+from batchgate_server.domain import log_context
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awa
     async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             principal = await self.auth.authenticate(context.invocation_metadata())
+            log_context.bind(project=principal.project)  # this call's task only
             return await handler(self, request, context, principal)
         except ApiError as err:
             await abort_with(context, err)
@@ -42,6 +44,7 @@ def server_stream(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Princip
     async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             principal = await self.auth.authenticate(context.invocation_metadata())
+            log_context.bind(project=principal.project)
             async for item in handler(self, request, context, principal):
                 yield item
         except ApiError as err:

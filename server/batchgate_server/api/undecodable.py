@@ -89,18 +89,29 @@ def _soft_handler(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethod
     return handler  # no bidirectional method in our services
 
 
+HandlerWrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+
+
 class SoftDecoding:
     """Stands in for the server while a service registers (a generated add_*_to_server function,
     which hands the same handlers to add_generic_rpc_handlers and add_registered_method_handlers):
-    registers their soft-decoding versions both ways on the real server."""
+    registers their soft-decoding versions both ways on the real server, each also passed through
+    `wrappers` (method name, handler → handler: the readiness gate, the metrics), innermost first."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, server: grpc.aio.Server, wrappers: tuple[HandlerWrapper, ...] = ()) -> None:
         self._server = server
+        self._wrappers = wrappers
+
+    def _wrapped(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        handler = _soft_handler(method, handler)
+        for wrap in self._wrappers:
+            handler = wrap(method, handler)
+        return handler
 
     def add_generic_rpc_handlers(self, generic_handlers) -> None:
         pass  # the same handlers come next, as a dict, through add_registered_method_handlers
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        soft = {name: _soft_handler(f"/{service}/{name}", handler) for name, handler in handlers.items()}
+        soft = {name: self._wrapped(f"/{service}/{name}", handler) for name, handler in handlers.items()}
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, soft),))
         self._server.add_registered_method_handlers(service, soft)

@@ -16,6 +16,7 @@ Retry-After until they have lasted `give_up_after` seconds (litellm_params, defa
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import hashlib
 import logging
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
+from batchgate_server.core.events import BatchEvents
+from batchgate_server.domain import log_context
 from batchgate_server.domain.backoff import Backoff
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import (
@@ -76,8 +79,9 @@ def batch_load(line_count: int) -> int:
 class Tracker:
     def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
                  providers: ProviderRegistry, accounting: Accounting, work_root: Path, *,
-                 min_poll_interval: float = 0.1) -> None:
+                 min_poll_interval: float = 0.1, events: BatchEvents | None = None) -> None:
         self.store = store
+        self.events = events or BatchEvents()
         self.blobs = blobs
         self.hub = hub
         self.router = router
@@ -95,7 +99,8 @@ class Tracker:
         for record in active:
             self.adopt(record)
         if active:
-            log.info("resumed %d unfinished batch(es)", len(active))
+            log.info("resumed %d unfinished batch(es): %s", len(active), ", ".join(
+                f"{r.id} ({r.status.value})" for r in active))
         return len(active)
 
     def adopt(self, record: BatchRecord, *, load_reserved: bool = False) -> None:
@@ -103,7 +108,9 @@ class Tracker:
         router.add_load (the runner removes it when the batch ends)."""
         runner = BatchRunner(self, record, load_reserved=load_reserved)
         self._runners[record.id] = runner
-        task = asyncio.create_task(runner.run(), name=f"batch-{record.id}")
+        context = contextvars.copy_context()  # the runner's own: what the hook sets stays there
+        context.run(self.events.adopted, record)
+        task = asyncio.create_task(runner.run(), name=f"batch-{record.id}", context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -129,7 +136,13 @@ class Tracker:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _forget(self, batch_id: str) -> None:
-        self._runners.pop(batch_id, None)
+        runner = self._runners.pop(batch_id, None)
+        if runner is not None:
+            self.events.released(runner.rec)
+
+    def last_polls(self) -> list[tuple[BatchRecord, float | None]]:
+        """Every owned batch with the monotonic time of its last poll (None: not polled yet)."""
+        return [(r.rec, r.last_poll) for r in self._runners.values()]
 
 
 class BatchRunner:
@@ -143,6 +156,7 @@ class BatchRunner:
         self.deployment = tracker.router.deployment(record.deployment_id)
         self.job: ProviderJob | None = None
         self._provider: BatchProvider | None = None
+        self.last_poll: float | None = None  # time.monotonic() of the last provider poll
 
     # -- persistence --------------------------------------------------------------------
 
@@ -171,6 +185,9 @@ class BatchRunner:
                 self.rec = before
                 raise
             self.t.hub.publish(copy.deepcopy(self.rec))
+            if before.status is not self.rec.status:
+                log.info("batch %s: %s -> %s", self.rec.id, before.status.value, self.rec.status.value)
+            self.t.events.changed(before, self.rec, ledger)
 
     async def _save_state(self) -> None:
         await self._persist(lambda r: None)
@@ -206,6 +223,9 @@ class BatchRunner:
 
     async def run(self) -> None:
         rec = self.rec
+        # This task's log lines name the batch (contextvars are per task).
+        log_context.bind(batch_id=rec.id, project=rec.project, deployment=rec.deployment_id,
+                         file_id=rec.input_file_id)
         load = batch_load(rec.input_line_count)
         if not self._load_reserved and self.deployment is not None:
             self.t.router.add_load(self.deployment.id, load)
@@ -337,6 +357,8 @@ class BatchRunner:
             await provider.cancel(job)
             self._cancel_sent = True
         poll = await provider.poll(job)
+        self.last_poll = time.monotonic()
+        self.t.events.polled(self.rec)
         await self._apply_poll(poll, provider)
         if not self.rec.status.is_terminal:
             await self._wait_for_change(provider)

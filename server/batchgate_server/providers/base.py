@@ -122,8 +122,28 @@ class UnsupportedRequest(Exception):
         self.details = dict(details or {})
 
 
+class RequestEvents:
+    """What a provider tells observers about the requests it sends upstream, by deployment id.
+    This no-op is the default; app.py hands the registry the metrics' implementation. Hooks must
+    be cheap and must not raise: they run on every request."""
+
+    def sent(self, deployment_id: str) -> None:
+        """A request (an attempt: a retry is sent again) went out."""
+
+    def answered(self, deployment_id: str, outcome: str) -> None:
+        """A sent request ended: "ok", or its error code (http_429, connection_error, …)."""
+
+    def retried(self, deployment_id: str, code: str) -> None:
+        """A failed attempt will be sent again."""
+
+    def rate_limited(self, deployment_id: str, seconds: float) -> None:
+        """A request waited `seconds` for the deployment's rpm/tpm limits or a 429's pause."""
+
+
 class BatchProvider(abc.ABC):
     name: str = ""
+    # Set by ProviderRegistry: where request counts go.
+    requests: RequestEvents = RequestEvents()
     # Seconds between polls while a job runs (the tracker backs off on errors).
     poll_interval: float = 10.0
 
@@ -161,6 +181,15 @@ class BatchProvider(abc.ABC):
         just sleep (the tracker also wakes on cancel); the in-process executor returns as soon
         as it has progressed."""
         await asyncio.sleep(timeout)
+
+    def probes(self, deployment: Deployment) -> bool:
+        """Whether `probe` can check this deployment (never for one that needs no network)."""
+        return False
+
+    async def probe(self, deployment: Deployment) -> None:
+        """One cheap authenticated call (a models list), no retries: returns when the deployment
+        answers, raises ProviderError when it does not (core/deployment_health.py schedules it)."""
+        raise NotImplementedError
 
     async def close(self) -> None:
         """Release clients (HTTP pools) at shutdown."""

@@ -6,7 +6,7 @@ import importlib
 import logging
 from collections.abc import Callable
 
-from batchgate_server.providers.base import BatchProvider, UnsupportedRequest
+from batchgate_server.providers.base import BatchProvider, RequestEvents, UnsupportedRequest
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,10 @@ BUILTIN_PROVIDERS = {
 
 
 class ProviderRegistry:
-    def __init__(self, factories: dict[str, Callable[[], BatchProvider]] | None = None) -> None:
+    def __init__(self, factories: dict[str, Callable[[], BatchProvider]] | None = None, *,
+                 request_events: RequestEvents | None = None) -> None:
         self._factories = dict(factories or {})
+        self._request_events = request_events
         self._instances: dict[str, BatchProvider] = {}
 
     def register(self, name: str, factory: Callable[[], BatchProvider]) -> None:
@@ -43,6 +45,8 @@ class ProviderRegistry:
             raise UnsupportedRequest(f"provider {name!r} is not available in this build", reason="PROVIDER_UNAVAILABLE",
                                      details={"provider": name})
         instance = factory()
+        if self._request_events is not None:
+            instance.requests = self._request_events
         self._instances[name] = instance
         return instance
 

@@ -78,6 +78,7 @@ Status mapping: see mapping.py (ended -> cancelled / expired / completed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -195,6 +196,13 @@ class AnthropicBatchProvider(BatchProvider):
         return Conn(label=LABEL, base_url=base, headers=headers, timeout=float_param(p, "timeout", 60.0),
                     max_retries=max(0, int_param(p, "max_retries", 3)),
                     backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
+
+    def probes(self, deployment: Deployment) -> bool:
+        return bool(deployment.params.get("api_key"))
+
+    async def probe(self, deployment: Deployment) -> None:
+        conn = dataclasses.replace(self._conn(deployment), max_retries=0)
+        await self._api.request_json(conn, "GET", "/v1/models")
 
     # ------------------------------------------------------------------ BatchProvider
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:

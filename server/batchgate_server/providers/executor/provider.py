@@ -20,6 +20,7 @@ from batchgate_server.providers.base import (
     Deployment,
     JobStatus,
     PollResult,
+    ProviderError,
     ProviderJob,
     ResultKind,
     ResultLine,
@@ -30,7 +31,7 @@ from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun, upstream_health
 from batchgate_server.providers.executor.simulated import SimulatedTransport
-from batchgate_server.providers.executor.transport import HttpTransport
+from batchgate_server.providers.executor.transport import HttpTransport, TransportFailure
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
                        "/v1/moderations")
@@ -76,6 +77,17 @@ class ExecutorProvider(BatchProvider):
                 f"deployment {deployment.model_name!r} needs litellm_params.api_base (the OpenAI-compatible "
                 "server to run the batch against)", reason="DEPLOYMENT_MISCONFIGURED", precondition=True)
 
+    def probes(self, deployment: Deployment) -> bool:
+        return deployment.params.get("transport") != "simulated" and bool(deployment.params.get("api_base"))
+
+    async def probe(self, deployment: Deployment) -> None:
+        try:
+            status = await self._transport(deployment).probe("/v1/models")
+        except TransportFailure as err:
+            raise ProviderError(err.message, code=err.code, retryable=True) from None
+        if status >= 400:
+            raise ProviderError(f"GET /v1/models: HTTP {status}", code=f"http_{status}", retryable=True)
+
     def _transport(self, deployment: Deployment):
         transport = self._transports.get(deployment.id)
         if transport is None:
@@ -106,7 +118,8 @@ class ExecutorProvider(BatchProvider):
                 health = self._health[deployment.id] = upstream_health(deployment, options)
             # Built on a worker thread: after a restart the results log is read back whole
             # (answered ids, a torn last line), which must not stall the event loop.
-            run = await asyncio.to_thread(ExecutorRun, job, self._transport(deployment), options, limiter, health)
+            run = await asyncio.to_thread(ExecutorRun, job, self._transport(deployment), options, limiter, health,
+                                          events=self.requests)
             if job.batch_id in self._runs:  # another caller got there first
                 run.log.close()
                 return self._runs[job.batch_id]

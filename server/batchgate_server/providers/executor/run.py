@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from batchgate_server.domain.backoff import jittered_delay
 from batchgate_server.domain.deployment import Deployment
-from batchgate_server.providers.base import DEFAULT_GIVE_UP_AFTER, ProviderJob
+from batchgate_server.providers.base import DEFAULT_GIVE_UP_AFTER, ProviderJob, RequestEvents
 from batchgate_server.providers.executor.failures import FailureTally, failure_of
 from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.rate_limit import RateLimiter
@@ -132,8 +132,10 @@ def _failure_of_answer(resp: TransportResponse, parsed) -> _Failure:
 
 class ExecutorRun:
     def __init__(self, job: ProviderJob, transport, options: ExecutorOptions,
-                 limiter: RateLimiter | None = None, health: UpstreamHealth | None = None) -> None:
+                 limiter: RateLimiter | None = None, health: UpstreamHealth | None = None, *,
+                 events: RequestEvents | None = None) -> None:
         self.job = job
+        self.events = events or RequestEvents()
         self.transport = transport
         self.options = options
         # Shared by every batch on the deployment: the limits and the outages are the upstream's.
@@ -254,13 +256,17 @@ class ExecutorRun:
         payload = json.dumps(body).encode()
         path = line["url"]
         estimate = _estimate_tokens(body, len(payload))
-        health = self.health
+        health, events, deployment_id = self.health, self.events, self.job.deployment.id
         attempt = 0  # retries spent on failures of this request's own
         while True:
             probe = health.outage_since is not None and await health.admit(self.options.give_up_after)
             if not self._writable.is_set():
                 await self._writable.wait()
+            asked = time.monotonic()
             await self.limiter.acquire(estimate)
+            if (waited := time.monotonic() - asked) > 0.001:
+                events.rate_limited(deployment_id, waited)
+            events.sent(deployment_id)
             try:
                 resp = await self.transport.send(path, payload, custom_id)
             except TransportFailure as err:
@@ -269,6 +275,7 @@ class ExecutorRun:
             else:
                 parsed = _json_or_none(resp.body)
                 if 200 <= resp.status < 300 and parsed is not None:
+                    events.answered(deployment_id, "ok")
                     health.succeeded()
                     self.limiter.settle(estimate, _usage_tokens(parsed))
                     await self._write_output(custom_id, resp.status, resp.headers.get("x-request-id", ""),
@@ -278,6 +285,7 @@ class ExecutorRun:
             finally:
                 if probe:
                     health.end_probe()
+            events.answered(deployment_id, failure.code)
             self.limiter.settle(estimate, 0)
             out = health.failed(custom_id, failure.code, failure.message, upstream_fault=failure.upstream_fault,
                                 probe=probe)
@@ -290,10 +298,12 @@ class ExecutorRun:
                 if out and health.outage_for() < self.options.give_up_after:
                     # Waiting for the deployment to come back costs this request none of its retries.
                     self.failures.retried(failure.code, failure.message)
+                    events.retried(deployment_id, failure.code)
                     continue
                 if not out and attempt < self.options.max_retries:
                     attempt += 1
                     self.failures.retried(failure.code, failure.message)
+                    events.retried(deployment_id, failure.code)
                     await asyncio.sleep(self._backoff(attempt, retry_after))
                     continue
             await self._write_error(custom_id, failure.response, failure.error)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from batchgate_server.providers.http_spans import client_span
+
 
 @dataclass
 class TransportResponse:
@@ -52,9 +54,22 @@ class HttpTransport:
 
     async def send(self, path: str, body: bytes, custom_id: str) -> TransportResponse:
         try:
-            async with self._client().post(self.base_url + path, data=body) as resp:
-                data = await resp.read()
-                return TransportResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, data)
+            with client_span("POST", path, self.base_url) as span:
+                async with self._client().post(self.base_url + path, data=body) as resp:
+                    data = await resp.read()
+                    span.set_attribute("http.response.status_code", resp.status)
+                    return TransportResponse(resp.status, {k.lower(): v for k, v in resp.headers.items()}, data)
+        except TimeoutError:
+            raise TransportFailure("request_timeout", f"no answer within {self._timeout.total:g}s") from None
+        except aiohttp.ClientError as err:
+            raise TransportFailure("connection_error", f"{type(err).__name__}: {err}") from None
+
+    async def probe(self, path: str) -> int:
+        """The status of a GET of `path` (the models list), for the deployment health checks."""
+        try:
+            async with self._client().get(self.base_url + path) as resp:
+                await resp.read()
+                return resp.status
         except TimeoutError:
             raise TransportFailure("request_timeout", f"no answer within {self._timeout.total:g}s") from None
         except aiohttp.ClientError as err:

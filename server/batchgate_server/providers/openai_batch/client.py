@@ -18,6 +18,7 @@ import httpx
 
 from batchgate_server.domain.backoff import jittered_delay
 from batchgate_server.providers.base import ProviderError
+from batchgate_server.providers.http_spans import client_span
 from batchgate_server.providers.lines import complete_lines, last_line
 
 from .mapping import error_message, parse_retry_after
@@ -144,7 +145,9 @@ class ApiClient:
             delay_hint: float | None = None
             try:
                 try:
-                    resp = await self.http.send(req, stream=stream)
+                    with client_span(method, public_path(path), conn.label) as span:
+                        resp = await self.http.send(req, stream=stream)
+                        span.set_attribute("http.response.status_code", resp.status_code)
                 finally:
                     if body_stream is not None and hasattr(body_stream, "aclose"):
                         await body_stream.aclose()  # release the input file on failures too

@@ -44,6 +44,7 @@ job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -107,6 +108,13 @@ class _OpenAIFamilyProvider(BatchProvider):
                     query=self._query(p), timeout=float_param(p, "timeout", 60.0),
                     max_retries=max(0, int_param(p, "max_retries", 3)),
                     backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
+
+    def probes(self, deployment: Deployment) -> bool:
+        return self._config_problem(deployment.params) is None
+
+    async def probe(self, deployment: Deployment) -> None:
+        conn = dataclasses.replace(self._conn(deployment), max_retries=0)
+        await self._api.request_json(conn, "GET", "/models")
 
     def _base_url(self, p: Mapping[str, Any]) -> str:
         base = str(p.get("api_base") or OPENAI_DEFAULT_BASE).rstrip("/")
