@@ -29,6 +29,7 @@ from batchgate_server.core.files import FileLimits, FileManager
 from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
+from batchgate_server.core.webhooks import Webhooks
 from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.pricing.table import PriceTable
@@ -198,6 +199,7 @@ class BatchgateServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._health = health_servicer
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
+        self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhook-deliverer"))
         log.info("batchgate listening on %s (port %d, %s), data in %s (metadata %s, blobs %s)", address,
                  self.port, "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS",
                  s.data_dir, db_url, blobs_url)
@@ -213,8 +215,10 @@ class BatchgateServer:
         self.router = Router(self.model_list)
         self.providers = ProviderRegistry()
         self.hub = WatchHub()
+        self.webhooks = Webhooks(self.store, self.model_list.webhooks, retry_schedule=s.webhook_retry_schedule,
+                                 timeout=s.webhook_timeout)
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir)
+                               s.work_dir, webhooks=self.webhooks)
         self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens)

@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from batchgate_server.domain.deployment import Deployment
+from batchgate_server.domain.webhooks import ALL_EVENTS, WebhookEndpoint, secret_key
 from batchgate_server.pricing.table import PRICE_KEYS
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ PROVIDER_ALIASES = {
     "simulated": "openai_compatible",
 }
 KNOWN_TOP_LEVEL = {"model_list", "litellm_settings", "router_settings", "general_settings", "environment_variables",
-                   "batchgate"}
+                   "batchgate", "webhooks"}
+KNOWN_WEBHOOK_KEYS = {"id", "project", "url", "secret", "events"}
 KNOWN_ENTRY_KEYS = {"model_name", "litellm_params", "model_info"}
 SECRET_PARAMS = {"api_key", "aws_secret_access_key", "aws_session_token", "vertex_credentials", "aws_access_key_id",
                  "azure_ad_token", "client_secret", "aws_bedrock_runtime_endpoint_token"}
@@ -99,6 +102,7 @@ class ModelList:
     deployments: list[Deployment]
     router: RouterSettings = field(default_factory=RouterSettings)
     source: str = "embedded"
+    webhooks: list[WebhookEndpoint] = field(default_factory=list)  # the config file's webhooks section
 
     def by_id(self, deployment_id: str) -> Deployment | None:
         return next((d for d in self.deployments if d.id == deployment_id), None)
@@ -283,7 +287,65 @@ def parse_config(doc: Any, source: str) -> ModelList:
             raise ConfigError(f"{source}: two deployments share the id {d.id!r} ({seen[d.id]} and {d.model_name});"
                               " give them distinct model_info.id")
         seen[d.id] = d.model_name
-    return ModelList(deployments, _router_settings(doc, source), source)
+    return ModelList(deployments, _router_settings(doc, source), source, _webhooks(doc, source, extra_env))
+
+
+def webhook_url_problem(url: Any) -> str:
+    """Why `url` cannot be a webhook endpoint ("" when it can): an http(s) URL with a host."""
+    if not isinstance(url, str):
+        return f"must be a string, got {type(url).__name__}"
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "is not a URL"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return "must be an http:// or https:// URL with a host"
+    return ""
+
+
+def webhook_events_problem(events: Any) -> str:
+    """Why `events` is not a list of webhook event types ("" when it is)."""
+    if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+        return f"must be a non-empty list of event types ({', '.join(ALL_EVENTS)})"
+    unknown = sorted(set(events) - set(ALL_EVENTS))
+    return f"has unknown event types {unknown}; known: {', '.join(ALL_EVENTS)}" if unknown else ""
+
+
+def _webhooks(doc: Mapping[str, Any], source: str, extra_env: Mapping[str, str]) -> list[WebhookEndpoint]:
+    """The `webhooks` section: [{project, url, secret: os.environ/NAME, events: [...], id}]."""
+    entries = doc.get("webhooks") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: webhooks must be a list, got {type(entries).__name__}")
+    endpoints: dict[str, WebhookEndpoint] = {}
+    for i, entry in enumerate(entries):
+        where = f"{source}: webhooks[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: must be a mapping, got {type(entry).__name__}")
+        for key in sorted(set(entry) - KNOWN_WEBHOOK_KEYS, key=str):
+            log.warning("%s: ignoring unknown key %r", where, key)
+        project, url = entry.get("project"), entry.get("url")
+        if not isinstance(project, str) or not project:
+            raise ConfigError(f"{where}: project must be a non-empty string")
+        if problem := webhook_url_problem(url):
+            raise ConfigError(f"{where}: url {problem}")
+        secret = resolve_env(entry.get("secret"), f"{where}: secret", extra_env)
+        if not isinstance(secret, str):
+            raise ConfigError(f"{where}: secret must be a string, got {type(secret).__name__}")
+        try:
+            secret_key(secret)
+        except ValueError as err:  # names the rule, never the value
+            raise ConfigError(f"{where}: secret: {err}") from None
+        events = entry.get("events", list(ALL_EVENTS))
+        if problem := webhook_events_problem(events):
+            raise ConfigError(f"{where}: events {problem}")
+        endpoint_id = entry.get("id") or "wh_cfg_" + hashlib.sha256(f"{project}|{url}".encode()).hexdigest()[:16]
+        if not isinstance(endpoint_id, str):
+            raise ConfigError(f"{where}: id must be a string")
+        if endpoint_id in endpoints:
+            raise ConfigError(f"{where}: two webhooks share the id {endpoint_id!r}; give them distinct ids")
+        endpoints[endpoint_id] = WebhookEndpoint(id=endpoint_id, project=project, url=url, secret=secret,
+                                                 events=tuple(events), from_config=True)
+    return list(endpoints.values())
 
 
 def load_model_list(path: Path | None) -> ModelList:

@@ -33,6 +33,9 @@ class Settings:
     tls_cert: Path | None = None  # PEM certificate chain: serve TLS instead of plaintext
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CAs: require a client certificate they signed (mutual TLS)
+    # Seconds after each failed webhook attempt until the next (Standard Webhooks' schedule).
+    webhook_retry_schedule: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    webhook_timeout: float = 15.0
 
     @property
     def work_dir(self) -> Path:
@@ -92,7 +95,23 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, default=_path_env("TLS_CLIENT_CA"),
                    help="PEM CA certificates: require client certificates they signed (mutual TLS)"
                         " [BATCHGATE_TLS_CLIENT_CA]")
+    p.add_argument("--webhook-retry-schedule", type=_seconds_list,
+                   default=_seconds_list(_env("WEBHOOK_RETRY_SCHEDULE", ",".join(f"{x:g}" for x in d.webhook_retry_schedule))),
+                   help="comma-separated seconds after each failed webhook attempt until the next; after the last"
+                        " one the event is given up [BATCHGATE_WEBHOOK_RETRY_SCHEDULE]")
+    p.add_argument("--webhook-timeout", type=float, default=float(_env("WEBHOOK_TIMEOUT", str(d.webhook_timeout))),
+                   help="seconds a webhook endpoint has to answer an attempt [BATCHGATE_WEBHOOK_TIMEOUT]")
     return p
+
+
+def _seconds_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, got {text!r}") from None
+    if any(not 0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"seconds must be finite and >= 0, got {text!r}")
+    return values
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -115,4 +134,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        webhook_retry_schedule=args.webhook_retry_schedule,
+        webhook_timeout=args.webhook_timeout,
     )

@@ -38,6 +38,7 @@ from batchgate_server.domain.models import (
 )
 from batchgate_server.core.routing import Router
 from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.core.webhooks import Webhooks
 from batchgate_server.providers.base import (
     BatchProvider,
     JobStatus,
@@ -76,8 +77,9 @@ def batch_load(line_count: int) -> int:
 class Tracker:
     def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
                  providers: ProviderRegistry, accounting: Accounting, work_root: Path, *,
-                 min_poll_interval: float = 0.1) -> None:
+                 min_poll_interval: float = 0.1, webhooks: Webhooks | None = None) -> None:
         self.store = store
+        self.webhooks = webhooks  # the outbox rows of a batch's end go into its terminal transaction
         self.blobs = blobs
         self.hub = hub
         self.router = router
@@ -166,11 +168,14 @@ class BatchRunner:
             before = copy.deepcopy(self.rec)
             mutate(self.rec)
             try:
-                await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger)
+                outbox = await self.t.webhooks.events_on_end(before.status, self.rec) if self.t.webhooks else []
+                await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger, outbox=outbox)
             except BaseException:
                 self.rec = before
                 raise
             self.t.hub.publish(copy.deepcopy(self.rec))
+            if outbox:
+                self.t.webhooks.wake()
 
     async def _save_state(self) -> None:
         await self._persist(lambda r: None)

@@ -8,6 +8,8 @@ is fixed when the batch ends, so every retry sends the same bytes under the same
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -70,3 +72,23 @@ class OutboxEvent:
     delivered_at: float | None = None
     given_up_at: float | None = None  # the retry schedule ran out
     last_error: str = ""
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a `whsec_…` secret (ValueError when it is not one; the message never holds it)."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"a webhook secret starts with {SECRET_PREFIX}")
+    try:
+        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+    except ValueError:
+        raise ValueError(f"a webhook secret is {SECRET_PREFIX} and base64") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("a webhook secret holds 24 to 64 bytes")
+    return key
+
+
+def signature(secret: str, message_id: str, timestamp: int, body: str) -> str:
+    """The Standard Webhooks `webhook-signature` value: `v1,` and the base64 HMAC-SHA256 of
+    `{id}.{timestamp}.{body}` under the secret's key."""
+    mac = hmac.new(secret_key(secret), f"{message_id}.{timestamp}.{body}".encode(), hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()

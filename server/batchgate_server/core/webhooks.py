@@ -1,0 +1,152 @@
+"""Webhook events: written to the outbox in a batch's terminal transaction, then delivered by a
+background deliverer, at least once, with the same webhook-id on every attempt.
+
+Each replica runs a deliverer. It claims due events in the store for a lease (the delivery
+timeout and a margin), so two replicas do not send one event at once; a replica that dies
+mid-delivery leaves its claim to expire and another (or itself, restarted) sends the event again.
+A failed attempt (not 2xx, a timeout, a refused connection) is retried on the retry schedule
+(Standard Webhooks' by default: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h after the previous
+attempt), then given up and left in the outbox with its last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+
+import httpx
+
+from batchgate_server.domain.models import BatchRecord, BatchStatus
+from batchgate_server.domain.webhooks import (
+    EVENT_TYPES,
+    OutboxEvent,
+    WebhookEndpoint,
+    event_body,
+    new_event_id,
+    signature,
+)
+from batchgate_server.store.errors import StorageError
+from batchgate_server.store.ports import MetadataStore
+
+log = logging.getLogger(__name__)
+
+# Standard Webhooks' schedule: seconds after each failed attempt until the next one.
+DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+DEFAULT_TIMEOUT = 15.0
+LEASE_MARGIN = 15.0  # a claim outlives the delivery timeout by this much
+CLAIM_LIMIT = 32  # events claimed (and sent concurrently) at once
+POLL_INTERVAL = 2.0  # seconds between claims when idle: retries and other replicas' events
+USER_AGENT = "batchgate-webhooks/1"
+
+
+class Webhooks:
+    def __init__(self, store: MetadataStore, configured: Sequence[WebhookEndpoint] = (), *,
+                 retry_schedule: Sequence[float] = DEFAULT_RETRY_SCHEDULE, timeout: float = DEFAULT_TIMEOUT,
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        self.store = store
+        self.configured = {e.id: e for e in configured}
+        self.retry_schedule = tuple(retry_schedule)
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self.owner = "deliverer-" + secrets.token_hex(8)  # this process's claims
+        self._wake = asyncio.Event()
+        self._http: httpx.AsyncClient | None = None
+
+    # -- the outbox, written by the tracker
+
+    async def endpoints(self, project: str | None) -> list[WebhookEndpoint]:
+        """The configured endpoints of `project` (None: all), then those added through the API."""
+        configured = [e for e in self.configured.values() if project is None or e.project == project]
+        return configured + await self.store.list_webhook_endpoints(project)
+
+    async def events_on_end(self, before: BatchStatus, rec: BatchRecord) -> list[OutboxEvent]:
+        """The outbox rows to write with `rec`'s change from `before`: one event per subscribed
+        endpoint when the batch has just ended, none otherwise."""
+        event_type = EVENT_TYPES.get(rec.status)
+        if event_type is None or before.is_terminal:
+            return []
+        subscribed = [e for e in await self.endpoints(rec.project) if event_type in e.events]
+        if not subscribed:
+            return []
+        now, event_id = time.time(), new_event_id()
+        body = event_body(event_id, event_type, rec.id, int(now))
+        return [OutboxEvent(event_id=event_id, endpoint_id=e.id, project=rec.project, batch_id=rec.id,
+                            event_type=event_type, body=body, created_at=now, next_attempt_at=now)
+                for e in subscribed]
+
+    def wake(self) -> None:
+        """New events were committed: deliver now rather than at the next poll."""
+        self._wake.set()
+
+    # -- the deliverer
+
+    async def run(self) -> None:
+        self._http = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False,
+                                       headers={"user-agent": USER_AGENT})
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    due = await self.store.claim_outbox(self.owner, time.time(), self.timeout + LEASE_MARGIN,
+                                                        CLAIM_LIMIT)
+                except StorageError as err:
+                    log.warning("webhook outbox unreadable, retrying: %s", err)
+                    due = []
+                if due:
+                    await asyncio.gather(*(self._deliver(e) for e in due))
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+        finally:
+            await self._http.aclose()
+
+    async def _endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        return self.configured.get(endpoint_id) or await self.store.get_webhook_endpoint(endpoint_id)
+
+    async def _deliver(self, e: OutboxEvent) -> None:
+        try:
+            endpoint = await self._endpoint(e.endpoint_id)
+            if endpoint is None:
+                log.warning("webhook %s of batch %s dropped: endpoint %s was deleted", e.event_id, e.batch_id,
+                            e.endpoint_id)
+                await self.store.outbox_failed(e.event_id, e.endpoint_id, self.owner, "endpoint deleted", None,
+                                               time.time())
+                return
+            error = await self._send(endpoint, e)
+            now = time.time()
+            if error is None:
+                await self.store.outbox_delivered(e.event_id, e.endpoint_id, now)
+                log.info("webhook %s (%s of batch %s) delivered to endpoint %s, attempt %d", e.event_id,
+                         e.event_type, e.batch_id, e.endpoint_id, e.attempts + 1)
+                return
+            retry_at = (now + self.retry_schedule[e.attempts]) if e.attempts < len(self.retry_schedule) else None
+            await self.store.outbox_failed(e.event_id, e.endpoint_id, self.owner, error, retry_at, now)
+            if retry_at is None:
+                log.error("webhook %s of batch %s to endpoint %s given up after %d attempts: %s", e.event_id,
+                          e.batch_id, e.endpoint_id, e.attempts + 1, error)
+            else:
+                log.warning("webhook %s of batch %s to endpoint %s failed (attempt %d: %s), retry in %.1f s",
+                            e.event_id, e.batch_id, e.endpoint_id, e.attempts + 1, error, retry_at - now)
+        except StorageError as err:  # the claim expires and the event is sent again
+            log.warning("webhook %s: outbox not updated: %s", e.event_id, err)
+
+    async def _send(self, endpoint: WebhookEndpoint, e: OutboxEvent) -> str | None:
+        """None when the endpoint took the event (2xx), else why not (never the URL or secret)."""
+        assert self._http is not None
+        timestamp = int(time.time())  # of this attempt: receivers reject stale ones
+        headers = {"content-type": "application/json", "webhook-id": e.event_id,
+                   "webhook-timestamp": str(timestamp),
+                   "webhook-signature": signature(endpoint.secret, e.event_id, timestamp, e.body)}
+        try:
+            response = await self._http.post(endpoint.url, content=e.body.encode(), headers=headers)
+        except httpx.TimeoutException:
+            return f"no answer within {self.timeout:g} s"
+        except httpx.HTTPError as err:
+            return f"request failed ({type(err).__name__})"
+        if 200 <= response.status_code < 300:
+            return None
+        return f"HTTP {response.status_code}"
