@@ -14,13 +14,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from batchgate.v1 import batch_pb2, file_pb2, file_pb2_grpc
-from batchgate.v1 import usage_pb2, usage_pb2_grpc
+from batchgate.v1 import usage_pb2, usage_pb2_grpc, webhook_pb2, webhook_pb2_grpc
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.http.server import HttpServer, build_app
 from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
+from batchgate_server.api.webhooks import WebhookServicer
 from batchgate_server.config import ConfigError, load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
@@ -46,6 +47,7 @@ SERVICE_NAMES = (
     file_pb2.DESCRIPTOR.services_by_name["FileService"].full_name,
     batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 # Streams carry up to 2 MiB chunks plus framing.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -161,6 +163,7 @@ class BatchgateServer:
         self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
             UsageServicer(self.auth, UsageReporter(self._database.ledger, self.page_tokens)), ours)
+        webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(self.auth, self.webhooks), ours)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)

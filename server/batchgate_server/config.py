@@ -30,11 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 from batchgate_server.domain.deployment import Deployment
-from batchgate_server.domain.webhooks import ALL_EVENTS, WebhookEndpoint, secret_key
+from batchgate_server.domain.webhooks import (
+    ALL_EVENTS,
+    WebhookEndpoint,
+    secret_key,
+    webhook_events_problem,
+    webhook_url_problem,
+)
 from batchgate_server.pricing.table import PRICE_KEYS
 
 log = logging.getLogger(__name__)
@@ -290,27 +295,6 @@ def parse_config(doc: Any, source: str) -> ModelList:
     return ModelList(deployments, _router_settings(doc, source), source, _webhooks(doc, source, extra_env))
 
 
-def webhook_url_problem(url: Any) -> str:
-    """Why `url` cannot be a webhook endpoint ("" when it can): an http(s) URL with a host."""
-    if not isinstance(url, str):
-        return f"must be a string, got {type(url).__name__}"
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        return "is not a URL"
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        return "must be an http:// or https:// URL with a host"
-    return ""
-
-
-def webhook_events_problem(events: Any) -> str:
-    """Why `events` is not a list of webhook event types ("" when it is)."""
-    if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
-        return f"must be a non-empty list of event types ({', '.join(ALL_EVENTS)})"
-    unknown = sorted(set(events) - set(ALL_EVENTS))
-    return f"has unknown event types {unknown}; known: {', '.join(ALL_EVENTS)}" if unknown else ""
-
-
 def _webhooks(doc: Mapping[str, Any], source: str, extra_env: Mapping[str, str]) -> list[WebhookEndpoint]:
     """The `webhooks` section: [{project, url, secret: os.environ/NAME, events: [...], id}]."""
     entries = doc.get("webhooks") or []
@@ -335,8 +319,8 @@ def _webhooks(doc: Mapping[str, Any], source: str, extra_env: Mapping[str, str])
             secret_key(secret)
         except ValueError as err:  # names the rule, never the value
             raise ConfigError(f"{where}: secret: {err}") from None
-        events = entry.get("events", list(ALL_EVENTS))
-        if problem := webhook_events_problem(events):
+        events = entry.get("events", None)
+        if events is not None and (problem := webhook_events_problem(events)):
             raise ConfigError(f"{where}: events {problem}")
         endpoint_id = entry.get("id") or "wh_cfg_" + hashlib.sha256(f"{project}|{url}".encode()).hexdigest()[:16]
         if not isinstance(endpoint_id, str):
@@ -344,7 +328,7 @@ def _webhooks(doc: Mapping[str, Any], source: str, extra_env: Mapping[str, str])
         if endpoint_id in endpoints:
             raise ConfigError(f"{where}: two webhooks share the id {endpoint_id!r}; give them distinct ids")
         endpoints[endpoint_id] = WebhookEndpoint(id=endpoint_id, project=project, url=url, secret=secret,
-                                                 events=tuple(events), from_config=True)
+                                                 events=tuple(events or ALL_EVENTS), from_config=True)
     return list(endpoints.values())
 
 

@@ -231,3 +231,129 @@ async def test_kill_9_after_the_batch_ended_before_delivery_delivers_after_resta
         assert event_id in text  # the deliverer logged its attempts…
         assert SECRET.removeprefix("whsec_") not in text  # …and never the secret
     assert json.loads(got.body)["id"] == event_id
+
+
+# -- WebhookService: endpoints through the API (master key only) ----------------------------------
+
+
+def webhook_stub(h):
+    import grpc  # noqa: F401
+
+    from batchgate.v1 import webhook_pb2_grpc
+
+    return webhook_pb2_grpc.WebhookServiceStub(h.channel)
+
+
+async def test_an_endpoint_created_through_the_api_receives_events_signed_with_its_secret(tmp_path):
+    from batchgate.v1 import webhook_pb2
+
+    receiver = WebhookReceiver()
+    await receiver.start()
+    config = webhook_config(tmp_path / "config.yaml", "http://127.0.0.1:9/never", project="carol")
+    try:
+        async with serving(tmp_path / "data", config_file=config, webhook_retry_schedule=FAST_RETRIES) as h:
+            stub = webhook_stub(h)
+            created = await stub.CreateWebhookEndpoint(webhook_pb2.CreateWebhookEndpointRequest(
+                project="alice", url=receiver.url, events=["batch.completed", "batch.completed"]),
+                metadata=h.admin.metadata)
+            assert created.secret.startswith("whsec_") and created.endpoint.id.startswith("wh_")
+            assert list(created.endpoint.events) == ["batch.completed"] and not created.endpoint.configured
+            listed = await stub.ListWebhookEndpoints(webhook_pb2.ListWebhookEndpointsRequest(),
+                                                     metadata=h.admin.metadata)
+            assert [(e.project, e.configured) for e in listed.endpoints] == [("carol", True), ("alice", False)]
+            assert created.secret not in str(listed)
+            only_alice = await stub.ListWebhookEndpoints(webhook_pb2.ListWebhookEndpointsRequest(project="alice"),
+                                                         metadata=h.admin.metadata)
+            assert [e.id for e in only_alice.endpoints] == [created.endpoint.id]
+
+            f = await h.upload(h.alice, batch_file(1, model="simulated"))
+            batch = await create(h.alice, f.id, model="simulated")
+            [stored] = await delivered(h, batch.id)
+            [got] = receiver.received
+            assert Webhook(created.secret).verify(got.body, got.headers)["data"] == {"id": batch.id}
+            assert got.headers["webhook-id"] == stored.event_id
+
+            deleted = await stub.DeleteWebhookEndpoint(webhook_pb2.DeleteWebhookEndpointRequest(
+                id=created.endpoint.id), metadata=h.admin.metadata)
+            assert deleted.deleted
+            f = await h.upload(h.alice, batch_file(1, model="simulated"))
+            later = await create(h.alice, f.id, model="simulated")
+            await watch_all(h.alice, later.id)
+            assert await h.server.store.outbox_events(later.id) == []  # no endpoint left for alice
+    finally:
+        await receiver.stop()
+
+
+@pytest.mark.parametrize("request_fields, code, reason", [
+    ({"project": "", "url": "https://a.example/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_PROJECT"),
+    ({"project": "p" * 129, "url": "https://a.example/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_PROJECT"),
+    ({"project": "p", "url": ""}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
+    ({"project": "p", "url": "ftp://a.example/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
+    ({"project": "p", "url": "https:///nohost"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
+    ({"project": "p", "url": "https://a.example:99999999/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
+    ({"project": "p", "url": "https://a.example/h\r\nX-Evil: 1"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
+    ({"project": "p", "url": "https://a.example/" + "a" * 3000}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
+    ({"project": "p", "url": "https://a.example/h", "events": ["batch.started"]}, "INVALID_ARGUMENT",
+     "INVALID_WEBHOOK_EVENTS"),
+    ({"project": "p", "url": "https://a.example/h", "events": ["x" * 100_000]}, "INVALID_ARGUMENT",
+     "INVALID_WEBHOOK_EVENTS"),
+    ({"project": "p", "url": "https://a.example/h", "secret": "not-a-secret"}, "INVALID_ARGUMENT",
+     "INVALID_WEBHOOK_SECRET"),
+    ({"project": "p", "url": "https://a.example/h", "secret": "whsec_!!!"}, "INVALID_ARGUMENT",
+     "INVALID_WEBHOOK_SECRET"),
+    ({"project": "p", "url": "https://a.example/h", "secret": "whsec_c2hvcnQ="}, "INVALID_ARGUMENT",
+     "INVALID_WEBHOOK_SECRET"),
+])
+async def test_hostile_create_requests_are_invalid_argument_naming_the_field(harness, request_fields, code,
+                                                                             reason):
+    import grpc
+
+    from batchgate.v1 import webhook_pb2
+    from tests.conftest import error_details
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await webhook_stub(harness).CreateWebhookEndpoint(webhook_pb2.CreateWebhookEndpointRequest(**request_fields),
+                                                          metadata=harness.admin.metadata)
+    assert err.value.code().name == code
+    info, bad_request = error_details(err.value)
+    assert info.reason == reason and info.domain == "batchgate.dev"
+    assert bad_request is not None and len(err.value.details()) < 1000
+    if "secret" in request_fields:
+        assert request_fields["secret"] not in err.value.details()  # never echo a secret
+
+
+async def test_project_keys_are_denied_and_unknown_or_configured_ids_are_refused(tmp_path):
+    import grpc
+
+    from batchgate.v1 import webhook_pb2
+    from tests.conftest import error_details
+
+    config = webhook_config(tmp_path / "config.yaml", "https://hooks.example/batchgate")
+    async with serving(tmp_path / "data", config_file=config) as h:
+        stub = webhook_stub(h)
+        calls = [stub.CreateWebhookEndpoint(webhook_pb2.CreateWebhookEndpointRequest(
+                     project="alice", url="https://x.example/h"), metadata=h.alice.metadata),
+                 stub.ListWebhookEndpoints(webhook_pb2.ListWebhookEndpointsRequest(), metadata=h.alice.metadata),
+                 stub.DeleteWebhookEndpoint(webhook_pb2.DeleteWebhookEndpointRequest(id="wh_x"),
+                                            metadata=h.bob.metadata)]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert error_details(err.value)[0].reason == "WEBHOOK_MASTER_KEY_REQUIRED"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListWebhookEndpoints(webhook_pb2.ListWebhookEndpointsRequest(), metadata=h.anonymous.metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.DeleteWebhookEndpoint(webhook_pb2.DeleteWebhookEndpointRequest(id="wh_" + "z" * 5000),
+                                             metadata=h.admin.metadata)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) < 200
+        assert error_details(err.value)[0].reason == "WEBHOOK_ENDPOINT_NOT_FOUND"
+        [configured] = (await stub.ListWebhookEndpoints(webhook_pb2.ListWebhookEndpointsRequest(),
+                                                        metadata=h.admin.metadata)).endpoints
+        assert configured.configured and configured.url == "https://hooks.example/batchgate"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.DeleteWebhookEndpoint(webhook_pb2.DeleteWebhookEndpointRequest(id=configured.id),
+                                             metadata=h.admin.metadata)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_details(err.value)[0].reason == "WEBHOOK_ENDPOINT_CONFIGURED"

@@ -20,14 +20,22 @@ from collections.abc import Sequence
 
 import httpx
 
+from batchgate_server.core.auth import Principal
+from batchgate_server.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from batchgate_server.domain.models import BatchRecord, BatchStatus
 from batchgate_server.domain.webhooks import (
+    ALL_EVENTS,
     EVENT_TYPES,
     OutboxEvent,
     WebhookEndpoint,
     event_body,
+    new_endpoint_id,
     new_event_id,
+    new_webhook_secret,
+    secret_key,
     signature,
+    webhook_events_problem,
+    webhook_url_problem,
 )
 from batchgate_server.store.errors import StorageError
 from batchgate_server.store.ports import MetadataStore
@@ -41,6 +49,7 @@ LEASE_MARGIN = 15.0  # a claim outlives the delivery timeout by this much
 CLAIM_LIMIT = 32  # events claimed (and sent concurrently) at once
 POLL_INTERVAL = 2.0  # seconds between claims when idle: retries and other replicas' events
 USER_AGENT = "batchgate-webhooks/1"
+MAX_PROJECT_LENGTH = 128
 
 
 class Webhooks:
@@ -77,6 +86,49 @@ class Webhooks:
         return [OutboxEvent(event_id=event_id, endpoint_id=e.id, project=rec.project, batch_id=rec.id,
                             event_type=event_type, body=body, created_at=now, next_attempt_at=now)
                 for e in subscribed]
+
+    # -- endpoints, for WebhookService (master key only)
+
+    async def create_endpoint(self, principal: Principal, project: str, url: str, events: Sequence[str],
+                              secret: str) -> tuple[WebhookEndpoint, str]:
+        """The new endpoint and its secret (made here unless given)."""
+        _require_master(principal)
+        if not project or len(project) > MAX_PROJECT_LENGTH:
+            raise InvalidArgument("project must be 1 to 128 characters", "INVALID_WEBHOOK_PROJECT",
+                                  violations=[FieldViolation("project", "1 to 128 characters")])
+        if problem := webhook_url_problem(url):
+            raise InvalidArgument(f"url {problem}", "INVALID_WEBHOOK_URL", violations=[FieldViolation("url", problem)])
+        events = list(dict.fromkeys(events)) or list(ALL_EVENTS)
+        if problem := webhook_events_problem(events):
+            raise InvalidArgument(f"events {problem}", "INVALID_WEBHOOK_EVENTS",
+                                  violations=[FieldViolation("events", problem)])
+        if secret:
+            try:
+                secret_key(secret)
+            except ValueError as err:  # the rule, never the value
+                raise InvalidArgument(f"secret: {err}", "INVALID_WEBHOOK_SECRET",
+                                      violations=[FieldViolation("secret", str(err))]) from None
+        else:
+            secret = new_webhook_secret()
+        endpoint = WebhookEndpoint(id=new_endpoint_id(), project=project, url=url, secret=secret,
+                                   events=tuple(events), created_at=time.time())
+        await self.store.add_webhook_endpoint(endpoint)
+        log.info("webhook endpoint %s added for project %s (%s)", endpoint.id, project, ", ".join(events))
+        return endpoint, secret
+
+    async def list_endpoints(self, principal: Principal, project: str) -> list[WebhookEndpoint]:
+        _require_master(principal)
+        return await self.endpoints(project or None)
+
+    async def delete_endpoint(self, principal: Principal, endpoint_id: str) -> None:
+        _require_master(principal)
+        if endpoint_id in self.configured:
+            raise FailedPrecondition(f"webhook endpoint {endpoint_id} is in the config file; remove it there",
+                                     "WEBHOOK_ENDPOINT_CONFIGURED", {"id": endpoint_id})
+        if not await self.store.delete_webhook_endpoint(endpoint_id):
+            raise NotFound(f"no webhook endpoint {endpoint_id[:64]!r}", "WEBHOOK_ENDPOINT_NOT_FOUND",
+                           {"id": endpoint_id[:64]})
+        log.info("webhook endpoint %s deleted", endpoint_id)
 
     def wake(self) -> None:
         """New events were committed: deliver now rather than at the next poll."""
@@ -150,3 +202,8 @@ class Webhooks:
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}"
+
+
+def _require_master(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise PermissionDenied("webhook endpoints are managed with the master key", "WEBHOOK_MASTER_KEY_REQUIRED")

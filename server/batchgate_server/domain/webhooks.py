@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import urllib.parse
 from dataclasses import dataclass, field
 
 from batchgate_server.domain.models import BatchStatus
@@ -25,6 +26,7 @@ EVENT_TYPES = {
 }
 ALL_EVENTS = tuple(EVENT_TYPES.values())
 SECRET_PREFIX = "whsec_"
+MAX_URL_LENGTH = 2048
 
 
 def new_event_id() -> str:
@@ -92,3 +94,31 @@ def signature(secret: str, message_id: str, timestamp: int, body: str) -> str:
     `{id}.{timestamp}.{body}` under the secret's key."""
     mac = hmac.new(secret_key(secret), f"{message_id}.{timestamp}.{body}".encode(), hashlib.sha256)
     return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+def webhook_url_problem(url: object) -> str:
+    """Why `url` cannot be a webhook endpoint ("" when it can): an http(s) URL with a host."""
+    if not isinstance(url, str):
+        return f"must be a string, got {type(url).__name__}"
+    if len(url) > MAX_URL_LENGTH:
+        return f"is longer than {MAX_URL_LENGTH} characters"
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7f for c in url):
+        return "holds whitespace or a control character"
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return "is not a URL"
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return "must be an http:// or https:// URL with a host"
+    return ""
+
+
+def webhook_events_problem(events: object) -> str:
+    """Why `events` is not a list of webhook event types ("" when it is)."""
+    if not isinstance(events, (list, tuple)) or not events or not all(isinstance(e, str) for e in events):
+        return f"must be a non-empty list of event types ({', '.join(ALL_EVENTS)})"
+    unknown = sorted(set(events) - set(ALL_EVENTS))
+    if unknown:
+        return f"has unknown event types {[u[:40] for u in unknown[:4]]}; known: {', '.join(ALL_EVENTS)}"
+    return ""
