@@ -287,6 +287,7 @@ async def test_an_endpoint_created_through_the_api_receives_events_signed_with_i
 @pytest.mark.parametrize("request_fields, code, reason", [
     ({"project": "", "url": "https://a.example/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_PROJECT"),
     ({"project": "p" * 129, "url": "https://a.example/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_PROJECT"),
+    ({"project": "p\x00q", "url": "https://a.example/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_PROJECT"),
     ({"project": "p", "url": ""}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
     ({"project": "p", "url": "ftp://a.example/h"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),
     ({"project": "p", "url": "https:///nohost"}, "INVALID_ARGUMENT", "INVALID_WEBHOOK_URL"),

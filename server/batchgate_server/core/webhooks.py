@@ -93,9 +93,9 @@ class Webhooks:
                               secret: str) -> tuple[WebhookEndpoint, str]:
         """The new endpoint and its secret (made here unless given)."""
         _require_master(principal)
-        if not project or len(project) > MAX_PROJECT_LENGTH:
-            raise InvalidArgument("project must be 1 to 128 characters", "INVALID_WEBHOOK_PROJECT",
-                                  violations=[FieldViolation("project", "1 to 128 characters")])
+        if not project or len(project) > MAX_PROJECT_LENGTH or not project.isprintable():
+            raise InvalidArgument("project must be 1 to 128 printable characters", "INVALID_WEBHOOK_PROJECT",
+                                  violations=[FieldViolation("project", "1 to 128 printable characters")])
         if problem := webhook_url_problem(url):
             raise InvalidArgument(f"url {problem}", "INVALID_WEBHOOK_URL", violations=[FieldViolation("url", problem)])
         events = list(dict.fromkeys(events)) or list(ALL_EVENTS)

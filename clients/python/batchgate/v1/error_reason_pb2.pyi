@@ -363,8 +363,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     batch.failed, batch.expired or batch.cancelled (or none for all four).
     """
     INVALID_WEBHOOK_PROJECT: _ErrorReason.ValueType  # 203
-    """INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty or longer than
-    128 characters. Do: name the project whose batches' events it receives.
+    """INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty, longer than
+    128 characters or not printable. Do: name the project whose batches'
+    events it receives.
     """
     INVALID_WEBHOOK_SECRET: _ErrorReason.ValueType  # 204
     """INVALID_ARGUMENT. CreateWebhookEndpoint's secret is not "whsec_" and 24 to
@@ -741,8 +742,9 @@ type, or more than the four there are. Do: use batch.completed,
 batch.failed, batch.expired or batch.cancelled (or none for all four).
 """
 INVALID_WEBHOOK_PROJECT: ErrorReason.ValueType  # 203
-"""INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty or longer than
-128 characters. Do: name the project whose batches' events it receives.
+"""INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty, longer than
+128 characters or not printable. Do: name the project whose batches'
+events it receives.
 """
 INVALID_WEBHOOK_SECRET: ErrorReason.ValueType  # 204
 """INVALID_ARGUMENT. CreateWebhookEndpoint's secret is not "whsec_" and 24 to

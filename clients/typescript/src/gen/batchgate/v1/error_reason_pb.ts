@@ -696,8 +696,9 @@ export enum ErrorReason {
   INVALID_WEBHOOK_EVENTS = 202,
 
   /**
-   * INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty or longer than
-   * 128 characters. Do: name the project whose batches' events it receives.
+   * INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty, longer than
+   * 128 characters or not printable. Do: name the project whose batches'
+   * events it receives.
    *
    * @generated from enum value: INVALID_WEBHOOK_PROJECT = 203;
    */
