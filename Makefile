@@ -55,7 +55,9 @@ demo: install
 
 bench: install
 	$(PY) bench/validate_speed.py
-	$(PY) bench/upload.py --moto
+	$(PY) bench/upload.py
+	$(PY) bench/reads.py
+	$(PY) bench/upload_stores.py --moto
 	$(PY) bench/blob_clients.py
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py

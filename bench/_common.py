@@ -38,10 +38,12 @@ def reset_peak(pid: int) -> None:
         pass
 
 
-def start_server(data_dir: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: Path, *extra: str, env: dict | None = None,
+                 command: list[str] | None = None) -> tuple[subprocess.Popen, int]:
+    """`command`: what runs the server (default: the batchgate-server script)."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([str(BIN / "batchgate-server"), "--address", f"127.0.0.1:{port}", "--data-dir",
+    proc = subprocess.Popen([*(command or [str(BIN / "batchgate-server")]), "--address", f"127.0.0.1:{port}", "--data-dir",
                              str(data_dir), "--log-level", "WARNING", *extra],
                             env={**os.environ, **(env or {})})
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -1,5 +1,6 @@
 """GetBatch throughput and latency: 64 concurrent callers reading 100 ended batches for 5 s, and
-the same while a writer creates batches (every read must see the writes before it).
+the same while a writer creates batches (every read must see the writes before it), and GetBatch's
+rate next to a bare gRPC health check's from the same client (target: >= 90%).
 
 The server runs as its own process; this process is the client (grpc.aio, 4 channels). The
 server's CPU time per request is printed too: on a shared machine it varies far less than req/s.
@@ -20,17 +21,20 @@ from _common import percentile, start_server, stop  # noqa: E402
 
 import grpc  # noqa: E402
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
 from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc  # noqa: E402
 
 CALLERS = 64
 CHANNELS = 4
 BATCHES = 100
-SECONDS = 5.0
+SECONDS = 3.0
 
 
 def upload_request(content: bytes):
     yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(filename="r.jsonl", purpose=1))
     yield file_pb2.UploadFileRequest(chunk=content)
+    yield file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
 
 
 LINE = json.dumps({"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
@@ -81,6 +85,58 @@ async def measure(port: int, pid: int, with_writer: bool) -> tuple[int, list[flo
     return len(latencies), latencies, created, missed, cpu
 
 
+async def rate(port: int, pid: int, call_for) -> tuple[float, float]:
+    """(calls per second, server CPU µs per call) of CALLERS callers on CHANNELS channels, each
+    running `call_for(channel)` back to back for SECONDS."""
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(CHANNELS)]
+    calls = [call_for(c) for c in channels]
+    for call in calls:
+        await call()  # connected before the clock starts
+    cpu = cpu_seconds(pid)
+    deadline = time.perf_counter() + SECONDS
+    count = 0
+
+    async def caller(i: int) -> None:
+        nonlocal count
+        call = calls[i % CHANNELS]
+        while time.perf_counter() < deadline:
+            await call()
+            count += 1
+
+    await asyncio.gather(*(caller(i) for i in range(CALLERS)))
+    cpu = cpu_seconds(pid) - cpu
+    for c in channels:
+        await c.close()
+    return count / SECONDS, cpu / count * 1e6
+
+
+async def against_health(port: int, pid: int, rounds: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """GetBatch and the bare gRPC health check from the same client, interleaved round by round."""
+    setup = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    batch_id = await create_batch(file_pb2_grpc.FileServiceStub(setup), batch_pb2_grpc.BatchServiceStub(setup))
+    await setup.close()
+    get_request = batch_pb2.GetBatchRequest(batch_id=batch_id)
+    health_request = health_pb2.HealthCheckRequest()
+
+    def get_batch(channel):
+        stub = batch_pb2_grpc.BatchServiceStub(channel)
+        return lambda: stub.GetBatch(get_request)
+
+    def health_check(channel):
+        stub = health_pb2_grpc.HealthStub(channel)
+        return lambda: stub.Check(health_request)
+
+    gets, checks = [], []
+    for _ in range(rounds):
+        checks.append(await rate(port, pid, health_check))
+        gets.append(await rate(port, pid, get_batch))
+    return gets, checks
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -97,6 +153,15 @@ def main() -> None:
                                                           if with_writer else "")
                 print(f"{label}: {count / SECONDS:,.0f} req/s, p50 {percentile(latencies, 50):.1f} ms,"
                       f" p99 {percentile(latencies, 99):.1f} ms; server CPU {cpu / count * 1e6:.0f} µs per read")
+            gets, checks = asyncio.run(against_health(port, proc.pid, rounds=3))
+            ratios = [g[0] / c[0] for g, c in zip(gets, checks)]
+            cpu_ratios = [c[1] / g[1] for g, c in zip(gets, checks)]
+            print(f"GetBatch vs a bare health check, same server and client, {CALLERS} callers, 3 interleaved rounds:")
+            print(f"  GetBatch {_range([g[0] for g in gets])} req/s, server CPU {_range([g[1] for g in gets])} µs per call")
+            print(f"  health   {_range([c[0] for c in checks])} req/s, server CPU {_range([c[1] for c in checks])} µs per call")
+            print(f"  rate ratio {min(ratios):.2f}-{max(ratios):.2f}, server CPU ratio (health/GetBatch)"
+                  f" {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f} (target >= 0.90:"
+                  f" {'meets' if sorted(ratios)[1] >= 0.9 else 'MISSES'} by the median round's rate)")
         finally:
             stop(proc)
 

@@ -1,101 +1,193 @@
-"""Upload throughput and the server's memory while streaming 10/50/200 MB batch files.
+"""Upload throughput against the machine's own ceiling, the server's memory, and GetBatch latency
+during an upload.
 
-Targets on the 2-core machine: >= 100 MB/s for 200 MB with validation on, RSS growth < 64 MB.
-The server runs as its own process; this process is the client (1 MiB chunks).
+Two servers run side by side as their own processes: batchgate-server, and the same server with
+JSONL validation replaced by a no-op (bench/_ceiling_server.py: the raw gRPC streaming upload of
+the same bytes, hashing and blob write included). The same client streams the same files into
+both, interleaved, in 1 MiB chunks. Targets (issue 11):
 
-    python bench/upload.py                    # local disk
-    python bench/upload.py --moto             # local disk, then S3 on moto's server, same files, same run
-    python bench/upload.py --blob-url s3://…  # local disk, then that store
+* 200 MiB, ~200k lines, full validation: >= 70% of the ceiling;
+* server RSS growth < 32 MiB for the 200k-line file and for 1M short lines (--max-file-lines raised);
+* GetBatch latency (one caller, its own process) while a 200 MiB upload runs, next to idle.
+
+    .venv/bin/python bench/upload.py [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    MOTO_CREDENTIALS, moto_server, new_s3_bucket, reset_peak, rss_kib, start_server, stop,
-)
+from _common import percentile, reset_peak, rss_kib, start_server, stop  # noqa: E402
 
-from batchgate import BatchgateClient  # noqa: E402
+import grpc  # noqa: E402
 
-MB = 1024 * 1024
+from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc  # noqa: E402
+
+MIB = 1024 * 1024
+CHUNK = MIB
+LIMITS = ("--max-file-bytes", str(210 * MIB), "--max-file-lines", "1100000")
+PROSE = ("Summarise the following support conversation and classify its urgency; quote the customer's "
+         "own words where they matter. ")
 
 
-def make_file(path: Path, size: int) -> int:
-    text = "Summarise the following support conversation and classify its urgency. " * 60
-    lines = 0
+def make_file(path: Path, size: int, line_bytes: int) -> int:
+    """Chat-completion request lines of about `line_bytes` each, until the file holds `size` bytes."""
+    text = (PROSE * (line_bytes // len(PROSE) + 1))[: max(0, line_bytes - 180)]
+    lines = written = 0
     with open(path, "w") as fh:
-        written = 0
-        while written < size - 4096:
-            line = json.dumps({"custom_id": f"req-{lines}", "method": "POST", "url": "/v1/chat/completions",
+        while written < size - 2 * line_bytes:
+            line = json.dumps({"custom_id": f"request-{lines}", "method": "POST", "url": "/v1/chat/completions",
                                "body": {"model": "gpt-4o-mini", "max_tokens": 200,
-                                        "messages": [{"role": "system", "content": "You are a careful analyst."},
-                                                     {"role": "user", "content": f"#{lines} {text}"}]}}) + "\n"
+                                        "messages": [{"role": "user", "content": f"#{lines} {text}"}]}}) + "\n"
             fh.write(line)
             written += len(line)
             lines += 1
     return lines
 
 
-def measure(tmp_path: Path, label: str, sizes: tuple[int, ...], *server_args: str,
-            env: dict | None = None) -> dict[int, float]:
-    """Upload each size through a fresh server; prints a row per size, returns MB/s by size."""
-    proc, port = start_server(tmp_path / f"data-{label}", "--max-file-bytes", str(210 * MB), *server_args, env=env)
-    speeds = {}
+def _messages(path: Path):
+    yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(filename=path.name, purpose=1))
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(CHUNK):
+            yield file_pb2.UploadFileRequest(chunk=chunk)
+    yield file_pb2.UploadFileRequest(finish=file_pb2.UploadFileFinish())
+
+
+def upload(port: int, path: Path) -> tuple[float, file_pb2.File]:
+    """Seconds to stream `path` into the server on `port`; the file is deleted again."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 4 * MIB)]) as ch:
+        files = file_pb2_grpc.FileServiceStub(ch)
+        started = time.perf_counter()
+        f = files.UploadFile(_messages(path)).file
+        seconds = time.perf_counter() - started
+        files.DeleteFile(file_pb2.DeleteFileRequest(file_id=f.id))
+    return seconds, f
+
+
+def _reader(port: int, batch_id: str, stop_at, out) -> None:
+    """One GetBatch caller in its own process (so the uploading client's GIL does not time it)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = batch_pb2_grpc.BatchServiceStub(ch)
+        request = batch_pb2.GetBatchRequest(batch_id=batch_id)
+        stub.GetBatch(request)
+        latencies = []
+        while not stop_at.is_set():
+            started = time.perf_counter()
+            stub.GetBatch(request)
+            latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.002)  # a client polling, not a flood: the upload keeps the server busy
+        out.put(latencies)
+
+
+def read_latencies(port: int, batch_id: str, during) -> list[float]:
+    """GetBatch latencies (ms) of one caller polling while `during()` runs."""
+    ctx = multiprocessing.get_context("spawn")
+    stop_at, out = ctx.Event(), ctx.Queue()
+    reader = ctx.Process(target=_reader, args=(port, batch_id, stop_at, out))
+    reader.start()
+    time.sleep(1.0)  # the reader's start-up is not part of `during`
     try:
-        with BatchgateClient(f"127.0.0.1:{port}") as bg:
-            for size_mb in sizes:
-                path = tmp_path / f"in-{size_mb}.jsonl"
-                if not path.exists():
-                    make_file(path, size_mb * MB)
-                lines = sum(1 for _ in open(path, "rb"))
-                size = path.stat().st_size
-                baseline = rss_kib(proc.pid)
-                reset_peak(proc.pid)
-                runs = []
-                for _ in range(3 if size_mb < 200 else 2):
-                    started = time.perf_counter()
-                    f = bg.upload_file(path, chunk_size=MB)
-                    runs.append(time.perf_counter() - started)
-                    assert f.line_count == lines and f.bytes == size
-                    bg.delete_file(f.id)
-                peak = rss_kib(proc.pid, "VmHWM")
-                best = min(runs)
-                speeds[size_mb] = size / MB / best
-                print(f"{label:>6} {size_mb:>6}MB {lines:>7} {best:>8.2f} {speeds[size_mb]:>8.1f} "
-                      f"{(peak - baseline) / 1024:>15.1f} MB")
+        during()
     finally:
-        stop(proc)
-    return speeds
+        stop_at.set()
+        latencies = out.get(timeout=30)
+        reader.join()
+    return latencies
+
+
+def a_batch(port: int, tmp: Path) -> str:
+    small = tmp / "one.jsonl"
+    small.write_text(json.dumps({"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
+                                 "body": {"model": "simulated", "messages": [{"role": "user", "content": "hi"}]}})
+                     + "\n")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        f = file_pb2_grpc.FileServiceStub(ch).UploadFile(_messages(small)).file
+        return batch_pb2_grpc.BatchServiceStub(ch).CreateBatch(batch_pb2.CreateBatchRequest(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")).batch.id
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    ok = value >= target if higher_is_better else value < target
+    return "meets" if ok else "MISSES"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--blob-url", default="", help="also upload to this blob store (s3://…, gs://…)")
-    parser.add_argument("--moto", action="store_true",
-                        help="start moto's S3 server and compare s3://<new bucket>/bench with local disk")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as cleanup:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        blob_url, env = args.blob_url, {}
-        if args.moto:
-            endpoint = cleanup.enter_context(moto_server())
-            blob_url = f"s3://{new_s3_bucket(endpoint)}/bench"
-            env = {"BATCHGATE_S3_ENDPOINT_URL": endpoint, **MOTO_CREDENTIALS}
-        print(f"{'store':>6} {'size':>8} {'lines':>7} {'seconds':>8} {'MB/s':>8} {'server RSS growth':>18}")
-        sizes = (10, 50, 200)
-        disk = measure(tmp_path, "disk", sizes)
-        if blob_url:
-            remote = measure(tmp_path, blob_url.split(":")[0], sizes, "--blob-url", blob_url, env=env)
-            for size_mb in sizes:
-                print(f"{size_mb} MB: {blob_url.split(':')[0]} at {remote[size_mb] / disk[size_mb]:.2f}x local disk")
+        big, short = tmp_path / "200mib.jsonl", tmp_path / "1m-short.jsonl"
+        big_lines = make_file(big, 200 * MIB, 1030)
+        short_lines = _short_file(short, 1_000_000)
+        env = {"BATCHGATE_MASTER_KEY": ""}
+        server, port = start_server(tmp_path / "data", *LIMITS, env=env)
+        ceiling, ceiling_port = start_server(
+            tmp_path / "ceiling", *LIMITS, env=env,
+            command=[sys.executable, str(Path(__file__).resolve().parent / "_ceiling_server.py")])
+        try:
+            size = big.stat().st_size
+            print(f"file: {size / MIB:.0f} MiB, {big_lines} lines; 1 MiB chunks; {args.rounds} interleaved rounds")
+            validated: list[float] = []
+            raw: list[float] = []
+            growth_big: list[float] = []
+            for r in range(args.rounds):
+                order = ((ceiling_port, raw), (port, validated)) if r % 2 == 0 else ((port, validated),
+                                                                                     (ceiling_port, raw))
+                for target_port, runs in order:
+                    if target_port == port:
+                        baseline = rss_kib(server.pid)
+                        reset_peak(server.pid)
+                    seconds, f = upload(target_port, big)
+                    runs.append(size / MIB / seconds)
+                    if target_port == port:
+                        assert f.line_count == big_lines and f.bytes == size, f
+                        growth_big.append((rss_kib(server.pid, "VmHWM") - baseline) / 1024)
+            ratio = max(validated) / max(raw)
+            print(f"upload, full validation:   {_span(validated)} MiB/s")
+            print(f"upload, ceiling (no validation, same server, same client): {_span(raw)} MiB/s")
+            print(f"  ratio {ratio:.2f} of the ceiling (best runs; target >= 0.70: {verdict(ratio, 0.70)})")
+            print(f"server RSS growth, {big_lines} lines: max {max(growth_big):.1f} (range {min(growth_big):.1f}-{max(growth_big):.1f}) MiB"
+                  f" (target < 32: {verdict(max(growth_big), 32, higher_is_better=False)})")
+
+            baseline = rss_kib(server.pid)
+            reset_peak(server.pid)
+            seconds, f = upload(port, short)
+            assert f.line_count == short_lines, f
+            growth_short = (rss_kib(server.pid, "VmHWM") - baseline) / 1024
+            print(f"server RSS growth, {short_lines} short lines ({short.stat().st_size / MIB:.0f} MiB,"
+                  f" {short.stat().st_size / MIB / seconds:.0f} MiB/s): {growth_short:.1f} MiB"
+                  f" (target < 32: {verdict(growth_short, 32, higher_is_better=False)})")
+
+            batch_id = a_batch(port, tmp_path)
+            idle = read_latencies(port, batch_id, lambda: time.sleep(3))
+            busy = read_latencies(port, batch_id, lambda: upload(port, big))
+            for label, lat in (("idle", idle), ("during a 200 MiB upload", busy)):
+                print(f"GetBatch latency {label}: p50 {percentile(lat, 50):.2f} ms, p99 {percentile(lat, 99):.2f} ms,"
+                      f" max {max(lat):.1f} ms ({len(lat)} calls)")
+        finally:
+            stop(server)
+            stop(ceiling)
+
+
+def _short_file(path: Path, lines: int) -> int:
+    """`lines` short request lines (~110 bytes): the most Python work per byte."""
+    with open(path, "w") as fh:
+        for i in range(lines):
+            fh.write(f'{{"custom_id":"r{i}","method":"POST","url":"/v1/chat/completions",'
+                     f'"body":{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi {i}"}}]}}}}\n')
+    return lines
+
+
+def _span(values: list[float]) -> str:
+    return f"best {max(values):.1f} (range {min(values):.1f}-{max(values):.1f})"
 
 
 if __name__ == "__main__":

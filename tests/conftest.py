@@ -20,6 +20,7 @@ from batchgate_server.settings import Settings
 from tests.backends_objects import (  # noqa: F401  (fixtures: S3 and GCS emulators, blob stores on them)
     gcs_blob_store, gcs_bucket, gcs_emulator, moto_s3, s3_blob_store, s3_bucket,
 )
+from tests.backends import BACKEND, store_overrides
 from tests.backends_pg import open_postgres_store, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.storage_full import SmallDisk
@@ -90,6 +91,9 @@ def batch_file(n: int, **kw) -> bytes:
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
+    """Test server settings; the stores are the backend's (tests/backends.py) unless `overrides` names them."""
+    if "database_url" not in overrides and "blob_url" not in overrides:
+        overrides = {**store_overrides(data_dir), **overrides}
     defaults = dict(address="127.0.0.1:0", data_dir=data_dir, master_key=MASTER_KEY, heartbeat_interval=0.5,
                     grace_period=0.5)
     defaults.update(overrides)
@@ -196,3 +200,13 @@ def error_details(err: grpc.aio.AioRpcError):
             detail.Unpack(bad_request)
     assert info is not None, "every error carries an ErrorInfo"
     return info, bad_request
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests about the local stores themselves run with the default backend only (tests/backends.py)."""
+    if BACKEND == "sqlite":
+        return
+    skip = pytest.mark.skip(reason=f"about the local stores; BATCHGATE_TEST_BACKEND={BACKEND}")
+    for item in items:
+        if item.get_closest_marker("local_stores"):
+            item.add_marker(skip)

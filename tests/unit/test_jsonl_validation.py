@@ -501,3 +501,49 @@ def test_where_a_deep_surrogate_sits_is_found_without_building_every_path():
     assert codes(res) == [(1, "unpaired_surrogate")]
     assert res.problems[0].message.startswith("the string at 'body.x.kkkkk")
     assert len(res.problems[0].message) < 400
+
+
+# The fast path (msgspec, typed) and the stdlib decoder differ on these; each must get the
+# stdlib's verdict, which is what the validator promised before the fast path existed.
+HEAD = '"method": "POST", "url": "/v1/chat/completions"'
+
+
+@pytest.mark.parametrize("line", [
+    '{"custom_id": "a", %s, "body": {"model": null, "model": "m"}}' % HEAD,  # last key wins, typed field refuses null
+    '{"custom_id": "a", %s, "body": {"model": "m", "n": 123456789012345678901234567890}}' % HEAD,  # past 64 bits
+    '{"custom_id": "a", %s, "body": {"model": "m", "t": 1e400}}' % HEAD,  # a float json reads as inf
+    '{"custom\\u005fid": "a", %s, "body": {"model": "m"}}' % HEAD,  # an escaped key
+    '{"custom_id": 7, "custom_id": "a", %s, "body": {"model": "m"}}' % HEAD,
+], ids=["null-then-model", "big-int", "huge-float", "escaped-key", "wrong-type-then-right"])
+def test_lines_the_stdlib_accepts_stay_accepted(line):
+    assert validate(line.encode()).ok
+
+
+def test_duplicate_keys_are_read_as_the_last_one():
+    res = validate(jsonl('{"custom_id": "a", "custom_id": "b", %s, "body": {"model": "m"}}' % HEAD,
+                         '{"custom_id": "b", %s, "body": {"model": "m"}}' % HEAD))
+    assert codes(res) == [(2, "duplicate_custom_id")]
+    assert res.problems[0].message == "custom_id 'b' is a duplicate of line 1"
+
+
+def test_bad_utf8_in_a_field_no_rule_reads_is_found():
+    line = b'{"custom_id": "a", ' + HEAD.encode() + b', "body": {"model": "m", "x": "\xc0\xaf"}}\n'
+    assert codes(validate(line)) == [(1, "invalid_utf8")]
+
+
+def test_an_unpaired_surrogate_in_a_skipped_key_is_found():
+    res = validate(('{"custom_id": "a", %s, "body": {"model": "m", "\\udc00": 1}}' % HEAD).encode())
+    assert codes(res) == [(1, "unpaired_surrogate")]
+    assert res.problems[0].message.startswith("a key in 'body' holds")
+
+
+def test_many_ids_and_their_duplicates_are_all_found():
+    # Ids spread over every bucket of the compact index, some repeated far apart.
+    ids = [f"id-{i}" for i in range(30_000)]
+    lines = [req(i) for i in ids] + [req(ids[k]) for k in (29_999, 0, 12_345)]
+    res = validate(jsonl(*lines), max_lines=50_000)
+    assert codes(res) == [(30_001, "duplicate_custom_id"), (30_002, "duplicate_custom_id"),
+                          (30_003, "duplicate_custom_id")]
+    assert [p.message for p in res.problems] == [
+        "custom_id 'id-29999' is a duplicate of line 30000", "custom_id 'id-0' is a duplicate of line 1",
+        "custom_id 'id-12345' is a duplicate of line 12346"]

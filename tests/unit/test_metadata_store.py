@@ -1,5 +1,6 @@
 """The SQLite metadata store: versioned schema, revisions, and reads that only see commits."""
 
+import json
 import time
 
 import aiosqlite
@@ -101,3 +102,46 @@ async def test_the_space_reserve_is_allocated_next_to_the_database(tmp_path):
         assert not store.reserve.short
     finally:
         await store.close()
+
+
+async def test_a_batch_read_again_reflects_every_commit_of_any_handle(tmp_path):
+    # GetBatch's point reads on the loop's own connection: a read after a commit on this handle or
+    # another (a replica's) sees the commit, however often the batch was read before it.
+    path = tmp_path / "db.sqlite3"
+    writer, replica = await SqliteMetadataStore.open(path), await SqliteMetadataStore.open(path)
+    b = batch()
+    await writer.insert_batch(b)
+    for revision in range(2, 6):
+        for reader in (replica, replica, writer, writer):
+            assert (await reader.get_batch(b.id)).revision == revision - 1
+        b.status = BatchStatus.IN_PROGRESS
+        await (writer if revision % 2 else replica).update_batch(b)
+    assert (await replica.get_batch(b.id)).revision == 5 and (await writer.get_batch(b.id)).revision == 5
+    await writer.close()
+    await replica.close()
+
+
+def test_a_stored_batch_document_reads_back_the_same_either_way():
+    # batch_from_doc's msgspec reading and the field-by-field one it falls back to agree, on a
+    # record with every part set and on a document of the older layout (no "failures").
+    from dataclasses import asdict
+
+    from batchgate_server.domain.models import BatchError, Cost, FailureCount, RequestCounts, Usage
+    from batchgate_server.store.codec import _batch_from_dict, batch_from_doc, batch_to_doc
+
+    full = batch()
+    full.metadata = {"team": "näive ✓"}
+    full.request_counts = RequestCounts(total=3, completed=2, failed=1)
+    full.errors = [BatchError(code="invalid_json_line", message="bad", param="line", line=3)]
+    full.failures = [FailureCount(code="http_429", count=1, retried=2, sample_message="slow down")]
+    full.usage = Usage(input_tokens=5, cached_tokens=1, output_tokens=7, reasoning_tokens=2)
+    full.cost = Cost(status="priced", amount="0.01")
+    full.completed_at = 1.5
+    doc = batch_to_doc(full)
+    assert batch_from_doc(doc) == _batch_from_dict(doc) == full
+    plain = batch()
+    older = json.loads(batch_to_doc(plain))
+    del older["failures"]
+    assert batch_from_doc(json.dumps(older)) == plain
+    assert asdict(batch_from_doc(doc)) == asdict(full)
+

@@ -23,6 +23,9 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         # The serialised WatchBatchResponse of a state: encoded once, sent to every watcher.
         self._watch_event = RevisionCache(
             lambda record: batch_pb2.WatchBatchResponse(batch=self._to_proto(record)).SerializeToString())
+        # The serialised GetBatchResponse of a state: pollers of a batch mostly read the same one.
+        self._get_response = RevisionCache(
+            lambda record: batch_pb2.GetBatchResponse(batch=self._to_proto(record)).SerializeToString())
 
     @unary
     async def CreateBatch(self, request: batch_pb2.CreateBatchRequest, context, principal: Principal):
@@ -34,7 +37,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     @unary
     async def GetBatch(self, request: batch_pb2.GetBatchRequest, context, principal: Principal):
-        return batch_pb2.GetBatchResponse(batch=self._to_proto(await self.batches.get(principal, request.batch_id)))
+        return self._get_response(await self.batches.get(principal, request.batch_id))
 
     @unary
     async def ListBatches(self, request: batch_pb2.ListBatchesRequest, context, principal: Principal):
@@ -66,7 +69,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
                 yield self._watch_event(event)
 
 
-def _serialize_watch_event(message: batch_pb2.WatchBatchResponse | bytes) -> bytes:
+def _serialize_unless_bytes(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
@@ -81,11 +84,12 @@ class _CapturedHandlers:
 
 
 def add_batch_service(servicer: BatchServicer, server) -> None:
-    """The generated registration, except that WatchBatch may yield pre-serialised events
-    (one encoding per state, however many watchers)."""
+    """The generated registration, except that WatchBatch and GetBatch may answer with
+    pre-serialised messages (one encoding per state, however many watchers and pollers)."""
     captured = _CapturedHandlers()
     batch_pb2_grpc.add_BatchServiceServicer_to_server(servicer, captured)
     handlers = captured.handlers
-    handlers["WatchBatch"] = handlers["WatchBatch"]._replace(response_serializer=_serialize_watch_event)
+    for name in ("WatchBatch", "GetBatch"):
+        handlers[name] = handlers[name]._replace(response_serializer=_serialize_unless_bytes)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
     server.add_registered_method_handlers(captured.service, handlers)

@@ -214,6 +214,7 @@ class ReaderPool:
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
+        self._inline: sqlite3.Connection | None = None  # point reads on the event loop's thread
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -241,6 +242,42 @@ class ReaderPool:
     async def fetchone(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, args)
         return rows[0] if rows else None
+
+    async def point_read(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        """fetchone for a read of one row by its key, run on the calling thread: a few
+        microseconds on a page SQLite has cached, where a reader thread's round trip costs tens
+        (it kept GetBatch at 59-80% of a bare health check's rate). Never waits on a lock: when
+        SQLite would (SQLITE_BUSY, e.g. while another connection recovers the WAL index) the
+        read goes to a reader thread instead. Like every read here it sees every commit before it."""
+        try:
+            rows = self._read_inline(sql, args)
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                with storage_errors():  # converted on the error path only: the context costs µs
+                    raise
+            rows = None
+        except Exception:
+            with storage_errors():
+                raise
+        if rows is None:
+            rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+    def _read_inline(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
+        conn = self._inline
+        if conn is None:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA busy_timeout=0")  # SQLITE_BUSY at once, never a wait on the loop
+            with self._opened_lock:
+                self._opened.append(conn)
+            self._inline = conn
+        cur = conn.execute(sql, args)
+        try:
+            return cur.fetchall()  # to the end: the statement resets and holds no snapshot
+        finally:
+            cur.close()
 
     async def close(self) -> None:
         await asyncio.to_thread(self._threads.shutdown, wait=True)
@@ -369,7 +406,7 @@ class SqliteMetadataStore(MetadataStore):
         )
 
     async def find_api_key(self, key_hash: str) -> tuple[str, str] | None:
-        row = await self.readers.fetchone(
+        row = await self.readers.point_read(
             "SELECT key_id, project FROM api_keys WHERE key_hash=? AND revoked_at IS NULL", (key_hash,))
         return (row["key_id"], row["project"]) if row else None
 
@@ -454,7 +491,7 @@ class SqliteMetadataStore(MetadataStore):
         )
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
-        row = await self.readers.fetchone("SELECT doc FROM batches WHERE id=?", (batch_id,))
+        row = await self.readers.point_read("SELECT doc FROM batches WHERE id=?", (batch_id,))
         return batch_from_doc(row[0]) if row else None
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
