@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from batchgate.v1 import admin_pb2, admin_pb2_grpc, batch_pb2, file_pb2, file_pb2_grpc
-from batchgate.v1 import usage_pb2, usage_pb2_grpc
+from batchgate.v1 import usage_pb2, usage_pb2_grpc, webhook_pb2, webhook_pb2_grpc
 from batchgate_server.api.admin import AdminServicer
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
@@ -24,6 +24,7 @@ from batchgate_server.api.readiness import ReadinessGate
 from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
+from batchgate_server.api.webhooks import WebhookServicer
 from batchgate_server.config import ConfigError, is_secret_param, load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.admin import Admin
@@ -36,6 +37,7 @@ from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
+from batchgate_server.core.webhooks import Webhooks
 from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.observability import logs, tracing
@@ -60,6 +62,7 @@ SERVICE_NAMES = (
     batch_pb2.DESCRIPTOR.services_by_name["BatchService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 # Streams carry up to 2 MiB chunks plus framing.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -206,6 +209,7 @@ class BatchgateServer:
             UsageServicer(self.auth, UsageReporter(self._database.ledger, self.page_tokens)), ours)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(self.auth, Admin(self.store, self.quotas, self.files, self.page_tokens)), ours)
+        webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookServicer(self.auth, self.webhooks), ours)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -259,6 +263,7 @@ class BatchgateServer:
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
+        self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhook-deliverer"))
         log.info("batchgate listening on %s (port %d, %s), data in %s (metadata %s, blobs %s)", address,
                  self.port, "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS",
                  s.data_dir, db_url, blobs_url)
@@ -288,8 +293,10 @@ class BatchgateServer:
         self.router = Router(self.model_list)
         self.providers = ProviderRegistry(request_events=self.metrics.requests if self.metrics else None)
         self.hub = WatchHub()
+        self.webhooks = Webhooks(self.store, self.model_list.webhooks, retry_schedule=s.webhook_retry_schedule,
+                                 timeout=s.webhook_timeout)
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir, events=self._batch_events())
+                               s.work_dir, events=self._batch_events(), webhooks=self.webhooks)
         self.files.used_by = self.tracker.batch_reading
         self.quotas = Quotas(self.store, self._database.ledger, self.model_list.quotas)
         self.files.quotas = self.quotas

@@ -35,6 +35,13 @@ import yaml
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.models import ProjectQuota
 from batchgate_server.pricing.cost import amount_to_nanos
+from batchgate_server.domain.webhooks import (
+    ALL_EVENTS,
+    WebhookEndpoint,
+    secret_key,
+    webhook_events_problem,
+    webhook_url_problem,
+)
 from batchgate_server.pricing.table import PRICE_KEYS
 
 log = logging.getLogger(__name__)
@@ -58,9 +65,10 @@ PROVIDER_ALIASES = {
     "simulated": "openai_compatible",
 }
 KNOWN_TOP_LEVEL = {"model_list", "litellm_settings", "router_settings", "general_settings", "environment_variables",
-                   "batchgate", "project_quotas"}
+                   "batchgate", "project_quotas", "webhooks"}
 # project_quotas.<project>.<key>: integer limits, and monthly_budget as a USD amount.
 QUOTA_LIMIT_KEYS = ("max_running_batches", "max_stored_bytes", "max_uploads")
+KNOWN_WEBHOOK_KEYS = {"id", "project", "url", "secret", "events"}
 KNOWN_ENTRY_KEYS = {"model_name", "litellm_params", "model_info"}
 SECRET_PARAMS = {"api_key", "aws_secret_access_key", "aws_session_token", "vertex_credentials", "aws_access_key_id",
                  "azure_ad_token", "client_secret", "aws_bedrock_runtime_endpoint_token"}
@@ -104,6 +112,7 @@ class ModelList:
     router: RouterSettings = field(default_factory=RouterSettings)
     source: str = "embedded"
     quotas: dict[str, ProjectQuota] = field(default_factory=dict)  # project_quotas, by project
+    webhooks: list[WebhookEndpoint] = field(default_factory=list)  # the config file's webhooks section
 
     def by_id(self, deployment_id: str) -> Deployment | None:
         return next((d for d in self.deployments if d.id == deployment_id), None)
@@ -288,7 +297,8 @@ def parse_config(doc: Any, source: str) -> ModelList:
             raise ConfigError(f"{source}: two deployments share the id {d.id!r} ({seen[d.id]} and {d.model_name});"
                               " give them distinct model_info.id")
         seen[d.id] = d.model_name
-    return ModelList(deployments, _router_settings(doc, source), source, _project_quotas(doc, source))
+    return ModelList(deployments, _router_settings(doc, source), source, _project_quotas(doc, source),
+                     _webhooks(doc, source, extra_env))
 
 
 def _project_quotas(doc: Mapping[str, Any], source: str) -> dict[str, ProjectQuota]:
@@ -316,6 +326,43 @@ def _project_quotas(doc: Mapping[str, Any], source: str) -> dict[str, ProjectQuo
                                   f" got {entry['monthly_budget']!r}")
         quotas[project] = quota
     return quotas
+
+
+def _webhooks(doc: Mapping[str, Any], source: str, extra_env: Mapping[str, str]) -> list[WebhookEndpoint]:
+    """The `webhooks` section: [{project, url, secret: os.environ/NAME, events: [...], id}]."""
+    entries = doc.get("webhooks") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: webhooks must be a list, got {type(entries).__name__}")
+    endpoints: dict[str, WebhookEndpoint] = {}
+    for i, entry in enumerate(entries):
+        where = f"{source}: webhooks[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: must be a mapping, got {type(entry).__name__}")
+        for key in sorted(set(entry) - KNOWN_WEBHOOK_KEYS, key=str):
+            log.warning("%s: ignoring unknown key %r", where, key)
+        project, url = entry.get("project"), entry.get("url")
+        if not isinstance(project, str) or not project:
+            raise ConfigError(f"{where}: project must be a non-empty string")
+        if problem := webhook_url_problem(url):
+            raise ConfigError(f"{where}: url {problem}")
+        secret = resolve_env(entry.get("secret"), f"{where}: secret", extra_env)
+        if not isinstance(secret, str):
+            raise ConfigError(f"{where}: secret must be a string, got {type(secret).__name__}")
+        try:
+            secret_key(secret)
+        except ValueError as err:  # names the rule, never the value
+            raise ConfigError(f"{where}: secret: {err}") from None
+        events = entry.get("events", None)
+        if events is not None and (problem := webhook_events_problem(events)):
+            raise ConfigError(f"{where}: events {problem}")
+        endpoint_id = entry.get("id") or "wh_cfg_" + hashlib.sha256(f"{project}|{url}".encode()).hexdigest()[:16]
+        if not isinstance(endpoint_id, str):
+            raise ConfigError(f"{where}: id must be a string")
+        if endpoint_id in endpoints:
+            raise ConfigError(f"{where}: two webhooks share the id {endpoint_id!r}; give them distinct ids")
+        endpoints[endpoint_id] = WebhookEndpoint(id=endpoint_id, project=project, url=url, secret=secret,
+                                                 events=tuple(events or ALL_EVENTS), from_config=True)
+    return list(endpoints.values())
 
 
 def load_model_list(path: Path | None) -> ModelList:

@@ -44,6 +44,9 @@ class Settings:
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 30.0
     deployment_health_interval: float = 60.0  # seconds between health probes of each deployment; 0: off
+    # Seconds after each failed webhook attempt until the next (Standard Webhooks' schedule).
+    webhook_retry_schedule: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    webhook_timeout: float = 15.0
 
     @property
     def work_dir(self) -> Path:
@@ -125,7 +128,23 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         " [BATCHGATE_TLS_CLIENT_CA]")
     _seconds_flag(p, d, "--deployment-health-interval", "seconds between health probes (a models list) of each"
                                                         " deployment, backed off while it fails; 0 turns them off")
+    p.add_argument("--webhook-retry-schedule", type=_seconds_list,
+                   default=_seconds_list(_env("WEBHOOK_RETRY_SCHEDULE", ",".join(f"{x:g}" for x in d.webhook_retry_schedule))),
+                   help="comma-separated seconds after each failed webhook attempt until the next; after the last"
+                        " one the event is given up [BATCHGATE_WEBHOOK_RETRY_SCHEDULE]")
+    p.add_argument("--webhook-timeout", type=float, default=float(_env("WEBHOOK_TIMEOUT", str(d.webhook_timeout))),
+                   help="seconds a webhook endpoint has to answer an attempt [BATCHGATE_WEBHOOK_TIMEOUT]")
     return p
+
+
+def _seconds_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, got {text!r}") from None
+    if any(not 0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"seconds must be finite and >= 0, got {text!r}")
+    return values
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -155,4 +174,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_connection_age=args.max_connection_age,
         max_connection_age_grace=args.max_connection_age_grace,
         deployment_health_interval=args.deployment_health_interval,
+        webhook_retry_schedule=args.webhook_retry_schedule,
+        webhook_timeout=args.webhook_timeout,
     )

@@ -24,6 +24,7 @@ from batchgate_server.domain.models import (
     RequestCounts,
     Usage,
 )
+from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.errors import Duplicate, RevisionConflict
 from batchgate_server.store.ports import Dimension, LedgerFilter
 
@@ -590,3 +591,91 @@ async def test_ledger_filters_no_stored_text_can_match_match_nothing(database):
     await end_batch(database.metadata, "batch_1", ledger_row("batch_1"))
     for f in (LedgerFilter(model="m\x00"), LedgerFilter(project="p\x00"), LedgerFilter(provider="\x00")):
         assert (await database.ledger.totals(f)).batch_count == 0
+
+# -- webhooks: endpoints and the outbox ------------------------------------------------------
+
+
+def outbox_event(event_id: str, batch_id: str, *, endpoint_id: str = "wh_1", due: float = NOW) -> OutboxEvent:
+    return OutboxEvent(event_id=event_id, endpoint_id=endpoint_id, project="p", batch_id=batch_id,
+                       event_type="batch.completed", body=f'{{"id":"{event_id}"}}', created_at=NOW,
+                       next_attempt_at=due)
+
+
+async def end_with_events(store, batch_id: str, events: list[OutboxEvent]) -> None:
+    b = batch_record(batch_id)
+    await store.insert_batch(b)
+    b.status = BatchStatus.COMPLETED
+    await store.update_batch(b, outbox=events)
+
+
+async def test_webhook_endpoints_round_trip_by_project(database):
+    store = database.metadata
+    a = WebhookEndpoint(id="wh_a", project="p", url="https://a.example/hook", secret="whsec_AAAA",
+                        events=("batch.completed",), created_at=NOW)
+    b = WebhookEndpoint(id="wh_b", project="q", url="https://b.example/hook", secret="whsec_BBBB", created_at=NOW + 1)
+    await store.add_webhook_endpoint(a)
+    await store.add_webhook_endpoint(b)
+    with pytest.raises(Duplicate):
+        await store.add_webhook_endpoint(a)
+    assert await store.get_webhook_endpoint("wh_a") == a
+    assert await store.list_webhook_endpoints("p") == [a]
+    assert await store.list_webhook_endpoints(None) == [a, b]
+    assert await store.delete_webhook_endpoint("wh_a") is True
+    assert await store.delete_webhook_endpoint("wh_a") is False
+    assert await store.get_webhook_endpoint("wh_a") is None
+
+
+async def test_outbox_rows_are_written_with_the_terminal_transaction_only(database):
+    store = database.metadata
+    b = batch_record("batch_conflict")
+    await store.insert_batch(b)
+    stale = dataclasses.replace(b, status=BatchStatus.COMPLETED)
+    b.status = BatchStatus.IN_PROGRESS
+    await store.update_batch(b)
+    with pytest.raises(RevisionConflict):  # a lost compare-and-set writes no event either
+        await store.update_batch(stale, outbox=[outbox_event("evt_lost", "batch_conflict")])
+    assert await store.outbox_events("batch_conflict") == []
+    await end_with_events(store, "batch_1", [outbox_event("evt_1", "batch_1"),
+                                             outbox_event("evt_1", "batch_1", endpoint_id="wh_2")])
+    assert [(e.event_id, e.endpoint_id) for e in await store.outbox_events("batch_1")] == [
+        ("evt_1", "wh_1"), ("evt_1", "wh_2")]
+
+
+async def test_a_claimed_event_is_not_claimed_again_until_its_lease_ends(database_backend, database):
+    store, other = database.metadata, (await database_backend.open()).metadata
+    await end_with_events(store, "batch_1", [outbox_event("evt_1", "batch_1"),
+                                             outbox_event("evt_later", "batch_1", endpoint_id="wh_2", due=NOW + 50)])
+    claims = await asyncio.gather(store.claim_outbox("a", NOW, 30, 10), other.claim_outbox("b", NOW, 30, 10))
+    assert sorted(len(c) for c in claims) == [0, 1]  # one replica won the due event, the later one is not due
+    [won] = [c for c in claims if c][0]
+    assert (won.event_id, won.body) == ("evt_1", '{"id":"evt_1"}')
+    assert await other.claim_outbox("b", NOW + 29, 30, 10) == []
+    # The lease ran out (the claimer died): another replica takes it, with the later event now due.
+    retaken = await other.claim_outbox("b", NOW + 60, 30, 10)
+    assert [e.event_id for e in retaken] == ["evt_1", "evt_later"]
+
+
+async def test_a_failed_attempt_is_due_again_at_its_retry_time_and_gives_up_at_none(database):
+    store = database.metadata
+    await end_with_events(store, "batch_1", [outbox_event("evt_1", "batch_1")])
+    [e] = await store.claim_outbox("a", NOW, 30, 10)
+    await store.outbox_failed(e.event_id, e.endpoint_id, "someone-else", "HTTP 500", NOW + 5, NOW)  # not the owner
+    await store.outbox_failed(e.event_id, e.endpoint_id, "a", "HTTP 500", NOW + 5, NOW)
+    assert await store.claim_outbox("a", NOW + 4, 30, 10) == []
+    [again] = await store.claim_outbox("a", NOW + 5, 30, 10)
+    assert (again.attempts, again.last_error) == (1, "HTTP 500")
+    await store.outbox_failed(e.event_id, e.endpoint_id, "a", "timed out", None, NOW + 6)
+    [stored] = await store.outbox_events("batch_1")
+    assert (stored.attempts, stored.given_up_at, stored.delivered_at) == (2, NOW + 6, None)
+    assert await store.claim_outbox("a", NOW + 10_000, 30, 10) == []
+
+
+async def test_a_delivered_event_is_never_claimed_again_and_ignores_late_failures(database):
+    store = database.metadata
+    await end_with_events(store, "batch_1", [outbox_event("evt_1", "batch_1")])
+    [e] = await store.claim_outbox("a", NOW, 30, 10)
+    await store.outbox_delivered(e.event_id, e.endpoint_id, NOW + 1)
+    await store.outbox_failed(e.event_id, e.endpoint_id, "a", "late", NOW + 2, NOW + 2)
+    [stored] = await store.outbox_events("batch_1")
+    assert (stored.delivered_at, stored.attempts, stored.last_error, stored.given_up_at) == (NOW + 1, 1, "", None)
+    assert await store.claim_outbox("b", NOW + 10_000, 30, 10) == []

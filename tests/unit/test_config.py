@@ -353,3 +353,49 @@ def test_project_quotas_are_read_with_unset_limits_as_none():
     quotas = parse_config({"project_quotas": {"p": {"max_uploads": 0, "monthly_budget": 12.5}}}, "cfg.yaml").quotas
     assert quotas["p"].max_uploads == 0 and quotas["p"].monthly_budget_nanos == 12_500_000_000
     assert quotas["p"].max_running_batches is None and quotas["p"].max_stored_bytes is None
+
+
+# -- webhooks --------------------------------------------------------------------------------
+
+WEBHOOK_SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"  # base64 of 27 bytes
+
+
+def test_the_webhooks_section_reads_endpoints_with_secrets_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TEST_HOOK_SECRET", WEBHOOK_SECRET)
+    parsed = parse_config({"webhooks": [
+        {"project": "search", "url": "https://hooks.example/a", "secret": "os.environ/TEST_HOOK_SECRET"},
+        {"project": "ads", "url": "http://10.0.0.7:8080/b", "secret": WEBHOOK_SECRET, "events": ["batch.failed"],
+         "id": "ads-main"}]}, "c.yaml")
+    first, second = parsed.webhooks
+    assert (first.project, first.secret, first.from_config) == ("search", WEBHOOK_SECRET, True)
+    assert first.events == ("batch.completed", "batch.failed", "batch.expired", "batch.cancelled")
+    assert first.id.startswith("wh_cfg_") and first.id == parse_config(
+        {"webhooks": [{"project": "search", "url": "https://hooks.example/a", "secret": WEBHOOK_SECRET}]},
+        "c.yaml").webhooks[0].id  # stable across restarts: outbox rows keep naming it
+    assert (second.id, second.events) == ("ads-main", ("batch.failed",))
+    assert WEBHOOK_SECRET not in repr(parsed)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"url": "https://h.example/a", "secret": WEBHOOK_SECRET}, "project must be a non-empty string"),
+    ({"project": "p", "url": "ftp://h.example/a", "secret": WEBHOOK_SECRET}, "url must be an http"),
+    ({"project": "p", "url": 7, "secret": WEBHOOK_SECRET}, "url must be a string"),
+    ({"project": "p", "url": "https://h.example/a", "secret": "whsec_not*base64*" + "x" * 30}, "secret: a webhook"),
+    ({"project": "p", "url": "https://h.example/a", "secret": "sk-plain-token-value-0123456789"}, "secret: a webhook"),
+    ({"project": "p", "url": "https://h.example/a", "secret": "os.environ/NOT_SET_ANYWHERE"}, "NOT_SET_ANYWHERE"),
+    ({"project": "p", "url": "https://h.example/a", "secret": WEBHOOK_SECRET, "events": ["batch.done"]},
+     "unknown event types"),
+    ({"project": "p", "url": "https://h.example/a", "secret": WEBHOOK_SECRET, "events": []}, "non-empty list"),
+])
+def test_a_bad_webhook_entry_is_a_clear_error_that_never_shows_the_secret(entry, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_config({"webhooks": [entry]}, "c.yaml")
+    assert "webhooks[0]" in str(err.value)
+    secret = entry.get("secret", "")
+    assert not secret.startswith(("whsec_", "sk-")) or secret.removeprefix("whsec_") not in str(err.value)
+
+
+def test_two_webhooks_with_one_id_are_an_error():
+    entry = {"project": "p", "url": "https://h.example/a", "secret": WEBHOOK_SECRET}
+    with pytest.raises(ConfigError, match="share the id"):
+        parse_config({"webhooks": [entry, dict(entry)]}, "c.yaml")

@@ -41,6 +41,7 @@ from batchgate_server.domain.models import (
 )
 from batchgate_server.core.routing import Router
 from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.core.webhooks import Webhooks
 from batchgate_server.providers.base import (
     BatchProvider,
     JobStatus,
@@ -79,9 +80,11 @@ def batch_load(line_count: int) -> int:
 class Tracker:
     def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
                  providers: ProviderRegistry, accounting: Accounting, work_root: Path, *,
-                 min_poll_interval: float = 0.1, events: BatchEvents | None = None) -> None:
+                 min_poll_interval: float = 0.1, events: BatchEvents | None = None,
+                 webhooks: Webhooks | None = None) -> None:
         self.store = store
         self.events = events or BatchEvents()
+        self.webhooks = webhooks  # the outbox rows of a batch's end go into its terminal transaction
         self.blobs = blobs
         self.hub = hub
         self.router = router
@@ -180,7 +183,8 @@ class BatchRunner:
             before = copy.deepcopy(self.rec)
             mutate(self.rec)
             try:
-                await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger)
+                outbox = await self.t.webhooks.events_on_end(before.status, self.rec) if self.t.webhooks else []
+                await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger, outbox=outbox)
             except BaseException:
                 self.rec = before
                 raise
@@ -188,6 +192,8 @@ class BatchRunner:
             if before.status is not self.rec.status:
                 log.info("batch %s: %s -> %s", self.rec.id, before.status.value, self.rec.status.value)
             self.t.events.changed(before, self.rec, ledger)
+            if outbox:
+                self.t.webhooks.wake()
 
     async def _save_state(self) -> None:
         await self._persist(lambda r: None)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
+from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 
 DEFAULT_READ_CHUNK = 256 * 1024
 # Blocks in which `BlobStore.lines` reads a blob.
@@ -233,9 +234,11 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
-                           ledger: dict[str, Any] | None = None) -> BatchRecord:
-        """Persist `b` as revision b.revision + 1, its result files `extra_files` and its usage
-        ledger row `ledger` in one atomic transaction, and return `b` with the new revision.
+                           ledger: dict[str, Any] | None = None,
+                           outbox: Sequence[OutboxEvent] = ()) -> BatchRecord:
+        """Persist `b` as revision b.revision + 1, its result files `extra_files`, its usage
+        ledger row `ledger` and its webhook events `outbox` in one atomic transaction, and return
+        `b` with the new revision. An outbox event already stored under its key is kept as it is.
 
         Compare-and-set: RevisionConflict (and nothing written, b.revision unchanged) when the
         stored revision is not b.revision. A file of `extra_files` already recorded under its id
@@ -243,6 +246,44 @@ class MetadataStore(abc.ABC):
         `UsageLedger`, see core/accounting.py ledger_row) is keyed by its batch_id and written
         at most once, ever: a second row for the same batch is ignored, not an error. On any
         error nothing is written and b.revision is what it was."""
+
+    # -- webhooks
+
+    @abc.abstractmethod
+    async def add_webhook_endpoint(self, e: WebhookEndpoint) -> None:
+        """Duplicate when the id is taken."""
+
+    @abc.abstractmethod
+    async def get_webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None: ...
+
+    @abc.abstractmethod
+    async def list_webhook_endpoints(self, project: str | None) -> list[WebhookEndpoint]:
+        """The endpoints of `project` (None: all), oldest first."""
+
+    @abc.abstractmethod
+    async def delete_webhook_endpoint(self, endpoint_id: str) -> bool:
+        """False when there was none. Its undelivered events stay (the deliverer drops them)."""
+
+    @abc.abstractmethod
+    async def claim_outbox(self, owner: str, now: float, lease: float, limit: int) -> list[OutboxEvent]:
+        """Claim at most `limit` due events (neither delivered nor given up, next_attempt_at <=
+        now, unclaimed or their claim expired) for `owner` until now + lease, atomically: two
+        concurrent claims (from any replica) never return the same event while its lease runs.
+        Oldest first."""
+
+    @abc.abstractmethod
+    async def outbox_delivered(self, event_id: str, endpoint_id: str, now: float) -> None:
+        """Record a delivery (whoever holds the claim: the event did arrive)."""
+
+    @abc.abstractmethod
+    async def outbox_failed(self, event_id: str, endpoint_id: str, owner: str, error: str,
+                            retry_at: float | None, now: float) -> None:
+        """Record a failed attempt by `owner` and release its claim: due again at `retry_at`, or
+        given up (None). Ignored when `owner` no longer holds the claim or it was delivered."""
+
+    @abc.abstractmethod
+    async def outbox_events(self, batch_id: str) -> list[OutboxEvent]:
+        """Every event of `batch_id` whatever its state (for operators and tests)."""
 
 
 # -- usage ledger ------------------------------------------------------------------------

@@ -401,6 +401,40 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     USD amount such as "250.00"; a BadRequest names the field. Do: send
     limits >= 0, or leave a limit unset for none.
     """
+    WEBHOOK_MASTER_KEY_REQUIRED: _ErrorReason.ValueType  # 200
+    """Webhook endpoints (WebhookService), numbered from 200.
+
+    PERMISSION_DENIED. A WebhookService call made with a project key.
+    Do: call it with the master key.
+    """
+    INVALID_WEBHOOK_URL: _ErrorReason.ValueType  # 201
+    """INVALID_ARGUMENT. CreateWebhookEndpoint's url is not an http:// or
+    https:// URL with a host, or is longer than 2048 characters.
+    Do: send the receiver's full URL.
+    """
+    INVALID_WEBHOOK_EVENTS: _ErrorReason.ValueType  # 202
+    """INVALID_ARGUMENT. CreateWebhookEndpoint's events name an unknown event
+    type, or more than the four there are. Do: use batch.completed,
+    batch.failed, batch.expired or batch.cancelled (or none for all four).
+    """
+    INVALID_WEBHOOK_PROJECT: _ErrorReason.ValueType  # 203
+    """INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty, longer than
+    128 characters or not printable. Do: name the project whose batches'
+    events it receives.
+    """
+    INVALID_WEBHOOK_SECRET: _ErrorReason.ValueType  # 204
+    """INVALID_ARGUMENT. CreateWebhookEndpoint's secret is not "whsec_" and 24 to
+    64 bytes in base64. Do: send such a secret, or none to get one made.
+    """
+    WEBHOOK_ENDPOINT_NOT_FOUND: _ErrorReason.ValueType  # 205
+    """NOT_FOUND. No webhook endpoint has this id; metadata `id`.
+    Do: take the id from ListWebhookEndpoints.
+    """
+    WEBHOOK_ENDPOINT_CONFIGURED: _ErrorReason.ValueType  # 206
+    """FAILED_PRECONDITION. DeleteWebhookEndpoint named an endpoint of the config
+    file; metadata `id`. Do: remove it from the config's `webhooks` section and
+    restart.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every `google.rpc.ErrorInfo.reason` batchgate sends, in the
@@ -800,5 +834,39 @@ INVALID_QUOTA: ErrorReason.ValueType  # 110
 """INVALID_ARGUMENT. A quota limit is negative, or monthly_budget is not a
 USD amount such as "250.00"; a BadRequest names the field. Do: send
 limits >= 0, or leave a limit unset for none.
+"""
+WEBHOOK_MASTER_KEY_REQUIRED: ErrorReason.ValueType  # 200
+"""Webhook endpoints (WebhookService), numbered from 200.
+
+PERMISSION_DENIED. A WebhookService call made with a project key.
+Do: call it with the master key.
+"""
+INVALID_WEBHOOK_URL: ErrorReason.ValueType  # 201
+"""INVALID_ARGUMENT. CreateWebhookEndpoint's url is not an http:// or
+https:// URL with a host, or is longer than 2048 characters.
+Do: send the receiver's full URL.
+"""
+INVALID_WEBHOOK_EVENTS: ErrorReason.ValueType  # 202
+"""INVALID_ARGUMENT. CreateWebhookEndpoint's events name an unknown event
+type, or more than the four there are. Do: use batch.completed,
+batch.failed, batch.expired or batch.cancelled (or none for all four).
+"""
+INVALID_WEBHOOK_PROJECT: ErrorReason.ValueType  # 203
+"""INVALID_ARGUMENT. CreateWebhookEndpoint's project is empty, longer than
+128 characters or not printable. Do: name the project whose batches'
+events it receives.
+"""
+INVALID_WEBHOOK_SECRET: ErrorReason.ValueType  # 204
+"""INVALID_ARGUMENT. CreateWebhookEndpoint's secret is not "whsec_" and 24 to
+64 bytes in base64. Do: send such a secret, or none to get one made.
+"""
+WEBHOOK_ENDPOINT_NOT_FOUND: ErrorReason.ValueType  # 205
+"""NOT_FOUND. No webhook endpoint has this id; metadata `id`.
+Do: take the id from ListWebhookEndpoints.
+"""
+WEBHOOK_ENDPOINT_CONFIGURED: ErrorReason.ValueType  # 206
+"""FAILED_PRECONDITION. DeleteWebhookEndpoint named an endpoint of the config
+file; metadata `id`. Do: remove it from the config's `webhooks` section and
+restart.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

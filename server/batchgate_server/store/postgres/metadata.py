@@ -42,6 +42,7 @@ from typing import Any
 import asyncpg
 
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
+from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
 from batchgate_server.store.errors import RevisionConflict, StorageUnavailable
 from batchgate_server.store.ports import MetadataStore
@@ -351,7 +352,8 @@ class PostgresMetadataStore(MetadataStore):
         return [batch_from_doc(r["doc"]) for r in rows]
 
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
-                           ledger: dict[str, Any] | None = None) -> BatchRecord:
+                           ledger: dict[str, Any] | None = None,
+                           outbox: Sequence[OutboxEvent] = ()) -> BatchRecord:
         """Persist `b` with the revision bump, its result files and its ledger row in one
         transaction. The ledger row is keyed by batch id: it is written at most once, ever.
         Raises RevisionConflict when the stored revision is not b.revision."""
@@ -362,7 +364,7 @@ class PostgresMetadataStore(MetadataStore):
         update = ("UPDATE batches SET status = $1, revision = $2, doc = $3 WHERE id = $4 AND revision = $5",
                   b.status.value, b.revision, batch_to_doc(b), b.id, old)
         try:
-            if not extra_files and ledger is None:
+            if not extra_files and ledger is None and not outbox:
                 # Most changes (progress, status) are this one statement: atomic by itself, one round trip.
                 status = await self._execute(*update)
                 if status != "UPDATE 1":
@@ -376,11 +378,85 @@ class PostgresMetadataStore(MetadataStore):
                     await conn.execute(_INSERT_FILE + " ON CONFLICT (id) DO NOTHING", *_file_args(f))
                 if ledger is not None:
                     await _insert_ledger_row(conn, ledger)
+                if outbox:
+                    await conn.executemany(
+                        "INSERT INTO webhook_outbox(event_id, endpoint_id, project, batch_id, event_type, body,"
+                        " created_at, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                        " ON CONFLICT (event_id, endpoint_id) DO NOTHING",
+                        [(e.event_id, e.endpoint_id, e.project, e.batch_id, e.event_type, e.body, e.created_at,
+                          e.next_attempt_at) for e in outbox])
         except BaseException:
             b.revision = old
             raise
         return b
 
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    async def add_webhook_endpoint(self, e: WebhookEndpoint) -> None:
+        await self._execute("INSERT INTO webhook_endpoints(id, project, url, secret, events, created_at)"
+                            " VALUES ($1, $2, $3, $4, $5, $6)",
+                            e.id, e.project, e.url, e.secret, json.dumps(list(e.events)), e.created_at)
+
+    async def get_webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        row = await self._fetchrow("SELECT * FROM webhook_endpoints WHERE id = $1", text_param(endpoint_id))
+        return _endpoint(row) if row else None
+
+    async def list_webhook_endpoints(self, project: str | None) -> list[WebhookEndpoint]:
+        if project is None:
+            rows = await self._fetch("SELECT * FROM webhook_endpoints ORDER BY created_at, id")
+        else:
+            rows = await self._fetch("SELECT * FROM webhook_endpoints WHERE project = $1 ORDER BY created_at, id",
+                                     text_param(project))
+        return [_endpoint(r) for r in rows]
+
+    async def delete_webhook_endpoint(self, endpoint_id: str) -> bool:
+        return await self._execute("DELETE FROM webhook_endpoints WHERE id = $1", text_param(endpoint_id)) != "DELETE 0"
+
+    async def claim_outbox(self, owner: str, now: float, lease: float, limit: int) -> list[OutboxEvent]:
+        # SKIP LOCKED: a replica claiming at the same moment takes other rows instead of waiting
+        # for these and then finding them claimed.
+        rows = await self._fetch(
+            "UPDATE webhook_outbox SET claimed_by = $1, claimed_until = $2 WHERE (event_id, endpoint_id) IN ("
+            " SELECT event_id, endpoint_id FROM webhook_outbox WHERE delivered_at IS NULL AND given_up_at IS NULL"
+            " AND next_attempt_at <= $3 AND (claimed_until IS NULL OR claimed_until <= $3)"
+            " ORDER BY next_attempt_at, created_at LIMIT $4 FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {_OUTBOX_COLUMNS}", owner, now + lease, now, limit)
+        return sorted((_outbox_event(r) for r in rows), key=lambda e: (e.next_attempt_at, e.created_at))
+
+    async def outbox_delivered(self, event_id: str, endpoint_id: str, now: float) -> None:
+        await self._execute(
+            "UPDATE webhook_outbox SET delivered_at = $1, attempts = attempts + 1, claimed_by = NULL,"
+            " claimed_until = NULL, last_error = '' WHERE event_id = $2 AND endpoint_id = $3 AND delivered_at IS NULL",
+            now, event_id, endpoint_id)
+
+    async def outbox_failed(self, event_id: str, endpoint_id: str, owner: str, error: str,
+                            retry_at: float | None, now: float) -> None:
+        await self._execute(
+            "UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $1,"
+            " next_attempt_at = coalesce($2, next_attempt_at),"
+            " given_up_at = CASE WHEN $2::double precision IS NULL THEN $3::double precision END,"
+            " claimed_by = NULL, claimed_until = NULL"
+            " WHERE event_id = $4 AND endpoint_id = $5 AND claimed_by = $6 AND delivered_at IS NULL",
+            error, retry_at, now, event_id, endpoint_id, owner)
+
+    async def outbox_events(self, batch_id: str) -> list[OutboxEvent]:
+        rows = await self._fetch(f"SELECT {_OUTBOX_COLUMNS} FROM webhook_outbox WHERE batch_id = $1"
+                                 " ORDER BY created_at, endpoint_id", text_param(batch_id))
+        return [_outbox_event(r) for r in rows]
+
+
+_OUTBOX_COLUMNS = ("event_id, endpoint_id, project, batch_id, event_type, body, created_at, attempts, next_attempt_at,"
+                   " delivered_at, given_up_at, last_error")
+
+
+def _outbox_event(row: asyncpg.Record) -> OutboxEvent:
+    return OutboxEvent(**dict(row))
+
+
+def _endpoint(row: asyncpg.Record) -> WebhookEndpoint:
+    return WebhookEndpoint(id=row["id"], project=row["project"], url=row["url"], secret=row["secret"],
+                           events=tuple(json.loads(row["events"])), created_at=row["created_at"])
 
 async def _insert_ledger_row(conn: asyncpg.Connection, row: dict[str, Any]) -> None:
     """The batch's ledger row, unless it has one (at most once, ever), with its metadata pairs.

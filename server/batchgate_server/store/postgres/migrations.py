@@ -135,6 +135,40 @@ MIGRATIONS: list[str] = [
     CREATE INDEX files_project_bytes ON files(project) INCLUDE (bytes);
     CREATE INDEX batches_active_project ON batches(project) WHERE status NOT IN {TERMINAL}
     """,
+    # Webhook endpoints added through WebhookService, and the outbox: one row per event and
+    # endpoint, written in the batch's terminal transaction and claimed by a deliverer (claimed_by
+    # until claimed_until; FOR UPDATE SKIP LOCKED) so two replicas do not send it at once.
+    """
+    CREATE TABLE webhook_endpoints (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        project TEXT COLLATE "C" NOT NULL,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        events TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX webhook_endpoints_project ON webhook_endpoints(project, created_at);
+    CREATE TABLE webhook_outbox (
+        event_id TEXT COLLATE "C" NOT NULL,
+        endpoint_id TEXT COLLATE "C" NOT NULL,
+        project TEXT COLLATE "C" NOT NULL,
+        batch_id TEXT COLLATE "C" NOT NULL,
+        event_type TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        claimed_by TEXT,
+        claimed_until DOUBLE PRECISION,
+        delivered_at DOUBLE PRECISION,
+        given_up_at DOUBLE PRECISION,
+        last_error TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (event_id, endpoint_id)
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox(next_attempt_at)
+        WHERE delivered_at IS NULL AND given_up_at IS NULL;
+    CREATE INDEX webhook_outbox_batch ON webhook_outbox(batch_id)
+    """,
 ]
 
 _VERSIONS = """

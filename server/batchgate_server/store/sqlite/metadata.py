@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import aiosqlite
 
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
+from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
 from batchgate_server.store.errors import RevisionConflict, StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
@@ -139,7 +141,53 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX files_project_bytes ON files(project, bytes)
     """,
+    # Webhook endpoints added through WebhookService, and the outbox: one row per event and
+    # endpoint, written in the batch's terminal transaction and claimed by a deliverer (claimed_by
+    # until claimed_until) so two replicas do not send it at once.
+    """
+    CREATE TABLE webhook_endpoints (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        events TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX webhook_endpoints_project ON webhook_endpoints(project, created_at);
+    CREATE TABLE webhook_outbox (
+        event_id TEXT NOT NULL,
+        endpoint_id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        batch_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        claimed_by TEXT,
+        claimed_until REAL,
+        delivered_at REAL,
+        given_up_at REAL,
+        last_error TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (event_id, endpoint_id)
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox(next_attempt_at)
+        WHERE delivered_at IS NULL AND given_up_at IS NULL;
+    CREATE INDEX webhook_outbox_batch ON webhook_outbox(batch_id)
+    """,
 ]
+
+OUTBOX_COLUMNS = ("event_id", "endpoint_id", "project", "batch_id", "event_type", "body", "created_at", "attempts",
+                  "next_attempt_at", "delivered_at", "given_up_at", "last_error")
+
+
+def _outbox_event(row: sqlite3.Row) -> OutboxEvent:
+    return OutboxEvent(**{c: row[c] for c in OUTBOX_COLUMNS})
+
+
+def _endpoint(row: sqlite3.Row) -> WebhookEndpoint:
+    return WebhookEndpoint(id=row["id"], project=row["project"], url=row["url"], secret=row["secret"],
+                           events=tuple(json.loads(row["events"])), created_at=row["created_at"])
 
 QUOTA_COLUMNS = ("max_running_batches", "max_stored_bytes", "max_uploads", "monthly_budget_nanos")
 API_KEY_SELECT = ("SELECT key_id AS id, project, created_at, name, expires_at, revoked_at, last_used_at"
@@ -537,16 +585,17 @@ class SqliteMetadataStore(MetadataStore):
         return [batch_from_doc(r[0]) for r in rows]
 
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
-                           ledger: dict[str, Any] | None = None) -> BatchRecord:
+                           ledger: dict[str, Any] | None = None,
+                           outbox: Sequence[OutboxEvent] = ()) -> BatchRecord:
         """Persist `b` with the revision bump, its result files and its ledger row in one
         transaction. The ledger row is keyed by batch id: it is written at most once, ever.
         Raises RevisionConflict when the stored revision is not b.revision."""
         async with self._writing():
-            await self._update_batch(b, extra_files, ledger)
+            await self._update_batch(b, extra_files, ledger, outbox)
         return b
 
     async def _update_batch(self, b: BatchRecord, extra_files: Sequence[FileRecord],
-                            ledger: dict[str, Any] | None) -> None:
+                            ledger: dict[str, Any] | None, outbox: Sequence[OutboxEvent]) -> None:
         old = b.revision
         b.revision = old + 1
         await self.db.execute("BEGIN IMMEDIATE")
@@ -568,9 +617,68 @@ class SqliteMetadataStore(MetadataStore):
                 await self.db.execute(
                     f"INSERT OR IGNORE INTO usage_ledger({columns}) VALUES ({','.join('?' * len(ledger))})",
                     tuple(ledger.values()))
+            for e in outbox:
+                await self.db.execute(
+                    "INSERT OR IGNORE INTO webhook_outbox(event_id, endpoint_id, project, batch_id, event_type,"
+                    " body, created_at, next_attempt_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (e.event_id, e.endpoint_id, e.project, e.batch_id, e.event_type, e.body, e.created_at,
+                     e.next_attempt_at))
             await self.db.execute("COMMIT")
         except BaseException:
             b.revision = old
             if self.db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
                 await self.db.execute("ROLLBACK")
             raise
+
+    # -- webhooks -------------------------------------------------------------------
+
+    async def add_webhook_endpoint(self, e: WebhookEndpoint) -> None:
+        await self._exec(
+            "INSERT INTO webhook_endpoints(id, project, url, secret, events, created_at) VALUES (?,?,?,?,?,?)",
+            (e.id, e.project, e.url, e.secret, json.dumps(list(e.events)), e.created_at))
+
+    async def get_webhook_endpoint(self, endpoint_id: str) -> WebhookEndpoint | None:
+        row = await self.readers.fetchone("SELECT * FROM webhook_endpoints WHERE id=?", (endpoint_id,))
+        return _endpoint(row) if row else None
+
+    async def list_webhook_endpoints(self, project: str | None) -> list[WebhookEndpoint]:
+        sql, args = "SELECT * FROM webhook_endpoints", ()
+        if project is not None:
+            sql, args = sql + " WHERE project=?", (project,)
+        return [_endpoint(r) for r in await self.readers.fetchall(sql + " ORDER BY created_at, id", args)]
+
+    async def delete_webhook_endpoint(self, endpoint_id: str) -> bool:
+        cur = await self._exec("DELETE FROM webhook_endpoints WHERE id=?", (endpoint_id,))
+        return cur.rowcount > 0
+
+    async def claim_outbox(self, owner: str, now: float, lease: float, limit: int) -> list[OutboxEvent]:
+        # One statement: SQLite runs it under the database's write lock, so claims never overlap.
+        async with self._writing():
+            rows = await self.db.execute_fetchall(
+                "UPDATE webhook_outbox SET claimed_by=?, claimed_until=? WHERE rowid IN ("
+                " SELECT rowid FROM webhook_outbox WHERE delivered_at IS NULL AND given_up_at IS NULL"
+                " AND next_attempt_at <= ? AND (claimed_until IS NULL OR claimed_until <= ?)"
+                " ORDER BY next_attempt_at, created_at LIMIT ?)"
+                f" RETURNING {', '.join(OUTBOX_COLUMNS)}",
+                (owner, now + lease, now, now, limit))
+        return sorted((_outbox_event(r) for r in rows), key=lambda e: (e.next_attempt_at, e.created_at))
+
+    async def outbox_delivered(self, event_id: str, endpoint_id: str, now: float) -> None:
+        await self._exec(
+            "UPDATE webhook_outbox SET delivered_at=?, attempts=attempts+1, claimed_by=NULL, claimed_until=NULL,"
+            " last_error='' WHERE event_id=? AND endpoint_id=? AND delivered_at IS NULL",
+            (now, event_id, endpoint_id))
+
+    async def outbox_failed(self, event_id: str, endpoint_id: str, owner: str, error: str,
+                            retry_at: float | None, now: float) -> None:
+        await self._exec(
+            "UPDATE webhook_outbox SET attempts=attempts+1, last_error=?, next_attempt_at=COALESCE(?, next_attempt_at),"
+            " given_up_at=CASE WHEN ? IS NULL THEN ? END, claimed_by=NULL, claimed_until=NULL"
+            " WHERE event_id=? AND endpoint_id=? AND claimed_by=? AND delivered_at IS NULL",
+            (error, retry_at, retry_at, now, event_id, endpoint_id, owner))
+
+    async def outbox_events(self, batch_id: str) -> list[OutboxEvent]:
+        rows = await self.readers.fetchall(
+            f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM webhook_outbox WHERE batch_id=? ORDER BY created_at, endpoint_id",
+            (batch_id,))
+        return [_outbox_event(r) for r in rows]
