@@ -57,3 +57,30 @@ def store_overrides(data_dir: Path) -> dict[str, str]:
 def _started(process):
     process.start()
     return process
+
+
+def stored_blobs(data_dir: Path) -> list[str]:
+    """Every file the blob store of the test server on `data_dir` holds, wherever its backend keeps
+    them: blobs and temporary files on local disk, objects (staging ones included) in S3."""
+    if BACKEND == "sqlite":
+        return sorted(str(p) for p in (Path(data_dir) / "files").rglob("*") if p.is_file())
+    bucket, prefix = _bucket_of(data_dir)
+    listed = _servers["moto"].client().list_objects_v2(Bucket=bucket, Prefix=prefix + "/")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def uploads_in_flight(data_dir: Path) -> list[str]:
+    """What unfinished uploads leave in the backend: temporary files on local disk; staging objects and
+    multipart uploads in S3."""
+    if BACKEND == "sqlite":
+        return sorted(p.name for p in (Path(data_dir) / "files" / "tmp").iterdir())
+    bucket, prefix = _bucket_of(data_dir)
+    client = _servers["moto"].client()
+    staged = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/.staging/").get("Contents", [])
+    pending = client.list_multipart_uploads(Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])
+    return sorted([o["Key"] for o in staged] + [u["Key"] for u in pending])
+
+
+def _bucket_of(data_dir: Path) -> tuple[str, str]:
+    bucket, _, prefix = store_overrides(data_dir)["blob_url"].removeprefix("s3://").partition("/")
+    return bucket, prefix

@@ -11,11 +11,12 @@ import pytest
 from google.protobuf import duration_pb2
 
 from batchgate.v1 import file_pb2
+from tests.backends import stored_blobs, uploads_in_flight
 from tests.conftest import UPLOAD_FINISH, batch_file, error_details, jsonl, request_line, upload_requests
 
 
 def blob_files(h) -> list:
-    return [p for p in (h.data_dir / "files").rglob("*") if p.is_file()]
+    return stored_blobs(h.data_dir)
 
 
 async def test_upload_records_validation_facts(harness):
@@ -314,7 +315,7 @@ async def test_a_half_closed_upload_without_finish_stores_nothing(harness):
 
 
 def temp_files(h) -> list:
-    return list((h.data_dir / "files" / "tmp").iterdir())
+    return uploads_in_flight(h.data_dir)
 
 
 async def wait_until_no_upload_runs(h, timeout: float = 10.0) -> None:
@@ -461,6 +462,7 @@ async def test_first_twenty_problems_and_total_count(harness):
     assert [v.field for v in bad.field_violations] == [f"line {i}" for i in range(1, 21)]
 
 
+@pytest.mark.local_stores  # watches the temporary file on local disk (S3 buffers a small part in memory)
 async def test_interrupted_upload_leaves_no_file_and_no_temp_data(harness):
     a = harness.alice
     sent = asyncio.Event()
@@ -475,13 +477,13 @@ async def test_interrupted_upload_leaves_no_file_and_no_temp_data(harness):
     call = a.files.UploadFile(messages(), metadata=a.metadata)
     await sent.wait()
     await asyncio.sleep(0.2)
-    assert list((harness.data_dir / "files" / "tmp").iterdir()), "the upload is being written"
+    assert temp_files(harness), "the upload is being written"
     call.cancel()
     for _ in range(50):
-        if not list((harness.data_dir / "files" / "tmp").iterdir()):
+        if not temp_files(harness):
             break
         await asyncio.sleep(0.05)
-    assert list((harness.data_dir / "files" / "tmp").iterdir()) == []
+    assert temp_files(harness) == []
     assert blob_files(harness) == []
     assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
 

@@ -109,6 +109,7 @@ async def test_download_replaces_an_old_file_unless_asked_to_resume(harness, tmp
         assert [p.name for p in out.iterdir()] == ["results.jsonl"], "no temp file is left"
 
 
+@pytest.mark.local_stores  # damages the blob on local disk
 @pytest.mark.parametrize("damage", ["flipped_byte", "truncated", "longer"])
 async def test_a_download_that_does_not_match_the_record_leaves_the_old_file(harness, tmp_path, damage):
     """The server's blob is damaged on disk: size or sha256 no longer match the record."""

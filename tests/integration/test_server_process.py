@@ -17,6 +17,9 @@ import pytest
 from batchgate.v1 import file_pb2, file_pb2_grpc
 from tests.conftest import batch_file, start_harness, upload_requests
 
+# About SQLite and local disk themselves (tests/backends.py).
+pytestmark = pytest.mark.local_stores
+
 SERVER = str(Path(sys.executable).with_name("batchgate-server"))
 
 

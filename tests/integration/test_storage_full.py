@@ -18,6 +18,9 @@ from tests.conftest import Caller, batch_file, error_details, jsonl, request_lin
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import create, results, write_config
 
+# About SQLite and local disk themselves (tests/backends.py).
+pytestmark = pytest.mark.local_stores
+
 
 def assert_storage_full(err: grpc.aio.AioRpcError) -> None:
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
