@@ -31,6 +31,11 @@ class RevisionConflict(StorageError):
     """The batch changed since it was read (someone else wrote it)."""
 
 
+class LeaseLost(StorageError):
+    """The write was refused because another replica owns the batch now (this one's lease
+    expired and it was adopted): the writer must stop driving it."""
+
+
 def _from_sqlite(err: sqlite3.Error) -> StorageError:
     if isinstance(err, sqlite3.IntegrityError):
         return Duplicate(str(err))

@@ -9,7 +9,7 @@ into core/.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 DEFAULT_READ_CHUNK = 256 * 1024
 
@@ -66,3 +66,25 @@ class BlobStore(abc.ABC):
 
     async def close(self) -> None:
         """Release clients and connection pools at shutdown."""
+
+
+ChangeListener = Callable[[str, int], None]
+
+
+class ChangeFeed(abc.ABC):
+    """Batch changes committed by any replica on this database, as (batch id, revision): a wake-up
+    only. A listener reads the batch itself (a notification may be late, coalesced or lost: the
+    revision, never the payload, says what is new). PostgreSQL: LISTEN/NOTIFY; SQLite: in-process."""
+
+    @abc.abstractmethod
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call `listener(batch_id, revision)` on the event loop for every change heard from now
+        on; returns the function that unsubscribes. Listeners must not block."""
+
+    @abc.abstractmethod
+    def notify(self, batch_id: str, revision: int) -> None:
+        """Announce a change this process committed (implementations whose database announces
+        commits itself ignore it)."""
+
+    async def close(self) -> None:
+        """Stop listening."""
