@@ -3,9 +3,15 @@
 One runner task per batch advances the state machine: submit to the provider,
 poll it (one poll per batch however many watchers), collect the results into
 batch_output files, and end the batch. Every change is persisted with its
-revision bump in one SQLite transaction and then published to watchers. After a
-restart `start()` adopts every unfinished batch again; providers keep what they
-need to resume in `job.state`.
+revision bump in one transaction and then published to watchers. Only batches
+this replica holds the lease on are run (core/ownership.py): at start its own and
+any nobody holds, later those of replicas whose lease expired; every write is
+fenced by the lease, and a runner whose lease is lost stops at once. Providers
+keep what they need to resume in `job.state` (the executor its answers in the
+store too, so that another replica resumes them).
+
+A cancel accepted by another replica arrives as a stored CANCELLING state (a newer
+revision): the runner takes it into its own record (_take_cancel) and carries it out.
 
 Provider errors: a non-retryable one (401/403, 404 on our job, …) fails the batch
 with its code; retryable ones (429/5xx/network) are retried with backoff honouring
@@ -37,6 +43,7 @@ from batchgate_server.core.models import (
     FileRecord,
     RequestCounts,
 )
+from batchgate_server.core.ownership import Ownership
 from batchgate_server.core.routing import Router
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.providers.base import (
@@ -46,12 +53,15 @@ from batchgate_server.providers.base import (
     ProviderError,
     ProviderJob,
     ResultKind,
+    SharedProgress,
     UnsupportedRequest,
     give_up_after,
 )
 from batchgate_server.providers.registry import ProviderRegistry, input_reader
 from batchgate_server.store.blobs import BlobStore
 from batchgate_server.store.errors import (
+    Duplicate,
+    LeaseLost,
     RevisionConflict,
     StorageError,
     StorageFull,
@@ -78,8 +88,12 @@ def batch_load(line_count: int) -> int:
 class Tracker:
     def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
                  providers: ProviderRegistry, accounting: Accounting, work_root: Path,
-                 input_path: Callable[[str], Path], *, min_poll_interval: float = 0.1) -> None:
+                 input_path: Callable[[str], Path], ownership: Ownership, *, min_poll_interval: float = 0.1,
+                 shared_progress: bool = False) -> None:
         self.store = store
+        self.ownership = ownership
+        # Several replicas: the executor keeps its answers in the store too (see ProviderJob.progress).
+        self.shared_progress = shared_progress
         self.blobs = blobs
         self.hub = hub
         self.router = router
@@ -92,9 +106,15 @@ class Tracker:
         self._tasks: set[asyncio.Task] = set()
         self._writes: set[asyncio.Future] = set()  # BatchRunner._persist calls in flight
         self.stopping = False
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @property
+    def replica(self) -> str:
+        return self.ownership.replica
 
     async def start(self) -> int:
-        active = await self.store.active_batches()
+        self._unsubscribe = self.store.changes.subscribe(self.changed)
+        active = await self.ownership.start(self)
         for record in active:
             self.adopt(record)
         if active:
@@ -102,13 +122,34 @@ class Tracker:
         return len(active)
 
     def adopt(self, record: BatchRecord, *, load_reserved: bool = False) -> None:
-        """Drive `record` to its end. load_reserved: the caller already counted it with
-        router.add_load (the runner removes it when the batch ends)."""
+        """Drive `record` (this replica owns it) to its end. load_reserved: the caller already
+        counted it with router.add_load (the runner removes it when the batch ends)."""
+        if record.id in self._runners:
+            return  # re-adopted after a late heartbeat: its runner still goes on
         runner = BatchRunner(self, record, load_reserved=load_reserved)
         self._runners[record.id] = runner
-        task = asyncio.create_task(runner.run(), name=f"batch-{record.id}")
+        task = runner.task = asyncio.create_task(runner.run(), name=f"batch-{record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- what ownership asks (core/ownership.py Driver) -----------------------------------
+
+    def running(self) -> dict[str, int]:
+        return {i: r.rec.revision for i, r in self._runners.items() if not r.rec.status.is_terminal}
+
+    def lost(self, batch_id: str) -> None:
+        runner = self._runners.get(batch_id)
+        if runner is not None:
+            runner.lose()
+
+    def changed(self, batch_id: str, revision: int) -> None:
+        """Someone committed `revision` of `batch_id`: if that is newer than its runner's, another
+        replica wrote it (a cancel)."""
+        runner = self._runners.get(batch_id)
+        if runner is not None and revision > runner.rec.revision and not self.stopping:
+            task = asyncio.create_task(runner.refresh(), name=f"refresh-{batch_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def runner(self, batch_id: str) -> "BatchRunner | None":
         return self._runners.get(batch_id)
@@ -130,6 +171,9 @@ class Tracker:
         # A cancelled runner's shielded write goes on: it lands before the store is closed.
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        await self.ownership.stop()
 
     def _forget(self, batch_id: str) -> None:
         self._runners.pop(batch_id, None)
@@ -146,6 +190,8 @@ class BatchRunner:
         self.deployment = tracker.router.deployment(record.deployment_id)
         self.job: ProviderJob | None = None
         self._provider: BatchProvider | None = None
+        self.task: asyncio.Task | None = None
+        self._lost = False  # another replica owns the batch now
 
     # -- persistence --------------------------------------------------------------------
 
@@ -166,14 +212,55 @@ class BatchRunner:
 
     async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
         async with self._lock:
-            before = copy.deepcopy(self.rec)
-            mutate(self.rec)
+            for rebased in (False, True):
+                before = copy.deepcopy(self.rec)
+                before.provider_state = self.rec.provider_state  # the provider's own dict (job.state)
+                mutate(self.rec)
+                if rebased and before.status is BatchStatus.CANCELLING and not self.rec.status.is_terminal:
+                    self.rec.status = BatchStatus.CANCELLING  # the cancel taken in stands until the end
+                try:
+                    await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger,
+                                                    owner=self.t.replica)
+                except RevisionConflict:
+                    self.rec = before
+                    stored = None if rebased else await self.t.store.get_batch(self.rec.id)
+                    if stored is None or stored.revision <= self.rec.revision:
+                        raise
+                    self._take_cancel(stored)  # another replica's cancel: redo this change on top
+                    continue
+                except BaseException:
+                    self.rec = before
+                    raise
+                self.t.hub.publish(copy.deepcopy(self.rec))
+                return
+
+    def _take_cancel(self, stored: BatchRecord) -> None:
+        """Take in what another replica may write of an owned batch (its revision, and a cancel
+        accepted there); the rest of the record is this runner's own."""
+        self.rec.revision = stored.revision
+        if stored.status is BatchStatus.CANCELLING and not self.rec.status.is_terminal:
+            self.rec.status = BatchStatus.CANCELLING
+            self.rec.cancelling_at = stored.cancelling_at
+            if self.job is not None:
+                self.job.cancel_requested.set()
+            self._wake.set()
+
+    async def refresh(self) -> None:
+        """The stored batch is newer than this runner's record: take in the cancel."""
+        async with self._lock:
             try:
-                await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger)
-            except BaseException:
-                self.rec = before
-                raise
-            self.t.hub.publish(copy.deepcopy(self.rec))
+                stored = await self.t.store.get_batch(self.rec.id)
+            except StorageError as err:
+                log.warning("batch %s: could not read a change made elsewhere: %s", self.rec.id, err)
+                return  # the next heartbeat tells again
+            if stored is not None and stored.revision > self.rec.revision:
+                self._take_cancel(stored)
+
+    def lose(self) -> None:
+        """Another replica owns the batch now: stop at once, write nothing more."""
+        self._lost = True
+        if self.task is not None:
+            self.task.cancel()
 
     async def _save_state(self) -> None:
         await self._persist(lambda r: None)
@@ -265,8 +352,15 @@ class BatchRunner:
                     if stored is not None and stored.revision != self.rec.revision:
                         self.rec = stored
                         self.job.state = stored.provider_state
+                        if stored.status is BatchStatus.CANCELLING:
+                            self.job.cancel_requested.set()
                     await self._sleep(storage_backoff.next())
+        except LeaseLost:
+            log.warning("batch %s: lease lost; another replica drives it now", rec.id)
+            await self._detach()
         except asyncio.CancelledError:
+            if self._lost:
+                await self._detach()
             raise
         except Exception as err:  # a bug must not leave the batch hanging forever
             log.exception("batch %s: unexpected error", rec.id)
@@ -281,6 +375,15 @@ class BatchRunner:
                 self.t.router.remove_load(self.deployment.id, load)
             self.t._forget(rec.id)
 
+    async def _detach(self) -> None:
+        """Stop this process's share of the job (the executor's requests), leaving the job as the
+        new owner will find it."""
+        if self._provider is not None and self.job is not None:
+            try:
+                await self._provider.detach(self.job)
+            except Exception:  # noqa: BLE001 - nothing of it is written anywhere
+                log.exception("batch %s: could not stop its local work", self.rec.id)
+
     def _give_up_after(self) -> float:
         """Seconds of nothing but retryable provider errors (429/5xx/network) before the batch
         fails (the job may still run at the provider; its results would be lost to us anyway)."""
@@ -292,7 +395,8 @@ class BatchRunner:
             batch_id=rec.id, endpoint=rec.endpoint, deployment=self.deployment, line_count=self._line_count(),
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
             open_input=input_reader(self.t.input_path)(rec.input_file_id), save_state=self._save_state,
-            workdir=self.t.work_root / rec.id)
+            workdir=self.t.work_root / rec.id,
+            progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None)
         return job
 
     async def _sleep(self, seconds: float) -> None:
@@ -494,6 +598,27 @@ class BatchRunner:
             except Exception as err:  # noqa: BLE001 - best effort: the provider's retention sweep tidies up
                 log.warning("batch %s: could not release what it left at the provider: %s", self.rec.id, err)
         shutil.rmtree(self.job.workdir, ignore_errors=True)
+
+
+class StoredProgress(SharedProgress):
+    """A batch's executor answers in the metadata store, written only while this replica owns it."""
+
+    def __init__(self, store: MetadataStore, batch_id: str, replica: str) -> None:
+        self.store = store
+        self.batch_id = batch_id
+        self.replica = replica
+
+    async def append(self, seq: int, writer: str, output: bytes, errors: bytes) -> None:
+        try:
+            await self.store.append_results(self.batch_id, seq, writer, output, errors, owner=self.replica)
+        except Duplicate:  # another run stored this segment: it drives the batch now
+            raise LeaseLost(self.batch_id) from None
+
+    async def read(self) -> list[tuple[str, bytes, bytes]]:
+        return await self.store.read_results(self.batch_id)
+
+    async def delete(self) -> None:
+        await self.store.delete_results(self.batch_id)
 
 
 class _ResultSink:
