@@ -23,6 +23,7 @@ from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
+from batchgate_server.core.ownership import Ownership, replica_id
 from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
@@ -103,7 +104,9 @@ class BatchgateServer:
             raise StartupError(str(err)) from None
         self.store = await MetadataStore.open(s.db_path)
         blobs = LocalBlobStore(s.blob_dir)
-        leftovers = blobs.clear_temporary()
+        # Shared with other replicas, the blob store's temporary uploads and not yet recorded
+        # blobs may be theirs, in flight: only a server alone on its store may sweep them.
+        leftovers = 0 if s.shared else blobs.clear_temporary()
         if leftovers:
             log.info("removed %d temporary upload(s) left by an earlier run", leftovers)
         self.auth = Authenticator(self.store, s.master_key)
@@ -112,7 +115,7 @@ class BatchgateServer:
         self.files = FileManager(self.store, blobs, FileLimits(
             s.max_file_bytes, s.max_file_lines, s.max_chunk_bytes, upload_idle_timeout=s.upload_idle_timeout,
             max_uploads_per_project=s.max_uploads_per_project), self.page_tokens)
-        orphans = await self.files.remove_orphan_blobs()
+        orphans = 0 if s.shared else await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
         self._build_batch_layer(blobs)
@@ -162,9 +165,10 @@ class BatchgateServer:
         self.accounting = Accounting(prices)
         self.router = Router(self.model_list)
         self.providers = ProviderRegistry()
-        self.hub = WatchHub()
+        self.hub = WatchHub(self.store, poll_interval=s.watch_poll_interval if s.shared else 0.0)
+        self.ownership = Ownership(self.store, replica_id(s.data_dir), s.lease_timeout)
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir, blobs.path)
+                               s.work_dir, blobs.path, self.ownership, shared_progress=s.shared)
         self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens)
@@ -183,6 +187,7 @@ class BatchgateServer:
             except UnsupportedRequest as err:
                 log.warning("provider %s unavailable: %s", provider, err.message)
         await self.tracker.start()
+        self.hub.start()
 
     async def stop(self, grace: float | None = None) -> None:
         if self._server is not None:
@@ -202,6 +207,7 @@ class BatchgateServer:
 
     async def _stop_background(self) -> None:
         if hasattr(self, "tracker"):
+            await self.hub.stop()
             await self.tracker.stop()
             await self.providers.close()
 

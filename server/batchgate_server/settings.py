@@ -26,13 +26,29 @@ class Settings:
     heartbeat_interval: float = 15.0
     grace_period: float = 10.0
     log_level: str = "INFO"
+    # Replicas (core/ownership.py): seconds a replica's batches stay its own after its last heartbeat.
+    lease_timeout: float = 15.0
+    # Seconds between reads of watched batches driven by another replica when no change feed
+    # reaches across processes (SQLite); with PostgreSQL's a safety net only.
+    watch_poll_interval: float = 0.2
+    database_url: str = ""
+    blob_url: str = ""
+
+    @property
+    def shared(self) -> bool:
+        """Other replicas may share this database."""
+        return bool(self.database_url)
 
     @property
     def db_path(self) -> Path:
+        if self.database_url.startswith("sqlite:///"):
+            return Path(self.database_url.removeprefix("sqlite://"))
         return self.data_dir / "batchgate.sqlite3"
 
     @property
     def blob_dir(self) -> Path:
+        if self.blob_url.startswith("file:///"):
+            return Path(self.blob_url.removeprefix("file://"))
         return self.data_dir / "files"
 
     @property
@@ -74,6 +90,15 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--expiry-sweep-interval", type=float,
                    default=float(_env("EXPIRY_SWEEP_INTERVAL", str(d.expiry_sweep_interval))),
                    help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
+    p.add_argument("--lease-timeout", type=float, default=float(_env("LEASE_TIMEOUT", str(d.lease_timeout))),
+                   help="seconds after a replica's last heartbeat before other replicas take its batches over"
+                        " [BATCHGATE_LEASE_TIMEOUT]")
+    p.add_argument("--database-url", default=_env("DATABASE_URL", d.database_url),
+                   help="sqlite:///path shared by several replicas (default: SQLite in the data dir)"
+                        " [BATCHGATE_DATABASE_URL]")
+    p.add_argument("--blob-url", default=_env("BLOB_URL", d.blob_url),
+                   help="file:///path shared by several replicas (default: files in the data dir)"
+                        " [BATCHGATE_BLOB_URL]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     return p
 
@@ -92,4 +117,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         heartbeat_interval=args.heartbeat_interval,
         expiry_sweep_interval=args.expiry_sweep_interval,
         log_level=args.log_level,
+        lease_timeout=args.lease_timeout,
+        database_url=args.database_url,
+        blob_url=args.blob_url,
     )
