@@ -17,6 +17,7 @@ from batchgate.v1 import usage_pb2, usage_pb2_grpc
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
 from batchgate_server.api.reflection import enable_reflection
+from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
 from batchgate_server.config import load_model_list
 from batchgate_server.core.accounting import Accounting
@@ -125,10 +126,11 @@ class BatchgateServer:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
         server = grpc.aio.server(options=options)
-        file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), server)
-        self._add_batch_service(server)
+        ours = SoftDecoding(server)  # undecodable requests are INVALID_ARGUMENT, not UNKNOWN
+        file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
+        self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store), self.page_tokens)), server)
+            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store), self.page_tokens)), ours)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -175,7 +177,7 @@ class BatchgateServer:
         log.info("model list from %s: %s", self.model_list.source,
                  ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
 
-    def _add_batch_service(self, server: grpc.aio.Server) -> None:
+    def _add_batch_service(self, server: SoftDecoding) -> None:
         add_batch_service(BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
 
     async def _start_background(self) -> None:

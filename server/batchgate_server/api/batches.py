@@ -67,7 +67,8 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
             if value not in STATUS_FROM_PROTO:
                 raise InvalidArgument(f"unknown status {value} in the filter", "INVALID_STATUS_FILTER",
                                       violations=[FieldViolation("statuses", "BATCH_STATUS_* values only")])
-            statuses.append(STATUS_FROM_PROTO[value])
+            if STATUS_FROM_PROTO[value] not in statuses:  # a repeated value filters nothing more
+                statuses.append(STATUS_FROM_PROTO[value])
         rows, token = await self.batches.list(principal, request.page_size, request.page_token, statuses,
                                               weigh=lambda b: self._to_proto(b).ByteSize())
         return batch_pb2.ListBatchesResponse(batches=[self._to_proto(b) for b in rows], next_page_token=token)

@@ -112,6 +112,9 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
 
     @unary
     async def ListFiles(self, request: file_pb2.ListFilesRequest, context, principal: Principal):
+        if request.purpose and request.purpose not in PURPOSE_FROM_PROTO:
+            raise InvalidArgument(f"unknown purpose {request.purpose} in the filter", "INVALID_PURPOSE_FILTER",
+                                  violations=[FieldViolation("purpose", "FILE_PURPOSE_* values only")])
         purpose = PURPOSE_FROM_PROTO.get(request.purpose)
         rows, token = await self.files.list(principal, request.page_size, request.page_token, purpose,
                                             weigh=lambda f: file_to_proto(f).ByteSize())

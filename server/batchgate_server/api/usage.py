@@ -19,6 +19,11 @@ GROUP_BY_FROM_PROTO = {
 }
 
 
+# The range google.protobuf.Timestamp defines: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+
+
 def _seconds(request: usage_pb2.QueryUsageRequest, name: str) -> float | None:
     if not request.HasField(name):
         return None
@@ -26,6 +31,9 @@ def _seconds(request: usage_pb2.QueryUsageRequest, name: str) -> float | None:
     if not 0 <= ts.nanos < 1_000_000_000:
         raise InvalidArgument(f"{name} has nanos out of range", "INVALID_TIME_RANGE",
                               violations=[FieldViolation(name, "nanos must be 0 to 999,999,999")])
+    if not MIN_TIMESTAMP_SECONDS <= ts.seconds <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidArgument(f"{name} is outside the years 1 to 9999 a Timestamp can hold", "INVALID_TIME_RANGE",
+                              violations=[FieldViolation(name, "between 0001-01-01 and 9999-12-31")])
     return ts.seconds + ts.nanos / 1e9
 
 
