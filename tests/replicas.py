@@ -7,6 +7,7 @@ or `postgres+s3` (tests/backends.py: a throwaway PostgreSQL server and moto)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -15,10 +16,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
 from batchgate.v1 import batch_pb2_grpc, file_pb2_grpc
 from tests.conftest import MASTER_KEY
@@ -55,6 +57,15 @@ def sqlite_stores(root: Path) -> SharedStores:
     return SharedStores("sqlite", f"sqlite://{db}", f"file://{root / 'blobs'}", {}, scalar)
 
 
+@contextlib.asynccontextmanager
+async def shared_stores(backend: str, root: Path) -> AsyncIterator[SharedStores]:
+    """The shared stores of `backend` ("sqlite" or "postgres+s3"), removed afterwards."""
+    if backend == "sqlite":
+        yield sqlite_stores(root)
+        return
+    pytest.skip("postgres+s3 replicas: waiting for the PostgreSQL store and the S3 blob store")
+
+
 class Caller:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.files = file_pb2_grpc.FileServiceStub(channel)
@@ -86,6 +97,7 @@ class Cluster:
         self.lease_timeout = lease_timeout
         self.extra_args = extra_args
         self.replicas: list[Replica] = []
+        self._old_channels: list[grpc.aio.Channel] = []
 
     def _spawn(self, replica: Replica) -> None:
         env = dict(os.environ, BATCHGATE_MASTER_KEY=MASTER_KEY, **self.stores.env)
@@ -122,11 +134,17 @@ class Cluster:
         await asyncio.gather(*(self._connect(r) for r in new))
         return new
 
+    async def restart(self, replica: Replica) -> None:
+        """Start `replica` again on its data directory."""
+        self._old_channels.append(replica.channel)
+        self._spawn(replica)
+        await self._connect(replica)
+
     async def kill(self, replica: Replica) -> None:
         """kill -9: no shutdown, no lease released."""
         os.kill(replica.proc.pid, signal.SIGKILL)
         await asyncio.to_thread(replica.proc.wait)
-        await replica.channel.close()
+        # The channel stays open: calls on it fail UNAVAILABLE, as a client would see them.
 
     async def close(self) -> None:
         for replica in self.replicas:
@@ -140,6 +158,8 @@ class Cluster:
                     replica.proc.kill()
             if replica.channel is not None:
                 await replica.channel.close()
+        for channel in self._old_channels:
+            await channel.close()
 
     def alive(self) -> list[Replica]:
         return [r for r in self.replicas if r.alive]

@@ -5,6 +5,7 @@ replica killed with -9 has its batches taken over and resumed (not restarted) by
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
@@ -127,3 +128,32 @@ async def test_kill_9_of_the_owner_another_replica_resumes(cluster, upstream):
     assert states
     assert cluster.stores.scalar("SELECT count(*) FROM usage_ledger WHERE batch_id=?", (batch.id,)) == 1
     assert cluster.stores.scalar("SELECT count(*) FROM executor_results WHERE batch_id=?", (batch.id,)) == 0
+
+
+async def test_a_frozen_replica_loses_its_lease_and_writes_nothing_after(cluster, upstream):
+    """SIGSTOP past the lease timeout: another replica adopts the batch; the frozen one, woken,
+    finds its lease gone and stops without a write (its writes are fenced by the lease)."""
+    a, b = await cluster.start(2)
+    n = 200
+    batch = await upload_and_create(a.caller, slow_lines(n, 40))
+    await watch(b.caller, batch.id, until=lambda s: s.request_counts.completed >= 20)
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        # b adopts it: the batch moves on while a is frozen.
+        frozen_at = upstream.requests_total
+        await watch(b.caller, batch.id, until=lambda s: s.request_counts.completed > frozen_at + 10)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    states = await watch(b.caller, batch.id)
+    final = states[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    out, err = await results(b.caller, final)
+    assert sorted(line["custom_id"] for line in out) == sorted(f"r-{i}" for i in range(n))
+    assert not err
+    assert cluster.stores.scalar("SELECT count(*) FROM usage_ledger WHERE batch_id=?", (batch.id,)) == 1
+    assert cluster.stores.scalar("SELECT owner FROM batches WHERE id=?", (batch.id,)) != "", "still recorded"
+    # a is alive and serving, and says it lost the lease.
+    assert a.alive
+    assert (await a.caller.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch.id),
+                                            metadata=a.caller.metadata)).batch.revision == final.revision
+    assert "lease lost" in cluster.log_of(a) or "lost its lease" in cluster.log_of(a)

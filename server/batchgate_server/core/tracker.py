@@ -208,6 +208,8 @@ class BatchRunner:
         write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger))
         self.t._writes.add(write)
         write.add_done_callback(self.t._writes.discard)
+        # Retrieved here too: the awaiting runner may be gone (cancelled) when it fails.
+        write.add_done_callback(lambda w: w.cancelled() or w.exception())
         await asyncio.shield(write)
 
     async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
