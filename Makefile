@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py
+	$(PY) bench/client_overhead.py
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from batchgate import BatchgateClient
-from batchgate.v1 import batch_pb2
+from batchgate import BatchgateClient, BatchStatus
 
 HERE = Path(__file__).resolve().parent
 INPUT = HERE / "support_tickets.jsonl"
@@ -70,11 +69,11 @@ def main() -> int:
             print(f"created {batch.id} on model {batch.model!r} (provider {batch.provider})")
             for state in bg.watch(batch.id):
                 counts = state.request_counts
-                status = batch_pb2.BatchStatus.Name(state.status).removeprefix("BATCH_STATUS_").lower()
+                status = str(state.status)  # a BatchStatus: prints as "in_progress"
                 line = f"\r  {status:<12} {bar(counts.completed + counts.failed, counts.total or f.line_count)}"
                 print(line, end="", flush=True)
             print()
-            if state.status != batch_pb2.BATCH_STATUS_COMPLETED:
+            if state.status != BatchStatus.COMPLETED:
                 print(f"batch ended {status}: {list(state.errors)}")
                 return 1
             out = data_dir / "results.jsonl"

@@ -3,8 +3,10 @@ generated stubs with real API keys."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -103,6 +105,28 @@ async def start_harness(data_dir: Path, **overrides) -> Harness:
         admin=Caller(files, batches, (("authorization", f"Bearer {MASTER_KEY}"),), "default"),
         anonymous=Caller(files, batches, (), ""),
     )
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now: for a server that must come back on the same port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stop_harness(h: Harness) -> None:
+    await h.channel.close()
+    await h.server.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def serving(data_dir: Path, **overrides) -> AsyncIterator[Harness]:
+    """A harness for the length of an `async with`, for settings the `harness` fixture does not have."""
+    h = await start_harness(data_dir, **overrides)
+    try:
+        yield h
+    finally:
+        await stop_harness(h)
 
 
 @pytest.fixture

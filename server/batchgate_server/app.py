@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,7 +20,7 @@ from batchgate_server.api.files import FileServicer
 from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
-from batchgate_server.config import load_model_list
+from batchgate_server.config import ConfigError, load_model_list
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Authenticator
 from batchgate_server.core.batches import BatchManager
@@ -56,6 +57,9 @@ class StartupError(Exception):
     """The server cannot start as configured: its data directory or its address is taken."""
 
 
+BIND_ERROR_UNKNOWN = "gRPC could not bind it"
+
+
 def bind_error(address: str) -> str:
     """Why `address` cannot be listened on, as the operating system says it (gRPC only says
     that binding failed)."""
@@ -67,7 +71,7 @@ def bind_error(address: str) -> str:
             probe.bind(where)
     except (OSError, ValueError) as err:
         return getattr(err, "strerror", None) or str(err)
-    return "gRPC could not bind it"
+    return BIND_ERROR_UNKNOWN
 
 
 def loopback_only(address: str) -> str:
@@ -82,6 +86,30 @@ def loopback_only(address: str) -> str:
     except ValueError:
         pass
     return f"127.0.0.1:{port}"
+
+
+def server_credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (None: plaintext); with --tls-client-ca, clients
+    must present a certificate signed by one of those CAs."""
+    if s.tls_cert is None and s.tls_key is None:
+        if s.tls_client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if s.tls_cert is None or s.tls_key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+
+    def pem(flag: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"{flag} {path}: {err.strerror or err}") from None
+
+    client_ca = pem("--tls-client-ca", s.tls_client_ca) if s.tls_client_ca is not None else None
+    try:
+        return grpc.ssl_server_credentials([(pem("--tls-key", s.tls_key), pem("--tls-cert", s.tls_cert))],
+                                           root_certificates=client_ca, require_client_auth=client_ca is not None)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"TLS credentials rejected: {err}") from None
 
 
 class BatchgateServer:
@@ -140,12 +168,20 @@ class BatchgateServer:
             address = loopback_only(address)
             log.warning("no API key configured (BATCHGATE_MASTER_KEY or `batchgate-server keys create`):"
                         " serving without authentication, on loopback only (%s)", address)
+        credentials = server_credentials(s)
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise StartupError(f"cannot listen on {address}: {bind_error(address)}")
+            reason = bind_error(address)
+            if credentials is not None and reason == BIND_ERROR_UNKNOWN:  # the port is free: TLS was refused
+                raise ConfigError("gRPC refused the TLS credentials: --tls-cert and --tls-key must be PEM, and the"
+                                  " key must belong to the certificate")
+            raise StartupError(f"cannot listen on {address}: {reason}")
         # Adopt unfinished batches before the first call is served: until then CancelBatch would
         # call a running batch ended, and DeleteFile could remove a running batch's input.
         await self._start_background()
@@ -155,7 +191,8 @@ class BatchgateServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._health = health_servicer
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
-        log.info("batchgate listening on %s (port %d), data in %s", address, self.port, s.data_dir)
+        log.info("batchgate listening on %s (port %d, %s), data in %s", address, self.port,
+                 "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS", s.data_dir)
         return self.port
 
     def _build_batch_layer(self, blobs: LocalBlobStore) -> None:

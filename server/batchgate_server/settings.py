@@ -26,6 +26,9 @@ class Settings:
     heartbeat_interval: float = 15.0
     grace_period: float = 10.0
     log_level: str = "INFO"
+    tls_cert: Path | None = None  # PEM certificate chain: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CAs: require a client certificate they signed (mutual TLS)
     # Replicas (core/ownership.py): seconds a replica's batches stay its own after its last heartbeat.
     lease_timeout: float = 15.0
     # Seconds between reads of watched batches driven by another replica when no change feed
@@ -60,6 +63,10 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"BATCHGATE_{name}", default)
 
 
+def _path_env(name: str) -> Path | None:
+    return Path(v) if (v := _env(name, "")) else None
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = Settings()
     p = argparse.ArgumentParser(prog="batchgate-server", description="Run the batchgate gRPC server.",
@@ -67,11 +74,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--address", default=_env("ADDRESS", d.address), help="host:port to listen on [BATCHGATE_ADDRESS]")
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", str(d.data_dir))),
                    help="SQLite database and file blobs [BATCHGATE_DATA_DIR]")
-    p.add_argument("--config", dest="config_file", type=Path,
-                   default=Path(v) if (v := _env("CONFIG", "")) else None,
+    p.add_argument("--config", dest="config_file", type=Path, default=_path_env("CONFIG"),
                    help="YAML config with a LiteLLM-style model_list [BATCHGATE_CONFIG]")
-    p.add_argument("--prices", dest="price_file", type=Path,
-                   default=Path(v) if (v := _env("PRICES", "")) else None,
+    p.add_argument("--prices", dest="price_file", type=Path, default=_path_env("PRICES"),
                    help="JSON/YAML price table merged over the built-in one [BATCHGATE_PRICES]")
     p.add_argument("--max-file-bytes", type=int, default=int(_env("MAX_FILE_BYTES", str(d.max_file_bytes))),
                    help="largest accepted upload [BATCHGATE_MAX_FILE_BYTES]")
@@ -100,6 +105,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="file:///path shared by several replicas (default: files in the data dir)"
                         " [BATCHGATE_BLOB_URL]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    p.add_argument("--tls-cert", type=Path, default=_path_env("TLS_CERT"),
+                   help="PEM certificate chain: serve TLS (plaintext is then refused) [BATCHGATE_TLS_CERT]")
+    p.add_argument("--tls-key", type=Path, default=_path_env("TLS_KEY"),
+                   help="PEM private key of --tls-cert [BATCHGATE_TLS_KEY]")
+    p.add_argument("--tls-client-ca", type=Path, default=_path_env("TLS_CLIENT_CA"),
+                   help="PEM CA certificates: require client certificates they signed (mutual TLS)"
+                        " [BATCHGATE_TLS_CLIENT_CA]")
     return p
 
 
@@ -117,6 +129,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         heartbeat_interval=args.heartbeat_interval,
         expiry_sweep_interval=args.expiry_sweep_interval,
         log_level=args.log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         lease_timeout=args.lease_timeout,
         database_url=args.database_url,
         blob_url=args.blob_url,

@@ -6,22 +6,70 @@ import datetime
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from batchgate.v1 import batch_pb2, file_pb2, usage_pb2
+from batchgate.v1 import file_pb2, usage_pb2
 
 DEFAULT_CHUNK = 256 * 1024
-TERMINAL_STATUSES = frozenset({
-    batch_pb2.BATCH_STATUS_COMPLETED, batch_pb2.BATCH_STATUS_FAILED,
-    batch_pb2.BATCH_STATUS_EXPIRED, batch_pb2.BATCH_STATUS_CANCELLED,
-})
 # Large uploads/downloads stream 2 MiB messages at most.
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 * 1024 * 1024),
                    ("grpc.max_send_message_length", 4 * 1024 * 1024)]
+
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How a client reaches a server over TLS. `root_certificates` (PEM bytes or a path) are the CAs
+    to trust (None: the system's); `client_certificate` and `client_key` present a certificate for
+    mutual TLS; `server_name` checks the server's certificate against this name instead of the
+    target's host (an address by IP, a name behind a proxy)."""
+
+    root_certificates: bytes | str | os.PathLike | None = None
+    client_certificate: bytes | str | os.PathLike | None = None
+    client_key: bytes | str | os.PathLike | None = None
+    server_name: str | None = None
+
+    @staticmethod
+    def from_env(environ: Mapping[str, str] = os.environ) -> "TLS | None":
+        """From BATCHGATE_TLS_CA, BATCHGATE_TLS_CLIENT_CERT, BATCHGATE_TLS_CLIENT_KEY and
+        BATCHGATE_TLS_SERVER_NAME; BATCHGATE_TLS=1 alone means TLS with the system's CAs."""
+        values = {name: environ.get(f"BATCHGATE_TLS_{var}") or None for name, var in (
+            ("root_certificates", "CA"), ("client_certificate", "CLIENT_CERT"), ("client_key", "CLIENT_KEY"),
+            ("server_name", "SERVER_NAME"))}
+        if any(values.values()) or environ.get("BATCHGATE_TLS", "").lower() in ("1", "true", "yes"):
+            return TLS(**values)
+        return None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.client_certificate is None) != (self.client_key is None):
+            raise ValueError("mutual TLS needs both a client certificate and its key")
+        return grpc.ssl_channel_credentials(root_certificates=_pem(self.root_certificates),
+                                            private_key=_pem(self.client_key),
+                                            certificate_chain=_pem(self.client_certificate))
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _pem(value: bytes | str | os.PathLike | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def make_channel(channels, target: str, tls: TLS | None):
+    """A channel from `channels` (the grpc or the grpc.aio module: the same two constructors)."""
+    if tls is None:
+        return channels.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return channels.secure_channel(target, tls.credentials(), options=CHANNEL_OPTIONS + tls.channel_options())
 
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

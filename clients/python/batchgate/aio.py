@@ -1,45 +1,37 @@
-"""asyncio client: the same surface as BatchgateClient, awaitable."""
+"""asyncio client: the same methods as BatchgateClient, as coroutines and async iterators.
+
+The logic of every method is in _steps.py (shared with the sync client); this module only runs
+its steps with the grpc.aio stubs.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
-from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
-from typing import BinaryIO
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, BinaryIO
 
 import grpc
 
-from batchgate._common import (
-    CHANNEL_OPTIONS,
-    DEFAULT_CHUNK,
-    TERMINAL_STATUSES,
-    DownloadTarget,
-    TimeLike,
-    auth_metadata,
-    file_sha256,
-    read_chunks,
-    upload_header,
-    upload_messages,
-    usage_request,
-)
-from batchgate.client import _RECONNECT_CODES
-from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc, usage_pb2, usage_pb2_grpc
+from batchgate import _batch_helpers, _steps
+from batchgate._base import ClientBase
+from batchgate._batch_helpers import Answers
+from batchgate._common import DEFAULT_CHUNK, TLS, TimeLike
+from batchgate._steps import Blocking, Call, Emit, Open, Read, RetryPolicy, Sleep, Steps, Stepper
+from batchgate.errors import from_rpc_error
+from batchgate.types import Batch, File
+from batchgate.v1 import file_pb2, usage_pb2
 
 __all__ = ["AsyncBatchgateClient"]
 
 
-class AsyncBatchgateClient:
-    def __init__(self, target: str, api_key: str | None = None, *, channel: grpc.aio.Channel | None = None,
-                 timeout: float | None = 60.0) -> None:
-        self._own_channel = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.files = file_pb2_grpc.FileServiceStub(self.channel)
-        self.batches = batch_pb2_grpc.BatchServiceStub(self.channel)
-        self.usage = usage_pb2_grpc.UsageServiceStub(self.channel)
-        self._md = auth_metadata(api_key)
-        self.timeout = timeout
+class AsyncBatchgateClient(ClientBase):
+    __doc__ = ClientBase.__doc__
+
+    def __init__(self, target: str | None = None, api_key: str | None = None, *,
+                 channel: grpc.aio.Channel | None = None, timeout: float | None = 60.0,
+                 retry: RetryPolicy | None = None, tls: TLS | bool | None = None) -> None:
+        super().__init__(grpc.aio, target, api_key, channel=channel, timeout=timeout, retry=retry, tls=tls)
 
     async def close(self) -> None:
         if self._own_channel:
@@ -51,131 +43,135 @@ class AsyncBatchgateClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # -- the runner ---------------------------------------------------------------------------
+
+    async def _perform(self, op: Any) -> Any:
+        if isinstance(op, Call):
+            return await self._start(op)
+        if isinstance(op, Open):
+            return self._start(op)
+        if isinstance(op, Read):
+            message = await op.stream.read()
+            return None if message is grpc.aio.EOF else message
+        if isinstance(op, Sleep):
+            await asyncio.sleep(op.seconds)
+            return None
+        if isinstance(op, Blocking):
+            return await asyncio.to_thread(op.fn, *op.args)
+        raise TypeError(f"unknown step {op!r}")
+
+    async def _advance(self, stepper: Stepper) -> None:
+        try:
+            value = await self._perform(stepper.op)
+        except grpc.RpcError as err:
+            stepper.fail(from_rpc_error(err))
+        else:
+            stepper.resolve(value)
+
+    async def _run(self, steps: Steps[Any]) -> Any:
+        stepper = Stepper(steps)
+        try:
+            while stepper.op is not None:
+                await self._advance(stepper)
+            return stepper.result
+        finally:
+            stepper.close()
+
+    async def _iterate(self, steps: Steps[None]) -> AsyncIterator[Any]:
+        stepper = Stepper(steps)
+        try:
+            while (op := stepper.op) is not None:
+                if isinstance(op, Emit):
+                    yield op.value
+                    stepper.resolve(None)
+                else:
+                    await self._advance(stepper)
+        finally:
+            stepper.close()
+
+    # -- files --------------------------------------------------------------------------------
+
     async def upload_file(self, source: str | os.PathLike | BinaryIO | bytes, *, filename: str | None = None,
-                          purpose: int = file_pb2.FILE_PURPOSE_BATCH, request_id: str = "",
-                          expires_after_seconds: int | None = None,
-                          chunk_size: int = DEFAULT_CHUNK) -> file_pb2.File:
-        if isinstance(source, bytes):
-            source = io.BytesIO(source)
-        if isinstance(source, (str, os.PathLike)):
-            size, digest = await asyncio.to_thread(file_sha256, source)
-            header = upload_header(filename or Path(source).name, purpose=purpose, size=size, sha256=digest,
-                                   request_id=request_id, expires_after_seconds=expires_after_seconds)
-            with open(source, "rb") as fh:
-                return (await self.files.UploadFile(upload_messages(header, read_chunks(fh, chunk_size)),
-                                                    metadata=self._md)).file
-        header = upload_header(filename or getattr(source, "name", "upload.jsonl"), purpose=purpose, size=None,
-                               sha256="", request_id=request_id, expires_after_seconds=expires_after_seconds)
-        return (await self.files.UploadFile(upload_messages(header, read_chunks(source, chunk_size)),
-                                            metadata=self._md)).file
+                    purpose: int = file_pb2.FILE_PURPOSE_BATCH, request_id: str = "",
+                    expires_after_seconds: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> File:
+        """Upload from a path (size and sha256 sent for the server to verify), bytes, or a binary
+        stream. Retried on UNAVAILABLE under a request_id (made up when not given) unless the
+        source cannot be read again."""
+        return await self._run(_steps.upload_file(self.options, source, filename=filename, purpose=purpose,
+                                            request_id=request_id, expires_after_seconds=expires_after_seconds,
+                                            chunk_size=chunk_size))
 
-    async def get_file(self, file_id: str) -> file_pb2.File:
-        return (await self.files.GetFile(file_pb2.GetFileRequest(file_id=file_id), metadata=self._md,
-                                         timeout=self.timeout)).file
+    async def get_file(self, file_id: str) -> File:
+        return await self._run(_steps.get_file(self.options, file_id))
 
-    async def list_files(self, *, purpose: int = 0, page_size: int = 100) -> AsyncIterator[file_pb2.File]:
-        token = ""
-        while True:
-            page = await self.files.ListFiles(file_pb2.ListFilesRequest(page_size=page_size, page_token=token,
-                                                                        purpose=purpose),
-                                              metadata=self._md, timeout=self.timeout)
-            for f in page.files:
-                yield f
-            token = page.next_page_token
-            if not token:
-                return
+    def list_files(self, *, purpose: int = 0, page_size: int = 100) -> AsyncIterator[File]:
+        """Every file, following page tokens."""
+        return self._iterate(_steps.list_files(self.options, purpose=purpose, page_size=page_size))
 
-    async def iter_file(self, file_id: str, *, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
-        async for message in self.files.DownloadFile(
-                file_pb2.DownloadFileRequest(file_id=file_id, read_offset=offset, read_limit=limit),
-                metadata=self._md):
-            if message.data:
-                yield message.data
+    def iter_file(self, file_id: str, *, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        return self._iterate(_steps.iter_file(self.options, file_id, offset=offset, limit=limit))
 
     async def download_file(self, file_id: str, path: str | os.PathLike, *, resume: bool = False) -> int:
-        """As BatchgateClient.download_file."""
-        with DownloadTarget(path, await self.get_file(file_id), resume=resume) as target:
-            async for data in self.iter_file(file_id, offset=target.offset):
-                target.write(data)
-        return target.written
+        """Download to `path`, replacing it only once size and sha256 match the file record
+        (DownloadVerificationError otherwise; `path` stays as it was). With `resume`, an interrupted
+        download kept in `<path>.part` is continued. Returns the bytes received."""
+        return await self._run(_steps.download_file(self.options, file_id, path, resume=resume))
 
     async def delete_file(self, file_id: str) -> bool:
-        return (await self.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=file_id), metadata=self._md,
-                                            timeout=self.timeout)).deleted
+        return await self._run(_steps.delete_file(self.options, file_id))
+
+    # -- batches ------------------------------------------------------------------------------
 
     async def create_batch(self, input_file_id: str, endpoint: str, *, completion_window: str = "24h",
-                           metadata: dict[str, str] | None = None, model: str = "", provider: str = "",
-                           request_id: str = "") -> batch_pb2.Batch:
-        return (await self.batches.CreateBatch(batch_pb2.CreateBatchRequest(
-            input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
-            metadata=metadata or {}, model=model, provider=provider, request_id=request_id),
-            metadata=self._md, timeout=self.timeout)).batch
+                     metadata: dict[str, str] | None = None, model: str = "", provider: str = "",
+                     request_id: str = "") -> Batch:
+        return await self._run(_steps.create_batch(self.options, input_file_id, endpoint,
+                                             completion_window=completion_window, metadata=metadata, model=model,
+                                             provider=provider, request_id=request_id))
 
-    async def get_batch(self, batch_id: str) -> batch_pb2.Batch:
-        return (await self.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch_id), metadata=self._md,
-                                            timeout=self.timeout)).batch
+    async def get_batch(self, batch_id: str) -> Batch:
+        return await self._run(_steps.get_batch(self.options, batch_id))
 
-    async def list_batches(self, *, statuses: Iterable[int] = (),
-                           page_size: int = 100) -> AsyncIterator[batch_pb2.Batch]:
-        token = ""
-        while True:
-            page = await self.batches.ListBatches(batch_pb2.ListBatchesRequest(
-                page_size=page_size, page_token=token, statuses=list(statuses)),
-                metadata=self._md, timeout=self.timeout)
-            for b in page.batches:
-                yield b
-            token = page.next_page_token
-            if not token:
-                return
+    def list_batches(self, *, statuses: Iterable[int] = (), page_size: int = 100) -> AsyncIterator[Batch]:
+        return self._iterate(_steps.list_batches(self.options, statuses=statuses, page_size=page_size))
 
-    async def cancel_batch(self, batch_id: str) -> batch_pb2.Batch:
-        return (await self.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch_id),
-                                               metadata=self._md, timeout=self.timeout)).batch
+    async def cancel_batch(self, batch_id: str) -> Batch:
+        return await self._run(_steps.cancel_batch(self.options, batch_id))
 
-    async def watch(self, batch_id: str, *, start_revision: int = 0, reconnect_delay: float = 0.5,
-                    max_reconnects: int = 20) -> AsyncIterator[batch_pb2.Batch]:
-        revision = start_revision
-        failures = 0
-        while True:
-            try:
-                async for event in self.batches.WatchBatch(
-                        batch_pb2.WatchBatchRequest(batch_id=batch_id, start_revision=revision),
-                        metadata=self._md):
-                    if event.WhichOneof("event") != "batch":
-                        continue
-                    failures = 0
-                    revision = event.batch.revision
-                    yield event.batch
-                    if event.batch.status in TERMINAL_STATUSES:
-                        return
-                return
-            except grpc.RpcError as err:
-                if err.code() not in _RECONNECT_CODES or failures >= max_reconnects:
-                    raise
-                failures += 1
-                await asyncio.sleep(reconnect_delay * min(failures, 10))
+    def watch(self, batch_id: str, *, start_revision: int = 0, reconnect_delay: float = 0.5,
+              max_reconnects: int = 20) -> AsyncIterator[Batch]:
+        """Every state of the batch until it ends, reconnecting from the last revision seen."""
+        return self._iterate(_steps.watch(self.options, batch_id, start_revision=start_revision,
+                                          reconnect_delay=reconnect_delay, max_reconnects=max_reconnects))
 
-    async def wait(self, batch_id: str) -> batch_pb2.Batch:
-        last = None
-        async for last in self.watch(batch_id):
-            pass
-        return last if last is not None else await self.get_batch(batch_id)
+    async def wait(self, batch_id: str) -> Batch:
+        """The final state of the batch, once it has ended."""
+        return await self._run(_steps.wait(self.options, batch_id))
 
-    async def query_usage(self, *, start_time: TimeLike = None, end_time: TimeLike = None,
-                          group_by: Iterable[int] = (), metadata_key: str = "", project: str = "", model: str = "",
-                          provider: str = "", page_size: int = 1000) -> usage_pb2.QueryUsageResponse:
+    # -- usage --------------------------------------------------------------------------------
+
+    async def query_usage(self, *, start_time: TimeLike = None, end_time: TimeLike = None, group_by: Iterable[int] = (),
+                    metadata_key: str = "", project: str = "", model: str = "", provider: str = "",
+                    page_size: int = 1000) -> usage_pb2.QueryUsageResponse:
         """Usage and cost of the batches that ended in [start_time, end_time), grouped by
         `group_by` (USAGE_GROUP_BY_* values; USAGE_GROUP_BY_METADATA_KEY needs `metadata_key`).
         Follows every page and returns them as one response: all rows, and the totals. Times are
         datetimes (naive = UTC), unix seconds or Timestamps."""
-        request = usage_request(start_time=start_time, end_time=end_time, group_by=group_by,
-                                metadata_key=metadata_key, project=project, model=model, provider=provider,
-                                page_size=page_size)
-        result = usage_pb2.QueryUsageResponse()
-        while True:
-            page = await self.usage.QueryUsage(request, metadata=self._md, timeout=self.timeout)
-            result.rows.extend(page.rows)
-            result.totals.CopyFrom(page.totals)
-            if not page.next_page_token:
-                return result
-            request.page_token = page.next_page_token
+        return await self._run(_steps.query_usage(self.options, start_time=start_time, end_time=end_time,
+                                            group_by=group_by, metadata_key=metadata_key, project=project,
+                                            model=model, provider=provider, page_size=page_size))
+
+    # -- batch helpers ------------------------------------------------------------------------
+
+    async def batch_completion(self, model: str, messages: Sequence[Sequence[dict[str, Any]]], *,
+                         metadata: dict[str, str] | None = None, **params: Any) -> Answers:
+        """Each message list as one chat request to `model` (with `params` such as temperature in
+        every body), run as one batch; the Answers in input order, failed items with `error` set."""
+        return await self._run(_batch_helpers.run(self.options, model, _batch_helpers.CHAT,
+                                            _batch_helpers.completion_bodies(messages, params), metadata=metadata))
+
+    async def embed(self, model: str, texts: Sequence[str], *, metadata: dict[str, str] | None = None,
+              **params: Any) -> Answers:
+        """Each text embedded by `model` in one batch; `answer.embedding` is its vector."""
+        return await self._run(_batch_helpers.run(self.options, model, _batch_helpers.EMBEDDINGS,
+                                            _batch_helpers.embedding_bodies(texts, params), metadata=metadata))

@@ -1,4 +1,4 @@
-"""Synchronous client.
+"""Synchronous client: blocking calls, usable from plain scripts and from any thread.
 
     from batchgate import BatchgateClient
     with BatchgateClient("localhost:50051", api_key="bg-…") as bg:
@@ -7,51 +7,39 @@
         for state in bg.watch(batch.id):
             print(state.status, state.request_counts)
         bg.download_file(state.output_file_id, "results.jsonl")
+
+The logic of every method is in _steps.py (shared with the asyncio client); this module only runs
+its steps with the blocking stubs.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import grpc
 
-from batchgate._common import (
-    CHANNEL_OPTIONS,
-    DEFAULT_CHUNK,
-    TERMINAL_STATUSES,
-    DownloadTarget,
-    TimeLike,
-    auth_metadata,
-    file_sha256,
-    read_chunks,
-    upload_header,
-    upload_messages,
-    usage_request,
-)
-from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc, usage_pb2, usage_pb2_grpc
+from batchgate import _batch_helpers, _steps
+from batchgate._base import ClientBase
+from batchgate._batch_helpers import Answers
+from batchgate._common import DEFAULT_CHUNK, TLS, TimeLike
+from batchgate._steps import Blocking, Call, Emit, Open, Read, RetryPolicy, Sleep, Steps, Stepper
+from batchgate.errors import from_rpc_error
+from batchgate.types import TERMINAL_STATUSES, Batch, File
+from batchgate.v1 import file_pb2, usage_pb2
 
 __all__ = ["BatchgateClient", "TERMINAL_STATUSES"]
 
-# A watch that loses its stream reconnects on these (the server restarting, a proxy timing out).
-_RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                              grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED})
 
+class BatchgateClient(ClientBase):
+    __doc__ = ClientBase.__doc__
 
-class BatchgateClient:
-    def __init__(self, target: str, api_key: str | None = None, *, channel: grpc.Channel | None = None,
-                 timeout: float | None = 60.0) -> None:
-        self._own_channel = channel is None
-        self.channel = channel or grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.files = file_pb2_grpc.FileServiceStub(self.channel)
-        self.batches = batch_pb2_grpc.BatchServiceStub(self.channel)
-        self.usage = usage_pb2_grpc.UsageServiceStub(self.channel)
-        self._md = auth_metadata(api_key)
-        self.timeout = timeout
+    def __init__(self, target: str | None = None, api_key: str | None = None, *, channel: grpc.Channel | None = None,
+                 timeout: float | None = 60.0, retry: RetryPolicy | None = None,
+                 tls: TLS | bool | None = None) -> None:
+        super().__init__(grpc, target, api_key, channel=channel, timeout=timeout, retry=retry, tls=tls)
 
     def close(self) -> None:
         if self._own_channel:
@@ -63,124 +51,109 @@ class BatchgateClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- files ----------------------------------------------------------------------
+    # -- the runner ---------------------------------------------------------------------------
+
+    def _perform(self, op: Any) -> Any:
+        if isinstance(op, (Call, Open)):
+            return self._start(op)
+        if isinstance(op, Read):
+            return next(op.stream, None)
+        if isinstance(op, Sleep):
+            time.sleep(op.seconds)
+            return None
+        if isinstance(op, Blocking):
+            return op.fn(*op.args)
+        raise TypeError(f"unknown step {op!r}")
+
+    def _advance(self, stepper: Stepper) -> None:
+        try:
+            value = self._perform(stepper.op)
+        except grpc.RpcError as err:
+            stepper.fail(from_rpc_error(err))
+        else:
+            stepper.resolve(value)
+
+    def _run(self, steps: Steps[Any]) -> Any:
+        stepper = Stepper(steps)
+        try:
+            while stepper.op is not None:
+                self._advance(stepper)
+            return stepper.result
+        finally:
+            stepper.close()
+
+    def _iterate(self, steps: Steps[None]) -> Iterator[Any]:
+        stepper = Stepper(steps)
+        try:
+            while (op := stepper.op) is not None:
+                if isinstance(op, Emit):
+                    yield op.value
+                    stepper.resolve(None)
+                else:
+                    self._advance(stepper)
+        finally:
+            stepper.close()
+
+    # -- files --------------------------------------------------------------------------------
 
     def upload_file(self, source: str | os.PathLike | BinaryIO | bytes, *, filename: str | None = None,
                     purpose: int = file_pb2.FILE_PURPOSE_BATCH, request_id: str = "",
-                    expires_after_seconds: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> file_pb2.File:
-        """Upload from a path (size and sha256 sent for the server to verify), bytes, or a binary stream."""
-        if isinstance(source, bytes):
-            source = io.BytesIO(source)
-        if isinstance(source, (str, os.PathLike)):
-            size, digest = file_sha256(source)
-            header = upload_header(filename or Path(source).name, purpose=purpose, size=size, sha256=digest,
-                                   request_id=request_id, expires_after_seconds=expires_after_seconds)
-            with open(source, "rb") as fh:
-                return self._upload(upload_messages(header, read_chunks(fh, chunk_size)))
-        header = upload_header(filename or getattr(source, "name", "upload.jsonl"), purpose=purpose, size=None,
-                               sha256="", request_id=request_id, expires_after_seconds=expires_after_seconds)
-        return self._upload(upload_messages(header, read_chunks(source, chunk_size)))
+                    expires_after_seconds: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> File:
+        """Upload from a path (size and sha256 sent for the server to verify), bytes, or a binary
+        stream. Retried on UNAVAILABLE under a request_id (made up when not given) unless the
+        source cannot be read again."""
+        return self._run(_steps.upload_file(self.options, source, filename=filename, purpose=purpose,
+                                            request_id=request_id, expires_after_seconds=expires_after_seconds,
+                                            chunk_size=chunk_size))
 
-    def _upload(self, messages: Iterable[file_pb2.UploadFileRequest]) -> file_pb2.File:
-        return self.files.UploadFile(messages, metadata=self._md).file
+    def get_file(self, file_id: str) -> File:
+        return self._run(_steps.get_file(self.options, file_id))
 
-    def get_file(self, file_id: str) -> file_pb2.File:
-        return self.files.GetFile(file_pb2.GetFileRequest(file_id=file_id), metadata=self._md,
-                                  timeout=self.timeout).file
-
-    def list_files(self, *, purpose: int = 0, page_size: int = 100) -> Iterator[file_pb2.File]:
+    def list_files(self, *, purpose: int = 0, page_size: int = 100) -> Iterator[File]:
         """Every file, following page tokens."""
-        token = ""
-        while True:
-            page = self.files.ListFiles(file_pb2.ListFilesRequest(page_size=page_size, page_token=token,
-                                                                  purpose=purpose),
-                                        metadata=self._md, timeout=self.timeout)
-            yield from page.files
-            token = page.next_page_token
-            if not token:
-                return
+        return self._iterate(_steps.list_files(self.options, purpose=purpose, page_size=page_size))
 
     def iter_file(self, file_id: str, *, offset: int = 0, limit: int = 0) -> Iterator[bytes]:
-        for message in self.files.DownloadFile(
-                file_pb2.DownloadFileRequest(file_id=file_id, read_offset=offset, read_limit=limit),
-                metadata=self._md):
-            if message.data:
-                yield message.data
+        return self._iterate(_steps.iter_file(self.options, file_id, offset=offset, limit=limit))
 
     def download_file(self, file_id: str, path: str | os.PathLike, *, resume: bool = False) -> int:
         """Download to `path`, replacing it only once size and sha256 match the file record
         (DownloadVerificationError otherwise; `path` stays as it was). With `resume`, an interrupted
         download kept in `<path>.part` is continued. Returns the bytes received."""
-        with DownloadTarget(path, self.get_file(file_id), resume=resume) as target:
-            for data in self.iter_file(file_id, offset=target.offset):
-                target.write(data)
-        return target.written
+        return self._run(_steps.download_file(self.options, file_id, path, resume=resume))
 
     def delete_file(self, file_id: str) -> bool:
-        return self.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=file_id), metadata=self._md,
-                                     timeout=self.timeout).deleted
+        return self._run(_steps.delete_file(self.options, file_id))
 
-    # -- batches --------------------------------------------------------------------
+    # -- batches ------------------------------------------------------------------------------
 
     def create_batch(self, input_file_id: str, endpoint: str, *, completion_window: str = "24h",
                      metadata: dict[str, str] | None = None, model: str = "", provider: str = "",
-                     request_id: str = "") -> batch_pb2.Batch:
-        return self.batches.CreateBatch(batch_pb2.CreateBatchRequest(
-            input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
-            metadata=metadata or {}, model=model, provider=provider, request_id=request_id),
-            metadata=self._md, timeout=self.timeout).batch
+                     request_id: str = "") -> Batch:
+        return self._run(_steps.create_batch(self.options, input_file_id, endpoint,
+                                             completion_window=completion_window, metadata=metadata, model=model,
+                                             provider=provider, request_id=request_id))
 
-    def get_batch(self, batch_id: str) -> batch_pb2.Batch:
-        return self.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch_id), metadata=self._md,
-                                     timeout=self.timeout).batch
+    def get_batch(self, batch_id: str) -> Batch:
+        return self._run(_steps.get_batch(self.options, batch_id))
 
-    def list_batches(self, *, statuses: Iterable[int] = (), page_size: int = 100) -> Iterator[batch_pb2.Batch]:
-        token = ""
-        while True:
-            page = self.batches.ListBatches(batch_pb2.ListBatchesRequest(
-                page_size=page_size, page_token=token, statuses=list(statuses)),
-                metadata=self._md, timeout=self.timeout)
-            yield from page.batches
-            token = page.next_page_token
-            if not token:
-                return
+    def list_batches(self, *, statuses: Iterable[int] = (), page_size: int = 100) -> Iterator[Batch]:
+        return self._iterate(_steps.list_batches(self.options, statuses=statuses, page_size=page_size))
 
-    def cancel_batch(self, batch_id: str) -> batch_pb2.Batch:
-        return self.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch_id), metadata=self._md,
-                                        timeout=self.timeout).batch
+    def cancel_batch(self, batch_id: str) -> Batch:
+        return self._run(_steps.cancel_batch(self.options, batch_id))
 
     def watch(self, batch_id: str, *, start_revision: int = 0, reconnect_delay: float = 0.5,
-              max_reconnects: int = 20) -> Iterator[batch_pb2.Batch]:
+              max_reconnects: int = 20) -> Iterator[Batch]:
         """Every state of the batch until it ends, reconnecting from the last revision seen."""
-        revision = start_revision
-        failures = 0
-        while True:
-            try:
-                for event in self.batches.WatchBatch(
-                        batch_pb2.WatchBatchRequest(batch_id=batch_id, start_revision=revision),
-                        metadata=self._md):
-                    if event.WhichOneof("event") != "batch":
-                        continue
-                    failures = 0
-                    revision = event.batch.revision
-                    yield event.batch
-                    if event.batch.status in TERMINAL_STATUSES:
-                        return
-                return
-            except grpc.RpcError as err:
-                if err.code() not in _RECONNECT_CODES or failures >= max_reconnects:
-                    raise
-                failures += 1
-                time.sleep(reconnect_delay * min(failures, 10))
+        return self._iterate(_steps.watch(self.options, batch_id, start_revision=start_revision,
+                                          reconnect_delay=reconnect_delay, max_reconnects=max_reconnects))
 
-    def wait(self, batch_id: str) -> batch_pb2.Batch:
+    def wait(self, batch_id: str) -> Batch:
         """Block until the batch ends; returns its final state."""
-        last = None
-        for last in self.watch(batch_id):
-            pass
-        return last if last is not None else self.get_batch(batch_id)
+        return self._run(_steps.wait(self.options, batch_id))
 
-    # -- usage ----------------------------------------------------------------------
+    # -- usage --------------------------------------------------------------------------------
 
     def query_usage(self, *, start_time: TimeLike = None, end_time: TimeLike = None, group_by: Iterable[int] = (),
                     metadata_key: str = "", project: str = "", model: str = "", provider: str = "",
@@ -189,14 +162,21 @@ class BatchgateClient:
         `group_by` (USAGE_GROUP_BY_* values; USAGE_GROUP_BY_METADATA_KEY needs `metadata_key`).
         Follows every page and returns them as one response: all rows, and the totals. Times are
         datetimes (naive = UTC), unix seconds or Timestamps."""
-        request = usage_request(start_time=start_time, end_time=end_time, group_by=group_by,
-                                metadata_key=metadata_key, project=project, model=model, provider=provider,
-                                page_size=page_size)
-        result = usage_pb2.QueryUsageResponse()
-        while True:
-            page = self.usage.QueryUsage(request, metadata=self._md, timeout=self.timeout)
-            result.rows.extend(page.rows)
-            result.totals.CopyFrom(page.totals)
-            if not page.next_page_token:
-                return result
-            request.page_token = page.next_page_token
+        return self._run(_steps.query_usage(self.options, start_time=start_time, end_time=end_time,
+                                            group_by=group_by, metadata_key=metadata_key, project=project,
+                                            model=model, provider=provider, page_size=page_size))
+
+    # -- batch helpers ------------------------------------------------------------------------
+
+    def batch_completion(self, model: str, messages: Sequence[Sequence[dict[str, Any]]], *,
+                         metadata: dict[str, str] | None = None, **params: Any) -> Answers:
+        """Each message list as one chat request to `model` (with `params` such as temperature in
+        every body), run as one batch; the Answers in input order, failed items with `error` set."""
+        return self._run(_batch_helpers.run(self.options, model, _batch_helpers.CHAT,
+                                            _batch_helpers.completion_bodies(messages, params), metadata=metadata))
+
+    def embed(self, model: str, texts: Sequence[str], *, metadata: dict[str, str] | None = None,
+              **params: Any) -> Answers:
+        """Each text embedded by `model` in one batch; `answer.embedding` is its vector."""
+        return self._run(_batch_helpers.run(self.options, model, _batch_helpers.EMBEDDINGS,
+                                            _batch_helpers.embedding_bodies(texts, params), metadata=metadata))
