@@ -46,6 +46,11 @@ class SharedStores:
     scalar: Callable[[str, tuple], object]  # (SQL with ? placeholders, args) -> first column of the first row
 
 
+def local_stores(root: Path) -> SharedStores:
+    """No URLs: one server on its data directory, exactly as without replicas (for comparison)."""
+    return SharedStores("local", "", "", {}, lambda sql, args: None)
+
+
 def sqlite_stores(root: Path) -> SharedStores:
     db = root / "shared.sqlite3"
     (root / "blobs").mkdir(parents=True, exist_ok=True)
@@ -102,10 +107,11 @@ class Cluster:
     def _spawn(self, replica: Replica) -> None:
         env = dict(os.environ, BATCHGATE_MASTER_KEY=MASTER_KEY, **self.stores.env)
         log = open(replica.data_dir.with_suffix(".log"), "ab")
+        urls = ["--database-url", self.stores.database_url, "--blob-url", self.stores.blob_url]
         replica.proc = subprocess.Popen(
             [SERVER, "--address", f"127.0.0.1:{replica.port}", "--data-dir", str(replica.data_dir),
-             "--config", str(self.config), "--log-level", "WARNING", "--database-url", self.stores.database_url,
-             "--blob-url", self.stores.blob_url, "--lease-timeout", str(self.lease_timeout), *self.extra_args],
+             "--config", str(self.config), "--log-level", "WARNING", *(urls if self.stores.database_url else ()),
+             "--lease-timeout", str(self.lease_timeout), *self.extra_args],
             env=env, stdout=log, stderr=log)
         log.close()
 
