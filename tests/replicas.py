@@ -71,6 +71,16 @@ async def shared_stores(backend: str, root: Path) -> AsyncIterator[SharedStores]
     pytest.skip("postgres+s3 replicas: waiting for the PostgreSQL store and the S3 blob store")
 
 
+BACKENDS = ["sqlite", "postgres+s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def stores(request, tmp_path: Path) -> AsyncIterator[SharedStores]:
+    """The shared stores, once per backend (import this fixture into a test module to use it)."""
+    async with shared_stores(request.param, tmp_path / "shared") as s:
+        yield s
+
+
 class Caller:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.files = file_pb2_grpc.FileServiceStub(channel)

@@ -21,7 +21,7 @@ from tests.conftest import jsonl, request_line, upload_requests
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.integration.batch_helpers import TERMINAL, create, results, upstream_entry, write_config
-from tests.replicas import Cluster, Replica, shared_stores
+from tests.replicas import Cluster, Replica, stores  # noqa: F401 - stores is a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ EXECUTOR_LINES = 150
 OPENAI_LINES = 20
 OPENAI_KEY = "sk-cluster-test"
 ACTIVE = "status NOT IN ('failed', 'completed', 'expired', 'cancelled')"
-
-
-@pytest.fixture(params=["sqlite", "postgres+s3"])
-async def stores(request, tmp_path: Path):
-    async with shared_stores(request.param, tmp_path / "shared") as s:
-        yield s
 
 
 def replica_id(replica: Replica) -> str:

@@ -15,7 +15,7 @@ from batchgate.v1 import batch_pb2
 from tests.conftest import jsonl, request_line, upload_requests
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.integration.batch_helpers import TERMINAL, create, results, upstream_entry, write_config
-from tests.replicas import Cluster, sqlite_stores
+from tests.replicas import Cluster, stores  # noqa: F401 - stores is a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,10 @@ async def upstream():
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, upstream):
+async def cluster(tmp_path: Path, upstream, stores):
     config = write_config(tmp_path / "models.yaml", [
         upstream_entry("fake-llm", upstream.base_url, max_concurrency=CONCURRENCY)])
-    c = Cluster(tmp_path, sqlite_stores(tmp_path / "shared"), config, lease_timeout=2.0)
+    c = Cluster(tmp_path, stores, config, lease_timeout=2.0)
     yield c
     await c.close()
 
@@ -157,3 +157,15 @@ async def test_a_frozen_replica_loses_its_lease_and_writes_nothing_after(cluster
     assert (await a.caller.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch.id),
                                             metadata=a.caller.metadata)).batch.revision == final.revision
     assert "lease lost" in cluster.log_of(a) or "lost its lease" in cluster.log_of(a)
+
+
+async def test_replicas_starting_together_on_an_empty_database(cluster):
+    """Both migrate the empty database at once: migrations take turns, both serve, and each sees
+    what the other writes."""
+    a, b = await cluster.start(2)
+    batch = await upload_and_create(a.caller, slow_lines(2, 0))
+    final = (await watch(b.caller, batch.id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    more = await upload_and_create(b.caller, slow_lines(2, 0))
+    assert (await watch(a.caller, more.id))[-1].status == batch_pb2.BATCH_STATUS_COMPLETED
+    assert a.alive and b.alive
