@@ -89,10 +89,7 @@ class Ownership:
         runners have stopped and written their last)."""
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if release:
             try:

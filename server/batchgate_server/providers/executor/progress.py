@@ -128,10 +128,7 @@ class ProgressFlusher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _every_interval(self) -> None:
         while True:
