@@ -11,6 +11,9 @@ this process. Figures:
   driven by replica 0). For each revision, the delay from the first watcher that got it to each
   of the others: p50/p99 for watchers on the owner and on the other replicas (cross-replica
   delivery: change feed wake-up or poll, then a read).
+- Executor: EXECUTOR_REQUESTS requests on the simulated model (no latency) through one replica,
+  create to completed, requests/s: what storing the answers for other replicas (one segment a
+  second) costs against the default server.
 - Takeover: kill -9 of the replica driving a batch; seconds until a watcher on another replica
   sees the batch progress again, for the lease timeouts in TAKEOVER_LEASES.
 
@@ -42,22 +45,25 @@ CALLERS = 64
 GET_SECONDS = float(os.environ.get("GET_SECONDS", "5"))
 WATCHERS = int(os.environ.get("WATCHERS", "300"))
 REQUESTS = 1500
+EXECUTOR_REQUESTS = int(os.environ.get("EXECUTOR_REQUESTS", "20000"))
 TAKEOVER_LEASES = [float(x) for x in os.environ.get("TAKEOVER_LEASES", "2,15").split(",")]
 
 
 def write_model_list(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"model_list": [{"model_name": "slow-sim", "litellm_params": {
-        "model": "simulated/echo", "latency_ms": 40, "max_concurrency": 16}}]}))
+    path.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "slow-sim", "litellm_params": {"model": "simulated/echo", "latency_ms": 40,
+                                                      "max_concurrency": 16}},
+        {"model_name": "fast-sim", "litellm_params": {"model": "simulated/echo", "max_concurrency": 256}}]}))
     return path
 
 
-def lines(n: int) -> bytes:
-    return jsonl([request_line(f"q{i}", model="slow-sim", content=f"hi {i}") for i in range(n)])
+def lines(n: int, model: str = "slow-sim") -> bytes:
+    return jsonl([request_line(f"q{i}", model=model, content=f"hi {i}") for i in range(n)])
 
 
-async def new_batch(caller, n: int = REQUESTS) -> batch_pb2.Batch:
-    f = (await caller.files.UploadFile(upload_requests(lines(n)), metadata=caller.metadata)).file
+async def new_batch(caller, n: int = REQUESTS, model: str = "slow-sim") -> batch_pb2.Batch:
+    f = (await caller.files.UploadFile(upload_requests(lines(n, model)), metadata=caller.metadata)).file
     return (await caller.batches.CreateBatch(batch_pb2.CreateBatchRequest(
         input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"),
         metadata=caller.metadata)).batch
@@ -120,6 +126,21 @@ async def watch_fan_out(cluster: Cluster) -> dict:
     return result
 
 
+async def executor_rate(cluster: Cluster) -> float:
+    caller = cluster.replicas[0].caller
+    f = (await caller.files.UploadFile(upload_requests(lines(EXECUTOR_REQUESTS, "fast-sim")),
+                                       metadata=caller.metadata)).file
+    started = time.perf_counter()
+    batch = (await caller.batches.CreateBatch(batch_pb2.CreateBatchRequest(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"),
+        metadata=caller.metadata)).batch
+    async for event in caller.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch.id),
+                                                 metadata=caller.metadata, timeout=600):
+        if event.WhichOneof("event") == "batch" and event.batch.status == batch_pb2.BATCH_STATUS_COMPLETED:
+            break
+    return EXECUTOR_REQUESTS / (time.perf_counter() - started)
+
+
 async def takeover(root: Path, backend: str, lease: float) -> float:
     async with shared_stores(backend, root / "shared") as stores:
         cluster = Cluster(root, stores, write_model_list(root / "models.yaml"), lease_timeout=lease)
@@ -151,7 +172,10 @@ async def scenario(root: Path, stores, n: int) -> dict:
     try:
         await cluster.start(n)
         batch = await new_batch(cluster.replicas[0].caller, 10)
-        return {"get": await get_batch_load(cluster, batch.id), "watch": await watch_fan_out(cluster)}
+        figures = {"get": await get_batch_load(cluster, batch.id), "watch": await watch_fan_out(cluster)}
+        if n == 1:
+            figures["executor_per_s"] = await executor_rate(cluster)
+        return figures
     finally:
         await cluster.close()
 
@@ -163,6 +187,8 @@ def show(name: str, figures: dict, ceiling: float) -> None:
             f" owner p50/p99 {w['owner_p50_ms']:.1f}/{w['owner_p99_ms']:.1f} ms")
     if "other_p50_ms" in w:
         line += f", other replicas p50/p99 {w['other_p50_ms']:.1f}/{w['other_p99_ms']:.1f} ms"
+    if "executor_per_s" in figures:
+        line += f" | executor {figures['executor_per_s']:.0f} req/s"
     print(line, flush=True)
 
 
