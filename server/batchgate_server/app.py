@@ -35,10 +35,9 @@ from batchgate_server.pricing.table import PriceTable
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.settings import Settings
-from batchgate_server.store.blobs import LocalBlobStore
-from batchgate_server.store.ledger import UsageLedger
 from batchgate_server.store.lock import DataDirInUse, DataDirLock
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import BlobStore, MetadataStore
+from batchgate_server.store.urls import Database, blob_url, database_url, open_blob_store, open_database
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,9 @@ SERVICE_NAMES = (
 )
 # Streams carry up to 2 MiB chunks plus framing.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Seconds between reads of watched batches that another replica drives (see _watch_poll_interval).
+WATCH_POLL_WITHOUT_FEED = 0.2
+WATCH_POLL_UNDER_FEED = 1.0
 # The name of the page-token signing key among the database's server secrets.
 PAGE_TOKEN_SECRET = "page_tokens"
 
@@ -119,10 +121,14 @@ class BatchgateServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self.store: MetadataStore | None = None
+        self._database: Database | None = None
+        self._blobs: BlobStore | None = None
         self._data_lock: DataDirLock | None = None
 
     async def start(self) -> int:
         s = self.settings
+        db_url, blobs_url = database_url(s.database_url, s.data_dir), blob_url(s.blob_url, s.data_dir)
+        self._database_scheme = db_url.scheme
         s.data_dir.mkdir(parents=True, exist_ok=True)
         # Two servers on one data directory would each drive the same batches.
         self._data_lock = DataDirLock(s.data_dir)
@@ -131,13 +137,10 @@ class BatchgateServer:
         except DataDirInUse as err:
             self._data_lock = None
             raise StartupError(str(err)) from None
-        self.store = await MetadataStore.open(s.db_path)
-        blobs = LocalBlobStore(s.blob_dir)
-        # Shared with other replicas, the blob store's temporary uploads and not yet recorded
-        # blobs may be theirs, in flight: only a server alone on its store may sweep them.
-        leftovers = 0 if s.shared else blobs.clear_temporary()
-        if leftovers:
-            log.info("removed %d temporary upload(s) left by an earlier run", leftovers)
+        # The one place that picks the storage implementations (store/urls.py).
+        self._database = await open_database(db_url, s.data_dir)
+        self.store = self._database.metadata
+        self._blobs = blobs = await open_blob_store(blobs_url, s.data_dir)
         self.auth = Authenticator(self.store, s.master_key)
         await self.auth.start()
         self.page_tokens = PageTokens(await self.store.server_secret(PAGE_TOKEN_SECRET))
@@ -158,7 +161,7 @@ class BatchgateServer:
         file_pb2_grpc.add_FileServiceServicer_to_server(FileServicer(self.auth, self.files), ours)
         self._add_batch_service(ours)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageServicer(self.auth, UsageReporter(UsageLedger(self.store), self.page_tokens)), ours)
+            UsageServicer(self.auth, UsageReporter(self._database.ledger, self.page_tokens)), ours)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
@@ -191,11 +194,12 @@ class BatchgateServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._health = health_servicer
         self._tasks.append(asyncio.create_task(self.files.run_expiry_sweeps(s.expiry_sweep_interval)))
-        log.info("batchgate listening on %s (port %d, %s), data in %s", address, self.port,
-                 "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS", s.data_dir)
+        log.info("batchgate listening on %s (port %d, %s), data in %s (metadata %s, blobs %s)", address,
+                 self.port, "plaintext" if credentials is None else "mutual TLS" if s.tls_client_ca else "TLS",
+                 s.data_dir, db_url, blobs_url)
         return self.port
 
-    def _build_batch_layer(self, blobs: LocalBlobStore) -> None:
+    def _build_batch_layer(self, blobs: BlobStore) -> None:
         s = self.settings
         self.model_list = load_model_list(s.config_file)
         prices = PriceTable.load_builtin()
@@ -204,15 +208,23 @@ class BatchgateServer:
         self.accounting = Accounting(prices)
         self.router = Router(self.model_list)
         self.providers = ProviderRegistry()
-        self.hub = WatchHub(self.store, poll_interval=s.watch_poll_interval if s.shared else 0.0)
+        self.hub = WatchHub(self.store, poll_interval=self._watch_poll_interval())
         self.ownership = Ownership(self.store, replica_id(s.data_dir), s.lease_timeout)
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir, blobs.path, self.ownership, shared_progress=s.shared)
+                               s.work_dir, self.ownership, shared_progress=s.shared)
         self.files.used_by = self.tracker.batch_reading
         self.batches = BatchManager(self.store, self.files, self.router, self.providers, self.tracker, self.hub,
                                     self.accounting, self.page_tokens)
         log.info("model list from %s: %s", self.model_list.source,
                  ", ".join(f"{d.model_name} ({d.provider}/{d.model})" for d in self.model_list.deployments))
+
+    def _watch_poll_interval(self) -> float:
+        """How often watched batches driven elsewhere are read: never for a server alone on its
+        database; often on shared SQLite, whose change feed does not cross processes; seldom,
+        as a safety net under the change feed, on a database that notifies (PostgreSQL)."""
+        if not self.settings.shared:
+            return 0.0
+        return WATCH_POLL_WITHOUT_FEED if self._database_scheme == "sqlite" else WATCH_POLL_UNDER_FEED
 
     def _add_batch_service(self, server: SoftDecoding) -> None:
         add_batch_service(BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
@@ -239,8 +251,10 @@ class BatchgateServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._stop_background()
-        if self.store is not None:
-            await self.store.close()
+        if self._blobs is not None:
+            await self._blobs.close()
+        if self._database is not None:
+            await self._database.close()
         if self._data_lock is not None:
             self._data_lock.release()
 

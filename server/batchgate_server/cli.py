@@ -13,7 +13,7 @@ from batchgate_server.config import ConfigError
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import build_parser, settings_from_args
 from batchgate_server.store.errors import StorageError, StorageFull
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.urls import StoreUrlError, database_url, open_database
 
 
 async def _serve(server: BatchgateServer) -> None:
@@ -34,12 +34,13 @@ async def _serve(server: BatchgateServer) -> None:
 
 
 async def _create_key(settings, project: str) -> None:
+    url = database_url(settings.database_url, settings.data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = await MetadataStore.open(settings.db_path)
+    database = await open_database(url, settings.data_dir)
     try:
-        key_id, secret = await create_api_key(store, project)
+        key_id, secret = await create_api_key(database.metadata, project)
     finally:
-        await store.close()
+        await database.close()
     print(f"key_id:  {key_id}\nproject: {project}\napi_key: {secret}\n(the key is shown once; only its hash is stored)")
 
 
@@ -68,7 +69,11 @@ def _main(argv: list[str]) -> None:
         keys = argparse.ArgumentParser(prog="batchgate-server keys create", parents=[build_parser(add_help=False)])
         keys.add_argument("--project", required=True)
         args = keys.parse_args(argv[2:])
-        asyncio.run(_create_key(settings_from_args(args), args.project))
+        try:
+            asyncio.run(_create_key(settings_from_args(args), args.project))
+        except StoreUrlError as err:
+            print(f"batchgate-server: {err}", file=sys.stderr)
+            sys.exit(2)
         return
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -77,6 +82,9 @@ def _main(argv: list[str]) -> None:
         run(_serve(BatchgateServer(settings_from_args(args))))
     except ConfigError as err:  # a clear start-up error naming the entry, no traceback
         print(f"batchgate-server: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except StoreUrlError as err:  # a --database-url / --blob-url this build cannot open
+        print(f"batchgate-server: {err}", file=sys.stderr)
         sys.exit(2)
     except StartupError as err:  # the data directory or the address is taken
         print(f"batchgate-server: {err}", file=sys.stderr)

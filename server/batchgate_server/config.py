@@ -32,8 +32,8 @@ from typing import Any
 
 import yaml
 
+from batchgate_server.domain.deployment import Deployment
 from batchgate_server.pricing.table import PRICE_KEYS
-from batchgate_server.providers.base import Deployment
 
 log = logging.getLogger(__name__)
 

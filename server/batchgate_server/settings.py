@@ -14,6 +14,9 @@ MIB = 1024 * 1024
 class Settings:
     address: str = "127.0.0.1:50051"
     data_dir: Path = Path("./data")
+    # Empty: SQLite and local disk in data_dir (store/urls.py). A database URL may hold a password.
+    database_url: str = field(default="", repr=False)
+    blob_url: str = ""
     config_file: Path | None = None
     price_file: Path | None = None
     master_key: str = field(default="", repr=False)
@@ -31,28 +34,11 @@ class Settings:
     tls_client_ca: Path | None = None  # PEM CAs: require a client certificate they signed (mutual TLS)
     # Replicas (core/ownership.py): seconds a replica's batches stay its own after its last heartbeat.
     lease_timeout: float = 15.0
-    # Seconds between reads of watched batches driven by another replica when no change feed
-    # reaches across processes (SQLite); with PostgreSQL's a safety net only.
-    watch_poll_interval: float = 0.2
-    database_url: str = ""
-    blob_url: str = ""
 
     @property
     def shared(self) -> bool:
-        """Other replicas may share this database."""
+        """Other replicas may share the stores: a database URL is given."""
         return bool(self.database_url)
-
-    @property
-    def db_path(self) -> Path:
-        if self.database_url.startswith("sqlite:///"):
-            return Path(self.database_url.removeprefix("sqlite://"))
-        return self.data_dir / "batchgate.sqlite3"
-
-    @property
-    def blob_dir(self) -> Path:
-        if self.blob_url.startswith("file:///"):
-            return Path(self.blob_url.removeprefix("file://"))
-        return self.data_dir / "files"
 
     @property
     def work_dir(self) -> Path:
@@ -73,7 +59,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help)
     p.add_argument("--address", default=_env("ADDRESS", d.address), help="host:port to listen on [BATCHGATE_ADDRESS]")
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", str(d.data_dir))),
-                   help="SQLite database and file blobs [BATCHGATE_DATA_DIR]")
+                   help="SQLite database and file blobs (by default), executor work files [BATCHGATE_DATA_DIR]")
+    p.add_argument("--database-url", default=_env("DATABASE_URL", d.database_url),
+                   help="metadata database: sqlite:///abs/path.sqlite3 or postgresql://user:pass@host:port/db;"
+                        " default SQLite in the data dir [BATCHGATE_DATABASE_URL]")
+    p.add_argument("--blob-url", default=_env("BLOB_URL", d.blob_url),
+                   help="file blobs: file:///abs/path, s3://bucket/prefix or gs://bucket/prefix; default the"
+                        " data dir [BATCHGATE_BLOB_URL]")
     p.add_argument("--config", dest="config_file", type=Path, default=_path_env("CONFIG"),
                    help="YAML config with a LiteLLM-style model_list [BATCHGATE_CONFIG]")
     p.add_argument("--prices", dest="price_file", type=Path, default=_path_env("PRICES"),
@@ -95,15 +87,6 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--expiry-sweep-interval", type=float,
                    default=float(_env("EXPIRY_SWEEP_INTERVAL", str(d.expiry_sweep_interval))),
                    help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
-    p.add_argument("--lease-timeout", type=float, default=float(_env("LEASE_TIMEOUT", str(d.lease_timeout))),
-                   help="seconds after a replica's last heartbeat before other replicas take its batches over"
-                        " [BATCHGATE_LEASE_TIMEOUT]")
-    p.add_argument("--database-url", default=_env("DATABASE_URL", d.database_url),
-                   help="sqlite:///path shared by several replicas (default: SQLite in the data dir)"
-                        " [BATCHGATE_DATABASE_URL]")
-    p.add_argument("--blob-url", default=_env("BLOB_URL", d.blob_url),
-                   help="file:///path shared by several replicas (default: files in the data dir)"
-                        " [BATCHGATE_BLOB_URL]")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     p.add_argument("--tls-cert", type=Path, default=_path_env("TLS_CERT"),
                    help="PEM certificate chain: serve TLS (plaintext is then refused) [BATCHGATE_TLS_CERT]")
@@ -112,6 +95,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, default=_path_env("TLS_CLIENT_CA"),
                    help="PEM CA certificates: require client certificates they signed (mutual TLS)"
                         " [BATCHGATE_TLS_CLIENT_CA]")
+    p.add_argument("--lease-timeout", type=float, default=float(_env("LEASE_TIMEOUT", str(d.lease_timeout))),
+                   help="seconds after a replica's last heartbeat before other replicas take its batches over"
+                        " [BATCHGATE_LEASE_TIMEOUT]")
     return p
 
 
@@ -119,6 +105,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         address=args.address,
         data_dir=args.data_dir,
+        database_url=args.database_url,
+        blob_url=args.blob_url,
         config_file=args.config_file,
         price_file=args.price_file,
         master_key=os.environ.get("BATCHGATE_MASTER_KEY", ""),
@@ -133,6 +121,4 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         lease_timeout=args.lease_timeout,
-        database_url=args.database_url,
-        blob_url=args.blob_url,
     )

@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 from batchgate.v1 import batch_pb2, file_pb2
-from batchgate_server.providers.base import Deployment, ProviderJob
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.providers.base import ProviderJob
 from tests.conftest import jsonl
 
 TERMINAL = {batch_pb2.BATCH_STATUS_COMPLETED, batch_pb2.BATCH_STATUS_FAILED, batch_pb2.BATCH_STATUS_EXPIRED,

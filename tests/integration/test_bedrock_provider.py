@@ -14,7 +14,8 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
 from batchgate.v1 import batch_pb2
-from batchgate_server.providers.base import Deployment, JobStatus, ProviderJob
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.providers.base import JobStatus, ProviderJob
 from batchgate_server.providers.bedrock.provider import BedrockBatchProvider, client_request_token
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3

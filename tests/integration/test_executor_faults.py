@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from batchgate.v1 import batch_pb2
-from batchgate_server.core.ids import new_file_id
-from batchgate_server.core.models import FilePurpose, FileRecord
+from batchgate_server.domain.ids import new_file_id
+from batchgate_server.domain.models import FilePurpose, FileRecord
 from tests.conftest import jsonl, request_line, start_harness
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.integration.batch_helpers import TERMINAL, create, results, upstream_entry, write_config
@@ -45,9 +45,9 @@ async def store_unchecked_file(h, project: str, content: bytes) -> str:
     """A batch input file written straight through the blob and metadata stores, skipping upload
     validation: the executor must cope with whatever a stored file holds."""
     writer = h.server.tracker.blobs.open_writer()
-    writer.write(content)
+    await writer.write(content)
     file_id = new_file_id()
-    writer.commit(file_id)
+    await writer.commit(file_id)
     await h.server.store.insert_file(FileRecord(
         id=file_id, project=project, filename="stored.jsonl", purpose=FilePurpose.BATCH, bytes=len(content),
         sha256=hashlib.sha256(content).hexdigest(), created_at=time.time(), line_count=content.count(b"\n"),

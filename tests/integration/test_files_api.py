@@ -675,3 +675,16 @@ async def test_concurrent_uploads_per_project_are_capped(tmp_path):
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+@pytest.mark.parametrize("offset", [0, "end"])
+async def test_a_file_whose_bytes_are_gone_is_a_failed_precondition_not_an_empty_download(harness, offset):
+    a = harness.alice
+    f = await harness.upload(a, batch_file(2))
+    assert await harness.server.files.blobs.delete(f.id)  # lost behind the server's back
+    request = file_pb2.DownloadFileRequest(file_id=f.id, read_offset=f.bytes if offset == "end" else 0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        [m async for m in a.files.DownloadFile(request, metadata=a.metadata)]
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info, _ = error_details(err.value)
+    assert (info.reason, info.metadata["file_id"]) == ("FILE_CONTENT_MISSING", f.id)

@@ -10,7 +10,7 @@ import json
 import time
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
-from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 

@@ -17,7 +17,7 @@ from openai.types import ModerationCreateResponse
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
-from batchgate_server.core.models import RequestCounts
+from batchgate_server.domain.models import RequestCounts
 from batchgate_server.providers.base import (
     Deployment,
     JobStatus,

@@ -14,7 +14,8 @@ from google.auth.credentials import CredentialsWithRegionalAccessBoundary
 from openai.types.chat import ChatCompletion
 
 from batchgate.v1 import batch_pb2
-from batchgate_server.providers.base import Deployment, JobStatus, ProviderJob
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.providers.base import JobStatus, ProviderJob
 from batchgate_server.providers.vertex.provider import JOB_LABEL, VertexBatchProvider, job_label
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator

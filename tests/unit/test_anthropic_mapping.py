@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 from anthropic.types.messages import MessageBatch
 
-from batchgate_server.core.models import RequestCounts
+from batchgate_server.domain.models import RequestCounts
 from batchgate_server.providers.anthropic.mapping import (
     batch_to_poll_result,
     parse_batch,

@@ -13,7 +13,7 @@ from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
 from tests.openai_shapes import BatchOutputLine, ErrorBody
-from batchgate_server.core.models import RequestCounts, Usage
+from batchgate_server.domain.models import RequestCounts, Usage
 from batchgate_server.providers.anthropic.translate import chat_to_anthropic_params
 from batchgate_server.providers.base import JobStatus, ResultKind
 from batchgate_server.providers.bedrock import translate as bt

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from batchgate_server.core.accounting import Accounting
-from batchgate_server.core.models import BatchRecord, BatchStatus, Usage
+from batchgate_server.domain.models import BatchRecord, BatchStatus, Usage
 from batchgate_server.pricing import PriceTable, compute_cost, sum_usage_from_output
 from batchgate_server.pricing.table import ModelPrice
 from batchgate_server.providers.anthropic.translate import anthropic_result_to_openai

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from batchgate_server.providers.base import Deployment, ProviderError, ProviderJob
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.providers.base import ProviderError, ProviderJob
 from batchgate_server.providers.eventual import Consistency, create_call, look_until
 
 

@@ -12,8 +12,9 @@ import pytest
 
 from batchgate.v1 import batch_pb2
 from batchgate_server.api.convert import batch_to_proto
-from batchgate_server.core.models import BatchRecord, BatchStatus, FailureCount
-from batchgate_server.providers.base import Deployment, JobStatus
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FailureCount
+from batchgate_server.providers.base import JobStatus
 from batchgate_server.providers.executor.failures import MAX_CODES, MAX_SAMPLE_CHARS, FailureTally, failure_of
 from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.provider import ExecutorProvider

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from batchgate_server.core.models import BatchRecord, BatchStatus
+from batchgate_server.domain.models import BatchRecord, BatchStatus
 from batchgate_server.store.errors import LeaseLost, RevisionConflict
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.sqlite.metadata import SqliteMetadataStore
 
 LEASE = 10.0
 
@@ -29,7 +29,7 @@ async def two(tmp_path):
     async with contextlib.AsyncExitStack() as stack:
         stores = []
         for _ in range(2):
-            store = await MetadataStore.open(tmp_path / "shared.sqlite3")
+            store = await SqliteMetadataStore.open(tmp_path / "shared.sqlite3")
             stack.push_async_callback(store.close)
             stores.append(store)
         yield stores

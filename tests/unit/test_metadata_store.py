@@ -5,8 +5,9 @@ import time
 import aiosqlite
 import pytest
 
-from batchgate_server.core.models import BatchRecord, BatchStatus
-from batchgate_server.store.metadata import MIGRATIONS, MetadataStore, RevisionConflict
+from batchgate_server.domain.models import BatchRecord, BatchStatus
+from batchgate_server.store.errors import RevisionConflict
+from batchgate_server.store.sqlite.metadata import MIGRATIONS, SqliteMetadataStore
 
 
 def batch(batch_id: str = "batch_1") -> BatchRecord:
@@ -17,10 +18,10 @@ def batch(batch_id: str = "batch_1") -> BatchRecord:
 
 async def test_schema_is_versioned_and_migrations_run_once(tmp_path):
     path = tmp_path / "db.sqlite3"
-    store = await MetadataStore.open(path)
+    store = await SqliteMetadataStore.open(path)
     assert await store.schema_version() == len(MIGRATIONS)
     await store.close()
-    store = await MetadataStore.open(path)  # reopening migrates nothing and loses nothing
+    store = await SqliteMetadataStore.open(path)  # reopening migrates nothing and loses nothing
     assert await store.schema_version() == len(MIGRATIONS)
     async with store.db.execute("PRAGMA journal_mode") as cur:
         assert (await cur.fetchone())[0] == "wal"
@@ -32,11 +33,11 @@ async def test_a_newer_schema_is_refused(tmp_path):
     async with aiosqlite.connect(path) as db:
         await db.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     with pytest.raises(RuntimeError, match="newer than this server"):
-        await MetadataStore.open(path)
+        await SqliteMetadataStore.open(path)
 
 
 async def test_revision_bumps_with_every_update_and_detects_conflicts(tmp_path):
-    store = await MetadataStore.open(tmp_path / "db.sqlite3")
+    store = await SqliteMetadataStore.open(tmp_path / "db.sqlite3")
     b = batch()
     await store.insert_batch(b)
     b.status = BatchStatus.IN_PROGRESS
@@ -50,7 +51,7 @@ async def test_revision_bumps_with_every_update_and_detects_conflicts(tmp_path):
 
 
 async def test_reads_never_see_an_open_transaction(tmp_path):
-    store = await MetadataStore.open(tmp_path / "db.sqlite3")
+    store = await SqliteMetadataStore.open(tmp_path / "db.sqlite3")
     b = batch()
     await store.insert_batch(b)
     await store.db.execute("BEGIN IMMEDIATE")
@@ -64,14 +65,14 @@ async def test_reads_never_see_an_open_transaction(tmp_path):
 
 async def test_a_server_secret_is_shared_by_every_server_on_the_database_and_survives_restarts(tmp_path):
     path = tmp_path / "db.sqlite3"
-    first, second = await MetadataStore.open(path), await MetadataStore.open(path)  # two replicas
+    first, second = await SqliteMetadataStore.open(path), await SqliteMetadataStore.open(path)  # two replicas
     secret = await first.server_secret("page_tokens")
     assert len(secret) == 32
     assert await second.server_secret("page_tokens") == secret
     assert await second.server_secret("another") not in (secret, b"")
     await first.close()
     await second.close()
-    reopened = await MetadataStore.open(path)
+    reopened = await SqliteMetadataStore.open(path)
     assert await reopened.server_secret("page_tokens") == secret
     await reopened.close()
 
@@ -79,7 +80,7 @@ async def test_a_server_secret_is_shared_by_every_server_on_the_database_and_sur
 async def test_store_errors_are_neutral_not_sqlite(tmp_path):
     from batchgate_server.store.errors import Duplicate
 
-    store = await MetadataStore.open(tmp_path / "db.sqlite3")
+    store = await SqliteMetadataStore.open(tmp_path / "db.sqlite3")
     try:
         first = batch("batch_1")
         first.request_id = "same"
@@ -93,7 +94,7 @@ async def test_store_errors_are_neutral_not_sqlite(tmp_path):
 
 
 async def test_the_space_reserve_is_allocated_next_to_the_database(tmp_path):
-    store = await MetadataStore.open(tmp_path / "db.sqlite3", reserve_bytes=256 * 1024)
+    store = await SqliteMetadataStore.open(tmp_path / "db.sqlite3", reserve_bytes=256 * 1024)
     try:
         reserve = tmp_path / "db.sqlite3-reserve"
         assert reserve.stat().st_blocks * 512 >= 256 * 1024, "real blocks, not a sparse file"

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.domain.models import BatchError, RequestCounts
 from batchgate_server.providers.base import JobStatus
 from batchgate_server.providers.openai_batch import mapping as m
 

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from batchgate_server.core.models import Cost, Usage
+from batchgate_server.domain.models import Cost, Usage
 from batchgate_server.pricing import (
     ModelPrice,
     PriceTable,

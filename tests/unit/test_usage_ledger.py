@@ -1,4 +1,4 @@
-"""The usage ledger's aggregate queries (store/ledger.py) and the cost_nanos migration."""
+"""The usage ledger's aggregate queries (store/sqlite/ledger.py) and the cost_nanos migration."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from decimal import Decimal
 import pytest
 
 from batchgate_server.pricing.cost import amount_to_nanos, nanos_to_amount
-from batchgate_server.store.ledger import Dimension, LedgerFilter, UsageLedger
-from batchgate_server.store.metadata import MIGRATIONS, MetadataStore
+from batchgate_server.store.ports import Dimension, LedgerFilter
+from batchgate_server.store.sqlite.ledger import SqliteUsageLedger
+from batchgate_server.store.sqlite.metadata import MIGRATIONS, SqliteMetadataStore
 
 COLUMNS = ("batch_id", "project", "api_key_id", "model", "provider", "deployment_id", "created_at", "ended_at",
            "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_status", "cost_amount",
@@ -24,7 +25,7 @@ def row(batch_id: str, *, project: str = "p", key: str = "k", model: str = "m", 
                               status, amount, json.dumps(metadata or {}), "{}")))
 
 
-async def insert(store: MetadataStore, *rows: dict) -> None:
+async def insert(store: SqliteMetadataStore, *rows: dict) -> None:
     for r in rows:
         r = dict(r, cost_nanos=amount_to_nanos(r["cost_amount"]) if r["cost_status"] == "known" else None)
         await store.db.execute(f"INSERT INTO usage_ledger({','.join(r)}) VALUES ({','.join('?' * len(r))})",
@@ -33,7 +34,7 @@ async def insert(store: MetadataStore, *rows: dict) -> None:
 
 @pytest.fixture
 async def store(tmp_path):
-    s = await MetadataStore.open(tmp_path / "db.sqlite3")
+    s = await SqliteMetadataStore.open(tmp_path / "db.sqlite3")
     try:
         yield s
     finally:
@@ -61,7 +62,7 @@ async def test_migration_backfills_cost_nanos_exactly(tmp_path):
     db.commit()
     db.close()
 
-    store = await MetadataStore.open(path)
+    store = await SqliteMetadataStore.open(path)
     try:
         assert await store.schema_version() == len(MIGRATIONS)
         async with store.db.execute("SELECT batch_id, cost_nanos FROM usage_ledger ORDER BY batch_id") as cur:
@@ -79,7 +80,7 @@ async def test_sums_are_exact_and_unknown_costs_are_counted_not_zeroed(store):
     # Ten batches of $0.1: a float sum would give 0.9999999999999999.
     await insert(store, *[row(f"b{i}", amount="0.1") for i in range(10)],
                  row("u1", status="unknown", amount=""), row("u2", status="unknown", amount=""))
-    totals = await UsageLedger(store).totals(LedgerFilter())
+    totals = await SqliteUsageLedger(store).totals(LedgerFilter())
     assert totals.batch_count == 12 and totals.unknown_cost == 2
     assert nanos_to_amount(totals.cost_nanos) == "1"
     # Tokens of unknown-cost batches still count.
@@ -91,7 +92,7 @@ async def test_large_sums_stay_integers(store):
     big = 2**53 + 1  # not representable as a double
     await insert(store, row("a", tokens=(big, 0, 0, 0), amount="99999999.999999999"),
                  row("b", tokens=(1, 0, 0, 0), amount="0.000000001"))
-    totals = await UsageLedger(store).totals(LedgerFilter())
+    totals = await SqliteUsageLedger(store).totals(LedgerFilter())
     assert totals.input_tokens == big + 1
     assert Decimal(nanos_to_amount(totals.cost_nanos)) == Decimal("100000000")
 
@@ -99,7 +100,7 @@ async def test_large_sums_stay_integers(store):
 async def test_filters_and_half_open_time_range(store):
     await insert(store, row("a", ended_at=100.0), row("b", ended_at=200.0), row("c", ended_at=300.0, project="q"),
                  row("d", ended_at=150.0, model="other"), row("e", ended_at=160.0, provider="anthropic"))
-    ledger = UsageLedger(store)
+    ledger = SqliteUsageLedger(store)
 
     async def count(**kw) -> int:
         return (await ledger.totals(LedgerFilter(**kw))).batch_count
@@ -121,7 +122,7 @@ async def test_grouping_metadata_with_absent_key_and_keyset_pages(store):
                  row("d", project="p2", metadata={"team": "search"}, amount="8"),
                  row("e", project="p2", metadata={"team": "search", "x": "y"}, amount="16"),
                  row("f", project="p2", metadata={"team": ""}, amount="32"))
-    ledger = UsageLedger(store)
+    ledger = SqliteUsageLedger(store)
     dims = [Dimension("project"), Dimension("metadata", "team")]
     everything = await ledger.aggregate(LedgerFilter(), dims, limit=100)
     got = [(g.group, g.batch_count, nanos_to_amount(g.cost_nanos)) for g in everything]
@@ -146,12 +147,12 @@ async def test_grouping_metadata_with_absent_key_and_keyset_pages(store):
 async def test_metadata_keys_needing_json_path_quoting(store):
     odd = 'we.ird"key[0]'
     await insert(store, row("a", metadata={odd: "v1"}), row("b", metadata={odd: "v1"}), row("c"))
-    groups = await UsageLedger(store).aggregate(LedgerFilter(), [Dimension("metadata", odd)], limit=10)
+    groups = await SqliteUsageLedger(store).aggregate(LedgerFilter(), [Dimension("metadata", odd)], limit=10)
     assert [(g.group, g.batch_count) for g in groups] == [({}, 1), ({f"metadata.{odd}": "v1"}, 2)]
 
 
 async def test_no_dimensions_is_one_row_or_none(store):
-    ledger = UsageLedger(store)
+    ledger = SqliteUsageLedger(store)
     assert await ledger.aggregate(LedgerFilter(), [], limit=10) == []
     await insert(store, row("a"), row("b"))
     [only] = await ledger.aggregate(LedgerFilter(), [], limit=10)

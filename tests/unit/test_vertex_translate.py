@@ -9,7 +9,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from tests.openai_shapes import BatchOutputLine, ErrorBody
-from batchgate_server.core.models import RequestCounts
+from batchgate_server.domain.models import RequestCounts
 from batchgate_server.providers.base import JobStatus, ResultKind
 from batchgate_server.providers.custom_ids import vertex_codec
 from batchgate_server.providers.vertex import translate as vt

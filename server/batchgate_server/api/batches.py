@@ -13,7 +13,7 @@ from batchgate_server.api.handlers import server_stream, unary
 from batchgate_server.core.auth import Authenticator, Principal
 from batchgate_server.core.batches import BatchManager, CreateBatch
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
-from batchgate_server.core.models import BatchRecord
+from batchgate_server.domain.models import BatchRecord
 
 # Many watchers of one batch receive the same state: convert it once.
 _CACHE_SIZE = 256

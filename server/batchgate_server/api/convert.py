@@ -6,7 +6,7 @@ from google.protobuf import timestamp_pb2
 
 from batchgate.v1 import batch_pb2, file_pb2
 from batchgate_server.core.errors import clip
-from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 
 PURPOSE_TO_PROTO = {
     FilePurpose.BATCH: file_pb2.FILE_PURPOSE_BATCH,

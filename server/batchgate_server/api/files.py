@@ -125,7 +125,7 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
         record = await self.files.get(principal, request.file_id)
         offset = request.read_offset
         first = True
-        for data in self.files.read(record, request.read_offset, request.read_limit):
+        async for data in self.files.read(record, request.read_offset, request.read_limit):
             yield file_pb2.DownloadFileResponse(file=file_to_proto(record) if first else None,
                                                 offset=offset, data=data)
             first = False

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from batchgate_server.core.models import BatchRecord, Cost, Usage
+from batchgate_server.domain.models import BatchRecord, Cost, Usage
 from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
 from batchgate_server.pricing.table import ModelPrice, PriceTable
 from batchgate_server.pricing.usage import sum_usage_from_output

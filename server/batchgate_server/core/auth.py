@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 
 from batchgate_server.core.errors import Unauthenticated
-from batchgate_server.core.ids import new_key_secret
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.domain.ids import new_key_secret
+from batchgate_server.store.ports import MetadataStore
 
 DEFAULT_PROJECT = "default"
 

@@ -21,17 +21,17 @@ from batchgate_server.core.errors import (
     not_found,
 )
 from batchgate_server.core.files import FileManager
-from batchgate_server.core.ids import new_batch_id
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
-from batchgate_server.core.models import BatchRecord, BatchStatus, FilePurpose
 from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker, batch_load
 from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.domain.ids import new_batch_id
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.store.errors import Duplicate, RevisionConflict
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,12 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.auth import Principal
+from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -22,12 +23,11 @@ from batchgate_server.core.errors import (
     exhausted_when_full,
     not_found,
 )
-from batchgate_server.core.ids import new_file_id
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
-from batchgate_server.core.models import FilePurpose, FileRecord
-from batchgate_server.store.blobs import BlobStore, BlobWriter
+from batchgate_server.domain.ids import new_file_id
+from batchgate_server.domain.models import FilePurpose, FileRecord
 from batchgate_server.store.errors import Duplicate
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import BlobStore, BlobWriter, MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,6 @@ def request_id_reused(previous: FileRecord, differs: list[str]) -> FailedPrecond
         {"file_id": previous.id, "request_id": previous.request_id, "differs": ",".join(differs)})
 
 
-def _hash_and_write(hasher, writer: BlobWriter, chunk: bytes) -> None:
-    hasher.update(chunk)
-    writer.write(chunk)
-
-
 def validation_error(result: ValidationResult) -> InvalidArgument:
     first = result.problems[0]
     where = f"line {first.line}" if first.line else "file"
@@ -181,6 +176,7 @@ class FileManager:
         writer = self.blobs.open_writer()
         loop = asyncio.get_running_loop()
         size = 0
+        stored: asyncio.Future | None = None
         try:
             async for chunk in chunks:
                 if not chunk:
@@ -190,13 +186,17 @@ class FileManager:
                 if header.expected_bytes is not None and size > header.expected_bytes:
                     raise _invalid(f"received more than the {header.expected_bytes} bytes the header announced",
                                    "SIZE_MISMATCH", "header.expected_bytes", "more bytes arrived")
-                # Hashing and writing release the GIL: they run on the second core while this
-                # thread validates the same chunk.
-                stored = loop.run_in_executor(None, _hash_and_write, hasher, writer, chunk)
+                # Hashing and writing release the GIL: they run on worker threads (a local
+                # writer's) or the network (a remote one's) while this thread validates the same
+                # chunk. sleep(0) lets the write reach its thread or socket before validation
+                # holds the loop.
+                stored = asyncio.gather(loop.run_in_executor(None, hasher.update, chunk), writer.write(chunk))
+                await asyncio.sleep(0)
                 try:
                     validator.feed(chunk)
                 finally:
                     await stored
+                    stored = None
                 if validator.too_large:
                     raise _invalid(f"the file exceeds the {self.limits.max_bytes}-byte limit", "FILE_TOO_LARGE",
                                    "file", f"at most {self.limits.max_bytes} bytes",
@@ -221,7 +221,10 @@ class FileManager:
             )
         except BaseException:
             # Covers validation errors, a client that hung up (CancelledError) and bugs alike.
-            writer.abort()
+            if stored is not None:  # the chunk's write, cancelled with us, must end before the abort
+                with contextlib.suppress(BaseException):
+                    await stored
+            await writer.abort()
             raise
         # From here on the upload is complete: blob and record are written together even if
         # the caller goes away now (it can replay with its request_id).
@@ -253,15 +256,15 @@ class FileManager:
 
     async def _commit(self, writer: BlobWriter, record: FileRecord, header: UploadHeader) -> FileRecord:
         try:
-            await asyncio.to_thread(writer.commit, record.id)  # fsync: not on the event loop
+            await writer.commit(record.id)
         except BaseException:
-            writer.abort()
+            await writer.abort()
             raise
         try:
             await self.store.insert_file(record)
         except Duplicate:
             # Two uploads raced with the same request_id: the first one wins.
-            self.blobs.delete(record.id)
+            await self.blobs.delete(record.id)
             previous = await self.store.get_file_by_request_id(record.project, header.request_id)
             if previous is None:
                 raise
@@ -270,7 +273,7 @@ class FileManager:
                 raise request_id_reused(previous, differs) from None
             return previous
         except BaseException:
-            self.blobs.delete(record.id)
+            await self.blobs.delete(record.id)
             raise
         log.info("file %s uploaded: %d bytes, %d lines, project %s", record.id, record.bytes, record.line_count,
                  record.project)
@@ -295,17 +298,25 @@ class FileManager:
             lambda limit, after: self.store.list_files(principal.scope, purpose.value if purpose else None,
                                                        limit, after), weigh)
 
-    def read(self, record: FileRecord, offset: int, limit: int) -> Iterator[bytes]:
+    async def read(self, record: FileRecord, offset: int, limit: int) -> AsyncIterator[bytes]:
+        """The bytes of `record` from `offset`, at most `limit` (0: to the end)."""
         if offset < 0 or limit < 0:
             raise _invalid("read_offset and read_limit must not be negative", "INVALID_RANGE",
                            "read_offset" if offset < 0 else "read_limit", "must be >= 0")
         if offset > record.bytes:
             raise _invalid(f"read_offset {offset} is past the end of the file ({record.bytes} bytes)",
                            "INVALID_RANGE", "read_offset", f"at most {record.bytes}")
-        if not self.blobs.exists(record.id):
-            raise FailedPrecondition(f"the bytes of file {record.id} are missing from the blob store",
-                                     "FILE_CONTENT_MISSING", {"file_id": record.id})
-        return self.blobs.read(record.id, offset, limit)
+        async with contextlib.aclosing(self.blobs.read(record.id, offset, limit)) as chunks:
+            try:
+                first = await anext(chunks, None)
+            except KeyError:
+                raise FailedPrecondition(f"the bytes of file {record.id} are missing from the blob store",
+                                         "FILE_CONTENT_MISSING", {"file_id": record.id}) from None
+            if first is None:
+                return
+            yield first
+            async for data in chunks:
+                yield data
 
     @exhausted_when_full
     async def delete(self, principal: Principal, file_id: str) -> None:
@@ -316,7 +327,7 @@ class FileManager:
                                      " cancel it or wait for it to end", "FILE_IN_USE",
                                      {"file_id": record.id, "batch_id": batch_id})
         await self.store.delete_file(record.id)
-        self.blobs.delete(record.id)
+        await self.blobs.delete(record.id)
 
     # -- housekeeping -----------------------------------------------------------------
 
@@ -326,7 +337,7 @@ class FileManager:
             if await self.store.active_batch_reading(record.id):
                 continue  # a running batch still reads it: it goes once that batch has ended
             await self.store.delete_file(record.id)
-            self.blobs.delete(record.id)
+            await self.blobs.delete(record.id)
             removed += 1
         if removed:
             log.info("deleted %d expired file(s)", removed)
@@ -335,9 +346,9 @@ class FileManager:
     async def remove_orphan_blobs(self) -> int:
         """Blobs whose record was never written (a crash between commit and insert)."""
         known = await self.store.all_file_ids()
-        orphans = [k for k in self.blobs.keys() if k not in known]
+        orphans = [k async for k in self.blobs.keys() if k not in known]
         for key in orphans:
-            self.blobs.delete(key)
+            await self.blobs.delete(key)
         return len(orphans)
 
     async def run_expiry_sweeps(self, interval: float) -> None:

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from batchgate_server.core.models import BatchRecord
+from batchgate_server.domain.models import BatchRecord
 from batchgate_server.store.errors import StorageError
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
 

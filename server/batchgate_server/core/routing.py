@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from batchgate_server.config import ModelList, split_model
 from batchgate_server.core.errors import FieldViolation, InvalidArgument, echo
-from batchgate_server.providers.base import Deployment
+from batchgate_server.domain.deployment import Deployment
 
 ADHOC_PREFIX = "adhoc:"
 

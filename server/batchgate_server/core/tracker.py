@@ -27,13 +27,12 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
-from batchgate_server.core.backoff import Backoff
-from batchgate_server.core.ids import new_file_id
-from batchgate_server.core.models import (
+from batchgate_server.domain.backoff import Backoff
+from batchgate_server.domain.ids import new_file_id
+from batchgate_server.domain.models import (
     STATUS_TIMESTAMP,
     BatchError,
     BatchRecord,
@@ -57,8 +56,7 @@ from batchgate_server.providers.base import (
     UnsupportedRequest,
     give_up_after,
 )
-from batchgate_server.providers.registry import ProviderRegistry, input_reader
-from batchgate_server.store.blobs import BlobStore
+from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.store.errors import (
     Duplicate,
     LeaseLost,
@@ -68,7 +66,7 @@ from batchgate_server.store.errors import (
     StorageUnavailable,
     is_full,
 )
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import BlobStore, MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +85,8 @@ def batch_load(line_count: int) -> int:
 
 class Tracker:
     def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
-                 providers: ProviderRegistry, accounting: Accounting, work_root: Path,
-                 input_path: Callable[[str], Path], ownership: Ownership, *, min_poll_interval: float = 0.1,
-                 shared_progress: bool = False) -> None:
+                 providers: ProviderRegistry, accounting: Accounting, work_root: Path, ownership: Ownership, *,
+                 min_poll_interval: float = 0.1, shared_progress: bool = False) -> None:
         self.store = store
         self.ownership = ownership
         # Several replicas: the executor keeps its answers in the store too (see ProviderJob.progress).
@@ -100,7 +97,6 @@ class Tracker:
         self.providers = providers
         self.accounting = accounting
         self.work_root = work_root
-        self.input_path = input_path
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -396,7 +392,7 @@ class BatchRunner:
         job = ProviderJob(
             batch_id=rec.id, endpoint=rec.endpoint, deployment=self.deployment, line_count=self._line_count(),
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
-            open_input=input_reader(self.t.input_path)(rec.input_file_id), save_state=self._save_state,
+            open_input=lambda: self.t.blobs.lines(rec.input_file_id), save_state=self._save_state,
             workdir=self.t.work_root / rec.id,
             progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None)
         return job
@@ -534,7 +530,7 @@ class BatchRunner:
         try:
             written = 0
             async for line in provider.results(self.job):
-                sinks[line.kind].write(line.data)
+                await sinks[line.kind].write(line.data)
                 if line.kind is ResultKind.OUTPUT:
                     usage.add_line(line.data)
                 written += 1
@@ -542,21 +538,20 @@ class BatchRunner:
                     await asyncio.sleep(0)  # a 50k-line result must not stall every other RPC
         except BaseException:
             for sink in sinks.values():
-                sink.abort()
+                await sink.abort()
             raise
         now = time.time()
         files = []
         try:
             for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
-                record = await asyncio.to_thread(sinks[kind].commit, file_id, rec.project,
-                                                 f"{rec.id}_{kind.value}.jsonl", now)
+                record = await sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now)
                 if record is not None:
                     files.append(record)
         except BaseException:  # e.g. a full disk: neither file is kept, a retry writes both again
             for sink in sinks.values():
-                sink.abort()
+                await sink.abort()
             for f in files:
-                self.t.blobs.delete(f.id)
+                await self.t.blobs.delete(f.id)
             raise
         out_lines, err_lines = sinks[ResultKind.OUTPUT].lines, sinks[ResultKind.ERROR].lines
         usage_total, cost = self.t.accounting.price(self.rec, usage.by_model)
@@ -584,7 +579,7 @@ class BatchRunner:
             raise
         except BaseException:
             for f in files:  # not recorded: a retry writes them again under the same ids
-                self.t.blobs.delete(f.id)
+                await self.t.blobs.delete(f.id)
             raise
         log.info("batch %s %s: %d ok, %d failed", rec.id, self.rec.status.value, out_lines, err_lines)
         await self._cleanup()
@@ -624,29 +619,43 @@ class StoredProgress(SharedProgress):
 
 
 class _ResultSink:
-    """Writes one result file while hashing it; commits it only if it got lines."""
+    """Writes one result file while hashing it, in blocks of WRITE_BLOCK bytes (a blob write may
+    cost a thread hop or a network call: never one per line); commits it only if it got lines."""
+
+    WRITE_BLOCK = 1024 * 1024
 
     def __init__(self, blobs: BlobStore) -> None:
         self._writer = blobs.open_writer()
         self._hash = hashlib.sha256()
+        self._pending = bytearray()
         self.lines = 0
         self.bytes = 0
 
-    def write(self, data: bytes) -> None:
-        data = data + b"\n"
-        self._writer.write(data)
-        self._hash.update(data)
+    async def write(self, data: bytes) -> None:
+        self._pending += data
+        self._pending += b"\n"
         self.lines += 1
-        self.bytes += len(data)
+        self.bytes += len(data) + 1
+        if len(self._pending) >= self.WRITE_BLOCK:
+            await self._flush()
 
-    def abort(self) -> None:
-        self._writer.abort()
+    async def _flush(self) -> None:
+        block = bytes(self._pending)
+        self._pending.clear()
+        self._hash.update(block)
+        await self._writer.write(block)
 
-    def commit(self, file_id: str, project: str, filename: str, now: float) -> FileRecord | None:
+    async def abort(self) -> None:
+        self._pending.clear()
+        await self._writer.abort()
+
+    async def commit(self, file_id: str, project: str, filename: str, now: float) -> FileRecord | None:
         if self.lines == 0:
-            self._writer.abort()
+            await self._writer.abort()
             return None
-        self._writer.commit(file_id)
+        if self._pending:
+            await self._flush()
+        await self._writer.commit(file_id)
         return FileRecord(id=file_id, project=project, filename=filename, purpose=FilePurpose.BATCH_OUTPUT,
                           bytes=self.bytes, sha256=self._hash.hexdigest(), created_at=now,
                           line_count=self.lines)

@@ -16,7 +16,7 @@ from batchgate_server.core import pagination
 from batchgate_server.core.auth import Principal
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
 from batchgate_server.pricing.cost import nanos_to_amount
-from batchgate_server.store.ledger import Dimension, LedgerFilter, UsageGroup, UsageLedger
+from batchgate_server.store.ports import Dimension, LedgerFilter, UsageGroup, UsageLedger
 
 CURRENCY = "USD"
 MAX_METADATA_KEY = 64  # as for batch metadata keys

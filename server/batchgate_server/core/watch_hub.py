@@ -20,9 +20,9 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from batchgate_server.core.models import BatchRecord
+from batchgate_server.domain.models import BatchRecord
 from batchgate_server.store.errors import StorageError
-from batchgate_server.store.metadata import MetadataStore
+from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
 

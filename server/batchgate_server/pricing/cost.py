@@ -1,4 +1,4 @@
-"""Turn per-model usage into a ``core.models.Cost`` with exact decimal amounts.
+"""Turn per-model usage into a ``domain.models.Cost`` with exact decimal amounts.
 
 Charging rules (OpenAI usage semantics):
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from decimal import ROUND_HALF_UP, Context, Decimal
 
-from batchgate_server.core.models import Cost, Usage
+from batchgate_server.domain.models import Cost, Usage
 from batchgate_server.pricing.table import ModelPrice
 
 QUANTUM = Decimal("1e-9")

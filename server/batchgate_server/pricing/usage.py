@@ -4,7 +4,7 @@ Each line is ``{"custom_id", "response": {"status_code", "body": {..., "model",
 "usage"}} | null, "error"}``. Only lines with a 2xx ``status_code`` (or none at
 all) and a ``body.usage`` object count; error lines, blank or malformed lines
 contribute nothing. Usage shapes understood (all normalised to
-``core.models.Usage``, where cached_tokens is a subset of input_tokens and
+``domain.models.Usage``, where cached_tokens is a subset of input_tokens and
 reasoning_tokens a subset of output_tokens):
 
 * chat.completion / completion: prompt_tokens, completion_tokens,
@@ -30,7 +30,7 @@ import json.scanner
 from collections.abc import AsyncIterable, Iterable
 from typing import Any
 
-from batchgate_server.core.models import Usage
+from batchgate_server.domain.models import Usage
 
 _loads = json.loads
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())

@@ -20,21 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgate_server.core.models import BatchError, FailureCount, RequestCounts
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One entry of the model list: where and how a model_name is served."""
-
-    id: str  # stable across restarts: batches are pinned to it
-    model_name: str  # what callers ask for
-    provider: str  # openai | azure | anthropic | vertex_ai | bedrock | openai_compatible
-    model: str  # the provider's own model name (Azure: deployment name)
-    # litellm_params, secrets resolved: kept out of repr() so a logged deployment or job shows no key
-    params: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    model_info: Mapping[str, Any] = field(default_factory=dict)
-    weight: float = 1.0
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.domain.models import BatchError, FailureCount, RequestCounts
 
 
 # A provider (or, on the executor, an upstream) that answers nothing but retryable errors
@@ -114,7 +101,8 @@ class ProviderJob:
     created_at: float
     expires_at: float  # completion window end (unix seconds)
     state: dict[str, Any]
-    # Re-openable stream of the input file's lines (raw bytes, no newline), in order.
+    # Re-openable stream of the input file's lines (raw bytes, no newline), in order, read through
+    # the blob store (BlobStore.lines): never a local path, the blob may live in a bucket.
     open_input: Callable[[], AsyncIterator[bytes]]
     save_state: Callable[[], Awaitable[None]]
     # A private scratch directory that survives restarts (local disk).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 from batchgate_server.providers.base import BatchProvider, UnsupportedRequest
 
@@ -54,24 +53,3 @@ class ProviderRegistry:
             except Exception:  # closing is best effort at shutdown
                 log.exception("closing provider %s failed", provider.name)
         self._instances.clear()
-
-
-def input_reader(path_of: Callable[[str], Path]):
-    """Builds ProviderJob.open_input for a blob: lines without their newline, read in 1 MiB blocks."""
-
-    def open_for(file_id: str):
-        async def lines():
-            tail = b""
-            with open(path_of(file_id), "rb") as fh:
-                while block := fh.read(1024 * 1024):
-                    parts = (tail + block).split(b"\n")
-                    tail = parts.pop()
-                    for line in parts:
-                        if line.strip():
-                            yield line.rstrip(b"\r")
-            if tail.strip():
-                yield tail.rstrip(b"\r")
-
-        return lines
-
-    return open_for

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.domain.models import BatchError, RequestCounts
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from batchgate_server.core.models import (
+from batchgate_server.domain.models import (
     BatchError,
     BatchRecord,
     BatchStatus,

@@ -1,11 +1,11 @@
-"""Storage errors the store raises, neutral of the backend (SQLite and local files today): no
-`sqlite3` or `OSError` of the store's own crosses into core/."""
+"""Storage errors the store raises, neutral of the backend: implementations translate their own
+(sqlite3, OSError, a driver's or a cloud client's) into these, and nothing else crosses into
+core/."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import sqlite3
 from collections.abc import Iterator
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -36,29 +36,15 @@ class LeaseLost(StorageError):
     expired and it was adopted): the writer must stop driving it."""
 
 
-def _from_sqlite(err: sqlite3.Error) -> StorageError:
-    if isinstance(err, sqlite3.IntegrityError):
-        return Duplicate(str(err))
-    primary = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
-    if primary == sqlite3.SQLITE_FULL:
-        return StorageFull(str(err))
-    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN,
-                   sqlite3.SQLITE_PROTOCOL):
-        return StorageUnavailable(str(err))
-    return StorageError(f"{type(err).__name__}: {err}")
-
-
 def is_full(err: OSError) -> bool:
     return err.errno in _FULL_ERRNOS
 
 
 @contextlib.contextmanager
-def storage_errors() -> Iterator[None]:
-    """Raise every SQLite error, and a full disk, as the StorageError that says what happened."""
+def disk_errors() -> Iterator[None]:
+    """A full disk raised as StorageFull (for stores on a local file system)."""
     try:
         yield
-    except sqlite3.Error as err:
-        raise _from_sqlite(err) from err
     except OSError as err:
         if is_full(err):
             raise StorageFull(str(err)) from err

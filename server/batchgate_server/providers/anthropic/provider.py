@@ -87,7 +87,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from batchgate_server.core.models import RequestCounts
+from batchgate_server.domain.models import RequestCounts
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,

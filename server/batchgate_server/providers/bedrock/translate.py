@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from batchgate_server.core.models import RequestCounts, Usage
+from batchgate_server.domain.models import RequestCounts, Usage
 from batchgate_server.providers.anthropic.translate import (
     TranslationError,
     append_turn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from batchgate_server.core.models import FailureCount
+from batchgate_server.domain.models import FailureCount
 
 MAX_CODES = 8  # the eighth and later codes are counted together as OTHER
 OTHER = "other"

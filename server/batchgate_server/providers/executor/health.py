@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from batchgate_server.core.backoff import jittered_delay
+from batchgate_server.domain.backoff import jittered_delay
 from batchgate_server.providers.executor.failures import printable
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from batchgate_server.core.models import RequestCounts
+from batchgate_server.domain.models import RequestCounts
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,

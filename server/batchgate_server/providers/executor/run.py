@@ -10,8 +10,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from batchgate_server.core.backoff import jittered_delay
-from batchgate_server.providers.base import DEFAULT_GIVE_UP_AFTER, Deployment, ProviderJob
+from batchgate_server.domain.backoff import jittered_delay
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.providers.base import DEFAULT_GIVE_UP_AFTER, ProviderJob
 from batchgate_server.providers.executor.failures import FailureTally, failure_of
 from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.progress import Flushed, ProgressFlusher

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from batchgate_server.core.backoff import jittered_delay
+from batchgate_server.domain.backoff import jittered_delay
 from batchgate_server.providers.base import ProviderError
 from batchgate_server.providers.lines import complete_lines, last_line
 

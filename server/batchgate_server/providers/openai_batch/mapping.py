@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from batchgate_server.core.models import BatchError, RequestCounts
+from batchgate_server.domain.models import BatchError, RequestCounts
 from batchgate_server.providers.base import JobStatus, PollResult
 
 OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",

@@ -51,7 +51,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-from batchgate_server.core.models import RequestCounts
+from batchgate_server.domain.models import RequestCounts
 from batchgate_server.providers.base import (
     Deployment,
     PollResult,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from batchgate_server.core.models import RequestCounts
+from batchgate_server.domain.models import RequestCounts
 from batchgate_server.providers import output_lines
 from batchgate_server.providers.base import JobStatus, ResultKind, ResultLine
 from batchgate_server.providers.output_lines import error_body, line_id, response_line

@@ -1,4 +1,5 @@
-"""Aggregate queries over the usage ledger (one row per ended batch, insert-only).
+"""The usage ledger on SQLite (store.ports.UsageLedger): aggregate queries over the
+`usage_ledger` table (one row per ended batch, insert-only).
 
 Sums are computed in SQL: tokens as integers and known costs as integer nano-dollars
 (`cost_nanos`), so a sum over any number of batches is exact. A row whose cost is not
@@ -13,14 +14,10 @@ every later page the same snapshot of the ledger.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from batchgate_server.store.metadata import MetadataStore
-
-# Group dimensions: ledger column -> name in UsageGroup.group.
-COLUMNS = {"project": "project", "api_key_id": "api_key_id", "model": "model", "provider": "provider"}
-METADATA = "metadata"
+from batchgate_server.store.ports import LEDGER_COLUMNS, METADATA, Dimension, LedgerFilter, UsageGroup, UsageLedger
+from batchgate_server.store.sqlite.metadata import SqliteMetadataStore
 
 _KNOWN = "cost_status = 'known' AND cost_nanos IS NOT NULL"
 # sum() over INTEGER columns stays an exact integer (total() would return a REAL).
@@ -31,43 +28,6 @@ _SUMS = (
     f" coalesce(sum(CASE WHEN {_KNOWN} THEN cost_nanos END), 0) AS cost_nanos,"
     f" coalesce(sum(CASE WHEN {_KNOWN} THEN 0 ELSE 1 END), 0) AS unknown_cost"
 )
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One grouping dimension: a ledger column ("project", "api_key_id", "model", "provider")
-    or "metadata" with the metadata key whose value groups."""
-
-    kind: str
-    metadata_key: str = ""
-
-    @property
-    def name(self) -> str:
-        return f"metadata.{self.metadata_key}" if self.kind == METADATA else COLUMNS[self.kind]
-
-
-@dataclass(frozen=True)
-class LedgerFilter:
-    start: float | None = None  # ended_at >= start
-    end: float | None = None  # ended_at < end
-    project: str | None = None  # None: every project
-    model: str = ""
-    provider: str = ""
-    as_of: int | None = None  # only rows with rowid <= as_of
-
-
-@dataclass
-class UsageGroup:
-    group: dict[str, str] = field(default_factory=dict)
-    batch_count: int = 0
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_nanos: int = 0  # sum of the known costs, in 1e-9 USD
-    unknown_cost: int = 0  # batches whose cost is unknown (not in cost_nanos)
-    # The keyset cursor of this group (JSON-serialisable), for the next page.
-    sort_key: list[Any] = field(default_factory=list)
 
 
 def _where(f: LedgerFilter) -> tuple[str, list[Any]]:
@@ -100,11 +60,11 @@ def _group(row: Any, offset: int) -> UsageGroup:
         cost_nanos=int(row[offset + 5]), unknown_cost=int(row[offset + 6]))
 
 
-class UsageLedger:
+class SqliteUsageLedger(UsageLedger):
     """Reads through the store's reader pool: only committed rows (a batch's end and its ledger
     row are committed together), and every row committed before the query."""
 
-    def __init__(self, store: MetadataStore) -> None:
+    def __init__(self, store: SqliteMetadataStore) -> None:
         self.readers = store.readers
 
     async def high_water(self) -> int:
@@ -132,7 +92,7 @@ class UsageLedger:
                 # Absent key first (its own group), then values in order.
                 sort += [f"(d{i} IS NOT NULL)", f"coalesce(d{i}, '')"]
             else:
-                select.append(f"{COLUMNS[dim.kind]} AS d{i}")
+                select.append(f"{LEDGER_COLUMNS[dim.kind]} AS d{i}")
                 sort.append(f"d{i}")
         where, where_args = _where(f)
         groups = ", ".join(f"d{i}" for i in range(len(dims)))

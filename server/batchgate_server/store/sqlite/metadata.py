@@ -1,11 +1,11 @@
-"""Metadata store: SQLite through aiosqlite, WAL mode, versioned schema.
+"""The metadata store on SQLite (store.ports.MetadataStore): aiosqlite, WAL mode, versioned schema.
 
 Batches keep their queryable fields as columns and the whole record as a JSON
 document, so most later changes need no migration. Every batch change bumps
 `revision` in the same statement (compare-and-set on the old revision), which is
 what WatchBatch resumes from.
 
-Every SQLite error leaves here as a StorageError (store/errors.py). A full disk is StorageFull
+Every SQLite error leaves here as a StorageError (store/errors.py, via store/sqlite/errors.py). A full disk is StorageFull
 for every write but a delete, so space can always be freed (see delete_file).
 """
 
@@ -26,11 +26,13 @@ from typing import Any
 
 import aiosqlite
 
-from batchgate_server.core.models import BatchRecord, BatchStatus, FileRecord
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FileRecord
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
-from batchgate_server.store.changes import LocalChangeFeed
-from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull, storage_errors
-from batchgate_server.store.reserve import RESERVE_BYTES, SpaceReserve
+from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull
+from batchgate_server.store.ports import MetadataStore
+from batchgate_server.store.sqlite.changes import LocalChangeFeed
+from batchgate_server.store.sqlite.errors import storage_errors
+from batchgate_server.store.sqlite.reserve import RESERVE_BYTES, SpaceReserve
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +251,7 @@ async def _connect_once(path: Path) -> aiosqlite.Connection:
     return db
 
 
-class MetadataStore:
+class SqliteMetadataStore(MetadataStore):
     def __init__(self, db: aiosqlite.Connection, readers: ReaderPool, reserve: SpaceReserve,
                  changes: LocalChangeFeed) -> None:
         self.db = db
@@ -278,7 +280,7 @@ class MetadataStore:
             return await self.db.execute(sql, args)
 
     @classmethod
-    async def open(cls, path: Path, reserve_bytes: int = RESERVE_BYTES) -> "MetadataStore":
+    async def open(cls, path: Path, reserve_bytes: int = RESERVE_BYTES) -> "SqliteMetadataStore":
         """On a disk full to the last byte SQLite cannot even open the database (it creates its
         WAL and shared-memory files): the space reserve the last run left is released for it, so
         the server still starts, and serves reads and deletes."""

@@ -5,7 +5,7 @@ the database (a checkpoint) may need new pages there, so on a disk filled to the
 or by anything else on it) no row could be deleted, and no space freed through the API; a restart
 could not even open the database (SQLite creates its WAL and shared-memory files again). The
 reserve is a file of real, allocated blocks in the data directory: a delete or an open that finds
-no room releases it (MetadataStore), the freed blob gives the space back, and the next write
+no room releases it (SqliteMetadataStore), the freed blob gives the space back, and the next write
 refills the reserve from whatever space there is by then.
 """
 

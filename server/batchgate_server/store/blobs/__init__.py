@@ -1,0 +1,1 @@
+"""Blob stores: local disk (local.py); object storage implementations sit beside it."""

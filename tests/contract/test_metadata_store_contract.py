@@ -1,0 +1,441 @@
+"""The contract of store.ports.MetadataStore and UsageLedger, run against every implementation in
+tests/contract/backends.py: round trips, revisions and compare-and-set, request_id uniqueness,
+keyset listings, the ledger written once per batch and its queries, read-your-writes across
+handles, server secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+import pytest
+
+from batchgate_server.domain.models import (
+    BatchError,
+    BatchRecord,
+    BatchStatus,
+    Cost,
+    FailureCount,
+    FilePurpose,
+    FileRecord,
+    RequestCounts,
+    Usage,
+)
+from batchgate_server.store.errors import Duplicate, RevisionConflict
+from batchgate_server.store.ports import Dimension, LedgerFilter
+
+NOW = 1_700_000_000.0
+
+
+def file_record(file_id: str, *, project: str = "p", created_at: float = NOW, request_id: str = "",
+                purpose: FilePurpose = FilePurpose.BATCH, expires_at: float | None = None) -> FileRecord:
+    return FileRecord(id=file_id, project=project, filename=f"{file_id}.jsonl", purpose=purpose, bytes=123,
+                      sha256="ab" * 32, created_at=created_at, expires_at=expires_at, line_count=3,
+                      endpoint="/v1/chat/completions", model="gpt-4o-mini", request_id=request_id)
+
+
+def batch_record(batch_id: str, *, project: str = "p", created_at: float = NOW, request_id: str = "",
+                 status: BatchStatus = BatchStatus.VALIDATING, input_file_id: str = "file-in") -> BatchRecord:
+    return BatchRecord(id=batch_id, project=project, endpoint="/v1/chat/completions", input_file_id=input_file_id,
+                       completion_window="24h", status=status, created_at=created_at, expires_at=created_at + 86400,
+                       request_id=request_id)
+
+
+def ledger_row(batch_id: str, *, project: str = "p", model: str = "m", provider: str = "openai",
+               key: str = "k", ended_at: float = 100.0, tokens: tuple[int, int, int, int] = (10, 2, 5, 1),
+               nanos: int | None = 100_000_000, metadata: dict | None = None) -> dict:
+    """A ledger row as core/accounting.py ledger_row builds it."""
+    known = nanos is not None
+    return {
+        "batch_id": batch_id, "project": project, "api_key_id": key, "model": model, "provider": provider,
+        "deployment_id": "dep", "created_at": ended_at - 1, "ended_at": ended_at,
+        "input_tokens": tokens[0], "cached_tokens": tokens[1], "output_tokens": tokens[2],
+        "reasoning_tokens": tokens[3], "cost_status": "known" if known else "unknown",
+        "cost_amount": f"{nanos / 1e9:.9f}" if known else "", "cost_nanos": nanos,
+        "metadata": json.dumps(metadata or {}), "usage_by_model": "{}",
+    }
+
+
+async def end_batch(store, batch_id: str, row: dict, **kw) -> BatchRecord:
+    """Insert a batch and end it with `row` as its ledger row."""
+    b = batch_record(batch_id, **kw)
+    await store.insert_batch(b)
+    b.status = BatchStatus.COMPLETED
+    return await store.update_batch(b, ledger=row)
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+async def test_a_file_round_trips_whole(database):
+    store = database.metadata
+    f = file_record("file-1", request_id="req-1", expires_at=NOW + 60)
+    await store.insert_file(f)
+    assert await store.get_file("file-1") == f
+    assert await store.get_file_by_request_id("p", "req-1") == f
+    assert await store.get_file("file-none") is None
+    assert await store.get_file_by_request_id("p", "req-none") is None
+    assert await store.get_file_by_request_id("other", "req-1") is None  # request_ids are per project
+
+
+async def test_a_file_without_request_id_round_trips_with_an_empty_one(database):
+    f = file_record("file-1")
+    await database.metadata.insert_file(f)
+    assert (await database.metadata.get_file("file-1")).request_id == ""
+
+
+async def test_a_file_request_id_is_unique_per_project(database):
+    store = database.metadata
+    await store.insert_file(file_record("file-1", request_id="same"))
+    with pytest.raises(Duplicate):
+        await store.insert_file(file_record("file-2", request_id="same"))
+    await store.insert_file(file_record("file-3", project="other", request_id="same"))
+    # No request_id is no constraint.
+    await store.insert_file(file_record("file-4"))
+    await store.insert_file(file_record("file-5"))
+    assert await store.get_file("file-2") is None
+    assert await store.all_file_ids() == {"file-1", "file-3", "file-4", "file-5"}
+
+
+async def test_a_file_id_is_unique(database):
+    await database.metadata.insert_file(file_record("file-1"))
+    with pytest.raises(Duplicate):
+        await database.metadata.insert_file(file_record("file-1", project="other"))
+
+
+async def test_files_list_newest_first_by_keyset_with_filters(database):
+    store = database.metadata
+    # Two share a created_at: the id breaks the tie (descending).
+    records = [file_record("file-a", created_at=NOW), file_record("file-b", created_at=NOW + 1),
+               file_record("file-c", created_at=NOW + 1), file_record("file-d", created_at=NOW + 2),
+               file_record("file-o", created_at=NOW + 3, project="other"),
+               file_record("file-x", created_at=NOW + 4, purpose=FilePurpose.BATCH_OUTPUT)]
+    for f in records:
+        await store.insert_file(f)
+    ids = lambda rows: [f.id for f in rows]  # noqa: E731
+    assert ids(await store.list_files("p", None, 10, None)) == ["file-x", "file-d", "file-c", "file-b", "file-a"]
+    assert ids(await store.list_files(None, None, 10, None)) == ["file-x", "file-o", "file-d", "file-c", "file-b",
+                                                                 "file-a"]
+    assert ids(await store.list_files("p", "batch", 10, None)) == ["file-d", "file-c", "file-b", "file-a"]
+    assert ids(await store.list_files("p", "batch_output", 10, None)) == ["file-x"]
+    first = await store.list_files("p", "batch", 2, None)
+    assert ids(first) == ["file-d", "file-c"]
+    last = first[-1]
+    assert ids(await store.list_files("p", "batch", 2, (last.created_at, last.id))) == ["file-b", "file-a"]
+    assert await store.list_files("p", "batch", 2, (NOW, "file-a")) == []
+    assert await store.list_files("nobody", None, 10, None) == []
+
+
+async def test_delete_file_says_whether_there_was_one(database):
+    store = database.metadata
+    await store.insert_file(file_record("file-1"))
+    assert await store.delete_file("file-1") is True
+    assert await store.delete_file("file-1") is False
+    assert await store.get_file("file-1") is None
+
+
+async def test_expired_files_are_those_due_at_now_up_to_the_limit(database):
+    store = database.metadata
+    for i, expires in enumerate([NOW - 10, NOW, NOW + 10, None, NOW - 5]):
+        await store.insert_file(file_record(f"file-{i}", expires_at=expires))
+    assert {f.id for f in await store.expired_files(NOW)} == {"file-0", "file-1", "file-4"}
+    assert len(await store.expired_files(NOW, limit=2)) == 2
+    assert await store.expired_files(NOW - 100) == []
+
+
+# -- batches ------------------------------------------------------------------------------
+
+
+async def test_a_batch_round_trips_whole(database):
+    store = database.metadata
+    b = batch_record("batch_1", request_id="req-1")
+    b.model, b.provider, b.deployment_id, b.api_key_id = "m", "openai", "dep-1", "key-1"
+    b.metadata = {"team": "search", "ünïcode": "✓"}
+    b.request_counts = RequestCounts(total=3, completed=2, failed=1)
+    b.errors = [BatchError("invalid", "line 2 is bad", param="body", line=2)]
+    b.failures = [FailureCount("http_429", count=1, retried=4, sample_message="slow down")]
+    b.usage = Usage(10, 2, 5, 1)
+    b.cost = Cost(status="known", amount="0.000123", input_amount="0.0001", output_amount="0.000023")
+    b.provider_state = {"job": {"id": "j-1", "parts": [1, 2]}, "n": 3}
+    b.result_file_ids = ["file-o", "file-e"]
+    b.price = {"input": "1.5"}
+    b.requested_model = "m"
+    await store.insert_batch(b)
+    assert await store.get_batch("batch_1") == b
+    assert await store.get_batch_by_request_id("p", "req-1") == b
+    assert await store.get_batch_by_request_id("other", "req-1") is None
+    assert await store.get_batch("batch_none") is None
+
+
+async def test_a_batch_request_id_is_unique_per_project(database):
+    store = database.metadata
+    await store.insert_batch(batch_record("batch_1", request_id="same"))
+    with pytest.raises(Duplicate):
+        await store.insert_batch(batch_record("batch_2", request_id="same"))
+    await store.insert_batch(batch_record("batch_3", project="other", request_id="same"))
+    await store.insert_batch(batch_record("batch_4"))
+    await store.insert_batch(batch_record("batch_5"))
+    assert await store.get_batch("batch_2") is None
+    with pytest.raises(Duplicate):
+        await store.insert_batch(batch_record("batch_1"))
+
+
+async def test_update_bumps_the_revision_and_compares_it(database):
+    store = database.metadata
+    b = batch_record("batch_1")
+    await store.insert_batch(b)
+    stale = dataclasses.replace(b)
+    b.status = BatchStatus.IN_PROGRESS
+    returned = await store.update_batch(b)
+    assert returned.revision == 2 and b.revision == 2
+    assert (await store.get_batch("batch_1")).status is BatchStatus.IN_PROGRESS
+    stale.status = BatchStatus.FAILED
+    with pytest.raises(RevisionConflict):
+        await store.update_batch(stale)
+    assert stale.revision == 1  # unchanged by the failed write
+    stored = await store.get_batch("batch_1")
+    assert (stored.status, stored.revision) == (BatchStatus.IN_PROGRESS, 2)
+    stored.status = BatchStatus.COMPLETED
+    assert (await store.update_batch(stored)).revision == 3
+
+
+async def test_an_update_of_a_missing_batch_is_a_conflict(database):
+    with pytest.raises(RevisionConflict):
+        await database.metadata.update_batch(batch_record("batch_never"))
+
+
+async def test_only_one_of_two_concurrent_writers_of_a_revision_wins(database_backend, database):
+    other = (await database_backend.open()).metadata
+    b = batch_record("batch_1")
+    await database.metadata.insert_batch(b)
+    one, two = dataclasses.replace(b), dataclasses.replace(b)
+    one.status, two.status = BatchStatus.IN_PROGRESS, BatchStatus.FAILED
+    results = await asyncio.gather(database.metadata.update_batch(one), other.update_batch(two),
+                                   return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["BatchRecord", "RevisionConflict"]
+    winner = next(r for r in results if isinstance(r, BatchRecord))
+    stored = await other.get_batch("batch_1")
+    assert (stored.status, stored.revision) == (winner.status, 2)
+
+
+async def test_result_files_are_written_with_the_update_and_a_redone_one_keeps_them(database):
+    store = database.metadata
+    b = batch_record("batch_1")
+    await store.insert_batch(b)
+    out = file_record("file-out", purpose=FilePurpose.BATCH_OUTPUT)
+    b.status = BatchStatus.COMPLETED
+    b.output_file_id = out.id
+    await store.update_batch(b, extra_files=[out])
+    assert await store.get_file("file-out") == out
+    # A finalisation redone after a crash passes the same file again: kept, no Duplicate.
+    await store.update_batch(b, extra_files=[out, file_record("file-err", purpose=FilePurpose.BATCH_OUTPUT)])
+    assert {"file-out", "file-err"} <= await store.all_file_ids()
+
+
+async def test_a_conflicting_update_writes_none_of_its_files_nor_its_ledger_row(database):
+    store = database.metadata
+    b = batch_record("batch_1")
+    await store.insert_batch(b)
+    stale = dataclasses.replace(b)
+    await store.update_batch(b)
+    with pytest.raises(RevisionConflict):
+        await store.update_batch(stale, extra_files=[file_record("file-out")], ledger=ledger_row("batch_1"))
+    assert await store.get_file("file-out") is None
+    assert (await database.ledger.totals(LedgerFilter())).batch_count == 0
+
+
+async def test_an_update_whose_file_is_a_duplicate_writes_nothing(database):
+    store = database.metadata
+    await store.insert_file(file_record("file-1", request_id="taken"))
+    b = batch_record("batch_1")
+    await store.insert_batch(b)
+    with pytest.raises(Duplicate):
+        await store.update_batch(dataclasses.replace(b, status=BatchStatus.COMPLETED),
+                                 extra_files=[file_record("file-2", request_id="taken")], ledger=ledger_row("batch_1"))
+    stored = await store.get_batch("batch_1")
+    assert (stored.status, stored.revision) == (BatchStatus.VALIDATING, 1)
+    assert (await database.ledger.totals(LedgerFilter())).batch_count == 0
+
+
+async def test_batches_list_newest_first_by_keyset_with_status_filter(database):
+    store = database.metadata
+    statuses = [BatchStatus.COMPLETED, BatchStatus.IN_PROGRESS, BatchStatus.FAILED, BatchStatus.IN_PROGRESS]
+    for i, status in enumerate(statuses):
+        await store.insert_batch(batch_record(f"batch_{i}", created_at=NOW + i // 2, status=status))
+    await store.insert_batch(batch_record("batch_o", created_at=NOW + 9, project="other"))
+    ids = lambda rows: [b.id for b in rows]  # noqa: E731
+    assert ids(await store.list_batches("p", [], 10, None)) == ["batch_3", "batch_2", "batch_1", "batch_0"]
+    assert ids(await store.list_batches(None, [], 10, None))[0] == "batch_o"
+    assert ids(await store.list_batches("p", [BatchStatus.IN_PROGRESS], 10, None)) == ["batch_3", "batch_1"]
+    assert ids(await store.list_batches("p", [BatchStatus.FAILED, BatchStatus.COMPLETED], 10, None)) == [
+        "batch_2", "batch_0"]
+    page = await store.list_batches("p", [], 3, None)
+    assert ids(await store.list_batches("p", [], 3, (page[-1].created_at, page[-1].id))) == ["batch_0"]
+
+
+async def test_active_batches_are_the_unfinished_oldest_first(database):
+    store = database.metadata
+    await store.insert_batch(batch_record("batch_new", created_at=NOW + 2, input_file_id="file-a"))
+    await store.insert_batch(batch_record("batch_old", created_at=NOW, status=BatchStatus.CANCELLING,
+                                          input_file_id="file-b"))
+    for i, status in enumerate(s for s in BatchStatus if s.is_terminal):
+        await store.insert_batch(batch_record(f"batch_end{i}", created_at=NOW + 1, status=status,
+                                              input_file_id="file-c"))
+    assert [b.id for b in await store.active_batches()] == ["batch_old", "batch_new"]
+    assert await store.active_batch_reading("file-a") == "batch_new"
+    assert await store.active_batch_reading("file-b") == "batch_old"
+    assert await store.active_batch_reading("file-c") is None  # only ended batches read it
+    assert await store.active_batch_reading("file-none") is None
+
+
+# -- api keys and secrets ------------------------------------------------------------------
+
+
+async def test_api_keys_are_found_by_hash_and_counted(database):
+    store = database.metadata
+    assert await store.count_api_keys() == 0
+    await store.add_api_key("hash-1", "key-1", "p", NOW)
+    await store.add_api_key("hash-2", "key-2", "q", NOW)
+    assert await store.find_api_key("hash-1") == ("key-1", "p")
+    assert await store.find_api_key("hash-none") is None
+    assert await store.count_api_keys() == 2
+    with pytest.raises(Duplicate):
+        await store.add_api_key("hash-1", "key-3", "p", NOW)
+
+
+async def test_a_server_secret_is_made_once_and_shared(database_backend, database):
+    other = (await database_backend.open()).metadata
+    first, racing = await asyncio.gather(database.metadata.server_secret("tokens"), other.server_secret("tokens"))
+    assert len(first) == 32 and first == racing
+    assert await database.metadata.server_secret("tokens") == first
+    assert await database.metadata.server_secret("another") not in (first, b"")
+
+
+# -- read-your-writes -----------------------------------------------------------------------
+
+
+async def test_every_returned_write_is_seen_by_the_next_read_on_any_handle(database_backend, database):
+    writer, other = database.metadata, (await database_backend.open()).metadata
+
+    async def sequence(i: int) -> None:
+        b = batch_record(f"batch_{i}")
+        await writer.insert_batch(b)
+        for _ in range(10):
+            b.request_counts = RequestCounts(total=10, completed=b.revision)
+            await writer.update_batch(b)
+            for reader in (writer, other):
+                seen = await reader.get_batch(b.id)
+                assert seen.revision == b.revision and seen.request_counts.completed == b.revision - 1
+
+    async def background(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await other.list_batches(None, [], 50, None)
+
+    stop = asyncio.Event()
+    noise = [asyncio.create_task(background(stop)) for _ in range(4)]
+    try:
+        await asyncio.gather(*(sequence(i) for i in range(8)))
+    finally:
+        stop.set()
+        await asyncio.gather(*noise)
+    f = file_record("file-1")
+    await writer.insert_file(f)
+    assert await other.get_file("file-1") == f
+    await writer.delete_file("file-1")
+    assert await other.get_file("file-1") is None
+
+
+# -- the usage ledger ------------------------------------------------------------------------
+
+
+async def test_the_ledger_row_is_written_once_per_batch(database):
+    store = database.metadata
+    b = await end_batch(store, "batch_1", ledger_row("batch_1", tokens=(10, 0, 5, 0)))
+    # A later write of the same batch's row (a redone end) is ignored, not an error.
+    await store.update_batch(b, ledger=ledger_row("batch_1", tokens=(999, 0, 999, 0)))
+    totals = await database.ledger.totals(LedgerFilter())
+    assert (totals.batch_count, totals.input_tokens, totals.output_tokens) == (1, 10, 5)
+
+
+async def test_ledger_totals_are_exact_and_count_unknown_costs(database):
+    store = database.metadata
+    assert (await database.ledger.totals(LedgerFilter())).batch_count == 0
+    big = 10**15 + 1  # a million dollars and a nano-dollar: no float would keep it
+    await end_batch(store, "batch_1", ledger_row("batch_1", nanos=big, tokens=(2**40, 1, 2, 3)))
+    await end_batch(store, "batch_2", ledger_row("batch_2", nanos=1, tokens=(1, 1, 1, 1)))
+    await end_batch(store, "batch_3", ledger_row("batch_3", nanos=None))
+    t = await database.ledger.totals(LedgerFilter())
+    assert (t.batch_count, t.cost_nanos, t.unknown_cost) == (3, big + 1, 1)
+    assert (t.input_tokens, t.cached_tokens, t.output_tokens, t.reasoning_tokens) == (2**40 + 11, 4, 8, 5)
+
+
+async def test_ledger_filters(database):
+    store = database.metadata
+    rows = [ledger_row("b1", ended_at=100, project="p", model="m1", provider="openai"),
+            ledger_row("b2", ended_at=200, project="p", model="m2", provider="anthropic"),
+            ledger_row("b3", ended_at=300, project="q", model="m1", provider="openai")]
+    for r in rows:
+        await end_batch(store, r["batch_id"], r, project=r["project"])
+    count = lambda **f: database.ledger.totals(LedgerFilter(**f))  # noqa: E731
+    assert (await count(start=200)).batch_count == 2
+    assert (await count(end=200)).batch_count == 1  # end is exclusive
+    assert (await count(start=100, end=300)).batch_count == 2
+    assert (await count(project="q")).batch_count == 1
+    assert (await count(project="nobody")).batch_count == 0
+    assert (await count(model="m1")).batch_count == 2
+    assert (await count(provider="anthropic")).batch_count == 1
+
+
+async def test_ledger_groups_in_value_order_with_a_keyset_cursor(database):
+    store = database.metadata
+    for i, (model, provider) in enumerate([("b", "x"), ("a", "y"), ("a", "x"), ("c", "x"), ("a", "x")]):
+        await end_batch(store, f"batch_{i}", ledger_row(f"batch_{i}", model=model, provider=provider))
+    dims = [Dimension("model"), Dimension("provider")]
+    groups = await database.ledger.aggregate(LedgerFilter(), dims, limit=10)
+    assert [(g.group["model"], g.group["provider"], g.batch_count) for g in groups] == [
+        ("a", "x", 2), ("a", "y", 1), ("b", "x", 1), ("c", "x", 1)]
+    first = await database.ledger.aggregate(LedgerFilter(), dims, limit=2)
+    rest = await database.ledger.aggregate(LedgerFilter(), dims, limit=10, after=json.loads(json.dumps(
+        first[-1].sort_key)))  # a cursor survives a page token's JSON
+    assert [g.group for g in first + rest] == [g.group for g in groups]
+    [everything] = await database.ledger.aggregate(LedgerFilter(), [], limit=10)
+    assert everything.batch_count == 5
+    assert await database.ledger.aggregate(LedgerFilter(), [], limit=10, after=everything.sort_key or [0]) == []
+    assert await database.ledger.aggregate(LedgerFilter(project="nobody"), [], limit=10) == []
+
+
+async def test_ledger_groups_by_a_metadata_key_with_the_absent_first(database):
+    store = database.metadata
+    odd = 'we"ird.key[0]'  # no JSON-path quoting of arbitrary keys
+    metas = [{"team": "b"}, {}, {"team": "a"}, {"other": "x"}, {"team": "a", odd: "1"}]
+    for i, meta in enumerate(metas):
+        await end_batch(store, f"batch_{i}", ledger_row(f"batch_{i}", metadata=meta))
+    groups = await database.ledger.aggregate(LedgerFilter(), [Dimension("metadata", "team")], limit=10)
+    assert [(g.group, g.batch_count) for g in groups] == [
+        ({}, 2), ({"metadata.team": "a"}, 2), ({"metadata.team": "b"}, 1)]
+    page = await database.ledger.aggregate(LedgerFilter(), [Dimension("metadata", "team")], limit=1)
+    after = await database.ledger.aggregate(LedgerFilter(), [Dimension("metadata", "team")], limit=10,
+                                            after=page[0].sort_key)
+    assert [g.group for g in after] == [{"metadata.team": "a"}, {"metadata.team": "b"}]
+    [weird] = [g for g in await database.ledger.aggregate(LedgerFilter(), [Dimension("metadata", odd)], limit=10)
+               if g.group]
+    assert weird.group == {f"metadata.{odd}": "1"}
+
+
+async def test_the_high_water_mark_pins_a_query_to_the_rows_it_had(database):
+    store = database.metadata
+    assert await database.ledger.high_water() == 0
+    await end_batch(store, "batch_1", ledger_row("batch_1"))
+    mark = await database.ledger.high_water()
+    await end_batch(store, "batch_2", ledger_row("batch_2"))
+    assert await database.ledger.high_water() > mark
+    assert (await database.ledger.totals(LedgerFilter(as_of=mark))).batch_count == 1
+    assert (await database.ledger.totals(LedgerFilter())).batch_count == 2
+
+
+async def test_the_ledger_sees_a_batch_end_as_soon_as_it_returns(database_backend, database):
+    other = await database_backend.open()
+    for i in range(20):
+        await end_batch(database.metadata, f"batch_{i}", ledger_row(f"batch_{i}"))
+        assert (await other.ledger.totals(LedgerFilter())).batch_count == i + 1
