@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
+from batchgate_server.core.ownership import Ownership
 from batchgate_server.domain.backoff import Backoff
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import (
@@ -42,7 +43,6 @@ from batchgate_server.domain.models import (
     FileRecord,
     RequestCounts,
 )
-from batchgate_server.core.ownership import Ownership
 from batchgate_server.core.routing import Router
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.providers.base import (

@@ -1,18 +1,16 @@
-"""Leases in the metadata store (what core/ownership.py builds on), with two replicas' stores
-opened on one database: adoption is exclusive, writes are fenced by the owner, a graceful stop
+"""The metadata port's leases (what core/ownership.py builds on), on every implementation, with two
+replicas' stores opened on one database: adoption is exclusive, writes are fenced by the owner, a graceful stop
 hands batches over, and the executor's answer segments are stored only by the owner."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import pytest
 
 from batchgate_server.domain.models import BatchRecord, BatchStatus
 from batchgate_server.store.errors import LeaseLost, RevisionConflict
-from batchgate_server.store.sqlite.metadata import SqliteMetadataStore
 
 LEASE = 10.0
 
@@ -24,15 +22,9 @@ def batch(batch_id: str, created_at: float | None = None) -> BatchRecord:
 
 
 @pytest.fixture
-async def two(tmp_path):
+async def two(database_backend):
     """Two stores on one database, as two replicas see it."""
-    async with contextlib.AsyncExitStack() as stack:
-        stores = []
-        for _ in range(2):
-            store = await SqliteMetadataStore.open(tmp_path / "shared.sqlite3")
-            stack.push_async_callback(store.close)
-            stores.append(store)
-        yield stores
+    return [(await database_backend.open()).metadata for _ in range(2)]
 
 
 async def test_a_live_lease_keeps_a_batch_and_an_expired_one_is_adopted_once(two):
@@ -117,11 +109,23 @@ async def test_answer_segments_are_stored_by_the_owner_only_and_once(two):
 async def test_batch_changes_are_announced_to_every_store_on_the_database(two):
     a, b = two
     heard: list[tuple[str, int]] = []
-    unsubscribe = b.changes.subscribe(lambda batch_id, revision: heard.append((batch_id, revision)))
+    got_second = asyncio.Event()
+
+    def listener(batch_id: str, revision: int) -> None:
+        heard.append((batch_id, revision))
+        if revision == 3:
+            got_second.set()
+
+    unsubscribe = b.changes.subscribe(listener)
+    await asyncio.sleep(0.2)  # a feed listening on a connection of its own is listening by now
     record = batch("batch_1")
     await a.insert_batch(record)
-    record.status = BatchStatus.IN_PROGRESS
-    await a.update_batch(record)
+    for _ in range(2):
+        record.status = BatchStatus.IN_PROGRESS
+        await a.update_batch(record)
+    await asyncio.wait_for(got_second.wait(), 5)
     unsubscribe()
+    record.status = BatchStatus.FINALIZING
     await a.update_batch(record)
-    assert heard == [("batch_1", 2)]
+    await asyncio.sleep(0.2)
+    assert heard == [("batch_1", 2), ("batch_1", 3)], "each revision once, in order, none after unsubscribing"
