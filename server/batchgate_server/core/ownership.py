@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Protocol
 
 from batchgate_server.domain.models import BatchRecord
-from batchgate_server.store.errors import StorageError
+from batchgate_server.providers.base import SharedProgress
+from batchgate_server.store.errors import Duplicate, LeaseLost, StorageError
 from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -140,3 +141,24 @@ class Ownership:
         for record in await self._adopt():
             log.info("batch %s: adopted from a replica whose lease expired", record.id)
             driver.adopt(record)
+
+
+class StoredProgress(SharedProgress):
+    """A batch's executor answers in the metadata store, written only while this replica owns it."""
+
+    def __init__(self, store: MetadataStore, batch_id: str, replica: str) -> None:
+        self.store = store
+        self.batch_id = batch_id
+        self.replica = replica
+
+    async def append(self, seq: int, writer: str, output: bytes, errors: bytes) -> None:
+        try:
+            await self.store.append_results(self.batch_id, seq, writer, output, errors, owner=self.replica)
+        except Duplicate:  # another run stored this segment: it drives the batch now
+            raise LeaseLost(self.batch_id) from None
+
+    async def read(self) -> list[tuple[str, bytes, bytes]]:
+        return await self.store.read_results(self.batch_id)
+
+    async def delete(self) -> None:
+        await self.store.delete_results(self.batch_id)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
-from batchgate_server.core.ownership import Ownership
+from batchgate_server.core.ownership import Ownership, StoredProgress
 from batchgate_server.domain.backoff import Backoff
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import (
@@ -52,13 +52,11 @@ from batchgate_server.providers.base import (
     ProviderError,
     ProviderJob,
     ResultKind,
-    SharedProgress,
     UnsupportedRequest,
     give_up_after,
 )
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.store.errors import (
-    Duplicate,
     LeaseLost,
     RevisionConflict,
     StorageError,
@@ -595,27 +593,6 @@ class BatchRunner:
             except Exception as err:  # noqa: BLE001 - best effort: the provider's retention sweep tidies up
                 log.warning("batch %s: could not release what it left at the provider: %s", self.rec.id, err)
         shutil.rmtree(self.job.workdir, ignore_errors=True)
-
-
-class StoredProgress(SharedProgress):
-    """A batch's executor answers in the metadata store, written only while this replica owns it."""
-
-    def __init__(self, store: MetadataStore, batch_id: str, replica: str) -> None:
-        self.store = store
-        self.batch_id = batch_id
-        self.replica = replica
-
-    async def append(self, seq: int, writer: str, output: bytes, errors: bytes) -> None:
-        try:
-            await self.store.append_results(self.batch_id, seq, writer, output, errors, owner=self.replica)
-        except Duplicate:  # another run stored this segment: it drives the batch now
-            raise LeaseLost(self.batch_id) from None
-
-    async def read(self) -> list[tuple[str, bytes, bytes]]:
-        return await self.store.read_results(self.batch_id)
-
-    async def delete(self) -> None:
-        await self.store.delete_results(self.batch_id)
 
 
 class _ResultSink:
