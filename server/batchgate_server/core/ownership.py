@@ -10,6 +10,9 @@ lease can never write over the one that took over; it stops its runners as soon 
 The replica id is kept in the data directory: a replica restarting on its own data directory
 (one process per directory, store/lock.py) takes its batches straight back instead of waiting
 for its old lease to run out, which is also how a single server resumes at once after a crash.
+
+StoredProgress is the owner's side of the executor's shared answers (providers/executor/progress.py):
+segments in the store, written under the same lease.
 """
 
 from __future__ import annotations
