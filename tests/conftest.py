@@ -17,6 +17,7 @@ from batchgate.v1 import batch_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import Settings
+from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.storage_full import SmallDisk
 
 MASTER_KEY = "test-master-key"
@@ -137,6 +138,22 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+@pytest.fixture
+def upstream_class() -> type[FakeUpstream]:
+    """The fake OpenAI-compatible server `upstream` runs; a module overrides this for a variant."""
+    return FakeUpstream
+
+
+@pytest.fixture
+async def upstream(upstream_class: type[FakeUpstream]) -> AsyncIterator[FakeUpstream]:
+    up = upstream_class()
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.stop()
 
 
 @pytest.fixture

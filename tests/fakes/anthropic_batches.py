@@ -54,12 +54,10 @@ The echo: text ``"echo: " + <last user text>``; ``input_tokens`` = words in syst
 message text (at least 1), ``output_tokens`` = words of the reply, cut to max_tokens words
 (stop_reason max_tokens) - so usage can be checked by hand.
 
-Eventual consistency, as a distributed service may show it: ``list_lag`` (seconds a new batch
-stays out of GET /v1/messages/batches), ``get_404_for`` (seconds retrieve, cancel and results of
-a new batch answer 404 not_found_error), ``create_latency`` (seconds the create takes to answer;
-the batch exists from the moment the body was read, so a client killed meanwhile leaves it
-behind, as Anthropic would). ``await create_in_flight()`` returns while a create is being
-answered (to kill a client then).
+Eventual consistency (``lag``, see consistency.py): a new batch stays out of GET
+/v1/messages/batches for ``lag.listing`` seconds, and retrieve, cancel and results of it answer
+404 not_found_error for ``lag.get`` seconds. ``gate`` holds create answers (the batch exists from
+the moment the body was read, as at Anthropic) so a test can kill the caller mid-create.
 
 Failure injection: ``inject(status, n, retry_after=None, path_contains=None, method=None,
 hang=False)`` - the next n matching calls answer `status` with an Anthropic error body.
@@ -83,6 +81,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+
+from .consistency import CreateGate, Lag
 
 __all__ = ["FakeAnthropicBatches", "FakeMessageBatch", "echo_message", "request_text"]
 
@@ -206,7 +206,7 @@ class FakeMessageBatch:
     archived_at: float | None = None
     expire_requested: bool = False
     next_tick_at: float = 0.0
-    born: float = dataclasses.field(default_factory=time.monotonic)  # for the lag knobs
+    born: float = dataclasses.field(default_factory=time.time)  # for lag
 
     def counts(self) -> dict[str, int]:
         c = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
@@ -221,8 +221,7 @@ class FakeMessageBatch:
 class FakeAnthropicBatches:
     def __init__(self, *, api_key: str | None = "test-key", clock: str = "time", tick_ms: float = 20.0,
                  requests_per_tick: int | None = None, max_requests: int = 100_000,
-                 max_body_bytes: int = 256_000_000, shuffle_seed: int | None = 7,
-                 list_lag: float = 0.0, get_404_for: float = 0.0, create_latency: float = 0.0) -> None:
+                 max_body_bytes: int = 256_000_000, shuffle_seed: int | None = 7) -> None:
         assert clock in ("time", "poll", "manual")
         self.api_key = api_key
         self.clock = clock
@@ -232,11 +231,8 @@ class FakeAnthropicBatches:
         self.max_body_bytes = max_body_bytes
         self.shuffle_seed = shuffle_seed
         self.paused = False
-        self.list_lag = list_lag
-        self.get_404_for = get_404_for
-        self.create_latency = create_latency
-        self._create_arrived = asyncio.Event()
-        self._creates_in_flight = 0
+        self.lag = Lag()
+        self.gate = CreateGate()
         self.batches: dict[str, FakeMessageBatch] = {}
         self.calls: list[tuple[str, str, dict]] = []
         self.created: list[dict] = []
@@ -273,12 +269,6 @@ class FakeAnthropicBatches:
 
     def calls_to(self, method: str, path_part: str) -> int:
         return sum(1 for m, p, _ in self.calls if m == method and path_part in p)
-
-    async def create_in_flight(self) -> None:
-        """Return at a moment when a create has been accepted and is not answered yet."""
-        while not self._creates_in_flight:
-            self._create_arrived.clear()
-            await self._create_arrived.wait()
 
     def sent_custom_ids(self) -> list[str]:
         return [cid for b in self.batches.values() for cid, _ in b.requests]
@@ -383,7 +373,7 @@ class FakeAnthropicBatches:
 
     def _batch_or_404(self, request: web.Request) -> FakeMessageBatch | web.Response:
         b = self.batches.get(request.match_info["id"])
-        if b is None or time.monotonic() < b.born + self.get_404_for:
+        if b is None or not self.lag.found(b.born):
             return self._err(404, "not_found_error", f"Message batch {request.match_info['id']} not found.")
         self._catch_up(b)
         return b
@@ -470,13 +460,7 @@ class FakeAnthropicBatches:
         b = FakeMessageBatch(id=self._new_id("msgbatch_"), created_at=now, expires_at=now + 86400,
                              requests=parsed, next_tick_at=time.monotonic() + self.tick_ms / 1000.0)
         self.batches[b.id] = b
-        if self.create_latency:
-            self._creates_in_flight += 1
-            self._create_arrived.set()
-            try:
-                await asyncio.sleep(self.create_latency)
-            finally:
-                self._creates_in_flight -= 1
+        await self.gate.passed()
         return web.json_response(self.batch_json(b))
 
     async def _list(self, request: web.Request) -> web.Response:
@@ -486,8 +470,7 @@ class FakeAnthropicBatches:
             return self._err(400, "invalid_request_error", "limit: Input should be a valid integer")
         if not 1 <= limit <= 1000:
             return self._err(400, "invalid_request_error", "limit: Input should be between 1 and 1000")
-        now = time.monotonic()
-        items = sorted((b for b in self.batches.values() if now >= b.born + self.list_lag),
+        items = sorted((b for b in self.batches.values() if self.lag.listed(b.born)),
                        key=lambda b: b.id, reverse=True)  # newest first
         for b in items:
             self._catch_up(b)

@@ -33,11 +33,10 @@ size are kept and answered by an output line of about the same size, generated w
 is downloaded: a 200 MB round trip without the fake holding 200 MB), and the Azure quirks ``capitalized_status``,
 ``iso_timestamps``, ``null_request_counts``, ``empty_error_file``.
 
-Eventual consistency, as a distributed provider may show it: ``list_lag`` (seconds a new batch or
-file stays out of GET /batches and GET /files), ``get_404_for`` (seconds GET and cancel of a new
-batch answer 404), ``create_latency`` (seconds POST /batches takes to answer; the batch exists from
-the start of the call, so a client killed meanwhile leaves it behind, as a real provider would).
-``await create_in_flight()`` returns while a POST /batches is being answered (to kill a client then).
+Eventual consistency (``lag``, see consistency.py): a new batch or file stays out of GET /batches
+and GET /files for ``lag.listing`` seconds, and GET and cancel of a new batch answer 404 for
+``lag.get`` seconds. ``gate`` holds POST /batches answers (the batch exists already, as at a real
+provider that received the request) so a test can kill the caller mid-create.
 
 Observation: ``calls`` (list of (method, path_qs, headers)), ``uploads`` (UploadStats per file id),
 ``files``, ``batches``, ``created_batch_requests`` (the JSON bodies of POST /batches).
@@ -56,6 +55,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .consistency import CreateGate, Lag
 from .openai_compatible_upstream import build_response, error_body
 
 __all__ = ["FakeBatchAPI", "FakeFile", "FakeBatch", "UploadStats"]
@@ -91,7 +91,7 @@ class FakeFile:
     content: bytes | None  # None when uploads are not stored
     expires_at: int | None = None
     source: Any = None  # () -> iterator of bytes: content generated while it is downloaded
-    born: float = dataclasses.field(default_factory=time.monotonic)  # for list_lag
+    born: float = dataclasses.field(default_factory=time.time)  # for lag
 
     def json(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
@@ -124,7 +124,7 @@ class FakeBatch:
     usage: dict = dataclasses.field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
     expire_requested: bool = False
     next_tick_at: float = 0.0
-    born: float = dataclasses.field(default_factory=time.monotonic)  # for the lag knobs
+    born: float = dataclasses.field(default_factory=time.time)  # for lag
 
 
 class FakeBatchAPI:
@@ -134,8 +134,7 @@ class FakeBatchAPI:
                  store_uploads: bool = True, synthetic_output: bool = False,
                  capitalized_status: bool = False,
                  iso_timestamps: bool = False, null_request_counts: bool = False,
-                 empty_error_file: bool = False, list_lag: float = 0.0, get_404_for: float = 0.0,
-                 create_latency: float = 0.0) -> None:
+                 empty_error_file: bool = False) -> None:
         self.azure = azure
         self.api_key = api_key
         self.clock = clock
@@ -152,11 +151,8 @@ class FakeBatchAPI:
         self.null_request_counts = null_request_counts
         self.empty_error_file = empty_error_file
         self.expire_all = False
-        self.list_lag = list_lag
-        self.get_404_for = get_404_for
-        self.create_latency = create_latency
-        self._create_arrived = asyncio.Event()
-        self._creates_in_flight = 0
+        self.lag = Lag()
+        self.gate = CreateGate()
         self.prefix = "/openai" if azure else "/v1"
         self.files: dict[str, FakeFile] = {}
         self.batches: dict[str, FakeBatch] = {}
@@ -202,18 +198,6 @@ class FakeBatchAPI:
 
     def calls_to(self, method: str, path_part: str) -> int:
         return sum(1 for m, p, _ in self.calls if m == method and path_part in p)
-
-    async def create_in_flight(self) -> None:
-        """Return at a moment when a create has arrived and is not answered yet."""
-        while not self._creates_in_flight:
-            self._create_arrived.clear()
-            await self._create_arrived.wait()
-
-    def _listed(self, born: float) -> bool:
-        return time.monotonic() >= born + self.list_lag
-
-    def _hidden_from_get(self, b: FakeBatch) -> bool:
-        return time.monotonic() < b.born + self.get_404_for
 
     # ------------------------------------------------------------------ lifecycle
     def _make_app(self) -> web.Application:
@@ -587,7 +571,7 @@ class FakeBatchAPI:
             stats.urls.add(None)
 
     async def _list_files(self, request: web.Request) -> web.Response:
-        files = sorted((f for f in self.files.values() if self._listed(f.born)), key=lambda f: f.id,
+        files = sorted((f for f in self.files.values() if self.lag.listed(f.born)), key=lambda f: f.id,
                        reverse=request.query.get("order", "desc") == "desc")
         purpose = request.query.get("purpose")
         if purpose:
@@ -690,18 +674,12 @@ class FakeBatchAPI:
                       created_at=now, expires_at=now + 86400,
                       next_tick_at=time.monotonic() + self.step_ms / 1000.0)
         self.batches[b.id] = b
-        if self.create_latency:
-            self._creates_in_flight += 1
-            self._create_arrived.set()
-            try:
-                await asyncio.sleep(self.create_latency)
-            finally:
-                self._creates_in_flight -= 1
+        await self.gate.passed()
         return web.json_response(self._batch_json(b))
 
     def _batch_or_404(self, request: web.Request) -> FakeBatch | web.Response:
         b = self.batches.get(request.match_info["id"])
-        if b is None or self._hidden_from_get(b):
+        if b is None or not self.lag.found(b.born):
             return self._err(404, f"No batch found with id '{request.match_info['id']}'.")
         return b
 
@@ -715,7 +693,7 @@ class FakeBatchAPI:
         return web.json_response(self._batch_json(b))
 
     async def _list_batches(self, request: web.Request) -> web.Response:
-        batches = sorted((b for b in self.batches.values() if self._listed(b.born)), key=lambda b: b.id,
+        batches = sorted((b for b in self.batches.values() if self.lag.listed(b.born)), key=lambda b: b.id,
                          reverse=True)
         for b in batches:
             self._catch_up(b)

@@ -1,7 +1,9 @@
-"""kill -9 of the real server (a subprocess) while its create calls are at the provider: the fake's
-CreateGate holds every create answer (the jobs exist already), the test kills the server once all
-creates have arrived, lets the answers go to the dead connections, restarts the server on the same
-data directory and watches every batch to its end."""
+"""The crash harness of every remote path: kill -9 of the real server (a subprocess) while its create
+calls are at the provider. The fake's CreateGate (tests/fakes/consistency.py) holds every create
+answer (the jobs exist already), the test kills the server once the creates have arrived, lets the
+answers go to the dead connections, restarts the server on the same data directory and watches
+every batch to its end. A provider's crash test is its fake, its config entry, one call of
+`kill_during_create`, `assert_each_answered_once` and its own count of provider jobs."""
 
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ class Outcome:
 
 
 async def kill_during_create(tmp_path: Path, config: Path, gate: CreateGate, inputs: list[list[dict]],
-                             before_stop: Callable[[], Awaitable[None]] | None = None) -> list[Outcome]:
-    """One batch per entry of `inputs`; the server is killed while all their creates are in flight.
+                             before_stop: Callable[[], Awaitable[None]] | None = None,
+                             in_flight: int | None = None) -> list[Outcome]:
+    """One batch per entry of `inputs`; the server is killed while `in_flight` creates (default: all
+    of them; 1 for a provider whose creates the server sends one at a time) are held at the provider.
     `before_stop` runs once every batch has ended, while the restarted server still runs."""
     data_dir, port = tmp_path / "data", free_port()
     proc, channel = await start_server(port, data_dir, config)
@@ -43,7 +47,7 @@ async def kill_during_create(tmp_path: Path, config: Path, gate: CreateGate, inp
             ids.append((await caller.batches.CreateBatch(batch_pb2.CreateBatchRequest(
                 input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"),
                 metadata=caller.metadata)).batch.id)
-        await gate.arrived(len(inputs))
+        await gate.arrived(len(inputs) if in_flight is None else in_flight)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         await channel.close()

@@ -520,7 +520,8 @@ async def test_an_unresolved_create_that_never_arrived_is_sent_again(tmp_path, a
 
 
 async def test_a_lost_create_listed_late_is_adopted_not_repeated(tmp_path, provider):
-    api = FakeAnthropicBatches(api_key=KEY, tick_ms=10, list_lag=0.5)
+    api = FakeAnthropicBatches(api_key=KEY, tick_ms=10)
+    api.lag.listing = 0.5
     await api.start()
     restarted = AnthropicBatchProvider()
     try:
@@ -538,6 +539,21 @@ async def test_a_lost_create_listed_late_is_adopted_not_repeated(tmp_path, provi
     finally:
         await restarted.close()
         await api.stop()
+
+
+async def test_a_batch_ended_before_a_lost_create_answer_stops_that_message_batch(tmp_path, manual_api,
+                                                                                  provider):
+    api = manual_api
+    h = make_job(tmp_path, [chat_line(0)], dep(api, **QUICK))
+    await provider.submit(h.job)
+    made = api.batches[h.job.state["msgbatch_id"]]
+    restarted = AnthropicBatchProvider()  # the crash lost the create's answer
+    try:
+        h2 = make_job(tmp_path, [chat_line(0)], dep(api, **QUICK), state=lost(h.job.state))
+        await restarted.release(h2.job)  # cancelled before a re-submit: the tracker ends it and releases it
+        assert made.processing_status == "canceling"
+    finally:
+        await restarted.close()
 
 
 async def test_a_lost_create_is_found_after_a_restart_among_same_sized_batches(tmp_path, api):
@@ -558,7 +574,8 @@ async def test_a_lost_create_is_found_after_a_restart_among_same_sized_batches(t
 
 
 async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(tmp_path, provider):
-    api = FakeAnthropicBatches(api_key=KEY, clock="manual", list_lag=3600)  # listed far too late
+    api = FakeAnthropicBatches(api_key=KEY, clock="manual")
+    api.lag.listing = 3600  # listed far too late
     await api.start()
     try:
         d = dep(api, **QUICK)
@@ -571,7 +588,7 @@ async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(tmp_pa
         assert h2.job.state["msgbatch_id"] != first and h2.job.state["abandoned_create"]
         await restarted.poll(h2.job)
         assert api.batches[first].processing_status == "in_progress", "not listed yet: not cancelled"
-        api.list_lag = 0
+        api.lag.listing = 0
         await restarted.poll(h2.job)  # listed now: the copy is cancelled at once
         await restarted.close()
         assert api.batches[first].processing_status == "canceling"

@@ -15,7 +15,6 @@ from openai.types.chat import ChatCompletion
 
 from batchgate.v1 import batch_pb2, file_pb2
 from tests.conftest import batch_file, error_details, jsonl, request_line, start_harness
-from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.integration.batch_helpers import (
     assert_lifecycle,
     create,
@@ -25,16 +24,6 @@ from tests.integration.batch_helpers import (
     watch_all,
     write_config,
 )
-
-
-@pytest.fixture
-async def upstream():
-    up = FakeUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.stop()
 
 
 @pytest.fixture

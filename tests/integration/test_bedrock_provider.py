@@ -293,7 +293,7 @@ async def test_kill_9_during_create_leaves_one_job_per_batch(s3, tmp_path):
 
     try:
         config = write_config(tmp_path / "models.yaml", [entry(
-            "claude", fake, s3, s3_bucket_name=bucket, bedrock_min_records=5, listing_lag=8, not_found_grace=30)])
+            "claude", fake, s3, s3_bucket_name=bucket, bedrock_min_records=5, create_lookup_patience=8, not_found_grace=30)])
         inputs = [many(5, prefix=f"b{b}-") for b in range(CRASH_BATCHES)]
         outcomes = await kill_during_create(tmp_path, config, fake.gate, inputs, before_stop=check_bucket)
         assert_each_answered_once(outcomes, inputs)

@@ -39,13 +39,8 @@ HALF_INFO = {"input_cost_per_token": "0.000004", "output_cost_per_token": "0.000
 
 
 @pytest.fixture
-async def upstream():
-    up = UsageUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.stop()
+def upstream_class():
+    return UsageUpstream
 
 
 def entries(base_url: str) -> list[dict]:

@@ -17,18 +17,7 @@ from batchgate.v1 import batch_pb2
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import FilePurpose, FileRecord
 from tests.conftest import jsonl, request_line, start_harness
-from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.integration.batch_helpers import TERMINAL, create, results, upstream_entry, write_config
-
-
-@pytest.fixture
-async def upstream():
-    up = FakeUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.stop()
 
 
 async def executor_harness(tmp_path, upstream, **params):

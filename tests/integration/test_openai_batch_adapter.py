@@ -28,7 +28,6 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.openai_batch import AzureBatchProvider, OpenAIBatchProvider
 from tests.fakes.openai_batch_api import FakeBatchAPI
-from tests.fakes.openai_compatible_upstream import FakeUpstream
 
 OPENAI_KEY = "sk-test"
 AZURE_KEY = "az-test-key"
@@ -183,6 +182,7 @@ async def test_full_lifecycle_completed(api, openai_provider, tmp_path):
         assert cc.model == "gpt-4o-mini-2024-07-18"
         assert cc.usage.total_tokens > 0
         assert cc.choices[0].message.content.startswith("echo: question ")
+    await openai_provider.release(h.job)
     assert st["input_file_id"] not in api.files, "the input file is deleted once results are read"
     assert api.batches[st["provider_batch_id"]].output_file_id in api.files
 
@@ -365,8 +365,20 @@ async def test_interrupted_create_is_adopted(api, openai_provider, tmp_path):
     assert h3.job.state["provider_batch_id"] != bid and len(api.batches) == 2
 
 
+async def test_a_batch_ended_before_a_lost_create_answer_stops_that_batch(api, openai_provider, tmp_path):
+    h = make_job(tmp_path, [chat_line(0)], openai_dep(api))
+    await openai_provider.submit(h.job)
+    made, input_id = h.job.state["provider_batch_id"], h.job.state["input_file_id"]
+    lost = {k: v for k, v in h.job.state.items() if k not in ("provider_batch_id", "provider_created_at")}
+    h2 = make_job(tmp_path, [chat_line(0)], openai_dep(api), state=lost)  # cancelled after the restart
+    await openai_provider.release(h2.job)  # the tracker ends the batch and releases it
+    assert api.batches[made].status == "cancelling"
+    assert input_id not in api.files
+
+
 async def test_a_create_listed_late_is_adopted_not_repeated(openai_provider, tmp_path):
-    api = FakeBatchAPI(api_key=OPENAI_KEY, list_lag=0.6)
+    api = FakeBatchAPI(api_key=OPENAI_KEY)
+    api.lag.listing = 0.6
     await api.start()
     try:
         d = openai_dep(api, timeout=0.5, create_lookup_patience=1.0)
@@ -399,7 +411,8 @@ async def test_duplicates_found_at_the_lookup_are_cancelled(api, openai_provider
 
 
 async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(openai_provider, tmp_path):
-    api = FakeBatchAPI(api_key=OPENAI_KEY, clock="manual", list_lag=3600)  # listed far too late
+    api = FakeBatchAPI(api_key=OPENAI_KEY, clock="manual")
+    api.lag.listing = 3600  # listed far too late
     await api.start()
     try:
         d = openai_dep(api, timeout=0.2, create_lookup_patience=0.2)
@@ -412,7 +425,7 @@ async def test_a_create_repeated_after_the_patience_cancels_the_late_copy(openai
         assert h2.job.state["provider_batch_id"] != first and h2.job.state["duplicate_watch_until"]
         await openai_provider.poll(h2.job)
         assert api.batches[first].status == "validating", "not listed yet: not cancelled"
-        api.list_lag = 0
+        api.lag.listing = 0
         await openai_provider.poll(h2.job)  # listed now: the copy is cancelled at once
         assert api.batches[first].status == "cancelling"
         assert api.batches[h2.job.state["provider_batch_id"]].status == "validating"
@@ -823,13 +836,6 @@ async def test_official_azure_client_drives_the_azure_fake(azure_api):
 
 
 # ------------------------------------------------------------------ the fake upstream
-
-@pytest.fixture
-async def upstream():
-    up = FakeUpstream()
-    await up.start()
-    yield up
-    await up.stop()
 
 
 async def test_fake_upstream_bodies_parse_with_openai_types(upstream):

@@ -29,7 +29,14 @@ from batchgate.v1 import batch_pb2, file_pb2
 from batchgate_server.providers.openai_batch import OpenAIBatchProvider
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.openai_batch_api import FakeBatchAPI
-from tests.integration.batch_helpers import assert_lifecycle, create, results, status_names, watch_all
+from tests.integration.batch_helpers import (
+    assert_lifecycle,
+    create,
+    eventually_empty,
+    results,
+    status_names,
+    watch_all,
+)
 
 OPENAI_KEY = "sk-e2e-openai-SECRET-7f3a9c"
 AZURE_KEY = "az-e2e-azure-SECRET-91bc44"
@@ -649,3 +656,32 @@ def test_a_bad_config_is_a_clear_start_up_error(tmp_path):
                            "--data-dir", str(tmp_path / "data")], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "BG_UNSET is not set" in proc.stderr and "model_list[0] (ok)" in proc.stderr
+
+
+# ------------------------------------------------------------------ nothing left at the provider
+
+def input_files(fake: FakeBatchAPI, batch_id: str):
+    """The blocking lister `eventually_empty` polls: our input files at the fake for that batch."""
+    return lambda: [f.id for f in fake.files.values() if f.filename == f"{batch_id}.jsonl"]
+
+
+async def test_a_batch_failed_after_its_upload_leaves_no_input_file(harness_oai_az, oai):
+    h = harness_oai_az
+    oai.inject(401, path_contains="/batches", method="POST")  # the upload went through, the create is refused
+    batch = await upload_create(h, chat_lines(2, "gpt-4o-mini"))
+    final = await wait_status(h.alice, batch.id, batch_pb2.BATCH_STATUS_FAILED)
+    assert [e.code for e in final.errors] == ["provider_auth"]
+    assert oai.calls_to("POST", "/v1/files") == 1 and not oai.batches
+    assert await eventually_empty(input_files(oai, batch.id)) == [], "the input file outlived its batch"
+
+
+async def test_a_batch_cancelled_between_upload_and_create_leaves_no_input_file(harness_oai_az, oai):
+    h = harness_oai_az
+    oai.inject(503, 1000, path_contains="/batches", method="POST")  # every create fails for now
+    batch = await upload_create(h, chat_lines(2, "gpt-4o-mini"))
+    while not input_files(oai, batch.id)() or not oai.calls_to("POST", "/v1/batches"):
+        await asyncio.sleep(0.02)  # uploaded, and the create was tried
+    await h.alice.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id), metadata=h.alice.metadata)
+    final = await wait_status(h.alice, batch.id, batch_pb2.BATCH_STATUS_CANCELLED)
+    assert final.request_counts.completed == 0 and not oai.batches
+    assert await eventually_empty(input_files(oai, batch.id)) == [], "the input file outlived its batch"

@@ -304,7 +304,7 @@ async def test_kill_9_during_create_leaves_one_job_per_batch(gcs, tmp_path):
 
     try:
         config = write_config(tmp_path / "models.yaml", [entry(
-            "gemini", fake, vertex_credentials="anonymous", gcs_bucket_name=bucket, listing_lag=8,
+            "gemini", fake, vertex_credentials="anonymous", gcs_bucket_name=bucket, create_lookup_patience=8,
             not_found_grace=30)])
         inputs = [[chat(f"b{b}-{i}", f"question {b}.{i}") for i in range(3)] for b in range(CRASH_BATCHES)]
         outcomes = await kill_during_create(tmp_path, config, fake.gate, inputs, before_stop=check_bucket)
@@ -439,7 +439,7 @@ def test_settings_fall_back_to_the_environment(monkeypatch):
 
 
 async def test_a_duplicate_seen_once_the_listing_catches_up_is_cancelled(vertex, keys, tmp_path):
-    dep = _dep(vertex, keys, listing_lag=1.0)
+    dep = _dep(vertex, keys, create_lookup_patience=1.0, timeout=2)
     provider = VertexBatchProvider()
     try:
         job = _job(tmp_path, dep, [chat(f"d{i}", f"hi {i}") for i in range(3)], "batch_dup")
@@ -493,7 +493,7 @@ async def test_release_sweeps_stale_objects_of_earlier_runs_but_not_of_running_b
 async def test_a_batch_ended_before_a_lost_create_answer_stops_the_job_that_create_made(vertex, keys, tmp_path):
     provider = VertexBatchProvider()
     try:
-        job = _job(tmp_path, _dep(vertex, keys, listing_lag=5), [chat("o", "hi")], "batch_orphan")
+        job = _job(tmp_path, _dep(vertex, keys, create_lookup_patience=5), [chat("o", "hi")], "batch_orphan")
         await provider.submit(job)
         made = vertex.jobs[job.state.pop("job_name").rsplit("/", 1)[1]]  # the answer was lost in a crash
         vertex.lag.listing = 0.5  # and the listing shows the job late

@@ -10,7 +10,7 @@ import pytest
 
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.providers.base import ProviderError, ProviderJob
-from batchgate_server.providers.eventual import Consistency, create_call, look_until
+from batchgate_server.providers.eventual import Consistency, create_call, look_until, wall_time
 
 
 def job(tmp_path: Path, saves: list) -> ProviderJob:
@@ -29,7 +29,7 @@ def job(tmp_path: Path, saves: list) -> ProviderJob:
 
 
 def test_params_and_defaults():
-    assert Consistency.from_params({}) == Consistency(30.0, 60.0)
+    assert Consistency.from_params({}) == Consistency(30.0, 300.0)
     c = Consistency.from_params({"create_lookup_patience": "2.5", "not_found_grace": -1})
     assert c == Consistency(2.5, 0.0)
     assert c.lookup_deadline(100.0, 60.0) == 162.5, "unanswered: from the end of the call's timeout"
@@ -71,6 +71,24 @@ def test_a_404_is_transient_only_within_the_grace():
     assert 0 < transient.retry_after <= 1
     assert c.not_found_is_transient(err, time.time() - 11, "the batch") is None
     assert c.not_found_is_transient(err, None, "the batch") is None, "a job we never created here"
+
+
+def test_the_grace_and_stored_times_every_adapter_reads():
+    c = Consistency(not_found_grace=10)
+    assert c.within_grace(time.time() - 2) and not c.within_grace(time.time() - 11)
+    assert not c.within_grace(None) and not c.within_grace(wall_time(None)), "a job we never learned of"
+    assert wall_time(12.5) == 12.5 and wall_time(True) == 0.0 and wall_time("x") == 0.0
+    assert Consistency(2.0).duplicate_watch_until(100.0) == 120.0
+
+
+async def test_look_for_create_stops_at_its_deadline():
+    start = time.time()
+
+    async def never():
+        return None
+
+    assert await Consistency(lookup_patience=1.0).look_for_create(never, start + 0.25) is None
+    assert 0.25 <= time.time() - start < 1.5
 
 
 @pytest.mark.parametrize("code, records", [("provider_unavailable", True), ("provider_unreachable", False)])

@@ -169,9 +169,12 @@ class BatchProvider(abc.ABC):
         normalised to OpenAI batch output lines with the caller's original custom_ids."""
 
     async def release(self, job: ProviderJob) -> None:
-        """Called once after the batch has ended and its results are stored: delete what the job
-        left at the provider (staged objects, uploaded files). Best effort and bounded; a failure
-        is only logged, and what is left is the provider's own retention policy's business."""
+        """Called once on every ending (completed, expired, failed, cancelled, also before any
+        create), after the terminal state and any results are stored: stop the job a create whose
+        answer was lost may have made, and delete what the job left at the provider (staged
+        objects, uploaded files). Best effort and bounded; a failure is only logged, and what is
+        left is the provider's own retention policy's business. (A batch failed with
+        internal_error is not released: its leftovers are kept for inspection.)"""
 
     async def detach(self, job: ProviderJob) -> None:
         """Another replica owns the batch now: stop whatever this process does for the job

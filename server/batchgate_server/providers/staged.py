@@ -8,15 +8,15 @@ State kept in `job.state` stays small: the custom_id mapping is deterministic (s
 `custom_ids.CustomIdCodec`), so `results()` rebuilds it from the input file instead of storing
 one entry per remapped id.
 
-Eventual consistency (litellm_params, seconds):
-- `not_found_grace` (default 300): a job we created that answers 404 is taken as not visible yet
-  (poll reports no change, a cancel is retried) until this long after we learned its id; then the
-  batch fails with provider_job_not_found.
-- `listing_lag` (default 60): how long after a create the provider's listing may still miss the
-  job. A submit after a crash during the create looks the job up again for up to that long
-  (from the create's start) before it creates another; a batch that ended before we learned its
-  job (cancelled while a crash had lost the create's answer) has that job looked up and cancelled
-  by `release()`.
+Eventual consistency: providers/eventual.py, with its `create_lookup_patience` and
+`not_found_grace` (litellm_params, seconds):
+- a job we created that answers 404 is taken as not visible yet (poll reports no change, a cancel
+  is retried) until `not_found_grace` after we learned its id; then the batch fails with
+  provider_job_not_found.
+- a submit after a crash during the create looks the job up again until `create_lookup_patience`
+  after that create's call ended (or its `timeout` would have) before it creates another; a batch
+  that ended before we learned its job (cancelled while a crash had lost the create's answer) has
+  that job looked up and cancelled by `release()`.
 
 Retention of staged objects (everything under <prefix>/<batch_id>/ in the bucket: the translated
 input, the provider's output, a duplicate job's output):
@@ -56,6 +56,7 @@ from batchgate_server.providers.base import (
     UnsupportedRequest,
 )
 from batchgate_server.providers.custom_ids import CustomIdCodec
+from batchgate_server.providers.eventual import Consistency, create_call, wall_time
 from batchgate_server.providers.lines import complete_lines, last_line
 from batchgate_server.providers.output_lines import dumps, line_id, no_result_line
 from batchgate_server.providers.params import float_param
@@ -65,31 +66,11 @@ WRITE_FLUSH = 1024 * 1024
 YIELD_EVERY = 500  # input lines between two `await asyncio.sleep(0)` in CPU-bound loops
 TERMINAL = {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.EXPIRED, JobStatus.CANCELLED}
 
-DEFAULT_NOT_FOUND_GRACE = 300.0
-DEFAULT_LISTING_LAG = 60.0
 DEFAULT_STAGED_RETENTION = 7 * 86400.0
 SWEEP_EVERY = 3600.0
 SWEEP_LIMIT = 1000  # objects one sweep reads
 RELEASE_LIMIT = 10_000  # objects of one batch release deletes
 STAGED_KEY = re.compile(r"(batch_[A-Za-z0-9_-]+)/(?:input\.jsonl$|input/|output/)")
-
-
-def wall_time(value: Any) -> float:
-    """A unix time kept in job.state; 0 for a missing or old-style (boolean) entry."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
-async def look_again(find: Callable[[], Awaitable[Any]], until: float) -> Any:
-    """`await find()` until it answers something or the wall clock passes `until` (at least once),
-    pausing 0.25 s, 0.5 s, … up to 5 s between looks: for listings that show a new job late."""
-    pause = 0.25
-    while True:
-        found = await find()
-        left = until - time.time()
-        if found or left <= 0:
-            return found
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, 5.0)
 
 
 @dataclass(frozen=True)
@@ -393,7 +374,13 @@ class StagedBatchProvider(BatchProvider):
         """Run the provider's create call (`create` answers the job id) marked by create_started:
         from then on a lost answer is looked for (by a re-submit, cancel, release). A refused
         create made no job, unless an earlier create whose answer was lost may have made one."""
-        job_id = await self._marked(job, "create_started", time.time(), create,
+        job.state.pop("create_ended_at", None)  # (of an earlier create)
+
+        async def marked_create() -> str:
+            async with create_call(job):
+                return await create()
+
+        job_id = await self._marked(job, "create_started", time.time(), marked_create,
                                     keep_on_refusal=bool(job.state.get("recreated")))
         await self._remember_job(job, job_id)
 
@@ -405,13 +392,21 @@ class StagedBatchProvider(BatchProvider):
 
     def _may_be_lagging(self, job: ProviderJob) -> bool:
         """True while a 404 for the batch's job may be the provider not showing it yet."""
-        grace = float_param(job.deployment.params, "not_found_grace", DEFAULT_NOT_FOUND_GRACE)
-        return time.time() - wall_time(job.state.get("job_seen_at")) < grace
+        return Consistency.from_params(job.deployment.params).within_grace(wall_time(job.state.get("job_seen_at")))
 
-    def _listing_until(self, job: ProviderJob) -> float:
+    async def _look_for_created(self, job: ProviderJob, cfg: Any, find: Callable[[], Awaitable[Any]]) -> Any:
+        """`find()` (None or empty: not found) again and again for as long as the listing may miss
+        the job of the create marked by create_started (see providers/eventual.py)."""
+        async def found() -> Any:
+            return await find() or None
+
+        return await Consistency.from_params(job.deployment.params).look_for_create(
+            found, self._lookup_deadline(job, cfg))
+
+    def _lookup_deadline(self, job: ProviderJob, cfg: Any) -> float:
         """Until when the listing may still miss a job whose create started at create_started."""
-        lag = float_param(job.deployment.params, "listing_lag", DEFAULT_LISTING_LAG)
-        return wall_time(job.state.get("create_started")) + lag
+        return Consistency.from_params(job.deployment.params).lookup_deadline(
+            wall_time(job.state.get("create_started")), cfg.timeout, job.state.get("create_ended_at"))
 
     async def _stop(self, cfg: Any, job: ProviderJob, job_id: str) -> None:
         """`_end_job`, where a 404 in the grace period is retried (the tracker backs off)."""

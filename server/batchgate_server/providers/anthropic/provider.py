@@ -11,7 +11,7 @@ max_retries        retries after the first attempt on 429/5xx/network errors, de
 backoff_base       first backoff step in seconds (exponential, jittered), default 0.5
 default_max_tokens max_tokens for requests that set none (Anthropic requires it), default 4096
 poll_interval      seconds between polls (read by the tracker; class default 10)
-create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 60 s)
+create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 300 s)
 =================  =====================================================================
 
 How a job runs
@@ -60,6 +60,8 @@ found again by what the listing does show:
   while the listing may lag (``create_lookup_patience``) before it ever creates again;
 * if it does create again, the lost create's window is kept (``abandoned_create``) and each
   poll looks for it for a while longer: found late, it is cancelled at once;
+* a batch that ends before its create was resolved (cancelled after a crash during the create)
+  has that create looked for the same way by ``release()``, and cancelled;
 * results are matched by custom id: a request of ours missing from them becomes an error line
   (``provider_result_missing``), a result that isn't ours is skipped.
 
@@ -100,7 +102,7 @@ from batchgate_server.providers.base import (
     UnsupportedRequest,
 )
 from batchgate_server.providers.custom_ids import anthropic_codec
-from batchgate_server.providers.eventual import Consistency, create_call, look_until
+from batchgate_server.providers.eventual import Consistency, create_call
 from batchgate_server.providers.openai_batch.client import ApiClient, Conn
 from batchgate_server.providers.params import float_param, int_param
 
@@ -133,7 +135,6 @@ _YIELD_EVERY = 500  # lines translated between two chances for the event loop to
 CLOCK_SKEW = 2.0  # seconds Anthropic's created_at may differ from our clock
 LOOKUP_PAGES = 5  # pages of LOOKUP_PAGE batches searched for a lost create
 LOOKUP_PAGE = 100
-DUPLICATE_WATCH = 10  # a recreated batch's lost create is watched for this many patiences more
 MAX_CLAIMED = 20_000  # message batch ids remembered per account as belonging to known batches
 
 
@@ -234,10 +235,9 @@ class AnthropicBatchProvider(BatchProvider):
             if st.get("create_started_at"):
                 consistency = Consistency.from_params(job.deployment.params)
                 lost = self._lost_create(st, prepared.sent)
-                found = await look_until(
+                found = await consistency.look_for_create(
                     lambda: self._find_created(conn, account, lost),
-                    deadline=consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]),
-                    interval=consistency.lookup_interval())
+                    consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]))
                 if found:
                     log.info("batch %s: adopting Anthropic message batch %s created before an "
                              "interruption", job.batch_id, found)
@@ -328,8 +328,8 @@ class AnthropicBatchProvider(BatchProvider):
         st = job.state
         lost = st["abandoned_create"]
         consistency = Consistency.from_params(job.deployment.params)
-        watch_until = (consistency.lookup_deadline(lost["started_at"], conn.timeout, lost.get("ended_at"))
-                       + DUPLICATE_WATCH * consistency.lookup_patience)
+        watch_until = consistency.duplicate_watch_until(
+            consistency.lookup_deadline(lost["started_at"], conn.timeout, lost.get("ended_at")))
         account = self._account(conn)
         account.claim(st["msgbatch_id"])
         dup = await self._find_created(conn, account, lost)
@@ -346,6 +346,32 @@ class AnthropicBatchProvider(BatchProvider):
             del st["abandoned_create"]
             await job.save_state()
 
+    async def release(self, job: ProviderJob) -> None:
+        """Nothing of ours stays at Anthropic (the requests go in the create's body, results expire
+        there), except the message batch of a create whose answer was lost when the batch ended
+        without it (cancelled after a crash during the create): that one is looked for and cancelled."""
+        st = job.state
+        if st.get("msgbatch_id") or not st.get("create_started_at"):
+            return
+        conn = self._conn(job.deployment)
+        account = self._account(conn)
+        consistency = Consistency.from_params(job.deployment.params)
+        lost = self._lost_create(st, int(st.get("requests_sent") or 0))
+        async with account.create_lock:  # as in submit: the lost create is alone in its window
+            found = await consistency.look_for_create(
+                lambda: self._find_created(conn, account, lost),
+                consistency.lookup_deadline(lost["started_at"], conn.timeout, lost["ended_at"]))
+        if found is None:
+            return
+        log.warning("batch %s: ended while its Anthropic create was unresolved; cancelling message batch %s "
+                    "that create made", job.batch_id, found)
+        account.claim(found)
+        try:
+            await self._api.request_json(conn, "POST", f"{BATCHES_PATH}/{found}/cancel")
+        except ProviderError as e:
+            if e.code not in ("provider_invalid_request", "provider_not_found"):
+                raise
+
     async def poll(self, job: ProviderJob) -> PollResult:
         st = job.state
         cancel_requested = bool(st.get("cancel_sent")) or job.cancel_requested.is_set()
@@ -357,9 +383,6 @@ class AnthropicBatchProvider(BatchProvider):
                 return PollResult(status, RequestCounts(job.line_count, 0, not_sent),
                                   detail="nothing was sent to Anthropic")
             if cancel_requested:  # cancelled before it was submitted
-                if st.get("create_started_at"):
-                    log.warning("batch %s: cancelled while its Anthropic create was unresolved; a "
-                                "batch that create made is not looked for", job.batch_id)
                 return PollResult(JobStatus.CANCELLED, None, detail="cancelled before submission")
             raise ProviderError(f"batch {job.batch_id} has no Anthropic message batch id (not submitted)",
                                 code="provider_job_not_found", retryable=False)

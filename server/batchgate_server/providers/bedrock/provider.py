@@ -29,12 +29,13 @@ bedrock_max_records     maximum records per job, default 50,000
 max_tokens              max_tokens for Claude requests that set none, default 4096
 timeout, max_retries    per AWS call (botocore standard retry mode)
 poll_interval           seconds between polls (read by the tracker; class default 30)
-not_found_grace, listing_lag, staged_retention
-                        see providers/staged.py (404 grace, listing lag, retention of the staged
-                        objects)
+create_lookup_patience, not_found_grace
+                        see providers/eventual.py (defaults 30 s and 300 s)
+staged_retention        see providers/staged.py (retention of the staged objects)
 ======================  ======================================================================
 
-job.state keys: sent / skipped, staged_prefix, input_uri, output_uri, create_started, job_arn,
+job.state keys: sent / skipped, staged_prefix, input_uri, output_uri, create_started, create_ended_at,
+job_arn,
 job_seen_at, no_job, expire_sent, cancel_sent (see the Vertex adapter: the same meanings). A
 re-submit after a crash is safe without a lookup: the clientRequestToken makes Bedrock answer
 with the job it already created (so a crash during the create leaves one job, not two).
@@ -67,7 +68,6 @@ from batchgate_server.providers.staged import (
     Staged,
     StagedBatchProvider,
     StagedObject,
-    look_again,
 )
 
 from . import translate
@@ -183,9 +183,8 @@ class BedrockBatchProvider(StagedBatchProvider):
                 return  # nothing was created at Bedrock
             # A create may have reached Bedrock before an interruption: look the job up by name, for
             # as long as the listing may not show it yet.
-            arn = await look_again(lambda: self._client.find_job(cfg, translate.make_job_name(job.batch_id),
-                                                                 client_request_token(job.batch_id)),
-                                   self._listing_until(job))
+            arn = await self._look_for_created(job, cfg, lambda: self._client.find_job(
+                cfg, translate.make_job_name(job.batch_id), client_request_token(job.batch_id)))
             if not arn:
                 return
             await self._remember_job(job, arn)

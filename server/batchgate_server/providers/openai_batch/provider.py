@@ -13,7 +13,7 @@ max_retries        retries after the first attempt on 429/5xx/network errors, de
 poll_interval      seconds between polls for this deployment (class default 5.0)
 backoff_base       first backoff step in seconds (exponential, jittered), default 0.5
 give_up_after      (the tracker's) seconds of only retryable errors before the batch fails, default 6 h
-create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 60 s)
+create_lookup_patience, not_found_grace   see providers/eventual.py (defaults 30 s and 300 s)
 =================  =====================================================================
 
 At most one provider batch per batch, whatever the crash
@@ -33,10 +33,12 @@ job.state keys: ``upload_started``, ``upload_resumed_at``, ``input_file_id``, ``
   (``duplicate_watch_until``) and cancel it as soon as it is listed.
 * A 404 for the batch within ``not_found_grace`` seconds of its create is "not visible yet"
   (retried); after that it fails the batch with ``provider_job_not_found``.
-* Once the batch has ended and its results were read (or it failed), the input file and any copy
-  of it left by an interrupted upload are deleted at the provider (after an interrupted upload,
-  no sooner than ``create_lookup_patience`` after the resumed submit, so that a late-listed copy
-  is seen); output and error files stay with the provider's own retention.
+* ``release()``, which the tracker calls on every ending (completed, failed, cancelled, also
+  before any create), cancels the batch a create whose answer was lost may have made, and
+  deletes the input file and any copy of it left by an interrupted upload at the provider
+  (after an interrupted upload, no sooner than ``create_lookup_patience`` after the resumed
+  submit, so that a late-listed copy is seen); output and error files stay with the
+  provider's own retention.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ import httpx
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,
-    JobStatus,
     PollResult,
     ProviderError,
     ProviderJob,
@@ -61,7 +62,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.eventual import Consistency, create_call, look_until
+from batchgate_server.providers.eventual import Consistency, create_call
 from batchgate_server.providers.params import float_param, int_param
 
 from . import mapping
@@ -76,7 +77,6 @@ LOOKUP_PAGES = 5  # pages of 100 batches searched when reconciling an interrupte
 FILE_PAGE = 10_000  # files listed per page when looking for our input files
 FILE_PAGES = 5
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-DUPLICATE_WATCH = 10  # after a repeated create, polls look for a late copy this many patiences more
 
 
 class _OpenAIFamilyProvider(BatchProvider):
@@ -155,15 +155,14 @@ class _OpenAIFamilyProvider(BatchProvider):
         if started is not None:
             consistency = Consistency.from_params(job.deployment.params)
             deadline = consistency.lookup_deadline(float(started), conn.timeout, st.get("create_ended_at"))
-            found = await look_until(lambda: self._adopt_created(conn, job), deadline=deadline,
-                                     interval=consistency.lookup_interval())
+            found = await consistency.look_for_create(lambda: self._adopt_created(conn, job), deadline)
             if found:
                 return
             log.warning("batch %s: the %s create started at %s is not listed after %.0fs of looking; "
                         "creating the batch again (a late copy will be cancelled)", job.batch_id, self.label,
                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(started))),
                         time.time() - float(started))
-            st["duplicate_watch_until"] = deadline + DUPLICATE_WATCH * consistency.lookup_patience
+            st["duplicate_watch_until"] = consistency.duplicate_watch_until(deadline)
         if not st.get("input_file_id"):
             st["input_file_id"] = await self._input_file(conn, job)
             await job.save_state()
@@ -196,8 +195,6 @@ class _OpenAIFamilyProvider(BatchProvider):
         except ValueError as e:
             raise ProviderError(f"{self.label} batch {bid}: {e}", code="provider_bad_response",
                                 retryable=True) from e
-        if result.status is JobStatus.FAILED:
-            await self._delete_inputs(conn, job)  # no results to read: the input is done with
         return result
 
     async def cancel(self, job: ProviderJob) -> None:
@@ -247,7 +244,14 @@ class _OpenAIFamilyProvider(BatchProvider):
                     raise
                 log.warning("batch %s: error file %s not found; treating it as empty",
                             job.batch_id, info.error_file_id)
-        await self._delete_inputs(conn, job)
+
+    async def release(self, job: ProviderJob) -> None:
+        """Every ending (completed, failed, cancelled, also before the create): stop the provider
+        batch a lost create may have made, then delete the uploaded input."""
+        st = job.state
+        if not st.get("provider_batch_id") and (st.get("create_started_at") or st.get("create_started")):
+            await self.cancel(job)
+        await self._delete_inputs(self._conn(job.deployment), job)
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         interval = job.deployment.params.get("poll_interval")

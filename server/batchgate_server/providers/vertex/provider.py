@@ -21,21 +21,22 @@ vertex_api_base      REST base override (scheme://host), default https://{locati
 gcs_endpoint_url     GCS endpoint override (STORAGE_EMULATOR_HOST is honoured as well)
 timeout, max_retries, backoff_base   per REST call, as for the OpenAI adapter
 poll_interval        seconds between polls (read by the tracker; class default 30)
-not_found_grace, listing_lag, staged_retention
-                     see providers/staged.py (404 grace, listing lag, retention of the staged
-                     objects)
+create_lookup_patience, not_found_grace
+                     see providers/eventual.py (defaults 30 s and 300 s)
+staged_retention     see providers/staged.py (retention of the staged objects)
 ===================  ===========================================================================
 
 At most one job per batch: Vertex AI's create takes no idempotency key, so every job carries the
 batch id in its `batchgate_batch_id` label, and create_started (the wall time) is saved before the
 create call. A submit that finds create_started set (a crash during the create) lists the jobs
-with that label, again and again until listing_lag after that create, and adopts the oldest; it
-creates another only when none shows up. After such a re-create, every poll until listing_lag
-later lists the label again and cancels any job but ours (its output, under the batch's prefix,
+with that label, again and again until create_lookup_patience after that create's call ended (or
+would have timed out), and adopts the oldest; it creates another only when none shows up. After
+such a re-create, every poll until the same deadline for the re-create lists the label again and cancels any job but ours (its output, under the batch's prefix,
 goes when the batch is released).
 
 job.state keys: sent / skipped (records uploaded / lines that failed translation), staged_prefix,
-input_uri, output_prefix, create_started, recreated (the last create may have a twin that the
+input_uri, output_prefix, create_started, create_ended_at (when Vertex AI answered that create with an
+error), recreated (the last create may have a twin that the
 listing did not show yet: polls look for it), twins_pending (a twin found could not be cancelled
 yet: polls try again), job_name, job_seen_at (when we learned job_name: the 404 grace), no_job
 (nothing was translatable: no job was created), expire_sent (batchgate cancelled the job when the
@@ -67,7 +68,6 @@ from batchgate_server.providers.staged import (
     ResultTracker,
     StagedBatchProvider,
     StagedObject,
-    look_again,
 )
 
 from . import translate
@@ -238,7 +238,7 @@ class VertexBatchProvider(StagedBatchProvider):
     async def _adopt_earlier(self, cfg: VertexConfig, job: ProviderJob) -> bool:
         """After a crash during the create: look for the job it made, for as long as the listing may
         lag; adopt the oldest found (cancelling any other). False when none shows up."""
-        found = await look_again(lambda: self._labelled_jobs(cfg, job), self._listing_until(job))
+        found = await self._look_for_created(job, cfg, lambda: self._labelled_jobs(cfg, job))
         if not found:
             return False
         name = str(found[0].get("name"))
@@ -248,14 +248,14 @@ class VertexBatchProvider(StagedBatchProvider):
         return True
 
     async def _cancel_twins(self, job: ProviderJob) -> None:
-        """Until listing_lag after a re-create, cancel any job of this batch but ours: a create that was
-        in flight at a crash and that the listing showed too late."""
+        """Until the listing shows every job of a re-create (see _lookup_deadline), cancel any job of
+        this batch but ours: a create that was in flight at a crash and that the listing showed too late."""
         st = job.state
-        if time.time() > self._listing_until(job) and not st.get("twins_pending"):
+        cfg = VertexConfig.from_params(job.deployment.params)
+        if time.time() > self._lookup_deadline(job, cfg) and not st.get("twins_pending"):
             st.pop("recreated", None)
             await job.save_state()
             return
-        cfg = VertexConfig.from_params(job.deployment.params)
         twins = [j for j in await self._labelled_jobs(cfg, job) if j.get("name") != st["job_name"]]
         pending = not await self._cancel_jobs(cfg, job, twins)
         if pending != bool(st.get("twins_pending")):
