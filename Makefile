@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+NODE_TESTS := tests/node
+NODE_STAMP := $(NODE_TESTS)/node_modules/.package-lock.json
+
 .PHONY: install gen check-gen lint format test test-fast demo bench clean
 
 install: $(STAMP)
@@ -28,7 +31,11 @@ lint: install
 format: install
 	$(BIN)/buf format -w
 
-test: install check-gen lint
+# The openai npm package for tests/integration/test_http_node.py, as package-lock.json pins it.
+$(NODE_STAMP): $(NODE_TESTS)/package.json $(NODE_TESTS)/package-lock.json
+	cd $(NODE_TESTS) && npm ci --no-audit --no-fund
+
+test: install check-gen lint $(NODE_STAMP)
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -39,12 +46,15 @@ demo: install
 
 bench: install
 	$(PY) bench/validate_speed.py
-	$(PY) bench/upload.py
+	$(PY) bench/upload.py --moto
+	$(PY) bench/blob_clients.py
 	$(PY) bench/executor.py
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py
+	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
+	$(PY) bench/soak.py
 
 clean:
-	rm -rf $(VENV) .demo-data .pytest_cache
+	rm -rf $(VENV) .demo-data .pytest_cache $(NODE_TESTS)/node_modules

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -73,3 +75,50 @@ def wait_port(port: int, timeout: float = 15) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
+
+
+def wait_http(url: str, seconds: float = 30) -> None:
+    """Until something answers HTTP at `url`."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up") from None
+            time.sleep(0.1)
+
+
+MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def emulator(*command: str, port_flag: str = "--port") -> Iterator[str]:
+    """An emulator's command (from the venv's bin) in its own process on a free port; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / command[0]), *command[1:], port_flag, str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url)
+        yield url
+    finally:
+        stop(proc)
+
+
+def moto_server() -> contextlib.AbstractContextManager[str]:
+    return emulator("moto_server", port_flag="-p")
+
+
+def new_s3_bucket(endpoint: str) -> str:
+    import uuid
+
+    import boto3
+
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                 aws_secret_access_key="bench").create_bucket(Bucket=bucket)
+    return bucket

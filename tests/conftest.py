@@ -17,6 +17,9 @@ from batchgate.v1 import batch_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.core.auth import create_api_key
 from batchgate_server.settings import Settings
+from tests.backends_objects import (  # noqa: F401  (fixtures: S3 and GCS emulators, blob stores on them)
+    gcs_blob_store, gcs_bucket, gcs_emulator, moto_s3, s3_blob_store, s3_bucket,
+)
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.storage_full import SmallDisk
 
@@ -31,6 +34,11 @@ class Caller:
     batches: batch_pb2_grpc.BatchServiceStub
     metadata: tuple[tuple[str, str], ...]
     project: str
+
+    @property
+    def api_key(self) -> str:
+        """The secret behind `metadata`, for HTTP clients ("" for none)."""
+        return next((value.removeprefix("Bearer ") for key, value in self.metadata if key == "authorization"), "")
 
 
 @dataclasses.dataclass
@@ -138,6 +146,13 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     finally:
         await h.channel.close()
         await h.server.stop(grace=0)
+
+
+@pytest.fixture
+async def http_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The harness with the OpenAI-compatible HTTP API on too (server.http_port)."""
+    async with serving(tmp_path / "data", http_address="127.0.0.1:0") as h:
+        yield h
 
 
 @pytest.fixture

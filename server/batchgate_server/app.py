@@ -17,6 +17,7 @@ from batchgate.v1 import batch_pb2, file_pb2, file_pb2_grpc
 from batchgate.v1 import usage_pb2, usage_pb2_grpc
 from batchgate_server.api.batches import BatchServicer, add_batch_service
 from batchgate_server.api.files import FileServicer
+from batchgate_server.api.http.server import HttpServer, build_app
 from batchgate_server.api.reflection import enable_reflection
 from batchgate_server.api.undecodable import SoftDecoding
 from batchgate_server.api.usage import UsageServicer
@@ -118,7 +119,9 @@ class BatchgateServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.port: int = 0
+        self.http_port: int = 0  # 0 while the HTTP API is off
         self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self.store: MetadataStore | None = None
         self._database: Database | None = None
@@ -166,9 +169,10 @@ class BatchgateServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
 
-        address = s.address
+        address, http_address = s.address, s.http_address
         if self.auth.open:
             address = loopback_only(address)
+            http_address = http_address and loopback_only(http_address)
             log.warning("no API key configured (BATCHGATE_MASTER_KEY or `batchgate-server keys create`):"
                         " serving without authentication, on loopback only (%s)", address)
         credentials = server_credentials(s)
@@ -190,6 +194,11 @@ class BatchgateServer:
         await self._start_background()
         await server.start()
         self._server = server
+        if http_address:
+            self._http = HttpServer(build_app(self.auth, self.files, self.batches, s.heartbeat_interval),
+                                    s.grace_period)
+            self.http_port = await self._http.start(http_address)
+            log.info("OpenAI-compatible HTTP API on %s (port %d)", http_address, self.http_port)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._health = health_servicer
@@ -241,6 +250,8 @@ class BatchgateServer:
         self.hub.start()
 
     async def stop(self, grace: float | None = None) -> None:
+        if self._http is not None:
+            await self._http.stop()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._health.enter_graceful_shutdown()

@@ -13,6 +13,7 @@ MIB = 1024 * 1024
 @dataclass
 class Settings:
     address: str = "127.0.0.1:50051"
+    http_address: str = ""  # the OpenAI-compatible HTTP API: off unless set
     data_dir: Path = Path("./data")
     # Empty: SQLite and local disk in data_dir (store/urls.py). A database URL may hold a password.
     database_url: str = field(default="", repr=False)
@@ -58,6 +59,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="batchgate-server", description="Run the batchgate gRPC server.",
                                 add_help=add_help)
     p.add_argument("--address", default=_env("ADDRESS", d.address), help="host:port to listen on [BATCHGATE_ADDRESS]")
+    p.add_argument("--http-address", default=_env("HTTP_ADDRESS", d.http_address),
+                   help="host:port of the OpenAI-compatible HTTP API; off when empty [BATCHGATE_HTTP_ADDRESS]")
     p.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", str(d.data_dir))),
                    help="SQLite database and file blobs (by default), executor work files [BATCHGATE_DATA_DIR]")
     p.add_argument("--database-url", default=_env("DATABASE_URL", d.database_url),
@@ -104,6 +107,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(
         address=args.address,
+        http_address=args.http_address,
         data_dir=args.data_dir,
         database_url=args.database_url,
         blob_url=args.blob_url,

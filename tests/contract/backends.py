@@ -10,15 +10,19 @@ To run the suites on another implementation, add one entry to METADATA_BACKENDS 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import pytest
+
 from batchgate_server.store.blobs.local import LocalBlobStore
 from batchgate_server.store.ports import BlobStore
 from batchgate_server.store.urls import Database, blob_url, database_url, open_blob_store, open_database
+from tests.backends_objects import new_bucket_name
 
 H = TypeVar("H")
 
@@ -75,9 +79,70 @@ async def local_blobs(request, tmp_path: Path) -> AsyncIterator[Backend[BlobStor
         await backend.close()
 
 
+def _remote_blobs(name: str, scheme: str, emulator_fixture: str, env: Callable[[Any], dict[str, str]],
+                  make_bucket: Callable[[Any], str], staged: Callable[[Any, str], list[str]]) -> BackendFactory:
+    """A factory for an object store on its emulator (tests/backends_objects.py): a fresh bucket
+    per test, the prefix `contract`; staging is what is left under `contract/.staging/`
+    (multipart uploads and objects), read from the emulator itself."""
+
+    @contextlib.asynccontextmanager
+    async def factory(request, tmp_path: Path) -> AsyncIterator[Backend[BlobStore]]:
+        emulator = request.getfixturevalue(emulator_fixture)
+        bucket = await asyncio.to_thread(make_bucket, emulator)
+        url = blob_url(f"{scheme}://{bucket}/contract", tmp_path)
+
+        async def opener() -> BlobStore:
+            with pytest.MonkeyPatch.context() as mp:  # the stores read their endpoint when opened
+                for key, value in env(emulator).items():
+                    mp.setenv(key, value)
+                return await open_blob_store(url, tmp_path)
+
+        async def staging(store: BlobStore) -> list[str]:
+            return await asyncio.to_thread(staged, emulator, bucket)
+
+        backend = Backend(name, opener, staging)
+        try:
+            yield backend
+        finally:
+            await backend.close()
+
+    return factory
+
+
+def _s3_staged(moto, bucket: str) -> list[str]:
+    s3 = moto.client()
+    uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix="contract/.staging/").get("Uploads", ())
+    objects = s3.list_objects_v2(Bucket=bucket, Prefix="contract/.staging/").get("Contents", ())
+    return sorted([f"upload {u['Key']}" for u in uploads] + [o["Key"] for o in objects])
+
+
+def _gcs_staged(emulator, bucket: str) -> list[str]:
+    return sorted(b.name for b in emulator.client().list_blobs(bucket, prefix="contract/.staging/"))
+
+
+def _s3_bucket(moto) -> str:
+    bucket = new_bucket_name()
+    moto.client().create_bucket(Bucket=bucket)
+    return bucket
+
+
+def _gcs_bucket(emulator) -> str:
+    bucket = new_bucket_name()
+    emulator.client().create_bucket(bucket)
+    return bucket
+
+
+s3_blobs = _remote_blobs("s3", "s3", "moto_s3", lambda moto: {"BATCHGATE_S3_ENDPOINT_URL": moto.url},
+                         _s3_bucket, _s3_staged)
+gcs_blobs = _remote_blobs("gcs", "gs", "gcs_emulator", lambda emulator: {"STORAGE_EMULATOR_HOST": emulator.url},
+                          _gcs_bucket, _gcs_staged)
+
+
 METADATA_BACKENDS: dict[str, BackendFactory] = {
     "sqlite": sqlite_database,
 }
 BLOB_BACKENDS: dict[str, BackendFactory] = {
     "local": local_blobs,
+    "s3": s3_blobs,
+    "gcs": gcs_blobs,
 }

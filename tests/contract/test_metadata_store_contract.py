@@ -125,6 +125,12 @@ async def test_files_list_newest_first_by_keyset_with_filters(database):
     assert ids(await store.list_files("p", "batch", 2, (last.created_at, last.id))) == ["file-b", "file-a"]
     assert await store.list_files("p", "batch", 2, (NOW, "file-a")) == []
     assert await store.list_files("nobody", None, 10, None) == []
+    # Oldest first (the HTTP API's order=asc): the same keyset, ascending, the id breaking the tie.
+    oldest = await store.list_files("p", "batch", 2, None, oldest_first=True)
+    assert ids(oldest) == ["file-a", "file-b"]
+    last = oldest[-1]
+    assert ids(await store.list_files("p", "batch", 2, (last.created_at, last.id), oldest_first=True)) == [
+        "file-c", "file-d"]
 
 
 async def test_delete_file_says_whether_there_was_one(database):

@@ -362,6 +362,8 @@ class Case:
     says: str | None = None
     # For a call that must succeed (code OK): what the answer must look like.
     check: Callable[[object], bool] | None = None
+    # For an upload case: the content it uploads, which test_api_surfaces.py uploads over HTTP too.
+    content: bytes | None = None
 
 
 def invalid(name, call, reason, field=None, **kw) -> Case:
@@ -371,7 +373,7 @@ def invalid(name, call, reason, field=None, **kw) -> Case:
 def bad_file(name: str, content: bytes, field: str, says: str | None = None, **kw) -> Case:
     """An upload of `content` that validation must reject, naming `field` (e.g. "line 3")."""
     return Case(name, lambda w: upload(w.alice, content), CODE.INVALID_ARGUMENT, "INVALID_BATCH_FILE", field,
-                says=says, **kw)
+                says=says, content=content, **kw)
 
 
 def unauthenticated(name, call, reason) -> Case:

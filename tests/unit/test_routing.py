@@ -304,3 +304,14 @@ def test_adhoc_ids_resolve_again_from_the_environment(router, monkeypatch):
 def test_an_id_no_longer_configured_is_none(router):
     assert router.deployment("removed-deployment") is None
     assert router.deployment(ADHOC_PREFIX + "nowhere/x") is None
+
+
+def test_an_ad_hoc_deployment_leaves_nothing_once_its_batches_end(router):
+    # Failures and cooldowns of a deployment named by a caller steer nothing (it is the only
+    # candidate for its name), and one entry per name tried would stay forever.
+    deployment = ADHOC_PREFIX + "simulated/echo-1"
+    router.add_load(deployment, 3)
+    for _ in range(4):
+        router.record_failure(deployment)
+    router.remove_load(deployment, 3)
+    assert deployment not in {*router._queued, *router._failures, *router._cooldown_until}

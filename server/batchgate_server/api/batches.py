@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import grpc
 from google.protobuf import timestamp_pb2
 
 from batchgate.v1 import batch_pb2, batch_pb2_grpc
 from batchgate_server.api.convert import STATUS_FROM_PROTO, batch_to_proto
 from batchgate_server.api.handlers import server_stream, unary
+from batchgate_server.api.revision_cache import RevisionCache
 from batchgate_server.core.auth import Authenticator, Principal
 from batchgate_server.core.batches import BatchManager, CreateBatch
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
-from batchgate_server.domain.models import BatchRecord
-
-# Many watchers of one batch receive the same state: convert it once.
-_CACHE_SIZE = 256
 
 
 class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
@@ -24,29 +19,10 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         self.auth = auth
         self.batches = batches
         self.heartbeat_interval = heartbeat_interval
-        self._converted: OrderedDict[tuple[str, int], batch_pb2.Batch] = OrderedDict()
-        self._watch_events: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-
-    def _to_proto(self, record: BatchRecord) -> batch_pb2.Batch:
-        key = (record.id, record.revision)
-        msg = self._converted.get(key)
-        if msg is None:
-            msg = batch_to_proto(record)
-            self._converted[key] = msg
-            if len(self._converted) > _CACHE_SIZE:
-                self._converted.popitem(last=False)
-        return msg
-
-    def _watch_event(self, record: BatchRecord) -> bytes:
-        """The serialised WatchBatchResponse for a state: encoded once, sent to every watcher."""
-        key = (record.id, record.revision)
-        data = self._watch_events.get(key)
-        if data is None:
-            data = batch_pb2.WatchBatchResponse(batch=self._to_proto(record)).SerializeToString()
-            self._watch_events[key] = data
-            if len(self._watch_events) > _CACHE_SIZE:
-                self._watch_events.popitem(last=False)
-        return data
+        self._to_proto = RevisionCache(batch_to_proto)
+        # The serialised WatchBatchResponse of a state: encoded once, sent to every watcher.
+        self._watch_event = RevisionCache(
+            lambda record: batch_pb2.WatchBatchResponse(batch=self._to_proto(record)).SerializeToString())
 
     @unary
     async def CreateBatch(self, request: batch_pb2.CreateBatchRequest, context, principal: Principal):

@@ -1,9 +1,8 @@
 """FileService: a thin gRPC adapter over core.files.FileManager, plus the upload message protocol
-(header, chunks, finish) and its idle timeout."""
+(header, chunks, finish)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,8 +12,8 @@ from batchgate_server.api.convert import PURPOSE_FROM_PROTO, file_to_proto
 from batchgate_server.api.errors import abort_with
 from batchgate_server.api.handlers import server_stream, unary
 from batchgate_server.core.auth import Authenticator, Principal
-from batchgate_server.core.errors import ApiError, DeadlineExceeded, FieldViolation, InvalidArgument
-from batchgate_server.core.files import FileManager, UploadHeader
+from batchgate_server.core.errors import ApiError, FieldViolation, InvalidArgument
+from batchgate_server.core.files import FileManager, UploadHeader, idle_bounded
 
 
 def _header_from_proto(h: file_pb2.UploadFileHeader) -> UploadHeader:
@@ -34,21 +33,6 @@ def _protocol_error(message: str, reason: str, field: str) -> InvalidArgument:
 
 
 _PROTOCOL = "an upload is a header, then the content in chunks, then a finish message, then the end of the stream"
-
-
-async def _idle_bounded(messages: AsyncIterator[file_pb2.UploadFileRequest],
-                        seconds: float) -> AsyncIterator[file_pb2.UploadFileRequest]:
-    """`messages`, failing with UPLOAD_IDLE_TIMEOUT when the next one takes longer than `seconds`."""
-    while True:
-        try:
-            async with asyncio.timeout(seconds):
-                message = await anext(messages)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise DeadlineExceeded(f"the upload sent no message for {seconds:g} s and was aborted; nothing was"
-                                   " stored", "UPLOAD_IDLE_TIMEOUT", {"idle_timeout_seconds": f"{seconds:g}"}) from None
-        yield message
 
 
 async def _read_header(messages: AsyncIterator[file_pb2.UploadFileRequest]) -> UploadHeader:
@@ -99,7 +83,7 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
                          context: grpc.aio.ServicerContext) -> file_pb2.UploadFileResponse:
         try:
             principal = await self.auth.authenticate(context.invocation_metadata())
-            messages = _idle_bounded(aiter(request_iterator), self.files.limits.upload_idle_timeout)
+            messages = idle_bounded(aiter(request_iterator), self.files.limits.upload_idle_timeout)
             header = await _read_header(messages)
             record = await self.files.upload(principal, header, _content(messages))
             return file_pb2.UploadFileResponse(file=file_to_proto(record))

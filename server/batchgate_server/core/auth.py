@@ -55,13 +55,19 @@ class Authenticator:
                 header = value.decode() if isinstance(value, bytes) else value
                 break
         if not header:
-            raise Unauthenticated("missing 'authorization: Bearer <key>' metadata", "MISSING_API_KEY")
+            raise Unauthenticated("missing 'authorization: Bearer <key>' (gRPC metadata or HTTP header)",
+                                  "MISSING_API_KEY")
         scheme, _, secret = header.partition(" ")
         if scheme.lower() != "bearer" or not secret.strip():
-            raise Unauthenticated("authorization metadata must be 'Bearer <key>'", "MALFORMED_API_KEY")
+            raise Unauthenticated("authorization must be 'Bearer <key>'", "MALFORMED_API_KEY")
         secret = secret.strip()
-        if self._master_key and hmac.compare_digest(secret, self._master_key):
+        # As bytes: compare_digest refuses non-ASCII strings, and an HTTP header may hold any bytes
+        # (decoded with surrogates where they are no UTF-8).
+        if self._master_key and hmac.compare_digest(secret.encode("utf-8", "surrogatepass"),
+                                                    self._master_key.encode("utf-8", "surrogatepass")):
             return Principal(DEFAULT_PROJECT, "master", is_admin=True)
+        if not secret.isascii():  # project keys are ASCII (new_key_secret)
+            raise Unauthenticated("invalid API key", "INVALID_API_KEY")
         found = await self._store.find_api_key(hash_key(secret))
         if found is None:
             raise Unauthenticated("invalid API key", "INVALID_API_KEY")

@@ -18,11 +18,12 @@ from batchgate_server.core.errors import (
     InvalidArgument,
     echo,
     exhausted_when_full,
+    is_utf8_text,
     not_found,
 )
 from batchgate_server.core.files import FileManager
 from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
-from batchgate_server.core.pagination import PageTokens
+from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker, batch_load
 from batchgate_server.core.watch_hub import WatchHub
@@ -83,6 +84,8 @@ def check_create(req: CreateBatch) -> None:
     if len(req.request_id) > MAX_REQUEST_ID:
         raise _invalid("request_id is longer than 128 characters", "INVALID_REQUEST_ID", "request_id",
                        "at most 128 characters")
+    if not is_utf8_text(req.request_id):
+        raise _invalid("request_id must be UTF-8 text", "INVALID_REQUEST_ID", "request_id", "UTF-8 text")
     if len(req.model) > MAX_MODEL:
         raise _invalid(f"model is longer than {MAX_MODEL} characters", "INVALID_MODEL", "model",
                        f"at most {MAX_MODEL} characters")
@@ -198,6 +201,14 @@ class BatchManager:
         return await self.page_tokens.keyset_page(
             size, token, filter_key,
             lambda limit, after: self.store.list_batches(principal.scope, statuses, limit, after), weigh)
+
+    async def list_after(self, principal: Principal, limit: int, after_id: str,
+                         weigh: Callable[[BatchRecord], int]) -> tuple[list[BatchRecord], bool]:
+        """Up to `limit` batches after the batch `after_id` ("": from the start), newest first, and
+        whether more follow: the HTTP listing, whose cursor is an id."""
+        cursor = await after_cursor("batch", after_id, self.store.get_batch, lambda r: principal.can_see(r.project))
+        return await keyset_rows(limit, cursor,
+                                 lambda size, after: self.store.list_batches(principal.scope, (), size, after), weigh)
 
     @exhausted_when_full
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:

@@ -65,6 +65,16 @@ class ResourceExhausted(ApiError):
         self.retry_after = retry_after
 
 
+def is_utf8_text(text: str) -> bool:
+    """False for a string holding a surrogate: no UTF-8 can encode it, nor SQLite store it. gRPC
+    strings never do; an HTTP header's undecodable bytes come out so (and JSON's "\\ud800")."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def clip(text: str, max_bytes: int) -> str:
     """`text` in at most `max_bytes` bytes of UTF-8, ending in a marker when it had to be cut.
     Always encodable: a lone surrogate (valid in JSON, not in UTF-8) becomes "?"."""

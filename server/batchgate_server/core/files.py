@@ -12,15 +12,18 @@ from collections import Counter
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from batchgate_server.core.auth import Principal
-from batchgate_server.core.pagination import PageTokens
+from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     ResourceExhausted,
     exhausted_when_full,
+    is_utf8_text,
     not_found,
 )
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
@@ -70,15 +73,18 @@ def check_header(h: UploadHeader) -> None:
     if not h.filename or len(h.filename) > MAX_FILENAME:
         raise _invalid("header.filename must be 1 to 255 characters", "INVALID_FILENAME",
                        "header.filename", "1 to 255 characters")
+    if not is_utf8_text(h.filename):
+        raise _invalid("header.filename must be UTF-8 text", "INVALID_FILENAME", "header.filename", "UTF-8 text")
     if control := CONTROL_CHARACTER.search(h.filename):
         raise _invalid(f"header.filename must not hold control characters; character {control.start() + 1} is "
                        f"U+{ord(control.group()):04X}", "INVALID_FILENAME", "header.filename",
                        "no control characters")
     if h.purpose is None:
-        raise _invalid("header.purpose must be FILE_PURPOSE_BATCH", "INVALID_PURPOSE",
+        raise _invalid('header.purpose must be FILE_PURPOSE_BATCH ("batch" over HTTP)', "INVALID_PURPOSE",
                        "header.purpose", "required")
     if h.purpose is not FilePurpose.BATCH:
-        raise _invalid("only FILE_PURPOSE_BATCH files can be uploaded; batch_output files are written by batches",
+        raise _invalid('only FILE_PURPOSE_BATCH ("batch") files can be uploaded; batch_output files are written by'
+                       " batches",
                        "INVALID_PURPOSE", "header.purpose", "must be FILE_PURPOSE_BATCH")
     if h.expected_bytes is not None and h.expected_bytes < 0:
         raise _invalid("header.expected_bytes must not be negative", "INVALID_EXPECTED_BYTES",
@@ -89,6 +95,9 @@ def check_header(h: UploadHeader) -> None:
     if len(h.request_id) > MAX_REQUEST_ID:
         raise _invalid("header.request_id is longer than 128 characters", "INVALID_REQUEST_ID",
                        "header.request_id", "at most 128 characters")
+    if not is_utf8_text(h.request_id):
+        raise _invalid("header.request_id must be UTF-8 text", "INVALID_REQUEST_ID", "header.request_id",
+                       "UTF-8 text")
     if h.expires_after is not None and not (MIN_EXPIRES_AFTER <= h.expires_after <= MAX_EXPIRES_AFTER):
         raise _invalid("header.expires_after must be between 1 second and 30 days", "INVALID_EXPIRES_AFTER",
                        "header.expires_after", "1s to 30 days")
@@ -120,6 +129,28 @@ def request_id_reused(previous: FileRecord, differs: list[str]) -> FailedPrecond
         {"file_id": previous.id, "request_id": previous.request_id, "differs": ",".join(differs)})
 
 
+T = TypeVar("T")
+
+
+async def idle_bounded(messages: AsyncIterator[T], seconds: float) -> AsyncIterator[T]:
+    """`messages` (an upload's messages or chunks, on any API), failing with UPLOAD_IDLE_TIMEOUT
+    when the next one takes longer than `seconds`."""
+    while True:
+        try:
+            async with asyncio.timeout(seconds):
+                message = await anext(messages)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise upload_idle(seconds) from None
+        yield message
+
+
+def upload_idle(seconds: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"the upload sent no message for {seconds:g} s and was aborted; nothing was stored",
+                            "UPLOAD_IDLE_TIMEOUT", {"idle_timeout_seconds": f"{seconds:g}"})
+
+
 def validation_error(result: ValidationResult) -> InvalidArgument:
     first = result.problems[0]
     where = f"line {first.line}" if first.line else "file"
@@ -127,7 +158,7 @@ def validation_error(result: ValidationResult) -> InvalidArgument:
         f"the batch file has {result.total_problems} problem(s); first at {where}: {first.message}",
         "INVALID_BATCH_FILE",
         {"total_problems": str(result.total_problems), "reported_problems": str(len(result.problems)),
-         "first_problem": first.code},
+         "first_problem": first.code, "first_line": str(first.line)},
         [FieldViolation(f"line {p.line}" if p.line else "file", f"{p.code}: {p.message}")
          for p in result.problems],
     )
@@ -153,7 +184,9 @@ class FileManager:
     async def upload(self, principal: Principal, header: UploadHeader, chunks: AsyncIterator[bytes]) -> FileRecord:
         """Stream `chunks` into a new file. `chunks` ends normally only when the client finished
         the upload explicitly; any exception it raises (a cut stream, a protocol error) aborts
-        the upload and leaves nothing behind."""
+        the upload and leaves nothing behind. An API that learns header fields only after the
+        content (a multipart form with its fields after the file) sets them on `header` before
+        `chunks` ends: the header is checked again then."""
         check_header(header)
         cap = self.limits.max_uploads_per_project
         if self._uploading[principal.project] >= cap:
@@ -201,6 +234,7 @@ class FileManager:
                     raise _invalid(f"the file exceeds the {self.limits.max_bytes}-byte limit", "FILE_TOO_LARGE",
                                    "file", f"at most {self.limits.max_bytes} bytes",
                                    max_bytes=str(self.limits.max_bytes))
+            check_header(header)
             if header.expected_bytes is not None and size != header.expected_bytes:
                 raise _invalid(f"received {size} bytes, the header announced {header.expected_bytes}",
                                "SIZE_MISMATCH", "header.expected_bytes", f"received {size}")
@@ -249,6 +283,7 @@ class FileManager:
                     break
                 hasher.update(chunk)  # on the loop: at most 2 MiB, about a millisecond
             content = (size, hasher.hexdigest())
+            check_header(header)
         differs = replay_differences(previous, header, content)
         if differs:
             raise request_id_reused(previous, differs)
@@ -297,6 +332,16 @@ class FileManager:
             size, token, filter_key,
             lambda limit, after: self.store.list_files(principal.scope, purpose.value if purpose else None,
                                                        limit, after), weigh)
+
+    async def list_after(self, principal: Principal, limit: int, after_id: str, purpose: FilePurpose | None,
+                         oldest_first: bool, weigh: Callable[[FileRecord], int]) -> tuple[list[FileRecord], bool]:
+        """Up to `limit` files after the file `after_id` ("": from the start), and whether more follow:
+        the HTTP listing, whose cursor is an id."""
+        cursor = await after_cursor("file", after_id, self.store.get_file, lambda r: principal.can_see(r.project))
+        return await keyset_rows(
+            limit, cursor,
+            lambda size, after: self.store.list_files(principal.scope, purpose.value if purpose else None, size,
+                                                      after, oldest_first), weigh)
 
     async def read(self, record: FileRecord, offset: int, limit: int) -> AsyncIterator[bytes]:
         """The bytes of `record` from `offset`, at most `limit` (0: to the end)."""

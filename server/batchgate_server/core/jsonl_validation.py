@@ -185,7 +185,7 @@ def _next_suspicious(buf: bytes, start: int, stop: int) -> int:
     return match.start() if match else stop
 
 
-def _unpaired_surrogate_at(line: dict) -> str | None:
+def unpaired_surrogate_at(line: dict) -> str | None:
     """Where the first string holding an unpaired surrogate sits in a parsed line ("the string
     at 'body.messages[0].content'", "a key in 'body'"), or None. Iterative: the
     line may nest as deeply as the JSON scanner allows. Each node keeps only a link to its parent
@@ -461,7 +461,7 @@ class JsonlValidator:
                 if obj.__class__ is not dict_:
                     add(n, INVALID_JSON_LINE, "line must be a JSON object, got " + type(obj).__name__)
                     continue
-                if suspicious and (where := _unpaired_surrogate_at(obj)) is not None:
+                if suspicious and (where := unpaired_surrogate_at(obj)) is not None:
                     add(
                         n,
                         UNPAIRED_SURROGATE,

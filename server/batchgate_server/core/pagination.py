@@ -18,7 +18,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from batchgate_server.core.errors import FieldViolation, InvalidArgument
+from batchgate_server.core.errors import FieldViolation, InvalidArgument, echo
 
 DEFAULT_PAGE_SIZE = 100
 # A usage cursor carries the values of its page's last group (a 512-character metadata value, a
@@ -58,6 +58,20 @@ def fitting(rows: Sequence[R], weigh: Callable[[R], int], max_bytes: int, *, at_
 def invalid_token(description: str) -> InvalidArgument:
     return InvalidArgument("page_token is not one this server issued", "INVALID_PAGE_TOKEN",
                            violations=[FieldViolation("page_token", description)])
+
+
+async def after_cursor(kind: str, after_id: str, lookup: Callable[[str], Awaitable[R | None]],
+                       visible: Callable[[R], bool]) -> tuple[float, str] | None:
+    """The keyset cursor of the row `after_id` names (an HTTP `after`; "": None, from the start).
+    `lookup(id)`: the row or None; `visible(row)`: whether the caller may see it. Another
+    project's id is refused exactly like an unknown one, so `after` cannot probe for ids."""
+    if not after_id:
+        return None
+    record = await lookup(after_id)
+    if record is None or not visible(record):
+        raise InvalidArgument(f"after {echo(after_id)} is not the id of a {kind} in this listing", "INVALID_AFTER",
+                              {"after": after_id}, [FieldViolation("after", f"the id of one of your {kind}s")])
+    return record.created_at, record.id
 
 
 def _filter_digest(filter_key: str) -> str:
@@ -113,22 +127,32 @@ class PageTokens:
         the response), whichever comes first, holding at least one row so that every page moves on.
         Returns the rows and the next page's token ("" on the last page), which continues right
         after the page's last row."""
-        limit = page_size(size)
-        cursor = _keyset(self.open(token, filter_key))
-        page: list[R] = []
-        used = 0
-        while True:
-            wanted = min(limit - len(page), FETCH_ROWS)
-            rows = await fetch(wanted + 1, cursor)  # one more tells whether the listing goes on
-            taken, weight = fitting(rows[:wanted], weigh, max_bytes - used, at_least_one=not page)
-            page += rows[:taken]
-            used += weight
-            if len(rows) <= taken:
-                return page, ""
-            if taken < wanted or len(page) == limit:
-                last = page[-1]
-                return page, self.seal([last.created_at, last.id], filter_key)
-            cursor = (page[-1].created_at, page[-1].id)
+        page, more = await keyset_rows(page_size(size), _keyset(self.open(token, filter_key)), fetch, weigh,
+                                       max_bytes)
+        if not more:
+            return page, ""
+        last = page[-1]
+        return page, self.seal([last.created_at, last.id], filter_key)
+
+
+async def keyset_rows(limit: int, cursor: tuple[float, str] | None,
+                      fetch: Callable[[int, tuple[float, str] | None], Awaitable[list[R]]],
+                      weigh: Callable[[R], int], max_bytes: int = MAX_PAGE_BYTES) -> tuple[list[R], bool]:
+    """Up to `limit` rows after `cursor` (see PageTokens.keyset_page), and whether the listing goes
+    on after them. Shared by the gRPC pages (signed tokens) and the HTTP ones (`after` = an id)."""
+    page: list[R] = []
+    used = 0
+    while True:
+        wanted = min(limit - len(page), FETCH_ROWS)
+        rows = await fetch(wanted + 1, cursor)  # one more tells whether the listing goes on
+        taken, weight = fitting(rows[:wanted], weigh, max_bytes - used, at_least_one=not page)
+        page += rows[:taken]
+        used += weight
+        if len(rows) <= taken:
+            return page, False
+        if taken < wanted or len(page) == limit:
+            return page, True
+        cursor = (page[-1].created_at, page[-1].id)
 
 
 def _keyset(cursor: object) -> tuple[float, str] | None:

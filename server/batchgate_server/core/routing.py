@@ -45,14 +45,17 @@ def adhoc_deployment(model: str) -> Deployment | None:
             params[key] = os.environ[env]
     if model.startswith("simulated/"):
         params["transport"] = "simulated"
-    return Deployment(id=ADHOC_PREFIX + model, model_name=model, provider=provider, model=name, params=params)
+    return Deployment(id=ADHOC_PREFIX + model, model_name=model, provider=provider, model=name, params=params,
+                      ad_hoc=True)
 
 
 class Router:
     def __init__(self, model_list: ModelList, clock: Callable[[], float] = time.monotonic) -> None:
         self.model_list = model_list
         self._clock = clock
-        self._queued: dict[str, int] = defaultdict(int)
+        # Only deployments with queued requests: an ad-hoc deployment leaves no entry once its
+        # batches end, however many model names clients try.
+        self._queued: dict[str, int] = {}
         self._failures: dict[str, list[float]] = defaultdict(list)
         self._cooldown_until: dict[str, float] = {}
 
@@ -76,7 +79,7 @@ class Router:
         now = self._clock()
         warm = [d for d in candidates if self._cooldown_until.get(d.id, 0) <= now]
         pool = warm or candidates  # all cooling down: still serve, from the least loaded
-        return min(pool, key=lambda d: (self._queued[d.id] / d.weight, -d.weight))
+        return min(pool, key=lambda d: (self.queued(d.id) / d.weight, -d.weight))
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         """The deployment a stored batch is pinned to (also after a restart)."""
@@ -87,13 +90,21 @@ class Router:
     # -- feedback from the tracker ---------------------------------------------------
 
     def add_load(self, deployment_id: str, requests: int) -> None:
-        self._queued[deployment_id] += requests
+        self._queued[deployment_id] = self.queued(deployment_id) + requests
 
     def remove_load(self, deployment_id: str, requests: int) -> None:
-        self._queued[deployment_id] = max(0, self._queued[deployment_id] - requests)
+        left = self.queued(deployment_id) - requests
+        if left > 0:
+            self._queued[deployment_id] = left
+            return
+        self._queued.pop(deployment_id, None)
+        if deployment_id.startswith(ADHOC_PREFIX):
+            # The only candidate for its name: its failures and cooldown steer nothing.
+            self._failures.pop(deployment_id, None)
+            self._cooldown_until.pop(deployment_id, None)
 
     def queued(self, deployment_id: str) -> int:
-        return self._queued[deployment_id]
+        return self._queued.get(deployment_id, 0)
 
     def record_failure(self, deployment_id: str) -> None:
         """Like LiteLLM: more than allowed_fails failures within a minute cool the deployment

@@ -20,3 +20,6 @@ class Deployment:
     params: Mapping[str, Any] = field(default_factory=dict, repr=False)
     model_info: Mapping[str, Any] = field(default_factory=dict)
     weight: float = 1.0
+    # Named by a caller ("provider/model"), not in the model list: a provider keeps nothing for
+    # it past its batches, or every name a caller tries would stay in memory.
+    ad_hoc: bool = False

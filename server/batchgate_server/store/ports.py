@@ -179,9 +179,9 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
-                         after: tuple[float, str] | None) -> list[FileRecord]:
+                         after: tuple[float, str] | None, oldest_first: bool = False) -> list[FileRecord]:
         """At most `limit` files of `project` (None: all), of `purpose` (a FilePurpose value;
-        None: any), newest first, after the keyset cursor (created_at, id)."""
+        None: any), newest first (or oldest first), after the keyset cursor (created_at, id)."""
 
     @abc.abstractmethod
     async def delete_file(self, file_id: str) -> bool:

@@ -26,6 +26,8 @@ DATABASES: dict[str, str] = {
 }
 BLOB_STORES: dict[str, str] = {
     "file": "batchgate_server.store.blobs.local:open_blob_store",
+    "s3": "batchgate_server.store.blobs.s3:open_s3_blob_store",
+    "gs": "batchgate_server.store.blobs.gcs:open_gcs_blob_store",
 }
 
 DEFAULT_DATABASE_FILE = "batchgate.sqlite3"
@@ -73,6 +75,18 @@ class StoreUrl:
         if not path.is_absolute() or path == Path("/"):
             raise self.error(f"the path must be absolute: {p.scheme}:///absolute/path")
         return path
+
+    def bucket_and_prefix(self) -> tuple[str, str]:
+        """(bucket, prefix) of a `scheme://bucket/prefix` URL (s3, gs); the prefix may be empty."""
+        p = self.parts
+        if not p.hostname or p.username is not None or p.password is not None or p.port is not None:
+            raise self.error(f"expected {p.scheme}://bucket/prefix")
+        if p.query or p.fragment:
+            raise self.error(f"a {p.scheme} URL takes no query or fragment")
+        prefix = unquote(p.path).strip("/")
+        if any(part in ("", ".", "..") or part.startswith(".") for part in prefix.split("/")) and prefix:
+            raise self.error("the prefix has an empty, '.' or '..' segment, or one starting with '.'")
+        return p.netloc, prefix
 
 
 def parse_url(flag: str, text: str) -> StoreUrl:

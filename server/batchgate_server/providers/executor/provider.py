@@ -131,6 +131,7 @@ class ExecutorProvider(BatchProvider):
             error = run._task.exception()
             self._runs.pop(job.batch_id, None)
             run.log.close()
+            await self._release_ad_hoc(job.deployment)
             # Raised as it is: the tracker retries its own storage errors (saving the outcome on a
             # full disk), and the next poll resumes the run from its results log; anything else
             # fails the batch.
@@ -170,6 +171,7 @@ class ExecutorProvider(BatchProvider):
         run = self._runs.pop(job.batch_id, None)
         if run is not None:
             await run.stop()
+        await self._release_ad_hoc(job.deployment)
         for kind, path in ((ResultKind.OUTPUT, job.workdir / "output.jsonl"),
                            (ResultKind.ERROR, job.workdir / "errors.jsonl")):
             if not path.exists():
@@ -180,6 +182,16 @@ class ExecutorProvider(BatchProvider):
                         yield ResultLine(kind, raw[:-1])
                     if number % 2000 == 0:
                         await asyncio.sleep(0)  # long files: let other work run
+
+    async def _release_ad_hoc(self, deployment: Deployment) -> None:
+        """An ad-hoc deployment's transport, limiter and health go with its last run."""
+        if not deployment.ad_hoc or any(r.job.deployment.id == deployment.id for r in self._runs.values()):
+            return
+        self._limiters.pop(deployment.id, None)
+        self._health.pop(deployment.id, None)
+        transport = self._transports.pop(deployment.id, None)
+        if transport is not None:
+            await transport.close()
 
     async def close(self) -> None:
         for run in list(self._runs.values()):

@@ -151,9 +151,9 @@ _ACTIVE = f"status NOT IN ({','.join(repr(s) for s in _TERMINAL)})"
 
 
 def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, list[Any]]],
-                  after: tuple[float, str] | None, limit: int) -> tuple[str, list[Any]]:
-    """`select` filtered by project (None: all) and `conditions` (SQL, args), newest first, from
-    after the keyset cursor (created_at, id), at most `limit` rows."""
+                  after: tuple[float, str] | None, limit: int, oldest_first: bool = False) -> tuple[str, list[Any]]:
+    """`select` filtered by project (None: all) and `conditions` (SQL, args), newest first (or
+    oldest first), from after the keyset cursor (created_at, id), at most `limit` rows."""
     sql, args = select + " WHERE 1=1", []
     if project is not None:
         sql += " AND project=?"
@@ -162,9 +162,11 @@ def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, 
         sql += " AND " + condition
         args += values
     if after:
-        sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+        beyond = ">" if oldest_first else "<"
+        sql += f" AND (created_at {beyond} ? OR (created_at = ? AND id {beyond} ?))"
         args += [after[0], after[0], after[1]]
-    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    direction = "ASC" if oldest_first else "DESC"
+    sql += f" ORDER BY created_at {direction}, id {direction} LIMIT ?"
     args.append(limit)
     return sql, args
 
@@ -385,9 +387,9 @@ class SqliteMetadataStore(MetadataStore):
         return file_from_row(row) if row else None
 
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
-                         after: tuple[float, str] | None) -> list[FileRecord]:
+                         after: tuple[float, str] | None, oldest_first: bool = False) -> list[FileRecord]:
         sql, args = _keyset_query("SELECT * FROM files", project, [("purpose=?", [purpose])] if purpose else [],
-                                  after, limit)
+                                  after, limit, oldest_first)
         return [file_from_row(r) for r in await self.readers.fetchall(sql, args)]
 
     async def delete_file(self, file_id: str) -> bool:

@@ -1,0 +1,67 @@
+"""Domain records as OpenAI's JSON objects (openai.types.FileObject, Batch, FileDeleted, the cursor
+list), field for field. What batchgate adds lives in one nested `batchgate` object, a name OpenAI's
+objects do not use. No logic beyond field mapping."""
+
+from __future__ import annotations
+
+from batchgate_server.api.convert import MAX_SHOWN_FIELD_BYTES
+from batchgate_server.core.errors import clip
+from batchgate_server.domain.models import BatchRecord, FileRecord
+
+
+def _seconds(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def file_object(f: FileRecord) -> dict:
+    return {
+        "id": f.id, "object": "file", "bytes": f.bytes, "created_at": int(f.created_at),
+        "filename": clip(f.filename, MAX_SHOWN_FIELD_BYTES), "purpose": f.purpose.value,
+        # A stored file has been validated: OpenAI's "processed".
+        "status": "processed", "status_details": None, "expires_at": _seconds(f.expires_at),
+        "batchgate": {"sha256": f.sha256, "line_count": f.line_count,
+                      "endpoint": clip(f.endpoint, MAX_SHOWN_FIELD_BYTES),
+                      "model": clip(f.model, MAX_SHOWN_FIELD_BYTES)},
+    }
+
+
+def file_deleted(file_id: str) -> dict:
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+_TIMESTAMPS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
+               "expired_at", "cancelling_at", "cancelled_at")
+
+
+def batch_object(b: BatchRecord) -> dict:
+    usage = None
+    if b.usage is not None:
+        usage = {"input_tokens": b.usage.input_tokens,
+                 "input_tokens_details": {"cached_tokens": b.usage.cached_tokens},
+                 "output_tokens": b.usage.output_tokens,
+                 "output_tokens_details": {"reasoning_tokens": b.usage.reasoning_tokens},
+                 "total_tokens": b.usage.total_tokens}
+    errors = None
+    if b.errors:
+        errors = {"object": "list", "data": [{"code": e.code, "message": e.message, "param": e.param or None,
+                                              "line": e.line} for e in b.errors]}
+    return {
+        "id": b.id, "object": "batch", "endpoint": b.endpoint, "errors": errors, "input_file_id": b.input_file_id,
+        "completion_window": b.completion_window, "status": b.status.value,
+        "output_file_id": b.output_file_id or None, "error_file_id": b.error_file_id or None,
+        **{name: _seconds(getattr(b, name)) for name in _TIMESTAMPS},
+        "request_counts": {"total": b.request_counts.total, "completed": b.request_counts.completed,
+                           "failed": b.request_counts.failed},
+        "metadata": b.metadata, "model": b.model or None, "usage": usage,
+        "batchgate": {
+            "provider": b.provider, "revision": b.revision,
+            "cost": {"status": b.cost.status, "currency": b.cost.currency, "amount": b.cost.amount,
+                     "input_amount": b.cost.input_amount, "output_amount": b.cost.output_amount,
+                     "reason": b.cost.reason, "price_source": b.cost.price_source},
+        },
+    }
+
+
+def list_object(data: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}

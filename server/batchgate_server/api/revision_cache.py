@@ -1,0 +1,33 @@
+"""Many watchers and pollers of one batch receive the same state: each API surface converts a state
+once (to a proto message, to JSON …) and reuses the result while it is recent."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from batchgate_server.domain.models import BatchRecord
+
+T = TypeVar("T")
+
+DEFAULT_SIZE = 256
+
+
+class RevisionCache(Generic[T]):
+    """`convert(record)` per (batch id, revision), the last `size` of them kept."""
+
+    def __init__(self, convert: Callable[[BatchRecord], T], size: int = DEFAULT_SIZE) -> None:
+        self._convert = convert
+        self._size = size
+        self._items: OrderedDict[tuple[str, int], T] = OrderedDict()
+
+    def __call__(self, record: BatchRecord) -> T:
+        key = (record.id, record.revision)
+        value = self._items.get(key)
+        if value is None:
+            value = self._convert(record)
+            self._items[key] = value
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return value
