@@ -4,11 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The TypeScript client: npm installs its package-lock into node_modules (which npm stamps itself).
+TS := clients/typescript
+TS_STAMP := $(TS)/node_modules/.package-lock.json
 
 NODE_TESTS := tests/node
 NODE_STAMP := $(NODE_TESTS)/node_modules/.package-lock.json
 
-.PHONY: install gen check-gen lint format test test-fast demo bench clean
+.PHONY: install typescript gen check-gen lint format test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -18,10 +21,16 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e clients/python -e ".[dev]"
 	touch $(STAMP)
 
-gen: install
+$(TS_STAMP): $(TS)/package.json $(TS)/package-lock.json
+	npm ci --prefix $(TS) --no-audit --no-fund
+
+typescript: $(TS_STAMP)
+	npm run --prefix $(TS) build
+
+gen: install $(TS_STAMP)
 	$(PY) scripts/gen_proto.py
 
-check-gen: install
+check-gen: install $(TS_STAMP)
 	$(PY) scripts/gen_proto.py --check
 
 lint: install
@@ -35,7 +44,7 @@ format: install
 $(NODE_STAMP): $(NODE_TESTS)/package.json $(NODE_TESTS)/package-lock.json
 	cd $(NODE_TESTS) && npm ci --no-audit --no-fund
 
-test: install check-gen lint $(NODE_STAMP)
+test: install check-gen lint typescript $(NODE_STAMP)
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -57,4 +66,4 @@ bench: install
 	$(PY) bench/soak.py
 
 clean:
-	rm -rf $(VENV) .demo-data .pytest_cache $(NODE_TESTS)/node_modules
+	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist $(NODE_TESTS)/node_modules

@@ -90,7 +90,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--expiry-sweep-interval", type=float,
                    default=float(_env("EXPIRY_SWEEP_INTERVAL", str(d.expiry_sweep_interval))),
                    help="seconds between sweeps deleting expired files [BATCHGATE_EXPIRY_SWEEP_INTERVAL]")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level),
+                   help="DEBUG, INFO, WARNING or ERROR [BATCHGATE_LOG_LEVEL]")
     p.add_argument("--tls-cert", type=Path, default=_path_env("TLS_CERT"),
                    help="PEM certificate chain: serve TLS (plaintext is then refused) [BATCHGATE_TLS_CERT]")
     p.add_argument("--tls-key", type=Path, default=_path_env("TLS_KEY"),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MASTER_KEY, batch_file
+from tests.conftest import MASTER_KEY, batch_file, serving
+from tests.readme import sh_blocks
 
 GRPCURL = Path(sys.executable).with_name("grpcurl")
 
@@ -89,3 +91,52 @@ async def test_upload_file_with_finish_and_without(harness):
     status = json.loads(err)
     assert status["code"] == 3 and "without a finish message" in status["message"]
     assert status["details"][0]["reason"] == "UPLOAD_NOT_FINISHED"
+
+
+# -- the README's examples, run as written ----------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(sys.executable).parent.parent
+
+
+async def bash(script: str, cwd: Path, **env: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec("bash", "-e", "-o", "pipefail", "-c", script, cwd=cwd,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                env={**os.environ, **env})
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_readme_grpcurl_examples_run_as_written(tmp_path):
+    """Every RPC of the README's grpcurl block, on the server command's examples/models.yaml; the
+    block runs with `bash -e -o pipefail`, so any call that fails fails the test."""
+    (block,) = sh_blocks("## grpcurl")
+    for rpc in ("UploadFile", "GetFile", "ListFiles", "DownloadFile", "DeleteFile", "CreateBatch", "GetBatch",
+                "ListBatches", "CancelBatch", "WatchBatch", "QueryUsage"):
+        assert f"/{rpc}" in block, f"the README has no grpcurl example for {rpc}"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".venv").symlink_to(VENV)  # the block calls .venv/bin/grpcurl, from the repository's root
+    content = batch_file(3)
+    (work / "requests.jsonl").write_bytes(content)
+    async with serving(tmp_path / "data", config_file=ROOT / "examples" / "models.yaml") as h:
+        key = dict(h.alice.metadata)["authorization"].removeprefix("Bearer ")
+        code, out, err = await bash(block, work, BATCHGATE_ADDRESS=f"127.0.0.1:{h.port}", BATCHGATE_API_KEY=key)
+        assert code == 0, f"{err}\n{out[-2000:]}"
+        assert "batchgate.v1.FileService" in out and "BATCH_STATUS_COMPLETED" in out
+        assert '"status": "BATCH_STATUS_CANCELLING"' in out and '"deleted": true' in out
+        # DownloadFile's chunks, decoded and joined: the batch's output, one answer per request.
+        results = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()]
+        assert sorted(r["custom_id"] for r in results) == ["req-0", "req-1", "req-2"]
+        assert all("[simulated]" in r["response"]["body"]["choices"][0]["message"]["content"] for r in results)
+
+
+async def test_the_readme_error_example_prints_the_error_info(harness, tmp_path):
+    (block,) = sh_blocks("## Errors")
+    definitions = sh_blocks("## grpcurl")[0].split("\n\n")[0]  # ADDR, KEY, bg, fields
+    (tmp_path / ".venv").symlink_to(VENV)
+    code, out, err = await bash(definitions + "\n" + block, tmp_path, BATCHGATE_ADDRESS=f"127.0.0.1:{harness.port}",
+                                BATCHGATE_API_KEY=MASTER_KEY)
+    assert code == 69, err  # grpcurl's exit status for NOT_FOUND (64 + the gRPC code)
+    status = json.loads(err)
+    assert status["code"] == 5 and status["details"][0]["reason"] == "FILE_NOT_FOUND"

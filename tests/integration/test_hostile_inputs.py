@@ -30,6 +30,7 @@ from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
 from batchgate_server.core.auth import create_api_key
 from tests.conftest import Caller, Harness, error_details, jsonl, request_line, start_harness, upload_requests
 from tests.integration.batch_helpers import TERMINAL, write_config
+from tests.server_reasons import documented
 
 # Every call gets this deadline: a server that hangs fails the case instead of the module.
 DEADLINE = 5.0
@@ -39,6 +40,7 @@ MAX_LINES = 50
 IDLE_TIMEOUT = 1.5  # seconds an upload may stay silent
 ABSURD_ID = "x" * 100_000  # far beyond gRPC's 8 KiB default for metadata, where errors travel
 CODE = grpc.StatusCode
+DOCUMENTED_REASONS = documented()  # proto/batchgate/v1/error_reason.proto: reason -> its code and docs
 
 
 @dataclass
@@ -967,6 +969,9 @@ async def test_hostile_input(world: World, case: Case):
     assert code not in (CODE.INTERNAL, CODE.UNKNOWN), f"{case.name} answered {code.name}: {message[:300]}"
     info, bad_request = error_details(err)
     assert info.domain == "batchgate.dev", info
+    # Whatever the case expects, the reason is one the contract lists, with the code it documents.
+    assert info.reason in DOCUMENTED_REASONS, f"{case.name}: {info.reason} is not in error_reason.proto"
+    assert code.name == DOCUMENTED_REASONS[info.reason].code, f"{case.name}: {info.reason} came with {code.name}"
 
     assert code == case.code, f"{case.name}: {code.name} {info.reason} (expected {case.code.name}): {message[:300]}"
     if case.reason is not None:

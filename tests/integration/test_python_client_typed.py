@@ -60,9 +60,11 @@ async def test_errors_are_typed_with_reason_metadata_and_line_violations(harness
     assert err.code() == grpc.StatusCode.NOT_FOUND and err.reason == "FILE_NOT_FOUND"
     assert err.domain == "batchgate.dev" and err.metadata == {"file_id": "file-nope"}
     assert str(err) == "NOT_FOUND FILE_NOT_FOUND: file 'file-nope' not found"
+    # The contract's enum: the same string, and the member for those who switch on it.
+    assert err.reason == batchgate.ErrorReason.FILE_NOT_FOUND and err.reason_enum is batchgate.ErrorReason.FILE_NOT_FOUND
 
     bad = invalid.value
-    assert bad.reason == "INVALID_BATCH_FILE"
+    assert bad.reason == "INVALID_BATCH_FILE" and bad.reason_enum is batchgate.ErrorReason.INVALID_BATCH_FILE
     assert bad.lines == [3, 4, 4] and bad.violations[0].field == "line 3"
     assert bad.violations[0].description.startswith("invalid_json_line")
     assert "line 4: missing_url" in str(bad) or "line 4: unsupported_url" in str(bad)

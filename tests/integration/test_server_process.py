@@ -163,3 +163,28 @@ def test_a_server_restarted_on_a_full_disk_serves_reads_and_deletes(tmp_path, sm
             assert list(files.ListFiles(file_pb2.ListFilesRequest(), metadata=auth).files) == []
     finally:
         _stop(again)
+
+
+def test_the_readme_server_command_runs_as_written(tmp_path):
+    """README "Running the server": its command, from a checkout (examples/ beside it), on another port;
+    a batch on examples/models.yaml's `echo` completes, priced at zero."""
+    from batchgate import BatchgateClient, BatchStatus, CostStatus
+    from tests.readme import sh_blocks
+
+    command = sh_blocks("## Running the server")[0].strip()
+    assert command.startswith(".venv/bin/batchgate-server ") and "--config examples/models.yaml" in command
+    port = _free_port()
+    argv = command.replace(".venv/bin/batchgate-server", SERVER).replace(":50051", f":{port}").split()
+    (tmp_path / "examples").symlink_to(Path(__file__).resolve().parents[2] / "examples")
+    env = {k: v for k, v in os.environ.items() if k != "BATCHGATE_MASTER_KEY"}  # as a first run has it
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        with BatchgateClient(f"127.0.0.1:{port}") as bg:
+            grpc.channel_ready_future(bg.channel).result(timeout=30)
+            f = bg.upload_file(batch_file(3), filename="requests.jsonl")
+            done = bg.wait(bg.create_batch(f.id, "/v1/chat/completions", model="echo").id)
+            assert done.status is BatchStatus.COMPLETED and done.request_counts.completed == 3
+            assert done.cost.status == CostStatus.KNOWN and done.cost.amount == "0"
+    finally:
+        _stop(proc)
+    assert (tmp_path / "data" / "batchgate.sqlite3").exists(), "--data-dir ./data, relative to where it runs"

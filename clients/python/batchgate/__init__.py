@@ -15,6 +15,7 @@ from batchgate.errors import (
     BatchgateError,
     CancelledError,
     DeadlineExceededError,
+    ErrorReason,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
@@ -35,7 +36,7 @@ __all__ = [
     "DownloadVerificationError", "BatchgateError", "InvalidArgumentError", "NotFoundError", "AlreadyExistsError",
     "FailedPreconditionError", "UnauthenticatedError", "PermissionDeniedError", "ResourceExhaustedError",
     "DeadlineExceededError", "UnavailableError", "CancelledError", "InternalError", "UnimplementedError",
-    "Violation",
+    "Violation", "ErrorReason",
 ]
 
 

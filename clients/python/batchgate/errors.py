@@ -8,14 +8,17 @@ what the server put in the google.rpc details of the status.
         for v in err.violations:           # BadRequest field violations
             print(v.line, v.description)   # 12 "missing_custom_id: …"
 
-`reason` is a plain string (the ErrorInfo reason, UPPER_SNAKE, in `domain` "batchgate.dev"), so it can
-be compared with constants generated from the contract. The errors are `grpc.RpcError`s too, with the
+`reason` is a plain string (the ErrorInfo reason, UPPER_SNAKE, in `domain` "batchgate.dev"); the
+contract lists every reason as the proto enum batchgate.v1.ErrorReason, here `ErrorReason`, a str enum
+equal to those strings (`err.reason == ErrorReason.FILE_NOT_FOUND`); `err.reason_enum` is the member,
+or None for a reason this client does not know yet (a newer server). The errors are `grpc.RpcError`s too, with the
 usual `code()`, `details()` and `trailing_metadata()`: code written against the bare stubs still works.
 """
 
 from __future__ import annotations
 
 import datetime
+import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,16 +26,40 @@ from dataclasses import dataclass
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from batchgate.v1 import error_reason_pb2
+
 __all__ = [
     "BatchgateError", "InvalidArgumentError", "NotFoundError", "AlreadyExistsError", "FailedPreconditionError",
     "UnauthenticatedError", "PermissionDeniedError", "ResourceExhaustedError", "DeadlineExceededError",
     "UnavailableError", "CancelledError", "InternalError", "UnimplementedError", "Violation", "from_rpc_error",
+    "ErrorReason", "DOMAIN",
 ]
+
+DOMAIN = "batchgate.dev"  # ErrorInfo.domain of every batchgate error
 
 # The trailer in which gRPC servers send the whole google.rpc.Status (the gRPC spec's name).
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 OMITTED_VIOLATIONS = "omitted_violations"  # ErrorInfo metadata: violations the server left out
 _LINE = re.compile(r"^line (\d+)$")
+
+
+class _Reason(str, enum.Enum):
+    """An ErrorInfo reason of batchgate.v1.ErrorReason: a str equal to the reason as sent."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def number(self) -> int:
+        """The value's number in the proto enum."""
+        return error_reason_pb2.ErrorReason.Value(self.value)
+
+
+ErrorReason = _Reason("ErrorReason", {v.name: v.name for v in error_reason_pb2.ErrorReason.DESCRIPTOR.values
+                                      if v.number != 0}, module=__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +106,14 @@ class BatchgateError(grpc.RpcError):
 
     def trailing_metadata(self):
         return self.rpc_error.trailing_metadata() if self.rpc_error is not None else ()
+
+    @property
+    def reason_enum(self) -> "ErrorReason | None":
+        """`reason` as an ErrorReason member; None when there is none or this client does not know it."""
+        try:
+            return ErrorReason(self.reason)
+        except ValueError:
+            return None
 
     @property
     def lines(self) -> list[int]:

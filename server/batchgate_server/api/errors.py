@@ -27,6 +27,7 @@ _CODES: list[tuple[type[errors.ApiError], grpc.StatusCode, int]] = [
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, code_pb2.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, code_pb2.PERMISSION_DENIED),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED),
 ]
 
@@ -80,7 +81,7 @@ def to_status(err: errors.ApiError) -> grpc.Status:
     rpc_code = next(code for cls, _, code in _CODES if isinstance(err, cls))
     message = errors.clip(err.message, MAX_MESSAGE_BYTES)
     trailing = []
-    if isinstance(err, errors.ResourceExhausted):
+    if isinstance(err, errors.RetryLater):
         seconds = max(err.retry_after, 0.0)
         trailing.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
             seconds=int(seconds), nanos=int((seconds % 1) * 1e9)))))

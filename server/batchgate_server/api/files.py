@@ -10,9 +10,9 @@ import grpc
 from batchgate.v1 import file_pb2, file_pb2_grpc
 from batchgate_server.api.convert import PURPOSE_FROM_PROTO, file_to_proto
 from batchgate_server.api.errors import abort_with
-from batchgate_server.api.handlers import server_stream, unary
+from batchgate_server.api.handlers import abort_with_storage_error, server_stream, unary
 from batchgate_server.core.auth import Authenticator, Principal
-from batchgate_server.core.errors import ApiError, FieldViolation, InvalidArgument
+from batchgate_server.core.errors import ApiError, FieldViolation, InvalidArgument, StorageError
 from batchgate_server.core.files import FileManager, UploadHeader, idle_bounded
 
 
@@ -89,6 +89,8 @@ class FileServicer(file_pb2_grpc.FileServiceServicer):
             return file_pb2.UploadFileResponse(file=file_to_proto(record))
         except ApiError as err:
             await abort_with(context, err)
+        except StorageError as err:
+            await abort_with_storage_error(context, err)
 
     @unary
     async def GetFile(self, request: file_pb2.GetFileRequest, context, principal: Principal):

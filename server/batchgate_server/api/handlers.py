@@ -12,7 +12,7 @@ import grpc
 
 from batchgate_server.api.errors import abort_with
 from batchgate_server.core.auth import Authenticator, Principal
-from batchgate_server.core.errors import ApiError
+from batchgate_server.core.errors import ApiError, StorageError, from_storage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ def unary(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Principal], Awa
             return await handler(self, request, context, principal)
         except ApiError as err:
             await abort_with(context, err)
+        except StorageError as err:
+            await abort_with_storage_error(context, err)
 
     return wrapper
 
@@ -44,5 +46,15 @@ def server_stream(handler: Callable[[Any, Any, grpc.aio.ServicerContext, Princip
                 yield item
         except ApiError as err:
             await abort_with(context, err)
+        except StorageError as err:
+            await abort_with_storage_error(context, err)
 
     return wrapper
+
+
+async def abort_with_storage_error(context: grpc.aio.ServicerContext, err: StorageError) -> None:
+    """A full or unavailable store as the status a caller can act on; anything else stays a bug."""
+    mapped = from_storage(err)
+    if mapped is None:
+        raise err
+    await abort_with(context, mapped)

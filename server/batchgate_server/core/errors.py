@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
-from batchgate_server.store.errors import StorageFull
+from batchgate_server.store.errors import StorageError, StorageFull, StorageUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -16,6 +16,8 @@ T = TypeVar("T")
 # What RetryInfo suggests to a caller that met a full disk: space comes back when an operator (or
 # a DeleteFile, or an expiry sweep) frees it, not within milliseconds.
 STORAGE_FULL_RETRY_AFTER = 30.0
+# A database or bucket that is busy, restarting or unreachable usually is back within seconds.
+STORAGE_UNAVAILABLE_RETRY_AFTER = 2.0
 
 
 @dataclass
@@ -59,10 +61,20 @@ class DeadlineExceeded(ApiError):
     pass
 
 
-class ResourceExhausted(ApiError):
+class RetryLater(ApiError):
+    """An error the caller should retry after `retry_after` seconds (sent as RetryInfo / Retry-After)."""
+
     def __init__(self, message: str, reason: str, retry_after: float = 1.0, **kw) -> None:
         super().__init__(message, reason, **kw)
         self.retry_after = retry_after
+
+
+class ResourceExhausted(RetryLater):
+    pass
+
+
+class Unavailable(RetryLater):
+    pass
 
 
 def is_utf8_text(text: str) -> bool:
@@ -104,13 +116,34 @@ def storage_full() -> ResourceExhausted:
                              " frees it)", "STORAGE_FULL", retry_after=STORAGE_FULL_RETRY_AFTER)
 
 
+def storage_unavailable() -> Unavailable:
+    return Unavailable("the server's storage (database or blob store) is unavailable for the moment; retry"
+                       " shortly", "STORAGE_UNAVAILABLE", retry_after=STORAGE_UNAVAILABLE_RETRY_AFTER)
+
+
+def from_storage(err: StorageError) -> ApiError | None:
+    """What a caller is told of a storage failure, None for one that is a bug of ours (INTERNAL):
+    a full store is RESOURCE_EXHAUSTED STORAGE_FULL, a busy or unreachable one UNAVAILABLE
+    STORAGE_UNAVAILABLE, both with a delay to retry after. Both API surfaces' error boundaries
+    (api/handlers.py, api/http/errors.py) and the write use cases below call it."""
+    if isinstance(err, StorageFull):
+        return storage_full()
+    if isinstance(err, StorageUnavailable):
+        return storage_unavailable()
+    return None
+
+
 def exhausted_when_full(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """For use cases that write: a full disk is RESOURCE_EXHAUSTED STORAGE_FULL."""
+    """For use cases that write: a full store is RESOURCE_EXHAUSTED STORAGE_FULL, an unavailable
+    one UNAVAILABLE STORAGE_UNAVAILABLE (see from_storage)."""
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except StorageFull as err:
-            raise storage_full() from err
+        except StorageError as err:
+            mapped = from_storage(err)
+            if mapped is None:
+                raise
+            raise mapped from err
 
     return wrapper

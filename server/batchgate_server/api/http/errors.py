@@ -29,6 +29,7 @@ _STATUS: list[tuple[type[errors.ApiError], int]] = [
     (errors.DeadlineExceeded, 408),
     (errors.FailedPrecondition, 409),
     (errors.ResourceExhausted, 429),
+    (errors.Unavailable, 503),
 ]
 # Reasons with a status of their own: size limits are OpenAI's 413.
 _STATUS_BY_REASON = {"FILE_TOO_LARGE": 413, "BODY_TOO_LARGE": 413}
@@ -89,7 +90,7 @@ def _error_of(err: errors.ApiError) -> dict:
 def to_response(err: errors.ApiError) -> web.Response:
     status = status_of(err)
     headers = {}
-    if isinstance(err, errors.ResourceExhausted):
+    if isinstance(err, errors.RetryLater):
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     if status in _NO_RETRY:
         headers["x-should-retry"] = "false"
@@ -115,6 +116,11 @@ async def openai_errors(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except errors.ApiError as err:
         return to_response(err)
+    except errors.StorageError as err:
+        mapped = errors.from_storage(err)
+        if mapped is None:
+            raise
+        return to_response(mapped)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
