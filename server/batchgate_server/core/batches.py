@@ -31,7 +31,7 @@ from batchgate_server.domain.ids import new_batch_id
 from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
-from batchgate_server.store.errors import Duplicate, RevisionConflict
+from batchgate_server.store.errors import Duplicate, LeaseLost, RevisionConflict
 from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -213,13 +213,18 @@ class BatchManager:
     @exhausted_when_full
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)
+        runner = self.tracker.runner(batch_id)
         while True:
             if record.status.is_terminal:
                 raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
                                          "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
-            runner = self.tracker.runner(batch_id)
             if runner is not None:
-                return await runner.request_cancel()
+                try:
+                    return await runner.request_cancel()
+                except LeaseLost:  # adopted elsewhere meanwhile: store the intent for its new owner
+                    runner = None
+                    record = await self.get(principal, batch_id)
+                    continue
             if record.status is BatchStatus.CANCELLING:
                 return record
             # Driven by another replica (or by none, until one adopts it): the cancel is stored as
