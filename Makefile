@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
 	$(PY) bench/soak.py
+	$(PY) bench/replicas.py sqlite
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist $(NODE_TESTS)/node_modules
