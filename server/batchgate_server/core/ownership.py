@@ -50,8 +50,11 @@ def replica_id(data_dir: Path) -> str:
         return existing
     made = f"replica-{secrets.token_hex(6)}"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(made + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(made + "\n")
+        tmp.replace(path)
+    except OSError as err:  # a full disk: serve anyway; a restart then waits for this lease to expire
+        log.warning("could not keep the replica id in %s (%s); using %s for this run", path, err, made)
     return made
 
 
