@@ -63,6 +63,7 @@ bench: install
 	$(PY) bench/passthrough.py
 	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
+	$(PY) bench/postgres_driver.py
 	$(PY) bench/soak.py
 	$(PY) bench/replicas.py sqlite
 

@@ -20,6 +20,7 @@ from batchgate_server.settings import Settings
 from tests.backends_objects import (  # noqa: F401  (fixtures: S3 and GCS emulators, blob stores on them)
     gcs_blob_store, gcs_bucket, gcs_emulator, moto_s3, s3_blob_store, s3_bucket,
 )
+from tests.backends_pg import open_postgres_store, postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.fakes.openai_compatible_upstream import FakeUpstream
 from tests.storage_full import SmallDisk
 

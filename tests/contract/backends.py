@@ -65,6 +65,20 @@ async def sqlite_database(request, tmp_path: Path) -> AsyncIterator[Backend[Data
 
 
 @contextlib.asynccontextmanager
+async def postgres_database(request, tmp_path: Path) -> AsyncIterator[Backend[Database]]:
+    """A fresh database on the session's PostgreSQL server (tests/backends_pg.py)."""
+    server = request.getfixturevalue("postgres_server")
+    text = server.create_database()
+    url = database_url(text, tmp_path)
+    backend = Backend("postgres", lambda: open_database(url, tmp_path))
+    try:
+        yield backend
+    finally:
+        await backend.close()
+        server.drop_database(text)
+
+
+@contextlib.asynccontextmanager
 async def local_blobs(request, tmp_path: Path) -> AsyncIterator[Backend[BlobStore]]:
     data_dir = tmp_path / "local"
     data_dir.mkdir()
@@ -140,6 +154,7 @@ gcs_blobs = _remote_blobs("gcs", "gs", "gcs_emulator", lambda emulator: {"STORAG
 
 METADATA_BACKENDS: dict[str, BackendFactory] = {
     "sqlite": sqlite_database,
+    "postgres": postgres_database,
 }
 BLOB_BACKENDS: dict[str, BackendFactory] = {
     "local": local_blobs,

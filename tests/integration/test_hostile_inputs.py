@@ -28,6 +28,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
 from batchgate_server.core.auth import create_api_key
+from tests.backends_pg import run_sql
 from tests.conftest import Caller, Harness, error_details, jsonl, request_line, start_harness, upload_requests
 from tests.integration.batch_helpers import TERMINAL, write_config
 from tests.server_reasons import documented
@@ -901,7 +902,7 @@ async def build_world(h: Harness) -> World:
     w = World(h, usage_pb2_grpc.UsageServiceStub(h.channel))
     store = h.server.store
     revoked = await start_key(h, "mallory")
-    await store.db.execute("UPDATE api_keys SET revoked_at=1 WHERE project='mallory'")
+    await run_sql(store, "UPDATE api_keys SET revoked_at=1 WHERE project='mallory'")
     w.revoked = revoked
     w.carol = await start_key(h, "carol")
     w.dave = await start_key(h, "dave")

@@ -77,12 +77,18 @@ async def test_list_files_pages_by_bytes_and_shows_an_oversized_record(harness):
 
 
 async def insert_ledger_row(harness, batch_id: str, model: str, metadata: dict) -> None:
+    """A batch that ended with this ledger row, written as a batch's end writes it (on any backend)."""
     now = time.time()
-    await harness.server.store.db.execute(
-        "INSERT INTO usage_ledger(batch_id, project, api_key_id, model, provider, deployment_id, created_at,"
-        " ended_at, input_tokens, cached_tokens, output_tokens, reasoning_tokens, cost_status, cost_amount,"
-        " metadata, usage_by_model, cost_nanos) VALUES (?,?,?,?,?,?,?,?,1,0,1,0,'known','0.000000001',?,'{}',1)",
-        (batch_id, "alice", "key_a", model, "openai", "adhoc:" + model, now, now, json.dumps(metadata)))
+    b = BatchRecord(id=batch_id, project="alice", endpoint="/v1/chat/completions", input_file_id="file-x",
+                    completion_window="24h", status=BatchStatus.VALIDATING, created_at=now, expires_at=now + 86400)
+    store = harness.server.store
+    await store.insert_batch(b)
+    b.status = BatchStatus.COMPLETED
+    await store.update_batch(b, ledger={
+        "batch_id": batch_id, "project": "alice", "api_key_id": "key_a", "model": model, "provider": "openai",
+        "deployment_id": "adhoc:" + model, "created_at": now, "ended_at": now, "input_tokens": 1,
+        "cached_tokens": 0, "output_tokens": 1, "reasoning_tokens": 0, "cost_status": "known",
+        "cost_amount": "0.000000001", "cost_nanos": 1, "metadata": json.dumps(metadata), "usage_by_model": "{}"})
 
 
 def usage_pages(harness, **fields):

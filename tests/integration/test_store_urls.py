@@ -27,7 +27,7 @@ def _start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> sub
 
 @pytest.mark.parametrize(("args", "says"), [
     (["--database-url", "mysql://u@h/db"], "--database-url mysql://u@h/db: no metadata store for the scheme 'mysql'"
-                                           " in this build (available: sqlite://"),
+                                           " in this build (available: postgresql://, sqlite://"),
     (["--blob-url", "ftp://host/dir"], "--blob-url ftp://host/dir: no blob store for the scheme 'ftp'"),
     (["--database-url", "sqlite://relative/path.sqlite3"], "a sqlite URL names a local path, not a host"),
     (["--database-url", "sqlite:///"], "the path must be absolute"),

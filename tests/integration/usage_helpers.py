@@ -9,6 +9,7 @@ import re
 from aiohttp import web
 
 from batchgate.v1 import batch_pb2, usage_pb2, usage_pb2_grpc
+from tests.backends_pg import run_sql
 from tests.conftest import Caller, Harness, jsonl, request_line
 from tests.fakes.openai_compatible_upstream import FakeUpstream, key_text
 from tests.integration.batch_helpers import create, upstream_entry, watch_all
@@ -71,8 +72,7 @@ async def query(h: Harness, caller: Caller, **fields) -> usage_pb2.QueryUsageRes
 
 async def ledger_rows(h: Harness, batch_id: str) -> list[dict]:
     """The committed ledger rows of a batch."""
-    rows = await h.server.store.readers.fetchall("SELECT * FROM usage_ledger WHERE batch_id=?", (batch_id,))
-    return [dict(r) for r in rows]
+    return await run_sql(h.server.store, "SELECT * FROM usage_ledger WHERE batch_id=?", batch_id)
 
 
 async def stop(h: Harness) -> None:

@@ -23,6 +23,7 @@ from batchgate_server.store.ports import BlobStore, MetadataStore, UsageLedger
 # scheme -> "module:function" (add a line to plug in an implementation)
 DATABASES: dict[str, str] = {
     "sqlite": "batchgate_server.store.sqlite:open_database",
+    "postgresql": "batchgate_server.store.postgres:open_database",
 }
 BLOB_STORES: dict[str, str] = {
     "file": "batchgate_server.store.blobs.local:open_blob_store",

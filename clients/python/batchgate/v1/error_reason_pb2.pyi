@@ -278,6 +278,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     CancelBatch); nothing was half-written; with a RetryInfo. Do: retry after
     the delay; deleting files frees space.
     """
+    STORAGE_UNAVAILABLE: _ErrorReason.ValueType  # 76
+    """UNAVAILABLE. The server's database or blob store (say, an S3 bucket) is
+    busy or unreachable for the moment; nothing was half-written; with a
+    RetryInfo. Do: retry after the delay (idempotent calls as they are, creates
+    and uploads with the same request_id).
+    """
     INVALID_AFTER: _ErrorReason.ValueType  # 61
     """The OpenAI-compatible HTTP API's own input errors (gRPC code as mapped to
     HTTP 400, or 413 for a body too large; see README.md, "OpenAI-compatible HTTP").
@@ -616,6 +622,12 @@ STORAGE_FULL: ErrorReason.ValueType  # 60
 """RESOURCE_EXHAUSTED. The server's disk is full (UploadFile, CreateBatch,
 CancelBatch); nothing was half-written; with a RetryInfo. Do: retry after
 the delay; deleting files frees space.
+"""
+STORAGE_UNAVAILABLE: ErrorReason.ValueType  # 76
+"""UNAVAILABLE. The server's database or blob store (say, an S3 bucket) is
+busy or unreachable for the moment; nothing was half-written; with a
+RetryInfo. Do: retry after the delay (idempotent calls as they are, creates
+and uploads with the same request_id).
 """
 INVALID_AFTER: ErrorReason.ValueType  # 61
 """The OpenAI-compatible HTTP API's own input errors (gRPC code as mapped to

@@ -1,0 +1,6 @@
+"""Advisory lock keys (pg_advisory_lock(NAMESPACE, key)): one namespace for batchgate, so its
+locks cannot collide with another application's on a shared database. Add new keys here."""
+
+NAMESPACE = 0x62617463  # "batc"
+MIGRATIONS = 1  # held while one server migrates the schema (the others wait)
+LEDGER = 2  # held from a ledger row's insert to its commit: rows commit in the order of their seq

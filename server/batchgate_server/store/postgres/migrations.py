@@ -1,0 +1,155 @@
+"""The PostgreSQL schema, versioned: an append-only list of scripts, applied at start-up by one
+server at a time (a session advisory lock), each in its own transaction with its row in
+`schema_migrations`.
+
+Replicas starting together on an empty database queue on the lock: the first creates the schema,
+the others find it at the latest version and apply nothing. A server killed while migrating loses
+its connection, so the lock is released and its open migration rolled back (PostgreSQL's DDL is
+transactional): the next start applies it again.
+
+Differences from the SQLite schema, all kept inside store/postgres:
+- Identifiers and grouped text are `COLLATE "C"`: byte order, as SQLite's, whatever the
+  database's locale, so listings and usage pages come in the same order on both.
+- PostgreSQL's text cannot hold U+0000, which the API accepts in request ids, metadata and the
+  model of an uploaded file: those are stored as UTF-8 `bytea` (the same byte order). The batch
+  document is JSON text (json.dumps escapes every control character).
+- The ledger's metadata is a side table of (batch, key, value) rows, so usage groups by a key
+  with an exact match (no JSON-path quoting) and the same byte order.
+- `usage_ledger.seq` (an identity) stands for SQLite's rowid: rows get it under the LEDGER lock,
+  so a higher seq never commits before a lower one (see UsageLedger.high_water).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import asyncpg
+
+from batchgate_server.store.postgres import locks
+
+log = logging.getLogger(__name__)
+
+# The statuses of an ended batch, as literals: partial indexes need them in the statement, not as
+# parameters. (domain/models.py TERMINAL_STATUSES; a new terminal status needs a new migration.)
+TERMINAL = "('failed', 'completed', 'expired', 'cancelled')"
+
+# Each entry migrates from version i to i+1. Append only; never edit a shipped one.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE files (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        project TEXT COLLATE "C" NOT NULL,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION,
+        line_count BIGINT NOT NULL DEFAULT 0,
+        endpoint TEXT NOT NULL DEFAULT '',
+        model BYTEA NOT NULL DEFAULT '',
+        request_id BYTEA
+    );
+    CREATE UNIQUE INDEX files_request_id ON files(project, request_id) WHERE request_id IS NOT NULL;
+    CREATE INDEX files_project_created ON files(project, created_at DESC, id DESC);
+    CREATE INDEX files_created ON files(created_at DESC, id DESC);
+    CREATE INDEX files_expires ON files(expires_at) WHERE expires_at IS NOT NULL;
+
+    CREATE TABLE api_keys (
+        key_hash TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL UNIQUE,
+        project TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    );
+
+    CREATE TABLE batches (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        project TEXT COLLATE "C" NOT NULL,
+        status TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        request_id BYTEA,
+        input_file_id TEXT COLLATE "C" NOT NULL,
+        revision BIGINT NOT NULL,
+        doc TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX batches_request_id ON batches(project, request_id) WHERE request_id IS NOT NULL;
+    CREATE INDEX batches_project_created ON batches(project, created_at DESC, id DESC);
+    CREATE INDEX batches_created ON batches(created_at DESC, id DESC);
+    CREATE INDEX batches_active ON batches(created_at) WHERE status NOT IN {TERMINAL};
+    CREATE INDEX batches_active_input ON batches(input_file_id) WHERE status NOT IN {TERMINAL};
+
+    CREATE TABLE usage_ledger (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+        batch_id TEXT COLLATE "C" PRIMARY KEY,
+        project TEXT COLLATE "C" NOT NULL,
+        api_key_id TEXT COLLATE "C" NOT NULL,
+        model TEXT COLLATE "C" NOT NULL,
+        provider TEXT COLLATE "C" NOT NULL,
+        deployment_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        ended_at DOUBLE PRECISION NOT NULL,
+        input_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        output_tokens BIGINT NOT NULL,
+        reasoning_tokens BIGINT NOT NULL,
+        cost_status TEXT NOT NULL,
+        cost_amount TEXT NOT NULL,
+        cost_nanos NUMERIC,
+        metadata TEXT NOT NULL,
+        usage_by_model TEXT NOT NULL
+    );
+    CREATE INDEX usage_ledger_ended ON usage_ledger(ended_at);
+    CREATE INDEX usage_ledger_project ON usage_ledger(project, ended_at);
+    CREATE TABLE usage_ledger_metadata (
+        batch_id TEXT COLLATE "C" NOT NULL REFERENCES usage_ledger(batch_id),
+        key BYTEA NOT NULL,
+        value BYTEA NOT NULL,
+        PRIMARY KEY (batch_id, key)
+    );
+
+    CREATE TABLE server_secrets (
+        name TEXT PRIMARY KEY,
+        value BYTEA NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    )
+    """,
+]
+
+_VERSIONS = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    applied_at DOUBLE PRECISION NOT NULL
+)
+"""
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The latest applied migration; 0 on an empty database."""
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+
+
+async def migrate(conn: asyncpg.Connection) -> None:
+    """Apply the pending migrations, holding the MIGRATIONS lock (waiting for it while another
+    server migrates). Refuses a database newer than this server."""
+    await conn.execute("SELECT pg_advisory_lock($1, $2)", locks.NAMESPACE, locks.MIGRATIONS)
+    try:
+        await conn.execute(_VERSIONS)
+        version = await schema_version(conn)
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {version} is newer than this server ({len(MIGRATIONS)})")
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            log.info("migrating the PostgreSQL schema to version %d", target)
+            async with conn.transaction():
+                await conn.execute(script)
+                await conn.execute("INSERT INTO schema_migrations(version, applied_at) VALUES ($1, $2)",
+                                   target, time.time())
+    finally:
+        # A broken connection has released the lock with itself.
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", locks.NAMESPACE, locks.MIGRATIONS)
