@@ -62,13 +62,53 @@ def sqlite_stores(root: Path) -> SharedStores:
     return SharedStores("sqlite", f"sqlite://{db}", f"file://{root / 'blobs'}", {}, scalar)
 
 
+def _literal(value) -> str:
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def postgres_scalar(server, url: str) -> Callable[[str, tuple], object]:
+    database = url.rsplit("/", 1)[1]
+
+    def scalar(sql: str, args: tuple):
+        parts = sql.split("?")
+        text = parts[0] + "".join(_literal(a) + rest for a, rest in zip(args, parts[1:]))
+        out = server.psql(text, database).strip().splitlines()
+        value = out[0] if out else None
+        return int(value) if value is not None and value.lstrip("-").isdigit() else value
+
+    return scalar
+
+
 @contextlib.asynccontextmanager
-async def shared_stores(backend: str, root: Path) -> AsyncIterator[SharedStores]:
-    """The shared stores of `backend` ("sqlite" or "postgres+s3"), removed afterwards."""
+async def shared_stores(backend: str, root: Path, request=None) -> AsyncIterator[SharedStores]:
+    """The shared stores of `backend` ("sqlite" or "postgres+s3"), removed afterwards. Under
+    pytest (`request`) the session's PostgreSQL server and moto serve a fresh database and
+    bucket; otherwise (benchmarks) both are started here and stopped at the end."""
     if backend == "sqlite":
         yield sqlite_stores(root)
         return
-    pytest.skip("postgres+s3 replicas: waiting for the PostgreSQL store and the S3 blob store")
+    assert backend == "postgres+s3", backend
+    from tests.backends_objects import MotoS3Process, new_bucket_name
+    from tests.backends_pg import PostgresServer
+
+    with contextlib.ExitStack() as stack:
+        if request is not None:
+            pg, moto = request.getfixturevalue("postgres_server"), request.getfixturevalue("moto_s3")
+        else:
+            pg = PostgresServer.start()
+            stack.callback(pg.stop)
+            moto = MotoS3Process()
+            moto.start()
+            stack.callback(moto.stop)
+        url = pg.create_database()
+        stack.callback(pg.drop_database, url)
+        bucket = new_bucket_name()
+        moto.client().create_bucket(Bucket=bucket)
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "BATCHGATE_S3_ENDPOINT_URL": moto.url}
+        yield SharedStores(backend, url, f"s3://{bucket}/batchgate", env, postgres_scalar(pg, url))
 
 
 BACKENDS = ["sqlite", "postgres+s3"]
@@ -77,7 +117,7 @@ BACKENDS = ["sqlite", "postgres+s3"]
 @pytest.fixture(params=BACKENDS)
 async def stores(request, tmp_path: Path) -> AsyncIterator[SharedStores]:
     """The shared stores, once per backend (import this fixture into a test module to use it)."""
-    async with shared_stores(request.param, tmp_path / "shared") as s:
+    async with shared_stores(request.param, tmp_path / "shared", request) as s:
         yield s
 
 
