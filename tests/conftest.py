@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -96,7 +97,60 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings(**defaults)
 
 
+# Which stores the in-process servers run on: "sqlite" (the default: SQLite and local disk in the data
+# directory) or "postgres+s3" (a fresh database on the session's PostgreSQL server and a fresh
+# moto bucket per data directory; a server restarted on the same data directory finds them again).
+TEST_BACKEND = os.environ.get("BATCHGATE_TEST_BACKEND", "sqlite")
+
+
+class _RemoteStores:
+    """PostgreSQL and moto for TEST_BACKEND=postgres+s3: started on first use, stopped at the end."""
+
+    def __init__(self) -> None:
+        self.pg = None
+        self.moto = None
+        self.by_data_dir: dict[Path, dict[str, str]] = {}
+
+    def urls(self, data_dir: Path) -> dict[str, str]:
+        from tests.backends_objects import MotoS3Process, new_bucket_name
+        from tests.backends_pg import PostgresServer
+
+        if self.pg is None:
+            self.pg = PostgresServer.start()
+            self.moto = MotoS3Process()
+            self.moto.start()
+            os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                               "AWS_DEFAULT_REGION": "us-east-1", "BATCHGATE_S3_ENDPOINT_URL": self.moto.url})
+        key = data_dir.resolve()
+        if key not in self.by_data_dir:
+            bucket = new_bucket_name()
+            self.moto.client().create_bucket(Bucket=bucket)
+            self.by_data_dir[key] = {"database_url": self.pg.create_database(), "blob_url": f"s3://{bucket}/files"}
+        return self.by_data_dir[key]
+
+    def stop(self) -> None:
+        if self.pg is not None:
+            self.moto.stop()
+            self.pg.stop()
+
+
+_remote_stores = _RemoteStores()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_remote_stores():
+    yield
+    _remote_stores.stop()
+
+
+def backend_overrides(data_dir: Path) -> dict[str, str]:
+    """The settings that put a server on data_dir onto TEST_BACKEND's stores."""
+    return _remote_stores.urls(data_dir) if TEST_BACKEND == "postgres+s3" else {}
+
+
 async def start_harness(data_dir: Path, **overrides) -> Harness:
+    if "database_url" not in overrides:
+        overrides = {**backend_overrides(data_dir), **overrides}
     server = BatchgateServer(make_settings(data_dir, **overrides))
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
