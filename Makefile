@@ -65,7 +65,7 @@ bench: install
 	$(PY) bench/client_overhead.py
 	$(PY) bench/postgres_driver.py
 	$(PY) bench/soak.py
-	$(PY) bench/replicas.py sqlite
+	$(PY) bench/replicas.py sqlite postgres+s3
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist $(NODE_TESTS)/node_modules
