@@ -274,6 +274,7 @@ class BatchgateServer:
             await self.hub.stop()
             await self.tracker.stop()
             await self.providers.close()
+            await self.ownership.stop()  # hands this replica's batches to the others at once
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -153,8 +153,11 @@ class Tracker:
         return next((r.rec.id for r in self._runners.values() if r.rec.input_file_id == file_id), None)
 
     async def stop(self) -> None:
-        """Stop driving batches (they resume on the next start); nothing is cancelled at providers."""
+        """Stop driving batches (they resume on the next start); nothing is cancelled at providers.
+        The leases are kept: the caller releases them (Ownership.stop) once the providers have
+        stopped their work too."""
         self.stopping = True
+        await self.ownership.stop(release=False)  # no adoption, no heartbeat from here on
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -167,7 +170,6 @@ class Tracker:
             await asyncio.gather(*self._writes, return_exceptions=True)
         if self._unsubscribe is not None:
             self._unsubscribe()
-        await self.ownership.stop()
 
     def _forget(self, batch_id: str) -> None:
         self._runners.pop(batch_id, None)
