@@ -68,6 +68,7 @@ bench: install
 	$(PY) bench/postgres_driver.py
 	$(PY) bench/quotas.py
 	$(PY) bench/soak.py
+	$(PY) bench/replicas.py sqlite postgres+s3
 
 clean:
 	rm -rf $(VENV) .demo-data .pytest_cache $(TS)/node_modules $(TS)/dist $(NODE_TESTS)/node_modules

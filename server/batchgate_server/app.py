@@ -33,6 +33,7 @@ from batchgate_server.core.deployment_health import DeploymentHealth
 from batchgate_server.core.events import BatchEvents, EventFanout
 from batchgate_server.core.batches import BatchManager
 from batchgate_server.core.files import FileLimits, FileManager
+from batchgate_server.core.ownership import Ownership, replica_id
 from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.routing import Router
@@ -66,6 +67,9 @@ SERVICE_NAMES = (
 )
 # Streams carry up to 2 MiB chunks plus framing.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Seconds between reads of watched batches that another replica drives (see _watch_poll_interval).
+WATCH_POLL_WITHOUT_FEED = 0.2
+WATCH_POLL_UNDER_FEED = 1.0
 # The name of the page-token signing key among the database's server secrets.
 PAGE_TOKEN_SECRET = "page_tokens"
 
@@ -170,6 +174,7 @@ class BatchgateServer:
     async def start(self) -> int:
         s = self.settings
         db_url, blobs_url = database_url(s.database_url, s.data_dir), blob_url(s.blob_url, s.data_dir)
+        self._database_scheme = db_url.scheme
         s.data_dir.mkdir(parents=True, exist_ok=True)
         # Two servers on one data directory would each drive the same batches.
         self._data_lock = DataDirLock(s.data_dir)
@@ -188,7 +193,7 @@ class BatchgateServer:
         self.files = FileManager(self.store, blobs, FileLimits(
             s.max_file_bytes, s.max_file_lines, s.max_chunk_bytes, upload_idle_timeout=s.upload_idle_timeout,
             max_uploads_per_project=s.max_uploads_per_project), self.page_tokens)
-        orphans = await self.files.remove_orphan_blobs()
+        orphans = 0 if s.shared else await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
         if s.metrics_address:
@@ -292,11 +297,13 @@ class BatchgateServer:
         self.accounting = Accounting(prices)
         self.router = Router(self.model_list)
         self.providers = ProviderRegistry(request_events=self.metrics.requests if self.metrics else None)
-        self.hub = WatchHub()
+        self.hub = WatchHub(self.store, poll_interval=self._watch_poll_interval())
+        self.ownership = Ownership(self.store, replica_id(s.data_dir), s.lease_timeout)
         self.webhooks = Webhooks(self.store, self.model_list.webhooks, retry_schedule=s.webhook_retry_schedule,
                                  timeout=s.webhook_timeout)
         self.tracker = Tracker(self.store, blobs, self.hub, self.router, self.providers, self.accounting,
-                               s.work_dir, events=self._batch_events(), webhooks=self.webhooks)
+                               s.work_dir, self.ownership, shared_progress=s.shared, events=self._batch_events(),
+                               webhooks=self.webhooks)
         self.files.used_by = self.tracker.batch_reading
         self.quotas = Quotas(self.store, self._database.ledger, self.model_list.quotas)
         self.files.quotas = self.quotas
@@ -304,6 +311,14 @@ class BatchgateServer:
                                     self.accounting, self.page_tokens, self.quotas)
         log.info("model list from %s: %s", self.model_list.source,
                  ", ".join(f"{d.model_name} ({d.provider}/{d.model}, id {d.id})" for d in self.model_list.deployments))
+
+    def _watch_poll_interval(self) -> float:
+        """How often watched batches driven elsewhere are read: never for a server alone on its
+        database; often on shared SQLite, whose change feed does not cross processes; seldom,
+        as a safety net under the change feed, on a database that notifies (PostgreSQL)."""
+        if not self.settings.shared:
+            return 0.0
+        return WATCH_POLL_WITHOUT_FEED if self._database_scheme == "sqlite" else WATCH_POLL_UNDER_FEED
 
     def _add_batch_service(self, server: SoftDecoding) -> None:
         add_batch_service(BatchServicer(self.auth, self.batches, self.settings.heartbeat_interval), server)
@@ -317,6 +332,7 @@ class BatchgateServer:
             except UnsupportedRequest as err:
                 log.warning("provider %s unavailable: %s", provider, err.message)
         await self.tracker.start()
+        self.hub.start()
 
     async def stop(self, grace: float | None = None) -> None:
         if self._http is not None:
@@ -344,8 +360,10 @@ class BatchgateServer:
 
     async def _stop_background(self) -> None:
         if hasattr(self, "tracker"):
+            await self.hub.stop()
             await self.tracker.stop()
             await self.providers.close()
+            await self.ownership.stop()  # hands this replica's batches to the others at once
 
     async def wait(self) -> None:
         assert self._server is not None

@@ -47,6 +47,13 @@ class Settings:
     # Seconds after each failed webhook attempt until the next (Standard Webhooks' schedule).
     webhook_retry_schedule: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
     webhook_timeout: float = 15.0
+    # Replicas (core/ownership.py): seconds a replica's batches stay its own after its last heartbeat.
+    lease_timeout: float = 15.0
+
+    @property
+    def shared(self) -> bool:
+        """Other replicas may share the stores: a database URL is given."""
+        return bool(self.database_url)
 
     @property
     def work_dir(self) -> Path:
@@ -134,6 +141,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         " one the event is given up [BATCHGATE_WEBHOOK_RETRY_SCHEDULE]")
     p.add_argument("--webhook-timeout", type=float, default=float(_env("WEBHOOK_TIMEOUT", str(d.webhook_timeout))),
                    help="seconds a webhook endpoint has to answer an attempt [BATCHGATE_WEBHOOK_TIMEOUT]")
+    p.add_argument("--lease-timeout", type=float, default=float(_env("LEASE_TIMEOUT", str(d.lease_timeout))),
+                   help="seconds after a replica's last heartbeat before other replicas take its batches over"
+                        " [BATCHGATE_LEASE_TIMEOUT]")
     return p
 
 
@@ -176,4 +186,5 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         deployment_health_interval=args.deployment_health_interval,
         webhook_retry_schedule=args.webhook_retry_schedule,
         webhook_timeout=args.webhook_timeout,
+        lease_timeout=args.lease_timeout,
     )

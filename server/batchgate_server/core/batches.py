@@ -33,7 +33,7 @@ from batchgate_server.domain.ids import new_batch_id
 from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
-from batchgate_server.store.errors import Duplicate
+from batchgate_server.store.errors import Duplicate, LeaseLost, RevisionConflict
 from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class BatchManager:
         return record
 
     async def _insert_and_adopt(self, record: BatchRecord) -> None:
-        await self.store.insert_batch(record)
+        await self.store.insert_batch(record, owner=self.tracker.replica)
         self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
 
     async def get(self, principal: Principal, batch_id: str) -> BatchRecord:
@@ -215,10 +215,27 @@ class BatchManager:
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)
         runner = self.tracker.runner(batch_id)
-        if record.status.is_terminal or runner is None:
-            raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
-                                     "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
-        return await runner.request_cancel()
+        while True:
+            if record.status.is_terminal:
+                raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
+                                         "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
+            if runner is not None:
+                try:
+                    return await runner.request_cancel()
+                except LeaseLost:  # adopted elsewhere meanwhile: store the intent for its new owner
+                    runner = None
+                    record = await self.get(principal, batch_id)
+                    continue
+            if record.status is BatchStatus.CANCELLING:
+                return record
+            # Driven by another replica (or by none, until one adopts it): the cancel is stored as
+            # intent, CANCELLING with a new revision, and its owner carries it out (Tracker.changed).
+            record.status = BatchStatus.CANCELLING
+            record.cancelling_at = time.time()
+            try:
+                return await self.store.update_batch(record)
+            except RevisionConflict:
+                record = await self.get(principal, batch_id)  # changed meanwhile: decide again
 
     async def watch(self, principal: Principal, batch_id: str, start_revision: int,
                     heartbeat: float) -> AsyncIterator[BatchRecord | int]:

@@ -3,9 +3,15 @@
 One runner task per batch advances the state machine: submit to the provider,
 poll it (one poll per batch however many watchers), collect the results into
 batch_output files, and end the batch. Every change is persisted with its
-revision bump in one SQLite transaction and then published to watchers. After a
-restart `start()` adopts every unfinished batch again; providers keep what they
-need to resume in `job.state`.
+revision bump in one transaction and then published to watchers. Only batches
+this replica holds the lease on are run (core/ownership.py): at start its own and
+any nobody holds, later those of replicas whose lease expired; every write is
+fenced by the lease, and a runner whose lease is lost stops at once. Providers
+keep what they need to resume in `job.state` (the executor its answers in the
+store too, so that another replica resumes them).
+
+A cancel accepted by another replica arrives as a stored CANCELLING state (a newer
+revision): the runner takes it into its own record (_take_cancel) and carries it out.
 
 Provider errors: a non-retryable one (401/403, 404 on our job, …) fails the batch
 with its code; retryable ones (429/5xx/network) are retried with backoff honouring
@@ -27,6 +33,7 @@ from pathlib import Path
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.events import BatchEvents
 from batchgate_server.domain import log_context
+from batchgate_server.core.ownership import Ownership, StoredProgress
 from batchgate_server.domain.backoff import Backoff
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import (
@@ -54,6 +61,7 @@ from batchgate_server.providers.base import (
 )
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.store.errors import (
+    LeaseLost,
     RevisionConflict,
     StorageError,
     StorageFull,
@@ -79,10 +87,13 @@ def batch_load(line_count: int) -> int:
 
 class Tracker:
     def __init__(self, store: MetadataStore, blobs: BlobStore, hub: WatchHub, router: Router,
-                 providers: ProviderRegistry, accounting: Accounting, work_root: Path, *,
-                 min_poll_interval: float = 0.1, events: BatchEvents | None = None,
-                 webhooks: Webhooks | None = None) -> None:
+                 providers: ProviderRegistry, accounting: Accounting, work_root: Path, ownership: Ownership, *,
+                 min_poll_interval: float = 0.1, shared_progress: bool = False,
+                 events: BatchEvents | None = None, webhooks: Webhooks | None = None) -> None:
         self.store = store
+        self.ownership = ownership
+        # Several replicas: the executor keeps its answers in the store too (see ProviderJob.progress).
+        self.shared_progress = shared_progress
         self.events = events or BatchEvents()
         self.webhooks = webhooks  # the outbox rows of a batch's end go into its terminal transaction
         self.blobs = blobs
@@ -96,9 +107,15 @@ class Tracker:
         self._tasks: set[asyncio.Task] = set()
         self._writes: set[asyncio.Future] = set()  # BatchRunner._persist calls in flight
         self.stopping = False
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @property
+    def replica(self) -> str:
+        return self.ownership.replica
 
     async def start(self) -> int:
-        active = await self.store.active_batches()
+        self._unsubscribe = self.store.changes.subscribe(self.changed)
+        active = await self.ownership.start(self)
         for record in active:
             self.adopt(record)
         if active:
@@ -107,15 +124,36 @@ class Tracker:
         return len(active)
 
     def adopt(self, record: BatchRecord, *, load_reserved: bool = False) -> None:
-        """Drive `record` to its end. load_reserved: the caller already counted it with
-        router.add_load (the runner removes it when the batch ends)."""
+        """Drive `record` (this replica owns it) to its end. load_reserved: the caller already
+        counted it with router.add_load (the runner removes it when the batch ends)."""
+        if record.id in self._runners:
+            return  # re-adopted after a late heartbeat: its runner still goes on
         runner = BatchRunner(self, record, load_reserved=load_reserved)
         self._runners[record.id] = runner
         context = contextvars.copy_context()  # the runner's own: what the hook sets stays there
         context.run(self.events.adopted, record)
-        task = asyncio.create_task(runner.run(), name=f"batch-{record.id}", context=context)
+        task = runner.task = asyncio.create_task(runner.run(), name=f"batch-{record.id}", context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- what ownership asks (core/ownership.py Driver) -----------------------------------
+
+    def running(self) -> dict[str, int]:
+        return {i: r.rec.revision for i, r in self._runners.items() if not r.rec.status.is_terminal}
+
+    def lost(self, batch_id: str) -> None:
+        runner = self._runners.get(batch_id)
+        if runner is not None:
+            runner.lose()
+
+    def changed(self, batch_id: str, revision: int) -> None:
+        """Someone committed `revision` of `batch_id`: if that is newer than its runner's, another
+        replica wrote it (a cancel)."""
+        runner = self._runners.get(batch_id)
+        if runner is not None and revision > runner.rec.revision and not self.stopping:
+            task = asyncio.create_task(runner.refresh(), name=f"refresh-{batch_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def runner(self, batch_id: str) -> "BatchRunner | None":
         return self._runners.get(batch_id)
@@ -125,8 +163,11 @@ class Tracker:
         return next((r.rec.id for r in self._runners.values() if r.rec.input_file_id == file_id), None)
 
     async def stop(self) -> None:
-        """Stop driving batches (they resume on the next start); nothing is cancelled at providers."""
+        """Stop driving batches (they resume on the next start); nothing is cancelled at providers.
+        The leases are kept: the caller releases them (Ownership.stop) once the providers have
+        stopped their work too."""
         self.stopping = True
+        await self.ownership.stop(release=False)  # no adoption, no heartbeat from here on
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -137,6 +178,8 @@ class Tracker:
         # A cancelled runner's shielded write goes on: it lands before the store is closed.
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
 
     def _forget(self, batch_id: str) -> None:
         runner = self._runners.pop(batch_id, None)
@@ -160,6 +203,8 @@ class BatchRunner:
         self.job: ProviderJob | None = None
         self._provider: BatchProvider | None = None
         self.last_poll: float | None = None  # time.monotonic() of the last provider poll
+        self.task: asyncio.Task | None = None
+        self._lost = False  # another replica owns the batch now
 
     # -- persistence --------------------------------------------------------------------
 
@@ -176,24 +221,68 @@ class BatchRunner:
         write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger))
         self.t._writes.add(write)
         write.add_done_callback(self.t._writes.discard)
+        # Retrieved here too: the awaiting runner may be gone (cancelled) when it fails.
+        write.add_done_callback(lambda w: w.cancelled() or w.exception())
         await asyncio.shield(write)
 
     async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
         async with self._lock:
-            before = copy.deepcopy(self.rec)
-            mutate(self.rec)
+            for rebased in (False, True):
+                before = copy.deepcopy(self.rec)
+                before.provider_state = self.rec.provider_state  # the provider's own dict (job.state)
+                mutate(self.rec)
+                if rebased and before.status is BatchStatus.CANCELLING and not self.rec.status.is_terminal:
+                    self.rec.status = BatchStatus.CANCELLING  # the cancel taken in stands until the end
+                try:
+                    outbox = (await self.t.webhooks.events_on_end(before.status, self.rec)
+                              if self.t.webhooks else [])
+                    await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger,
+                                                    outbox=outbox, owner=self.t.replica)
+                except RevisionConflict:
+                    self.rec = before
+                    stored = None if rebased else await self.t.store.get_batch(self.rec.id)
+                    if stored is None or stored.revision <= self.rec.revision:
+                        raise
+                    self._take_cancel(stored)  # another replica's cancel: redo this change on top
+                    continue
+                except BaseException:
+                    self.rec = before
+                    raise
+                self.t.hub.publish(copy.deepcopy(self.rec))
+                if before.status is not self.rec.status:
+                    log.info("batch %s: %s -> %s", self.rec.id, before.status.value, self.rec.status.value)
+                self.t.events.changed(before, self.rec, ledger)
+                if outbox:
+                    self.t.webhooks.wake()
+                return
+
+    def _take_cancel(self, stored: BatchRecord) -> None:
+        """Take in what another replica may write of an owned batch (its revision, and a cancel
+        accepted there); the rest of the record is this runner's own."""
+        self.rec.revision = stored.revision
+        if stored.status is BatchStatus.CANCELLING and not self.rec.status.is_terminal:
+            self.rec.status = BatchStatus.CANCELLING
+            self.rec.cancelling_at = stored.cancelling_at
+            if self.job is not None:
+                self.job.cancel_requested.set()
+            self._wake.set()
+
+    async def refresh(self) -> None:
+        """The stored batch is newer than this runner's record: take in the cancel."""
+        async with self._lock:
             try:
-                outbox = await self.t.webhooks.events_on_end(before.status, self.rec) if self.t.webhooks else []
-                await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger, outbox=outbox)
-            except BaseException:
-                self.rec = before
-                raise
-            self.t.hub.publish(copy.deepcopy(self.rec))
-            if before.status is not self.rec.status:
-                log.info("batch %s: %s -> %s", self.rec.id, before.status.value, self.rec.status.value)
-            self.t.events.changed(before, self.rec, ledger)
-            if outbox:
-                self.t.webhooks.wake()
+                stored = await self.t.store.get_batch(self.rec.id)
+            except StorageError as err:
+                log.warning("batch %s: could not read a change made elsewhere: %s", self.rec.id, err)
+                return  # the next heartbeat tells again
+            if stored is not None and stored.revision > self.rec.revision:
+                self._take_cancel(stored)
+
+    def lose(self) -> None:
+        """Another replica owns the batch now: stop at once, write nothing more."""
+        self._lost = True
+        if self.task is not None:
+            self.task.cancel()
 
     async def _save_state(self) -> None:
         await self._persist(lambda r: None)
@@ -288,8 +377,15 @@ class BatchRunner:
                     if stored is not None and stored.revision != self.rec.revision:
                         self.rec = stored
                         self.job.state = stored.provider_state
+                        if stored.status is BatchStatus.CANCELLING:
+                            self.job.cancel_requested.set()
                     await self._sleep(storage_backoff.next())
+        except LeaseLost:
+            log.warning("batch %s: lease lost; another replica drives it now", rec.id)
+            await self._detach()
         except asyncio.CancelledError:
+            if self._lost:
+                await self._detach()
             raise
         except Exception as err:  # a bug must not leave the batch hanging forever
             log.exception("batch %s: unexpected error", rec.id)
@@ -304,6 +400,15 @@ class BatchRunner:
                 self.t.router.remove_load(self.deployment.id, load)
             self.t._forget(rec.id)
 
+    async def _detach(self) -> None:
+        """Stop this process's share of the job (the executor's requests), leaving the job as the
+        new owner will find it."""
+        if self._provider is not None and self.job is not None:
+            try:
+                await self._provider.detach(self.job)
+            except Exception:  # noqa: BLE001 - nothing of it is written anywhere
+                log.exception("batch %s: could not stop its local work", self.rec.id)
+
     def _give_up_after(self) -> float:
         """Seconds of nothing but retryable provider errors (429/5xx/network) before the batch
         fails (the job may still run at the provider; its results would be lost to us anyway)."""
@@ -315,7 +420,8 @@ class BatchRunner:
             batch_id=rec.id, endpoint=rec.endpoint, deployment=self.deployment, line_count=self._line_count(),
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
             open_input=lambda: self.t.blobs.lines(rec.input_file_id), save_state=self._save_state,
-            workdir=self.t.work_root / rec.id)
+            workdir=self.t.work_root / rec.id,
+            progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None)
         return job
 
     async def _sleep(self, seconds: float) -> None:

@@ -74,6 +74,24 @@ class ResultLine:
     data: bytes
 
 
+class SharedProgress(abc.ABC):
+    """Where a provider that does the work in this process (the executor) keeps its answers so
+    that another replica taking the batch over resumes them: numbered segments of whole result
+    lines, each tagged with the run that wrote it. Given by the tracker when several replicas
+    share the database; writes fail (LeaseLost) once this replica no longer owns the batch."""
+
+    @abc.abstractmethod
+    async def append(self, seq: int, writer: str, output: bytes, errors: bytes) -> None:
+        """Store segment `seq`; a segment stored already (by anyone) raises Duplicate."""
+
+    @abc.abstractmethod
+    async def read(self) -> list[tuple[str, bytes, bytes]]:
+        """Every segment in order: (writer, output lines, error lines)."""
+
+    @abc.abstractmethod
+    async def delete(self) -> None: ...
+
+
 @dataclass
 class ProviderJob:
     batch_id: str
@@ -91,6 +109,8 @@ class ProviderJob:
     workdir: Path
     # Set when the batch is being cancelled.
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    # Several replicas: answers of work done here are kept there too (None: one server).
+    progress: SharedProgress | None = None
 
 
 class ProviderError(Exception):
@@ -175,6 +195,10 @@ class BatchProvider(abc.ABC):
         objects, uploaded files). Best effort and bounded; a failure is only logged, and what is
         left is the provider's own retention policy's business. (A batch failed with
         internal_error is not released: its leftovers are kept for inspection.)"""
+
+    async def detach(self, job: ProviderJob) -> None:
+        """Another replica owns the batch now: stop whatever this process does for the job
+        (nothing is cancelled at the provider; the new owner resumes the job from its state)."""
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         """Return when the job may have changed, or after `timeout` seconds. Remote providers

@@ -31,6 +31,11 @@ class RevisionConflict(StorageError):
     """The batch changed since it was read (someone else wrote it)."""
 
 
+class LeaseLost(StorageError):
+    """The write was refused because another replica owns the batch now (this one's lease
+    expired and it was adopted): the writer must stop driving it."""
+
+
 def is_full(err: OSError) -> bool:
     return err.errno in _FULL_ERRNOS
 

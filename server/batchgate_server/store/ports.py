@@ -11,7 +11,7 @@ contract suites in tests/contract/.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,30 @@ class BlobStore(abc.ABC):
             yield tail.rstrip(b"\r")
 
 
+# -- change feed ------------------------------------------------------------------------
+
+ChangeListener = Callable[[str, int], None]
+
+
+class ChangeFeed(abc.ABC):
+    """Batch changes committed by any replica on this database, as (batch id, revision): a wake-up
+    only. A listener reads the batch itself (a notification may be late, coalesced or lost: the
+    revision, never a payload, says what is new). PostgreSQL: LISTEN/NOTIFY; SQLite: in-process."""
+
+    @abc.abstractmethod
+    def subscribe(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call `listener(batch_id, revision)` on the event loop for every change heard from now
+        on; returns the function that unsubscribes. Listeners must not block."""
+
+    @abc.abstractmethod
+    def notify(self, batch_id: str, revision: int) -> None:
+        """Announce a change this process committed (implementations whose database announces
+        commits itself ignore it)."""
+
+    async def close(self) -> None:
+        """Stop listening."""
+
+
 # -- metadata ---------------------------------------------------------------------------
 
 
@@ -108,7 +132,13 @@ class MetadataStore(abc.ABC):
     set in the same atomic write (WatchBatch resumes from revisions). Listings are keyset pages,
     newest first: ordered by (created_at, id) descending, strictly after the cursor `after`.
     `project=None` in a listing means every project (the master key's scope).
+
+    Replicas (core/ownership.py): each unfinished batch has an owner, the replica driving it,
+    whose lease on all its batches lasts until its `replicas` row's expiry. `changes` announces
+    every committed batch revision to every store on the database.
     """
+
+    changes: ChangeFeed
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -208,9 +238,9 @@ class MetadataStore(abc.ABC):
     # -- batches
 
     @abc.abstractmethod
-    async def insert_batch(self, b: BatchRecord) -> None:
-        """Stores `b` at its revision as given. Duplicate when the id is taken, or when the
-        project has a batch with the same non-empty request_id."""
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+        """Stores `b` at its revision as given, owned by the replica `owner`. Duplicate when the
+        id is taken, or when the project has a batch with the same non-empty request_id."""
 
     @abc.abstractmethod
     async def get_batch(self, batch_id: str) -> BatchRecord | None: ...
@@ -234,8 +264,8 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
-                           ledger: dict[str, Any] | None = None,
-                           outbox: Sequence[OutboxEvent] = ()) -> BatchRecord:
+                           ledger: dict[str, Any] | None = None, outbox: Sequence[OutboxEvent] = (),
+                           owner: str | None = None) -> BatchRecord:
         """Persist `b` as revision b.revision + 1, its result files `extra_files`, its usage
         ledger row `ledger` and its webhook events `outbox` in one atomic transaction, and return
         `b` with the new revision. An outbox event already stored under its key is kept as it is.
@@ -245,7 +275,52 @@ class MetadataStore(abc.ABC):
         is kept as it is (a redone finalisation). The ledger row (the columns of
         `UsageLedger`, see core/accounting.py ledger_row) is keyed by its batch_id and written
         at most once, ever: a second row for the same batch is ignored, not an error. On any
-        error nothing is written and b.revision is what it was."""
+        error nothing is written and b.revision is what it was.
+
+        `owner`: write only while that replica owns the batch, LeaseLost otherwise (a replica
+        that lost its lease never writes over the one that adopted the batch). None: whoever
+        owns it (a cancel stored by another replica)."""
+
+    # -- replicas and leases
+
+    @abc.abstractmethod
+    async def renew_lease(self, replica: str, now: float, expires: float) -> None:
+        """Extend every lease of `replica` to `expires` (one row per replica, however many
+        batches it owns); registers the replica on first use."""
+
+    @abc.abstractmethod
+    async def owned_batches(self, replica: str) -> dict[str, int]:
+        """The unfinished batches `replica` owns: id -> revision."""
+
+    @abc.abstractmethod
+    async def adopt_batches(self, replica: str, now: float, limit: int, *, own: bool = False) -> list[BatchRecord]:
+        """Make `replica` the owner of up to `limit` unfinished batches nobody holds a live lease
+        on (no owner, or an owner whose lease expired before `now`), oldest first; `own`: its own
+        too. Atomic per batch: replicas adopting at once never get the same batch."""
+
+    @abc.abstractmethod
+    async def release_batches(self, replica: str) -> None:
+        """`replica` stops gracefully: its batches have no owner from now on, its lease is gone."""
+
+    @abc.abstractmethod
+    async def batch_revisions(self, batch_ids: Sequence[str]) -> dict[str, int]:
+        """The current revision of each of `batch_ids` that exists."""
+
+    # -- executor answers (providers/executor/progress.py)
+
+    @abc.abstractmethod
+    async def append_results(self, batch_id: str, seq: int, writer: str, output: bytes, errors: bytes, *,
+                             owner: str) -> None:
+        """Store segment `seq` of a batch's executor answers (whole JSONL lines of the output and
+        the error file) by the run `writer`, only while `owner` owns the batch (LeaseLost
+        otherwise). Duplicate when segment `seq` exists."""
+
+    @abc.abstractmethod
+    async def read_results(self, batch_id: str) -> list[tuple[str, bytes, bytes]]:
+        """Every segment of `batch_id` in order: (writer, output lines, error lines)."""
+
+    @abc.abstractmethod
+    async def delete_results(self, batch_id: str) -> None: ...
 
     # -- webhooks
 

@@ -28,6 +28,7 @@ from batchgate_server.providers.base import (
     give_up_after,
 )
 from batchgate_server.providers.executor.health import UpstreamHealth
+from batchgate_server.providers.executor.progress import restore
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.run import ExecutorOptions, ExecutorRun, upstream_health
 from batchgate_server.providers.executor.simulated import SimulatedTransport
@@ -116,10 +117,12 @@ class ExecutorProvider(BatchProvider):
             health = self._health.get(deployment.id)
             if health is None:
                 health = self._health[deployment.id] = upstream_health(deployment, options)
+            # Taken over from another replica: its stored answers become this run's results log.
+            flushed = await restore(job)
             # Built on a worker thread: after a restart the results log is read back whole
             # (answered ids, a torn last line), which must not stall the event loop.
             run = await asyncio.to_thread(ExecutorRun, job, self._transport(deployment), options, limiter, health,
-                                          events=self.requests)
+                                          flushed, events=self.requests)
             if job.batch_id in self._runs:  # another caller got there first
                 run.log.close()
                 return self._runs[job.batch_id]
@@ -155,6 +158,15 @@ class ExecutorProvider(BatchProvider):
     async def cancel(self, job: ProviderJob) -> None:
         job.cancel_requested.set()
         await self._run(job)
+
+    async def detach(self, job: ProviderJob) -> None:
+        run = self._runs.pop(job.batch_id, None)
+        if run is not None:
+            await run.stop()
+
+    async def release(self, job: ProviderJob) -> None:
+        if job.progress is not None:
+            await job.progress.delete()
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         run = self._runs.get(job.batch_id)

@@ -104,6 +104,11 @@ class ResultsLog:
         self.done.add(custom_id)
         self.failed += 1
 
+    @property
+    def ends(self) -> tuple[int, int]:
+        """Bytes of whole lines in the output and the error file."""
+        return self._out.end, self._err.end
+
     def close(self) -> None:
         self._out.close()
         self._err.close()

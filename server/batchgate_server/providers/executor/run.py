@@ -15,6 +15,7 @@ from batchgate_server.domain.deployment import Deployment
 from batchgate_server.providers.base import DEFAULT_GIVE_UP_AFTER, ProviderJob, RequestEvents
 from batchgate_server.providers.executor.failures import FailureTally, failure_of
 from batchgate_server.providers.executor.health import UpstreamHealth
+from batchgate_server.providers.executor.progress import Flushed, ProgressFlusher
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.results_log import ResultsLog
 from batchgate_server.providers.executor.transport import TransportFailure, TransportResponse
@@ -132,8 +133,8 @@ def _failure_of_answer(resp: TransportResponse, parsed) -> _Failure:
 
 class ExecutorRun:
     def __init__(self, job: ProviderJob, transport, options: ExecutorOptions,
-                 limiter: RateLimiter | None = None, health: UpstreamHealth | None = None, *,
-                 events: RequestEvents | None = None) -> None:
+                 limiter: RateLimiter | None = None, health: UpstreamHealth | None = None,
+                 flushed: Flushed | None = None, *, events: RequestEvents | None = None) -> None:
         self.job = job
         self.events = events or RequestEvents()
         self.transport = transport
@@ -143,6 +144,8 @@ class ExecutorRun:
         self.health = health or upstream_health(job.deployment, options)
         self.failures = FailureTally(self.health.secrets)
         self.log = ResultsLog(job.workdir, on_error_line=lambda line: self.failures.answered(*failure_of(line)))
+        # Several replicas: answers are stored for the one that may take the batch over.
+        self.flusher = ProgressFlusher(job, flushed, lambda: self.log.ends) if flushed is not None else None
         self.changed = asyncio.Event()
         self.outcome: str | None = None  # completed | expired | cancelled, once finished
         deadline = job.expires_at
@@ -164,8 +167,12 @@ class ExecutorRun:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"executor-{self.job.batch_id}")
+        if self.flusher is not None:
+            self.flusher.start()
 
     async def stop(self) -> None:
+        if self.flusher is not None:
+            await self.flusher.stop()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -180,6 +187,11 @@ class ExecutorRun:
         try:
             outcome = await self._send_all()
             await self._close_unanswered(outcome)
+            if self.flusher is not None:
+                # Every answer stored before the outcome: a replica taking over from here on
+                # finalises from the stored answers alone.
+                await self.flusher.stop()
+                await self.flusher.flush()
             # Saved before it is reported: after a crash during finalisation the resumed run
             # finds every request answered and must not mistake an expired batch for a completed one.
             self.job.state["executor_outcome"] = outcome

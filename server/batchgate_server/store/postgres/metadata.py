@@ -47,6 +47,8 @@ from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from
 from batchgate_server.store.errors import RevisionConflict, StorageUnavailable
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.postgres import locks, migrations
+from batchgate_server.store.postgres.changes import PostgresChangeFeed
+from batchgate_server.store.postgres.leases import PostgresLeases
 from batchgate_server.store.postgres.errors import is_connection_lost, pg_errors
 
 POOL_SIZE = 10
@@ -119,10 +121,11 @@ def _file_args(f: FileRecord) -> tuple:
             f.line_count, f.endpoint, utf8(f.model), utf8(f.request_id) if f.request_id else None)
 
 
-class PostgresMetadataStore(MetadataStore):
+class PostgresMetadataStore(PostgresLeases, MetadataStore):
     def __init__(self, url: str, pool: asyncpg.Pool) -> None:
         self.url = url
         self.pool = pool
+        self.changes = PostgresChangeFeed(self.connect)
 
     @classmethod
     async def open(cls, url: str, pool_size: int = POOL_SIZE) -> "PostgresMetadataStore":
@@ -148,6 +151,7 @@ class PostgresMetadataStore(MetadataStore):
     async def close(self) -> None:
         """Close the pool, waiting up to CLOSE_TIMEOUT seconds for statements still running, then
         cutting them off (a database gone away has nothing left to wait for)."""
+        await self.changes.close()
         try:
             await asyncio.wait_for(self.pool.close(), CLOSE_TIMEOUT)
         except (asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
@@ -316,13 +320,13 @@ class PostgresMetadataStore(MetadataStore):
 
     # -- batches --------------------------------------------------------------------------
 
-    async def insert_batch(self, b: BatchRecord) -> None:
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
         """Raises Duplicate when the project has a batch with the same request_id."""
         await self._execute(
-            "INSERT INTO batches(id, project, status, created_at, request_id, input_file_id, revision, doc)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO batches(id, project, status, created_at, request_id, input_file_id, revision, doc, owner)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             b.id, b.project, b.status.value, b.created_at, utf8(b.request_id) if b.request_id else None,
-            b.input_file_id, b.revision, batch_to_doc(b))
+            b.input_file_id, b.revision, batch_to_doc(b), owner)
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         row = await self._fetchrow("SELECT doc FROM batches WHERE id = $1", text_param(batch_id))
@@ -352,8 +356,8 @@ class PostgresMetadataStore(MetadataStore):
         return [batch_from_doc(r["doc"]) for r in rows]
 
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
-                           ledger: dict[str, Any] | None = None,
-                           outbox: Sequence[OutboxEvent] = ()) -> BatchRecord:
+                           ledger: dict[str, Any] | None = None, outbox: Sequence[OutboxEvent] = (),
+                           owner: str | None = None) -> BatchRecord:
         """Persist `b` with the revision bump, its result files and its ledger row in one
         transaction. The ledger row is keyed by batch id: it is written at most once, ever.
         Raises RevisionConflict when the stored revision is not b.revision."""
@@ -361,18 +365,20 @@ class PostgresMetadataStore(MetadataStore):
             raise ValueError(f"not ledger columns: {sorted(set(ledger) - _LEDGER_COLUMNS)}")
         old = b.revision
         b.revision = old + 1
-        update = ("UPDATE batches SET status = $1, revision = $2, doc = $3 WHERE id = $4 AND revision = $5",
-                  b.status.value, b.revision, batch_to_doc(b), b.id, old)
+        update: tuple = ("UPDATE batches SET status = $1, revision = $2, doc = $3 WHERE id = $4 AND revision = $5",
+                         b.status.value, b.revision, batch_to_doc(b), b.id, old)
+        if owner is not None:  # fenced by the lease (store/postgres/leases.py)
+            update = (update[0] + " AND owner = $6", *update[1:], owner)
         try:
             if not extra_files and ledger is None and not outbox:
                 # Most changes (progress, status) are this one statement: atomic by itself, one round trip.
                 status = await self._execute(*update)
                 if status != "UPDATE 1":
-                    raise RevisionConflict(b.id)
+                    await self._refused(b.id, owner)
                 return b
             async with self._transaction() as conn:
                 if await conn.execute(*update) != "UPDATE 1":
-                    raise RevisionConflict(b.id)
+                    await self._refused(b.id, owner)
                 for f in extra_files:
                     # A redone finalisation may find its result file recorded already.
                     await conn.execute(_INSERT_FILE + " ON CONFLICT (id) DO NOTHING", *_file_args(f))

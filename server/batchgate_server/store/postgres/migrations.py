@@ -169,6 +169,32 @@ MIGRATIONS: list[str] = [
         WHERE delivered_at IS NULL AND given_up_at IS NULL;
     CREATE INDEX webhook_outbox_batch ON webhook_outbox(batch_id)
     """,
+    # Replicas (store/postgres/leases.py): each unfinished batch's owner and every replica's lease;
+    # the executor's answer segments; a NOTIFY for every committed batch revision.
+    f"""
+    CREATE TABLE replicas (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        started_at DOUBLE PRECISION NOT NULL,
+        lease_expires DOUBLE PRECISION NOT NULL
+    );
+    ALTER TABLE batches ADD COLUMN owner TEXT COLLATE "C";
+    CREATE INDEX batches_active_owner ON batches(owner) WHERE status NOT IN {TERMINAL};
+    CREATE TABLE executor_results (
+        batch_id TEXT COLLATE "C" NOT NULL,
+        seq INTEGER NOT NULL,
+        writer TEXT NOT NULL,
+        output BYTEA NOT NULL,
+        errors BYTEA NOT NULL,
+        PRIMARY KEY (batch_id, seq)
+    );
+    CREATE FUNCTION batchgate_batch_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('batchgate_batches', NEW.id || ' ' || NEW.revision);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER batches_changed AFTER UPDATE ON batches FOR EACH ROW
+        WHEN (OLD.revision IS DISTINCT FROM NEW.revision) EXECUTE FUNCTION batchgate_batch_changed()
+    """,
 ]
 
 _VERSIONS = """

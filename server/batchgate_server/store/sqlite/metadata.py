@@ -30,8 +30,9 @@ import aiosqlite
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
-from batchgate_server.store.errors import RevisionConflict, StorageError, StorageFull
+from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
+from batchgate_server.store.sqlite.changes import LocalChangeFeed
 from batchgate_server.store.sqlite.errors import storage_errors
 from batchgate_server.store.sqlite.reserve import RESERVE_BYTES, SpaceReserve
 
@@ -175,7 +176,31 @@ MIGRATIONS: list[str] = [
         WHERE delivered_at IS NULL AND given_up_at IS NULL;
     CREATE INDEX webhook_outbox_batch ON webhook_outbox(batch_id)
     """,
+    # Replicas sharing this database (core/ownership.py): each unfinished batch is owned by the
+    # replica that drives it, for as long as that replica's lease (renewed by its heartbeat) lasts.
+    # executor_results: what the built-in executor answered, in segments any replica can read back.
+    """
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        started_at REAL NOT NULL,
+        lease_expires REAL NOT NULL
+    );
+    ALTER TABLE batches ADD COLUMN owner TEXT;
+    CREATE INDEX batches_active_owner ON batches(owner)
+        WHERE status NOT IN ('failed', 'completed', 'expired', 'cancelled');
+    CREATE TABLE executor_results (
+        batch_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        writer TEXT NOT NULL,
+        output BLOB NOT NULL,
+        errors BLOB NOT NULL,
+        PRIMARY KEY (batch_id, seq)
+    )
+    """,
 ]
+
+_TERMINAL = tuple(s.value for s in BatchStatus if s.is_terminal)
+_ACTIVE = f"status NOT IN ({','.join(repr(s) for s in _TERMINAL)})"
 
 OUTBOX_COLUMNS = ("event_id", "endpoint_id", "project", "batch_id", "event_type", "body", "created_at", "attempts",
                   "next_attempt_at", "delivered_at", "given_up_at", "last_error")
@@ -336,10 +361,14 @@ async def _connect_once(path: Path) -> aiosqlite.Connection:
 
 
 class SqliteMetadataStore(MetadataStore):
-    def __init__(self, db: aiosqlite.Connection, readers: ReaderPool, reserve: SpaceReserve) -> None:
+    def __init__(self, db: aiosqlite.Connection, readers: ReaderPool, reserve: SpaceReserve,
+                 changes: LocalChangeFeed) -> None:
         self.db = db
         self.readers = readers
         self.reserve = reserve
+        # Every committed batch change is announced here (in this process only: servers in one
+        # process on one database file hear each other; separate processes poll, see WatchHub).
+        self.changes = changes
         # One writer connection serves the whole server: a statement issued while another
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
@@ -370,7 +399,7 @@ class SqliteMetadataStore(MetadataStore):
         if reserve.short:
             log.warning("the disk is nearly full: only %d of %d reserved bytes at %s", reserve.held,
                         reserve.size, reserve.path)
-        store = cls(db, ReaderPool(path), reserve)
+        store = cls(db, ReaderPool(path), reserve, LocalChangeFeed.for_database(path))
         try:
             await store.migrate()
         except BaseException:
@@ -388,19 +417,23 @@ class SqliteMetadataStore(MetadataStore):
         return int(row[0])
 
     async def migrate(self) -> None:
-        version = await self.schema_version()
-        if version > len(MIGRATIONS):
-            raise RuntimeError(
-                f"database schema version {version} is newer than this server ({len(MIGRATIONS)})"
-            )
-        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            log.info("migrating metadata schema to version %d", target)
+        """Each step reads the version inside its own write transaction: servers starting together
+        on one database file take turns, and each step runs once."""
+        while True:
             with storage_errors():
                 await self.db.execute("BEGIN IMMEDIATE")
                 try:
-                    for statement in filter(str.strip, script.split(";")):
+                    version = await self.schema_version()
+                    if version > len(MIGRATIONS):
+                        raise RuntimeError(
+                            f"database schema version {version} is newer than this server ({len(MIGRATIONS)})")
+                    if version == len(MIGRATIONS):
+                        await self.db.execute("COMMIT")
+                        return
+                    log.info("migrating metadata schema to version %d", version + 1)
+                    for statement in filter(str.strip, MIGRATIONS[version].split(";")):
                         await self.db.execute(statement)
-                    await self.db.execute(f"PRAGMA user_version={target}")
+                    await self.db.execute(f"PRAGMA user_version={version + 1}")
                     await self.db.execute("COMMIT")
                 except BaseException:
                     if self.db.in_transaction:
@@ -545,12 +578,14 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- batches --------------------------------------------------------------------
 
-    async def insert_batch(self, b: BatchRecord) -> None:
-        """Raises Duplicate when the project has a batch with the same request_id."""
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+        """Raises Duplicate when the project has a batch with the same request_id. `owner`: the
+        replica that will drive the batch (it holds the lease from the start)."""
         await self._exec(
-            "INSERT INTO batches(id, project, status, created_at, request_id, revision, doc)"
-            " VALUES (?,?,?,?,?,?,?)",
-            (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b)),
+            "INSERT INTO batches(id, project, status, created_at, request_id, revision, doc, owner)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b),
+             owner),
         )
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
@@ -585,26 +620,36 @@ class SqliteMetadataStore(MetadataStore):
         return [batch_from_doc(r[0]) for r in rows]
 
     async def update_batch(self, b: BatchRecord, *, extra_files: Sequence[FileRecord] = (),
-                           ledger: dict[str, Any] | None = None,
-                           outbox: Sequence[OutboxEvent] = ()) -> BatchRecord:
+                           ledger: dict[str, Any] | None = None, outbox: Sequence[OutboxEvent] = (),
+                           owner: str | None = None) -> BatchRecord:
         """Persist `b` with the revision bump, its result files and its ledger row in one
         transaction. The ledger row is keyed by batch id: it is written at most once, ever.
-        Raises RevisionConflict when the stored revision is not b.revision."""
+        Raises RevisionConflict when the stored revision is not b.revision. `owner`: write only
+        while that replica owns the batch (LeaseLost otherwise), so a replica that lost its lease
+        can never overwrite the work of the one that adopted the batch."""
         async with self._writing():
-            await self._update_batch(b, extra_files, ledger, outbox)
+            await self._update_batch(b, extra_files, ledger, outbox, owner)
+        self.changes.notify(b.id, b.revision)
         return b
 
-    async def _update_batch(self, b: BatchRecord, extra_files: Sequence[FileRecord],
-                            ledger: dict[str, Any] | None, outbox: Sequence[OutboxEvent]) -> None:
+    async def _update_batch(self, b: BatchRecord, extra_files: Sequence[FileRecord], ledger: dict[str, Any] | None,
+                            outbox: Sequence[OutboxEvent], owner: str | None) -> None:
         old = b.revision
         b.revision = old + 1
         await self.db.execute("BEGIN IMMEDIATE")
         try:
-            cur = await self.db.execute(
-                "UPDATE batches SET status=?, revision=?, doc=? WHERE id=? AND revision=?",
-                (b.status.value, b.revision, batch_to_doc(b), b.id, old),
-            )
+            sql = "UPDATE batches SET status=?, revision=?, doc=? WHERE id=? AND revision=?"
+            args: tuple = (b.status.value, b.revision, batch_to_doc(b), b.id, old)
+            if owner is not None:
+                sql += " AND owner=?"
+                args += (owner,)
+            cur = await self.db.execute(sql, args)
             if cur.rowcount != 1:
+                if owner is not None:
+                    async with self.db.execute("SELECT owner FROM batches WHERE id=?", (b.id,)) as found:
+                        row = await found.fetchone()
+                    if row is not None and row[0] != owner:
+                        raise LeaseLost(b.id)
                 raise RevisionConflict(b.id)
             for f in extra_files:
                 # A redone finalisation may find its result file recorded already.
@@ -682,3 +727,89 @@ class SqliteMetadataStore(MetadataStore):
             f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM webhook_outbox WHERE batch_id=? ORDER BY created_at, endpoint_id",
             (batch_id,))
         return [_outbox_event(r) for r in rows]
+
+    # -- replicas and leases (core/ownership.py) ------------------------------------------
+
+    async def renew_lease(self, replica: str, now: float, expires: float) -> None:
+        """Extend every lease of `replica` to `expires`: one row per replica, however many
+        batches it owns."""
+        await self._exec(
+            "INSERT INTO replicas(id, started_at, lease_expires) VALUES (?,?,?)"
+            " ON CONFLICT(id) DO UPDATE SET lease_expires=excluded.lease_expires", (replica, now, expires))
+
+    async def owned_batches(self, replica: str) -> dict[str, int]:
+        """The unfinished batches `replica` owns: id -> revision."""
+        rows = await self.readers.fetchall(
+            f"SELECT id, revision FROM batches WHERE owner=? AND {_ACTIVE}", (replica,))
+        return {r[0]: r[1] for r in rows}
+
+    async def adopt_batches(self, replica: str, now: float, limit: int, *,
+                            own: bool = False) -> list[BatchRecord]:
+        """Make `replica` the owner of up to `limit` unfinished batches nobody holds a live lease
+        on (no owner, or an owner whose lease expired before `now`), oldest first; `own`: its own
+        batches too (a replica restarting on its data directory takes them straight back). The
+        compare-and-set runs in one BEGIN IMMEDIATE transaction: two replicas adopting at once
+        never get the same batch."""
+        condition = ("(b.owner IS NULL OR r.lease_expires IS NULL OR r.lease_expires < ?"
+                     + (" OR b.owner = ?)" if own else ")"))
+        args: tuple = (now, replica) if own else (now,)
+        async with self._writing():
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                async with self.db.execute(
+                        f"SELECT b.id, b.doc FROM batches b LEFT JOIN replicas r ON r.id = b.owner"
+                        f" WHERE b.{_ACTIVE} AND {condition} ORDER BY b.created_at LIMIT ?",
+                        (*args, limit)) as cur:
+                    rows = await cur.fetchall()
+                await self.db.executemany("UPDATE batches SET owner=? WHERE id=?", [(replica, r[0]) for r in rows])
+                await self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                raise
+        return [batch_from_doc(r[1]) for r in rows]
+
+    async def release_batches(self, replica: str) -> None:
+        """`replica` stops (gracefully): its batches are free for the others at once."""
+        async with self._writing():
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute("UPDATE batches SET owner=NULL WHERE owner=?", (replica,))
+                await self.db.execute("DELETE FROM replicas WHERE id=?", (replica,))
+                await self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                raise
+
+    async def batch_revisions(self, batch_ids: Sequence[str]) -> dict[str, int]:
+        """The current revision of each of `batch_ids` that exists."""
+        if not batch_ids:
+            return {}
+        rows = await self.readers.fetchall(
+            f"SELECT id, revision FROM batches WHERE id IN ({','.join('?' * len(batch_ids))})", list(batch_ids))
+        return {r[0]: r[1] for r in rows}
+
+    # -- executor results (providers/executor/progress.py) ---------------------------------
+
+    async def append_results(self, batch_id: str, seq: int, writer: str, output: bytes, errors: bytes, *,
+                             owner: str) -> None:
+        """Segment `seq` of a batch's executor results (whole JSONL lines), by the run `writer`,
+        stored only while `owner` owns the batch (LeaseLost otherwise). Duplicate when segment
+        `seq` exists already."""
+        async with self._writing():
+            cur = await self.db.execute(
+                "INSERT INTO executor_results(batch_id, seq, writer, output, errors)"
+                " SELECT ?,?,?,?,? WHERE EXISTS (SELECT 1 FROM batches WHERE id=? AND owner=?)",
+                (batch_id, seq, writer, output, errors, batch_id, owner))
+        if cur.rowcount != 1:
+            raise LeaseLost(batch_id)
+
+    async def read_results(self, batch_id: str) -> list[tuple[str, bytes, bytes]]:
+        """Every stored segment of `batch_id`, in order: (writer, output lines, error lines)."""
+        rows = await self.readers.fetchall(
+            "SELECT writer, output, errors FROM executor_results WHERE batch_id=? ORDER BY seq", (batch_id,))
+        return [(r[0], bytes(r[1]), bytes(r[2])) for r in rows]
+
+    async def delete_results(self, batch_id: str) -> None:
+        await self._exec("DELETE FROM executor_results WHERE batch_id=?", (batch_id,))
