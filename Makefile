@@ -44,8 +44,12 @@ format: install
 $(NODE_STAMP): $(NODE_TESTS)/package.json $(NODE_TESTS)/package-lock.json
 	cd $(NODE_TESTS) && npm ci --no-audit --no-fund
 
+# Every test on the default stores (SQLite, local disk), then the integration suite again with its
+# in-process servers on PostgreSQL and S3 (tests/backends.py; the subprocess crash tests, marked slow,
+# start their own servers on local stores and are not run twice).
 test: install check-gen lint typescript $(NODE_STAMP)
 	$(BIN)/pytest -q
+	BATCHGATE_TEST_BACKEND=postgres+s3 $(BIN)/pytest -q -m "not slow" tests/integration
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
