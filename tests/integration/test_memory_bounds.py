@@ -3,6 +3,8 @@ over and over may grow the server's memory for good (bench/soak.py measures the 
 
 from __future__ import annotations
 
+import asyncio
+
 from batchgate.v1 import batch_pb2
 from batchgate_server.core.routing import ADHOC_PREFIX
 from tests.conftest import batch_file
@@ -15,6 +17,11 @@ async def run_on_new_model_names(h, count: int) -> None:
     for i in range(count):
         batch = await create(h.alice, source.id, model=f"simulated/echo-{i}")
         assert (await watch_all(h.alice, batch.id))[-1].status == batch_pb2.BATCH_STATUS_COMPLETED
+    # A runner cleans up just after it has published the terminal state (its release can take a few
+    # store round trips on PostgreSQL): wait, boundedly, for the last one to be gone.
+    async with asyncio.timeout(10):
+        while h.server.tracker.runner(batch.id) is not None:
+            await asyncio.sleep(0.01)
 
 
 def ad_hoc(deployment_ids) -> list[str]:

@@ -26,7 +26,7 @@ import {
 } from "./gen/batchgate/v1/file_pb.js";
 import { UsageService } from "./gen/batchgate/v1/usage_pb.js";
 import { AdminService } from "./gen/batchgate/v1/admin_pb.js";
-import { toBatchgateError } from "./errors.js";
+import { BatchgateError, toBatchgateError } from "./errors.js";
 
 export const DEFAULT_ADDRESS = "127.0.0.1:50051";
 /** 256 KiB: the server takes up to 2 MiB a chunk; this keeps memory small and the stream busy. */
@@ -247,13 +247,21 @@ async function* resumable<T>(open: () => AsyncIterable<T>, options: ReconnectOpt
       return;
     } catch (err) {
       const typed = toBatchgateError(err);
-      if (!RECONNECT_CODES.has(typed.grpcCode) || failures >= (options.maxReconnects ?? 20) || options.signal?.aborted) {
+      const resumable = RECONNECT_CODES.has(typed.grpcCode) || isCutMidMessage(typed);
+      if (!resumable || failures >= (options.maxReconnects ?? 20) || options.signal?.aborted) {
         throw typed;
       }
       failures += 1;
       await new Promise((resolve) => setTimeout(resolve, (options.reconnectDelayMs ?? 500) * Math.min(failures, 10)));
     }
   }
+}
+
+/** A stream the connection cut in the middle of a message: the transport itself reports it as
+ * INVALID_ARGUMENT "protocol error: incomplete envelope", with no ErrorInfo, since no server said it.
+ * The server's own INVALID_ARGUMENT always carries its reason, so the two are told apart. */
+function isCutMidMessage(err: BatchgateError): boolean {
+  return err.grpcCode === Code.InvalidArgument && err.reason === "" && /incomplete envelope/i.test(err.message);
 }
 
 function makeTransport(address: string, tls: ClientOptions["tls"], apiKey: string | undefined): Transport {

@@ -214,18 +214,20 @@ class ExecutorRun:
             asyncio.create_task(self.job.cancel_requested.wait()): "cancelled",
             asyncio.create_task(asyncio.sleep(max(0.0, self.deadline - time.time()))): "expired",
         }
+        everything = asyncio.ensure_future(self._drain(producer, queue))
         try:
-            everything = asyncio.ensure_future(self._drain(producer, queue))
             done, _ = await asyncio.wait({everything, *stop_reasons}, return_when=asyncio.FIRST_COMPLETED)
             if everything in done:
                 everything.result()
                 return "completed"
-            everything.cancel()
             return next(reason for task, reason in stop_reasons.items() if task in done)
         finally:
-            for task in (producer, *workers, *stop_reasons):
+            # Every task of the run ends with it, `everything` too when the run itself is cancelled
+            # (a stop): a task left pending is destroyed with the loop and logged as an error.
+            tasks = (everything, producer, *workers, *stop_reasons)
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(producer, *workers, *stop_reasons, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _drain(self, producer: asyncio.Task, queue: asyncio.Queue) -> None:
         await producer
