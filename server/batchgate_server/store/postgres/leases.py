@@ -44,13 +44,18 @@ class PostgresLeases:
         return {r["id"]: r["revision"] for r in rows}
 
     async def adopt_batches(self, replica: str, now: float, limit: int, *, own: bool = False) -> list[BatchRecord]:
-        mine = " OR b.owner = $2" if own else ""
+        # Adoptable: unowned, or owned by a replica with no live lease (or by us, with `own`). Said
+        # with NOT EXISTS, not a LEFT JOIN, and checked again by the UPDATE itself: when another
+        # replica adopts the row first, READ COMMITTED re-evaluates the locked row's new version, and
+        # a LEFT JOIN would then null-extend (no lease row for the old owner matches) and pass.
+        def adoptable(row: str) -> str:
+            return (f"({row}.owner IS NULL OR NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = {row}.owner"
+                    f" AND r.lease_expires >= $1)" + (f" OR {row}.owner = $2)" if own else ")"))
+
         rows = await self._fetch(
-            f"WITH chosen AS (SELECT b.id FROM batches b LEFT JOIN replicas r ON r.id = b.owner"
-            f" WHERE b.status NOT IN {TERMINAL}"
-            f" AND (b.owner IS NULL OR r.lease_expires IS NULL OR r.lease_expires < $1{mine})"
+            f"WITH chosen AS (SELECT b.id FROM batches b WHERE b.status NOT IN {TERMINAL} AND {adoptable('b')}"
             f" ORDER BY b.created_at LIMIT $3 FOR UPDATE OF b SKIP LOCKED)"
-            f" UPDATE batches SET owner = $2 FROM chosen WHERE batches.id = chosen.id"
+            f" UPDATE batches SET owner = $2 FROM chosen WHERE batches.id = chosen.id AND {adoptable('batches')}"
             f" RETURNING batches.doc, batches.created_at", now, replica, limit)
         return [batch_from_doc(r["doc"]) for r in sorted(rows, key=lambda r: r["created_at"])]
 
