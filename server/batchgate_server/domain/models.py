@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchgate_server.domain.shards import FileGroup, PlannedPart, ShardSelection
+
 
 class BatchStatus(str, enum.Enum):
     VALIDATING = "validating"
@@ -46,6 +48,9 @@ class FileRecord:
     endpoint: str = ""
     model: str = ""
     request_id: str = ""
+    # Its lines by (endpoint, body.model), counted at upload; empty on files stored before
+    # groups were kept (then endpoint, model and line_count above are the one group).
+    groups: list[FileGroup] = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +122,22 @@ STATUS_TIMESTAMP = {
 
 
 @dataclass
+class ShardSummary:
+    """A shard as its parent shows it (Batch.shards), kept current by the parent's runner."""
+
+    id: str
+    endpoint: str
+    model: str  # the model name routed by
+    provider: str
+    deployment_id: str
+    provider_job_id: str = ""
+    status: BatchStatus = BatchStatus.VALIDATING
+    request_counts: RequestCounts = field(default_factory=RequestCounts)
+    errors: list[BatchError] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost)
+
+
+@dataclass
 class BatchRecord:
     id: str
     project: str
@@ -161,6 +182,19 @@ class BatchRecord:
     # its request_id is used again. None on batches created before they were kept.
     requested_model: str | None = None
     requested_provider: str | None = None
+    # Sharding (domain/shards.py). On a shard: its parent's id and the lines it runs.
+    parent_id: str = ""
+    selection: ShardSelection | None = None
+    # On a sharded parent: the routing decided at CreateBatch (non-empty means sharded), then,
+    # once split, its shards as it shows them. What CreateBatch asked for besides model/provider.
+    plan: list[PlannedPart] = field(default_factory=list)
+    shards: list[ShardSummary] = field(default_factory=list)
+    requested_model_map: dict[str, str] | None = None
+    requested_spread: bool | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.plan)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.models import BatchError, FailureCount, RequestCounts
+from batchgate_server.domain.shards import JobLimits
 
 
 # A provider (or, on the executor, an upstream) that answers nothing but retryable errors
@@ -168,8 +169,25 @@ class BatchProvider(abc.ABC):
     poll_interval: float = 10.0
 
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
-        """Called at CreateBatch. Raise UnsupportedRequest for a batch this provider can't run
-        (endpoint, size limits, missing configuration)."""
+        """Called at CreateBatch for every job the batch will need. Raise UnsupportedRequest for a
+        job this provider can't run (endpoint, missing configuration). Sizes are not refused
+        here: a batch over `limits` is split into several jobs (domain/shards.py)."""
+
+    def limits(self, endpoint: str, deployment: Deployment) -> JobLimits:
+        """What one job of this provider takes (requests and bytes after translation, and the
+        minimum). The deployment's params max_batch_requests, max_batch_bytes and
+        min_batch_requests override the provider's own numbers (lower quotas of an account)."""
+        return JobLimits()
+
+    def request_size(self, endpoint: str, deployment: Deployment, line: bytes) -> int:
+        """Bytes the input line `line` (raw JSONL, no newline) takes in this provider's job input
+        once translated, counted the way the provider counts its byte limit."""
+        return len(line) + 1
+
+    def job_id(self, state: Mapping[str, Any]) -> str:
+        """The provider's id of the job described by `state` (job.state), "" before submission:
+        shown to operators in Batch.shards."""
+        return ""
 
     @abc.abstractmethod
     async def submit(self, job: ProviderJob) -> None:

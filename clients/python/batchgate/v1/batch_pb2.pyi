@@ -181,15 +181,26 @@ class InputTokensDetails(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_1H_TOKENS_FIELD_NUMBER: _builtins.int
     cached_tokens: _builtins.int
+    """Read from the provider's prompt cache; part of input_tokens."""
+    cache_creation_tokens: _builtins.int
+    """Written to the prompt cache (Anthropic), priced at the cache-write rate;
+    part of input_tokens.
+    """
+    cache_creation_1h_tokens: _builtins.int
+    """The part of cache_creation_tokens written with a 1-hour lifetime."""
     def __init__(
         self,
         *,
         cached_tokens: _builtins.int = ...,
+        cache_creation_tokens: _builtins.int = ...,
+        cache_creation_1h_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_1h_tokens", b"cache_creation_1h_tokens", "cache_creation_tokens", b"cache_creation_tokens", "cached_tokens", b"cached_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,6 +356,7 @@ class Batch(_message.Message):
     COST_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """"batch_…" """
     endpoint: _builtins.str
@@ -397,6 +409,14 @@ class Batch(_message.Message):
         not report it.
         """
 
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchShard]:
+        """The provider jobs that run this batch when it needs more than one (a file
+        mixing endpoints or models, over a provider's limits, or spread across
+        deployments); empty for a batch run as one job. provider and model above
+        are then set only when every shard shares them.
+        """
+
     def __init__(
         self,
         *,
@@ -425,14 +445,74 @@ class Batch(_message.Message):
         cost: Global___Cost | None = ...,
         revision: _builtins.int = ...,
         failures: _abc.Iterable[Global___FailureCount] | None = ...,
+        shards: _abc.Iterable[Global___BatchShard] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled_at", b"cancelled_at", "cancelling_at", b"cancelling_at", "completed_at", b"completed_at", "cost", b"cost", "created_at", b"created_at", "expired_at", b"expired_at", "expires_at", b"expires_at", "failed_at", b"failed_at", "finalizing_at", b"finalizing_at", "in_progress_at", b"in_progress_at", "request_counts", b"request_counts", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_at", b"cancelled_at", "cancelling_at", b"cancelling_at", "completed_at", b"completed_at", "completion_window", b"completion_window", "cost", b"cost", "created_at", b"created_at", "endpoint", b"endpoint", "error_file_id", b"error_file_id", "errors", b"errors", "expired_at", b"expired_at", "expires_at", b"expires_at", "failed_at", b"failed_at", "failures", b"failures", "finalizing_at", b"finalizing_at", "id", b"id", "in_progress_at", b"in_progress_at", "input_file_id", b"input_file_id", "metadata", b"metadata", "model", b"model", "output_file_id", b"output_file_id", "provider", b"provider", "request_counts", b"request_counts", "revision", b"revision", "status", b"status", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_at", b"cancelled_at", "cancelling_at", b"cancelling_at", "completed_at", b"completed_at", "completion_window", b"completion_window", "cost", b"cost", "created_at", b"created_at", "endpoint", b"endpoint", "error_file_id", b"error_file_id", "errors", b"errors", "expired_at", b"expired_at", "expires_at", b"expires_at", "failed_at", b"failed_at", "failures", b"failures", "finalizing_at", b"finalizing_at", "id", b"id", "in_progress_at", b"in_progress_at", "input_file_id", b"input_file_id", "metadata", b"metadata", "model", b"model", "output_file_id", b"output_file_id", "provider", b"provider", "request_counts", b"request_counts", "revision", b"revision", "shards", b"shards", "status", b"status", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Batch: _TypeAlias = Batch  # noqa: Y015
+
+@_typing.final
+class BatchShard(_message.Message):
+    """One provider job of a batch run as several."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_JOB_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REQUEST_COUNTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Internal, shown for operators and logs; not a batch id GetBatch takes."""
+    endpoint: _builtins.str
+    model: _builtins.str
+    """The model name this shard was routed by."""
+    provider: _builtins.str
+    deployment_id: _builtins.str
+    """The deployment's model_info.id (or "adhoc:provider/model")."""
+    provider_job_id: _builtins.str
+    """The provider's own job id once submitted ("" before, and for the built-in
+    executor).
+    """
+    status: Global___BatchStatus.ValueType
+    @_builtins.property
+    def request_counts(self) -> Global___RequestCounts: ...
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchError]: ...
+    @_builtins.property
+    def cost(self) -> Global___Cost:
+        """This shard's cost at its own deployment's prices."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        deployment_id: _builtins.str = ...,
+        provider_job_id: _builtins.str = ...,
+        status: Global___BatchStatus.ValueType = ...,
+        request_counts: Global___RequestCounts | None = ...,
+        errors: _abc.Iterable[Global___BatchError] | None = ...,
+        cost: Global___Cost | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "request_counts", b"request_counts"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "deployment_id", b"deployment_id", "endpoint", b"endpoint", "errors", b"errors", "id", b"id", "model", b"model", "provider", b"provider", "provider_job_id", b"provider_job_id", "request_counts", b"request_counts", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchShard: _TypeAlias = BatchShard  # noqa: Y015
 
 @_typing.final
 class CreateBatchRequest(_message.Message):
@@ -458,6 +538,26 @@ class CreateBatchRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ModelMapEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INPUT_FILE_ID_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
     COMPLETION_WINDOW_FIELD_NUMBER: _builtins.int
@@ -465,9 +565,13 @@ class CreateBatchRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_MAP_FIELD_NUMBER: _builtins.int
+    SPREAD_FIELD_NUMBER: _builtins.int
     input_file_id: _builtins.str
     endpoint: _builtins.str
-    """Must match the file's endpoint, e.g. "/v1/chat/completions"."""
+    """Must match the file's endpoint, e.g. "/v1/chat/completions". Empty: the
+    file's own endpoints (a file may mix endpoints; each runs as its own shard).
+    """
     completion_window: _builtins.str
     """Only "24h" today."""
     model: _builtins.str
@@ -482,9 +586,21 @@ class CreateBatchRequest(_message.Message):
     model, provider, completion window or metadata) it is FAILED_PRECONDITION
     REQUEST_ID_REUSED, naming that batch and the field that differs.
     """
+    spread: _builtins.bool
+    """Cut the batch across every deployment of its model by weight and free
+    capacity (also on when the model list sets spread_batches).
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """At most 16 pairs; keys up to 64 characters, values up to 512."""
+
+    @_builtins.property
+    def model_map(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Routes a file that mixes models: a file model (a line's body.model) to a
+        model_list model_name, "provider/model" or a deployment id (model_info.id).
+        Lines whose model is no key are routed by their own model, or by `model`
+        when set. At most 64 pairs.
+        """
 
     def __init__(
         self,
@@ -496,10 +612,12 @@ class CreateBatchRequest(_message.Message):
         model: _builtins.str = ...,
         provider: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        model_map: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        spread: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_window", b"completion_window", "endpoint", b"endpoint", "input_file_id", b"input_file_id", "metadata", b"metadata", "model", b"model", "provider", b"provider", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_window", b"completion_window", "endpoint", b"endpoint", "input_file_id", b"input_file_id", "metadata", b"metadata", "model", b"model", "model_map", b"model_map", "provider", b"provider", "request_id", b"request_id", "spread", b"spread"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

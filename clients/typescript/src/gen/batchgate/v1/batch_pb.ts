@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file batchgate/v1/batch.proto.
  */
 export const file_batchgate_v1_batch: GenFile = /*@__PURE__*/
-  fileDesc("ChhiYXRjaGdhdGUvdjEvYmF0Y2gucHJvdG8SDGJhdGNoZ2F0ZS52MSJBCg1SZXF1ZXN0Q291bnRzEg0KBXRvdGFsGAEgASgDEhEKCWNvbXBsZXRlZBgCIAEoAxIOCgZmYWlsZWQYAyABKAMiVgoKQmF0Y2hFcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSDQoFcGFyYW0YAyABKAkSEQoEbGluZRgEIAEoA0gAiAEBQgcKBV9saW5lIlQKDEZhaWx1cmVDb3VudBIMCgRjb2RlGAEgASgJEg0KBWNvdW50GAIgASgDEg8KB3JldHJpZWQYAyABKAMSFgoOc2FtcGxlX21lc3NhZ2UYBCABKAkiKwoSSW5wdXRUb2tlbnNEZXRhaWxzEhUKDWNhY2hlZF90b2tlbnMYASABKAMiLwoTT3V0cHV0VG9rZW5zRGV0YWlscxIYChByZWFzb25pbmdfdG9rZW5zGAEgASgDIswBCgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSPgoUaW5wdXRfdG9rZW5zX2RldGFpbHMYAiABKAsyIC5iYXRjaGdhdGUudjEuSW5wdXRUb2tlbnNEZXRhaWxzEhUKDW91dHB1dF90b2tlbnMYAyABKAMSQAoVb3V0cHV0X3Rva2Vuc19kZXRhaWxzGAQgASgLMiEuYmF0Y2hnYXRlLnYxLk91dHB1dFRva2Vuc0RldGFpbHMSFAoMdG90YWxfdG9rZW5zGAUgASgDIqUBCgRDb3N0EigKBnN0YXR1cxgBIAEoDjIYLmJhdGNoZ2F0ZS52MS5Db3N0U3RhdHVzEhAKCGN1cnJlbmN5GAIgASgJEg4KBmFtb3VudBgDIAEoCRIUCgxpbnB1dF9hbW91bnQYBCABKAkSFQoNb3V0cHV0X2Ftb3VudBgFIAEoCRIOCgZyZWFzb24YBiABKAkSFAoMcHJpY2Vfc291cmNlGAcgASgJItoHCgVCYXRjaBIKCgJpZBgBIAEoCRIQCghlbmRwb2ludBgCIAEoCRIVCg1pbnB1dF9maWxlX2lkGAMgASgJEhkKEWNvbXBsZXRpb25fd2luZG93GAQgASgJEikKBnN0YXR1cxgFIAEoDjIZLmJhdGNoZ2F0ZS52MS5CYXRjaFN0YXR1cxIWCg5vdXRwdXRfZmlsZV9pZBgGIAEoCRIVCg1lcnJvcl9maWxlX2lkGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmluX3Byb2dyZXNzX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg1maW5hbGl6aW5nX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjb21wbGV0ZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi0KCWZhaWxlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZXhwaXJlZF9hdBgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoNY2FuY2VsbGluZ19hdBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMY2FuY2VsbGVkX2F0GBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg5yZXF1ZXN0X2NvdW50cxgRIAEoCzIbLmJhdGNoZ2F0ZS52MS5SZXF1ZXN0Q291bnRzEigKBmVycm9ycxgSIAMoCzIYLmJhdGNoZ2F0ZS52MS5CYXRjaEVycm9yEjMKCG1ldGFkYXRhGBMgAygLMiEuYmF0Y2hnYXRlLnYxLkJhdGNoLk1ldGFkYXRhRW50cnkSIgoFdXNhZ2UYFCABKAsyEy5iYXRjaGdhdGUudjEuVXNhZ2USDQoFbW9kZWwYFSABKAkSEAoIcHJvdmlkZXIYFiABKAkSIAoEY29zdBgXIAEoCzISLmJhdGNoZ2F0ZS52MS5Db3N0EhAKCHJldmlzaW9uGBggASgDEiwKCGZhaWx1cmVzGBkgAygLMhouYmF0Y2hnYXRlLnYxLkZhaWx1cmVDb3VudBovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEigAIKEkNyZWF0ZUJhdGNoUmVxdWVzdBIVCg1pbnB1dF9maWxlX2lkGAEgASgJEhAKCGVuZHBvaW50GAIgASgJEhkKEWNvbXBsZXRpb25fd2luZG93GAMgASgJEkAKCG1ldGFkYXRhGAQgAygLMi4uYmF0Y2hnYXRlLnYxLkNyZWF0ZUJhdGNoUmVxdWVzdC5NZXRhZGF0YUVudHJ5Eg0KBW1vZGVsGAUgASgJEhAKCHByb3ZpZGVyGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjkKE0NyZWF0ZUJhdGNoUmVzcG9uc2USIgoFYmF0Y2gYASABKAsyEy5iYXRjaGdhdGUudjEuQmF0Y2giIwoPR2V0QmF0Y2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgJIjYKEEdldEJhdGNoUmVzcG9uc2USIgoFYmF0Y2gYASABKAsyEy5iYXRjaGdhdGUudjEuQmF0Y2giaAoSTGlzdEJhdGNoZXNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEisKCHN0YXR1c2VzGAMgAygOMhkuYmF0Y2hnYXRlLnYxLkJhdGNoU3RhdHVzIlQKE0xpc3RCYXRjaGVzUmVzcG9uc2USJAoHYmF0Y2hlcxgBIAMoCzITLmJhdGNoZ2F0ZS52MS5CYXRjaBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJgoSQ2FuY2VsQmF0Y2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgJIjkKE0NhbmNlbEJhdGNoUmVzcG9uc2USIgoFYmF0Y2gYASABKAsyEy5iYXRjaGdhdGUudjEuQmF0Y2giPQoRV2F0Y2hCYXRjaFJlcXVlc3QSEAoIYmF0Y2hfaWQYASABKAkSFgoOc3RhcnRfcmV2aXNpb24YAiABKAMiSgoJSGVhcnRiZWF0EisKB3NlbnRfYXQYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJldmlzaW9uGAIgASgDInEKEldhdGNoQmF0Y2hSZXNwb25zZRIkCgViYXRjaBgBIAEoCzITLmJhdGNoZ2F0ZS52MS5CYXRjaEgAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLmJhdGNoZ2F0ZS52MS5IZWFydGJlYXRIAEIHCgVldmVudCqLAgoLQmF0Y2hTdGF0dXMSHAoYQkFUQ0hfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGwoXQkFUQ0hfU1RBVFVTX1ZBTElEQVRJTkcQARIXChNCQVRDSF9TVEFUVVNfRkFJTEVEEAISHAoYQkFUQ0hfU1RBVFVTX0lOX1BST0dSRVNTEAMSGwoXQkFUQ0hfU1RBVFVTX0ZJTkFMSVpJTkcQBBIaChZCQVRDSF9TVEFUVVNfQ09NUExFVEVEEAUSGAoUQkFUQ0hfU1RBVFVTX0VYUElSRUQQBhIbChdCQVRDSF9TVEFUVVNfQ0FOQ0VMTElORxAHEhoKFkJBVENIX1NUQVRVU19DQU5DRUxMRUQQCCpyCgpDb3N0U3RhdHVzEhsKF0NPU1RfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTQ09TVF9TVEFUVVNfUEVORElORxABEhUKEUNPU1RfU1RBVFVTX0tOT1dOEAISFwoTQ09TVF9TVEFUVVNfVU5LTk9XThADMqgDCgxCYXRjaFNlcnZpY2USUgoLQ3JlYXRlQmF0Y2gSIC5iYXRjaGdhdGUudjEuQ3JlYXRlQmF0Y2hSZXF1ZXN0GiEuYmF0Y2hnYXRlLnYxLkNyZWF0ZUJhdGNoUmVzcG9uc2USSQoIR2V0QmF0Y2gSHS5iYXRjaGdhdGUudjEuR2V0QmF0Y2hSZXF1ZXN0Gh4uYmF0Y2hnYXRlLnYxLkdldEJhdGNoUmVzcG9uc2USUgoLTGlzdEJhdGNoZXMSIC5iYXRjaGdhdGUudjEuTGlzdEJhdGNoZXNSZXF1ZXN0GiEuYmF0Y2hnYXRlLnYxLkxpc3RCYXRjaGVzUmVzcG9uc2USUgoLQ2FuY2VsQmF0Y2gSIC5iYXRjaGdhdGUudjEuQ2FuY2VsQmF0Y2hSZXF1ZXN0GiEuYmF0Y2hnYXRlLnYxLkNhbmNlbEJhdGNoUmVzcG9uc2USUQoKV2F0Y2hCYXRjaBIfLmJhdGNoZ2F0ZS52MS5XYXRjaEJhdGNoUmVxdWVzdBogLmJhdGNoZ2F0ZS52MS5XYXRjaEJhdGNoUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChhiYXRjaGdhdGUvdjEvYmF0Y2gucHJvdG8SDGJhdGNoZ2F0ZS52MSJBCg1SZXF1ZXN0Q291bnRzEg0KBXRvdGFsGAEgASgDEhEKCWNvbXBsZXRlZBgCIAEoAxIOCgZmYWlsZWQYAyABKAMiVgoKQmF0Y2hFcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSDQoFcGFyYW0YAyABKAkSEQoEbGluZRgEIAEoA0gAiAEBQgcKBV9saW5lIlQKDEZhaWx1cmVDb3VudBIMCgRjb2RlGAEgASgJEg0KBWNvdW50GAIgASgDEg8KB3JldHJpZWQYAyABKAMSFgoOc2FtcGxlX21lc3NhZ2UYBCABKAkibAoSSW5wdXRUb2tlbnNEZXRhaWxzEhUKDWNhY2hlZF90b2tlbnMYASABKAMSHQoVY2FjaGVfY3JlYXRpb25fdG9rZW5zGAIgASgDEiAKGGNhY2hlX2NyZWF0aW9uXzFoX3Rva2VucxgDIAEoAyIvChNPdXRwdXRUb2tlbnNEZXRhaWxzEhgKEHJlYXNvbmluZ190b2tlbnMYASABKAMizAEKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxI+ChRpbnB1dF90b2tlbnNfZGV0YWlscxgCIAEoCzIgLmJhdGNoZ2F0ZS52MS5JbnB1dFRva2Vuc0RldGFpbHMSFQoNb3V0cHV0X3Rva2VucxgDIAEoAxJAChVvdXRwdXRfdG9rZW5zX2RldGFpbHMYBCABKAsyIS5iYXRjaGdhdGUudjEuT3V0cHV0VG9rZW5zRGV0YWlscxIUCgx0b3RhbF90b2tlbnMYBSABKAMipQEKBENvc3QSKAoGc3RhdHVzGAEgASgOMhguYmF0Y2hnYXRlLnYxLkNvc3RTdGF0dXMSEAoIY3VycmVuY3kYAiABKAkSDgoGYW1vdW50GAMgASgJEhQKDGlucHV0X2Ftb3VudBgEIAEoCRIVCg1vdXRwdXRfYW1vdW50GAUgASgJEg4KBnJlYXNvbhgGIAEoCRIUCgxwcmljZV9zb3VyY2UYByABKAkihAgKBUJhdGNoEgoKAmlkGAEgASgJEhAKCGVuZHBvaW50GAIgASgJEhUKDWlucHV0X2ZpbGVfaWQYAyABKAkSGQoRY29tcGxldGlvbl93aW5kb3cYBCABKAkSKQoGc3RhdHVzGAUgASgOMhkuYmF0Y2hnYXRlLnYxLkJhdGNoU3RhdHVzEhYKDm91dHB1dF9maWxlX2lkGAYgASgJEhUKDWVycm9yX2ZpbGVfaWQYByABKAkSLgoKY3JlYXRlZF9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOaW5fcHJvZ3Jlc3NfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKDWZpbmFsaXppbmdfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGNvbXBsZXRlZF9hdBgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJZmFpbGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVkX2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCg1jYW5jZWxsaW5nX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxjYW5jZWxsZWRfYXQYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKDnJlcXVlc3RfY291bnRzGBEgASgLMhsuYmF0Y2hnYXRlLnYxLlJlcXVlc3RDb3VudHMSKAoGZXJyb3JzGBIgAygLMhguYmF0Y2hnYXRlLnYxLkJhdGNoRXJyb3ISMwoIbWV0YWRhdGEYEyADKAsyIS5iYXRjaGdhdGUudjEuQmF0Y2guTWV0YWRhdGFFbnRyeRIiCgV1c2FnZRgUIAEoCzITLmJhdGNoZ2F0ZS52MS5Vc2FnZRINCgVtb2RlbBgVIAEoCRIQCghwcm92aWRlchgWIAEoCRIgCgRjb3N0GBcgASgLMhIuYmF0Y2hnYXRlLnYxLkNvc3QSEAoIcmV2aXNpb24YGCABKAMSLAoIZmFpbHVyZXMYGSADKAsyGi5iYXRjaGdhdGUudjEuRmFpbHVyZUNvdW50EigKBnNoYXJkcxgaIAMoCzIYLmJhdGNoZ2F0ZS52MS5CYXRjaFNoYXJkGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKnAgoKQmF0Y2hTaGFyZBIKCgJpZBgBIAEoCRIQCghlbmRwb2ludBgCIAEoCRINCgVtb2RlbBgDIAEoCRIQCghwcm92aWRlchgEIAEoCRIVCg1kZXBsb3ltZW50X2lkGAUgASgJEhcKD3Byb3ZpZGVyX2pvYl9pZBgGIAEoCRIpCgZzdGF0dXMYByABKA4yGS5iYXRjaGdhdGUudjEuQmF0Y2hTdGF0dXMSMwoOcmVxdWVzdF9jb3VudHMYCCABKAsyGy5iYXRjaGdhdGUudjEuUmVxdWVzdENvdW50cxIoCgZlcnJvcnMYCSADKAsyGC5iYXRjaGdhdGUudjEuQmF0Y2hFcnJvchIgCgRjb3N0GAogASgLMhIuYmF0Y2hnYXRlLnYxLkNvc3QihAMKEkNyZWF0ZUJhdGNoUmVxdWVzdBIVCg1pbnB1dF9maWxlX2lkGAEgASgJEhAKCGVuZHBvaW50GAIgASgJEhkKEWNvbXBsZXRpb25fd2luZG93GAMgASgJEkAKCG1ldGFkYXRhGAQgAygLMi4uYmF0Y2hnYXRlLnYxLkNyZWF0ZUJhdGNoUmVxdWVzdC5NZXRhZGF0YUVudHJ5Eg0KBW1vZGVsGAUgASgJEhAKCHByb3ZpZGVyGAYgASgJEhIKCnJlcXVlc3RfaWQYByABKAkSQQoJbW9kZWxfbWFwGAggAygLMi4uYmF0Y2hnYXRlLnYxLkNyZWF0ZUJhdGNoUmVxdWVzdC5Nb2RlbE1hcEVudHJ5Eg4KBnNwcmVhZBgJIAEoCBovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEaLwoNTW9kZWxNYXBFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIjkKE0NyZWF0ZUJhdGNoUmVzcG9uc2USIgoFYmF0Y2gYASABKAsyEy5iYXRjaGdhdGUudjEuQmF0Y2giIwoPR2V0QmF0Y2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgJIjYKEEdldEJhdGNoUmVzcG9uc2USIgoFYmF0Y2gYASABKAsyEy5iYXRjaGdhdGUudjEuQmF0Y2giaAoSTGlzdEJhdGNoZXNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEisKCHN0YXR1c2VzGAMgAygOMhkuYmF0Y2hnYXRlLnYxLkJhdGNoU3RhdHVzIlQKE0xpc3RCYXRjaGVzUmVzcG9uc2USJAoHYmF0Y2hlcxgBIAMoCzITLmJhdGNoZ2F0ZS52MS5CYXRjaBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiJgoSQ2FuY2VsQmF0Y2hSZXF1ZXN0EhAKCGJhdGNoX2lkGAEgASgJIjkKE0NhbmNlbEJhdGNoUmVzcG9uc2USIgoFYmF0Y2gYASABKAsyEy5iYXRjaGdhdGUudjEuQmF0Y2giPQoRV2F0Y2hCYXRjaFJlcXVlc3QSEAoIYmF0Y2hfaWQYASABKAkSFgoOc3RhcnRfcmV2aXNpb24YAiABKAMiSgoJSGVhcnRiZWF0EisKB3NlbnRfYXQYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCHJldmlzaW9uGAIgASgDInEKEldhdGNoQmF0Y2hSZXNwb25zZRIkCgViYXRjaBgBIAEoCzITLmJhdGNoZ2F0ZS52MS5CYXRjaEgAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLmJhdGNoZ2F0ZS52MS5IZWFydGJlYXRIAEIHCgVldmVudCqLAgoLQmF0Y2hTdGF0dXMSHAoYQkFUQ0hfU1RBVFVTX1VOU1BFQ0lGSUVEEAASGwoXQkFUQ0hfU1RBVFVTX1ZBTElEQVRJTkcQARIXChNCQVRDSF9TVEFUVVNfRkFJTEVEEAISHAoYQkFUQ0hfU1RBVFVTX0lOX1BST0dSRVNTEAMSGwoXQkFUQ0hfU1RBVFVTX0ZJTkFMSVpJTkcQBBIaChZCQVRDSF9TVEFUVVNfQ09NUExFVEVEEAUSGAoUQkFUQ0hfU1RBVFVTX0VYUElSRUQQBhIbChdCQVRDSF9TVEFUVVNfQ0FOQ0VMTElORxAHEhoKFkJBVENIX1NUQVRVU19DQU5DRUxMRUQQCCpyCgpDb3N0U3RhdHVzEhsKF0NPU1RfU1RBVFVTX1VOU1BFQ0lGSUVEEAASFwoTQ09TVF9TVEFUVVNfUEVORElORxABEhUKEUNPU1RfU1RBVFVTX0tOT1dOEAISFwoTQ09TVF9TVEFUVVNfVU5LTk9XThADMqgDCgxCYXRjaFNlcnZpY2USUgoLQ3JlYXRlQmF0Y2gSIC5iYXRjaGdhdGUudjEuQ3JlYXRlQmF0Y2hSZXF1ZXN0GiEuYmF0Y2hnYXRlLnYxLkNyZWF0ZUJhdGNoUmVzcG9uc2USSQoIR2V0QmF0Y2gSHS5iYXRjaGdhdGUudjEuR2V0QmF0Y2hSZXF1ZXN0Gh4uYmF0Y2hnYXRlLnYxLkdldEJhdGNoUmVzcG9uc2USUgoLTGlzdEJhdGNoZXMSIC5iYXRjaGdhdGUudjEuTGlzdEJhdGNoZXNSZXF1ZXN0GiEuYmF0Y2hnYXRlLnYxLkxpc3RCYXRjaGVzUmVzcG9uc2USUgoLQ2FuY2VsQmF0Y2gSIC5iYXRjaGdhdGUudjEuQ2FuY2VsQmF0Y2hSZXF1ZXN0GiEuYmF0Y2hnYXRlLnYxLkNhbmNlbEJhdGNoUmVzcG9uc2USUQoKV2F0Y2hCYXRjaBIfLmJhdGNoZ2F0ZS52MS5XYXRjaEJhdGNoUmVxdWVzdBogLmJhdGNoZ2F0ZS52MS5XYXRjaEJhdGNoUmVzcG9uc2UwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message batchgate.v1.RequestCounts
@@ -131,9 +131,26 @@ export const FailureCountSchema: GenMessage<FailureCount> = /*@__PURE__*/
  */
 export type InputTokensDetails = Message<"batchgate.v1.InputTokensDetails"> & {
   /**
+   * Read from the provider's prompt cache; part of input_tokens.
+   *
    * @generated from field: int64 cached_tokens = 1;
    */
   cachedTokens: bigint;
+
+  /**
+   * Written to the prompt cache (Anthropic), priced at the cache-write rate;
+   * part of input_tokens.
+   *
+   * @generated from field: int64 cache_creation_tokens = 2;
+   */
+  cacheCreationTokens: bigint;
+
+  /**
+   * The part of cache_creation_tokens written with a 1-hour lifetime.
+   *
+   * @generated from field: int64 cache_creation_1h_tokens = 3;
+   */
+  cacheCreation1hTokens: bigint;
 };
 
 /**
@@ -402,6 +419,16 @@ export type Batch = Message<"batchgate.v1.Batch"> & {
    * @generated from field: repeated batchgate.v1.FailureCount failures = 25;
    */
   failures: FailureCount[];
+
+  /**
+   * The provider jobs that run this batch when it needs more than one (a file
+   * mixing endpoints or models, over a provider's limits, or spread across
+   * deployments); empty for a batch run as one job. provider and model above
+   * are then set only when every shard shares them.
+   *
+   * @generated from field: repeated batchgate.v1.BatchShard shards = 26;
+   */
+  shards: BatchShard[];
 };
 
 /**
@@ -410,6 +437,81 @@ export type Batch = Message<"batchgate.v1.Batch"> & {
  */
 export const BatchSchema: GenMessage<Batch> = /*@__PURE__*/
   messageDesc(file_batchgate_v1_batch, 7);
+
+/**
+ * One provider job of a batch run as several.
+ *
+ * @generated from message batchgate.v1.BatchShard
+ */
+export type BatchShard = Message<"batchgate.v1.BatchShard"> & {
+  /**
+   * Internal, shown for operators and logs; not a batch id GetBatch takes.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string endpoint = 2;
+   */
+  endpoint: string;
+
+  /**
+   * The model name this shard was routed by.
+   *
+   * @generated from field: string model = 3;
+   */
+  model: string;
+
+  /**
+   * @generated from field: string provider = 4;
+   */
+  provider: string;
+
+  /**
+   * The deployment's model_info.id (or "adhoc:provider/model").
+   *
+   * @generated from field: string deployment_id = 5;
+   */
+  deploymentId: string;
+
+  /**
+   * The provider's own job id once submitted ("" before, and for the built-in
+   * executor).
+   *
+   * @generated from field: string provider_job_id = 6;
+   */
+  providerJobId: string;
+
+  /**
+   * @generated from field: batchgate.v1.BatchStatus status = 7;
+   */
+  status: BatchStatus;
+
+  /**
+   * @generated from field: batchgate.v1.RequestCounts request_counts = 8;
+   */
+  requestCounts?: RequestCounts | undefined;
+
+  /**
+   * @generated from field: repeated batchgate.v1.BatchError errors = 9;
+   */
+  errors: BatchError[];
+
+  /**
+   * This shard's cost at its own deployment's prices.
+   *
+   * @generated from field: batchgate.v1.Cost cost = 10;
+   */
+  cost?: Cost | undefined;
+};
+
+/**
+ * Describes the message batchgate.v1.BatchShard.
+ * Use `create(BatchShardSchema)` to create a new message.
+ */
+export const BatchShardSchema: GenMessage<BatchShard> = /*@__PURE__*/
+  messageDesc(file_batchgate_v1_batch, 8);
 
 /**
  * @generated from message batchgate.v1.CreateBatchRequest
@@ -421,7 +523,8 @@ export type CreateBatchRequest = Message<"batchgate.v1.CreateBatchRequest"> & {
   inputFileId: string;
 
   /**
-   * Must match the file's endpoint, e.g. "/v1/chat/completions".
+   * Must match the file's endpoint, e.g. "/v1/chat/completions". Empty: the
+   * file's own endpoints (a file may mix endpoints; each runs as its own shard).
    *
    * @generated from field: string endpoint = 2;
    */
@@ -465,6 +568,24 @@ export type CreateBatchRequest = Message<"batchgate.v1.CreateBatchRequest"> & {
    * @generated from field: string request_id = 7;
    */
   requestId: string;
+
+  /**
+   * Routes a file that mixes models: a file model (a line's body.model) to a
+   * model_list model_name, "provider/model" or a deployment id (model_info.id).
+   * Lines whose model is no key are routed by their own model, or by `model`
+   * when set. At most 64 pairs.
+   *
+   * @generated from field: map<string, string> model_map = 8;
+   */
+  modelMap: { [key: string]: string };
+
+  /**
+   * Cut the batch across every deployment of its model by weight and free
+   * capacity (also on when the model list sets spread_batches).
+   *
+   * @generated from field: bool spread = 9;
+   */
+  spread: boolean;
 };
 
 /**
@@ -472,7 +593,7 @@ export type CreateBatchRequest = Message<"batchgate.v1.CreateBatchRequest"> & {
  * Use `create(CreateBatchRequestSchema)` to create a new message.
  */
 export const CreateBatchRequestSchema: GenMessage<CreateBatchRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 8);
+  messageDesc(file_batchgate_v1_batch, 9);
 
 /**
  * @generated from message batchgate.v1.CreateBatchResponse
@@ -489,7 +610,7 @@ export type CreateBatchResponse = Message<"batchgate.v1.CreateBatchResponse"> & 
  * Use `create(CreateBatchResponseSchema)` to create a new message.
  */
 export const CreateBatchResponseSchema: GenMessage<CreateBatchResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 9);
+  messageDesc(file_batchgate_v1_batch, 10);
 
 /**
  * @generated from message batchgate.v1.GetBatchRequest
@@ -506,7 +627,7 @@ export type GetBatchRequest = Message<"batchgate.v1.GetBatchRequest"> & {
  * Use `create(GetBatchRequestSchema)` to create a new message.
  */
 export const GetBatchRequestSchema: GenMessage<GetBatchRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 10);
+  messageDesc(file_batchgate_v1_batch, 11);
 
 /**
  * @generated from message batchgate.v1.GetBatchResponse
@@ -523,7 +644,7 @@ export type GetBatchResponse = Message<"batchgate.v1.GetBatchResponse"> & {
  * Use `create(GetBatchResponseSchema)` to create a new message.
  */
 export const GetBatchResponseSchema: GenMessage<GetBatchResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 11);
+  messageDesc(file_batchgate_v1_batch, 12);
 
 /**
  * @generated from message batchgate.v1.ListBatchesRequest
@@ -557,7 +678,7 @@ export type ListBatchesRequest = Message<"batchgate.v1.ListBatchesRequest"> & {
  * Use `create(ListBatchesRequestSchema)` to create a new message.
  */
 export const ListBatchesRequestSchema: GenMessage<ListBatchesRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 12);
+  messageDesc(file_batchgate_v1_batch, 13);
 
 /**
  * @generated from message batchgate.v1.ListBatchesResponse
@@ -581,7 +702,7 @@ export type ListBatchesResponse = Message<"batchgate.v1.ListBatchesResponse"> & 
  * Use `create(ListBatchesResponseSchema)` to create a new message.
  */
 export const ListBatchesResponseSchema: GenMessage<ListBatchesResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 13);
+  messageDesc(file_batchgate_v1_batch, 14);
 
 /**
  * @generated from message batchgate.v1.CancelBatchRequest
@@ -598,7 +719,7 @@ export type CancelBatchRequest = Message<"batchgate.v1.CancelBatchRequest"> & {
  * Use `create(CancelBatchRequestSchema)` to create a new message.
  */
 export const CancelBatchRequestSchema: GenMessage<CancelBatchRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 14);
+  messageDesc(file_batchgate_v1_batch, 15);
 
 /**
  * @generated from message batchgate.v1.CancelBatchResponse
@@ -615,7 +736,7 @@ export type CancelBatchResponse = Message<"batchgate.v1.CancelBatchResponse"> & 
  * Use `create(CancelBatchResponseSchema)` to create a new message.
  */
 export const CancelBatchResponseSchema: GenMessage<CancelBatchResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 15);
+  messageDesc(file_batchgate_v1_batch, 16);
 
 /**
  * @generated from message batchgate.v1.WatchBatchRequest
@@ -641,7 +762,7 @@ export type WatchBatchRequest = Message<"batchgate.v1.WatchBatchRequest"> & {
  * Use `create(WatchBatchRequestSchema)` to create a new message.
  */
 export const WatchBatchRequestSchema: GenMessage<WatchBatchRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 16);
+  messageDesc(file_batchgate_v1_batch, 17);
 
 /**
  * Sent on an idle stream so that proxies and clients know it is alive.
@@ -667,7 +788,7 @@ export type Heartbeat = Message<"batchgate.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 17);
+  messageDesc(file_batchgate_v1_batch, 18);
 
 /**
  * @generated from message batchgate.v1.WatchBatchResponse
@@ -698,7 +819,7 @@ export type WatchBatchResponse = Message<"batchgate.v1.WatchBatchResponse"> & {
  * Use `create(WatchBatchResponseSchema)` to create a new message.
  */
 export const WatchBatchResponseSchema: GenMessage<WatchBatchResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_batch, 18);
+  messageDesc(file_batchgate_v1_batch, 19);
 
 /**
  * Mirrors OpenAI's batch statuses.
