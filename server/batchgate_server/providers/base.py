@@ -114,6 +114,21 @@ class ProviderJob:
     progress: SharedProgress | None = None
 
 
+def limits_with_overrides(own: JobLimits, params: Mapping[str, Any]) -> JobLimits:
+    """`own`, with max_batch_requests / max_batch_bytes / min_batch_requests from the deployment's
+    params where they are positive integers."""
+    def positive(key: str) -> int | None:
+        try:
+            value = int(params.get(key) or 0)
+        except (TypeError, ValueError):
+            return None
+        return value if value > 0 else None
+
+    return JobLimits(max_requests=positive("max_batch_requests") or own.max_requests,
+                     max_bytes=positive("max_batch_bytes") or own.max_bytes,
+                     min_requests=positive("min_batch_requests") or own.min_requests)
+
+
 class ProviderError(Exception):
     """A failure talking to a provider.
 
@@ -173,11 +188,14 @@ class BatchProvider(abc.ABC):
         job this provider can't run (endpoint, missing configuration). Sizes are not refused
         here: a batch over `limits` is split into several jobs (domain/shards.py)."""
 
+    # What one job of this provider takes; providers set their own (see `limits`).
+    job_limits: JobLimits = JobLimits()
+
     def limits(self, endpoint: str, deployment: Deployment) -> JobLimits:
         """What one job of this provider takes (requests and bytes after translation, and the
-        minimum). The deployment's params max_batch_requests, max_batch_bytes and
-        min_batch_requests override the provider's own numbers (lower quotas of an account)."""
-        return JobLimits()
+        minimum): `job_limits`, with the deployment's params max_batch_requests, max_batch_bytes
+        and min_batch_requests taking their place where set (an account's lower quotas)."""
+        return limits_with_overrides(self.job_limits, deployment.params)
 
     def request_size(self, endpoint: str, deployment: Deployment, line: bytes) -> int:
         """Bytes the input line `line` (raw JSONL, no newline) takes in this provider's job input
