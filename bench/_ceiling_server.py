@@ -1,7 +1,8 @@
 """The upload ceiling: batchgate-server with JSONL validation replaced by a no-op, for bench/upload.py only.
 
 Everything else an upload does (gRPC streaming, the upload protocol, sha256, the blob write, the
-record) is the real server's. No flag or setting of the server reaches this: it exists only as this
+record) is the real server's; with nothing to validate it starts no validation worker
+(--upload-workers 0), so the hand-over to a worker is counted as the validated server's cost. No flag or setting of the server reaches this: it exists only as this
 bench-side entry point, so production cannot turn validation off by accident.
 
     python bench/_ceiling_server.py <batchgate-server arguments>
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from batchgate_server import cli
-from batchgate_server.core import files
+from batchgate_server.core import upload_validation
 from batchgate_server.core.jsonl_validation import ValidationResult
 
 
@@ -30,5 +31,5 @@ class NoValidation:
 
 
 if __name__ == "__main__":
-    files.JsonlValidator = NoValidation
-    cli.main(sys.argv[1:])
+    upload_validation.JsonlValidator = NoValidation
+    cli.main([*sys.argv[1:], "--upload-workers", "0"])

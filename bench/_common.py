@@ -38,6 +38,30 @@ def reset_peak(pid: int) -> None:
         pass
 
 
+def family(pid: int) -> list[int]:
+    """`pid` and its descendants (a server's validation workers), from /proc."""
+    pids = [pid]
+    for member in pids:
+        for task in Path(f"/proc/{member}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids.extend(int(child) for child in task.read_text().split())
+    return pids
+
+
+def family_rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """The RSS (or VmHWM) of `pid` and its descendants, summed: a peak is each one's own peak."""
+    total = 0
+    for member in family(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += rss_kib(member, field)
+    return total
+
+
+def reset_family_peak(pid: int) -> None:
+    for member in family(pid):
+        reset_peak(member)
+
+
 def start_server(data_dir: Path, *extra: str, env: dict | None = None,
                  command: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     """`command`: what runs the server (default: the batchgate-server script)."""

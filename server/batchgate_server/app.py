@@ -38,6 +38,7 @@ from batchgate_server.core.pagination import PageTokens
 from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.routing import Router
 from batchgate_server.core.tracker import Tracker
+from batchgate_server.core.upload_validation import ValidationWorkers
 from batchgate_server.core.webhooks import Webhooks
 from batchgate_server.core.usage import UsageReporter
 from batchgate_server.core.watch_hub import WatchHub
@@ -170,6 +171,7 @@ class BatchgateServer:
         self._metrics_server: MetricsServer | None = None
         self.metrics_port: int = 0
         self.ready = ReadinessGate()
+        self._validation_workers: ValidationWorkers | None = None
 
     async def start(self) -> int:
         s = self.settings
@@ -190,9 +192,10 @@ class BatchgateServer:
         self.auth = Authenticator(self.store, s.master_key)
         await self.auth.start()
         self.page_tokens = PageTokens(await self.store.server_secret(PAGE_TOKEN_SECRET))
+        self._validation_workers = ValidationWorkers(s.upload_workers) if s.upload_workers > 0 else None
         self.files = FileManager(self.store, blobs, FileLimits(
             s.max_file_bytes, s.max_file_lines, s.max_chunk_bytes, upload_idle_timeout=s.upload_idle_timeout,
-            max_uploads_per_project=s.max_uploads_per_project), self.page_tokens)
+            max_uploads_per_project=s.max_uploads_per_project), self.page_tokens, self._validation_workers)
         orphans = 0 if s.shared else await self.files.remove_orphan_blobs()
         if orphans:
             log.info("removed %d blob(s) with no file record", orphans)
@@ -351,6 +354,8 @@ class BatchgateServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self._stop_background()
+        if self._validation_workers is not None:
+            await self._validation_workers.close()
         if self._blobs is not None:
             await self._blobs.close()
         if self._database is not None:

@@ -26,6 +26,8 @@ class Settings:
     max_chunk_bytes: int = 2 * MIB
     upload_idle_timeout: float = 60.0
     max_uploads_per_project: int = 8
+    # Processes validating uploads beside the event loop (core/upload_validation.py); 0: on the loop.
+    upload_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     expiry_sweep_interval: float = 60.0
     heartbeat_interval: float = 15.0
     grace_period: float = 10.0
@@ -106,6 +108,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    default=int(_env("MAX_UPLOADS_PER_PROJECT", str(d.max_uploads_per_project))),
                    help="uploads one project may run at once, unless its quota sets max_uploads"
                         " [BATCHGATE_MAX_UPLOADS_PER_PROJECT]")
+    p.add_argument("--upload-workers", type=_count, default=_count(_env("UPLOAD_WORKERS", str(d.upload_workers))),
+                   help="processes that validate uploads beside the event loop, started as uploads need"
+                        " them; 0 validates on the event loop [BATCHGATE_UPLOAD_WORKERS]")
     p.add_argument("--heartbeat-interval", type=float,
                    default=float(_env("HEARTBEAT_INTERVAL", str(d.heartbeat_interval))),
                    help="seconds between WatchBatch heartbeats on an idle stream [BATCHGATE_HEARTBEAT_INTERVAL]")
@@ -147,6 +152,16 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def _seconds_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
@@ -171,6 +186,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         max_file_lines=args.max_file_lines,
         upload_idle_timeout=args.upload_idle_timeout,
         max_uploads_per_project=args.max_uploads_per_project,
+        upload_workers=args.upload_workers,
         heartbeat_interval=args.heartbeat_interval,
         expiry_sweep_interval=args.expiry_sweep_interval,
         log_level=args.log_level,

@@ -27,8 +27,9 @@ from batchgate_server.core.errors import (
     is_utf8_text,
     not_found,
 )
-from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
+from batchgate_server.core.jsonl_validation import ValidationResult
 from batchgate_server.core.quotas import Quotas
+from batchgate_server.core.upload_validation import UploadValidation, ValidationWorkers
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import FilePurpose, FileRecord
 from batchgate_server.store.errors import Duplicate
@@ -163,17 +164,24 @@ def validation_error(result: ValidationResult) -> InvalidArgument:
 
 
 class FileManager:
-    def __init__(self, store: MetadataStore, blobs: BlobStore, limits: FileLimits, page_tokens: PageTokens) -> None:
+    def __init__(self, store: MetadataStore, blobs: BlobStore, limits: FileLimits, page_tokens: PageTokens,
+                 validation_workers: ValidationWorkers | None = None) -> None:
         self.store = store
         self.blobs = blobs
         self.limits = limits
         self.page_tokens = page_tokens
+        # None: every upload is validated on the event loop.
+        self.validation_workers = validation_workers
         # Set by the batch layer: which running batch reads this file, if any.
         self.used_by: Callable[[str], str | None] = lambda file_id: None
         self._uploading: Counter[str] = Counter()  # project -> uploads running now
         self.quotas: Quotas | None = None  # set by the batch layer (it needs the ledger and the config)
 
     # -- upload -----------------------------------------------------------------------
+
+    def validator_args(self) -> dict[str, object]:
+        """JsonlValidator's keyword arguments for an upload (they travel to a worker process)."""
+        return {"max_lines": self.limits.max_lines, "max_bytes": self.limits.max_bytes}
 
     def uploads_in_progress(self, project: str | None = None) -> int:
         """Uploads running now, of one project or of all."""
@@ -206,7 +214,7 @@ class FileManager:
             previous = await self.store.get_file_by_request_id(principal.project, header.request_id)
             if previous is not None:
                 return await self._replay(previous, header, chunks)
-        validator = JsonlValidator(max_lines=self.limits.max_lines, max_bytes=self.limits.max_bytes)
+        validation = UploadValidation(self.validation_workers, self.validator_args())
         hasher = hashlib.sha256()
         writer = self.blobs.open_writer()
         loop = asyncio.get_running_loop()
@@ -222,17 +230,15 @@ class FileManager:
                     raise _invalid(f"received more than the {header.expected_bytes} bytes the header announced",
                                    "SIZE_MISMATCH", "header.expected_bytes", "more bytes arrived")
                 # Hashing and writing release the GIL: they run on worker threads (a local
-                # writer's) or the network (a remote one's) while this thread validates the same
-                # chunk. sleep(0) lets the write reach its thread or socket before validation
-                # holds the loop.
+                # writer's) or the network (a remote one's) while the chunk is validated (in a
+                # worker process, or on this thread: core/upload_validation.py).
                 stored = asyncio.gather(loop.run_in_executor(None, hasher.update, chunk), writer.write(chunk))
-                await asyncio.sleep(0)
                 try:
-                    validator.feed(chunk)
+                    await validation.feed(chunk)
                 finally:
                     await stored
                     stored = None
-                if validator.too_large:
+                if size > self.limits.max_bytes:
                     raise _invalid(f"the file exceeds the {self.limits.max_bytes}-byte limit", "FILE_TOO_LARGE",
                                    "file", f"at most {self.limits.max_bytes} bytes",
                                    max_bytes=str(self.limits.max_bytes))
@@ -244,7 +250,7 @@ class FileManager:
             if header.expected_sha256 and digest != header.expected_sha256:
                 raise _invalid("the content's sha256 does not match header.expected_sha256", "SHA256_MISMATCH",
                                "header.expected_sha256", f"content hashes to {digest}", sha256=digest)
-            result = validator.finish()
+            result = await validation.finish()
             if not result.ok:
                 raise validation_error(result)
             if self.quotas is not None:
@@ -259,6 +265,7 @@ class FileManager:
             )
         except BaseException:
             # Covers validation errors, a client that hung up (CancelledError) and bugs alike.
+            validation.drop()
             if stored is not None:  # the chunk's write, cancelled with us, must end before the abort
                 with contextlib.suppress(BaseException):
                     await stored

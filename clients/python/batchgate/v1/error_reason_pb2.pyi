@@ -435,6 +435,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     file; metadata `id`. Do: remove it from the config's `webhooks` section and
     restart.
     """
+    VALIDATION_WORKER_LOST: _ErrorReason.ValueType  # 390
+    """Upload validation workers, numbered from 390.
+
+    UNAVAILABLE. The process validating the upload (see --upload-workers)
+    ended before the upload did, so nothing was stored; with a RetryInfo.
+    Do: upload the file again.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every `google.rpc.ErrorInfo.reason` batchgate sends, in the
@@ -868,5 +875,12 @@ WEBHOOK_ENDPOINT_CONFIGURED: ErrorReason.ValueType  # 206
 """FAILED_PRECONDITION. DeleteWebhookEndpoint named an endpoint of the config
 file; metadata `id`. Do: remove it from the config's `webhooks` section and
 restart.
+"""
+VALIDATION_WORKER_LOST: ErrorReason.ValueType  # 390
+"""Upload validation workers, numbered from 390.
+
+UNAVAILABLE. The process validating the upload (see --upload-workers)
+ended before the upload did, so nothing was stored; with a RetryInfo.
+Do: upload the file again.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

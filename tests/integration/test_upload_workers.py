@@ -1,0 +1,144 @@
+"""Uploads validated in worker processes (--upload-workers, core/upload_validation.py): the same
+verdicts as on the event loop, workers shared by concurrent uploads, and the upload's guarantees
+(nothing stored without finish, no temporary file left) when a worker dies or an upload is cut."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import grpc
+import pytest
+
+from batchgate.v1 import file_pb2
+from tests.backends import stored_blobs, uploads_in_flight
+from tests.conftest import UPLOAD_FINISH, batch_file, error_details, jsonl, request_line, serving
+
+CHUNK = 4096
+
+
+def _pids(h) -> list[int]:
+    return h.server.files.validation_workers.pids()
+
+
+async def _verdict(h, content: bytes, chunk_size: int = CHUNK):
+    """("ok", line_count) or (code, reason, field violations) of an upload of `content`."""
+    try:
+        f = await h.upload(h.alice, content, chunk_size=chunk_size)
+        return "ok", f.line_count, f.model
+    except grpc.aio.AioRpcError as err:
+        info, bad = error_details(err)
+        return (err.code(), info.reason, dict(info.metadata),
+                [(v.field, v.description) for v in bad.field_violations], err.details())
+
+
+# Problems in every part of a file and across chunk boundaries: lines of ~100 bytes, 4 KiB chunks.
+MIXED_BAD = (batch_file(300) + jsonl([request_line("req-7"), request_line("z", model="other")])
+             + b"{not json\n" + b"\n" + '{"custom_id": "\udc00"}'.encode("utf-8", "surrogatepass") + b"\n"
+             + b'{"custom_id": "bad \xff byte"}\n' + jsonl([request_line("last")]))
+
+
+async def test_uploads_of_several_chunks_are_validated_in_a_worker_with_the_verdicts_of_the_loop(tmp_path):
+    async with serving(tmp_path / "inline", upload_workers=0) as inline:
+        assert inline.server.files.validation_workers is None
+        expected = [await _verdict(inline, content) for content in (batch_file(500), MIXED_BAD)]
+    assert expected[0] == ("ok", 500, "gpt-4o-mini")
+    assert expected[1][1] == "INVALID_BATCH_FILE"
+    async with serving(tmp_path / "workers", upload_workers=2) as h:
+        assert await _verdict(h, batch_file(3)) == ("ok", 3, "gpt-4o-mini")
+        assert _pids(h) == [], "a one-chunk upload is validated on the loop: no worker is started"
+        assert [await _verdict(h, content) for content in (batch_file(500), MIXED_BAD)] == expected
+        assert len(_pids(h)) == 1
+        assert h.server.files.validation_workers.open_uploads() == 0
+
+
+async def test_concurrent_uploads_share_the_workers_each_with_its_own_validator(tmp_path):
+    async with serving(tmp_path / "d", upload_workers=2) as h:
+        # The same custom_ids in every upload: a validator shared between two uploads would call
+        # them duplicates.
+        results = await asyncio.gather(*(_verdict(h, batch_file(400 + i)) for i in range(6)))
+        assert results == [("ok", 400 + i, "gpt-4o-mini") for i in range(6)]
+        assert 1 <= len(_pids(h)) <= 2
+        assert h.server.files.validation_workers.open_uploads() == 0
+
+
+async def _wait_until(predicate, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def _held_upload(chunks: list[bytes], go_on: asyncio.Event, held_after: int):
+    """An upload that sends `held_after` chunks, waits for `go_on`, then the rest and finish."""
+    async def messages():
+        yield file_pb2.UploadFileRequest(header=file_pb2.UploadFileHeader(
+            filename="held.jsonl", purpose=file_pb2.FILE_PURPOSE_BATCH))
+        for i, chunk in enumerate(chunks):
+            if i == held_after:
+                await go_on.wait()
+            yield file_pb2.UploadFileRequest(chunk=chunk)
+        yield UPLOAD_FINISH
+    return messages()
+
+
+@pytest.mark.local_stores  # watches the temporary file on local disk
+async def test_a_worker_killed_mid_upload_fails_it_as_unavailable_and_the_next_upload_starts_another(tmp_path):
+    async with serving(tmp_path / "d", upload_workers=1) as h:
+        a = h.alice
+        content = batch_file(300)
+        chunks = [content[i:i + CHUNK] for i in range(0, len(content), CHUNK)]
+        go_on = asyncio.Event()
+        call = a.files.UploadFile(_held_upload(chunks, go_on, held_after=3), metadata=a.metadata)
+        await _wait_until(lambda: _pids(h) and uploads_in_flight(h.data_dir))
+        (pid,) = _pids(h)
+        os.kill(pid, signal.SIGKILL)
+        await _wait_until(lambda: not _pids(h))
+        go_on.set()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        info, _ = error_details(err.value)
+        assert info.reason == "VALIDATION_WORKER_LOST" and "nothing was stored" in err.value.details()
+        await _wait_until(lambda: not h.server.files.uploads_in_progress() and not uploads_in_flight(h.data_dir))
+        assert stored_blobs(h.data_dir) == []
+        assert (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files == []
+
+        assert await _verdict(h, content) == ("ok", 300, "gpt-4o-mini")
+        assert len(_pids(h)) == 1 and _pids(h) != [pid]
+
+
+@pytest.mark.local_stores  # watches the temporary files on local disk
+async def test_uploads_cut_on_a_worker_leave_nothing_and_the_worker_forgets_them(tmp_path):
+    async with serving(tmp_path / "d", upload_workers=1) as h:
+        a = h.alice
+        content = batch_file(300)
+        chunks = [content[i:i + CHUNK] for i in range(0, len(content), CHUNK)]
+        for attempt in range(12):
+            never = asyncio.Event()
+            call = a.files.UploadFile(_held_upload(chunks, never, held_after=2 + attempt % 5), metadata=a.metadata,
+                                      timeout=None if attempt % 2 else 0.3)
+            await _wait_until(lambda: h.server.files.validation_workers.open_uploads() == 1)
+            if attempt % 2:
+                call.cancel()
+            with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
+                await call
+            never.set()
+            await _wait_until(lambda: not h.server.files.uploads_in_progress() and not uploads_in_flight(h.data_dir))
+        assert h.server.files.validation_workers.open_uploads() == 0
+        assert stored_blobs(h.data_dir) == []
+        assert len(_pids(h)) == 1
+        # The same custom_ids again, on the same worker: nothing of the cut uploads is left in it.
+        assert await _verdict(h, content) == ("ok", 300, "gpt-4o-mini")
+
+
+async def test_stopping_the_server_ends_its_workers(tmp_path):
+    async with serving(tmp_path / "d", upload_workers=2) as h:
+        await asyncio.gather(_verdict(h, batch_file(400)), _verdict(h, batch_file(401)))
+        pids = _pids(h)
+        assert pids
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):  # exited and reaped
+            os.kill(pid, 0)
