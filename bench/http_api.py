@@ -28,7 +28,7 @@ import aiohttp
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import free_port, percentile, reset_peak, rss_kib, start_server, stop, wait_port  # noqa: E402
+from _common import free_port, percentile, family_rss_kib, reset_family_peak, start_server, stop, wait_port  # noqa: E402
 from upload import make_file  # noqa: E402
 
 from batchgate import BatchgateClient  # noqa: E402
@@ -122,10 +122,10 @@ def start_bare(kind: str, body_path: Path) -> tuple[subprocess.Popen, int]:
 
 def measured(proc: subprocess.Popen, run) -> tuple[object, float]:
     """What `run()` returns and the server's peak RSS growth over it, in MB."""
-    baseline = rss_kib(proc.pid)
-    reset_peak(proc.pid)
+    baseline = family_rss_kib(proc.pid)
+    reset_family_peak(proc.pid)
     result = run()
-    return result, (rss_kib(proc.pid, "VmHWM") - baseline) / 1024
+    return result, (family_rss_kib(proc.pid, "VmHWM") - baseline) / 1024
 
 
 def row(name: str, rate: float, p50: str, p99: str, ceiling: float) -> None:

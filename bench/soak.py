@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, reset_peak, rss_kib, start_server, stop  # noqa: E402
+from _common import BIN, family_rss_kib, reset_family_peak, start_server, stop  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -139,18 +139,18 @@ def main() -> None:
         target = f"127.0.0.1:{port}"
         try:
             time.sleep(1)
-            idle = [rss_kib(proc.pid)]
+            idle = [family_rss_kib(proc.pid)]
             print(f"{ROUNDS} rounds of {CLIENTS} concurrent clients ({CLIENT_PROCS} client processes), "
                   f"{LINES}-request batches on `simulated`; idle pause {IDLE_SECONDS:.0f}s")
             print(f"server RSS at start: {mb(idle[0])}")
             print(f"{'round':>5} {'ok':>5} {'errors':>6} {'seconds':>7} {'peak RSS':>9} "
                   f"{'RSS after':>9} {'RSS idle':>9} {'idle growth':>11}")
             for round_no in range(ROUNDS):
-                reset_peak(proc.pid)
+                reset_family_peak(proc.pid)
                 ok, errors, seconds = run_round(target, api_keys, round_no)
-                peak, after = rss_kib(proc.pid, "VmHWM"), rss_kib(proc.pid)
+                peak, after = family_rss_kib(proc.pid, "VmHWM"), family_rss_kib(proc.pid)
                 time.sleep(IDLE_SECONDS)
-                idle.append(rss_kib(proc.pid))
+                idle.append(family_rss_kib(proc.pid))
                 print(f"{round_no + 1:>5} {ok:>5} {len(errors):>6} {seconds:>7.1f} {mb(peak):>9} "
                       f"{mb(after):>9} {mb(idle[-1]):>9} {mb(idle[-1] - idle[-2], '+'):>11}", flush=True)
                 for error in sorted(set(errors))[:3]:

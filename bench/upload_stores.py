@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    MOTO_CREDENTIALS, moto_server, new_s3_bucket, reset_peak, rss_kib, start_server, stop,
+    MOTO_CREDENTIALS, moto_server, new_s3_bucket, family_rss_kib, reset_family_peak, start_server, stop,
 )
 
 from batchgate import BatchgateClient  # noqa: E402
@@ -59,8 +59,8 @@ def measure(tmp_path: Path, label: str, sizes: tuple[int, ...], *server_args: st
                     make_file(path, size_mb * MB)
                 lines = sum(1 for _ in open(path, "rb"))
                 size = path.stat().st_size
-                baseline = rss_kib(proc.pid)
-                reset_peak(proc.pid)
+                baseline = family_rss_kib(proc.pid)
+                reset_family_peak(proc.pid)
                 runs = []
                 for _ in range(3 if size_mb < 200 else 2):
                     started = time.perf_counter()
@@ -68,7 +68,7 @@ def measure(tmp_path: Path, label: str, sizes: tuple[int, ...], *server_args: st
                     runs.append(time.perf_counter() - started)
                     assert f.line_count == lines and f.bytes == size
                     bg.delete_file(f.id)
-                peak = rss_kib(proc.pid, "VmHWM")
+                peak = family_rss_kib(proc.pid, "VmHWM")
                 best = min(runs)
                 speeds[size_mb] = size / MB / best
                 print(f"{label:>6} {size_mb:>6}MB {lines:>7} {best:>8.2f} {speeds[size_mb]:>8.1f} "
