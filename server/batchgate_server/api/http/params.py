@@ -88,6 +88,15 @@ def string_field(doc: dict, name: str, default: str = "") -> str:
     return value
 
 
+def bool_field(doc: dict, name: str) -> bool:
+    value = doc.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"{name} must be true or false", "INVALID_FIELD_TYPE", name, "a boolean")
+    return value
+
+
 def string_map(doc: dict, name: str) -> dict[str, str]:
     value = doc.get(name)
     if value is None:
