@@ -116,12 +116,14 @@ def check_model_map(model_map: dict[str, str]) -> None:
 def replay(previous: BatchRecord, req: CreateBatch) -> BatchRecord:
     """The batch `req.request_id` created, if `req` asks for the same batch; REQUEST_ID_REUSED
     naming the first parameter that differs otherwise (a key names one request, as in AIP-155)."""
-    asked = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
-             "completion_window": previous.completion_window, "metadata": previous.metadata,
-             "model": previous.requested_model, "provider": previous.requested_provider,
-             "model_map": previous.requested_model_map, "spread": previous.requested_spread}
-    for name, value in asked.items():
-        if value is not None and getattr(req, name) != value:
+    # An endpoint left out is the file's own (the same file: checked first), as recorded.
+    asked = {"input_file_id": req.input_file_id, "endpoint": req.endpoint or previous.endpoint}
+    recorded = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
+                "completion_window": previous.completion_window, "metadata": previous.metadata,
+                "model": previous.requested_model, "provider": previous.requested_provider,
+                "model_map": previous.requested_model_map, "spread": previous.requested_spread}
+    for name, value in recorded.items():
+        if value is not None and asked.get(name, getattr(req, name)) != value:
             raise FailedPrecondition(
                 f"request_id {echo(req.request_id)} already created batch {previous.id} with another {name};"
                 " use a new request_id for another batch", "REQUEST_ID_REUSED",
