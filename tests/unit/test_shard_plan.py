@@ -197,6 +197,12 @@ def test_a_providers_refusal_is_mapped_once_for_every_part():
     assert providers.get("openai").checked == [(CHAT, "oai-chat", 2), (EMBED, "oai-embed", 2)]
 
 
+def test_a_part_over_the_request_limit_is_checked_as_one_of_its_jobs():
+    providers = registry(openai=Provider(JobLimits(max_requests=30)))
+    assert plan(source((CHAT, "chat", 95)), providers=providers).sharded
+    assert providers.get("openai").checked == [(CHAT, "oai-chat", 30)]
+
+
 def test_a_provider_missing_from_the_build_is_invalid_argument():
     with pytest.raises(InvalidArgument) as ei:
         plan(source((CHAT, "chat", 2)), providers=Registry())

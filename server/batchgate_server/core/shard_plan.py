@@ -17,7 +17,8 @@ Per group:
   below its deployment's minimum (JobLimits.min_requests) is given to the others.
 - Minimums: a part below its deployment's minimum moves to the least loaded other candidate of
   the same target that takes it; with none, FAILED_PRECONDITION BATCH_TOO_SMALL with the numbers.
-- Each part is then offered to its provider's `check` (endpoint support, configuration).
+- Each part is then offered to its provider's `check` (endpoint support, configuration), as one
+  of the jobs it will be split into.
 
 Spreading is on for a group when CreateBatch.spread is set, or the model list says so
 (router_settings.spread_batches, or model_info.spread_batches on one of the target's
@@ -163,11 +164,13 @@ class _Planner:
         deployments = {d.id: d for _, candidates in routes for d in candidates if d.id in used}
         for part in parts:
             deployment = deployments[part.deployment_id]
-            with provider_refusals(deployment.provider):
-                self.provider_of(deployment).check(part.endpoint, deployment, part.count)
             limits = self.limits(part.endpoint, deployment)
-            sharded |= (limits.max_requests is not None and part.count > limits.max_requests) or \
-                (limits.max_bytes is not None and self.source.bytes > limits.max_bytes)
+            over = limits.max_requests is not None and part.count > limits.max_requests
+            sharded |= over or (limits.max_bytes is not None and self.source.bytes > limits.max_bytes)
+            # Checked as one of the jobs the split will make (at most max_requests each).
+            with provider_refusals(deployment.provider):
+                self.provider_of(deployment).check(part.endpoint, deployment,
+                                                   limits.max_requests if over else part.count)
         return BatchPlan(parts=parts, sharded=sharded or len(parts) > 1, deployments=deployments)
 
     def check_endpoints(self, groups: list[FileGroup]) -> None:
@@ -180,7 +183,7 @@ class _Planner:
         raise InvalidArgument(
             f"the batch endpoint {echo(self.endpoint)} does not match the url of the file's "
             + "; ".join(f"{lines_text(g)} ({g.endpoint})" for g in differ[:MAX_VIOLATIONS])
-            + "; send the file's endpoint, or none to run each line on its own",
+            + "; send the file's endpoint, or none to run the lines of each endpoint as their own jobs",
             "ENDPOINT_MISMATCH", {"file_endpoint": ",".join(others)},
             [FieldViolation("endpoint", f"{lines_text(g)}: url {g.endpoint}") for g in differ[:MAX_VIOLATIONS]])
 
