@@ -353,6 +353,34 @@ def _job(tmp_path: Path, deployment: Deployment, lines: list[dict], batch_id: st
     return provider_job(tmp_path / "input.jsonl", deployment, lines, batch_id, expires_in)
 
 
+async def test_request_size_is_each_line_as_staged_in_gcs(vertex, gcs, keys, tmp_path):
+    """request_size is each record as staged for the provider (translated, custom_id remapped when the
+    provider cannot take it), with its newline; 0 for a line that cannot be translated (never sent)."""
+    dep = Deployment(id="d", model_name="gemini", provider="vertex_ai", model="gemini-2.5-flash",
+                     params=entry("x", vertex, vertex_credentials=str(keys["good"]))["litellm_params"])
+    unsendable = chat("img", "look", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:nonsense"}}]}])
+    lines = [chat(cid, f"hostile {i}") for i, cid in enumerate(HOSTILE_IDS)] + [unsendable, chat("ok", "caf\u00e9")]
+    job = _job(tmp_path, dep, lines, "batch_sizes")
+    provider = VertexBatchProvider()
+    try:
+        sizes = [provider.request_size(job.endpoint, dep, json.dumps(ln).encode()) for ln in lines]
+        await provider.submit(job)
+        bucket, _, name = job.state["input_uri"].removeprefix("gs://").partition("/")
+        staged = gcs.client().bucket(bucket).blob(name).download_as_bytes().splitlines()
+        await provider.release(job)
+    finally:
+        await provider.close()
+    assert sizes[len(HOSTILE_IDS)] == 0
+    sent = [(ln, size) for ln, size in zip(lines, sizes, strict=True) if size]
+    assert len(sent) == len(staged) == len(lines) - 1
+    for (line, size), record in zip(sent, staged):
+        label = json.loads(record)["request"]["labels"]
+        kept = line["custom_id"] in label.values()
+        assert kept == (size == len(record) + 1), line["custom_id"]
+        assert 0 <= size - (len(record) + 1) <= 9  # a remapped id is measured as bgl_ and nine digits
+
+
 async def test_resubmit_after_a_crash_adopts_the_job_instead_of_creating_another(vertex, keys, tmp_path):
     dep = Deployment(id="d", model_name="gemini", provider="vertex_ai", model="gemini-2.5-flash",
                      params=entry("x", vertex, vertex_credentials=str(keys["good"]))["litellm_params"])
