@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, free_port, start_server, stop, wait_port  # noqa: E402
+from _common import start_server, start_upstream, stop  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -38,14 +37,6 @@ from batchgate.v1 import batch_pb2  # noqa: E402
 
 DEPLOYMENTS = 4
 MODEL = "fake"
-
-
-def start_upstream(latency_ms: float) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_compatible_upstream", "--port", str(port),
-                             "--latency-ms", str(latency_ms)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
 
 
 def write_input(path: Path, lines: int) -> None:

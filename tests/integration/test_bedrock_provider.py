@@ -21,6 +21,7 @@ from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3
 from tests.integration.batch_helpers import (
     assert_lifecycle,
+    assert_sizes_are_the_staged_records,
     create,
     eventually_empty,
     provider_job,
@@ -373,8 +374,9 @@ async def test_request_size_is_each_record_as_staged_in_s3(bedrock, s3, tmp_path
     unsendable = chat("img", "look", messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
     lines = [chat(cid, f"hostile {i}") for i, cid in enumerate(HOSTILE_IDS)] + [unsendable] + many(100)
-    job = _job(bedrock, s3, tmp_path, "batch_sizes")
-    job = provider_job(tmp_path / "sizes.jsonl", job.deployment, lines, "batch_sizes")
+    dep = Deployment(id="d", model_name="claude", provider="bedrock", model=CLAUDE,
+                     params=entry("x", bedrock, s3)["litellm_params"])
+    job = provider_job(tmp_path / "sizes.jsonl", dep, lines, "batch_sizes")
     provider = BedrockBatchProvider()
     try:
         sizes = [provider.request_size(job.endpoint, job.deployment, json.dumps(ln).encode()) for ln in lines]
@@ -385,11 +387,7 @@ async def test_request_size_is_each_record_as_staged_in_s3(bedrock, s3, tmp_path
     finally:
         await provider.close()
     assert sizes[len(HOSTILE_IDS)] == 0
-    sent = [(ln, size) for ln, size in zip(lines, sizes, strict=True) if size]
-    assert len(sent) == len(staged) == len(lines) - 1
-    for (line, size), record in zip(sent, staged):
-        assert (json.loads(record)["recordId"] == line["custom_id"]) == (size == len(record) + 1), line["custom_id"]
-        assert 0 <= size - (len(record) + 1) <= 9  # a remapped id is measured as bgl_ and nine digits
+    assert_sizes_are_the_staged_records(lines, sizes, staged, lambda record: record["recordId"])
 
 
 async def test_cancel_after_a_crash_finds_the_job_by_name(bedrock, s3, tmp_path):

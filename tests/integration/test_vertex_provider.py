@@ -17,10 +17,12 @@ from batchgate.v1 import batch_pb2
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.providers.base import JobStatus, ProviderJob
 from batchgate_server.providers.vertex.provider import JOB_LABEL, VertexBatchProvider, job_label
+from batchgate_server.providers.vertex.translate import CUSTOM_ID_LABEL_KEY
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator
 from tests.integration.batch_helpers import (
     assert_lifecycle,
+    assert_sizes_are_the_staged_records,
     create,
     eventually_empty,
     provider_job,
@@ -372,13 +374,8 @@ async def test_request_size_is_each_line_as_staged_in_gcs(vertex, gcs, keys, tmp
     finally:
         await provider.close()
     assert sizes[len(HOSTILE_IDS)] == 0
-    sent = [(ln, size) for ln, size in zip(lines, sizes, strict=True) if size]
-    assert len(sent) == len(staged) == len(lines) - 1
-    for (line, size), record in zip(sent, staged):
-        label = json.loads(record)["request"]["labels"]
-        kept = line["custom_id"] in label.values()
-        assert kept == (size == len(record) + 1), line["custom_id"]
-        assert 0 <= size - (len(record) + 1) <= 9  # a remapped id is measured as bgl_ and nine digits
+    assert_sizes_are_the_staged_records(lines, sizes, staged,
+                                        lambda record: record["request"]["labels"][CUSTOM_ID_LABEL_KEY])
 
 
 async def test_resubmit_after_a_crash_adopts_the_job_instead_of_creating_another(vertex, keys, tmp_path):
