@@ -55,7 +55,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.custom_ids import CustomIdCodec
+from batchgate_server.providers.custom_ids import LONGEST_LINE_NO, CustomIdCodec
 from batchgate_server.providers.eventual import Consistency, create_call, wall_time
 from batchgate_server.providers.lines import complete_lines, last_line
 from batchgate_server.providers.output_lines import dumps, line_id, no_result_line
@@ -103,11 +103,6 @@ async def input_lines(job: ProviderJob, codec: CustomIdCodec) -> AsyncIterator[I
         index += 1
         if index % YIELD_EVERY == 0:
             await asyncio.sleep(0)
-
-
-# A request whose custom_id the provider cannot take travels as bgl_<line index in its job>: sizes
-# are measured with the longest such id a job can give (nine digits), never under the real one.
-SIZE_LINE_INDEX = 999_999_999
 
 
 @dataclass
@@ -329,7 +324,7 @@ class StagedBatchProvider(BatchProvider):
         """The record as staged in the job's input file (translated, its id remapped if the provider
         cannot take the custom_id), with its newline; 0 for a line that cannot be translated (it is
         never sent: an error line here)."""
-        item = input_line(line, SIZE_LINE_INDEX, self._codec())
+        item = input_line(line, LONGEST_LINE_NO, self._codec())
         try:
             record = self._line_translator(endpoint, deployment)(item)
         except self.translation_errors:

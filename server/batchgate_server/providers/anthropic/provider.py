@@ -104,7 +104,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.custom_ids import anthropic_codec
+from batchgate_server.providers.custom_ids import LONGEST_LINE_NO, anthropic_codec
 from batchgate_server.providers.eventual import Consistency, create_call
 from batchgate_server.providers.openai_batch.client import ApiClient, Conn
 from batchgate_server.providers.params import float_param, int_param
@@ -130,9 +130,6 @@ MAX_BODY_BYTES = 256_000_000  # "256 MB" per batch; decimal megabytes, the stric
 # The create body is {"requests":[<request>,<request>,...]}: request_size counts each request with
 # one comma, the envelope comes off the byte limit.
 _BODY_ENVELOPE = len(b'{"requests":[]}')
-# A request whose custom_id Anthropic cannot take travels as bgl_<line number in its job>: sizes
-# are measured with the longest such id a job can give (nine digits), never under the real one.
-_SIZE_LINE_NO = 999_999_999
 BATCHES_PATH = "/v1/messages/batches"
 LABEL = "Anthropic"
 
@@ -253,11 +250,11 @@ class AnthropicBatchProvider(BatchProvider):
         """The request as it goes in the create body's `requests` array (translated to the Messages
         API, its custom_id remapped if Anthropic cannot take it), with its comma; 0 for a line that
         cannot be translated (it is never sent: an error line here)."""
-        custom_id, params = _translated(line, _SIZE_LINE_NO, model=deployment.model,
+        custom_id, params = _translated(line, LONGEST_LINE_NO, model=deployment.model,
                                         max_tokens=_max_tokens(deployment))
         if isinstance(params, TranslationError):
             return 0
-        return len(batch_request_line(anthropic_codec().encode(custom_id, _SIZE_LINE_NO), params)) + 1
+        return len(batch_request_line(anthropic_codec().encode(custom_id, LONGEST_LINE_NO), params)) + 1
 
     def job_id(self, state: Mapping[str, Any]) -> str:
         return str(state.get("msgbatch_id") or "")
