@@ -201,8 +201,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Do: pick a model made for the endpoint.
     """
     TOO_MANY_REQUESTS: _ErrorReason.ValueType  # 40
-    """INVALID_ARGUMENT. The file has more requests than the provider takes in one
-    batch; metadata `limit`, `line_count`. Do: split the file.
+    """INVALID_ARGUMENT. No longer raised: a batch with more requests than its
+    provider takes in one job runs as several jobs (see Large and mixed
+    batches). Older servers refused it with metadata `limit`, `line_count`.
+    Do: nothing with this server; with an older one, split the file.
     """
     BATCH_TOO_SMALL: _ErrorReason.ValueType  # 41
     """FAILED_PRECONDITION. The provider needs more requests per job than the file
@@ -652,8 +654,10 @@ chat batch on an embedding model); metadata `endpoint`, `model`.
 Do: pick a model made for the endpoint.
 """
 TOO_MANY_REQUESTS: ErrorReason.ValueType  # 40
-"""INVALID_ARGUMENT. The file has more requests than the provider takes in one
-batch; metadata `limit`, `line_count`. Do: split the file.
+"""INVALID_ARGUMENT. No longer raised: a batch with more requests than its
+provider takes in one job runs as several jobs (see Large and mixed
+batches). Older servers refused it with metadata `limit`, `line_count`.
+Do: nothing with this server; with an older one, split the file.
 """
 BATCH_TOO_SMALL: ErrorReason.ValueType  # 41
 """FAILED_PRECONDITION. The provider needs more requests per job than the file

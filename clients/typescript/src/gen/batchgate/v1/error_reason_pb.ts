@@ -375,8 +375,10 @@ export enum ErrorReason {
   UNSUPPORTED_ENDPOINT_FOR_MODEL = 39,
 
   /**
-   * INVALID_ARGUMENT. The file has more requests than the provider takes in one
-   * batch; metadata `limit`, `line_count`. Do: split the file.
+   * INVALID_ARGUMENT. No longer raised: a batch with more requests than its
+   * provider takes in one job runs as several jobs (see Large and mixed
+   * batches). Older servers refused it with metadata `limit`, `line_count`.
+   * Do: nothing with this server; with an older one, split the file.
    *
    * @generated from enum value: TOO_MANY_REQUESTS = 40;
    */
