@@ -27,13 +27,15 @@ from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.routing import Router
-from batchgate_server.core.tracker import Tracker, batch_load
+from batchgate_server.core.shard_plan import BatchPlan, plan_batch
+from batchgate_server.core.tracker import Tracker, batch_load, cancel_batch
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.domain.ids import new_batch_id
-from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
-from batchgate_server.store.errors import Duplicate, LeaseLost, RevisionConflict
+from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,10 @@ class BatchManager:
             raise _invalid(f"the batch endpoint {req.endpoint!r} does not match the file's url {source.endpoint!r}",
                            "ENDPOINT_MISMATCH", "endpoint", f"the file's requests target {source.endpoint}",
                            file_endpoint=source.endpoint)
+        plan = plan_batch(source, endpoint=req.endpoint, model=req.model, model_map={}, provider=req.provider,
+                          spread=False, router=self.router, providers=self.providers)
+        if plan.sharded:
+            return await self._create_sharded(principal, req, source, plan)
         deployment = self.router.pick(requested_model=req.model, file_model=source.model, provider=req.provider)
         # Count the batch against its deployment now, not when its runner starts: creates that
         # run concurrently must see each other's load or they all land on the same deployment.
@@ -145,16 +151,7 @@ class BatchManager:
         self.router.add_load(deployment.id, load)
         adopted = False
         try:
-            try:
-                provider = self.providers.get(deployment.provider)
-                provider.check(req.endpoint, deployment, source.line_count)
-            except UnsupportedRequest as err:
-                details = {"provider": deployment.provider, **err.details}
-                if err.precondition:
-                    raise FailedPrecondition(err.message, err.reason, details) from None
-                raise InvalidArgument(err.message, err.reason, details,
-                                      [FieldViolation("endpoint" if "ENDPOINT" in err.reason else "model",
-                                                      err.message)]) from None
+            self._check_provider(deployment, req.endpoint, source.line_count)
             now = time.time()
             record = BatchRecord(
                 id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
@@ -183,6 +180,46 @@ class BatchManager:
                  deployment.model_name, deployment.provider, principal.project)
         return record
 
+    def _check_provider(self, deployment: Deployment, endpoint: str, line_count: int) -> None:
+        try:
+            provider = self.providers.get(deployment.provider)
+            provider.check(endpoint, deployment, line_count)
+        except UnsupportedRequest as err:
+            details = {"provider": deployment.provider, **err.details}
+            if err.precondition:
+                raise FailedPrecondition(err.message, err.reason, details) from None
+            raise InvalidArgument(err.message, err.reason, details,
+                                  [FieldViolation("endpoint" if "ENDPOINT" in err.reason else "model",
+                                                  err.message)]) from None
+
+    async def _create_sharded(self, principal: Principal, req: CreateBatch, source: FileRecord,
+                              plan: BatchPlan) -> BatchRecord:
+        """A batch run as several jobs (domain/shards.py): the parent carries the plan; its runner
+        (core/sharded.py) splits it into shards, which count their own load when they start."""
+        for part in plan.parts:
+            self._check_provider(plan.deployments[part.deployment_id], part.endpoint, part.count)
+        ids = {p.deployment_id for p in plan.parts}
+        shared = plan.deployments[ids.pop()] if len(ids) == 1 else None  # model/provider only when shared
+        model, provider = (shared.model_name, shared.provider) if shared is not None else ("", "")
+        now = time.time()
+        record = BatchRecord(
+            id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
+            completion_window=req.completion_window, status=BatchStatus.VALIDATING, created_at=now,
+            expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=model, provider=provider,
+            input_line_count=source.line_count, api_key_id=principal.key_id, request_id=req.request_id,
+            metadata=dict(req.metadata), requested_model=req.model, requested_provider=req.provider,
+            plan=list(plan.parts))
+        try:
+            await asyncio.shield(self._insert_and_adopt(record))
+        except Duplicate:
+            previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
+            if previous is None:
+                raise
+            return replay(previous, req)
+        log.info("batch %s created: %d requests in %d part(s), project %s", record.id, source.line_count,
+                 len(plan.parts), principal.project)
+        return record
+
     async def _insert_and_adopt(self, record: BatchRecord) -> None:
         await self.store.insert_batch(record, owner=self.tracker.replica)
         self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
@@ -191,7 +228,8 @@ class BatchManager:
         if not batch_id:
             raise _invalid("batch_id is required", "MISSING_BATCH_ID", "batch_id", "required")
         record = await self.store.get_batch(batch_id)
-        if record is None or not principal.can_see(record.project):
+        # A shard (domain/shards.py) is internal: callers see its parent only.
+        if record is None or record.parent_id or not principal.can_see(record.project):
             raise not_found("batch", batch_id)
         return record
 
@@ -214,28 +252,12 @@ class BatchManager:
     @exhausted_when_full
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)
-        runner = self.tracker.runner(batch_id)
-        while True:
-            if record.status.is_terminal:
-                raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
-                                         "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
-            if runner is not None:
-                try:
-                    return await runner.request_cancel()
-                except LeaseLost:  # adopted elsewhere meanwhile: store the intent for its new owner
-                    runner = None
-                    record = await self.get(principal, batch_id)
-                    continue
-            if record.status is BatchStatus.CANCELLING:
-                return record
-            # Driven by another replica (or by none, until one adopts it): the cancel is stored as
-            # intent, CANCELLING with a new revision, and its owner carries it out (Tracker.changed).
-            record.status = BatchStatus.CANCELLING
-            record.cancelling_at = time.time()
-            try:
-                return await self.store.update_batch(record)
-            except RevisionConflict:
-                record = await self.get(principal, batch_id)  # changed meanwhile: decide again
+        if not record.status.is_terminal:
+            record = await cancel_batch(self.tracker, record)
+        if record.status.is_terminal:
+            raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
+                                     "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
+        return record
 
     async def watch(self, principal: Principal, batch_id: str, start_revision: int,
                     heartbeat: float) -> AsyncIterator[BatchRecord | int]:

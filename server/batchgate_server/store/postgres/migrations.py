@@ -195,6 +195,13 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER batches_changed AFTER UPDATE ON batches FOR EACH ROW
         WHEN (OLD.revision IS DISTINCT FROM NEW.revision) EXECUTE FUNCTION batchgate_batch_changed()
     """,
+    # Sharded batches (domain/shards.py): a shard's row names its parent, so listings and quotas
+    # see parents only; a shard's ledger row names the parent too, so usage counts the batch once.
+    """
+    ALTER TABLE batches ADD COLUMN parent_id TEXT COLLATE "C";
+    CREATE INDEX batches_parent ON batches(parent_id) WHERE parent_id IS NOT NULL;
+    ALTER TABLE usage_ledger ADD COLUMN parent_batch_id TEXT COLLATE "C"
+    """,
 ]
 
 _VERSIONS = """
