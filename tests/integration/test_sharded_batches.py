@@ -14,9 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from batchgate.v1 import batch_pb2, usage_pb2, usage_pb2_grpc
+from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
+from tests.backends_pg import run_sql
 from tests.conftest import jsonl, request_line, serving
+from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import create, results, status_names, upstream_entry, watch_all, write_config
+from tests.integration.test_openai_provider_e2e import openai_entry, write_litellm_config
 
 
 def cost_nanos(amount: str) -> int:
@@ -73,3 +76,147 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
     usage = usage_pb2_grpc.UsageServiceStub(h.channel)
     report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
     assert report.totals.batch_count == 1
+
+
+# ------------------------------------------------------------------ on the OpenAI Batch API fake
+
+def openai_config(path: Path, fake: FakeBatchAPI, **params) -> Path:
+    return write_litellm_config(path, [openai_entry("gpt-4o-mini", fake, "oai-main", key="sk-test", **params)])
+
+
+def jobs_by_shard(fake: FakeBatchAPI) -> Counter:
+    """How many provider jobs the fake created for each of our batch (shard) ids."""
+    return Counter((b.metadata or {}).get("batchgate_batch_id") for b in fake.batches.values())
+
+
+async def eventually(predicate, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def oai():
+    fake = FakeBatchAPI()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def manual_oai():
+    """Jobs move only when the test advances them."""
+    fake = FakeBatchAPI(clock="time", step_ms=10**9)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def test_120000_lines_on_openai_run_as_three_jobs_billed_as_one_batch(tmp_path, oai):
+    config = openai_config(tmp_path / "models.yaml", oai, max_batch_requests=50_000)
+    async with serving(tmp_path / "data", config_file=config, max_file_lines=200_000,
+                       max_file_bytes=1 << 30) as h:
+        a = h.alice
+        n = 120_000
+        lines = chat_lines(n)
+        f = await h.upload(a, jsonl(lines), chunk_size=1 << 20)
+        batch = await create(a, f.id)
+        final = (await watch_all(a, batch.id, timeout=170))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+        assert [s.request_counts.total for s in final.shards] == [40_000, 40_000, 40_000]
+        assert jobs_by_shard(oai) == Counter({s.id: 1 for s in final.shards})
+        assert (final.request_counts.total, final.request_counts.completed) == (n, n)
+        out, err = await results(a, final)
+        assert_each_once(out, [line["custom_id"] for line in lines])
+        assert err == []
+        rows = await run_sql(h.server.store, "SELECT * FROM usage_ledger WHERE parent_batch_id=?", batch.id)
+        assert sorted(r["batch_id"] for r in rows) == sorted(s.id for s in final.shards)
+        assert final.usage.input_tokens == sum(r["input_tokens"] for r in rows) > 0
+        assert final.usage.output_tokens == sum(r["output_tokens"] for r in rows)
+        assert cost_nanos(final.cost.amount) == sum(r["cost_nanos"] for r in rows) > 0
+        assert await run_sql(h.server.store, "SELECT * FROM usage_ledger WHERE batch_id=?", batch.id) == []
+        usage = usage_pb2_grpc.UsageServiceStub(h.channel)
+        report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
+        assert report.totals.batch_count == 1
+        assert cost_nanos(report.totals.cost_amount) == cost_nanos(final.cost.amount)
+        # the shards' own result files are gone: the merged ones are the batch's only files
+        listed = await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)
+        assert sorted(x.id for x in listed.files) == sorted([f.id, final.output_file_id])
+
+
+async def test_cancel_mid_way_reaches_every_shard_and_keeps_partial_results(tmp_path, manual_oai):
+    fake = manual_oai
+    config = openai_config(tmp_path / "models.yaml", fake, max_batch_requests=4)
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = chat_lines(12)
+        f = await h.upload(a, jsonl(lines))
+        batch = await create(a, f.id)
+        watching = asyncio.create_task(watch_all(a, batch.id))
+        await eventually(lambda: len(fake.batches) == 3)
+        first, *others = sorted(fake.batches.values(), key=lambda b: b.metadata["batchgate_batch_id"])
+        fake.run_to_end(first.id)
+        shard_ids = sorted(b.metadata["batchgate_batch_id"] for b in fake.batches.values())
+
+        async def first_done() -> bool:
+            got = await a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch.id), metadata=a.metadata)
+            return got.batch.request_counts.completed == 4
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await first_done():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id), metadata=a.metadata)
+        await eventually(lambda: all(b.status == "cancelling" for b in others))
+        for b in others:
+            fake.advance(b.id)  # the provider ends the cancel
+        states = await watching
+        final = states[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_CANCELLED
+        assert [s.status for s in states].count(batch_pb2.BATCH_STATUS_CANCELLED) == 1
+        assert [s.id for s in final.shards] == shard_ids
+        assert [s.status for s in final.shards] == [batch_pb2.BATCH_STATUS_COMPLETED] + \
+            [batch_pb2.BATCH_STATUS_CANCELLED] * 2
+        assert fake.calls_to("POST", "/cancel") == 2
+        # WatchBatch on the parent showed the progress move before the cancel
+        assert 4 in [s.request_counts.completed for s in states if s.status == batch_pb2.BATCH_STATUS_IN_PROGRESS]
+        out, err = await results(a, final)
+        assert sorted(x["custom_id"] for x in out) == sorted(line["custom_id"] for line in lines[:4])
+        assert_each_once(out + err, [line["custom_id"] for line in lines])
+        assert {x["error"]["code"] for x in err} == {"batch_cancelled"}
+        assert (final.request_counts.completed, final.request_counts.failed) == (4, 8)
+
+
+async def test_a_shard_failing_at_its_provider_leaves_the_others_results(tmp_path, oai):
+    config = openai_config(tmp_path / "models.yaml", oai, max_batch_requests=4)
+    # The first job create is refused for good (401): that shard fails, the two others complete.
+    oai.inject(401, 1, path_contains="/batches", method="POST")
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = chat_lines(12)
+        f = await h.upload(a, jsonl(lines))
+        batch = await create(a, f.id)
+        final = (await watch_all(a, batch.id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+        statuses = Counter(batch_pb2.BatchStatus.Name(s.status) for s in final.shards)
+        assert statuses == Counter({"BATCH_STATUS_COMPLETED": 2, "BATCH_STATUS_FAILED": 1})
+        [failed] = [s for s in final.shards if s.status == batch_pb2.BATCH_STATUS_FAILED]
+        out, err = await results(a, final)
+        assert len(out) == 8 and len(err) == 4
+        assert_each_once(out + err, [line["custom_id"] for line in lines])
+        assert {x["error"]["code"] for x in err} == {failed.errors[0].code}
+        assert (final.request_counts.completed, final.request_counts.failed) == (8, 4)
+
+
+async def test_every_shard_failing_fails_the_batch(tmp_path, oai):
+    config = openai_config(tmp_path / "models.yaml", oai, max_batch_requests=4)
+    oai.inject(401, 3, path_contains="/batches", method="POST")
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        f = await h.upload(a, jsonl(chat_lines(12)))
+        batch = await create(a, f.id)
+        final = (await watch_all(a, batch.id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_FAILED
+        assert len(final.errors) == 3 and final.request_counts.failed == 12
+        assert final.cost.status == batch_pb2.COST_STATUS_KNOWN and final.cost.amount == "0"

@@ -197,7 +197,10 @@ class BatchManager:
         """A batch run as several jobs (domain/shards.py): the parent carries the plan; its runner
         (core/sharded.py) splits it into shards, which count their own load when they start."""
         for part in plan.parts:
-            self._check_provider(plan.deployments[part.deployment_id], part.endpoint, part.count)
+            deployment = plan.deployments[part.deployment_id]
+            # Checked as one of its jobs (at most the provider's max_requests): the split makes them.
+            most = self.providers.get(deployment.provider).limits(part.endpoint, deployment).max_requests
+            self._check_provider(deployment, part.endpoint, min(part.count, most or part.count))
         ids = {p.deployment_id for p in plan.parts}
         shared = plan.deployments[ids.pop()] if len(ids) == 1 else None  # model/provider only when shared
         model, provider = (shared.model_name, shared.provider) if shared is not None else ("", "")
