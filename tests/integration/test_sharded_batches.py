@@ -78,6 +78,37 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
     assert report.totals.batch_count == 1
 
 
+async def test_a_mixed_chat_and_embeddings_file_runs_on_two_executor_deployments(tmp_path, upstream):
+    second = type(upstream)()
+    await second.start()
+    try:
+        config = write_config(tmp_path / "models.yaml", [
+            {**upstream_entry("chat-model", upstream.base_url), "model_info": {"id": "exec-chat"}},
+            {**upstream_entry("embed-model", second.base_url), "model_info": {"id": "exec-embed"}},
+        ])
+        async with serving(tmp_path / "data", config_file=config) as h:
+            a = h.alice
+            lines = [request_line(f"chat-{i}", model="chat-model", content=f"question {i}") if i % 3 else
+                     request_line(f"emb-{i}", model="embed-model", url="/v1/embeddings", content=f"text {i}")
+                     for i in range(30)]
+            f = await h.upload(a, jsonl(lines))
+            batch = await create(a, f.id, endpoint="")
+            assert batch.model == "" and batch.provider == "openai_compatible"
+            final = (await watch_all(a, batch.id))[-1]
+            assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+            shards = {(s.endpoint, s.deployment_id): s.request_counts.total for s in final.shards}
+            assert shards == {("/v1/chat/completions", "exec-chat"): 20, ("/v1/embeddings", "exec-embed"): 10}
+            out, err = await results(a, final)
+            assert err == []
+            assert_each_once(out, [line["custom_id"] for line in lines])
+            by_id = {x["custom_id"]: x["response"]["body"] for x in out}
+            assert all(by_id[f"emb-{i}"]["object"] == "list" for i in range(0, 30, 3))
+            assert all(by_id[f"chat-{i}"]["object"] == "chat.completion" for i in range(30) if i % 3)
+            assert second.requests_total == 10 and upstream.requests_total == 20
+    finally:
+        await second.stop()
+
+
 # ------------------------------------------------------------------ on the OpenAI Batch API fake
 
 def openai_config(path: Path, fake: FakeBatchAPI, **params) -> Path:

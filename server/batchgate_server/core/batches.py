@@ -65,7 +65,7 @@ class CreateBatch:
 def check_create(req: CreateBatch) -> None:
     if not req.input_file_id:
         raise _invalid("input_file_id is required", "MISSING_INPUT_FILE_ID", "input_file_id", "required")
-    if req.endpoint not in SUPPORTED_ENDPOINTS:
+    if req.endpoint and req.endpoint not in SUPPORTED_ENDPOINTS:  # "": the file's own endpoints
         raise _invalid(f"endpoint {echo(req.endpoint)} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
                        "UNSUPPORTED_ENDPOINT", "endpoint", f"one of {', '.join(SUPPORTED_ENDPOINTS)}")
     if req.completion_window not in COMPLETION_WINDOWS:
@@ -136,7 +136,7 @@ class BatchManager:
             raise FailedPrecondition(f"file {source.id} has purpose {source.purpose.value!r}; a batch needs a "
                                      "file uploaded with purpose batch", "FILE_NOT_BATCH_INPUT",
                                      {"file_id": source.id, "purpose": source.purpose.value})
-        if source.endpoint != req.endpoint:
+        if len(source.groups) <= 1 and source.endpoint != req.endpoint:
             raise _invalid(f"the batch endpoint {req.endpoint!r} does not match the file's url {source.endpoint!r}",
                            "ENDPOINT_MISMATCH", "endpoint", f"the file's requests target {source.endpoint}",
                            file_endpoint=source.endpoint)
@@ -201,9 +201,11 @@ class BatchManager:
             # Checked as one of its jobs (at most the provider's max_requests): the split makes them.
             most = self.providers.get(deployment.provider).limits(part.endpoint, deployment).max_requests
             self._check_provider(deployment, part.endpoint, min(part.count, most or part.count))
-        ids = {p.deployment_id for p in plan.parts}
-        shared = plan.deployments[ids.pop()] if len(ids) == 1 else None  # model/provider only when shared
-        model, provider = (shared.model_name, shared.provider) if shared is not None else ("", "")
+        used = [plan.deployments[p.deployment_id] for p in plan.parts]
+        # Each set only when every part shares it.
+        models, providers = {d.model_name for d in used}, {d.provider for d in used}
+        model = models.pop() if len(models) == 1 else ""
+        provider = providers.pop() if len(providers) == 1 else ""
         now = time.time()
         record = BatchRecord(
             id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,

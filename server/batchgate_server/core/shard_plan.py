@@ -1,7 +1,8 @@
 """CreateBatch's routing plan: which deployment runs which lines of the input file.
 
-PLACEHOLDER (issue 14, "core"): one group (the file's endpoint and model), on the deployment
-Router.pick gives, sharded when the file is over one job of its provider. The full planner
+PLACEHOLDER (issue 14, "core"): one part per file group, on the deployment Router.pick gives
+for the group's model (or CreateBatch.model), sharded when the file mixes groups or a group is over
+one job of its provider. The full planner
 (mixed files, model_map, spread, minimums) replaces this module.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from batchgate_server.core.routing import Router
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.models import FileRecord
-from batchgate_server.domain.shards import PlannedPart
+from batchgate_server.domain.shards import FileGroup, PlannedPart
 from batchgate_server.providers.registry import ProviderRegistry
 
 
@@ -28,11 +29,14 @@ class BatchPlan:
 
 def plan_batch(source: FileRecord, *, endpoint: str, model: str, model_map: Mapping[str, str], provider: str,
                spread: bool, router: Router, providers: ProviderRegistry) -> BatchPlan:
-    deployment = router.pick(requested_model=model, file_model=source.model, provider=provider)
-    endpoint = endpoint or source.endpoint
-    limits = providers.get(deployment.provider).limits(endpoint, deployment)
-    part = PlannedPart(endpoint=endpoint, model=source.model, deployment_id=deployment.id, start=0,
-                       end=source.line_count)
-    sharded = ((limits.max_requests is not None and source.line_count > limits.max_requests)
-               or (limits.max_bytes is not None and source.bytes > limits.max_bytes))
-    return BatchPlan([part], sharded, {deployment.id: deployment})
+    groups = source.groups or [FileGroup(endpoint=source.endpoint, model=source.model, count=source.line_count)]
+    parts, deployments, over = [], {}, False
+    for group in groups:
+        deployment = router.pick(requested_model=model, file_model=group.model, provider=provider)
+        limits = providers.get(deployment.provider).limits(group.endpoint, deployment)
+        parts.append(PlannedPart(endpoint=group.endpoint, model=group.model, deployment_id=deployment.id, start=0,
+                                 end=group.count))
+        deployments[deployment.id] = deployment
+        over = over or (limits.max_requests is not None and group.count > limits.max_requests) or (
+            limits.max_bytes is not None and source.bytes > limits.max_bytes)
+    return BatchPlan(parts, over or len(parts) > 1, deployments)
