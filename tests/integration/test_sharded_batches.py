@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 
@@ -44,7 +45,7 @@ async def executor_harness(tmp_path: Path, upstream):
         {**upstream_entry("gpt-4o-mini", upstream.base_url, max_batch_requests=4),
          "model_info": {"id": "exec-a", "input_cost_per_token": 1e-7, "output_cost_per_token": 4e-7}},
     ])
-    async with serving(tmp_path / "data", config_file=config) as h:
+    async with serving(tmp_path / "data", config_file=config, http_address="127.0.0.1:0") as h:
         yield h
 
 
@@ -66,13 +67,28 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
     assert final.usage.input_tokens > 0
     assert cost_nanos(final.cost.amount) == sum(cost_nanos(s.cost.amount) for s in final.shards)
     assert status_names(states)[-1] == "completed"
-    # shards are hidden
+    # shards are hidden: no call takes a shard's id, no listing shows one
     for shard in final.shards:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=shard.id), metadata=a.metadata)
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    listed = await a.batches.ListBatches(batch_pb2.ListBatchesRequest(), metadata=a.metadata)
-    assert [b.id for b in listed.batches] == [batch.id]
+        for call in (a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=shard.id), metadata=a.metadata),
+                     a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=shard.id), metadata=a.metadata),
+                     watch_all(a, shard.id)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    for caller in (a, h.admin):
+        listed = await caller.batches.ListBatches(batch_pb2.ListBatchesRequest(), metadata=caller.metadata)
+        assert [b.id for b in listed.batches] == [batch.id]
+    # the HTTP API shows the shards in its batch object, and knows no shard id either
+    base, auth = f"http://127.0.0.1:{h.server.http_port}/v1/batches", {"Authorization": f"Bearer {a.api_key}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        async with http.get(f"{base}/{batch.id}") as response:
+            shown = (await response.json())["batchgate"]["shards"]
+        assert [(s["id"], s["status"], s["request_counts"]["total"]) for s in shown] == [
+            (s.id, "completed", s.request_counts.total) for s in final.shards]
+        async with http.get(f"{base}/{final.shards[0].id}") as response:
+            assert response.status == 404
+        async with http.get(base) as response:
+            assert [b["id"] for b in (await response.json())["data"]] == [batch.id]
     usage = usage_pb2_grpc.UsageServiceStub(h.channel)
     report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
     assert report.totals.batch_count == 1
@@ -238,6 +254,28 @@ async def test_a_shard_failing_at_its_provider_leaves_the_others_results(tmp_pat
         assert_each_once(out + err, [line["custom_id"] for line in lines])
         assert {x["error"]["code"] for x in err} == {failed.errors[0].code}
         assert (final.request_counts.completed, final.request_counts.failed) == (8, 4)
+
+
+async def test_a_cancel_while_splitting_submits_nothing_and_charges_nothing(tmp_path, oai):
+    config = openai_config(tmp_path / "models.yaml", oai, max_batch_requests=20_000)
+    async with serving(tmp_path / "data", config_file=config, max_file_lines=60_000) as h:
+        a = h.alice
+        f = await h.upload(a, jsonl(chat_lines(60_000)), chunk_size=1 << 20)
+        batch = await create(a, f.id)
+        cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                                 metadata=a.metadata)).batch
+        assert cancelled.status == batch_pb2.BATCH_STATUS_CANCELLING
+        final = (await watch_all(a, batch.id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_CANCELLED
+        assert oai.batches == {} and oai.calls_to("POST", "/files") == 0, "nothing reached the provider"
+        assert final.output_file_id == "" and final.request_counts.completed == 0
+        assert final.cost.status == batch_pb2.COST_STATUS_KNOWN and final.cost.amount == "0"
+        rows = await run_sql(h.server.store, "SELECT cost_nanos FROM usage_ledger WHERE batch_id=? OR parent_batch_id=?",
+                             batch.id, batch.id)
+        assert rows and all(r["cost_nanos"] == 0 for r in rows)
+        usage = usage_pb2_grpc.UsageServiceStub(h.channel)
+        report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
+        assert report.totals.batch_count == 1
 
 
 async def test_every_shard_failing_fails_the_batch(tmp_path, oai):
