@@ -162,16 +162,9 @@ class BatchManager:
                 price=self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider),
                 requested_model=req.model, requested_provider=req.provider,
             )
-            try:
-                # Shielded: once the row is queued it will be committed even if the caller's
-                # deadline fires, so the runner must be started in the same breath, or the batch
-                # would sit in validating with nobody driving it until the next restart.
-                await asyncio.shield(self._insert_and_adopt(record))
-            except Duplicate:
-                previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
-                if previous is None:
-                    raise
-                return replay(previous, req)
+            stored = await self._insert_or_replay(principal, req, record)
+            if stored is not record:
+                return stored
             adopted = True
         finally:
             if not adopted:
@@ -214,15 +207,24 @@ class BatchManager:
             input_line_count=source.line_count, api_key_id=principal.key_id, request_id=req.request_id,
             metadata=dict(req.metadata), requested_model=req.model, requested_provider=req.provider,
             plan=list(plan.parts))
+        stored = await self._insert_or_replay(principal, req, record)
+        if stored is record:
+            log.info("batch %s created: %d requests in %d part(s), project %s", record.id, source.line_count,
+                     len(plan.parts), principal.project)
+        return stored
+
+    async def _insert_or_replay(self, principal: Principal, req: CreateBatch, record: BatchRecord) -> BatchRecord:
+        """`record`, stored and driven; or the batch req.request_id made meanwhile (another create)."""
         try:
+            # Shielded: once the row is queued it will be committed even if the caller's
+            # deadline fires, so the runner must be started in the same breath, or the batch
+            # would sit in validating with nobody driving it until the next restart.
             await asyncio.shield(self._insert_and_adopt(record))
         except Duplicate:
             previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
             if previous is None:
                 raise
             return replay(previous, req)
-        log.info("batch %s created: %d requests in %d part(s), project %s", record.id, source.line_count,
-                 len(plan.parts), principal.project)
         return record
 
     async def _insert_and_adopt(self, record: BatchRecord) -> None:
