@@ -98,7 +98,7 @@ METRICS = (
               "Known cost in USD, from the usage ledger (counted once, when the row is committed)",
               ("model", "provider", "project")),
     MetricDef("batchgate_batches_ended", Counter,
-              "Batches that reached an end (completed, failed, expired, cancelled), from the usage ledger",
+              "Batches that reached an end (completed, failed, expired, cancelled), counted at that transition",
               ("status", "provider", "project")),
 )
 
