@@ -20,6 +20,7 @@ from tests.backends_pg import run_sql
 from tests.conftest import jsonl, request_line, serving
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import create, results, status_names, upstream_entry, watch_all, write_config
+from tests.integration.test_observability import scrape, value
 from tests.integration.test_openai_provider_e2e import openai_entry, write_litellm_config
 
 
@@ -289,3 +290,35 @@ async def test_every_shard_failing_fails_the_batch(tmp_path, oai):
         assert final.status == batch_pb2.BATCH_STATUS_FAILED
         assert len(final.errors) == 3 and final.request_counts.failed == 12
         assert final.cost.status == batch_pb2.COST_STATUS_KNOWN and final.cost.amount == "0"
+
+
+async def test_metrics_count_a_sharded_batch_once_and_its_shards_tokens(tmp_path, upstream):
+    config = write_config(tmp_path / "models.yaml", [
+        {**upstream_entry("gpt-4o-mini", upstream.base_url, max_batch_requests=4), "model_info": {"id": "exec-a"}}])
+    async with serving(tmp_path / "data", config_file=config, metrics_address="127.0.0.1:0") as h:
+        a = h.alice
+        f = await h.upload(a, jsonl(chat_lines(10)))
+        final = (await watch_all(a, (await create(a, f.id)).id))[-1]
+        assert len(final.shards) == 3
+        samples = await scrape(h.server.metrics_port)
+        assert value(samples, "batchgate_batches_ended_total", status="completed", project="alice") == 1
+        assert value(samples, "batchgate_batch_transitions_total", to_status="completed") == 1
+        assert value(samples, "batchgate_batch_transitions_total", from_status="validating",
+                     to_status="in_progress") == 1
+        assert value(samples, "batchgate_batches") == 0
+        assert value(samples, "batchgate_tokens_total", project="alice", kind="input") == final.usage.input_tokens > 0
+
+
+async def test_a_request_larger_than_a_job_fails_the_batch_with_the_numbers(tmp_path, upstream):
+    config = write_config(tmp_path / "models.yaml", [
+        {**upstream_entry("gpt-4o-mini", upstream.base_url, max_batch_bytes=2000), "model_info": {"id": "exec-a"}}])
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = chat_lines(20)
+        lines[7]["body"]["messages"][0]["content"] = "x" * 5000
+        f = await h.upload(a, jsonl(lines))
+        final = (await watch_all(a, (await create(a, f.id)).id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_FAILED
+        [error] = final.errors
+        assert error.code == "shard_limits" and "at most 2000 bytes" in error.message and "5" in error.message
+        assert final.shards == [] and upstream.requests_total == 0

@@ -226,8 +226,9 @@ class Tracker:
             self.events.released(runner.rec)
 
     def last_polls(self) -> list[tuple[BatchRecord, float | None]]:
-        """Every owned batch with the monotonic time of its last poll (None: not polled yet)."""
-        return [(r.rec, r.last_poll) for r in self._runners.values()]
+        """Every owned batch that polls a provider (a sharded parent does not: its shards do) with
+        the monotonic time of its last poll (None: not polled yet)."""
+        return [(r.rec, r.last_poll) for r in self._runners.values() if not r.rec.sharded]
 
 
 class BatchRunner:
