@@ -14,14 +14,18 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+import yaml
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
 from tests.backends_pg import run_sql
 from tests.conftest import jsonl, request_line, serving
 from tests.fakes.openai_batch_api import FakeBatchAPI
+from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.integration.batch_helpers import create, results, status_names, upstream_entry, watch_all, write_config
 from tests.integration.test_observability import scrape, value
 from tests.integration.test_openai_provider_e2e import openai_entry, write_litellm_config
+from tests.integration.test_webhooks import SECRET as WEBHOOK_SECRET
+from tests.integration.test_webhooks import delivered
 
 
 def cost_nanos(amount: str) -> int:
@@ -322,3 +326,27 @@ async def test_a_request_larger_than_a_job_fails_the_batch_with_the_numbers(tmp_
         [error] = final.errors
         assert error.code == "shard_limits" and "at most 2000 bytes" in error.message and "5" in error.message
         assert final.shards == [] and upstream.requests_total == 0
+
+
+async def test_only_the_batch_sends_a_webhook_never_its_shards(tmp_path, upstream, monkeypatch):
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    receiver = WebhookReceiver()
+    await receiver.start()
+    try:
+        config = tmp_path / "models.yaml"
+        config.write_text(yaml.safe_dump({
+            "model_list": [{**upstream_entry("gpt-4o-mini", upstream.base_url, max_batch_requests=4),
+                            "model_info": {"id": "exec-a"}}],
+            "webhooks": [{"project": "alice", "url": receiver.url, "secret": "os.environ/TEST_WEBHOOK_SECRET"}]}))
+        async with serving(tmp_path / "data", config_file=config) as h:
+            a = h.alice
+            f = await h.upload(a, jsonl(chat_lines(10)))
+            batch = await create(a, f.id)
+            final = (await watch_all(a, batch.id))[-1]
+            [event] = await delivered(h, batch.id)
+            assert event.event_type == "batch.completed"
+            for shard in final.shards:
+                assert await h.server.store.outbox_events(shard.id) == []
+        assert [json.loads(r.body)["data"]["id"] for r in receiver.received] == [batch.id]
+    finally:
+        await receiver.stop()
