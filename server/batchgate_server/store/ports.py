@@ -84,26 +84,31 @@ class BlobStore(abc.ABC):
         """The non-blank lines of `key` from byte `offset` (a line's start), in order, without
         their newline (nor a trailing `\\r`), read in LINE_READ_BLOCK blocks: how providers read a
         batch's input (ProviderJob.open_input). A missing key raises KeyError on the first iteration."""
-        async for _, line in self.lines_at(key, offset):
-            yield line
+        async for run in self._line_runs(key, offset):
+            for line in run:
+                if line.strip():
+                    yield line.rstrip(b"\r")
 
     async def lines_at(self, key: str, offset: int = 0) -> AsyncIterator[tuple[int, bytes]]:
         """As `lines`, each with the byte offset where it starts in `key` (a shard's start,
         domain/shards.py ShardSelection.byte_offset)."""
-        tail = b""
-        tail_at = offset  # where `tail` starts in the blob
-        async for block in self.read(key, offset=offset, chunk_size=LINE_READ_BLOCK):
-            data = tail + block
-            start = 0
-            while (end := data.find(b"\n", start)) >= 0:
-                line = data[start:end]
+        at = offset
+        async for run in self._line_runs(key, offset):
+            for line in run:
                 if line.strip():
-                    yield tail_at + start, line.rstrip(b"\r")
-                start = end + 1
-            tail = data[start:]
-            tail_at += start
-        if tail.strip():
-            yield tail_at, tail.rstrip(b"\r")
+                    yield at, line.rstrip(b"\r")
+                at += len(line) + 1
+
+    async def _line_runs(self, key: str, offset: int) -> AsyncIterator[list[bytes]]:
+        """The raw lines of `key` from `offset` (blank ones too, without their newline), a block's
+        worth at a time: one split per block keeps the per-line cost of a reader to its loop."""
+        tail = b""
+        async for block in self.read(key, offset=offset, chunk_size=LINE_READ_BLOCK):
+            run = (tail + block).split(b"\n")
+            tail = run.pop()
+            yield run
+        if tail:
+            yield [tail]
 
 
 # -- change feed ------------------------------------------------------------------------
