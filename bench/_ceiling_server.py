@@ -2,8 +2,9 @@
 
 Everything else an upload does (gRPC streaming, the upload protocol, sha256, the blob write, the
 record) is the real server's; with nothing to validate it starts no validation worker
-(--upload-workers 0), so the hand-over to a worker is counted as the validated server's cost. No flag or setting of the server reaches this: it exists only as this
-bench-side entry point, so production cannot turn validation off by accident.
+(--upload-workers 0), so the hand-over to a worker counts as the validated server's cost. No flag
+or setting of the server reaches this: it exists only as this bench-side entry point, so
+production cannot turn validation off by accident.
 
     python bench/_ceiling_server.py <batchgate-server arguments>
 """
