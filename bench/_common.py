@@ -38,6 +38,12 @@ def reset_peak(pid: int) -> None:
         pass
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def family(pid: int) -> list[int]:
     """`pid` and its descendants (a server's validation workers), from /proc."""
     pids = [pid]

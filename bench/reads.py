@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import percentile, start_server, stop  # noqa: E402
+from _common import cpu_seconds, percentile, start_server, stop  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -135,11 +135,6 @@ async def against_health(port: int, pid: int, rounds: int) -> tuple[list[tuple[f
 
 def _range(values: list[float]) -> str:
     return f"{min(values):,.0f}-{max(values):,.0f}"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import family, family_rss_kib, percentile, reset_family_peak, rss_kib, start_server, stop  # noqa: E402
+from _common import cpu_seconds, family, family_rss_kib, percentile, reset_family_peak, rss_kib, start_server, stop  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -146,22 +146,40 @@ def main() -> None:
             validated: list[float] = []
             raw: list[float] = []
             growth_big: list[float] = []
+            # CPU ms per MiB: the ceiling server's; the validated server's loop process and its workers'.
+            cpu_raw: list[float] = []
+            cpu_loop: list[float] = []
+            cpu_workers: list[float] = []
             for r in range(args.rounds):
                 order = ((ceiling_port, raw), (port, validated)) if r % 2 == 0 else ((port, validated),
                                                                                      (ceiling_port, raw))
                 for target_port, runs in order:
+                    members = family(server.pid if target_port == port else ceiling.pid)
+                    cpu = [cpu_seconds(m) for m in members]
                     if target_port == port:
                         baseline = family_rss_kib(server.pid)
                         reset_family_peak(server.pid)
                     seconds, f = upload(target_port, big)
                     runs.append(size / MIB / seconds)
+                    spent = [(cpu_seconds(m) - c) * 1000 / (size / MIB) for m, c in zip(members, cpu)]
                     if target_port == port:
                         assert f.line_count == big_lines and f.bytes == size, f
                         growth_big.append((family_rss_kib(server.pid, "VmHWM") - baseline) / 1024)
+                        cpu_loop.append(spent[0])
+                        cpu_workers.append(sum(spent[1:]))
+                    else:
+                        cpu_raw.append(sum(spent))
             ratio = max(validated) / max(raw)
             print(f"upload, full validation:   {_span(validated)} MiB/s")
             print(f"upload, ceiling (no validation, same server, same client): {_span(raw)} MiB/s")
             print(f"  ratio {ratio:.2f} of the ceiling (best runs; target >= 0.70: {verdict(ratio, 0.70)})")
+            # The rate follows from CPU time only when both stages get a core each: on a shared
+            # machine they do not, and the measured ratio falls toward ceiling CPU / total CPU.
+            bound = min(cpu_raw) / max(min(cpu_loop), min(cpu_workers))
+            print(f"  server CPU per MiB: ceiling {min(cpu_raw):.2f} ms; validated: loop process {min(cpu_loop):.2f} ms"
+                  f" + validation workers {min(cpu_workers):.2f} ms (best runs). With a free core for each stage the"
+                  f" ratio would be {bound:.2f} (ceiling / the slower stage); on one core"
+                  f" {min(cpu_raw) / (min(cpu_loop) + min(cpu_workers)):.2f}")
             print(f"server RSS growth, {big_lines} lines: max {max(growth_big):.1f} (range {min(growth_big):.1f}-{max(growth_big):.1f}) MiB"
                   f" (target < 32: {verdict(max(growth_big), 32, higher_is_better=False)})")
 

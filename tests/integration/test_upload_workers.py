@@ -71,6 +71,10 @@ async def _wait_until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def _in_chunks(content: bytes) -> tuple[bytes, list[bytes]]:
+    return content, [content[i:i + CHUNK] for i in range(0, len(content), CHUNK)]
+
+
 def _held_upload(chunks: list[bytes], go_on: asyncio.Event, held_after: int):
     """An upload that sends `held_after` chunks, waits for `go_on`, then the rest and finish."""
     async def messages():
@@ -88,8 +92,7 @@ def _held_upload(chunks: list[bytes], go_on: asyncio.Event, held_after: int):
 async def test_a_worker_killed_mid_upload_fails_it_as_unavailable_and_the_next_upload_starts_another(tmp_path):
     async with serving(tmp_path / "d", upload_workers=1) as h:
         a = h.alice
-        content = batch_file(300)
-        chunks = [content[i:i + CHUNK] for i in range(0, len(content), CHUNK)]
+        content, chunks = _in_chunks(batch_file(300))
         go_on = asyncio.Event()
         call = a.files.UploadFile(_held_upload(chunks, go_on, held_after=3), metadata=a.metadata)
         await _wait_until(lambda: _pids(h) and uploads_in_flight(h.data_dir))
@@ -114,8 +117,7 @@ async def test_a_worker_killed_mid_upload_fails_it_as_unavailable_and_the_next_u
 async def test_uploads_cut_on_a_worker_leave_nothing_and_the_worker_forgets_them(tmp_path):
     async with serving(tmp_path / "d", upload_workers=1) as h:
         a = h.alice
-        content = batch_file(300)
-        chunks = [content[i:i + CHUNK] for i in range(0, len(content), CHUNK)]
+        content, chunks = _in_chunks(batch_file(300))
         for attempt in range(12):
             never = asyncio.Event()
             call = a.files.UploadFile(_held_upload(chunks, never, held_after=2 + attempt % 5), metadata=a.metadata,
