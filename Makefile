@@ -59,6 +59,7 @@ demo: install
 
 bench: install
 	$(PY) bench/validate_speed.py
+	$(PY) bench/validation_handover.py
 	$(PY) bench/upload.py
 	$(PY) bench/reads.py
 	$(PY) bench/upload_stores.py --moto

@@ -3,9 +3,9 @@
 On the loop, validation and receiving take turns on one thread: the validator's ~2 ms per MiB was
 most of an upload's time, and every other call waited behind each chunk. A worker process
 (core/validation_process.py) validates chunk k while the loop receives, hashes and writes chunk
-k+1, on another core. The hand-over is one write of the chunk into a pipe of 1 MiB (the kernel's
-copy: tens of µs per MiB on the loop, see bench/validation_handover.py) and, at the end, the
-pickled ValidationResult back. The validator itself is the same object with the same rules, so
+k+1, on another core. The hand-over is the chunk written into a pipe of 1 MiB (0.3-0.5 ms of the
+loop's CPU per MiB on a busy shared machine, against 2-6 ms to validate it there:
+bench/validation_handover.py) and, at the end, the pickled ValidationResult back. The validator itself is the same object with the same rules, so
 both places give the same result.
 
 A pool of `size` workers (--upload-workers) is shared by all uploads; a worker is started when an
