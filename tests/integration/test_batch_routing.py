@@ -17,13 +17,12 @@ CHAT, EMBED = "/v1/chat/completions", "/v1/embeddings"
 
 
 def bedrock(name: str, **params) -> dict:
-    """A Bedrock deployment configured enough for CreateBatch (nothing here reaches AWS)."""
+    """A Bedrock deployment configured enough for CreateBatch (nothing here reaches AWS); its jobs
+    take at least 100 records, Bedrock's minimum."""
     return {"model_name": name, "litellm_params": {
         "model": "bedrock/anthropic.claude-3-haiku-20240307-v1:0", "aws_region_name": "us-east-1",
         "s3_bucket_name": "batches", "aws_batch_role_arn": "arn:aws:iam::123456789012:role/batch",
-        "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
-        # Bedrock's own minimum, as edge's job limits give it (bedrock_min_records) and an account may lower
-        "min_batch_requests": 100, **params}}
+        "aws_access_key_id": "testing", "aws_secret_access_key": "testing", **params}}
 
 
 def simulated(name: str, dep_id: str, **params) -> dict:
