@@ -37,11 +37,11 @@ async def create(caller, file_id: str, **fields) -> batch_pb2.Batch:
     return (await caller.batches.CreateBatch(request, metadata=caller.metadata)).batch
 
 
-async def watch_all(caller, batch_id: str, start_revision: int = 0) -> list[batch_pb2.Batch]:
+async def watch_all(caller, batch_id: str, start_revision: int = 0, timeout: float = 60) -> list[batch_pb2.Batch]:
     states = []
     async for event in caller.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch_id,
                                                                              start_revision=start_revision),
-                                                 metadata=caller.metadata, timeout=60):
+                                                 metadata=caller.metadata, timeout=timeout):
         if event.WhichOneof("event") == "batch":
             states.append(event.batch)
     return states

@@ -15,8 +15,6 @@ from batchgate_server.core.auth import Principal
 from batchgate_server.core.errors import invalid_field as _invalid
 from batchgate_server.core.errors import (
     FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
     echo,
     exhausted_when_full,
     is_utf8_text,
@@ -27,14 +25,14 @@ from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.routing import Router
-from batchgate_server.core.tracker import Tracker, batch_load
+from batchgate_server.core.tracker import Tracker, batch_load, cancel_batch
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.core.shard_plan import BatchPlan, file_groups, plan_batch
 from batchgate_server.domain.ids import new_batch_id
 from batchgate_server.domain.shards import MAX_FILE_GROUPS
 from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 from batchgate_server.providers.registry import ProviderRegistry
-from batchgate_server.store.errors import Duplicate, LeaseLost, RevisionConflict
+from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -228,7 +226,8 @@ class BatchManager:
         if not batch_id:
             raise _invalid("batch_id is required", "MISSING_BATCH_ID", "batch_id", "required")
         record = await self.store.get_batch(batch_id)
-        if record is None or not principal.can_see(record.project):
+        # A shard (domain/shards.py) is internal: callers see its parent only.
+        if record is None or record.parent_id or not principal.can_see(record.project):
             raise not_found("batch", batch_id)
         return record
 
@@ -251,28 +250,12 @@ class BatchManager:
     @exhausted_when_full
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)
-        runner = self.tracker.runner(batch_id)
-        while True:
-            if record.status.is_terminal:
-                raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
-                                         "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
-            if runner is not None:
-                try:
-                    return await runner.request_cancel()
-                except LeaseLost:  # adopted elsewhere meanwhile: store the intent for its new owner
-                    runner = None
-                    record = await self.get(principal, batch_id)
-                    continue
-            if record.status is BatchStatus.CANCELLING:
-                return record
-            # Driven by another replica (or by none, until one adopts it): the cancel is stored as
-            # intent, CANCELLING with a new revision, and its owner carries it out (Tracker.changed).
-            record.status = BatchStatus.CANCELLING
-            record.cancelling_at = time.time()
-            try:
-                return await self.store.update_batch(record)
-            except RevisionConflict:
-                record = await self.get(principal, batch_id)  # changed meanwhile: decide again
+        if not record.status.is_terminal:
+            record = await cancel_batch(self.tracker, record)
+        if record.status.is_terminal:
+            raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
+                                     "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
+        return record
 
     async def watch(self, principal: Principal, batch_id: str, start_revision: int,
                     heartbeat: float) -> AsyncIterator[BatchRecord | int]:
