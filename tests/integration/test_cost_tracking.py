@@ -374,3 +374,44 @@ async def test_failed_batch_gets_a_ledger_row_with_zero_cost(tmp_path, upstream)
             {"metadata.team": "search"}, 1, "0", 0)
     finally:
         await stop(h)
+
+
+async def test_failed_batch_is_charged_for_the_answers_it_got(tmp_path, upstream):
+    # Two requests are answered (the upstream billed them), the third is still running when the
+    # server stops; restarted without the deployment, the batch fails, keeping and charging the two.
+    data = tmp_path / "data"
+    h = await start_harness(data, config_file=write_config(tmp_path / "models.yaml", entries(upstream.base_url)))
+    try:
+        a = h.alice
+        created = await run_batch(h, a, "priced-llm", [text(), text("CACHED:40"), text("SLOW:10000")], wait=False)
+        async for event in a.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=created.id),
+                                                metadata=a.metadata, timeout=30):
+            if event.WhichOneof("event") == "batch" and event.batch.request_counts.completed >= 2:
+                break
+    finally:
+        await stop(h)
+    other = write_config(tmp_path / "other.yaml", [priced_entry("half-llm", upstream.base_url,
+                                                                "hosted_vllm/house-llm-half", HALF_INFO)])
+    h = await start_harness(data, config_file=other)
+    try:
+        final = (await watch_all(h.alice, created.id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_FAILED
+        assert [e.code for e in final.errors] == ["deployment_not_found"]
+        out, err = await results(h.alice, final)
+        assert sorted(line["custom_id"] for line in out) == ["r0", "r1"] and err == []
+        assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (3, 2, 0)
+        assert (final.usage.input_tokens, final.usage.input_tokens_details.cached_tokens,
+                final.usage.output_tokens) == (200, 40, 104)
+        # uncached 160 * 0.000001  = 0.00016
+        # cached    40 * 0.0000005 = 0.00002
+        # input                     = 0.00018
+        # output   104 * 0.000002  = 0.000208
+        # total                     = 0.000388
+        assert cost_tuple(final) == (KNOWN, "0.00018", "0.000208", "0.000388")
+        [row] = await ledger_rows(h, final.id)
+        assert (row["cost_status"], row["cost_amount"], row["cost_nanos"], row["input_tokens"]) == (
+            "known", "0.000388", 388_000, 200)
+        report = await query(h, h.alice)
+        assert (report.totals.batch_count, report.totals.cost_amount) == (1, "0.000388")
+    finally:
+        await stop(h)
