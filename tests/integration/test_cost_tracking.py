@@ -113,7 +113,8 @@ async def test_hand_computed_cost_with_cached_and_reasoning_tokens(h):
     assert (row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]) == (
         400, 80, 208, 20)
     assert json.loads(row["usage_by_model"]) == {"house-llm": {
-        "input_tokens": 400, "cached_tokens": 80, "output_tokens": 208, "reasoning_tokens": 20}}
+        "input_tokens": 400, "cached_tokens": 80, "output_tokens": 208, "reasoning_tokens": 20,
+        "cache_creation_tokens": 0, "cache_creation_1h_tokens": 0}}
 
     report = await query(h, a)
     assert (report.totals.batch_count, report.totals.cost_amount, report.totals.cached_input_tokens,

@@ -457,7 +457,8 @@ def test_usage_shapes():
         "text-embedding-3-small": Usage(input_tokens=7),
         "o4-mini-2025-04-16": Usage(input_tokens=300, cached_tokens=128, output_tokens=50, reasoning_tokens=30),
         # Anthropic input_tokens excludes cache reads/writes: 10 + 90 + 5
-        "claude-3-5-haiku-20241022": Usage(input_tokens=105, cached_tokens=90, output_tokens=3),
+        "claude-3-5-haiku-20241022": Usage(input_tokens=105, cached_tokens=90, output_tokens=3,
+                                           cache_creation_tokens=5),
     }
 
 

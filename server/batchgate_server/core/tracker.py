@@ -549,7 +549,7 @@ class BatchRunner:
         errors = list(errors)
         collected = await self._partial_results(errors)
 
-        usage = collected.usage.by_model if collected is not None else None
+        usage = collected.usage.by_tier if collected is not None else None
         usage_total, cost = (self.t.accounting.price(self.rec, usage) if usage is not None
                              else (None, self.t.accounting.nothing_to_charge(self.rec)))
 
@@ -571,17 +571,19 @@ class BatchRunner:
 
     async def _partial_results(self, errors: list[BatchError]) -> CollectedResults | None:
         """A failing batch the provider has run: the answers it has (the provider bills them), or
-        None, with the reason added to `errors`, when there are none to fetch."""
+        None when there are none (when they could not be fetched, the last error says so)."""
         if self.job is None or self._provider is None or self.rec.in_progress_at is None:
             return None  # never submitted: nothing ran, nothing to charge
         try:
             await self._choose_result_ids()
             collected = await collect_results(self._provider.results(self.job), self.t.blobs, self.rec,
-                                              self.t.accounting.usage_counter(), time.time())
+                                              self.t.accounting.usage_counter(self.rec), time.time())
         except Exception as err:  # noqa: BLE001 - the batch still ends failed, charged nothing
             log.warning("batch %s: the results of the failed job could not be fetched: %s", self.rec.id, err)
-            errors.append(BatchError("results_unavailable", "the requests the provider answered before the "
-                                     f"failure could not be fetched ({_describe(err)}); nothing was charged"))
+            # Said on the failure itself (its code stays what callers match on).
+            last = errors[-1] if errors else BatchError("provider_failed", "the batch failed")
+            errors[-1:] = [BatchError(last.code, f"{last.message}; the answers the provider may have could not be "
+                                      f"fetched ({_describe(err)}): nothing was charged", last.param, last.line)]
             return None
         if not collected.out_lines:  # nothing answered, nothing billed: it fails as if nothing ran
             await collected.discard(self.t.blobs)
@@ -620,8 +622,8 @@ class BatchRunner:
                       failures: list[FailureCount] | None = None) -> None:
         await self._choose_result_ids(finalizing=status is BatchStatus.COMPLETED)
         collected = await collect_results(provider.results(self.job), self.t.blobs, self.rec,
-                                          self.t.accounting.usage_counter(), time.time())
-        usage_total, cost = self.t.accounting.price(self.rec, collected.usage.by_model)
+                                          self.t.accounting.usage_counter(self.rec), time.time())
+        usage_total, cost = self.t.accounting.price(self.rec, collected.usage.by_tier)
 
         def mutate(r: BatchRecord) -> None:
             # A cancel accepted while results were being collected still ends the batch cancelled.
@@ -635,7 +637,7 @@ class BatchRunner:
                 r.failures = failures
 
         await self._persist_results(mutate, collected, self.t.accounting.ledger_row(
-            self.rec, collected.usage.by_model, cost=cost))
+            self.rec, collected.usage.by_tier, cost=cost))
         log.info("batch %s %s: %d ok, %d failed", self.rec.id, self.rec.status.value, collected.out_lines,
                  collected.err_lines)
         await self._cleanup()

@@ -195,8 +195,12 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER batches_changed AFTER UPDATE ON batches FOR EACH ROW
         WHEN (OLD.revision IS DISTINCT FROM NEW.revision) EXECUTE FUNCTION batchgate_batch_changed()
     """,
+    # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
+    """
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens BIGINT NOT NULL DEFAULT 0
+    """,
 ]
-
 _VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY,
