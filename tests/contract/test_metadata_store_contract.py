@@ -24,6 +24,7 @@ from batchgate_server.domain.models import (
     RequestCounts,
     Usage,
 )
+from batchgate_server.domain.shards import FileGroup
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.errors import Duplicate, RevisionConflict
 from batchgate_server.store.ports import Dimension, LedgerFilter
@@ -80,6 +81,23 @@ async def test_a_file_round_trips_whole(database):
     assert await store.get_file("file-none") is None
     assert await store.get_file_by_request_id("p", "req-none") is None
     assert await store.get_file_by_request_id("other", "req-1") is None  # request_ids are per project
+
+
+async def test_a_mixed_file_round_trips_with_its_groups(database):
+    store = database.metadata
+    groups = [FileGroup("/v1/chat/completions", "gpt-4o", 3, [1, 4, 9]),
+              FileGroup("/v1/embeddings", "emb\u00e9 \U0001f680 \"q\" \x00", 1, [2])]
+    f = dataclasses.replace(file_record("file-1"), endpoint="", model="", line_count=4, groups=groups)
+    await store.insert_file(f)
+    assert await store.get_file("file-1") == f
+    assert (await store.list_files("p", None, 10, None)) == [f]
+
+
+async def test_a_file_stored_before_groups_reads_with_none(database):
+    # Output files, and batch files uploaded before groups were kept, have no groups.
+    f = file_record("file-1", purpose=FilePurpose.BATCH_OUTPUT)
+    await database.metadata.insert_file(f)
+    assert (await database.metadata.get_file("file-1")).groups == []
 
 
 async def test_a_file_without_request_id_round_trips_with_an_empty_one(database):

@@ -63,6 +63,8 @@ def file_to_proto(f: FileRecord) -> file_pb2.File:
         bytes=f.bytes, sha256=f.sha256, created_at=timestamp(f.created_at), expires_at=timestamp(f.expires_at),
         line_count=f.line_count, endpoint=clip(f.endpoint, MAX_SHOWN_FIELD_BYTES),
         model=clip(f.model, MAX_SHOWN_FIELD_BYTES),
+        groups=[file_pb2.FileGroup(endpoint=g.endpoint, model=clip(g.model, MAX_SHOWN_FIELD_BYTES), count=g.count,
+                                   first_lines=g.first_lines) for g in f.groups],
     )
 
 

@@ -255,7 +255,7 @@ class FileManager:
                 purpose=FilePurpose.BATCH, bytes=size, sha256=digest, created_at=now,
                 expires_at=now + header.expires_after if header.expires_after else None,
                 line_count=result.line_count, endpoint=result.endpoint, model=result.model,
-                request_id=header.request_id,
+                request_id=header.request_id, groups=result.groups,
             )
         except BaseException:
             # Covers validation errors, a client that hung up (CancelledError) and bugs alike.

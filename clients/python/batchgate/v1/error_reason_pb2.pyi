@@ -120,10 +120,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a whole) with a description starting with its problem code: `invalid_utf8`,
     `invalid_json_line`, `unpaired_surrogate`, `missing_custom_id`,
     `custom_id_too_long`, `duplicate_custom_id`, `invalid_method`,
-    `unsupported_url`, `url_mismatch`, `invalid_body`, `missing_model`,
-    `model_too_long`, `model_mismatch`, `empty_file`, `too_many_tasks`,
-    `file_too_large`. Metadata `first_problem`, `total_problems`,
-    `reported_problems`. Do: fix the lines named and upload again.
+    `unsupported_url`, `invalid_body`, `missing_model`, `model_too_long`,
+    `too_many_groups` (more than 64 distinct url and body.model pairs),
+    `empty_file`, `too_many_tasks`, `file_too_large`. Metadata
+    `first_problem`, `total_problems`, `reported_problems`. Do: fix the lines
+    named and upload again.
     """
     REQUEST_ID_REUSED: _ErrorReason.ValueType  # 23
     """FAILED_PRECONDITION. A request_id (upload or CreateBatch) was first used for
@@ -554,10 +555,11 @@ BadRequest names each problem's line (`line 12`, or `file` for the file as
 a whole) with a description starting with its problem code: `invalid_utf8`,
 `invalid_json_line`, `unpaired_surrogate`, `missing_custom_id`,
 `custom_id_too_long`, `duplicate_custom_id`, `invalid_method`,
-`unsupported_url`, `url_mismatch`, `invalid_body`, `missing_model`,
-`model_too_long`, `model_mismatch`, `empty_file`, `too_many_tasks`,
-`file_too_large`. Metadata `first_problem`, `total_problems`,
-`reported_problems`. Do: fix the lines named and upload again.
+`unsupported_url`, `invalid_body`, `missing_model`, `model_too_long`,
+`too_many_groups` (more than 64 distinct url and body.model pairs),
+`empty_file`, `too_many_tasks`, `file_too_large`. Metadata
+`first_problem`, `total_problems`, `reported_problems`. Do: fix the lines
+named and upload again.
 """
 REQUEST_ID_REUSED: ErrorReason.ValueType  # 23
 """FAILED_PRECONDITION. A request_id (upload or CreateBatch) was first used for

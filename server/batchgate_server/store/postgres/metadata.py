@@ -43,7 +43,7 @@ import asyncpg
 
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
-from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
+from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row, groups_to_json
 from batchgate_server.store.errors import RevisionConflict, StorageUnavailable
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.postgres import locks, migrations
@@ -112,13 +112,14 @@ def _file(row: asyncpg.Record) -> FileRecord:
 
 
 _FILE_COLUMNS = "id, project, filename, purpose, bytes, sha256, created_at, expires_at, line_count, endpoint," \
-                " model, request_id"
-_INSERT_FILE = (f"INSERT INTO files({_FILE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)")
+                " model, request_id, line_groups"
+_INSERT_FILE = (f"INSERT INTO files({_FILE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)")
 
 
 def _file_args(f: FileRecord) -> tuple:
     return (f.id, f.project, f.filename, f.purpose.value, f.bytes, f.sha256, f.created_at, f.expires_at,
-            f.line_count, f.endpoint, utf8(f.model), utf8(f.request_id) if f.request_id else None)
+            f.line_count, f.endpoint, utf8(f.model), utf8(f.request_id) if f.request_id else None,
+            groups_to_json(f.groups))
 
 
 class PostgresMetadataStore(PostgresLeases, MetadataStore):

@@ -195,6 +195,11 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER batches_changed AFTER UPDATE ON batches FOR EACH ROW
         WHEN (OLD.revision IS DISTINCT FROM NEW.revision) EXECUTE FUNCTION batchgate_batch_changed()
     """,
+    # A batch file's lines by (url, body.model), JSON (store/codec.py groups_to_json; ASCII, so
+    # TEXT holds any model name). NULL on files stored before: one group, the row's own.
+    """
+    ALTER TABLE files ADD COLUMN line_groups TEXT
+    """,
     # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
     """
     ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens BIGINT NOT NULL DEFAULT 0;

@@ -29,7 +29,7 @@ import aiosqlite
 
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
-from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
+from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row, groups_to_json
 from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.sqlite.changes import LocalChangeFeed
@@ -196,6 +196,12 @@ MIGRATIONS: list[str] = [
         errors BLOB NOT NULL,
         PRIMARY KEY (batch_id, seq)
     )
+    """,
+    # A batch file's lines by (url, body.model) (issue 14: files may mix endpoints and models),
+    # JSON (store/codec.py groups_to_json). NULL on files stored before: their one group is the
+    # row's endpoint, model and line_count.
+    """
+    ALTER TABLE files ADD COLUMN line_groups TEXT
     """,
     # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
     """
@@ -524,9 +530,9 @@ class SqliteMetadataStore(MetadataStore):
     async def _insert_file(self, f: FileRecord) -> None:
         await self.db.execute(
             "INSERT INTO files(id, project, filename, purpose, bytes, sha256, created_at, expires_at,"
-            " line_count, endpoint, model, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " line_count, endpoint, model, request_id, line_groups) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (f.id, f.project, f.filename, f.purpose.value, f.bytes, f.sha256, f.created_at, f.expires_at,
-             f.line_count, f.endpoint, f.model, f.request_id or None),
+             f.line_count, f.endpoint, f.model, f.request_id or None, groups_to_json(f.groups)),
         )
 
     async def get_file(self, file_id: str) -> FileRecord | None:

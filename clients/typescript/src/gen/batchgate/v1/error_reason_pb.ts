@@ -220,10 +220,11 @@ export enum ErrorReason {
    * a whole) with a description starting with its problem code: `invalid_utf8`,
    * `invalid_json_line`, `unpaired_surrogate`, `missing_custom_id`,
    * `custom_id_too_long`, `duplicate_custom_id`, `invalid_method`,
-   * `unsupported_url`, `url_mismatch`, `invalid_body`, `missing_model`,
-   * `model_too_long`, `model_mismatch`, `empty_file`, `too_many_tasks`,
-   * `file_too_large`. Metadata `first_problem`, `total_problems`,
-   * `reported_problems`. Do: fix the lines named and upload again.
+   * `unsupported_url`, `invalid_body`, `missing_model`, `model_too_long`,
+   * `too_many_groups` (more than 64 distinct url and body.model pairs),
+   * `empty_file`, `too_many_tasks`, `file_too_large`. Metadata
+   * `first_problem`, `total_problems`, `reported_problems`. Do: fix the lines
+   * named and upload again.
    *
    * @generated from enum value: INVALID_BATCH_FILE = 22;
    */
