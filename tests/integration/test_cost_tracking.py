@@ -33,6 +33,13 @@ from tests.integration.usage_helpers import (
 # Explicit batch prices: input $1/M, cached input $0.50/M, output $2/M.
 PRICED_INFO = {"input_cost_per_token_batches": "0.000001", "cache_read_input_token_cost_batches": "0.0000005",
                "output_cost_per_token_batches": "0.000002"}
+# Explicit batch prices with prompt-cache writes: input $1/M, cached $0.50/M, 5-minute writes
+# $1.25/M, 1-hour writes $2/M, output $2/M.
+CACHE_WRITE_INFO = {**PRICED_INFO, "cache_creation_input_token_cost_batches": "0.00000125",
+                    "cache_creation_input_token_cost_above_1hr_batches": "0.000002"}
+# A long-context tier: a request whose prompt is above 200k tokens costs input $2/M, output $3/M.
+TIERED_INFO = {**PRICED_INFO, "input_cost_per_token_above_200k_tokens_batches": "0.000002",
+               "output_cost_per_token_above_200k_tokens_batches": "0.000003"}
 # Standard prices only (input $4/M, output $8/M). The built-in executor sends real-time
 # requests, so it pays the standard rate (providers' batch APIs pay half; see test_pricing).
 HALF_INFO = {"input_cost_per_token": "0.000004", "output_cost_per_token": "0.000008"}
@@ -51,6 +58,8 @@ def entries(base_url: str) -> list[dict]:
         priced_entry("mini", base_url, "hosted_vllm/gpt-4o-mini"),
         priced_entry("unpriced", base_url, "hosted_vllm/some-unpriced-model"),
         priced_entry("priced-expiring", base_url, "hosted_vllm/house-llm", PRICED_INFO, completion_window=1.5),
+        priced_entry("cache-writes", base_url, "hosted_vllm/house-llm", CACHE_WRITE_INFO),
+        priced_entry("tiered", base_url, "hosted_vllm/house-llm", TIERED_INFO),
     ]
 
 
@@ -119,6 +128,47 @@ async def test_hand_computed_cost_with_cached_and_reasoning_tokens(h):
     report = await query(h, a)
     assert (report.totals.batch_count, report.totals.cost_amount, report.totals.cached_input_tokens,
             report.totals.reasoning_tokens) == (1, "0.000776", 80, 20)
+
+
+async def test_cache_writes_5_minute_and_1_hour_at_their_own_prices(h):
+    a = h.alice
+    final = await run_batch(h, a, "cache-writes", [text("CACHED:30 WRITE:40"), text("WRITE:60 WRITE_1H:20")])
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    u = final.usage
+    assert (u.input_tokens, u.input_tokens_details.cached_tokens, u.input_tokens_details.cache_creation_tokens,
+            u.input_tokens_details.cache_creation_1h_tokens, u.output_tokens) == (200, 30, 100, 20, 104)
+    # r0: 100 prompt = 30 uncached + 30 read + 40 written (5-minute)
+    # r1: 100 prompt = 40 uncached + 60 written, 20 of them 1-hour
+    # uncached  70 * 0.000001   = 0.00007
+    # read      30 * 0.0000005  = 0.000015
+    # 5-minute  80 * 0.00000125 = 0.0001
+    # 1-hour    20 * 0.000002   = 0.00004
+    # input                      = 0.000225
+    # output   104 * 0.000002   = 0.000208
+    # total                      = 0.000433
+    assert cost_tuple(final) == (KNOWN, "0.000225", "0.000208", "0.000433")
+    [row] = await ledger_rows(h, final.id)
+    assert (row["cache_creation_tokens"], row["cache_creation_1h_tokens"], row["cost_nanos"]) == (100, 20, 433_000)
+    report = await query(h, a)
+    assert (report.totals.cache_creation_input_tokens, report.totals.cache_creation_1h_input_tokens,
+            report.totals.cost_amount) == (100, 20, "0.000433")
+
+
+async def test_long_context_tier_priced_per_request_in_one_batch(h):
+    # 150k and exactly 200k are not above the threshold; 250k is: that whole request is priced
+    # at the tier's rates, output included.
+    final = await run_batch(h, h.alice, "tiered", [text("PROMPT:150000"), text("PROMPT:250000"),
+                                                   text("PROMPT:200000")])
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (600_000, 156)
+    # base  input  350000 * 0.000001 = 0.35
+    # base  output    104 * 0.000002 = 0.000208
+    # above input  250000 * 0.000002 = 0.5
+    # above output     52 * 0.000003 = 0.000156
+    # input 0.85, output 0.000364, total 0.850364
+    assert cost_tuple(final) == (KNOWN, "0.85", "0.000364", "0.850364")
+    [row] = await ledger_rows(h, final.id)
+    assert (row["input_tokens"], row["cost_amount"]) == (600_000, "0.850364")
 
 
 async def test_the_executor_pays_the_standard_price(h):
