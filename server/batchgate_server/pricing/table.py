@@ -147,6 +147,10 @@ def _clean_entry(raw: Any, where: str) -> dict[str, Any]:
     return out
 
 
+def _has_prices(info: Mapping[str, Any]) -> bool:
+    return any(k in PRICE_KEYS or _TIER_KEY.match(str(k)) for k in info)
+
+
 def _provider_of(info: Mapping[str, Any]) -> str:
     for key in _PROVIDER_KEYS:
         v = info.get(key)
@@ -510,7 +514,7 @@ class PriceTable:
 
     def price_for(self, model: str, model_info: Mapping[str, Any] | None = None) -> ModelPrice | None:
         """Price for ``model``; price keys (or ``base_model``) in ``model_info`` win over the table."""
-        if model_info and (any(k in model_info for k in PRICE_KEYS) or model_info.get("base_model")):
+        if model_info and (_has_prices(model_info) or model_info.get("base_model")):
             return self.with_overrides(model, model_info)
         hit = self._entry(model)
         if hit is None:
@@ -529,7 +533,7 @@ class PriceTable:
         else:
             name, entry = hit
             origin = self._origins[name]
-        has_prices = any(k in over for k in PRICE_KEYS)
+        has_prices = _has_prices(over)
         merged = _overlay(entry, over)
         if not has_prices:
             source = origin
