@@ -68,12 +68,15 @@ def _detail(usage: dict, key: str, sub: str) -> int:
     return 0
 
 
-def _cache_writes(usage: dict, details_key: str) -> tuple[int, int]:
-    """(cache writes, of which 1-hour) from an OpenAI-shaped usage's details object."""
+def _input_details(usage: dict, details_key: str) -> tuple[int, int, int]:
+    """(cached, cache writes, of which 1-hour) from an OpenAI-shaped usage's input details."""
     d = usage.get(details_key)
     if type(d) is not dict:
-        return 0, 0
-    return _int(d.get("cache_creation_tokens")), _int(d.get("cache_creation_1h_tokens"))
+        return 0, 0, 0
+    written = d.get("cache_creation_tokens")
+    if not written:  # the common case: one lookup, no conversions
+        return _int(d.get("cached_tokens")), 0, 0
+    return _int(d.get("cached_tokens")), _int(written), _int(d.get("cache_creation_1h_tokens"))
 
 
 def _anthropic_cache_writes(usage: dict) -> tuple[int, int]:
@@ -95,13 +98,8 @@ def parse_usage(usage: dict) -> tuple[int, int, int, int, int, int]:
         inp = get("prompt_tokens")
         out = _int(get("completion_tokens"))
         inp = max(_int(get("total_tokens")) - out, 0) if inp is None else _int(inp)
-        return (
-            inp,
-            _detail(usage, "prompt_tokens_details", "cached_tokens"),
-            out,
-            _detail(usage, "completion_tokens_details", "reasoning_tokens"),
-            *_cache_writes(usage, "prompt_tokens_details"),
-        )
+        cached, written, one_hour = _input_details(usage, "prompt_tokens_details")
+        return inp, cached, out, _detail(usage, "completion_tokens_details", "reasoning_tokens"), written, one_hour
     if "input_tokens" in usage or "output_tokens" in usage:
         inp = _int(get("input_tokens"))
         out = _int(get("output_tokens"))
@@ -110,8 +108,8 @@ def parse_usage(usage: dict) -> tuple[int, int, int, int, int, int]:
             cached = _int(get("cache_read_input_tokens"))
             written, one_hour = _anthropic_cache_writes(usage)
             return inp + cached + written, cached, out, reasoning, written, one_hour
-        return (inp, _detail(usage, "input_tokens_details", "cached_tokens"), out, reasoning,
-                *_cache_writes(usage, "input_tokens_details"))
+        cached, written, one_hour = _input_details(usage, "input_tokens_details")
+        return inp, cached, out, reasoning, written, one_hour
     if "total_tokens" in usage:
         return _int(get("total_tokens")), 0, 0, 0, 0, 0
     return 0, 0, 0, 0, 0, 0
@@ -178,9 +176,13 @@ def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: 
     slot = acc.get(key)
     if slot is None:
         acc[key] = list(counts)
-    else:
-        for i, n in enumerate(counts):
-            slot[i] += n
+    else:  # unrolled: this runs once per output line
+        slot[0] += counts[0]
+        slot[1] += counts[1]
+        slot[2] += counts[2]
+        slot[3] += counts[3]
+        slot[4] += counts[4]
+        slot[5] += counts[5]
 
 
 def _usage(v: list[int]) -> Usage:
