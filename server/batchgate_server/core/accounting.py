@@ -120,4 +120,5 @@ class Accounting:
             "cost_nanos": amount_to_nanos(cost.amount) if cost.status == "known" else None,
             "metadata": json.dumps(rec.metadata),
             "usage_by_model": json.dumps({m: vars(u) for m, u in usage_by_model.items()}),
+            "parent_batch_id": rec.parent_id or None,  # a shard's row: UsageService counts its batch once
         }

@@ -1,4 +1,5 @@
-"""An ended job's results as the batch's output and error files, with the usage they report.
+"""An ended job's results as the batch's output and error files, with the usage they report
+(ResultSink is what a sharded batch's merge, core/sharded.py, writes with too).
 
 One place for both ways a batch ends with results: completed / cancelled / expired (the
 tracker's _finish) and failed after the provider answered some requests (_fail_with: the

@@ -27,11 +27,12 @@ import copy
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
+from batchgate_server.core.events import BatchEvents, ParentsOnly
 from batchgate_server.core.result_files import CollectedResults, collect_results
-from batchgate_server.core.events import BatchEvents
 from batchgate_server.domain import log_context
 from batchgate_server.core.ownership import Ownership, StoredProgress
 from batchgate_server.domain.backoff import Backoff
@@ -46,6 +47,7 @@ from batchgate_server.domain.models import (
     RequestCounts,
 )
 from batchgate_server.core.routing import Router
+from batchgate_server.core.shard_input import selection_lines
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.core.webhooks import Webhooks
 from batchgate_server.providers.base import (
@@ -77,6 +79,31 @@ ENDED_BY_POLL = {
 }
 
 
+async def cancel_batch(tracker: Tracker, record: BatchRecord) -> BatchRecord:
+    """Cancel the unfinished batch `record`: through its runner when this replica drives it, else
+    stored as intent (CANCELLING with a new revision) for the replica that does (Tracker.changed)
+    or will. Returns the batch as it then is (terminal if it ended meanwhile: the caller decides
+    what that means). CancelBatch and a sharded parent's cancel of its shards both come here."""
+    runner = tracker.runner(record.id)
+    while not record.status.is_terminal:
+        if runner is not None:
+            try:
+                return await runner.request_cancel()
+            except LeaseLost:  # adopted elsewhere meanwhile: store the intent for its new owner
+                runner = None
+                record = await tracker.store.get_batch(record.id) or record
+                continue
+        if record.status is BatchStatus.CANCELLING:
+            return record
+        record.status = BatchStatus.CANCELLING
+        record.cancelling_at = time.time()
+        try:
+            return await tracker.store.update_batch(record)
+        except RevisionConflict:  # changed meanwhile: decide again
+            record = await tracker.store.get_batch(record.id) or record
+    return record
+
+
 def batch_load(line_count: int) -> int:
     """What a batch counts for in its deployment's queue (Router.add_load)."""
     return line_count or 1
@@ -91,7 +118,7 @@ class Tracker:
         self.ownership = ownership
         # Several replicas: the executor keeps its answers in the store too (see ProviderJob.progress).
         self.shared_progress = shared_progress
-        self.events = events or BatchEvents()
+        self.events = ParentsOnly(events or BatchEvents())
         self.webhooks = webhooks  # the outbox rows of a batch's end go into its terminal transaction
         self.blobs = blobs
         self.hub = hub
@@ -101,6 +128,7 @@ class Tracker:
         self.work_root = work_root
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
+        self._parents: dict[str, str] = {}  # shard id -> its parent's id (a change wakes the parent)
         self._tasks: set[asyncio.Task] = set()
         self._writes: set[asyncio.Future] = set()  # BatchRunner._persist calls in flight
         self.stopping = False
@@ -125,7 +153,13 @@ class Tracker:
         counted it with router.add_load (the runner removes it when the batch ends)."""
         if record.id in self._runners:
             return  # re-adopted after a late heartbeat: its runner still goes on
-        runner = BatchRunner(self, record, load_reserved=load_reserved)
+        if record.sharded:
+            from batchgate_server.core.sharded import ShardedBatchRunner  # it builds on BatchRunner
+            runner: BatchRunner = ShardedBatchRunner(self, record)
+        else:
+            runner = BatchRunner(self, record, load_reserved=load_reserved)
+        if record.parent_id:
+            self._parents[record.id] = record.parent_id
         self._runners[record.id] = runner
         context = contextvars.copy_context()  # the runner's own: what the hook sets stays there
         context.run(self.events.adopted, record)
@@ -146,6 +180,9 @@ class Tracker:
     def changed(self, batch_id: str, revision: int) -> None:
         """Someone committed `revision` of `batch_id`: if that is newer than its runner's, another
         replica wrote it (a cancel)."""
+        parent = self._runners.get(self._parents.get(batch_id, ""))
+        if parent is not None:
+            parent.shard_changed()
         runner = self._runners.get(batch_id)
         if runner is not None and revision > runner.rec.revision and not self.stopping:
             task = asyncio.create_task(runner.refresh(), name=f"refresh-{batch_id}")
@@ -178,14 +215,19 @@ class Tracker:
         if self._unsubscribe is not None:
             self._unsubscribe()
 
+    def follow_shard(self, shard_id: str, parent_id: str) -> None:
+        """Changes of `shard_id` wake its parent's runner (wherever the shard runs)."""
+        self._parents[shard_id] = parent_id
+
     def _forget(self, batch_id: str) -> None:
         runner = self._runners.pop(batch_id, None)
         if runner is not None:
             self.events.released(runner.rec)
 
     def last_polls(self) -> list[tuple[BatchRecord, float | None]]:
-        """Every owned batch with the monotonic time of its last poll (None: not polled yet)."""
-        return [(r.rec, r.last_poll) for r in self._runners.values()]
+        """Every owned batch that polls a provider (a sharded parent does not: its shards do) with
+        the monotonic time of its last poll (None: not polled yet)."""
+        return [(r.rec, r.last_poll) for r in self._runners.values() if not r.rec.sharded]
 
 
 class BatchRunner:
@@ -205,7 +247,8 @@ class BatchRunner:
 
     # -- persistence --------------------------------------------------------------------
 
-    async def _persist(self, mutate: Callable[[BatchRecord], None], extra_files=(), ledger=None) -> None:
+    async def _persist(self, mutate: Callable[[BatchRecord], None], extra_files=(), ledger=None,
+                       shards: Sequence[BatchRecord] = ()) -> None:
         # Shielded: aiosqlite finishes a statement it has queued even when the awaiting task is
         # cancelled (a CancelBatch deadline, shutdown), so a cancel here must not leave memory
         # and database disagreeing about the revision. The write, the in-memory record and the
@@ -215,14 +258,16 @@ class BatchRunner:
             # No new write while stop() waits for the last ones: the batch resumes from its
             # stored state at the next start, as after a crash.
             raise asyncio.CancelledError("the tracker is stopping")
-        write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger))
+        write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger, shards))
         self.t._writes.add(write)
         write.add_done_callback(self.t._writes.discard)
         # Retrieved here too: the awaiting runner may be gone (cancelled) when it fails.
         write.add_done_callback(lambda w: w.cancelled() or w.exception())
         await asyncio.shield(write)
 
-    async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
+    async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger,
+                           shards: Sequence[BatchRecord]) -> None:
+        """shards: a sharded parent's split (core/sharded.py), inserted in the same transaction."""
         async with self._lock:
             for rebased in (False, True):
                 before = copy.deepcopy(self.rec)
@@ -233,8 +278,11 @@ class BatchRunner:
                 try:
                     outbox = (await self.t.webhooks.events_on_end(before.status, self.rec)
                               if self.t.webhooks else [])
-                    await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger,
-                                                    outbox=outbox, owner=self.t.replica)
+                    if shards:
+                        await self.t.store.split_batch(self.rec, shards, owner=self.t.replica)
+                    else:
+                        await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger,
+                                                        outbox=outbox, owner=self.t.replica)
                 except RevisionConflict:
                     self.rec = before
                     stored = None if rebased else await self.t.store.get_batch(self.rec.id)
@@ -274,6 +322,10 @@ class BatchRunner:
                 return  # the next heartbeat tells again
             if stored is not None and stored.revision > self.rec.revision:
                 self._take_cancel(stored)
+
+    def shard_changed(self) -> None:
+        """One of this batch's shards changed (a sharded parent follows them, core/sharded.py)."""
+        self._wake.set()
 
     def lose(self) -> None:
         """Another replica owns the batch now: stop at once, write nothing more."""
@@ -436,10 +488,16 @@ class BatchRunner:
             batch_id=rec.id, endpoint=rec.endpoint, deployment=deployment or self.deployment,
             line_count=self._line_count(),
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
-            open_input=lambda: self.t.blobs.lines(rec.input_file_id), save_state=self._save_state,
+            open_input=self._open_input, save_state=self._save_state,
             workdir=self.t.work_root / rec.id,
             progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None)
         return job
+
+    def _open_input(self):
+        rec = self.rec
+        if rec.selection is not None:  # a shard: its lines of the parent's input
+            return selection_lines(self.t.blobs, rec.input_file_id, rec.selection)
+        return self.t.blobs.lines(rec.input_file_id)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -653,7 +711,6 @@ class BatchRunner:
             except Exception as err:  # noqa: BLE001 - best effort: the provider's retention sweep tidies up
                 log.warning("batch %s: could not release what it left at the provider: %s", self.rec.id, err)
         shutil.rmtree(self.job.workdir, ignore_errors=True)
-
 
 
 def _describe(err: BaseException) -> str:

@@ -98,7 +98,7 @@ METRICS = (
               "Known cost in USD, from the usage ledger (counted once, when the row is committed)",
               ("model", "provider", "project")),
     MetricDef("batchgate_batches_ended", Counter,
-              "Batches that reached an end (completed, failed, expired, cancelled), from the usage ledger",
+              "Batches that reached an end (completed, failed, expired, cancelled), counted at that transition",
               ("status", "provider", "project")),
 )
 
@@ -231,14 +231,17 @@ class Metrics(BatchEvents):
             if not after.status.is_terminal:
                 self.batches.labels(after.status.value, provider).inc()
         if ledger is not None:
-            self._count_ledger_row(ledger, after.status)
+            self._count_ledger_row(ledger)
+        if after.status.is_terminal and not before.status.is_terminal:
+            # Once per batch: a sharded batch's shards are not batches (core/events.py ParentsOnly).
+            self.ended.labels(after.status.value, after.provider, after.project).inc()
 
     def released(self, rec: BatchRecord) -> None:
         if not rec.status.is_terminal:  # stopping: the batch leaves this server unfinished
             self.batches.labels(rec.status.value, rec.provider).dec()
         self._adopted_at.pop(rec.id, None)
 
-    def _count_ledger_row(self, row: dict[str, Any], status: BatchStatus) -> None:
+    def _count_ledger_row(self, row: dict[str, Any]) -> None:
         # The row's own transaction has committed (core/events.py): each row is counted once.
         model, provider, project = row["model"], row["provider"], row["project"]
         for kind in TOKEN_KINDS:
@@ -246,7 +249,6 @@ class Metrics(BatchEvents):
                 self.tokens.labels(model, provider, project, kind).inc(tokens)
         if row.get("cost_nanos"):
             self.cost.labels(model, provider, project).inc(row["cost_nanos"] / 1e9)
-        self.ended.labels(status.value, provider, project).inc()
 
 
 class UpstreamRequestMetrics(RequestEvents):

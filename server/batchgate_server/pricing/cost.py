@@ -27,7 +27,7 @@ Charging rules (OpenAI usage semantics):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import ROUND_HALF_UP, Context, Decimal
 
 from batchgate_server.domain.models import Cost, Usage
@@ -144,3 +144,21 @@ def amount_to_nanos(amount: str) -> int | None:
 def nanos_to_amount(nanos: int) -> str:
     """Inverse of amount_to_nanos, in the same plain notation as Cost amounts ("0.3", "12", "0")."""
     return _fmt(_CTX.divide(Decimal(nanos), NANOS_PER_UNIT))
+
+
+def sum_costs(costs: Sequence[Cost]) -> Cost:
+    """The cost of a batch run as several jobs (domain/shards.py): the exact sum of its shards'
+    costs. Unknown when any part is, with their reasons; price sources joined, each once."""
+    sources = ", ".join(dict.fromkeys(c.price_source for c in costs if c.price_source))
+    unknown = [c for c in costs if c.status != "known"]
+    if unknown:
+        reasons = "; ".join(dict.fromkeys(c.reason or f"a part's cost is {c.status}" for c in unknown))
+        return Cost(status="unknown", currency="USD", amount="", input_amount="", output_amount="",
+                    reason=reasons, price_source=sources)
+    add = _CTX.add
+    total_in, total_out = Decimal(0), Decimal(0)
+    for c in costs:
+        total_in = add(total_in, Decimal(c.input_amount or "0"))
+        total_out = add(total_out, Decimal(c.output_amount or "0"))
+    return Cost(status="known", currency="USD", amount=_fmt(add(total_in, total_out)), input_amount=_fmt(total_in),
+                output_amount=_fmt(total_out), reason="", price_source=sources)
