@@ -399,22 +399,36 @@ async def test_cancelled_batch_is_charged_for_what_completed(h):
     assert len(await ledger_rows(h, final.id)) == 1
 
 
+async def start_priced(tmp_path, upstream):
+    return await start_harness(tmp_path / "data", config_file=write_config(tmp_path / "models.yaml",
+                                                                           entries(upstream.base_url)))
+
+
+async def failed_at_restart_without_its_deployment(tmp_path, upstream, batch_id: str):
+    """Restart on the same data with a model list without "priced-llm": the batch `batch_id` can't
+    go on and fails. (the harness, its failed state)."""
+    other = write_config(tmp_path / "other.yaml", [priced_entry("half-llm", upstream.base_url,
+                                                                "hosted_vllm/house-llm-half", HALF_INFO)])
+    h = await start_harness(tmp_path / "data", config_file=other)
+    try:
+        final = (await watch_all(h.alice, batch_id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_FAILED
+        assert [e.code for e in final.errors] == ["deployment_not_found"]
+    except BaseException:
+        await stop(h)
+        raise
+    return h, final
+
+
 async def test_failed_batch_gets_a_ledger_row_with_zero_cost(tmp_path, upstream):
-    data = tmp_path / "data"
-    h = await start_harness(data, config_file=write_config(tmp_path / "models.yaml", entries(upstream.base_url)))
+    h = await start_priced(tmp_path, upstream)
     try:
         created = await run_batch(h, h.alice, "priced-llm", [text("SLOW:10000")], wait=False,
                                   metadata={"team": "search"})
     finally:
         await stop(h)
-    # Restarted without that deployment: the batch cannot go on and fails.
-    other = write_config(tmp_path / "other.yaml", [priced_entry("half-llm", upstream.base_url,
-                                                                "hosted_vllm/house-llm-half", HALF_INFO)])
-    h = await start_harness(data, config_file=other)
+    h, final = await failed_at_restart_without_its_deployment(tmp_path, upstream, created.id)
     try:
-        final = (await watch_all(h.alice, created.id))[-1]
-        assert final.status == batch_pb2.BATCH_STATUS_FAILED
-        assert final.errors[0].code == "deployment_not_found"
         assert (final.cost.status, final.cost.amount) == (KNOWN, "0")
         [row] = await ledger_rows(h, final.id)
         assert (row["cost_status"], row["cost_amount"], row["cost_nanos"], row["input_tokens"]) == (
@@ -430,8 +444,7 @@ async def test_failed_batch_gets_a_ledger_row_with_zero_cost(tmp_path, upstream)
 async def test_failed_batch_is_charged_for_the_answers_it_got(tmp_path, upstream):
     # Two requests are answered (the upstream billed them), the third is still running when the
     # server stops; restarted without the deployment, the batch fails, keeping and charging the two.
-    data = tmp_path / "data"
-    h = await start_harness(data, config_file=write_config(tmp_path / "models.yaml", entries(upstream.base_url)))
+    h = await start_priced(tmp_path, upstream)
     try:
         a = h.alice
         created = await run_batch(h, a, "priced-llm", [text(), text("CACHED:40"), text("SLOW:10000")], wait=False)
@@ -441,13 +454,8 @@ async def test_failed_batch_is_charged_for_the_answers_it_got(tmp_path, upstream
                 break
     finally:
         await stop(h)
-    other = write_config(tmp_path / "other.yaml", [priced_entry("half-llm", upstream.base_url,
-                                                                "hosted_vllm/house-llm-half", HALF_INFO)])
-    h = await start_harness(data, config_file=other)
+    h, final = await failed_at_restart_without_its_deployment(tmp_path, upstream, created.id)
     try:
-        final = (await watch_all(h.alice, created.id))[-1]
-        assert final.status == batch_pb2.BATCH_STATUS_FAILED
-        assert [e.code for e in final.errors] == ["deployment_not_found"]
         out, err = await results(h.alice, final)
         assert sorted(line["custom_id"] for line in out) == ["r0", "r1"] and err == []
         assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (3, 2, 0)
