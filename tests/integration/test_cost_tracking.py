@@ -18,6 +18,7 @@ from batchgate.v1 import batch_pb2, usage_pb2
 from tests.conftest import start_harness
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import results, watch_all, write_config
+from tests.integration.test_observability import scrape, value
 from tests.integration.usage_helpers import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
@@ -152,6 +153,18 @@ async def test_cache_writes_5_minute_and_1_hour_at_their_own_prices(h):
     report = await query(h, a)
     assert (report.totals.cache_creation_input_tokens, report.totals.cache_creation_1h_input_tokens,
             report.totals.cost_amount) == (100, 20, "0.000433")
+
+
+async def test_cache_writes_are_counted_in_the_token_metrics(tmp_path, upstream):
+    h = await start_harness(tmp_path / "data", metrics_address="127.0.0.1:0",
+                            config_file=write_config(tmp_path / "models.yaml", entries(upstream.base_url)))
+    try:
+        await run_batch(h, h.alice, "cache-writes", [text("WRITE:60 WRITE_1H:20")])
+        samples = await scrape(h.server.metrics_port)
+        assert value(samples, "batchgate_tokens_total", project="alice", kind="cache_creation") == 60
+        assert value(samples, "batchgate_tokens_total", project="alice", kind="cache_creation_1h") == 20
+    finally:
+        await stop(h)
 
 
 async def test_long_context_tier_priced_per_request_in_one_batch(h):
