@@ -26,7 +26,7 @@ from batchgate_server.providers.base import RequestEvents
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Batches sit in a state for seconds (simulated) to a day (a provider's 24 h window).
 STATE_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 48 * 3600)
-TOKEN_KINDS = ("input", "cached", "output", "reasoning")
+TOKEN_KINDS = ("input", "cached", "output", "reasoning", "cache_creation", "cache_creation_1h")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ METRICS = (
               ("deployment",), (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300)),
     MetricDef("batchgate_tokens", Counter,
               "Tokens billed, from the usage ledger (counted once, when the row is committed), by model,"
-              " provider, project and kind (input, cached, output, reasoning)",
+              " provider, project and kind (input, cached, output, reasoning, cache_creation, cache_creation_1h)",
               ("model", "provider", "project", "kind")),
     MetricDef("batchgate_cost_usd", Counter,
               "Known cost in USD, from the usage ledger (counted once, when the row is committed)",

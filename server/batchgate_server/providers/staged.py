@@ -184,6 +184,7 @@ async def aiter_lines(read: Callable[[int], bytes], close: Callable[[], Any] | N
 UNANSWERED = {
     "cancelled": ("batch_cancelled", "the batch was cancelled before this request ran"),
     "expired": ("batch_expired", "the batch's completion window ended before this request ran"),
+    "failed": ("batch_failed", "the provider's job failed before this request was answered"),
 }
 
 
@@ -215,7 +216,7 @@ async def unanswered(job: ProviderJob, codec: CustomIdCodec, tracker: ResultTrac
                      translation_error_line: Callable[..., ResultLine], out_id: Callable[[int], str],
                      outcome: str, provider_label: str) -> AsyncIterator[ResultLine]:
     """One error line for every request without an answer: the translation error for lines that
-    were never sent, else batch_cancelled / batch_expired, else (a completed job that lost a
+    were never sent, else batch_cancelled / batch_expired / batch_failed, else (a completed job that lost a
     record) provider_missing_result."""
     code, message = UNANSWERED.get(outcome, (
         "provider_missing_result", f"{provider_label} returned no result for this request"))
@@ -508,6 +509,8 @@ class StagedBatchProvider(BatchProvider):
                 outcome = "expired"
             elif state in (self.cancelled_state, self.cancelling_state):
                 outcome = "cancelled"
+            elif self.status_map.get(state) is JobStatus.FAILED:  # partial results of a failed job
+                outcome = "failed"
             else:
                 outcome = "completed"
             async for line in self._read_output(cfg, job, job_id, info, tracker, outcome):

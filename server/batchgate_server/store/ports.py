@@ -429,6 +429,8 @@ class UsageGroup:
     reasoning_tokens: int = 0
     cost_nanos: int = 0  # sum of the known costs, in 1e-9 USD
     unknown_cost: int = 0  # batches whose cost is unknown (not in cost_nanos)
+    cache_creation_tokens: int = 0  # prompt-cache writes (part of input_tokens)
+    cache_creation_1h_tokens: int = 0  # the 1-hour ones among them
     # The keyset cursor of this group (JSON-serialisable), for the next page.
     sort_key: list[Any] = field(default_factory=list)
 

@@ -56,7 +56,8 @@ CLOSE_TIMEOUT = 5.0
 _LEDGER_COLUMNS = frozenset({
     "batch_id", "project", "api_key_id", "model", "provider", "deployment_id", "created_at", "ended_at",
     "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_status", "cost_amount",
-    "cost_nanos", "metadata", "usage_by_model", "parent_batch_id"})
+    "cost_nanos", "metadata", "usage_by_model", "parent_batch_id", "cache_creation_tokens",
+    "cache_creation_1h_tokens"})
 
 
 def text_param(value: str) -> str | None:

@@ -210,8 +210,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX batches_parent ON batches(parent_id) WHERE parent_id IS NOT NULL;
     ALTER TABLE usage_ledger ADD COLUMN parent_batch_id TEXT
     """,
+    # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
+    """
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens INTEGER NOT NULL DEFAULT 0
+    """,
 ]
-
 _TERMINAL = tuple(s.value for s in BatchStatus if s.is_terminal)
 _ACTIVE = f"status NOT IN ({','.join(repr(s) for s in _TERMINAL)})"
 
