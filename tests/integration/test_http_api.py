@@ -504,6 +504,7 @@ async def test_uploads_reach_the_core_in_pieces_within_its_chunk_limit(tmp_path)
         async with sdk(h, h.alice) as client:
             f = await upload(client, content)
         assert f.bytes == len(content) and f.model_extra["batchgate"]["line_count"] == 3000
+        assert len(h.server.files.validation_workers.pids()) == 1, "validated beside the loop, as over gRPC"
 
 
 async def test_strings_that_are_no_text_are_refused_before_anything_is_stored(http_harness):
