@@ -124,6 +124,7 @@ class ValidationWorkers:
     def __init__(self, size: int) -> None:
         self.size = size
         self._workers: list[_Worker] = []
+        self._ended: list[_Worker] = []  # lost workers, awaited at close
         self._starting = asyncio.Lock()
         self._closed = False
 
@@ -139,6 +140,7 @@ class ValidationWorkers:
         """The worker for a new upload, started if every running one is busy and the pool has room;
         None when none can be started (uploads then validate on the loop)."""
         async with self._starting:
+            self._ended.extend(w for w in self._workers if w.lost)  # reaped by their reader tasks
             self._workers = [w for w in self._workers if not w.lost]
             idle = min(self._workers, key=lambda w: w.uploads, default=None)
             if idle is not None and (idle.uploads == 0 or len(self._workers) >= self.size):
@@ -158,13 +160,16 @@ class ValidationWorkers:
         if worker is None:
             return None
         upload = next(worker.numbers) & 0xFFFFFFFF
-        worker.send(wire.OPEN, upload, pickle.dumps(validator_args))
+        try:
+            worker.send(wire.OPEN, upload, pickle.dumps(validator_args))
+        except Unavailable:
+            return None  # it ended just now, before anything of this upload reached it: validate on the loop
         worker.uploads += 1
         return WorkerValidation(worker, upload)
 
     async def close(self) -> None:
         self._closed = True
-        workers, self._workers = self._workers, []
+        workers, self._workers, self._ended = self._workers + self._ended, [], []
         await asyncio.gather(*(w.stop() for w in workers))
 
 
