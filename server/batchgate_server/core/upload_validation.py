@@ -142,14 +142,14 @@ class ValidationWorkers:
         async with self._starting:
             self._ended.extend(w for w in self._workers if w.lost)  # reaped by their reader tasks
             self._workers = [w for w in self._workers if not w.lost]
-            idle = min(self._workers, key=lambda w: w.uploads, default=None)
-            if idle is not None and (idle.uploads == 0 or len(self._workers) >= self.size):
-                return idle
+            least_busy = min(self._workers, key=lambda w: w.uploads, default=None)
+            if least_busy is not None and (least_busy.uploads == 0 or len(self._workers) >= self.size):
+                return least_busy
             try:
                 worker = await _start_worker()
             except OSError as err:
                 log.warning("cannot start a validation worker (%s): validating on the event loop", err)
-                return idle
+                return least_busy
             self._workers.append(worker)
             return worker
 
