@@ -7,9 +7,6 @@ are counted through botocore's events)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
 
 from aiohttp import ClientSession, web
 
@@ -18,7 +15,7 @@ from tests.fakes.anthropic_batches import FakeAnthropicBatches
 from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import run_batch, write_config
-from tests.integration.metrics_helpers import scrape, value
+from tests.integration.metrics_helpers import scrape, settled, value
 
 FAST = {"poll_interval": 0.05, "max_retries": 2, "backoff_base": 0.01, "timeout": 5}
 RETRY_AFTER = 0.2  # the injected 429's Retry-After: the wait the metrics must show
@@ -60,19 +57,6 @@ class CountingProxy:
             kept = {k: v for k, v in answer.headers.items()
                     if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")}
             return web.Response(status=answer.status, headers=kept, body=content)
-
-
-async def settled(port: int, deployment: str, received: Callable[[], int]) -> dict:
-    """The metrics once every call the fakes received (`received()` of them) is counted as answered
-    (the clean-up after a batch's end may still run when its watch ends)."""
-    deadline = time.monotonic() + 10
-    while True:
-        samples = await scrape(port)
-        sent = value(samples, "batchgate_upstream_requests_sent_total", deployment=deployment)
-        answered = value(samples, "batchgate_upstream_responses_total", deployment=deployment)
-        if (sent == answered == received()) or time.monotonic() > deadline:
-            return samples
-        await asyncio.sleep(0.05)
 
 
 def assert_counts_match(samples: dict, deployment: str, fake) -> None:
