@@ -204,6 +204,10 @@ class BatchProvider(abc.ABC):
     requests: RequestEvents = RequestEvents()
     # Seconds between polls while a job runs (the tracker backs off on errors).
     poll_interval: float = 10.0
+    # `results` reads only what this process keeps (the job's work directory), not the provider's
+    # service: a batch whose deployment left the model list still gets its answers (and is
+    # charged for them) when it fails.
+    keeps_results_locally: bool = False
 
     def counted(self, deployment: Deployment) -> DeploymentRequests:
         """This provider's request hooks bound to `deployment`: what its HTTP client is given."""
@@ -248,7 +252,10 @@ class BatchProvider(abc.ABC):
     @abc.abstractmethod
     def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
         """Every result line of an ended job (completed, cancelled or expired), already
-        normalised to OpenAI batch output lines with the caller's original custom_ids."""
+        normalised to OpenAI batch output lines with the caller's original custom_ids. Also
+        called for a submitted job that is failing (the provider reported it failed, or batchgate
+        gave up on it): the answers the provider has are kept and charged; raise (ProviderError)
+        when there is nothing to fetch, and the batch fails charged nothing."""
 
     async def release(self, job: ProviderJob) -> None:
         """Called once on every ending (completed, expired, failed, cancelled, also before any

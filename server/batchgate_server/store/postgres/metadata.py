@@ -56,7 +56,8 @@ CLOSE_TIMEOUT = 5.0
 _LEDGER_COLUMNS = frozenset({
     "batch_id", "project", "api_key_id", "model", "provider", "deployment_id", "created_at", "ended_at",
     "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_status", "cost_amount",
-    "cost_nanos", "metadata", "usage_by_model"})
+    "cost_nanos", "metadata", "usage_by_model", "parent_batch_id", "cache_creation_tokens",
+    "cache_creation_1h_tokens"})
 
 
 def text_param(value: str) -> str | None:
@@ -281,7 +282,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
     async def count_unfinished_batches(self, project: str) -> int:
         row = await self._fetchrow(f"SELECT count(*) FROM batches WHERE status NOT IN {migrations.TERMINAL}"
-                                   " AND project = $1", text_param(project))
+                                   " AND project = $1 AND parent_id IS NULL", text_param(project))
         return int(row[0])
 
     # -- files ----------------------------------------------------------------------------
@@ -342,15 +343,27 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
     async def insert_batch(self, b: BatchRecord, *, owner: str | None = None,
                            max_unfinished: int | None = None) -> None:
         """Raises Duplicate when the project has a batch with the same request_id."""
-        sql = ("INSERT INTO batches(id, project, status, created_at, request_id, input_file_id, revision, doc, owner)"
-               " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-        args = (b.id, b.project, b.status.value, b.created_at, utf8(b.request_id) if b.request_id else None,
-                b.input_file_id, b.revision, batch_to_doc(b), owner)
+        args = _batch_args(b, owner)
         if max_unfinished is None:
-            await self._execute(sql, *args)
+            await self._execute(_INSERT_BATCH, *args)
             return
-        await self._insert_within(sql, args, f"SELECT count(*) FROM batches WHERE status NOT IN"
-                                  f" {migrations.TERMINAL} AND project = $1", b.project, max_unfinished, 1)
+        # Shards (parent_id set) are part of their parent's batch: only parents count.
+        await self._insert_within(_INSERT_BATCH, args, f"SELECT count(*) FROM batches WHERE status NOT IN"
+                                  f" {migrations.TERMINAL} AND project = $1 AND parent_id IS NULL", b.project,
+                                  max_unfinished, 1)
+
+    async def split_batch(self, parent: BatchRecord, shards: Sequence[BatchRecord], *, owner: str) -> BatchRecord:
+        old = parent.revision
+        parent.revision = old + 1
+        try:
+            async with self._transaction() as conn:
+                if await conn.execute(*_update_args(parent, old, owner)) != "UPDATE 1":
+                    await self._refused(parent.id, owner)
+                await conn.executemany(_INSERT_BATCH, [_batch_args(s, owner) for s in shards])
+        except BaseException:
+            parent.revision = old
+            raise
+        return parent
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         row = await self._fetchrow("SELECT doc FROM batches WHERE id = $1", text_param(batch_id))
@@ -365,6 +378,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
                            after: tuple[float, str] | None) -> list[BatchRecord]:
         p = Params()
         conditions = [f"status = ANY({p(sorted({s.value for s in statuses}))}::text[])"] if statuses else []
+        conditions.append("parent_id IS NULL")  # shards are internal (domain/shards.py)
         sql = _keyset_query("SELECT doc FROM batches", project, conditions, p, after, limit)
         return [batch_from_doc(r["doc"]) for r in await self._fetch(sql, *p.values)]
 
@@ -389,10 +403,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
             raise ValueError(f"not ledger columns: {sorted(set(ledger) - _LEDGER_COLUMNS)}")
         old = b.revision
         b.revision = old + 1
-        update: tuple = ("UPDATE batches SET status = $1, revision = $2, doc = $3 WHERE id = $4 AND revision = $5",
-                         b.status.value, b.revision, batch_to_doc(b), b.id, old)
-        if owner is not None:  # fenced by the lease (store/postgres/leases.py)
-            update = (update[0] + " AND owner = $6", *update[1:], owner)
+        update = _update_args(b, old, owner)
         try:
             if not extra_files and ledger is None and not outbox:
                 # Most changes (progress, status) are this one statement: atomic by itself, one round trip.
@@ -478,6 +489,25 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
 _OUTBOX_COLUMNS = ("event_id, endpoint_id, project, batch_id, event_type, body, created_at, attempts, next_attempt_at,"
                    " delivered_at, given_up_at, last_error")
+
+
+_INSERT_BATCH = ("INSERT INTO batches(id, project, status, created_at, request_id, input_file_id, revision, doc, owner,"
+                 " parent_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+
+
+def _batch_args(b: BatchRecord, owner: str | None) -> tuple:
+    return (b.id, b.project, b.status.value, b.created_at, utf8(b.request_id) if b.request_id else None,
+            b.input_file_id, b.revision, batch_to_doc(b), owner, b.parent_id or None)
+
+
+def _update_args(b: BatchRecord, old: int, owner: str | None) -> tuple:
+    """The compare-and-set UPDATE of `b` (at its new revision) over revision `old`, fenced by the
+    lease of `owner` when given (store/postgres/leases.py)."""
+    update: tuple = ("UPDATE batches SET status = $1, revision = $2, doc = $3 WHERE id = $4 AND revision = $5",
+                     b.status.value, b.revision, batch_to_doc(b), b.id, old)
+    if owner is not None:
+        update = (update[0] + " AND owner = $6", *update[1:], owner)
+    return update
 
 
 def _outbox_event(row: asyncpg.Record) -> OutboxEvent:

@@ -203,13 +203,33 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE files ADD COLUMN line_groups TEXT
     """,
+    # Sharded batches (domain/shards.py): a shard's row names its parent, so listings and quotas
+    # see parents only; a shard's ledger row names the parent too, so usage counts the batch once.
+    """
+    ALTER TABLE batches ADD COLUMN parent_id TEXT;
+    CREATE INDEX batches_parent ON batches(parent_id) WHERE parent_id IS NOT NULL;
+    ALTER TABLE usage_ledger ADD COLUMN parent_batch_id TEXT
+    """,
+    # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
+    """
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens INTEGER NOT NULL DEFAULT 0
+    """,
 ]
-
 _TERMINAL = tuple(s.value for s in BatchStatus if s.is_terminal)
 _ACTIVE = f"status NOT IN ({','.join(repr(s) for s in _TERMINAL)})"
 
 OUTBOX_COLUMNS = ("event_id", "endpoint_id", "project", "batch_id", "event_type", "body", "created_at", "attempts",
                   "next_attempt_at", "delivered_at", "given_up_at", "last_error")
+
+
+_INSERT_BATCH = ("INSERT INTO batches(id, project, status, created_at, request_id, revision, doc, owner, parent_id)"
+                 " VALUES (?,?,?,?,?,?,?,?,?)")
+
+
+def _batch_args(b: BatchRecord, owner: str | None) -> tuple:
+    return (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b),
+            owner, b.parent_id or None)
 
 
 def _outbox_event(row: sqlite3.Row) -> OutboxEvent:
@@ -512,7 +532,8 @@ class SqliteMetadataStore(MetadataStore):
     async def count_unfinished_batches(self, project: str) -> int:
         terminal = [s.value for s in BatchStatus if s.is_terminal]
         row = await self.readers.fetchone(
-            f"SELECT count(*) FROM batches WHERE project=? AND status NOT IN ({','.join('?' * len(terminal))})",
+            f"SELECT count(*) FROM batches WHERE project=? AND parent_id IS NULL"
+            f" AND status NOT IN ({','.join('?' * len(terminal))})",
             (project, *terminal))
         return int(row[0])
 
@@ -610,19 +631,35 @@ class SqliteMetadataStore(MetadataStore):
                            max_unfinished: int | None = None) -> None:
         """Raises Duplicate when the project has a batch with the same request_id. `owner`: the
         replica that will drive the batch (it holds the lease from the start)."""
-        sql = ("INSERT INTO batches(id, project, status, created_at, request_id, revision, doc, owner)"
-               " VALUES (?,?,?,?,?,?,?,?)")
-        args = (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b),
-                owner)
+        args = _batch_args(b, owner)
         if max_unfinished is None:
-            await self._exec(sql, args)
+            await self._exec(_INSERT_BATCH, args)
             return
         terminal = [s.value for s in BatchStatus if s.is_terminal]
         async with self._writing():
+            # Shards (parent_id set) are part of their parent's batch: only parents count.
             await self._insert_within(
-                lambda: self.db.execute(sql, args),
-                f"SELECT count(*) FROM batches WHERE project=? AND status NOT IN ({','.join('?' * len(terminal))})",
+                lambda: self.db.execute(_INSERT_BATCH, args),
+                f"SELECT count(*) FROM batches WHERE project=? AND parent_id IS NULL"
+                f" AND status NOT IN ({','.join('?' * len(terminal))})",
                 (b.project, *terminal), max_unfinished, 1)
+
+    async def split_batch(self, parent: BatchRecord, shards: Sequence[BatchRecord], *, owner: str) -> BatchRecord:
+        async with self._writing():
+            old = parent.revision
+            parent.revision = old + 1
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._fenced_update(parent, old, owner)
+                await self.db.executemany(_INSERT_BATCH, [_batch_args(s, owner) for s in shards])
+                await self.db.execute("COMMIT")
+            except BaseException:
+                parent.revision = old
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                raise
+        self.changes.notify(parent.id, parent.revision)
+        return parent
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         row = await self.readers.point_read("SELECT doc FROM batches WHERE id=?", (batch_id,))
@@ -637,6 +674,7 @@ class SqliteMetadataStore(MetadataStore):
                            after: tuple[float, str] | None) -> list[BatchRecord]:
         conditions = ([(f"status IN ({','.join('?' * len(statuses))})", [s.value for s in statuses])]
                       if statuses else [])
+        conditions.append(("parent_id IS NULL", []))  # shards are internal (domain/shards.py)
         sql, args = _keyset_query("SELECT doc FROM batches", project, conditions, after, limit)
         return [batch_from_doc(r[0]) for r in await self.readers.fetchall(sql, args)]
 
@@ -674,19 +712,7 @@ class SqliteMetadataStore(MetadataStore):
         b.revision = old + 1
         await self.db.execute("BEGIN IMMEDIATE")
         try:
-            sql = "UPDATE batches SET status=?, revision=?, doc=? WHERE id=? AND revision=?"
-            args: tuple = (b.status.value, b.revision, batch_to_doc(b), b.id, old)
-            if owner is not None:
-                sql += " AND owner=?"
-                args += (owner,)
-            cur = await self.db.execute(sql, args)
-            if cur.rowcount != 1:
-                if owner is not None:
-                    async with self.db.execute("SELECT owner FROM batches WHERE id=?", (b.id,)) as found:
-                        row = await found.fetchone()
-                    if row is not None and row[0] != owner:
-                        raise LeaseLost(b.id)
-                raise RevisionConflict(b.id)
+            await self._fenced_update(b, old, owner)
             for f in extra_files:
                 # A redone finalisation may find its result file recorded already.
                 async with self.db.execute("SELECT 1 FROM files WHERE id=?", (f.id,)) as existing:
@@ -710,6 +736,23 @@ class SqliteMetadataStore(MetadataStore):
             if self.db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
                 await self.db.execute("ROLLBACK")
             raise
+
+    async def _fenced_update(self, b: BatchRecord, old: int, owner: str | None) -> None:
+        """UPDATE `b` (already at its new revision) over revision `old`, inside the open
+        transaction: RevisionConflict, or LeaseLost when `owner` no longer owns it."""
+        sql = "UPDATE batches SET status=?, revision=?, doc=? WHERE id=? AND revision=?"
+        args: tuple = (b.status.value, b.revision, batch_to_doc(b), b.id, old)
+        if owner is not None:
+            sql += " AND owner=?"
+            args += (owner,)
+        cur = await self.db.execute(sql, args)
+        if cur.rowcount != 1:
+            if owner is not None:
+                async with self.db.execute("SELECT owner FROM batches WHERE id=?", (b.id,)) as found:
+                    row = await found.fetchone()
+                if row is not None and row[0] != owner:
+                    raise LeaseLost(b.id)
+            raise RevisionConflict(b.id)
 
     # -- webhooks -------------------------------------------------------------------
 
