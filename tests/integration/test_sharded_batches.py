@@ -94,6 +94,8 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
             assert response.status == 404
         async with http.get(base) as response:
             assert [b["id"] for b in (await response.json())["data"]] == [batch.id]
+        async with http.get(base, params={"after": final.shards[0].id}) as response:
+            assert response.status == 400, "a shard id is no cursor of the listing"
     usage = usage_pb2_grpc.UsageServiceStub(h.channel)
     report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
     assert report.totals.batch_count == 1
