@@ -17,10 +17,12 @@ from batchgate.v1 import batch_pb2
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.providers.base import JobStatus, ProviderJob
 from batchgate_server.providers.vertex.provider import JOB_LABEL, VertexBatchProvider, job_label
+from batchgate_server.providers.vertex.translate import CUSTOM_ID_LABEL_KEY
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator
 from tests.integration.batch_helpers import (
     assert_lifecycle,
+    assert_sizes_are_the_staged_records,
     create,
     eventually_empty,
     provider_job,
@@ -351,6 +353,29 @@ def _job(tmp_path: Path, deployment: Deployment, lines: list[dict], batch_id: st
          expires_in: float = 86400) -> ProviderJob:
     tmp_path.mkdir(exist_ok=True)
     return provider_job(tmp_path / "input.jsonl", deployment, lines, batch_id, expires_in)
+
+
+async def test_request_size_is_each_line_as_staged_in_gcs(vertex, gcs, keys, tmp_path):
+    """request_size is each record as staged for the provider (translated, custom_id remapped when the
+    provider cannot take it), with its newline; 0 for a line that cannot be translated (never sent)."""
+    dep = Deployment(id="d", model_name="gemini", provider="vertex_ai", model="gemini-2.5-flash",
+                     params=entry("x", vertex, vertex_credentials=str(keys["good"]))["litellm_params"])
+    unsendable = chat("img", "look", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:nonsense"}}]}])
+    lines = [chat(cid, f"hostile {i}") for i, cid in enumerate(HOSTILE_IDS)] + [unsendable, chat("ok", "caf\u00e9")]
+    job = _job(tmp_path, dep, lines, "batch_sizes")
+    provider = VertexBatchProvider()
+    try:
+        sizes = [provider.request_size(job.endpoint, dep, json.dumps(ln).encode()) for ln in lines]
+        await provider.submit(job)
+        bucket, _, name = job.state["input_uri"].removeprefix("gs://").partition("/")
+        staged = gcs.client().bucket(bucket).blob(name).download_as_bytes().splitlines()
+        await provider.release(job)
+    finally:
+        await provider.close()
+    assert sizes[len(HOSTILE_IDS)] == 0
+    assert_sizes_are_the_staged_records(lines, sizes, staged,
+                                        lambda record: record["request"]["labels"][CUSTOM_ID_LABEL_KEY])
 
 
 async def test_resubmit_after_a_crash_adopts_the_job_instead_of_creating_another(vertex, keys, tmp_path):

@@ -95,6 +95,24 @@ def test_a_requested_model_that_does_not_exist_does_not_fall_back_to_the_files(r
         router.pick(requested_model="nope", file_model="gpt-4o")
 
 
+def test_candidates_resolve_a_model_name_then_a_deployment_id_then_provider_model(router, monkeypatch):
+    assert [d.id for d in router.candidates("gpt-4o-mini")] == ["oai-a", "oai-b", "az"]
+    assert [d.id for d in router.candidates("gpt-4o-mini", "azure")] == ["az"]
+    assert [d.id for d in router.candidates("heavy-1")] == ["heavy-1"]  # a deployment id: that one only
+    assert router.pick(requested_model="oai-b", file_model="").id == "oai-b"
+    assert router.candidates("heavy-1", "azure") == []
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    assert [d.id for d in router.candidates("openai/gpt-4.1")] == [ADHOC_PREFIX + "openai/gpt-4.1"]
+    assert router.candidates("nothing-like-it") == []
+
+
+def test_least_loaded_counts_planned_requests_too(router):
+    pool = router.candidates("heavy")  # heavy-3 (weight 3), heavy-1
+    router.add_load("heavy-3", 30)
+    assert router.least_loaded(pool).id == "heavy-1"  # 10 per weight against 0
+    assert router.least_loaded(pool, {"heavy-1": 11}).id == "heavy-3"
+
+
 def test_provider_filter(router):
     assert router.pick(requested_model="gpt-4o-mini", file_model="", provider="azure").id == "az"
     placed = place(router, 4, 10, requested_model="gpt-4o-mini", file_model="", provider="openai")

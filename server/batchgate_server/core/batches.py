@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
@@ -27,13 +27,12 @@ from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.routing import Router
-from batchgate_server.core.shard_plan import BatchPlan, plan_batch
 from batchgate_server.core.tracker import Tracker, batch_load, cancel_batch
 from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.core.shard_plan import BatchPlan, file_groups, plan_batch
 from batchgate_server.domain.ids import new_batch_id
-from batchgate_server.domain.deployment import Deployment
+from batchgate_server.domain.shards import MAX_FILE_GROUPS
 from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
-from batchgate_server.providers.base import UnsupportedRequest
 from batchgate_server.providers.registry import ProviderRegistry
 from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.ports import MetadataStore
@@ -49,6 +48,8 @@ MAX_REQUEST_ID = 128
 # Model names (a model_name, "provider/model", a Bedrock ARN) are far shorter; both are stored.
 MAX_MODEL = 256
 MAX_PROVIDER = 64
+# A file mixes at most MAX_FILE_GROUPS (endpoint, model) groups: as many file models to map.
+MAX_MODEL_MAP_PAIRS = MAX_FILE_GROUPS
 
 
 @dataclass
@@ -60,12 +61,17 @@ class CreateBatch:
     model: str = ""
     provider: str = ""
     request_id: str = ""
+    # A file model (body.model) -> the name its lines are routed by (core/shard_plan.py).
+    model_map: dict[str, str] = field(default_factory=dict)
+    spread: bool = False
+    # The HTTP API (OpenAI's shape) needs an endpoint unless the file mixes endpoints.
+    endpoint_required_unless_mixed: bool = False
 
 
 def check_create(req: CreateBatch) -> None:
     if not req.input_file_id:
         raise _invalid("input_file_id is required", "MISSING_INPUT_FILE_ID", "input_file_id", "required")
-    if req.endpoint and req.endpoint not in SUPPORTED_ENDPOINTS:  # "": the file's own endpoints
+    if req.endpoint and req.endpoint not in SUPPORTED_ENDPOINTS:
         raise _invalid(f"endpoint {echo(req.endpoint)} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
                        "UNSUPPORTED_ENDPOINT", "endpoint", f"one of {', '.join(SUPPORTED_ENDPOINTS)}")
     if req.completion_window not in COMPLETION_WINDOWS:
@@ -92,21 +98,43 @@ def check_create(req: CreateBatch) -> None:
     if len(req.provider) > MAX_PROVIDER:
         raise _invalid(f"provider is longer than {MAX_PROVIDER} characters", "INVALID_PROVIDER", "provider",
                        f"at most {MAX_PROVIDER} characters")
+    check_model_map(req.model_map)
+
+
+def check_model_map(model_map: dict[str, str]) -> None:
+    if len(model_map) > MAX_MODEL_MAP_PAIRS:
+        raise _invalid(f"model_map has {len(model_map)} pairs; at most {MAX_MODEL_MAP_PAIRS} are allowed",
+                       "INVALID_MODEL_MAP", "model_map", f"at most {MAX_MODEL_MAP_PAIRS} pairs")
+    for key, value in model_map.items():
+        for text, what in ((key, "key"), (value, f"value of {echo(key[:80])}")):
+            if not 1 <= len(text) <= MAX_MODEL or not is_utf8_text(text):
+                raise _invalid(f"model_map {what} must be 1 to {MAX_MODEL} characters of UTF-8 text",
+                               "INVALID_MODEL_MAP", f"model_map[{key[:80]}]",
+                               f"{what.split()[0]} of 1 to {MAX_MODEL} characters")
 
 
 def replay(previous: BatchRecord, req: CreateBatch) -> BatchRecord:
     """The batch `req.request_id` created, if `req` asks for the same batch; REQUEST_ID_REUSED
     naming the first parameter that differs otherwise (a key names one request, as in AIP-155)."""
-    asked = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
-             "completion_window": previous.completion_window, "metadata": previous.metadata,
-             "model": previous.requested_model, "provider": previous.requested_provider}
-    for name, value in asked.items():
-        if value is not None and getattr(req, name) != value:
+    # An endpoint left out is the file's own (the same file: checked first), as recorded.
+    asked = {"input_file_id": req.input_file_id, "endpoint": req.endpoint or previous.endpoint}
+    recorded = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
+                "completion_window": previous.completion_window, "metadata": previous.metadata,
+                "model": previous.requested_model, "provider": previous.requested_provider,
+                "model_map": previous.requested_model_map, "spread": previous.requested_spread}
+    for name, value in recorded.items():
+        if value is not None and asked.get(name, getattr(req, name)) != value:
             raise FailedPrecondition(
                 f"request_id {echo(req.request_id)} already created batch {previous.id} with another {name};"
                 " use a new request_id for another batch", "REQUEST_ID_REUSED",
                 {"request_id": req.request_id, "batch_id": previous.id, "field": name})
     return previous
+
+
+def _shared(values) -> str:
+    """The one value all of `values` have, else ""."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else ""
 
 
 class BatchManager:
@@ -136,95 +164,60 @@ class BatchManager:
             raise FailedPrecondition(f"file {source.id} has purpose {source.purpose.value!r}; a batch needs a "
                                      "file uploaded with purpose batch", "FILE_NOT_BATCH_INPUT",
                                      {"file_id": source.id, "purpose": source.purpose.value})
-        if len(source.groups) <= 1 and source.endpoint != req.endpoint:
-            raise _invalid(f"the batch endpoint {req.endpoint!r} does not match the file's url {source.endpoint!r}",
-                           "ENDPOINT_MISMATCH", "endpoint", f"the file's requests target {source.endpoint}",
-                           file_endpoint=source.endpoint)
-        plan = plan_batch(source, endpoint=req.endpoint, model=req.model, model_map={}, provider=req.provider,
-                          spread=False, router=self.router, providers=self.providers)
-        if plan.sharded:
-            return await self._create_sharded(principal, req, source, plan)
-        deployment = self.router.pick(requested_model=req.model, file_model=source.model, provider=req.provider)
-        # Count the batch against its deployment now, not when its runner starts: creates that
+        if req.endpoint_required_unless_mixed and not req.endpoint and \
+                len({g.endpoint for g in file_groups(source)}) < 2:
+            raise _invalid("endpoint is required (it may be left out only for a file that mixes endpoints)",
+                           "MISSING_ENDPOINT", "endpoint", "required")
+        plan = plan_batch(source, endpoint=req.endpoint, model=req.model, model_map=req.model_map,
+                          provider=req.provider, spread=req.spread, router=self.router, providers=self.providers)
+        record = self._record(principal, req, source, plan)
+        # Count the batch against its deployments now, not when a runner starts: creates that
         # run concurrently must see each other's load or they all land on the same deployment.
-        load = batch_load(source.line_count)
-        self.router.add_load(deployment.id, load)
+        loads = [(p.deployment_id, batch_load(p.count)) for p in plan.parts]
+        for deployment_id, load in loads:
+            self.router.add_load(deployment_id, load)
         adopted = False
         try:
-            self._check_provider(deployment, req.endpoint, source.line_count)
-            now = time.time()
-            record = BatchRecord(
-                id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
-                completion_window=req.completion_window, status=BatchStatus.VALIDATING, created_at=now,
-                expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=deployment.model_name,
-                provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
-                api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
-                price=self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider),
-                requested_model=req.model, requested_provider=req.provider,
-            )
-            stored = await self._insert_or_replay(principal, req, record)
-            if stored is not record:
-                return stored
-            adopted = True
+            try:
+                # Shielded: once the row is queued it will be committed even if the caller's
+                # deadline fires, so the runner must be started in the same breath, or the batch
+                # would sit in validating with nobody driving it until the next restart.
+                await asyncio.shield(self._insert_and_adopt(record))
+            except Duplicate:
+                previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
+                if previous is None:
+                    raise
+                return replay(previous, req)
+            adopted = not plan.sharded
         finally:
+            # A single job's runner takes the reserved load over; a parent's shards count their
+            # own when they start.
             if not adopted:
-                self.router.remove_load(deployment.id, load)
-        log.info("batch %s created: %d requests on %s (%s), project %s", record.id, source.line_count,
-                 deployment.model_name, deployment.provider, principal.project)
+                for deployment_id, load in loads:
+                    self.router.remove_load(deployment_id, load)
+        log.info("batch %s created: %d requests in %d part(s) on %s, project %s", record.id, source.line_count,
+                 len(plan.parts), ", ".join(sorted({p.deployment_id for p in plan.parts})), principal.project)
         return record
 
-    def _check_provider(self, deployment: Deployment, endpoint: str, line_count: int) -> None:
-        try:
-            provider = self.providers.get(deployment.provider)
-            provider.check(endpoint, deployment, line_count)
-        except UnsupportedRequest as err:
-            details = {"provider": deployment.provider, **err.details}
-            if err.precondition:
-                raise FailedPrecondition(err.message, err.reason, details) from None
-            raise InvalidArgument(err.message, err.reason, details,
-                                  [FieldViolation("endpoint" if "ENDPOINT" in err.reason else "model",
-                                                  err.message)]) from None
-
-    async def _create_sharded(self, principal: Principal, req: CreateBatch, source: FileRecord,
-                              plan: BatchPlan) -> BatchRecord:
-        """A batch run as several jobs (domain/shards.py): the parent carries the plan; its runner
-        (core/sharded.py) splits it into shards, which count their own load when they start."""
-        for part in plan.parts:
-            deployment = plan.deployments[part.deployment_id]
-            # Checked as one of its jobs (at most the provider's max_requests): the split makes them.
-            most = self.providers.get(deployment.provider).limits(part.endpoint, deployment).max_requests
-            self._check_provider(deployment, part.endpoint, min(part.count, most or part.count))
-        used = [plan.deployments[p.deployment_id] for p in plan.parts]
-        # Each set only when every part shares it.
-        models, providers = {d.model_name for d in used}, {d.provider for d in used}
-        model = models.pop() if len(models) == 1 else ""
-        provider = providers.pop() if len(providers) == 1 else ""
+    def _record(self, principal: Principal, req: CreateBatch, source: FileRecord, plan: BatchPlan) -> BatchRecord:
+        """The batch as created: today's single job on its deployment, or a parent carrying the plan
+        whose endpoint, model and provider are set only when every part shares them."""
+        deployments = [plan.deployments[p.deployment_id] for p in plan.parts]
         now = time.time()
         record = BatchRecord(
-            id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
-            completion_window=req.completion_window, status=BatchStatus.VALIDATING, created_at=now,
-            expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=model, provider=provider,
+            id=new_batch_id(), project=principal.project, endpoint=_shared(p.endpoint for p in plan.parts),
+            input_file_id=source.id, completion_window=req.completion_window, status=BatchStatus.VALIDATING,
+            created_at=now, expires_at=now + COMPLETION_WINDOWS[req.completion_window],
+            model=_shared(d.model_name for d in deployments), provider=_shared(d.provider for d in deployments),
             input_line_count=source.line_count, api_key_id=principal.key_id, request_id=req.request_id,
             metadata=dict(req.metadata), requested_model=req.model, requested_provider=req.provider,
-            plan=list(plan.parts))
-        stored = await self._insert_or_replay(principal, req, record)
-        if stored is record:
-            log.info("batch %s created: %d requests in %d part(s), project %s", record.id, source.line_count,
-                     len(plan.parts), principal.project)
-        return stored
-
-    async def _insert_or_replay(self, principal: Principal, req: CreateBatch, record: BatchRecord) -> BatchRecord:
-        """`record`, stored and driven; or the batch req.request_id made meanwhile (another create)."""
-        try:
-            # Shielded: once the row is queued it will be committed even if the caller's
-            # deadline fires, so the runner must be started in the same breath, or the batch
-            # would sit in validating with nobody driving it until the next restart.
-            await asyncio.shield(self._insert_and_adopt(record))
-        except Duplicate:
-            previous = await self.store.get_batch_by_request_id(principal.project, req.request_id)
-            if previous is None:
-                raise
-            return replay(previous, req)
+            requested_model_map=dict(req.model_map), requested_spread=req.spread)
+        if plan.sharded:
+            record.plan = list(plan.parts)
+        else:
+            (deployment,) = deployments
+            record.deployment_id = deployment.id
+            record.price = self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider)
         return record
 
     async def _insert_and_adopt(self, record: BatchRecord) -> None:

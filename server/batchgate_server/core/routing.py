@@ -1,9 +1,10 @@
 """Which deployment runs a batch.
 
 Resolution: CreateBatch.model (a model_name, or "provider/model"), else the
-file's body.model matched against model_name, else the file's model as
-"provider/model" with credentials from the provider's usual environment
-variables. Among several deployments of one model_name the one with the fewest
+file's body.model matched against model_name, else a deployment id
+(model_info.id), else the name as "provider/model" with credentials from the
+provider's usual environment variables (core/shard_plan.py resolves every line
+group of a file this way, through `candidates`). Among several deployments of one model_name the one with the fewest
 queued requests per unit of weight wins; a deployment that keeps failing cools
 down. A batch stays on its deployment for life (the id is stored with it).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from batchgate_server.config import ModelList, split_model
 from batchgate_server.core.errors import FieldViolation, InvalidArgument, echo
@@ -61,25 +62,42 @@ class Router:
 
     # -- choosing -------------------------------------------------------------------
 
+    def candidates(self, name: str, provider: str = "") -> list[Deployment]:
+        """Every deployment `name` resolves to, in model-list order: the deployments of that
+        model_name, else the one whose id (model_info.id) it is, else "provider/model" with
+        credentials from the environment; only those of `provider` when set. Empty: no route."""
+        found = self.model_list.named(name)
+        if not found and (by_id := self.model_list.by_id(name)) is not None:
+            found = [by_id]
+        if not found and (d := adhoc_deployment(name)) is not None:
+            found = [d]
+        return [d for d in found if d.provider == provider] if provider else found
+
+    def warm(self, candidates: list[Deployment]) -> list[Deployment]:
+        """The candidates not cooling down; all of them when every one is (still served)."""
+        now = self._clock()
+        return [d for d in candidates if self._cooldown_until.get(d.id, 0) <= now] or candidates
+
+    def least_loaded(self, candidates: list[Deployment], planned: Mapping[str, int] | None = None) -> Deployment:
+        """The candidate with the fewest queued requests per unit of weight (the heavier on a tie,
+        then the first), counting `planned` requests (by deployment id) as queued too."""
+        planned = planned or {}
+        return min(candidates, key=lambda d: ((self.queued(d.id) + planned.get(d.id, 0)) / d.weight, -d.weight))
+
+    def configured_names(self) -> list[str]:
+        return sorted({d.model_name for d in self.model_list.deployments})
+
     def pick(self, *, requested_model: str, file_model: str, provider: str = "") -> Deployment:
         name = requested_model or file_model
-        candidates = self.model_list.named(name)
-        if not candidates and (d := adhoc_deployment(name)) is not None:
-            candidates = [d]
-        if provider:
-            candidates = [d for d in candidates if d.provider == provider]
+        candidates = self.candidates(name, provider)
         if not candidates:
-            names = sorted({d.model_name for d in self.model_list.deployments})
             field = "model" if requested_model else "input_file.model"
             hint = f" with provider {echo(provider)}" if provider else ""
             raise InvalidArgument(
-                f"no deployment serves model {echo(name)}{hint}; configured model names: {', '.join(names)}"
-                " (or use 'provider/model')", "MODEL_NOT_FOUND", {"model": name, "provider": provider},
-                [FieldViolation(field, f"unknown model {echo(name)}")])
-        now = self._clock()
-        warm = [d for d in candidates if self._cooldown_until.get(d.id, 0) <= now]
-        pool = warm or candidates  # all cooling down: still serve, from the least loaded
-        return min(pool, key=lambda d: (self.queued(d.id) / d.weight, -d.weight))
+                f"no deployment serves model {echo(name)}{hint}; configured model names: "
+                f"{', '.join(self.configured_names())} (or use 'provider/model')", "MODEL_NOT_FOUND",
+                {"model": name, "provider": provider}, [FieldViolation(field, f"unknown model {echo(name)}")])
+        return self.least_loaded(self.warm(candidates))
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         """The deployment a stored batch is pinned to (also after a restart)."""

@@ -55,7 +55,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.custom_ids import CustomIdCodec
+from batchgate_server.providers.custom_ids import LONGEST_LINE_NO, CustomIdCodec
 from batchgate_server.providers.eventual import Consistency, create_call, wall_time
 from batchgate_server.providers.lines import complete_lines, last_line
 from batchgate_server.providers.output_lines import dumps, line_id, no_result_line
@@ -87,14 +87,19 @@ class InputLine:
     provider_id: str
 
 
-async def input_lines(job: ProviderJob, codec: CustomIdCodec) -> AsyncIterator[InputLine]:
-    """The batch's request lines with their provider-safe ids. Input files were validated at
+def input_line(raw: bytes, index: int, codec: CustomIdCodec) -> InputLine:
+    """Input line `index` (0-based) with its provider-safe id. Input files were validated at
     upload, so every line is a JSON object with a string custom_id and a body."""
+    obj = json.loads(raw)
+    custom_id = str(obj.get("custom_id"))
+    return InputLine(index, custom_id, obj.get("body"), codec.encode(custom_id, index))
+
+
+async def input_lines(job: ProviderJob, codec: CustomIdCodec) -> AsyncIterator[InputLine]:
+    """The batch's request lines with their provider-safe ids."""
     index = 0
     async for raw in job.open_input():
-        obj = json.loads(raw)
-        custom_id = str(obj.get("custom_id"))
-        yield InputLine(index, custom_id, obj.get("body"), codec.encode(custom_id, index))
+        yield input_line(raw, index, codec)
         index += 1
         if index % YIELD_EVERY == 0:
             await asyncio.sleep(0)
@@ -109,6 +114,11 @@ class Staged:
     skipped: int = 0  # lines that failed translation (they come back as error lines)
     first_error: str = ""  # "line N (custom_id …): message" of the first skipped line
     bytes: int = 0
+
+
+def record_bytes(record: dict) -> bytes:
+    """A translated record as a line of the staged JSONL input (without its newline)."""
+    return dumps(record)
 
 
 async def write_translated(job: ProviderJob, codec: CustomIdCodec, path: Path,
@@ -133,7 +143,7 @@ async def write_translated(job: ProviderJob, codec: CustomIdCodec, path: Path,
                     staged.first_error = (f"line {line.index + 1} (custom_id {line.custom_id!r}): "
                                           f"{param + ': ' if param else ''}{msg}")
                 continue
-            buf += dumps(record)
+            buf += record_bytes(record)
             buf += b"\n"
             staged.sent += 1
             if len(buf) >= WRITE_FLUSH:
@@ -259,7 +269,9 @@ class StagedBatchProvider(BatchProvider):
     def _staging_path(self, job: ProviderJob) -> Path:
         raise NotImplementedError
 
-    def _translator(self, job: ProviderJob) -> Callable[[InputLine], dict]:
+    def _line_translator(self, endpoint: str, deployment: Deployment) -> Callable[[InputLine], dict]:
+        """InputLine -> the provider's record for a job of `endpoint` on `deployment`; raises one of
+        `translation_errors` for a line that cannot be sent."""
         raise NotImplementedError
 
     def _translation_error_line(self, custom_id: str, error: BaseException, *, request_index: int,
@@ -305,6 +317,23 @@ class StagedBatchProvider(BatchProvider):
         raise NotImplementedError
 
     # -- shared steps ---------------------------------------------------------------------
+    def _translator(self, job: ProviderJob) -> Callable[[InputLine], dict]:
+        return self._line_translator(job.endpoint, job.deployment)
+
+    def request_size(self, endpoint: str, deployment: Deployment, line: bytes) -> int:
+        """The record as staged in the job's input file (translated, its id remapped if the provider
+        cannot take the custom_id), with its newline; 0 for a line that cannot be translated (it is
+        never sent: an error line here)."""
+        item = input_line(line, LONGEST_LINE_NO, self._codec())
+        try:
+            record = self._line_translator(endpoint, deployment)(item)
+        except self.translation_errors:
+            return 0
+        return len(record_bytes(record)) + 1
+
+    def job_id(self, state: Mapping[str, Any]) -> str:
+        return str(state.get(self.job_key) or "")
+
     def _require_settings(self, deployment: Deployment) -> None:
         missing = self._missing_setting(deployment.params)
         if missing:
