@@ -168,7 +168,7 @@ async def manual_oai():
 
 
 async def test_120000_lines_on_openai_run_as_three_jobs_billed_as_one_batch(tmp_path, oai):
-    config = openai_config(tmp_path / "models.yaml", oai, max_batch_requests=50_000)
+    config = openai_config(tmp_path / "models.yaml", oai)  # OpenAI's own limit: 50,000 requests a job
     async with serving(tmp_path / "data", config_file=config, max_file_lines=200_000,
                        max_file_bytes=1 << 30) as h:
         a = h.alice
@@ -180,6 +180,7 @@ async def test_120000_lines_on_openai_run_as_three_jobs_billed_as_one_batch(tmp_
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
         assert [s.request_counts.total for s in final.shards] == [40_000, 40_000, 40_000]
         assert jobs_by_shard(oai) == Counter({s.id: 1 for s in final.shards})
+        assert sorted(s.provider_job_id for s in final.shards) == sorted(oai.batches), "operators see the job ids"
         assert (final.request_counts.total, final.request_counts.completed) == (n, n)
         out, err = await results(a, final)
         assert_each_once(out, [line["custom_id"] for line in lines])
