@@ -200,6 +200,9 @@ class ShardedBatchRunner(BatchRunner):
             return
         await self._show(shards)
         await self._sleep(FOLLOW_INTERVAL)
+        # Shards moving together wake this runner in bursts: at most one re-read (and revision of
+        # the batch) per min_poll_interval, as a single job's poll loop coalesces its progress.
+        await asyncio.sleep(self.t.min_poll_interval)
 
     # -- split ----------------------------------------------------------------------------
 
