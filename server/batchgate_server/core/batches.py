@@ -15,8 +15,6 @@ from batchgate_server.core.auth import Principal
 from batchgate_server.core.errors import invalid_field as _invalid
 from batchgate_server.core.errors import (
     FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
     echo,
     exhausted_when_full,
     is_utf8_text,
