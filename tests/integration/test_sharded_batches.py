@@ -99,6 +99,11 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
     usage = usage_pb2_grpc.UsageServiceStub(h.channel)
     report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
     assert report.totals.batch_count == 1
+    # nothing of the batch stays in the tracker once its runner has cleaned up
+    async with asyncio.timeout(10):
+        while h.server.tracker.runner(batch.id) is not None:
+            await asyncio.sleep(0.01)
+    assert h.server.tracker._parents == {}
 
 
 async def test_a_mixed_chat_and_embeddings_file_runs_on_two_executor_deployments(tmp_path, upstream):
