@@ -1,7 +1,7 @@
 """CreateBatch's routing plan through the real server (core/shard_plan.py): mixed files, model_map
 with model names and deployment ids, minimums (Bedrock's 100 records) rerouted or refused, spread,
-and the errors that name the lines at fault. Here: what CreateBatch answers and, for a single job,
-that it runs; how a sharded batch runs once created is the sharded runner's tests' (core/sharded.py)."""
+and the errors that name the lines at fault: what CreateBatch answers, and that the batch it plans
+runs where it was planned (how a sharded batch runs is tests/integration/test_sharded_batches.py's)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,18 @@ import pytest
 
 from batchgate.v1 import batch_pb2
 from tests.conftest import error_details, jsonl, request_line, serving
-from tests.integration.batch_helpers import create, watch_all, write_config
+from tests.integration.batch_helpers import create, results, watch_all, write_config
 
 CHAT, EMBED = "/v1/chat/completions", "/v1/embeddings"
 
 
 def bedrock(name: str, **params) -> dict:
-    """A Bedrock deployment configured enough for CreateBatch (nothing here reaches AWS)."""
+    """A Bedrock deployment configured enough for CreateBatch (nothing here reaches AWS); its jobs
+    take at least 100 records, Bedrock's minimum."""
     return {"model_name": name, "litellm_params": {
         "model": "bedrock/anthropic.claude-3-haiku-20240307-v1:0", "aws_region_name": "us-east-1",
         "s3_bucket_name": "batches", "aws_batch_role_arn": "arn:aws:iam::123456789012:role/batch",
-        "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
-        # Bedrock's own minimum, as edge's job limits give it (bedrock_min_records) and an account may lower
-        "min_batch_requests": 100, **params}}
+        "aws_access_key_id": "testing", "aws_secret_access_key": "testing", **params}}
 
 
 def simulated(name: str, dep_id: str, **params) -> dict:
@@ -116,10 +115,16 @@ async def test_below_the_minimum_with_no_other_deployment_is_refused_with_the_nu
 
 
 async def test_a_mixed_or_spread_batch_is_created_as_one_batch_with_what_its_parts_share(h):
-    mixed = await h.upload(h.alice, lines((CHAT, "simulated", 2), (EMBED, "simulated", 2)))
-    batch = await create(h.alice, mixed.id, endpoint="")
-    # Two endpoints: no one endpoint to show; one model and provider, shared by both parts.
-    assert (batch.endpoint, batch.model, batch.provider) == ("", "simulated", "openai_compatible")
+    mixed = await h.upload(h.alice, lines((CHAT, "simulated", 2), (EMBED, "house-embed", 3)))
+    batch = await create(h.alice, mixed.id, endpoint="", model_map={"house-embed": "pool-2"})
+    # Two endpoints: no one endpoint to show; models and deployments differ, one provider.
+    assert (batch.endpoint, batch.model, batch.provider) == ("", "", "openai_compatible")
+    final = (await watch_all(h.alice, batch.id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and final.request_counts.completed == 5
+    assert sorted((s.endpoint, s.model, s.deployment_id, s.request_counts.total) for s in final.shards) == [
+        (CHAT, "simulated", "builtin-simulated", 2), (EMBED, "pool", "pool-2", 3)]
+    out, err = await results(h.alice, final)
+    assert sorted(line["custom_id"] for line in out) == [f"r{i}" for i in range(5)] and err == []
 
     homogeneous = await h.upload(h.alice, lines((CHAT, "pool", 8)))
     spread = await create(h.alice, homogeneous.id, spread=True, request_id="spread-1")
@@ -148,3 +153,32 @@ async def test_http_leaves_the_endpoint_out_only_for_a_file_that_mixes_endpoints
         status, answer = await post({"input_file_id": mixed.id, "endpoint": EMBED})
         assert (status, answer["error"]["code"]) == (400, "endpoint_mismatch")
         assert "line 1" in answer["error"]["message"]
+
+
+@pytest.fixture
+async def slow_pool(tmp_path):
+    """Three deployments of "pool" (weights 1, 1, 2) slow enough that batches on them stay queued."""
+    config = write_config(tmp_path / "models.yaml", [
+        simulated("pool", "pool-1", latency_ms=60_000, max_concurrency=1),
+        simulated("pool", "pool-2", latency_ms=60_000, max_concurrency=1),
+        simulated("pool", "pool-3", latency_ms=60_000, max_concurrency=1, weight=2),
+    ])
+    async with serving(tmp_path / "data", config_file=config) as harness:
+        yield harness
+
+
+async def test_spread_cuts_by_weight_counting_the_load_already_queued(slow_pool):
+    h = slow_pool
+    busy = await create(h.alice, (await h.upload(h.alice, lines((CHAT, "pool", 40)))).id,
+                        model_map={"pool": "pool-3"})
+    # Queued per weight: pool-1 0, pool-2 0, pool-3 40/2 = 20. 80 more fill every one to 30 per weight.
+    f = await h.upload(h.alice, lines((CHAT, "pool", 80)))
+    spread = await create(h.alice, f.id, spread=True)
+    async for event in h.alice.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=spread.id),
+                                                  metadata=h.alice.metadata, timeout=60):
+        if event.WhichOneof("event") == "batch" and event.batch.shards:
+            shards = {s.deployment_id: s.request_counts.total for s in event.batch.shards}
+            break
+    assert shards == {"pool-1": 30, "pool-2": 30, "pool-3": 20}
+    for batch_id in (busy.id, spread.id):
+        await h.alice.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch_id), metadata=h.alice.metadata)

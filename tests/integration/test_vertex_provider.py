@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -69,6 +70,7 @@ def vertex(api):
     """The shared fake with its per-test switches reset afterwards."""
     yield api
     api.hold_after = None
+    api.fail_after = None
     api.lines_per_tick = None
     api.lag.reset()
     api.create_errors.clear()
@@ -218,6 +220,26 @@ async def test_job_failed_at_vertex(h, vertex):
     assert final.errors[0].code == "provider_job_failed"
     assert "Internal error" in final.errors[0].message
     assert out == [] and err == []
+
+
+async def test_job_failed_mid_way_keeps_and_charges_what_vertex_answered(h, vertex):
+    # Vertex fails the job after 2 of 4 lines, leaving their predictions in its output directory:
+    # Google bills those two, so the batch keeps them and is charged for them, and still fails.
+    vertex.fail_after = 2
+    final, _, out, err = await run(h, [chat(f"r{i}", f"question {i}") for i in range(4)])
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert final.errors[0].code == "provider_job_failed" and "Internal error" in final.errors[0].message
+    assert len(out) == 2 and sorted(line["custom_id"] for line in out + err) == ["r0", "r1", "r2", "r3"]
+    assert {line["error"]["code"] for line in err} == {"batch_failed"}
+    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (4, 2, 2)
+    prompt = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out)
+    completion = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in out)
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (prompt, completion)
+    # gemini-2.5-flash batch prices (builtin table): input $0.15/M, output $1.25/M
+    # cost = prompt * 0.00000015 + completion * 0.00000125
+    expected = Decimal(prompt) * Decimal("0.00000015") + Decimal(completion) * Decimal("0.00000125")
+    assert final.cost.status == batch_pb2.COST_STATUS_KNOWN and expected > 0
+    assert Decimal(final.cost.amount) == expected
 
 
 async def test_cancel_mid_run_returns_partial_results(h, vertex):

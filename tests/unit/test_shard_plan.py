@@ -182,6 +182,14 @@ def test_every_unroutable_model_is_named_once_with_its_lines():
     assert "'mystery' (lines 3, 4, 5)" in err.message and "configured model names: chat" in err.message
 
 
+def test_a_model_map_key_no_line_has_is_refused_not_ignored():
+    with pytest.raises(InvalidArgument) as ei:
+        plan(source((CHAT, "gpt-4o", 3)), model_map={"gpt4o": "chat"})  # a typo would run them on gpt-4o
+    err = ei.value
+    assert (err.reason, err.metadata["model"]) == ("INVALID_MODEL_MAP", "gpt4o")
+    assert err.violations[0].field == "model_map[gpt4o]" and "'gpt-4o'" in err.message
+
+
 def test_an_unknown_requested_model_names_the_model_field():
     with pytest.raises(InvalidArgument) as ei:
         plan(source((CHAT, "chat", 2)), model="gpt-17")

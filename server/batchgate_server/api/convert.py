@@ -119,7 +119,9 @@ def batch_to_proto(b: BatchRecord) -> batch_pb2.Batch:
     if b.usage is not None:
         msg.usage.CopyFrom(batch_pb2.Usage(
             input_tokens=b.usage.input_tokens,
-            input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=b.usage.cached_tokens),
+            input_tokens_details=batch_pb2.InputTokensDetails(
+                cached_tokens=b.usage.cached_tokens, cache_creation_tokens=b.usage.cache_creation_tokens,
+                cache_creation_1h_tokens=b.usage.cache_creation_1h_tokens),
             output_tokens=b.usage.output_tokens,
             output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=b.usage.reasoning_tokens),
             total_tokens=b.usage.total_tokens,

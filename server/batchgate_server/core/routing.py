@@ -1,12 +1,12 @@
-"""Which deployment runs a batch.
+"""Which deployments may run a batch's lines, and which of them is least loaded.
 
-Resolution: CreateBatch.model (a model_name, or "provider/model"), else the
-file's body.model matched against model_name, else a deployment id
-(model_info.id), else the name as "provider/model" with credentials from the
-provider's usual environment variables (core/shard_plan.py resolves every line
-group of a file this way, through `candidates`). Among several deployments of one model_name the one with the fewest
-queued requests per unit of weight wins; a deployment that keeps failing cools
-down. A batch stays on its deployment for life (the id is stored with it).
+A target name (CreateBatch.model_map[body.model], CreateBatch.model, or the file's body.model)
+resolves to the deployments of that model_name, else to the deployment whose id (model_info.id)
+it is, else to "provider/model" with credentials from the provider's usual environment
+variables (`candidates`). core/shard_plan.py plans every line group of a file with these: the
+deployment with the fewest queued requests per unit of weight wins (`least_loaded`), a
+deployment that keeps failing cools down (`warm`). A batch stays on its deployment for life (the
+id is stored with it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 
 from batchgate_server.config import ModelList, split_model
-from batchgate_server.core.errors import FieldViolation, InvalidArgument, echo
 from batchgate_server.domain.deployment import Deployment
 
 ADHOC_PREFIX = "adhoc:"
@@ -86,18 +85,6 @@ class Router:
 
     def configured_names(self) -> list[str]:
         return sorted({d.model_name for d in self.model_list.deployments})
-
-    def pick(self, *, requested_model: str, file_model: str, provider: str = "") -> Deployment:
-        name = requested_model or file_model
-        candidates = self.candidates(name, provider)
-        if not candidates:
-            field = "model" if requested_model else "input_file.model"
-            hint = f" with provider {echo(provider)}" if provider else ""
-            raise InvalidArgument(
-                f"no deployment serves model {echo(name)}{hint}; configured model names: "
-                f"{', '.join(self.configured_names())} (or use 'provider/model')", "MODEL_NOT_FOUND",
-                {"model": name, "provider": provider}, [FieldViolation(field, f"unknown model {echo(name)}")])
-        return self.least_loaded(self.warm(candidates))
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         """The deployment a stored batch is pinned to (also after a restart)."""

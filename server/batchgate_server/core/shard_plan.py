@@ -7,7 +7,8 @@ else is a sharded batch whose runner splits the parts into jobs (domain/shards.p
 
 Per group:
 - Endpoint: CreateBatch.endpoint, when set, must be every group's; "" takes the file's own.
-- Target: model_map[group.model], else CreateBatch.model, else group.model. It resolves as
+- Target: model_map[group.model], else CreateBatch.model, else group.model (a model_map key that
+  is no group's model is refused: INVALID_MODEL_MAP). It resolves as
   Router.candidates does (a model_name, a deployment id, or "provider/model"), restricted to
   CreateBatch.provider when set. Every group without a route is named in one MODEL_NOT_FOUND,
   with its line numbers.
@@ -150,6 +151,7 @@ class _Planner:
     def plan(self) -> BatchPlan:
         groups = file_groups(self.source)
         self.check_endpoints(groups)
+        self.check_model_map(groups)
         routes = self.route(groups)
         parts: list[PlannedPart] = []
         sharded = False
@@ -194,6 +196,17 @@ class _Planner:
         if self.model:
             return self.model, "model"
         return group.model, "input_file.model"
+
+    def check_model_map(self, groups: list[FileGroup]) -> None:
+        """A key no line has is a mistake (a typo would silently leave those lines on their own
+        model), refused rather than ignored."""
+        models = list(dict.fromkeys(g.model for g in groups))
+        for key in self.model_map:
+            if key not in models:
+                raise InvalidArgument(
+                    f"model_map key {echo(key)} is the body.model of no line of the file; its models are "
+                    f"{', '.join(echo(m) for m in models[:MAX_VIOLATIONS])}", "INVALID_MODEL_MAP",
+                    {"model": key}, [FieldViolation(f"model_map[{key[:80]}]", "not a model of the file")])
 
     def route(self, groups: list[FileGroup]) -> list[tuple[str, list[Deployment]]]:
         routes, unrouted = [], []

@@ -29,9 +29,9 @@ from itertools import accumulate
 
 import msgspec
 
-from batchgate_server.core.result_files import ResultSink
+from batchgate_server.core.result_files import YIELD_EVERY_LINES, ResultSink
 from batchgate_server.core.shard_input import line_group, selection_lines
-from batchgate_server.core.tracker import YIELD_EVERY_LINES, BatchRunner, Tracker, cancel_batch
+from batchgate_server.core.tracker import BatchRunner, Tracker, cancel_batch
 from batchgate_server.domain import log_context
 from batchgate_server.domain.backoff import Backoff
 from batchgate_server.domain.deployment import Deployment

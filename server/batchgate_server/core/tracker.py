@@ -32,9 +32,11 @@ from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.events import BatchEvents, ParentsOnly
+from batchgate_server.core.result_files import CollectedResults, collect_results
 from batchgate_server.domain import log_context
 from batchgate_server.core.ownership import Ownership, StoredProgress
 from batchgate_server.domain.backoff import Backoff
+from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import (
     STATUS_TIMESTAMP,
@@ -44,7 +46,6 @@ from batchgate_server.domain.models import (
     FailureCount,
     RequestCounts,
 )
-from batchgate_server.core.result_files import ResultSink
 from batchgate_server.core.routing import Router
 from batchgate_server.core.shard_input import selection_lines
 from batchgate_server.core.watch_hub import WatchHub
@@ -55,7 +56,6 @@ from batchgate_server.providers.base import (
     PollResult,
     ProviderError,
     ProviderJob,
-    ResultKind,
     UnsupportedRequest,
     give_up_after,
 )
@@ -72,7 +72,6 @@ from batchgate_server.store.ports import BlobStore, MetadataStore
 
 log = logging.getLogger(__name__)
 
-YIELD_EVERY_LINES = 2000
 ENDED_BY_POLL = {
     JobStatus.COMPLETED: BatchStatus.COMPLETED,
     JobStatus.EXPIRED: BatchStatus.EXPIRED,
@@ -382,6 +381,7 @@ class BatchRunner:
             self.t.router.add_load(self.deployment.id, load)
         try:
             if self.deployment is None:
+                self._answers_left_here()
                 await self._fail("deployment_not_found",
                                  f"deployment {rec.deployment_id!r} is no longer in the model list")
                 return
@@ -470,10 +470,29 @@ class BatchRunner:
         fails (the job may still run at the provider; its results would be lost to us anyway)."""
         return give_up_after(self.deployment)
 
-    def _make_job(self) -> ProviderJob:
+    def _answers_left_here(self) -> None:
+        """The batch's deployment left the model list: a provider that keeps the answers of its
+        jobs here (the executor's work directory) still gives them, with a stand-in deployment, so
+        that the failed batch is charged for them. A remote job can't be reached without its
+        deployment's credentials: nothing is fetched (or charged) for it."""
+        rec = self.rec
+        if rec.in_progress_at is None:
+            return
+        try:
+            provider = self.t.providers.get(rec.provider)
+        except UnsupportedRequest:
+            return
+        if not provider.keeps_results_locally:
+            return
+        self._provider = provider
+        self.job = self._make_job(Deployment(id=rec.deployment_id, model_name=rec.model, provider=rec.provider,
+                                             model=str((rec.price or {}).get("model") or rec.model)))
+
+    def _make_job(self, deployment: Deployment | None = None) -> ProviderJob:
         rec = self.rec
         job = ProviderJob(
-            batch_id=rec.id, endpoint=rec.endpoint, deployment=self.deployment, line_count=self._line_count(),
+            batch_id=rec.id, endpoint=rec.endpoint, deployment=deployment or self.deployment,
+            line_count=self._line_count(),
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
             open_input=self._open_input, save_state=self._save_state,
             workdir=self.t.work_root / rec.id,
@@ -591,88 +610,100 @@ class BatchRunner:
         await self._fail_with([BatchError(code, message)], keep_workdir=keep_workdir)
 
     async def _fail_with(self, errors: list[BatchError], keep_workdir: bool = False) -> None:
+        errors = list(errors)
+        collected = await self._partial_results(errors)
+
+        usage = collected.usage.by_tier if collected is not None else None
+        usage_total, cost = (self.t.accounting.price(self.rec, usage) if usage is not None
+                             else (None, self.t.accounting.nothing_to_charge(self.rec)))
+
         def mutate(r: BatchRecord) -> None:
             self._enter(BatchStatus.FAILED)(r)
-            r.errors = list(errors)
-            r.cost = self.t.accounting.nothing_to_charge(r)
+            r.errors = errors
+            if collected is not None:  # partial results: kept, and charged as the provider bills them
+                collected.record_on(r, r.request_counts.total or self._line_count())
+                r.usage = usage_total
+            r.cost = cost
 
+        ledger = self.t.accounting.ledger_row(self.rec, usage, cost=cost)
         log.warning("batch %s failed: %s", self.rec.id, errors[0].message if errors else "")
-        await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
+        await self._persist_results(mutate, collected, ledger)
         if keep_workdir:
             log.warning("batch %s: work files kept in %s", self.rec.id, self.t.work_root / self.rec.id)
         else:
             await self._cleanup()
 
+    async def _partial_results(self, errors: list[BatchError]) -> CollectedResults | None:
+        """A failing batch the provider has run: the answers it has (the provider bills them), or
+        None when there are none (when they could not be fetched, the last error says so)."""
+        if self.job is None or self._provider is None or self.rec.in_progress_at is None:
+            return None  # never submitted: nothing ran, nothing to charge
+        try:
+            await self._choose_result_ids()
+            collected = await collect_results(self._provider.results(self.job), self.t.blobs, self.rec,
+                                              self.t.accounting.usage_counter(self.rec), time.time())
+        except Exception as err:  # noqa: BLE001 - the batch still ends failed, charged nothing
+            log.warning("batch %s: the results of the failed job could not be fetched: %s", self.rec.id, err)
+            # Said on the failure itself (its code stays what callers match on).
+            last = errors[-1] if errors else BatchError("provider_failed", "the batch failed")
+            errors[-1:] = [BatchError(last.code, f"{last.message}; the answers the provider may have could not be "
+                                      f"fetched ({_describe(err)}): nothing was charged", last.param, last.line)]
+            return None
+        if not collected.out_lines:  # nothing answered, nothing billed: it fails as if nothing ran
+            await collected.discard(self.t.blobs)
+            return None
+        return collected
+
+    async def _choose_result_ids(self, finalizing: bool = False) -> None:
+        """Name the result files once, before any is written, so a collection redone after a crash
+        writes the same files; finalizing: the batch shows FINALIZING while they are written."""
+        if self.rec.result_file_ids and (not finalizing or self.rec.status is BatchStatus.FINALIZING):
+            return
+
+        def prepare(r: BatchRecord) -> None:
+            if not r.result_file_ids:
+                r.result_file_ids = [new_file_id(), new_file_id()]
+            if finalizing:
+                self._enter(BatchStatus.FINALIZING)(r)
+
+        await self._persist(prepare)
+
+    async def _persist_results(self, mutate: Callable[[BatchRecord], None], collected: CollectedResults | None,
+                               ledger: dict) -> None:
+        """The terminal write, with the result files when there are any."""
+        try:
+            await self._persist(mutate, extra_files=collected.files if collected else (), ledger=ledger)
+        except asyncio.CancelledError:
+            # The shielded write may still land: keep the blobs (unrecorded ones are removed as
+            # orphans at the next start, and a redone finalisation rewrites the same ids).
+            raise
+        except BaseException:
+            if collected is not None:  # not recorded: a retry writes them again under the same ids
+                await collected.discard(self.t.blobs)
+            raise
+
     async def _finish(self, provider: BatchProvider, status: BatchStatus,
                       failures: list[FailureCount] | None = None) -> None:
-        rec = self.rec
-        if not rec.result_file_ids or (status is BatchStatus.COMPLETED
-                                       and rec.status is not BatchStatus.FINALIZING):
-            def prepare(r: BatchRecord) -> None:
-                if not r.result_file_ids:
-                    r.result_file_ids = [new_file_id(), new_file_id()]
-                if status is BatchStatus.COMPLETED:
-                    self._enter(BatchStatus.FINALIZING)(r)
-
-            await self._persist(prepare)
-        output_id, error_id = self.rec.result_file_ids
-        sinks = {ResultKind.OUTPUT: ResultSink(self.t.blobs), ResultKind.ERROR: ResultSink(self.t.blobs)}
-        usage = self.t.accounting.usage_counter()
-        try:
-            written = 0
-            async for line in provider.results(self.job):
-                await sinks[line.kind].write(line.data)
-                if line.kind is ResultKind.OUTPUT:
-                    usage.add_line(line.data)
-                written += 1
-                if written % YIELD_EVERY_LINES == 0:
-                    await asyncio.sleep(0)  # a 50k-line result must not stall every other RPC
-        except BaseException:
-            for sink in sinks.values():
-                await sink.abort()
-            raise
-        now = time.time()
-        files = []
-        try:
-            for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
-                record = await sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now)
-                if record is not None:
-                    files.append(record)
-        except BaseException:  # e.g. a full disk: neither file is kept, a retry writes both again
-            for sink in sinks.values():
-                await sink.abort()
-            for f in files:
-                await self.t.blobs.delete(f.id)
-            raise
-        out_lines, err_lines = sinks[ResultKind.OUTPUT].lines, sinks[ResultKind.ERROR].lines
-        usage_total, cost = self.t.accounting.price(self.rec, usage.by_model)
+        await self._choose_result_ids(finalizing=status is BatchStatus.COMPLETED)
+        collected = await collect_results(provider.results(self.job), self.t.blobs, self.rec,
+                                          self.t.accounting.usage_counter(self.rec), time.time())
+        usage_total, cost = self.t.accounting.price(self.rec, collected.usage.by_tier)
 
         def mutate(r: BatchRecord) -> None:
             # A cancel accepted while results were being collected still ends the batch cancelled.
             ended = BatchStatus.CANCELLED if (status is BatchStatus.COMPLETED
                                               and r.status is BatchStatus.CANCELLING) else status
             self._enter(ended)(r)
-            r.output_file_id = output_id if out_lines else ""
-            r.error_file_id = error_id if err_lines else ""
-            total = r.request_counts.total or self._line_count() or (out_lines + err_lines)
-            r.request_counts = RequestCounts(total=total, completed=out_lines, failed=err_lines)
+            collected.record_on(r, r.request_counts.total or self._line_count())
             r.usage = usage_total
             r.cost = cost
             if failures is not None:
                 r.failures = failures
 
-        try:
-            await self._persist(mutate, extra_files=files,
-                                ledger=self.t.accounting.ledger_row(self.rec, usage.by_model, cost=cost))
-        except asyncio.CancelledError:
-            # The shielded write may still land: keep the blobs (unrecorded ones are removed as
-            # orphans at the next start, and a redone finalisation rewrites the same ids).
-            raise
-        except BaseException:
-            for f in files:  # not recorded: a retry writes them again under the same ids
-                await self.t.blobs.delete(f.id)
-            raise
-        log.info("batch %s %s: %d ok, %d failed", rec.id, self.rec.status.value, out_lines, err_lines)
+        await self._persist_results(mutate, collected, self.t.accounting.ledger_row(
+            self.rec, collected.usage.by_tier, cost=cost))
+        log.info("batch %s %s: %d ok, %d failed", self.rec.id, self.rec.status.value, collected.out_lines,
+                 collected.err_lines)
         await self._cleanup()
 
     async def _cleanup(self) -> None:
@@ -686,3 +717,8 @@ class BatchRunner:
             except Exception as err:  # noqa: BLE001 - best effort: the provider's retention sweep tidies up
                 log.warning("batch %s: could not release what it left at the provider: %s", self.rec.id, err)
         shutil.rmtree(self.job.workdir, ignore_errors=True)
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

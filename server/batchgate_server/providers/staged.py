@@ -184,6 +184,7 @@ async def aiter_lines(read: Callable[[int], bytes], close: Callable[[], Any] | N
 UNANSWERED = {
     "cancelled": ("batch_cancelled", "the batch was cancelled before this request ran"),
     "expired": ("batch_expired", "the batch's completion window ended before this request ran"),
+    "failed": ("batch_failed", "the provider's job failed before this request was answered"),
 }
 
 
@@ -215,7 +216,7 @@ async def unanswered(job: ProviderJob, codec: CustomIdCodec, tracker: ResultTrac
                      translation_error_line: Callable[..., ResultLine], out_id: Callable[[int], str],
                      outcome: str, provider_label: str) -> AsyncIterator[ResultLine]:
     """One error line for every request without an answer: the translation error for lines that
-    were never sent, else batch_cancelled / batch_expired, else (a completed job that lost a
+    were never sent, else batch_cancelled / batch_expired / batch_failed, else (a completed job that lost a
     record) provider_missing_result."""
     code, message = UNANSWERED.get(outcome, (
         "provider_missing_result", f"{provider_label} returned no result for this request"))
@@ -260,7 +261,8 @@ class StagedBatchProvider(BatchProvider):
         self._sweep_after: dict[tuple[str, str], str] = {}  # (bucket, prefix) -> where the next sweep goes on
 
     # -- hooks ----------------------------------------------------------------------------
-    def _config(self, params: Mapping[str, Any]) -> Any:
+    def _config(self, deployment: Deployment) -> Any:
+        """The deployment's connection settings, with its request counts (`counted`)."""
         raise NotImplementedError
 
     def _codec(self) -> CustomIdCodec:
@@ -459,7 +461,7 @@ class StagedBatchProvider(BatchProvider):
                 return PollResult(JobStatus.CANCELLED)
             raise ProviderError(f"batch {job.batch_id} has no {self.label} job (not submitted)",
                                 code="provider_job_not_found")
-        cfg = self._config(job.deployment.params)
+        cfg = self._config(job.deployment)
         try:
             info = await self._get_job(cfg, job, job_id)
         except ProviderError as e:
@@ -500,13 +502,15 @@ class StagedBatchProvider(BatchProvider):
         outcome = "cancelled" if job.cancel_requested.is_set() else "completed"
         job_id = st.get(self.job_key)
         if job_id:
-            cfg = self._config(job.deployment.params)
+            cfg = self._config(job.deployment)
             info = await self._get_job(cfg, job, job_id)
             state = info.get(self.status_field)
             if state == self.expired_state or (state == self.cancelled_state and st.get("expire_sent")):
                 outcome = "expired"
             elif state in (self.cancelled_state, self.cancelling_state):
                 outcome = "cancelled"
+            elif self.status_map.get(state) is JobStatus.FAILED:  # partial results of a failed job
+                outcome = "failed"
             else:
                 outcome = "completed"
             async for line in self._read_output(cfg, job, job_id, info, tracker, outcome):
@@ -533,7 +537,7 @@ class StagedBatchProvider(BatchProvider):
     async def release(self, job: ProviderJob) -> None:
         self._live.discard(job.batch_id)
         st = job.state
-        cfg = self._config(job.deployment.params)
+        cfg = self._config(job.deployment)
         location = self._staged_location(job, cfg)
         if location is not None:
             bucket, prefix = location

@@ -445,9 +445,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     INVALID_MODEL_MAP: _ErrorReason.ValueType  # 320
     """CreateBatch routing (issue 14), numbered from 320.
 
-    INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, or a key or
-    value that is empty, longer than 256 characters or not UTF-8 text.
-    Do: map each file model to a model name of 1 to 256 characters.
+    INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, a key or
+    value that is empty, longer than 256 characters or not UTF-8 text, or a key
+    that is the body.model of no line of the file (metadata `model`).
+    Do: map each model of the file to a model name of 1 to 256 characters.
     """
     MISSING_ENDPOINT: _ErrorReason.ValueType  # 321
     """INVALID_ARGUMENT. POST /v1/batches without an endpoint for a file whose
@@ -898,9 +899,10 @@ restart.
 INVALID_MODEL_MAP: ErrorReason.ValueType  # 320
 """CreateBatch routing (issue 14), numbered from 320.
 
-INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, or a key or
-value that is empty, longer than 256 characters or not UTF-8 text.
-Do: map each file model to a model name of 1 to 256 characters.
+INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, a key or
+value that is empty, longer than 256 characters or not UTF-8 text, or a key
+that is the body.model of no line of the file (metadata `model`).
+Do: map each model of the file to a model name of 1 to 256 characters.
 """
 MISSING_ENDPOINT: ErrorReason.ValueType  # 321
 """INVALID_ARGUMENT. POST /v1/batches without an endpoint for a file whose

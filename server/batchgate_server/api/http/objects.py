@@ -37,7 +37,9 @@ def batch_object(b: BatchRecord) -> dict:
     usage = None
     if b.usage is not None:
         usage = {"input_tokens": b.usage.input_tokens,
-                 "input_tokens_details": {"cached_tokens": b.usage.cached_tokens},
+                 "input_tokens_details": {"cached_tokens": b.usage.cached_tokens,
+                                          "cache_creation_tokens": b.usage.cache_creation_tokens,
+                                          "cache_creation_1h_tokens": b.usage.cache_creation_1h_tokens},
                  "output_tokens": b.usage.output_tokens,
                  "output_tokens_details": {"reasoning_tokens": b.usage.reasoning_tokens},
                  "total_tokens": b.usage.total_tokens}

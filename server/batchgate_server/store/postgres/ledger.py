@@ -27,10 +27,12 @@ _SUMS = (
     " coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
     " coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,"
     f" coalesce(sum(cost_nanos) FILTER (WHERE {_KNOWN}), 0) AS cost_nanos,"
-    f" count(*) FILTER (WHERE NOT ({_KNOWN})) AS unknown_cost"
+    f" count(*) FILTER (WHERE NOT ({_KNOWN})) AS unknown_cost,"
+    " coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens,"
+    " coalesce(sum(cache_creation_1h_tokens), 0) AS cache_creation_1h_tokens"
 )
 _SUM_NAMES = ("batch_count", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_nanos",
-              "unknown_cost")
+              "unknown_cost", "cache_creation_tokens", "cache_creation_1h_tokens")
 
 
 def _where(f: LedgerFilter, p: Params) -> str:

@@ -207,8 +207,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX batches_parent ON batches(parent_id) WHERE parent_id IS NOT NULL;
     ALTER TABLE usage_ledger ADD COLUMN parent_batch_id TEXT COLLATE "C"
     """,
+    # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
+    """
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens BIGINT NOT NULL DEFAULT 0
+    """,
 ]
-
 _VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY,

@@ -836,9 +836,10 @@ export enum ErrorReason {
   WEBHOOK_ENDPOINT_CONFIGURED = 206,
 
   /**
-   * INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, or a key or
-   * value that is empty, longer than 256 characters or not UTF-8 text.
-   * Do: map each file model to a model name of 1 to 256 characters.
+   * INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, a key or
+   * value that is empty, longer than 256 characters or not UTF-8 text, or a key
+   * that is the body.model of no line of the file (metadata `model`).
+   * Do: map each model of the file to a model name of 1 to 256 characters.
    *
    * @generated from enum value: INVALID_MODEL_MAP = 320;
    */
