@@ -22,6 +22,7 @@ from tests.conftest import jsonl, request_line, serving
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.integration.batch_helpers import create, results, status_names, upstream_entry, watch_all, write_config
+from tests.integration.test_cli import cli, cli_env
 from tests.integration.test_observability import scrape, value
 from tests.integration.test_openai_provider_e2e import openai_entry, write_litellm_config
 from tests.integration.test_webhooks import SECRET as WEBHOOK_SECRET
@@ -94,9 +95,21 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
             assert response.status == 404
         async with http.get(base) as response:
             assert [b["id"] for b in (await response.json())["data"]] == [batch.id]
+        async with http.get(base, params={"after": final.shards[0].id}) as response:
+            assert response.status == 400, "a shard id is no cursor of the listing"
     usage = usage_pb2_grpc.UsageServiceStub(h.channel)
     report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
     assert report.totals.batch_count == 1
+    # the CLI shows the jobs
+    code, shown, _ = await cli(cli_env(h, a), "batches", "get", batch.id)
+    assert code == 0
+    jobs = [line.split() for line in shown.splitlines() if line.startswith("job ")]
+    assert [(j[1], j[2], j[4]) for j in jobs] == [(s.id, "completed", "exec-a") for s in final.shards]
+    # nothing of the batch stays in the tracker once its runner has cleaned up
+    async with asyncio.timeout(10):
+        while h.server.tracker.runner(batch.id) is not None:
+            await asyncio.sleep(0.01)
+    assert h.server.tracker._parents == {}
 
 
 async def test_a_mixed_chat_and_embeddings_file_runs_on_two_executor_deployments(tmp_path, upstream):
@@ -166,8 +179,7 @@ async def manual_oai():
 
 
 async def test_120000_lines_on_openai_run_as_three_jobs_billed_as_one_batch(tmp_path, oai):
-    # No max_batch_requests: OpenAI's own limit (50,000 requests a job) cuts the batch.
-    config = openai_config(tmp_path / "models.yaml", oai)
+    config = openai_config(tmp_path / "models.yaml", oai)  # OpenAI's own limit: 50,000 requests a job
     async with serving(tmp_path / "data", config_file=config, max_file_lines=200_000,
                        max_file_bytes=1 << 30) as h:
         a = h.alice
@@ -179,6 +191,7 @@ async def test_120000_lines_on_openai_run_as_three_jobs_billed_as_one_batch(tmp_
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
         assert [s.request_counts.total for s in final.shards] == [40_000, 40_000, 40_000]
         assert jobs_by_shard(oai) == Counter({s.id: 1 for s in final.shards})
+        assert sorted(s.provider_job_id for s in final.shards) == sorted(oai.batches), "operators see the job ids"
         assert (final.request_counts.total, final.request_counts.completed) == (n, n)
         out, err = await results(a, final)
         assert_each_once(out, [line["custom_id"] for line in lines])
