@@ -568,7 +568,12 @@ def test_anthropic_cache_write_prices_default_to_the_published_multipliers():
     assert "1.25x (5-minute) / 2x (1-hour)" in p.source
     # Elsewhere writes a provider reports without a price are charged as input.
     other = PriceTable.from_dict({"models": {"house": {"input_cost_per_token": "0.000002"}}}).price_for("house")
-    assert other.cache_write == other.cache_write_1h == other.input == Decimal("0.000001")
+    assert other.write_5m == other.write_1h == other.input == Decimal("0.000001")
+    # ... also at the executor's standard rate: they follow the input price.
+    from batchgate_server.core.accounting import Accounting
+    house = PriceTable.from_dict({"models": {"house": {"input_cost_per_token": "0.000002"}}})
+    executor = ModelPrice.from_snapshot(Accounting(house).snapshot("house", None, "openai_compatible"))
+    assert executor.write_5m == executor.write_1h == executor.input == Decimal("0.000002")
 
 
 def test_old_snapshot_without_cache_write_prices_uses_the_anthropic_multipliers(table):
