@@ -28,7 +28,7 @@ from batchgate_server.domain.models import (
 )
 from batchgate_server.domain.shards import FileGroup, PlannedPart, ShardSelection
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
-from batchgate_server.store.errors import Duplicate, LeaseLost, RevisionConflict
+from batchgate_server.store.errors import Duplicate, LeaseLost, QuotaReached, RevisionConflict
 from batchgate_server.store.ports import Dimension, LedgerFilter
 
 NOW = 1_700_000_000.0
@@ -772,3 +772,34 @@ async def test_a_sharded_batch_counts_once_in_the_ledger_with_every_shards_token
     assert (t.batch_count, t.input_tokens, t.output_tokens, t.cost_nanos) == (2, 31, 16, 301)
     [group] = await database.ledger.aggregate(LedgerFilter(project="p"), [Dimension("model")], 10)
     assert group.batch_count == 2
+
+# -- limited inserts (quotas reserved atomically) ------------------------------------------
+
+
+async def test_a_limited_insert_is_checked_with_the_insert_and_writes_nothing_past_the_limit(database):
+    store = database.metadata
+    await store.insert_batch(batch_record("batch_1"), max_unfinished=2)
+    await store.insert_batch(batch_record("batch_done", status=BatchStatus.COMPLETED), max_unfinished=2)
+    await store.insert_batch(batch_record("batch_2"), max_unfinished=2)  # an ended batch does not count
+    with pytest.raises(QuotaReached) as caught:
+        await store.insert_batch(batch_record("batch_3"), max_unfinished=2)
+    assert caught.value.current == 2 and await store.get_batch("batch_3") is None
+    await store.insert_batch(batch_record("batch_other", project="q"), max_unfinished=2)  # per project
+
+    await store.insert_file(file_record("file-1"), max_stored_bytes=246)  # 123 bytes each
+    await store.insert_file(file_record("file-2"), max_stored_bytes=246)
+    with pytest.raises(QuotaReached) as caught:
+        await store.insert_file(file_record("file-3"), max_stored_bytes=246)
+    assert caught.value.current == 246 and await store.get_file("file-3") is None
+    await store.insert_batch(batch_record("batch_4", project="q", request_id="r"), max_unfinished=5)
+    with pytest.raises(Duplicate):  # a taken request_id is still Duplicate, not the quota
+        await store.insert_batch(batch_record("batch_5", project="q", request_id="r"), max_unfinished=5)
+
+
+async def test_limited_inserts_of_two_replicas_at_once_never_pass_the_limit(database, database_backend):
+    stores = [database.metadata, (await database_backend.open()).metadata]  # two replicas, one database
+    results = await asyncio.gather(*(stores[i % 2].insert_batch(batch_record(f"batch_{i}"), max_unfinished=3)
+                                     for i in range(12)), return_exceptions=True)
+    assert sum(r is None for r in results) == 3
+    assert all(isinstance(r, QuotaReached) and r.current == 3 for r in results if r is not None)
+    assert await stores[1].count_unfinished_batches("p") == 3

@@ -219,7 +219,7 @@ class BatchManager:
         return record
 
     async def _insert_and_adopt(self, record: BatchRecord) -> None:
-        await self.store.insert_batch(record, owner=self.tracker.replica)
+        await self.quotas.insert_batch(record, owner=self.tracker.replica)
         self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
 
     async def get(self, principal: Principal, batch_id: str) -> BatchRecord:

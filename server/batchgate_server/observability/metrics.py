@@ -78,17 +78,21 @@ METRICS = (
               " deployments that are not probed (simulated, or --deployment-health-interval 0) are absent",
               ("deployment", "provider")),
     MetricDef("batchgate_upstream_requests_sent", Counter,
-              "Requests the executor sent to a deployment's upstream (each attempt: a retry is sent again)",
+              "Requests sent for a deployment's batches, each attempt (a retry is sent again): the executor's"
+              " upstream requests, and every HTTP call to a remote provider (OpenAI, Azure, Anthropic, Vertex AI"
+              " and Bedrock creates, polls, uploads, downloads, cancels; Bedrock's S3 calls too, Vertex AI's GCS"
+              " calls not), health probes aside",
               ("deployment",)),
     MetricDef("batchgate_upstream_responses", Counter,
               "Sent requests that ended, by outcome: ok, or the error code (http_429, http_500,"
               " connection_error, request_timeout, …)", ("deployment", "outcome")),
     MetricDef("batchgate_upstream_requests_in_flight", Gauge,
-              "Requests sent to a deployment's upstream and not answered yet", ("deployment",)),
+              "Requests sent for a deployment's batches and not answered yet", ("deployment",)),
     MetricDef("batchgate_upstream_retries", Counter,
               "Failed attempts that will be sent again, by error code", ("deployment", "code")),
     MetricDef("batchgate_rate_limit_wait_seconds", Histogram,
-              "Time a request waited for its deployment's rpm/tpm limits or a 429's pause (waits over 1 ms)",
+              "Time a request waited for its deployment's rpm/tpm limits or a 429's pause (waits over 1 ms):"
+              " the executor's, and a remote provider's call waiting to be sent again after a 429",
               ("deployment",), (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300)),
     MetricDef("batchgate_tokens", Counter,
               "Tokens billed, from the usage ledger (counted once, when the row is committed), by model,"
@@ -253,7 +257,8 @@ class Metrics(BatchEvents):
 
 class UpstreamRequestMetrics(RequestEvents):
     """The providers' request hooks (providers/base.py RequestEvents). The executor calls these for
-    every request, thousands a second: label children are cached per deployment."""
+    every request, thousands a second: label children are cached per deployment. Remote providers'
+    clients call them too, Bedrock's from boto3's worker threads (prometheus_client is thread-safe)."""
 
     def __init__(self, made: dict[str, Any]) -> None:
         self._sent_metric = made["batchgate_upstream_requests_sent"]
@@ -267,9 +272,9 @@ class UpstreamRequestMetrics(RequestEvents):
 
     def sent(self, deployment_id: str) -> None:
         sent = self._sent.get(deployment_id)
-        if sent is None:
-            sent = self._sent[deployment_id] = self._sent_metric.labels(deployment_id)
+        if sent is None:  # in-flight first: another thread may find `sent` and then look it up
             self._in_flight[deployment_id] = self._in_flight_metric.labels(deployment_id)
+            sent = self._sent[deployment_id] = self._sent_metric.labels(deployment_id)
         sent.inc()
         self._in_flight[deployment_id].inc()
 

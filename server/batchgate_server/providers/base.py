@@ -176,6 +176,28 @@ class RequestEvents:
         """A request waited `seconds` for the deployment's rpm/tpm limits or a 429's pause."""
 
 
+@dataclass(frozen=True)
+class DeploymentRequests:
+    """The request hooks bound to one deployment (`BatchProvider.counted`). A remote provider hands
+    it to its HTTP client with each call's connection settings, so every call the client sends,
+    retries or waits for is counted against the deployment the job runs on."""
+
+    events: RequestEvents
+    deployment_id: str
+
+    def sent(self) -> None:
+        self.events.sent(self.deployment_id)
+
+    def answered(self, outcome: str) -> None:
+        self.events.answered(self.deployment_id, outcome)
+
+    def retried(self, code: str) -> None:
+        self.events.retried(self.deployment_id, code)
+
+    def rate_limited(self, seconds: float) -> None:
+        self.events.rate_limited(self.deployment_id, seconds)
+
+
 class BatchProvider(abc.ABC):
     name: str = ""
     # Set by ProviderRegistry: where request counts go.
@@ -186,6 +208,10 @@ class BatchProvider(abc.ABC):
     # service: a batch whose deployment left the model list still gets its answers (and is
     # charged for them) when it fails.
     keeps_results_locally: bool = False
+
+    def counted(self, deployment: Deployment) -> DeploymentRequests:
+        """This provider's request hooks bound to `deployment`: what its HTTP client is given."""
+        return DeploymentRequests(self.requests, deployment.id)
 
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
         """Called at CreateBatch for every job the batch will need. Raise UnsupportedRequest for a

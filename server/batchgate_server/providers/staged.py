@@ -261,7 +261,8 @@ class StagedBatchProvider(BatchProvider):
         self._sweep_after: dict[tuple[str, str], str] = {}  # (bucket, prefix) -> where the next sweep goes on
 
     # -- hooks ----------------------------------------------------------------------------
-    def _config(self, params: Mapping[str, Any]) -> Any:
+    def _config(self, deployment: Deployment) -> Any:
+        """The deployment's connection settings, with its request counts (`counted`)."""
         raise NotImplementedError
 
     def _codec(self) -> CustomIdCodec:
@@ -460,7 +461,7 @@ class StagedBatchProvider(BatchProvider):
                 return PollResult(JobStatus.CANCELLED)
             raise ProviderError(f"batch {job.batch_id} has no {self.label} job (not submitted)",
                                 code="provider_job_not_found")
-        cfg = self._config(job.deployment.params)
+        cfg = self._config(job.deployment)
         try:
             info = await self._get_job(cfg, job, job_id)
         except ProviderError as e:
@@ -501,7 +502,7 @@ class StagedBatchProvider(BatchProvider):
         outcome = "cancelled" if job.cancel_requested.is_set() else "completed"
         job_id = st.get(self.job_key)
         if job_id:
-            cfg = self._config(job.deployment.params)
+            cfg = self._config(job.deployment)
             info = await self._get_job(cfg, job, job_id)
             state = info.get(self.status_field)
             if state == self.expired_state or (state == self.cancelled_state and st.get("expire_sent")):
@@ -536,7 +537,7 @@ class StagedBatchProvider(BatchProvider):
     async def release(self, job: ProviderJob) -> None:
         self._live.discard(job.batch_id)
         st = job.state
-        cfg = self._config(job.deployment.params)
+        cfg = self._config(job.deployment)
         location = self._staged_location(job, cfg)
         if location is not None:
             bucket, prefix = location

@@ -223,9 +223,12 @@ class MetadataStore(abc.ABC):
     # -- files
 
     @abc.abstractmethod
-    async def insert_file(self, f: FileRecord) -> None:
+    async def insert_file(self, f: FileRecord, *, max_stored_bytes: int | None = None) -> None:
         """Duplicate when the id is taken, or when the project has a file with the same non-empty
-        request_id (request_ids are unique per project; an empty one is no request_id)."""
+        request_id (request_ids are unique per project; an empty one is no request_id).
+        `max_stored_bytes`: the project's limit, checked in the insert's own transaction (atomic
+        with it against every other insert, on every replica): QuotaReached when the project's
+        files would pass it with this one."""
 
     @abc.abstractmethod
     async def get_file(self, file_id: str) -> FileRecord | None: ...
@@ -254,9 +257,12 @@ class MetadataStore(abc.ABC):
     # -- batches
 
     @abc.abstractmethod
-    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None,
+                           max_unfinished: int | None = None) -> None:
         """Stores `b` at its revision as given, owned by the replica `owner`. Duplicate when the
-        id is taken, or when the project has a batch with the same non-empty request_id."""
+        id is taken, or when the project has a batch with the same non-empty request_id.
+        `max_unfinished`: the project's limit of unfinished batches, checked in the insert's own
+        transaction (atomic with it, on every replica): QuotaReached when it has that many."""
 
     @abc.abstractmethod
     async def get_batch(self, batch_id: str) -> BatchRecord | None: ...

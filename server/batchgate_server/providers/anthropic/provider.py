@@ -223,13 +223,14 @@ class AnthropicBatchProvider(BatchProvider):
                    "anthropic-version": str(p.get("anthropic_version") or ANTHROPIC_VERSION)}
         return Conn(label=LABEL, base_url=base, headers=headers, timeout=float_param(p, "timeout", 60.0),
                     max_retries=max(0, int_param(p, "max_retries", 3)),
-                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
+                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)),
+                    requests=self.counted(dep))
 
     def probes(self, deployment: Deployment) -> bool:
         return bool(deployment.params.get("api_key"))
 
     async def probe(self, deployment: Deployment) -> None:
-        conn = dataclasses.replace(self._conn(deployment), max_retries=0)
+        conn = dataclasses.replace(self._conn(deployment), max_retries=0, requests=None)
         await self._api.request_json(conn, "GET", "/v1/models")
 
     # ------------------------------------------------------------------ BatchProvider

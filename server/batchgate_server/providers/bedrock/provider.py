@@ -165,7 +165,7 @@ class BedrockBatchProvider(StagedBatchProvider):
         st = job.state
         if st.get("job_arn") or st.get("no_job"):
             return
-        cfg = BedrockConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         mid = model_id(job.deployment)
         if not await self._stage(job, cfg):
             return
@@ -180,7 +180,7 @@ class BedrockBatchProvider(StagedBatchProvider):
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
-        cfg = BedrockConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         arn = st.get("job_arn")
         if not arn:
             if not (st.get("create_started") or st.get("input_uri")):
@@ -199,8 +199,8 @@ class BedrockBatchProvider(StagedBatchProvider):
         self._client.close()
 
     # ------------------------------------------------------------------ StagedBatchProvider hooks
-    def _config(self, params: Mapping) -> BedrockConfig:
-        return BedrockConfig.from_params(params)
+    def _config(self, deployment: Deployment) -> BedrockConfig:
+        return BedrockConfig.from_params(deployment.params, self.counted(deployment))
 
     def _codec(self) -> CustomIdCodec:
         return bedrock_codec()

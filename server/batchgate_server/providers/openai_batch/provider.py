@@ -108,13 +108,14 @@ class _OpenAIFamilyProvider(BatchProvider):
         return Conn(label=self.label, base_url=self._base_url(p), headers=self._headers(p),
                     query=self._query(p), timeout=float_param(p, "timeout", 60.0),
                     max_retries=max(0, int_param(p, "max_retries", 3)),
-                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
+                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)),
+                    requests=self.counted(dep))
 
     def probes(self, deployment: Deployment) -> bool:
         return self._config_problem(deployment.params) is None
 
     async def probe(self, deployment: Deployment) -> None:
-        conn = dataclasses.replace(self._conn(deployment), max_retries=0)
+        conn = dataclasses.replace(self._conn(deployment), max_retries=0, requests=None)
         await self._api.request_json(conn, "GET", "/models")
 
     def _base_url(self, p: Mapping[str, Any]) -> str:

@@ -133,7 +133,7 @@ class VertexBatchProvider(StagedBatchProvider):
         st = job.state
         if st.get("job_name") or st.get("no_job"):
             return
-        cfg = VertexConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         if not await self._stage(job, cfg):
             return
         if st.get("create_started"):
@@ -165,7 +165,7 @@ class VertexBatchProvider(StagedBatchProvider):
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
-        cfg = VertexConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         if not st.get("job_name"):
             if not (st.get("create_started") and st.get("input_uri")):
                 return  # nothing was created at Vertex AI
@@ -178,8 +178,8 @@ class VertexBatchProvider(StagedBatchProvider):
         await self._client.aclose()
 
     # ------------------------------------------------------------------ StagedBatchProvider hooks
-    def _config(self, params: Mapping) -> VertexConfig:
-        return VertexConfig.from_params(params)
+    def _config(self, deployment: Deployment) -> VertexConfig:
+        return VertexConfig.from_params(deployment.params, self.counted(deployment))
 
     def _codec(self) -> CustomIdCodec:
         return vertex_codec()
@@ -251,7 +251,7 @@ class VertexBatchProvider(StagedBatchProvider):
         """Until the listing shows every job of a re-create (see _lookup_deadline), cancel any job of
         this batch but ours: a create that was in flight at a crash and that the listing showed too late."""
         st = job.state
-        cfg = VertexConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         if time.time() > self._lookup_deadline(job, cfg) and not st.get("twins_pending"):
             st.pop("recreated", None)
             await job.save_state()

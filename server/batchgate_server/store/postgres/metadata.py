@@ -44,7 +44,7 @@ import asyncpg
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row, groups_to_json
-from batchgate_server.store.errors import RevisionConflict, StorageUnavailable
+from batchgate_server.store.errors import QuotaReached, RevisionConflict, StorageUnavailable
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.postgres import locks, migrations
 from batchgate_server.store.postgres.changes import PostgresChangeFeed
@@ -287,9 +287,27 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
     # -- files ----------------------------------------------------------------------------
 
-    async def insert_file(self, f: FileRecord) -> None:
+    async def insert_file(self, f: FileRecord, *, max_stored_bytes: int | None = None) -> None:
         """Raises Duplicate when the project has a file with the same request_id."""
-        await self._execute(_INSERT_FILE, *_file_args(f))
+        if max_stored_bytes is None:
+            await self._execute(_INSERT_FILE, *_file_args(f))
+            return
+        await self._insert_within(_INSERT_FILE, _file_args(f), "SELECT coalesce(sum(bytes), 0) FROM files"
+                                  " WHERE project = $1", f.project, max_stored_bytes, f.bytes)
+
+    async def _insert_within(self, insert_sql: str, args: tuple, total_sql: str, project: str, limit: int,
+                             own: int) -> None:
+        """The insert, then the project's total (`total_sql`, the new row included), in one
+        transaction that first takes the project's advisory quota lock: at READ COMMITTED two
+        transactions could each count before the other commits, the lock makes every limited insert
+        of the project, on any server, wait for the last one's commit. Past `limit`: rolled back,
+        QuotaReached."""
+        async with self._transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", locks.QUOTAS, project)
+            await conn.execute(insert_sql, *args)
+            total = int(await conn.fetchval(total_sql, project))
+            if total > limit:
+                raise QuotaReached(total - own)
 
     async def get_file(self, file_id: str) -> FileRecord | None:
         row = await self._fetchrow(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = $1", text_param(file_id))
@@ -322,9 +340,17 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
     # -- batches --------------------------------------------------------------------------
 
-    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None,
+                           max_unfinished: int | None = None) -> None:
         """Raises Duplicate when the project has a batch with the same request_id."""
-        await self._execute(_INSERT_BATCH, *_batch_args(b, owner))
+        args = _batch_args(b, owner)
+        if max_unfinished is None:
+            await self._execute(_INSERT_BATCH, *args)
+            return
+        # Shards (parent_id set) are part of their parent's batch: only parents count.
+        await self._insert_within(_INSERT_BATCH, args, f"SELECT count(*) FROM batches WHERE status NOT IN"
+                                  f" {migrations.TERMINAL} AND project = $1 AND parent_id IS NULL", b.project,
+                                  max_unfinished, 1)
 
     async def split_batch(self, parent: BatchRecord, shards: Sequence[BatchRecord], *, owner: str) -> BatchRecord:
         old = parent.revision

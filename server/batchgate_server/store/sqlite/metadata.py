@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import aiosqlite
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row, groups_to_json
-from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull
+from batchgate_server.store.errors import LeaseLost, QuotaReached, RevisionConflict, StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.sqlite.changes import LocalChangeFeed
 from batchgate_server.store.sqlite.errors import storage_errors
@@ -539,10 +539,32 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- files ----------------------------------------------------------------------
 
-    async def insert_file(self, f: FileRecord) -> None:
+    async def insert_file(self, f: FileRecord, *, max_stored_bytes: int | None = None) -> None:
         """Raises Duplicate when the project has a file with the same request_id."""
         async with self._writing():
-            await self._insert_file(f)
+            if max_stored_bytes is None:
+                await self._insert_file(f)
+                return
+            await self._insert_within(lambda: self._insert_file(f), "SELECT coalesce(sum(bytes), 0) FROM files"
+                                      " WHERE project=?", (f.project,), max_stored_bytes, f.bytes)
+
+    async def _insert_within(self, insert: Callable[[], Awaitable[Any]], total_sql: str, args: tuple,
+                             limit: int, own: int) -> None:
+        """`insert`, then the project's total (`total_sql`, the new row included), in one BEGIN
+        IMMEDIATE transaction: the database's write lock keeps every other writer out between the
+        two, those of other processes on the file too. Past `limit`: rolled back, QuotaReached."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await insert()
+            async with self.db.execute(total_sql, args) as cur:
+                total = int((await cur.fetchone())[0])
+            if total > limit:
+                raise QuotaReached(total - own)
+            await self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                await self.db.execute("ROLLBACK")
+            raise
 
     async def _insert_file(self, f: FileRecord) -> None:
         await self.db.execute(
@@ -605,10 +627,22 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- batches --------------------------------------------------------------------
 
-    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None,
+                           max_unfinished: int | None = None) -> None:
         """Raises Duplicate when the project has a batch with the same request_id. `owner`: the
         replica that will drive the batch (it holds the lease from the start)."""
-        await self._exec(_INSERT_BATCH, _batch_args(b, owner))
+        args = _batch_args(b, owner)
+        if max_unfinished is None:
+            await self._exec(_INSERT_BATCH, args)
+            return
+        terminal = [s.value for s in BatchStatus if s.is_terminal]
+        async with self._writing():
+            # Shards (parent_id set) are part of their parent's batch: only parents count.
+            await self._insert_within(
+                lambda: self.db.execute(_INSERT_BATCH, args),
+                f"SELECT count(*) FROM batches WHERE project=? AND parent_id IS NULL"
+                f" AND status NOT IN ({','.join('?' * len(terminal))})",
+                (b.project, *terminal), max_unfinished, 1)
 
     async def split_batch(self, parent: BatchRecord, shards: Sequence[BatchRecord], *, owner: str) -> BatchRecord:
         async with self._writing():
