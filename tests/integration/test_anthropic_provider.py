@@ -155,17 +155,24 @@ async def test_errored_and_expired_requests_become_error_lines(h):
     assert Decimal(final.cost.amount) == usage_cost(out)[2]
 
 
-async def test_cancel_mid_run(h, fakes):
-    _, manual = fakes
-    a = h.alice
-    f = await h.upload(a, jsonl([chat(f"c-{i}", f"question {i}") for i in range(10)]))
-    batch = await create(a, f.id, model="claude-manual")
-    watcher = asyncio.create_task(watch_all(a, batch.id))
+async def started_on_manual(h, manual: FakeAnthropicBatches, lines: list[dict], model: str):
+    """Create a batch of `lines` on a deployment of the manual-clock fake: (the batch, a task
+    watching it to its end, its Anthropic message batch id) once Anthropic has it."""
+    f = await h.upload(h.alice, jsonl(lines))
+    batch = await create(h.alice, f.id, model=model)
+    watcher = asyncio.create_task(watch_all(h.alice, batch.id))
     for _ in range(200):
         if manual.batches:
             break
         await asyncio.sleep(0.02)
-    bid = next(iter(manual.batches))
+    return batch, watcher, next(iter(manual.batches))
+
+
+async def test_cancel_mid_run(h, fakes):
+    _, manual = fakes
+    a = h.alice
+    batch, watcher, bid = await started_on_manual(h, manual, [chat(f"c-{i}", f"question {i}") for i in range(10)],
+                                                  "claude-manual")
     manual.advance(bid)  # 3 of 10 answered, the rest still queued at Anthropic
     cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
                                              metadata=a.metadata)).batch
@@ -198,14 +205,8 @@ async def test_a_batch_given_up_on_is_charged_for_what_anthropic_answered(h, fak
     # and charged, and the batch fails with the error it gave up on.
     _, manual = fakes
     a = h.alice
-    f = await h.upload(a, jsonl([chat(f"g-{i}", f"question {i}") for i in range(4)]))
-    batch = await create(a, f.id, model="claude-giving-up")
-    watcher = asyncio.create_task(watch_all(a, batch.id))
-    for _ in range(200):
-        if manual.batches:
-            break
-        await asyncio.sleep(0.02)
-    bid = next(iter(manual.batches))
+    _, watcher, bid = await started_on_manual(h, manual, [chat(f"g-{i}", f"question {i}") for i in range(4)],
+                                              "claude-giving-up")
     manual.inject(500, 2, path_contains=bid, method="GET")  # the next two polls
     manual.run_to_end(bid)
     final = (await asyncio.wait_for(watcher, 30))[-1]
