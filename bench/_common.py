@@ -1,14 +1,18 @@
-"""Shared benchmark plumbing: free ports, subprocess servers, RSS readings, percentiles."""
+"""Shared benchmark plumbing: free ports, subprocess servers, RSS readings, percentiles, client
+processes, the event loop, WatchBatch change streams."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import multiprocessing
 import os
+import queue
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -133,3 +137,59 @@ def new_s3_bucket(endpoint: str) -> str:
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
                  aws_secret_access_key="bench").create_bucket(Bucket=bucket)
     return bucket
+
+
+def run_loop(coro):
+    """Run `coro` on uvloop, as batchgate-server itself runs (see cli.run)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# Client processes are spawned: a fresh interpreter each, no event loop or gRPC state inherited.
+SPAWN = multiprocessing.get_context("spawn")
+
+
+class ClientProcesses:
+    """Load spread over client processes, so one Python process's own work (decoding a thousand
+    streams, driving hundreds of clients) is not counted as the server's. `target(*args, results)`
+    runs in each and puts exactly one result on `results`."""
+
+    def __init__(self, target: Callable[..., None], per_process: list[tuple]) -> None:
+        self._results = SPAWN.Queue()
+        self._procs = [SPAWN.Process(target=target, args=(*args, self._results)) for args in per_process]
+
+    def start(self) -> None:
+        for proc in self._procs:
+            proc.start()
+
+    def collect(self, timeout: float | None = None) -> list:
+        """One result per process, in the order they come; None for a process that gave none within
+        `timeout` seconds (it is killed)."""
+        got = []
+        for _ in self._procs:
+            try:
+                got.append(self._results.get(timeout=timeout))
+            except queue.Empty:
+                got.append(None)
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        return got
+
+
+async def changes(stream, connected: Callable[[], None]) -> AsyncIterator[tuple[int, float]]:
+    """(revision, time.time() at arrival) of each Batch a WatchBatch stream brings after the first,
+    heartbeats skipped. The first is the snapshot, not a change: `connected()` is called instead."""
+    first = True
+    async for event in stream:
+        if event.WhichOneof("event") != "batch":
+            continue
+        if first:
+            first = False
+            connected()
+            continue
+        yield event.batch.revision, time.time()

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import percentile  # noqa: E402
+from _common import changes, percentile  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -96,21 +96,17 @@ async def watch_fan_out(cluster: Cluster) -> dict:
     connected = 0
     all_connected = asyncio.Event()
 
-    async def watcher(i: int) -> None:
+    def on_connected() -> None:
         nonlocal connected
+        connected += 1
+        if connected == WATCHERS:
+            all_connected.set()
+
+    async def watcher(i: int) -> None:
         r = replicas[i % len(replicas)]
-        first = True
-        async for event in r.caller.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch.id),
-                                                       metadata=r.caller.metadata, timeout=300):
-            if event.WhichOneof("event") != "batch":
-                continue
-            if first:
-                first = False
-                connected += 1
-                if connected == WATCHERS:
-                    all_connected.set()
-                continue  # the snapshot is not a change
-            got.append((r.index, event.batch.revision, time.time()))
+        stream = r.caller.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch.id),
+                                             metadata=r.caller.metadata, timeout=300)
+        got.extend([(r.index, revision, at) async for revision, at in changes(stream, on_connected)])
 
     tasks = [asyncio.create_task(watcher(i)) for i in range(WATCHERS)]
     await asyncio.gather(*tasks)

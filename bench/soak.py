@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, reset_peak, rss_kib, start_server, stop  # noqa: E402
+from _common import BIN, ClientProcesses, reset_peak, rss_kib, run_loop, start_server, stop  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -84,7 +83,7 @@ def client_process(target: str, api_keys: list[str], first: int, count: int, res
         errors = [describe(o) for o in outcomes if isinstance(o, BaseException)]
         return count - len(errors), errors
 
-    results.put(_run_loop(run()))
+    results.put(run_loop(run()))
 
 
 def describe(error: BaseException) -> str:
@@ -94,28 +93,19 @@ def describe(error: BaseException) -> str:
 
 
 def run_round(target: str, api_keys: list[str], round_no: int) -> tuple[int, list[str], float]:
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
     per_proc = CLIENTS // CLIENT_PROCS
-    procs = [ctx.Process(target=client_process,
-                         args=(target, api_keys, round_no * CLIENTS + p * per_proc, per_proc, results))
-             for p in range(CLIENT_PROCS)]
+    procs = ClientProcesses(client_process, [(target, api_keys, round_no * CLIENTS + p * per_proc, per_proc)
+                                            for p in range(CLIENT_PROCS)])
     started = time.perf_counter()
-    for proc in procs:
-        proc.start()
+    procs.start()
     ok, errors = 0, []
-    for _ in procs:
-        try:
-            done, failed = results.get(timeout=ROUND_TIMEOUT)
-        except Exception:
+    for result in procs.collect(timeout=ROUND_TIMEOUT):
+        if result is None:
             errors.append("a client process did not finish in time")
             continue
+        done, failed = result
         ok += done
         errors += failed
-    for proc in procs:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
     return ok, errors, time.perf_counter() - started
 
 
@@ -165,15 +155,6 @@ def main() -> None:
 
 def mb(kib: float, sign: str = "") -> str:
     return f"{kib / 1024:{sign}.1f} MB"
-
-
-def _run_loop(coro):
-    """uvloop, as batchgate-server itself runs (see cli.run)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 if __name__ == "__main__":

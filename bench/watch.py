@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import percentile  # noqa: E402
+from _common import SPAWN, ClientProcesses, changes, percentile, run_loop  # noqa: E402
 
 import grpc  # noqa: E402
 import yaml  # noqa: E402
@@ -39,33 +38,24 @@ def watcher_process(port: int, batch_id: str, count: int, ready, results) -> Non
     async def run() -> list[tuple[int, float]]:
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(CHANNELS)]
         stubs = [batch_pb2_grpc.BatchServiceStub(c) for c in channels]
-        started = 0
+        count_connected = 0
 
-        connected = 0
+        def connected() -> None:
+            nonlocal count_connected
+            count_connected += 1
+            if count_connected == count:
+                ready.set()
 
         async def one(i: int) -> list[tuple[int, float]]:
-            nonlocal connected
-            got = []
             stream = stubs[i % CHANNELS].WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch_id))
-            first = True
-            async for event in stream:
-                if event.WhichOneof("event") != "batch":
-                    continue
-                if first:
-                    first = False
-                    connected += 1
-                    if connected == count:
-                        ready.set()
-                    continue  # the snapshot is not a change
-                got.append((event.batch.revision, time.time()))
-            return got
+            return [seen async for seen in changes(stream, connected)]
 
         everything = await asyncio.gather(*[one(i) for i in range(count)])
         for c in channels:
             await c.close()
         return [item for per in everything for item in per]
 
-    results.put(_run_loop(run()))
+    results.put(run_loop(run()))
 
 
 async def main() -> None:
@@ -107,21 +97,14 @@ async def main() -> None:
 
     async def run_batch(watchers: bool) -> tuple[int, float, list[tuple[int, float]]]:
         f = (await files.UploadFile(upload())).file
-        ctx = multiprocessing.get_context("spawn")
-        results = ctx.Queue()
-        readies = []
         polls["n"] = 0
         published.clear()
         batch = (await batches.CreateBatch(batch_pb2.CreateBatchRequest(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"))).batch
-        received: list[tuple[int, float]] = []
-        procs = []
-        if watchers:
-            for _ in range(WATCHER_PROCS):
-                readies.append(ctx.Event())
-                procs.append(ctx.Process(target=watcher_process,
-                                         args=(h.port, batch.id, WATCHERS // WATCHER_PROCS, readies[-1], results)))
-                procs[-1].start()
+        readies = [SPAWN.Event() for _ in range(WATCHER_PROCS if watchers else 0)]
+        procs = ClientProcesses(watcher_process, [(h.port, batch.id, WATCHERS // WATCHER_PROCS, ready)
+                                                  for ready in readies])
+        procs.start()
         started = time.time()
         if watchers:
             for ready in readies:
@@ -133,10 +116,7 @@ async def main() -> None:
                 break
             await asyncio.sleep(0.05)
         elapsed = time.time() - started
-        for proc in procs:
-            received += await asyncio.to_thread(results.get)
-        for proc in procs:
-            proc.join()
+        received = [seen for per in await asyncio.to_thread(procs.collect) for seen in per]
         return polls["n"], elapsed, received
 
     connected_at = {"t": 0.0}
@@ -167,14 +147,5 @@ async def main() -> None:
     await h.server.stop(0)
 
 
-def _run_loop(coro):
-    """uvloop, as batchgate-server itself runs (see cli.run)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 if __name__ == "__main__":
-    _run_loop(main())
+    run_loop(main())

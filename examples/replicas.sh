@@ -69,7 +69,10 @@ moto_server -H 127.0.0.1 -p "$S3_PORT" >"$ROOT/moto.log" 2>&1 &
 PIDS+=($!)
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 export BATCHGATE_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
-until_ok curl -sf -X PUT "$BATCHGATE_S3_ENDPOINT_URL/$BUCKET"
+# The bucket, made with an unsigned PUT (moto takes it) once moto answers; python3 rather than curl,
+# which a bare machine may lack.
+until_ok python3 -c 'import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], method="PUT"))' \
+  "$BATCHGATE_S3_ENDPOINT_URL/$BUCKET"
 
 # Every replica: its own data directory (scratch space, its replica id), the same database and bucket.
 export BATCHGATE_DATABASE_URL=postgresql://postgres@127.0.0.1:$PG_PORT/batchgate

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,3 +23,16 @@ def value(samples, name: str, **labels) -> float:
     """The sum over samples of `name` whose labels include `labels`."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+async def settled(port: int, deployment: str, received: Callable[[], int]) -> dict:
+    """The metrics once every call the fakes received (`received()` of them) is counted as answered
+    (the clean-up after a batch's end may still run when its watch ends)."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples = await scrape(port)
+        sent = value(samples, "batchgate_upstream_requests_sent_total", deployment=deployment)
+        answered = value(samples, "batchgate_upstream_responses_total", deployment=deployment)
+        if (sent == answered == received()) or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.05)

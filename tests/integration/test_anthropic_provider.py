@@ -32,6 +32,10 @@ BATCH_INPUT_PRICE = Decimal("0.40") / 1_000_000
 BATCH_OUTPUT_PRICE = Decimal("2.00") / 1_000_000
 
 
+# max_batch_bytes of claude-small-jobs: four of chat()'s requests once translated (168 bytes each).
+SMALL_JOB_BYTES = 700
+
+
 def entry(name: str, api: FakeAnthropicBatches, **params) -> dict:
     p = {"model": f"anthropic/{MODEL}", "api_key": KEY, "api_base": api.base_url, "poll_interval": 0.05,
          "max_retries": 1, "backoff_base": 0.01, "timeout": 5}
@@ -67,6 +71,7 @@ async def h(tmp_path, fakes):
         entry("claude-manual", manual),
         entry("claude-giving-up", manual, max_retries=0, give_up_after=0.3),
         entry("claude-badkey", timed, api_key="not-the-key"),
+        entry("claude-small-jobs", timed, max_batch_bytes=SMALL_JOB_BYTES),
         {"model_name": "claude-nokey", "litellm_params": {"model": f"anthropic/{MODEL}",
                                                           "api_base": timed.base_url}},
     ])
@@ -126,6 +131,27 @@ async def test_claude_answers_come_back_as_openai_batch_output(h, fakes):
     assert Decimal(final.cost.amount) == expected
     assert Decimal(final.cost.input_amount) == prompt * BATCH_INPUT_PRICE
     assert Decimal(final.cost.output_amount) == completion_tokens * BATCH_OUTPUT_PRICE
+
+
+async def test_a_batch_over_the_byte_limit_runs_as_jobs_whose_create_bodies_fit(h, fakes):
+    """The byte limit counts the create body Anthropic receives (requests translated to the Messages
+    API), not the uploaded lines: every message batch the fake received fits it."""
+    timed, _ = fakes
+    lines = [chat(f"q{i}", f"question number {i}", model="claude-small-jobs") for i in range(12)]
+    a = h.alice
+    f = await h.upload(a, jsonl(lines))
+    final = (await watch_all(a, (await create(a, f.id)).id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    out, err = await results(a, final)
+    assert err == [] and sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)
+    bodies = [c["bytes"] for c in timed.created if c["status"] == 200]
+    # Translated, a request is 168 bytes with its comma: three jobs of four. Measured as uploaded (241
+    # bytes a line, method and url included) the twelve would have needed five.
+    assert len(bodies) == len(final.shards) == 3
+    envelope = len(b'{"requests":[]}')
+    assert all(size <= SMALL_JOB_BYTES + envelope for size in bodies), bodies
+    assert sorted(c["requests"] for c in timed.created) == sorted(s.request_counts.total for s in final.shards)
+    assert {s.provider_job_id for s in final.shards} == set(timed.batches)
 
 
 async def test_errored_and_expired_requests_become_error_lines(h):

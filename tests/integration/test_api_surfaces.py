@@ -133,50 +133,50 @@ class Case:
     param: str | None = None  # the HTTP error's param, when the case pins it
 
 
-def g_get_file(who: str):
-    return lambda w: w.h.alice.files.GetFile(file_pb2.GetFileRequest(file_id=w.file_id), metadata=metadata(w, who))
+def g_file(rpc: str, who: str):
+    """FileService.<rpc> on alice's file, with `who`'s key."""
+    request = getattr(file_pb2, f"{rpc}Request")
+    return lambda w: getattr(w.h.alice.files, rpc)(request(file_id=w.file_id), metadata=metadata(w, who))
 
 
-def h_get_file(who: str):
-    return lambda w: http_call(w, "GET", f"/v1/files/{w.file_id}", who)
+def g_ended_batch(rpc: str, who: str):
+    """BatchService.<rpc> on alice's ended batch, with `who`'s key."""
+    request = getattr(batch_pb2, f"{rpc}Request")
+    return lambda w: getattr(w.h.alice.batches, rpc)(request(batch_id=w.ended_batch_id), metadata=metadata(w, who))
+
+
+def h_call(method: str, path: str, who: str = "alice"):
+    """An HTTP call with `who`'s key; `path` may name {file_id} (alice's file) and {batch_id} (her ended batch)."""
+    return lambda w: http_call(w, method, path.format(file_id=w.file_id, batch_id=w.ended_batch_id), who)
 
 
 CASES = [
-    Case("missing key", g_get_file("nobody"), h_get_file("nobody"), grpc.StatusCode.UNAUTHENTICATED,
-         "MISSING_API_KEY", 401),
-    Case("wrong key", g_get_file("wrong"), h_get_file("wrong"), grpc.StatusCode.UNAUTHENTICATED,
-         "INVALID_API_KEY", 401),
-    Case("not a bearer key", g_get_file("basic"), h_get_file("basic"), grpc.StatusCode.UNAUTHENTICATED,
-         "MALFORMED_API_KEY", 401),
-    Case("another project's file", g_get_file("bob"), h_get_file("bob"), grpc.StatusCode.NOT_FOUND,
-         "FILE_NOT_FOUND", 404),
+    Case("missing key", g_file("GetFile", "nobody"), h_call("GET", "/v1/files/{file_id}", "nobody"),
+         grpc.StatusCode.UNAUTHENTICATED, "MISSING_API_KEY", 401),
+    Case("wrong key", g_file("GetFile", "wrong"), h_call("GET", "/v1/files/{file_id}", "wrong"),
+         grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", 401),
+    Case("not a bearer key", g_file("GetFile", "basic"), h_call("GET", "/v1/files/{file_id}", "basic"),
+         grpc.StatusCode.UNAUTHENTICATED, "MALFORMED_API_KEY", 401),
+    Case("another project's file", g_file("GetFile", "bob"), h_call("GET", "/v1/files/{file_id}", "bob"),
+         grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND", 404),
     Case("another project's file content",
          lambda w: _drain(w.h.alice.files.DownloadFile(file_pb2.DownloadFileRequest(file_id=w.file_id),
                                                        metadata=metadata(w, "bob"))),
-         lambda w: http_call(w, "GET", f"/v1/files/{w.file_id}/content", "bob"),
+         h_call("GET", "/v1/files/{file_id}/content", "bob"),
          grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND", 404),
-    Case("deleting another project's file",
-         lambda w: w.h.alice.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=w.file_id),
-                                              metadata=metadata(w, "bob")),
-         lambda w: http_call(w, "DELETE", f"/v1/files/{w.file_id}", "bob"), grpc.StatusCode.NOT_FOUND,
-         "FILE_NOT_FOUND", 404),
+    Case("deleting another project's file", g_file("DeleteFile", "bob"), h_call("DELETE", "/v1/files/{file_id}", "bob"),
+         grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND", 404),
     Case("another project's file as batch input", lambda w: grpc_create(w, "bob"), lambda w: http_create(w, "bob"),
          grpc.StatusCode.NOT_FOUND, "FILE_NOT_FOUND", 404),
-    Case("another project's batch",
-         lambda w: w.h.alice.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=w.ended_batch_id),
-                                              metadata=metadata(w, "bob")),
-         lambda w: http_call(w, "GET", f"/v1/batches/{w.ended_batch_id}", "bob"), grpc.StatusCode.NOT_FOUND,
-         "BATCH_NOT_FOUND", 404),
-    Case("cancelling another project's batch",
-         lambda w: w.h.alice.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=w.ended_batch_id),
-                                                 metadata=metadata(w, "bob")),
-         lambda w: http_call(w, "POST", f"/v1/batches/{w.ended_batch_id}/cancel", "bob"),
+    Case("another project's batch", g_ended_batch("GetBatch", "bob"), h_call("GET", "/v1/batches/{batch_id}", "bob"),
          grpc.StatusCode.NOT_FOUND, "BATCH_NOT_FOUND", 404),
+    Case("cancelling another project's batch", g_ended_batch("CancelBatch", "bob"),
+         h_call("POST", "/v1/batches/{batch_id}/cancel", "bob"), grpc.StatusCode.NOT_FOUND, "BATCH_NOT_FOUND", 404),
     Case("watching another project's batch", lambda w: grpc_watch(w, "bob", w.ended_batch_id),
-         lambda w: http_call(w, "GET", f"/v1/batches/{w.ended_batch_id}/events", "bob"),
+         h_call("GET", "/v1/batches/{batch_id}/events", "bob"),
          grpc.StatusCode.NOT_FOUND, "BATCH_NOT_FOUND", 404),
     Case("an unknown batch", lambda w: grpc_watch(w, "alice", "batch_nope"),
-         lambda w: http_call(w, "GET", "/v1/batches/batch_nope"), grpc.StatusCode.NOT_FOUND, "BATCH_NOT_FOUND", 404),
+         h_call("GET", "/v1/batches/batch_nope"), grpc.StatusCode.NOT_FOUND, "BATCH_NOT_FOUND", 404),
     Case("a broken JSONL line", lambda w: grpc_upload(w, BAD_LINE),
          lambda w: http_call(w, "POST", "/v1/files", data=form(BAD_LINE)), grpc.StatusCode.INVALID_ARGUMENT,
          "INVALID_BATCH_FILE", 400, "line 2"),
@@ -211,11 +211,9 @@ CASES = [
          lambda w: http_create(w, model="m" * 300), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODEL", 400, "model"),
     Case("an unknown model", lambda w: grpc_create(w, model="no-such-model"),
          lambda w: http_create(w, model="no-such-model"), grpc.StatusCode.INVALID_ARGUMENT, "MODEL_NOT_FOUND", 400),
-    Case("cancelling an ended batch",
-         lambda w: w.h.alice.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=w.ended_batch_id),
-                                                 metadata=w.h.alice.metadata),
-         lambda w: http_call(w, "POST", f"/v1/batches/{w.ended_batch_id}/cancel"),
-         grpc.StatusCode.FAILED_PRECONDITION, "BATCH_ALREADY_ENDED", 409),
+    Case("cancelling an ended batch", g_ended_batch("CancelBatch", "alice"),
+         h_call("POST", "/v1/batches/{batch_id}/cancel"), grpc.StatusCode.FAILED_PRECONDITION, "BATCH_ALREADY_ENDED",
+         409),
     Case("a request id reused for another batch", grpc_reuse, http_reuse, grpc.StatusCode.FAILED_PRECONDITION,
          "REQUEST_ID_REUSED", 409),
 ]

@@ -100,6 +100,7 @@ async def h(cp, s3, tmp_path_factory):
         entry("nova", cp, s3, model="amazon.nova-lite-v1:0"),
         entry("titan-embed", cp, s3, model="amazon.titan-embed-text-v2:0"),
         entry("claude-min-5", cp, s3, bedrock_min_records=5),
+        entry("claude-max-150", cp, s3, bedrock_max_records=150),
         entry("claude-bad-key", cp, s3, aws_access_key_id="AKIAUNKNOWNKEY"),
         entry("claude-denied-role", cp, s3, aws_batch_role_arn=DENIED_ROLE),
         entry("claude-no-bucket", cp, s3, s3_bucket_name="no-such-bucket"),
@@ -320,6 +321,20 @@ def test_the_minimum_and_maximum_are_limits_not_check_refusals(cp, s3):
         provider.check("/v1/chat/completions", dep, 50_001)
         assert provider.limits("/v1/chat/completions", dep).min_requests == low
         assert provider.limits("/v1/chat/completions", dep).max_requests == 50_000
+
+
+async def test_a_batch_over_the_record_quota_runs_as_jobs_within_both_quotas(h, bedrock):
+    """350 records where a job takes 100 to 150 (bedrock_min_records / bedrock_max_records): three jobs
+    of 116-117 records, none under the minimum, every request answered once in one Batch."""
+    lines = many(350, model="claude-max-150")
+    final, _, out, err = await run(h, lines)
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert err == [] and sorted(line["custom_id"] for line in out) == sorted(line["custom_id"] for line in lines)
+    assert [s.request_counts.total for s in final.shards] == [116, 117, 117]
+    for shard in final.shards:
+        job = bedrock.job_for_token(client_request_token(shard.id))
+        assert len(job.records) == shard.request_counts.total and job.status == "Completed"
+        assert shard.provider_job_id == job.arn
 
 
 async def test_missing_setting_is_failed_precondition_naming_it(h):

@@ -153,6 +153,18 @@ async def test_files_and_batches_commands_round_trip_as_json(harness, tmp_path):
     assert code == EXIT_ERROR and "NOT_FOUND FILE_NOT_FOUND" in err
 
 
+async def test_files_get_lists_the_groups_of_a_mixed_file(harness, tmp_path):
+    env = cli_env(harness)
+    lines = [request_line("a"), request_line("b", url="/v1/embeddings", model="emb"), request_line("c")]
+    (tmp_path / "mixed.jsonl").write_bytes(jsonl(lines))
+    code, f = await cli_json(env, "files", "upload", str(tmp_path / "mixed.jsonl"))
+    assert code == EXIT_OK and [(g["endpoint"], g["count"]) for g in f["groups"]] == [
+        ("/v1/chat/completions", 2), ("/v1/embeddings", 1)]
+    code, out, _ = await cli(env, "files", "get", f["id"])
+    assert code == EXIT_OK
+    assert "groups      2 /v1/chat/completions gpt-4o-mini\n            1 /v1/embeddings emb\n" in out
+
+
 async def test_usage_table_is_grouped_as_asked(harness, tmp_path):
     env = cli_env(harness)
     (tmp_path / "in.jsonl").write_bytes(batch_file(10))

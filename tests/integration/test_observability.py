@@ -16,7 +16,7 @@ from batchgate.v1 import batch_pb2, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.observability.logs import JsonFormatter
 from tests.conftest import MASTER_KEY, error_details, free_port, jsonl, make_settings, request_line, serving
-from tests.integration.batch_helpers import create, run_batch, upstream_entry, write_config
+from tests.integration.batch_helpers import create, run_batch, upstream_entry, watch_all, write_config
 from tests.integration.metrics_helpers import scrape, value
 
 # Looks like a live OpenAI key: the log test proves it never reaches a line.
@@ -313,3 +313,24 @@ def test_the_server_process_logs_json_and_exports_traces_from_otel_environment(t
     assert REAL_LOOKING_KEY not in err
     assert '"name": "batchgate.v1.FileService/GetFile"' in out
     assert '"rpc.grpc.status_code": "NOT_FOUND"' in out and '"file_id": "file-missing"' in out
+
+
+async def test_requests_in_flight_fall_back_to_zero_when_a_batch_is_cancelled_mid_request(tmp_path, upstream):
+    config = write_config(tmp_path / "models.yaml", [upstream_entry("fake-llm", upstream.base_url, timeout=30)])
+    async with serving(tmp_path / "data", config_file=config, metrics_address="127.0.0.1:0") as h:
+        port = h.server.metrics_port
+        deployment = h.server.model_list.deployments[0].id
+        f = await h.upload(h.alice, jsonl([request_line(f"r{i}", model="fake-llm", content="FAIL:hang")
+                                           for i in range(3)]))
+        batch = await create(h.alice, f.id)
+        deadline = asyncio.get_running_loop().time() + 10
+        while value(await scrape(port), "batchgate_upstream_requests_in_flight", deployment=deployment) < 3:
+            assert asyncio.get_running_loop().time() < deadline, "the requests were never sent"
+            await asyncio.sleep(0.02)
+        await h.alice.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                          metadata=h.alice.metadata)
+        states = await watch_all(h.alice, batch.id)
+        assert states[-1].status == batch_pb2.BATCH_STATUS_CANCELLED
+        samples = await scrape(port)
+        assert value(samples, "batchgate_upstream_requests_in_flight", deployment=deployment) == 0
+        assert value(samples, "batchgate_upstream_responses_total", deployment=deployment, outcome="cancelled") == 3

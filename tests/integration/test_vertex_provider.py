@@ -19,7 +19,7 @@ from batchgate_server.domain.deployment import Deployment
 from batchgate_server.providers.base import JobStatus, ProviderJob
 from batchgate_server.providers.vertex.provider import JOB_LABEL, VertexBatchProvider, job_label
 from batchgate_server.providers.vertex.translate import CUSTOM_ID_LABEL_KEY
-from tests.conftest import error_details, jsonl, request_line, start_harness
+from tests.conftest import error_details, jsonl, request_line, serving, start_harness
 from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator
 from tests.integration.batch_helpers import (
     assert_lifecycle,
@@ -33,6 +33,7 @@ from tests.integration.batch_helpers import (
 )
 from tests.integration.create_crash import assert_each_answered_once, kill_during_create
 from tests.integration.batch_helpers import run_batch as run
+from tests.integration.metrics_helpers import settled, value
 
 BUCKET = "vertex-batches"
 PROJECT = "test-project"
@@ -548,3 +549,27 @@ async def test_a_batch_ended_before_a_lost_create_answer_stops_the_job_that_crea
         assert made.state == "JOB_STATE_CANCELLING"
     finally:
         await provider.close()
+
+
+async def test_vertex_calls_are_counted_by_deployment(vertex, keys, tmp_path):
+    """Every batchPredictionJobs call counts against the deployment (the OAuth token exchange is
+    google-auth's, and GCS is counted nowhere: README, batchgate_upstream_requests_sent_total)."""
+    config = write_config(tmp_path / "models.yaml", [entry("gemini", vertex, vertex_credentials=str(keys["good"]),
+                                                           max_retries=2, backoff_base=0.01)])
+    async with serving(tmp_path / "data", config_file=config, metrics_address="127.0.0.1:0") as h:
+        deployment = h.server.model_list.deployments[0].id
+        first = len(vertex.calls)
+
+        def received() -> int:
+            return sum(1 for _, path in vertex.calls[first:] if path != "/token")
+
+        vertex.create_errors = [503]  # the job is made, the answer says otherwise: found again by its label
+        final, _, out, _ = await run(h, [chat("a", "hello"), chat("b", "hi")])
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and len(out) == 2
+        samples = await settled(h.server.metrics_port, deployment, received)
+        assert received() >= 3  # create, list by label, polls
+        assert value(samples, "batchgate_upstream_requests_sent_total", deployment=deployment) == received()
+        assert value(samples, "batchgate_upstream_responses_total", deployment=deployment, outcome="http_503") == 1
+        assert value(samples, "batchgate_upstream_responses_total", deployment=deployment,
+                     outcome="ok") == received() - 1
+        assert value(samples, "batchgate_upstream_requests_in_flight", deployment=deployment) == 0

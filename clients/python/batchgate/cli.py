@@ -124,10 +124,12 @@ def _size(n: int) -> str:
 
 
 def describe_file(f: File) -> str:
-    return "\n".join(f"{k:<11} {v}" for k, v in [
-        ("id", f.id), ("filename", f.filename), ("purpose", f.purpose), ("bytes", f"{f.bytes:,}"),
-        ("lines", f"{f.line_count:,}"), ("endpoint", f.endpoint), ("model", f.model), ("sha256", f.sha256),
-        ("created", _when(f.created_at)), ("expires", _when(f.expires_at) or "never")])
+    rows = [("id", f.id), ("filename", f.filename), ("purpose", f.purpose), ("bytes", f"{f.bytes:,}"),
+            ("lines", f"{f.line_count:,}"), ("endpoint", f.endpoint), ("model", f.model)]
+    if len(f.groups) > 1:  # a mixed file: its lines by endpoint and model
+        rows += [("groups" if i == 0 else "", f"{g.count:,} {g.endpoint} {g.model}") for i, g in enumerate(f.groups)]
+    rows += [("sha256", f.sha256), ("created", _when(f.created_at)), ("expires", _when(f.expires_at) or "never")]
+    return "\n".join(f"{k:<11} {v}" for k, v in rows)
 
 
 def describe_batch(b: Batch) -> str:

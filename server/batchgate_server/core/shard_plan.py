@@ -261,6 +261,10 @@ class _Planner:
             [d for d in candidates if group.count >= minimum[d.id]]
         if takers:
             return self.router.least_loaded(takers, self.planned)
+        # A deployment that cannot run the group at all (its endpoint, its configuration) says so
+        # first: that, not the count, is what the caller has to change.
+        with provider_refusals(first.provider):
+            self.provider_of(first).check(group.endpoint, first, group.count)
         raise FailedPrecondition(
             f"{first.provider} needs at least {minimum[first.id]} requests per job on deployment {first.id} "
             f"({first.model_name}); the file's {lines_text(group)} for {echo(target)} are {group.count}, and no "

@@ -85,7 +85,8 @@ METRICS = (
               ("deployment",)),
     MetricDef("batchgate_upstream_responses", Counter,
               "Sent requests that ended, by outcome: ok, or the error code (http_429, http_500,"
-              " connection_error, request_timeout, …)", ("deployment", "outcome")),
+              " connection_error, request_timeout, …), or cancelled (its batch stopped while it was in flight)",
+              ("deployment", "outcome")),
     MetricDef("batchgate_upstream_requests_in_flight", Gauge,
               "Requests sent for a deployment's batches and not answered yet", ("deployment",)),
     MetricDef("batchgate_upstream_retries", Counter,

@@ -213,8 +213,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     `model`, `lines`). Do: add requests, or run them on another deployment.
     """
     BATCH_TOO_LARGE: _ErrorReason.ValueType  # 42
-    """FAILED_PRECONDITION. The provider takes fewer requests per job than the
-    file has; metadata `maximum` or `limit`, `line_count`. Do: split the file.
+    """FAILED_PRECONDITION. No longer raised: a batch with more requests than its
+    provider takes in one job runs as several jobs. Older servers refused it
+    with metadata `maximum` or `limit`, `line_count`. Do: nothing with this
+    server; with an older one, split the file.
     """
     PROVIDER_NOT_CONFIGURED: _ErrorReason.ValueType  # 43
     """FAILED_PRECONDITION. The deployment lacks a setting its provider needs (an
@@ -667,8 +669,10 @@ the model takes so few; metadata `minimum`, `line_count` (and `deployment`,
 `model`, `lines`). Do: add requests, or run them on another deployment.
 """
 BATCH_TOO_LARGE: ErrorReason.ValueType  # 42
-"""FAILED_PRECONDITION. The provider takes fewer requests per job than the
-file has; metadata `maximum` or `limit`, `line_count`. Do: split the file.
+"""FAILED_PRECONDITION. No longer raised: a batch with more requests than its
+provider takes in one job runs as several jobs. Older servers refused it
+with metadata `maximum` or `limit`, `line_count`. Do: nothing with this
+server; with an older one, split the file.
 """
 PROVIDER_NOT_CONFIGURED: ErrorReason.ValueType  # 43
 """FAILED_PRECONDITION. The deployment lacks a setting its provider needs (an

@@ -221,19 +221,16 @@ class BedrockBatchProvider(StagedBatchProvider):
         return (missing, SETTINGS[missing][1][0]) if missing else None
 
     def _check_staged(self, job: ProviderJob, staged: Staged) -> None:
-        # CreateBatch planned and split the batch under limits() by lines; lines that cannot be
-        # translated are not sent, which may leave a job under the minimum.
-        limits = self.limits(job.endpoint, job.deployment)
-        low, high = limits.min_requests, limits.max_requests or math.inf
+        # CreateBatch planned and split the batch under limits() by lines (so no job has more records
+        # than the maximum); lines that cannot be translated are not sent, which may leave a job under
+        # the minimum.
+        low = self.limits(job.endpoint, job.deployment).min_requests
         if staged.sent < low:
             raise UnsupportedRequest(
                 f"only {staged.sent} of {job.line_count} requests can be sent to Bedrock "
                 f"({staged.skipped} cannot be translated, first: {staged.first_error}); Bedrock batch "
                 f"inference needs at least {low} records per job", reason="BATCH_TOO_SMALL",
                 precondition=True)
-        if staged.sent > high:
-            raise UnsupportedRequest(f"{staged.sent} records exceed Bedrock's {high} per job",
-                                     reason="BATCH_TOO_LARGE", precondition=True)
 
     async def _upload(self, cfg: BedrockConfig, job: ProviderJob, path: Path, base: str) -> None:
         job.state["input_uri"] = await self._client.upload_file(cfg, path, f"{base}/input/{job.batch_id}.jsonl")

@@ -283,6 +283,9 @@ class ExecutorRun:
             events.sent(deployment_id)
             try:
                 resp = await self.transport.send(path, payload, custom_id)
+            except asyncio.CancelledError:  # the batch stopped (cancelled, handed over) mid-request
+                events.answered(deployment_id, "cancelled")
+                raise
             except TransportFailure as err:
                 failure = _Failure(err.code, err.message, None, {"code": err.code, "message": err.message},
                                    upstream_fault=True, retryable=True)

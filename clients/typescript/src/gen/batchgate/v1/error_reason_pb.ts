@@ -395,8 +395,10 @@ export enum ErrorReason {
   BATCH_TOO_SMALL = 41,
 
   /**
-   * FAILED_PRECONDITION. The provider takes fewer requests per job than the
-   * file has; metadata `maximum` or `limit`, `line_count`. Do: split the file.
+   * FAILED_PRECONDITION. No longer raised: a batch with more requests than its
+   * provider takes in one job runs as several jobs. Older servers refused it
+   * with metadata `maximum` or `limit`, `line_count`. Do: nothing with this
+   * server; with an older one, split the file.
    *
    * @generated from enum value: BATCH_TOO_LARGE = 42;
    */
