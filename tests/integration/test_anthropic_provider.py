@@ -69,6 +69,7 @@ async def h(tmp_path, fakes):
     config = write_config(tmp_path / "models.yaml", [
         entry("claude-batch", timed),
         entry("claude-manual", manual),
+        entry("claude-giving-up", manual, max_retries=0, give_up_after=0.3),
         entry("claude-badkey", timed, api_key="not-the-key"),
         entry("claude-small-jobs", timed, max_batch_bytes=SMALL_JOB_BYTES),
         {"model_name": "claude-nokey", "litellm_params": {"model": f"anthropic/{MODEL}",
@@ -180,17 +181,24 @@ async def test_errored_and_expired_requests_become_error_lines(h):
     assert Decimal(final.cost.amount) == usage_cost(out)[2]
 
 
-async def test_cancel_mid_run(h, fakes):
-    _, manual = fakes
-    a = h.alice
-    f = await h.upload(a, jsonl([chat(f"c-{i}", f"question {i}") for i in range(10)]))
-    batch = await create(a, f.id, model="claude-manual")
-    watcher = asyncio.create_task(watch_all(a, batch.id))
+async def started_on_manual(h, manual: FakeAnthropicBatches, lines: list[dict], model: str):
+    """Create a batch of `lines` on a deployment of the manual-clock fake: (the batch, a task
+    watching it to its end, its Anthropic message batch id) once Anthropic has it."""
+    f = await h.upload(h.alice, jsonl(lines))
+    batch = await create(h.alice, f.id, model=model)
+    watcher = asyncio.create_task(watch_all(h.alice, batch.id))
     for _ in range(200):
         if manual.batches:
             break
         await asyncio.sleep(0.02)
-    bid = next(iter(manual.batches))
+    return batch, watcher, next(iter(manual.batches))
+
+
+async def test_cancel_mid_run(h, fakes):
+    _, manual = fakes
+    a = h.alice
+    batch, watcher, bid = await started_on_manual(h, manual, [chat(f"c-{i}", f"question {i}") for i in range(10)],
+                                                  "claude-manual")
     manual.advance(bid)  # 3 of 10 answered, the rest still queued at Anthropic
     cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
                                              metadata=a.metadata)).batch
@@ -215,6 +223,30 @@ async def test_cancel_mid_run(h, fakes):
     # total                 = 0.0000228   (the 7 canceled requests are not charged)
     assert (final.cost.input_amount, final.cost.output_amount, final.cost.amount) == (
         "0.0000048", "0.000018", "0.0000228")
+
+
+async def test_a_batch_given_up_on_is_charged_for_what_anthropic_answered(h, fakes):
+    # Anthropic ends the batch, but batchgate's polls of it fail (500) until it gives up
+    # (give_up_after 0.3 s): the results are still there, Anthropic bills them, so they are kept
+    # and charged, and the batch fails with the error it gave up on.
+    _, manual = fakes
+    a = h.alice
+    _, watcher, bid = await started_on_manual(h, manual, [chat(f"g-{i}", f"question {i}") for i in range(4)],
+                                              "claude-giving-up")
+    manual.inject(500, 2, path_contains=bid, method="GET")  # the next two polls
+    manual.run_to_end(bid)
+    final = (await asyncio.wait_for(watcher, 30))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert "gave up" in final.errors[0].message
+    out, err = await results(a, final)
+    assert sorted(o["custom_id"] for o in out) == ["g-0", "g-1", "g-2", "g-3"] and err == []
+    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (4, 4, 0)
+    # 4 answers, each "Answer briefly." + "question i" = 4 input words, "echo: question i" = 3 out:
+    # input  16 * 0.0000004 = 0.0000064
+    # output 12 * 0.000002  = 0.000024
+    # total                 = 0.0000304
+    assert (final.cost.input_amount, final.cost.output_amount, final.cost.amount) == (
+        "0.0000064", "0.000024", "0.0000304")
 
 
 async def test_cache_writes_are_priced_at_their_own_batch_rates(h, fakes):

@@ -153,6 +153,9 @@ async def test_cache_writes_5_minute_and_1_hour_at_their_own_prices(h):
     report = await query(h, a)
     assert (report.totals.cache_creation_input_tokens, report.totals.cache_creation_1h_input_tokens,
             report.totals.cost_amount) == (100, 20, "0.000433")
+    [row] = (await query(h, a, group_by=[usage_pb2.USAGE_GROUP_BY_MODEL])).rows
+    assert (dict(row.group), row.cache_creation_input_tokens, row.cache_creation_1h_input_tokens) == (
+        {"model": "cache-writes"}, 100, 20)
 
 
 async def test_cache_writes_are_counted_in_the_token_metrics(tmp_path, upstream):

@@ -298,6 +298,23 @@ def test_bedrock_converse_priced_by_model_info(accounting):
     assert cost.price_source.startswith("model_info")
 
 
+def test_bedrock_converse_cache_writes_at_the_write_price(accounting):
+    records = converse_records()
+    records[0]["modelOutput"]["usage"]["cacheWriteInputTokens"] = 2000
+    info = {**NOVA_INFO, "cache_creation_input_token_cost_batches": "0.00000005"}
+    total, cost = price_lines(accounting, record(accounting, NOVA, info), all_data(bedrock(records, NOVA)))
+    # Converse's inputTokens leave the cache out: prompt = 1000 + 500 read + 2000 written
+    assert total == Usage(input_tokens=3500, cached_tokens=500, output_tokens=250, cache_creation_tokens=2000)
+    # uncached 1000 * 0.00000003 = 0.00003
+    # read      500 * 0.00000003 = 0.000015  (no cached price: at the input price)
+    # written  2000 * 0.00000005 = 0.0001
+    # input                      = 0.000145
+    # output    250 * 0.00000012 = 0.00003
+    # total                      = 0.000175
+    assert (cost.status, cost.input_amount, cost.output_amount, cost.amount) == (
+        "known", "0.000145", "0.00003", "0.000175")
+
+
 def test_bedrock_titan_embeddings_half_of_standard(accounting):
     titan = "amazon.titan-embed-text-v2:0"
     records = [{"recordId": f"e{i}", "modelInput": {"inputText": "hello"},

@@ -568,7 +568,12 @@ def test_anthropic_cache_write_prices_default_to_the_published_multipliers():
     assert "1.25x (5-minute) / 2x (1-hour)" in p.source
     # Elsewhere writes a provider reports without a price are charged as input.
     other = PriceTable.from_dict({"models": {"house": {"input_cost_per_token": "0.000002"}}}).price_for("house")
-    assert other.cache_write == other.cache_write_1h == other.input == Decimal("0.000001")
+    assert other.write_5m == other.write_1h == other.input == Decimal("0.000001")
+    # ... also at the executor's standard rate: they follow the input price.
+    from batchgate_server.core.accounting import Accounting
+    house = PriceTable.from_dict({"models": {"house": {"input_cost_per_token": "0.000002"}}})
+    executor = ModelPrice.from_snapshot(Accounting(house).snapshot("house", None, "openai_compatible"))
+    assert executor.write_5m == executor.write_1h == executor.input == Decimal("0.000002")
 
 
 def test_old_snapshot_without_cache_write_prices_uses_the_anthropic_multipliers(table):
@@ -638,3 +643,32 @@ def test_tier_keys_in_model_info_rederive_their_batch_twin(table):
     p = table.price_for("gemini-2.5-pro", {"input_cost_per_token_above_200k_tokens": "0.000004"})
     assert p.at_tier(200_000).input == Decimal("0.000002")
     assert p.at_tier(200_000).output == Decimal("0.0000075")  # the table's, untouched
+
+
+def test_cache_counts_a_provider_overstates_are_clamped_to_the_prompt():
+    # 100 prompt tokens, 80 read: at most 20 can be writes, and at most those 20 are 1-hour.
+    price = ModelPrice(input=Decimal("1"), output=Decimal("1"), cached_input=Decimal("0.5"),
+                       cache_write=Decimal("2"), cache_write_1h=Decimal("3"))
+    usage = Usage(input_tokens=100, cached_tokens=80, cache_creation_tokens=50, cache_creation_1h_tokens=70)
+    # uncached 0 * 1 + read 80 * 0.5 + 5-minute 0 * 2 + 1-hour 20 * 3 = 40 + 60 = 100
+    cost = compute_cost({"m": usage}, lambda _m: price, price_source="t")
+    assert (cost.input_amount, cost.amount) == ("100", "100")
+
+
+def test_hostile_cache_usage_values_count_nothing_or_what_they_add_up_to():
+    lines = [
+        out_line({"model": "a", "usage": {"prompt_tokens": 10, "completion_tokens": 1,
+                                          "prompt_tokens_details": {"cache_creation_tokens": "lots",
+                                                                    "cache_creation_1h_tokens": None}}}),
+        # Anthropic-native: the per-lifetime split larger than the total given: the split wins.
+        out_line({"model": "b", "usage": {"input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 3,
+                                          "cache_creation": {"ephemeral_5m_input_tokens": 4,
+                                                             "ephemeral_1h_input_tokens": 5}}}),
+        out_line({"model": "c", "usage": {"input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 7,
+                                          "cache_creation": "not an object"}}),
+    ]
+    assert sum_usage_from_output(lines) == {
+        "a": Usage(input_tokens=10, output_tokens=1),
+        "b": Usage(input_tokens=10, output_tokens=1, cache_creation_tokens=9, cache_creation_1h_tokens=5),
+        "c": Usage(input_tokens=8, output_tokens=1, cache_creation_tokens=7),
+    }

@@ -200,8 +200,8 @@ class ModelPrice:
     source: str = ""
     model: str = ""  # the table entry the price came from ("" for model_info only)
     provider: str = ""
-    cache_write: Decimal | None = None  # None: as input (a ModelPrice built by hand)
-    cache_write_1h: Decimal | None = None  # None: as cache_write
+    cache_write: Decimal | None = None  # None: at the input price (no write price known)
+    cache_write_1h: Decimal | None = None  # None: at the 5-minute write price
     standard_cache_write: Decimal | None = None
     standard_cache_write_1h: Decimal | None = None
     tiers: tuple[tuple[int, "ModelPrice"], ...] = ()
@@ -269,10 +269,9 @@ class ModelPrice:
             std_write_1h = std_in * ANTHROPIC_WRITE_1H if std_write_1h is None else std_write_1h
         b_write = entry.get(WRITE_B, None if std_write is None else std_write * _HALF)
         b_write_1h = entry.get(WRITE_1H_B, None if std_write_1h is None else std_write_1h * _HALF)
-        if b_write is None or b_write_1h is None:
-            default_write, default_write_1h = _write_defaults(conv, b_in)
-            b_write = default_write if b_write is None else b_write
-            b_write_1h = (default_write_1h or b_write) if b_write_1h is None else b_write_1h
+        default_write, default_write_1h = _write_defaults(conv, b_in)
+        b_write = default_write if b_write is None else b_write
+        b_write_1h = default_write_1h if b_write_1h is None else b_write_1h
         if conv == "anthropic" and not any(k in entry for k in (WRITE, WRITE_B, WRITE_1H, WRITE_1H_B)):
             notes.append("cache writes = 1.25x (5-minute) / 2x (1-hour) input")
         tiers = []
@@ -336,7 +335,7 @@ class ModelPrice:
         write = opt(WRITE_B)
         write = default_write if write is None else write
         write_1h = opt(WRITE_1H_B)
-        write_1h = (default_write_1h or write) if write_1h is None else write_1h
+        write_1h = default_write_1h if write_1h is None else write_1h
         return cls(
             input=b_in,
             output=opt(OUT_B),
@@ -356,12 +355,14 @@ class ModelPrice:
         )
 
 
-def _write_defaults(convention: str, batch_input: Decimal) -> tuple[Decimal, Decimal | None]:
+def _write_defaults(convention: str, batch_input: Decimal) -> tuple[Decimal | None, Decimal | None]:
     """Batch (5-minute, 1-hour) cache-write prices of a model whose table has none: Anthropic's
-    multipliers of the input price; elsewhere the input price (1-hour: None, as 5-minute)."""
+    multipliers of the input price; elsewhere None: whatever input costs (ModelPrice.write_5m),
+    the 1-hour ones what the 5-minute ones cost (write_1h). Left None rather than copied so that a
+    snapshot switched to standard rates (the executor's) moves them with the input price."""
     if convention == "anthropic":
         return batch_input * ANTHROPIC_WRITE, batch_input * ANTHROPIC_WRITE_1H
-    return batch_input, None
+    return None, None
 
 
 # --- model name normalisation -------------------------------------------------
