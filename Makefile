@@ -65,6 +65,7 @@ bench: install
 	$(PY) bench/blob_clients.py
 	$(PY) bench/executor.py
 	$(PY) bench/shards.py
+	$(PY) bench/shard_split.py
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py

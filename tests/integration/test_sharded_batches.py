@@ -94,9 +94,16 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
             assert response.status == 404
         async with http.get(base) as response:
             assert [b["id"] for b in (await response.json())["data"]] == [batch.id]
+        async with http.get(base, params={"after": final.shards[0].id}) as response:
+            assert response.status == 400, "a shard id is no cursor of the listing"
     usage = usage_pb2_grpc.UsageServiceStub(h.channel)
     report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
     assert report.totals.batch_count == 1
+    # nothing of the batch stays in the tracker once its runner has cleaned up
+    async with asyncio.timeout(10):
+        while h.server.tracker.runner(batch.id) is not None:
+            await asyncio.sleep(0.01)
+    assert h.server.tracker._parents == {}
 
 
 async def test_a_mixed_chat_and_embeddings_file_runs_on_two_executor_deployments(tmp_path, upstream):
@@ -166,7 +173,7 @@ async def manual_oai():
 
 
 async def test_120000_lines_on_openai_run_as_three_jobs_billed_as_one_batch(tmp_path, oai):
-    config = openai_config(tmp_path / "models.yaml", oai, max_batch_requests=50_000)
+    config = openai_config(tmp_path / "models.yaml", oai)  # OpenAI's own limit: 50,000 requests a job
     async with serving(tmp_path / "data", config_file=config, max_file_lines=200_000,
                        max_file_bytes=1 << 30) as h:
         a = h.alice
@@ -178,6 +185,7 @@ async def test_120000_lines_on_openai_run_as_three_jobs_billed_as_one_batch(tmp_
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
         assert [s.request_counts.total for s in final.shards] == [40_000, 40_000, 40_000]
         assert jobs_by_shard(oai) == Counter({s.id: 1 for s in final.shards})
+        assert sorted(s.provider_job_id for s in final.shards) == sorted(oai.batches), "operators see the job ids"
         assert (final.request_counts.total, final.request_counts.completed) == (n, n)
         out, err = await results(a, final)
         assert_each_once(out, [line["custom_id"] for line in lines])

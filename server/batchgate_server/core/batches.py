@@ -243,7 +243,8 @@ class BatchManager:
                          weigh: Callable[[BatchRecord], int]) -> tuple[list[BatchRecord], bool]:
         """Up to `limit` batches after the batch `after_id` ("": from the start), newest first, and
         whether more follow: the HTTP listing, whose cursor is an id."""
-        cursor = await after_cursor("batch", after_id, self.store.get_batch, lambda r: principal.can_see(r.project))
+        cursor = await after_cursor("batch", after_id, self.store.get_batch,
+                                    lambda r: principal.can_see(r.project) and not r.parent_id)
         return await keyset_rows(limit, cursor,
                                  lambda size, after: self.store.list_batches(principal.scope, (), size, after), weigh)
 

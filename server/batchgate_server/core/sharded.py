@@ -49,6 +49,7 @@ from batchgate_server.pricing.cost import sum_costs
 from batchgate_server.providers.base import BatchProvider
 from batchgate_server.providers.output_lines import line_id, no_result_line
 from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull, StorageUnavailable
+from batchgate_server.store.ports import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def cut(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[int, i
 
 
 @dataclass
-class _Measured:
+class Measured:
     """One planned part during the split: the byte offset and translated size of each of its lines."""
 
     part: PlannedPart
@@ -100,6 +101,34 @@ class _Measured:
     provider: BatchProvider
     offsets: array = field(default_factory=lambda: array("Q"))
     sizes: array = field(default_factory=lambda: array("I"))
+
+
+async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measured], single_group: bool) -> None:
+    """One pass over the input `file_id`: each line -> its group -> its planned part (by ordinal),
+    whose offsets and translated sizes it joins. single_group: the file has one group, no line
+    needs decoding. SplitRefused when the file does not hold the lines planned."""
+    by_group: dict[tuple[str, str], list[Measured]] = {}
+    for m in measured:
+        by_group.setdefault((m.part.endpoint, m.part.model), []).append(m)
+    only = next(iter(by_group)) if single_group and len(by_group) == 1 else None
+    ordinals: dict[tuple[str, str], int] = {}
+    seen = 0
+    async for offset, line in blobs.lines_at(file_id):
+        group = only or line_group(line)
+        ordinal = ordinals.get(group, 0)
+        ordinals[group] = ordinal + 1
+        for m in by_group.get(group, ()):
+            if m.part.start <= ordinal < m.part.end:
+                m.offsets.append(offset)
+                m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
+                break
+        seen += 1
+        if seen % YIELD_EVERY_LINES == 0:
+            await asyncio.sleep(0)
+    for m in measured:
+        if len(m.sizes) != m.part.count:
+            raise SplitRefused(f"the input has {len(m.sizes)} of the {m.part.count} requests planned for "
+                               f"{m.part.model!r} on {m.deployment.id}")
 
 
 class _CustomId(msgspec.Struct):
@@ -200,6 +229,9 @@ class ShardedBatchRunner(BatchRunner):
             return
         await self._show(shards)
         await self._sleep(FOLLOW_INTERVAL)
+        # Shards moving together wake this runner in bursts: at most one re-read (and revision of
+        # the batch) per min_poll_interval, as a single job's poll loop coalesces its progress.
+        await asyncio.sleep(self.t.min_poll_interval)
 
     # -- split ----------------------------------------------------------------------------
 
@@ -248,38 +280,14 @@ class ShardedBatchRunner(BatchRunner):
             self.t.follow_shard(shard.id, rec.id)
             self.t.adopt(shard)
 
-    async def _measure(self, single_group: bool) -> list[_Measured]:
-        """One pass over the input: each line -> its group -> its planned part (by ordinal).
-        single_group: the file has one group, no line needs decoding."""
-        rec = self.rec
-        measured: list[_Measured] = []
-        by_group: dict[tuple[str, str], list[_Measured]] = {}
-        for part in sorted(rec.plan, key=lambda p: (p.endpoint, p.model, p.start)):
+    async def _measure(self, single_group: bool) -> list[Measured]:
+        measured = []
+        for part in sorted(self.rec.plan, key=lambda p: (p.endpoint, p.model, p.start)):
             deployment = self.t.router.deployment(part.deployment_id)
             if deployment is None:
                 raise SplitRefused(f"deployment {part.deployment_id!r} is no longer in the model list")
-            m = _Measured(part, deployment, self.t.providers.get(deployment.provider))
-            measured.append(m)
-            by_group.setdefault((part.endpoint, part.model), []).append(m)
-        only = next(iter(by_group)) if single_group and len(by_group) == 1 else None
-        ordinals: dict[tuple[str, str], int] = {}
-        seen = 0
-        async for offset, line in self.t.blobs.lines_at(rec.input_file_id):
-            group = only or line_group(line)
-            ordinal = ordinals.get(group, 0)
-            ordinals[group] = ordinal + 1
-            for m in by_group.get(group, ()):
-                if m.part.start <= ordinal < m.part.end:
-                    m.offsets.append(offset)
-                    m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
-                    break
-            seen += 1
-            if seen % YIELD_EVERY_LINES == 0:
-                await asyncio.sleep(0)
-        for m in measured:
-            if len(m.sizes) != m.part.count:
-                raise SplitRefused(f"the input has {len(m.sizes)} of the {m.part.count} requests planned for "
-                                   f"{m.part.model!r} on {m.deployment.id}")
+            measured.append(Measured(part, deployment, self.t.providers.get(deployment.provider)))
+        await measure_parts(self.t.blobs, self.rec.input_file_id, measured, single_group)
         return measured
 
     # -- follow ---------------------------------------------------------------------------

@@ -223,6 +223,12 @@ class Tracker:
         runner = self._runners.pop(batch_id, None)
         if runner is not None:
             self.events.released(runner.rec)
+            # shard -> parent entries go with the parent's runner, or with the shard's own when
+            # its parent is not driven here.
+            for shard in runner.rec.shards:
+                self._parents.pop(shard.id, None)
+            if runner.rec.parent_id not in self._runners:
+                self._parents.pop(batch_id, None)
 
     def last_polls(self) -> list[tuple[BatchRecord, float | None]]:
         """Every owned batch that polls a provider (a sharded parent does not: its shards do) with
