@@ -1,0 +1,134 @@
+"""Sharded batches (issue 14) fed hostile files, through the real server on loopback.
+
+A review of the split and merge as a user would hit them: a request near a job's byte limit among
+small ones, a file of 64 groups with CRLF line ends and blank lines between requests, a group of
+one line next to a large one, two file models mapped onto one deployment, a huge single line; and
+the money side: the batch's cost is its shards' ledger rows, the monthly budget sees them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from batchgate.v1 import batch_pb2, usage_pb2, usage_pb2_grpc
+from tests.conftest import request_line, serving
+from tests.integration.batch_helpers import create, results, watch_all
+from tests.integration.test_keys_and_quotas import refused, set_quota
+from tests.integration.test_sharded_batches import assert_each_once, cost_nanos
+
+
+def simulated_config(path: Path, **params) -> Path:
+    """One priced simulated deployment of 'house' (fast, no network), job limits from `params`."""
+    path.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "house", "litellm_params": {"model": "simulated/echo", "latency_ms": 0, **params},
+         "model_info": {"id": "sim-a", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}},
+    ]}))
+    return path
+
+
+def crlf_with_blanks(lines: list[dict]) -> bytes:
+    """CRLF line ends and blank lines at the end (blank lines between requests are refused at
+    upload: test_jsonl_validation), spaces around the JSON."""
+    return b"".join((b" " if i % 5 == 0 else b"") + json.dumps(line).encode() + b" \r\n"
+                    for i, line in enumerate(lines)) + b"\r\n   \r\n"
+
+
+async def first_split(caller, batch_id: str) -> batch_pb2.Batch:
+    """The batch's first state that lists its shards (the split's commit)."""
+    async for event in caller.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch_id),
+                                                 metadata=caller.metadata, timeout=60):
+        if event.WhichOneof("event") == "batch" and (event.batch.shards or event.batch.status in (
+                batch_pb2.BATCH_STATUS_FAILED, batch_pb2.BATCH_STATUS_CANCELLED)):
+            return event.batch
+    raise AssertionError("the watch ended before the split")
+
+
+async def test_one_request_near_the_byte_limit_does_not_make_a_job_of_every_line(tmp_path):
+    # max_batch_bytes 10,000: the large request fills a job alone; the 300 small ones (~130 bytes)
+    # fit 4-5 jobs. Near-equal by lines alone made 301 jobs of one line.
+    config = simulated_config(tmp_path / "models.yaml", max_batch_bytes=10_000)
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = [request_line("big", model="house", content="x" * 9_800)]
+        lines += [request_line(f"r-{i}", model="house", content=f"q {i}") for i in range(300)]
+        f = await h.upload(a, b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        batch = await create(a, f.id)
+        split = await first_split(a, batch.id)
+        assert split.status != batch_pb2.BATCH_STATUS_FAILED, split.errors
+        assert 2 <= len(split.shards) <= 10, len(split.shards)
+        final = (await watch_all(a, batch.id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+        out, err = await results(a, final)
+        assert err == [] and final.request_counts.completed == 301
+        assert_each_once(out, [x["custom_id"] for x in lines])
+
+
+async def test_64_groups_crlf_blank_lines_and_a_one_line_group_next_to_a_large_one(tmp_path):
+    # 64 file models (the most a file may have), all mapped onto one deployment: 64 parts there.
+    # Group m0 has 1 line, m1 has 20,000 (cut into jobs of at most 5,000), the rest 3 each; CRLF
+    # ends, spaces around lines, blank lines at the end.
+    config = simulated_config(tmp_path / "models.yaml", max_batch_requests=5_000)
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = [request_line("only-m0", model="m0")]
+        lines += [request_line(f"m1-{i}", model="m1", content=f"q {i}") for i in range(20_000)]
+        lines += [request_line(f"m{g}-{i}", model=f"m{g}") for g in range(2, 64) for i in range(3)]
+        # interleave the small groups into the large one's lines, so no group is one run
+        small, large = lines[20_001:], lines[1:20_001]
+        mixed = [lines[0]] + [x for pair in zip(large[:len(small)], small) for x in pair] + large[len(small):]
+        f = await h.upload(a, crlf_with_blanks(mixed))
+        batch = await create(a, f.id, model_map={f"m{g}": "house" for g in range(64)})
+        final = (await watch_all(a, batch.id, timeout=120))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+        by_model = {}
+        for s in final.shards:
+            by_model.setdefault(s.deployment_id, []).append(s.request_counts.total)
+        assert sorted(by_model["sim-a"]).count(5_000) == 4 and sum(by_model["sim-a"]) == len(mixed)
+        assert len(final.shards) == 63 + 4
+        out, err = await results(a, final)
+        assert err == [], err[:3]
+        assert_each_once(out, [x["custom_id"] for x in mixed])
+        assert final.request_counts.total == final.request_counts.completed == len(out) == len(mixed)
+        # each answer is the answer to its own request (the shard read the right lines)
+        assert all(x["response"]["status_code"] == 200 for x in out)
+
+
+async def test_a_huge_single_line_in_a_mixed_file_is_answered_once(tmp_path):
+    config = simulated_config(tmp_path / "models.yaml", max_batch_requests=3)
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = [request_line(f"a-{i}", model="a") for i in range(5)]
+        lines.insert(2, request_line("huge", model="b", content="y" * 4_000_000))
+        lines += [request_line(f"b-{i}", model="b") for i in range(4)]
+        f = await h.upload(a, crlf_with_blanks(lines))
+        batch = await create(a, f.id, model_map={"a": "house", "b": "house"})
+        final = (await watch_all(a, batch.id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+        out, err = await results(a, final)
+        assert err == []
+        assert_each_once(out, [x["custom_id"] for x in lines])
+
+
+async def test_the_batch_costs_its_shards_ledger_rows_and_the_budget_sees_them(tmp_path):
+    config = simulated_config(tmp_path / "models.yaml", max_batch_requests=4)
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = [request_line(f"r-{i}", model="house", content=f"question {i}") for i in range(10)]
+        f = await h.upload(a, b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        final = (await watch_all(a, (await create(a, f.id)).id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and len(final.shards) == 3
+        shard_costs = [cost_nanos(s.cost.amount) for s in final.shards]
+        assert all(c > 0 for c in shard_costs) and cost_nanos(final.cost.amount) == sum(shard_costs)
+        usage = usage_pb2_grpc.UsageServiceStub(h.channel)
+        report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
+        assert report.totals.batch_count == 1
+        assert cost_nanos(report.totals.cost_amount) == sum(shard_costs)
+        assert report.totals.input_tokens == final.usage.input_tokens
+        assert report.totals.output_tokens == final.usage.output_tokens
+        # the budget is spent by the shards' rows: at the batch's cost, the next batch is refused
+        await set_quota(h, monthly_budget=final.cost.amount)
+        await refused(create(a, f.id), grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_MONTHLY_BUDGET")
