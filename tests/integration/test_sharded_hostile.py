@@ -7,6 +7,7 @@ the money side: the batch's cost is its shards' ledger rows, the monthly budget 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -15,10 +16,17 @@ import pytest
 import yaml
 
 from batchgate.v1 import batch_pb2, usage_pb2, usage_pb2_grpc
-from tests.conftest import request_line, serving
+from tests.conftest import jsonl, request_line, serving
 from tests.integration.batch_helpers import create, results, watch_all
 from tests.integration.test_keys_and_quotas import refused, set_quota
-from tests.integration.test_sharded_batches import assert_each_once, cost_nanos
+from tests.fakes.openai_batch_api import FakeBatchAPI
+from tests.integration.test_sharded_batches import (
+    assert_each_once,
+    chat_lines,
+    cost_nanos,
+    eventually,
+    openai_config,
+)
 
 
 def simulated_config(path: Path, **params) -> Path:
@@ -132,3 +140,105 @@ async def test_the_batch_costs_its_shards_ledger_rows_and_the_budget_sees_them(t
         # the budget is spent by the shards' rows: at the batch's cost, the next batch is refused
         await set_quota(h, monthly_budget=final.cost.amount)
         await refused(create(a, f.id), grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_MONTHLY_BUDGET")
+
+
+# ------------------------------------------------------------------ ends: expiry, cancels, watch
+
+def assert_one_clean_watch(states: list[batch_pb2.Batch]) -> None:
+    """Revisions only grow, counts never go back, exactly one terminal state and it is the last."""
+    revisions = [s.revision for s in states]
+    assert revisions == sorted(set(revisions)), revisions
+    terminal = {batch_pb2.BATCH_STATUS_COMPLETED, batch_pb2.BATCH_STATUS_FAILED, batch_pb2.BATCH_STATUS_CANCELLED,
+                batch_pb2.BATCH_STATUS_EXPIRED}
+    assert [s.status in terminal for s in states].count(True) == 1 and states[-1].status in terminal
+    done = [s.request_counts.completed + s.request_counts.failed for s in states]
+    assert done == sorted(done), done
+
+
+async def test_one_shard_expiring_at_its_provider_keeps_the_others_and_answers_its_requests(tmp_path):
+    fake = FakeBatchAPI(clock="manual", lines_per_tick=1)
+    await fake.start()
+    try:
+        config = openai_config(tmp_path / "models.yaml", fake, max_batch_requests=4)
+        async with serving(tmp_path / "data", config_file=config) as h:
+            a = h.alice
+            lines = chat_lines(12)
+            f = await h.upload(a, jsonl(lines))
+            batch = await create(a, f.id)
+            watching = asyncio.create_task(watch_all(a, batch.id))
+            await eventually(lambda: len(fake.batches) == 3)
+            first, *others = sorted(fake.batches.values(), key=lambda b: b.metadata["batchgate_batch_id"])
+            fake.advance(first.id, 2)  # validating -> in_progress, one line done
+            fake.expire(first.id)
+            fake.advance(first.id)  # expires with 1 answered, 3 batch_expired
+            for b in others:
+                fake.run_to_end(b.id)
+            states = await watching
+            final = states[-1]
+            assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+            assert [s.status for s in final.shards] == [batch_pb2.BATCH_STATUS_EXPIRED] + \
+                [batch_pb2.BATCH_STATUS_COMPLETED] * 2
+            out, err = await results(a, final)
+            assert_each_once(out + err, [x["custom_id"] for x in lines])
+            assert len(out) == 9 and {x["error"]["code"] for x in err} == {"batch_expired"}
+            assert (final.request_counts.completed, final.request_counts.failed) == (9, 3)
+            assert_one_clean_watch(states)
+    finally:
+        await fake.stop()
+
+
+async def test_cancel_twice_cancels_each_shard_at_its_provider_once(tmp_path):
+    fake = FakeBatchAPI(clock="time", step_ms=10**9)
+    await fake.start()
+    try:
+        config = openai_config(tmp_path / "models.yaml", fake, max_batch_requests=4)
+        async with serving(tmp_path / "data", config_file=config) as h:
+            a = h.alice
+            lines = chat_lines(12)
+            batch = await create(a, (await h.upload(a, jsonl(lines))).id)
+            watching = asyncio.create_task(watch_all(a, batch.id))
+            await eventually(lambda: len(fake.batches) == 3)
+            request = batch_pb2.CancelBatchRequest(batch_id=batch.id)
+            once = (await a.batches.CancelBatch(request, metadata=a.metadata)).batch
+            twice = (await a.batches.CancelBatch(request, metadata=a.metadata)).batch
+            assert once.status == twice.status == batch_pb2.BATCH_STATUS_CANCELLING
+            await eventually(lambda: all(b.status == "cancelling" for b in fake.batches.values()))
+            for b in fake.batches.values():
+                fake.advance(b.id)
+            states = await watching
+            assert states[-1].status == batch_pb2.BATCH_STATUS_CANCELLED
+            assert fake.calls_to("POST", "/cancel") == 3
+            out, err = await results(a, states[-1])
+            assert_each_once(out + err, [x["custom_id"] for x in lines])
+            assert_one_clean_watch(states)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await a.batches.CancelBatch(request, metadata=a.metadata)
+            assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        await fake.stop()
+
+
+async def test_a_cancel_while_merging_ends_the_batch_once_with_every_answer(tmp_path):
+    config = simulated_config(tmp_path / "models.yaml", max_batch_requests=20_000)
+    async with serving(tmp_path / "data", config_file=config, max_file_lines=60_000) as h:
+        a = h.alice
+        lines = [request_line(f"r-{i}", model="house", content=f"q {i}") for i in range(60_000)]
+        f = await h.upload(a, b"".join(json.dumps(x).encode() + b"\n" for x in lines), chunk_size=1 << 20)
+        batch = await create(a, f.id)
+        states = []
+        cancelled = None
+        async for event in a.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch.id),
+                                                metadata=a.metadata, timeout=170):
+            if event.WhichOneof("event") != "batch":
+                continue
+            states.append(event.batch)
+            if event.batch.status == batch_pb2.BATCH_STATUS_FINALIZING and cancelled is None:
+                cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                                         metadata=a.metadata)).batch
+        assert cancelled is not None, "never saw the merge"
+        final = states[-1]
+        assert final.status in (batch_pb2.BATCH_STATUS_CANCELLED, batch_pb2.BATCH_STATUS_COMPLETED)
+        assert_one_clean_watch(states)
+        out, err = await results(a, final)
+        assert_each_once(out + err, [x["custom_id"] for x in lines])
+        assert final.request_counts.completed + final.request_counts.failed == 60_000
