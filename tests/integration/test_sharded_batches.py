@@ -22,6 +22,7 @@ from tests.conftest import jsonl, request_line, serving
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.integration.batch_helpers import create, results, status_names, upstream_entry, watch_all, write_config
+from tests.integration.test_cli import cli, cli_env
 from tests.integration.test_observability import scrape, value
 from tests.integration.test_openai_provider_e2e import openai_entry, write_litellm_config
 from tests.integration.test_webhooks import SECRET as WEBHOOK_SECRET
@@ -99,6 +100,11 @@ async def test_a_batch_over_the_job_limit_runs_as_shards_and_merges_into_one(exe
     usage = usage_pb2_grpc.UsageServiceStub(h.channel)
     report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
     assert report.totals.batch_count == 1
+    # the CLI shows the jobs
+    code, shown, _ = await cli(cli_env(h, a), "batches", "get", batch.id)
+    assert code == 0
+    jobs = [line.split() for line in shown.splitlines() if line.startswith("job ")]
+    assert [(j[1], j[2], j[4]) for j in jobs] == [(s.id, "completed", "exec-a") for s in final.shards]
     # nothing of the batch stays in the tracker once its runner has cleaned up
     async with asyncio.timeout(10):
         while h.server.tracker.runner(batch.id) is not None:

@@ -28,7 +28,7 @@ from batchgate import _batch_helpers
 from batchgate._common import TLS, DownloadVerificationError
 from batchgate.client import BatchgateClient
 from batchgate.errors import BatchgateError
-from batchgate.types import Batch, BatchStatus, File, FilePurpose, UsageGroupBy, to_dict
+from batchgate.types import Batch, BatchStatus, File, FilePurpose, UsageGroupBy, _enum_or_number, to_dict
 
 # Exit codes: how the command, and for `run` and `batches watch` the batch, ended.
 EXIT_OK = 0              # done; a batch completed with every request answered
@@ -142,6 +142,10 @@ def describe_batch(b: Batch) -> str:
     lines = [f"{k:<11} {v}" for k, v in rows if v]
     lines += [f"error       {e.code}: {e.message}" + (f" (line {e.line})" if e.HasField("line") else "")
               for e in b.errors]
+    # A batch run as several provider jobs: one line each, for operators.
+    lines += [f"job         {s.id} {_enum_or_number(BatchStatus, s.status)} on {s.deployment_id} ({s.provider}"
+              + (f" {s.provider_job_id}" if s.provider_job_id else "") + f"): {s.request_counts.completed:,} "
+              f"completed, {s.request_counts.failed:,} failed, {s.request_counts.total:,} in all" for s in b.shards]
     return "\n".join(lines)
 
 

@@ -336,7 +336,8 @@ class ShardedBatchRunner(BatchRunner):
                  ", ".join(f"{s.id} ({s.input_line_count} on {s.deployment_id})" for s in shards))
         for shard in shards:
             self.t.follow_shard(shard.id, rec.id)
-            self.t.adopt(shard)
+            if not self.t.stopping:  # else the next start adopts them, as after a crash
+                self.t.adopt(shard)
 
     async def _measure(self, single_group: bool) -> list[Measured]:
         measured = []
