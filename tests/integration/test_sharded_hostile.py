@@ -242,3 +242,21 @@ async def test_a_cancel_while_merging_ends_the_batch_once_with_every_answer(tmp_
         out, err = await results(a, final)
         assert_each_once(out + err, [x["custom_id"] for x in lines])
         assert final.request_counts.completed + final.request_counts.failed == 60_000
+
+
+async def test_a_sharded_batch_of_unknown_cost_is_one_unknown_cost_batch(tmp_path):
+    # No prices for the deployment: every shard's cost is unknown. UsageService counts the batch
+    # once in batch_count, and so in unknown_cost_batches (not once per shard row).
+    config = tmp_path / "models.yaml"
+    config.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "house", "litellm_params": {"model": "simulated/echo", "latency_ms": 0,
+                                                   "max_batch_requests": 4}, "model_info": {"id": "sim-free"}}]}))
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        lines = [request_line(f"r-{i}", model="house") for i in range(10)]
+        final = (await watch_all(a, (await create(a, (await h.upload(a, jsonl(lines))).id)).id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and len(final.shards) == 3
+        assert final.cost.status == batch_pb2.COST_STATUS_UNKNOWN, final.cost
+        usage = usage_pb2_grpc.UsageServiceStub(h.channel)
+        report = await usage.QueryUsage(usage_pb2.QueryUsageRequest(), metadata=a.metadata)
+        assert (report.totals.batch_count, report.totals.unknown_cost_batches) == (1, 1)
