@@ -8,18 +8,19 @@ the money side: the batch's cost is its shards' ledger rows, the monthly budget 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
-
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
+
 from tests.conftest import jsonl, request_line, serving
+from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import create, results, watch_all
 from tests.integration.test_keys_and_quotas import refused, set_quota
-from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.test_sharded_batches import (
     assert_each_once,
     chat_lines,
@@ -155,67 +156,91 @@ def assert_one_clean_watch(states: list[batch_pb2.Batch]) -> None:
     assert done == sorted(done), done
 
 
-async def test_one_shard_expiring_at_its_provider_keeps_the_others_and_answers_its_requests(tmp_path):
-    fake = FakeBatchAPI(clock="manual", lines_per_tick=1)
+class ThreeJobs:
+    """12 chat lines as 3 jobs of 4 on the OpenAI fake, each job moved by the test: start() uploads,
+    creates, watches the batch and returns once the fake has the three jobs (first, *others)."""
+
+    def __init__(self, h, fake: FakeBatchAPI) -> None:
+        self.h, self.a, self.fake = h, h.alice, fake
+        self.lines = chat_lines(12)
+
+    async def start(self) -> None:
+        self.file = await self.h.upload(self.a, jsonl(self.lines))
+        self.batch = await create(self.a, self.file.id)
+        self.watching = asyncio.create_task(watch_all(self.a, self.batch.id))
+        await eventually(lambda: len(self.fake.batches) == 3)
+        self.first, *self.others = sorted(self.fake.batches.values(),
+                                          key=lambda b: b.metadata["batchgate_batch_id"])
+
+    async def until_completed(self, n: int) -> None:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            got = await self.a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=self.batch.id),
+                                                metadata=self.a.metadata)
+            if got.batch.request_counts.completed == n:
+                return
+            assert asyncio.get_running_loop().time() < deadline, got.batch.request_counts
+            await asyncio.sleep(0.05)
+
+    def ids(self) -> list[str]:
+        return [x["custom_id"] for x in self.lines]
+
+
+@contextlib.asynccontextmanager
+async def three_jobs_on(tmp_path: Path, **fake_options):
+    """A server on an OpenAI fake (`fake_options`) with ThreeJobs started."""
+    fake = FakeBatchAPI(**fake_options)
     await fake.start()
     try:
         config = openai_config(tmp_path / "models.yaml", fake, max_batch_requests=4)
         async with serving(tmp_path / "data", config_file=config) as h:
-            a = h.alice
-            lines = chat_lines(12)
-            f = await h.upload(a, jsonl(lines))
-            batch = await create(a, f.id)
-            watching = asyncio.create_task(watch_all(a, batch.id))
-            await eventually(lambda: len(fake.batches) == 3)
-            first, *others = sorted(fake.batches.values(), key=lambda b: b.metadata["batchgate_batch_id"])
-            fake.advance(first.id, 2)  # validating -> in_progress, one line done
-            fake.expire(first.id)
-            fake.advance(first.id)  # expires with 1 answered, 3 batch_expired
-            for b in others:
-                fake.run_to_end(b.id)
-            states = await watching
-            final = states[-1]
-            assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
-            assert [s.status for s in final.shards] == [batch_pb2.BATCH_STATUS_EXPIRED] + \
-                [batch_pb2.BATCH_STATUS_COMPLETED] * 2
-            out, err = await results(a, final)
-            assert_each_once(out + err, [x["custom_id"] for x in lines])
-            assert len(out) == 9 and {x["error"]["code"] for x in err} == {"batch_expired"}
-            assert (final.request_counts.completed, final.request_counts.failed) == (9, 3)
-            assert_one_clean_watch(states)
+            jobs = ThreeJobs(h, fake)
+            await jobs.start()
+            yield jobs
     finally:
         await fake.stop()
+
+
+async def test_one_shard_expiring_at_its_provider_keeps_the_others_and_answers_its_requests(tmp_path):
+    async with three_jobs_on(tmp_path, clock="manual", lines_per_tick=1) as jobs:
+        fake, h = jobs.fake, jobs.h
+        fake.advance(jobs.first.id, 2)  # validating -> in_progress, one line done
+        fake.expire(jobs.first.id)
+        fake.advance(jobs.first.id)  # expires with 1 answered, 3 batch_expired
+        for b in jobs.others:
+            fake.run_to_end(b.id)
+        states = await jobs.watching
+        final = states[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+        assert [s.status for s in final.shards] == [batch_pb2.BATCH_STATUS_EXPIRED] + \
+            [batch_pb2.BATCH_STATUS_COMPLETED] * 2
+        out, err = await results(h.alice, final)
+        assert_each_once(out + err, jobs.ids())
+        assert len(out) == 9 and {x["error"]["code"] for x in err} == {"batch_expired"}
+        assert (final.request_counts.completed, final.request_counts.failed) == (9, 3)
+        assert_one_clean_watch(states)
 
 
 async def test_cancel_twice_cancels_each_shard_at_its_provider_once(tmp_path):
-    fake = FakeBatchAPI(clock="time", step_ms=10**9)
-    await fake.start()
-    try:
-        config = openai_config(tmp_path / "models.yaml", fake, max_batch_requests=4)
-        async with serving(tmp_path / "data", config_file=config) as h:
-            a = h.alice
-            lines = chat_lines(12)
-            batch = await create(a, (await h.upload(a, jsonl(lines))).id)
-            watching = asyncio.create_task(watch_all(a, batch.id))
-            await eventually(lambda: len(fake.batches) == 3)
-            request = batch_pb2.CancelBatchRequest(batch_id=batch.id)
-            once = (await a.batches.CancelBatch(request, metadata=a.metadata)).batch
-            twice = (await a.batches.CancelBatch(request, metadata=a.metadata)).batch
-            assert once.status == twice.status == batch_pb2.BATCH_STATUS_CANCELLING
-            await eventually(lambda: all(b.status == "cancelling" for b in fake.batches.values()))
-            for b in fake.batches.values():
-                fake.advance(b.id)
-            states = await watching
-            assert states[-1].status == batch_pb2.BATCH_STATUS_CANCELLED
-            assert fake.calls_to("POST", "/cancel") == 3
-            out, err = await results(a, states[-1])
-            assert_each_once(out + err, [x["custom_id"] for x in lines])
-            assert_one_clean_watch(states)
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                await a.batches.CancelBatch(request, metadata=a.metadata)
-            assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    finally:
-        await fake.stop()
+    async with three_jobs_on(tmp_path, clock="time", step_ms=10**9) as jobs:
+        fake, h = jobs.fake, jobs.h
+        a = h.alice
+        request = batch_pb2.CancelBatchRequest(batch_id=jobs.batch.id)
+        once = (await a.batches.CancelBatch(request, metadata=a.metadata)).batch
+        twice = (await a.batches.CancelBatch(request, metadata=a.metadata)).batch
+        assert once.status == twice.status == batch_pb2.BATCH_STATUS_CANCELLING
+        await eventually(lambda: all(b.status == "cancelling" for b in fake.batches.values()))
+        for b in fake.batches.values():
+            fake.advance(b.id)
+        states = await jobs.watching
+        assert states[-1].status == batch_pb2.BATCH_STATUS_CANCELLED
+        assert fake.calls_to("POST", "/cancel") == 3
+        out, err = await results(a, states[-1])
+        assert_each_once(out + err, jobs.ids())
+        assert_one_clean_watch(states)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await a.batches.CancelBatch(request, metadata=a.metadata)
+        assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def test_a_cancel_while_merging_ends_the_batch_once_with_every_answer(tmp_path):
@@ -271,41 +296,22 @@ async def test_a_sharded_batch_of_unknown_cost_is_one_unknown_cost_batch(tmp_pat
 async def test_a_shards_own_result_files_are_not_the_callers_to_list_or_delete(tmp_path):
     # A shard's result files are internal (merged into the batch's at its end): a caller who lists
     # files mid-way must not see them, and deleting one must not lose the batch's answers.
-    fake = FakeBatchAPI(clock="time", step_ms=10**9)
-    await fake.start()
-    try:
-        config = openai_config(tmp_path / "models.yaml", fake, max_batch_requests=4)
-        async with serving(tmp_path / "data", config_file=config) as h:
-            a = h.alice
-            lines = chat_lines(12)
-            f = await h.upload(a, jsonl(lines))
-            batch = await create(a, f.id)
-            watching = asyncio.create_task(watch_all(a, batch.id))
-            await eventually(lambda: len(fake.batches) == 3)
-            first, *others = sorted(fake.batches.values(), key=lambda b: b.metadata["batchgate_batch_id"])
-            fake.run_to_end(first.id)
-
-            async def first_done() -> bool:
-                got = await a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch.id), metadata=a.metadata)
-                return got.batch.request_counts.completed == 4
-
-            deadline = asyncio.get_running_loop().time() + 30
-            while not await first_done():
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
-            listed = await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)
-            foreign = [x for x in listed.files if x.id != f.id]
-            for x in foreign:  # what a caller cleaning up its files would do
-                try:
-                    await a.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=x.id), metadata=a.metadata)
-                except grpc.aio.AioRpcError:
-                    pass
-            for b in others:
-                fake.run_to_end(b.id)
-            final = (await watching)[-1]
-            assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
-            out, err = await results(a, final)
-            assert_each_once(out, [x["custom_id"] for x in lines])
-            assert [x.filename for x in foreign] == [], "a shard's result file is listed to the caller"
-    finally:
-        await fake.stop()
+    async with three_jobs_on(tmp_path, clock="time", step_ms=10**9) as jobs:
+        fake, h = jobs.fake, jobs.h
+        a = h.alice
+        fake.run_to_end(jobs.first.id)
+        await jobs.until_completed(4)
+        listed = await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)
+        foreign = [x for x in listed.files if x.id != jobs.file.id]
+        for x in foreign:  # what a caller cleaning up its files would do
+            try:
+                await a.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=x.id), metadata=a.metadata)
+            except grpc.aio.AioRpcError:
+                pass
+        for b in jobs.others:
+            fake.run_to_end(b.id)
+        final = (await jobs.watching)[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+        out, _ = await results(a, final)
+        assert_each_once(out, jobs.ids())
+        assert [x.filename for x in foreign] == [], "a shard's result file is listed to the caller"

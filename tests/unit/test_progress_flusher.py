@@ -14,7 +14,12 @@ from types import SimpleNamespace
 
 from batchgate_server.providers.base import SharedProgress
 from batchgate_server.providers.executor import progress as progress_module
-from batchgate_server.providers.executor.progress import ERROR_NAME, OUTPUT_NAME, Flushed, ProgressFlusher
+from batchgate_server.providers.executor.progress import (
+    ERROR_NAME,
+    OUTPUT_NAME,
+    Flushed,
+    ProgressFlusher,
+)
 from batchgate_server.store.errors import Duplicate
 
 

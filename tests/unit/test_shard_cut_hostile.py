@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from batchgate_server.core.sharded import SplitRefused, cut
 from batchgate_server.domain.shards import JobLimits
 
