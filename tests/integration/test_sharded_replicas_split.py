@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from batchgate.v1 import batch_pb2
+
 from tests.conftest import jsonl, request_line
 from tests.integration.batch_helpers import results, upstream_entry, write_config
 from tests.integration.test_replicas import upload_and_create, upstream, watch  # noqa: F401
