@@ -1,5 +1,6 @@
 """Requests/s through the built-in executor against a local fake upstream, next to what wrk
-drives through the same fake in the same run (the ceiling); and the server's peak RSS growth.
+drives through the same fake in the same run (the ceiling: the mean of a wrk run right before and
+one right after the batch); and the server's peak RSS growth.
 
 10,000 chat requests at 0 ms and 20 ms upstream latency, 128 in flight (the executor's
 max_concurrency and wrk's connections). The executor's rate is end to end: CreateBatch until the
@@ -11,6 +12,8 @@ batch is completed with its output file stored. Targets (issue 11), on the 2-cor
     .venv/bin/python bench/executor.py [--rounds 3] [--profile DIR]
 
 --rounds interleaves the two latencies that many times and prints each round and the range.
+The server's CPU per request (all its threads, CreateBatch to completed) is printed too: on a
+shared machine it moves less than the rates do.
 --profile DIR records the server during each batch with py-spy (pip install py-spy) into
 DIR/executor-<latency>ms-<round>.txt (collapsed stacks).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -59,7 +63,7 @@ def wrk_rate(port: int, tmp: Path) -> float | None:
     script = tmp / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
                       f"wrk.body = {json.dumps(json.dumps(BODY))}\n")
-    out = subprocess.run(["wrk", "-t2", f"-c{CONCURRENCY}", "-d5s", "-s", str(script),
+    out = subprocess.run(["wrk", "-t2", f"-c{CONCURRENCY}", "-d4s", "-s", str(script),
                           f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True).stdout
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     return float(match.group(1)) if match else None
@@ -71,6 +75,12 @@ def write_requests(path: Path) -> None:
             body = dict(BODY, messages=[BODY["messages"][0], {"role": "user", "content": f"review #{i}: great"}])
             fh.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
                                  "body": body}) + "\n")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of every thread of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, label: str) -> dict:
@@ -92,18 +102,25 @@ def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, 
                                         "-o", str(profile / f"executor-{label}.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1)  # py-spy attaches
+            # The ceiling is measured right before and right after the batch and averaged: the
+            # machine is shared, and its load drifts within seconds.
+            wrk_before = wrk_rate(up_port, tmp)
+            cpu_before = cpu_seconds(server.pid)
             started = time.perf_counter()
             batch = bg.create_batch(f.id, "/v1/chat/completions", model="fake")
             final = bg.wait(batch.id)
             elapsed = time.perf_counter() - started
             peak = rss_kib(server.pid, "VmHWM")
+            cpu = cpu_seconds(server.pid) - cpu_before
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
         assert final.request_counts.completed == N, final.request_counts
         if spy is not None:
             spy.send_signal(2)
             spy.wait()
-        return {"rate": N / elapsed, "elapsed": elapsed, "wrk": wrk_rate(up_port, tmp),
-                "rss_mib": (peak - baseline) / 1024}
+        wrk_after = wrk_rate(up_port, tmp)
+        wrk = (wrk_before + wrk_after) / 2 if wrk_before and wrk_after else None
+        return {"rate": N / elapsed, "elapsed": elapsed, "wrk": wrk,
+                "rss_mib": (peak - baseline) / 1024, "cpu_us": cpu / N * 1e6}
     finally:
         stop(server)
         upstream.terminate()
@@ -134,7 +151,7 @@ def main() -> None:
                 else:
                     vs_wrk = "wrk not installed (apt-get install wrk): no ceiling"
                 print(f"round {round_no}, latency {latency:>2} ms: executor {r['rate']:,.0f} req/s over {N:,} "
-                      f"requests in {r['elapsed']:.2f}s, {vs_wrk}; server RSS growth {r['rss_mib']:.1f} MiB "
+                      f"requests in {r['elapsed']:.2f}s ({r['cpu_us']:.0f} us of server CPU each), {vs_wrk}; server RSS growth {r['rss_mib']:.1f} MiB "
                       f"(target < {TARGET_RSS_MIB}: {verdict(r['rss_mib'] < TARGET_RSS_MIB)})", flush=True)
     if args.rounds > 1:
         for latency, runs in results.items():
