@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/upload_stores.py --moto
 	$(PY) bench/blob_clients.py
 	$(PY) bench/executor.py
+	$(PY) bench/shards.py
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py

@@ -79,6 +79,15 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def start_upstream(latency_ms: float) -> tuple[subprocess.Popen, int]:
+    """tests/fakes/openai_compatible_upstream.py in its own process, answering after `latency_ms`."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_compatible_upstream", "--port", str(port),
+                             "--latency-ms", str(latency_ms)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
 def wait_http(url: str, seconds: float = 30) -> None:
     """Until something answers HTTP at `url`."""
     import httpx

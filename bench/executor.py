@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, free_port, reset_peak, rss_kib, start_server, stop, wait_port  # noqa: E402
+from _common import reset_peak, rss_kib, start_server, start_upstream, stop  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -47,14 +47,6 @@ TARGET_RSS_MIB = 32
 BODY = {"model": "fake-model", "max_tokens": 64,
         "messages": [{"role": "system", "content": "Classify the sentiment."},
                      {"role": "user", "content": "The delivery was late but the support team was lovely."}]}
-
-
-def start_upstream(latency_ms: int) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_compatible_upstream", "--port", str(port),
-                             "--latency-ms", str(latency_ms)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
 
 
 def wrk_rate(port: int, tmp: Path) -> float | None:

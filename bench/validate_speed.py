@@ -4,7 +4,10 @@ Writes 50,000 chat-completion request lines (2-4 KB of message text each, some
 non-ASCII, newlines and quotes) to a temporary file, then validates it in
 256 KiB chunks and prints MB/s and peak RSS.
 
-    .venv/bin/python bench/validate_speed.py [--lines 50000] [--chunk 262144]
+    .venv/bin/python bench/validate_speed.py [--lines 50000] [--chunk 262144] [--groups 1]
+
+--groups N spreads the lines round-robin over N (url, body.model) groups: the
+worst case for the validator's group counting, every line a new group.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def _paragraph(rng: random.Random, size: int) -> str:
     return " ".join(out)[:size]
 
 
-def generate(path: Path, lines: int, seed: int = 7) -> int:
+def generate(path: Path, lines: int, seed: int = 7, groups: int = 1) -> int:
     rng = random.Random(seed)
     pool = [_paragraph(rng, rng.randint(1600, 3300)) for _ in range(200)]
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -70,9 +73,9 @@ def generate(path: Path, lines: int, seed: int = 7) -> int:
             req = {
                 "custom_id": f"request-{i}",
                 "method": "POST",
-                "url": "/v1/chat/completions",
+                "url": "/v1/chat/completions" if i % groups < (groups + 1) // 2 else "/v1/responses",
                 "body": {
-                    "model": "gpt-4o-mini",
+                    "model": "gpt-4o-mini" if groups == 1 else f"model-{i % groups}",
                     "messages": [
                         {"role": "system", "content": "You are a careful assistant."},
                         {"role": "user", "content": user},
@@ -129,15 +132,16 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=50_000)
     ap.add_argument("--chunk", type=int, default=256 * 1024)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--groups", type=int, default=1)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "batch.jsonl"
-        size = generate(path, args.lines)
+        size = generate(path, args.lines, groups=args.groups)
         os.sync()  # let writeback finish so it does not steal CPU from the timed runs
         mb = size / 1e6
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(f"file: {mb:.1f} MB, {args.lines} lines, chunk {args.chunk} B")
+        print(f"file: {mb:.1f} MB, {args.lines} lines in {args.groups} group(s), chunk {args.chunk} B")
         print(f"peak RSS after generation: {rss_before / 1024:.1f} MiB")
         rates: list[float] = []
         parsers = _parsers()
@@ -154,6 +158,7 @@ def main() -> None:
             cpu = time.process_time() - c0
             assert res.ok, res.problems
             assert res.line_count == args.lines
+            assert len(res.groups) == args.groups
             rates.append(mb / cpu)
             print(f"validator (reads included): {mb / wall:6.1f} MB/s wall, {mb / cpu:6.1f} MB/s cpu")
             # The bare parsers, interleaved so machine noise hits all alike (CPU time: the

@@ -17,6 +17,9 @@ never reach logs or errors (messages name the variable or the type, never a valu
 
 router_settings as LiteLLM reads them: a deployment that fails more than allowed_fails
 times within a minute is skipped for cooldown_time seconds (while another is warm).
+batchgate's own: router_settings.spread_batches (every batch), or model_info.spread_batches on a
+model's deployments (that model's batches), cut a batch across all deployments of its model
+(core/shard_plan.py), as CreateBatch.spread does.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class RouterSettings:
     cooldown_time: float = 60.0  # seconds a failing deployment is skipped
     allowed_fails: int = 3  # failures tolerated within a minute; one more and it cools down
     failure_window: float = FAILURE_WINDOW_SECONDS
+    # Every batch is cut across all deployments of its model (CreateBatch.spread for all).
+    spread_batches: bool = False
 
 
 @dataclass
@@ -232,6 +237,9 @@ def _check_model_info(info: Mapping[str, Any], where: str) -> None:
         value = info.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
             raise ConfigError(f"{where}: model_info.{key} must be a string, got {type(value).__name__}")
+    spread = info.get("spread_batches")
+    if spread is not None and not isinstance(spread, bool):
+        raise ConfigError(f"{where}: model_info.spread_batches must be true or false, got {type(spread).__name__}")
     for key in PRICE_KEYS:
         value = info.get(key)
         if value is None:
@@ -268,6 +276,11 @@ def _router_settings(doc: Mapping[str, Any], source: str) -> RouterSettings:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{source}: {section}.{key} must be a number >= 0, got {value!r}")
         setattr(settings, key, cast(value))
+    spread = rs.get("spread_batches")
+    if spread is not None:
+        if not isinstance(spread, bool):
+            raise ConfigError(f"{source}: router_settings.spread_batches must be true or false, got {spread!r}")
+        settings.spread_batches = spread
     strategy = rs.get("routing_strategy")
     if strategy not in (None, "simple-shuffle", "least-busy"):
         log.warning("%s: router_settings.routing_strategy %r is not supported; batchgate routes to the "

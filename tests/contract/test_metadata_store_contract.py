@@ -6,6 +6,7 @@ handles, server secrets."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 
@@ -22,10 +23,12 @@ from batchgate_server.domain.models import (
     FileRecord,
     ProjectQuota,
     RequestCounts,
+    ShardSummary,
     Usage,
 )
+from batchgate_server.domain.shards import FileGroup, PlannedPart, ShardSelection
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
-from batchgate_server.store.errors import Duplicate, RevisionConflict
+from batchgate_server.store.errors import Duplicate, LeaseLost, QuotaReached, RevisionConflict
 from batchgate_server.store.ports import Dimension, LedgerFilter
 
 NOW = 1_700_000_000.0
@@ -80,6 +83,23 @@ async def test_a_file_round_trips_whole(database):
     assert await store.get_file("file-none") is None
     assert await store.get_file_by_request_id("p", "req-none") is None
     assert await store.get_file_by_request_id("other", "req-1") is None  # request_ids are per project
+
+
+async def test_a_mixed_file_round_trips_with_its_groups(database):
+    store = database.metadata
+    groups = [FileGroup("/v1/chat/completions", "gpt-4o", 3, [1, 4, 9]),
+              FileGroup("/v1/embeddings", "emb\u00e9 \U0001f680 \"q\" \x00", 1, [2])]
+    f = dataclasses.replace(file_record("file-1"), endpoint="", model="", line_count=4, groups=groups)
+    await store.insert_file(f)
+    assert await store.get_file("file-1") == f
+    assert (await store.list_files("p", None, 10, None)) == [f]
+
+
+async def test_a_file_stored_before_groups_reads_with_none(database):
+    # Output files, and batch files uploaded before groups were kept, have no groups.
+    f = file_record("file-1", purpose=FilePurpose.BATCH_OUTPUT)
+    await database.metadata.insert_file(f)
+    assert (await database.metadata.get_file("file-1")).groups == []
 
 
 async def test_a_file_without_request_id_round_trips_with_an_empty_one(database):
@@ -679,3 +699,107 @@ async def test_a_delivered_event_is_never_claimed_again_and_ignores_late_failure
     [stored] = await store.outbox_events("batch_1")
     assert (stored.delivered_at, stored.attempts, stored.last_error, stored.given_up_at) == (NOW + 1, 1, "", None)
     assert await store.claim_outbox("b", NOW + 10_000, 30, 10) == []
+
+
+# -- sharded batches (domain/shards.py) ----------------------------------------------------
+
+
+def shards_of(parent: BatchRecord, n: int) -> list[BatchRecord]:
+    shards = []
+    for i in range(1, n + 1):
+        s = batch_record(f"{parent.id}_s{i}", project=parent.project, created_at=parent.created_at)
+        s.parent_id = parent.id
+        s.selection = ShardSelection(endpoint=s.endpoint, model="m", start=(i - 1) * 10, end=i * 10,
+                                     byte_offset=(i - 1) * 1000, single_group=True)
+        shards.append(s)
+    return shards
+
+
+async def test_a_split_inserts_the_shards_with_the_parents_move_in_one_transaction(database):
+    store = database.metadata
+    parent = batch_record("batch_p")
+    parent.plan = [PlannedPart(endpoint=parent.endpoint, model="m", deployment_id="d", start=0, end=30)]
+    await store.insert_batch(parent, owner="A")
+    moved = copy.deepcopy(parent)
+    moved.status = BatchStatus.IN_PROGRESS
+    moved.shards = [ShardSummary(id=s.id, endpoint=s.endpoint, model="m", provider="openai", deployment_id="d")
+                    for s in shards_of(parent, 3)]
+    done = await store.split_batch(moved, shards_of(parent, 3), owner="A")
+    assert done.revision == 2
+    stored = await store.get_batch("batch_p")
+    assert stored.status is BatchStatus.IN_PROGRESS and [s.id for s in stored.shards] == [
+        "batch_p_s1", "batch_p_s2", "batch_p_s3"]
+    shard = await store.get_batch("batch_p_s2")
+    assert shard.parent_id == "batch_p" and shard.selection == shards_of(parent, 3)[1].selection
+    assert await store.owned_batches("A") == {"batch_p": 2, "batch_p_s1": 1, "batch_p_s2": 1, "batch_p_s3": 1}
+    # A stale parent revision: RevisionConflict, and no shard is inserted.
+    stale = copy.deepcopy(parent)
+    with pytest.raises(RevisionConflict):
+        await store.split_batch(stale, shards_of(batch_record("batch_q"), 2), owner="A")
+    assert stale.revision == 1 and await store.get_batch("batch_q_s1") is None
+
+
+async def test_a_split_by_a_replica_that_lost_the_parent_writes_nothing(database):
+    store = database.metadata
+    parent = batch_record("batch_p")
+    await store.insert_batch(parent, owner="B")
+    with pytest.raises(LeaseLost):
+        await store.split_batch(copy.deepcopy(parent), shards_of(parent, 2), owner="A")
+    assert await store.get_batch("batch_p_s1") is None and (await store.get_batch("batch_p")).revision == 1
+
+
+async def test_shards_are_not_listed_nor_counted_as_unfinished_batches(database):
+    store = database.metadata
+    parent = batch_record("batch_p")
+    await store.insert_batch(parent, owner="A")
+    moved = copy.deepcopy(parent)
+    moved.status = BatchStatus.IN_PROGRESS
+    await store.split_batch(moved, shards_of(parent, 3), owner="A")
+    assert [b.id for b in await store.list_batches("p", (), 10, None)] == ["batch_p"]
+    assert [b.id for b in await store.list_batches(None, (BatchStatus.VALIDATING,), 10, None)] == []
+    assert await store.count_unfinished_batches("p") == 1
+    assert {b.id for b in await store.active_batches()} == {"batch_p", "batch_p_s1", "batch_p_s2", "batch_p_s3"}
+
+
+async def test_a_sharded_batch_counts_once_in_the_ledger_with_every_shards_tokens(database):
+    store = database.metadata
+    for i in (1, 2, 3):
+        row = ledger_row(f"batch_p_s{i}", tokens=(10, 0, 5, 0), nanos=100)
+        row["parent_batch_id"] = "batch_p"
+        await end_batch(store, f"batch_p_s{i}", row)
+    await end_batch(store, "batch_x", ledger_row("batch_x", tokens=(1, 0, 1, 0), nanos=1))
+    t = await database.ledger.totals(LedgerFilter())
+    assert (t.batch_count, t.input_tokens, t.output_tokens, t.cost_nanos) == (2, 31, 16, 301)
+    [group] = await database.ledger.aggregate(LedgerFilter(project="p"), [Dimension("model")], 10)
+    assert group.batch_count == 2
+
+# -- limited inserts (quotas reserved atomically) ------------------------------------------
+
+
+async def test_a_limited_insert_is_checked_with_the_insert_and_writes_nothing_past_the_limit(database):
+    store = database.metadata
+    await store.insert_batch(batch_record("batch_1"), max_unfinished=2)
+    await store.insert_batch(batch_record("batch_done", status=BatchStatus.COMPLETED), max_unfinished=2)
+    await store.insert_batch(batch_record("batch_2"), max_unfinished=2)  # an ended batch does not count
+    with pytest.raises(QuotaReached) as caught:
+        await store.insert_batch(batch_record("batch_3"), max_unfinished=2)
+    assert caught.value.current == 2 and await store.get_batch("batch_3") is None
+    await store.insert_batch(batch_record("batch_other", project="q"), max_unfinished=2)  # per project
+
+    await store.insert_file(file_record("file-1"), max_stored_bytes=246)  # 123 bytes each
+    await store.insert_file(file_record("file-2"), max_stored_bytes=246)
+    with pytest.raises(QuotaReached) as caught:
+        await store.insert_file(file_record("file-3"), max_stored_bytes=246)
+    assert caught.value.current == 246 and await store.get_file("file-3") is None
+    await store.insert_batch(batch_record("batch_4", project="q", request_id="r"), max_unfinished=5)
+    with pytest.raises(Duplicate):  # a taken request_id is still Duplicate, not the quota
+        await store.insert_batch(batch_record("batch_5", project="q", request_id="r"), max_unfinished=5)
+
+
+async def test_limited_inserts_of_two_replicas_at_once_never_pass_the_limit(database, database_backend):
+    stores = [database.metadata, (await database_backend.open()).metadata]  # two replicas, one database
+    results = await asyncio.gather(*(stores[i % 2].insert_batch(batch_record(f"batch_{i}"), max_unfinished=3)
+                                     for i in range(12)), return_exceptions=True)
+    assert sum(r is None for r in results) == 3
+    assert all(isinstance(r, QuotaReached) and r.current == 3 for r in results if r is not None)
+    assert await stores[1].count_unfinished_batches("p") == 3

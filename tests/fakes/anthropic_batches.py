@@ -50,6 +50,11 @@ ANTHROPIC:tool             with ``tools``: a tool_use block calling the first to
 (none)                     succeeded: a deterministic echo Message with usage
 =========================  ===================================================================
 
+Prompt caching, by markers in the user text of a succeeded request: ``CACHE_READ:<n>`` reports n
+cache_read_input_tokens, ``CACHE_WRITE_5M:<n>`` / ``CACHE_WRITE_1H:<n>`` n cache writes of that
+lifetime (cache_creation_input_tokens is their sum, split in cache_creation.ephemeral_5m/1h_input_tokens
+as Anthropic does); input_tokens stays the uncached words, as Anthropic counts it.
+
 The echo: text ``"echo: " + <last user text>``; ``input_tokens`` = words in system + all
 message text (at least 1), ``output_tokens`` = words of the reply, cut to max_tokens words
 (stop_reason max_tokens) - so usage can be checked by hand.
@@ -140,6 +145,8 @@ def echo_message(params: dict, msg_id: str) -> dict:
             texts.extend(_texts(msg.get("content")))
     input_tokens = max(1, _words(texts))
     user = request_text(params)
+    cache = {"CACHE_READ": 0, "CACHE_WRITE_5M": 0, "CACHE_WRITE_1H": 0}
+    cache.update({k: int(n) for k, n in re.findall(r"(CACHE_READ|CACHE_WRITE_5M|CACHE_WRITE_1H):(\d+)", user)})
     max_tokens = params["max_tokens"]
     tools = params.get("tools") or []
     if "ANTHROPIC:tool" in user and tools:
@@ -157,7 +164,10 @@ def echo_message(params: dict, msg_id: str) -> dict:
         "id": msg_id, "type": "message", "role": "assistant", "model": params["model"],
         "content": content, "stop_reason": stop_reason, "stop_sequence": None,
         "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
-                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                  "cache_creation_input_tokens": cache["CACHE_WRITE_5M"] + cache["CACHE_WRITE_1H"],
+                  "cache_read_input_tokens": cache["CACHE_READ"],
+                  "cache_creation": {"ephemeral_5m_input_tokens": cache["CACHE_WRITE_5M"],
+                                     "ephemeral_1h_input_tokens": cache["CACHE_WRITE_1H"]},
                   "service_tier": "batch"},
     }
 

@@ -25,6 +25,8 @@ some lines failed. ``hold_after=n`` stops processing after n lines (the job stay
 cancelled). POST :cancel -> JOB_STATE_CANCELLING -> (next step) JOB_STATE_CANCELLED with the
 predictions of the lines processed so far. A request whose text contains "VERTEX:fail" gets a
 status error line; "VERTEX:fail_job" fails the whole job (JOB_STATE_FAILED with error).
+``fail_after=n`` fails a job mid-way, once n lines are processed: JOB_STATE_FAILED with an error,
+and (as Vertex does) the predictions made so far in its output directory.
 
 Eventual consistency (``lag``, see consistency.py): a new job is missing from the listing for
 ``lag.listing`` seconds and GET / :cancel of it answer 404 NOT_FOUND for ``lag.get`` seconds.
@@ -165,6 +167,7 @@ class FakeVertexAPI:
         self.clock = clock
         self.lines_per_tick = lines_per_tick
         self.hold_after = hold_after
+        self.fail_after: int | None = None
         self.static_tokens = set(static_tokens or ())
         self.allow_anonymous = allow_anonymous
         self.denied_projects = set(denied_projects or ())
@@ -404,6 +407,11 @@ class FakeVertexAPI:
                 job.predictions.append(self._predict(job, job.lines[job.processed]))
                 job.processed += 1
                 budget -= 1
+                if self.fail_after is not None and job.processed >= self.fail_after:
+                    job.error = {"code": 13, "message": "Internal error occurred while running the batch "
+                                                        "prediction job. Please retry."}
+                    self._finish(job, "JOB_STATE_FAILED")
+                    return
             if job.processed >= len(job.lines):
                 self._finish(job, "JOB_STATE_PARTIALLY_SUCCEEDED" if job.failed else "JOB_STATE_SUCCEEDED")
 

@@ -37,11 +37,11 @@ async def create(caller, file_id: str, **fields) -> batch_pb2.Batch:
     return (await caller.batches.CreateBatch(request, metadata=caller.metadata)).batch
 
 
-async def watch_all(caller, batch_id: str, start_revision: int = 0) -> list[batch_pb2.Batch]:
+async def watch_all(caller, batch_id: str, start_revision: int = 0, timeout: float = 60) -> list[batch_pb2.Batch]:
     states = []
     async for event in caller.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch_id,
                                                                              start_revision=start_revision),
-                                                 metadata=caller.metadata, timeout=60):
+                                                 metadata=caller.metadata, timeout=timeout):
         if event.WhichOneof("event") == "batch":
             states.append(event.batch)
     return states
@@ -127,3 +127,17 @@ async def eventually_empty(list_names: Callable[[], list[str]], timeout: float =
         if not names or time.monotonic() > deadline:
             return names
         await asyncio.sleep(0.05)
+
+
+def assert_sizes_are_the_staged_records(lines: list[dict], sizes: list[int], staged: list[bytes],
+                                        provider_id: Callable[[dict], str]) -> None:
+    """request_size of each input line against the record a staging adapter wrote for it (`staged`,
+    in order): equal for a line whose custom_id went as is (`provider_id` reads it from the record), at
+    most 9 bytes over for a remapped one (measured as bgl_ and nine digits), 0 for the one line that
+    could not be translated (never staged)."""
+    sent = [(line, size) for line, size in zip(lines, sizes, strict=True) if size]
+    assert len(sent) == len(staged) == len(lines) - 1
+    for (line, size), record in zip(sent, staged):
+        kept = provider_id(json.loads(record)) == line["custom_id"]
+        assert kept == (size == len(record) + 1), line["custom_id"]
+        assert 0 <= size - (len(record) + 1) <= 9

@@ -17,6 +17,7 @@ from anthropic.types.messages import DeletedMessageBatch, MessageBatch, MessageB
 from anthropic.types.shared import ErrorResponse
 from openai.types.chat import ChatCompletion
 
+from batchgate_server.domain.shards import JobLimits
 from batchgate_server.providers.anthropic import provider as provider_module
 from batchgate_server.providers.anthropic.provider import (
     BODY_FILE,
@@ -255,7 +256,35 @@ async def test_fake_refuses_a_bad_create_as_a_whole(api, body, needle):
 
 # ------------------------------------------------------------------ check()
 
-def test_check_refuses_other_endpoints_and_too_many_requests(api):
+async def test_request_size_sums_to_the_create_body_the_fake_received(api, provider, tmp_path):
+    """request_size is each request as it goes in the create body (translated: system lifted out,
+    model and max_tokens set), with its comma; 0 for a line that cannot be sent (n=2)."""
+    d = dep(api, default_max_tokens=1000)
+    lines = [chat_line(0), chat_line(1, n=2), chat_line(2, text="caf\u00e9 \U0001f680", max_tokens=None),
+             chat_line(3, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])]
+    sizes = [provider.request_size("/v1/chat/completions", d, json.dumps(ln).encode()) for ln in lines]
+    assert sizes[1] == 0
+    h = make_job(tmp_path, lines, d)
+    await provider.submit(h.job)
+    received = api.created[-1]
+    assert received["requests"] == 3
+    # {"requests":[r1,r2,r3]}: the envelope, the requests and a comma between two.
+    assert received["bytes"] == len(b'{"requests":[]}') + sum(sizes) - 1
+    assert provider.limits("/v1/chat/completions", d).max_bytes == 256_000_000 - len(b'{"requests":[]}')
+
+
+async def test_request_size_of_a_remapped_custom_id_is_never_below_what_is_sent(api, provider, tmp_path):
+    d = dep(api)
+    lines = [chat_line(0, custom_id="Req 1/\u00fc"), chat_line(1, custom_id="x" * 100), chat_line(2)]
+    sizes = [provider.request_size("/v1/chat/completions", d, json.dumps(ln).encode()) for ln in lines]
+    h = make_job(tmp_path, lines, d)
+    await provider.submit(h.job)
+    sent = api.created[-1]["bytes"] - len(b'{"requests":[]}') + 1
+    # Sent as bgl_1 and bgl_2, measured with the longest id a job can give (bgl_ and nine digits).
+    assert sum(sizes) == sent + 2 * (9 - 1)
+
+
+def test_check_refuses_other_endpoints_not_sizes(api):
     p = AnthropicBatchProvider()
     d = dep(api)
     p.check("/v1/chat/completions", d, 100_000)
@@ -264,9 +293,9 @@ def test_check_refuses_other_endpoints_and_too_many_requests(api):
             p.check(endpoint, d, 1)
         assert e.value.reason == "UNSUPPORTED_ENDPOINT" and not e.value.precondition
         assert "/v1/chat/completions" in e.value.message and endpoint in e.value.message
-    with pytest.raises(UnsupportedRequest) as e:
-        p.check("/v1/chat/completions", d, 100_001)
-    assert e.value.reason == "TOO_MANY_REQUESTS" and "100000" in e.value.message
+    # Sizes are not refused (a batch over the limits runs as several jobs): limits() says them.
+    p.check("/v1/chat/completions", d, 100_001)
+    assert p.limits("/v1/chat/completions", d) == JobLimits(100_000, 256_000_000 - len(b'{"requests":[]}'), 1)
     with pytest.raises(UnsupportedRequest) as e:
         p.check("/v1/chat/completions", dep(api, api_key=""), 1)
     assert e.value.reason == "PROVIDER_NOT_CONFIGURED" and e.value.precondition

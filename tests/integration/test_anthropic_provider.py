@@ -15,7 +15,15 @@ from openai.types.chat import ChatCompletion
 from batchgate.v1 import batch_pb2
 from tests.conftest import error_details, jsonl, start_harness
 from tests.fakes.anthropic_batches import FakeAnthropicBatches
-from tests.integration.batch_helpers import assert_lifecycle, create, results, status_names, watch_all, write_config
+from tests.integration.batch_helpers import (
+    assert_lifecycle,
+    create,
+    results,
+    run_batch,
+    status_names,
+    watch_all,
+    write_config,
+)
 
 KEY = "test-key"
 MODEL = "claude-3-5-haiku-20241022"
@@ -175,6 +183,41 @@ async def test_cancel_mid_run(h, fakes):
     assert sorted(o["custom_id"] for o in out) == ["c-0", "c-1", "c-2"]
     assert {e["error"]["code"] for e in err} == {"batch_cancelled"} and len(err) == 7
     assert Decimal(final.cost.amount) == usage_cost(out)[2]
+    # The 3 answered, each "Answer briefly." + "question i" = 4 input words, "echo: question i" = 3 out:
+    # input  12 * 0.0000004 = 0.0000048
+    # output  9 * 0.000002  = 0.000018
+    # total                 = 0.0000228   (the 7 canceled requests are not charged)
+    assert (final.cost.input_amount, final.cost.output_amount, final.cost.amount) == (
+        "0.0000048", "0.000018", "0.0000228")
+
+
+async def test_cache_writes_are_priced_at_their_own_batch_rates(h, fakes):
+    final, _, out, err = await run_batch(h, [
+        chat("cached", "CACHE_READ:1000 CACHE_WRITE_5M:2000 CACHE_WRITE_1H:3000 hi"),
+        chat("plain", "hello there")], model="claude-batch")
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and err == []
+    by_id = {o["custom_id"]: o["response"]["body"]["usage"] for o in out}
+    # Anthropic's input_tokens (2 system + 4 user words) leaves the cache out; OpenAI's
+    # prompt_tokens counts it: 6 + 1000 read + 5000 written = 6006.
+    assert by_id["cached"]["prompt_tokens"] == 6006
+    assert by_id["cached"]["prompt_tokens_details"] == {"cached_tokens": 1000, "cache_creation_tokens": 5000,
+                                                        "cache_creation_1h_tokens": 3000}
+    u = final.usage
+    assert (u.input_tokens, u.input_tokens_details.cached_tokens, u.input_tokens_details.cache_creation_tokens,
+            u.input_tokens_details.cache_creation_1h_tokens, u.output_tokens) == (6010, 1000, 5000, 3000, 8)
+    # claude-3-5-haiku, Message Batches = 50% of every standard price (builtin table):
+    #   input $0.80/M -> $0.40/M, cache read $0.08/M -> $0.04/M,
+    #   5-minute write 1.25 x $0.80 = $1/M -> $0.50/M, 1-hour write 2 x $0.80 = $1.60/M -> $0.80/M,
+    #   output $4/M -> $2/M.
+    # uncached   10 * 0.0000004  = 0.000004   (6006 + 4 - 1000 - 5000)
+    # read     1000 * 0.00000004 = 0.00004
+    # 5-minute 2000 * 0.0000005  = 0.001
+    # 1-hour   3000 * 0.0000008  = 0.0024
+    # input                       = 0.003444
+    # output      8 * 0.000002   = 0.000016  ("echo: ..." 5 words + "echo: hello there" 3)
+    # total                       = 0.00346
+    assert (final.cost.input_amount, final.cost.output_amount, final.cost.amount) == (
+        "0.003444", "0.000016", "0.00346")
 
 
 # -- ids and translation -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.bedrock_control_plane import FakeBedrockControlPlane, MotoS3
 from tests.integration.batch_helpers import (
     assert_lifecycle,
+    assert_sizes_are_the_staged_records,
     create,
     eventually_empty,
     provider_job,
@@ -308,17 +309,17 @@ async def test_kill_9_during_create_leaves_one_job_per_batch(s3, tmp_path):
 # -- rejected at CreateBatch ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model, n, minimum", [("claude", 3, 100), ("claude-min-5", 4, 5)])
-async def test_below_the_minimum_is_failed_precondition_with_the_numbers(h, model, n, minimum):
-    a = h.alice
-    f = await h.upload(a, jsonl(many(n, model=model)))
-    with pytest.raises(grpc.aio.AioRpcError) as exc:
-        await create(a, f.id)
-    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert f"at least {minimum} records" in exc.value.details() and f"has {n}" in exc.value.details()
-    info, _ = error_details(exc.value)
-    assert info.reason == "BATCH_TOO_SMALL"
-    assert info.metadata["minimum"] == str(minimum) and info.metadata["line_count"] == str(n)
+def test_the_minimum_and_maximum_are_limits_not_check_refusals(cp, s3):
+    """Bedrock's record quotas reach CreateBatch through limits() (its planner routes or refuses a
+    group under the minimum, its split cuts one over the maximum); check() refuses no size."""
+    provider = BedrockBatchProvider()
+    for name, low in (("claude", 100), ("claude-min-5", 5)):
+        params = entry(name, cp, s3, **({"bedrock_min_records": low} if low != 100 else {}))["litellm_params"]
+        dep = Deployment(id=name, model_name=name, provider="bedrock", model=CLAUDE, params=params)
+        provider.check("/v1/chat/completions", dep, low - 1)
+        provider.check("/v1/chat/completions", dep, 50_001)
+        assert provider.limits("/v1/chat/completions", dep).min_requests == low
+        assert provider.limits("/v1/chat/completions", dep).max_requests == 50_000
 
 
 async def test_missing_setting_is_failed_precondition_naming_it(h):
@@ -365,6 +366,28 @@ async def _poll_until(provider, job, status: JobStatus, limit: int = 10):
         if result.status is status:
             return result
     raise AssertionError(f"never reached {status}")
+
+
+async def test_request_size_is_each_record_as_staged_in_s3(bedrock, s3, tmp_path):
+    """request_size is each record as staged for the provider (translated, custom_id remapped when the
+    provider cannot take it), with its newline; 0 for a line that cannot be translated (never sent)."""
+    unsendable = chat("img", "look", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    lines = [chat(cid, f"hostile {i}") for i, cid in enumerate(HOSTILE_IDS)] + [unsendable] + many(100)
+    dep = Deployment(id="d", model_name="claude", provider="bedrock", model=CLAUDE,
+                     params=entry("x", bedrock, s3)["litellm_params"])
+    job = provider_job(tmp_path / "sizes.jsonl", dep, lines, "batch_sizes")
+    provider = BedrockBatchProvider()
+    try:
+        sizes = [provider.request_size(job.endpoint, job.deployment, json.dumps(ln).encode()) for ln in lines]
+        await provider.submit(job)
+        bucket, _, key = job.state["input_uri"].removeprefix("s3://").partition("/")
+        staged = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().splitlines()
+        await provider.release(job)
+    finally:
+        await provider.close()
+    assert sizes[len(HOSTILE_IDS)] == 0
+    assert_sizes_are_the_staged_records(lines, sizes, staged, lambda record: record["recordId"])
 
 
 async def test_cancel_after_a_crash_finds_the_job_by_name(bedrock, s3, tmp_path):

@@ -295,3 +295,20 @@ async def test_exit_codes_for_an_expired_and_a_failed_batch(tmp_path):
     async with serving(tmp_path / "data", config_file=other) as h:
         code, out, err = await cli(cli_env(h), "batches", "watch", created["id"])
     assert code == EXIT_FAILED and "status      failed" in out and "deployment_not_found" in out
+
+
+async def test_batches_create_maps_file_models_and_spreads(harness, tmp_path):
+    env = cli_env(harness)
+    (tmp_path / "in.jsonl").write_bytes(batch_file(4, model="house-model"))
+    code, f = await cli_json(env, "files", "upload", str(tmp_path / "in.jsonl"))
+    code, out, err = await cli(env, "batches", "create", f["id"])  # nothing serves house-model
+    assert code == EXIT_ERROR and "MODEL_NOT_FOUND" in err and "lines 1, 2, 3, 4" in err
+    code, b = await cli_json(env, "batches", "create", f["id"], "--model-map", "house-model=simulated", "--spread",
+                             "--request-id", "mapped")
+    assert code == EXIT_OK and (b["model"], b["endpoint"]) == ("simulated", "/v1/chat/completions")
+    # the same request id with another map is another request
+    code, out, err = await cli(env, "batches", "create", f["id"], "--model-map", "house-model=simulated",
+                               "--request-id", "mapped")
+    assert code == EXIT_ERROR and "REQUEST_ID_REUSED" in err and "spread" in err
+    code, out, err = await cli(env, "batches", "create", f["id"], "--model-map", "house-model")
+    assert code == EXIT_USAGE and "--model-map takes FILE_MODEL=MODEL" in err

@@ -18,6 +18,7 @@ from batchgate.v1 import batch_pb2, usage_pb2
 from tests.conftest import start_harness
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import results, watch_all, write_config
+from tests.integration.test_observability import scrape, value
 from tests.integration.usage_helpers import (
     COMPLETION_TOKENS,
     PROMPT_TOKENS,
@@ -33,6 +34,13 @@ from tests.integration.usage_helpers import (
 # Explicit batch prices: input $1/M, cached input $0.50/M, output $2/M.
 PRICED_INFO = {"input_cost_per_token_batches": "0.000001", "cache_read_input_token_cost_batches": "0.0000005",
                "output_cost_per_token_batches": "0.000002"}
+# Explicit batch prices with prompt-cache writes: input $1/M, cached $0.50/M, 5-minute writes
+# $1.25/M, 1-hour writes $2/M, output $2/M.
+CACHE_WRITE_INFO = {**PRICED_INFO, "cache_creation_input_token_cost_batches": "0.00000125",
+                    "cache_creation_input_token_cost_above_1hr_batches": "0.000002"}
+# A long-context tier: a request whose prompt is above 200k tokens costs input $2/M, output $3/M.
+TIERED_INFO = {**PRICED_INFO, "input_cost_per_token_above_200k_tokens_batches": "0.000002",
+               "output_cost_per_token_above_200k_tokens_batches": "0.000003"}
 # Standard prices only (input $4/M, output $8/M). The built-in executor sends real-time
 # requests, so it pays the standard rate (providers' batch APIs pay half; see test_pricing).
 HALF_INFO = {"input_cost_per_token": "0.000004", "output_cost_per_token": "0.000008"}
@@ -51,6 +59,8 @@ def entries(base_url: str) -> list[dict]:
         priced_entry("mini", base_url, "hosted_vllm/gpt-4o-mini"),
         priced_entry("unpriced", base_url, "hosted_vllm/some-unpriced-model"),
         priced_entry("priced-expiring", base_url, "hosted_vllm/house-llm", PRICED_INFO, completion_window=1.5),
+        priced_entry("cache-writes", base_url, "hosted_vllm/house-llm", CACHE_WRITE_INFO),
+        priced_entry("tiered", base_url, "hosted_vllm/house-llm", TIERED_INFO),
     ]
 
 
@@ -113,11 +123,65 @@ async def test_hand_computed_cost_with_cached_and_reasoning_tokens(h):
     assert (row["input_tokens"], row["cached_tokens"], row["output_tokens"], row["reasoning_tokens"]) == (
         400, 80, 208, 20)
     assert json.loads(row["usage_by_model"]) == {"house-llm": {
-        "input_tokens": 400, "cached_tokens": 80, "output_tokens": 208, "reasoning_tokens": 20}}
+        "input_tokens": 400, "cached_tokens": 80, "output_tokens": 208, "reasoning_tokens": 20,
+        "cache_creation_tokens": 0, "cache_creation_1h_tokens": 0}}
 
     report = await query(h, a)
     assert (report.totals.batch_count, report.totals.cost_amount, report.totals.cached_input_tokens,
             report.totals.reasoning_tokens) == (1, "0.000776", 80, 20)
+
+
+async def test_cache_writes_5_minute_and_1_hour_at_their_own_prices(h):
+    a = h.alice
+    final = await run_batch(h, a, "cache-writes", [text("CACHED:30 WRITE:40"), text("WRITE:60 WRITE_1H:20")])
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    u = final.usage
+    assert (u.input_tokens, u.input_tokens_details.cached_tokens, u.input_tokens_details.cache_creation_tokens,
+            u.input_tokens_details.cache_creation_1h_tokens, u.output_tokens) == (200, 30, 100, 20, 104)
+    # r0: 100 prompt = 30 uncached + 30 read + 40 written (5-minute)
+    # r1: 100 prompt = 40 uncached + 60 written, 20 of them 1-hour
+    # uncached  70 * 0.000001   = 0.00007
+    # read      30 * 0.0000005  = 0.000015
+    # 5-minute  80 * 0.00000125 = 0.0001
+    # 1-hour    20 * 0.000002   = 0.00004
+    # input                      = 0.000225
+    # output   104 * 0.000002   = 0.000208
+    # total                      = 0.000433
+    assert cost_tuple(final) == (KNOWN, "0.000225", "0.000208", "0.000433")
+    [row] = await ledger_rows(h, final.id)
+    assert (row["cache_creation_tokens"], row["cache_creation_1h_tokens"], row["cost_nanos"]) == (100, 20, 433_000)
+    report = await query(h, a)
+    assert (report.totals.cache_creation_input_tokens, report.totals.cache_creation_1h_input_tokens,
+            report.totals.cost_amount) == (100, 20, "0.000433")
+
+
+async def test_cache_writes_are_counted_in_the_token_metrics(tmp_path, upstream):
+    h = await start_harness(tmp_path / "data", metrics_address="127.0.0.1:0",
+                            config_file=write_config(tmp_path / "models.yaml", entries(upstream.base_url)))
+    try:
+        await run_batch(h, h.alice, "cache-writes", [text("WRITE:60 WRITE_1H:20")])
+        samples = await scrape(h.server.metrics_port)
+        assert value(samples, "batchgate_tokens_total", project="alice", kind="cache_creation") == 60
+        assert value(samples, "batchgate_tokens_total", project="alice", kind="cache_creation_1h") == 20
+    finally:
+        await stop(h)
+
+
+async def test_long_context_tier_priced_per_request_in_one_batch(h):
+    # 150k and exactly 200k are not above the threshold; 250k is: that whole request is priced
+    # at the tier's rates, output included.
+    final = await run_batch(h, h.alice, "tiered", [text("PROMPT:150000"), text("PROMPT:250000"),
+                                                   text("PROMPT:200000")])
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (600_000, 156)
+    # base  input  350000 * 0.000001 = 0.35
+    # base  output    104 * 0.000002 = 0.000208
+    # above input  250000 * 0.000002 = 0.5
+    # above output     52 * 0.000003 = 0.000156
+    # input 0.85, output 0.000364, total 0.850364
+    assert cost_tuple(final) == (KNOWN, "0.85", "0.000364", "0.850364")
+    [row] = await ledger_rows(h, final.id)
+    assert (row["input_tokens"], row["cost_amount"]) == (600_000, "0.850364")
 
 
 async def test_the_executor_pays_the_standard_price(h):
@@ -348,22 +412,36 @@ async def test_cancelled_batch_is_charged_for_what_completed(h):
     assert len(await ledger_rows(h, final.id)) == 1
 
 
+async def start_priced(tmp_path, upstream):
+    return await start_harness(tmp_path / "data", config_file=write_config(tmp_path / "models.yaml",
+                                                                           entries(upstream.base_url)))
+
+
+async def failed_at_restart_without_its_deployment(tmp_path, upstream, batch_id: str):
+    """Restart on the same data with a model list without "priced-llm": the batch `batch_id` can't
+    go on and fails. (the harness, its failed state)."""
+    other = write_config(tmp_path / "other.yaml", [priced_entry("half-llm", upstream.base_url,
+                                                                "hosted_vllm/house-llm-half", HALF_INFO)])
+    h = await start_harness(tmp_path / "data", config_file=other)
+    try:
+        final = (await watch_all(h.alice, batch_id))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_FAILED
+        assert [e.code for e in final.errors] == ["deployment_not_found"]
+    except BaseException:
+        await stop(h)
+        raise
+    return h, final
+
+
 async def test_failed_batch_gets_a_ledger_row_with_zero_cost(tmp_path, upstream):
-    data = tmp_path / "data"
-    h = await start_harness(data, config_file=write_config(tmp_path / "models.yaml", entries(upstream.base_url)))
+    h = await start_priced(tmp_path, upstream)
     try:
         created = await run_batch(h, h.alice, "priced-llm", [text("SLOW:10000")], wait=False,
                                   metadata={"team": "search"})
     finally:
         await stop(h)
-    # Restarted without that deployment: the batch cannot go on and fails.
-    other = write_config(tmp_path / "other.yaml", [priced_entry("half-llm", upstream.base_url,
-                                                                "hosted_vllm/house-llm-half", HALF_INFO)])
-    h = await start_harness(data, config_file=other)
+    h, final = await failed_at_restart_without_its_deployment(tmp_path, upstream, created.id)
     try:
-        final = (await watch_all(h.alice, created.id))[-1]
-        assert final.status == batch_pb2.BATCH_STATUS_FAILED
-        assert final.errors[0].code == "deployment_not_found"
         assert (final.cost.status, final.cost.amount) == (KNOWN, "0")
         [row] = await ledger_rows(h, final.id)
         assert (row["cost_status"], row["cost_amount"], row["cost_nanos"], row["input_tokens"]) == (
@@ -372,5 +450,40 @@ async def test_failed_batch_gets_a_ledger_row_with_zero_cost(tmp_path, upstream)
         [only] = report.rows
         assert (dict(only.group), only.batch_count, only.cost_amount, only.unknown_cost_batches) == (
             {"metadata.team": "search"}, 1, "0", 0)
+    finally:
+        await stop(h)
+
+
+async def test_failed_batch_is_charged_for_the_answers_it_got(tmp_path, upstream):
+    # Two requests are answered (the upstream billed them), the third is still running when the
+    # server stops; restarted without the deployment, the batch fails, keeping and charging the two.
+    h = await start_priced(tmp_path, upstream)
+    try:
+        a = h.alice
+        created = await run_batch(h, a, "priced-llm", [text(), text("CACHED:40"), text("SLOW:10000")], wait=False)
+        async for event in a.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=created.id),
+                                                metadata=a.metadata, timeout=30):
+            if event.WhichOneof("event") == "batch" and event.batch.request_counts.completed >= 2:
+                break
+    finally:
+        await stop(h)
+    h, final = await failed_at_restart_without_its_deployment(tmp_path, upstream, created.id)
+    try:
+        out, err = await results(h.alice, final)
+        assert sorted(line["custom_id"] for line in out) == ["r0", "r1"] and err == []
+        assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (3, 2, 0)
+        assert (final.usage.input_tokens, final.usage.input_tokens_details.cached_tokens,
+                final.usage.output_tokens) == (200, 40, 104)
+        # uncached 160 * 0.000001  = 0.00016
+        # cached    40 * 0.0000005 = 0.00002
+        # input                     = 0.00018
+        # output   104 * 0.000002  = 0.000208
+        # total                     = 0.000388
+        assert cost_tuple(final) == (KNOWN, "0.00018", "0.000208", "0.000388")
+        [row] = await ledger_rows(h, final.id)
+        assert (row["cost_status"], row["cost_amount"], row["cost_nanos"], row["input_tokens"]) == (
+            "known", "0.000388", 388_000, 200)
+        report = await query(h, h.alice)
+        assert (report.totals.batch_count, report.totals.cost_amount) == (1, "0.000388")
     finally:
         await stop(h)

@@ -39,10 +39,11 @@ class Caller:
         self.metadata = (("authorization", f"Bearer {MASTER_KEY}"),)
 
 
-async def start_server(port: int, data_dir: Path, config: Path) -> tuple[subprocess.Popen, grpc.aio.Channel]:
+async def start_server(port: int, data_dir: Path, config: Path,
+                       *flags: str) -> tuple[subprocess.Popen, grpc.aio.Channel]:
     env = dict(os.environ, BATCHGATE_MASTER_KEY=MASTER_KEY)
     proc = subprocess.Popen([SERVER, "--address", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
-                             "--config", str(config), "--log-level", "WARNING"], env=env)
+                             "--config", str(config), "--log-level", "WARNING", *flags], env=env)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     await asyncio.wait_for(channel.channel_ready(), 30)
     return proc, channel

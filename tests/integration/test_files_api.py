@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from batchgate.v1 import file_pb2
+from batchgate_server.domain.shards import MAX_FILE_GROUPS
 from tests.backends import stored_blobs, uploads_in_flight
 from tests.conftest import UPLOAD_FINISH, batch_file, error_details, jsonl, request_line, upload_requests
 
@@ -32,6 +33,27 @@ async def test_upload_records_validation_facts(harness):
     assert f.model == "gpt-4o-mini"
     assert f.created_at.seconds > 0
     assert not f.HasField("expires_at")
+    assert [(g.endpoint, g.model, g.count, list(g.first_lines)) for g in f.groups] == [
+        ("/v1/chat/completions", "gpt-4o-mini", 3, [1, 2, 3])]
+
+
+async def test_a_mixed_file_is_stored_with_its_groups(harness):
+    """Issue 14: a file may mix endpoints and models; File.groups counts its lines by both."""
+    a = harness.alice
+    lines = [request_line(f"c{i}", model="gpt-4o-mini" if i % 4 else "gpt-4o") for i in range(30)]
+    lines[5:5] = [request_line(f"e{i}", url="/v1/embeddings", model="text-embedding-3-small") for i in range(12)]
+    content = jsonl(lines)
+    f = await harness.upload(a, content, chunk_size=97)
+    assert (f.line_count, f.endpoint, f.model) == (42, "", "")
+    assert [(g.endpoint, g.model, g.count, list(g.first_lines)) for g in f.groups] == [
+        ("/v1/chat/completions", "gpt-4o", 8, [1, 5, 21, 25, 29, 33, 37, 41]),
+        ("/v1/chat/completions", "gpt-4o-mini", 22, [2, 3, 4, 18, 19, 20, 22, 23, 24, 26]),
+        ("/v1/embeddings", "text-embedding-3-small", 12, list(range(6, 16))),
+    ]
+    # Read back from the store, not only the upload's answer.
+    assert (await a.files.GetFile(file_pb2.GetFileRequest(file_id=f.id), metadata=a.metadata)).file == f
+    listed = (await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)).files
+    assert [x.groups for x in listed] == [f.groups]
 
 
 async def test_get_list_download_delete_round_trip(harness):
@@ -389,12 +411,10 @@ BAD_FILES = {
     "duplicate_custom_id": (_line() + b"\n" + _line() + b"\n", "duplicate_custom_id", 2),
     "wrong_method": (_line(method="GET"), "invalid_method", 1),
     "unsupported_url": (_line(url="/v1/images/edits"), "unsupported_url", 1),
-    "url_mismatch": (_line() + b"\n" + json.dumps(request_line("b", url="/v1/embeddings")).encode(),
-                     "url_mismatch", 2),
     "body_not_object": (_line(body="hi"), "invalid_body", 1),
     "missing_model": (_line(body={"messages": []}), "missing_model", 1),
-    "model_mismatch": (_line() + b"\n" + json.dumps(request_line("b", model="gpt-4o")).encode(),
-                       "model_mismatch", 2),
+    "too_many_groups": (jsonl([request_line(f"r{i}", model=f"m{i}") for i in range(MAX_FILE_GROUPS + 1)]),
+                        "too_many_groups", MAX_FILE_GROUPS + 1),
     "unpaired_surrogate_in_model": (_line() + b"\n" + _line(custom_id="b").replace(b'"gpt-4o-mini"', b'"\\ud800"'),
                                     "unpaired_surrogate", 2),
     "unpaired_surrogate_in_custom_id": (_line(custom_id="x\udc00"), "unpaired_surrogate", 1),

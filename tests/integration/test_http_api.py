@@ -581,3 +581,44 @@ async def test_an_idempotency_key_of_undecodable_bytes_is_refused(http_harness):
         assert answer.startswith(b"HTTP/1.1 400") and b'"code": "invalid_request_id"' in answer, answer[:300]
     assert await h.server.store.list_batches(None, (), 10, None) == []
     assert [x.id for x in await stored_files(h)] == [f.id]
+
+
+async def test_create_takes_model_map_and_spread_and_needs_an_endpoint_for_a_single_endpoint_file(http_harness):
+    h = http_harness
+    async with sdk(h, h.alice) as client:
+        f = await upload(client, batch_file(3, model="house-model"))
+        # The file's model is known to no deployment: model_map routes it.
+        batch = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h", extra_headers={"Idempotency-Key": "mapped"},
+                                            extra_body={"model_map": {"house-model": "simulated"}, "spread": True})
+        assert (batch.model, batch.endpoint) == ("simulated", "/v1/chat/completions")
+        again = await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h", extra_headers={"Idempotency-Key": "mapped"},
+                                            extra_body={"model_map": {"house-model": "simulated"}, "spread": True})
+        assert again.id == batch.id
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                        extra_headers={"Idempotency-Key": "mapped"},
+                                        extra_body={"model_map": {"house-model": "x"}, "spread": True})
+        assert caught.value.status_code == 409 and "model_map" in caught.value.message
+    async with aiohttp.ClientSession() as http:
+        async def create(**fields) -> tuple[int, dict]:
+            body = {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h", **fields}
+            body = {k: v for k, v in body.items() if v is not None}
+            async with http.post(url(h, "/v1/batches"), json=body, headers=auth(h.alice)) as r:
+                return r.status, await r.json()
+
+        for fields, code, param in [
+            ({"spread": "yes"}, "invalid_field_type", "spread"),
+            ({"model_map": ["house-model", "simulated"]}, "invalid_field_type", "model_map"),
+            ({"model_map": {"house-model": 7}}, "invalid_field_type", "model_map"),
+            ({"model_map": {f"m{i}": "simulated" for i in range(65)}}, "invalid_model_map", "model_map"),
+            ({"model_map": {"house-model": "gpt-17"}}, "model_not_found", "model_map[house-model]"),
+            # OpenAI's API needs the endpoint; only a file that mixes endpoints may leave it out
+            ({"endpoint": None, "model_map": {"house-model": "simulated"}}, "missing_endpoint", "endpoint"),
+            ({"endpoint": "", "model_map": {"house-model": "simulated"}}, "missing_endpoint", "endpoint"),
+        ]:
+            status, answer = await create(**fields)
+            assert (status, answer["error"]["code"], answer["error"]["param"]) == (400, code, param), fields
+        status, answer = await create(model_map={"house-model": "simulated"}, spread=False)
+        assert status == 200 and answer["model"] == "simulated"

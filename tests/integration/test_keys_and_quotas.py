@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from google.protobuf import timestamp_pb2
 from batchgate.v1 import admin_pb2, admin_pb2_grpc, file_pb2, file_pb2_grpc
 from batchgate_server.core.auth import hash_key
 from batchgate_server.domain.models import ApiKeyRecord
-from tests.conftest import MASTER_KEY, batch_file, error_details, serving
+from tests.conftest import MASTER_KEY, UPLOAD_FINISH, batch_file, error_details, serving, upload_requests
 from tests.integration.batch_helpers import create, watch_all
 from tests.readme import section, sh_blocks
 
@@ -347,6 +348,78 @@ async def test_a_project_upload_quota_overrides_the_server_wide_cap(tmp_path):
         info, _ = await refused(h.upload(h.alice, batch_file(1)), grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "TOO_MANY_UPLOADS")
         assert info.metadata["limit"] == "0" and info.metadata["current"] == "0"
+
+
+# Quotas are reserved, not only checked: calls at the same moment cannot pass a limit together.
+# These run on SQLite and, in CI's second pass, on PostgreSQL + S3 (BATCHGATE_TEST_BACKEND).
+AT_ONCE = 20
+
+
+def outcomes(results: list, reason: str, limit: int) -> tuple[list, list]:
+    """(successes, refusals) of calls made at once; every refusal is RESOURCE_EXHAUSTED `reason`
+    with the limit and the project's use at the limit."""
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    failed = [r for r in results if isinstance(r, BaseException)]
+    for err in failed:
+        assert isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        info, _ = error_details(err)
+        assert info.reason == reason
+        assert info.metadata["limit"] == str(limit) and info.metadata["project"] == "alice"
+    return ok, failed
+
+
+async def test_concurrent_creates_cannot_pass_the_running_batches_quota(tmp_path):
+    async with serving(tmp_path / "data", config_file=slow_config(tmp_path / "models.yaml")) as h:
+        await set_quota(h, max_running_batches=3)
+        f = await h.upload(h.alice, batch_file(1, model="slow"))
+        results = await asyncio.gather(*(create(h.alice, f.id) for _ in range(AT_ONCE)), return_exceptions=True)
+        ok, failed = outcomes(results, "QUOTA_RUNNING_BATCHES", 3)
+        assert len(ok) == 3 and len(failed) == AT_ONCE - 3
+        assert {error_details(err)[0].metadata["current"] for err in failed} == {"3"}
+        assert await h.server.store.count_unfinished_batches("alice") == 3
+
+
+async def test_concurrent_uploads_cannot_pass_the_stored_bytes_quota(tmp_path):
+    content = batch_file(3)
+    async with serving(tmp_path / "data") as h:
+        await set_quota(h, max_stored_bytes=3 * len(content), max_uploads=AT_ONCE)
+        results = await asyncio.gather(*(h.upload(h.alice, content) for _ in range(AT_ONCE)), return_exceptions=True)
+        ok, failed = outcomes(results, "QUOTA_STORED_BYTES", 3 * len(content))
+        assert len(ok) == 3 and len(failed) == AT_ONCE - 3
+        for err in failed:
+            metadata = error_details(err)[0].metadata
+            # Refused at its start (the project was full already) or at its end (this file would pass it).
+            assert metadata["current"] == str(3 * len(content)) and metadata["upload_bytes"] in ("0", str(len(content)))
+        assert await h.server.store.stored_bytes("alice") == 3 * len(content)
+        listed = await h.alice.files.ListFiles(file_pb2.ListFilesRequest(), metadata=h.alice.metadata)
+        assert len(listed.files) == 3  # the refused uploads left nothing behind
+
+
+async def test_concurrent_uploads_cannot_pass_the_uploads_in_flight_quota(tmp_path):
+    content = batch_file(2)
+    release = asyncio.Event()
+
+    async def held_open():
+        """An upload that sends its header and content, then waits before it finishes."""
+        for message in upload_requests(content):
+            if message is UPLOAD_FINISH:
+                await release.wait()
+            yield message
+
+    async with serving(tmp_path / "data") as h:
+        await set_quota(h, max_uploads=3)
+        calls = [asyncio.ensure_future(h.alice.files.UploadFile(held_open(), metadata=h.alice.metadata))
+                 for _ in range(AT_ONCE)]
+        deadline = time.monotonic() + 30
+        while sum(c.done() for c in calls) < AT_ONCE - 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        # Every call but three was refused while those three are still in flight.
+        ok, failed = outcomes([c.exception() for c in calls if c.done()], "TOO_MANY_UPLOADS", 3)
+        assert not ok and len(failed) == AT_ONCE - 3
+        assert {error_details(err)[0].metadata["current"] for err in failed} == {"3"}
+        release.set()
+        finished = await asyncio.gather(*(c for c in calls if not c.done()))
+        assert len(finished) == 3 and all(r.file.bytes == len(content) for r in finished)
 
 
 async def test_quotas_from_the_config_file_until_the_admin_rpc_replaces_them(tmp_path):

@@ -11,31 +11,16 @@ import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from batchgate.v1 import batch_pb2, file_pb2, file_pb2_grpc
 from batchgate_server.app import BatchgateServer
 from batchgate_server.observability.logs import JsonFormatter
 from tests.conftest import MASTER_KEY, error_details, free_port, jsonl, make_settings, request_line, serving
 from tests.integration.batch_helpers import create, run_batch, upstream_entry, write_config
+from tests.integration.metrics_helpers import scrape, value
 
 # Looks like a live OpenAI key: the log test proves it never reaches a line.
 REAL_LOOKING_KEY = "sk-proj-Zq8vN3kLm2Pw7Xy4Rt6Uv9Bc1De5Fg0Hj"
-
-
-async def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-            assert resp.status == 200
-            text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples, name: str, **labels) -> float:
-    """The sum over samples of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
 async def test_metrics_move_as_a_batch_runs(tmp_path, upstream):

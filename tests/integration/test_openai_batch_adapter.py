@@ -18,6 +18,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
 from batchgate_server.domain.models import RequestCounts
+from batchgate_server.domain.shards import JobLimits
 from batchgate_server.providers.base import (
     Deployment,
     JobStatus,
@@ -185,6 +186,26 @@ async def test_full_lifecycle_completed(api, openai_provider, tmp_path):
     await openai_provider.release(h.job)
     assert st["input_file_id"] not in api.files, "the input file is deleted once results are read"
     assert api.batches[st["provider_batch_id"]].output_file_id in api.files
+
+
+@pytest.mark.parametrize("azure", [False, True])
+async def test_request_size_is_each_line_as_the_fake_received_it(api, azure_api, tmp_path, azure):
+    """request_size (what CreateBatch's split sums against max_bytes) is each line as uploaded: body.model
+    rewritten to the deployment's (longer here), Azure's url without /v1, non-ASCII as sent."""
+    fake, provider = (azure_api, AzureBatchProvider()) if azure else (api, OpenAIBatchProvider())
+    dep = azure_dep(azure_api) if azure else openai_dep(api)
+    lines = [chat_line(0), chat_line(1, text="caf\u00e9 \u6771\u4eac \U0001f680", model="m"),
+             chat_line(2, url="/v1/embeddings"), chat_line(3, custom_id="Req 1/\u00fc " + "x" * 80)]
+    h = make_job(tmp_path, lines, dep)
+    try:
+        await provider.submit(h.job)
+        received = fake.files[h.job.state["input_file_id"]].content
+    finally:
+        await provider.close()
+    sizes = [provider.request_size(h.job.endpoint, dep, json.dumps(ln).encode()) for ln in lines]
+    assert sizes == [len(line) + 1 for line in received.rstrip(b"\n").split(b"\n")]
+    assert sum(sizes) == len(received)
+    assert sizes[0] != len(json.dumps(lines[0])) + 1, "the rewritten model changes the size"
 
 
 async def test_failing_lines_become_error_results(api, openai_provider, tmp_path):
@@ -630,7 +651,7 @@ async def test_streamed_upload_of_20mb_does_not_hold_the_file(tmp_path, openai_p
 
 # ------------------------------------------------------------------ check, poll interval
 
-def test_check_endpoints_limits_and_config():
+def test_check_endpoints_and_config_not_sizes():
     dep = Deployment(id="d", model_name="m", provider="openai", model="m", params={"api_key": "k"})
     op, az = OpenAIBatchProvider(), AzureBatchProvider()
     for ep in ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
@@ -639,21 +660,18 @@ def test_check_endpoints_limits_and_config():
     with pytest.raises(UnsupportedRequest) as ei:
         op.check("/v1/images/generations", dep, 1)
     assert ei.value.reason == "UNSUPPORTED_ENDPOINT" and not ei.value.precondition
-    op.check("/v1/chat/completions", dep, 50_000)
-    with pytest.raises(UnsupportedRequest) as ei:
-        op.check("/v1/chat/completions", dep, 50_001)
-    assert ei.value.reason == "TOO_MANY_REQUESTS" and ei.value.details["limit"] == "50000"
+    # Sizes are not refused (a batch over the limits runs as several jobs): limits() says them.
+    op.check("/v1/chat/completions", dep, 50_001)
+    assert op.limits("/v1/chat/completions", dep) == JobLimits(50_000, 200_000_000, 1)
     with pytest.raises(UnsupportedRequest) as ei:
         op.check("/v1/chat/completions", Deployment("d", "m", "openai", "m", {}), 1)
     assert ei.value.reason == "PROVIDER_NOT_CONFIGURED" and ei.value.precondition
 
     azd = Deployment(id="a", model_name="m", provider="azure", model="dep",
                      params={"api_key": "k", "api_base": "https://res.openai.azure.com"})
-    az.check("/v1/chat/completions", azd, 100_000)
+    az.check("/v1/chat/completions", azd, 100_001)
     az.check("/v1/embeddings", azd, 1)
-    with pytest.raises(UnsupportedRequest) as ei:
-        az.check("/v1/chat/completions", azd, 100_001)
-    assert ei.value.details["limit"] == "100000"
+    assert az.limits("/v1/chat/completions", azd) == JobLimits(100_000, 200_000_000, 1)
     with pytest.raises(UnsupportedRequest):
         az.check("/v1/moderations", azd, 1)
     with pytest.raises(UnsupportedRequest) as ei:

@@ -488,6 +488,8 @@ async def test_404_on_our_job_fails_with_an_explanation(harness_oai_az, oai, az)
     message = final.errors[0].message
     assert "404" in message and batch.id in message and "deleted" in message and "oai-main" in message
     assert pb.id not in message
+    # The job's answers can't be fetched either: the error says so, and nothing is charged.
+    assert "could not be fetched" in message and "nothing was charged" in message and final.cost.amount == "0"
     assert_ours_only(final, oai, az)
 
 

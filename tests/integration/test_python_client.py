@@ -9,7 +9,7 @@ import io
 import grpc
 import pytest
 
-from batchgate import AsyncBatchgateClient, BatchgateClient
+from batchgate import AsyncBatchgateClient, BatchgateClient, FailedPreconditionError, InvalidArgumentError
 from batchgate.v1 import batch_pb2, file_pb2
 from tests.conftest import MASTER_KEY, batch_file, error_details, start_harness
 from tests.integration.batch_helpers import create
@@ -277,3 +277,28 @@ async def test_an_upload_whose_source_fails_stores_nothing(harness, tmp_path):
         assert loop.time() < deadline
         await asyncio.sleep(0.01)
     assert [p for p in (harness.data_dir / "files").rglob("*") if p.is_file()] == []
+
+
+async def test_create_batch_sends_model_map_and_spread_sync_and_async(harness):
+    f = await harness.upload(harness.alice, batch_file(3, model="house-model"))
+    address, key = f"127.0.0.1:{harness.port}", api_key(harness.alice)
+    async with AsyncBatchgateClient(address, api_key=key) as bg:
+        # No endpoint: the file's own.
+        mapped = await bg.create_batch(f.id, model_map={"house-model": "simulated"}, spread=True, request_id="a")
+        assert (mapped.model, mapped.endpoint) == ("simulated", "/v1/chat/completions")
+        with pytest.raises(FailedPreconditionError) as reused:  # spread is part of the request its id names
+            await bg.create_batch(f.id, model_map={"house-model": "simulated"}, request_id="a")
+        assert (reused.value.reason, reused.value.metadata["field"]) == ("REQUEST_ID_REUSED", "spread")
+
+    def sync_calls():
+        with BatchgateClient(address, api_key=key) as bg:
+            created = bg.create_batch(f.id, "/v1/chat/completions", model_map={"house-model": "simulated"})
+            with pytest.raises(InvalidArgumentError) as refused:
+                bg.create_batch(f.id, model_map={"house-model": "no-such-model"})
+            return created, refused.value
+
+    created, refused = await asyncio.to_thread(sync_calls)
+    assert created.model == "simulated"
+    assert refused.reason == "MODEL_NOT_FOUND"
+    assert [(v.field, v.description) for v in refused.violations] == [
+        ("model_map[house-model]", "lines 1, 2, 3: no deployment serves model 'no-such-model'")]

@@ -101,6 +101,17 @@ async def test_upload_watch_download_and_typed_errors(harness, built):
     assert (unfinished["code"], unfinished["reason"]) == ("INVALID_ARGUMENT", "UPLOAD_NOT_FINISHED")
     assert unfinished["reasonEnum"] == 9  # ErrorReason.UPLOAD_NOT_FINISHED in error_reason.proto
 
+    # createBatch passes modelMap and spread (and leaves endpoint to the file).
+    assert report["mapped"] == {"model": "simulated", "endpoint": "/v1/chat/completions",
+                                "provider": "openai_compatible"}
+    assert (report["reused"]["reason"], report["reused"]["metadata"]["field"]) == ("REQUEST_ID_REUSED", "spread")
+    unmapped = report["unmapped"]
+    assert (unmapped["type"], unmapped["reason"], unmapped["metadata"]["model"]) == (
+        "InvalidArgumentError", "MODEL_NOT_FOUND", "no-such-model")
+    assert unmapped["violations"] == [{"field": "model_map[simulated]",
+                                       "description": "lines " + ", ".join(map(str, range(1, REQUESTS + 1)))
+                                       + ": no deployment serves model 'no-such-model'"}]
+
 
 async def test_a_watch_resumes_after_the_last_revision_when_the_server_restarts(tmp_path, built):
     """The server goes away while node watches a running batch and comes back on the same port: the

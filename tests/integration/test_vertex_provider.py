@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
@@ -17,10 +18,12 @@ from batchgate.v1 import batch_pb2
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.providers.base import JobStatus, ProviderJob
 from batchgate_server.providers.vertex.provider import JOB_LABEL, VertexBatchProvider, job_label
+from batchgate_server.providers.vertex.translate import CUSTOM_ID_LABEL_KEY
 from tests.conftest import error_details, jsonl, request_line, start_harness
 from tests.fakes.vertex_batch_api import FakeVertexAPI, GcsEmulator
 from tests.integration.batch_helpers import (
     assert_lifecycle,
+    assert_sizes_are_the_staged_records,
     create,
     eventually_empty,
     provider_job,
@@ -67,6 +70,7 @@ def vertex(api):
     """The shared fake with its per-test switches reset afterwards."""
     yield api
     api.hold_after = None
+    api.fail_after = None
     api.lines_per_tick = None
     api.lag.reset()
     api.create_errors.clear()
@@ -218,6 +222,26 @@ async def test_job_failed_at_vertex(h, vertex):
     assert out == [] and err == []
 
 
+async def test_job_failed_mid_way_keeps_and_charges_what_vertex_answered(h, vertex):
+    # Vertex fails the job after 2 of 4 lines, leaving their predictions in its output directory:
+    # Google bills those two, so the batch keeps them and is charged for them, and still fails.
+    vertex.fail_after = 2
+    final, _, out, err = await run(h, [chat(f"r{i}", f"question {i}") for i in range(4)])
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    assert final.errors[0].code == "provider_job_failed" and "Internal error" in final.errors[0].message
+    assert len(out) == 2 and sorted(line["custom_id"] for line in out + err) == ["r0", "r1", "r2", "r3"]
+    assert {line["error"]["code"] for line in err} == {"batch_failed"}
+    assert (final.request_counts.total, final.request_counts.completed, final.request_counts.failed) == (4, 2, 2)
+    prompt = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out)
+    completion = sum(line["response"]["body"]["usage"]["completion_tokens"] for line in out)
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (prompt, completion)
+    # gemini-2.5-flash batch prices (builtin table): input $0.15/M, output $1.25/M
+    # cost = prompt * 0.00000015 + completion * 0.00000125
+    expected = Decimal(prompt) * Decimal("0.00000015") + Decimal(completion) * Decimal("0.00000125")
+    assert final.cost.status == batch_pb2.COST_STATUS_KNOWN and expected > 0
+    assert Decimal(final.cost.amount) == expected
+
+
 async def test_cancel_mid_run_returns_partial_results(h, vertex):
     vertex.hold_after = 2
     a = h.alice
@@ -351,6 +375,29 @@ def _job(tmp_path: Path, deployment: Deployment, lines: list[dict], batch_id: st
          expires_in: float = 86400) -> ProviderJob:
     tmp_path.mkdir(exist_ok=True)
     return provider_job(tmp_path / "input.jsonl", deployment, lines, batch_id, expires_in)
+
+
+async def test_request_size_is_each_line_as_staged_in_gcs(vertex, gcs, keys, tmp_path):
+    """request_size is each record as staged for the provider (translated, custom_id remapped when the
+    provider cannot take it), with its newline; 0 for a line that cannot be translated (never sent)."""
+    dep = Deployment(id="d", model_name="gemini", provider="vertex_ai", model="gemini-2.5-flash",
+                     params=entry("x", vertex, vertex_credentials=str(keys["good"]))["litellm_params"])
+    unsendable = chat("img", "look", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:nonsense"}}]}])
+    lines = [chat(cid, f"hostile {i}") for i, cid in enumerate(HOSTILE_IDS)] + [unsendable, chat("ok", "caf\u00e9")]
+    job = _job(tmp_path, dep, lines, "batch_sizes")
+    provider = VertexBatchProvider()
+    try:
+        sizes = [provider.request_size(job.endpoint, dep, json.dumps(ln).encode()) for ln in lines]
+        await provider.submit(job)
+        bucket, _, name = job.state["input_uri"].removeprefix("gs://").partition("/")
+        staged = gcs.client().bucket(bucket).blob(name).download_as_bytes().splitlines()
+        await provider.release(job)
+    finally:
+        await provider.close()
+    assert sizes[len(HOSTILE_IDS)] == 0
+    assert_sizes_are_the_staged_records(lines, sizes, staged,
+                                        lambda record: record["request"]["labels"][CUSTOM_ID_LABEL_KEY])
 
 
 async def test_resubmit_after_a_crash_adopts_the_job_instead_of_creating_another(vertex, keys, tmp_path):

@@ -28,7 +28,10 @@ def text(marker: str = "") -> str:
 class UsageUpstream(FakeUpstream):
     """The fake OpenAI-compatible server, plus prompt-cache hits and reasoning tokens: a key text
     containing CACHED:<n> / REASONING:<n> reports n cached prompt tokens / n reasoning tokens (inside
-    prompt_tokens / completion_tokens, as OpenAI counts them)."""
+    prompt_tokens / completion_tokens, as OpenAI counts them); WRITE:<n> / WRITE_1H:<n> report n
+    prompt-cache writes / n of them with a 1-hour lifetime (prompt_tokens_details.cache_creation_tokens
+    / cache_creation_1h_tokens, as batchgate normalises Anthropic's); PROMPT:<n> reports n prompt
+    tokens (a long-context request without sending one)."""
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         response = await super()._handle(request)
@@ -39,12 +42,18 @@ class UsageUpstream(FakeUpstream):
             answer = json.loads(response.body)
         except (ValueError, TypeError):
             return response  # FAIL:malformed and the like: leave them alone
-        marks = dict(re.findall(r"(CACHED|REASONING):(\d+)", key_text(request.path, body)))
+        marks = dict(re.findall(r"(CACHED|REASONING|WRITE_1H|WRITE|PROMPT):(\d+)", key_text(request.path, body)))
         usage = answer.get("usage")
         if not marks or "prompt_tokens_details" not in (usage or {}):
             return response
         usage["prompt_tokens_details"]["cached_tokens"] = int(marks.get("CACHED", 0))
         usage["completion_tokens_details"]["reasoning_tokens"] = int(marks.get("REASONING", 0))
+        for mark, key in (("WRITE", "cache_creation_tokens"), ("WRITE_1H", "cache_creation_1h_tokens")):
+            if mark in marks:
+                usage["prompt_tokens_details"][key] = int(marks[mark])
+        if "PROMPT" in marks:
+            usage["prompt_tokens"] = int(marks["PROMPT"])
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return web.Response(body=json.dumps(answer).encode(), content_type="application/json")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from anthropic.types import (
+    CacheCreation,
     Message,
     TextBlock,
     ThinkingBlock,
@@ -33,6 +34,7 @@ from openai.types.chat.completion_create_params import CompletionCreateParams
 from openai.types.shared import ErrorObject
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
+from batchgate_server.pricing.usage import sum_usage_from_output
 from batchgate_server.providers.anthropic.translate import (
     DEFAULT_MAX_TOKENS,
     TranslationError,
@@ -593,11 +595,29 @@ def test_succeeded_text_with_prompt_caching() -> None:
                          "message": {"role": "assistant", "content": "Hello, world.",
                                      "refusal": None}}],
             "usage": {"prompt_tokens": 2400, "completion_tokens": 40, "total_tokens": 2440,
-                      "prompt_tokens_details": {"cached_tokens": 2000},
+                      "prompt_tokens_details": {"cached_tokens": 2000, "cache_creation_tokens": 300,
+                                                "cache_creation_1h_tokens": 0},
                       "completion_tokens_details": {"reasoning_tokens": 0}},
             "system_fingerprint": None,
         },
     }
+
+
+def test_cache_writes_by_lifetime_are_parts_of_the_prompt() -> None:
+    # Anthropic: input_tokens (100) leaves out cache reads (2000) and writes (300 + 700); OpenAI's
+    # prompt_tokens counts all of them: 100 + 2000 + 1000 = 3100, of which 2000 cached (read),
+    # 1000 written to the cache, 700 of those with a 1-hour lifetime.
+    usage = Usage(input_tokens=100, output_tokens=40, cache_read_input_tokens=2000,
+                  cache_creation_input_tokens=1000,
+                  cache_creation=CacheCreation(ephemeral_5m_input_tokens=300, ephemeral_1h_input_tokens=700))
+    body = convert(succeeded("my-req-1", usage=usage, content=[TextBlock(type="text", text="Hi")]))["response"]["body"]
+    assert body["usage"]["prompt_tokens"] == 3100 and body["usage"]["total_tokens"] == 3140
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 2000, "cache_creation_tokens": 1000,
+                                                      "cache_creation_1h_tokens": 700}
+    # ... and the usage counter reads them back as parts of input_tokens.
+    [usage_out] = sum_usage_from_output([json.dumps({"response": {"status_code": 200, "body": body}})]).values()
+    assert (usage_out.input_tokens, usage_out.cached_tokens, usage_out.cache_creation_tokens,
+            usage_out.cache_creation_1h_tokens, usage_out.output_tokens) == (3100, 2000, 1000, 700, 40)
 
 
 def test_succeeded_tool_use() -> None:

@@ -252,11 +252,22 @@ def test_an_unsupported_routing_strategy_is_warned(caplog):
      "router_settings.cooldown_time must be a number >= 0"),
     ({"model_list": [], "router_settings": {"allowed_fails": -1}}, "router_settings.allowed_fails must be"),
     ({"model_list": [], "environment_variables": ["A=1"]}, "environment_variables must be a mapping"),
+    ({"model_list": [], "router_settings": {"spread_batches": "yes"}},
+     "router_settings.spread_batches must be true or false, got 'yes'"),
+    ({"model_list": [dict(entry(), model_info={"spread_batches": 1})]},
+     "model_list[0] (m): model_info.spread_batches must be true or false, got int"),
 ])
 def test_wrong_types_are_errors_naming_the_entry(doc, expected):
     message = config_error(doc)
     assert expected in message
     assert message.startswith("test.yaml")
+
+
+def test_spread_batches_in_router_settings_and_model_info():
+    assert parse_config({"model_list": []}, "x").router.spread_batches is False
+    spread = parse_config({"model_list": [dict(entry(), model_info={"spread_batches": True})],
+                           "router_settings": {"spread_batches": True}}, "x")
+    assert spread.router.spread_batches is True and spread.deployments[0].model_info["spread_batches"] is True
 
 
 def test_a_wrong_typed_key_is_named_by_type_not_value():

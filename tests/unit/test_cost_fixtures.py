@@ -42,7 +42,7 @@ def record(accounting: Accounting, deployment_model: str, model_info: dict | Non
 
 def price_lines(accounting: Accounting, rec: BatchRecord, lines: list[bytes]):
     """(total usage, cost) exactly as the tracker computes them at the terminal state."""
-    counter = accounting.usage_counter()
+    counter = accounting.usage_counter(rec)
     for line in lines:
         counter.add_line(line)
     by_model = counter.by_model
@@ -186,16 +186,18 @@ def test_anthropic_results(accounting):
     assert [t.kind for t in translated].count(ResultKind.OUTPUT) == 2
     total, cost = price_lines(accounting, record(accounting, "claude-3-5-haiku-20241022"), all_data(translated))
     # OpenAI semantics: prompt = input + cache reads + cache writes = (2000 + 6000 + 1000) + 1000
-    assert total == Usage(input_tokens=10_000, cached_tokens=6000, output_tokens=800, reasoning_tokens=0)
+    assert total == Usage(input_tokens=10_000, cached_tokens=6000, output_tokens=800, reasoning_tokens=0,
+                          cache_creation_tokens=1000)
     # claude-3-5-haiku batch: input $0.40/M, cache read $0.08/M halved = $0.04/M (discounts stack),
-    # output $2/M. Cache writes are charged as uncached input (prices.json: writes are not priced).
-    # uncached 4000 * 0.0000004  = 0.0016
+    # 5-minute cache write $1/M (1.25 x $0.80) halved = $0.50/M, output $2/M.
+    # uncached 3000 * 0.0000004  = 0.0012
     # cached   6000 * 0.00000004 = 0.00024
-    # input                       = 0.00184
+    # written  1000 * 0.0000005  = 0.0005
+    # input                       = 0.00194
     # output    800 * 0.000002   = 0.0016
-    # total                       = 0.00344
+    # total                       = 0.00354
     assert (cost.status, cost.input_amount, cost.output_amount, cost.amount) == (
-        "known", "0.00184", "0.0016", "0.00344")
+        "known", "0.00194", "0.0016", "0.00354")
 
 
 # --- Vertex AI batch prediction (Gemini) --------------------------------------------------------

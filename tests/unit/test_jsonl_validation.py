@@ -13,6 +13,7 @@ from batchgate_server.core.jsonl_validation import (
     LineProblem,
     ValidationResult,
 )
+from batchgate_server.domain.shards import MAX_FILE_GROUPS, MAX_GROUP_LINES, FileGroup
 
 URL = "/v1/chat/completions"
 MODEL = "gpt-4o-mini"
@@ -191,11 +192,11 @@ def test_supported_endpoints_can_be_configured():
     assert validate(data, supported_endpoints=("/chat/completions",)).ok
 
 
-def test_url_mismatch_against_first_valid_line():
-    res = validate(jsonl(req("a", url="/v1/bad"), req("b"), req("c", url="/v1/embeddings")))
-    assert codes(res) == [(1, "unsupported_url"), (3, "url_mismatch")]
-    assert res.endpoint == URL
-    assert "url" in res.problems[1].message
+def test_unsupported_url_anywhere_in_a_mixed_file():
+    res = validate(jsonl(req("a"), req("b", url="/v1/embeddings"), req("c", url="/v1/bad"), req("d", drop=("url",))))
+    assert codes(res) == [(3, "unsupported_url"), (4, "unsupported_url")]
+    assert "'/v1/bad' is not a supported endpoint" in res.problems[0].message
+    assert res.problems[1].message == "url is missing"
 
 
 def test_invalid_body():
@@ -212,11 +213,82 @@ def test_missing_model():
     assert "model" in res.problems[0].message
 
 
-def test_model_mismatch():
-    res = validate(jsonl(req("a"), req("b", model="gpt-4o"), req("c")))
-    assert codes(res) == [(2, "model_mismatch")]
-    assert res.model == MODEL
-    assert "model" in res.problems[0].message
+# --------------------------------------------------------------------------- groups (mixed files)
+
+
+def test_one_group_keeps_endpoint_and_model():
+    res = validate(valid_file(3))
+    assert res.ok and res.endpoint == URL and res.model == MODEL
+    assert res.groups == [FileGroup(URL, MODEL, 3, [1, 2, 3])]
+
+
+def test_mixed_urls_and_models_are_counted_by_group_in_order_of_first_line():
+    lines = [req("a"), req("b", url="/v1/embeddings", model="emb"), req("c", model="gpt-4o"), req("d"),
+             req("e", url="/v1/embeddings", model="emb"), req("f", url="/v1/embeddings", model=MODEL), req("g")]
+    res = validate(jsonl(*lines))
+    assert res.ok and res.line_count == 7
+    assert res.endpoint == "" and res.model == ""
+    assert res.groups == [FileGroup(URL, MODEL, 3, [1, 4, 7]), FileGroup("/v1/embeddings", "emb", 2, [2, 5]),
+                          FileGroup(URL, "gpt-4o", 1, [3]), FileGroup("/v1/embeddings", MODEL, 1, [6])]
+
+
+def test_same_model_on_two_urls_is_mixed():
+    res = validate(jsonl(req("a"), req("b", url="/v1/completions")))
+    assert res.ok and res.endpoint == "" and res.model == ""
+    assert [(g.endpoint, g.model, g.count) for g in res.groups] == [(URL, MODEL, 1), ("/v1/completions", MODEL, 1)]
+
+
+def test_group_line_numbers_are_physical_and_bounded():
+    # Blank lines at the end, CRLF endings, interleaved groups: first_lines are the file's line numbers.
+    lines = [req(f"r{i}", model=MODEL if i % 3 else "other") for i in range(1, 61)]
+    res = validate(jsonl(*lines, newline="\r\n") + b"\r\n\n")
+    assert res.ok
+    main, other = res.groups
+    assert (main.count, other.count) == (40, 20)
+    assert len(main.first_lines) == len(other.first_lines) == MAX_GROUP_LINES
+    assert main.first_lines == [1, 2, 4, 5, 7, 8, 10, 11, 13, 14]
+    assert other.first_lines == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+
+
+def test_invalid_lines_count_in_no_group():
+    res = validate(jsonl(req("a"), req("b", url="/v1/bad", model="x"), req("c", model=""), "nope",
+                         req("d", model="y", method="GET"), req("e", model="z" * 300)))
+    assert codes(res) == [(2, "unsupported_url"), (3, "missing_model"), (4, "invalid_json_line"),
+                          (5, "invalid_method"), (6, "model_too_long")]
+    # A line with a problem of its own but a valid url and model (line 5) still counts in its group:
+    # the groups describe the file only when it is valid.
+    assert [(g.model, g.count) for g in res.groups] == [(MODEL, 1), ("y", 1)]
+
+
+def test_too_many_groups_names_the_first_line_past_the_limit():
+    lines = [req(f"r{i}", model=f"m{i % (MAX_FILE_GROUPS + 2)}") for i in range(3 * (MAX_FILE_GROUPS + 2))]
+    res = validate(jsonl(*lines))
+    assert codes(res) == [(MAX_FILE_GROUPS + 1, "too_many_groups")]
+    assert f"starts group {MAX_FILE_GROUPS + 1}" in res.problems[0].message
+    assert f"at most {MAX_FILE_GROUPS}" in res.problems[0].message
+    assert len(res.groups) == MAX_FILE_GROUPS
+    assert res.groups[0] == FileGroup(URL, "m0", 3, [1, MAX_FILE_GROUPS + 3, 2 * MAX_FILE_GROUPS + 5])
+
+
+def test_exactly_max_file_groups_is_fine():
+    res = validate(jsonl(*(req(f"r{i}", model=f"m{i}") for i in range(MAX_FILE_GROUPS))))
+    assert res.ok and len(res.groups) == MAX_FILE_GROUPS
+
+
+def test_groups_survive_any_chunking_and_pickling():
+    import pickle
+
+    lines = [req(f"r{i}", url=SUPPORTED_ENDPOINTS[i % 2], model=("ä", "東京", "🚀")[i % 3]) for i in range(40)]
+    data = jsonl(*lines)
+    expected = validate(data)
+    assert len(expected.groups) == 6 and sum(g.count for g in expected.groups) == 40
+    for cut in range(0, len(data) + 1, 7):
+        v = JsonlValidator()
+        v.feed(data[:cut])
+        v.feed(data[cut:])
+        assert v.finish() == expected, cut
+    assert validate(data, chunk_size=1) == expected
+    assert pickle.loads(pickle.dumps(expected)) == expected
 
 
 def test_empty_file():
@@ -298,7 +370,10 @@ def test_file_too_large_in_small_chunks_matches_one_chunk():
 
 def test_line_with_several_problems_reports_each():
     res = validate(jsonl(req("a"), {"custom_id": "a", "method": "GET", "url": "/v1/embeddings", "body": {"model": "x"}}))
-    assert codes(res) == [(2, "duplicate_custom_id"), (2, "invalid_method"), (2, "url_mismatch"), (2, "model_mismatch")]
+    assert codes(res) == [(2, "duplicate_custom_id"), (2, "invalid_method")]
+    res = validate(jsonl(req("a"), {"custom_id": "a", "method": "GET", "url": "/v1/x", "body": {"model": ""}}))
+    assert codes(res) == [(2, "duplicate_custom_id"), (2, "invalid_method"), (2, "unsupported_url"),
+                          (2, "missing_model")]
     res = validate(jsonl({"foo": 1}))
     assert codes(res) == [(1, "missing_custom_id"), (1, "invalid_method"), (1, "unsupported_url"), (1, "invalid_body")]
 
@@ -320,7 +395,7 @@ def test_max_reported_is_configurable_and_blank_runs_are_counted():
 
 
 def test_problems_are_in_line_order():
-    data = jsonl(req("a"), "", req("a"), "x", req("c", method="GET")) + b"\xff\n" + jsonl(req("d", model="other"))
+    data = jsonl(req("a"), "", req("a"), "x", req("c", method="GET")) + b"\xff\n" + jsonl(req("d", model=""))
     res = validate(data)
     assert codes(res) == [
         (2, "invalid_json_line"),
@@ -328,7 +403,7 @@ def test_problems_are_in_line_order():
         (4, "invalid_json_line"),
         (5, "invalid_method"),
         (6, "invalid_utf8"),
-        (7, "model_mismatch"),
+        (7, "missing_model"),
     ]
     assert all(isinstance(p, LineProblem) for p in res.problems)
 
@@ -368,11 +443,11 @@ def test_one_byte_chunks_and_random_chunks_give_same_result():
     assert codes(expected) == [
         (3, "duplicate_custom_id"),
         (4, "invalid_json_line"),
-        (5, "model_mismatch"),
         (6, "invalid_json_line"),
         (7, "invalid_utf8"),
-        (8, "url_mismatch"),
     ]
+    assert [(g.endpoint, g.model, g.first_lines) for g in expected.groups] == [
+        (URL, MODEL, [1, 2, 3]), (URL, "ünïcode", [5]), ("/v1/embeddings", MODEL, [8])]
     assert validate(data, chunk_size=1) == expected
     rng = random.Random(1)
     for _ in range(200):

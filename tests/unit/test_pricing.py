@@ -457,7 +457,8 @@ def test_usage_shapes():
         "text-embedding-3-small": Usage(input_tokens=7),
         "o4-mini-2025-04-16": Usage(input_tokens=300, cached_tokens=128, output_tokens=50, reasoning_tokens=30),
         # Anthropic input_tokens excludes cache reads/writes: 10 + 90 + 5
-        "claude-3-5-haiku-20241022": Usage(input_tokens=105, cached_tokens=90, output_tokens=3),
+        "claude-3-5-haiku-20241022": Usage(input_tokens=105, cached_tokens=90, output_tokens=3,
+                                           cache_creation_tokens=5),
     }
 
 
@@ -532,3 +533,108 @@ def test_end_to_end_output_file_cost(table):
     cost = compute_cost(sum_usage_from_output(lines), table.price_for, price_source=table.version)
     assert (cost.status, cost.input_amount, cost.output_amount, cost.amount) == (
         "known", "0.000015", "0.000012", "0.000027")
+
+
+# --- prompt-cache writes and long-context tiers -------------------------------------------------
+
+
+def test_claude_cache_writes_5_minute_and_1_hour(table):
+    # claude-sonnet-4-5 batch (builtin): input $1.50/M, cache read $0.15/M, 5-minute write $1.875/M
+    # (1.25 x $3 = $3.75/M standard, halved), 1-hour write $3/M (2 x $3 = $6/M, halved), output $7.50/M.
+    # prompt 10,000 = 1,000 uncached + 2,000 read + 7,000 written (3,000 of them 1-hour)
+    # uncached 1,000 * 0.0000015   = 0.0015
+    # read     2,000 * 0.00000015  = 0.0003
+    # 5-minute 4,000 * 0.000001875 = 0.0075
+    # 1-hour   3,000 * 0.000003    = 0.009
+    # input                         = 0.0183
+    # output     500 * 0.0000075   = 0.00375
+    # total                         = 0.02205
+    usage = Usage(input_tokens=10_000, cached_tokens=2_000, cache_creation_tokens=7_000,
+                  cache_creation_1h_tokens=3_000, output_tokens=500)
+    cost = cost_of(table, {"claude-sonnet-4-5-20250929": usage})
+    assert (cost.status, cost.input_amount, cost.output_amount, cost.amount) == (
+        "known", "0.0183", "0.00375", "0.02205")
+
+
+def test_anthropic_cache_write_prices_default_to_the_published_multipliers():
+    # A Claude entry without cache-write prices: 1.25x (5-minute) and 2x (1-hour) the input price,
+    # halved in batch like every token class: input $2/M -> batch $1/M, writes $1.25/M and $2/M.
+    t = PriceTable.from_dict({"models": {"claude-custom": {"provider": "anthropic",
+                                                          "input_cost_per_token": "0.000002",
+                                                          "output_cost_per_token": "0.00001"}}})
+    p = t.price_for("claude-custom")
+    assert (p.input, p.cache_write, p.cache_write_1h) == (
+        Decimal("0.000001"), Decimal("0.00000125"), Decimal("0.000002"))
+    assert "1.25x (5-minute) / 2x (1-hour)" in p.source
+    # Elsewhere writes a provider reports without a price are charged as input.
+    other = PriceTable.from_dict({"models": {"house": {"input_cost_per_token": "0.000002"}}}).price_for("house")
+    assert other.cache_write == other.cache_write_1h == other.input == Decimal("0.000001")
+
+
+def test_old_snapshot_without_cache_write_prices_uses_the_anthropic_multipliers(table):
+    snap = table.snapshot("claude-3-5-haiku")
+    for key in [k for k in snap if k.startswith("cache_creation")]:
+        del snap[key]  # stored before cache writes were priced
+    price = ModelPrice.from_snapshot(snap)
+    # batch input $0.40/M: 5-minute 1.25 x = $0.50/M, 1-hour 2 x = $0.80/M
+    assert (price.cache_write, price.cache_write_1h) == (Decimal("0.0000005"), Decimal("0.0000008"))
+
+
+def test_gemini_2_5_pro_tier_above_200k_prompt_tokens(table):
+    # gemini-2.5-pro batch (builtin): up to 200k prompt tokens input $0.625/M, output $5/M;
+    # above, the whole request: input $1.25/M, output $7.50/M, cache read $0.25/M (cache discount wins).
+    price = table.price_for("gemini-2.5-pro")
+    assert price.thresholds == (200_000,)
+    usage = {("gemini-2.5-pro", 0): Usage(input_tokens=300_000, output_tokens=2_000),
+             ("gemini-2.5-pro", 200_000): Usage(input_tokens=250_000, cached_tokens=50_000, output_tokens=1_000)}
+    # base  input  300,000 * 0.000000625 = 0.1875
+    # base  output   2,000 * 0.000005    = 0.01
+    # above uncached 200,000 * 0.00000125 = 0.25
+    # above cached    50,000 * 0.00000025 = 0.0125
+    # above output     1,000 * 0.0000075  = 0.0075
+    # input 0.45, output 0.0175, total 0.4675
+    cost = cost_of(table, usage)
+    assert (cost.input_amount, cost.output_amount, cost.amount) == ("0.45", "0.0175", "0.4675")
+
+
+def test_claude_1m_context_tier_with_cache_writes(table):
+    # claude-sonnet-4 above 200k (batch = half of the 1M-context list prices): input $3/M,
+    # 5-minute write $3.75/M, output $11.25/M.
+    # 210,000 prompt = 200,000 uncached + 10,000 written; 1,000 output
+    # uncached 200,000 * 0.000003    = 0.6
+    # written   10,000 * 0.00000375  = 0.0375
+    # output     1,000 * 0.00001125  = 0.01125
+    usage = {("claude-sonnet-4-20250514", 200_000): Usage(input_tokens=210_000, cache_creation_tokens=10_000,
+                                                         output_tokens=1_000)}
+    cost = cost_of(table, usage)
+    assert (cost.input_amount, cost.output_amount, cost.amount) == ("0.6375", "0.01125", "0.64875")
+
+
+def test_tier_prices_survive_the_snapshot_and_the_executors_standard_rate(table):
+    snap = json.loads(json.dumps(table.snapshot("gemini-2.5-pro")))
+    assert snap["input_cost_per_token_above_200k_tokens_batches"] == "0.00000125"
+    assert ModelPrice.from_snapshot(snap) == table.price_for("gemini-2.5-pro")
+    # The built-in executor makes real-time requests: every batch rate, tiers included, is the standard one.
+    from batchgate_server.core.accounting import Accounting
+    executor = ModelPrice.from_snapshot(Accounting(table).snapshot("gemini-2.5-pro", None, "openai_compatible"))
+    assert (executor.input, executor.at_tier(200_000).input, executor.at_tier(200_000).output) == (
+        Decimal("0.00000125"), Decimal("0.0000025"), Decimal("0.000015"))
+
+
+def test_usage_summed_per_tier_by_prompt_size():
+    from batchgate_server.pricing.usage import sum_usage_by_tier
+
+    def line(prompt: int) -> bytes:
+        return out_line({"model": "m", "usage": {"prompt_tokens": prompt, "completion_tokens": 1}})
+
+    got = sum_usage_by_tier([line(200_000), line(200_001), line(5), line(900_000)], (200_000, 800_000))
+    assert got == {("m", 0): Usage(input_tokens=200_005, output_tokens=2),
+                   ("m", 200_000): Usage(input_tokens=200_001, output_tokens=1),
+                   ("m", 800_000): Usage(input_tokens=900_000, output_tokens=1)}
+
+
+def test_tier_keys_in_model_info_rederive_their_batch_twin(table):
+    # A standard tier price in model_info drops the table's batch twin: re-derived as half of it.
+    p = table.price_for("gemini-2.5-pro", {"input_cost_per_token_above_200k_tokens": "0.000004"})
+    assert p.at_tier(200_000).input == Decimal("0.000002")
+    assert p.at_tier(200_000).output == Decimal("0.0000075")  # the table's, untouched

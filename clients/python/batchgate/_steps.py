@@ -313,11 +313,13 @@ def delete_file(options: Options, file_id: str) -> Steps[bool]:
 # -- batches -------------------------------------------------------------------------------------
 
 def create_batch(options: Options, input_file_id: str, endpoint: str, *, completion_window: str,
-                 metadata: dict[str, str] | None, model: str, provider: str, request_id: str) -> Steps[Batch]:
+                 metadata: dict[str, str] | None, model: str, provider: str, request_id: str,
+                 model_map: dict[str, str] | None = None, spread: bool = False) -> Steps[Batch]:
     """Without a request_id one is made up, so that a retried create never creates twice."""
     request = batch_pb2.CreateBatchRequest(
         input_file_id=input_file_id, endpoint=endpoint, completion_window=completion_window,
-        metadata=metadata or {}, model=model, provider=provider, request_id=request_id or new_request_id())
+        metadata=metadata or {}, model=model, provider=provider, request_id=request_id or new_request_id(),
+        model_map=model_map or {}, spread=spread)
     return Batch((yield from call(options, "batches", "CreateBatch", request)).batch)
 
 

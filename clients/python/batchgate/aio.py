@@ -122,12 +122,15 @@ class AsyncBatchgateClient(ClientBase):
 
     # -- batches ------------------------------------------------------------------------------
 
-    async def create_batch(self, input_file_id: str, endpoint: str, *, completion_window: str = "24h",
-                     metadata: dict[str, str] | None = None, model: str = "", provider: str = "",
-                     request_id: str = "") -> Batch:
+    async def create_batch(self, input_file_id: str, endpoint: str = "", *, completion_window: str = "24h",
+                           metadata: dict[str, str] | None = None, model: str = "", provider: str = "",
+                           request_id: str = "", model_map: dict[str, str] | None = None,
+                           spread: bool = False) -> Batch:
+        """As BatchgateClient.create_batch."""
         return await self._run(_steps.create_batch(self.options, input_file_id, endpoint,
                                              completion_window=completion_window, metadata=metadata, model=model,
-                                             provider=provider, request_id=request_id))
+                                             provider=provider, request_id=request_id, model_map=model_map,
+                                             spread=spread))
 
     async def get_batch(self, batch_id: str) -> Batch:
         return await self._run(_steps.get_batch(self.options, batch_id))

@@ -270,21 +270,25 @@ def cmd_files_rm(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> 
     return EXIT_OK
 
 
-def _metadata(pairs: Sequence[str]) -> dict[str, str]:
+def _metadata(pairs: Sequence[str], flag: str = "--metadata") -> dict[str, str]:
+    """KEY=VALUE arguments of a repeatable flag as a dict."""
     result = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise CommandLineError(f"--metadata takes KEY=VALUE, not {pair!r}")
+            raise CommandLineError(f"{flag} takes {'FILE_MODEL=MODEL' if flag == '--model-map' else 'KEY=VALUE'},"
+                                   f" not {pair!r}")
         result[key] = value
     return result
 
 
 def cmd_batches_create(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
-    endpoint = args.endpoint or bg.get_file(args.input_file_id).endpoint
-    return _show(out, bg.create_batch(args.input_file_id, endpoint, completion_window=args.completion_window,
-                                      metadata=_metadata(args.metadata), model=args.model, provider=args.provider,
-                                      request_id=args.request_id), describe_batch)
+    # No --endpoint: the server takes the file's own (each, for a file that mixes them).
+    return _show(out, bg.create_batch(args.input_file_id, args.endpoint or "",
+                                      completion_window=args.completion_window, metadata=_metadata(args.metadata),
+                                      model=args.model, provider=args.provider, request_id=args.request_id,
+                                      model_map=_metadata(args.model_map, "--model-map"), spread=args.spread),
+                 describe_batch)
 
 
 def cmd_batches_ls(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
@@ -558,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="default: the endpoint of the file's lines")
     p.add_argument("--model", default="")
     p.add_argument("--provider", default="")
+    p.add_argument("--model-map", action="append", default=[], metavar="FILE_MODEL=MODEL",
+                   help="run the lines of FILE_MODEL (their body.model) on MODEL: a model name, provider/model or"
+                        " deployment id (repeatable)")
+    p.add_argument("--spread", action="store_true",
+                   help="cut the batch across every deployment of its model, by weight and free capacity")
     p.add_argument("--completion-window", default="24h")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--request-id", default="", help="idempotency key (default: one made up)")

@@ -127,12 +127,17 @@ class BatchgateClient(ClientBase):
 
     # -- batches ------------------------------------------------------------------------------
 
-    def create_batch(self, input_file_id: str, endpoint: str, *, completion_window: str = "24h",
+    def create_batch(self, input_file_id: str, endpoint: str = "", *, completion_window: str = "24h",
                      metadata: dict[str, str] | None = None, model: str = "", provider: str = "",
-                     request_id: str = "") -> Batch:
+                     request_id: str = "", model_map: dict[str, str] | None = None,
+                     spread: bool = False) -> Batch:
+        """endpoint "": the file's own (a file may mix endpoints); model_map routes a file model
+        (body.model) to a model name, "provider/model" or deployment id; spread cuts the batch
+        across every deployment of its model."""
         return self._run(_steps.create_batch(self.options, input_file_id, endpoint,
                                              completion_window=completion_window, metadata=metadata, model=model,
-                                             provider=provider, request_id=request_id))
+                                             provider=provider, request_id=request_id, model_map=model_map,
+                                             spread=spread))
 
     def get_batch(self, batch_id: str) -> Batch:
         return self._run(_steps.get_batch(self.options, batch_id))

@@ -74,9 +74,14 @@ export interface UploadOptions {
 
 export interface CreateBatchOptions {
   inputFileId: string;
-  endpoint: string;
+  /** Default "": the file's own endpoint (each of them, for a file that mixes endpoints). */
+  endpoint?: string;
   model?: string;
   provider?: string;
+  /** A file model (a line's body.model) -> the model name, "provider/model" or deployment id its lines run on. */
+  modelMap?: Record<string, string>;
+  /** Cut the batch across every deployment of its model, by weight and free capacity. */
+  spread?: boolean;
   completionWindow?: string;
   metadata?: Record<string, string>;
   /** An idempotency key; one is made up when none is given, so that a retried create never creates twice. */
@@ -152,12 +157,14 @@ export class BatchgateClient {
   async createBatch(options: CreateBatchOptions): Promise<Batch> {
     const request: MessageInitShape<typeof CreateBatchRequestSchema> = {
       inputFileId: options.inputFileId,
-      endpoint: options.endpoint,
+      endpoint: options.endpoint ?? "",
       completionWindow: options.completionWindow ?? "24h",
       metadata: options.metadata ?? {},
       model: options.model ?? "",
       provider: options.provider ?? "",
       requestId: options.requestId ?? randomUUID(),
+      modelMap: options.modelMap ?? {},
+      spread: options.spread ?? false,
     };
     return (await this.unary(() => this.batches.createBatch(request, this.callOptions()))).batch!;
   }

@@ -92,6 +92,14 @@ async function main() {
     }
   });
 
+  // CreateBatch's routing fields: no endpoint (the file's own), a deployment id as model_map target, spread.
+  const mapped = await client.createBatch({ inputFileId: file.id, modelMap: { simulated: "builtin-simulated" },
+    spread: true, requestId: "ts-mapped" });
+  const reused = await expectError(() => client.createBatch({ inputFileId: file.id,
+    modelMap: { simulated: "builtin-simulated" }, requestId: "ts-mapped" }));
+  const unmapped = await expectError(() => client.createBatch({ inputFileId: file.id,
+    modelMap: { simulated: "no-such-model" } }));
+
   const report = {
     file: { id: file.id, bytes: String(file.bytes), lineCount: String(file.lineCount), sha256: file.sha256 },
     fromDisk: { id: fromDisk.id, bytes: String(fromDisk.bytes), sha256: fromDisk.sha256 },
@@ -99,6 +107,7 @@ async function main() {
     states, resumeFrom: String(resumeFrom), resumed,
     results: results.map((r) => ({ customId: r.custom_id, content: r.response?.body?.choices?.[0]?.message?.content })),
     badFile, missing, unfinished,
+    mapped: { model: mapped.model, endpoint: mapped.endpoint, provider: mapped.provider }, reused, unmapped,
     typed: {
       badFileIsInvalidArgument: badFile.type === InvalidArgumentError.name,
       missingIsNotFound: missing.type === NotFoundError.name,

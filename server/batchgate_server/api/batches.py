@@ -32,7 +32,8 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         record = await self.batches.create(principal, CreateBatch(
             input_file_id=request.input_file_id, endpoint=request.endpoint,
             completion_window=request.completion_window, metadata=dict(request.metadata), model=request.model,
-            provider=request.provider, request_id=request.request_id))
+            provider=request.provider, request_id=request.request_id, model_map=dict(request.model_map),
+            spread=request.spread))
         return batch_pb2.CreateBatchResponse(batch=self._to_proto(record))
 
     @unary

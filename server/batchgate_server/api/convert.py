@@ -7,7 +7,16 @@ from google.protobuf.message import Message
 
 from batchgate.v1 import batch_pb2, file_pb2
 from batchgate_server.core.errors import FieldViolation, InvalidArgument, clip
-from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
+from batchgate_server.domain.models import (
+    BatchError,
+    BatchRecord,
+    BatchStatus,
+    Cost,
+    FilePurpose,
+    FileRecord,
+    RequestCounts,
+    ShardSummary,
+)
 
 PURPOSE_TO_PROTO = {
     FilePurpose.BATCH: file_pb2.FILE_PURPOSE_BATCH,
@@ -63,6 +72,8 @@ def file_to_proto(f: FileRecord) -> file_pb2.File:
         bytes=f.bytes, sha256=f.sha256, created_at=timestamp(f.created_at), expires_at=timestamp(f.expires_at),
         line_count=f.line_count, endpoint=clip(f.endpoint, MAX_SHOWN_FIELD_BYTES),
         model=clip(f.model, MAX_SHOWN_FIELD_BYTES),
+        groups=[file_pb2.FileGroup(endpoint=g.endpoint, model=clip(g.model, MAX_SHOWN_FIELD_BYTES), count=g.count,
+                                   first_lines=g.first_lines) for g in f.groups],
     )
 
 
@@ -70,21 +81,36 @@ _TIMESTAMP_FIELDS = ("created_at", "in_progress_at", "expires_at", "finalizing_a
                      "failed_at", "expired_at", "cancelling_at", "cancelled_at")
 
 
+def _counts(c: RequestCounts) -> batch_pb2.RequestCounts:
+    return batch_pb2.RequestCounts(total=c.total, completed=c.completed, failed=c.failed)
+
+
+def _errors(errors: list[BatchError]) -> list[batch_pb2.BatchError]:
+    return [batch_pb2.BatchError(code=e.code, message=e.message, param=e.param, line=e.line) for e in errors]
+
+
+def _cost(c: Cost) -> batch_pb2.Cost:
+    return batch_pb2.Cost(status=COST_STATUS_TO_PROTO[c.status], currency=c.currency, amount=c.amount,
+                          input_amount=c.input_amount, output_amount=c.output_amount, reason=c.reason,
+                          price_source=c.price_source)
+
+
+def shard_to_proto(s: ShardSummary) -> batch_pb2.BatchShard:
+    return batch_pb2.BatchShard(
+        id=s.id, endpoint=s.endpoint, model=clip(s.model, MAX_SHOWN_FIELD_BYTES), provider=s.provider,
+        deployment_id=s.deployment_id, provider_job_id=s.provider_job_id, status=STATUS_TO_PROTO[s.status],
+        request_counts=_counts(s.request_counts), errors=_errors(s.errors), cost=_cost(s.cost))
+
+
 def batch_to_proto(b: BatchRecord) -> batch_pb2.Batch:
     msg = batch_pb2.Batch(
         id=b.id, endpoint=b.endpoint, input_file_id=b.input_file_id, completion_window=b.completion_window,
         status=STATUS_TO_PROTO[b.status], output_file_id=b.output_file_id, error_file_id=b.error_file_id,
-        request_counts=batch_pb2.RequestCounts(
-            total=b.request_counts.total, completed=b.request_counts.completed, failed=b.request_counts.failed),
-        errors=[batch_pb2.BatchError(code=e.code, message=e.message, param=e.param, line=e.line)
-                for e in b.errors],
+        request_counts=_counts(b.request_counts), errors=_errors(b.errors),
         failures=[batch_pb2.FailureCount(code=f.code, count=f.count, retried=f.retried,
                                          sample_message=f.sample_message) for f in b.failures],
-        metadata=b.metadata, model=b.model, provider=b.provider, revision=b.revision,
-        cost=batch_pb2.Cost(
-            status=COST_STATUS_TO_PROTO[b.cost.status], currency=b.cost.currency, amount=b.cost.amount,
-            input_amount=b.cost.input_amount, output_amount=b.cost.output_amount, reason=b.cost.reason,
-            price_source=b.cost.price_source),
+        metadata=b.metadata, model=b.model, provider=b.provider, revision=b.revision, cost=_cost(b.cost),
+        shards=[shard_to_proto(s) for s in b.shards],
     )
     for name in _TIMESTAMP_FIELDS:
         value = getattr(b, name)
@@ -93,7 +119,9 @@ def batch_to_proto(b: BatchRecord) -> batch_pb2.Batch:
     if b.usage is not None:
         msg.usage.CopyFrom(batch_pb2.Usage(
             input_tokens=b.usage.input_tokens,
-            input_tokens_details=batch_pb2.InputTokensDetails(cached_tokens=b.usage.cached_tokens),
+            input_tokens_details=batch_pb2.InputTokensDetails(
+                cached_tokens=b.usage.cached_tokens, cache_creation_tokens=b.usage.cache_creation_tokens,
+                cache_creation_1h_tokens=b.usage.cache_creation_1h_tokens),
             output_tokens=b.usage.output_tokens,
             output_tokens_details=batch_pb2.OutputTokensDetails(reasoning_tokens=b.usage.reasoning_tokens),
             total_tokens=b.usage.total_tokens,

@@ -22,7 +22,9 @@ def sums_to_proto(s: UsageSums) -> usage_pb2.UsageRow:
     return usage_pb2.UsageRow(
         group=s.group, batch_count=s.batch_count, input_tokens=s.input_tokens,
         cached_input_tokens=s.cached_tokens, output_tokens=s.output_tokens, reasoning_tokens=s.reasoning_tokens,
-        cost_amount=s.cost_amount, unknown_cost_batches=s.unknown_cost_batches, currency=s.currency)
+        cost_amount=s.cost_amount, unknown_cost_batches=s.unknown_cost_batches, currency=s.currency,
+        cache_creation_input_tokens=s.cache_creation_tokens,
+        cache_creation_1h_input_tokens=s.cache_creation_1h_tokens)
 
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):

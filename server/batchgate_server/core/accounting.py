@@ -15,28 +15,29 @@ from typing import Any
 
 from batchgate_server.domain.models import BatchRecord, Cost, Usage
 from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
-from batchgate_server.pricing.table import ModelPrice, PriceTable
-from batchgate_server.pricing.usage import sum_usage_from_output
+from batchgate_server.pricing.table import BATCH, ModelPrice, PriceTable
+from batchgate_server.pricing.usage import UsageKey, merge_tiers, sum_usage_by_tier
 
 _FLUSH_LINES = 2048
-STANDARD_FOR_BATCH = (
-    ("input_cost_per_token_batches", "input_cost_per_token"),
-    ("output_cost_per_token_batches", "output_cost_per_token"),
-    ("cache_read_input_token_cost_batches", "cache_read_input_token_cost"),
-)
 
 
 class UsageCounter:
-    """Accumulates usage per model from output lines fed one at a time."""
+    """Accumulates usage per (model, long-context tier) from output lines fed one at a time;
+    thresholds: the tiers of the batch's price (ModelPrice.thresholds)."""
 
-    def __init__(self) -> None:
-        self._by_model: dict[str, Usage] = {}
+    def __init__(self, thresholds: tuple[int, ...] = ()) -> None:
+        self._thresholds = thresholds
+        self._by_tier: dict[UsageKey, Usage] = {}
         self._pending: list[bytes] = []
 
     @property
-    def by_model(self) -> dict[str, Usage]:
+    def by_tier(self) -> dict[UsageKey, Usage]:
         self.flush()
-        return self._by_model
+        return self._by_tier
+
+    @property
+    def by_model(self) -> dict[str, Usage]:
+        return merge_tiers(self.by_tier)
 
     def add_line(self, line: bytes) -> None:
         self._pending.append(line)
@@ -46,9 +47,14 @@ class UsageCounter:
     def flush(self) -> None:
         if not self._pending:
             return
-        for model, usage in sum_usage_from_output(self._pending).items():
-            self._by_model.setdefault(model, Usage()).add(usage)
+        for key, usage in sum_usage_by_tier(self._pending, self._thresholds).items():
+            self._by_tier.setdefault(key, Usage()).add(usage)
         self._pending.clear()
+
+
+def _snapshot_price(rec: BatchRecord) -> ModelPrice | None:
+    snapshot = rec.price or {}
+    return ModelPrice.from_snapshot(snapshot) if snapshot.get("priced") else None
 
 
 class Accounting:
@@ -57,25 +63,28 @@ class Accounting:
 
     def snapshot(self, model: str, model_info: Mapping[str, Any] | None, provider: str = "") -> dict[str, Any]:
         snapshot = self.prices.snapshot(model, model_info)
-        explicit_batch_price = any(k.endswith("_batches") for k in (model_info or {}))
+        explicit_batch_price = any(k.endswith(BATCH) for k in (model_info or {}))
         if provider == "openai_compatible" and snapshot.get("priced") and not explicit_batch_price:
             # The built-in executor sends real-time requests: an upstream that bills per token
-            # bills them at its standard rate, not the batch discount.
-            for batch_key, standard_key in STANDARD_FOR_BATCH:
-                if snapshot.get(standard_key) is not None:
-                    snapshot[batch_key] = snapshot[standard_key]
+            # bills them at its standard rate, not the batch discount (every token class, every tier).
+            for batch_key in [k for k in snapshot if k.endswith(BATCH)]:
+                standard = snapshot.get(batch_key[:-len(BATCH)])
+                if standard is not None:
+                    snapshot[batch_key] = standard
             snapshot["source"] = f"standard rate (the built-in executor makes real-time requests); {snapshot.get('source', '')}"
         return snapshot
 
-    def usage_counter(self) -> UsageCounter:
-        return UsageCounter()
+    def usage_counter(self, rec: BatchRecord) -> UsageCounter:
+        price = _snapshot_price(rec)
+        return UsageCounter(price.thresholds if price is not None else ())
 
-    def price(self, rec: BatchRecord, usage_by_model: Mapping[str, Usage]) -> tuple[Usage, Cost]:
+    def price(self, rec: BatchRecord, usage_by_model: Mapping[UsageKey, Usage]) -> tuple[Usage, Cost]:
+        """(total usage, cost) of usage per (model, tier) (or per model: the base tier)."""
         total = Usage()
         for usage in usage_by_model.values():
             total.add(usage)
         snapshot = rec.price or {}
-        price = ModelPrice.from_snapshot(snapshot) if snapshot.get("priced") else None
+        price = _snapshot_price(rec)
         # Where the price came from: the table layer, or the deployment's model_info over it.
         source = (price.source if price is not None else "") or snapshot.get("table_version", "")
         # A batch runs one model; every model name its outputs report is priced at the
@@ -93,10 +102,11 @@ class Accounting:
         return Cost(status="known", amount="0", input_amount="0", output_amount="0",
                     price_source=(rec.price or {}).get("table_version", ""))
 
-    def ledger_row(self, rec: BatchRecord, usage_by_model: Mapping[str, Usage] | None,
+    def ledger_row(self, rec: BatchRecord, usage_by_tier: Mapping[UsageKey, Usage] | None,
                    cost: Cost | None = None) -> dict[str, Any]:
+        usage_by_model = merge_tiers(usage_by_tier or {})
         total = Usage()
-        for usage in (usage_by_model or {}).values():
+        for usage in usage_by_model.values():
             total.add(usage)
         cost = cost or self.nothing_to_charge(rec)
         return {
@@ -104,8 +114,11 @@ class Accounting:
             "provider": rec.provider, "deployment_id": rec.deployment_id, "created_at": rec.created_at,
             "ended_at": time.time(), "input_tokens": total.input_tokens, "cached_tokens": total.cached_tokens,
             "output_tokens": total.output_tokens, "reasoning_tokens": total.reasoning_tokens,
+            "cache_creation_tokens": total.cache_creation_tokens,
+            "cache_creation_1h_tokens": total.cache_creation_1h_tokens,
             "cost_status": cost.status, "cost_amount": cost.amount,
             "cost_nanos": amount_to_nanos(cost.amount) if cost.status == "known" else None,
             "metadata": json.dumps(rec.metadata),
-            "usage_by_model": json.dumps({m: vars(u) for m, u in (usage_by_model or {}).items()}),
+            "usage_by_model": json.dumps({m: vars(u) for m, u in usage_by_model.items()}),
+            "parent_batch_id": rec.parent_id or None,  # a shard's row: UsageService counts its batch once
         }

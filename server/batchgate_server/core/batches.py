@@ -8,15 +8,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.auth import Principal
 from batchgate_server.core.errors import invalid_field as _invalid
 from batchgate_server.core.errors import (
     FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
     echo,
     exhausted_when_full,
     is_utf8_text,
@@ -27,13 +25,14 @@ from batchgate_server.core.jsonl_validation import SUPPORTED_ENDPOINTS
 from batchgate_server.core.quotas import Quotas
 from batchgate_server.core.pagination import PageTokens, after_cursor, keyset_rows
 from batchgate_server.core.routing import Router
-from batchgate_server.core.tracker import Tracker, batch_load
+from batchgate_server.core.tracker import Tracker, batch_load, cancel_batch
 from batchgate_server.core.watch_hub import WatchHub
+from batchgate_server.core.shard_plan import BatchPlan, file_groups, plan_batch
 from batchgate_server.domain.ids import new_batch_id
-from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose
-from batchgate_server.providers.base import UnsupportedRequest
+from batchgate_server.domain.shards import MAX_FILE_GROUPS
+from batchgate_server.domain.models import BatchRecord, BatchStatus, FilePurpose, FileRecord
 from batchgate_server.providers.registry import ProviderRegistry
-from batchgate_server.store.errors import Duplicate, LeaseLost, RevisionConflict
+from batchgate_server.store.errors import Duplicate
 from batchgate_server.store.ports import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,8 @@ MAX_REQUEST_ID = 128
 # Model names (a model_name, "provider/model", a Bedrock ARN) are far shorter; both are stored.
 MAX_MODEL = 256
 MAX_PROVIDER = 64
+# A file mixes at most MAX_FILE_GROUPS (endpoint, model) groups: as many file models to map.
+MAX_MODEL_MAP_PAIRS = MAX_FILE_GROUPS
 
 
 @dataclass
@@ -58,12 +59,17 @@ class CreateBatch:
     model: str = ""
     provider: str = ""
     request_id: str = ""
+    # A file model (body.model) -> the name its lines are routed by (core/shard_plan.py).
+    model_map: dict[str, str] = field(default_factory=dict)
+    spread: bool = False
+    # The HTTP API (OpenAI's shape) needs an endpoint unless the file mixes endpoints.
+    endpoint_required_unless_mixed: bool = False
 
 
 def check_create(req: CreateBatch) -> None:
     if not req.input_file_id:
         raise _invalid("input_file_id is required", "MISSING_INPUT_FILE_ID", "input_file_id", "required")
-    if req.endpoint not in SUPPORTED_ENDPOINTS:
+    if req.endpoint and req.endpoint not in SUPPORTED_ENDPOINTS:
         raise _invalid(f"endpoint {echo(req.endpoint)} is not supported; use one of {', '.join(SUPPORTED_ENDPOINTS)}",
                        "UNSUPPORTED_ENDPOINT", "endpoint", f"one of {', '.join(SUPPORTED_ENDPOINTS)}")
     if req.completion_window not in COMPLETION_WINDOWS:
@@ -90,21 +96,43 @@ def check_create(req: CreateBatch) -> None:
     if len(req.provider) > MAX_PROVIDER:
         raise _invalid(f"provider is longer than {MAX_PROVIDER} characters", "INVALID_PROVIDER", "provider",
                        f"at most {MAX_PROVIDER} characters")
+    check_model_map(req.model_map)
+
+
+def check_model_map(model_map: dict[str, str]) -> None:
+    if len(model_map) > MAX_MODEL_MAP_PAIRS:
+        raise _invalid(f"model_map has {len(model_map)} pairs; at most {MAX_MODEL_MAP_PAIRS} are allowed",
+                       "INVALID_MODEL_MAP", "model_map", f"at most {MAX_MODEL_MAP_PAIRS} pairs")
+    for key, value in model_map.items():
+        for text, what in ((key, "key"), (value, f"value of {echo(key[:80])}")):
+            if not 1 <= len(text) <= MAX_MODEL or not is_utf8_text(text):
+                raise _invalid(f"model_map {what} must be 1 to {MAX_MODEL} characters of UTF-8 text",
+                               "INVALID_MODEL_MAP", f"model_map[{key[:80]}]",
+                               f"{what.split()[0]} of 1 to {MAX_MODEL} characters")
 
 
 def replay(previous: BatchRecord, req: CreateBatch) -> BatchRecord:
     """The batch `req.request_id` created, if `req` asks for the same batch; REQUEST_ID_REUSED
     naming the first parameter that differs otherwise (a key names one request, as in AIP-155)."""
-    asked = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
-             "completion_window": previous.completion_window, "metadata": previous.metadata,
-             "model": previous.requested_model, "provider": previous.requested_provider}
-    for name, value in asked.items():
-        if value is not None and getattr(req, name) != value:
+    # An endpoint left out is the file's own (the same file: checked first), as recorded.
+    asked = {"input_file_id": req.input_file_id, "endpoint": req.endpoint or previous.endpoint}
+    recorded = {"input_file_id": previous.input_file_id, "endpoint": previous.endpoint,
+                "completion_window": previous.completion_window, "metadata": previous.metadata,
+                "model": previous.requested_model, "provider": previous.requested_provider,
+                "model_map": previous.requested_model_map, "spread": previous.requested_spread}
+    for name, value in recorded.items():
+        if value is not None and asked.get(name, getattr(req, name)) != value:
             raise FailedPrecondition(
                 f"request_id {echo(req.request_id)} already created batch {previous.id} with another {name};"
                 " use a new request_id for another batch", "REQUEST_ID_REUSED",
                 {"request_id": req.request_id, "batch_id": previous.id, "field": name})
     return previous
+
+
+def _shared(values) -> str:
+    """The one value all of `values` have, else ""."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else ""
 
 
 class BatchManager:
@@ -134,37 +162,20 @@ class BatchManager:
             raise FailedPrecondition(f"file {source.id} has purpose {source.purpose.value!r}; a batch needs a "
                                      "file uploaded with purpose batch", "FILE_NOT_BATCH_INPUT",
                                      {"file_id": source.id, "purpose": source.purpose.value})
-        if source.endpoint != req.endpoint:
-            raise _invalid(f"the batch endpoint {req.endpoint!r} does not match the file's url {source.endpoint!r}",
-                           "ENDPOINT_MISMATCH", "endpoint", f"the file's requests target {source.endpoint}",
-                           file_endpoint=source.endpoint)
-        deployment = self.router.pick(requested_model=req.model, file_model=source.model, provider=req.provider)
-        # Count the batch against its deployment now, not when its runner starts: creates that
+        if req.endpoint_required_unless_mixed and not req.endpoint and \
+                len({g.endpoint for g in file_groups(source)}) < 2:
+            raise _invalid("endpoint is required (it may be left out only for a file that mixes endpoints)",
+                           "MISSING_ENDPOINT", "endpoint", "required")
+        plan = plan_batch(source, endpoint=req.endpoint, model=req.model, model_map=req.model_map,
+                          provider=req.provider, spread=req.spread, router=self.router, providers=self.providers)
+        record = self._record(principal, req, source, plan)
+        # Count the batch against its deployments now, not when a runner starts: creates that
         # run concurrently must see each other's load or they all land on the same deployment.
-        load = batch_load(source.line_count)
-        self.router.add_load(deployment.id, load)
+        loads = [(p.deployment_id, batch_load(p.count)) for p in plan.parts]
+        for deployment_id, load in loads:
+            self.router.add_load(deployment_id, load)
         adopted = False
         try:
-            try:
-                provider = self.providers.get(deployment.provider)
-                provider.check(req.endpoint, deployment, source.line_count)
-            except UnsupportedRequest as err:
-                details = {"provider": deployment.provider, **err.details}
-                if err.precondition:
-                    raise FailedPrecondition(err.message, err.reason, details) from None
-                raise InvalidArgument(err.message, err.reason, details,
-                                      [FieldViolation("endpoint" if "ENDPOINT" in err.reason else "model",
-                                                      err.message)]) from None
-            now = time.time()
-            record = BatchRecord(
-                id=new_batch_id(), project=principal.project, endpoint=req.endpoint, input_file_id=source.id,
-                completion_window=req.completion_window, status=BatchStatus.VALIDATING, created_at=now,
-                expires_at=now + COMPLETION_WINDOWS[req.completion_window], model=deployment.model_name,
-                provider=deployment.provider, deployment_id=deployment.id, input_line_count=source.line_count,
-                api_key_id=principal.key_id, request_id=req.request_id, metadata=dict(req.metadata),
-                price=self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider),
-                requested_model=req.model, requested_provider=req.provider,
-            )
             try:
                 # Shielded: once the row is queued it will be committed even if the caller's
                 # deadline fires, so the runner must be started in the same breath, or the batch
@@ -175,23 +186,48 @@ class BatchManager:
                 if previous is None:
                     raise
                 return replay(previous, req)
-            adopted = True
+            adopted = not plan.sharded
         finally:
+            # A single job's runner takes the reserved load over; a parent's shards count their
+            # own when they start.
             if not adopted:
-                self.router.remove_load(deployment.id, load)
-        log.info("batch %s created: %d requests on %s (%s), project %s", record.id, source.line_count,
-                 deployment.model_name, deployment.provider, principal.project)
+                for deployment_id, load in loads:
+                    self.router.remove_load(deployment_id, load)
+        log.info("batch %s created: %d requests in %d part(s) on %s, project %s", record.id, source.line_count,
+                 len(plan.parts), ", ".join(sorted({p.deployment_id for p in plan.parts})), principal.project)
+        return record
+
+    def _record(self, principal: Principal, req: CreateBatch, source: FileRecord, plan: BatchPlan) -> BatchRecord:
+        """The batch as created: today's single job on its deployment, or a parent carrying the plan
+        whose endpoint, model and provider are set only when every part shares them."""
+        deployments = [plan.deployments[p.deployment_id] for p in plan.parts]
+        now = time.time()
+        record = BatchRecord(
+            id=new_batch_id(), project=principal.project, endpoint=_shared(p.endpoint for p in plan.parts),
+            input_file_id=source.id, completion_window=req.completion_window, status=BatchStatus.VALIDATING,
+            created_at=now, expires_at=now + COMPLETION_WINDOWS[req.completion_window],
+            model=_shared(d.model_name for d in deployments), provider=_shared(d.provider for d in deployments),
+            input_line_count=source.line_count, api_key_id=principal.key_id, request_id=req.request_id,
+            metadata=dict(req.metadata), requested_model=req.model, requested_provider=req.provider,
+            requested_model_map=dict(req.model_map), requested_spread=req.spread)
+        if plan.sharded:
+            record.plan = list(plan.parts)
+        else:
+            (deployment,) = deployments
+            record.deployment_id = deployment.id
+            record.price = self.accounting.snapshot(deployment.model, deployment.model_info, deployment.provider)
         return record
 
     async def _insert_and_adopt(self, record: BatchRecord) -> None:
-        await self.store.insert_batch(record, owner=self.tracker.replica)
+        await self.quotas.insert_batch(record, owner=self.tracker.replica)
         self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
 
     async def get(self, principal: Principal, batch_id: str) -> BatchRecord:
         if not batch_id:
             raise _invalid("batch_id is required", "MISSING_BATCH_ID", "batch_id", "required")
         record = await self.store.get_batch(batch_id)
-        if record is None or not principal.can_see(record.project):
+        # A shard (domain/shards.py) is internal: callers see its parent only.
+        if record is None or record.parent_id or not principal.can_see(record.project):
             raise not_found("batch", batch_id)
         return record
 
@@ -214,28 +250,12 @@ class BatchManager:
     @exhausted_when_full
     async def cancel(self, principal: Principal, batch_id: str) -> BatchRecord:
         record = await self.get(principal, batch_id)
-        runner = self.tracker.runner(batch_id)
-        while True:
-            if record.status.is_terminal:
-                raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
-                                         "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
-            if runner is not None:
-                try:
-                    return await runner.request_cancel()
-                except LeaseLost:  # adopted elsewhere meanwhile: store the intent for its new owner
-                    runner = None
-                    record = await self.get(principal, batch_id)
-                    continue
-            if record.status is BatchStatus.CANCELLING:
-                return record
-            # Driven by another replica (or by none, until one adopts it): the cancel is stored as
-            # intent, CANCELLING with a new revision, and its owner carries it out (Tracker.changed).
-            record.status = BatchStatus.CANCELLING
-            record.cancelling_at = time.time()
-            try:
-                return await self.store.update_batch(record)
-            except RevisionConflict:
-                record = await self.get(principal, batch_id)  # changed meanwhile: decide again
+        if not record.status.is_terminal:
+            record = await cancel_batch(self.tracker, record)
+        if record.status.is_terminal:
+            raise FailedPrecondition(f"batch {batch_id} has already ended ({record.status.value})",
+                                     "BATCH_ALREADY_ENDED", {"batch_id": batch_id, "status": record.status.value})
+        return record
 
     async def watch(self, principal: Principal, batch_id: str, start_revision: int,
                     heartbeat: float) -> AsyncIterator[BatchRecord | int]:

@@ -50,3 +50,31 @@ class EventFanout(BatchEvents):
     def released(self, rec: BatchRecord) -> None:
         for o in self.observers:
             o.released(rec)
+
+
+class ParentsOnly(BatchEvents):
+    """`inner`, told about batches only, not about the shards a sharded batch runs as
+    (domain/shards.py): a caller's batch is counted once however many jobs it takes. A shard's
+    ledger row is passed on (tokens and cost are billed per shard) as a change without a
+    status change."""
+
+    def __init__(self, inner: BatchEvents) -> None:
+        self.inner = inner
+
+    def adopted(self, rec: BatchRecord) -> None:
+        if not rec.parent_id:
+            self.inner.adopted(rec)
+
+    def changed(self, before: BatchRecord, after: BatchRecord, ledger: dict[str, Any] | None) -> None:
+        if not after.parent_id:
+            self.inner.changed(before, after, ledger)
+        elif ledger is not None:
+            self.inner.changed(after, after, ledger)
+
+    def polled(self, rec: BatchRecord) -> None:
+        if not rec.parent_id:
+            self.inner.polled(rec)
+
+    def released(self, rec: BatchRecord) -> None:
+        if not rec.parent_id:
+            self.inner.released(rec)

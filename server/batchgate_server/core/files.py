@@ -193,8 +193,8 @@ class FileManager:
         if self._uploading[principal.project] >= cap:
             raise ResourceExhausted(f"project {principal.project!r} already runs {cap} uploads, the most allowed at"
                                     " once; retry when one of them has ended", "TOO_MANY_UPLOADS", retry_after=1.0,
-                                    metadata={"max_uploads": str(cap), "limit": str(cap),
-                                              "current": str(self._uploading[principal.project])})
+                                    metadata={"project": principal.project, "max_uploads": str(cap),
+                                              "limit": str(cap), "current": str(self._uploading[principal.project])})
         self._uploading[principal.project] += 1
         try:
             return await self._upload(principal, header, chunks)
@@ -255,7 +255,7 @@ class FileManager:
                 purpose=FilePurpose.BATCH, bytes=size, sha256=digest, created_at=now,
                 expires_at=now + header.expires_after if header.expires_after else None,
                 line_count=result.line_count, endpoint=result.endpoint, model=result.model,
-                request_id=header.request_id,
+                request_id=header.request_id, groups=result.groups,
             )
         except BaseException:
             # Covers validation errors, a client that hung up (CancelledError) and bugs alike.
@@ -300,7 +300,7 @@ class FileManager:
             await writer.abort()
             raise
         try:
-            await self.store.insert_file(record)
+            await (self.quotas.insert_file(record) if self.quotas else self.store.insert_file(record))
         except Duplicate:
             # Two uploads raced with the same request_id: the first one wins.
             await self.blobs.delete(record.id)

@@ -22,11 +22,16 @@ Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
   ``max_custom_id_chars`` characters (``custom_id_too_long``), unique
   (``duplicate_custom_id``);
 * ``method`` == ``"POST"`` (``invalid_method``);
-* ``url`` one of the supported endpoints (``unsupported_url``) and the same on
-  every line (``url_mismatch``);
+* ``url`` one of the supported endpoints (``unsupported_url``);
 * ``body`` an object (``invalid_body``) whose ``model`` is a non-empty string
   (``missing_model``) of at most ``max_model_chars`` characters
-  (``model_too_long``), the same on every line (``model_mismatch``);
+  (``model_too_long``);
+* lines may mix endpoints and models (CreateBatch splits such a file into one
+  job per endpoint and target: domain/shards.py). The valid lines are counted by
+  (``url``, ``body.model``) into ``ValidationResult.groups`` (``FileGroup``: the
+  count and the first ``MAX_GROUP_LINES`` line numbers, groups in order of first
+  appearance); a line that would start group ``MAX_FILE_GROUPS + 1`` is
+  ``too_many_groups`` (once: later lines of new groups are not counted);
 * at least one request line (``empty_file``, line 0); at most ``max_lines``
   request lines (``too_many_tasks``, once); at most ``max_bytes`` bytes
   (``file_too_large``, once; validation stops there).
@@ -54,7 +59,9 @@ same four values (duplicate keys: the last wins in both; it refuses lone
 surrogate escapes, NaN and anything a typed field does not match), so every
 line it refuses, and only those, goes the old way: the stdlib decoder for the
 verdict and the message, then a walk for unpaired surrogates. Valid lines thus
-cost one C call and a handful of comparisons.
+cost one C call and a handful of comparisons: a line of the same group as the
+line before only bumps a local count (the group is looked up in a dict when
+it changes).
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import msgspec
+
+from batchgate_server.domain.shards import MAX_FILE_GROUPS, MAX_GROUP_LINES, FileGroup
 
 __all__ = [
     "SUPPORTED_ENDPOINTS",
@@ -88,14 +97,13 @@ MISSING_CUSTOM_ID = "missing_custom_id"
 DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
 INVALID_METHOD = "invalid_method"
 UNSUPPORTED_URL = "unsupported_url"
-URL_MISMATCH = "url_mismatch"
 INVALID_BODY = "invalid_body"
 MISSING_MODEL = "missing_model"
-MODEL_MISMATCH = "model_mismatch"
 EMPTY_FILE = "empty_file"
 UNPAIRED_SURROGATE = "unpaired_surrogate"
 CUSTOM_ID_TOO_LONG = "custom_id_too_long"
 MODEL_TOO_LONG = "model_too_long"
+TOO_MANY_GROUPS = "too_many_groups"
 
 # OpenAI documents no custom_id limit; 512 is the longest string it bounds in a batch
 # (a metadata value), far past any id scheme (a UUID is 36, Anthropic allows 64).
@@ -118,10 +126,12 @@ class LineProblem:
 @dataclass
 class ValidationResult:
     line_count: int  # request (non-blank) lines, valid or not (past max_lines: all lines)
-    endpoint: str  # the single url all lines share ("" if none)
-    model: str  # the single body.model all lines share ("" if none)
+    endpoint: str  # the url of the file's one group ("" if none or several)
+    model: str  # the body.model of the file's one group ("" if none or several)
     problems: list[LineProblem] = field(default_factory=list)  # first max_reported, line order
     total_problems: int = 0  # every problem found
+    # The valid lines by (url, body.model), in order of first appearance (at most MAX_FILE_GROUPS).
+    groups: list[FileGroup] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -160,6 +170,8 @@ _FAST_REFUSALS = (msgspec.DecodeError, RecursionError)
 
 _BLANK = object()
 _INVALID = object()
+# The url and model of "no group yet": equal to no value a line can hold (None included).
+_NO_GROUP = object()
 
 
 def _parse_line(line: str) -> tuple[object, str]:
@@ -315,8 +327,14 @@ class JsonlValidator:
         self._blank_start = 0  # first line of a run of blank lines not yet judged
         self._blank_count = 0
         self._seen = _CustomIdIndex(max_line=max_bytes + 1)  # custom_id -> line where it first appeared
-        self._endpoint: str | None = None
-        self._model: str | None = None
+        # (url, body.model) -> its group. The group of the last valid line is kept apart with
+        # its count (written back to it when the group changes and at the end of a chunk).
+        self._groups: dict[tuple[str, str], FileGroup] = {}
+        self._group: FileGroup | None = None
+        self._group_url: object = _NO_GROUP
+        self._group_model: object = _NO_GROUP
+        self._group_count = 0
+        self._too_many_groups = False
         self._problems: list[LineProblem] = []
         self._total = 0
         # Past max_lines the file is rejected anyway: lines are only counted from then
@@ -375,12 +393,15 @@ class JsonlValidator:
         self._blank_count = 0
         if self._tasks == 0 and not self._stopped:
             self._add(0, EMPTY_FILE, "file contains no request lines")
+        groups = list(self._groups.values())
+        single = groups[0] if len(groups) == 1 else None
         self._result = ValidationResult(
             line_count=self._tasks,
-            endpoint=self._endpoint or "",
-            model=self._model or "",
+            endpoint=single.endpoint if single else "",
+            model=single.model if single else "",
             problems=list(self._problems),
             total_problems=self._total,
+            groups=groups,
         )
         return self._result
 
@@ -445,6 +466,20 @@ class JsonlValidator:
         self._counting = True
         self._add(line, TOO_MANY_TASKS, f"file has more than {self._max_lines} requests")
 
+    def _enter_group(self, url: str, model: str, line: int) -> FileGroup | None:
+        """The group of (url, model), made on its first line; None past MAX_FILE_GROUPS."""
+        group = self._groups.get((url, model))
+        if group is None:
+            if len(self._groups) >= MAX_FILE_GROUPS:
+                if not self._too_many_groups:
+                    self._too_many_groups = True
+                    self._add(line, TOO_MANY_GROUPS,
+                              f"url {_show(url)} with body.model {_show(model)} starts group {MAX_FILE_GROUPS + 1}"
+                              f" of distinct (url, body.model) pairs; a file may have at most {MAX_FILE_GROUPS}")
+                return None
+            group = self._groups[(url, model)] = FileGroup(url, model)
+        return group
+
     def _check_lines(self, buf: bytes, start: int, stop: int) -> None:
         """Validate the lines in ``buf[start:stop]``.
 
@@ -467,8 +502,14 @@ class JsonlValidator:
         max_model = self._max_model
         n = self._lineno
         tasks = self._tasks
-        endpoint = self._endpoint
-        model = self._model
+        # The last valid line's group: its url and model, its count so far and its line numbers.
+        group = self._group
+        group_url = self._group_url
+        group_model = self._group_model
+        group_count = self._group_count
+        group_lines = group.first_lines if group is not None else None
+        enter_group = self._enter_group
+        max_group_lines = MAX_GROUP_LINES
         dict_ = dict
         body_type = _Body
         str_ = str
@@ -570,24 +611,22 @@ class JsonlValidator:
                         else f"method must be \"POST\", got {_show(method)}",
                     )
 
-                if url != endpoint or endpoint is None:
-                    if url.__class__ is not str_ or url not in supported:
-                        add(
-                            n,
-                            UNSUPPORTED_URL,
-                            "url is missing" if url is None
-                            else f"url {_show(url)} is not a supported endpoint "
-                            f"(supported: {', '.join(sorted(supported))})",
-                        )
-                    elif endpoint is None:
-                        endpoint = self._endpoint = url
-                    else:
-                        add(
-                            n,
-                            URL_MISMATCH,
-                            f"url {_show(url)} differs from {_show(endpoint)} used by earlier lines",
-                        )
-
+                if url == group_url and m == group_model:
+                    # The group of the line before (so url and body are valid, model too).
+                    group_count += 1
+                    if group_count <= max_group_lines:
+                        group_lines.append(n)
+                    continue
+                valid = True
+                if url.__class__ is not str_ or url not in supported:
+                    valid = False
+                    add(
+                        n,
+                        UNSUPPORTED_URL,
+                        "url is missing" if url is None
+                        else f"url {_show(url)} is not a supported endpoint "
+                        f"(supported: {', '.join(sorted(supported))})",
+                    )
                 if body.__class__ is not dict_ and body.__class__ is not body_type:
                     add(
                         n,
@@ -596,30 +635,43 @@ class JsonlValidator:
                         else f"body must be a JSON object, got {type(body).__name__}",
                     )
                     continue
-                if m != model or model is None:
-                    if m.__class__ is not str_ or not m:
-                        add(
-                            n,
-                            MISSING_MODEL,
-                            "body.model is missing" if m is None
-                            else f"body.model must be a non-empty string, got {_show(m)}",
-                        )
-                    elif len(m) > max_model:
-                        add(
-                            n,
-                            MODEL_TOO_LONG,
-                            f"body.model is {len(m)} characters long; at most {max_model} are allowed",
-                        )
-                    elif model is None:
-                        model = self._model = m
-                    else:
-                        add(
-                            n,
-                            MODEL_MISMATCH,
-                            f"body.model {_show(m)} differs from {_show(model)} used by earlier lines",
-                        )
+                if m.__class__ is not str_ or not m:
+                    add(
+                        n,
+                        MISSING_MODEL,
+                        "body.model is missing" if m is None
+                        else f"body.model must be a non-empty string, got {_show(m)}",
+                    )
+                    continue
+                if len(m) > max_model:
+                    add(
+                        n,
+                        MODEL_TOO_LONG,
+                        f"body.model is {len(m)} characters long; at most {max_model} are allowed",
+                    )
+                    continue
+                if not valid:
+                    continue
+                entered = enter_group(url, m, n)
+                if entered is None:
+                    continue
+                if group is not None:
+                    group.count = group_count
+                group = entered
+                group_url = url
+                group_model = m
+                group_count = group.count + 1
+                group_lines = group.first_lines
+                if group_count <= max_group_lines:
+                    group_lines.append(n)
         finally:
             self._lineno = n
             self._tasks = tasks
+            if group is not None:
+                group.count = group_count
+            self._group = group
+            self._group_url = group_url
+            self._group_model = group_model
+            self._group_count = group_count
         if self._counting:
             self._count_lines(buf, i, stop)

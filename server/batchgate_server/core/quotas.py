@@ -5,9 +5,15 @@ the config file's `project_quotas` entry; a limit left unset is no limit (upload
 fall back to --max-uploads-per-project). Both API surfaces reach these checks through the core
 use cases (BatchManager.create, FileManager.upload), so gRPC and HTTP refuse alike.
 
-The counts are read when a call is checked (an indexed count, an indexed sum, a ledger sum), so
-concurrent creates may overshoot a limit by the calls in flight at once: quotas bound use, they are
-not a reservation system.
+Running batches and stored bytes are reserved, not only checked: the early check refuses a call
+before it does any work, and the insert that takes the quota (the batch's row, the file's row) is
+checked again in its own transaction (store.insert_batch / insert_file with the limit), so calls
+at the same moment, on one server or on many, cannot pass a limit together. The database is the
+only place every replica shares, and the insert's own transaction the only check with no window
+before the row exists: SQLite's write lock (BEGIN IMMEDIATE) covers every process on the file, a
+PostgreSQL advisory lock per project does at READ COMMITTED. Uploads in flight are streams held
+by one server: they are counted in that server's memory (check and count with no await between),
+so the limit holds per server.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import time
 from collections.abc import Mapping
 
 from batchgate_server.core.errors import ResourceExhausted
-from batchgate_server.domain.models import ProjectQuota
+from batchgate_server.domain.models import BatchRecord, FileRecord, ProjectQuota
 from batchgate_server.pricing.cost import nanos_to_amount
+from batchgate_server.store.errors import QuotaReached
 from batchgate_server.store.ports import LedgerFilter, MetadataStore, UsageLedger
 
 # What RetryInfo suggests: a running batch or a stored file goes away when its owner acts.
@@ -69,6 +76,26 @@ class Quotas:
                 raise exceeded(project, "monthly spend (USD)", "QUOTA_MONTHLY_BUDGET",
                                nanos_to_amount(quota.monthly_budget_nanos), nanos_to_amount(spent),
                                retry_after=next_month_start(now) - now)
+
+    async def insert_batch(self, record: BatchRecord, owner: str | None) -> None:
+        """Insert a new batch under its project's limit of unfinished batches, checked atomically
+        with the insert (QUOTA_RUNNING_BATCHES when it has that many already)."""
+        limit = (await self.effective(record.project)).max_running_batches
+        try:
+            await self.store.insert_batch(record, owner=owner, max_unfinished=limit)
+        except QuotaReached as reached:
+            raise exceeded(record.project, "unfinished batches", "QUOTA_RUNNING_BATCHES", str(limit),
+                           str(reached.current)) from None
+
+    async def insert_file(self, record: FileRecord) -> None:
+        """Insert an uploaded file under its project's stored-bytes limit, checked atomically with
+        the insert (QUOTA_STORED_BYTES when this file would pass it)."""
+        limit = (await self.effective(record.project)).max_stored_bytes
+        try:
+            await self.store.insert_file(record, max_stored_bytes=limit)
+        except QuotaReached as reached:
+            raise exceeded(record.project, "stored bytes", "QUOTA_STORED_BYTES", str(limit), str(reached.current),
+                           upload_bytes=str(record.bytes)) from None
 
     async def upload_cap(self, project: str, default: int) -> int:
         """The project's uploads-in-flight cap; also refuses an upload when the project's stored

@@ -1,11 +1,12 @@
-"""Which deployment runs a batch.
+"""Which deployments may run a batch's lines, and which of them is least loaded.
 
-Resolution: CreateBatch.model (a model_name, or "provider/model"), else the
-file's body.model matched against model_name, else the file's model as
-"provider/model" with credentials from the provider's usual environment
-variables. Among several deployments of one model_name the one with the fewest
-queued requests per unit of weight wins; a deployment that keeps failing cools
-down. A batch stays on its deployment for life (the id is stored with it).
+A target name (CreateBatch.model_map[body.model], CreateBatch.model, or the file's body.model)
+resolves to the deployments of that model_name, else to the deployment whose id (model_info.id)
+it is, else to "provider/model" with credentials from the provider's usual environment
+variables (`candidates`). core/shard_plan.py plans every line group of a file with these: the
+deployment with the fewest queued requests per unit of weight wins (`least_loaded`), a
+deployment that keeps failing cools down (`warm`). A batch stays on its deployment for life (the
+id is stored with it).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from batchgate_server.config import ModelList, split_model
-from batchgate_server.core.errors import FieldViolation, InvalidArgument, echo
 from batchgate_server.domain.deployment import Deployment
 
 ADHOC_PREFIX = "adhoc:"
@@ -61,25 +61,30 @@ class Router:
 
     # -- choosing -------------------------------------------------------------------
 
-    def pick(self, *, requested_model: str, file_model: str, provider: str = "") -> Deployment:
-        name = requested_model or file_model
-        candidates = self.model_list.named(name)
-        if not candidates and (d := adhoc_deployment(name)) is not None:
-            candidates = [d]
-        if provider:
-            candidates = [d for d in candidates if d.provider == provider]
-        if not candidates:
-            names = sorted({d.model_name for d in self.model_list.deployments})
-            field = "model" if requested_model else "input_file.model"
-            hint = f" with provider {echo(provider)}" if provider else ""
-            raise InvalidArgument(
-                f"no deployment serves model {echo(name)}{hint}; configured model names: {', '.join(names)}"
-                " (or use 'provider/model')", "MODEL_NOT_FOUND", {"model": name, "provider": provider},
-                [FieldViolation(field, f"unknown model {echo(name)}")])
+    def candidates(self, name: str, provider: str = "") -> list[Deployment]:
+        """Every deployment `name` resolves to, in model-list order: the deployments of that
+        model_name, else the one whose id (model_info.id) it is, else "provider/model" with
+        credentials from the environment; only those of `provider` when set. Empty: no route."""
+        found = self.model_list.named(name)
+        if not found and (by_id := self.model_list.by_id(name)) is not None:
+            found = [by_id]
+        if not found and (d := adhoc_deployment(name)) is not None:
+            found = [d]
+        return [d for d in found if d.provider == provider] if provider else found
+
+    def warm(self, candidates: list[Deployment]) -> list[Deployment]:
+        """The candidates not cooling down; all of them when every one is (still served)."""
         now = self._clock()
-        warm = [d for d in candidates if self._cooldown_until.get(d.id, 0) <= now]
-        pool = warm or candidates  # all cooling down: still serve, from the least loaded
-        return min(pool, key=lambda d: (self.queued(d.id) / d.weight, -d.weight))
+        return [d for d in candidates if self._cooldown_until.get(d.id, 0) <= now] or candidates
+
+    def least_loaded(self, candidates: list[Deployment], planned: Mapping[str, int] | None = None) -> Deployment:
+        """The candidate with the fewest queued requests per unit of weight (the heavier on a tie,
+        then the first), counting `planned` requests (by deployment id) as queued too."""
+        planned = planned or {}
+        return min(candidates, key=lambda d: ((self.queued(d.id) + planned.get(d.id, 0)) / d.weight, -d.weight))
+
+    def configured_names(self) -> list[str]:
+        return sorted({d.model_name for d in self.model_list.deployments})
 
     def deployment(self, deployment_id: str) -> Deployment | None:
         """The deployment a stored batch is pinned to (also after a restart)."""

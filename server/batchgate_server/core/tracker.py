@@ -24,17 +24,19 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
-import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
-from batchgate_server.core.events import BatchEvents
+from batchgate_server.core.events import BatchEvents, ParentsOnly
+from batchgate_server.core.result_files import CollectedResults, collect_results
 from batchgate_server.domain import log_context
 from batchgate_server.core.ownership import Ownership, StoredProgress
 from batchgate_server.domain.backoff import Backoff
+from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.ids import new_file_id
 from batchgate_server.domain.models import (
     STATUS_TIMESTAMP,
@@ -42,11 +44,10 @@ from batchgate_server.domain.models import (
     BatchRecord,
     BatchStatus,
     FailureCount,
-    FilePurpose,
-    FileRecord,
     RequestCounts,
 )
 from batchgate_server.core.routing import Router
+from batchgate_server.core.shard_input import selection_lines
 from batchgate_server.core.watch_hub import WatchHub
 from batchgate_server.core.webhooks import Webhooks
 from batchgate_server.providers.base import (
@@ -55,7 +56,6 @@ from batchgate_server.providers.base import (
     PollResult,
     ProviderError,
     ProviderJob,
-    ResultKind,
     UnsupportedRequest,
     give_up_after,
 )
@@ -72,12 +72,36 @@ from batchgate_server.store.ports import BlobStore, MetadataStore
 
 log = logging.getLogger(__name__)
 
-YIELD_EVERY_LINES = 2000
 ENDED_BY_POLL = {
     JobStatus.COMPLETED: BatchStatus.COMPLETED,
     JobStatus.EXPIRED: BatchStatus.EXPIRED,
     JobStatus.CANCELLED: BatchStatus.CANCELLED,
 }
+
+
+async def cancel_batch(tracker: Tracker, record: BatchRecord) -> BatchRecord:
+    """Cancel the unfinished batch `record`: through its runner when this replica drives it, else
+    stored as intent (CANCELLING with a new revision) for the replica that does (Tracker.changed)
+    or will. Returns the batch as it then is (terminal if it ended meanwhile: the caller decides
+    what that means). CancelBatch and a sharded parent's cancel of its shards both come here."""
+    runner = tracker.runner(record.id)
+    while not record.status.is_terminal:
+        if runner is not None:
+            try:
+                return await runner.request_cancel()
+            except LeaseLost:  # adopted elsewhere meanwhile: store the intent for its new owner
+                runner = None
+                record = await tracker.store.get_batch(record.id) or record
+                continue
+        if record.status is BatchStatus.CANCELLING:
+            return record
+        record.status = BatchStatus.CANCELLING
+        record.cancelling_at = time.time()
+        try:
+            return await tracker.store.update_batch(record)
+        except RevisionConflict:  # changed meanwhile: decide again
+            record = await tracker.store.get_batch(record.id) or record
+    return record
 
 
 def batch_load(line_count: int) -> int:
@@ -94,7 +118,7 @@ class Tracker:
         self.ownership = ownership
         # Several replicas: the executor keeps its answers in the store too (see ProviderJob.progress).
         self.shared_progress = shared_progress
-        self.events = events or BatchEvents()
+        self.events = ParentsOnly(events or BatchEvents())
         self.webhooks = webhooks  # the outbox rows of a batch's end go into its terminal transaction
         self.blobs = blobs
         self.hub = hub
@@ -104,6 +128,7 @@ class Tracker:
         self.work_root = work_root
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
+        self._parents: dict[str, str] = {}  # shard id -> its parent's id (a change wakes the parent)
         self._tasks: set[asyncio.Task] = set()
         self._writes: set[asyncio.Future] = set()  # BatchRunner._persist calls in flight
         self.stopping = False
@@ -128,7 +153,13 @@ class Tracker:
         counted it with router.add_load (the runner removes it when the batch ends)."""
         if record.id in self._runners:
             return  # re-adopted after a late heartbeat: its runner still goes on
-        runner = BatchRunner(self, record, load_reserved=load_reserved)
+        if record.sharded:
+            from batchgate_server.core.sharded import ShardedBatchRunner  # it builds on BatchRunner
+            runner: BatchRunner = ShardedBatchRunner(self, record)
+        else:
+            runner = BatchRunner(self, record, load_reserved=load_reserved)
+        if record.parent_id:
+            self._parents[record.id] = record.parent_id
         self._runners[record.id] = runner
         context = contextvars.copy_context()  # the runner's own: what the hook sets stays there
         context.run(self.events.adopted, record)
@@ -149,6 +180,9 @@ class Tracker:
     def changed(self, batch_id: str, revision: int) -> None:
         """Someone committed `revision` of `batch_id`: if that is newer than its runner's, another
         replica wrote it (a cancel)."""
+        parent = self._runners.get(self._parents.get(batch_id, ""))
+        if parent is not None:
+            parent.shard_changed()
         runner = self._runners.get(batch_id)
         if runner is not None and revision > runner.rec.revision and not self.stopping:
             task = asyncio.create_task(runner.refresh(), name=f"refresh-{batch_id}")
@@ -181,14 +215,19 @@ class Tracker:
         if self._unsubscribe is not None:
             self._unsubscribe()
 
+    def follow_shard(self, shard_id: str, parent_id: str) -> None:
+        """Changes of `shard_id` wake its parent's runner (wherever the shard runs)."""
+        self._parents[shard_id] = parent_id
+
     def _forget(self, batch_id: str) -> None:
         runner = self._runners.pop(batch_id, None)
         if runner is not None:
             self.events.released(runner.rec)
 
     def last_polls(self) -> list[tuple[BatchRecord, float | None]]:
-        """Every owned batch with the monotonic time of its last poll (None: not polled yet)."""
-        return [(r.rec, r.last_poll) for r in self._runners.values()]
+        """Every owned batch that polls a provider (a sharded parent does not: its shards do) with
+        the monotonic time of its last poll (None: not polled yet)."""
+        return [(r.rec, r.last_poll) for r in self._runners.values() if not r.rec.sharded]
 
 
 class BatchRunner:
@@ -208,7 +247,8 @@ class BatchRunner:
 
     # -- persistence --------------------------------------------------------------------
 
-    async def _persist(self, mutate: Callable[[BatchRecord], None], extra_files=(), ledger=None) -> None:
+    async def _persist(self, mutate: Callable[[BatchRecord], None], extra_files=(), ledger=None,
+                       shards: Sequence[BatchRecord] = ()) -> None:
         # Shielded: aiosqlite finishes a statement it has queued even when the awaiting task is
         # cancelled (a CancelBatch deadline, shutdown), so a cancel here must not leave memory
         # and database disagreeing about the revision. The write, the in-memory record and the
@@ -218,14 +258,16 @@ class BatchRunner:
             # No new write while stop() waits for the last ones: the batch resumes from its
             # stored state at the next start, as after a crash.
             raise asyncio.CancelledError("the tracker is stopping")
-        write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger))
+        write = asyncio.ensure_future(self._persist_now(mutate, extra_files, ledger, shards))
         self.t._writes.add(write)
         write.add_done_callback(self.t._writes.discard)
         # Retrieved here too: the awaiting runner may be gone (cancelled) when it fails.
         write.add_done_callback(lambda w: w.cancelled() or w.exception())
         await asyncio.shield(write)
 
-    async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger) -> None:
+    async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger,
+                           shards: Sequence[BatchRecord]) -> None:
+        """shards: a sharded parent's split (core/sharded.py), inserted in the same transaction."""
         async with self._lock:
             for rebased in (False, True):
                 before = copy.deepcopy(self.rec)
@@ -236,8 +278,11 @@ class BatchRunner:
                 try:
                     outbox = (await self.t.webhooks.events_on_end(before.status, self.rec)
                               if self.t.webhooks else [])
-                    await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger,
-                                                    outbox=outbox, owner=self.t.replica)
+                    if shards:
+                        await self.t.store.split_batch(self.rec, shards, owner=self.t.replica)
+                    else:
+                        await self.t.store.update_batch(self.rec, extra_files=extra_files, ledger=ledger,
+                                                        outbox=outbox, owner=self.t.replica)
                 except RevisionConflict:
                     self.rec = before
                     stored = None if rebased else await self.t.store.get_batch(self.rec.id)
@@ -277,6 +322,10 @@ class BatchRunner:
                 return  # the next heartbeat tells again
             if stored is not None and stored.revision > self.rec.revision:
                 self._take_cancel(stored)
+
+    def shard_changed(self) -> None:
+        """One of this batch's shards changed (a sharded parent follows them, core/sharded.py)."""
+        self._wake.set()
 
     def lose(self) -> None:
         """Another replica owns the batch now: stop at once, write nothing more."""
@@ -326,6 +375,7 @@ class BatchRunner:
             self.t.router.add_load(self.deployment.id, load)
         try:
             if self.deployment is None:
+                self._answers_left_here()
                 await self._fail("deployment_not_found",
                                  f"deployment {rec.deployment_id!r} is no longer in the model list")
                 return
@@ -414,15 +464,40 @@ class BatchRunner:
         fails (the job may still run at the provider; its results would be lost to us anyway)."""
         return give_up_after(self.deployment)
 
-    def _make_job(self) -> ProviderJob:
+    def _answers_left_here(self) -> None:
+        """The batch's deployment left the model list: a provider that keeps the answers of its
+        jobs here (the executor's work directory) still gives them, with a stand-in deployment, so
+        that the failed batch is charged for them. A remote job can't be reached without its
+        deployment's credentials: nothing is fetched (or charged) for it."""
+        rec = self.rec
+        if rec.in_progress_at is None:
+            return
+        try:
+            provider = self.t.providers.get(rec.provider)
+        except UnsupportedRequest:
+            return
+        if not provider.keeps_results_locally:
+            return
+        self._provider = provider
+        self.job = self._make_job(Deployment(id=rec.deployment_id, model_name=rec.model, provider=rec.provider,
+                                             model=str((rec.price or {}).get("model") or rec.model)))
+
+    def _make_job(self, deployment: Deployment | None = None) -> ProviderJob:
         rec = self.rec
         job = ProviderJob(
-            batch_id=rec.id, endpoint=rec.endpoint, deployment=self.deployment, line_count=self._line_count(),
+            batch_id=rec.id, endpoint=rec.endpoint, deployment=deployment or self.deployment,
+            line_count=self._line_count(),
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
-            open_input=lambda: self.t.blobs.lines(rec.input_file_id), save_state=self._save_state,
+            open_input=self._open_input, save_state=self._save_state,
             workdir=self.t.work_root / rec.id,
             progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None)
         return job
+
+    def _open_input(self):
+        rec = self.rec
+        if rec.selection is not None:  # a shard: its lines of the parent's input
+            return selection_lines(self.t.blobs, rec.input_file_id, rec.selection)
+        return self.t.blobs.lines(rec.input_file_id)
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -529,88 +604,100 @@ class BatchRunner:
         await self._fail_with([BatchError(code, message)], keep_workdir=keep_workdir)
 
     async def _fail_with(self, errors: list[BatchError], keep_workdir: bool = False) -> None:
+        errors = list(errors)
+        collected = await self._partial_results(errors)
+
+        usage = collected.usage.by_tier if collected is not None else None
+        usage_total, cost = (self.t.accounting.price(self.rec, usage) if usage is not None
+                             else (None, self.t.accounting.nothing_to_charge(self.rec)))
+
         def mutate(r: BatchRecord) -> None:
             self._enter(BatchStatus.FAILED)(r)
-            r.errors = list(errors)
-            r.cost = self.t.accounting.nothing_to_charge(r)
+            r.errors = errors
+            if collected is not None:  # partial results: kept, and charged as the provider bills them
+                collected.record_on(r, r.request_counts.total or self._line_count())
+                r.usage = usage_total
+            r.cost = cost
 
+        ledger = self.t.accounting.ledger_row(self.rec, usage, cost=cost)
         log.warning("batch %s failed: %s", self.rec.id, errors[0].message if errors else "")
-        await self._persist(mutate, ledger=self.t.accounting.ledger_row(self.rec, None))
+        await self._persist_results(mutate, collected, ledger)
         if keep_workdir:
             log.warning("batch %s: work files kept in %s", self.rec.id, self.t.work_root / self.rec.id)
         else:
             await self._cleanup()
 
+    async def _partial_results(self, errors: list[BatchError]) -> CollectedResults | None:
+        """A failing batch the provider has run: the answers it has (the provider bills them), or
+        None when there are none (when they could not be fetched, the last error says so)."""
+        if self.job is None or self._provider is None or self.rec.in_progress_at is None:
+            return None  # never submitted: nothing ran, nothing to charge
+        try:
+            await self._choose_result_ids()
+            collected = await collect_results(self._provider.results(self.job), self.t.blobs, self.rec,
+                                              self.t.accounting.usage_counter(self.rec), time.time())
+        except Exception as err:  # noqa: BLE001 - the batch still ends failed, charged nothing
+            log.warning("batch %s: the results of the failed job could not be fetched: %s", self.rec.id, err)
+            # Said on the failure itself (its code stays what callers match on).
+            last = errors[-1] if errors else BatchError("provider_failed", "the batch failed")
+            errors[-1:] = [BatchError(last.code, f"{last.message}; the answers the provider may have could not be "
+                                      f"fetched ({_describe(err)}): nothing was charged", last.param, last.line)]
+            return None
+        if not collected.out_lines:  # nothing answered, nothing billed: it fails as if nothing ran
+            await collected.discard(self.t.blobs)
+            return None
+        return collected
+
+    async def _choose_result_ids(self, finalizing: bool = False) -> None:
+        """Name the result files once, before any is written, so a collection redone after a crash
+        writes the same files; finalizing: the batch shows FINALIZING while they are written."""
+        if self.rec.result_file_ids and (not finalizing or self.rec.status is BatchStatus.FINALIZING):
+            return
+
+        def prepare(r: BatchRecord) -> None:
+            if not r.result_file_ids:
+                r.result_file_ids = [new_file_id(), new_file_id()]
+            if finalizing:
+                self._enter(BatchStatus.FINALIZING)(r)
+
+        await self._persist(prepare)
+
+    async def _persist_results(self, mutate: Callable[[BatchRecord], None], collected: CollectedResults | None,
+                               ledger: dict) -> None:
+        """The terminal write, with the result files when there are any."""
+        try:
+            await self._persist(mutate, extra_files=collected.files if collected else (), ledger=ledger)
+        except asyncio.CancelledError:
+            # The shielded write may still land: keep the blobs (unrecorded ones are removed as
+            # orphans at the next start, and a redone finalisation rewrites the same ids).
+            raise
+        except BaseException:
+            if collected is not None:  # not recorded: a retry writes them again under the same ids
+                await collected.discard(self.t.blobs)
+            raise
+
     async def _finish(self, provider: BatchProvider, status: BatchStatus,
                       failures: list[FailureCount] | None = None) -> None:
-        rec = self.rec
-        if not rec.result_file_ids or (status is BatchStatus.COMPLETED
-                                       and rec.status is not BatchStatus.FINALIZING):
-            def prepare(r: BatchRecord) -> None:
-                if not r.result_file_ids:
-                    r.result_file_ids = [new_file_id(), new_file_id()]
-                if status is BatchStatus.COMPLETED:
-                    self._enter(BatchStatus.FINALIZING)(r)
-
-            await self._persist(prepare)
-        output_id, error_id = self.rec.result_file_ids
-        sinks = {ResultKind.OUTPUT: _ResultSink(self.t.blobs), ResultKind.ERROR: _ResultSink(self.t.blobs)}
-        usage = self.t.accounting.usage_counter()
-        try:
-            written = 0
-            async for line in provider.results(self.job):
-                await sinks[line.kind].write(line.data)
-                if line.kind is ResultKind.OUTPUT:
-                    usage.add_line(line.data)
-                written += 1
-                if written % YIELD_EVERY_LINES == 0:
-                    await asyncio.sleep(0)  # a 50k-line result must not stall every other RPC
-        except BaseException:
-            for sink in sinks.values():
-                await sink.abort()
-            raise
-        now = time.time()
-        files = []
-        try:
-            for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
-                record = await sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now)
-                if record is not None:
-                    files.append(record)
-        except BaseException:  # e.g. a full disk: neither file is kept, a retry writes both again
-            for sink in sinks.values():
-                await sink.abort()
-            for f in files:
-                await self.t.blobs.delete(f.id)
-            raise
-        out_lines, err_lines = sinks[ResultKind.OUTPUT].lines, sinks[ResultKind.ERROR].lines
-        usage_total, cost = self.t.accounting.price(self.rec, usage.by_model)
+        await self._choose_result_ids(finalizing=status is BatchStatus.COMPLETED)
+        collected = await collect_results(provider.results(self.job), self.t.blobs, self.rec,
+                                          self.t.accounting.usage_counter(self.rec), time.time())
+        usage_total, cost = self.t.accounting.price(self.rec, collected.usage.by_tier)
 
         def mutate(r: BatchRecord) -> None:
             # A cancel accepted while results were being collected still ends the batch cancelled.
             ended = BatchStatus.CANCELLED if (status is BatchStatus.COMPLETED
                                               and r.status is BatchStatus.CANCELLING) else status
             self._enter(ended)(r)
-            r.output_file_id = output_id if out_lines else ""
-            r.error_file_id = error_id if err_lines else ""
-            total = r.request_counts.total or self._line_count() or (out_lines + err_lines)
-            r.request_counts = RequestCounts(total=total, completed=out_lines, failed=err_lines)
+            collected.record_on(r, r.request_counts.total or self._line_count())
             r.usage = usage_total
             r.cost = cost
             if failures is not None:
                 r.failures = failures
 
-        try:
-            await self._persist(mutate, extra_files=files,
-                                ledger=self.t.accounting.ledger_row(self.rec, usage.by_model, cost=cost))
-        except asyncio.CancelledError:
-            # The shielded write may still land: keep the blobs (unrecorded ones are removed as
-            # orphans at the next start, and a redone finalisation rewrites the same ids).
-            raise
-        except BaseException:
-            for f in files:  # not recorded: a retry writes them again under the same ids
-                await self.t.blobs.delete(f.id)
-            raise
-        log.info("batch %s %s: %d ok, %d failed", rec.id, self.rec.status.value, out_lines, err_lines)
+        await self._persist_results(mutate, collected, self.t.accounting.ledger_row(
+            self.rec, collected.usage.by_tier, cost=cost))
+        log.info("batch %s %s: %d ok, %d failed", self.rec.id, self.rec.status.value, collected.out_lines,
+                 collected.err_lines)
         await self._cleanup()
 
     async def _cleanup(self) -> None:
@@ -626,44 +713,6 @@ class BatchRunner:
         shutil.rmtree(self.job.workdir, ignore_errors=True)
 
 
-class _ResultSink:
-    """Writes one result file while hashing it, in blocks of WRITE_BLOCK bytes (a blob write may
-    cost a thread hop or a network call: never one per line); commits it only if it got lines."""
-
-    WRITE_BLOCK = 1024 * 1024
-
-    def __init__(self, blobs: BlobStore) -> None:
-        self._writer = blobs.open_writer()
-        self._hash = hashlib.sha256()
-        self._pending = bytearray()
-        self.lines = 0
-        self.bytes = 0
-
-    async def write(self, data: bytes) -> None:
-        self._pending += data
-        self._pending += b"\n"
-        self.lines += 1
-        self.bytes += len(data) + 1
-        if len(self._pending) >= self.WRITE_BLOCK:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        block = bytes(self._pending)
-        self._pending.clear()
-        self._hash.update(block)
-        await self._writer.write(block)
-
-    async def abort(self) -> None:
-        self._pending.clear()
-        await self._writer.abort()
-
-    async def commit(self, file_id: str, project: str, filename: str, now: float) -> FileRecord | None:
-        if self.lines == 0:
-            await self._writer.abort()
-            return None
-        if self._pending:
-            await self._flush()
-        await self._writer.commit(file_id)
-        return FileRecord(id=file_id, project=project, filename=filename, purpose=FilePurpose.BATCH_OUTPUT,
-                          bytes=self.bytes, sha256=self._hash.hexdigest(), created_at=now,
-                          line_count=self.lines)
+def _describe(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -54,6 +54,8 @@ class UsageSums:
     cost_amount: str  # exact decimal sum of the known costs
     unknown_cost_batches: int
     currency: str = CURRENCY
+    cache_creation_tokens: int = 0
+    cache_creation_1h_tokens: int = 0
 
 
 @dataclass
@@ -93,7 +95,8 @@ def _sums(g: UsageGroup) -> UsageSums:
     return UsageSums(group=dict(g.group), batch_count=g.batch_count, input_tokens=g.input_tokens,
                      cached_tokens=g.cached_tokens, output_tokens=g.output_tokens,
                      reasoning_tokens=g.reasoning_tokens, cost_amount=nanos_to_amount(g.cost_nanos),
-                     unknown_cost_batches=g.unknown_cost)
+                     unknown_cost_batches=g.unknown_cost, cache_creation_tokens=g.cache_creation_tokens,
+                     cache_creation_1h_tokens=g.cache_creation_1h_tokens)
 
 
 def _cursor(raw: object, width: int) -> tuple[int, list | None]:

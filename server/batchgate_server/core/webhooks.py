@@ -76,7 +76,7 @@ class Webhooks:
         """The outbox rows to write with `rec`'s change from `before`: one event per subscribed
         endpoint when the batch has just ended, none otherwise."""
         event_type = EVENT_TYPES.get(rec.status)
-        if event_type is None or before.is_terminal:
+        if event_type is None or before.is_terminal or rec.parent_id:  # a shard: its parent tells
             return []
         subscribed = [e for e in await self.endpoints(rec.project) if event_type in e.events]
         if not subscribed:

@@ -80,10 +80,17 @@ class FailureCount:
 
 @dataclass
 class Usage:
+    """Token counts in OpenAI's sense: cached_tokens (prompt-cache reads) and cache_creation_tokens
+    (prompt-cache writes, Anthropic's cache_creation_input_tokens) are parts of input_tokens;
+    cache_creation_1h_tokens is the part of the writes with a 1-hour lifetime (the rest are
+    5-minute writes); reasoning_tokens is a part of output_tokens."""
+
     input_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cache_creation_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -94,6 +101,8 @@ class Usage:
         self.cached_tokens += other.cached_tokens
         self.output_tokens += other.output_tokens
         self.reasoning_tokens += other.reasoning_tokens
+        self.cache_creation_tokens += other.cache_creation_tokens
+        self.cache_creation_1h_tokens += other.cache_creation_1h_tokens
 
 
 @dataclass

@@ -26,7 +26,7 @@ from batchgate_server.providers.base import RequestEvents
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Batches sit in a state for seconds (simulated) to a day (a provider's 24 h window).
 STATE_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 24 * 3600, 48 * 3600)
-TOKEN_KINDS = ("input", "cached", "output", "reasoning")
+TOKEN_KINDS = ("input", "cached", "output", "reasoning", "cache_creation", "cache_creation_1h")
 
 
 @dataclass(frozen=True)
@@ -78,27 +78,31 @@ METRICS = (
               " deployments that are not probed (simulated, or --deployment-health-interval 0) are absent",
               ("deployment", "provider")),
     MetricDef("batchgate_upstream_requests_sent", Counter,
-              "Requests the executor sent to a deployment's upstream (each attempt: a retry is sent again)",
+              "Requests sent for a deployment's batches, each attempt (a retry is sent again): the executor's"
+              " upstream requests, and every HTTP call to a remote provider (OpenAI, Azure, Anthropic, Vertex AI"
+              " and Bedrock creates, polls, uploads, downloads, cancels; Bedrock's S3 calls too, Vertex AI's GCS"
+              " calls not), health probes aside",
               ("deployment",)),
     MetricDef("batchgate_upstream_responses", Counter,
               "Sent requests that ended, by outcome: ok, or the error code (http_429, http_500,"
               " connection_error, request_timeout, …)", ("deployment", "outcome")),
     MetricDef("batchgate_upstream_requests_in_flight", Gauge,
-              "Requests sent to a deployment's upstream and not answered yet", ("deployment",)),
+              "Requests sent for a deployment's batches and not answered yet", ("deployment",)),
     MetricDef("batchgate_upstream_retries", Counter,
               "Failed attempts that will be sent again, by error code", ("deployment", "code")),
     MetricDef("batchgate_rate_limit_wait_seconds", Histogram,
-              "Time a request waited for its deployment's rpm/tpm limits or a 429's pause (waits over 1 ms)",
+              "Time a request waited for its deployment's rpm/tpm limits or a 429's pause (waits over 1 ms):"
+              " the executor's, and a remote provider's call waiting to be sent again after a 429",
               ("deployment",), (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300)),
     MetricDef("batchgate_tokens", Counter,
               "Tokens billed, from the usage ledger (counted once, when the row is committed), by model,"
-              " provider, project and kind (input, cached, output, reasoning)",
+              " provider, project and kind (input, cached, output, reasoning, cache_creation, cache_creation_1h)",
               ("model", "provider", "project", "kind")),
     MetricDef("batchgate_cost_usd", Counter,
               "Known cost in USD, from the usage ledger (counted once, when the row is committed)",
               ("model", "provider", "project")),
     MetricDef("batchgate_batches_ended", Counter,
-              "Batches that reached an end (completed, failed, expired, cancelled), from the usage ledger",
+              "Batches that reached an end (completed, failed, expired, cancelled), counted at that transition",
               ("status", "provider", "project")),
 )
 
@@ -231,14 +235,17 @@ class Metrics(BatchEvents):
             if not after.status.is_terminal:
                 self.batches.labels(after.status.value, provider).inc()
         if ledger is not None:
-            self._count_ledger_row(ledger, after.status)
+            self._count_ledger_row(ledger)
+        if after.status.is_terminal and not before.status.is_terminal:
+            # Once per batch: a sharded batch's shards are not batches (core/events.py ParentsOnly).
+            self.ended.labels(after.status.value, after.provider, after.project).inc()
 
     def released(self, rec: BatchRecord) -> None:
         if not rec.status.is_terminal:  # stopping: the batch leaves this server unfinished
             self.batches.labels(rec.status.value, rec.provider).dec()
         self._adopted_at.pop(rec.id, None)
 
-    def _count_ledger_row(self, row: dict[str, Any], status: BatchStatus) -> None:
+    def _count_ledger_row(self, row: dict[str, Any]) -> None:
         # The row's own transaction has committed (core/events.py): each row is counted once.
         model, provider, project = row["model"], row["provider"], row["project"]
         for kind in TOKEN_KINDS:
@@ -246,12 +253,12 @@ class Metrics(BatchEvents):
                 self.tokens.labels(model, provider, project, kind).inc(tokens)
         if row.get("cost_nanos"):
             self.cost.labels(model, provider, project).inc(row["cost_nanos"] / 1e9)
-        self.ended.labels(status.value, provider, project).inc()
 
 
 class UpstreamRequestMetrics(RequestEvents):
     """The providers' request hooks (providers/base.py RequestEvents). The executor calls these for
-    every request, thousands a second: label children are cached per deployment."""
+    every request, thousands a second: label children are cached per deployment. Remote providers'
+    clients call them too, Bedrock's from boto3's worker threads (prometheus_client is thread-safe)."""
 
     def __init__(self, made: dict[str, Any]) -> None:
         self._sent_metric = made["batchgate_upstream_requests_sent"]
@@ -265,9 +272,9 @@ class UpstreamRequestMetrics(RequestEvents):
 
     def sent(self, deployment_id: str) -> None:
         sent = self._sent.get(deployment_id)
-        if sent is None:
-            sent = self._sent[deployment_id] = self._sent_metric.labels(deployment_id)
+        if sent is None:  # in-flight first: another thread may find `sent` and then look it up
             self._in_flight[deployment_id] = self._in_flight_metric.labels(deployment_id)
+            sent = self._sent[deployment_id] = self._sent_metric.labels(deployment_id)
         sent.inc()
         self._in_flight[deployment_id].inc()
 

@@ -5,6 +5,14 @@ an override file speak the same language as the shipped ``prices.json``:
 
     input_cost_per_token            output_cost_per_token            cache_read_input_token_cost
     input_cost_per_token_batches    output_cost_per_token_batches    cache_read_input_token_cost_batches
+    cache_creation_input_token_cost             (5-minute prompt-cache writes)
+    cache_creation_input_token_cost_above_1hr   (1-hour prompt-cache writes)
+    ... and their ``_batches`` twins (cache_creation_input_token_cost_batches, ...)
+
+and long-context tiers: any of those keys with ``_above_<N>k_tokens`` before the
+``_batches`` suffix (input_cost_per_token_above_200k_tokens,
+output_cost_per_token_above_200k_tokens_batches, ...) is the price of a request
+whose prompt exceeds N thousand tokens - the whole request, every token class.
 
 Values are decimal strings (numbers are accepted and converted through ``str``,
 so ``1.5e-07`` stays exactly 0.00000015). Every price is per token.
@@ -24,6 +32,16 @@ Resolution rules (what a batch is charged), applied to the merged entry:
   and with no cached price at all, cached tokens are charged at the batch input
   price. A derived cached price never exceeds the batch input price. The chosen
   rule is written into ``ModelPrice.source``.
+* batch cache writes (5-minute, 1-hour): the ``*_batches`` key, else half the
+  standard write price (batch is 50% off every token class), else for
+  Anthropic models (also on Bedrock / Vertex) Anthropic's published
+  multipliers of the input price: 1.25x for 5-minute and 2x for 1-hour writes;
+  for other models the batch input price (a provider that reports writes
+  without pricing them charges them as input). A missing 1-hour price on a
+  non-Anthropic model is the 5-minute one.
+* tiers: each ``_above_<N>k_tokens`` group is resolved by these same rules over
+  the base entry (a class the tier does not price keeps the base's price), and
+  applies to requests whose prompt exceeds N*1000 tokens.
 * an entry needs an input price (standard or batch); a missing output price
   stays ``None`` and makes any output tokens unpriceable (never silently 0).
 
@@ -48,13 +66,44 @@ from typing import Any
 IN = "input_cost_per_token"
 OUT = "output_cost_per_token"
 CACHED = "cache_read_input_token_cost"
-IN_B = "input_cost_per_token_batches"
-OUT_B = "output_cost_per_token_batches"
-CACHED_B = "cache_read_input_token_cost_batches"
+WRITE = "cache_creation_input_token_cost"
+WRITE_1H = "cache_creation_input_token_cost_above_1hr"
+BATCH = "_batches"
+IN_B = IN + BATCH
+OUT_B = OUT + BATCH
+CACHED_B = CACHED + BATCH
+WRITE_B = WRITE + BATCH
+WRITE_1H_B = WRITE_1H + BATCH
 
-PRICE_KEYS = (IN, OUT, CACHED, IN_B, OUT_B, CACHED_B)
+STANDARD_KEYS = (IN, OUT, CACHED, WRITE, WRITE_1H)
+PRICE_KEYS = STANDARD_KEYS + tuple(k + BATCH for k in STANDARD_KEYS)
 # standard key -> its batch twin
-_TWINS = {IN: IN_B, OUT: OUT_B, CACHED: CACHED_B}
+_TWINS = {k: k + BATCH for k in STANDARD_KEYS}
+# A long-context tier's key: a standard key, "_above_<N>k_tokens", optionally "_batches".
+_TIER_KEY = re.compile(r"^(?P<key>" + "|".join(STANDARD_KEYS) + r")_above_(?P<k>[1-9][0-9]{0,5})k_tokens"
+                       r"(?P<batch>_batches)?$")
+# Anthropic's prompt-cache write prices, as multiples of the input price.
+ANTHROPIC_WRITE = Decimal("1.25")
+ANTHROPIC_WRITE_1H = Decimal("2")
+
+
+def tier_key(key: str, threshold: int) -> str:
+    """The name of price key `key` (a PRICE_KEYS member) in the tier above `threshold` tokens."""
+    base, batch = (key[:-len(BATCH)], BATCH) if key.endswith(BATCH) else (key, "")
+    return f"{base}_above_{threshold // 1000}k_tokens{batch}"
+
+
+def _split_tiers(entry: Mapping[str, Any]) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """(the entry without tier keys, {threshold: that tier's keys under their base names})."""
+    base: dict[str, Any] = {}
+    tiers: dict[int, dict[str, Any]] = {}
+    for key, value in entry.items():
+        m = _TIER_KEY.match(key)
+        if m is None:
+            base[key] = value
+        else:
+            tiers.setdefault(int(m["k"]) * 1000, {})[m["key"] + (m["batch"] or "")] = value
+    return base, tiers
 # model_info keys naming a provider, most specific first
 _PROVIDER_KEYS = ("provider", "litellm_provider", "custom_llm_provider")
 
@@ -89,13 +138,17 @@ def _clean_entry(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise ValueError(f"{where}: model entry must be a mapping")
     out: dict[str, Any] = {}
-    for key in PRICE_KEYS:
-        if key in raw and raw[key] is not None:
-            out[key] = _dec(raw[key], f"{where}.{key}")
+    for key, value in raw.items():
+        if (key in PRICE_KEYS or _TIER_KEY.match(str(key))) and value is not None:
+            out[key] = _dec(value, f"{where}.{key}")
     prov = _provider_of(raw)
     if prov:
         out["provider"] = prov
     return out
+
+
+def _has_prices(info: Mapping[str, Any]) -> bool:
+    return any(k in PRICE_KEYS or _TIER_KEY.match(str(k)) for k in info)
 
 
 def _provider_of(info: Mapping[str, Any]) -> str:
@@ -108,9 +161,11 @@ def _provider_of(info: Mapping[str, Any]) -> str:
 
 def _overlay(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
-    for std, batch in _TWINS.items():
-        if std in over and batch not in over:
-            merged.pop(batch, None)
+    for key in over:
+        m = _TIER_KEY.match(key)
+        std = key if key in _TWINS or (m is not None and not m["batch"]) else None
+        if std is not None and std + BATCH not in over:
+            merged.pop(std + BATCH, None)
     merged.update(over)
     return merged
 
@@ -129,10 +184,11 @@ def _cache_convention(model: str, provider: str) -> str:
 class ModelPrice:
     """Resolved per-token USD prices for one model.
 
-    ``input``, ``output`` and ``cached_input`` are the BATCH rates that cost
-    computation uses; ``standard_*`` are the synchronous list prices (``None``
-    when only batch prices were given). ``output`` is ``None`` when no output
-    price is known.
+    ``input``, ``output``, ``cached_input``, ``cache_write`` (5-minute prompt-cache
+    writes) and ``cache_write_1h`` are the BATCH rates that cost computation uses;
+    ``standard_*`` are the synchronous list prices (``None`` when only batch prices
+    were given). ``output`` is ``None`` when no output price is known. ``tiers``:
+    (threshold, the prices of a request whose prompt exceeds it), ascending.
     """
 
     input: Decimal
@@ -144,10 +200,35 @@ class ModelPrice:
     source: str = ""
     model: str = ""  # the table entry the price came from ("" for model_info only)
     provider: str = ""
+    cache_write: Decimal | None = None  # None: as input (a ModelPrice built by hand)
+    cache_write_1h: Decimal | None = None  # None: as cache_write
+    standard_cache_write: Decimal | None = None
+    standard_cache_write_1h: Decimal | None = None
+    tiers: tuple[tuple[int, "ModelPrice"], ...] = ()
+
+    @property
+    def write_5m(self) -> Decimal:
+        return self.input if self.cache_write is None else self.cache_write
+
+    @property
+    def write_1h(self) -> Decimal:
+        return self.write_5m if self.cache_write_1h is None else self.cache_write_1h
+
+    @property
+    def thresholds(self) -> tuple[int, ...]:
+        return tuple(t for t, _ in self.tiers)
+
+    def at_tier(self, threshold: int) -> "ModelPrice":
+        """The prices of a request in the tier above `threshold` (0: the base prices)."""
+        for t, price in self.tiers:
+            if t == threshold:
+                return price
+        return self
 
     @classmethod
     def resolve(cls, entry: Mapping[str, Any], *, model: str, source: str) -> "ModelPrice | None":
         """Apply the batch/cached rules to a cleaned entry; None without an input price."""
+        entry, tier_entries = _split_tiers(entry)
         std_in, std_out, std_cached = entry.get(IN), entry.get(OUT), entry.get(CACHED)
         notes: list[str] = []
         if IN_B in entry:
@@ -166,10 +247,10 @@ class ModelPrice:
             b_out = None
             notes.append("no output price")
         provider = entry.get("provider", "")
+        conv = _cache_convention(model, provider)
         if CACHED_B in entry:
             b_cached = entry[CACHED_B]
         elif std_cached is not None:
-            conv = _cache_convention(model, provider)
             if conv == "anthropic":
                 b_cached = min(std_cached * _HALF, b_in)
                 notes.append("batch cached = 50% of standard cached (discounts stack)")
@@ -182,6 +263,23 @@ class ModelPrice:
         else:
             b_cached = b_in
             notes.append("no cached price: cached tokens at batch input price")
+        std_write, std_write_1h = entry.get(WRITE), entry.get(WRITE_1H)
+        if conv == "anthropic" and std_in is not None:
+            std_write = std_in * ANTHROPIC_WRITE if std_write is None else std_write
+            std_write_1h = std_in * ANTHROPIC_WRITE_1H if std_write_1h is None else std_write_1h
+        b_write = entry.get(WRITE_B, None if std_write is None else std_write * _HALF)
+        b_write_1h = entry.get(WRITE_1H_B, None if std_write_1h is None else std_write_1h * _HALF)
+        if b_write is None or b_write_1h is None:
+            default_write, default_write_1h = _write_defaults(conv, b_in)
+            b_write = default_write if b_write is None else b_write
+            b_write_1h = (default_write_1h or b_write) if b_write_1h is None else b_write_1h
+        if conv == "anthropic" and not any(k in entry for k in (WRITE, WRITE_B, WRITE_1H, WRITE_1H_B)):
+            notes.append("cache writes = 1.25x (5-minute) / 2x (1-hour) input")
+        tiers = []
+        for threshold in sorted(tier_entries):
+            tier = cls.resolve(_overlay(entry, tier_entries[threshold]), model=model, source="")
+            if tier is not None:
+                tiers.append((threshold, tier))
         if notes:
             source = f"{source} ({'; '.join(notes)})"
         return cls(
@@ -194,7 +292,18 @@ class ModelPrice:
             source=source,
             model=model,
             provider=provider,
+            cache_write=b_write,
+            cache_write_1h=b_write_1h,
+            standard_cache_write=std_write,
+            standard_cache_write_1h=std_write_1h,
+            tiers=tuple(tiers),
         )
+
+    def _rates(self) -> dict[str, Decimal | None]:
+        return {IN_B: self.input, OUT_B: self.output, CACHED_B: self.cached_input, WRITE_B: self.cache_write,
+                WRITE_1H_B: self.cache_write_1h, IN: self.standard_input, OUT: self.standard_output,
+                CACHED: self.standard_cached_input, WRITE: self.standard_cache_write,
+                WRITE_1H: self.standard_cache_write_1h}
 
     def to_snapshot(self) -> dict[str, Any]:
         """JSON-serialisable; uses the model_info key names, so it is itself a valid model_info."""
@@ -202,13 +311,10 @@ class ModelPrice:
             "resolved_model": self.model,
             "provider": self.provider,
             "source": self.source,
-            IN_B: _fmt(self.input),
-            OUT_B: _fmt(self.output),
-            CACHED_B: _fmt(self.cached_input),
-            IN: _fmt(self.standard_input),
-            OUT: _fmt(self.standard_output),
-            CACHED: _fmt(self.standard_cached_input),
+            **{k: _fmt(v) for k, v in self._rates().items()},
         }
+        for threshold, tier in self.tiers:
+            d.update({tier_key(k, threshold): _fmt(v) for k, v in tier._rates().items()})
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
@@ -216,6 +322,7 @@ class ModelPrice:
         """Inverse of ``to_snapshot`` / ``PriceTable.snapshot``. Raises ValueError for an unpriced snapshot."""
         if d.get("priced") is False or IN_B not in d:
             raise ValueError(f"snapshot holds no price for model {d.get('model', '')!r}")
+        d, tier_snapshots = _split_tiers(d)
 
         def opt(key: str) -> Decimal | None:
             v = d.get(key)
@@ -223,6 +330,13 @@ class ModelPrice:
 
         b_in = _dec(d[IN_B], f"snapshot.{IN_B}")
         cached = opt(CACHED_B)
+        model, provider = str(d.get("resolved_model", "")), str(d.get("provider", ""))
+        # Snapshots taken before cache writes were priced: the rule resolve() applies now.
+        default_write, default_write_1h = _write_defaults(_cache_convention(model, provider), b_in)
+        write = opt(WRITE_B)
+        write = default_write if write is None else write
+        write_1h = opt(WRITE_1H_B)
+        write_1h = (default_write_1h or write) if write_1h is None else write_1h
         return cls(
             input=b_in,
             output=opt(OUT_B),
@@ -231,9 +345,23 @@ class ModelPrice:
             standard_output=opt(OUT),
             standard_cached_input=opt(CACHED),
             source=str(d.get("source", "")),
-            model=str(d.get("resolved_model", "")),
-            provider=str(d.get("provider", "")),
+            model=model,
+            provider=provider,
+            cache_write=write,
+            cache_write_1h=write_1h,
+            standard_cache_write=opt(WRITE),
+            standard_cache_write_1h=opt(WRITE_1H),
+            tiers=tuple((t, cls.from_snapshot({"resolved_model": model, "provider": provider, **tier_snapshots[t]}))
+                        for t in sorted(tier_snapshots) if IN_B in tier_snapshots[t]),
         )
+
+
+def _write_defaults(convention: str, batch_input: Decimal) -> tuple[Decimal, Decimal | None]:
+    """Batch (5-minute, 1-hour) cache-write prices of a model whose table has none: Anthropic's
+    multipliers of the input price; elsewhere the input price (1-hour: None, as 5-minute)."""
+    if convention == "anthropic":
+        return batch_input * ANTHROPIC_WRITE, batch_input * ANTHROPIC_WRITE_1H
+    return batch_input, None
 
 
 # --- model name normalisation -------------------------------------------------
@@ -386,7 +514,7 @@ class PriceTable:
 
     def price_for(self, model: str, model_info: Mapping[str, Any] | None = None) -> ModelPrice | None:
         """Price for ``model``; price keys (or ``base_model``) in ``model_info`` win over the table."""
-        if model_info and (any(k in model_info for k in PRICE_KEYS) or model_info.get("base_model")):
+        if model_info and (_has_prices(model_info) or model_info.get("base_model")):
             return self.with_overrides(model, model_info)
         hit = self._entry(model)
         if hit is None:
@@ -405,7 +533,7 @@ class PriceTable:
         else:
             name, entry = hit
             origin = self._origins[name]
-        has_prices = any(k in over for k in PRICE_KEYS)
+        has_prices = _has_prices(over)
         merged = _overlay(entry, over)
         if not has_prices:
             source = origin

@@ -13,8 +13,20 @@ reasoning_tokens a subset of output_tokens):
 * responses API: input_tokens, input_tokens_details.cached_tokens,
   output_tokens, output_tokens_details.reasoning_tokens
 * Anthropic-native usage passed through (input_tokens EXCLUDES cache reads
-  there): input = input_tokens + cache_read_input_tokens +
-  cache_creation_input_tokens, cached = cache_read_input_tokens.
+  and writes there): input = input_tokens + cache_read_input_tokens +
+  cache_creation_input_tokens, cached = cache_read_input_tokens, cache
+  writes = cache_creation_input_tokens, of which
+  cache_creation.ephemeral_1h_input_tokens are 1-hour writes.
+* Prompt-cache writes in the OpenAI shapes (how the Anthropic and Bedrock
+  adapters normalise them): prompt_tokens_details.cache_creation_tokens and
+  .cache_creation_1h_tokens (input_tokens_details.* in the responses shape),
+  parts of prompt_tokens like cached_tokens.
+
+Long-context price tiers: given the thresholds of the batch's price (e.g.
+200000 for a price "above 200k tokens"), each request's usage is summed under
+(model, tier), the tier being the highest threshold its prompt (input_tokens,
+cache reads and writes included) exceeds, 0 below them all: a provider prices
+the whole request at its tier's rates.
 
 Speed: lines without the bytes ``usage`` are skipped before parsing; the rest
 cost one full parse by json's C scanner, called directly (skipping json.loads'
@@ -27,7 +39,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Iterable, Mapping
 from typing import Any
 
 from batchgate_server.domain.models import Usage
@@ -56,33 +68,67 @@ def _detail(usage: dict, key: str, sub: str) -> int:
     return 0
 
 
-def parse_usage(usage: dict) -> tuple[int, int, int, int]:
-    """(input, cached, output, reasoning) from one usage object of any supported shape."""
+def _input_details(usage: dict, details_key: str) -> tuple[int, int, int]:
+    """(cached, cache writes, of which 1-hour) from an OpenAI-shaped usage's input details."""
+    d = usage.get(details_key)
+    if type(d) is not dict:
+        return 0, 0, 0
+    written = d.get("cache_creation_tokens")
+    if not written:  # the common case: one lookup, no conversions
+        return _int(d.get("cached_tokens")), 0, 0
+    return _int(d.get("cached_tokens")), _int(written), _int(d.get("cache_creation_1h_tokens"))
+
+
+def _anthropic_cache_writes(usage: dict) -> tuple[int, int]:
+    """(cache writes, of which 1-hour) from Anthropic's usage: cache_creation_input_tokens, split
+    by cache_creation.ephemeral_5m_input_tokens / ephemeral_1h_input_tokens when present."""
+    written = _int(usage.get("cache_creation_input_tokens"))
+    split = usage.get("cache_creation")
+    if type(split) is not dict:
+        return written, 0
+    one_hour = _int(split.get("ephemeral_1h_input_tokens"))
+    return max(written, _int(split.get("ephemeral_5m_input_tokens")) + one_hour), one_hour
+
+
+def parse_usage(usage: dict) -> tuple[int, int, int, int, int, int]:
+    """(input, cached, output, reasoning, cache writes, 1-hour cache writes) from one usage
+    object of any supported shape."""
     get = usage.get
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         inp = get("prompt_tokens")
         out = _int(get("completion_tokens"))
         inp = max(_int(get("total_tokens")) - out, 0) if inp is None else _int(inp)
-        return (
-            inp,
-            _detail(usage, "prompt_tokens_details", "cached_tokens"),
-            out,
-            _detail(usage, "completion_tokens_details", "reasoning_tokens"),
-        )
+        cached, written, one_hour = _input_details(usage, "prompt_tokens_details")
+        return inp, cached, out, _detail(usage, "completion_tokens_details", "reasoning_tokens"), written, one_hour
     if "input_tokens" in usage or "output_tokens" in usage:
         inp = _int(get("input_tokens"))
         out = _int(get("output_tokens"))
         reasoning = _detail(usage, "output_tokens_details", "reasoning_tokens")
         if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
             cached = _int(get("cache_read_input_tokens"))
-            return inp + cached + _int(get("cache_creation_input_tokens")), cached, out, reasoning
-        return inp, _detail(usage, "input_tokens_details", "cached_tokens"), out, reasoning
+            written, one_hour = _anthropic_cache_writes(usage)
+            return inp + cached + written, cached, out, reasoning, written, one_hour
+        cached, written, one_hour = _input_details(usage, "input_tokens_details")
+        return inp, cached, out, reasoning, written, one_hour
     if "total_tokens" in usage:
-        return _int(get("total_tokens")), 0, 0, 0
-    return 0, 0, 0, 0
+        return _int(get("total_tokens")), 0, 0, 0, 0, 0
+    return 0, 0, 0, 0, 0, 0
 
 
-def _add_line(acc: dict[str, list[int]], line: bytes | str, default_model: str) -> None:
+UsageKey = tuple[str, int]  # (model, long-context tier: the threshold exceeded, 0 for none)
+
+
+def tier_of(prompt_tokens: int, thresholds: tuple[int, ...]) -> int:
+    """The highest of `thresholds` (ascending) that `prompt_tokens` exceeds, else 0."""
+    tier = 0
+    for threshold in thresholds:
+        if prompt_tokens > threshold:
+            tier = threshold
+    return tier
+
+
+def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: str,
+              thresholds: tuple[int, ...] = ()) -> None:
     try:
         if _MARK_B not in line:  # type: ignore[operator]
             return
@@ -120,27 +166,50 @@ def _add_line(acc: dict[str, list[int]], line: bytes | str, default_model: str) 
     usage = body.get("usage")
     if type(usage) is not dict:
         return
-    inp, cached, out, reasoning = parse_usage(usage)
-    if not (inp or out or cached or reasoning):
+    counts = parse_usage(usage)
+    if not any(counts):
         return
     model = body.get("model")
     if type(model) is not str or not model:
         model = default_model
-    slot = acc.get(model)
+    key = (model, tier_of(counts[0], thresholds) if thresholds else 0)
+    slot = acc.get(key)
     if slot is None:
-        acc[model] = [inp, cached, out, reasoning]
-    else:
-        slot[0] += inp
-        slot[1] += cached
-        slot[2] += out
-        slot[3] += reasoning
+        acc[key] = list(counts)
+    else:  # unrolled: this runs once per output line
+        slot[0] += counts[0]
+        slot[1] += counts[1]
+        slot[2] += counts[2]
+        slot[3] += counts[3]
+        slot[4] += counts[4]
+        slot[5] += counts[5]
 
 
-def _finish(acc: dict[str, list[int]]) -> dict[str, Usage]:
-    return {
-        m: Usage(input_tokens=v[0], cached_tokens=v[1], output_tokens=v[2], reasoning_tokens=v[3])
-        for m, v in acc.items()
-    }
+def _usage(v: list[int]) -> Usage:
+    return Usage(input_tokens=v[0], cached_tokens=v[1], output_tokens=v[2], reasoning_tokens=v[3],
+                 cache_creation_tokens=v[4], cache_creation_1h_tokens=v[5])
+
+
+def _finish(acc: dict[UsageKey, list[int]]) -> dict[str, Usage]:
+    return merge_tiers({k: _usage(v) for k, v in acc.items()})
+
+
+def merge_tiers(by_tier: Mapping[UsageKey, Usage] | Mapping[str, Usage]) -> dict[str, Usage]:
+    """Per-model usage from per-(model, tier) usage (a per-model mapping is copied)."""
+    by_model: dict[str, Usage] = {}
+    for key, usage in by_tier.items():
+        by_model.setdefault(key[0] if isinstance(key, tuple) else key, Usage()).add(usage)
+    return by_model
+
+
+def sum_usage_by_tier(lines: Iterable[bytes], thresholds: tuple[int, ...] = (), *,
+                      default_model: str = "") -> dict[UsageKey, Usage]:
+    """Usage per (model, long-context tier) over batch output lines; see the module docstring."""
+    acc: dict[UsageKey, list[int]] = {}
+    add = _add_line
+    for line in lines:
+        add(acc, line, default_model, thresholds)
+    return {k: _usage(v) for k, v in acc.items()}
 
 
 def sum_usage_from_output(lines: Iterable[bytes], *, default_model: str = "") -> dict[str, Usage]:
@@ -150,7 +219,7 @@ def sum_usage_from_output(lines: Iterable[bytes], *, default_model: str = "") ->
     a body without a model is keyed by ``default_model``. Streams: memory is
     O(number of models), not O(lines).
     """
-    acc: dict[str, list[int]] = {}
+    acc: dict[UsageKey, list[int]] = {}
     add = _add_line
     for line in lines:
         add(acc, line, default_model)
@@ -161,7 +230,7 @@ async def sum_usage_from_output_async(
     lines: AsyncIterable[bytes], *, default_model: str = ""
 ) -> dict[str, Usage]:
     """Async variant of :func:`sum_usage_from_output` (e.g. over a streamed download)."""
-    acc: dict[str, list[int]] = {}
+    acc: dict[UsageKey, list[int]] = {}
     add = _add_line
     async for line in lines:
         add(acc, line, default_model)

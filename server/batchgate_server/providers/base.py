@@ -176,12 +176,42 @@ class RequestEvents:
         """A request waited `seconds` for the deployment's rpm/tpm limits or a 429's pause."""
 
 
+@dataclass(frozen=True)
+class DeploymentRequests:
+    """The request hooks bound to one deployment (`BatchProvider.counted`). A remote provider hands
+    it to its HTTP client with each call's connection settings, so every call the client sends,
+    retries or waits for is counted against the deployment the job runs on."""
+
+    events: RequestEvents
+    deployment_id: str
+
+    def sent(self) -> None:
+        self.events.sent(self.deployment_id)
+
+    def answered(self, outcome: str) -> None:
+        self.events.answered(self.deployment_id, outcome)
+
+    def retried(self, code: str) -> None:
+        self.events.retried(self.deployment_id, code)
+
+    def rate_limited(self, seconds: float) -> None:
+        self.events.rate_limited(self.deployment_id, seconds)
+
+
 class BatchProvider(abc.ABC):
     name: str = ""
     # Set by ProviderRegistry: where request counts go.
     requests: RequestEvents = RequestEvents()
     # Seconds between polls while a job runs (the tracker backs off on errors).
     poll_interval: float = 10.0
+    # `results` reads only what this process keeps (the job's work directory), not the provider's
+    # service: a batch whose deployment left the model list still gets its answers (and is
+    # charged for them) when it fails.
+    keeps_results_locally: bool = False
+
+    def counted(self, deployment: Deployment) -> DeploymentRequests:
+        """This provider's request hooks bound to `deployment`: what its HTTP client is given."""
+        return DeploymentRequests(self.requests, deployment.id)
 
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
         """Called at CreateBatch for every job the batch will need. Raise UnsupportedRequest for a
@@ -222,7 +252,10 @@ class BatchProvider(abc.ABC):
     @abc.abstractmethod
     def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
         """Every result line of an ended job (completed, cancelled or expired), already
-        normalised to OpenAI batch output lines with the caller's original custom_ids."""
+        normalised to OpenAI batch output lines with the caller's original custom_ids. Also
+        called for a submitted job that is failing (the provider reported it failed, or batchgate
+        gave up on it): the answers the provider has are kept and charged; raise (ProviderError)
+        when there is nothing to fetch, and the batch fails charged nothing."""
 
     async def release(self, job: ProviderJob) -> None:
         """Called once on every ending (completed, expired, failed, cancelled, also before any

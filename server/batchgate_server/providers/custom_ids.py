@@ -21,6 +21,9 @@ import re
 from collections.abc import Mapping
 
 RESERVED_PREFIX = "bgl_"
+# The line number that gives the longest generated id a job can have (bgl_ and nine digits): what
+# BatchProvider.request_size measures a remapped id with, so that a size is never under the real one.
+LONGEST_LINE_NO = 999_999_999
 
 # Anthropic Message Batches custom_id and Bedrock batch recordId.
 ANTHROPIC_ID_PATTERN = r"[a-zA-Z0-9_-]+"

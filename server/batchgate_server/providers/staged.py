@@ -55,7 +55,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.custom_ids import CustomIdCodec
+from batchgate_server.providers.custom_ids import LONGEST_LINE_NO, CustomIdCodec
 from batchgate_server.providers.eventual import Consistency, create_call, wall_time
 from batchgate_server.providers.lines import complete_lines, last_line
 from batchgate_server.providers.output_lines import dumps, line_id, no_result_line
@@ -87,14 +87,19 @@ class InputLine:
     provider_id: str
 
 
-async def input_lines(job: ProviderJob, codec: CustomIdCodec) -> AsyncIterator[InputLine]:
-    """The batch's request lines with their provider-safe ids. Input files were validated at
+def input_line(raw: bytes, index: int, codec: CustomIdCodec) -> InputLine:
+    """Input line `index` (0-based) with its provider-safe id. Input files were validated at
     upload, so every line is a JSON object with a string custom_id and a body."""
+    obj = json.loads(raw)
+    custom_id = str(obj.get("custom_id"))
+    return InputLine(index, custom_id, obj.get("body"), codec.encode(custom_id, index))
+
+
+async def input_lines(job: ProviderJob, codec: CustomIdCodec) -> AsyncIterator[InputLine]:
+    """The batch's request lines with their provider-safe ids."""
     index = 0
     async for raw in job.open_input():
-        obj = json.loads(raw)
-        custom_id = str(obj.get("custom_id"))
-        yield InputLine(index, custom_id, obj.get("body"), codec.encode(custom_id, index))
+        yield input_line(raw, index, codec)
         index += 1
         if index % YIELD_EVERY == 0:
             await asyncio.sleep(0)
@@ -109,6 +114,11 @@ class Staged:
     skipped: int = 0  # lines that failed translation (they come back as error lines)
     first_error: str = ""  # "line N (custom_id …): message" of the first skipped line
     bytes: int = 0
+
+
+def record_bytes(record: dict) -> bytes:
+    """A translated record as a line of the staged JSONL input (without its newline)."""
+    return dumps(record)
 
 
 async def write_translated(job: ProviderJob, codec: CustomIdCodec, path: Path,
@@ -133,7 +143,7 @@ async def write_translated(job: ProviderJob, codec: CustomIdCodec, path: Path,
                     staged.first_error = (f"line {line.index + 1} (custom_id {line.custom_id!r}): "
                                           f"{param + ': ' if param else ''}{msg}")
                 continue
-            buf += dumps(record)
+            buf += record_bytes(record)
             buf += b"\n"
             staged.sent += 1
             if len(buf) >= WRITE_FLUSH:
@@ -174,6 +184,7 @@ async def aiter_lines(read: Callable[[int], bytes], close: Callable[[], Any] | N
 UNANSWERED = {
     "cancelled": ("batch_cancelled", "the batch was cancelled before this request ran"),
     "expired": ("batch_expired", "the batch's completion window ended before this request ran"),
+    "failed": ("batch_failed", "the provider's job failed before this request was answered"),
 }
 
 
@@ -205,7 +216,7 @@ async def unanswered(job: ProviderJob, codec: CustomIdCodec, tracker: ResultTrac
                      translation_error_line: Callable[..., ResultLine], out_id: Callable[[int], str],
                      outcome: str, provider_label: str) -> AsyncIterator[ResultLine]:
     """One error line for every request without an answer: the translation error for lines that
-    were never sent, else batch_cancelled / batch_expired, else (a completed job that lost a
+    were never sent, else batch_cancelled / batch_expired / batch_failed, else (a completed job that lost a
     record) provider_missing_result."""
     code, message = UNANSWERED.get(outcome, (
         "provider_missing_result", f"{provider_label} returned no result for this request"))
@@ -250,7 +261,8 @@ class StagedBatchProvider(BatchProvider):
         self._sweep_after: dict[tuple[str, str], str] = {}  # (bucket, prefix) -> where the next sweep goes on
 
     # -- hooks ----------------------------------------------------------------------------
-    def _config(self, params: Mapping[str, Any]) -> Any:
+    def _config(self, deployment: Deployment) -> Any:
+        """The deployment's connection settings, with its request counts (`counted`)."""
         raise NotImplementedError
 
     def _codec(self) -> CustomIdCodec:
@@ -259,7 +271,9 @@ class StagedBatchProvider(BatchProvider):
     def _staging_path(self, job: ProviderJob) -> Path:
         raise NotImplementedError
 
-    def _translator(self, job: ProviderJob) -> Callable[[InputLine], dict]:
+    def _line_translator(self, endpoint: str, deployment: Deployment) -> Callable[[InputLine], dict]:
+        """InputLine -> the provider's record for a job of `endpoint` on `deployment`; raises one of
+        `translation_errors` for a line that cannot be sent."""
         raise NotImplementedError
 
     def _translation_error_line(self, custom_id: str, error: BaseException, *, request_index: int,
@@ -305,6 +319,23 @@ class StagedBatchProvider(BatchProvider):
         raise NotImplementedError
 
     # -- shared steps ---------------------------------------------------------------------
+    def _translator(self, job: ProviderJob) -> Callable[[InputLine], dict]:
+        return self._line_translator(job.endpoint, job.deployment)
+
+    def request_size(self, endpoint: str, deployment: Deployment, line: bytes) -> int:
+        """The record as staged in the job's input file (translated, its id remapped if the provider
+        cannot take the custom_id), with its newline; 0 for a line that cannot be translated (it is
+        never sent: an error line here)."""
+        item = input_line(line, LONGEST_LINE_NO, self._codec())
+        try:
+            record = self._line_translator(endpoint, deployment)(item)
+        except self.translation_errors:
+            return 0
+        return len(record_bytes(record)) + 1
+
+    def job_id(self, state: Mapping[str, Any]) -> str:
+        return str(state.get(self.job_key) or "")
+
     def _require_settings(self, deployment: Deployment) -> None:
         missing = self._missing_setting(deployment.params)
         if missing:
@@ -430,7 +461,7 @@ class StagedBatchProvider(BatchProvider):
                 return PollResult(JobStatus.CANCELLED)
             raise ProviderError(f"batch {job.batch_id} has no {self.label} job (not submitted)",
                                 code="provider_job_not_found")
-        cfg = self._config(job.deployment.params)
+        cfg = self._config(job.deployment)
         try:
             info = await self._get_job(cfg, job, job_id)
         except ProviderError as e:
@@ -471,13 +502,15 @@ class StagedBatchProvider(BatchProvider):
         outcome = "cancelled" if job.cancel_requested.is_set() else "completed"
         job_id = st.get(self.job_key)
         if job_id:
-            cfg = self._config(job.deployment.params)
+            cfg = self._config(job.deployment)
             info = await self._get_job(cfg, job, job_id)
             state = info.get(self.status_field)
             if state == self.expired_state or (state == self.cancelled_state and st.get("expire_sent")):
                 outcome = "expired"
             elif state in (self.cancelled_state, self.cancelling_state):
                 outcome = "cancelled"
+            elif self.status_map.get(state) is JobStatus.FAILED:  # partial results of a failed job
+                outcome = "failed"
             else:
                 outcome = "completed"
             async for line in self._read_output(cfg, job, job_id, info, tracker, outcome):
@@ -504,7 +537,7 @@ class StagedBatchProvider(BatchProvider):
     async def release(self, job: ProviderJob) -> None:
         self._live.discard(job.batch_id)
         st = job.state
-        cfg = self._config(job.deployment.params)
+        cfg = self._config(job.deployment)
         location = self._staged_location(job, cfg)
         if location is not None:
             bucket, prefix = location

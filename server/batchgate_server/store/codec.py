@@ -19,6 +19,7 @@ from batchgate_server.domain.models import (
     RequestCounts,
     Usage,
 )
+from batchgate_server.domain.shards import FileGroup
 
 
 def batch_to_doc(batch: BatchRecord) -> str:
@@ -65,4 +66,21 @@ def file_from_row(row: Any) -> FileRecord:
         endpoint=row["endpoint"],
         model=row["model"],
         request_id=row["request_id"] or "",
+        groups=groups_from_json(row["line_groups"]),
     )
+
+
+# ensure_ascii: the column is TEXT on both backends, and a model name may hold anything JSON
+# escapes (PostgreSQL TEXT takes no NUL).
+def groups_to_json(groups: list[FileGroup]) -> str | None:
+    """The files.line_groups column: None when there are no groups (an output file)."""
+    if not groups:
+        return None
+    return json.dumps([asdict(g) for g in groups], separators=(",", ":"))
+
+
+_decode_groups = msgspec.json.Decoder(list[FileGroup]).decode
+
+
+def groups_from_json(text: str | None) -> list[FileGroup]:
+    return _decode_groups(text) if text else []

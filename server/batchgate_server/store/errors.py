@@ -27,6 +27,15 @@ class Duplicate(StorageError):
     """A unique key (such as a request_id) is taken already."""
 
 
+class QuotaReached(Exception):
+    """An insert would pass the limit it was given (checked in the insert's own transaction):
+    nothing was written. `current`: the project's use without this insert."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"the limit is reached: {current} in use")
+        self.current = current
+
+
 class RevisionConflict(StorageError):
     """The batch changed since it was read (someone else wrote it)."""
 

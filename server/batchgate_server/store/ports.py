@@ -80,19 +80,35 @@ class BlobStore(abc.ABC):
     async def close(self) -> None:
         """Release clients and connection pools at shutdown."""
 
-    async def lines(self, key: str) -> AsyncIterator[bytes]:
-        """The non-blank lines of `key`, in order, without their newline (nor a trailing `\\r`),
-        read in LINE_READ_BLOCK blocks: how providers read a batch's input (ProviderJob.open_input).
-        A missing key raises KeyError on the first iteration."""
-        tail = b""
-        async for block in self.read(key, chunk_size=LINE_READ_BLOCK):
-            parts = (tail + block).split(b"\n")
-            tail = parts.pop()
-            for line in parts:
+    async def lines(self, key: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """The non-blank lines of `key` from byte `offset` (a line's start), in order, without
+        their newline (nor a trailing `\\r`), read in LINE_READ_BLOCK blocks: how providers read a
+        batch's input (ProviderJob.open_input). A missing key raises KeyError on the first iteration."""
+        async for run in self._line_runs(key, offset):
+            for line in run:
                 if line.strip():
                     yield line.rstrip(b"\r")
-        if tail.strip():
-            yield tail.rstrip(b"\r")
+
+    async def lines_at(self, key: str, offset: int = 0) -> AsyncIterator[tuple[int, bytes]]:
+        """As `lines`, each with the byte offset where it starts in `key` (a shard's start,
+        domain/shards.py ShardSelection.byte_offset)."""
+        at = offset
+        async for run in self._line_runs(key, offset):
+            for line in run:
+                if line.strip():
+                    yield at, line.rstrip(b"\r")
+                at += len(line) + 1
+
+    async def _line_runs(self, key: str, offset: int) -> AsyncIterator[list[bytes]]:
+        """The raw lines of `key` from `offset` (blank ones too, without their newline), a block's
+        worth at a time: one split per block keeps the per-line cost of a reader to its loop."""
+        tail = b""
+        async for block in self.read(key, offset=offset, chunk_size=LINE_READ_BLOCK):
+            run = (tail + block).split(b"\n")
+            tail = run.pop()
+            yield run
+        if tail:
+            yield [tail]
 
 
 # -- change feed ------------------------------------------------------------------------
@@ -207,9 +223,12 @@ class MetadataStore(abc.ABC):
     # -- files
 
     @abc.abstractmethod
-    async def insert_file(self, f: FileRecord) -> None:
+    async def insert_file(self, f: FileRecord, *, max_stored_bytes: int | None = None) -> None:
         """Duplicate when the id is taken, or when the project has a file with the same non-empty
-        request_id (request_ids are unique per project; an empty one is no request_id)."""
+        request_id (request_ids are unique per project; an empty one is no request_id).
+        `max_stored_bytes`: the project's limit, checked in the insert's own transaction (atomic
+        with it against every other insert, on every replica): QuotaReached when the project's
+        files would pass it with this one."""
 
     @abc.abstractmethod
     async def get_file(self, file_id: str) -> FileRecord | None: ...
@@ -238,9 +257,12 @@ class MetadataStore(abc.ABC):
     # -- batches
 
     @abc.abstractmethod
-    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None,
+                           max_unfinished: int | None = None) -> None:
         """Stores `b` at its revision as given, owned by the replica `owner`. Duplicate when the
-        id is taken, or when the project has a batch with the same non-empty request_id."""
+        id is taken, or when the project has a batch with the same non-empty request_id.
+        `max_unfinished`: the project's limit of unfinished batches, checked in the insert's own
+        transaction (atomic with it, on every replica): QuotaReached when it has that many."""
 
     @abc.abstractmethod
     async def get_batch(self, batch_id: str) -> BatchRecord | None: ...
@@ -280,6 +302,12 @@ class MetadataStore(abc.ABC):
         `owner`: write only while that replica owns the batch, LeaseLost otherwise (a replica
         that lost its lease never writes over the one that adopted the batch). None: whoever
         owns it (a cancel stored by another replica)."""
+
+    @abc.abstractmethod
+    async def split_batch(self, parent: BatchRecord, shards: Sequence[BatchRecord], *, owner: str) -> BatchRecord:
+        """One transaction: insert `shards` (owned by `owner`) and persist `parent` as revision
+        parent.revision + 1, fenced as update_batch with `owner` (RevisionConflict / LeaseLost,
+        nothing written). Returns `parent` with its new revision (domain/shards.py step 2)."""
 
     # -- replicas and leases
 
@@ -401,6 +429,8 @@ class UsageGroup:
     reasoning_tokens: int = 0
     cost_nanos: int = 0  # sum of the known costs, in 1e-9 USD
     unknown_cost: int = 0  # batches whose cost is unknown (not in cost_nanos)
+    cache_creation_tokens: int = 0  # prompt-cache writes (part of input_tokens)
+    cache_creation_1h_tokens: int = 0  # the 1-hour ones among them
     # The keyset cursor of this group (JSON-serialisable), for the next page.
     sort_key: list[Any] = field(default_factory=list)
 

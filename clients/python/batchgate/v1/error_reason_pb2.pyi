@@ -120,10 +120,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     a whole) with a description starting with its problem code: `invalid_utf8`,
     `invalid_json_line`, `unpaired_surrogate`, `missing_custom_id`,
     `custom_id_too_long`, `duplicate_custom_id`, `invalid_method`,
-    `unsupported_url`, `url_mismatch`, `invalid_body`, `missing_model`,
-    `model_too_long`, `model_mismatch`, `empty_file`, `too_many_tasks`,
-    `file_too_large`. Metadata `first_problem`, `total_problems`,
-    `reported_problems`. Do: fix the lines named and upload again.
+    `unsupported_url`, `invalid_body`, `missing_model`, `model_too_long`,
+    `too_many_groups` (more than 64 distinct url and body.model pairs),
+    `empty_file`, `too_many_tasks`, `file_too_large`. Metadata
+    `first_problem`, `total_problems`, `reported_problems`. Do: fix the lines
+    named and upload again.
     """
     REQUEST_ID_REUSED: _ErrorReason.ValueType  # 23
     """FAILED_PRECONDITION. A request_id (upload or CreateBatch) was first used for
@@ -183,13 +184,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     uploaded file.
     """
     ENDPOINT_MISMATCH: _ErrorReason.ValueType  # 37
-    """INVALID_ARGUMENT. CreateBatch.endpoint differs from the url of the file's
-    requests; metadata `file_endpoint`. Do: send the file's endpoint.
+    """INVALID_ARGUMENT. CreateBatch.endpoint differs from the url of some of the
+    file's requests (field violations name their lines); metadata
+    `file_endpoint`. Do: send the file's endpoint, or none for a mixed file.
     """
     MODEL_NOT_FOUND: _ErrorReason.ValueType  # 38
-    """INVALID_ARGUMENT. No deployment serves the model asked for (CreateBatch.model
-    or the file's body.model); metadata `model`, `provider`. Do: use a
-    model_name of the server's model list, or `provider/model`.
+    """INVALID_ARGUMENT. No deployment serves the model asked for (CreateBatch.model,
+    a model_map value or the file's body.model); field violations name the
+    lines; metadata `model` (every such model, comma-separated), `provider`.
+    Do: use a model_name of the server's model list, a deployment id, or
+    `provider/model`.
     """
     UNSUPPORTED_ENDPOINT_FOR_MODEL: _ErrorReason.ValueType  # 39
     """INVALID_ARGUMENT. The deployment's model cannot run this endpoint (say, a
@@ -197,13 +201,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Do: pick a model made for the endpoint.
     """
     TOO_MANY_REQUESTS: _ErrorReason.ValueType  # 40
-    """INVALID_ARGUMENT. The file has more requests than the provider takes in one
-    batch; metadata `limit`, `line_count`. Do: split the file.
+    """INVALID_ARGUMENT. No longer raised: a batch with more requests than its
+    provider takes in one job runs as several jobs (see Large and mixed
+    batches). Older servers refused it with metadata `limit`, `line_count`.
+    Do: nothing with this server; with an older one, split the file.
     """
     BATCH_TOO_SMALL: _ErrorReason.ValueType  # 41
     """FAILED_PRECONDITION. The provider needs more requests per job than the file
-    has (Bedrock: 100); metadata `minimum`, `line_count`. Do: add requests, or
-    run the file on another deployment.
+    (or a group of its lines) has (Bedrock: 100), and no other deployment of
+    the model takes so few; metadata `minimum`, `line_count` (and `deployment`,
+    `model`, `lines`). Do: add requests, or run them on another deployment.
     """
     BATCH_TOO_LARGE: _ErrorReason.ValueType  # 42
     """FAILED_PRECONDITION. The provider takes fewer requests per job than the
@@ -435,6 +442,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     file; metadata `id`. Do: remove it from the config's `webhooks` section and
     restart.
     """
+    INVALID_MODEL_MAP: _ErrorReason.ValueType  # 320
+    """CreateBatch routing (issue 14), numbered from 320.
+
+    INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, a key or
+    value that is empty, longer than 256 characters or not UTF-8 text, or a key
+    that is the body.model of no line of the file (metadata `model`).
+    Do: map each model of the file to a model name of 1 to 256 characters.
+    """
+    MISSING_ENDPOINT: _ErrorReason.ValueType  # 321
+    """INVALID_ARGUMENT. POST /v1/batches without an endpoint for a file whose
+    requests all have one url. Do: send the file's endpoint (only a file that
+    mixes endpoints may leave it out).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every `google.rpc.ErrorInfo.reason` batchgate sends, in the
@@ -554,10 +574,11 @@ BadRequest names each problem's line (`line 12`, or `file` for the file as
 a whole) with a description starting with its problem code: `invalid_utf8`,
 `invalid_json_line`, `unpaired_surrogate`, `missing_custom_id`,
 `custom_id_too_long`, `duplicate_custom_id`, `invalid_method`,
-`unsupported_url`, `url_mismatch`, `invalid_body`, `missing_model`,
-`model_too_long`, `model_mismatch`, `empty_file`, `too_many_tasks`,
-`file_too_large`. Metadata `first_problem`, `total_problems`,
-`reported_problems`. Do: fix the lines named and upload again.
+`unsupported_url`, `invalid_body`, `missing_model`, `model_too_long`,
+`too_many_groups` (more than 64 distinct url and body.model pairs),
+`empty_file`, `too_many_tasks`, `file_too_large`. Metadata
+`first_problem`, `total_problems`, `reported_problems`. Do: fix the lines
+named and upload again.
 """
 REQUEST_ID_REUSED: ErrorReason.ValueType  # 23
 """FAILED_PRECONDITION. A request_id (upload or CreateBatch) was first used for
@@ -617,13 +638,16 @@ output); metadata `file_id`, `purpose`. Do: create the batch from an
 uploaded file.
 """
 ENDPOINT_MISMATCH: ErrorReason.ValueType  # 37
-"""INVALID_ARGUMENT. CreateBatch.endpoint differs from the url of the file's
-requests; metadata `file_endpoint`. Do: send the file's endpoint.
+"""INVALID_ARGUMENT. CreateBatch.endpoint differs from the url of some of the
+file's requests (field violations name their lines); metadata
+`file_endpoint`. Do: send the file's endpoint, or none for a mixed file.
 """
 MODEL_NOT_FOUND: ErrorReason.ValueType  # 38
-"""INVALID_ARGUMENT. No deployment serves the model asked for (CreateBatch.model
-or the file's body.model); metadata `model`, `provider`. Do: use a
-model_name of the server's model list, or `provider/model`.
+"""INVALID_ARGUMENT. No deployment serves the model asked for (CreateBatch.model,
+a model_map value or the file's body.model); field violations name the
+lines; metadata `model` (every such model, comma-separated), `provider`.
+Do: use a model_name of the server's model list, a deployment id, or
+`provider/model`.
 """
 UNSUPPORTED_ENDPOINT_FOR_MODEL: ErrorReason.ValueType  # 39
 """INVALID_ARGUMENT. The deployment's model cannot run this endpoint (say, a
@@ -631,13 +655,16 @@ chat batch on an embedding model); metadata `endpoint`, `model`.
 Do: pick a model made for the endpoint.
 """
 TOO_MANY_REQUESTS: ErrorReason.ValueType  # 40
-"""INVALID_ARGUMENT. The file has more requests than the provider takes in one
-batch; metadata `limit`, `line_count`. Do: split the file.
+"""INVALID_ARGUMENT. No longer raised: a batch with more requests than its
+provider takes in one job runs as several jobs (see Large and mixed
+batches). Older servers refused it with metadata `limit`, `line_count`.
+Do: nothing with this server; with an older one, split the file.
 """
 BATCH_TOO_SMALL: ErrorReason.ValueType  # 41
 """FAILED_PRECONDITION. The provider needs more requests per job than the file
-has (Bedrock: 100); metadata `minimum`, `line_count`. Do: add requests, or
-run the file on another deployment.
+(or a group of its lines) has (Bedrock: 100), and no other deployment of
+the model takes so few; metadata `minimum`, `line_count` (and `deployment`,
+`model`, `lines`). Do: add requests, or run them on another deployment.
 """
 BATCH_TOO_LARGE: ErrorReason.ValueType  # 42
 """FAILED_PRECONDITION. The provider takes fewer requests per job than the
@@ -868,5 +895,18 @@ WEBHOOK_ENDPOINT_CONFIGURED: ErrorReason.ValueType  # 206
 """FAILED_PRECONDITION. DeleteWebhookEndpoint named an endpoint of the config
 file; metadata `id`. Do: remove it from the config's `webhooks` section and
 restart.
+"""
+INVALID_MODEL_MAP: ErrorReason.ValueType  # 320
+"""CreateBatch routing (issue 14), numbered from 320.
+
+INVALID_ARGUMENT. CreateBatch.model_map has more than 64 pairs, a key or
+value that is empty, longer than 256 characters or not UTF-8 text, or a key
+that is the body.model of no line of the file (metadata `model`).
+Do: map each model of the file to a model name of 1 to 256 characters.
+"""
+MISSING_ENDPOINT: ErrorReason.ValueType  # 321
+"""INVALID_ARGUMENT. POST /v1/batches without an endpoint for a file whose
+requests all have one url. Do: send the file's endpoint (only a file that
+mixes endpoints may leave it out).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

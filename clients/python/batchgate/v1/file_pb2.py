@@ -26,41 +26,43 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61tchgate/v1/file.proto\x12\x0c\x62\x61tchgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x02\n\x04\x46ile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12*\n\x07purpose\x18\x03 \x01(\x0e\x32\x19.batchgate.v1.FilePurpose\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nline_count\x18\x08 \x01(\x03\x12\x10\n\x08\x65ndpoint\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\"\xdf\x01\n\x10UploadFileHeader\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12*\n\x07purpose\x18\x02 \x01(\x0e\x32\x19.batchgate.v1.FilePurpose\x12\x1b\n\x0e\x65xpected_bytes\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0f\x65xpected_sha256\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x30\n\rexpires_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_expected_bytes\"\x12\n\x10UploadFileFinish\"\x93\x01\n\x11UploadFileRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.batchgate.v1.UploadFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x30\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x1e.batchgate.v1.UploadFileFinishH\x00\x42\t\n\x07payload\"6\n\x12UploadFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.batchgate.v1.File\"!\n\x0eGetFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"3\n\x0fGetFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.batchgate.v1.File\"e\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x07purpose\x18\x03 \x01(\x0e\x32\x19.batchgate.v1.FilePurpose\"O\n\x11ListFilesResponse\x12!\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x12.batchgate.v1.File\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x13\x44ownloadFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x13\n\x0bread_offset\x18\x02 \x01(\x03\x12\x12\n\nread_limit\x18\x03 \x01(\x03\"V\n\x14\x44ownloadFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.batchgate.v1.File\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"$\n\x11\x44\x65leteFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"6\n\x12\x44\x65leteFileResponse\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08*b\n\x0b\x46ilePurpose\x12\x1c\n\x18\x46ILE_PURPOSE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46ILE_PURPOSE_BATCH\x10\x01\x12\x1d\n\x19\x46ILE_PURPOSE_BATCH_OUTPUT\x10\x02\x32\xa0\x03\n\x0b\x46ileService\x12Q\n\nUploadFile\x12\x1f.batchgate.v1.UploadFileRequest\x1a .batchgate.v1.UploadFileResponse(\x01\x12\x46\n\x07GetFile\x12\x1c.batchgate.v1.GetFileRequest\x1a\x1d.batchgate.v1.GetFileResponse\x12L\n\tListFiles\x12\x1e.batchgate.v1.ListFilesRequest\x1a\x1f.batchgate.v1.ListFilesResponse\x12W\n\x0c\x44ownloadFile\x12!.batchgate.v1.DownloadFileRequest\x1a\".batchgate.v1.DownloadFileResponse0\x01\x12O\n\nDeleteFile\x12\x1f.batchgate.v1.DeleteFileRequest\x1a .batchgate.v1.DeleteFileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61tchgate/v1/file.proto\x12\x0c\x62\x61tchgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x02\n\x04\x46ile\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\x12*\n\x07purpose\x18\x03 \x01(\x0e\x32\x19.batchgate.v1.FilePurpose\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nline_count\x18\x08 \x01(\x03\x12\x10\n\x08\x65ndpoint\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\'\n\x06groups\x18\x0b \x03(\x0b\x32\x17.batchgate.v1.FileGroup\"P\n\tFileGroup\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x13\n\x0b\x66irst_lines\x18\x04 \x03(\x03\"\xdf\x01\n\x10UploadFileHeader\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12*\n\x07purpose\x18\x02 \x01(\x0e\x32\x19.batchgate.v1.FilePurpose\x12\x1b\n\x0e\x65xpected_bytes\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\x0f\x65xpected_sha256\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x30\n\rexpires_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\x11\n\x0f_expected_bytes\"\x12\n\x10UploadFileFinish\"\x93\x01\n\x11UploadFileRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.batchgate.v1.UploadFileHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x30\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x1e.batchgate.v1.UploadFileFinishH\x00\x42\t\n\x07payload\"6\n\x12UploadFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.batchgate.v1.File\"!\n\x0eGetFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"3\n\x0fGetFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.batchgate.v1.File\"e\n\x10ListFilesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x07purpose\x18\x03 \x01(\x0e\x32\x19.batchgate.v1.FilePurpose\"O\n\x11ListFilesResponse\x12!\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x12.batchgate.v1.File\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x13\x44ownloadFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x13\n\x0bread_offset\x18\x02 \x01(\x03\x12\x12\n\nread_limit\x18\x03 \x01(\x03\"V\n\x14\x44ownloadFileResponse\x12 \n\x04\x66ile\x18\x01 \x01(\x0b\x32\x12.batchgate.v1.File\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"$\n\x11\x44\x65leteFileRequest\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\"6\n\x12\x44\x65leteFileResponse\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08*b\n\x0b\x46ilePurpose\x12\x1c\n\x18\x46ILE_PURPOSE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46ILE_PURPOSE_BATCH\x10\x01\x12\x1d\n\x19\x46ILE_PURPOSE_BATCH_OUTPUT\x10\x02\x32\xa0\x03\n\x0b\x46ileService\x12Q\n\nUploadFile\x12\x1f.batchgate.v1.UploadFileRequest\x1a .batchgate.v1.UploadFileResponse(\x01\x12\x46\n\x07GetFile\x12\x1c.batchgate.v1.GetFileRequest\x1a\x1d.batchgate.v1.GetFileResponse\x12L\n\tListFiles\x12\x1e.batchgate.v1.ListFilesRequest\x1a\x1f.batchgate.v1.ListFilesResponse\x12W\n\x0c\x44ownloadFile\x12!.batchgate.v1.DownloadFileRequest\x1a\".batchgate.v1.DownloadFileResponse0\x01\x12O\n\nDeleteFile\x12\x1f.batchgate.v1.DeleteFileRequest\x1a .batchgate.v1.DeleteFileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'batchgate.v1.file_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILEPURPOSE']._serialized_start=1356
-  _globals['_FILEPURPOSE']._serialized_end=1454
+  _globals['_FILEPURPOSE']._serialized_start=1479
+  _globals['_FILEPURPOSE']._serialized_end=1577
   _globals['_FILE']._serialized_start=107
-  _globals['_FILE']._serialized_end=367
-  _globals['_UPLOADFILEHEADER']._serialized_start=370
-  _globals['_UPLOADFILEHEADER']._serialized_end=593
-  _globals['_UPLOADFILEFINISH']._serialized_start=595
-  _globals['_UPLOADFILEFINISH']._serialized_end=613
-  _globals['_UPLOADFILEREQUEST']._serialized_start=616
-  _globals['_UPLOADFILEREQUEST']._serialized_end=763
-  _globals['_UPLOADFILERESPONSE']._serialized_start=765
-  _globals['_UPLOADFILERESPONSE']._serialized_end=819
-  _globals['_GETFILEREQUEST']._serialized_start=821
-  _globals['_GETFILEREQUEST']._serialized_end=854
-  _globals['_GETFILERESPONSE']._serialized_start=856
-  _globals['_GETFILERESPONSE']._serialized_end=907
-  _globals['_LISTFILESREQUEST']._serialized_start=909
-  _globals['_LISTFILESREQUEST']._serialized_end=1010
-  _globals['_LISTFILESRESPONSE']._serialized_start=1012
-  _globals['_LISTFILESRESPONSE']._serialized_end=1091
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=1093
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=1172
-  _globals['_DOWNLOADFILERESPONSE']._serialized_start=1174
-  _globals['_DOWNLOADFILERESPONSE']._serialized_end=1260
-  _globals['_DELETEFILEREQUEST']._serialized_start=1262
-  _globals['_DELETEFILEREQUEST']._serialized_end=1298
-  _globals['_DELETEFILERESPONSE']._serialized_start=1300
-  _globals['_DELETEFILERESPONSE']._serialized_end=1354
-  _globals['_FILESERVICE']._serialized_start=1457
-  _globals['_FILESERVICE']._serialized_end=1873
+  _globals['_FILE']._serialized_end=408
+  _globals['_FILEGROUP']._serialized_start=410
+  _globals['_FILEGROUP']._serialized_end=490
+  _globals['_UPLOADFILEHEADER']._serialized_start=493
+  _globals['_UPLOADFILEHEADER']._serialized_end=716
+  _globals['_UPLOADFILEFINISH']._serialized_start=718
+  _globals['_UPLOADFILEFINISH']._serialized_end=736
+  _globals['_UPLOADFILEREQUEST']._serialized_start=739
+  _globals['_UPLOADFILEREQUEST']._serialized_end=886
+  _globals['_UPLOADFILERESPONSE']._serialized_start=888
+  _globals['_UPLOADFILERESPONSE']._serialized_end=942
+  _globals['_GETFILEREQUEST']._serialized_start=944
+  _globals['_GETFILEREQUEST']._serialized_end=977
+  _globals['_GETFILERESPONSE']._serialized_start=979
+  _globals['_GETFILERESPONSE']._serialized_end=1030
+  _globals['_LISTFILESREQUEST']._serialized_start=1032
+  _globals['_LISTFILESREQUEST']._serialized_end=1133
+  _globals['_LISTFILESRESPONSE']._serialized_start=1135
+  _globals['_LISTFILESRESPONSE']._serialized_end=1214
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=1216
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=1295
+  _globals['_DOWNLOADFILERESPONSE']._serialized_start=1297
+  _globals['_DOWNLOADFILERESPONSE']._serialized_end=1383
+  _globals['_DELETEFILEREQUEST']._serialized_start=1385
+  _globals['_DELETEFILEREQUEST']._serialized_end=1421
+  _globals['_DELETEFILERESPONSE']._serialized_start=1423
+  _globals['_DELETEFILERESPONSE']._serialized_end=1477
+  _globals['_FILESERVICE']._serialized_start=1580
+  _globals['_FILESERVICE']._serialized_end=1996
 # @@protoc_insertion_point(module_scope)

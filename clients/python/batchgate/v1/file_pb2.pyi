@@ -59,6 +59,7 @@ class File(_message.Message):
     LINE_COUNT_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """"file-…" """
     filename: _builtins.str
@@ -71,15 +72,24 @@ class File(_message.Message):
     """Number of JSONL lines (batch and batch_output files)."""
     endpoint: _builtins.str
     """The single endpoint every request line targets, e.g. "/v1/chat/completions"
-    (batch files only).
+    (batch files only; "" when the file mixes endpoints or models: see groups).
     """
     model: _builtins.str
-    """The single body.model every request line names (batch files only)."""
+    """The single body.model every request line names (batch files only; "" when
+    the file mixes endpoints or models: see groups).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Unset when the file does not expire."""
+
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileGroup]:
+        """The request lines by (endpoint, model), in order of first appearance
+        (batch files only; at most 64). Empty on files uploaded before groups
+        were kept: then endpoint, model and line_count are the one group.
+        """
 
     def __init__(
         self,
@@ -94,14 +104,51 @@ class File(_message.Message):
         line_count: _builtins.int = ...,
         endpoint: _builtins.str = ...,
         model: _builtins.str = ...,
+        groups: _abc.Iterable[Global___FileGroup] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "created_at", b"created_at", "endpoint", b"endpoint", "expires_at", b"expires_at", "filename", b"filename", "id", b"id", "line_count", b"line_count", "model", b"model", "purpose", b"purpose", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "created_at", b"created_at", "endpoint", b"endpoint", "expires_at", b"expires_at", "filename", b"filename", "groups", b"groups", "id", b"id", "line_count", b"line_count", "model", b"model", "purpose", b"purpose", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___File: _TypeAlias = File  # noqa: Y015
+
+@_typing.final
+class FileGroup(_message.Message):
+    """The request lines of a batch file that share an endpoint (url) and a
+    body.model: CreateBatch runs each group as its own job(s).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_LINES_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    model: _builtins.str
+    count: _builtins.int
+    """Number of request lines in the group."""
+    @_builtins.property
+    def first_lines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The group's first line numbers (1-based lines of the file, at most 10)."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        model: _builtins.str = ...,
+        count: _builtins.int = ...,
+        first_lines: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "endpoint", b"endpoint", "first_lines", b"first_lines", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileGroup: _TypeAlias = FileGroup  # noqa: Y015
 
 @_typing.final
 class UploadFileHeader(_message.Message):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61tchgate/v1/usage.proto\x12\x0c\x62\x61tchgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x02\n\x11QueryUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08group_by\x18\x03 \x03(\x0e\x32\x1a.batchgate.v1.UsageGroupBy\x12\x14\n\x0cmetadata_key\x18\x04 \x01(\t\x12\x0f\n\x07project\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"\xa8\x02\n\x08UsageRow\x12\x30\n\x05group\x18\x01 \x03(\x0b\x32!.batchgate.v1.UsageRow.GroupEntry\x12\x13\n\x0b\x62\x61tch_count\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x04 \x01(\x03\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x06 \x01(\x03\x12\x13\n\x0b\x63ost_amount\x18\x07 \x01(\t\x12\x1c\n\x14unknown_cost_batches\x18\x08 \x01(\x03\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x1a,\n\nGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x12QueryUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.batchgate.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12&\n\x06totals\x18\x03 \x01(\x0b\x32\x16.batchgate.v1.UsageRow*\xbe\x01\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_GROUP_BY_PROJECT\x10\x01\x12\x1a\n\x16USAGE_GROUP_BY_API_KEY\x10\x02\x12\x18\n\x14USAGE_GROUP_BY_MODEL\x10\x03\x12\x1b\n\x17USAGE_GROUP_BY_PROVIDER\x10\x04\x12\x1f\n\x1bUSAGE_GROUP_BY_METADATA_KEY\x10\x05\x32_\n\x0cUsageService\x12O\n\nQueryUsage\x12\x1f.batchgate.v1.QueryUsageRequest\x1a .batchgate.v1.QueryUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x61tchgate/v1/usage.proto\x12\x0c\x62\x61tchgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x02\n\x11QueryUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08group_by\x18\x03 \x03(\x0e\x32\x1a.batchgate.v1.UsageGroupBy\x12\x14\n\x0cmetadata_key\x18\x04 \x01(\t\x12\x0f\n\x07project\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"\xf5\x02\n\x08UsageRow\x12\x30\n\x05group\x18\x01 \x03(\x0b\x32!.batchgate.v1.UsageRow.GroupEntry\x12\x13\n\x0b\x62\x61tch_count\x18\x02 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\x03\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x04 \x01(\x03\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\x12\x18\n\x10reasoning_tokens\x18\x06 \x01(\x03\x12\x13\n\x0b\x63ost_amount\x18\x07 \x01(\t\x12\x1c\n\x14unknown_cost_batches\x18\x08 \x01(\x03\x12\x10\n\x08\x63urrency\x18\t \x01(\t\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\n \x01(\x03\x12&\n\x1e\x63\x61\x63he_creation_1h_input_tokens\x18\x0b \x01(\x03\x1a,\n\nGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x12QueryUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.batchgate.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12&\n\x06totals\x18\x03 \x01(\x0b\x32\x16.batchgate.v1.UsageRow*\xbe\x01\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_GROUP_BY_PROJECT\x10\x01\x12\x1a\n\x16USAGE_GROUP_BY_API_KEY\x10\x02\x12\x18\n\x14USAGE_GROUP_BY_MODEL\x10\x03\x12\x1b\n\x17USAGE_GROUP_BY_PROVIDER\x10\x04\x12\x1f\n\x1bUSAGE_GROUP_BY_METADATA_KEY\x10\x05\x32_\n\x0cUsageService\x12O\n\nQueryUsage\x12\x1f.batchgate.v1.QueryUsageRequest\x1a .batchgate.v1.QueryUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGEROW_GROUPENTRY']._loaded_options = None
   _globals['_USAGEROW_GROUPENTRY']._serialized_options = b'8\001'
-  _globals['_USAGEGROUPBY']._serialized_start=773
-  _globals['_USAGEGROUPBY']._serialized_end=963
+  _globals['_USAGEGROUPBY']._serialized_start=850
+  _globals['_USAGEGROUPBY']._serialized_end=1040
   _globals['_QUERYUSAGEREQUEST']._serialized_start=76
   _globals['_QUERYUSAGEREQUEST']._serialized_end=346
   _globals['_USAGEROW']._serialized_start=349
-  _globals['_USAGEROW']._serialized_end=645
-  _globals['_USAGEROW_GROUPENTRY']._serialized_start=601
-  _globals['_USAGEROW_GROUPENTRY']._serialized_end=645
-  _globals['_QUERYUSAGERESPONSE']._serialized_start=647
-  _globals['_QUERYUSAGERESPONSE']._serialized_end=770
-  _globals['_USAGESERVICE']._serialized_start=965
-  _globals['_USAGESERVICE']._serialized_end=1060
+  _globals['_USAGEROW']._serialized_end=722
+  _globals['_USAGEROW_GROUPENTRY']._serialized_start=678
+  _globals['_USAGEROW_GROUPENTRY']._serialized_end=722
+  _globals['_QUERYUSAGERESPONSE']._serialized_start=724
+  _globals['_QUERYUSAGERESPONSE']._serialized_end=847
+  _globals['_USAGESERVICE']._serialized_start=1042
+  _globals['_USAGESERVICE']._serialized_end=1137
 # @@protoc_insertion_point(module_scope)

@@ -171,9 +171,12 @@ class UsageRow(_message.Message):
     COST_AMOUNT_FIELD_NUMBER: _builtins.int
     UNKNOWN_COST_BATCHES_FIELD_NUMBER: _builtins.int
     CURRENCY_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_CREATION_1H_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     batch_count: _builtins.int
-    """Batches that ended in the range, whatever their terminal state (failed
-    batches count, with no usage and zero cost).
+    """Batches that ended in the range, whatever their terminal state (a failed
+    batch counts with the usage and cost of the requests the provider answered
+    before it failed: zero when it answered none).
     """
     input_tokens: _builtins.int
     cached_input_tokens: _builtins.int
@@ -192,6 +195,12 @@ class UsageRow(_message.Message):
     """
     currency: _builtins.str
     """ISO 4217, always "USD" today."""
+    cache_creation_input_tokens: _builtins.int
+    """Part of input_tokens written to a prompt cache (Anthropic's
+    cache_creation_input_tokens), charged at the cache-write prices.
+    """
+    cache_creation_1h_input_tokens: _builtins.int
+    """Part of cache_creation_input_tokens written with a 1-hour lifetime."""
     @_builtins.property
     def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The grouping values, keyed as documented on UsageGroupBy. Empty in the
@@ -210,10 +219,12 @@ class UsageRow(_message.Message):
         cost_amount: _builtins.str = ...,
         unknown_cost_batches: _builtins.int = ...,
         currency: _builtins.str = ...,
+        cache_creation_input_tokens: _builtins.int = ...,
+        cache_creation_1h_input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_count", b"batch_count", "cached_input_tokens", b"cached_input_tokens", "cost_amount", b"cost_amount", "currency", b"currency", "group", b"group", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "unknown_cost_batches", b"unknown_cost_batches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_count", b"batch_count", "cache_creation_1h_input_tokens", b"cache_creation_1h_input_tokens", "cache_creation_input_tokens", b"cache_creation_input_tokens", "cached_input_tokens", b"cached_input_tokens", "cost_amount", b"cost_amount", "currency", b"currency", "group", b"group", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens", "unknown_cost_batches", b"unknown_cost_batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,7 @@ from batchgate_server.api.http.errors import json_bytes, json_response
 from batchgate_server.api.http.objects import batch_object, list_object
 from batchgate_server.api.http.params import (
     authenticate,
+    bool_field,
     invalid,
     json_object,
     query_limit,
@@ -72,7 +73,8 @@ class BatchRoutes:
             input_file_id=string_field(doc, "input_file_id"), endpoint=string_field(doc, "endpoint"),
             completion_window=string_field(doc, "completion_window"), metadata=string_map(doc, "metadata"),
             model=string_field(doc, "model"), provider=string_field(extension or {}, "provider"),
-            request_id=request.headers.get("Idempotency-Key", "")))
+            request_id=request.headers.get("Idempotency-Key", ""), model_map=string_map(doc, "model_map"),
+            spread=bool_field(doc, "spread"), endpoint_required_unless_mixed=True))
         return self._response(record)
 
     async def list(self, request: web.Request) -> web.Response:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from batchgate_server.api.convert import MAX_SHOWN_FIELD_BYTES
 from batchgate_server.core.errors import clip
-from batchgate_server.domain.models import BatchRecord, FileRecord
+from batchgate_server.domain.models import BatchError, BatchRecord, Cost, FileRecord, RequestCounts, ShardSummary
 
 
 def _seconds(value: float | None) -> int | None:
@@ -37,29 +37,47 @@ def batch_object(b: BatchRecord) -> dict:
     usage = None
     if b.usage is not None:
         usage = {"input_tokens": b.usage.input_tokens,
-                 "input_tokens_details": {"cached_tokens": b.usage.cached_tokens},
+                 "input_tokens_details": {"cached_tokens": b.usage.cached_tokens,
+                                          "cache_creation_tokens": b.usage.cache_creation_tokens,
+                                          "cache_creation_1h_tokens": b.usage.cache_creation_1h_tokens},
                  "output_tokens": b.usage.output_tokens,
                  "output_tokens_details": {"reasoning_tokens": b.usage.reasoning_tokens},
                  "total_tokens": b.usage.total_tokens}
-    errors = None
-    if b.errors:
-        errors = {"object": "list", "data": [{"code": e.code, "message": e.message, "param": e.param or None,
-                                              "line": e.line} for e in b.errors]}
+    errors = {"object": "list", "data": _errors(b.errors)} if b.errors else None
     return {
         "id": b.id, "object": "batch", "endpoint": b.endpoint, "errors": errors, "input_file_id": b.input_file_id,
         "completion_window": b.completion_window, "status": b.status.value,
         "output_file_id": b.output_file_id or None, "error_file_id": b.error_file_id or None,
         **{name: _seconds(getattr(b, name)) for name in _TIMESTAMPS},
-        "request_counts": {"total": b.request_counts.total, "completed": b.request_counts.completed,
-                           "failed": b.request_counts.failed},
+        "request_counts": _counts(b.request_counts),
         "metadata": b.metadata, "model": b.model or None, "usage": usage,
         "batchgate": {
             "provider": b.provider, "revision": b.revision,
-            "cost": {"status": b.cost.status, "currency": b.cost.currency, "amount": b.cost.amount,
-                     "input_amount": b.cost.input_amount, "output_amount": b.cost.output_amount,
-                     "reason": b.cost.reason, "price_source": b.cost.price_source},
+            "cost": _cost(b.cost),
+            # The provider jobs of a batch run as several (domain/shards.py); [] for one job.
+            "shards": [_shard(s) for s in b.shards],
         },
     }
+
+
+def _errors(errors: list[BatchError]) -> list[dict]:
+    return [{"code": e.code, "message": e.message, "param": e.param or None, "line": e.line} for e in errors]
+
+
+def _counts(c: RequestCounts) -> dict:
+    return {"total": c.total, "completed": c.completed, "failed": c.failed}
+
+
+def _cost(c: Cost) -> dict:
+    return {"status": c.status, "currency": c.currency, "amount": c.amount, "input_amount": c.input_amount,
+            "output_amount": c.output_amount, "reason": c.reason, "price_source": c.price_source}
+
+
+def _shard(s: ShardSummary) -> dict:
+    return {"id": s.id, "endpoint": s.endpoint, "model": clip(s.model, MAX_SHOWN_FIELD_BYTES), "provider": s.provider,
+            "deployment_id": s.deployment_id, "provider_job_id": s.provider_job_id or None,
+            "status": s.status.value, "request_counts": _counts(s.request_counts), "errors": _errors(s.errors),
+            "cost": _cost(s.cost)}
 
 
 def list_object(data: list[dict], has_more: bool) -> dict:

@@ -79,13 +79,21 @@ def _too_large() -> InvalidArgument:
                    f"at most {MAX_JSON_BODY_BYTES} bytes")
 
 
-def string_field(doc: dict, name: str, default: str = "") -> str:
+def _typed_field(doc: dict, name: str, kind: type, default, what: str):
     value = doc.get(name)
     if value is None:
         return default
-    if not isinstance(value, str):
-        raise invalid(f"{name} must be a string", "INVALID_FIELD_TYPE", name, "a string")
+    if not isinstance(value, kind):
+        raise invalid(f"{name} must be {what}", "INVALID_FIELD_TYPE", name, what)
     return value
+
+
+def string_field(doc: dict, name: str, default: str = "") -> str:
+    return _typed_field(doc, name, str, default, "a string")
+
+
+def bool_field(doc: dict, name: str) -> bool:
+    return _typed_field(doc, name, bool, False, "true or false")
 
 
 def string_map(doc: dict, name: str) -> dict[str, str]:

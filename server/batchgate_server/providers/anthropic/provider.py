@@ -84,13 +84,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from batchgate_server.domain.models import RequestCounts
+from batchgate_server.domain.shards import JobLimits
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,
@@ -102,7 +104,7 @@ from batchgate_server.providers.base import (
     ResultLine,
     UnsupportedRequest,
 )
-from batchgate_server.providers.custom_ids import anthropic_codec
+from batchgate_server.providers.custom_ids import LONGEST_LINE_NO, anthropic_codec
 from batchgate_server.providers.eventual import Consistency, create_call
 from batchgate_server.providers.openai_batch.client import ApiClient, Conn
 from batchgate_server.providers.params import float_param, int_param
@@ -125,6 +127,9 @@ ANTHROPIC_VERSION = "2023-06-01"
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions",)
 MAX_REQUESTS = 100_000
 MAX_BODY_BYTES = 256_000_000  # "256 MB" per batch; decimal megabytes, the stricter reading
+# The create body is {"requests":[<request>,<request>,...]}: request_size counts each request with
+# one comma, the envelope comes off the byte limit.
+_BODY_ENVELOPE = len(b'{"requests":[]}')
 BATCHES_PATH = "/v1/messages/batches"
 LABEL = "Anthropic"
 
@@ -137,6 +142,28 @@ CLOCK_SKEW = 2.0  # seconds Anthropic's created_at may differ from our clock
 LOOKUP_PAGES = 5  # pages of LOOKUP_PAGE batches searched for a lost create
 LOOKUP_PAGE = 100
 MAX_CLAIMED = 20_000  # message batch ids remembered per account as belonging to known batches
+
+
+def _max_tokens(deployment: Deployment) -> int:
+    return int_param(deployment.params, "default_max_tokens", DEFAULT_MAX_TOKENS)
+
+
+def _translated(raw: bytes, line_no: int, *, model: str, max_tokens: int) -> tuple[str, dict | TranslationError]:
+    """(custom_id, the Messages API params) of input line `line_no`, or (custom_id, why it cannot be
+    sent): what _prepare sends and request_size measures."""
+    custom_id = f"line-{line_no}"
+    try:
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            raise TranslationError("body", "the input line is not valid JSON") from None
+        if not isinstance(line, dict):
+            raise TranslationError("body", "the input line is not a JSON object")
+        if isinstance(line.get("custom_id"), str):
+            custom_id = line["custom_id"]
+        return custom_id, chat_to_anthropic_params(line.get("body"), model=model, default_max_tokens=max_tokens)
+    except TranslationError as err:
+        return custom_id, err
 
 
 @dataclass
@@ -173,6 +200,7 @@ class _Account:
 class AnthropicBatchProvider(BatchProvider):
     name = "anthropic"
     poll_interval = 10.0
+    job_limits = JobLimits(max_requests=MAX_REQUESTS, max_bytes=MAX_BODY_BYTES - _BODY_ENVELOPE)
 
     def __init__(self, *, http_client: httpx.AsyncClient | None = None) -> None:
         self._api = ApiClient(http_client)
@@ -195,13 +223,14 @@ class AnthropicBatchProvider(BatchProvider):
                    "anthropic-version": str(p.get("anthropic_version") or ANTHROPIC_VERSION)}
         return Conn(label=LABEL, base_url=base, headers=headers, timeout=float_param(p, "timeout", 60.0),
                     max_retries=max(0, int_param(p, "max_retries", 3)),
-                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
+                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)),
+                    requests=self.counted(dep))
 
     def probes(self, deployment: Deployment) -> bool:
         return bool(deployment.params.get("api_key"))
 
     async def probe(self, deployment: Deployment) -> None:
-        conn = dataclasses.replace(self._conn(deployment), max_retries=0)
+        conn = dataclasses.replace(self._conn(deployment), max_retries=0, requests=None)
         await self._api.request_json(conn, "GET", "/v1/models")
 
     # ------------------------------------------------------------------ BatchProvider
@@ -212,16 +241,24 @@ class AnthropicBatchProvider(BatchProvider):
                 f"(translated to the Messages API); {endpoint} is not supported",
                 reason="UNSUPPORTED_ENDPOINT",
                 details={"endpoint": endpoint, "supported_endpoints": ",".join(SUPPORTED_ENDPOINTS)})
-        if line_count > MAX_REQUESTS:
-            raise UnsupportedRequest(
-                f"Anthropic accepts at most {MAX_REQUESTS} requests per batch; this file has {line_count}",
-                reason="TOO_MANY_REQUESTS",
-                details={"limit": str(MAX_REQUESTS), "line_count": str(line_count)})
         if not deployment.params.get("api_key"):
             raise UnsupportedRequest(
                 f"deployment {deployment.model_name!r} has no api_key for Anthropic",
                 reason="PROVIDER_NOT_CONFIGURED", precondition=True,
                 details={"deployment": deployment.id})
+
+    def request_size(self, endpoint: str, deployment: Deployment, line: bytes) -> int:
+        """The request as it goes in the create body's `requests` array (translated to the Messages
+        API, its custom_id remapped if Anthropic cannot take it), with its comma; 0 for a line that
+        cannot be translated (it is never sent: an error line here)."""
+        custom_id, params = _translated(line, LONGEST_LINE_NO, model=deployment.model,
+                                        max_tokens=_max_tokens(deployment))
+        if isinstance(params, TranslationError):
+            return 0
+        return len(batch_request_line(anthropic_codec().encode(custom_id, LONGEST_LINE_NO), params)) + 1
+
+    def job_id(self, state: Mapping[str, Any]) -> str:
+        return str(state.get("msgbatch_id") or "")
 
     async def submit(self, job: ProviderJob) -> None:
         st = job.state
@@ -523,9 +560,8 @@ class AnthropicBatchProvider(BatchProvider):
         the same input always yields the same ids, body and error lines."""
         workdir = job.workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        p = job.deployment.params
         model = job.deployment.model
-        max_tokens = int_param(p, "default_max_tokens", DEFAULT_MAX_TOKENS)
+        max_tokens = _max_tokens(job.deployment)
         codec = anthropic_codec()
         files = {name: workdir / (name + ".tmp") for name in (IDS_FILE, ERRORS_FILE)
                  + ((BODY_FILE,) if write_body else ())}
@@ -541,22 +577,11 @@ class AnthropicBatchProvider(BatchProvider):
                 line_no += 1
                 if line_no % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)
-                custom_id = f"line-{line_no}"
-                try:
-                    try:
-                        line = json.loads(raw)
-                    except ValueError:
-                        raise TranslationError("body", "the input line is not valid JSON") from None
-                    if not isinstance(line, dict):
-                        raise TranslationError("body", "the input line is not a JSON object")
-                    if isinstance(line.get("custom_id"), str):
-                        custom_id = line["custom_id"]
-                    params = chat_to_anthropic_params(line.get("body"), model=model,
-                                                      default_max_tokens=max_tokens)
-                except TranslationError as err:
+                custom_id, params = _translated(raw, line_no, model=model, max_tokens=max_tokens)
+                if isinstance(params, TranslationError):
                     not_sent += 1
                     handles[ERRORS_FILE].write(translation_error_line(
-                        custom_id, err, request_index=line_no, batch_id=job.batch_id).data + b"\n")
+                        custom_id, params, request_index=line_no, batch_id=job.batch_id).data + b"\n")
                     continue
                 pid = codec.encode(custom_id, line_no)
                 entry = [pid, line_no] if pid == custom_id else [pid, line_no, custom_id]

@@ -526,9 +526,13 @@ def _chat_completion(message: Mapping[str, Any], created: int) -> dict:
         finish_reason = "tool_calls"
 
     usage = message.get("usage") or {}
-    cache_read = usage.get("cache_read_input_tokens") or 0
     cache_write = usage.get("cache_creation_input_tokens") or 0
-    prompt_tokens = (usage.get("input_tokens") or 0) + cache_read + cache_write
+    split = usage.get("cache_creation") if isinstance(usage.get("cache_creation"), dict) else {}
+    cache_write_1h = split.get("ephemeral_1h_input_tokens") or 0
+    cache_write = max(cache_write, (split.get("ephemeral_5m_input_tokens") or 0) + cache_write_1h)
+    prompt_tokens, prompt_details = prompt_usage(usage.get("input_tokens") or 0,
+                                                 usage.get("cache_read_input_tokens") or 0,
+                                                 cache_write, cache_write_1h)
     completion_tokens = usage.get("output_tokens") or 0
     details = usage.get("output_tokens_details") or {}
     return {
@@ -542,11 +546,21 @@ def _chat_completion(message: Mapping[str, Any], created: int) -> dict:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cache_read},
+            "prompt_tokens_details": prompt_details,
             "completion_tokens_details": {"reasoning_tokens": details.get("thinking_tokens") or 0},
         },
         "system_fingerprint": None,
     }
+
+
+def prompt_usage(uncached: int, cache_read: int, cache_write: int, cache_write_1h: int = 0) -> tuple[int, dict]:
+    """(prompt_tokens, prompt_tokens_details) in OpenAI's sense from Anthropic's counts, whose
+    input_tokens leave out cache reads and writes: prompt_tokens counts all three, and the
+    details name the reads (cached_tokens) and the writes (cache_creation_tokens, of which
+    cache_creation_1h_tokens have a 1-hour lifetime) as parts of it. pricing/usage.py reads
+    them back to charge each at its own price."""
+    return uncached + cache_read + cache_write, {"cached_tokens": cache_read, "cache_creation_tokens": cache_write,
+                                                 "cache_creation_1h_tokens": cache_write_1h}
 
 
 def anthropic_result_to_openai(result_line: dict, *, original_custom_id: str, request_index: int,

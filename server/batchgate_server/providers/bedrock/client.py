@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from batchgate_server.providers.base import ProviderError
+from batchgate_server.providers.base import DeploymentRequests, ProviderError
+from batchgate_server.providers.http_spans import failure_outcome, status_outcome
 from batchgate_server.providers.params import float_param, param_or_env
 from batchgate_server.providers.staged import aiter_lines
 
@@ -62,9 +64,11 @@ class BedrockConfig:
     s3_endpoint: str | None = None
     timeout: float = 60.0
     max_retries: int = 3
+    # Whose calls these are (the job's deployment), counted in the metrics; None: not counted.
+    requests: DeploymentRequests | None = field(default=None, compare=False)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "BedrockConfig":
+    def from_params(cls, params: Mapping[str, Any], requests: DeploymentRequests | None = None) -> "BedrockConfig":
         missing = missing_setting(params)
         if missing:
             raise ProviderError(f"the Bedrock deployment has no {missing} (litellm_params.{missing} or "
@@ -81,7 +85,7 @@ class BedrockConfig:
                    bedrock_endpoint=params.get("aws_bedrock_endpoint") or None,
                    s3_endpoint=params.get("s3_endpoint_url") or None,
                    timeout=float_param(params, "timeout", 60.0),
-                   max_retries=max(0, int(float_param(params, "max_retries", 3))))
+                   max_retries=max(0, int(float_param(params, "max_retries", 3))), requests=requests)
 
     @property
     def session_key(self) -> tuple:
@@ -127,6 +131,31 @@ def client_error(err: BaseException, what: str, *, bucket: str = "") -> Provider
     return ProviderError(f"{what}: {type(err).__name__}: {err}", code="provider_error", retryable=True)
 
 
+def count_calls(client: Any, requests: DeploymentRequests) -> None:
+    """Count every HTTP attempt of a boto3 client against `requests`, through botocore's events:
+    botocore retries inside the call (and boto3's S3 transfers run on threads of their own), so
+    its events are the one place that sees each attempt. The outcomes are the executor's codes."""
+    def before_send(request: Any, **_: Any) -> None:
+        context = request.context
+        previous = context.get("batchgate_outcome")
+        if previous is not None:  # a later attempt of the same call: botocore retried it
+            requests.retried(previous)
+            if previous == "http_429":
+                requests.rate_limited(time.monotonic() - context["batchgate_ended"])
+        requests.sent()
+
+    def response_received(response_dict: Any, exception: Any, context: dict, **_: Any) -> None:
+        if exception is not None:
+            outcome = failure_outcome(exception)
+        else:
+            outcome = status_outcome(int(response_dict.get("status_code") or 0))
+        context["batchgate_outcome"], context["batchgate_ended"] = outcome, time.monotonic()
+        requests.answered(outcome)
+
+    client.meta.events.register("before-send", before_send)
+    client.meta.events.register("response-received", response_received)
+
+
 class BedrockClient:
     def __init__(self) -> None:
         self._sessions: dict[tuple, Any] = {}
@@ -138,7 +167,10 @@ class BedrockClient:
         from botocore.config import Config
 
         endpoint = cfg.bedrock_endpoint if service == "bedrock" else cfg.s3_endpoint
-        key = (service, endpoint, cfg.timeout, cfg.max_retries) + cfg.session_key
+        counted = cfg.requests
+        # A client per deployment: its event handlers count its calls against that deployment.
+        key = (service, endpoint, cfg.timeout, cfg.max_retries, counted.deployment_id if counted else "") \
+            + cfg.session_key
         with self._lock:
             client = self._clients.get(key)
             if client is None:
@@ -151,6 +183,8 @@ class BedrockClient:
                 config = Config(connect_timeout=min(cfg.timeout, 10.0), read_timeout=cfg.timeout,
                                 retries={"mode": "standard", "total_max_attempts": cfg.max_retries + 1})
                 client = session.client(service, region_name=cfg.region, endpoint_url=endpoint, config=config)
+                if counted is not None:
+                    count_calls(client, counted)
                 self._clients[key] = client
             return client
 

@@ -9,9 +9,10 @@ while it runs), StopModelInvocationJob on cancel, then read <output>/<jobId>/*.j
 manifest.json.out) back. Lines that cannot be translated are never sent and come back as error
 lines; every request gets exactly one result line.
 
-Bedrock refuses jobs under a minimum record count (100 by default) and over 50,000 records:
-CreateBatch checks the file's line count, and submit re-checks the number of records actually
-sent (untranslatable lines are not sent).
+Bedrock refuses jobs under a minimum record count (100 by default) and over 50,000 records (and
+input files over 1 GB): `limits()` gives them to CreateBatch, which routes a batch under the
+minimum elsewhere or refuses it and splits one over the maximum into several jobs; submit
+re-checks the number of records actually sent (untranslatable lines are not sent).
 
 Deployment.params (litellm_params):
 
@@ -53,12 +54,14 @@ from datetime import datetime
 from pathlib import Path
 
 from batchgate_server.domain.models import RequestCounts
+from batchgate_server.domain.shards import JobLimits
 from batchgate_server.providers.base import (
     Deployment,
     ProviderError,
     ProviderJob,
     ResultLine,
     UnsupportedRequest,
+    limits_with_overrides,
 )
 from batchgate_server.providers.custom_ids import CustomIdCodec, bedrock_codec
 from batchgate_server.providers.params import int_param
@@ -77,6 +80,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_RECORDS = 100
 DEFAULT_MAX_RECORDS = 50_000
+# Bedrock batch inference quotas (defaults an account may have raised): 1 GB per input file (and
+# 5 GB per job; a job here is one file). Decimal gigabytes, the stricter reading.
+MAX_INPUT_FILE_BYTES = 1_000_000_000
 SUPPORTED_TEXT = ("/v1/chat/completions (Anthropic Claude models via InvokeModel, other chat models via "
                   "Converse) and /v1/embeddings (Amazon Titan Text Embeddings V2 only)")
 
@@ -120,6 +126,8 @@ class BedrockBatchProvider(StagedBatchProvider):
     output_noun = "record(s)"
     translation_errors = (translate.TranslationError,)
     _translation_error_line = staticmethod(translate.translation_error_line)
+    job_limits = JobLimits(max_requests=DEFAULT_MAX_RECORDS, max_bytes=MAX_INPUT_FILE_BYTES,
+                           min_requests=DEFAULT_MIN_RECORDS)
 
     def __init__(self, *, client: BedrockClient | None = None) -> None:
         super().__init__()
@@ -144,24 +152,20 @@ class BedrockBatchProvider(StagedBatchProvider):
                                      f"{SUPPORTED_TEXT}", reason="UNSUPPORTED_ENDPOINT_FOR_MODEL",
                                      details={"endpoint": endpoint, "model": mid})
         self._require_settings(deployment)
+
+    def limits(self, endpoint: str, deployment: Deployment) -> JobLimits:
+        """`job_limits` with bedrock_min_records / bedrock_max_records (the account's quotas), and
+        the generic max_batch_requests, max_batch_bytes and min_batch_requests over those."""
         low, high = record_limits(deployment.params)
-        if line_count < low:
-            raise UnsupportedRequest(
-                f"Bedrock batch inference needs at least {low} records per job; this file has {line_count}. "
-                f"Add requests, or run it on a synchronous deployment", reason="BATCH_TOO_SMALL",
-                precondition=True, details={"minimum": str(low), "line_count": str(line_count)})
-        if line_count > high:
-            raise UnsupportedRequest(
-                f"Bedrock batch inference accepts at most {high} records per job; this file has {line_count}. "
-                f"Split it into several batches", reason="BATCH_TOO_LARGE", precondition=True,
-                details={"maximum": str(high), "line_count": str(line_count)})
+        own = JobLimits(max_requests=high, max_bytes=self.job_limits.max_bytes, min_requests=low)
+        return limits_with_overrides(own, deployment.params)
 
     async def submit(self, job: ProviderJob) -> None:
         self._live.add(job.batch_id)
         st = job.state
         if st.get("job_arn") or st.get("no_job"):
             return
-        cfg = BedrockConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         mid = model_id(job.deployment)
         if not await self._stage(job, cfg):
             return
@@ -176,7 +180,7 @@ class BedrockBatchProvider(StagedBatchProvider):
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
-        cfg = BedrockConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         arn = st.get("job_arn")
         if not arn:
             if not (st.get("create_started") or st.get("input_uri")):
@@ -195,8 +199,8 @@ class BedrockBatchProvider(StagedBatchProvider):
         self._client.close()
 
     # ------------------------------------------------------------------ StagedBatchProvider hooks
-    def _config(self, params: Mapping) -> BedrockConfig:
-        return BedrockConfig.from_params(params)
+    def _config(self, deployment: Deployment) -> BedrockConfig:
+        return BedrockConfig.from_params(deployment.params, self.counted(deployment))
 
     def _codec(self) -> CustomIdCodec:
         return bedrock_codec()
@@ -217,7 +221,10 @@ class BedrockBatchProvider(StagedBatchProvider):
         return (missing, SETTINGS[missing][1][0]) if missing else None
 
     def _check_staged(self, job: ProviderJob, staged: Staged) -> None:
-        low, high = record_limits(job.deployment.params)
+        # CreateBatch planned and split the batch under limits() by lines; lines that cannot be
+        # translated are not sent, which may leave a job under the minimum.
+        limits = self.limits(job.endpoint, job.deployment)
+        low, high = limits.min_requests, limits.max_requests or math.inf
         if staged.sent < low:
             raise UnsupportedRequest(
                 f"only {staged.sent} of {job.line_count} requests can be sent to Bedrock "
@@ -263,10 +270,10 @@ class BedrockBatchProvider(StagedBatchProvider):
             log.warning("batch %s: Bedrock job %s wrote no manifest.json.out", job.batch_id, arn)
 
     # ------------------------------------------------------------------ helpers
-    def _translator(self, job: ProviderJob):
-        mid = model_id(job.deployment)
-        embeddings = job.endpoint == translate.EMBEDDINGS_ENDPOINT
-        max_tokens = int_param(job.deployment.params, "max_tokens", 4096)
+    def _line_translator(self, endpoint: str, deployment: Deployment):
+        mid = model_id(deployment)
+        embeddings = endpoint == translate.EMBEDDINGS_ENDPOINT
+        max_tokens = int_param(deployment.params, "max_tokens", 4096)
 
         def translate_line(line: InputLine) -> dict:
             if not isinstance(line.body, Mapping):

@@ -32,6 +32,7 @@ from batchgate_server.providers.anthropic.translate import (
     anthropic_result_to_openai,
     chat_to_anthropic_params,
     parse_arguments,
+    prompt_usage,
     translation_error_line,
 )
 from batchgate_server.providers.base import JobStatus, ResultKind, ResultLine
@@ -573,9 +574,8 @@ def _converse_completion(output: Mapping[str, Any], *, out_id: str, model: str, 
     if tool_calls:
         out_message["tool_calls"] = tool_calls
     usage = output.get("usage") or {}
-    cache_read = _int(usage.get("cacheReadInputTokens"))
-    cache_write = _int(usage.get("cacheWriteInputTokens"))
-    prompt = _int(usage.get("inputTokens")) + cache_read + cache_write
+    prompt, prompt_details = prompt_usage(_int(usage.get("inputTokens")), _int(usage.get("cacheReadInputTokens")),
+                                          _int(usage.get("cacheWriteInputTokens")))
     completion = _int(usage.get("outputTokens"))
     return {
         "id": "chatcmpl-" + out_id[len("batch_req_"):],
@@ -585,7 +585,7 @@ def _converse_completion(output: Mapping[str, Any], *, out_id: str, model: str, 
         "choices": [{"index": 0, "message": out_message, "logprobs": None, "finish_reason": finish}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                   "total_tokens": prompt + completion,
-                  "prompt_tokens_details": {"cached_tokens": cache_read},
+                  "prompt_tokens_details": prompt_details,
                   "completion_tokens_details": {"reasoning_tokens": 0}},
     }
 

@@ -63,6 +63,7 @@ def options_for(deployment: Deployment) -> ExecutorOptions:
 class ExecutorProvider(BatchProvider):
     name = "openai_compatible"
     poll_interval = 1.0
+    keeps_results_locally = True  # the answers are in the job's work directory
 
     def __init__(self) -> None:
         self._runs: dict[str, ExecutorRun] = {}

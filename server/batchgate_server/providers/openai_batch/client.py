@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 
 from batchgate_server.domain.backoff import jittered_delay
-from batchgate_server.providers.base import ProviderError
-from batchgate_server.providers.http_spans import client_span
+from batchgate_server.providers.base import DeploymentRequests, ProviderError
+from batchgate_server.providers.http_spans import provider_call, retrying
 from batchgate_server.providers.lines import complete_lines, last_line
 
 from .mapping import error_message, parse_retry_after
@@ -45,6 +45,9 @@ class Conn:
     timeout: float = 60.0
     max_retries: int = 3
     backoff_base: float = 0.5
+    # Whose calls these are (the job's deployment), counted in the metrics; None: not counted
+    # (the health probes, which have batchgate_deployment_up).
+    requests: DeploymentRequests | None = field(default=None, compare=False)
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -145,9 +148,9 @@ class ApiClient:
             delay_hint: float | None = None
             try:
                 try:
-                    with client_span(method, public_path(path), conn.label) as span:
+                    with provider_call(method, public_path(path), conn.label, conn.requests) as call:
                         resp = await self.http.send(req, stream=stream)
-                        span.set_attribute("http.response.status_code", resp.status_code)
+                        call.answered(resp.status_code)
                 finally:
                     if body_stream is not None and hasattr(body_stream, "aclose"):
                         await body_stream.aclose()  # release the input file on failures too
@@ -174,6 +177,7 @@ class ApiClient:
             if attempt + 1 >= attempts:
                 break
             delay = backoff_delay(attempt, conn.backoff_base, delay_hint)
+            retrying(conn.requests, call.outcome, delay)
             log.info("%s (%s); retry %d/%d in %.2fs", last.message, path, attempt + 1, attempts - 1, delay)
             await asyncio.sleep(delay)
         assert last is not None

@@ -26,8 +26,11 @@ OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions",
 # Azure global batch on the GA data-plane surface (api-version 2024-10-21): chat completions and
 # embeddings. Responses batches only exist on the v1 surface, which this adapter doesn't target.
 AZURE_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings")
+# What one batch (its input file) takes: OpenAI 50,000 requests and 200 MB, Azure OpenAI global
+# batch 100,000 requests and 200 MB per file. "MB" read as decimal megabytes, the stricter reading.
 OPENAI_MAX_LINES = 50_000
 AZURE_MAX_LINES = 100_000
+MAX_FILE_BYTES = 200_000_000
 
 # Keys: the status lowercased with "_", "-" and spaces removed, so "in_progress", "InProgress",
 # "In_progress" and "in progress" all land on the same entry.

@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from batchgate_server.domain.shards import JobLimits
 from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,
@@ -85,7 +86,7 @@ class _OpenAIFamilyProvider(BatchProvider):
     label = "OpenAI"
     azure = False
     supported_endpoints: tuple[str, ...] = mapping.OPENAI_ENDPOINTS
-    max_lines = mapping.OPENAI_MAX_LINES
+    job_limits = JobLimits(max_requests=mapping.OPENAI_MAX_LINES, max_bytes=mapping.MAX_FILE_BYTES)
 
     def __init__(self, *, http_client: httpx.AsyncClient | None = None,
                  poll_interval: float | None = None) -> None:
@@ -107,13 +108,14 @@ class _OpenAIFamilyProvider(BatchProvider):
         return Conn(label=self.label, base_url=self._base_url(p), headers=self._headers(p),
                     query=self._query(p), timeout=float_param(p, "timeout", 60.0),
                     max_retries=max(0, int_param(p, "max_retries", 3)),
-                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)))
+                    backoff_base=max(0.0, float_param(p, "backoff_base", 0.5)),
+                    requests=self.counted(dep))
 
     def probes(self, deployment: Deployment) -> bool:
         return self._config_problem(deployment.params) is None
 
     async def probe(self, deployment: Deployment) -> None:
-        conn = dataclasses.replace(self._conn(deployment), max_retries=0)
+        conn = dataclasses.replace(self._conn(deployment), max_retries=0, requests=None)
         await self._api.request_json(conn, "GET", "/models")
 
     def _base_url(self, p: Mapping[str, Any]) -> str:
@@ -142,17 +144,18 @@ class _OpenAIFamilyProvider(BatchProvider):
                 + ", ".join(self.supported_endpoints),
                 reason="UNSUPPORTED_ENDPOINT",
                 details={"endpoint": endpoint, "provider": self.name})
-        if line_count > self.max_lines:
-            raise UnsupportedRequest(
-                f"{self.label} accepts at most {self.max_lines} requests per batch; this file has "
-                f"{line_count}",
-                reason="TOO_MANY_REQUESTS",
-                details={"limit": str(self.max_lines), "line_count": str(line_count),
-                         "provider": self.name})
         problem = self._config_problem(deployment.params)
         if problem:
             raise UnsupportedRequest(problem, reason="PROVIDER_NOT_CONFIGURED", precondition=True,
                                      details={"deployment": deployment.id, "provider": self.name})
+
+    def request_size(self, endpoint: str, deployment: Deployment, line: bytes) -> int:
+        """The line as uploaded in the job's input file (body.model set to the deployment's, the
+        url without /v1 on Azure; custom_ids go as they are), with its newline."""
+        return len(mapping.rewrite_line(line, deployment.model, azure=self.azure)) + 1
+
+    def job_id(self, state: Mapping[str, Any]) -> str:
+        return str(state.get("provider_batch_id") or "")
 
     async def submit(self, job: ProviderJob) -> None:
         st = job.state
@@ -450,7 +453,7 @@ class AzureBatchProvider(_OpenAIFamilyProvider):
     label = "Azure OpenAI"
     azure = True
     supported_endpoints = mapping.AZURE_ENDPOINTS
-    max_lines = mapping.AZURE_MAX_LINES
+    job_limits = JobLimits(max_requests=mapping.AZURE_MAX_LINES, max_bytes=mapping.MAX_FILE_BYTES)
 
     def _config_problem(self, params: Mapping[str, Any]) -> str | None:
         if not params.get("api_base"):

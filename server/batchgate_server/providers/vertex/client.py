@@ -11,13 +11,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from batchgate_server.providers.base import ProviderError
+from batchgate_server.providers.base import DeploymentRequests, ProviderError
+from batchgate_server.providers.http_spans import provider_call, retrying
 from batchgate_server.providers.openai_batch.client import backoff_delay
 from batchgate_server.providers.openai_batch.mapping import parse_retry_after
 from batchgate_server.providers.params import float_param, param_or_env
@@ -63,9 +64,11 @@ class VertexConfig:
     timeout: float = 60.0
     max_retries: int = 3
     backoff_base: float = 0.5
+    # Whose calls these are (the job's deployment), counted in the metrics; None: not counted.
+    requests: DeploymentRequests | None = field(default=None, compare=False)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "VertexConfig":
+    def from_params(cls, params: Mapping[str, Any], requests: DeploymentRequests | None = None) -> "VertexConfig":
         missing = missing_setting(params)
         if missing:
             raise ProviderError(f"the Vertex AI deployment has no {missing} (litellm_params.{missing} or "
@@ -84,7 +87,7 @@ class VertexConfig:
                    gcs_endpoint=params.get("gcs_endpoint_url") or None,
                    timeout=float_param(params, "timeout", 60.0),
                    max_retries=max(0, int(float_param(params, "max_retries", 3))),
-                   backoff_base=max(0.0, float_param(params, "backoff_base", 0.5)))
+                   backoff_base=max(0.0, float_param(params, "backoff_base", 0.5)), requests=requests)
 
     @property
     def parent(self) -> str:
@@ -255,8 +258,10 @@ class VertexClient:
             headers = await self._auth_headers(cfg)
             delay_hint: float | None = None
             try:
-                resp = await self.http.request(method, url, json=json_body, params=params, headers=headers,
-                                               timeout=httpx.Timeout(cfg.timeout, connect=min(cfg.timeout, 10.0)))
+                with provider_call(method, what.partition(" ")[0], LABEL, cfg.requests) as call:
+                    resp = await self.http.request(method, url, json=json_body, params=params, headers=headers,
+                                                   timeout=httpx.Timeout(cfg.timeout, connect=min(cfg.timeout, 10.0)))
+                    call.answered(resp.status_code)
             except httpx.TransportError as e:
                 last = ProviderError(f"{LABEL} {method} {what}: network error: {type(e).__name__}: {e}".rstrip(": "),
                                      code="provider_unreachable", retryable=True)
@@ -281,6 +286,7 @@ class VertexClient:
                     if entry is not None and getattr(entry.creds, "token", None):
                         entry.creds.token = None
                         last = err
+                        retrying(cfg.requests, call.outcome, 0.0)
                         continue
                 if not err.retryable:
                     raise err
@@ -294,6 +300,7 @@ class VertexClient:
             if attempt + 1 >= attempts:
                 break
             delay = backoff_delay(attempt, cfg.backoff_base, delay_hint)
+            retrying(cfg.requests, call.outcome, delay)
             log.info("%s; retry %d/%d in %.2fs", last.message, attempt + 1, attempts - 1, delay)
             await asyncio.sleep(delay)
         assert last is not None

@@ -53,6 +53,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from batchgate_server.domain.models import RequestCounts
+from batchgate_server.domain.shards import JobLimits
 from batchgate_server.providers.base import (
     Deployment,
     PollResult,
@@ -75,7 +76,10 @@ from .client import SETTINGS, VertexClient, VertexConfig, missing_setting
 
 log = logging.getLogger(__name__)
 
-MAX_REQUESTS = 200_000  # Vertex AI Gemini batch prediction: requests per job
+# Vertex AI Gemini batch prediction: requests per job, and bytes of its GCS input file ("1 GB":
+# decimal, the stricter reading).
+MAX_REQUESTS = 200_000
+MAX_INPUT_BYTES = 1_000_000_000
 JOB_LABEL = "batchgate_batch_id"
 
 
@@ -108,6 +112,7 @@ class VertexBatchProvider(StagedBatchProvider):
     output_noun = "prediction line(s)"
     translation_errors = (translate.TranslationError,)
     _translation_error_line = staticmethod(translate.translation_error_line)
+    job_limits = JobLimits(max_requests=MAX_REQUESTS, max_bytes=MAX_INPUT_BYTES)
 
     def __init__(self, *, client: VertexClient | None = None) -> None:
         super().__init__()
@@ -122,18 +127,13 @@ class VertexBatchProvider(StagedBatchProvider):
                 reason="UNSUPPORTED_ENDPOINT",
                 details={"endpoint": endpoint, "supported": ",".join(translate.SUPPORTED_ENDPOINTS)})
         self._require_settings(deployment)
-        if line_count > MAX_REQUESTS:
-            raise UnsupportedRequest(
-                f"Vertex AI accepts at most {MAX_REQUESTS} requests per batch prediction job; this file has "
-                f"{line_count}", reason="BATCH_TOO_LARGE", precondition=True,
-                details={"limit": str(MAX_REQUESTS), "line_count": str(line_count)})
 
     async def submit(self, job: ProviderJob) -> None:
         self._live.add(job.batch_id)
         st = job.state
         if st.get("job_name") or st.get("no_job"):
             return
-        cfg = VertexConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         if not await self._stage(job, cfg):
             return
         if st.get("create_started"):
@@ -165,7 +165,7 @@ class VertexBatchProvider(StagedBatchProvider):
 
     async def cancel(self, job: ProviderJob) -> None:
         st = job.state
-        cfg = VertexConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         if not st.get("job_name"):
             if not (st.get("create_started") and st.get("input_uri")):
                 return  # nothing was created at Vertex AI
@@ -178,8 +178,8 @@ class VertexBatchProvider(StagedBatchProvider):
         await self._client.aclose()
 
     # ------------------------------------------------------------------ StagedBatchProvider hooks
-    def _config(self, params: Mapping) -> VertexConfig:
-        return VertexConfig.from_params(params)
+    def _config(self, deployment: Deployment) -> VertexConfig:
+        return VertexConfig.from_params(deployment.params, self.counted(deployment))
 
     def _codec(self) -> CustomIdCodec:
         return vertex_codec()
@@ -195,7 +195,7 @@ class VertexBatchProvider(StagedBatchProvider):
     async def _delete_staged(self, cfg: VertexConfig, bucket: str, keys: list[str]) -> None:
         await self._client.delete_blobs(cfg, bucket, keys)
 
-    def _translator(self, job: ProviderJob):
+    def _line_translator(self, endpoint: str, deployment: Deployment):
         return _translate
 
     def _missing_setting(self, params: Mapping) -> tuple[str, str] | None:
@@ -251,7 +251,7 @@ class VertexBatchProvider(StagedBatchProvider):
         """Until the listing shows every job of a re-create (see _lookup_deadline), cancel any job of
         this batch but ours: a create that was in flight at a crash and that the listing showed too late."""
         st = job.state
-        cfg = VertexConfig.from_params(job.deployment.params)
+        cfg = self._config(job.deployment)
         if time.time() > self._lookup_deadline(job, cfg) and not st.get("twins_pending"):
             st.pop("recreated", None)
             await job.save_state()

@@ -21,15 +21,18 @@ from batchgate_server.store.ports import LEDGER_COLUMNS, METADATA, Dimension, Le
 from batchgate_server.store.postgres.metadata import Params, PostgresMetadataStore, text_param, utf8
 
 _KNOWN = "cost_status = 'known' AND cost_nanos IS NOT NULL"
+# A sharded batch has a row per shard (domain/shards.py), each naming its parent: counted once.
 _SUMS = (
-    "count(*) AS batch_count, coalesce(sum(input_tokens), 0) AS input_tokens,"
+    "count(DISTINCT coalesce(l.parent_batch_id, l.batch_id)) AS batch_count, coalesce(sum(input_tokens), 0) AS input_tokens,"
     " coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
     " coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,"
     f" coalesce(sum(cost_nanos) FILTER (WHERE {_KNOWN}), 0) AS cost_nanos,"
-    f" count(*) FILTER (WHERE NOT ({_KNOWN})) AS unknown_cost"
+    f" count(*) FILTER (WHERE NOT ({_KNOWN})) AS unknown_cost,"
+    " coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens,"
+    " coalesce(sum(cache_creation_1h_tokens), 0) AS cache_creation_1h_tokens"
 )
 _SUM_NAMES = ("batch_count", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_nanos",
-              "unknown_cost")
+              "unknown_cost", "cache_creation_tokens", "cache_creation_1h_tokens")
 
 
 def _where(f: LedgerFilter, p: Params) -> str:

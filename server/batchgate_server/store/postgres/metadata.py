@@ -43,8 +43,8 @@ import asyncpg
 
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
-from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
-from batchgate_server.store.errors import RevisionConflict, StorageUnavailable
+from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row, groups_to_json
+from batchgate_server.store.errors import QuotaReached, RevisionConflict, StorageUnavailable
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.postgres import locks, migrations
 from batchgate_server.store.postgres.changes import PostgresChangeFeed
@@ -56,7 +56,8 @@ CLOSE_TIMEOUT = 5.0
 _LEDGER_COLUMNS = frozenset({
     "batch_id", "project", "api_key_id", "model", "provider", "deployment_id", "created_at", "ended_at",
     "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_status", "cost_amount",
-    "cost_nanos", "metadata", "usage_by_model"})
+    "cost_nanos", "metadata", "usage_by_model", "parent_batch_id", "cache_creation_tokens",
+    "cache_creation_1h_tokens"})
 
 
 def text_param(value: str) -> str | None:
@@ -112,13 +113,14 @@ def _file(row: asyncpg.Record) -> FileRecord:
 
 
 _FILE_COLUMNS = "id, project, filename, purpose, bytes, sha256, created_at, expires_at, line_count, endpoint," \
-                " model, request_id"
-_INSERT_FILE = (f"INSERT INTO files({_FILE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)")
+                " model, request_id, line_groups"
+_INSERT_FILE = (f"INSERT INTO files({_FILE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)")
 
 
 def _file_args(f: FileRecord) -> tuple:
     return (f.id, f.project, f.filename, f.purpose.value, f.bytes, f.sha256, f.created_at, f.expires_at,
-            f.line_count, f.endpoint, utf8(f.model), utf8(f.request_id) if f.request_id else None)
+            f.line_count, f.endpoint, utf8(f.model), utf8(f.request_id) if f.request_id else None,
+            groups_to_json(f.groups))
 
 
 class PostgresMetadataStore(PostgresLeases, MetadataStore):
@@ -280,14 +282,32 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
     async def count_unfinished_batches(self, project: str) -> int:
         row = await self._fetchrow(f"SELECT count(*) FROM batches WHERE status NOT IN {migrations.TERMINAL}"
-                                   " AND project = $1", text_param(project))
+                                   " AND project = $1 AND parent_id IS NULL", text_param(project))
         return int(row[0])
 
     # -- files ----------------------------------------------------------------------------
 
-    async def insert_file(self, f: FileRecord) -> None:
+    async def insert_file(self, f: FileRecord, *, max_stored_bytes: int | None = None) -> None:
         """Raises Duplicate when the project has a file with the same request_id."""
-        await self._execute(_INSERT_FILE, *_file_args(f))
+        if max_stored_bytes is None:
+            await self._execute(_INSERT_FILE, *_file_args(f))
+            return
+        await self._insert_within(_INSERT_FILE, _file_args(f), "SELECT coalesce(sum(bytes), 0) FROM files"
+                                  " WHERE project = $1", f.project, max_stored_bytes, f.bytes)
+
+    async def _insert_within(self, insert_sql: str, args: tuple, total_sql: str, project: str, limit: int,
+                             own: int) -> None:
+        """The insert, then the project's total (`total_sql`, the new row included), in one
+        transaction that first takes the project's advisory quota lock: at READ COMMITTED two
+        transactions could each count before the other commits, the lock makes every limited insert
+        of the project, on any server, wait for the last one's commit. Past `limit`: rolled back,
+        QuotaReached."""
+        async with self._transaction() as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", locks.QUOTAS, project)
+            await conn.execute(insert_sql, *args)
+            total = int(await conn.fetchval(total_sql, project))
+            if total > limit:
+                raise QuotaReached(total - own)
 
     async def get_file(self, file_id: str) -> FileRecord | None:
         row = await self._fetchrow(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = $1", text_param(file_id))
@@ -320,13 +340,30 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
     # -- batches --------------------------------------------------------------------------
 
-    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None,
+                           max_unfinished: int | None = None) -> None:
         """Raises Duplicate when the project has a batch with the same request_id."""
-        await self._execute(
-            "INSERT INTO batches(id, project, status, created_at, request_id, input_file_id, revision, doc, owner)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            b.id, b.project, b.status.value, b.created_at, utf8(b.request_id) if b.request_id else None,
-            b.input_file_id, b.revision, batch_to_doc(b), owner)
+        args = _batch_args(b, owner)
+        if max_unfinished is None:
+            await self._execute(_INSERT_BATCH, *args)
+            return
+        # Shards (parent_id set) are part of their parent's batch: only parents count.
+        await self._insert_within(_INSERT_BATCH, args, f"SELECT count(*) FROM batches WHERE status NOT IN"
+                                  f" {migrations.TERMINAL} AND project = $1 AND parent_id IS NULL", b.project,
+                                  max_unfinished, 1)
+
+    async def split_batch(self, parent: BatchRecord, shards: Sequence[BatchRecord], *, owner: str) -> BatchRecord:
+        old = parent.revision
+        parent.revision = old + 1
+        try:
+            async with self._transaction() as conn:
+                if await conn.execute(*_update_args(parent, old, owner)) != "UPDATE 1":
+                    await self._refused(parent.id, owner)
+                await conn.executemany(_INSERT_BATCH, [_batch_args(s, owner) for s in shards])
+        except BaseException:
+            parent.revision = old
+            raise
+        return parent
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         row = await self._fetchrow("SELECT doc FROM batches WHERE id = $1", text_param(batch_id))
@@ -341,6 +378,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
                            after: tuple[float, str] | None) -> list[BatchRecord]:
         p = Params()
         conditions = [f"status = ANY({p(sorted({s.value for s in statuses}))}::text[])"] if statuses else []
+        conditions.append("parent_id IS NULL")  # shards are internal (domain/shards.py)
         sql = _keyset_query("SELECT doc FROM batches", project, conditions, p, after, limit)
         return [batch_from_doc(r["doc"]) for r in await self._fetch(sql, *p.values)]
 
@@ -365,10 +403,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
             raise ValueError(f"not ledger columns: {sorted(set(ledger) - _LEDGER_COLUMNS)}")
         old = b.revision
         b.revision = old + 1
-        update: tuple = ("UPDATE batches SET status = $1, revision = $2, doc = $3 WHERE id = $4 AND revision = $5",
-                         b.status.value, b.revision, batch_to_doc(b), b.id, old)
-        if owner is not None:  # fenced by the lease (store/postgres/leases.py)
-            update = (update[0] + " AND owner = $6", *update[1:], owner)
+        update = _update_args(b, old, owner)
         try:
             if not extra_files and ledger is None and not outbox:
                 # Most changes (progress, status) are this one statement: atomic by itself, one round trip.
@@ -454,6 +489,25 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
 _OUTBOX_COLUMNS = ("event_id, endpoint_id, project, batch_id, event_type, body, created_at, attempts, next_attempt_at,"
                    " delivered_at, given_up_at, last_error")
+
+
+_INSERT_BATCH = ("INSERT INTO batches(id, project, status, created_at, request_id, input_file_id, revision, doc, owner,"
+                 " parent_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+
+
+def _batch_args(b: BatchRecord, owner: str | None) -> tuple:
+    return (b.id, b.project, b.status.value, b.created_at, utf8(b.request_id) if b.request_id else None,
+            b.input_file_id, b.revision, batch_to_doc(b), owner, b.parent_id or None)
+
+
+def _update_args(b: BatchRecord, old: int, owner: str | None) -> tuple:
+    """The compare-and-set UPDATE of `b` (at its new revision) over revision `old`, fenced by the
+    lease of `owner` when given (store/postgres/leases.py)."""
+    update: tuple = ("UPDATE batches SET status = $1, revision = $2, doc = $3 WHERE id = $4 AND revision = $5",
+                     b.status.value, b.revision, batch_to_doc(b), b.id, old)
+    if owner is not None:
+        update = (update[0] + " AND owner = $6", *update[1:], owner)
+    return update
 
 
 def _outbox_event(row: asyncpg.Record) -> OutboxEvent:

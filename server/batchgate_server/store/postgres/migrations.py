@@ -195,8 +195,24 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER batches_changed AFTER UPDATE ON batches FOR EACH ROW
         WHEN (OLD.revision IS DISTINCT FROM NEW.revision) EXECUTE FUNCTION batchgate_batch_changed()
     """,
+    # A batch file's lines by (url, body.model), JSON (store/codec.py groups_to_json; ASCII, so
+    # TEXT holds any model name). NULL on files stored before: one group, the row's own.
+    """
+    ALTER TABLE files ADD COLUMN line_groups TEXT
+    """,
+    # Sharded batches (domain/shards.py): a shard's row names its parent, so listings and quotas
+    # see parents only; a shard's ledger row names the parent too, so usage counts the batch once.
+    """
+    ALTER TABLE batches ADD COLUMN parent_id TEXT COLLATE "C";
+    CREATE INDEX batches_parent ON batches(parent_id) WHERE parent_id IS NOT NULL;
+    ALTER TABLE usage_ledger ADD COLUMN parent_batch_id TEXT COLLATE "C"
+    """,
+    # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
+    """
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens BIGINT NOT NULL DEFAULT 0
+    """,
 ]
-
 _VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY,

@@ -21,12 +21,15 @@ from batchgate_server.store.sqlite.metadata import SqliteMetadataStore
 
 _KNOWN = "cost_status = 'known' AND cost_nanos IS NOT NULL"
 # sum() over INTEGER columns stays an exact integer (total() would return a REAL).
+# A sharded batch has a row per shard (domain/shards.py), each naming its parent: counted once.
 _SUMS = (
-    "count(*) AS batch_count, coalesce(sum(input_tokens), 0) AS input_tokens,"
+    "count(DISTINCT coalesce(parent_batch_id, batch_id)) AS batch_count, coalesce(sum(input_tokens), 0) AS input_tokens,"
     " coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
     " coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,"
     f" coalesce(sum(CASE WHEN {_KNOWN} THEN cost_nanos END), 0) AS cost_nanos,"
-    f" coalesce(sum(CASE WHEN {_KNOWN} THEN 0 ELSE 1 END), 0) AS unknown_cost"
+    f" coalesce(sum(CASE WHEN {_KNOWN} THEN 0 ELSE 1 END), 0) AS unknown_cost,"
+    " coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens,"
+    " coalesce(sum(cache_creation_1h_tokens), 0) AS cache_creation_1h_tokens"
 )
 
 
@@ -57,7 +60,8 @@ def _group(row: Any, offset: int) -> UsageGroup:
     return UsageGroup(
         batch_count=int(row[offset]), input_tokens=int(row[offset + 1]), cached_tokens=int(row[offset + 2]),
         output_tokens=int(row[offset + 3]), reasoning_tokens=int(row[offset + 4]),
-        cost_nanos=int(row[offset + 5]), unknown_cost=int(row[offset + 6]))
+        cost_nanos=int(row[offset + 5]), unknown_cost=int(row[offset + 6]),
+        cache_creation_tokens=int(row[offset + 7]), cache_creation_1h_tokens=int(row[offset + 8]))
 
 
 class SqliteUsageLedger(UsageLedger):
@@ -110,6 +114,6 @@ class SqliteUsageLedger(UsageLedger):
             for i, dim in enumerate(dims):
                 if row[i] is not None:
                     g.group[dim.name] = str(row[i])
-            g.sort_key = list(row[len(dims) + 7:])
+            g.sort_key = list(row[len(dims) + 9:])  # after the sums
             out.append(g)
         return out

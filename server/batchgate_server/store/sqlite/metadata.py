@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,8 @@ import aiosqlite
 
 from batchgate_server.domain.models import ApiKeyRecord, BatchRecord, BatchStatus, FileRecord, ProjectQuota
 from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
-from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row
-from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull
+from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row, groups_to_json
+from batchgate_server.store.errors import LeaseLost, QuotaReached, RevisionConflict, StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
 from batchgate_server.store.sqlite.changes import LocalChangeFeed
 from batchgate_server.store.sqlite.errors import storage_errors
@@ -197,13 +197,39 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (batch_id, seq)
     )
     """,
+    # A batch file's lines by (url, body.model) (issue 14: files may mix endpoints and models),
+    # JSON (store/codec.py groups_to_json). NULL on files stored before: their one group is the
+    # row's endpoint, model and line_count.
+    """
+    ALTER TABLE files ADD COLUMN line_groups TEXT
+    """,
+    # Sharded batches (domain/shards.py): a shard's row names its parent, so listings and quotas
+    # see parents only; a shard's ledger row names the parent too, so usage counts the batch once.
+    """
+    ALTER TABLE batches ADD COLUMN parent_id TEXT;
+    CREATE INDEX batches_parent ON batches(parent_id) WHERE parent_id IS NOT NULL;
+    ALTER TABLE usage_ledger ADD COLUMN parent_batch_id TEXT
+    """,
+    # Prompt-cache writes (parts of input_tokens; the 1-hour ones a part of those): QueryUsage sums them.
+    """
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens INTEGER NOT NULL DEFAULT 0
+    """,
 ]
-
 _TERMINAL = tuple(s.value for s in BatchStatus if s.is_terminal)
 _ACTIVE = f"status NOT IN ({','.join(repr(s) for s in _TERMINAL)})"
 
 OUTBOX_COLUMNS = ("event_id", "endpoint_id", "project", "batch_id", "event_type", "body", "created_at", "attempts",
                   "next_attempt_at", "delivered_at", "given_up_at", "last_error")
+
+
+_INSERT_BATCH = ("INSERT INTO batches(id, project, status, created_at, request_id, revision, doc, owner, parent_id)"
+                 " VALUES (?,?,?,?,?,?,?,?,?)")
+
+
+def _batch_args(b: BatchRecord, owner: str | None) -> tuple:
+    return (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b),
+            owner, b.parent_id or None)
 
 
 def _outbox_event(row: sqlite3.Row) -> OutboxEvent:
@@ -506,23 +532,46 @@ class SqliteMetadataStore(MetadataStore):
     async def count_unfinished_batches(self, project: str) -> int:
         terminal = [s.value for s in BatchStatus if s.is_terminal]
         row = await self.readers.fetchone(
-            f"SELECT count(*) FROM batches WHERE project=? AND status NOT IN ({','.join('?' * len(terminal))})",
+            f"SELECT count(*) FROM batches WHERE project=? AND parent_id IS NULL"
+            f" AND status NOT IN ({','.join('?' * len(terminal))})",
             (project, *terminal))
         return int(row[0])
 
     # -- files ----------------------------------------------------------------------
 
-    async def insert_file(self, f: FileRecord) -> None:
+    async def insert_file(self, f: FileRecord, *, max_stored_bytes: int | None = None) -> None:
         """Raises Duplicate when the project has a file with the same request_id."""
         async with self._writing():
-            await self._insert_file(f)
+            if max_stored_bytes is None:
+                await self._insert_file(f)
+                return
+            await self._insert_within(lambda: self._insert_file(f), "SELECT coalesce(sum(bytes), 0) FROM files"
+                                      " WHERE project=?", (f.project,), max_stored_bytes, f.bytes)
+
+    async def _insert_within(self, insert: Callable[[], Awaitable[Any]], total_sql: str, args: tuple,
+                             limit: int, own: int) -> None:
+        """`insert`, then the project's total (`total_sql`, the new row included), in one BEGIN
+        IMMEDIATE transaction: the database's write lock keeps every other writer out between the
+        two, those of other processes on the file too. Past `limit`: rolled back, QuotaReached."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await insert()
+            async with self.db.execute(total_sql, args) as cur:
+                total = int((await cur.fetchone())[0])
+            if total > limit:
+                raise QuotaReached(total - own)
+            await self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                await self.db.execute("ROLLBACK")
+            raise
 
     async def _insert_file(self, f: FileRecord) -> None:
         await self.db.execute(
             "INSERT INTO files(id, project, filename, purpose, bytes, sha256, created_at, expires_at,"
-            " line_count, endpoint, model, request_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " line_count, endpoint, model, request_id, line_groups) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (f.id, f.project, f.filename, f.purpose.value, f.bytes, f.sha256, f.created_at, f.expires_at,
-             f.line_count, f.endpoint, f.model, f.request_id or None),
+             f.line_count, f.endpoint, f.model, f.request_id or None, groups_to_json(f.groups)),
         )
 
     async def get_file(self, file_id: str) -> FileRecord | None:
@@ -578,15 +627,39 @@ class SqliteMetadataStore(MetadataStore):
 
     # -- batches --------------------------------------------------------------------
 
-    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None) -> None:
+    async def insert_batch(self, b: BatchRecord, *, owner: str | None = None,
+                           max_unfinished: int | None = None) -> None:
         """Raises Duplicate when the project has a batch with the same request_id. `owner`: the
         replica that will drive the batch (it holds the lease from the start)."""
-        await self._exec(
-            "INSERT INTO batches(id, project, status, created_at, request_id, revision, doc, owner)"
-            " VALUES (?,?,?,?,?,?,?,?)",
-            (b.id, b.project, b.status.value, b.created_at, b.request_id or None, b.revision, batch_to_doc(b),
-             owner),
-        )
+        args = _batch_args(b, owner)
+        if max_unfinished is None:
+            await self._exec(_INSERT_BATCH, args)
+            return
+        terminal = [s.value for s in BatchStatus if s.is_terminal]
+        async with self._writing():
+            # Shards (parent_id set) are part of their parent's batch: only parents count.
+            await self._insert_within(
+                lambda: self.db.execute(_INSERT_BATCH, args),
+                f"SELECT count(*) FROM batches WHERE project=? AND parent_id IS NULL"
+                f" AND status NOT IN ({','.join('?' * len(terminal))})",
+                (b.project, *terminal), max_unfinished, 1)
+
+    async def split_batch(self, parent: BatchRecord, shards: Sequence[BatchRecord], *, owner: str) -> BatchRecord:
+        async with self._writing():
+            old = parent.revision
+            parent.revision = old + 1
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._fenced_update(parent, old, owner)
+                await self.db.executemany(_INSERT_BATCH, [_batch_args(s, owner) for s in shards])
+                await self.db.execute("COMMIT")
+            except BaseException:
+                parent.revision = old
+                if self.db.in_transaction:
+                    await self.db.execute("ROLLBACK")
+                raise
+        self.changes.notify(parent.id, parent.revision)
+        return parent
 
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         row = await self.readers.point_read("SELECT doc FROM batches WHERE id=?", (batch_id,))
@@ -601,6 +674,7 @@ class SqliteMetadataStore(MetadataStore):
                            after: tuple[float, str] | None) -> list[BatchRecord]:
         conditions = ([(f"status IN ({','.join('?' * len(statuses))})", [s.value for s in statuses])]
                       if statuses else [])
+        conditions.append(("parent_id IS NULL", []))  # shards are internal (domain/shards.py)
         sql, args = _keyset_query("SELECT doc FROM batches", project, conditions, after, limit)
         return [batch_from_doc(r[0]) for r in await self.readers.fetchall(sql, args)]
 
@@ -638,19 +712,7 @@ class SqliteMetadataStore(MetadataStore):
         b.revision = old + 1
         await self.db.execute("BEGIN IMMEDIATE")
         try:
-            sql = "UPDATE batches SET status=?, revision=?, doc=? WHERE id=? AND revision=?"
-            args: tuple = (b.status.value, b.revision, batch_to_doc(b), b.id, old)
-            if owner is not None:
-                sql += " AND owner=?"
-                args += (owner,)
-            cur = await self.db.execute(sql, args)
-            if cur.rowcount != 1:
-                if owner is not None:
-                    async with self.db.execute("SELECT owner FROM batches WHERE id=?", (b.id,)) as found:
-                        row = await found.fetchone()
-                    if row is not None and row[0] != owner:
-                        raise LeaseLost(b.id)
-                raise RevisionConflict(b.id)
+            await self._fenced_update(b, old, owner)
             for f in extra_files:
                 # A redone finalisation may find its result file recorded already.
                 async with self.db.execute("SELECT 1 FROM files WHERE id=?", (f.id,)) as existing:
@@ -674,6 +736,23 @@ class SqliteMetadataStore(MetadataStore):
             if self.db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
                 await self.db.execute("ROLLBACK")
             raise
+
+    async def _fenced_update(self, b: BatchRecord, old: int, owner: str | None) -> None:
+        """UPDATE `b` (already at its new revision) over revision `old`, inside the open
+        transaction: RevisionConflict, or LeaseLost when `owner` no longer owns it."""
+        sql = "UPDATE batches SET status=?, revision=?, doc=? WHERE id=? AND revision=?"
+        args: tuple = (b.status.value, b.revision, batch_to_doc(b), b.id, old)
+        if owner is not None:
+            sql += " AND owner=?"
+            args += (owner,)
+        cur = await self.db.execute(sql, args)
+        if cur.rowcount != 1:
+            if owner is not None:
+                async with self.db.execute("SELECT owner FROM batches WHERE id=?", (b.id,)) as found:
+                    row = await found.fetchone()
+                if row is not None and row[0] != owner:
+                    raise LeaseLost(b.id)
+            raise RevisionConflict(b.id)
 
     # -- webhooks -------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file batchgate/v1/file.proto.
  */
 export const file_batchgate_v1_file: GenFile = /*@__PURE__*/
-  fileDesc("ChdiYXRjaGdhdGUvdjEvZmlsZS5wcm90bxIMYmF0Y2hnYXRlLnYxIoQCCgRGaWxlEgoKAmlkGAEgASgJEhAKCGZpbGVuYW1lGAIgASgJEioKB3B1cnBvc2UYAyABKA4yGS5iYXRjaGdhdGUudjEuRmlsZVB1cnBvc2USDQoFYnl0ZXMYBCABKAMSDgoGc2hhMjU2GAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmxpbmVfY291bnQYCCABKAMSEAoIZW5kcG9pbnQYCSABKAkSDQoFbW9kZWwYCiABKAki3wEKEFVwbG9hZEZpbGVIZWFkZXISEAoIZmlsZW5hbWUYASABKAkSKgoHcHVycG9zZRgCIAEoDjIZLmJhdGNoZ2F0ZS52MS5GaWxlUHVycG9zZRIbCg5leHBlY3RlZF9ieXRlcxgDIAEoA0gAiAEBEhcKD2V4cGVjdGVkX3NoYTI1NhgEIAEoCRISCgpyZXF1ZXN0X2lkGAUgASgJEjAKDWV4cGlyZXNfYWZ0ZXIYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CEQoPX2V4cGVjdGVkX2J5dGVzIhIKEFVwbG9hZEZpbGVGaW5pc2gikwEKEVVwbG9hZEZpbGVSZXF1ZXN0EjAKBmhlYWRlchgBIAEoCzIeLmJhdGNoZ2F0ZS52MS5VcGxvYWRGaWxlSGVhZGVySAASDwoFY2h1bmsYAiABKAxIABIwCgZmaW5pc2gYAyABKAsyHi5iYXRjaGdhdGUudjEuVXBsb2FkRmlsZUZpbmlzaEgAQgkKB3BheWxvYWQiNgoSVXBsb2FkRmlsZVJlc3BvbnNlEiAKBGZpbGUYASABKAsyEi5iYXRjaGdhdGUudjEuRmlsZSIhCg5HZXRGaWxlUmVxdWVzdBIPCgdmaWxlX2lkGAEgASgJIjMKD0dldEZpbGVSZXNwb25zZRIgCgRmaWxlGAEgASgLMhIuYmF0Y2hnYXRlLnYxLkZpbGUiZQoQTGlzdEZpbGVzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIqCgdwdXJwb3NlGAMgASgOMhkuYmF0Y2hnYXRlLnYxLkZpbGVQdXJwb3NlIk8KEUxpc3RGaWxlc1Jlc3BvbnNlEiEKBWZpbGVzGAEgAygLMhIuYmF0Y2hnYXRlLnYxLkZpbGUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIk8KE0Rvd25sb2FkRmlsZVJlcXVlc3QSDwoHZmlsZV9pZBgBIAEoCRITCgtyZWFkX29mZnNldBgCIAEoAxISCgpyZWFkX2xpbWl0GAMgASgDIlYKFERvd25sb2FkRmlsZVJlc3BvbnNlEiAKBGZpbGUYASABKAsyEi5iYXRjaGdhdGUudjEuRmlsZRIOCgZvZmZzZXQYAiABKAMSDAoEZGF0YRgDIAEoDCIkChFEZWxldGVGaWxlUmVxdWVzdBIPCgdmaWxlX2lkGAEgASgJIjYKEkRlbGV0ZUZpbGVSZXNwb25zZRIPCgdmaWxlX2lkGAEgASgJEg8KB2RlbGV0ZWQYAiABKAgqYgoLRmlsZVB1cnBvc2USHAoYRklMRV9QVVJQT1NFX1VOU1BFQ0lGSUVEEAASFgoSRklMRV9QVVJQT1NFX0JBVENIEAESHQoZRklMRV9QVVJQT1NFX0JBVENIX09VVFBVVBACMqADCgtGaWxlU2VydmljZRJRCgpVcGxvYWRGaWxlEh8uYmF0Y2hnYXRlLnYxLlVwbG9hZEZpbGVSZXF1ZXN0GiAuYmF0Y2hnYXRlLnYxLlVwbG9hZEZpbGVSZXNwb25zZSgBEkYKB0dldEZpbGUSHC5iYXRjaGdhdGUudjEuR2V0RmlsZVJlcXVlc3QaHS5iYXRjaGdhdGUudjEuR2V0RmlsZVJlc3BvbnNlEkwKCUxpc3RGaWxlcxIeLmJhdGNoZ2F0ZS52MS5MaXN0RmlsZXNSZXF1ZXN0Gh8uYmF0Y2hnYXRlLnYxLkxpc3RGaWxlc1Jlc3BvbnNlElcKDERvd25sb2FkRmlsZRIhLmJhdGNoZ2F0ZS52MS5Eb3dubG9hZEZpbGVSZXF1ZXN0GiIuYmF0Y2hnYXRlLnYxLkRvd25sb2FkRmlsZVJlc3BvbnNlMAESTwoKRGVsZXRlRmlsZRIfLmJhdGNoZ2F0ZS52MS5EZWxldGVGaWxlUmVxdWVzdBogLmJhdGNoZ2F0ZS52MS5EZWxldGVGaWxlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChdiYXRjaGdhdGUvdjEvZmlsZS5wcm90bxIMYmF0Y2hnYXRlLnYxIq0CCgRGaWxlEgoKAmlkGAEgASgJEhAKCGZpbGVuYW1lGAIgASgJEioKB3B1cnBvc2UYAyABKA4yGS5iYXRjaGdhdGUudjEuRmlsZVB1cnBvc2USDQoFYnl0ZXMYBCABKAMSDgoGc2hhMjU2GAUgASgJEi4KCmNyZWF0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCmxpbmVfY291bnQYCCABKAMSEAoIZW5kcG9pbnQYCSABKAkSDQoFbW9kZWwYCiABKAkSJwoGZ3JvdXBzGAsgAygLMhcuYmF0Y2hnYXRlLnYxLkZpbGVHcm91cCJQCglGaWxlR3JvdXASEAoIZW5kcG9pbnQYASABKAkSDQoFbW9kZWwYAiABKAkSDQoFY291bnQYAyABKAMSEwoLZmlyc3RfbGluZXMYBCADKAMi3wEKEFVwbG9hZEZpbGVIZWFkZXISEAoIZmlsZW5hbWUYASABKAkSKgoHcHVycG9zZRgCIAEoDjIZLmJhdGNoZ2F0ZS52MS5GaWxlUHVycG9zZRIbCg5leHBlY3RlZF9ieXRlcxgDIAEoA0gAiAEBEhcKD2V4cGVjdGVkX3NoYTI1NhgEIAEoCRISCgpyZXF1ZXN0X2lkGAUgASgJEjAKDWV4cGlyZXNfYWZ0ZXIYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CEQoPX2V4cGVjdGVkX2J5dGVzIhIKEFVwbG9hZEZpbGVGaW5pc2gikwEKEVVwbG9hZEZpbGVSZXF1ZXN0EjAKBmhlYWRlchgBIAEoCzIeLmJhdGNoZ2F0ZS52MS5VcGxvYWRGaWxlSGVhZGVySAASDwoFY2h1bmsYAiABKAxIABIwCgZmaW5pc2gYAyABKAsyHi5iYXRjaGdhdGUudjEuVXBsb2FkRmlsZUZpbmlzaEgAQgkKB3BheWxvYWQiNgoSVXBsb2FkRmlsZVJlc3BvbnNlEiAKBGZpbGUYASABKAsyEi5iYXRjaGdhdGUudjEuRmlsZSIhCg5HZXRGaWxlUmVxdWVzdBIPCgdmaWxlX2lkGAEgASgJIjMKD0dldEZpbGVSZXNwb25zZRIgCgRmaWxlGAEgASgLMhIuYmF0Y2hnYXRlLnYxLkZpbGUiZQoQTGlzdEZpbGVzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIqCgdwdXJwb3NlGAMgASgOMhkuYmF0Y2hnYXRlLnYxLkZpbGVQdXJwb3NlIk8KEUxpc3RGaWxlc1Jlc3BvbnNlEiEKBWZpbGVzGAEgAygLMhIuYmF0Y2hnYXRlLnYxLkZpbGUSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIk8KE0Rvd25sb2FkRmlsZVJlcXVlc3QSDwoHZmlsZV9pZBgBIAEoCRITCgtyZWFkX29mZnNldBgCIAEoAxISCgpyZWFkX2xpbWl0GAMgASgDIlYKFERvd25sb2FkRmlsZVJlc3BvbnNlEiAKBGZpbGUYASABKAsyEi5iYXRjaGdhdGUudjEuRmlsZRIOCgZvZmZzZXQYAiABKAMSDAoEZGF0YRgDIAEoDCIkChFEZWxldGVGaWxlUmVxdWVzdBIPCgdmaWxlX2lkGAEgASgJIjYKEkRlbGV0ZUZpbGVSZXNwb25zZRIPCgdmaWxlX2lkGAEgASgJEg8KB2RlbGV0ZWQYAiABKAgqYgoLRmlsZVB1cnBvc2USHAoYRklMRV9QVVJQT1NFX1VOU1BFQ0lGSUVEEAASFgoSRklMRV9QVVJQT1NFX0JBVENIEAESHQoZRklMRV9QVVJQT1NFX0JBVENIX09VVFBVVBACMqADCgtGaWxlU2VydmljZRJRCgpVcGxvYWRGaWxlEh8uYmF0Y2hnYXRlLnYxLlVwbG9hZEZpbGVSZXF1ZXN0GiAuYmF0Y2hnYXRlLnYxLlVwbG9hZEZpbGVSZXNwb25zZSgBEkYKB0dldEZpbGUSHC5iYXRjaGdhdGUudjEuR2V0RmlsZVJlcXVlc3QaHS5iYXRjaGdhdGUudjEuR2V0RmlsZVJlc3BvbnNlEkwKCUxpc3RGaWxlcxIeLmJhdGNoZ2F0ZS52MS5MaXN0RmlsZXNSZXF1ZXN0Gh8uYmF0Y2hnYXRlLnYxLkxpc3RGaWxlc1Jlc3BvbnNlElcKDERvd25sb2FkRmlsZRIhLmJhdGNoZ2F0ZS52MS5Eb3dubG9hZEZpbGVSZXF1ZXN0GiIuYmF0Y2hnYXRlLnYxLkRvd25sb2FkRmlsZVJlc3BvbnNlMAESTwoKRGVsZXRlRmlsZRIfLmJhdGNoZ2F0ZS52MS5EZWxldGVGaWxlUmVxdWVzdBogLmJhdGNoZ2F0ZS52MS5EZWxldGVGaWxlUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A stored file. Mirrors OpenAI's FileObject plus what validation learnt.
@@ -72,18 +72,28 @@ export type File = Message<"batchgate.v1.File"> & {
 
   /**
    * The single endpoint every request line targets, e.g. "/v1/chat/completions"
-   * (batch files only).
+   * (batch files only; "" when the file mixes endpoints or models: see groups).
    *
    * @generated from field: string endpoint = 9;
    */
   endpoint: string;
 
   /**
-   * The single body.model every request line names (batch files only).
+   * The single body.model every request line names (batch files only; "" when
+   * the file mixes endpoints or models: see groups).
    *
    * @generated from field: string model = 10;
    */
   model: string;
+
+  /**
+   * The request lines by (endpoint, model), in order of first appearance
+   * (batch files only; at most 64). Empty on files uploaded before groups
+   * were kept: then endpoint, model and line_count are the one group.
+   *
+   * @generated from field: repeated batchgate.v1.FileGroup groups = 11;
+   */
+  groups: FileGroup[];
 };
 
 /**
@@ -92,6 +102,45 @@ export type File = Message<"batchgate.v1.File"> & {
  */
 export const FileSchema: GenMessage<File> = /*@__PURE__*/
   messageDesc(file_batchgate_v1_file, 0);
+
+/**
+ * The request lines of a batch file that share an endpoint (url) and a
+ * body.model: CreateBatch runs each group as its own job(s).
+ *
+ * @generated from message batchgate.v1.FileGroup
+ */
+export type FileGroup = Message<"batchgate.v1.FileGroup"> & {
+  /**
+   * @generated from field: string endpoint = 1;
+   */
+  endpoint: string;
+
+  /**
+   * @generated from field: string model = 2;
+   */
+  model: string;
+
+  /**
+   * Number of request lines in the group.
+   *
+   * @generated from field: int64 count = 3;
+   */
+  count: bigint;
+
+  /**
+   * The group's first line numbers (1-based lines of the file, at most 10).
+   *
+   * @generated from field: repeated int64 first_lines = 4;
+   */
+  firstLines: bigint[];
+};
+
+/**
+ * Describes the message batchgate.v1.FileGroup.
+ * Use `create(FileGroupSchema)` to create a new message.
+ */
+export const FileGroupSchema: GenMessage<FileGroup> = /*@__PURE__*/
+  messageDesc(file_batchgate_v1_file, 1);
 
 /**
  * The first message of an upload.
@@ -152,7 +201,7 @@ export type UploadFileHeader = Message<"batchgate.v1.UploadFileHeader"> & {
  * Use `create(UploadFileHeaderSchema)` to create a new message.
  */
 export const UploadFileHeaderSchema: GenMessage<UploadFileHeader> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 1);
+  messageDesc(file_batchgate_v1_file, 2);
 
 /**
  * The last message of an upload: the content is complete, commit the file.
@@ -169,7 +218,7 @@ export type UploadFileFinish = Message<"batchgate.v1.UploadFileFinish"> & {
  * Use `create(UploadFileFinishSchema)` to create a new message.
  */
 export const UploadFileFinishSchema: GenMessage<UploadFileFinish> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 2);
+  messageDesc(file_batchgate_v1_file, 3);
 
 /**
  * @generated from message batchgate.v1.UploadFileRequest
@@ -211,7 +260,7 @@ export type UploadFileRequest = Message<"batchgate.v1.UploadFileRequest"> & {
  * Use `create(UploadFileRequestSchema)` to create a new message.
  */
 export const UploadFileRequestSchema: GenMessage<UploadFileRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 3);
+  messageDesc(file_batchgate_v1_file, 4);
 
 /**
  * @generated from message batchgate.v1.UploadFileResponse
@@ -228,7 +277,7 @@ export type UploadFileResponse = Message<"batchgate.v1.UploadFileResponse"> & {
  * Use `create(UploadFileResponseSchema)` to create a new message.
  */
 export const UploadFileResponseSchema: GenMessage<UploadFileResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 4);
+  messageDesc(file_batchgate_v1_file, 5);
 
 /**
  * @generated from message batchgate.v1.GetFileRequest
@@ -245,7 +294,7 @@ export type GetFileRequest = Message<"batchgate.v1.GetFileRequest"> & {
  * Use `create(GetFileRequestSchema)` to create a new message.
  */
 export const GetFileRequestSchema: GenMessage<GetFileRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 5);
+  messageDesc(file_batchgate_v1_file, 6);
 
 /**
  * @generated from message batchgate.v1.GetFileResponse
@@ -262,7 +311,7 @@ export type GetFileResponse = Message<"batchgate.v1.GetFileResponse"> & {
  * Use `create(GetFileResponseSchema)` to create a new message.
  */
 export const GetFileResponseSchema: GenMessage<GetFileResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 6);
+  messageDesc(file_batchgate_v1_file, 7);
 
 /**
  * @generated from message batchgate.v1.ListFilesRequest
@@ -296,7 +345,7 @@ export type ListFilesRequest = Message<"batchgate.v1.ListFilesRequest"> & {
  * Use `create(ListFilesRequestSchema)` to create a new message.
  */
 export const ListFilesRequestSchema: GenMessage<ListFilesRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 7);
+  messageDesc(file_batchgate_v1_file, 8);
 
 /**
  * @generated from message batchgate.v1.ListFilesResponse
@@ -320,7 +369,7 @@ export type ListFilesResponse = Message<"batchgate.v1.ListFilesResponse"> & {
  * Use `create(ListFilesResponseSchema)` to create a new message.
  */
 export const ListFilesResponseSchema: GenMessage<ListFilesResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 8);
+  messageDesc(file_batchgate_v1_file, 9);
 
 /**
  * @generated from message batchgate.v1.DownloadFileRequest
@@ -351,7 +400,7 @@ export type DownloadFileRequest = Message<"batchgate.v1.DownloadFileRequest"> & 
  * Use `create(DownloadFileRequestSchema)` to create a new message.
  */
 export const DownloadFileRequestSchema: GenMessage<DownloadFileRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 9);
+  messageDesc(file_batchgate_v1_file, 10);
 
 /**
  * @generated from message batchgate.v1.DownloadFileResponse
@@ -382,7 +431,7 @@ export type DownloadFileResponse = Message<"batchgate.v1.DownloadFileResponse"> 
  * Use `create(DownloadFileResponseSchema)` to create a new message.
  */
 export const DownloadFileResponseSchema: GenMessage<DownloadFileResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 10);
+  messageDesc(file_batchgate_v1_file, 11);
 
 /**
  * @generated from message batchgate.v1.DeleteFileRequest
@@ -399,7 +448,7 @@ export type DeleteFileRequest = Message<"batchgate.v1.DeleteFileRequest"> & {
  * Use `create(DeleteFileRequestSchema)` to create a new message.
  */
 export const DeleteFileRequestSchema: GenMessage<DeleteFileRequest> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 11);
+  messageDesc(file_batchgate_v1_file, 12);
 
 /**
  * @generated from message batchgate.v1.DeleteFileResponse
@@ -421,7 +470,7 @@ export type DeleteFileResponse = Message<"batchgate.v1.DeleteFileResponse"> & {
  * Use `create(DeleteFileResponseSchema)` to create a new message.
  */
 export const DeleteFileResponseSchema: GenMessage<DeleteFileResponse> = /*@__PURE__*/
-  messageDesc(file_batchgate_v1_file, 12);
+  messageDesc(file_batchgate_v1_file, 13);
 
 /**
  * What a file is for. Mirrors OpenAI's `purpose`.

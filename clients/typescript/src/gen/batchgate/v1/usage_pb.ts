@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file batchgate/v1/usage.proto.
  */
 export const file_batchgate_v1_usage: GenFile = /*@__PURE__*/
-  fileDesc("ChhiYXRjaGdhdGUvdjEvdXNhZ2UucHJvdG8SDGJhdGNoZ2F0ZS52MSKOAgoRUXVlcnlVc2FnZVJlcXVlc3QSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGdyb3VwX2J5GAMgAygOMhouYmF0Y2hnYXRlLnYxLlVzYWdlR3JvdXBCeRIUCgxtZXRhZGF0YV9rZXkYBCABKAkSDwoHcHJvamVjdBgFIAEoCRINCgVtb2RlbBgGIAEoCRIQCghwcm92aWRlchgHIAEoCRIRCglwYWdlX3NpemUYCCABKAUSEgoKcGFnZV90b2tlbhgJIAEoCSKoAgoIVXNhZ2VSb3cSMAoFZ3JvdXAYASADKAsyIS5iYXRjaGdhdGUudjEuVXNhZ2VSb3cuR3JvdXBFbnRyeRITCgtiYXRjaF9jb3VudBgCIAEoAxIUCgxpbnB1dF90b2tlbnMYAyABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgEIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAUgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBiABKAMSEwoLY29zdF9hbW91bnQYByABKAkSHAoUdW5rbm93bl9jb3N0X2JhdGNoZXMYCCABKAMSEAoIY3VycmVuY3kYCSABKAkaLAoKR3JvdXBFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBInsKElF1ZXJ5VXNhZ2VSZXNwb25zZRIkCgRyb3dzGAEgAygLMhYuYmF0Y2hnYXRlLnYxLlVzYWdlUm93EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCRImCgZ0b3RhbHMYAyABKAsyFi5iYXRjaGdhdGUudjEuVXNhZ2VSb3cqvgEKDFVzYWdlR3JvdXBCeRIeChpVU0FHRV9HUk9VUF9CWV9VTlNQRUNJRklFRBAAEhoKFlVTQUdFX0dST1VQX0JZX1BST0pFQ1QQARIaChZVU0FHRV9HUk9VUF9CWV9BUElfS0VZEAISGAoUVVNBR0VfR1JPVVBfQllfTU9ERUwQAxIbChdVU0FHRV9HUk9VUF9CWV9QUk9WSURFUhAEEh8KG1VTQUdFX0dST1VQX0JZX01FVEFEQVRBX0tFWRAFMl8KDFVzYWdlU2VydmljZRJPCgpRdWVyeVVzYWdlEh8uYmF0Y2hnYXRlLnYxLlF1ZXJ5VXNhZ2VSZXF1ZXN0GiAuYmF0Y2hnYXRlLnYxLlF1ZXJ5VXNhZ2VSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChhiYXRjaGdhdGUvdjEvdXNhZ2UucHJvdG8SDGJhdGNoZ2F0ZS52MSKOAgoRUXVlcnlVc2FnZVJlcXVlc3QSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGdyb3VwX2J5GAMgAygOMhouYmF0Y2hnYXRlLnYxLlVzYWdlR3JvdXBCeRIUCgxtZXRhZGF0YV9rZXkYBCABKAkSDwoHcHJvamVjdBgFIAEoCRINCgVtb2RlbBgGIAEoCRIQCghwcm92aWRlchgHIAEoCRIRCglwYWdlX3NpemUYCCABKAUSEgoKcGFnZV90b2tlbhgJIAEoCSL1AgoIVXNhZ2VSb3cSMAoFZ3JvdXAYASADKAsyIS5iYXRjaGdhdGUudjEuVXNhZ2VSb3cuR3JvdXBFbnRyeRITCgtiYXRjaF9jb3VudBgCIAEoAxIUCgxpbnB1dF90b2tlbnMYAyABKAMSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgEIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAUgASgDEhgKEHJlYXNvbmluZ190b2tlbnMYBiABKAMSEwoLY29zdF9hbW91bnQYByABKAkSHAoUdW5rbm93bl9jb3N0X2JhdGNoZXMYCCABKAMSEAoIY3VycmVuY3kYCSABKAkSIwobY2FjaGVfY3JlYXRpb25faW5wdXRfdG9rZW5zGAogASgDEiYKHmNhY2hlX2NyZWF0aW9uXzFoX2lucHV0X3Rva2VucxgLIAEoAxosCgpHcm91cEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiewoSUXVlcnlVc2FnZVJlc3BvbnNlEiQKBHJvd3MYASADKAsyFi5iYXRjaGdhdGUudjEuVXNhZ2VSb3cSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEiYKBnRvdGFscxgDIAEoCzIWLmJhdGNoZ2F0ZS52MS5Vc2FnZVJvdyq+AQoMVXNhZ2VHcm91cEJ5Eh4KGlVTQUdFX0dST1VQX0JZX1VOU1BFQ0lGSUVEEAASGgoWVVNBR0VfR1JPVVBfQllfUFJPSkVDVBABEhoKFlVTQUdFX0dST1VQX0JZX0FQSV9LRVkQAhIYChRVU0FHRV9HUk9VUF9CWV9NT0RFTBADEhsKF1VTQUdFX0dST1VQX0JZX1BST1ZJREVSEAQSHwobVVNBR0VfR1JPVVBfQllfTUVUQURBVEFfS0VZEAUyXwoMVXNhZ2VTZXJ2aWNlEk8KClF1ZXJ5VXNhZ2USHy5iYXRjaGdhdGUudjEuUXVlcnlVc2FnZVJlcXVlc3QaIC5iYXRjaGdhdGUudjEuUXVlcnlVc2FnZVJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * @generated from message batchgate.v1.QueryUsageRequest
@@ -110,8 +110,9 @@ export type UsageRow = Message<"batchgate.v1.UsageRow"> & {
   group: { [key: string]: string };
 
   /**
-   * Batches that ended in the range, whatever their terminal state (failed
-   * batches count, with no usage and zero cost).
+   * Batches that ended in the range, whatever their terminal state (a failed
+   * batch counts with the usage and cost of the requests the provider answered
+   * before it failed: zero when it answered none).
    *
    * @generated from field: int64 batch_count = 2;
    */
@@ -164,6 +165,21 @@ export type UsageRow = Message<"batchgate.v1.UsageRow"> & {
    * @generated from field: string currency = 9;
    */
   currency: string;
+
+  /**
+   * Part of input_tokens written to a prompt cache (Anthropic's
+   * cache_creation_input_tokens), charged at the cache-write prices.
+   *
+   * @generated from field: int64 cache_creation_input_tokens = 10;
+   */
+  cacheCreationInputTokens: bigint;
+
+  /**
+   * Part of cache_creation_input_tokens written with a 1-hour lifetime.
+   *
+   * @generated from field: int64 cache_creation_1h_input_tokens = 11;
+   */
+  cacheCreation1hInputTokens: bigint;
 };
 
 /**

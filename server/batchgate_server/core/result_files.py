@@ -1,0 +1,122 @@
+"""An ended job's results as the batch's output and error files, with the usage they report
+(ResultSink is what a sharded batch's merge, core/sharded.py, writes with too).
+
+One place for both ways a batch ends with results: completed / cancelled / expired (the
+tracker's _finish) and failed after the provider answered some requests (_fail_with: the
+provider bills those, so they are kept and charged). The files are committed as blobs here;
+recording them, the usage and the cost on the batch and in the ledger is the caller's terminal
+transaction (and `discard` removes the blobs when that transaction does not happen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+
+from batchgate_server.core.accounting import UsageCounter
+from batchgate_server.domain.models import BatchRecord, FilePurpose, FileRecord, RequestCounts
+from batchgate_server.providers.base import ResultKind, ResultLine
+from batchgate_server.store.ports import BlobStore
+
+YIELD_EVERY_LINES = 2000
+
+
+class ResultSink:
+    """Writes one result file while hashing it, in blocks of WRITE_BLOCK bytes (a blob write may
+    cost a thread hop or a network call: never one per line); commits it only if it got lines."""
+
+    WRITE_BLOCK = 1024 * 1024
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self._writer = blobs.open_writer()
+        self._hash = hashlib.sha256()
+        self._pending = bytearray()
+        self.lines = 0
+        self.bytes = 0
+
+    async def write(self, data: bytes) -> None:
+        self._pending += data
+        self._pending += b"\n"
+        self.lines += 1
+        self.bytes += len(data) + 1
+        if len(self._pending) >= self.WRITE_BLOCK:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        block = bytes(self._pending)
+        self._pending.clear()
+        self._hash.update(block)
+        await self._writer.write(block)
+
+    async def abort(self) -> None:
+        self._pending.clear()
+        await self._writer.abort()
+
+    async def commit(self, file_id: str, project: str, filename: str, now: float) -> FileRecord | None:
+        if self.lines == 0:
+            await self._writer.abort()
+            return None
+        if self._pending:
+            await self._flush()
+        await self._writer.commit(file_id)
+        return FileRecord(id=file_id, project=project, filename=filename, purpose=FilePurpose.BATCH_OUTPUT,
+                          bytes=self.bytes, sha256=self._hash.hexdigest(), created_at=now,
+                          line_count=self.lines)
+
+
+@dataclass
+class CollectedResults:
+    output_id: str
+    error_id: str
+    usage: UsageCounter
+    out_lines: int = 0
+    err_lines: int = 0
+    files: list[FileRecord] = field(default_factory=list)  # committed blobs, not recorded yet
+
+    def record_on(self, r: BatchRecord, total: int) -> None:
+        """Put the files and counts on the batch (in the caller's terminal mutation)."""
+        r.output_file_id = self.output_id if self.out_lines else ""
+        r.error_file_id = self.error_id if self.err_lines else ""
+        r.request_counts = RequestCounts(total=total or (self.out_lines + self.err_lines),
+                                         completed=self.out_lines, failed=self.err_lines)
+
+    async def discard(self, blobs: BlobStore) -> None:
+        """The terminal transaction did not happen: a retry writes the files again, same ids."""
+        for f in self.files:
+            await blobs.delete(f.id)
+
+
+async def collect_results(lines: AsyncIterable[ResultLine], blobs: BlobStore, rec: BatchRecord,
+                          usage: UsageCounter, now: float) -> CollectedResults:
+    """Write `lines` into the output and error files named by rec.result_file_ids, summing the
+    usage of the output lines. Nothing is left behind when it fails (or is cancelled)."""
+    output_id, error_id = rec.result_file_ids
+    sinks = {ResultKind.OUTPUT: ResultSink(blobs), ResultKind.ERROR: ResultSink(blobs)}
+    try:
+        written = 0
+        async for line in lines:
+            await sinks[line.kind].write(line.data)
+            if line.kind is ResultKind.OUTPUT:
+                usage.add_line(line.data)
+            written += 1
+            if written % YIELD_EVERY_LINES == 0:
+                await asyncio.sleep(0)  # a 50k-line result must not stall every other RPC
+    except BaseException:
+        for sink in sinks.values():
+            await sink.abort()
+        raise
+    collected = CollectedResults(output_id, error_id, usage, out_lines=sinks[ResultKind.OUTPUT].lines,
+                                 err_lines=sinks[ResultKind.ERROR].lines)
+    try:
+        for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
+            record = await sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now)
+            if record is not None:
+                collected.files.append(record)
+    except BaseException:  # e.g. a full disk: neither file is kept, a retry writes both again
+        for sink in sinks.values():
+            await sink.abort()
+        await collected.discard(blobs)
+        raise
+    return collected

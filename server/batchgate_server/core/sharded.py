@@ -1,0 +1,431 @@
+"""A sharded batch's own runner: split, follow the shards, propagate a cancel, merge.
+
+The parent (BatchRecord.plan set, domain/shards.py) runs no provider job itself. Its runner
+1. splits (VALIDATING): one pass over the input measures every line as its provider receives it
+   (BatchProvider.request_size) and cuts each planned part into the fewest near-equal jobs under
+   the provider's JobLimits; then ONE store transaction inserts every shard and moves the parent
+   to in_progress (split_batch). A split redone after a crash cuts the same shards.
+2. follows (IN_PROGRESS / CANCELLING): the shards run as ordinary batches (BatchRunner, any
+   replica); a shard's change wakes this runner (Tracker.changed) and it re-reads their rows every
+   FOLLOW_INTERVAL too (a notification may be lost, a shard may run elsewhere). It persists the
+   aggregate (Batch.shards, request_counts) only when something changed.
+3. merges (all shards ended): the shards' output files into one output file and their error files
+   into one error file, under ids chosen once (as BatchRunner._finish), adding an error line for
+   every request of a shard that has no line for it, so every custom_id is answered exactly once.
+   Usage and cost are the shards' sums; the ledger rows are the shards' own (the parent writes
+   none), and the shards' result files are deleted once the parent's end has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import msgspec
+
+from batchgate_server.core.result_files import YIELD_EVERY_LINES, ResultSink
+from batchgate_server.core.shard_input import line_group, selection_lines
+from batchgate_server.core.tracker import BatchRunner, Tracker, cancel_batch
+from batchgate_server.domain import log_context
+from batchgate_server.domain.backoff import Backoff
+from batchgate_server.domain.deployment import Deployment
+from batchgate_server.domain.ids import new_file_id
+from batchgate_server.domain.models import (
+    BatchError,
+    BatchRecord,
+    BatchStatus,
+    RequestCounts,
+    ShardSummary,
+    Usage,
+)
+from batchgate_server.domain.shards import JobLimits, PlannedPart, ShardSelection
+from batchgate_server.pricing.cost import sum_costs
+from batchgate_server.providers.base import BatchProvider
+from batchgate_server.providers.output_lines import line_id, no_result_line
+from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+# Seconds between re-reads of the shards' rows when no change notification came.
+FOLLOW_INTERVAL = 2.0
+# Errors of failed shards a failed parent shows.
+MAX_PARENT_ERRORS = 10
+
+
+class SplitRefused(Exception):
+    """No cut of a part satisfies its provider's limits: the batch fails with this message."""
+
+
+def cut(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[int, int]]:
+    """The fewest consecutive, near-equal (by lines) jobs [i, j) of a part whose lines take
+    `sizes` bytes each, every one within `limits`. Near-equal so that the last job is not left
+    below min_requests. SplitRefused naming the numbers when no cut fits."""
+    n = len(sizes)
+    if n < limits.min_requests:
+        raise SplitRefused(f"{what} has {n} requests; a job there takes at least {limits.min_requests}")
+    max_bytes = limits.max_bytes
+    if max_bytes is not None:
+        largest = max(sizes, default=0)
+        if largest > max_bytes:
+            raise SplitRefused(f"{what} has a request of {largest} bytes once translated; a job there takes "
+                               f"at most {max_bytes} bytes")
+    prefix = array("Q", [0])
+    prefix.extend(accumulate(sizes))
+    jobs = max(1, math.ceil(n / limits.max_requests) if limits.max_requests else 1,
+               math.ceil(prefix[-1] / max_bytes) if max_bytes else 1)
+    while True:
+        if n // jobs < limits.min_requests:
+            raise SplitRefused(
+                f"{what} ({n} requests, {prefix[-1]} bytes once translated) cannot be cut into jobs of at most "
+                f"{limits.max_requests or 'any number of'} requests and {max_bytes} bytes with at least "
+                f"{limits.min_requests} requests each")
+        bounds = [n * i // jobs for i in range(jobs + 1)]
+        if max_bytes is None or all(prefix[b] - prefix[a] <= max_bytes for a, b in zip(bounds, bounds[1:])):
+            return list(zip(bounds, bounds[1:]))
+        jobs += 1
+
+
+@dataclass
+class _Measured:
+    """One planned part during the split: the byte offset and translated size of each of its lines."""
+
+    part: PlannedPart
+    deployment: Deployment
+    provider: BatchProvider
+    offsets: array = field(default_factory=lambda: array("Q"))
+    sizes: array = field(default_factory=lambda: array("I"))
+
+
+class _CustomId(msgspec.Struct):
+    custom_id: str = ""
+
+
+_decode_custom_id = msgspec.json.Decoder(_CustomId).decode
+
+
+def _custom_id(line: bytes) -> str:
+    try:
+        return _decode_custom_id(line).custom_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
+
+
+def ended_as(parent: BatchRecord, shards: Sequence[BatchRecord]) -> BatchStatus:
+    """The parent's end from its shards' (all ended): cancelled once a cancel was accepted;
+    failed only when every shard failed; expired when every shard failed or expired and one
+    expired; completed otherwise (partial results kept)."""
+    if parent.status is BatchStatus.CANCELLING:
+        return BatchStatus.CANCELLED
+    statuses = {s.status for s in shards}
+    if statuses == {BatchStatus.FAILED}:
+        return BatchStatus.FAILED
+    if BatchStatus.EXPIRED in statuses and statuses <= {BatchStatus.FAILED, BatchStatus.EXPIRED}:
+        return BatchStatus.EXPIRED
+    return BatchStatus.COMPLETED
+
+
+def _no_result_error(shard: BatchRecord) -> tuple[str, str]:
+    """(code, message) of the error line of a shard's request it has no line for."""
+    if shard.status is BatchStatus.FAILED and shard.errors:
+        return shard.errors[0].code, shard.errors[0].message
+    if shard.status is BatchStatus.EXPIRED:
+        return "batch_expired", "This request could not be executed before the completion window expired."
+    if shard.status is BatchStatus.CANCELLED:
+        return "batch_cancelled", "This request was not executed because the batch was cancelled."
+    return "batch_failed", "This request got no answer from the provider."
+
+
+class ShardedBatchRunner(BatchRunner):
+    """Drives a sharded parent (see the module docstring); persistence, cancel intake and lease
+    handling are BatchRunner's."""
+
+    def __init__(self, tracker: Tracker, record: BatchRecord) -> None:
+        super().__init__(tracker, record)
+        self._cancel_propagated = False
+        for shard in record.shards:
+            tracker.follow_shard(shard.id, record.id)
+
+    async def run(self) -> None:
+        rec = self.rec
+        log_context.bind(batch_id=rec.id, project=rec.project, file_id=rec.input_file_id)
+        storage_backoff = Backoff(base=0.5, cap=5.0)
+        try:
+            while not self.rec.status.is_terminal:
+                try:
+                    await self._advance()
+                    storage_backoff.reset()
+                except (StorageFull, StorageUnavailable, RevisionConflict, OSError) as err:
+                    log.warning("batch %s: storage error (%s: %s), retrying", rec.id, type(err).__name__, err)
+                    await self._reread()
+                    await self._sleep(storage_backoff.next())
+        except LeaseLost:
+            log.warning("batch %s: lease lost; another replica drives it now", rec.id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug must not leave the batch hanging forever
+            log.exception("batch %s: unexpected error", rec.id)
+            try:
+                await self._fail("internal_error", f"batchgate failed to run this batch: {type(err).__name__}")
+            except Exception:
+                log.exception("batch %s: could not record the failure", rec.id)
+        finally:
+            self.t._forget(rec.id)
+
+    async def _reread(self) -> None:
+        try:
+            stored = await self.t.store.get_batch(self.rec.id)
+        except StorageError:
+            return
+        if stored is not None and stored.revision != self.rec.revision:
+            self.rec = stored
+
+    async def _advance(self) -> None:
+        if not self.rec.shards:
+            if self.rec.status is BatchStatus.CANCELLING:
+                await self._cancel_before_submission()  # nothing split, nothing submitted
+                return
+            await self._split()
+            return
+        shards = await self._read_shards()
+        if self.rec.status is BatchStatus.CANCELLING and not self._cancel_propagated:
+            await self._propagate_cancel(shards)
+        if all(s.status.is_terminal for s in shards):
+            await self._merge(shards)
+            return
+        await self._show(shards)
+        await self._sleep(FOLLOW_INTERVAL)
+
+    # -- split ----------------------------------------------------------------------------
+
+    async def _split(self) -> None:
+        rec = self.rec
+        source = await self.t.store.get_file(rec.input_file_id)
+        single_group = source is None or len(source.groups) <= 1  # no groups kept: one group
+        try:
+            measured = await self._measure(single_group)
+            cuts = [cut(m.sizes, m.provider.limits(m.part.endpoint, m.deployment),
+                        f"the {m.part.count} requests for {m.part.model!r} on {m.deployment.id}") for m in measured]
+        except SplitRefused as err:
+            await self._fail("shard_limits", str(err))
+            return
+        shards: list[BatchRecord] = []
+        for m, jobs in zip(measured, cuts):
+            for first, last in jobs:
+                d = m.deployment
+                shards.append(BatchRecord(
+                    id=f"{rec.id}_s{len(shards) + 1}", project=rec.project, endpoint=m.part.endpoint,
+                    input_file_id=rec.input_file_id, completion_window=rec.completion_window,
+                    status=BatchStatus.VALIDATING, created_at=rec.created_at, expires_at=rec.expires_at,
+                    model=d.model_name, provider=d.provider, deployment_id=d.id, input_line_count=last - first,
+                    api_key_id=rec.api_key_id, metadata=dict(rec.metadata),
+                    price=self.t.accounting.snapshot(d.model, d.model_info, d.provider), parent_id=rec.id,
+                    selection=ShardSelection(endpoint=m.part.endpoint, model=m.part.model,
+                                             start=m.part.start + first, end=m.part.start + last,
+                                             byte_offset=m.offsets[first] if last > first else 0,
+                                             single_group=single_group)))
+        now = time.time()
+
+        def split(r: BatchRecord) -> None:
+            if r.status is BatchStatus.CANCELLING:
+                # A cancel came in while splitting: the shards start cancelled, nothing is submitted.
+                for shard in shards:
+                    shard.status, shard.cancelling_at = BatchStatus.CANCELLING, r.cancelling_at or now
+            else:
+                self._enter(BatchStatus.IN_PROGRESS)(r)
+            r.shards = [self._summary(s) for s in shards]
+            r.request_counts = RequestCounts(total=sum(s.input_line_count for s in shards))
+
+        await self._persist(split, shards=shards)
+        log.info("batch %s split into %d jobs: %s", rec.id, len(shards),
+                 ", ".join(f"{s.id} ({s.input_line_count} on {s.deployment_id})" for s in shards))
+        for shard in shards:
+            self.t.follow_shard(shard.id, rec.id)
+            self.t.adopt(shard)
+
+    async def _measure(self, single_group: bool) -> list[_Measured]:
+        """One pass over the input: each line -> its group -> its planned part (by ordinal).
+        single_group: the file has one group, no line needs decoding."""
+        rec = self.rec
+        measured: list[_Measured] = []
+        by_group: dict[tuple[str, str], list[_Measured]] = {}
+        for part in sorted(rec.plan, key=lambda p: (p.endpoint, p.model, p.start)):
+            deployment = self.t.router.deployment(part.deployment_id)
+            if deployment is None:
+                raise SplitRefused(f"deployment {part.deployment_id!r} is no longer in the model list")
+            m = _Measured(part, deployment, self.t.providers.get(deployment.provider))
+            measured.append(m)
+            by_group.setdefault((part.endpoint, part.model), []).append(m)
+        only = next(iter(by_group)) if single_group and len(by_group) == 1 else None
+        ordinals: dict[tuple[str, str], int] = {}
+        seen = 0
+        async for offset, line in self.t.blobs.lines_at(rec.input_file_id):
+            group = only or line_group(line)
+            ordinal = ordinals.get(group, 0)
+            ordinals[group] = ordinal + 1
+            for m in by_group.get(group, ()):
+                if m.part.start <= ordinal < m.part.end:
+                    m.offsets.append(offset)
+                    m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
+                    break
+            seen += 1
+            if seen % YIELD_EVERY_LINES == 0:
+                await asyncio.sleep(0)
+        for m in measured:
+            if len(m.sizes) != m.part.count:
+                raise SplitRefused(f"the input has {len(m.sizes)} of the {m.part.count} requests planned for "
+                                   f"{m.part.model!r} on {m.deployment.id}")
+        return measured
+
+    # -- follow ---------------------------------------------------------------------------
+
+    async def _read_shards(self) -> list[BatchRecord]:
+        shards = []
+        for summary in self.rec.shards:
+            shard = await self.t.store.get_batch(summary.id)
+            if shard is None:
+                raise RuntimeError(f"shard {summary.id} of batch {self.rec.id} is missing")
+            shards.append(shard)
+        return shards
+
+    def _summary(self, shard: BatchRecord) -> ShardSummary:
+        try:
+            job_id = self.t.providers.get(shard.provider).job_id(shard.provider_state)
+        except Exception:  # noqa: BLE001 - shown to operators only; a provider gone from the build shows none
+            job_id = ""
+        return ShardSummary(id=shard.id, endpoint=shard.endpoint, model=shard.model, provider=shard.provider,
+                            deployment_id=shard.deployment_id, provider_job_id=job_id, status=shard.status,
+                            request_counts=RequestCounts(shard.request_counts.total or shard.input_line_count,
+                                                         shard.request_counts.completed,
+                                                         shard.request_counts.failed),
+                            errors=list(shard.errors), cost=shard.cost)
+
+    async def _show(self, shards: Sequence[BatchRecord]) -> None:
+        summaries = [self._summary(s) for s in shards]
+        counts = RequestCounts(total=sum(s.request_counts.total for s in summaries),
+                               completed=sum(s.request_counts.completed for s in summaries),
+                               failed=sum(s.request_counts.failed for s in summaries))
+        if summaries == self.rec.shards and counts == self.rec.request_counts:
+            return
+
+        def show(r: BatchRecord) -> None:
+            r.shards = summaries
+            r.request_counts = counts
+
+        await self._persist(show)
+
+    async def _propagate_cancel(self, shards: Sequence[BatchRecord]) -> None:
+        for shard in shards:
+            if not shard.status.is_terminal and shard.status is not BatchStatus.CANCELLING:
+                await cancel_batch(self.t, shard)
+        self._cancel_propagated = True
+
+    # -- merge ----------------------------------------------------------------------------
+
+    async def _merge(self, shards: Sequence[BatchRecord]) -> None:
+        rec = self.rec
+        if not rec.result_file_ids:
+            def prepare(r: BatchRecord) -> None:
+                r.result_file_ids = [new_file_id(), new_file_id()]
+                if r.status is not BatchStatus.CANCELLING:
+                    self._enter(BatchStatus.FINALIZING)(r)
+                r.shards = [self._summary(s) for s in shards]
+
+            await self._persist(prepare)
+        output_id, error_id = self.rec.result_file_ids
+        out, err = ResultSink(self.t.blobs), ResultSink(self.t.blobs)
+        try:
+            for shard in shards:
+                await self._merge_shard(shard, out, err)
+        except BaseException:
+            await out.abort()
+            await err.abort()
+            raise
+        now = time.time()
+        files = []
+        try:
+            for sink, file_id, kind in ((out, output_id, "output"), (err, error_id, "error")):
+                record = await sink.commit(file_id, rec.project, f"{rec.id}_{kind}.jsonl", now)
+                if record is not None:
+                    files.append(record)
+        except BaseException:
+            await out.abort()
+            await err.abort()
+            for f in files:
+                await self.t.blobs.delete(f.id)
+            raise
+        usage = Usage()
+        for shard in shards:
+            if shard.usage is not None:
+                usage.add(shard.usage)
+        ended = ended_as(self.rec, shards)
+
+        def finish(r: BatchRecord) -> None:
+            status = BatchStatus.CANCELLED if r.status is BatchStatus.CANCELLING else ended
+            self._enter(status)(r)
+            r.output_file_id = output_id if out.lines else ""
+            r.error_file_id = error_id if err.lines else ""
+            r.request_counts = RequestCounts(total=sum(s.input_line_count for s in shards), completed=out.lines,
+                                             failed=err.lines)
+            r.usage = usage
+            r.cost = sum_costs([s.cost for s in shards])
+            r.shards = [self._summary(s) for s in shards]
+            if status is BatchStatus.FAILED:
+                r.errors = [e for s in shards for e in s.errors][:MAX_PARENT_ERRORS]
+
+        try:
+            await self._persist(finish, extra_files=files)
+        except asyncio.CancelledError:
+            raise  # the shielded write may still land: a redone merge writes the same ids
+        except BaseException:
+            for f in files:
+                await self.t.blobs.delete(f.id)
+            raise
+        log.info("batch %s %s: %d ok, %d failed over %d jobs", rec.id, self.rec.status.value, out.lines, err.lines,
+                 len(shards))
+        await self._delete_shard_results(shards)
+
+    async def _merge_shard(self, shard: BatchRecord, out: ResultSink, err: ResultSink) -> None:
+        """Copy `shard`'s result lines, then an error line for each of its requests it has none for."""
+        answered = 0
+        missing_possible = (shard.request_counts.completed + shard.request_counts.failed) < shard.input_line_count
+        seen: set[str] = set()
+        for file_id, sink in ((shard.output_file_id, out), (shard.error_file_id, err)):
+            if not file_id:
+                continue
+            async for line in self.t.blobs.lines(file_id):
+                await sink.write(line)
+                answered += 1
+                if missing_possible:
+                    seen.add(_custom_id(line))
+                if answered % YIELD_EVERY_LINES == 0:
+                    await asyncio.sleep(0)
+        if answered >= shard.input_line_count:
+            return
+        code, message = _no_result_error(shard)
+        assert shard.selection is not None
+        index = 0
+        async for line in selection_lines(self.t.blobs, shard.input_file_id, shard.selection):
+            custom_id = _custom_id(line)
+            if custom_id not in seen:
+                await err.write(no_result_line(line_id(shard.id, index), custom_id, code, message).data)
+            index += 1
+            if index % YIELD_EVERY_LINES == 0:
+                await asyncio.sleep(0)
+
+    async def _delete_shard_results(self, shards: Sequence[BatchRecord]) -> None:
+        """The merged files hold the shards' results now: their own files go (rows, then blobs)."""
+        for shard in shards:
+            for file_id in (shard.output_file_id, shard.error_file_id):
+                if not file_id:
+                    continue
+                try:
+                    await self.t.store.delete_file(file_id)
+                    await self.t.blobs.delete(file_id)
+                except (StorageError, OSError) as err:
+                    log.warning("batch %s: could not delete shard result file %s: %s", self.rec.id, file_id, err)
