@@ -21,7 +21,7 @@ from batchgate_server.providers.executor.health import UpstreamHealth
 from batchgate_server.providers.executor.progress import Flushed, ProgressFlusher
 from batchgate_server.providers.executor.rate_limit import RateLimiter
 from batchgate_server.providers.executor.results_log import ResultsLog
-from batchgate_server.providers.executor.transport import TransportFailure, TransportResponse
+from batchgate_server.providers.executor.transport import TransportFailure, TransportResponse, cancel_until_done
 
 log = logging.getLogger(__name__)
 
@@ -252,10 +252,8 @@ class ExecutorRun:
         finally:
             # Every task of the run ends with it, `everything` too when the run itself is cancelled
             # (a stop): a task left pending is destroyed with the loop and logged as an error.
-            tasks = (everything, producer, *workers, *stop_reasons)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # cancel_until_done: a worker's cancel can be lost inside the HTTP client (transport.py).
+            await cancel_until_done([everything, producer, *workers, *stop_reasons])
 
     async def _drain(self, producer: asyncio.Task, queue: asyncio.Queue) -> None:
         await producer
