@@ -163,6 +163,12 @@ def validation_error(result: ValidationResult) -> InvalidArgument:
     )
 
 
+def _callers(principal: Principal, record: FileRecord) -> bool:
+    """Whether `principal` sees `record` as one of its files: a shard's result file is the
+    service's own until its parent's merge deletes it."""
+    return principal.can_see(record.project) and not record.merged_into
+
+
 class FileManager:
     def __init__(self, store: MetadataStore, blobs: BlobStore, limits: FileLimits, page_tokens: PageTokens,
                  validation_workers: ValidationWorkers | None = None) -> None:
@@ -331,7 +337,7 @@ class FileManager:
         if not file_id:
             raise _invalid("file_id is required", "MISSING_FILE_ID", "file_id", "required")
         record = await self.store.get_file(file_id)
-        if record is None or not principal.can_see(record.project):
+        if record is None or not _callers(principal, record):
             raise not_found("file", file_id)
         return record
 
@@ -348,7 +354,7 @@ class FileManager:
                          oldest_first: bool, weigh: Callable[[FileRecord], int]) -> tuple[list[FileRecord], bool]:
         """Up to `limit` files after the file `after_id` ("": from the start), and whether more follow:
         the HTTP listing, whose cursor is an id."""
-        cursor = await after_cursor("file", after_id, self.store.get_file, lambda r: principal.can_see(r.project))
+        cursor = await after_cursor("file", after_id, self.store.get_file, lambda r: _callers(principal, r))
         return await keyset_rows(
             limit, cursor,
             lambda size, after: self.store.list_files(principal.scope, purpose.value if purpose else None, size,
@@ -388,7 +394,7 @@ class FileManager:
     # -- housekeeping -----------------------------------------------------------------
 
     async def sweep_expired(self, now: float | None = None) -> int:
-        removed = 0
+        removed = await self.sweep_shard_results()
         for record in await self.store.expired_files(now or time.time()):
             if await self.store.active_batch_reading(record.id):
                 continue  # a running batch still reads it: it goes once that batch has ended
@@ -397,6 +403,21 @@ class FileManager:
             removed += 1
         if removed:
             log.info("deleted %d expired file(s)", removed)
+        return removed
+
+    async def sweep_shard_results(self) -> int:
+        """Shards' result files whose parent has ended: its merge deletes them right after its end
+        commits, so these are what a crash in between (or a failed delete) left."""
+        removed = 0
+        for record in await self.store.shard_result_files():
+            parent = await self.store.get_batch(record.merged_into)
+            if parent is not None and not parent.status.is_terminal:
+                continue  # its merge still reads it
+            await self.store.delete_file(record.id)
+            await self.blobs.delete(record.id)
+            removed += 1
+        if removed:
+            log.info("deleted %d result file(s) of ended sharded batches", removed)
         return removed
 
     async def remove_orphan_blobs(self) -> int:
