@@ -23,7 +23,16 @@ from tests.backends_pg import run_sql
 from tests.conftest import jsonl, request_line, serving
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.fakes.webhook_receiver import WebhookReceiver
-from tests.integration.batch_helpers import create, download_lines, results, status_names, upstream_entry, watch_all, write_config
+from tests.integration.batch_helpers import (
+    create,
+    download_lines,
+    results,
+    run_batch,
+    status_names,
+    upstream_entry,
+    watch_all,
+    write_config,
+)
 from tests.integration.test_cli import cli, cli_env
 from tests.integration.test_observability import scrape, value
 from tests.integration.test_openai_provider_e2e import openai_entry, write_litellm_config
@@ -429,25 +438,25 @@ async def test_shards_result_files_left_by_a_crash_after_the_parents_end_go_at_r
                                                                     max_batch_requests=4)])
     async with serving(tmp_path / "data", config_file=config) as h:
         a = h.alice
-        f = await h.upload(a, jsonl(chat_lines(10)))
-        batch = await create(a, f.id)
-        final = (await watch_all(a, batch.id))[-1]
+        final, _, _, _ = await run_batch(h, chat_lines(10))
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
         # what a kill -9 between the parent's end and the deletion of its shards' files leaves:
         # a shard's result file (row and blob) still recorded for the ended parent
         shard = await h.server.store.get_batch(final.shards[0].id)
         leftover = FileRecord(id="file-leftover", project=shard.project, filename=f"{shard.id}_output.jsonl",
                               purpose=FilePurpose.BATCH_OUTPUT, bytes=3, sha256="", created_at=time.time(),
-                              line_count=1, merged_into=batch.id)
+                              line_count=1, merged_into=final.id)
         writer = h.server.files.blobs.open_writer()
         await writer.write(b"{}\n")
         await writer.commit(leftover.id)
         await h.server.store.insert_file(leftover)
         listed = await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)
-        assert leftover.id not in [x.id for x in listed.files]
+        own = [x.id for x in listed.files]
+        assert leftover.id not in own
     async with serving(tmp_path / "data", config_file=config) as h:
         async with asyncio.timeout(10):  # the start's sweep
             while await h.server.store.get_file(leftover.id) is not None:
                 await asyncio.sleep(0.02)
         assert [k async for k in h.server.files.blobs.keys() if k == leftover.id] == []
-        assert await h.server.store.get_file(f.id) is not None, "the caller's own file stays"
+        listed = await h.alice.files.ListFiles(file_pb2.ListFilesRequest(), metadata=h.alice.metadata)
+        assert [x.id for x in listed.files] == own, "the caller's own files stay"

@@ -10,7 +10,7 @@ import re
 import time
 from collections import Counter
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -394,30 +394,32 @@ class FileManager:
     # -- housekeeping -----------------------------------------------------------------
 
     async def sweep_expired(self, now: float | None = None) -> int:
-        removed = await self.sweep_shard_results()
-        for record in await self.store.expired_files(now or time.time()):
-            if await self.store.active_batch_reading(record.id):
-                continue  # a running batch still reads it: it goes once that batch has ended
-            await self.store.delete_file(record.id)
-            await self.blobs.delete(record.id)
-            removed += 1
-        if removed:
-            log.info("deleted %d expired file(s)", removed)
-        return removed
+        """Expired files, and the shards' result files whose parent has ended: its merge deletes them
+        right after its end commits, so these are what a crash in between (or a failed delete) left."""
+        async def still_read(record: FileRecord) -> bool:
+            # a running batch still reads it: it goes once that batch has ended
+            return bool(await self.store.active_batch_reading(record.id))
 
-    async def sweep_shard_results(self) -> int:
-        """Shards' result files whose parent has ended: its merge deletes them right after its end
-        commits, so these are what a crash in between (or a failed delete) left."""
-        removed = 0
-        for record in await self.store.shard_result_files():
+        async def parent_running(record: FileRecord) -> bool:
             parent = await self.store.get_batch(record.merged_into)
-            if parent is not None and not parent.status.is_terminal:
-                continue  # its merge still reads it
+            return parent is not None and not parent.status.is_terminal  # its merge still reads it
+
+        return (await self._remove_unless(await self.store.shard_result_files(), parent_running,
+                                          "result file(s) of ended sharded batches")
+                + await self._remove_unless(await self.store.expired_files(now or time.time()), still_read,
+                                            "expired file(s)"))
+
+    async def _remove_unless(self, records: list[FileRecord], kept: Callable[[FileRecord], Awaitable[bool]],
+                             what: str) -> int:
+        removed = 0
+        for record in records:
+            if await kept(record):
+                continue
             await self.store.delete_file(record.id)
             await self.blobs.delete(record.id)
             removed += 1
         if removed:
-            log.info("deleted %d result file(s) of ended sharded batches", removed)
+            log.info("deleted %d %s", removed, what)
         return removed
 
     async def remove_orphan_blobs(self) -> int:
