@@ -137,8 +137,13 @@ class Ownership:
         # its runner started, so missing from `owned` means lost, not too new.
         running = driver.running()
         owned = await self.store.owned_batches(self.replica)
+        # A runner whose end committed during the read is missing from `owned` too, not lost:
+        # losing it would cut the cleanup after its end (result files, provider files).
+        still_running = driver.running()
         for batch_id, revision in running.items():
             stored = owned.get(batch_id)
+            if stored is None and batch_id not in still_running:
+                continue
             if stored is None:
                 log.warning("batch %s: this replica lost its lease; another replica drives it now", batch_id)
                 driver.lost(batch_id)

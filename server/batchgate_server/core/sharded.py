@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from array import array
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -66,9 +67,11 @@ class SplitRefused(Exception):
 
 
 def cut(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[int, int]]:
-    """The fewest consecutive, near-equal (by lines) jobs [i, j) of a part whose lines take
-    `sizes` bytes each, every one within `limits`. Near-equal so that the last job is not left
-    below min_requests. SplitRefused naming the numbers when no cut fits."""
+    """The fewest consecutive jobs [i, j) of a part whose lines take `sizes` bytes each, every one
+    within `limits`; near-equal by lines (so the last job is not left below min_requests) where
+    that costs at most NEAR_EQUAL_TRIES jobs more than the fewest. SplitRefused naming the
+    numbers when no cut fits. Linear in the lines: the sizes of a hostile file (one request near
+    the byte limit among small ones) must not make it search every job count."""
     n = len(sizes)
     if n < limits.min_requests:
         raise SplitRefused(f"{what} has {n} requests; a job there takes at least {limits.min_requests}")
@@ -82,16 +85,71 @@ def cut(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[int, i
     prefix.extend(accumulate(sizes))
     jobs = max(1, math.ceil(n / limits.max_requests) if limits.max_requests else 1,
                math.ceil(prefix[-1] / max_bytes) if max_bytes else 1)
-    while True:
-        if n // jobs < limits.min_requests:
-            raise SplitRefused(
-                f"{what} ({n} requests, {prefix[-1]} bytes once translated) cannot be cut into jobs of at most "
-                f"{limits.max_requests or 'any number of'} requests and {max_bytes} bytes with at least "
-                f"{limits.min_requests} requests each")
-        bounds = [n * i // jobs for i in range(jobs + 1)]
-        if max_bytes is None or all(prefix[b] - prefix[a] <= max_bytes for a, b in zip(bounds, bounds[1:])):
-            return list(zip(bounds, bounds[1:]))
-        jobs += 1
+    near_equal = _near_equal(prefix, jobs, limits)
+    if near_equal is not None:  # the usual case: sizes alike, the lower bound fits
+        return near_equal
+    fewest = _fewest_jobs(prefix, limits)
+    if fewest is None:
+        raise SplitRefused(
+            f"{what} ({n} requests, {prefix[-1]} bytes once translated) cannot be cut into jobs of at most "
+            f"{limits.max_requests or 'any number of'} requests and {max_bytes} bytes with at least "
+            f"{limits.min_requests} requests each")
+    for jobs in range(len(fewest), len(fewest) + NEAR_EQUAL_TRIES + 1):
+        near_equal = _near_equal(prefix, jobs, limits)
+        if near_equal is not None:
+            return near_equal
+    return fewest
+
+
+# Extra jobs a near-equal cut may take over the fewest (and job counts tried for one).
+NEAR_EQUAL_TRIES = 8
+
+
+def _near_equal(prefix: array, jobs: int, limits: JobLimits) -> list[tuple[int, int]] | None:
+    """`jobs` jobs of near-equal line counts, or None when one of them breaks `limits`."""
+    n = len(prefix) - 1
+    if n // jobs < limits.min_requests:
+        return None
+    bounds = [n * i // jobs for i in range(jobs + 1)]
+    if limits.max_bytes is not None and any(prefix[b] - prefix[a] > limits.max_bytes
+                                            for a, b in zip(bounds, bounds[1:])):
+        return None
+    return list(zip(bounds, bounds[1:]))
+
+
+def _fewest_jobs(prefix: array, limits: JobLimits) -> list[tuple[int, int]] | None:
+    """A cut into the fewest jobs within `limits` (None: there is none). One pass: jobs[j], the
+    fewest jobs of the first j lines, is 1 + the least jobs[i] over the starts i whose job
+    (i, j] fits; those starts form a window that only moves forward, kept as a deque of
+    increasing jobs[i] (a sliding-window minimum)."""
+    n = len(prefix) - 1
+    unreachable = n + 1
+    least = max(1, limits.min_requests)
+    most = limits.max_requests or n
+    jobs = array("I", [unreachable]) * (n + 1)
+    start_of = array("I", [0]) * (n + 1)
+    jobs[0] = 0
+    window: deque[int] = deque()
+    entering = 0
+    for j in range(1, n + 1):
+        while entering <= j - least:  # jobs of at least `least` lines end at j from here
+            if jobs[entering] != unreachable:
+                while window and jobs[window[-1]] >= jobs[entering]:
+                    window.pop()
+                window.append(entering)
+            entering += 1
+        while window and (j - window[0] > most or (limits.max_bytes is not None
+                                                   and prefix[j] - prefix[window[0]] > limits.max_bytes)):
+            window.popleft()  # too long a job from there now, and for every later end too
+        if window:
+            jobs[j], start_of[j] = jobs[window[0]] + 1, window[0]
+    if jobs[n] == unreachable:
+        return None
+    bounds = [n]
+    while bounds[-1]:
+        bounds.append(start_of[bounds[-1]])
+    bounds.reverse()
+    return list(zip(bounds, bounds[1:]))
 
 
 @dataclass

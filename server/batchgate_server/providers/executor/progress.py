@@ -127,7 +127,11 @@ class ProgressFlusher:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # Never cut a flush mid-append: its segment may be stored already with its seq not yet
+            # counted, and the next flush would send that seq again (Duplicate: LeaseLost, and the
+            # batch would stop here though this replica holds its lease).
+            async with self._lock:
+                self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _every_interval(self) -> None:

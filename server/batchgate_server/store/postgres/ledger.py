@@ -21,13 +21,14 @@ from batchgate_server.store.ports import LEDGER_COLUMNS, METADATA, Dimension, Le
 from batchgate_server.store.postgres.metadata import Params, PostgresMetadataStore, text_param, utf8
 
 _KNOWN = "cost_status = 'known' AND cost_nanos IS NOT NULL"
-# A sharded batch has a row per shard (domain/shards.py), each naming its parent: counted once.
+# A sharded batch has a row per shard (domain/shards.py), each naming its parent: counted once
+# (in unknown_cost too).
 _SUMS = (
     "count(DISTINCT coalesce(l.parent_batch_id, l.batch_id)) AS batch_count, coalesce(sum(input_tokens), 0) AS input_tokens,"
     " coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
     " coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,"
     f" coalesce(sum(cost_nanos) FILTER (WHERE {_KNOWN}), 0) AS cost_nanos,"
-    f" count(*) FILTER (WHERE NOT ({_KNOWN})) AS unknown_cost,"
+    f" count(DISTINCT coalesce(l.parent_batch_id, l.batch_id)) FILTER (WHERE NOT ({_KNOWN})) AS unknown_cost,"
     " coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens,"
     " coalesce(sum(cache_creation_1h_tokens), 0) AS cache_creation_1h_tokens"
 )

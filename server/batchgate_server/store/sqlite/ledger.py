@@ -21,13 +21,14 @@ from batchgate_server.store.sqlite.metadata import SqliteMetadataStore
 
 _KNOWN = "cost_status = 'known' AND cost_nanos IS NOT NULL"
 # sum() over INTEGER columns stays an exact integer (total() would return a REAL).
-# A sharded batch has a row per shard (domain/shards.py), each naming its parent: counted once.
+# A sharded batch has a row per shard (domain/shards.py), each naming its parent: counted once
+# (in unknown_cost too).
 _SUMS = (
     "count(DISTINCT coalesce(parent_batch_id, batch_id)) AS batch_count, coalesce(sum(input_tokens), 0) AS input_tokens,"
     " coalesce(sum(cached_tokens), 0) AS cached_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
     " coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,"
     f" coalesce(sum(CASE WHEN {_KNOWN} THEN cost_nanos END), 0) AS cost_nanos,"
-    f" coalesce(sum(CASE WHEN {_KNOWN} THEN 0 ELSE 1 END), 0) AS unknown_cost,"
+    f" count(DISTINCT CASE WHEN {_KNOWN} THEN NULL ELSE coalesce(parent_batch_id, batch_id) END) AS unknown_cost,"
     " coalesce(sum(cache_creation_tokens), 0) AS cache_creation_tokens,"
     " coalesce(sum(cache_creation_1h_tokens), 0) AS cache_creation_1h_tokens"
 )
