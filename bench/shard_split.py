@@ -5,7 +5,9 @@ group, its part, its size as the provider will receive it (OpenAI: the line itse
 Messages translation), then the cut into jobs. Two files: one group (lines are only counted) and
 mixed chat + embeddings (each line's url and body.model decoded). The ceiling, measured in the same
 run on the same file: reading its lines and nothing else (BlobStore.lines, how every provider
-reads a batch's input). Memory: the tracemalloc peak of the pass, against the file's size.
+reads a batch's input). Memory: the tracemalloc peak of the pass, against the file's size. The
+event loop's share: while the split runs, a probe sleeps PROBE_INTERVAL at a time and records how
+late each wake-up is; the longest is the longest stall every other RPC (a GetBatch) sees.
 
     .venv/bin/python bench/shard_split.py [--lines 200000]
 
@@ -76,11 +78,37 @@ async def read_only(blobs: LocalBlobStore, key: str) -> float:
     return time.perf_counter() - started
 
 
+PROBE_INTERVAL = 0.005  # seconds
+
+
+async def loop_stalls(done: asyncio.Event) -> list[float]:
+    """How late each PROBE_INTERVAL wake-up came until `done`: what the loop owes everyone else."""
+    late = []
+    while not done.is_set():
+        asked = time.perf_counter()
+        await asyncio.sleep(PROBE_INTERVAL)
+        late.append(time.perf_counter() - asked - PROBE_INTERVAL)
+    return late
+
+
 async def split(blobs: LocalBlobStore, key: str, measured: list[Measured], mixed: bool) -> tuple[float, int]:
     started = time.perf_counter()
     await measure_parts(blobs, key, measured, single_group=not mixed)
     jobs = [cut(m.sizes, m.provider.limits(m.part.endpoint, m.deployment), "part") for m in measured]
     return time.perf_counter() - started, sum(len(j) for j in jobs)
+
+
+async def split_probed(blobs: LocalBlobStore, key: str, measured: list[Measured], mixed: bool
+                       ) -> tuple[float, int, float, float]:
+    """split() with the loop probe beside it: (seconds, jobs, longest stall, median stall)."""
+    done = asyncio.Event()
+    probe = asyncio.create_task(loop_stalls(done))
+    try:
+        took, jobs = await split(blobs, key, measured, mixed)
+    finally:
+        done.set()
+    late = sorted(await probe) or [0.0]
+    return took, jobs, late[-1], late[len(late) // 2]
 
 
 async def split_peak(blobs: LocalBlobStore, key: str, measured: list[Measured], mixed: bool) -> int:
@@ -108,11 +136,13 @@ async def main() -> None:
             deployment = Deployment(id=f"bench-{kind}", model_name="m", provider=kind, model="claude-3-5-haiku"
                                     if kind == "anthropic" else "gpt-4o-mini", params={"api_key": "x"})
             ceiling = min([await read_only(blobs, key) for _ in range(2)])
-            took, jobs = await split(blobs, key, parts(n, mixed, provider, deployment), mixed)
+            took, jobs, longest, median = await split_probed(blobs, key, parts(n, mixed, provider, deployment),
+                                                             mixed)
             peak = await split_peak(blobs, key, parts(n, mixed, provider, deployment), mixed)
             print(f"  {name:<42} {took:6.2f} s ({n / took:9,.0f} lines/s), {took / ceiling:5.1f}x the read "
                   f"({ceiling:.2f} s); peak {peak / 2**20:5.1f} MiB for a {size / 2**20:.0f} MiB file "
-                  f"({peak / n:.0f} B/line); {jobs} jobs")
+                  f"({peak / n:.0f} B/line); {jobs} jobs; loop stalls: longest {longest * 1000:.0f} ms, "
+                  f"median {median * 1000:.1f} ms")
         await blobs.close()
 
 

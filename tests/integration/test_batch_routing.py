@@ -5,6 +5,8 @@ runs where it was planned (how a sharded batch runs is tests/integration/test_sh
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import grpc
 import pytest
@@ -15,7 +17,6 @@ from tests.integration.batch_helpers import create, results, watch_all, write_co
 
 CHAT, EMBED = "/v1/chat/completions", "/v1/embeddings"
 
-
 def bedrock(name: str, **params) -> dict:
     """A Bedrock deployment configured enough for CreateBatch (nothing here reaches AWS); its jobs
     take at least 100 records, Bedrock's minimum."""
@@ -24,11 +25,9 @@ def bedrock(name: str, **params) -> dict:
         "s3_bucket_name": "batches", "aws_batch_role_arn": "arn:aws:iam::123456789012:role/batch",
         "aws_access_key_id": "testing", "aws_secret_access_key": "testing", **params}}
 
-
 def simulated(name: str, dep_id: str, **params) -> dict:
     return {"model_name": name, "litellm_params": {"model": "simulated/echo", "latency_ms": 1, **params},
             "model_info": {"id": dep_id}}
-
 
 @pytest.fixture
 async def h(tmp_path):
@@ -40,7 +39,6 @@ async def h(tmp_path):
     async with serving(tmp_path / "data", config_file=config, http_address="127.0.0.1:0") as harness:
         yield harness
 
-
 def lines(*groups: tuple[str, str, int]) -> bytes:
     """A file of `groups` (url, model, count), in that order."""
     out, n = [], 0
@@ -50,7 +48,6 @@ def lines(*groups: tuple[str, str, int]) -> bytes:
             n += 1
     return jsonl(out)
 
-
 async def refused(call) -> tuple[grpc.StatusCode, object, list[tuple[str, str]], str]:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call
@@ -58,11 +55,9 @@ async def refused(call) -> tuple[grpc.StatusCode, object, list[tuple[str, str]],
     return err.value.code(), info, [(v.field, v.description) for v in (bad.field_violations if bad else [])], \
         err.value.details()
 
-
 async def nothing_created(h) -> bool:
     listed = await h.alice.batches.ListBatches(batch_pb2.ListBatchesRequest(), metadata=h.alice.metadata)
     return list(listed.batches) == []
-
 
 async def test_an_endpoint_the_file_does_not_only_use_names_the_lines_that_differ(h):
     f = await h.upload(h.alice, lines((CHAT, "simulated", 2), (EMBED, "simulated", 3), (CHAT, "simulated", 1)))
@@ -72,7 +67,6 @@ async def test_an_endpoint_the_file_does_not_only_use_names_the_lines_that_diffe
     assert violations == [("endpoint", "lines 3, 4, 5: url /v1/embeddings")]
     assert "lines 3, 4, 5" in message
     assert await nothing_created(h)
-
 
 async def test_every_model_without_a_route_is_named_with_its_lines_in_one_error(h):
     f = await h.upload(h.alice, lines((CHAT, "simulated", 1), (CHAT, "ghost", 2), (CHAT, "simulated", 1),
@@ -86,7 +80,6 @@ async def test_every_model_without_a_route_is_named_with_its_lines_in_one_error(
     assert "configured model names: bedrock-only, claude, pool, simulated" in message
     assert await nothing_created(h)
 
-
 async def test_model_map_to_a_deployment_id_runs_the_file_there_as_one_job(h):
     f = await h.upload(h.alice, lines((CHAT, "house-model", 4)))
     batch = await create(h.alice, f.id, model_map={"house-model": "claude-local"})
@@ -95,13 +88,11 @@ async def test_model_map_to_a_deployment_id_runs_the_file_there_as_one_job(h):
     assert final.status == batch_pb2.BATCH_STATUS_COMPLETED and final.request_counts.completed == 4
     assert list(final.shards) == []  # today's single job
 
-
 async def test_a_batch_below_bedrocks_minimum_runs_on_another_deployment_of_its_model(h):
     f = await h.upload(h.alice, lines((CHAT, "claude", 5)))
     batch = await create(h.alice, f.id)
     assert (batch.model, batch.provider) == ("claude", "openai_compatible")
     assert (await watch_all(h.alice, batch.id))[-1].status == batch_pb2.BATCH_STATUS_COMPLETED
-
 
 async def test_below_the_minimum_with_no_other_deployment_is_refused_with_the_numbers(h):
     f = await h.upload(h.alice, lines((CHAT, "bedrock-only", 42)))
@@ -112,7 +103,6 @@ async def test_below_the_minimum_with_no_other_deployment_is_refused_with_the_nu
     assert info.metadata["lines"] == "lines 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 32 more"
     assert "at least 100" in message
     assert await nothing_created(h)
-
 
 async def test_a_mixed_or_spread_batch_is_created_as_one_batch_with_what_its_parts_share(h):
     mixed = await h.upload(h.alice, lines((CHAT, "simulated", 2), (EMBED, "house-embed", 3)))
@@ -125,7 +115,6 @@ async def test_a_mixed_or_spread_batch_is_created_as_one_batch_with_what_its_par
         (CHAT, "simulated", "builtin-simulated", 2), (EMBED, "pool", "pool-2", 3)]
     out, err = await results(h.alice, final)
     assert sorted(line["custom_id"] for line in out) == [f"r{i}" for i in range(5)] and err == []
-
     homogeneous = await h.upload(h.alice, lines((CHAT, "pool", 8)))
     spread = await create(h.alice, homogeneous.id, spread=True, request_id="spread-1")
     assert (spread.endpoint, spread.model, spread.provider) == (CHAT, "pool", "openai_compatible")
@@ -134,7 +123,6 @@ async def test_a_mixed_or_spread_batch_is_created_as_one_batch_with_what_its_par
     code, info, _, _ = await refused(create(h.alice, homogeneous.id, request_id="spread-1"))
     assert (code, info.reason, info.metadata["field"]) == (grpc.StatusCode.FAILED_PRECONDITION, "REQUEST_ID_REUSED",
                                                            "spread")
-
 
 async def test_http_leaves_the_endpoint_out_only_for_a_file_that_mixes_endpoints(h):
     mixed = await h.upload(h.alice, lines((CHAT, "simulated", 1), (EMBED, "simulated", 1)))
@@ -145,7 +133,6 @@ async def test_http_leaves_the_endpoint_out_only_for_a_file_that_mixes_endpoints
             async with http.post(f"http://127.0.0.1:{h.server.http_port}/v1/batches",
                                  json={"completion_window": "24h", **body}) as r:
                 return r.status, await r.json()
-
         status, batch = await post({"input_file_id": mixed.id})
         assert (status, batch["endpoint"], batch["model"]) == (200, "", "simulated")
         status, answer = await post({"input_file_id": single.id})
@@ -153,7 +140,6 @@ async def test_http_leaves_the_endpoint_out_only_for_a_file_that_mixes_endpoints
         status, answer = await post({"input_file_id": mixed.id, "endpoint": EMBED})
         assert (status, answer["error"]["code"]) == (400, "endpoint_mismatch")
         assert "line 1" in answer["error"]["message"]
-
 
 @pytest.fixture
 async def slow_pool(tmp_path):
@@ -165,7 +151,6 @@ async def slow_pool(tmp_path):
     ])
     async with serving(tmp_path / "data", config_file=config) as harness:
         yield harness
-
 
 async def test_spread_cuts_by_weight_counting_the_load_already_queued(slow_pool):
     h = slow_pool
@@ -182,3 +167,38 @@ async def test_spread_cuts_by_weight_counting_the_load_already_queued(slow_pool)
     assert shards == {"pool-1": 30, "pool-2": 30, "pool-3": 20}
     for batch_id in (busy.id, spread.id):
         await h.alice.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch_id), metadata=h.alice.metadata)
+
+@pytest.fixture
+async def twin_pool(tmp_path):
+    """Two equal deployments of "pool", slow enough that batches on them stay queued."""
+    config = write_config(tmp_path / "models.yaml", [
+        simulated("pool", "pool-a", latency_ms=60_000, max_concurrency=1),
+        simulated("pool", "pool-b", latency_ms=60_000, max_concurrency=1),
+    ])
+    async with serving(tmp_path / "data", config_file=config) as harness:
+        yield harness
+
+async def first_shards(h, batch_id: str) -> dict[str, int]:
+    async for event in h.alice.batches.WatchBatch(batch_pb2.WatchBatchRequest(batch_id=batch_id),
+                                                  metadata=h.alice.metadata, timeout=60):
+        if event.WhichOneof("event") == "batch" and event.batch.shards:
+            return {s.deployment_id: s.request_counts.total for s in event.batch.shards}
+    raise AssertionError("the batch was never split")
+
+async def test_a_spread_create_sees_the_load_of_one_created_just_before_it_is_split(twin_pool):
+    h = twin_pool
+    n = 20_001  # a split that takes a moment: the second create comes while the first is still splitting
+    big = await h.upload(h.alice, lines((CHAT, "pool", n)))
+    small = await h.upload(h.alice, lines((CHAT, "pool", 1)))
+    first = await create(h.alice, big.id, spread=True)
+    second = await create(h.alice, small.id, spread=True)
+    assert await first_shards(h, first.id) == {"pool-a": 10_001, "pool-b": 10_000}  # a tie goes to the first
+    # pool-a holds one request more: the one-line batch goes to pool-b (it would to pool-a on an empty pool)
+    assert await first_shards(h, second.id) == {"pool-b": 1}
+    assert h.server.router.queued("pool-a") == 10_001 and h.server.router.queued("pool-b") == 10_001
+    for batch_id in (first.id, second.id):
+        await h.alice.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch_id), metadata=h.alice.metadata)
+        await watch_all(h.alice, batch_id)
+    async with asyncio.timeout(10):  # every runner has ended: nothing stays reserved
+        while h.server.router.queued("pool-a") or h.server.router.queued("pool-b"):
+            await asyncio.sleep(0.02)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,11 +18,21 @@ import pytest
 import yaml
 
 from batchgate.v1 import batch_pb2, file_pb2, usage_pb2, usage_pb2_grpc
+from batchgate_server.domain.models import FilePurpose, FileRecord
 from tests.backends_pg import run_sql
 from tests.conftest import jsonl, request_line, serving
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.fakes.webhook_receiver import WebhookReceiver
-from tests.integration.batch_helpers import create, results, status_names, upstream_entry, watch_all, write_config
+from tests.integration.batch_helpers import (
+    create,
+    download_lines,
+    results,
+    run_batch,
+    status_names,
+    upstream_entry,
+    watch_all,
+    write_config,
+)
 from tests.integration.test_cli import cli, cli_env
 from tests.integration.test_observability import scrape, value
 from tests.integration.test_openai_provider_e2e import openai_entry, write_litellm_config
@@ -364,3 +375,88 @@ async def test_only_the_batch_sends_a_webhook_never_its_shards(tmp_path, upstrea
         assert [json.loads(r.body)["data"]["id"] for r in receiver.received] == [batch.id]
     finally:
         await receiver.stop()
+
+
+async def shard_result_ids(h, batch_id: str) -> list[str]:
+    """The result files the shards of `batch_id` have written so far (read from the store: callers
+    never see them)."""
+    shards = [await h.server.store.get_batch(s.id) for s in (await h.server.store.get_batch(batch_id)).shards]
+    return [fid for s in shards for fid in (s.output_file_id, s.error_file_id) if fid]
+
+
+async def test_shards_result_files_are_never_the_callers_while_the_batch_runs(executor_harness):
+    h, a = executor_harness, executor_harness.alice
+    lines = chat_lines(10)
+    lines[9]["body"]["messages"][0]["content"] = "FAIL:hang"  # the last shard runs until cancelled
+    f = await h.upload(a, jsonl(lines))
+    batch = await create(a, f.id)
+    async with asyncio.timeout(30):
+        while len(await shard_result_ids(h, batch.id)) < 2:  # two of three shards have ended
+            await asyncio.sleep(0.02)
+    internal = await shard_result_ids(h, batch.id)
+    assert (await a.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch.id),
+                                     metadata=a.metadata)).batch.status == batch_pb2.BATCH_STATUS_IN_PROGRESS
+    for caller in (a, h.admin):
+        listed = await caller.files.ListFiles(file_pb2.ListFilesRequest(), metadata=caller.metadata)
+        assert [x.id for x in listed.files] == [f.id]
+        listed = await caller.files.ListFiles(file_pb2.ListFilesRequest(purpose=file_pb2.FILE_PURPOSE_BATCH_OUTPUT),
+                                              metadata=caller.metadata)
+        assert list(listed.files) == []
+    for file_id in internal:
+        for call in (a.files.GetFile(file_pb2.GetFileRequest(file_id=file_id), metadata=a.metadata),
+                     a.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=file_id), metadata=a.metadata),
+                     download_lines(a, file_id)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    base, auth = f"http://127.0.0.1:{h.server.http_port}/v1/files", {"Authorization": f"Bearer {a.api_key}"}
+    async with aiohttp.ClientSession(headers=auth) as http:
+        async with http.get(base) as response:
+            assert [x["id"] for x in (await response.json())["data"]] == [f.id]
+        async with http.get(base, params={"after": internal[0]}) as response:
+            assert response.status in (400, 404), "an internal file is no cursor of the listing"
+        for file_id in internal:
+            for path in (f"{base}/{file_id}", f"{base}/{file_id}/content"):
+                async with http.get(path) as response:
+                    assert response.status == 404
+            async with http.delete(f"{base}/{file_id}") as response:
+                assert response.status == 404
+    # the stored-bytes quota counts the caller's upload only
+    project = (await h.server.store.get_batch(batch.id)).project
+    assert await h.server.store.stored_bytes(project) == f.bytes
+    await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id), metadata=a.metadata)
+    final = (await watch_all(a, batch.id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_CANCELLED
+    out, _ = await results(a, final)
+    assert len(out) == 9  # the two ended shards' results were merged
+    for file_id in internal:
+        assert await h.server.store.get_file(file_id) is None
+
+
+async def test_shards_result_files_left_by_a_crash_after_the_parents_end_go_at_restart(tmp_path, upstream):
+    config = write_config(tmp_path / "models.yaml", [upstream_entry("gpt-4o-mini", upstream.base_url,
+                                                                    max_batch_requests=4)])
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        final, _, _, _ = await run_batch(h, chat_lines(10))
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+        # what a kill -9 between the parent's end and the deletion of its shards' files leaves:
+        # a shard's result file (row and blob) still recorded for the ended parent
+        shard = await h.server.store.get_batch(final.shards[0].id)
+        leftover = FileRecord(id="file-leftover", project=shard.project, filename=f"{shard.id}_output.jsonl",
+                              purpose=FilePurpose.BATCH_OUTPUT, bytes=3, sha256="", created_at=time.time(),
+                              line_count=1, merged_into=final.id)
+        writer = h.server.files.blobs.open_writer()
+        await writer.write(b"{}\n")
+        await writer.commit(leftover.id)
+        await h.server.store.insert_file(leftover)
+        listed = await a.files.ListFiles(file_pb2.ListFilesRequest(), metadata=a.metadata)
+        own = [x.id for x in listed.files]
+        assert leftover.id not in own
+    async with serving(tmp_path / "data", config_file=config) as h:
+        async with asyncio.timeout(10):  # the start's sweep
+            while await h.server.store.get_file(leftover.id) is not None:
+                await asyncio.sleep(0.02)
+        assert [k async for k in h.server.files.blobs.keys() if k == leftover.id] == []
+        listed = await h.alice.files.ListFiles(file_pb2.ListFilesRequest(), metadata=h.alice.metadata)
+        assert [x.id for x in listed.files] == own, "the caller's own files stay"

@@ -287,12 +287,6 @@ async def test_a_sharded_batch_of_unknown_cost_is_one_unknown_cost_batch(tmp_pat
         assert (report.totals.batch_count, report.totals.unknown_cost_batches) == (1, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a shard's result files are written under the batch's project (core/result_files.py collect_results, "
-    "sink.commit(file_id, rec.project, ...)): ListFiles lists them mid-way and DeleteFile deletes them; the merge "
-    "(core/sharded.py _merge_shard, blobs.lines of a deleted file) then raises KeyError and the whole batch fails "
-    "internal_error, its answers lost though every shard was billed. Fix belongs to core: shard result files "
-    "internal (not listed, not deletable), or the merge tolerating a missing shard file"))
 async def test_a_shards_own_result_files_are_not_the_callers_to_list_or_delete(tmp_path):
     # A shard's result files are internal (merged into the batch's at its end): a caller who lists
     # files mid-way must not see them, and deleting one must not lose the batch's answers.

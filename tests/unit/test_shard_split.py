@@ -1,14 +1,22 @@
-"""The split of a planned part into jobs (core/sharded.py cut), a shard's end status from its
-shards' (ended_as), and the exact sum of shard costs (pricing/cost.py sum_costs)."""
+"""The split of a planned part into jobs (core/sharded.py cut), the measuring pass over the input
+(measure_parts), a shard's end status from its shards' (ended_as), and the exact sum of shard costs
+(pricing/cost.py sum_costs)."""
 
 from __future__ import annotations
 
+import json
+import threading
+from itertools import accumulate
+
 import pytest
 
-from batchgate_server.core.sharded import SplitRefused, cut, ended_as
+from batchgate_server.core.sharded import MEASURE_BLOCK_LINES, Measured, SplitRefused, cut, ended_as, measure_parts
+from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.models import BatchRecord, BatchStatus, Cost
-from batchgate_server.domain.shards import JobLimits
+from batchgate_server.domain.shards import JobLimits, PlannedPart
 from batchgate_server.pricing.cost import sum_costs
+from batchgate_server.providers.openai_batch import OpenAIBatchProvider
+from batchgate_server.store.blobs.local import LocalBlobStore
 
 
 def test_a_part_is_cut_into_the_fewest_near_equal_jobs_by_lines():
@@ -71,3 +79,41 @@ def test_shard_costs_sum_exactly_and_unknown_wins_with_its_reasons():
     unknown = sum_costs([a, Cost(status="unknown", reason="no price for model(s): x"), b])
     assert (unknown.status, unknown.amount, unknown.reason) == ("unknown", "", "no price for model(s): x")
     assert sum_costs([]).amount == "0"
+
+
+class _ThreadNoting(OpenAIBatchProvider):
+    """The real OpenAI adapter, noting which thread measures each line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def request_size(self, endpoint, deployment, line):
+        self.threads.add(threading.get_ident())
+        return super().request_size(endpoint, deployment, line)
+
+
+async def test_the_split_measures_off_the_loop_in_blocks_with_the_one_pass_result(tmp_path):
+    blobs = await LocalBlobStore.open(tmp_path)
+    n = MEASURE_BLOCK_LINES * 2 + 7  # blocks, and a last short one
+    lines = [json.dumps({"custom_id": f"r-{i}", "method": "POST",
+                         "url": "/v1/embeddings" if i % 3 == 0 else "/v1/chat/completions",
+                         "body": {"model": "emb" if i % 3 == 0 else "chat", "input": "x" * (i % 50)}}).encode()
+             for i in range(n)]
+    writer = blobs.open_writer()
+    await writer.write(b"\n".join(lines) + b"\n")
+    await writer.commit("file-in")
+    provider = _ThreadNoting()
+    deployment = Deployment(id="d", model_name="m", provider="openai", model="gpt-4o-mini", params={"api_key": "x"})
+    embeds = [i for i in range(n) if i % 3 == 0]
+    chats = [i for i in range(n) if i % 3]
+    measured = [Measured(PlannedPart("/v1/chat/completions", "chat", "d", 10, len(chats)), deployment, provider),
+                Measured(PlannedPart("/v1/embeddings", "emb", "d", 0, len(embeds)), deployment, provider),
+                Measured(PlannedPart("/v1/chat/completions", "chat", "d", 0, 10), deployment, provider)]
+    await measure_parts(blobs, "file-in", measured, single_group=False)
+    assert provider.threads and threading.get_ident() not in provider.threads, "measured on the loop's thread"
+    offsets = list(accumulate((len(line) + 1 for line in lines), initial=0))
+    for m, indexes in zip(measured, (chats[10:], embeds, chats[:10])):
+        assert list(m.offsets) == [offsets[i] for i in indexes]
+        assert list(m.sizes) == [provider.request_size(m.part.endpoint, deployment, lines[i]) for i in indexes]
+    await blobs.close()

@@ -186,10 +186,10 @@ class BatchManager:
                 if previous is None:
                     raise
                 return replay(previous, req)
-            adopted = not plan.sharded
+            adopted = True
         finally:
-            # A single job's runner takes the reserved load over; a parent's shards count their
-            # own when they start.
+            # The runner takes the reserved load over: a single job's until it ends, a parent's
+            # until its shards, adopted by the split, count their own.
             if not adopted:
                 for deployment_id, load in loads:
                     self.router.remove_load(deployment_id, load)

@@ -10,7 +10,7 @@ import re
 import time
 from collections import Counter
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -161,6 +161,12 @@ def validation_error(result: ValidationResult) -> InvalidArgument:
         [FieldViolation(f"line {p.line}" if p.line else "file", f"{p.code}: {p.message}")
          for p in result.problems],
     )
+
+
+def _callers(principal: Principal, record: FileRecord) -> bool:
+    """Whether `principal` sees `record` as one of its files: a shard's result file is the
+    service's own until its parent's merge deletes it."""
+    return principal.can_see(record.project) and not record.merged_into
 
 
 class FileManager:
@@ -331,7 +337,7 @@ class FileManager:
         if not file_id:
             raise _invalid("file_id is required", "MISSING_FILE_ID", "file_id", "required")
         record = await self.store.get_file(file_id)
-        if record is None or not principal.can_see(record.project):
+        if record is None or not _callers(principal, record):
             raise not_found("file", file_id)
         return record
 
@@ -348,7 +354,7 @@ class FileManager:
                          oldest_first: bool, weigh: Callable[[FileRecord], int]) -> tuple[list[FileRecord], bool]:
         """Up to `limit` files after the file `after_id` ("": from the start), and whether more follow:
         the HTTP listing, whose cursor is an id."""
-        cursor = await after_cursor("file", after_id, self.store.get_file, lambda r: principal.can_see(r.project))
+        cursor = await after_cursor("file", after_id, self.store.get_file, lambda r: _callers(principal, r))
         return await keyset_rows(
             limit, cursor,
             lambda size, after: self.store.list_files(principal.scope, purpose.value if purpose else None, size,
@@ -388,15 +394,32 @@ class FileManager:
     # -- housekeeping -----------------------------------------------------------------
 
     async def sweep_expired(self, now: float | None = None) -> int:
+        """Expired files, and the shards' result files whose parent has ended: its merge deletes them
+        right after its end commits, so these are what a crash in between (or a failed delete) left."""
+        async def still_read(record: FileRecord) -> bool:
+            # a running batch still reads it: it goes once that batch has ended
+            return bool(await self.store.active_batch_reading(record.id))
+
+        async def parent_running(record: FileRecord) -> bool:
+            parent = await self.store.get_batch(record.merged_into)
+            return parent is not None and not parent.status.is_terminal  # its merge still reads it
+
+        return (await self._remove_unless(await self.store.shard_result_files(), parent_running,
+                                          "result file(s) of ended sharded batches")
+                + await self._remove_unless(await self.store.expired_files(now or time.time()), still_read,
+                                            "expired file(s)"))
+
+    async def _remove_unless(self, records: list[FileRecord], kept: Callable[[FileRecord], Awaitable[bool]],
+                             what: str) -> int:
         removed = 0
-        for record in await self.store.expired_files(now or time.time()):
-            if await self.store.active_batch_reading(record.id):
-                continue  # a running batch still reads it: it goes once that batch has ended
+        for record in records:
+            if await kept(record):
+                continue
             await self.store.delete_file(record.id)
             await self.blobs.delete(record.id)
             removed += 1
         if removed:
-            log.info("deleted %d expired file(s)", removed)
+            log.info("deleted %d %s", removed, what)
         return removed
 
     async def remove_orphan_blobs(self) -> int:

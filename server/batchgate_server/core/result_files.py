@@ -54,7 +54,8 @@ class ResultSink:
         self._pending.clear()
         await self._writer.abort()
 
-    async def commit(self, file_id: str, project: str, filename: str, now: float) -> FileRecord | None:
+    async def commit(self, file_id: str, project: str, filename: str, now: float,
+                     merged_into: str = "") -> FileRecord | None:
         if self.lines == 0:
             await self._writer.abort()
             return None
@@ -63,7 +64,7 @@ class ResultSink:
         await self._writer.commit(file_id)
         return FileRecord(id=file_id, project=project, filename=filename, purpose=FilePurpose.BATCH_OUTPUT,
                           bytes=self.bytes, sha256=self._hash.hexdigest(), created_at=now,
-                          line_count=self.lines)
+                          line_count=self.lines, merged_into=merged_into)
 
 
 @dataclass
@@ -111,7 +112,9 @@ async def collect_results(lines: AsyncIterable[ResultLine], blobs: BlobStore, re
                                  err_lines=sinks[ResultKind.ERROR].lines)
     try:
         for kind, file_id in ((ResultKind.OUTPUT, output_id), (ResultKind.ERROR, error_id)):
-            record = await sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now)
+            # A shard's files are its parent's to merge: internal (FileRecord.merged_into).
+            record = await sinks[kind].commit(file_id, rec.project, f"{rec.id}_{kind.value}.jsonl", now,
+                                              merged_into=rec.parent_id or "")
             if record is not None:
                 collected.files.append(record)
     except BaseException:  # e.g. a full disk: neither file is kept, a retry writes both again

@@ -2,9 +2,11 @@
 
 The parent (BatchRecord.plan set, domain/shards.py) runs no provider job itself. Its runner
 1. splits (VALIDATING): one pass over the input measures every line as its provider receives it
-   (BatchProvider.request_size) and cuts each planned part into the fewest near-equal jobs under
+   (BatchProvider.request_size, in a thread: measure_parts) and cuts each planned part into the fewest near-equal jobs under
    the provider's JobLimits; then ONE store transaction inserts every shard and moves the parent
-   to in_progress (split_batch). A split redone after a crash cuts the same shards.
+   to in_progress (split_batch). A split redone after a crash cuts the same shards. Until the
+   shards are adopted the parent holds their load in the router (Router.add_load), as a single
+   job holds its own, so a create close behind it routes around it.
 2. follows (IN_PROGRESS / CANCELLING): the shards run as ordinary batches (BatchRunner, any
    replica); a shard's change wakes this runner (Tracker.changed) and it re-reads their rows every
    FOLLOW_INTERVAL too (a notification may be lost, a shard may run elsewhere). It persists the
@@ -32,7 +34,7 @@ import msgspec
 
 from batchgate_server.core.result_files import YIELD_EVERY_LINES, ResultSink
 from batchgate_server.core.shard_input import line_group, selection_lines
-from batchgate_server.core.tracker import BatchRunner, Tracker, cancel_batch
+from batchgate_server.core.tracker import BatchRunner, Tracker, batch_load, cancel_batch
 from batchgate_server.domain import log_context
 from batchgate_server.domain.backoff import Backoff
 from batchgate_server.domain.deployment import Deployment
@@ -161,28 +163,50 @@ class Measured:
     sizes: array = field(default_factory=lambda: array("I"))
 
 
+# Lines one thread hop measures: ~0.1 s of Anthropic translation, a few hops per second at most.
+MEASURE_BLOCK_LINES = 2000
+
+
+class _PartMeasurer:
+    """The CPU side of measure_parts, run in a thread one block of lines at a time: each line ->
+    its group -> its planned part (by ordinal), whose offsets and translated sizes it joins. The
+    blocks come in file order and one at a time, so the result is the same as in one pass."""
+
+    def __init__(self, measured: Sequence[Measured], single_group: bool) -> None:
+        self.by_group: dict[tuple[str, str], list[Measured]] = {}
+        for m in measured:
+            self.by_group.setdefault((m.part.endpoint, m.part.model), []).append(m)
+        self.only = next(iter(self.by_group)) if single_group and len(self.by_group) == 1 else None
+        self.ordinals: dict[tuple[str, str], int] = {}
+
+    def measure(self, block: Sequence[tuple[int, bytes]]) -> None:
+        for offset, line in block:
+            group = self.only or line_group(line)
+            ordinal = self.ordinals.get(group, 0)
+            self.ordinals[group] = ordinal + 1
+            for m in self.by_group.get(group, ()):
+                if m.part.start <= ordinal < m.part.end:
+                    m.offsets.append(offset)
+                    m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
+                    break
+
+
 async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measured], single_group: bool) -> None:
-    """One pass over the input `file_id`: each line -> its group -> its planned part (by ordinal),
-    whose offsets and translated sizes it joins. single_group: the file has one group, no line
-    needs decoding. SplitRefused when the file does not hold the lines planned."""
-    by_group: dict[tuple[str, str], list[Measured]] = {}
-    for m in measured:
-        by_group.setdefault((m.part.endpoint, m.part.model), []).append(m)
-    only = next(iter(by_group)) if single_group and len(by_group) == 1 else None
-    ordinals: dict[tuple[str, str], int] = {}
-    seen = 0
+    """One pass over the input `file_id`, measuring each line into its planned part (see
+    _PartMeasurer). The reading stays on the loop; decoding and translating each line go to a thread,
+    a block of lines at a time: Anthropic's translation of 200,000 lines is seconds of CPU the loop
+    would owe every RPC. single_group: the file has one group, no line needs decoding. SplitRefused
+    when the file does not hold the lines planned. A cancel leaves `measured` half filled: a split
+    redone measures into new ones."""
+    measurer = _PartMeasurer(measured, single_group)
+    block: list[tuple[int, bytes]] = []
     async for offset, line in blobs.lines_at(file_id):
-        group = only or line_group(line)
-        ordinal = ordinals.get(group, 0)
-        ordinals[group] = ordinal + 1
-        for m in by_group.get(group, ()):
-            if m.part.start <= ordinal < m.part.end:
-                m.offsets.append(offset)
-                m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
-                break
-        seen += 1
-        if seen % YIELD_EVERY_LINES == 0:
-            await asyncio.sleep(0)
+        block.append((offset, line))
+        if len(block) >= MEASURE_BLOCK_LINES:
+            await asyncio.to_thread(measurer.measure, block)
+            block = []
+    if block:
+        await asyncio.to_thread(measurer.measure, block)
     for m in measured:
         if len(m.sizes) != m.part.count:
             raise SplitRefused(f"the input has {len(m.sizes)} of the {m.part.count} requests planned for "
@@ -232,16 +256,28 @@ class ShardedBatchRunner(BatchRunner):
     """Drives a sharded parent (see the module docstring); persistence, cancel intake and lease
     handling are BatchRunner's."""
 
-    def __init__(self, tracker: Tracker, record: BatchRecord) -> None:
-        super().__init__(tracker, record)
+    def __init__(self, tracker: Tracker, record: BatchRecord, *, load_reserved: bool = False) -> None:
+        super().__init__(tracker, record, load_reserved=load_reserved)
         self._cancel_propagated = False
         for shard in record.shards:
             tracker.follow_shard(shard.id, record.id)
+        # Until the split has adopted the shards, the parent counts their load in the router, so
+        # that creates close together see it (CreateBatch reserved it; a restart, when the batch
+        # is not split yet, here). Split already: the shards count their own.
+        self._plan_load = [] if record.shards else [(p.deployment_id, batch_load(p.count)) for p in record.plan]
+
+    def _release_plan_load(self) -> None:
+        for deployment_id, load in self._plan_load:
+            self.t.router.remove_load(deployment_id, load)
+        self._plan_load = []
 
     async def run(self) -> None:
         rec = self.rec
         log_context.bind(batch_id=rec.id, project=rec.project, file_id=rec.input_file_id)
         storage_backoff = Backoff(base=0.5, cap=5.0)
+        if not self._load_reserved:
+            for deployment_id, load in self._plan_load:
+                self.t.router.add_load(deployment_id, load)
         try:
             while not self.rec.status.is_terminal:
                 try:
@@ -262,6 +298,7 @@ class ShardedBatchRunner(BatchRunner):
             except Exception:
                 log.exception("batch %s: could not record the failure", rec.id)
         finally:
+            self._release_plan_load()  # every end: failed split, cancel while validating, lease lost
             self.t._forget(rec.id)
 
     async def _reread(self) -> None:
@@ -336,8 +373,12 @@ class ShardedBatchRunner(BatchRunner):
                  ", ".join(f"{s.id} ({s.input_line_count} on {s.deployment_id})" for s in shards))
         for shard in shards:
             self.t.follow_shard(shard.id, rec.id)
-            if not self.t.stopping:  # else the next start adopts them, as after a crash
-                self.t.adopt(shard)
+            if not self.t.stopping and self.t.runner(shard.id) is None:  # else the next start adopts them
+                # The shard's load counts from this moment on (not when its task first runs), as
+                # the parent's reservation is released right after.
+                self.t.router.add_load(shard.deployment_id, batch_load(shard.input_line_count))
+                self.t.adopt(shard, load_reserved=True)
+        self._release_plan_load()
 
     async def _measure(self, single_group: bool) -> list[Measured]:
         measured = []

@@ -155,7 +155,7 @@ class Tracker:
             return  # re-adopted after a late heartbeat: its runner still goes on
         if record.sharded:
             from batchgate_server.core.sharded import ShardedBatchRunner  # it builds on BatchRunner
-            runner: BatchRunner = ShardedBatchRunner(self, record)
+            runner: BatchRunner = ShardedBatchRunner(self, record, load_reserved=load_reserved)
         else:
             runner = BatchRunner(self, record, load_reserved=load_reserved)
         if record.parent_id:

@@ -51,6 +51,9 @@ class FileRecord:
     # Its lines by (endpoint, body.model), counted at upload; empty on files stored before
     # groups were kept (then endpoint, model and line_count above are the one group).
     groups: list[FileGroup] = field(default_factory=list)
+    # A shard's result file (issue 14): the parent batch whose merge reads it. Internal: hidden
+    # from the caller's files and stored-bytes quota, deleted once that parent has ended.
+    merged_into: str = ""
 
 
 @dataclass

@@ -67,6 +67,7 @@ def file_from_row(row: Any) -> FileRecord:
         model=row["model"],
         request_id=row["request_id"] or "",
         groups=groups_from_json(row["line_groups"]),
+        merged_into=row["merged_into"] or "",
     )
 
 

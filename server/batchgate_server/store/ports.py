@@ -240,7 +240,8 @@ class MetadataStore(abc.ABC):
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
                          after: tuple[float, str] | None, oldest_first: bool = False) -> list[FileRecord]:
         """At most `limit` files of `project` (None: all), of `purpose` (a FilePurpose value;
-        None: any), newest first (or oldest first), after the keyset cursor (created_at, id)."""
+        None: any), newest first (or oldest first), after the keyset cursor (created_at, id).
+        Shards' result files (merged_into set) are never listed."""
 
     @abc.abstractmethod
     async def delete_file(self, file_id: str) -> bool:
@@ -253,6 +254,10 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def all_file_ids(self) -> set[str]: ...
+
+    @abc.abstractmethod
+    async def shard_result_files(self, limit: int = 500) -> list[FileRecord]:
+        """At most `limit` shards' result files (merged_into set), in no particular order."""
 
     # -- batches
 

@@ -113,14 +113,16 @@ def _file(row: asyncpg.Record) -> FileRecord:
 
 
 _FILE_COLUMNS = "id, project, filename, purpose, bytes, sha256, created_at, expires_at, line_count, endpoint," \
-                " model, request_id, line_groups"
-_INSERT_FILE = (f"INSERT INTO files({_FILE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13)")
+                " model, request_id, line_groups, merged_into"
+_INSERT_FILE = (f"INSERT INTO files({_FILE_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)")
+# A project's stored bytes, as its quota counts them: shards' result files are the service's own.
+_STORED_BYTES = "SELECT coalesce(sum(bytes), 0) FROM files WHERE project = $1 AND merged_into IS NULL"
 
 
 def _file_args(f: FileRecord) -> tuple:
     return (f.id, f.project, f.filename, f.purpose.value, f.bytes, f.sha256, f.created_at, f.expires_at,
             f.line_count, f.endpoint, utf8(f.model), utf8(f.request_id) if f.request_id else None,
-            groups_to_json(f.groups))
+            groups_to_json(f.groups), f.merged_into or None)
 
 
 class PostgresMetadataStore(PostgresLeases, MetadataStore):
@@ -276,8 +278,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
                                    text_param(project)) != "DELETE 0"
 
     async def stored_bytes(self, project: str) -> int:
-        row = await self._fetchrow("SELECT coalesce(sum(bytes), 0) FROM files WHERE project = $1",
-                                   text_param(project))
+        row = await self._fetchrow(_STORED_BYTES, text_param(project))
         return int(row[0])
 
     async def count_unfinished_batches(self, project: str) -> int:
@@ -292,8 +293,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
         if max_stored_bytes is None:
             await self._execute(_INSERT_FILE, *_file_args(f))
             return
-        await self._insert_within(_INSERT_FILE, _file_args(f), "SELECT coalesce(sum(bytes), 0) FROM files"
-                                  " WHERE project = $1", f.project, max_stored_bytes, f.bytes)
+        await self._insert_within(_INSERT_FILE, _file_args(f), _STORED_BYTES, f.project, max_stored_bytes, f.bytes)
 
     async def _insert_within(self, insert_sql: str, args: tuple, total_sql: str, project: str, limit: int,
                              own: int) -> None:
@@ -321,7 +321,7 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
                          after: tuple[float, str] | None, oldest_first: bool = False) -> list[FileRecord]:
         p = Params()
-        conditions = [f"purpose = {p(text_param(purpose))}"] if purpose else []
+        conditions = ["merged_into IS NULL", *([f"purpose = {p(text_param(purpose))}"] if purpose else [])]
         sql = _keyset_query(f"SELECT {_FILE_COLUMNS} FROM files", project, conditions, p, after, limit,
                             oldest_first)
         return [_file(r) for r in await self._fetch(sql, *p.values)]
@@ -337,6 +337,10 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
 
     async def all_file_ids(self) -> set[str]:
         return {r["id"] for r in await self._fetch("SELECT id FROM files")}
+
+    async def shard_result_files(self, limit: int = 500) -> list[FileRecord]:
+        rows = await self._fetch(f"SELECT {_FILE_COLUMNS} FROM files WHERE merged_into IS NOT NULL LIMIT $1", limit)
+        return [_file(r) for r in rows]
 
     # -- batches --------------------------------------------------------------------------
 

@@ -212,6 +212,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens BIGINT NOT NULL DEFAULT 0
     """,
+    # A shard's result files name the parent that merges them (FileRecord.merged_into): callers'
+    # listings and stored bytes leave them out (the partial index still covers SUM(bytes)), and
+    # the sweep finds those whose parent has ended.
+    """
+    ALTER TABLE files ADD COLUMN merged_into TEXT COLLATE "C";
+    DROP INDEX files_project_bytes;
+    CREATE INDEX files_project_bytes ON files(project) INCLUDE (bytes) WHERE merged_into IS NULL;
+    CREATE INDEX files_merged_into ON files(merged_into) WHERE merged_into IS NOT NULL
+    """,
 ]
 _VERSIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -215,6 +215,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE usage_ledger ADD COLUMN cache_creation_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage_ledger ADD COLUMN cache_creation_1h_tokens INTEGER NOT NULL DEFAULT 0
     """,
+    # A shard's result files name the parent that merges them (FileRecord.merged_into): callers'
+    # listings and stored bytes leave them out (the partial index still covers SUM(bytes)), and
+    # the sweep finds those whose parent has ended.
+    """
+    ALTER TABLE files ADD COLUMN merged_into TEXT;
+    DROP INDEX files_project_bytes;
+    CREATE INDEX files_project_bytes ON files(project, bytes) WHERE merged_into IS NULL;
+    CREATE INDEX files_merged_into ON files(merged_into) WHERE merged_into IS NOT NULL
+    """,
 ]
 _TERMINAL = tuple(s.value for s in BatchStatus if s.is_terminal)
 _ACTIVE = f"status NOT IN ({','.join(repr(s) for s in _TERMINAL)})"
@@ -265,6 +274,10 @@ def _keyset_query(select: str, project: str | None, conditions: list[tuple[str, 
     sql += f" ORDER BY created_at {direction}, {id_column} {direction} LIMIT ?"
     args.append(limit)
     return sql, args
+
+
+# A project's stored bytes, as its quota counts them: shards' result files are the service's own.
+_STORED_BYTES = "SELECT coalesce(sum(bytes), 0) FROM files WHERE project=? AND merged_into IS NULL"
 
 
 # Read-only connections, one per reader thread: reads of different RPCs run side by side (SQLite
@@ -526,7 +539,7 @@ class SqliteMetadataStore(MetadataStore):
         return cur.rowcount > 0
 
     async def stored_bytes(self, project: str) -> int:
-        row = await self.readers.fetchone("SELECT coalesce(sum(bytes), 0) FROM files WHERE project=?", (project,))
+        row = await self.readers.fetchone(_STORED_BYTES, (project,))
         return int(row[0])
 
     async def count_unfinished_batches(self, project: str) -> int:
@@ -545,8 +558,8 @@ class SqliteMetadataStore(MetadataStore):
             if max_stored_bytes is None:
                 await self._insert_file(f)
                 return
-            await self._insert_within(lambda: self._insert_file(f), "SELECT coalesce(sum(bytes), 0) FROM files"
-                                      " WHERE project=?", (f.project,), max_stored_bytes, f.bytes)
+            await self._insert_within(lambda: self._insert_file(f), _STORED_BYTES, (f.project,), max_stored_bytes,
+                                      f.bytes)
 
     async def _insert_within(self, insert: Callable[[], Awaitable[Any]], total_sql: str, args: tuple,
                              limit: int, own: int) -> None:
@@ -569,9 +582,10 @@ class SqliteMetadataStore(MetadataStore):
     async def _insert_file(self, f: FileRecord) -> None:
         await self.db.execute(
             "INSERT INTO files(id, project, filename, purpose, bytes, sha256, created_at, expires_at,"
-            " line_count, endpoint, model, request_id, line_groups) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " line_count, endpoint, model, request_id, line_groups, merged_into) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (f.id, f.project, f.filename, f.purpose.value, f.bytes, f.sha256, f.created_at, f.expires_at,
-             f.line_count, f.endpoint, f.model, f.request_id or None, groups_to_json(f.groups)),
+             f.line_count, f.endpoint, f.model, f.request_id or None, groups_to_json(f.groups),
+             f.merged_into or None),
         )
 
     async def get_file(self, file_id: str) -> FileRecord | None:
@@ -585,8 +599,8 @@ class SqliteMetadataStore(MetadataStore):
 
     async def list_files(self, project: str | None, purpose: str | None, limit: int,
                          after: tuple[float, str] | None, oldest_first: bool = False) -> list[FileRecord]:
-        sql, args = _keyset_query("SELECT * FROM files", project, [("purpose=?", [purpose])] if purpose else [],
-                                  after, limit, oldest_first)
+        conditions = [("merged_into IS NULL", []), *([("purpose=?", [purpose])] if purpose else [])]
+        sql, args = _keyset_query("SELECT * FROM files", project, conditions, after, limit, oldest_first)
         return [file_from_row(r) for r in await self.readers.fetchall(sql, args)]
 
     async def delete_file(self, file_id: str) -> bool:
@@ -624,6 +638,10 @@ class SqliteMetadataStore(MetadataStore):
 
     async def all_file_ids(self) -> set[str]:
         return {r[0] for r in await self.readers.fetchall("SELECT id FROM files")}
+
+    async def shard_result_files(self, limit: int = 500) -> list[FileRecord]:
+        rows = await self.readers.fetchall("SELECT * FROM files WHERE merged_into IS NOT NULL LIMIT ?", (limit,))
+        return [file_from_row(r) for r in rows]
 
     # -- batches --------------------------------------------------------------------
 
