@@ -39,10 +39,16 @@ def cli_env(harness, caller=None) -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    # A test run started in the background by a non-interactive shell ignores SIGINT, and a child
+    # inherits that: the CLI would then never see the Ctrl-C the tests send it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def start_cli(env: dict[str, str], *args: str, cwd: Path | None = None, stdin=asyncio.subprocess.DEVNULL):
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "batchgate", *args, env=env, cwd=cwd, stdin=stdin,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_default_sigint)
 
 
 async def cli(env: dict[str, str], *args: str, cwd: Path | None = None) -> tuple[int, str, str]:
