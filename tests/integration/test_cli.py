@@ -39,16 +39,25 @@ def cli_env(harness, caller=None) -> dict[str, str]:
     return env
 
 
-def _default_sigint() -> None:
-    # A test run started in the background by a non-interactive shell ignores SIGINT, and a child
-    # inherits that: the CLI would then never see the Ctrl-C the tests send it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@pytest.fixture(autouse=True)
+def sigint_not_ignored():
+    """A test run started in the background by a non-interactive shell ignores SIGINT, and a child
+    inherits an ignored signal: the CLI would then never see the Ctrl-C these tests send it. A
+    handler (unlike an ignore) is reset to the default action by exec, so with one installed here the
+    CLI starts as from a terminal. (Not preexec_fn: forking through Python code runs gRPC's fork
+    handlers, which can abort the child.)"""
+    before = signal.getsignal(signal.SIGINT)
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if before is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, before)
 
 
 async def start_cli(env: dict[str, str], *args: str, cwd: Path | None = None, stdin=asyncio.subprocess.DEVNULL):
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "batchgate", *args, env=env, cwd=cwd, stdin=stdin,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=_default_sigint)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
 async def cli(env: dict[str, str], *args: str, cwd: Path | None = None) -> tuple[int, str, str]:
