@@ -71,7 +71,7 @@ class ResultSink:
 class CollectedResults:
     output_id: str
     error_id: str
-    usage: UsageCounter
+    usage: UsageCounter | None
     out_lines: int = 0
     err_lines: int = 0
     files: list[FileRecord] = field(default_factory=list)  # committed blobs, not recorded yet
@@ -90,16 +90,18 @@ class CollectedResults:
 
 
 async def collect_results(lines: AsyncIterable[ResultLine], blobs: BlobStore, rec: BatchRecord,
-                          usage: UsageCounter, now: float) -> CollectedResults:
+                          usage: UsageCounter | None, now: float) -> CollectedResults:
     """Write `lines` into the output and error files named by rec.result_file_ids, summing the
-    usage of the output lines. Nothing is left behind when it fails (or is cancelled)."""
+    usage of the output lines into `usage` (None: the caller knows the usage already, as a
+    sharded batch's merge does from its shards). Nothing is left behind when it fails (or is
+    cancelled)."""
     output_id, error_id = rec.result_file_ids
     sinks = {ResultKind.OUTPUT: ResultSink(blobs), ResultKind.ERROR: ResultSink(blobs)}
     try:
         written = 0
         async for line in lines:
             await sinks[line.kind].write(line.data)
-            if line.kind is ResultKind.OUTPUT:
+            if usage is not None and line.kind is ResultKind.OUTPUT:
                 usage.add_line(line.data)
             written += 1
             if written % YIELD_EVERY_LINES == 0:

@@ -26,13 +26,13 @@ import math
 import time
 from array import array
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 import msgspec
 
-from batchgate_server.core.result_files import YIELD_EVERY_LINES, ResultSink
+from batchgate_server.core.result_files import collect_results
 from batchgate_server.core.shard_input import line_group, selection_lines
 from batchgate_server.core.tracker import BatchRunner, Tracker, batch_load, cancel_batch
 from batchgate_server.domain import log_context
@@ -49,7 +49,7 @@ from batchgate_server.domain.models import (
 )
 from batchgate_server.domain.shards import JobLimits, PlannedPart, ShardSelection
 from batchgate_server.pricing.cost import sum_costs
-from batchgate_server.providers.base import BatchProvider
+from batchgate_server.providers.base import BatchProvider, ResultKind, ResultLine
 from batchgate_server.providers.output_lines import line_id, no_result_line
 from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull, StorageUnavailable
 from batchgate_server.store.ports import BlobStore
@@ -445,28 +445,7 @@ class ShardedBatchRunner(BatchRunner):
                 r.shards = [self._summary(s) for s in shards]
 
             await self._persist(prepare)
-        output_id, error_id = self.rec.result_file_ids
-        out, err = ResultSink(self.t.blobs), ResultSink(self.t.blobs)
-        try:
-            for shard in shards:
-                await self._merge_shard(shard, out, err)
-        except BaseException:
-            await out.abort()
-            await err.abort()
-            raise
-        now = time.time()
-        files = []
-        try:
-            for sink, file_id, kind in ((out, output_id, "output"), (err, error_id, "error")):
-                record = await sink.commit(file_id, rec.project, f"{rec.id}_{kind}.jsonl", now)
-                if record is not None:
-                    files.append(record)
-        except BaseException:
-            await out.abort()
-            await err.abort()
-            for f in files:
-                await self.t.blobs.delete(f.id)
-            raise
+        collected = await collect_results(self._merged_lines(shards), self.t.blobs, self.rec, None, time.time())
         usage = Usage()
         for shard in shards:
             if shard.usage is not None:
@@ -476,10 +455,7 @@ class ShardedBatchRunner(BatchRunner):
         def finish(r: BatchRecord) -> None:
             status = BatchStatus.CANCELLED if r.status is BatchStatus.CANCELLING else ended
             self._enter(status)(r)
-            r.output_file_id = output_id if out.lines else ""
-            r.error_file_id = error_id if err.lines else ""
-            r.request_counts = RequestCounts(total=sum(s.input_line_count for s in shards), completed=out.lines,
-                                             failed=err.lines)
+            collected.record_on(r, total=sum(s.input_line_count for s in shards))
             r.usage = usage
             r.cost = sum_costs([s.cost for s in shards])
             r.shards = [self._summary(s) for s in shards]
@@ -487,44 +463,41 @@ class ShardedBatchRunner(BatchRunner):
                 r.errors = [e for s in shards for e in s.errors][:MAX_PARENT_ERRORS]
 
         try:
-            await self._persist(finish, extra_files=files)
+            await self._persist(finish, extra_files=collected.files)
         except asyncio.CancelledError:
             raise  # the shielded write may still land: a redone merge writes the same ids
         except BaseException:
-            for f in files:
-                await self.t.blobs.delete(f.id)
+            await collected.discard(self.t.blobs)
             raise
-        log.info("batch %s %s: %d ok, %d failed over %d jobs", rec.id, self.rec.status.value, out.lines, err.lines,
-                 len(shards))
+        log.info("batch %s %s: %d ok, %d failed over %d jobs", rec.id, self.rec.status.value, collected.out_lines,
+                 collected.err_lines, len(shards))
         await self._delete_shard_results(shards)
 
-    async def _merge_shard(self, shard: BatchRecord, out: ResultSink, err: ResultSink) -> None:
-        """Copy `shard`'s result lines, then an error line for each of its requests it has none for."""
-        answered = 0
-        missing_possible = (shard.request_counts.completed + shard.request_counts.failed) < shard.input_line_count
-        seen: set[str] = set()
-        for file_id, sink in ((shard.output_file_id, out), (shard.error_file_id, err)):
-            if not file_id:
+    async def _merged_lines(self, shards: Sequence[BatchRecord]) -> AsyncIterator[ResultLine]:
+        """Every shard's result lines, then for each shard an error line for every request of it
+        that has none (collect_results yields to the loop every YIELD_EVERY_LINES lines)."""
+        for shard in shards:
+            seen: set[str] = set()
+            missing_possible = (shard.request_counts.completed + shard.request_counts.failed) < shard.input_line_count
+            answered = 0
+            for file_id, kind in ((shard.output_file_id, ResultKind.OUTPUT), (shard.error_file_id, ResultKind.ERROR)):
+                if not file_id:
+                    continue
+                async for line in self.t.blobs.lines(file_id):
+                    yield ResultLine(kind, line)
+                    answered += 1
+                    if missing_possible:
+                        seen.add(_custom_id(line))
+            if answered >= shard.input_line_count:
                 continue
-            async for line in self.t.blobs.lines(file_id):
-                await sink.write(line)
-                answered += 1
-                if missing_possible:
-                    seen.add(_custom_id(line))
-                if answered % YIELD_EVERY_LINES == 0:
-                    await asyncio.sleep(0)
-        if answered >= shard.input_line_count:
-            return
-        code, message = _no_result_error(shard)
-        assert shard.selection is not None
-        index = 0
-        async for line in selection_lines(self.t.blobs, shard.input_file_id, shard.selection):
-            custom_id = _custom_id(line)
-            if custom_id not in seen:
-                await err.write(no_result_line(line_id(shard.id, index), custom_id, code, message).data)
-            index += 1
-            if index % YIELD_EVERY_LINES == 0:
-                await asyncio.sleep(0)
+            code, message = _no_result_error(shard)
+            assert shard.selection is not None
+            index = 0
+            async for line in selection_lines(self.t.blobs, shard.input_file_id, shard.selection):
+                custom_id = _custom_id(line)
+                if custom_id not in seen:
+                    yield no_result_line(line_id(shard.id, index), custom_id, code, message)
+                index += 1
 
     async def _delete_shard_results(self, shards: Sequence[BatchRecord]) -> None:
         """The merged files hold the shards' results now: their own files go (rows, then blobs)."""
