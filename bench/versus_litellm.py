@@ -1,0 +1,397 @@
+"""batchgate beside LiteLLM's proxy on the same fake OpenAI provider, interleaved on this machine: the
+two targets of issue 11 that `make bench` leaves out (it measures batchgate against the machine's own
+ceilings). Not run by `make bench`.
+
+LiteLLM's proxy (litellm[proxy]==LITELLM_VERSION below, the release of the 1.106 line the issue
+measured) is installed on first use into its own virtualenv, .bench/litellm-venv (gitignored), and
+runs as `litellm --config ...` on a free loopback port; batchgate-server runs beside it with its
+OpenAI-compatible HTTP API on. Both get the same deployment: model_name gpt-4o-mini ->
+openai/gpt-4o-mini-2024-07-18 at tests/fakes/openai_batch_api.py, run in this process on its own
+thread with ``store_uploads=False, synthetic_output=True`` as in bench/passthrough.py. Every client
+call runs in a client process of its own (the fake's thread keeps this process's GIL), and so the
+runs go batchgate, LiteLLM, LiteLLM, batchgate, ... for --rounds rounds.
+
+1. Upload: bench/upload.py's 200 MiB, ~203k-line chat file.
+   * LiteLLM: the openai SDK's files.create (purpose batch, `?model=gpt-4o-mini` so the proxy uses
+     the deployment's credentials). The proxy spools the body to disk, json-parses every line (an
+     object with custom_id, method, url and body: no duplicate, method, url or model check), then
+     forwards the file to the provider before it answers: its upload includes the provider hop.
+   * batchgate: bench/upload.py's gRPC client (1 MiB chunks), and the same openai SDK client on
+     /v1/files. Full validation (every rule: duplicate custom_ids, methods, urls, models, groups),
+     stored on local disk; the provider hop comes at CreateBatch, so it is measured too: CreateBatch
+     on the file until the provider has the last byte of the last job (203k lines are five OpenAI
+     jobs of at most 50,000), then the batch is cancelled.
+   Target (issue 11): batchgate's upload >= 3x LiteLLM's. Printed also like for like (upload + hop).
+2. Passthrough: bench/passthrough.py's 200 MB, 50,000-line file through to the provider and its
+   ~200 MB output back: for batchgate its four phases (UploadFile; the upload to the provider and the
+   results back, as the fake timed them; DownloadFile), for LiteLLM its files.create (which forwards)
+   and files.content of the output (which it fetches from the provider); input + output MB over the
+   phases' seconds, and end to end (batch polling at 0.2 s included on both sides).
+   Target (issue 11): >= 1.5x LiteLLM for input + output.
+3. Each server's peak RSS growth (its child processes included) per section.
+
+    .venv/bin/python bench/versus_litellm.py [--rounds 2] [--upload-mib 200] [--pass-mb 200] [--pass-lines 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, SPAWN, family_rss_kib, free_port, reset_family_peak, start_server, stop, wait_http  # noqa: E402
+from passthrough import FakeOnThread, write_input  # noqa: E402
+from upload import LIMITS, make_file, upload  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from batchgate import BatchgateClient  # noqa: E402
+from batchgate.v1 import batch_pb2  # noqa: E402
+from tests.fakes.openai_batch_api import FakeBatchAPI  # noqa: E402
+
+LITELLM_VERSION = "1.106.12"
+VENV = ROOT / ".bench" / "litellm-venv"
+PROVIDER_KEY = "sk-bench-versus-litellm"
+LITELLM_KEY = "sk-" + secrets.token_hex(32)
+MODEL = "gpt-4o-mini"
+ENDPOINT = "/v1/chat/completions"
+POLL_S = 0.2
+UPLOAD_TARGET = 3.0
+PASSTHROUGH_TARGET = 1.5
+MIB = 1024 * 1024
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+def litellm_command() -> Path:
+    """The `litellm` proxy command of .bench/litellm-venv, installed there first when missing."""
+    command = VENV / "bin" / "litellm"
+    check = [str(VENV / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]
+    if command.exists() and subprocess.run(check, capture_output=True, text=True).stdout.strip() == LITELLM_VERSION:
+        return command
+    print(f"installing litellm[proxy]=={LITELLM_VERSION} into {VENV} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"], check=True)
+    return command
+
+
+def deployment(api_base: str, **extra: object) -> dict:
+    return {"model_list": [{
+        "model_name": MODEL,
+        "litellm_params": {"model": "openai/gpt-4o-mini-2024-07-18", "api_key": "os.environ/BENCH_OPENAI_KEY",
+                           "api_base": api_base, "timeout": 600, **extra},
+        "model_info": {"id": "bench-openai", "mode": "batch"}}]}
+
+
+@contextlib.contextmanager
+def litellm_proxy(config: Path, log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """LiteLLM's proxy on a free loopback port, without a database. It refuses to start without a
+    strong master key (batchgate serves loopback without one, as bench/upload.py runs it)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(BENCH_OPENAI_KEY=PROVIDER_KEY, LITELLM_MASTER_KEY=LITELLM_KEY, LITELLM_LOCAL_MODEL_COST_MAP="True",
+               LITELLM_LOG="ERROR")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(litellm_command()), "--config", str(config), "--host", "127.0.0.1",
+                                 "--port", str(port), "--num_workers", "1"], env=env, stdout=out, stderr=out)
+    try:
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health/liveliness", seconds=120)
+        except RuntimeError:
+            raise RuntimeError(f"LiteLLM's proxy did not start: see {log}") from None
+        yield proc, (f"http://127.0.0.1:{port}/v1", LITELLM_KEY)
+    finally:
+        stop(proc)
+
+
+# ---------------------------------------------------------------- client calls (each in the client process)
+def _openai(api: tuple[str, str]):
+    """An openai SDK client of `api`: (base URL, key)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=api[0], api_key=api[1], max_retries=0, timeout=900)
+
+
+def sdk_upload(api: tuple[str, str], path: str, query: dict) -> tuple[float, str]:
+    """Seconds of files.create(purpose=batch) of `path`, and the file's id."""
+    client = _openai(api)
+    with open(path, "rb") as fh:
+        started = time.perf_counter()
+        f = client.files.create(file=(Path(path).name, fh, "application/jsonl"), purpose="batch",
+                                           extra_query=query)
+        return time.perf_counter() - started, f.id
+
+
+def sdk_run_batch(api: tuple[str, str], file_id: str) -> dict:
+    """batches.create, then retrieve every POLL_S until the batch ends: the last Batch, as a dict."""
+    client = _openai(api)
+    batch = client.batches.create(input_file_id=file_id, endpoint=ENDPOINT, completion_window="24h")
+    while batch.status not in TERMINAL:
+        time.sleep(POLL_S)
+        batch = client.batches.retrieve(batch.id)
+    return batch.model_dump()
+
+
+def sdk_download(api: tuple[str, str], file_id: str, dest: str) -> tuple[float, int]:
+    client = _openai(api)
+    started, size = time.perf_counter(), 0
+    with client.files.with_streaming_response.content(file_id) as response, open(dest, "wb") as out:
+        for data in response.iter_bytes(MIB):
+            out.write(data)
+            size += len(data)
+    return time.perf_counter() - started, size
+
+
+def bg_upload(port: int, path: str) -> tuple[float, str, int]:
+    with BatchgateClient(f"127.0.0.1:{port}") as bg:
+        started = time.perf_counter()
+        f = bg.upload_file(path)
+        return time.perf_counter() - started, f.id, f.line_count
+
+
+def bg_create(port: int, file_id: str) -> str:
+    with BatchgateClient(f"127.0.0.1:{port}") as bg:
+        return bg.create_batch(file_id, ENDPOINT).id
+
+
+def bg_run_batch(port: int, file_id: str) -> tuple[str, int]:
+    """CreateBatch until its end: its status's name, completed requests and output file id."""
+    with BatchgateClient(f"127.0.0.1:{port}") as bg:
+        final = bg.wait(bg.create_batch(file_id, ENDPOINT).id)
+        return batch_pb2.BatchStatus.Name(final.status), final.request_counts.completed, final.output_file_id
+
+
+def bg_download(port: int, file_id: str, dest: str) -> tuple[float, int]:
+    with BatchgateClient(f"127.0.0.1:{port}") as bg:
+        started = time.perf_counter()
+        size = bg.download_file(file_id, dest)
+        return time.perf_counter() - started, size
+
+
+def grpc_upload(port: int, path: str) -> float:
+    """bench/upload.py's raw streaming client (the file is deleted again)."""
+    return upload(port, Path(path))[0]
+
+
+# ---------------------------------------------------------------- measuring
+class Peak:
+    """A server's peak RSS growth (its whole process family) over what runs inside."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __enter__(self) -> Peak:
+        self.baseline = family_rss_kib(self.pid)
+        reset_family_peak(self.pid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.growth_mib = (family_rss_kib(self.pid, "VmHWM") - self.baseline) / 1024
+
+
+class Bench:
+    def __init__(self, fake: FakeBatchAPI, pool, bg_proc, bg_port: int, bg_http: tuple[str, str], ll_proc,
+                 ll_http: tuple[str, str],
+                 tmp: Path) -> None:
+        self.fake, self.pool, self.tmp = fake, pool, tmp
+        self.bg_proc, self.bg_port, self.bg_http = bg_proc, bg_port, bg_http
+        self.ll_proc, self.ll_http = ll_proc, ll_http
+        self.results: dict[str, list[float]] = {}
+
+    def record(self, name: str, value: float) -> None:
+        self.results.setdefault(name, []).append(value)
+
+    def new_uploads(self, before: set[str]) -> list:
+        return [stats for file_id, stats in list(self.fake.uploads.items()) if file_id not in before]
+
+    # -- 1. upload
+    def upload_litellm(self, path: Path, mib: float) -> None:
+        before = set(self.fake.uploads)
+        with Peak(self.ll_proc.pid) as peak:
+            seconds, _ = self.pool.apply(sdk_upload, (self.ll_http, str(path), {"model": MODEL}))
+        (stats,) = self.new_uploads(before)
+        assert stats.bytes == path.stat().st_size, stats.bytes
+        stats.records = None  # no batch is made of it
+        self.record("upload litellm", mib / seconds)
+        self.record("upload litellm rss", peak.growth_mib)
+
+    def upload_batchgate(self, path: Path, mib: float, lines: int) -> None:
+        with Peak(self.bg_proc.pid) as peak:
+            seconds = self.pool.apply(grpc_upload, (self.bg_port, str(path)))
+        self.record("upload batchgate grpc", mib / seconds)
+        self.record("upload batchgate grpc rss", peak.growth_mib)
+        with Peak(self.bg_proc.pid) as peak:
+            seconds, file_id = self.pool.apply(sdk_upload, (self.bg_http, str(path), {}))
+        self.record("upload batchgate http", mib / seconds)
+        self.record("upload batchgate http rss", peak.growth_mib)
+        # The provider hop, which batchgate makes at CreateBatch: until the provider has every job's
+        # file (all the lines) and a batch made of each.
+        before = set(self.fake.uploads)
+        with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg, Peak(self.bg_proc.pid) as peak:
+            started = time.monotonic()
+            batch_id = self.pool.apply(bg_create, (self.bg_port, file_id))
+            deadline = started + 300
+            while True:
+                hop = {fid: stats for fid, stats in list(self.fake.uploads.items()) if fid not in before}
+                submitted = {b.input_file_id for b in list(self.fake.batches.values())}
+                if sum(s.lines for s in hop.values()) == lines and submitted >= hop.keys():
+                    break
+                assert time.monotonic() < deadline, bg.get_batch(batch_id)
+                time.sleep(0.02)
+            hop_s = max(s.finished_at for s in hop.values()) - started
+            bg.cancel_batch(batch_id)
+            bg.wait(batch_id)
+            bg.delete_file(file_id)
+        for stats in hop.values():
+            stats.records = None
+        self.record("upload batchgate hop", mib / hop_s)
+        self.record("upload batchgate http+hop", mib / (seconds + hop_s))
+        self.record("upload batchgate hop rss", peak.growth_mib)
+
+    # -- 2. passthrough
+    def passthrough_batchgate(self, source: Path, lines: int) -> None:
+        before = set(self.fake.uploads)
+        dest = self.tmp / "bg-output.jsonl"
+        with Peak(self.bg_proc.pid) as peak:
+            started = time.perf_counter()
+            upload_s, file_id, line_count = self.pool.apply(bg_upload, (self.bg_port, str(source)))
+            assert line_count == lines, line_count
+            status, completed, output_id = self.pool.apply(bg_run_batch, (self.bg_port, file_id))
+            assert status == "BATCH_STATUS_COMPLETED" and completed == lines, (status, completed)
+            download_s, out_bytes = self.pool.apply(bg_download, (self.bg_port, output_id, str(dest)))
+            end_to_end = time.perf_counter() - started
+        (stats,) = self.new_uploads(before)
+        up_s = stats.finished_at - stats.started_at
+        dl_start, dl_end, _ = self.provider_download(out_bytes)
+        phases = upload_s + up_s + (dl_end - dl_start) + download_s
+        total_mb = (source.stat().st_size + out_bytes) / 1e6
+        self.record("pass batchgate", total_mb / phases)
+        self.record("pass batchgate e2e", total_mb / end_to_end)
+        self.record("pass batchgate rss", peak.growth_mib)
+        with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg:
+            bg.delete_file(file_id)
+            bg.delete_file(output_id)
+
+    def passthrough_litellm(self, source: Path, lines: int) -> None:
+        dest = self.tmp / "ll-output.jsonl"
+        with Peak(self.ll_proc.pid) as peak:
+            started = time.perf_counter()
+            upload_s, file_id = self.pool.apply(sdk_upload, (self.ll_http, str(source), {"model": MODEL}))
+            batch = self.pool.apply(sdk_run_batch, (self.ll_http, file_id))
+            assert batch["status"] == "completed" and batch["request_counts"]["completed"] == lines, batch
+            download_s, out_bytes = self.pool.apply(sdk_download, (self.ll_http, batch["output_file_id"], str(dest)))
+            end_to_end = time.perf_counter() - started
+        self.provider_download(out_bytes)  # it went through the provider
+        total_mb = (source.stat().st_size + out_bytes) / 1e6
+        self.record("pass litellm", total_mb / (upload_s + download_s))
+        self.record("pass litellm e2e", total_mb / end_to_end)
+        self.record("pass litellm rss", peak.growth_mib)
+
+    def provider_download(self, size: int) -> tuple[float, float, int]:
+        """The provider's one download of `size` bytes since the last call (and forget it)."""
+        (file_id,) = [k for k, (_, _, sent) in list(self.fake.downloads.items()) if sent == size]
+        return self.fake.downloads.pop(file_id)
+
+
+def span(values: list[float], unit: str = "MB/s") -> str:
+    return f"{min(values):7.1f}-{max(values):<7.1f} {unit}"
+
+
+def verdict(ratio: float, target: float) -> str:
+    return f"{ratio:.2f}x (target >= {target}x: {'meets' if ratio >= target else 'MISSES'})"
+
+
+def report(results: dict[str, list[float]], rounds: int) -> None:
+    r = results
+    print(f"\n== 1. upload, {rounds} rounds (MiB/s; ranges over the rounds) ==")
+    print(f"  LiteLLM /v1/files, openai SDK (spool + json per line + forwarded): {span(r['upload litellm'], 'MiB/s')}"
+          f"  RSS {span(r['upload litellm rss'], 'MiB')}")
+    print(f"  batchgate UploadFile, gRPC (full validation, stored):             {span(r['upload batchgate grpc'], 'MiB/s')}"
+          f"  RSS {span(r['upload batchgate grpc rss'], 'MiB')}")
+    print(f"  batchgate /v1/files, openai SDK (full validation, stored):        {span(r['upload batchgate http'], 'MiB/s')}"
+          f"  RSS {span(r['upload batchgate http rss'], 'MiB')}")
+    print(f"  batchgate's provider hop (CreateBatch to the last job's last byte): {span(r['upload batchgate hop'], 'MiB/s')}"
+          f"  RSS {span(r['upload batchgate hop rss'], 'MiB')}")
+    print(f"  batchgate /v1/files + its provider hop:                           {span(r['upload batchgate http+hop'], 'MiB/s')}")
+    litellm = r["upload litellm"]
+    for name, key in (("gRPC", "upload batchgate grpc"), ("HTTP", "upload batchgate http")):
+        ratios = [b / ll for b, ll in zip(r[key], litellm)]
+        print(f"  ratio batchgate {name} / LiteLLM: {min(ratios):.2f}-{max(ratios):.2f}x per round;"
+              f" best vs best {verdict(max(r[key]) / max(litellm), UPLOAD_TARGET)}")
+    ratios = [b / ll for b, ll in zip(r["upload batchgate http+hop"], litellm)]
+    print(f"  like for like, both through to the provider (HTTP + hop / LiteLLM): {min(ratios):.2f}-{max(ratios):.2f}x")
+
+    print(f"\n== 2. passthrough, input + output MB/s ({rounds} rounds) ==")
+    print(f"  batchgate, four phases: {span(r['pass batchgate'])}; end to end {span(r['pass batchgate e2e'])};"
+          f" RSS {span(r['pass batchgate rss'], 'MiB')}")
+    print(f"  LiteLLM, files.create + files.content: {span(r['pass litellm'])}; end to end {span(r['pass litellm e2e'])};"
+          f" RSS {span(r['pass litellm rss'], 'MiB')}")
+    ratios = [b / ll for b, ll in zip(r["pass batchgate"], r["pass litellm"])]
+    e2e = [b / ll for b, ll in zip(r["pass batchgate e2e"], r["pass litellm e2e"])]
+    print(f"  ratio batchgate / LiteLLM: {min(ratios):.2f}-{max(ratios):.2f}x per round; best vs best"
+          f" {verdict(max(r['pass batchgate']) / max(r['pass litellm']), PASSTHROUGH_TARGET)}; end to end"
+          f" {min(e2e):.2f}-{max(e2e):.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--upload-mib", type=float, default=200.0, help="upload file size in MiB (bench/upload.py's)")
+    ap.add_argument("--pass-mb", type=float, default=200.0, help="passthrough input in MB (bench/passthrough.py's)")
+    ap.add_argument("--pass-lines", type=int, default=50_000)
+    args = ap.parse_args()
+    litellm_command()
+    print(f"load average {os.getloadavg()[0]:.1f} at start; LiteLLM proxy {LITELLM_VERSION}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp_name, \
+            FakeOnThread(FakeBatchAPI(api_key=PROVIDER_KEY, store_uploads=False, synthetic_output=True)) as fake, \
+            SPAWN.Pool(1) as pool:
+        tmp = Path(tmp_name)
+        big, source = tmp / "upload.jsonl", tmp / "passthrough.jsonl"
+        big_lines = make_file(big, int(args.upload_mib * MIB), 1030)
+        write_input(source, int(args.pass_mb * 1e6), args.pass_lines)
+        big_mib = big.stat().st_size / MIB
+        print(f"upload file {big_mib:.0f} MiB, {big_lines:,} lines; passthrough file"
+              f" {source.stat().st_size / 1e6:.0f} MB, {args.pass_lines:,} lines", flush=True)
+
+        ll_config, bg_config = tmp / "litellm.yaml", tmp / "batchgate.yaml"
+        ll_config.write_text(yaml.safe_dump(deployment(fake.base_url)))
+        bg_config.write_text(yaml.safe_dump(deployment(fake.base_url, poll_interval=POLL_S)))
+        http_port = free_port()
+        bg_proc, bg_port = start_server(tmp / "data", "--config", str(bg_config), "--http-address",
+                                        f"127.0.0.1:{http_port}", *LIMITS,
+                                        env={"BENCH_OPENAI_KEY": PROVIDER_KEY, "BATCHGATE_MASTER_KEY": ""})
+        try:
+            wait_http(f"http://127.0.0.1:{http_port}/v1/files")
+            with litellm_proxy(ll_config, VENV.parent / "litellm-proxy.log") as (ll_proc, ll_http):
+                bench = Bench(fake, pool, bg_proc, bg_port, (f"http://127.0.0.1:{http_port}/v1", "unused"), ll_proc, ll_http, tmp)
+                print(f"idle RSS: batchgate {family_rss_kib(bg_proc.pid) / 1024:.0f} MiB, LiteLLM"
+                      f" {family_rss_kib(ll_proc.pid) / 1024:.0f} MiB", flush=True)
+                for r in range(args.rounds):
+                    steps = [lambda: bench.upload_batchgate(big, big_mib, big_lines),
+                             lambda: bench.upload_litellm(big, big_mib),
+                             lambda: bench.passthrough_litellm(source, args.pass_lines),
+                             lambda: bench.passthrough_batchgate(source, args.pass_lines)]
+                    if r % 2:  # LiteLLM first in every other round
+                        steps = [steps[1], steps[0], steps[3], steps[2]]
+                    started = time.perf_counter()
+                    for step in steps:
+                        step()
+                    print(f"round {r + 1}: {time.perf_counter() - started:.0f} s, load average"
+                          f" {os.getloadavg()[0]:.1f}", flush=True)
+        finally:
+            stop(bg_proc)
+        report(bench.results, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
