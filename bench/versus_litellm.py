@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, SPAWN, family_rss_kib, free_port, reset_family_peak, start_server, stop, wait_http  # noqa: E402
+from _common import ROOT, SPAWN, cpu_seconds, family, family_rss_kib, free_port, reset_family_peak, start_server, stop, wait_http  # noqa: E402
 from passthrough import FakeOnThread, write_input  # noqa: E402
 from upload import LIMITS, make_file, upload  # noqa: E402
 
@@ -188,19 +188,29 @@ def grpc_upload(port: int, path: str) -> float:
 
 
 # ---------------------------------------------------------------- measuring
-class Peak:
-    """A server's peak RSS growth (its whole process family) over what runs inside."""
+class Spent:
+    """What a server (its whole process family) spent over what runs inside: peak RSS growth in
+    MiB, and CPU seconds (a measure the others' load moves less than a rate)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
-    def __enter__(self) -> Peak:
+    def _cpu(self) -> dict[int, float]:
+        spent = {}
+        for member in family(self.pid):
+            with contextlib.suppress(OSError):
+                spent[member] = cpu_seconds(member)
+        return spent
+
+    def __enter__(self) -> Spent:
         self.baseline = family_rss_kib(self.pid)
         reset_family_peak(self.pid)
+        self.cpu_before = self._cpu()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.growth_mib = (family_rss_kib(self.pid, "VmHWM") - self.baseline) / 1024
+        self.cpu_s = sum(now - self.cpu_before.get(member, 0.0) for member, now in self._cpu().items())
 
 
 class Bench:
@@ -215,6 +225,11 @@ class Bench:
     def record(self, name: str, value: float) -> None:
         self.results.setdefault(name, []).append(value)
 
+    def account(self, name: str, spent: Spent, amount: float) -> None:
+        """`name rss` (MiB) and `name cpu` (ms per unit of `amount`)."""
+        self.record(f"{name} rss", spent.growth_mib)
+        self.record(f"{name} cpu", spent.cpu_s * 1000 / amount)
+
     def new_uploads(self, before: set[str]) -> list:
         return [stats for file_id, stats in list(self.fake.uploads.items()) if file_id not in before]
 
@@ -228,28 +243,28 @@ class Bench:
 
     def upload_litellm(self, path: Path, mib: float) -> None:
         before = set(self.fake.uploads)
-        with Peak(self.ll_proc.pid) as peak:
+        with Spent(self.ll_proc.pid) as spent:
             seconds, _ = self.pool.apply(sdk_upload, (self.ll_http, str(path), {"model": MODEL}))
         (stats,) = self.new_uploads(before)
         assert stats.bytes == path.stat().st_size, stats.bytes
         stats.records = None  # no batch is made of it
         self.record("upload litellm", mib / seconds)
         self.record("upload litellm hop", stats.bytes / MIB / (stats.finished_at - stats.started_at))
-        self.record("upload litellm rss", peak.growth_mib)
+        self.account("upload litellm", spent, mib)
 
     def upload_batchgate(self, path: Path, mib: float, lines: int) -> None:
-        with Peak(self.bg_proc.pid) as peak:
+        with Spent(self.bg_proc.pid) as spent:
             seconds = self.pool.apply(grpc_upload, (self.bg_port, str(path)))
         self.record("upload batchgate grpc", mib / seconds)
-        self.record("upload batchgate grpc rss", peak.growth_mib)
-        with Peak(self.bg_proc.pid) as peak:
+        self.account("upload batchgate grpc", spent, mib)
+        with Spent(self.bg_proc.pid) as spent:
             seconds, file_id = self.pool.apply(sdk_upload, (self.bg_http, str(path), {}))
         self.record("upload batchgate http", mib / seconds)
-        self.record("upload batchgate http rss", peak.growth_mib)
+        self.account("upload batchgate http", spent, mib)
         # The provider hop, which batchgate makes at CreateBatch: until the provider has every job's
         # file (all the lines) and a batch made of each.
         before = set(self.fake.uploads)
-        with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg, Peak(self.bg_proc.pid) as peak:
+        with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg, Spent(self.bg_proc.pid) as spent:
             started = time.monotonic()
             batch_id = self.pool.apply(bg_create, (self.bg_port, file_id))
             deadline = started + 300
@@ -261,6 +276,7 @@ class Bench:
                 assert time.monotonic() < deadline, bg.get_batch(batch_id)
                 time.sleep(0.02)
             hop_s = max(s.finished_at for s in hop.values()) - started
+        with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg:
             bg.cancel_batch(batch_id)
             bg.wait(batch_id)
             bg.delete_file(file_id)
@@ -268,13 +284,13 @@ class Bench:
             stats.records = None
         self.record("upload batchgate hop", mib / hop_s)
         self.record("upload batchgate http+hop", mib / (seconds + hop_s))
-        self.record("upload batchgate hop rss", peak.growth_mib)
+        self.account("upload batchgate hop", spent, mib)
 
     # -- 2. passthrough
     def passthrough_batchgate(self, source: Path, lines: int) -> None:
         before = set(self.fake.uploads)
         dest = self.tmp / "bg-output.jsonl"
-        with Peak(self.bg_proc.pid) as peak:
+        with Spent(self.bg_proc.pid) as spent:
             started = time.perf_counter()
             upload_s, file_id, line_count = self.pool.apply(bg_upload, (self.bg_port, str(source)))
             assert line_count == lines, line_count
@@ -289,14 +305,14 @@ class Bench:
         total_mb = (source.stat().st_size + out_bytes) / 1e6
         self.record("pass batchgate", total_mb / phases)
         self.record("pass batchgate e2e", total_mb / end_to_end)
-        self.record("pass batchgate rss", peak.growth_mib)
+        self.account("pass batchgate", spent, total_mb)
         with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg:
             bg.delete_file(file_id)
             bg.delete_file(output_id)
 
     def passthrough_litellm(self, source: Path, lines: int) -> None:
         dest = self.tmp / "ll-output.jsonl"
-        with Peak(self.ll_proc.pid) as peak:
+        with Spent(self.ll_proc.pid) as spent:
             started = time.perf_counter()
             upload_s, file_id = self.pool.apply(sdk_upload, (self.ll_http, str(source), {"model": MODEL}))
             batch = self.pool.apply(sdk_run_batch, (self.ll_http, file_id))
@@ -313,7 +329,7 @@ class Bench:
         total_mb = (source.stat().st_size + out_bytes) / 1e6
         self.record("pass litellm", total_mb / (upload_s + download_s))
         self.record("pass litellm e2e", total_mb / end_to_end)
-        self.record("pass litellm rss", peak.growth_mib)
+        self.account("pass litellm", spent, total_mb)
 
     def provider_download(self, size: int | None, wait: float = 0) -> tuple[float, float, int] | None:
         """(first byte, last byte, bytes) of the provider's one download since the last call (of
@@ -327,48 +343,52 @@ class Bench:
         return self.fake.downloads.pop(file_id)
 
 
-def span(values: list[float], unit: str = "MB/s") -> str:
-    return f"{min(values):7.1f}-{max(values):<7.1f} {unit}"
+def span(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "-"
 
 
 def verdict(ratio: float, target: float) -> str:
     return f"{ratio:.2f}x (target >= {target}x: {'meets' if ratio >= target else 'MISSES'})"
 
 
-def report(results: dict[str, list[float]], rounds: int) -> None:
-    r = results
-    print(f"\n== 1. upload, {rounds} rounds (MiB/s; ranges over the rounds) ==")
-    print(f"  LiteLLM /v1/files, openai SDK (spool + json per line + forwarded): {span(r['upload litellm'], 'MiB/s')}"
-          f"  RSS {span(r['upload litellm rss'], 'MiB')}")
-    print(f"    of which forwarded to the provider (its first to last byte):    {span(r['upload litellm hop'], 'MiB/s')}")
-    print(f"  batchgate UploadFile, gRPC (full validation, stored):             {span(r['upload batchgate grpc'], 'MiB/s')}"
-          f"  RSS {span(r['upload batchgate grpc rss'], 'MiB')}")
-    print(f"  batchgate /v1/files, openai SDK (full validation, stored):        {span(r['upload batchgate http'], 'MiB/s')}"
-          f"  RSS {span(r['upload batchgate http rss'], 'MiB')}")
-    print(f"  batchgate's provider hop (CreateBatch to the last job's last byte): {span(r['upload batchgate hop'], 'MiB/s')}"
-          f"  RSS {span(r['upload batchgate hop rss'], 'MiB')}")
-    print(f"  batchgate /v1/files + its provider hop:                           {span(r['upload batchgate http+hop'], 'MiB/s')}")
-    litellm = r["upload litellm"]
-    for name, key in (("gRPC", "upload batchgate grpc"), ("HTTP", "upload batchgate http")):
-        ratios = [b / ll for b, ll in zip(r[key], litellm)]
-        print(f"  ratio batchgate {name} / LiteLLM: {min(ratios):.2f}-{max(ratios):.2f}x per round;"
-              f" best vs best {verdict(max(r[key]) / max(litellm), UPLOAD_TARGET)}")
-    ratios = [b / ll for b, ll in zip(r["upload batchgate http+hop"], litellm)]
-    print(f"  like for like, both through to the provider (HTTP + hop / LiteLLM): {min(ratios):.2f}-{max(ratios):.2f}x")
+def ratios(numerators: list[float], denominators: list[float]) -> str:
+    """Per-round ratios (the rounds are interleaved: a ratio of one round shares its load)."""
+    values = [n / d for n, d in zip(numerators, denominators)]
+    return f"{min(values):.2f}-{max(values):.2f}x"
 
-    print(f"\n== 2. passthrough, input + output MB/s ({rounds} rounds) ==")
-    print(f"  batchgate, four phases: {span(r['pass batchgate'])}; end to end {span(r['pass batchgate e2e'])};"
-          f" RSS {span(r['pass batchgate rss'], 'MiB')}")
-    print(f"  LiteLLM, files.create + files.content: {span(r['pass litellm'])}; end to end {span(r['pass litellm e2e'])};"
-          f" RSS {span(r['pass litellm rss'], 'MiB')}")
+
+def report(r: dict[str, list[float]], rounds: int, upload_what: str, pass_what: str) -> None:
+    def row(label: str, key: str) -> None:
+        print(f"  {label:<62} {span(r[key]):>12} {span(r.get(key + ' rss', [])):>12} {span(r.get(key + ' cpu', [])):>12}")
+
+    print(f"\n== 1. upload of {upload_what}; {rounds} interleaved rounds, ranges ==")
+    print(f"  {'':<62} {'MiB/s':>12} {'RSS +MiB':>12} {'CPU ms/MiB':>12}")
+    row("LiteLLM /v1/files, openai SDK (answers once forwarded)", "upload litellm")
+    row("  its forward to the provider (first to last byte there)", "upload litellm hop")
+    row("batchgate UploadFile, gRPC (bench/upload.py's client)", "upload batchgate grpc")
+    row("batchgate /v1/files, openai SDK", "upload batchgate http")
+    row("batchgate's provider hop (CreateBatch to the last byte there)", "upload batchgate hop")
+    row("batchgate /v1/files + its provider hop", "upload batchgate http+hop")
+    ll = r["upload litellm"]
+    for name, key in (("gRPC", "upload batchgate grpc"), ("/v1/files", "upload batchgate http")):
+        print(f"  batchgate {name} / LiteLLM: {ratios(r[key], ll)} per round; best/best"
+              f" {verdict(max(r[key]) / max(ll), UPLOAD_TARGET)}")
+    both = [h + c for h, c in zip(r["upload batchgate http cpu"], r["upload batchgate hop cpu"])]
+    print(f"  like for like, both through to the provider: /v1/files + hop / LiteLLM {ratios(r['upload batchgate http+hop'], ll)}"
+          f" per round; server CPU per MiB LiteLLM / batchgate {ratios(r['upload litellm cpu'], both)}")
+
+    print(f"\n== 2. passthrough of {pass_what} and its output back; input + output; {rounds} rounds ==")
+    print(f"  {'':<62} {'MB/s':>12} {'RSS +MiB':>12} {'CPU ms/MB':>12}")
+    row("batchgate, its four phases (as bench/passthrough.py)", "pass batchgate")
+    row("batchgate, end to end (0.2 s polls)", "pass batchgate e2e")
+    row("LiteLLM, files.create + files.content", "pass litellm")
+    row("LiteLLM, end to end (0.2 s polls)", "pass litellm e2e")
     if r.get("pass litellm cost fetch"):
-        print(f"    + LiteLLM's own fetch of the output from the provider for its cost tracking, after the"
-              f" batch completed (in the background, waited for, not counted): {span(r['pass litellm cost fetch'])}")
-    ratios = [b / ll for b, ll in zip(r["pass batchgate"], r["pass litellm"])]
-    e2e = [b / ll for b, ll in zip(r["pass batchgate e2e"], r["pass litellm e2e"])]
-    print(f"  ratio batchgate / LiteLLM: {min(ratios):.2f}-{max(ratios):.2f}x per round; best vs best"
+        row("  + its own fetch of the output for cost (not counted)", "pass litellm cost fetch")
+    print(f"  batchgate / LiteLLM: {ratios(r['pass batchgate'], r['pass litellm'])} per round; best/best"
           f" {verdict(max(r['pass batchgate']) / max(r['pass litellm']), PASSTHROUGH_TARGET)}; end to end"
-          f" {min(e2e):.2f}-{max(e2e):.2f}x")
+          f" {ratios(r['pass batchgate e2e'], r['pass litellm e2e'])}; server CPU per MB (whole job) LiteLLM /"
+          f" batchgate {ratios(r['pass litellm cpu'], r['pass batchgate cpu'])}")
 
 
 def main() -> None:
@@ -423,7 +443,9 @@ def main() -> None:
                           f" {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             stop(bg_proc)
-        report(bench.results, args.rounds)
+        report(bench.results, args.rounds, f"{big_mib:.0f} MiB, {big_lines:,} lines",
+               f"{source.stat().st_size / 1e6:.0f} MB, {args.pass_lines:,} lines")
+        print(f"load average at the end {os.getloadavg()[0]:.1f} (2 cores)")
 
 
 if __name__ == "__main__":
