@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import secrets
 import subprocess
@@ -56,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from batchgate import BatchgateClient  # noqa: E402
+from batchgate.errors import FailedPreconditionError  # noqa: E402
 from batchgate.v1 import batch_pb2  # noqa: E402
 from tests.fakes.openai_batch_api import FakeBatchAPI  # noqa: E402
 
@@ -93,24 +95,40 @@ def deployment(api_base: str, **extra: object) -> dict:
 
 
 @contextlib.contextmanager
-def litellm_proxy(config: Path, log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """LiteLLM's proxy on a free loopback port, without a database. It refuses to start without a
-    strong master key (batchgate serves loopback without one, as bench/upload.py runs it)."""
-    port = free_port()
+def litellm_proxy(config: Path, log: Path) -> Iterator[tuple[subprocess.Popen, tuple[str, str]]]:
+    """LiteLLM's proxy on a free loopback port, without a database: its process, and (base URL,
+    key). It refuses to start without a strong master key (batchgate serves loopback without one,
+    as bench/upload.py runs it)."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env.update(BENCH_OPENAI_KEY=PROVIDER_KEY, LITELLM_MASTER_KEY=LITELLM_KEY, LITELLM_LOCAL_MODEL_COST_MAP="True",
                LITELLM_LOG="ERROR")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(litellm_command()), "--config", str(config), "--host", "127.0.0.1",
-                                 "--port", str(port), "--num_workers", "1"], env=env, stdout=out, stderr=out)
+    for _ in range(3):  # a free port may be taken by another process before the proxy binds it
+        port = free_port()
+        with open(log, "w") as out:
+            proc = subprocess.Popen([str(litellm_command()), "--config", str(config), "--host", "127.0.0.1",
+                                     "--port", str(port), "--num_workers", "1"], env=env, stdout=out, stderr=out)
+        if _answers(proc, f"http://127.0.0.1:{port}/health/liveliness"):
+            break
+        stop(proc)
+    else:
+        raise RuntimeError(f"LiteLLM's proxy did not start: see {log}")
     try:
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health/liveliness", seconds=120)
-        except RuntimeError:
-            raise RuntimeError(f"LiteLLM's proxy did not start: see {log}") from None
         yield proc, (f"http://127.0.0.1:{port}/v1", LITELLM_KEY)
     finally:
         stop(proc)
+
+
+def _answers(proc: subprocess.Popen, url: str, seconds: float = 120) -> bool:
+    """Whether `url` answers 200 before `proc` exits or `seconds` pass."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        time.sleep(0.2)
+    return False
 
 
 # ---------------------------------------------------------------- client calls (each in the client process)
@@ -190,10 +208,11 @@ def grpc_upload(port: int, path: str) -> float:
 # ---------------------------------------------------------------- measuring
 class Spent:
     """What a server (its whole process family) spent over what runs inside: peak RSS growth in
-    MiB, and CPU seconds (a measure the others' load moves less than a rate)."""
+    MiB, and CPU seconds (a measure the others' load moves less than a rate); and the CPU seconds
+    of the fake provider's thread (the provider's side of the hops)."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pid: int, provider_tid: int) -> None:
+        self.pid, self.provider_tid = pid, provider_tid
 
     def _cpu(self) -> dict[int, float]:
         spent = {}
@@ -206,18 +225,19 @@ class Spent:
         self.baseline = family_rss_kib(self.pid)
         reset_family_peak(self.pid)
         self.cpu_before = self._cpu()
+        self.provider_before = cpu_seconds(self.provider_tid)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.growth_mib = (family_rss_kib(self.pid, "VmHWM") - self.baseline) / 1024
         self.cpu_s = sum(now - self.cpu_before.get(member, 0.0) for member, now in self._cpu().items())
+        self.provider_cpu_s = cpu_seconds(self.provider_tid) - self.provider_before
 
 
 class Bench:
-    def __init__(self, fake: FakeBatchAPI, pool, bg_proc, bg_port: int, bg_http: tuple[str, str], ll_proc,
-                 ll_http: tuple[str, str],
-                 tmp: Path) -> None:
-        self.fake, self.pool, self.tmp = fake, pool, tmp
+    def __init__(self, fake: FakeBatchAPI, fake_tid: int, pool, bg_proc, bg_port: int, bg_http: tuple[str, str],
+                 ll_proc, ll_http: tuple[str, str], tmp: Path) -> None:
+        self.fake, self.fake_tid, self.pool, self.tmp = fake, fake_tid, pool, tmp
         self.bg_proc, self.bg_port, self.bg_http = bg_proc, bg_port, bg_http
         self.ll_proc, self.ll_http = ll_proc, ll_http
         self.results: dict[str, list[float]] = {}
@@ -229,6 +249,7 @@ class Bench:
         """`name rss` (MiB) and `name cpu` (ms per unit of `amount`)."""
         self.record(f"{name} rss", spent.growth_mib)
         self.record(f"{name} cpu", spent.cpu_s * 1000 / amount)
+        self.record(f"{name} provider cpu", spent.provider_cpu_s * 1000 / amount)
 
     def new_uploads(self, before: set[str]) -> list:
         return [stats for file_id, stats in list(self.fake.uploads.items()) if file_id not in before]
@@ -243,7 +264,7 @@ class Bench:
 
     def upload_litellm(self, path: Path, mib: float) -> None:
         before = set(self.fake.uploads)
-        with Spent(self.ll_proc.pid) as spent:
+        with Spent(self.ll_proc.pid, self.fake_tid) as spent:
             seconds, _ = self.pool.apply(sdk_upload, (self.ll_http, str(path), {"model": MODEL}))
         (stats,) = self.new_uploads(before)
         assert stats.bytes == path.stat().st_size, stats.bytes
@@ -253,18 +274,19 @@ class Bench:
         self.account("upload litellm", spent, mib)
 
     def upload_batchgate(self, path: Path, mib: float, lines: int) -> None:
-        with Spent(self.bg_proc.pid) as spent:
+        with Spent(self.bg_proc.pid, self.fake_tid) as spent:
             seconds = self.pool.apply(grpc_upload, (self.bg_port, str(path)))
         self.record("upload batchgate grpc", mib / seconds)
         self.account("upload batchgate grpc", spent, mib)
-        with Spent(self.bg_proc.pid) as spent:
+        with Spent(self.bg_proc.pid, self.fake_tid) as spent:
             seconds, file_id = self.pool.apply(sdk_upload, (self.bg_http, str(path), {}))
         self.record("upload batchgate http", mib / seconds)
         self.account("upload batchgate http", spent, mib)
         # The provider hop, which batchgate makes at CreateBatch: until the provider has every job's
         # file (all the lines) and a batch made of each.
         before = set(self.fake.uploads)
-        with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg, Spent(self.bg_proc.pid) as spent:
+        self.fake.lines_per_tick = 1  # the jobs stay in progress: no results come back during the hop
+        with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg, Spent(self.bg_proc.pid, self.fake_tid) as spent:
             started = time.monotonic()
             batch_id = self.pool.apply(bg_create, (self.bg_port, file_id))
             deadline = started + 300
@@ -279,7 +301,18 @@ class Bench:
         with BatchgateClient(f"127.0.0.1:{self.bg_port}") as bg:
             bg.cancel_batch(batch_id)
             bg.wait(batch_id)
-            bg.delete_file(file_id)
+            # A cancelled batch shows CANCELLED while its shards still end at the provider, and
+            # its input stays in use until they have: delete it once it may be (the shards' work
+            # done, so it does not run into the next measurement).
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    bg.delete_file(file_id)
+                    break
+                except FailedPreconditionError:
+                    assert time.monotonic() < deadline, bg.get_batch(batch_id)
+                    time.sleep(0.1)
+        self.fake.lines_per_tick = None
         for stats in hop.values():
             stats.records = None
         self.record("upload batchgate hop", mib / hop_s)
@@ -288,9 +321,10 @@ class Bench:
 
     # -- 2. passthrough
     def passthrough_batchgate(self, source: Path, lines: int) -> None:
+        self.fake.downloads.clear()  # what the upload section's batches fetched
         before = set(self.fake.uploads)
         dest = self.tmp / "bg-output.jsonl"
-        with Spent(self.bg_proc.pid) as spent:
+        with Spent(self.bg_proc.pid, self.fake_tid) as spent:
             started = time.perf_counter()
             upload_s, file_id, line_count = self.pool.apply(bg_upload, (self.bg_port, str(source)))
             assert line_count == lines, line_count
@@ -311,8 +345,9 @@ class Bench:
             bg.delete_file(output_id)
 
     def passthrough_litellm(self, source: Path, lines: int) -> None:
+        self.fake.downloads.clear()
         dest = self.tmp / "ll-output.jsonl"
-        with Spent(self.ll_proc.pid) as spent:
+        with Spent(self.ll_proc.pid, self.fake_tid) as spent:
             started = time.perf_counter()
             upload_s, file_id = self.pool.apply(sdk_upload, (self.ll_http, str(source), {"model": MODEL}))
             batch = self.pool.apply(sdk_run_batch, (self.ll_http, file_id))
@@ -359,10 +394,11 @@ def ratios(numerators: list[float], denominators: list[float]) -> str:
 
 def report(r: dict[str, list[float]], rounds: int, upload_what: str, pass_what: str) -> None:
     def row(label: str, key: str) -> None:
-        print(f"  {label:<62} {span(r[key]):>12} {span(r.get(key + ' rss', [])):>12} {span(r.get(key + ' cpu', [])):>12}")
+        print(f"  {label:<62} {span(r[key]):>12} {span(r.get(key + ' rss', [])):>12} {span(r.get(key + ' cpu', [])):>12}"
+              f" {span(r.get(key + ' provider cpu', [])):>14}")
 
     print(f"\n== 1. upload of {upload_what}; {rounds} interleaved rounds, ranges ==")
-    print(f"  {'':<62} {'MiB/s':>12} {'RSS +MiB':>12} {'CPU ms/MiB':>12}")
+    print(f"  {'':<62} {'MiB/s':>12} {'RSS +MiB':>12} {'CPU ms/MiB':>12} {'provider CPU':>14}")
     row("LiteLLM /v1/files, openai SDK (answers once forwarded)", "upload litellm")
     row("  its forward to the provider (first to last byte there)", "upload litellm hop")
     row("batchgate UploadFile, gRPC (bench/upload.py's client)", "upload batchgate grpc")
@@ -378,7 +414,7 @@ def report(r: dict[str, list[float]], rounds: int, upload_what: str, pass_what: 
           f" per round; server CPU per MiB LiteLLM / batchgate {ratios(r['upload litellm cpu'], both)}")
 
     print(f"\n== 2. passthrough of {pass_what} and its output back; input + output; {rounds} rounds ==")
-    print(f"  {'':<62} {'MB/s':>12} {'RSS +MiB':>12} {'CPU ms/MB':>12}")
+    print(f"  {'':<62} {'MB/s':>12} {'RSS +MiB':>12} {'CPU ms/MB':>12} {'provider CPU':>14}")
     row("batchgate, its four phases (as bench/passthrough.py)", "pass batchgate")
     row("batchgate, end to end (0.2 s polls)", "pass batchgate e2e")
     row("LiteLLM, files.create + files.content", "pass litellm")
@@ -399,10 +435,14 @@ def main() -> None:
     ap.add_argument("--pass-lines", type=int, default=50_000)
     args = ap.parse_args()
     litellm_command()
+    # The fake logs a traceback for each download its client ends early (batchgate's, of a job
+    # cancelled mid-stream): expected here.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     print(f"load average {os.getloadavg()[0]:.1f} at start; LiteLLM proxy {LITELLM_VERSION}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp_name, \
-            FakeOnThread(FakeBatchAPI(api_key=PROVIDER_KEY, store_uploads=False, synthetic_output=True)) as fake, \
+            (provider := FakeOnThread(FakeBatchAPI(api_key=PROVIDER_KEY, store_uploads=False,
+                                                   synthetic_output=True))) as fake, \
             SPAWN.Pool(1) as pool:
         tmp = Path(tmp_name)
         big, source = tmp / "upload.jsonl", tmp / "passthrough.jsonl"
@@ -423,7 +463,7 @@ def main() -> None:
         try:
             wait_http(f"http://127.0.0.1:{http_port}/v1/files")
             with litellm_proxy(ll_config, VENV.parent / "litellm-proxy.log") as (ll_proc, ll_http):
-                bench = Bench(fake, pool, bg_proc, bg_port, (f"http://127.0.0.1:{http_port}/v1", "unused"), ll_proc, ll_http, tmp)
+                bench = Bench(fake, provider.thread.native_id, pool, bg_proc, bg_port, (f"http://127.0.0.1:{http_port}/v1", "unused"), ll_proc, ll_http, tmp)
                 warm = tmp / "warm.jsonl"
                 make_file(warm, 2 * MIB + 64 * 1024, 1030)
                 bench.warm_up(warm)
