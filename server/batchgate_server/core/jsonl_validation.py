@@ -48,20 +48,25 @@ Lengths count characters (code points), not bytes. Every message
 quotes user data through ``_show`` (``repr``, at most 80 characters), so a
 problem stays short and encodable whatever the line held.
 
-Performance: complete lines are decoded straight out of each chunk (memoryview
-slices, no per-line copy), once each (strict UTF-8, which also finds the bad
-line), then read by msgspec against a typed schema of the four fields the rules
-look at (``_Request``): it checks the whole line's syntax but builds no object
-for the rest (messages, tools ...), about 3x the stdlib scanner on prompt-like
-lines (``bench/validate_speed.py`` compares it with json, orjson and msgspec's
-untyped decoder). msgspec accepts a line only when json would accept it with the
-same four values (duplicate keys: the last wins in both; it refuses lone
-surrogate escapes, NaN and anything a typed field does not match), so every
-line it refuses, and only those, goes the old way: the stdlib decoder for the
-verdict and the message, then a walk for unpaired surrogates. Valid lines thus
-cost one C call and a handful of comparisons: a line of the same group as the
-line before only bumps a local count (the group is looked up in a dict when
-it changes).
+Performance: the complete lines of each chunk are checked for UTF-8 at once (one
+strict decode of the region, skipped when the chunk is all ASCII; a bad byte is
+named exactly as a decode of its line alone names it, and the check resumes past
+that line), then read by msgspec against a typed schema of the four fields the
+rules look at (``_Request``) straight from the bytes: it checks each line's whole
+syntax but builds no object for the rest (messages, tools ...). A region whose
+lines all start with "{" is read by one ``decode_lines`` call and kept only when it
+gives one request a line (``_read_region``); otherwise its lines are read one by
+one (a memoryview slice each, no copy). ``bench/validate_speed.py`` compares it
+with json, orjson and msgspec's untyped decoder. msgspec accepts a line only when
+json would accept it with the same four values (duplicate keys: the last wins in
+both; it refuses lone surrogate escapes, NaN and anything a typed field does not
+match), so every line it refuses, and only those, goes the old way: decoded to str
+for the stdlib decoder, for the verdict and the message, then a walk for unpaired
+surrogates (tests/unit/test_jsonl_validation_differential.py holds the fast paths
+to that plain one on hostile files). Valid lines thus cost a share of one C call
+and a handful of comparisons: a line of the same group as the line before only
+bumps a local count (the group is looked up in a dict when it changes); the
+custom_id index is most of what is left.
 """
 
 from __future__ import annotations
@@ -149,21 +154,25 @@ _decode_json = _decoder.decode
 # (value, end) for a value starting at index 0, StopIteration if none does.
 _scan_once = _decoder.scan_once
 
-class _Body(msgspec.Struct):
+class _Body(msgspec.Struct, gc=False):
     model: str
 
 
-class _Request(msgspec.Struct):
+class _Request(msgspec.Struct, gc=False):
     """The fields of a request line the rules read, each of the type a valid line has.
     Other fields are checked for syntax and skipped; a line that does not fit goes to
-    the stdlib decoder, which gives today's verdict and message."""
+    the stdlib decoder, which gives today's verdict and message. Untracked by the garbage
+    collector (they hold strings only, so no cycle): a region's thousands of them, alive at
+    once, would otherwise set off collections that walk them all."""
     custom_id: str
     method: str
     url: str
     body: _Body
 
 
-_read_request = msgspec.json.Decoder(_Request).decode
+_request_decoder = msgspec.json.Decoder(_Request)
+_read_request = _request_decoder.decode
+_read_requests = _request_decoder.decode_lines
 # A line msgspec refuses, for any reason, is decided by the stdlib decoder.
 _FAST_REFUSALS = (msgspec.DecodeError, RecursionError)
 
@@ -204,6 +213,48 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc)
+
+
+def _read_region(buf: bytes, view: memoryview, start: int, stop: int, room: int) -> list[_Request] | None:
+    """Every line of ``buf[start:stop]`` (UTF-8, ending in a newline) read by one msgspec call, when
+    each is a request line of the typed shape and they are at most ``room``; else None (the lines are
+    then read one by one). ``decode_lines`` skips blank lines and would read two objects on one line
+    as two items (an object never spans lines: it refuses a raw newline or CR inside one), so it is
+    trusted only when every line starts with "{" (none is blank) and it gives one item a line: then
+    each line held exactly one object, which is what a line read alone must hold. The lines are
+    counted by ``find`` (memchr) from line to line: ``bytes.count`` runs a byte at a time here."""
+    if stop - start < 2 or buf[stop - 1] != 10:
+        return None
+    find = buf.find
+    lines = 0
+    i = start
+    while i < stop:
+        if buf[i] != 123:  # "{"
+            return None
+        i = find(b"\n", i, stop) + 1  # never 0: the region ends with a newline
+        lines += 1
+    if lines > room:
+        return None
+    try:
+        requests = _read_requests(view[start:stop])
+    except _FAST_REFUSALS:
+        return None
+    return requests if len(requests) == lines else None
+
+
+def _first_bad_byte(view: memoryview, start: int, stop: int) -> int:
+    """The index in ``view`` of the first byte of ``view[start:stop]`` that is not UTF-8, or ``stop``.
+    ``start`` is a line's first byte, so the decoder starts in step with the text: the byte found is
+    the one a strict decode of the line alone names (a sequence cut short by the line's end is named
+    by its first byte either way, the newline being no continuation byte). ASCII is UTF-8: a chunk
+    that is all ASCII (a word-at-a-time check) needs no decode."""
+    if view.obj.isascii():
+        return stop
+    try:
+        str(view[start:stop], "utf-8")
+    except UnicodeDecodeError as exc:
+        return start + exc.start
+    return stop
 
 
 def _unencodable(text: str) -> bool:
@@ -484,11 +535,11 @@ class JsonlValidator:
         """Validate the lines in ``buf[start:stop]``.
 
         Every line there ends with b"\\n", except that a line reaching ``stop`` may not.
-        Hot loop: lines are decoded straight out of ``buf`` through a memoryview (no
-        per-line bytes copy), once each (strict UTF-8; decoding lines apart keeps
-        pure-ASCII lines in CPython's compact 1-byte form), then read once by msgspec's
-        typed decoder (the stdlib decoder only for lines it refuses); everything the
-        valid path needs is a local.
+        Hot loop: the region's UTF-8 is checked once (``_first_bad_byte``: one C call for the
+        whole region, which then starts past each bad line only), each line is read straight out
+        of ``buf`` through a memoryview (no per-line copy, no per-line str) by msgspec's typed
+        decoder, and only a line it refuses is decoded to str for the stdlib decoder; everything
+        the valid path needs is a local.
         """
         view = memoryview(buf)
         find = buf.find
@@ -514,46 +565,66 @@ class JsonlValidator:
         body_type = _Body
         str_ = str
         i = start
+        bad = _first_bad_byte(view, start, stop)  # where the region stops being UTF-8 (stop: nowhere)
+        requests = _read_region(buf, view, start, stop, max_lines - tasks) if bad == stop else None
+        if requests is not None:
+            # Every line is a request line of the typed shape: no blank line, no bad byte, no
+            # line past max_lines; only pending blank lines before the region are left to judge.
+            if self._blank_count:
+                self._flush_blanks()
+            next_request = iter(requests).__next__
         try:
-            while i < stop:
-                j = find(b"\n", i, stop)
-                if j < 0:
-                    j = stop
-                raw = view[i:j]
-                i = j + 1
-                n += 1
-                try:
-                    line = str_(raw, "utf-8")
-                except UnicodeDecodeError as exc:
+            while True:
+                if requests is not None:
+                    try:
+                        request = next_request()
+                    except StopIteration:
+                        i = stop
+                        break
+                    n += 1
+                    tasks += 1
+                else:
+                    if i >= stop:
+                        break
+                    j = find(b"\n", i, stop)
+                    if j < 0:
+                        j = stop
+                    line_start = i
+                    i = j + 1
+                    n += 1
+                    if bad < j:
+                        # This line holds the first bad byte: the lines before it were all UTF-8.
+                        if self._blank_count:
+                            self._flush_blanks()
+                        tasks += 1
+                        if tasks > max_lines:
+                            self._report_too_many(n)
+                            break
+                        add(
+                            n,
+                            INVALID_UTF8,
+                            f"line is not valid UTF-8 (byte 0x{buf[bad]:02x} at byte {bad - line_start + 1} of the"
+                            " line)",
+                        )
+                        bad = _first_bad_byte(view, i, stop) if i < stop else stop
+                        continue
+                    try:
+                        request = read_request(view[line_start:j])
+                    except fast_refusals:
+                        # Anything msgspec refused, right or wrong, is judged as before.
+                        request = None
+                        obj, error = _parse_line(str_(view[line_start:j], "utf-8"))
+                        if obj is _BLANK:
+                            if not self._blank_count:
+                                self._blank_start = n
+                            self._blank_count += 1
+                            continue
                     if self._blank_count:
                         self._flush_blanks()
                     tasks += 1
                     if tasks > max_lines:
                         self._report_too_many(n)
                         break
-                    add(
-                        n,
-                        INVALID_UTF8,
-                        f"line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)",
-                    )
-                    continue
-                try:
-                    request = read_request(line)
-                except fast_refusals:
-                    # Anything msgspec refused, right or wrong, is judged as before.
-                    request = None
-                    obj, error = _parse_line(line)
-                    if obj is _BLANK:
-                        if not self._blank_count:
-                            self._blank_start = n
-                        self._blank_count += 1
-                        continue
-                if self._blank_count:
-                    self._flush_blanks()
-                tasks += 1
-                if tasks > max_lines:
-                    self._report_too_many(n)
-                    break
                 if request is not None:
                     cid = request.custom_id
                     method = request.method
