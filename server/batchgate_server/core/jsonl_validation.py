@@ -3,7 +3,7 @@
 Pure and synchronous: feed the upload's chunks in order, then call ``finish()``.
 Chunks may split lines anywhere, even inside a multi-byte UTF-8 character.
 Memory stays flat: only the current partial line and a compact index of the
-custom_ids seen (16 bytes an id, whatever its length: ``_CustomIdIndex``) are
+custom_ids seen (12 bytes an id, whatever its length: ``_CustomIdIndex``) are
 kept, never the whole file.
 
 Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
@@ -313,41 +313,40 @@ def _show(value: object, limit: int = 80) -> str:
 
 
 class _CustomIdIndex:
-    """custom_id -> the line it first appeared on, in 16 bytes an id whatever its length.
+    """custom_id -> the line it first appeared on, in 12 bytes an id whatever its length.
 
     A Python dict of the ids took ~200 bytes an id (+41 MiB for 203k lines). Here an id is
     two SipHash values (``hash()``, keyed per process, so no input can aim at a collision):
-    the first, all 64 bits, is the sort key, kept in one of 4096 sorted arrays picked by its
-    low bits; beside it, in one 64-bit word, the line and as many bits of the second as the
-    line leaves (32 below four billion lines). An id is a duplicate when both match: a false
-    report between two different ids needs a 96-bit collision of a keyed hash (about 6e-18
-    for a million ids). Arrays of a few hundred entries keep the sorted insert a short memmove.
+    the low 12 bits of the first pick one of 4096 sorted arrays, and the id is kept there as
+    one 64-bit word, the first hash with those 12 bits (known from the array) replaced by 12
+    bits of the second; beside it, in 32 bits (64 past four billion lines), its line. An id is
+    a duplicate when its word is there: a false report between two different ids needs a
+    76-bit collision of a keyed hash (about 7e-12 for a million ids). Arrays of a few hundred
+    entries keep the sorted insert a short memmove.
     """
 
     _BUCKET_BITS = 12
 
     def __init__(self, max_line: int) -> None:
         self._mask = (1 << self._BUCKET_BITS) - 1
-        self._line_bits = max(32, max_line.bit_length())
-        self._line_mask = (1 << self._line_bits) - 1
+        self._line_type = "I" if max_line < 1 << 32 else "Q"
         # Made on first use: a validator of a small file makes a few.
         self._buckets: list[tuple[array, array] | None] = [None] * (1 << self._BUCKET_BITS)
 
     def first_line(self, custom_id: str, line: int) -> int:
         """The line `custom_id` first appeared on; `line` (recorded) if this is its first time."""
         key = hash(custom_id)
-        check = (hash(custom_id + "\0") << self._line_bits) & 0xFFFFFFFFFFFFFFFF
-        bucket = self._buckets[key & self._mask]
+        mask = self._mask
+        word = (key & ~mask) | (hash(custom_id + "\0") & mask)
+        bucket = self._buckets[key & mask]
         if bucket is None:
-            bucket = self._buckets[key & self._mask] = (array("q"), array("Q"))
-        keys, tags = bucket
-        i = at = bisect_left(keys, key)
-        while i < len(keys) and keys[i] == key:
-            if tags[i] & ~self._line_mask == check:
-                return tags[i] & self._line_mask
-            i += 1
-        keys.insert(at, key)
-        tags.insert(at, check | line)
+            bucket = self._buckets[key & mask] = (array("q"), array(self._line_type))
+        words, lines = bucket
+        at = bisect_left(words, word)
+        if at < len(words) and words[at] == word:
+            return lines[at]
+        words.insert(at, word)
+        lines.insert(at, line)
         return line
 
 
