@@ -109,26 +109,27 @@ def _first_bad_byte_line_by_line(view: memoryview, start: int, stop: int) -> int
     return stop
 
 
-@pytest.fixture
-def plain(monkeypatch):
-    """Run a validation on the plain path only."""
+def _swapped(monkeypatch, **swaps):
+    """Run a validation with these module names of jsonl_validation swapped."""
     def run(chunks: list[bytes], **limits) -> ValidationResult:
         with monkeypatch.context() as m:
-            m.setattr(jsonl_validation, "_read_request", _refuse)
-            m.setattr(jsonl_validation, "_read_requests", _refuse)
-            m.setattr(jsonl_validation, "_first_bad_byte", _first_bad_byte_line_by_line)
+            for name, value in swaps.items():
+                m.setattr(jsonl_validation, name, value)
             return _run(chunks, **limits)
     return run
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    """The plain path only: every line decoded alone and read by the stdlib decoder."""
+    return _swapped(monkeypatch, _read_request=_refuse, _read_requests=_refuse,
+                    _first_bad_byte=_first_bad_byte_line_by_line)
 
 
 @pytest.fixture
 def per_line(monkeypatch):
-    """Run a validation with the typed reader line by line (no decode_lines)."""
-    def run(chunks: list[bytes], **limits) -> ValidationResult:
-        with monkeypatch.context() as m:
-            m.setattr(jsonl_validation, "_read_requests", _refuse)
-            return _run(chunks, **limits)
-    return run
+    """The typed reader line by line (no decode_lines)."""
+    return _swapped(monkeypatch, _read_requests=_refuse)
 
 
 @pytest.mark.parametrize("seed", range(6))

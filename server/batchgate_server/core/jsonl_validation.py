@@ -587,13 +587,28 @@ class JsonlValidator:
                     i = j + 1
                     n += 1
                     if bad < j:
-                        # This line holds the first bad byte: the lines before it were all UTF-8.
-                        if self._blank_count:
-                            self._flush_blanks()
-                        tasks += 1
-                        if tasks > max_lines:
-                            self._report_too_many(n)
-                            break
+                        # This line holds the first bad byte (the lines before it were all UTF-8):
+                        # reported once counted, below.
+                        request = None
+                    else:
+                        try:
+                            request = read_request(view[line_start:j])
+                        except fast_refusals:
+                            # Anything msgspec refused, right or wrong, is judged as before.
+                            request = None
+                            obj, error = _parse_line(str_(view[line_start:j], "utf-8"))
+                            if obj is _BLANK:
+                                if not self._blank_count:
+                                    self._blank_start = n
+                                self._blank_count += 1
+                                continue
+                    if self._blank_count:
+                        self._flush_blanks()
+                    tasks += 1
+                    if tasks > max_lines:
+                        self._report_too_many(n)
+                        break
+                    if bad < j:
                         add(
                             n,
                             INVALID_UTF8,
@@ -602,23 +617,6 @@ class JsonlValidator:
                         )
                         bad = _first_bad_byte(view, i, stop) if i < stop else stop
                         continue
-                    try:
-                        request = read_request(view[line_start:j])
-                    except fast_refusals:
-                        # Anything msgspec refused, right or wrong, is judged as before.
-                        request = None
-                        obj, error = _parse_line(str_(view[line_start:j], "utf-8"))
-                        if obj is _BLANK:
-                            if not self._blank_count:
-                                self._blank_start = n
-                            self._blank_count += 1
-                            continue
-                    if self._blank_count:
-                        self._flush_blanks()
-                    tasks += 1
-                    if tasks > max_lines:
-                        self._report_too_many(n)
-                        break
                 if request is not None:
                     cid = request.custom_id
                     method = request.method
