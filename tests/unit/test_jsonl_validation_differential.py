@@ -176,3 +176,22 @@ def test_two_objects_on_a_line_with_a_blank_line_elsewhere_are_both_reported():
     data = f"{one} {two}\n\n{three}\n".encode()
     res = _run([data])
     assert [(p.line, p.code) for p in res.problems] == [(1, "invalid_json_line"), (2, "invalid_json_line")]
+
+
+def test_many_bad_lines_after_a_long_good_prefix_check_each_byte_a_bounded_number_of_times(monkeypatch):
+    # A region's UTF-8 is checked at once; a UnicodeDecodeError holds a copy of all it was given, so
+    # checking the whole rest again past each bad line would be quadratic (seconds for one chunk).
+    checked = []
+    first_bad_byte = jsonl_validation._first_bad_byte
+
+    def counting(view, start, stop):
+        checked.append(stop - start)
+        return first_bad_byte(view, start, stop)
+
+    monkeypatch.setattr(jsonl_validation, "_first_bad_byte", counting)
+    good = b"\n".join(json.dumps({"custom_id": f"x{i}", "method": "POST", "url": URL,
+                                  "body": {"model": "m"}}).encode() for i in range(2000))
+    data = good + b"\n" + b"\xff\n" * 5000
+    res = _run([data], max_lines=10_000)
+    assert res.total_problems == 5000
+    assert sum(checked) < 2 * len(data)

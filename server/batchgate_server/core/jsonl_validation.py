@@ -50,8 +50,8 @@ problem stays short and encodable whatever the line held.
 
 Performance: the complete lines of each chunk are checked for UTF-8 at once (one
 strict decode of the region, skipped when the chunk is all ASCII; a bad byte is
-named exactly as a decode of its line alone names it, and the check resumes past
-that line), then read by msgspec against a typed schema of the four fields the
+named exactly as a decode of its line alone names it, and the lines after it in the
+chunk are checked one by one), then read by msgspec against a typed schema of the four fields the
 rules look at (``_Request``) straight from the bytes: it checks each line's whole
 syntax but builds no object for the rest (messages, tools ...). A region whose
 lines all start with "{" is read by one ``decode_lines`` call and kept only when it
@@ -246,10 +246,9 @@ def _first_bad_byte(view: memoryview, start: int, stop: int) -> int:
     """The index in ``view`` of the first byte of ``view[start:stop]`` that is not UTF-8, or ``stop``.
     ``start`` is a line's first byte, so the decoder starts in step with the text: the byte found is
     the one a strict decode of the line alone names (a sequence cut short by the line's end is named
-    by its first byte either way, the newline being no continuation byte). ASCII is UTF-8: a chunk
-    that is all ASCII (a word-at-a-time check) needs no decode."""
-    if view.obj.isascii():
-        return stop
+    by its first byte either way, the newline being no continuation byte). The UnicodeDecodeError
+    holds a copy of all it was given: past a bad line, lines are checked one by one (one copy of
+    the whole rest per bad line would be quadratic in a region of many bad lines)."""
     try:
         str(view[start:stop], "utf-8")
     except UnicodeDecodeError as exc:
@@ -524,7 +523,7 @@ class JsonlValidator:
 
         Every line there ends with b"\\n", except that a line reaching ``stop`` may not.
         Hot loop: the region's UTF-8 is checked once (``_first_bad_byte``: one C call for the
-        whole region, which then starts past each bad line only), each line is read straight out
+        whole region; past a bad line, line by line), each line is read straight out
         of ``buf`` through a memoryview (no per-line copy, no per-line str) by msgspec's typed
         decoder, and only a line it refuses is decoded to str for the stdlib decoder; everything
         the valid path needs is a local.
@@ -559,7 +558,10 @@ class JsonlValidator:
         body_type = _Body
         str_ = str
         i = start
-        bad = _first_bad_byte(view, start, stop)  # where the region stops being UTF-8 (stop: nowhere)
+        # Where the region stops being UTF-8 (stop: nowhere). ASCII is UTF-8: a buffer that is all
+        # ASCII (a word-at-a-time check, once: it scans from the buffer's start) needs no decode.
+        bad = stop if buf.isascii() else _first_bad_byte(view, start, stop)
+        by_line = False  # past a bad line in the region: each line checked alone
         requests = _read_region(buf, view, start, stop, max_lines - tasks) if bad == stop else None
         if requests is not None:
             # Every line is a request line of the typed shape: no blank line, no bad byte, no
@@ -586,6 +588,8 @@ class JsonlValidator:
                     line_start = i
                     i = j + 1
                     n += 1
+                    if by_line:
+                        bad = _first_bad_byte(view, line_start, j)
                     if bad < j:
                         # This line holds the first bad byte (the lines before it were all UTF-8):
                         # reported once counted, below.
@@ -615,7 +619,7 @@ class JsonlValidator:
                             f"line is not valid UTF-8 (byte 0x{buf[bad]:02x} at byte {bad - line_start + 1} of the"
                             " line)",
                         )
-                        bad = _first_bad_byte(view, i, stop) if i < stop else stop
+                        by_line = True
                         continue
                 if request is not None:
                     cid = request.custom_id
