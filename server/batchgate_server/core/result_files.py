@@ -36,22 +36,27 @@ class ResultSink:
     def __init__(self, blobs: BlobStore) -> None:
         self._writer = blobs.open_writer()
         self._hash = hashlib.sha256()
-        self._pending = bytearray()
+        # Lines joined once per block: a bytearray grown line by line reallocates (and copies) as
+        # it grows, ~8x the block's bytes.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._in_flight: asyncio.Future[None] | None = None
         self.lines = 0
         self.bytes = 0
 
     async def write(self, data: bytes) -> None:
-        self._pending += data
-        self._pending += b"\n"
+        self._pending.append(data)
+        self._pending_bytes += len(data) + 1
         self.lines += 1
         self.bytes += len(data) + 1
-        if len(self._pending) >= self.WRITE_BLOCK:
+        if self._pending_bytes >= self.WRITE_BLOCK:
             await self._flush()
 
     async def _flush(self) -> None:
-        block = bytes(self._pending)
+        self._pending.append(b"")  # the last line's newline
+        block = b"\n".join(self._pending)
         self._pending.clear()
+        self._pending_bytes = 0
         await self._settle()
         self._in_flight = asyncio.ensure_future(self._store(block))
 
@@ -70,6 +75,7 @@ class ResultSink:
 
     async def abort(self) -> None:
         self._pending.clear()
+        self._pending_bytes = 0
         if self._in_flight is not None:
             self._in_flight.cancel()
             await asyncio.gather(self._in_flight, return_exceptions=True)
