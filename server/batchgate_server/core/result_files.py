@@ -20,7 +20,8 @@ from batchgate_server.domain.models import BatchRecord, FilePurpose, FileRecord,
 from batchgate_server.providers.base import ResultKind, ResultLine
 from batchgate_server.store.ports import BlobStore
 
-YIELD_EVERY_LINES = 2000
+# ~5 ms of a long answer's work on the loop (a line costs ~10 us there), then a turn for other RPCs.
+YIELD_EVERY_LINES = 500
 
 
 class ResultSink:

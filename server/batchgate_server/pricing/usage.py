@@ -165,13 +165,18 @@ def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: 
             return
     if type(body) is not dict:
         return
-    usage = body.get("usage")
+    _count(acc, body.get("usage"), body.get("model"), default_model, thresholds)
+
+
+def _count(acc: dict[UsageKey, list[int]], usage: Any, model: Any, default_model: str,
+           thresholds: tuple[int, ...]) -> None:
+    """Add one answered request's `usage` object (anything else counts nothing) under its body's
+    `model` (default_model when it has none) and its long-context tier."""
     if type(usage) is not dict:
         return
     counts = parse_usage(usage)
     if not any(counts):
         return
-    model = body.get("model")
     if type(model) is not str or not model:
         model = default_model
     key = (model, tier_of(counts[0], thresholds) if thresholds else 0)
@@ -233,24 +238,8 @@ def add_output_line(acc: dict[UsageKey, list[int]], line: bytes, thresholds: tup
         if status < 200 or status >= 300:
             return
     body = resp.body
-    if body is None:
-        return
-    usage = body.usage
-    if type(usage) is not dict:
-        return
-    counts = parse_usage(usage)
-    if not any(counts):
-        return
-    model = body.model
-    if type(model) is not str or not model:
-        model = default_model
-    key = (model, tier_of(counts[0], thresholds) if thresholds else 0)
-    slot = acc.get(key)
-    if slot is None:
-        acc[key] = list(counts)
-    else:
-        for i, n in enumerate(counts):
-            slot[i] += n
+    if body is not None:
+        _count(acc, body.usage, body.model, default_model, thresholds)
 
 
 def usage_of(counts: list[int]) -> Usage:
