@@ -6,7 +6,10 @@ deployment points at tests/fakes/openai_batch_api.py, run in this process on its
 answers with output lines of the same size, generated as the output file is downloaded.
 
 Prints, for the server process (its validation workers included):
-  * upload to batchgate (UploadFile, validated as it streams)          MB/s
+  * upload to batchgate (UploadFile, validated as it streams)          MB/s, from an open file in
+    1 MiB chunks, as bench/upload.py and the ceiling's client send it: from a path the Python
+    client first reads the whole file to send its sha256 in the header (its own check, printed
+    apart: it is the client's time, not the relay's)
   * upload to the provider (streamed multipart, every line rewritten)  MB/s, as the fake received it
   * results back (provider output -> a batch_output File of ours)      MB/s, as the fake sent it
   * download from batchgate (DownloadFile)                             MB/s
@@ -45,12 +48,14 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from batchgate import BatchgateClient  # noqa: E402
+from batchgate._common import file_sha256  # noqa: E402
 from batchgate.v1 import batch_pb2  # noqa: E402
 from tests.fakes.openai_batch_api import FakeBatchAPI  # noqa: E402
 
 KEY = "sk-bench-passthrough"
 TARGET_RSS_MB = 64
 TARGET_RATIO = 0.70
+UPLOAD_CHUNK = 1 << 20
 WORDS = ("summarise the following customer message and classify its sentiment as positive negative or "
          "neutral then list the product names it mentions with one short reason for each").split()
 
@@ -225,7 +230,8 @@ def main() -> None:
 
                 reset_family_peak(pid)
                 cpu_before, t = cpu.now(), time.perf_counter()
-                f = bg.upload_file(source)
+                with open(source, "rb") as fh:
+                    f = bg.upload_file(fh, chunk_size=UPLOAD_CHUNK)
                 upload_s = time.perf_counter() - t
                 upload_cpu = cpu.now() - cpu_before
                 peaks["upload to batchgate"] = family_rss_kib(pid, "VmHWM")
@@ -268,6 +274,9 @@ def main() -> None:
 
         print(f"upload to batchgate:      {mb(size) / upload_s:7.1f} MB/s  {per_mb(upload_cpu, size)}"
               f"  ({mb(size):.1f} MB in {upload_s:.2f}s)")
+        started = time.perf_counter()
+        file_sha256(source)
+        print(f"  (from a path, the client's sha256 of the file before it sends: {time.perf_counter() - started:.2f}s more)")
         print(f"upload to the provider:   {mb(stats.bytes) / up_s:7.1f} MB/s  {per_mb(up_cpu, stats.bytes)}"
               f"  ({mb(stats.bytes):.1f} MB in {up_s:.2f}s, every line rewritten to the deployment's model)")
         print(f"results back from it:     {mb(dl_bytes) / back_s:7.1f} MB/s  {per_mb(back_cpu, dl_bytes)}"
