@@ -6,10 +6,10 @@ deployment points at tests/fakes/openai_batch_api.py, run in this process on its
 answers with output lines of the same size, generated as the output file is downloaded.
 
 Prints, for the server process (its validation workers included):
-  * upload to batchgate (UploadFile, validated as it streams)          MB/s, from an open file in
-    1 MiB chunks, as bench/upload.py and the ceiling's client send it: from a path the Python
-    client first reads the whole file to send its sha256 in the header (its own check, printed
-    apart: it is the client's time, not the relay's)
+  * upload to batchgate (UploadFile, validated as it streams)          MB/s, from an open file, as
+    bench/upload.py and the ceiling's client send it: from a path the Python client first reads
+    the whole file to send its sha256 in the header (its own check, printed apart: the client's
+    time, not the relay's)
   * upload to the provider (streamed multipart, every line rewritten)  MB/s, as the fake received it
   * results back (provider output -> a batch_output File of ours)      MB/s, as the fake sent it
   * download from batchgate (DownloadFile)                             MB/s
@@ -55,7 +55,6 @@ from tests.fakes.openai_batch_api import FakeBatchAPI  # noqa: E402
 KEY = "sk-bench-passthrough"
 TARGET_RSS_MB = 64
 TARGET_RATIO = 0.70
-UPLOAD_CHUNK = 1 << 20
 WORDS = ("summarise the following customer message and classify its sentiment as positive negative or "
          "neutral then list the product names it mentions with one short reason for each").split()
 
@@ -231,7 +230,7 @@ def main() -> None:
                 reset_family_peak(pid)
                 cpu_before, t = cpu.now(), time.perf_counter()
                 with open(source, "rb") as fh:
-                    f = bg.upload_file(fh, chunk_size=UPLOAD_CHUNK)
+                    f = bg.upload_file(fh)
                 upload_s = time.perf_counter() - t
                 upload_cpu = cpu.now() - cpu_before
                 peaks["upload to batchgate"] = family_rss_kib(pid, "VmHWM")
