@@ -20,6 +20,7 @@ name first — fails the check and the caller re-encodes the line instead.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -46,12 +47,14 @@ def encode_value(value: Any) -> bytes | None:
         return None
 
 
-def splice_member(raw: bytes, key: str, new_value: bytes, start: int,
-                  reads_back: Any) -> bytes | None:
-    """`raw` with the scalar value of the first member named `key` at or after byte `start` that
-    `reads_back(line)` accepts (it decodes the spliced line and checks the member's path holds the
-    new value; see the module docstring), else None (the caller re-encodes)."""
+def splice_member(raw: bytes, key: str, new_value: bytes,
+                  reads_back: Callable[[bytes], bool]) -> bytes | None:
+    """`raw` with `new_value` (JSON text) in place of the scalar value of the first member named
+    `key` that `reads_back(line)` accepts (it decodes the spliced line and checks that the
+    member's path holds the new value; see the module docstring), else None (the caller
+    re-encodes the line)."""
     pattern = _key_pattern(key)
+    start = 0
     for _ in range(MAX_CANDIDATES):
         match = pattern.search(raw, start)
         if match is None:

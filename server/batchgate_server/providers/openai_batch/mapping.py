@@ -258,7 +258,7 @@ def rewrite_line(raw: bytes, model: str, *, azure: bool = False) -> bytes:
 
 def _splice(line: bytes, key: str, value: str, reads_back: Callable[[bytes], bool]) -> bytes | None:
     encoded = json_splice.encode_value(value)
-    return None if encoded is None else json_splice.splice_member(line, key, encoded, 0, reads_back)
+    return None if encoded is None else json_splice.splice_member(line, key, encoded, reads_back)
 
 
 def _rewrite_decoded(raw: bytes, model: str, *, azure: bool) -> bytes:
