@@ -18,6 +18,7 @@ from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
 from batchgate_server.pricing.table import BATCH, ModelPrice, PriceTable
 from batchgate_server.pricing.usage import UsageKey, add_output_line, merge_tiers, usage_of
 
+
 class UsageCounter:
     """Accumulates usage per (model, long-context tier) from output lines fed one at a time;
     thresholds: the tiers of the batch's price (ModelPrice.thresholds)."""
