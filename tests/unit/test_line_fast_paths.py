@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from batchgate_server.core.accounting import UsageCounter
 from batchgate_server.pricing.usage import sum_usage_by_tier
 from batchgate_server.providers.openai_batch import mapping as m

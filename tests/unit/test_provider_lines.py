@@ -4,6 +4,7 @@ no trailing CR, blank lines dropped), whatever the block boundaries."""
 from __future__ import annotations
 
 import pytest
+
 from batchgate_server.providers.lines import complete_lines, last_line
 
 STREAM = (b'{"a": 1}\r\n\n   \n{"b": "x\\ny"}\n\r\n\t\n{"c": 3}\r\r\n  {"d": 4}  \n'

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+
 from batchgate_server.core.result_files import ResultSink
 from batchgate_server.store.blobs.local import LocalBlobStore, LocalBlobWriter
 from batchgate_server.store.errors import StorageFull
