@@ -559,6 +559,41 @@ async def test_model_rewrite_observed_by_the_fake(api, openai_provider, tmp_path
     assert api.files[h.job.state["input_file_id"]].purpose == "batch"
 
 
+HOSTILE_MODEL_LINES = [  # where body.model is not simply the first "model" in the line
+    b'{"custom_id": "r0", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "a", '
+    b'"messages": [{"role": "user", "content": "x"}], "model": "gpt-4o-mini"}}',  # twice: json reads the last
+    b'{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {"metadata": {"model": "x"}, '
+    b'"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}}',  # a nested one first
+    b'{"custom_id": "r2", "method": "POST", "url": "/v1/chat/completions", "body": {"mod\\u0065l": '
+    b'"gpt-4o-mini", "messages": [{"role": "user", "content": "caf\\u00e9"}]}}',  # the key escaped
+    b'{"custom_id": "r3", "method": "POST", "url": "/v1/chat/completions", "body": {"x\\"model": "v", '
+    b'"messages": [{"role": "user", "content": "say \\"model\\": \\"y\\""}], "model" :\t"gpt-4o-mini"}}',
+    b'{"body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}, "custom_id": "r4", '
+    b'"method": "POST", "url": "/v1/chat/completions"}',  # body before url
+]
+
+
+@pytest.mark.parametrize("azure", [False, True])
+async def test_every_line_reaches_the_provider_with_the_deployments_model(api, azure_api, tmp_path, azure):
+    """The rewrite splices the model into each line's bytes: whatever the line's shape, the provider
+    reads the line as sent with only body.model (and Azure's url) changed."""
+    fake, provider = (azure_api, AzureBatchProvider()) if azure else (api, OpenAIBatchProvider())
+    dep = azure_dep(azure_api) if azure else openai_dep(api)
+    h = make_job(tmp_path, HOSTILE_MODEL_LINES, dep)
+    try:
+        await provider.submit(h.job)
+    finally:
+        await provider.close()
+    received = fake.files[h.job.state["input_file_id"]].content.rstrip(b"\n").split(b"\n")
+    assert fake.uploads[h.job.state["input_file_id"]].models == {dep.model}
+    for raw, sent in zip(HOSTILE_MODEL_LINES, received, strict=True):
+        expected = json.loads(raw)
+        expected["body"]["model"] = dep.model
+        if azure:
+            expected["url"] = "/chat/completions"
+        assert json.loads(sent) == expected
+
+
 async def test_azure_full_lifecycle_with_quirks(azure_api, azure_provider, tmp_path):
     azure_api.capitalized_status = True
     azure_api.iso_timestamps = True
