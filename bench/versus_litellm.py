@@ -170,9 +170,11 @@ def sdk_download(api: tuple[str, str], file_id: str, dest: str) -> tuple[float, 
 
 
 def bg_upload(port: int, path: str) -> tuple[float, str, int]:
-    with BatchgateClient(f"127.0.0.1:{port}") as bg:
+    """From an open file, as the openai SDK sends it (from a path the client reads the file once
+    more first, for the sha256 it sends in the header)."""
+    with BatchgateClient(f"127.0.0.1:{port}") as bg, open(path, "rb") as fh:
         started = time.perf_counter()
-        f = bg.upload_file(path)
+        f = bg.upload_file(fh, filename=Path(path).name)
         return time.perf_counter() - started, f.id, f.line_count
 
 
