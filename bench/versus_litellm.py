@@ -48,7 +48,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, SPAWN, cpu_seconds, family, family_rss_kib, free_port, reset_family_peak, start_server, stop, wait_http  # noqa: E402
+from _common import (ROOT, SPAWN, cpu_seconds, family, family_rss_kib, free_port, reset_family_peak,  # noqa: E402
+                     start_server, stop, wait_http)
 from passthrough import FakeOnThread, write_input  # noqa: E402
 from upload import LIMITS, make_file, upload  # noqa: E402
 
@@ -396,7 +397,8 @@ def ratios(numerators: list[float], denominators: list[float]) -> str:
 
 def report(r: dict[str, list[float]], rounds: int, upload_what: str, pass_what: str) -> None:
     def row(label: str, key: str) -> None:
-        print(f"  {label:<62} {span(r[key]):>12} {span(r.get(key + ' rss', [])):>12} {span(r.get(key + ' cpu', [])):>12}"
+        columns = [span(r.get(key + suffix, [])) for suffix in (" rss", " cpu")]
+        print(f"  {label:<62} {span(r[key]):>12} {columns[0]:>12} {columns[1]:>12}"
               f" {span(r.get(key + ' provider cpu', [])):>14}")
 
     print(f"\n== 1. upload of {upload_what}; {rounds} interleaved rounds, ranges ==")
@@ -412,8 +414,9 @@ def report(r: dict[str, list[float]], rounds: int, upload_what: str, pass_what: 
         print(f"  batchgate {name} / LiteLLM: {ratios(r[key], ll)} per round; best/best"
               f" {verdict(max(r[key]) / max(ll), UPLOAD_TARGET)}")
     both = [h + c for h, c in zip(r["upload batchgate http cpu"], r["upload batchgate hop cpu"])]
-    print(f"  like for like, both through to the provider: /v1/files + hop / LiteLLM {ratios(r['upload batchgate http+hop'], ll)}"
-          f" per round; server CPU per MiB LiteLLM / batchgate {ratios(r['upload litellm cpu'], both)}")
+    print(f"  like for like, both through to the provider: /v1/files + hop / LiteLLM"
+          f" {ratios(r['upload batchgate http+hop'], ll)} per round; server CPU per MiB LiteLLM / batchgate"
+          f" {ratios(r['upload litellm cpu'], both)}")
 
     print(f"\n== 2. passthrough of {pass_what} and its output back; input + output; {rounds} rounds ==")
     print(f"  {'':<62} {'MB/s':>12} {'RSS +MiB':>12} {'CPU ms/MB':>12} {'provider CPU':>14}")
@@ -465,12 +468,13 @@ def main() -> None:
         try:
             wait_http(f"http://127.0.0.1:{http_port}/v1/files")
             with litellm_proxy(ll_config, VENV.parent / "litellm-proxy.log") as (ll_proc, ll_http):
-                bench = Bench(fake, provider.thread.native_id, pool, bg_proc, bg_port, (f"http://127.0.0.1:{http_port}/v1", "unused"), ll_proc, ll_http, tmp)
+                bg_http = (f"http://127.0.0.1:{http_port}/v1", "unused")  # no key: batchgate serves loopback without
+                bench = Bench(fake, provider.thread.native_id, pool, bg_proc, bg_port, bg_http, ll_proc, ll_http, tmp)
                 warm = tmp / "warm.jsonl"
                 make_file(warm, 2 * MIB + 64 * 1024, 1030)
                 bench.warm_up(warm)
-                print(f"RSS after one small upload each: batchgate {family_rss_kib(bg_proc.pid) / 1024:.0f} MiB, LiteLLM"
-                      f" {family_rss_kib(ll_proc.pid) / 1024:.0f} MiB", flush=True)
+                print(f"RSS after one small upload each: batchgate {family_rss_kib(bg_proc.pid) / 1024:.0f} MiB,"
+                      f" LiteLLM {family_rss_kib(ll_proc.pid) / 1024:.0f} MiB", flush=True)
                 for r in range(args.rounds):
                     steps = [lambda: bench.upload_batchgate(big, big_mib, big_lines),
                              lambda: bench.upload_litellm(big, big_mib),
