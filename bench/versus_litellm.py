@@ -28,7 +28,8 @@ runs go batchgate, LiteLLM, LiteLLM, batchgate, ... for --rounds rounds.
    and files.content of the output (which it fetches from the provider); input + output MB over the
    phases' seconds, and end to end (batch polling at 0.2 s included on both sides).
    Target (issue 11): >= 1.5x LiteLLM for input + output.
-3. Each server's peak RSS growth (its child processes included) per section.
+3. Each server's peak RSS growth over the idle server (its child processes included) and its CPU
+   per MiB, per measurement, and the provider's CPU.
 
     .venv/bin/python bench/versus_litellm.py [--rounds 2] [--upload-mib 200] [--pass-mb 200] [--pass-lines 50000]
 """
@@ -209,10 +210,15 @@ def grpc_upload(port: int, path: str) -> float:
 
 
 # ---------------------------------------------------------------- measuring
+IDLE_KIB: dict[int, int] = {}  # each server's RSS once started and warmed up (its whole family)
+
+
 class Spent:
-    """What a server (its whole process family) spent over what runs inside: peak RSS growth in
-    MiB, and CPU seconds (a measure the others' load moves less than a rate); and the CPU seconds
-    of the fake provider's thread (the provider's side of the hops)."""
+    """What a server (its whole process family) spent over what runs inside: its peak RSS growth
+    over the idle server in MiB (as bench/passthrough.py counts it: a server that keeps its buffers
+    after one phase would show none in the next over its RSS then), and CPU seconds (a measure the
+    others' load moves less than a rate); and the CPU seconds of the fake provider's thread (the
+    provider's side of the hops)."""
 
     def __init__(self, pid: int, provider_tid: int) -> None:
         self.pid, self.provider_tid = pid, provider_tid
@@ -225,14 +231,13 @@ class Spent:
         return spent
 
     def __enter__(self) -> Spent:
-        self.baseline = family_rss_kib(self.pid)
         reset_family_peak(self.pid)
         self.cpu_before = self._cpu()
         self.provider_before = cpu_seconds(self.provider_tid)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.growth_mib = (family_rss_kib(self.pid, "VmHWM") - self.baseline) / 1024
+        self.growth_mib = (family_rss_kib(self.pid, "VmHWM") - IDLE_KIB[self.pid]) / 1024
         self.cpu_s = sum(now - self.cpu_before.get(member, 0.0) for member, now in self._cpu().items())
         self.provider_cpu_s = cpu_seconds(self.provider_tid) - self.provider_before
 
@@ -473,8 +478,10 @@ def main() -> None:
                 warm = tmp / "warm.jsonl"
                 make_file(warm, 2 * MIB + 64 * 1024, 1030)
                 bench.warm_up(warm)
-                print(f"RSS after one small upload each: batchgate {family_rss_kib(bg_proc.pid) / 1024:.0f} MiB,"
-                      f" LiteLLM {family_rss_kib(ll_proc.pid) / 1024:.0f} MiB", flush=True)
+                IDLE_KIB.update({pid: family_rss_kib(pid) for pid in (bg_proc.pid, ll_proc.pid)})
+                print(f"idle RSS after one small upload each (growth is counted from it): batchgate"
+                      f" {IDLE_KIB[bg_proc.pid] / 1024:.0f} MiB, LiteLLM {IDLE_KIB[ll_proc.pid] / 1024:.0f} MiB",
+                      flush=True)
                 for r in range(args.rounds):
                     steps = [lambda: bench.upload_batchgate(big, big_mib, big_lines),
                              lambda: bench.upload_litellm(big, big_mib),
