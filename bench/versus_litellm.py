@@ -7,11 +7,13 @@ measured) is installed on first use into its own virtualenv, .bench/litellm-venv
 runs as `litellm --config ...` on a free loopback port; batchgate-server runs beside it with its
 OpenAI-compatible HTTP API on. Both get the same deployment: model_name gpt-4o-mini ->
 openai/gpt-4o-mini-2024-07-18 at tests/fakes/openai_batch_api.py, run in this process on its own
-thread with ``store_uploads=False, synthetic_output=True`` as in bench/passthrough.py. Every client
-call runs in a client process of its own (the fake's thread keeps this process's GIL), and so the
-runs go batchgate, LiteLLM, LiteLLM, batchgate, ... for --rounds rounds.
+thread with ``store_uploads=False, synthetic_output=True`` as in bench/passthrough.py. LiteLLM runs
+without a database and with a master key (it refuses to start without one), batchgate without a key
+(as on loopback in the other benches). Every client call runs in a client process of its own (so the
+fake's thread has this process's GIL to itself); each round measures both, in turn: uploads
+batchgate then LiteLLM, passthrough LiteLLM then batchgate, and the other way round in the next.
 
-1. Upload: bench/upload.py's 200 MiB, ~203k-line chat file.
+1. Upload: bench/upload.py's 200 MiB, 202k-line chat file.
    * LiteLLM: the openai SDK's files.create (purpose batch, `?model=gpt-4o-mini` so the proxy uses
      the deployment's credentials). The proxy spools the body to disk, json-parses every line (an
      object with custom_id, method, url and body: no duplicate, method, url or model check), then
@@ -19,8 +21,9 @@ runs go batchgate, LiteLLM, LiteLLM, batchgate, ... for --rounds rounds.
    * batchgate: bench/upload.py's gRPC client (1 MiB chunks), and the same openai SDK client on
      /v1/files. Full validation (every rule: duplicate custom_ids, methods, urls, models, groups),
      stored on local disk; the provider hop comes at CreateBatch, so it is measured too: CreateBatch
-     on the file until the provider has the last byte of the last job (203k lines are five OpenAI
-     jobs of at most 50,000), then the batch is cancelled.
+     on the file until the provider has the last byte of the last job (202k lines are five OpenAI
+     jobs of at most 50,000; the fake keeps them in progress meanwhile, so no results come back
+     inside the hop), then the batch is cancelled.
    Target (issue 11): batchgate's upload >= 3x LiteLLM's. Printed also like for like (upload + hop).
 2. Passthrough: bench/passthrough.py's 200 MB, 50,000-line file through to the provider and its
    ~200 MB output back: for batchgate its four phases (UploadFile; the upload to the provider and the
