@@ -195,3 +195,47 @@ def test_many_bad_lines_after_a_long_good_prefix_check_each_byte_a_bounded_numbe
     res = _run([data], max_lines=10_000)
     assert res.total_problems == 5000
     assert sum(checked) < 2 * len(data)
+
+
+def _request(custom_id: str, **body) -> bytes:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": URL,
+                       "body": {"model": "m", **body}}).encode()
+
+
+@pytest.mark.parametrize("number", [
+    b"9" * 4301,  # one digit past Python's int conversion limit: json refuses the line
+    b"-" + b"1" * 5000,
+    b"1" * 5000 + b".5",  # a float that long is fine for json
+    b"7" * 4300,  # at the limit: fine
+    b"1" * 2151,  # long enough to look like a long run to a sampler: fine
+])
+@pytest.mark.parametrize("where", ["alone", "among_others", "split_over_chunks"])
+def test_a_very_long_number_gets_the_plain_verdict(number, where, plain, per_line):
+    # json (the plain path) converts an integer by int(), which refuses past
+    # sys.get_int_max_str_digits() digits; msgspec skipped such a number and called the line valid.
+    line = (b'{"custom_id":"n","method":"POST","url":"/v1/chat/completions","body":{"model":"m","seed":'
+            + number + b"}}")
+    data = line + b"\n" if where == "alone" else b"\n".join([_request("a"), line, _request("b")]) + b"\n"
+    expected = plain([data])
+    chunks = [data[:len(data) // 3], data[len(data) // 3:]] if where == "split_over_chunks" else [data]
+    assert _run(chunks) == expected
+    assert per_line(chunks) == expected
+    if number.lstrip(b"-").isdigit() and len(number.lstrip(b"-")) > 4300:
+        assert [p.code for p in expected.problems] == ["invalid_json_line"]
+    else:
+        assert expected.ok
+
+
+def test_a_long_digit_run_inside_a_string_stays_valid():
+    # A run of digits in a prompt is text, not a number: valid, whatever the plain path is asked.
+    data = _request("a", messages=[{"role": "user", "content": "4" * 9000}]) + b"\n"
+    assert _run([data]).ok
+
+
+def test_the_digit_sampler_finds_a_run_one_past_the_limit_at_every_offset():
+    limit = jsonl_validation._INT_DIGITS
+    for offset in range(jsonl_validation._DIGIT_STRIDE + 2):
+        buf = b"a" * offset + b"5" * (limit + 1) + b"b" * 3000
+        assert jsonl_validation._may_hold_a_long_integer(buf, 0, len(buf)), offset
+        short = b"a" * offset + b"5" * (limit // 2) + b"b" * 3000
+        assert not jsonl_validation._may_hold_a_long_integer(short, 0, len(short)), offset
