@@ -15,6 +15,7 @@ import json
 import pytest
 
 from batchgate_server.core.accounting import UsageCounter
+from batchgate_server.domain.models import Usage
 from batchgate_server.pricing.usage import sum_usage_by_tier
 from batchgate_server.providers.openai_batch import mapping as m
 
@@ -134,6 +135,10 @@ HOSTILE_OUTPUT = [
     out_line(None, raw_body='[{"usage": {"prompt_tokens": 3}}]'),
     b'  ' + out_line(CHAT),
     out_line(CHAT)[:-3] + b'} trailing "usage"',
+    out_line(None, raw_body='{"model": "m", "us\\u0061ge": {"prompt_tokens": 6}}'),  # the key spelled with an escape
+    out_line(None, raw_body='{"model": "m", "seed": ' + "7" * 4301 + ', "usage": {"prompt_tokens": 8}}'),  # past int()
+    out_line(None, raw_body='{"model": "m", "usage": {"prompt_tokens": ' + "7" * 4301 + ', "completion_tokens": 2}}'),
+    out_line(None, raw_body='{"model": "m", "usage": {"prompt_tokens": 9}, "x": ' + "[" * 5000 + "]" * 5000 + "}"),
     b'{"response": null, "error": {"message": "usage"}}',
     b'{"response": "usage"}',
     b'["usage"]',
@@ -156,3 +161,25 @@ def test_usage_counter_line_by_line(raw):
     counter = UsageCounter((200_000,))
     counter.add_line(raw)
     assert counter.by_tier == sum_usage_by_tier([raw], (200_000,))
+
+
+@pytest.mark.parametrize(("raw", "counted"), [
+    (out_line(None, raw_body='{"model": "m", "us\\u0061ge": {"prompt_tokens": 6}}'), 6),
+    (out_line(None, raw_body='{"model": "m", "seed": ' + "7" * 4301 + ', "usage": {"prompt_tokens": 8}}'), 8),
+])
+def test_usage_the_provider_reported_is_counted_whatever_else_the_line_holds(raw, counted):
+    # json reads the escaped key as "usage", and a number int() will not convert is no reason to
+    # drop the usage beside it: both paths count it.
+    for by_tier in (sum_usage_by_tier([raw]), _counted(raw)):
+        assert by_tier == {("m", 0): Usage(input_tokens=counted)}
+
+
+def test_an_output_line_nested_past_the_recursion_limit_counts_nothing():
+    raw = out_line(None, raw_body='{"model": "m", "usage": {"prompt_tokens": 9}, "x": ' + "[" * 5000 + "]" * 5000 + "}")
+    assert sum_usage_by_tier([raw]) == {} and _counted(raw) == {}
+
+
+def _counted(raw: bytes) -> dict:
+    counter = UsageCounter(())
+    counter.add_line(raw)
+    return counter.by_tier
