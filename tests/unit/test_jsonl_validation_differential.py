@@ -239,3 +239,26 @@ def test_the_digit_sampler_finds_a_run_one_past_the_limit_at_every_offset():
         assert jsonl_validation._may_hold_a_long_integer(buf, 0, len(buf)), offset
         short = b"a" * offset + b"5" * (limit // 2) + b"b" * 3000
         assert not jsonl_validation._may_hold_a_long_integer(short, 0, len(short)), offset
+
+
+def test_custom_ids_sharing_one_index_array_are_told_apart_as_a_dict_would():
+    # The plain path shares the 12-byte index, so it is held to a dict here: ids chosen to land in
+    # one of its 4096 arrays (the same low 12 bits of hash()), repeated at random.
+    bucket = jsonl_validation._CustomIdIndex._BUCKET_BITS
+    ids, n = [], 0
+    while len(ids) < 150:
+        n += 1
+        if hash(f"c{n}") & ((1 << bucket) - 1) == 0x5A5:
+            ids.append(f"c{n}")
+    rng = random.Random(3)
+    order = [rng.choice(ids) for _ in range(1500)]
+    first: dict[str, int] = {}
+    expected = []
+    for lineno, cid in enumerate(order, 1):
+        if cid in first:
+            expected.append((lineno, f"custom_id {cid!r} is a duplicate of line {first[cid]}"))
+        else:
+            first[cid] = lineno
+    data = b"\n".join(_request(cid) for cid in order) + b"\n"
+    res = _run([data], max_reported=len(order))
+    assert [(p.line, p.message) for p in res.problems] == expected
