@@ -262,3 +262,14 @@ def test_custom_ids_sharing_one_index_array_are_told_apart_as_a_dict_would():
     data = b"\n".join(_request(cid) for cid in order) + b"\n"
     res = _run([data], max_reported=len(order))
     assert [(p.line, p.message) for p in res.problems] == expected
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_an_object_over_two_lines_beside_two_objects_on_one_line_is_not_read_as_three_requests(newline, plain):
+    # decode_lines reads an object across a newline (JSON whitespace) and two objects on one line as
+    # two: three lines, every one starting with "{", gave three requests, and the file was valid.
+    head = b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":'
+    data = newline.join([head, b'{"model":"m"}}', _request("b") + _request("c")]) + newline
+    expected = plain([data])
+    assert [(p.line, p.code) for p in expected.problems] == [(n, "invalid_json_line") for n in (1, 2, 3)]
+    assert _run([data]) == expected

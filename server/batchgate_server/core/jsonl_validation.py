@@ -54,8 +54,8 @@ named exactly as a decode of its line alone names it, and the lines after it in 
 chunk are checked one by one), then read by msgspec against a typed schema of the four fields the
 rules look at (``_Request``) straight from the bytes: it checks each line's whole
 syntax but builds no object for the rest (messages, tools ...). A region whose
-lines all start with "{" is read by one ``decode_lines`` call and kept only when it
-gives one request a line (``_read_region``); otherwise its lines are read one by
+lines all start with "{" and end with "}" is read by one ``decode_lines`` call and kept
+only when it gives one request a line (``_read_region``); otherwise its lines are read one by
 one (a memoryview slice each, no copy). ``bench/validate_speed.py`` compares it
 with json, orjson and msgspec's untyped decoder. msgspec accepts a line only when
 json would accept it with the same four values (duplicate keys: the last wins in
@@ -250,10 +250,14 @@ def _read_region(buf: bytes, view: memoryview, start: int, stop: int, room: int)
     """Every line of ``buf[start:stop]`` (UTF-8, ending in a newline) read by one msgspec call, when
     each is a request line of the typed shape and they are at most ``room``; else None (the lines are
     then read one by one). ``decode_lines`` skips blank lines and would read two objects on one line
-    as two items (an object never spans lines: it refuses a raw newline or CR inside one), so it is
-    trusted only when every line starts with "{" (none is blank) and it gives one item a line: then
-    each line held exactly one object, which is what a line read alone must hold. The lines are
-    counted by ``find`` (memchr) from line to line: ``bytes.count`` runs a byte at a time here."""
+    as two items, and it reads an object across lines (a newline is whitespace to it), so an object
+    spread over two lines beside two objects on one line would balance the count. It is trusted only
+    when every line starts with "{" (none is blank) and ends with "}" (before an optional CR): a
+    newline after "}" and before "{" lies in no string (a string holds no raw newline) and in no
+    object or array (there "}" is followed by "," or a closing bracket), so no object spans lines,
+    and one item a line then means each line held exactly one object, which is what a line read
+    alone must hold. The lines are found by ``find`` (memchr) from line to line: ``bytes.count``
+    runs a byte at a time here."""
     if stop - start < 2 or buf[stop - 1] != 10:
         return None
     find = buf.find
@@ -262,7 +266,11 @@ def _read_region(buf: bytes, view: memoryview, start: int, stop: int, room: int)
     while i < stop:
         if buf[i] != 123:  # "{"
             return None
-        i = find(b"\n", i, stop) + 1  # never 0: the region ends with a newline
+        j = find(b"\n", i, stop)  # never -1: the region ends with a newline
+        last = buf[j - 1]  # j > i: the line starts with "{"
+        if last != 125 and (last != 13 or buf[j - 2] != 125):  # "}", or "}" then CR
+            return None
+        i = j + 1
         lines += 1
     if lines > room:
         return None
