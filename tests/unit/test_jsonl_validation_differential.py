@@ -63,6 +63,8 @@ def _hostile(rng: random.Random, line: str) -> bytes:
         return rng.choice((b"[1]", b'"x"', b"3", b"null", b"{", b"}", b"NaN", b"{} {}", b"{}"))
     if kind == 10:  # a type the typed reader refuses but json reads
         return line.replace('"model": "', '"model": 7, "model": "', 1).encode()
+    if kind == 11:  # an object split over two lines before the body, so both halves start with "{"
+        return raw.replace(b'"body": {', b'"body":\n{', 1)
     return raw
 
 
