@@ -215,3 +215,29 @@ def test_a_line_the_validator_accepts_is_rewritten_from_any_stack_depth():
     assert raw
     out = _from_deeper_in_the_stack(60, lambda: m.rewrite_line(raw, MODEL))
     assert json.loads(out)["body"]["model"] == MODEL
+
+
+def _reads_first_of_duplicates(raw: bytes) -> object:
+    """The line as a parser that keeps the first of duplicate keys reads it (json keeps the last;
+    a provider's parser may keep the first, or refuse the line)."""
+    def first_wins(pairs):
+        obj: dict = {}
+        for key, value in pairs:
+            obj.setdefault(key, value)
+        return obj
+    return json.loads(raw, object_pairs_hook=first_wins)
+
+
+@pytest.mark.parametrize(("raw", "azure"), [
+    (line(raw_body='{"model": "gpt-4o", "messages": [], "model": "gpt-4o-mini"}'), False),
+    (line(raw_body='{"model": {"name": "gpt-4o"}, "model": "gpt-4o-mini"}'), False),
+    (b'{"custom_id": "r-1", "method": "POST", "url": "/v1/embeddings", "url": "/v1/chat/completions",'
+     b' "body": {"model": "a"}}', True),
+])
+def test_a_duplicated_member_reaches_the_provider_only_as_the_new_value(raw, azure):
+    # The re-encode wrote the one member json reads; a splice of the last duplicate leaves the
+    # first as the user wrote it, for a parser that keeps the first to run (another model, on the
+    # deployment's account).
+    sent = _reads_first_of_duplicates(m.rewrite_line(raw, MODEL, azure=azure))
+    assert sent["body"]["model"] == MODEL
+    assert sent["url"] == ("/chat/completions" if azure else "/v1/chat/completions")
