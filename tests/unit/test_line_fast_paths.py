@@ -241,3 +241,20 @@ def test_a_duplicated_member_reaches_the_provider_only_as_the_new_value(raw, azu
     sent = _reads_first_of_duplicates(m.rewrite_line(raw, MODEL, azure=azure))
     assert sent["body"]["model"] == MODEL
     assert sent["url"] == ("/chat/completions" if azure else "/v1/chat/completions")
+
+
+_UNCHANGED_REASON = (
+    "older than the splice: a line whose body.model (the last, as json reads it) is already the"
+    " deployment's is passed on as written, an earlier duplicate with it; writing it once needs a"
+    " search of every such line for a second \"model\" (measured 1.7 -> 3.1 us for a 2.2 KB line)")
+
+
+@pytest.mark.xfail(strict=True, reason=_UNCHANGED_REASON)
+@pytest.mark.parametrize(("raw", "azure"), [
+    (line(raw_body=f'{{"model": "gpt-4o", "model": "{MODEL}"}}'), False),
+    (line(raw_body=f'{{"model": "gpt-4o", "model": "{MODEL}"}}'), True),
+    (line(raw_body='{"model": "gpt-4o"}')[:-1] + f', "body": {{"model": "{MODEL}"}}}}'.encode(), False),
+])
+def test_a_duplicated_model_already_the_deployments_reaches_the_provider_once(raw, azure):
+    sent = _reads_first_of_duplicates(m.rewrite_line(raw, MODEL, azure=azure))
+    assert sent["body"]["model"] == MODEL
