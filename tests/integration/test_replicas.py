@@ -14,7 +14,7 @@ import pytest
 from batchgate.v1 import batch_pb2
 from tests.conftest import jsonl, request_line, upload_requests
 from tests.fakes.openai_compatible_upstream import FakeUpstream
-from tests.integration.batch_helpers import TERMINAL, create, results, upstream_entry, write_config
+from tests.integration.batch_helpers import TERMINAL, create, output_usage, results, upstream_entry, write_config
 from tests.replicas import Cluster, stores  # noqa: F401 - stores is a fixture
 
 pytestmark = pytest.mark.slow
@@ -120,6 +120,8 @@ async def test_kill_9_of_the_owner_another_replica_resumes(cluster, upstream):
     assert sorted(line["custom_id"] for line in out) == sorted(f"r-{i}" for i in range(n)), \
         "every custom_id answered exactly once"
     assert not err and final.request_counts.completed == n
+    # Counted from the stored answers rebuilt on b, then from b's own: the output file's usage.
+    assert (final.usage.input_tokens, final.usage.output_tokens) == output_usage(out)
     # Resumed, not restarted: only what was in flight at the kill, or answered after the last
     # stored second, is sent again.
     resent = upstream.requests_total - n

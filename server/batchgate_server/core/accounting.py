@@ -1,7 +1,8 @@
 """Usage and cost of a batch, decided once, when it ends.
 
 Usage is summed from the normalised output lines in the same pass that writes
-the output file; cost comes from the price snapshot taken when the batch was
+the output file (or, for the built-in executor, as each line is written to its
+results log: see UsageCounter.add_parsed); cost comes from the price snapshot taken when the batch was
 created. Both go onto the batch and into one ledger row, in the transaction that
 records the terminal state, so restarts and repeated reads never count twice.
 """
@@ -16,12 +17,13 @@ from typing import Any
 from batchgate_server.domain.models import BatchRecord, Cost, Usage
 from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
 from batchgate_server.pricing.table import BATCH, ModelPrice, PriceTable
-from batchgate_server.pricing.usage import UsageKey, merge_tiers, sum_usage_by_tier
+from batchgate_server.pricing.usage import UsageKey, add_output_line, merge_tiers, sum_usage_by_tier, usage_of
+from batchgate_server.providers.base import OutputUsage
 
 _FLUSH_LINES = 2048
 
 
-class UsageCounter:
+class UsageCounter(OutputUsage):
     """Accumulates usage per (model, long-context tier) from output lines fed one at a time;
     thresholds: the tiers of the batch's price (ModelPrice.thresholds)."""
 
@@ -29,6 +31,7 @@ class UsageCounter:
         self._thresholds = thresholds
         self._by_tier: dict[UsageKey, Usage] = {}
         self._pending: list[bytes] = []
+        self._parsed: dict[UsageKey, list[int]] = {}  # from add_parsed
 
     @property
     def by_tier(self) -> dict[UsageKey, Usage]:
@@ -44,7 +47,14 @@ class UsageCounter:
         if len(self._pending) >= _FLUSH_LINES:
             self.flush()
 
+    def add_parsed(self, line: dict) -> None:
+        """One output line its writer holds parsed already: counted without a second parse."""
+        add_output_line(self._parsed, line, "", self._thresholds)
+
     def flush(self) -> None:
+        for key, counts in self._parsed.items():
+            self._by_tier.setdefault(key, Usage()).add(usage_of(counts))
+        self._parsed.clear()
         if not self._pending:
             return
         for key, usage in sum_usage_by_tier(self._pending, self._thresholds).items():

@@ -496,7 +496,8 @@ class BatchRunner:
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
             open_input=self._open_input, save_state=self._save_state,
             workdir=self.t.work_root / rec.id,
-            progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None)
+            progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None,
+            new_usage=lambda: self.t.accounting.usage_counter(rec))
         return job
 
     def _open_input(self):
@@ -523,7 +524,7 @@ class BatchRunner:
             woken.cancel()
         self._wake.clear()
         # Coalesce bursts of progress into at most one revision per min_poll_interval.
-        await asyncio.sleep(self.t.min_poll_interval)
+        await provider.coalesce(self.job, self.t.min_poll_interval)
 
     async def _step(self, provider: BatchProvider) -> None:
         job = self.job
@@ -685,8 +686,13 @@ class BatchRunner:
     async def _finish(self, provider: BatchProvider, status: BatchStatus,
                       failures: list[FailureCount] | None = None) -> None:
         await self._choose_result_ids(finalizing=status is BatchStatus.COMPLETED)
+        # Counted as the lines were written (the executor), or summed from them here.
+        counted = provider.counted_usage(self.job)
         collected = await collect_results(provider.results(self.job), self.t.blobs, self.rec,
-                                          self.t.accounting.usage_counter(self.rec), time.time())
+                                          self.t.accounting.usage_counter(self.rec) if counted is None else None,
+                                          time.time())
+        if counted is not None:
+            collected.usage = counted
         usage_total, cost = self.t.accounting.price(self.rec, collected.usage.by_tier)
 
         def mutate(r: BatchRecord) -> None:

@@ -144,6 +144,14 @@ def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: 
             obj = _loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         return
+    add_output_line(acc, obj, default_model, thresholds)
+
+
+def add_output_line(acc: dict[UsageKey, list[int]], obj: Any, default_model: str = "",
+                    thresholds: tuple[int, ...] = ()) -> None:
+    """Add one output line already parsed (`obj`) to `acc`: (model, tier) -> the six counts of
+    parse_usage. For a writer that holds each line parsed as it writes it (the executor), so
+    that nothing is parsed a second time at the end."""
     if type(obj) is not dict:
         return
     resp = obj.get("response")
@@ -185,13 +193,14 @@ def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: 
         slot[5] += counts[5]
 
 
-def _usage(v: list[int]) -> Usage:
+def usage_of(v: list[int]) -> Usage:
+    """The Usage of one entry of an accumulator filled by add_output_line."""
     return Usage(input_tokens=v[0], cached_tokens=v[1], output_tokens=v[2], reasoning_tokens=v[3],
                  cache_creation_tokens=v[4], cache_creation_1h_tokens=v[5])
 
 
 def _finish(acc: dict[UsageKey, list[int]]) -> dict[str, Usage]:
-    return merge_tiers({k: _usage(v) for k, v in acc.items()})
+    return merge_tiers({k: usage_of(v) for k, v in acc.items()})
 
 
 def merge_tiers(by_tier: Mapping[UsageKey, Usage] | Mapping[str, Usage]) -> dict[str, Usage]:
@@ -209,7 +218,7 @@ def sum_usage_by_tier(lines: Iterable[bytes], thresholds: tuple[int, ...] = (), 
     add = _add_line
     for line in lines:
         add(acc, line, default_model, thresholds)
-    return {k: _usage(v) for k, v in acc.items()}
+    return {k: usage_of(v) for k, v in acc.items()}
 
 
 def sum_usage_from_output(lines: Iterable[bytes], *, default_model: str = "") -> dict[str, Usage]:

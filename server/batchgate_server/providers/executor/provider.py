@@ -19,6 +19,7 @@ from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,
     JobStatus,
+    OutputUsage,
     PollResult,
     ProviderError,
     ProviderJob,
@@ -179,6 +180,23 @@ class ExecutorProvider(BatchProvider):
         except asyncio.TimeoutError:
             pass
         run.changed.clear()
+
+    async def coalesce(self, job: ProviderJob, seconds: float) -> None:
+        run = self._runs.get(job.batch_id)
+        if run is None:
+            await asyncio.sleep(seconds)
+            return
+        try:
+            await asyncio.wait_for(run.ended.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def counted_usage(self, job: ProviderJob) -> OutputUsage | None:
+        # The run's results log counted every line it holds (recovered or written) for this job.
+        run = self._runs.get(job.batch_id)
+        if run is None or run.job is not job or run.outcome is None:
+            return None
+        return run.log.usage
 
     async def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
         run = self._runs.pop(job.batch_id, None)
