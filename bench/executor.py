@@ -13,7 +13,8 @@ batch is completed with its output file stored. Targets (issue 11), on the 2-cor
 
 --rounds interleaves the two latencies that many times and prints each round and the range.
 The server's CPU per request (all its threads, CreateBatch to completed) is printed too: on a
-shared machine it moves less than the rates do.
+shared machine it moves less than the rates do; and a batch of one request end to end (before the
+big one, on the same server): the fixed part of every batch (pickup, one upstream answer, finish).
 --profile DIR records the server during each batch with py-spy (pip install py-spy) into
 DIR/executor-<latency>ms-<round>.txt (collapsed stacks).
 """
@@ -75,6 +76,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def one_request_ms(bg: BatchgateClient, tmp: Path) -> float:
+    """A batch of one request, CreateBatch until completed: the fixed part of every batch (the
+    pickup, the upstream's latency once, the finish), which the 10,000-request rate includes."""
+    single = tmp / "one-request.jsonl"
+    if not single.exists():
+        single.write_text(json.dumps({"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
+                                      "body": BODY}) + "\n")
+    f = bg.upload_file(single)
+    started = time.perf_counter()
+    final = bg.wait(bg.create_batch(f.id, "/v1/chat/completions", model="fake").id)
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+    return (time.perf_counter() - started) * 1000
+
+
 def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, label: str) -> dict:
     upstream, up_port = start_upstream(latency_ms)
     config = tmp / f"models-{label}.yaml"
@@ -85,6 +100,7 @@ def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, 
     spy = None
     try:
         with BatchgateClient(f"127.0.0.1:{port}") as bg:
+            one_ms = one_request_ms(bg, tmp)
             f = bg.upload_file(requests)
             baseline = rss_kib(server.pid)
             reset_peak(server.pid)
@@ -112,7 +128,7 @@ def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, 
         wrk_after = wrk_rate(up_port, tmp)
         wrk = (wrk_before + wrk_after) / 2 if wrk_before and wrk_after else None
         return {"rate": N / elapsed, "elapsed": elapsed, "wrk": wrk,
-                "rss_mib": (peak - baseline) / 1024, "cpu_us": cpu / N * 1e6}
+                "rss_mib": (peak - baseline) / 1024, "cpu_us": cpu / N * 1e6, "one_ms": one_ms}
     finally:
         stop(server)
         upstream.terminate()
@@ -144,16 +160,19 @@ def main() -> None:
                     vs_wrk = "wrk not installed (apt-get install wrk): no ceiling"
                 print(f"round {round_no}, latency {latency:>2} ms: executor {r['rate']:,.0f} req/s over {N:,} "
                       f"requests in {r['elapsed']:.2f}s ({r['cpu_us']:.0f} us of server CPU each), {vs_wrk}; server RSS growth {r['rss_mib']:.1f} MiB "
-                      f"(target < {TARGET_RSS_MIB}: {verdict(r['rss_mib'] < TARGET_RSS_MIB)})", flush=True)
+                      f"(target < {TARGET_RSS_MIB}: {verdict(r['rss_mib'] < TARGET_RSS_MIB)}); a batch of 1 request "
+                      f"{r['one_ms']:.0f} ms end to end (fixed part)", flush=True)
     if args.rounds > 1:
         for latency, runs in results.items():
             rates = [r["rate"] for r in runs]
             ratios = [r["rate"] / r["wrk"] for r in runs if r["wrk"]]
             rss = [r["rss_mib"] for r in runs]
+            one = [r["one_ms"] for r in runs]
             ratio_text = (f", {min(ratios):.0%}-{max(ratios):.0%} of wrk (target >= {TARGET_RATIO[latency]:.0%})"
                           if ratios else "")
             print(f"latency {latency:>2} ms over {len(runs)} rounds: {min(rates):,.0f}-{max(rates):,.0f} req/s"
-                  f"{ratio_text}; RSS growth {min(rss):.1f}-{max(rss):.1f} MiB (target < {TARGET_RSS_MIB})")
+                  f"{ratio_text}; RSS growth {min(rss):.1f}-{max(rss):.1f} MiB (target < {TARGET_RSS_MIB}); "
+                  f"a batch of 1 request {min(one):.0f}-{max(one):.0f} ms")
 
 
 if __name__ == "__main__":
