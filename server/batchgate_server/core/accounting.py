@@ -1,9 +1,9 @@
 """Usage and cost of a batch, decided once, when it ends.
 
 Usage is summed from the normalised output lines in the same pass that writes
-the output file (or, for the built-in executor, as each line is written to its
-results log: see UsageCounter.add_parsed); cost comes from the price snapshot taken when the batch was
-created. Both go onto the batch and into one ledger row, in the transaction that
+the output file (the built-in executor counts each line as it writes it to its
+results log instead: UsageCounter.add_parsed); cost comes from the price
+snapshot taken when the batch was created. Both go onto the batch and into one ledger row, in the transaction that
 records the terminal state, so restarts and repeated reads never count twice.
 """
 
