@@ -61,6 +61,17 @@ def options_for(deployment: Deployment) -> ExecutorOptions:
     )
 
 
+async def _at_most(seconds: float, event: asyncio.Event | None) -> None:
+    """Wait until `event` is set (none: never), for `seconds` at most."""
+    if event is None:
+        await asyncio.sleep(seconds)
+        return
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
 class ExecutorProvider(BatchProvider):
     name = "openai_compatible"
     poll_interval = 1.0
@@ -172,24 +183,13 @@ class ExecutorProvider(BatchProvider):
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         run = self._runs.get(job.batch_id)
-        if run is None:
-            await asyncio.sleep(timeout)
-            return
-        try:
-            await asyncio.wait_for(run.changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        run.changed.clear()
+        await _at_most(timeout, run.changed if run is not None else None)
+        if run is not None:
+            run.changed.clear()
 
     async def coalesce(self, job: ProviderJob, seconds: float) -> None:
         run = self._runs.get(job.batch_id)
-        if run is None:
-            await asyncio.sleep(seconds)
-            return
-        try:
-            await asyncio.wait_for(run.ended.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+        await _at_most(seconds, run.ended if run is not None else None)
 
     def counted_usage(self, job: ProviderJob) -> OutputUsage | None:
         # The run's results log counted every line it holds (recovered or written) for this job.
