@@ -3,8 +3,9 @@
 Usage is summed from the normalised output lines in the same pass that writes
 the output file (the built-in executor counts each line as it writes it to its
 results log instead: UsageCounter.add_parsed); cost comes from the price
-snapshot taken when the batch was created. Both go onto the batch and into one ledger row, in the transaction that
-records the terminal state, so restarts and repeated reads never count twice.
+snapshot taken when the batch was created. Both go onto the batch and into one
+ledger row, in the transaction that records the terminal state, so restarts and
+repeated reads never count twice.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ from typing import Any
 from batchgate_server.domain.models import BatchRecord, Cost, Usage
 from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
 from batchgate_server.pricing.table import BATCH, ModelPrice, PriceTable
-from batchgate_server.pricing.usage import UsageKey, add_output_line, merge_tiers, sum_usage_by_tier, usage_of
+from batchgate_server.pricing.usage import UsageKey, add_output_line, add_parsed_line, merge_tiers, usage_of
 from batchgate_server.providers.base import OutputUsage
-
-_FLUSH_LINES = 2048
 
 
 class UsageCounter(OutputUsage):
@@ -29,37 +28,22 @@ class UsageCounter(OutputUsage):
 
     def __init__(self, thresholds: tuple[int, ...] = ()) -> None:
         self._thresholds = thresholds
-        self._by_tier: dict[UsageKey, Usage] = {}
-        self._pending: list[bytes] = []
-        self._parsed: dict[UsageKey, list[int]] = {}  # from add_parsed
+        self._counts: dict[UsageKey, list[int]] = {}
 
     @property
     def by_tier(self) -> dict[UsageKey, Usage]:
-        self.flush()
-        return self._by_tier
+        return {key: usage_of(counts) for key, counts in self._counts.items()}
 
     @property
     def by_model(self) -> dict[str, Usage]:
         return merge_tiers(self.by_tier)
 
     def add_line(self, line: bytes) -> None:
-        self._pending.append(line)
-        if len(self._pending) >= _FLUSH_LINES:
-            self.flush()
+        add_output_line(self._counts, line, self._thresholds)
 
     def add_parsed(self, line: dict) -> None:
         """One output line its writer holds parsed already: counted without a second parse."""
-        add_output_line(self._parsed, line, "", self._thresholds)
-
-    def flush(self) -> None:
-        for key, counts in self._parsed.items():
-            self._by_tier.setdefault(key, Usage()).add(usage_of(counts))
-        self._parsed.clear()
-        if not self._pending:
-            return
-        for key, usage in sum_usage_by_tier(self._pending, self._thresholds).items():
-            self._by_tier.setdefault(key, Usage()).add(usage)
-        self._pending.clear()
+        add_parsed_line(self._counts, line, "", self._thresholds)
 
 
 def _snapshot_price(rec: BatchRecord) -> ModelPrice | None:
