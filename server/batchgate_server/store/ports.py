@@ -273,6 +273,12 @@ class MetadataStore(abc.ABC):
     async def get_batch(self, batch_id: str) -> BatchRecord | None: ...
 
     @abc.abstractmethod
+    async def refresh_batch(self, known: BatchRecord) -> BatchRecord | None:
+        """get_batch of `known.id`, except that it returns `known` itself while the stored revision is
+        still `known.revision` (the document is then neither transferred nor decoded: a poller's
+        read of an unchanged batch). None when the batch is gone."""
+
+    @abc.abstractmethod
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None: ...
 
     @abc.abstractmethod

@@ -232,6 +232,8 @@ OUTBOX_COLUMNS = ("event_id", "endpoint_id", "project", "batch_id", "event_type"
                   "next_attempt_at", "delivered_at", "given_up_at", "last_error")
 
 
+# The document only when the stored revision is not the caller's (see refresh_batch).
+_REFRESH_BATCH = "SELECT CASE WHEN revision=? THEN NULL ELSE doc END FROM batches WHERE id=?"
 _INSERT_BATCH = ("INSERT INTO batches(id, project, status, created_at, request_id, revision, doc, owner, parent_id)"
                  " VALUES (?,?,?,?,?,?,?,?,?)")
 
@@ -682,6 +684,12 @@ class SqliteMetadataStore(MetadataStore):
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         row = await self.readers.point_read("SELECT doc FROM batches WHERE id=?", (batch_id,))
         return batch_from_doc(row[0]) if row else None
+
+    async def refresh_batch(self, known: BatchRecord) -> BatchRecord | None:
+        row = await self.readers.point_read(_REFRESH_BATCH, (known.revision, known.id))
+        if row is None:
+            return None
+        return known if row[0] is None else batch_from_doc(row[0])
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
         row = await self.readers.fetchone("SELECT doc FROM batches WHERE project=? AND request_id=?",
