@@ -156,6 +156,11 @@ class MetadataStore(abc.ABC):
 
     changes: ChangeFeed
 
+    def assume_sole_writer(self) -> None:
+        """Only this process writes the database (a server on its own data directory, which it has
+        locked): a store whose change feed hears every write of this process at once may then
+        answer refresh_batch from it, without a read. By default nothing changes."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections (and their threads) at shutdown."""
