@@ -149,10 +149,11 @@ async def against_health(port: int, pid: int, rounds: int) -> tuple[list[tuple[f
 
 async def handler_costs(data_dir: Path, calls: int = 20_000) -> tuple[float, float, float, float]:
     """Our own code per call, in-process and without gRPC, in CPU µs: GetBatch's handler (auth, the
-    read of a batch it read before, the cached response), that read alone (the row's revision
-    compared, the document neither fetched nor decoded while unchanged), a full read (the row
-    and its decoding: a batch not read before, or changed since), and the health service's
-    handler. What gRPC itself costs a call is the rest of the figures above."""
+    store's answer for a batch it read before, the cached response), that answer alone (a server
+    alone on its database reads nothing for an unchanged batch; with replicas it compares the
+    row's revision), a full read (the row and its decoding: a batch not read before, or changed
+    since), and the health service's handler. What gRPC itself costs a call is the rest of the
+    figures above."""
     from batchgate_server.api.batches import BatchServicer
     from batchgate_server.app import BatchgateServer
     from batchgate_server.core.batches import CreateBatch
@@ -227,9 +228,9 @@ def main() -> None:
         finally:
             stop(proc)
         get_batch, refresh, read, check = uvloop.run(handler_costs(Path(tmp) / "in-process"))
-        print(f"  our handlers alone, in-process: GetBatch {get_batch:.1f} µs CPU per call (of which the read of the"
-              f" unchanged batch {refresh:.1f}; a full row read and decode {read:.1f}), health {check:.1f} µs;"
-              " the rest of each call is gRPC's")
+        print(f"  our handlers alone, in-process: GetBatch {get_batch:.1f} µs CPU per call (of which the store's"
+              f" answer for the unchanged batch {refresh:.1f}, alone on its database: no read; a full row read and"
+              f" decode {read:.1f}), health {check:.1f} µs; the rest of each call is gRPC's")
 
 
 if __name__ == "__main__":
