@@ -474,6 +474,19 @@ async def test_cancel_right_after_create_ends_cancelled_and_consistent(fake_harn
     assert len(out) <= upstream.requests_total <= len(out) + 8
 
 
+
+async def test_cancel_answers_a_state_that_is_stored(fake_harness, upstream):
+    """CancelBatch right after CreateBatch races the executor's first write: what it answers must be
+    a state already stored (the next read shows it or a newer one), never one still being written."""
+    a = fake_harness.alice
+    f = await fake_harness.upload(a, jsonl([request_line(f"r-{i}", model="fake-llm", content=f"SLOW:60000 q {i}")
+                                            for i in range(4)]))
+    for _ in range(12):
+        batch = await create(a, f.id)
+        cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                                 metadata=a.metadata)).batch
+        assert (await get_batch(a, batch.id)).revision >= cancelled.revision
+
 async def test_simulated_failure_rate_is_deterministic(tmp_path):
     config = write_config(tmp_path / "models.yaml", [{"model_name": "flaky-sim", "litellm_params": {
         "model": "simulated/echo", "failure_rate": 0.3}}])

@@ -93,7 +93,7 @@ async def test_watch_and_cancel_from_another_replica(cluster):
 
 async def test_a_poller_on_one_replica_sees_a_cancel_on_another_at_once(cluster):
     """B's GetBatch answers an unchanged batch from the state it last read: it must still see A's
-    write at once."""
+    write the moment it returned (and CancelBatch answers only a stored state)."""
     a, b = await cluster.start(2)
     batch = await upload_and_create(a.caller, slow_lines(50, 100))
     get = batch_pb2.GetBatchRequest(batch_id=batch.id)
@@ -102,12 +102,6 @@ async def test_a_poller_on_one_replica_sees_a_cancel_on_another_at_once(cluster)
     cancelled = (await a.caller.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
                                                     metadata=a.caller.metadata)).batch
     assert cancelled.revision > polled.revision
-    # On shared SQLite CancelBatch can answer a moment before its write is visible to the other
-    # processes (a matter of the write, not of this read): from when the database shows it.
-    deadline = time.monotonic() + 10
-    while cluster.stores.scalar("SELECT revision FROM batches WHERE id=?", (batch.id,)) < cancelled.revision:
-        assert time.monotonic() < deadline, "the cancel never reached the database"
-        await asyncio.sleep(0.01)
     seen = (await b.caller.batches.GetBatch(get, metadata=b.caller.metadata)).batch
     assert seen.revision >= cancelled.revision
     assert seen.status in (batch_pb2.BATCH_STATUS_CANCELLING, batch_pb2.BATCH_STATUS_CANCELLED)
