@@ -48,6 +48,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def system_seconds_and_faults(pid: int) -> tuple[float, int]:
+    """System CPU seconds and minor page faults of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK"), int(fields[7])
+
+
 def family(pid: int) -> list[int]:
     """`pid` and its descendants (a server's validation workers), from /proc."""
     pids = [pid]

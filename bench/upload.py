@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds, family, family_rss_kib, percentile, reset_family_peak, rss_kib, start_server, stop  # noqa: E402
+from _common import cpu_seconds, family, system_seconds_and_faults, family_rss_kib, percentile, reset_family_peak, rss_kib, start_server, stop  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -150,18 +150,25 @@ def main() -> None:
             cpu_raw: list[float] = []
             cpu_loop: list[float] = []
             cpu_workers: list[float] = []
+            # The loop process's system CPU and minor page faults per MiB (both servers): what the
+            # reuse of its megabyte buffers saves (server/batchgate_server/malloc_tuning.py).
+            kernel: dict[str, list[tuple[float, float]]] = {"ceiling": [], "validated": []}
             for r in range(args.rounds):
                 order = ((ceiling_port, raw), (port, validated)) if r % 2 == 0 else ((port, validated),
                                                                                      (ceiling_port, raw))
                 for target_port, runs in order:
                     members = family(server.pid if target_port == port else ceiling.pid)
                     cpu = [cpu_seconds(m) for m in members]
+                    sys_before, faults_before = system_seconds_and_faults(members[0])
                     if target_port == port:
                         baseline = family_rss_kib(server.pid)
                         reset_family_peak(server.pid)
                     seconds, f = upload(target_port, big)
                     runs.append(size / MIB / seconds)
                     spent = [(cpu_seconds(m) - c) * 1000 / (size / MIB) for m, c in zip(members, cpu)]
+                    sys_after, faults_after = system_seconds_and_faults(members[0])
+                    kernel["validated" if target_port == port else "ceiling"].append(
+                        ((sys_after - sys_before) * 1000 / (size / MIB), (faults_after - faults_before) / (size / MIB)))
                     if target_port == port:
                         assert f.line_count == big_lines and f.bytes == size, f
                         growth_big.append((family_rss_kib(server.pid, "VmHWM") - baseline) / 1024)
@@ -180,6 +187,9 @@ def main() -> None:
                   f" + validation workers {min(cpu_workers):.2f} ms (best runs). With a free core for each stage the"
                   f" ratio would be {bound:.2f} (ceiling / the slower stage); on one core"
                   f" {min(cpu_raw) / (min(cpu_loop) + min(cpu_workers)):.2f}")
+            print("  loop process, system CPU and minor page faults per MiB (best runs): " + "; ".join(
+                f"{name} {min(k[0] for k in runs):.2f} ms, {min(k[1] for k in runs):.0f} faults"
+                for name, runs in kernel.items()))
             print(f"server RSS growth, {big_lines} lines: max {max(growth_big):.1f} (range {min(growth_big):.1f}-{max(growth_big):.1f}) MiB"
                   f" (target < 32: {verdict(max(growth_big), 32, higher_is_better=False)})")
 

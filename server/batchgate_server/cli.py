@@ -11,6 +11,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from batchgate_server.malloc_tuning import keep_large_buffers
 from batchgate_server.app import BatchgateServer, StartupError
 from batchgate_server.config import ConfigError
 from batchgate_server.core.admin import create_checked_key, revoke_key
@@ -172,6 +173,7 @@ def _main(argv: list[str]) -> None:
         return
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    keep_large_buffers()  # before the first upload's buffers: see malloc_tuning.py
     configure_traces()  # OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT; off unless set
     try:
         run(_serve(BatchgateServer(settings_from_args(args))))

@@ -205,7 +205,9 @@ async def test_request_size_is_each_line_as_the_fake_received_it(api, azure_api,
     sizes = [provider.request_size(h.job.endpoint, dep, json.dumps(ln).encode()) for ln in lines]
     assert sizes == [len(line) + 1 for line in received.rstrip(b"\n").split(b"\n")]
     assert sum(sizes) == len(received)
-    assert sizes[0] != len(json.dumps(lines[0])) + 1, "the rewritten model changes the size"
+    # Not a size of the line as given: the model was rewritten (on Azure the url too, which here
+    # happens to keep the size).
+    assert received.split(b"\n", 1)[0] != json.dumps(lines[0]).encode(), "the model was rewritten"
 
 
 async def test_failing_lines_become_error_results(api, openai_provider, tmp_path):
@@ -555,6 +557,41 @@ async def test_model_rewrite_observed_by_the_fake(api, openai_provider, tmp_path
     assert stats.lines == 4
     assert api.files[h.job.state["input_file_id"]].filename == "batch_gw1.jsonl"
     assert api.files[h.job.state["input_file_id"]].purpose == "batch"
+
+
+HOSTILE_MODEL_LINES = [  # where body.model is not simply the first "model" in the line
+    b'{"custom_id": "r0", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "a", '
+    b'"messages": [{"role": "user", "content": "x"}], "model": "gpt-4o-mini"}}',  # twice: json reads the last
+    b'{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {"metadata": {"model": "x"}, '
+    b'"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}}',  # a nested one first
+    b'{"custom_id": "r2", "method": "POST", "url": "/v1/chat/completions", "body": {"mod\\u0065l": '
+    b'"gpt-4o-mini", "messages": [{"role": "user", "content": "caf\\u00e9"}]}}',  # the key escaped
+    b'{"custom_id": "r3", "method": "POST", "url": "/v1/chat/completions", "body": {"x\\"model": "v", '
+    b'"messages": [{"role": "user", "content": "say \\"model\\": \\"y\\""}], "model" :\t"gpt-4o-mini"}}',
+    b'{"body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}, "custom_id": "r4", '
+    b'"method": "POST", "url": "/v1/chat/completions"}',  # body before url
+]
+
+
+@pytest.mark.parametrize("azure", [False, True])
+async def test_every_line_reaches_the_provider_with_the_deployments_model(api, azure_api, tmp_path, azure):
+    """The rewrite splices the model into each line's bytes: whatever the line's shape, the provider
+    reads the line as sent with only body.model (and Azure's url) changed."""
+    fake, provider = (azure_api, AzureBatchProvider()) if azure else (api, OpenAIBatchProvider())
+    dep = azure_dep(azure_api) if azure else openai_dep(api)
+    h = make_job(tmp_path, HOSTILE_MODEL_LINES, dep)
+    try:
+        await provider.submit(h.job)
+    finally:
+        await provider.close()
+    received = fake.files[h.job.state["input_file_id"]].content.rstrip(b"\n").split(b"\n")
+    assert fake.uploads[h.job.state["input_file_id"]].models == {dep.model}
+    for raw, sent in zip(HOSTILE_MODEL_LINES, received, strict=True):
+        expected = json.loads(raw)
+        expected["body"]["model"] = dep.model
+        if azure:
+            expected["url"] = "/chat/completions"
+        assert json.loads(sent) == expected
 
 
 async def test_azure_full_lifecycle_with_quirks(azure_api, azure_provider, tmp_path):

@@ -16,9 +16,7 @@ from typing import Any
 from batchgate_server.domain.models import BatchRecord, Cost, Usage
 from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
 from batchgate_server.pricing.table import BATCH, ModelPrice, PriceTable
-from batchgate_server.pricing.usage import UsageKey, merge_tiers, sum_usage_by_tier
-
-_FLUSH_LINES = 2048
+from batchgate_server.pricing.usage import UsageKey, add_output_line, merge_tiers, usage_of
 
 
 class UsageCounter:
@@ -27,29 +25,18 @@ class UsageCounter:
 
     def __init__(self, thresholds: tuple[int, ...] = ()) -> None:
         self._thresholds = thresholds
-        self._by_tier: dict[UsageKey, Usage] = {}
-        self._pending: list[bytes] = []
+        self._counts: dict[UsageKey, list[int]] = {}
 
     @property
     def by_tier(self) -> dict[UsageKey, Usage]:
-        self.flush()
-        return self._by_tier
+        return {key: usage_of(counts) for key, counts in self._counts.items()}
 
     @property
     def by_model(self) -> dict[str, Usage]:
         return merge_tiers(self.by_tier)
 
     def add_line(self, line: bytes) -> None:
-        self._pending.append(line)
-        if len(self._pending) >= _FLUSH_LINES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        for key, usage in sum_usage_by_tier(self._pending, self._thresholds).items():
-            self._by_tier.setdefault(key, Usage()).add(usage)
-        self._pending.clear()
+        add_output_line(self._counts, line, self._thresholds)
 
 
 def _snapshot_price(rec: BatchRecord) -> ModelPrice | None:

@@ -3,7 +3,7 @@
 Pure and synchronous: feed the upload's chunks in order, then call ``finish()``.
 Chunks may split lines anywhere, even inside a multi-byte UTF-8 character.
 Memory stays flat: only the current partial line and a compact index of the
-custom_ids seen (16 bytes an id, whatever its length: ``_CustomIdIndex``) are
+custom_ids seen (12 bytes an id, whatever its length: ``_CustomIdIndex``) are
 kept, never the whole file.
 
 Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
@@ -48,20 +48,25 @@ Lengths count characters (code points), not bytes. Every message
 quotes user data through ``_show`` (``repr``, at most 80 characters), so a
 problem stays short and encodable whatever the line held.
 
-Performance: complete lines are decoded straight out of each chunk (memoryview
-slices, no per-line copy), once each (strict UTF-8, which also finds the bad
-line), then read by msgspec against a typed schema of the four fields the rules
-look at (``_Request``): it checks the whole line's syntax but builds no object
-for the rest (messages, tools ...), about 3x the stdlib scanner on prompt-like
-lines (``bench/validate_speed.py`` compares it with json, orjson and msgspec's
-untyped decoder). msgspec accepts a line only when json would accept it with the
-same four values (duplicate keys: the last wins in both; it refuses lone
-surrogate escapes, NaN and anything a typed field does not match), so every
-line it refuses, and only those, goes the old way: the stdlib decoder for the
-verdict and the message, then a walk for unpaired surrogates. Valid lines thus
-cost one C call and a handful of comparisons: a line of the same group as the
-line before only bumps a local count (the group is looked up in a dict when
-it changes).
+Performance: the complete lines of each chunk are checked for UTF-8 at once (one
+strict decode of the region, skipped when the chunk is all ASCII; a bad byte is
+named exactly as a decode of its line alone names it, and the lines after it in the
+chunk are checked one by one), then read by msgspec against a typed schema of the four fields the
+rules look at (``_Request``) straight from the bytes: it checks each line's whole
+syntax but builds no object for the rest (messages, tools ...). A region whose
+lines all start with "{" is read by one ``decode_lines`` call and kept only when it
+gives one request a line (``_read_region``); otherwise its lines are read one by
+one (a memoryview slice each, no copy). ``bench/validate_speed.py`` compares it
+with json, orjson and msgspec's untyped decoder. msgspec accepts a line only when
+json would accept it with the same four values (duplicate keys: the last wins in
+both; it refuses lone surrogate escapes, NaN and anything a typed field does not
+match), so every line it refuses, and only those, goes the old way: decoded to str
+for the stdlib decoder, for the verdict and the message, then a walk for unpaired
+surrogates (tests/unit/test_jsonl_validation_differential.py holds the fast paths
+to that plain one on hostile files). Valid lines thus cost a share of one C call
+and a handful of comparisons: a line of the same group as the line before only
+bumps a local count (the group is looked up in a dict when it changes); the
+custom_id index is most of what is left.
 """
 
 from __future__ import annotations
@@ -149,21 +154,25 @@ _decode_json = _decoder.decode
 # (value, end) for a value starting at index 0, StopIteration if none does.
 _scan_once = _decoder.scan_once
 
-class _Body(msgspec.Struct):
+class _Body(msgspec.Struct, gc=False):
     model: str
 
 
-class _Request(msgspec.Struct):
+class _Request(msgspec.Struct, gc=False):
     """The fields of a request line the rules read, each of the type a valid line has.
     Other fields are checked for syntax and skipped; a line that does not fit goes to
-    the stdlib decoder, which gives today's verdict and message."""
+    the stdlib decoder, which gives today's verdict and message. Untracked by the garbage
+    collector (they hold strings only, so no cycle): a region's thousands of them, alive at
+    once, would otherwise set off collections that walk them all."""
     custom_id: str
     method: str
     url: str
     body: _Body
 
 
-_read_request = msgspec.json.Decoder(_Request).decode
+_request_decoder = msgspec.json.Decoder(_Request)
+_read_request = _request_decoder.decode
+_read_requests = _request_decoder.decode_lines
 # A line msgspec refuses, for any reason, is decided by the stdlib decoder.
 _FAST_REFUSALS = (msgspec.DecodeError, RecursionError)
 
@@ -204,6 +213,47 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
     return str(exc)
+
+
+def _read_region(buf: bytes, view: memoryview, start: int, stop: int, room: int) -> list[_Request] | None:
+    """Every line of ``buf[start:stop]`` (UTF-8, ending in a newline) read by one msgspec call, when
+    each is a request line of the typed shape and they are at most ``room``; else None (the lines are
+    then read one by one). ``decode_lines`` skips blank lines and would read two objects on one line
+    as two items (an object never spans lines: it refuses a raw newline or CR inside one), so it is
+    trusted only when every line starts with "{" (none is blank) and it gives one item a line: then
+    each line held exactly one object, which is what a line read alone must hold. The lines are
+    counted by ``find`` (memchr) from line to line: ``bytes.count`` runs a byte at a time here."""
+    if stop - start < 2 or buf[stop - 1] != 10:
+        return None
+    find = buf.find
+    lines = 0
+    i = start
+    while i < stop:
+        if buf[i] != 123:  # "{"
+            return None
+        i = find(b"\n", i, stop) + 1  # never 0: the region ends with a newline
+        lines += 1
+    if lines > room:
+        return None
+    try:
+        requests = _read_requests(view[start:stop])
+    except _FAST_REFUSALS:
+        return None
+    return requests if len(requests) == lines else None
+
+
+def _first_bad_byte(view: memoryview, start: int, stop: int) -> int:
+    """The index in ``view`` of the first byte of ``view[start:stop]`` that is not UTF-8, or ``stop``.
+    ``start`` is a line's first byte, so the decoder starts in step with the text: the byte found is
+    the one a strict decode of the line alone names (a sequence cut short by the line's end is named
+    by its first byte either way, the newline being no continuation byte). The UnicodeDecodeError
+    holds a copy of all it was given: past a bad line, lines are checked one by one (one copy of
+    the whole rest per bad line would be quadratic in a region of many bad lines)."""
+    try:
+        str(view[start:stop], "utf-8")
+    except UnicodeDecodeError as exc:
+        return start + exc.start
+    return stop
 
 
 def _unencodable(text: str) -> bool:
@@ -262,42 +312,30 @@ def _show(value: object, limit: int = 80) -> str:
 
 
 class _CustomIdIndex:
-    """custom_id -> the line it first appeared on, in 16 bytes an id whatever its length.
+    """custom_id -> the line it first appeared on, in 12 bytes an id whatever its length.
 
     A Python dict of the ids took ~200 bytes an id (+41 MiB for 203k lines). Here an id is
     two SipHash values (``hash()``, keyed per process, so no input can aim at a collision):
-    the first, all 64 bits, is the sort key, kept in one of 4096 sorted arrays picked by its
-    low bits; beside it, in one 64-bit word, the line and as many bits of the second as the
-    line leaves (32 below four billion lines). An id is a duplicate when both match: a false
-    report between two different ids needs a 96-bit collision of a keyed hash (about 6e-18
-    for a million ids). Arrays of a few hundred entries keep the sorted insert a short memmove.
+    the low 12 bits of the first pick one of 4096 sorted arrays, and the id is kept there as
+    one 64-bit word, the first hash with those 12 bits (known from the array) replaced by 12
+    bits of the second; beside it, in 32 bits (64 past four billion lines), its line. An id is
+    a duplicate when its word is there: a false report between two different ids needs a
+    76-bit collision of a keyed hash (about 7e-12 for a million ids). Arrays of a few hundred
+    entries keep the sorted insert a short memmove. The look-up and insert are written out in
+    ``JsonlValidator._check_lines``, the one caller (a method call a line was a tenth of its time).
     """
 
     _BUCKET_BITS = 12
 
     def __init__(self, max_line: int) -> None:
-        self._mask = (1 << self._BUCKET_BITS) - 1
-        self._line_bits = max(32, max_line.bit_length())
-        self._line_mask = (1 << self._line_bits) - 1
-        # Made on first use: a validator of a small file makes a few.
-        self._buckets: list[tuple[array, array] | None] = [None] * (1 << self._BUCKET_BITS)
+        self.mask = (1 << self._BUCKET_BITS) - 1
+        self.line_type = "I" if max_line < 1 << 32 else "Q"
+        # (words, lines) of each array, made on first use: a validator of a small file makes a few.
+        self.buckets: list[tuple[array, array] | None] = [None] * (1 << self._BUCKET_BITS)
 
-    def first_line(self, custom_id: str, line: int) -> int:
-        """The line `custom_id` first appeared on; `line` (recorded) if this is its first time."""
-        key = hash(custom_id)
-        check = (hash(custom_id + "\0") << self._line_bits) & 0xFFFFFFFFFFFFFFFF
-        bucket = self._buckets[key & self._mask]
-        if bucket is None:
-            bucket = self._buckets[key & self._mask] = (array("q"), array("Q"))
-        keys, tags = bucket
-        i = at = bisect_left(keys, key)
-        while i < len(keys) and keys[i] == key:
-            if tags[i] & ~self._line_mask == check:
-                return tags[i] & self._line_mask
-            i += 1
-        keys.insert(at, key)
-        tags.insert(at, check | line)
-        return line
+    def new_bucket(self, index: int) -> tuple[array, array]:
+        bucket = self.buckets[index] = (array("q"), array(self.line_type))
+        return bucket
 
 
 class JsonlValidator:
@@ -484,17 +522,23 @@ class JsonlValidator:
         """Validate the lines in ``buf[start:stop]``.
 
         Every line there ends with b"\\n", except that a line reaching ``stop`` may not.
-        Hot loop: lines are decoded straight out of ``buf`` through a memoryview (no
-        per-line bytes copy), once each (strict UTF-8; decoding lines apart keeps
-        pure-ASCII lines in CPython's compact 1-byte form), then read once by msgspec's
-        typed decoder (the stdlib decoder only for lines it refuses); everything the
-        valid path needs is a local.
+        Hot loop: the region's UTF-8 is checked once (``_first_bad_byte``: one C call for the
+        whole region; past a bad line, line by line), each line is read straight out
+        of ``buf`` through a memoryview (no per-line copy, no per-line str) by msgspec's typed
+        decoder, and only a line it refuses is decoded to str for the stdlib decoder; everything
+        the valid path needs is a local.
         """
         view = memoryview(buf)
         find = buf.find
         read_request = _read_request
         fast_refusals = _FAST_REFUSALS
-        first_line = self._seen.first_line
+        seen = self._seen
+        buckets = seen.buckets
+        bucket_mask = seen.mask
+        word_mask = ~bucket_mask
+        new_bucket = seen.new_bucket
+        bisect = bisect_left
+        hash_ = hash
         supported = self._supported
         add = self._add
         max_lines = self._max_lines
@@ -514,46 +558,69 @@ class JsonlValidator:
         body_type = _Body
         str_ = str
         i = start
+        # Where the region stops being UTF-8 (stop: nowhere). ASCII is UTF-8: a buffer that is all
+        # ASCII (a word-at-a-time check, once: it scans from the buffer's start) needs no decode.
+        bad = stop if buf.isascii() else _first_bad_byte(view, start, stop)
+        by_line = False  # past a bad line in the region: each line checked alone
+        requests = _read_region(buf, view, start, stop, max_lines - tasks) if bad == stop else None
+        if requests is not None:
+            # Every line is a request line of the typed shape: no blank line, no bad byte, no
+            # line past max_lines; only pending blank lines before the region are left to judge.
+            if self._blank_count:
+                self._flush_blanks()
+            next_request = iter(requests).__next__
         try:
-            while i < stop:
-                j = find(b"\n", i, stop)
-                if j < 0:
-                    j = stop
-                raw = view[i:j]
-                i = j + 1
-                n += 1
-                try:
-                    line = str_(raw, "utf-8")
-                except UnicodeDecodeError as exc:
+            while True:
+                if requests is not None:
+                    try:
+                        request = next_request()
+                    except StopIteration:
+                        i = stop
+                        break
+                    n += 1
+                    tasks += 1
+                else:
+                    if i >= stop:
+                        break
+                    j = find(b"\n", i, stop)
+                    if j < 0:
+                        j = stop
+                    line_start = i
+                    i = j + 1
+                    n += 1
+                    if by_line:
+                        bad = _first_bad_byte(view, line_start, j)
+                    if bad < j:
+                        # This line holds the first bad byte (the lines before it were all UTF-8):
+                        # reported once counted, below.
+                        request = None
+                    else:
+                        try:
+                            request = read_request(view[line_start:j])
+                        except fast_refusals:
+                            # Anything msgspec refused, right or wrong, is judged as before.
+                            request = None
+                            obj, error = _parse_line(str_(view[line_start:j], "utf-8"))
+                            if obj is _BLANK:
+                                if not self._blank_count:
+                                    self._blank_start = n
+                                self._blank_count += 1
+                                continue
                     if self._blank_count:
                         self._flush_blanks()
                     tasks += 1
                     if tasks > max_lines:
                         self._report_too_many(n)
                         break
-                    add(
-                        n,
-                        INVALID_UTF8,
-                        f"line is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)",
-                    )
-                    continue
-                try:
-                    request = read_request(line)
-                except fast_refusals:
-                    # Anything msgspec refused, right or wrong, is judged as before.
-                    request = None
-                    obj, error = _parse_line(line)
-                    if obj is _BLANK:
-                        if not self._blank_count:
-                            self._blank_start = n
-                        self._blank_count += 1
+                    if bad < j:
+                        add(
+                            n,
+                            INVALID_UTF8,
+                            f"line is not valid UTF-8 (byte 0x{buf[bad]:02x} at byte {bad - line_start + 1} of the"
+                            " line)",
+                        )
+                        by_line = True
                         continue
-                if self._blank_count:
-                    self._flush_blanks()
-                tasks += 1
-                if tasks > max_lines:
-                    self._report_too_many(n)
-                    break
                 if request is not None:
                     cid = request.custom_id
                     method = request.method
@@ -589,12 +656,22 @@ class JsonlValidator:
                             CUSTOM_ID_TOO_LONG,
                             f"custom_id is {len(cid)} characters long; at most {max_custom_id} are allowed",
                         )
-                    elif (first := first_line(cid, n)) != n:
-                        add(
-                            n,
-                            DUPLICATE_CUSTOM_ID,
-                            f"custom_id {_show(cid)} is a duplicate of line {first}",
-                        )
+                    else:
+                        # _CustomIdIndex: the id's word in its sorted array, and its line beside it.
+                        key = hash_(cid)
+                        word = (key & word_mask) | (hash_(cid + "\0") & bucket_mask)
+                        bucket = buckets[key & bucket_mask] or new_bucket(key & bucket_mask)
+                        words = bucket[0]
+                        at = bisect(words, word)
+                        if at < len(words) and words[at] == word:
+                            add(
+                                n,
+                                DUPLICATE_CUSTOM_ID,
+                                f"custom_id {_show(cid)} is a duplicate of line {bucket[1][at]}",
+                            )
+                        else:
+                            words.insert(at, word)
+                            bucket[1].insert(at, n)
                 else:
                     add(
                         n,

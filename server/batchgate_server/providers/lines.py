@@ -5,17 +5,15 @@ from __future__ import annotations
 
 
 def complete_lines(pending: bytearray) -> list[bytes]:
-    """Take the complete lines out of `pending` (what follows the last newline stays)."""
-    lines = []
-    start = 0
-    while (nl := pending.find(b"\n", start)) >= 0:
-        line = bytes(pending[start:nl]).rstrip(b"\r")
-        start = nl + 1
-        if line.strip():
-            lines.append(line)
-    if start:
-        del pending[:start]
-    return lines
+    """Take the complete lines out of `pending` (what follows the last newline stays). One copy
+    of the complete part and one split: a copy and a slice per line cost ~2x more."""
+    end = pending.rfind(b"\n")
+    if end < 0:
+        return []
+    with memoryview(pending) as view:
+        block = bytes(view[:end])
+    del pending[:end + 1]
+    return [line.rstrip(b"\r") for line in block.split(b"\n") if line.strip()]
 
 
 def last_line(pending: bytearray) -> bytes | None:

@@ -236,15 +236,20 @@ def multipart_stream(fields: Mapping[str, str], file_field: str, filename: str,
 
     async def body() -> AsyncIterator[bytes]:
         yield head
-        buf = bytearray()
+        # Joined once per chunk: a bytearray grown line by line reallocates (and copies) as it grows.
+        parts: list[bytes] = []
+        size = 0
         async for line in lines():
-            buf += line
-            buf += b"\n"
-            if len(buf) >= UPLOAD_CHUNK:
-                yield bytes(buf)
-                buf.clear()
-        if buf:
-            yield bytes(buf)
+            parts.append(line)
+            size += len(line) + 1
+            if size >= UPLOAD_CHUNK:
+                parts.append(b"")  # the last line's newline
+                yield b"\n".join(parts)
+                parts.clear()
+                size = 0
+        if parts:
+            parts.append(b"")
+            yield b"\n".join(parts)
         yield tail
 
     return f"multipart/form-data; boundary={boundary}", body

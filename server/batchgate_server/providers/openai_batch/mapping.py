@@ -13,12 +13,15 @@ import email.utils
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import msgspec
+
 from batchgate_server.domain.models import BatchError, RequestCounts
+from batchgate_server.providers import json_splice
 from batchgate_server.providers.base import JobStatus, PollResult
 
 OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses",
@@ -213,11 +216,53 @@ def azure_path(url: str) -> str:
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
+class _Body(msgspec.Struct):
+    model: Any = None
+
+
+class _LineHead(msgspec.Struct):
+    """The members of an input line the rewrite reads (msgspec skips the rest, the prompt)."""
+
+    body: _Body | None = None
+    url: Any = None
+
+
+_read_head = msgspec.json.Decoder(_LineHead).decode
+
+
 def rewrite_line(raw: bytes, model: str, *, azure: bool = False) -> bytes:
     """Set body.model to the deployment's model (and drop the /v1 of the url for Azure).
 
     A line that is not a JSON object is passed through unchanged: the provider reports it (with
-    its line number) rather than the adapter guessing. Unchanged lines are returned as-is."""
+    its line number) rather than the adapter guessing. Unchanged lines are returned as-is.
+    The new values are spliced into the line's bytes where that is provably exact
+    (providers/json_splice.py); otherwise the line is decoded and re-encoded whole."""
+    try:
+        head = _read_head(raw)
+        if not raw.isascii():
+            raw.decode()  # msgspec does not check the UTF-8 of members it skips; json does
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return _rewrite_decoded(raw, model, azure=azure)  # e.g. NaN, a lone surrogate, body not an object
+    url = head.url
+    new_url = azure_path(url) if azure and isinstance(url, str) and url.startswith("/v1/") else None
+    new_model = head.body is not None and head.body.model != model
+    if new_url is None and not new_model:
+        return raw
+    line: bytes | None = raw
+    if new_url is not None:
+        line = _splice(line, "url", new_url, lambda spliced: _read_head(spliced).url == new_url)
+    if line is not None and new_model:
+        line = _splice(line, "model", model, lambda spliced: _read_head(spliced).body.model == model)
+    return line if line is not None else _rewrite_decoded(raw, model, azure=azure)
+
+
+def _splice(line: bytes, key: str, value: str, reads_back: Callable[[bytes], bool]) -> bytes | None:
+    encoded = json_splice.encode_value(value)
+    return None if encoded is None else json_splice.splice_member(line, key, encoded, reads_back)
+
+
+def _rewrite_decoded(raw: bytes, model: str, *, azure: bool) -> bytes:
+    """rewrite_line by decoding the whole line and encoding it again (json, as Python reads it)."""
     try:
         obj = json.loads(raw)
     except ValueError:

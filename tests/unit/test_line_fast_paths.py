@@ -1,0 +1,158 @@
+"""The passthrough's per-line fast paths against the full-parse paths they stand in for.
+
+* mapping.rewrite_line splices body.model (and Azure's url) into the line's bytes
+  (providers/json_splice.py); it must read back, as Python's json reads it, exactly as the
+  decode + re-encode it replaced (mapping._rewrite_decoded), on every line a user can upload,
+  hostile ones included.
+* UsageCounter reads only the members usage needs (pricing/usage.py add_output_line); it must
+  count what sum_usage_by_tier counts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchgate_server.core.accounting import UsageCounter
+from batchgate_server.pricing.usage import sum_usage_by_tier
+from batchgate_server.providers.openai_batch import mapping as m
+
+MODEL = "gpt-4o-mini-2024-07-18"
+
+
+def line(body: object = None, *, url: str = "/v1/chat/completions", raw_body: str | None = None) -> bytes:
+    body_text = raw_body if raw_body is not None else json.dumps(body)
+    return (f'{{"custom_id": "r-1", "method": "POST", "url": {json.dumps(url)}, "body": {body_text}}}').encode()
+
+
+HOSTILE_LINES = [
+    line({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "héllo \u2028 \"q\" \\"}]}),
+    line(raw_body='{"model":"a","messages":[],"model":"b"}'),  # duplicated: json reads the last
+    line(raw_body='{"model":"a","model":"b"}'),
+    line(raw_body='{"mod\\u0065l": "a", "messages": []}'),  # the key spelled with an escape
+    line(raw_body='{"model": "a", "mod\\u0065l": "b"}'),
+    line(raw_body='{"tools": [{"parameters": {"properties": {"model": {"type": "string"}}}}], "model": "a"}'),
+    line(raw_body='{"metadata": {"model": "nested"}, "model": "a"}'),  # a nested one first
+    line(raw_body='{"x\\"model": "v", "model": "a"}'),  # the name at a key's end, after an escaped quote
+    line(raw_body='{"content": "say \\"model\\": \\"x\\"", "model": "a"}'),  # the name inside a string
+    line(raw_body='{"model" :\t"a" , "n": 1}'),
+    line(raw_body='{"model": null}'),
+    line(raw_body='{"model": 7}'),
+    line(raw_body='{"model": -1.5e3}'),
+    line(raw_body='{"model": true}'),
+    line(raw_body='{"model": {"name": "a"}}'),  # an object: not spliced
+    line(raw_body='{"model": ["a"]}'),
+    line(raw_body='{"model": {"model": "a"}}'),
+    line(raw_body='{"model": "a\\u0000b\\ud83d\\ude00"}'),
+    line(raw_body='{"model": "\\ud800"}'),  # a lone surrogate: msgspec refuses it, json reads it
+    line(raw_body='{"input": "x"}'),  # no model: added by the re-encode
+    line(raw_body='{}'),
+    line(raw_body='"not an object"'),
+    line(raw_body='null'),
+    line(raw_body='{"model": "a", "n": NaN}'),  # json reads NaN, cannot write it: passed through
+    line(raw_body='{"model": "a", "big": 123456789012345678901234567890}'),
+    line({"model": MODEL}),  # already the deployment's
+    b'{"body": {"model": "a"}, "url": "/v1/embeddings", "custom_id": "x"}',  # body before url
+    b'{"url": "/v1/chat/completions", "url": "/v1/embeddings", "body": {"model": "a"}}',
+    b'{"body": {"url": "/v1/nested", "model": "a"}, "url": "/v1/embeddings"}',
+    b'{"url": 5, "body": {"model": "a"}}',
+    b'  {"body": {"model": "a"}}  ',
+    b'{"body": {"model": "a"}} trailing',
+    b'{"body": {"model": "\xff"}}',  # bad UTF-8
+    b'{"body": {"model": "a", "text": "\xc3\x28"}}',
+    b'{"body": {"model": "a", "text": "caf\xc3\xa9"}}',
+    b'[1, 2]',
+    b'{not json',
+    b'',
+]
+
+
+def reads(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return ("unreadable", raw)
+
+
+@pytest.mark.parametrize("azure", [False, True])
+@pytest.mark.parametrize("model", [MODEL, "a", 'dep "quoted" \\ é \u2028'])
+@pytest.mark.parametrize("raw", HOSTILE_LINES)
+def test_rewrite_reads_as_the_full_reencode(raw, model, azure):
+    spliced = m.rewrite_line(raw, model, azure=azure)
+    assert reads(spliced) == reads(m._rewrite_decoded(raw, model, azure=azure))
+    assert b"\n" not in spliced
+
+
+def test_rewrite_keeps_the_prompt_bytes_as_written():
+    raw = line({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "caf\u00e9 \u2028"}]})
+    assert b"caf\\u00e9 \\u2028" in raw  # json.dumps escapes them
+    out = m.rewrite_line(raw, MODEL, azure=True)
+    assert out == raw.replace(b'"gpt-4o-mini"', f'"{MODEL}"'.encode()).replace(
+        b'"/v1/chat/completions"', b'"/chat/completions"')
+
+
+def test_rewrite_of_a_large_number_keeps_it_exact():
+    raw = line(raw_body='{"model": "a", "seed": 123456789012345678901234567890, "t": 1e400}')
+    out = m.rewrite_line(raw, MODEL)
+    assert b"123456789012345678901234567890" in out and b"1e400" in out
+    assert json.loads(out)["body"]["model"] == MODEL
+
+
+def out_line(body: object, status: object = 200, *, raw_body: str | None = None) -> bytes:
+    body_text = raw_body if raw_body is not None else json.dumps(body)
+    return (f'{{"id": "batch_req_1", "custom_id": "c", "response": {{"status_code": {json.dumps(status)}, '
+            f'"body": {body_text}}}, "error": null}}\n').encode()
+
+
+CHAT = {"model": "gpt-4o-mini-2024-07-18", "choices": [{"message": {"content": "y" * 300}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+                  "prompt_tokens_details": {"cached_tokens": 64}, "completion_tokens_details": {"reasoning_tokens": 8}}}
+HOSTILE_OUTPUT = [
+    out_line(CHAT),
+    out_line(CHAT, status=201),
+    out_line(CHAT, status="200"),
+    out_line(CHAT, status=True),
+    out_line(CHAT, status=None),
+    out_line(CHAT, status=500),
+    out_line(CHAT, status=199.0),
+    out_line({"model": "m", "usage": {"input_tokens": 300000, "output_tokens": 5,
+                                      "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3,
+                                      "cache_creation": {"ephemeral_1h_input_tokens": 2}}}),
+    out_line({"model": "m", "usage": {"prompt_tokens": 250000, "completion_tokens": 1}}),
+    out_line({"usage": {"prompt_tokens": 5, "completion_tokens": 1}}),  # no model
+    out_line({"model": 5, "usage": {"prompt_tokens": 5}}),
+    out_line({"model": "", "usage": {"total_tokens": 9}}),
+    out_line({"model": "m", "usage": "n/a"}),
+    out_line({"model": "m", "usage": None}),
+    out_line({"model": "m", "usage": {"prompt_tokens": "12", "completion_tokens": 3.0}}),
+    out_line(None, raw_body=json.dumps(json.dumps({"model": "s", "usage": {"prompt_tokens": 4}}))),  # a string
+    out_line(None, raw_body='{"model": "m", "usage": {"prompt_tokens": 1}, "usage": {"prompt_tokens": 2}}'),
+    out_line(None, raw_body='{"model": "m", "logprob": NaN, "usage": {"prompt_tokens": 3}}'),
+    out_line(None, raw_body='{"model": "m", "text": "\\ud800", "usage": {"prompt_tokens": 3}}'),
+    out_line(None, raw_body='{"model": "m", "text": "\xff", "usage": {"prompt_tokens": 3}}'),
+    out_line(None, raw_body='[{"usage": {"prompt_tokens": 3}}]'),
+    b'  ' + out_line(CHAT),
+    out_line(CHAT)[:-3] + b'} trailing "usage"',
+    b'{"response": null, "error": {"message": "usage"}}',
+    b'{"response": "usage"}',
+    b'["usage"]',
+    b'not json "usage"',
+    b'',
+]
+
+
+@pytest.mark.parametrize("thresholds", [(), (200_000,)])
+def test_usage_counter_counts_as_the_full_parse(thresholds):
+    counter = UsageCounter(thresholds)
+    for raw in HOSTILE_OUTPUT:
+        counter.add_line(raw)
+    assert counter.by_tier == sum_usage_by_tier(HOSTILE_OUTPUT, thresholds)
+    assert counter.by_tier  # the corpus does count something
+
+
+@pytest.mark.parametrize("raw", HOSTILE_OUTPUT)
+def test_usage_counter_line_by_line(raw):
+    counter = UsageCounter((200_000,))
+    counter.add_line(raw)
+    assert counter.by_tier == sum_usage_by_tier([raw], (200_000,))
