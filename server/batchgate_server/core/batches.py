@@ -224,8 +224,9 @@ class BatchManager:
 
     async def get(self, principal: Principal, batch_id: str, known: BatchRecord | None = None) -> BatchRecord:
         """`known`: a state of this batch the caller holds (never changes it), returned as is while it
-        is the stored one, so that a poller's read of an unchanged batch decodes nothing. The read
-        still goes to the store: it sees every write before it, on any replica."""
+        is the stored one, so that a poller's read of an unchanged batch decodes nothing. The store
+        is asked every time (a sole writer of its database answers from the revisions it announced,
+        store/ports.py assume_sole_writer), so the read sees every write before it, on any replica."""
         if not batch_id:
             raise _invalid("batch_id is required", "MISSING_BATCH_ID", "batch_id", "required")
         if known is not None and known.id == batch_id:
