@@ -90,6 +90,22 @@ async def test_watch_and_cancel_from_another_replica(cluster):
     assert cluster.stores.scalar("SELECT count(*) FROM usage_ledger WHERE batch_id=?", (batch.id,)) == 1
 
 
+
+async def test_a_poller_on_one_replica_sees_a_cancel_on_another_at_once(cluster):
+    """B's GetBatch answers an unchanged batch from the state it last read: it must still see A's
+    write the moment it returned (and CancelBatch answers only a stored state)."""
+    a, b = await cluster.start(2)
+    batch = await upload_and_create(a.caller, slow_lines(50, 100))
+    get = batch_pb2.GetBatchRequest(batch_id=batch.id)
+    for _ in range(2):
+        polled = (await b.caller.batches.GetBatch(get, metadata=b.caller.metadata)).batch
+    cancelled = (await a.caller.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                                    metadata=a.caller.metadata)).batch
+    assert cancelled.revision > polled.revision
+    seen = (await b.caller.batches.GetBatch(get, metadata=b.caller.metadata)).batch
+    assert seen.revision >= cancelled.revision
+    assert seen.status in (batch_pb2.BATCH_STATUS_CANCELLING, batch_pb2.BATCH_STATUS_CANCELLED)
+
 async def test_cancel_of_an_ended_batch_from_another_replica(cluster, upstream):
     a, b = await cluster.start(2)
     batch = await upload_and_create(a.caller, slow_lines(3, 0))
