@@ -167,6 +167,14 @@ def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: 
             obj = _long_ints_as_null(line.lstrip(" \t\r\n"))[0]
         except (ValueError, RecursionError):
             return
+    add_parsed_line(acc, obj, default_model, thresholds)
+
+
+def add_parsed_line(acc: dict[UsageKey, list[int]], obj: Any, default_model: str = "",
+                    thresholds: tuple[int, ...] = ()) -> None:
+    """Add one output line already parsed (`obj`) to `acc`, as add_output_line counts its bytes:
+    for a writer that holds each line parsed as it writes it (the executor), so that nothing is
+    parsed a second time at the end."""
     if type(obj) is not dict:
         return
     resp = obj.get("response")
