@@ -13,7 +13,11 @@ batch is completed with its output file stored. Targets (issue 11), on the 2-cor
 
 --rounds interleaves the two latencies that many times and prints each round and the range.
 The server's CPU per request (all its threads, CreateBatch to completed) is printed too: on a
-shared machine it moves less than the rates do.
+shared machine it moves less than the rates do; a batch of one request end to end (before the
+big one, on the same server): the fixed part of every batch (pickup, one upstream answer, finish);
+and the fake's own CPU per request under wrk and under the executor (the fake, one process on one
+core, is what bounds both at 20 ms: when the executor's server takes CPU the fake needs, the ratio
+falls without the executor doing anything slower).
 --profile DIR records the server during each batch with py-spy (pip install py-spy) into
 DIR/executor-<latency>ms-<round>.txt (collapsed stacks).
 """
@@ -22,17 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import reset_peak, rss_kib, start_server, start_upstream, stop  # noqa: E402
+from _common import cpu_seconds, reset_peak, rss_kib, start_server, start_upstream, stop  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -69,10 +73,37 @@ def write_requests(path: Path) -> None:
                                  "body": body}) + "\n")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of every thread of `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class FakeCpu:
+    """The fake upstream's CPU per request it served since the last `per_request()`: the same
+    fake serves wrk and the executor, so this says whether it worked as hard for each."""
+
+    def __init__(self, proc: subprocess.Popen, port: int) -> None:
+        self._pid, self._port = proc.pid, port
+        self._last = self._now()
+
+    def _now(self) -> tuple[float, int]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self._port}/_fake/stats") as resp:
+            served = json.load(resp)["requests_total"]
+        return cpu_seconds(self._pid), served
+
+    def per_request(self) -> float:
+        (cpu0, n0), (cpu1, n1) = self._last, self._now()
+        self._last = (cpu1, n1)
+        return (cpu1 - cpu0) / max(1, n1 - n0) * 1e6
+
+
+def one_request_ms(bg: BatchgateClient, tmp: Path) -> float:
+    """A batch of one request, CreateBatch until completed: the fixed part of every batch (the
+    pickup, the upstream's latency once, the finish), which the 10,000-request rate includes."""
+    single = tmp / "one-request.jsonl"
+    if not single.exists():
+        single.write_text(json.dumps({"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
+                                      "body": BODY}) + "\n")
+    f = bg.upload_file(single)
+    started = time.perf_counter()
+    final = bg.wait(bg.create_batch(f.id, "/v1/chat/completions", model="fake").id)
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+    return (time.perf_counter() - started) * 1000
 
 
 def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, label: str) -> dict:
@@ -85,6 +116,7 @@ def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, 
     spy = None
     try:
         with BatchgateClient(f"127.0.0.1:{port}") as bg:
+            one_ms = one_request_ms(bg, tmp)
             f = bg.upload_file(requests)
             baseline = rss_kib(server.pid)
             reset_peak(server.pid)
@@ -96,7 +128,9 @@ def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, 
                 time.sleep(1)  # py-spy attaches
             # The ceiling is measured right before and right after the batch and averaged: the
             # machine is shared, and its load drifts within seconds.
+            fake = FakeCpu(upstream, up_port)
             wrk_before = wrk_rate(up_port, tmp)
+            fake_wrk = fake.per_request()
             cpu_before = cpu_seconds(server.pid)
             started = time.perf_counter()
             batch = bg.create_batch(f.id, "/v1/chat/completions", model="fake")
@@ -104,6 +138,7 @@ def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, 
             elapsed = time.perf_counter() - started
             peak = rss_kib(server.pid, "VmHWM")
             cpu = cpu_seconds(server.pid) - cpu_before
+            fake_executor = fake.per_request()
         assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
         assert final.request_counts.completed == N, final.request_counts
         if spy is not None:
@@ -112,7 +147,8 @@ def run_batch(latency_ms: int, tmp: Path, requests: Path, profile: Path | None, 
         wrk_after = wrk_rate(up_port, tmp)
         wrk = (wrk_before + wrk_after) / 2 if wrk_before and wrk_after else None
         return {"rate": N / elapsed, "elapsed": elapsed, "wrk": wrk,
-                "rss_mib": (peak - baseline) / 1024, "cpu_us": cpu / N * 1e6}
+                "rss_mib": (peak - baseline) / 1024, "cpu_us": cpu / N * 1e6, "one_ms": one_ms,
+                "fake_us": (fake_wrk, fake_executor)}
     finally:
         stop(server)
         upstream.terminate()
@@ -144,16 +180,20 @@ def main() -> None:
                     vs_wrk = "wrk not installed (apt-get install wrk): no ceiling"
                 print(f"round {round_no}, latency {latency:>2} ms: executor {r['rate']:,.0f} req/s over {N:,} "
                       f"requests in {r['elapsed']:.2f}s ({r['cpu_us']:.0f} us of server CPU each), {vs_wrk}; server RSS growth {r['rss_mib']:.1f} MiB "
-                      f"(target < {TARGET_RSS_MIB}: {verdict(r['rss_mib'] < TARGET_RSS_MIB)})", flush=True)
+                      f"(target < {TARGET_RSS_MIB}: {verdict(r['rss_mib'] < TARGET_RSS_MIB)}); a batch of 1 request "
+                      f"{r['one_ms']:.0f} ms end to end (fixed part); the fake's CPU per request {r['fake_us'][0]:.0f} us "
+                      f"under wrk, {r['fake_us'][1]:.0f} us under the executor", flush=True)
     if args.rounds > 1:
         for latency, runs in results.items():
             rates = [r["rate"] for r in runs]
             ratios = [r["rate"] / r["wrk"] for r in runs if r["wrk"]]
             rss = [r["rss_mib"] for r in runs]
+            one = [r["one_ms"] for r in runs]
             ratio_text = (f", {min(ratios):.0%}-{max(ratios):.0%} of wrk (target >= {TARGET_RATIO[latency]:.0%})"
                           if ratios else "")
             print(f"latency {latency:>2} ms over {len(runs)} rounds: {min(rates):,.0f}-{max(rates):,.0f} req/s"
-                  f"{ratio_text}; RSS growth {min(rss):.1f}-{max(rss):.1f} MiB (target < {TARGET_RSS_MIB})")
+                  f"{ratio_text}; RSS growth {min(rss):.1f}-{max(rss):.1f} MiB (target < {TARGET_RSS_MIB}); "
+                  f"a batch of 1 request {min(one):.0f}-{max(one):.0f} ms")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ class BatchgateServer:
         # The one place that picks the storage implementations (store/urls.py).
         self._database = await open_database(db_url, s.data_dir)
         self.store = self._database.metadata
+        if not s.shared:  # the database is in the data directory locked above: no other server writes it
+            self.store.assume_sole_writer()
         self._blobs = blobs = await open_blob_store(blobs_url, s.data_dir)
         self.auth = Authenticator(self.store, s.master_key)
         await self.auth.start()

@@ -453,6 +453,32 @@ async def test_every_returned_write_is_seen_by_the_next_read_on_any_handle(datab
     assert await other.get_file("file-1") is None
 
 
+
+@pytest.mark.parametrize("sole_writer", [False, True], ids=["shared", "sole-writer"])
+async def test_refresh_returns_the_known_state_until_any_handle_writes_a_new_one(database_backend, database,
+                                                                                  sole_writer):
+    """sole_writer: the handles are this process's only writers (a server on its own data
+    directory), which a store may use to answer without a read."""
+    writer, other = database.metadata, (await database_backend.open()).metadata
+    if sole_writer:
+        writer.assume_sole_writer()
+        other.assume_sole_writer()
+    await writer.insert_batch(batch_record("batch_1"))
+    for reader in (writer, other):
+        known = await reader.get_batch("batch_1")
+        assert await reader.refresh_batch(known) is known  # unchanged: the caller's own state back
+        assert await reader.refresh_batch(known) is known
+    changed = await writer.get_batch("batch_1")
+    changed.status = BatchStatus.IN_PROGRESS
+    await writer.update_batch(changed)
+    for reader in (writer, other):
+        fresh = await reader.refresh_batch(known)
+        assert fresh is not known and fresh == changed
+        assert (known.revision, known.status) == (1, BatchStatus.VALIDATING)  # the caller's state untouched
+        assert await reader.refresh_batch(fresh) is fresh
+    assert await other.refresh_batch(batch_record("batch_none")) is None
+    assert await other.refresh_batch(batch_record("batch_1", project="other")) == changed  # read by id only
+
 # -- the usage ledger ------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from batchgate.v1 import batch_pb2, file_pb2
 from batchgate_server.domain.deployment import Deployment
+from batchgate_server.pricing.usage import sum_usage_from_output
 from batchgate_server.providers.base import ProviderJob
 from tests.conftest import jsonl
 
@@ -57,6 +58,13 @@ async def download_lines(caller, file_id: str) -> list[dict]:
 
 async def results(caller, batch: batch_pb2.Batch) -> tuple[list[dict], list[dict]]:
     return await download_lines(caller, batch.output_file_id), await download_lines(caller, batch.error_file_id)
+
+
+def output_usage(out: list[dict]) -> tuple[int, int]:
+    """(input, output tokens) the output lines `out` report, summed by the server's own parser of
+    output files: what the batch's usage must be, however the server counted it."""
+    by_model = sum_usage_from_output(json.dumps(line).encode() for line in out)
+    return (sum(u.input_tokens for u in by_model.values()), sum(u.output_tokens for u in by_model.values()))
 
 
 async def run_batch(h, lines: list[dict], **create_fields) -> tuple[batch_pb2.Batch, list, list, list]:

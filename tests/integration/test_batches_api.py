@@ -177,6 +177,30 @@ async def test_cancel_mid_run_keeps_finished_results(fake_harness, upstream):
     assert error_details(err_info.value)[0].reason == "BATCH_ALREADY_ENDED"
 
 
+
+async def get_batch(caller, batch_id: str) -> batch_pb2.Batch:
+    return (await caller.batches.GetBatch(batch_pb2.GetBatchRequest(batch_id=batch_id), metadata=caller.metadata)).batch
+
+
+async def test_a_poller_sees_each_new_state_at_once(fake_harness, upstream):
+    """GetBatch answers a batch unchanged since its last read from the state it kept (api/batches.py
+    LatestStates, the store's refresh_batch): a change must show in the very next read."""
+    a = fake_harness.alice
+    f = await fake_harness.upload(a, jsonl([request_line(f"r-{i}", model="fake-llm", content=f"SLOW:60000 q {i}")
+                                            for i in range(20)]))
+    batch = await create(a, f.id)
+    first = await get_batch(a, batch.id)
+    assert (await get_batch(a, batch.id)).revision >= first.revision
+    cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                             metadata=a.metadata)).batch
+    assert cancelled.revision > first.revision
+    seen = await get_batch(a, batch.id)
+    assert seen.revision >= cancelled.revision
+    assert seen.status in (batch_pb2.BATCH_STATUS_CANCELLING, batch_pb2.BATCH_STATUS_CANCELLED)
+    final = (await watch_all(a, batch.id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_CANCELLED
+    assert await get_batch(a, batch.id) == final
+
 async def test_completion_window_expires_unfinished_requests(fake_harness, upstream):
     a = fake_harness.alice
     lines = [request_line("done", model="fake-expiring", content="fine")]
@@ -254,6 +278,19 @@ async def test_watch_and_get_are_isolated_between_projects(harness):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert error_details(err.value)[0].reason == "FILE_NOT_FOUND"
 
+
+
+async def test_another_project_cannot_read_a_batch_its_owner_polls(harness):
+    a, b = harness.alice, harness.bob
+    f = await harness.upload(a, batch_file(1))
+    batch = await create(a, f.id, model="simulated")
+    polled = await get_batch(a, batch.id)  # the server now keeps this state for the next read
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await get_batch(b, batch.id)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_details(err.value)[0].reason == "BATCH_NOT_FOUND"
+    assert (await get_batch(a, batch.id)).id == polled.id
 
 async def test_many_watchers_one_poll(harness):
     a = harness.alice
@@ -436,6 +473,19 @@ async def test_cancel_right_after_create_ends_cancelled_and_consistent(fake_harn
     # Requests in flight at the cancel (at most max_concurrency=8) were stopped, not answered.
     assert len(out) <= upstream.requests_total <= len(out) + 8
 
+
+
+async def test_cancel_answers_a_state_that_is_stored(fake_harness, upstream):
+    """CancelBatch right after CreateBatch races the executor's first write: what it answers must be
+    a state already stored (the next read shows it or a newer one), never one still being written."""
+    a = fake_harness.alice
+    f = await fake_harness.upload(a, jsonl([request_line(f"r-{i}", model="fake-llm", content=f"SLOW:60000 q {i}")
+                                            for i in range(4)]))
+    for _ in range(12):
+        batch = await create(a, f.id)
+        cancelled = (await a.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                                 metadata=a.metadata)).batch
+        assert (await get_batch(a, batch.id)).revision >= cancelled.revision
 
 async def test_simulated_failure_rate_is_deterministic(tmp_path):
     config = write_config(tmp_path / "models.yaml", [{"model_name": "flaky-sim", "litellm_params": {

@@ -18,7 +18,7 @@ import pytest
 from batchgate.v1 import batch_pb2, batch_pb2_grpc, file_pb2_grpc
 from tests.conftest import MASTER_KEY, jsonl, request_line, upload_requests
 from tests.fakes.openai_compatible_upstream import FakeUpstream
-from tests.integration.batch_helpers import results, upstream_entry, write_config
+from tests.integration.batch_helpers import output_usage, results, upstream_entry, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -89,6 +89,9 @@ async def test_kill_9_mid_batch_then_restart(tmp_path):
         answered = [line["custom_id"] for line in out + err]
         assert sorted(answered) == sorted(f"r-{i}" for i in range(n)), "every custom_id exactly once"
         assert final.request_counts.completed == len(out) == n
+        # The usage counted as answers were written (before the kill, recovered from the results
+        # log after it, then the rest) is exactly the usage of the output file.
+        assert (final.usage.input_tokens, final.usage.output_tokens) == output_usage(out)
         # At most the requests in flight at the kill were sent twice.
         resent = [i for i in range(n) if upstream.count(f"SLOW:15 question {i}") > 1]
         assert upstream.requests_total - n == len(resent) <= CONCURRENCY

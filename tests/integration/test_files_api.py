@@ -710,3 +710,26 @@ async def test_a_file_whose_bytes_are_gone_is_a_failed_precondition_not_an_empty
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     info, _ = error_details(err.value)
     assert (info.reason, info.metadata["file_id"]) == ("FILE_CONTENT_MISSING", f.id)
+
+
+# Files the validator's one-call reading of a chunk's lines once took for valid (sent in one chunk).
+ONE_CHUNK_BAD_FILES = {
+    # an object over two lines (the second starting with "{") beside two objects on one line
+    "object_over_two_lines": (_line().replace(b'"body": {', b'"body":\n{', 1) + b"\n"
+                              + _line(custom_id="b") + _line(custom_id="c") + b"\n"),
+    # an integer longer than Python's int() converts, in a member the rules do not read
+    "integer_past_int_limit": (_line(custom_id="b") + b"\n"
+                               + _line(body={"model": "m", "seed": 1}).replace(b'"seed": 1', b'"seed": ' + b"9" * 4301)
+                               + b"\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ONE_CHUNK_BAD_FILES))
+async def test_hostile_lines_read_in_one_chunk_are_rejected(harness, case):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.upload(harness.alice, ONE_CHUNK_BAD_FILES[case])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = error_details(err.value)
+    assert info.reason == "INVALID_BATCH_FILE"
+    assert info.metadata["first_problem"] == "invalid_json_line"
+    assert blob_files(harness) == []

@@ -14,7 +14,7 @@ import pytest
 from batchgate.v1 import batch_pb2
 from tests.conftest import jsonl, request_line, upload_requests
 from tests.fakes.openai_compatible_upstream import FakeUpstream
-from tests.integration.batch_helpers import TERMINAL, create, results, upstream_entry, write_config
+from tests.integration.batch_helpers import TERMINAL, create, output_usage, results, upstream_entry, write_config
 from tests.replicas import Cluster, stores  # noqa: F401 - stores is a fixture
 
 pytestmark = pytest.mark.slow
@@ -90,6 +90,22 @@ async def test_watch_and_cancel_from_another_replica(cluster):
     assert cluster.stores.scalar("SELECT count(*) FROM usage_ledger WHERE batch_id=?", (batch.id,)) == 1
 
 
+
+async def test_a_poller_on_one_replica_sees_a_cancel_on_another_at_once(cluster):
+    """B's GetBatch answers an unchanged batch from the state it last read: it must still see A's
+    write the moment it returned (and CancelBatch answers only a stored state)."""
+    a, b = await cluster.start(2)
+    batch = await upload_and_create(a.caller, slow_lines(50, 100))
+    get = batch_pb2.GetBatchRequest(batch_id=batch.id)
+    for _ in range(2):
+        polled = (await b.caller.batches.GetBatch(get, metadata=b.caller.metadata)).batch
+    cancelled = (await a.caller.batches.CancelBatch(batch_pb2.CancelBatchRequest(batch_id=batch.id),
+                                                    metadata=a.caller.metadata)).batch
+    assert cancelled.revision > polled.revision
+    seen = (await b.caller.batches.GetBatch(get, metadata=b.caller.metadata)).batch
+    assert seen.revision >= cancelled.revision
+    assert seen.status in (batch_pb2.BATCH_STATUS_CANCELLING, batch_pb2.BATCH_STATUS_CANCELLED)
+
 async def test_cancel_of_an_ended_batch_from_another_replica(cluster, upstream):
     a, b = await cluster.start(2)
     batch = await upload_and_create(a.caller, slow_lines(3, 0))
@@ -120,6 +136,8 @@ async def test_kill_9_of_the_owner_another_replica_resumes(cluster, upstream):
     assert sorted(line["custom_id"] for line in out) == sorted(f"r-{i}" for i in range(n)), \
         "every custom_id answered exactly once"
     assert not err and final.request_counts.completed == n
+    # Counted from the stored answers rebuilt on b, then from b's own: the output file's usage.
+    assert (final.usage.input_tokens, final.usage.output_tokens) == output_usage(out)
     # Resumed, not restarted: only what was in flight at the kill, or answered after the last
     # stored second, is sent again.
     resent = upstream.requests_total - n

@@ -63,6 +63,8 @@ def _hostile(rng: random.Random, line: str) -> bytes:
         return rng.choice((b"[1]", b'"x"', b"3", b"null", b"{", b"}", b"NaN", b"{} {}", b"{}"))
     if kind == 10:  # a type the typed reader refuses but json reads
         return line.replace('"model": "', '"model": 7, "model": "', 1).encode()
+    if kind == 11:  # an object split over two lines before the body, so both halves start with "{"
+        return raw.replace(b'"body": {', b'"body":\n{', 1)
     return raw
 
 
@@ -195,3 +197,81 @@ def test_many_bad_lines_after_a_long_good_prefix_check_each_byte_a_bounded_numbe
     res = _run([data], max_lines=10_000)
     assert res.total_problems == 5000
     assert sum(checked) < 2 * len(data)
+
+
+def _request(custom_id: str, **body) -> bytes:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": URL,
+                       "body": {"model": "m", **body}}).encode()
+
+
+@pytest.mark.parametrize("number", [
+    b"9" * 4301,  # one digit past Python's int conversion limit: json refuses the line
+    b"-" + b"1" * 5000,
+    b"1" * 5000 + b".5",  # a float that long is fine for json
+    b"7" * 4300,  # at the limit: fine
+    b"1" * 2151,  # long enough to look like a long run to a sampler: fine
+])
+@pytest.mark.parametrize("where", ["alone", "among_others", "split_over_chunks"])
+def test_a_very_long_number_gets_the_plain_verdict(number, where, plain, per_line):
+    # json (the plain path) converts an integer by int(), which refuses past
+    # sys.get_int_max_str_digits() digits; msgspec skipped such a number and called the line valid.
+    line = (b'{"custom_id":"n","method":"POST","url":"/v1/chat/completions","body":{"model":"m","seed":'
+            + number + b"}}")
+    data = line + b"\n" if where == "alone" else b"\n".join([_request("a"), line, _request("b")]) + b"\n"
+    expected = plain([data])
+    chunks = [data[:len(data) // 3], data[len(data) // 3:]] if where == "split_over_chunks" else [data]
+    assert _run(chunks) == expected
+    assert per_line(chunks) == expected
+    if number.lstrip(b"-").isdigit() and len(number.lstrip(b"-")) > 4300:
+        assert [p.code for p in expected.problems] == ["invalid_json_line"]
+    else:
+        assert expected.ok
+
+
+def test_a_long_digit_run_inside_a_string_stays_valid():
+    # A run of digits in a prompt is text, not a number: valid, whatever the plain path is asked.
+    data = _request("a", messages=[{"role": "user", "content": "4" * 9000}]) + b"\n"
+    assert _run([data]).ok
+
+
+def test_the_digit_sampler_finds_a_run_one_past_the_limit_at_every_offset():
+    limit = jsonl_validation._INT_DIGITS
+    for offset in range(jsonl_validation._DIGIT_STRIDE + 2):
+        buf = b"a" * offset + b"5" * (limit + 1) + b"b" * 3000
+        assert jsonl_validation._may_hold_a_long_integer(buf, 0, len(buf)), offset
+        short = b"a" * offset + b"5" * (limit // 2) + b"b" * 3000
+        assert not jsonl_validation._may_hold_a_long_integer(short, 0, len(short)), offset
+
+
+def test_custom_ids_sharing_one_index_array_are_told_apart_as_a_dict_would():
+    # The plain path shares the 12-byte index, so it is held to a dict here: ids chosen to land in
+    # one of its 4096 arrays (the same low 12 bits of hash()), repeated at random.
+    bucket = jsonl_validation._CustomIdIndex._BUCKET_BITS
+    ids, n = [], 0
+    while len(ids) < 150:
+        n += 1
+        if hash(f"c{n}") & ((1 << bucket) - 1) == 0x5A5:
+            ids.append(f"c{n}")
+    rng = random.Random(3)
+    order = [rng.choice(ids) for _ in range(1500)]
+    first: dict[str, int] = {}
+    expected = []
+    for lineno, cid in enumerate(order, 1):
+        if cid in first:
+            expected.append((lineno, f"custom_id {cid!r} is a duplicate of line {first[cid]}"))
+        else:
+            first[cid] = lineno
+    data = b"\n".join(_request(cid) for cid in order) + b"\n"
+    res = _run([data], max_reported=len(order))
+    assert [(p.line, p.message) for p in res.problems] == expected
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_an_object_over_two_lines_beside_two_objects_on_one_line_is_not_read_as_three_requests(newline, plain):
+    # decode_lines reads an object across a newline (JSON whitespace) and two objects on one line as
+    # two: three lines, every one starting with "{", gave three requests, and the file was valid.
+    head = b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":'
+    data = newline.join([head, b'{"model":"m"}}', _request("b") + _request("c")]) + newline
+    expected = plain([data])
+    assert [(p.line, p.code) for p in expected.problems] == [(n, "invalid_json_line") for n in (1, 2, 3)]
+    assert _run([data]) == expected

@@ -8,7 +8,7 @@ from google.protobuf import timestamp_pb2
 from batchgate.v1 import batch_pb2, batch_pb2_grpc
 from batchgate_server.api.convert import STATUS_FROM_PROTO, batch_to_proto
 from batchgate_server.api.handlers import server_stream, unary
-from batchgate_server.api.revision_cache import RevisionCache
+from batchgate_server.api.revision_cache import LatestStates, RevisionCache
 from batchgate_server.core.auth import Authenticator, Principal
 from batchgate_server.core.batches import BatchManager, CreateBatch
 from batchgate_server.core.errors import FieldViolation, InvalidArgument
@@ -26,6 +26,7 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
         # The serialised GetBatchResponse of a state: pollers of a batch mostly read the same one.
         self._get_response = RevisionCache(
             lambda record: batch_pb2.GetBatchResponse(batch=self._to_proto(record)).SerializeToString())
+        self._read_states = LatestStates()
 
     @unary
     async def CreateBatch(self, request: batch_pb2.CreateBatchRequest, context, principal: Principal):
@@ -38,7 +39,11 @@ class BatchServicer(batch_pb2_grpc.BatchServiceServicer):
 
     @unary
     async def GetBatch(self, request: batch_pb2.GetBatchRequest, context, principal: Principal):
-        return self._get_response(await self.batches.get(principal, request.batch_id))
+        known = self._read_states.get(request.batch_id)
+        record = await self.batches.get(principal, request.batch_id, known)
+        if record is not known:
+            self._read_states.put(record)
+        return self._get_response(record)
 
     @unary
     async def ListBatches(self, request: batch_pb2.ListBatchesRequest, context, principal: Principal):

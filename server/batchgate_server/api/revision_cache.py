@@ -31,3 +31,22 @@ class RevisionCache(Generic[T]):
             if len(self._items) > self._size:
                 self._items.popitem(last=False)
         return value
+
+
+class LatestStates:
+    """The newest state read of each of the last `size` batches: what a poller's next read of one
+    compares against (BatchManager.get's `known`), so that an unchanged batch is not decoded again.
+    The states are only read (converted), never changed."""
+
+    def __init__(self, size: int = DEFAULT_SIZE) -> None:
+        self._size = size
+        self._items: OrderedDict[str, BatchRecord] = OrderedDict()
+
+    def get(self, batch_id: str) -> BatchRecord | None:
+        return self._items.get(batch_id)
+
+    def put(self, record: BatchRecord) -> None:
+        self._items[record.id] = record
+        self._items.move_to_end(record.id)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)

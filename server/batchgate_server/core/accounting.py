@@ -1,9 +1,11 @@
 """Usage and cost of a batch, decided once, when it ends.
 
 Usage is summed from the normalised output lines in the same pass that writes
-the output file; cost comes from the price snapshot taken when the batch was
-created. Both go onto the batch and into one ledger row, in the transaction that
-records the terminal state, so restarts and repeated reads never count twice.
+the output file (the built-in executor counts each line as it writes it to its
+results log instead: UsageCounter.add_parsed); cost comes from the price
+snapshot taken when the batch was created. Both go onto the batch and into one
+ledger row, in the transaction that records the terminal state, so restarts and
+repeated reads never count twice.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 from batchgate_server.domain.models import BatchRecord, Cost, Usage
 from batchgate_server.pricing.cost import amount_to_nanos, compute_cost
 from batchgate_server.pricing.table import BATCH, ModelPrice, PriceTable
-from batchgate_server.pricing.usage import UsageKey, add_output_line, merge_tiers, usage_of
+from batchgate_server.pricing.usage import UsageKey, add_output_line, add_parsed_line, merge_tiers, usage_of
+from batchgate_server.providers.base import OutputUsage
 
 
-class UsageCounter:
+class UsageCounter(OutputUsage):
     """Accumulates usage per (model, long-context tier) from output lines fed one at a time;
     thresholds: the tiers of the batch's price (ModelPrice.thresholds)."""
 
@@ -37,6 +40,10 @@ class UsageCounter:
 
     def add_line(self, line: bytes) -> None:
         add_output_line(self._counts, line, self._thresholds)
+
+    def add_parsed(self, line: dict) -> None:
+        """One output line its writer holds parsed already: counted without a second parse."""
+        add_parsed_line(self._counts, line, "", self._thresholds)
 
 
 def _snapshot_price(rec: BatchRecord) -> ModelPrice | None:

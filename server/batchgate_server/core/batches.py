@@ -222,10 +222,17 @@ class BatchManager:
         await self.quotas.insert_batch(record, owner=self.tracker.replica)
         self.tracker.adopt(copy.deepcopy(record), load_reserved=True)
 
-    async def get(self, principal: Principal, batch_id: str) -> BatchRecord:
+    async def get(self, principal: Principal, batch_id: str, known: BatchRecord | None = None) -> BatchRecord:
+        """`known`: a state of this batch the caller holds (never changes it), returned as is while it
+        is the stored one, so that a poller's read of an unchanged batch decodes nothing. The store
+        is asked every time (a sole writer of its database answers from the revisions it announced,
+        store/ports.py assume_sole_writer), so the read sees every write before it, on any replica."""
         if not batch_id:
             raise _invalid("batch_id is required", "MISSING_BATCH_ID", "batch_id", "required")
-        record = await self.store.get_batch(batch_id)
+        if known is not None and known.id == batch_id:
+            record = await self.store.refresh_batch(known)
+        else:
+            record = await self.store.get_batch(batch_id)
         # A shard (domain/shards.py) is internal: callers see its parent only.
         if record is None or record.parent_id or not principal.can_see(record.project):
             raise not_found("batch", batch_id)

@@ -54,13 +54,15 @@ named exactly as a decode of its line alone names it, and the lines after it in 
 chunk are checked one by one), then read by msgspec against a typed schema of the four fields the
 rules look at (``_Request``) straight from the bytes: it checks each line's whole
 syntax but builds no object for the rest (messages, tools ...). A region whose
-lines all start with "{" is read by one ``decode_lines`` call and kept only when it
-gives one request a line (``_read_region``); otherwise its lines are read one by
+lines all start with "{" and end with "}" is read by one ``decode_lines`` call and kept
+only when it gives one request a line (``_read_region``); otherwise its lines are read one by
 one (a memoryview slice each, no copy). ``bench/validate_speed.py`` compares it
 with json, orjson and msgspec's untyped decoder. msgspec accepts a line only when
 json would accept it with the same four values (duplicate keys: the last wins in
 both; it refuses lone surrogate escapes, NaN and anything a typed field does not
-match), so every line it refuses, and only those, goes the old way: decoded to str
+match; a region that may hold an integer of more digits than int() converts, which json
+refuses and msgspec skips, is read the plain way: ``_may_hold_a_long_integer``), so every line it
+refuses, and only those, goes the old way: decoded to str
 for the stdlib decoder, for the verdict and the message, then a walk for unpaired
 surrogates (tests/unit/test_jsonl_validation_differential.py holds the fast paths
 to that plain one on hostile files). Valid lines thus cost a share of one C call
@@ -72,6 +74,7 @@ custom_id index is most of what is left.
 from __future__ import annotations
 
 import json
+import sys
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -176,6 +179,34 @@ _read_requests = _request_decoder.decode_lines
 # A line msgspec refuses, for any reason, is decided by the stdlib decoder.
 _FAST_REFUSALS = (msgspec.DecodeError, RecursionError)
 
+# json converts an integer with int(), which refuses one of more than this many digits (0: no
+# limit); msgspec skips such a number in a member it does not read and would call the line valid.
+_INT_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+# A run of _INT_DIGITS + 1 digits holds two sample points this far apart: sampling the region at
+# this stride finds every such run for ~1/2000 of a pass over it.
+_DIGIT_STRIDE = (_INT_DIGITS + 1) // 2
+_DIGIT_MARKS = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))  # digits -> "0", else " "
+
+
+def _may_hold_a_long_integer(buf: bytes, start: int, stop: int) -> bool:
+    """True when ``buf[start:stop]`` holds a run of more than ``_INT_DIGITS`` digits, or one
+    of more than half as many (harmless: such a region is only read the plain way)."""
+    stride = _DIGIT_STRIDE
+    if not stride or stop - start <= _INT_DIGITS:
+        return False
+    marks = buf[start:stop:stride].translate(_DIGIT_MARKS)
+    at = marks.find(b"00")
+    while at >= 0:
+        first = start + at * stride
+        if buf[first:first + stride + 1].isdigit():
+            return True
+        at = marks.find(b"00", at + 1)
+    return False
+
+
+def _refuse_typed(_line: object) -> None:
+    raise msgspec.DecodeError("the line is read the plain way")
+
 
 _BLANK = object()
 _INVALID = object()
@@ -219,10 +250,14 @@ def _read_region(buf: bytes, view: memoryview, start: int, stop: int, room: int)
     """Every line of ``buf[start:stop]`` (UTF-8, ending in a newline) read by one msgspec call, when
     each is a request line of the typed shape and they are at most ``room``; else None (the lines are
     then read one by one). ``decode_lines`` skips blank lines and would read two objects on one line
-    as two items (an object never spans lines: it refuses a raw newline or CR inside one), so it is
-    trusted only when every line starts with "{" (none is blank) and it gives one item a line: then
-    each line held exactly one object, which is what a line read alone must hold. The lines are
-    counted by ``find`` (memchr) from line to line: ``bytes.count`` runs a byte at a time here."""
+    as two items, and it reads an object across lines (a newline is whitespace to it), so an object
+    spread over two lines beside two objects on one line would balance the count. It is trusted only
+    when every line starts with "{" (none is blank) and ends with "}" (before an optional CR): a
+    newline after "}" and before "{" lies in no string (a string holds no raw newline) and in no
+    object or array (there "}" is followed by "," or a closing bracket), so no object spans lines,
+    and one item a line then means each line held exactly one object, which is what a line read
+    alone must hold. The lines are found by ``find`` (memchr) from line to line: ``bytes.count``
+    runs a byte at a time here."""
     if stop - start < 2 or buf[stop - 1] != 10:
         return None
     find = buf.find
@@ -231,7 +266,11 @@ def _read_region(buf: bytes, view: memoryview, start: int, stop: int, room: int)
     while i < stop:
         if buf[i] != 123:  # "{"
             return None
-        i = find(b"\n", i, stop) + 1  # never 0: the region ends with a newline
+        j = find(b"\n", i, stop)  # never -1: the region ends with a newline
+        last = buf[j - 1]  # j > i: the line starts with "{"
+        if last != 125 and (last != 13 or buf[j - 2] != 125):  # "}", or "}" then CR
+            return None
+        i = j + 1
         lines += 1
     if lines > room:
         return None
@@ -562,7 +601,11 @@ class JsonlValidator:
         # ASCII (a word-at-a-time check, once: it scans from the buffer's start) needs no decode.
         bad = stop if buf.isascii() else _first_bad_byte(view, start, stop)
         by_line = False  # past a bad line in the region: each line checked alone
-        requests = _read_region(buf, view, start, stop, max_lines - tasks) if bad == stop else None
+        if _may_hold_a_long_integer(buf, start, stop):
+            read_request = _refuse_typed  # json's verdict on it differs from msgspec's: the plain way
+            requests = None
+        else:
+            requests = _read_region(buf, view, start, stop, max_lines - tasks) if bad == stop else None
         if requests is not None:
             # Every line is a request line of the typed shape: no blank line, no bad byte, no
             # line past max_lines; only pending blank lines before the region are left to judge.

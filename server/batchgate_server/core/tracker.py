@@ -254,7 +254,9 @@ class BatchRunner:
     # -- persistence --------------------------------------------------------------------
 
     async def _persist(self, mutate: Callable[[BatchRecord], None], extra_files=(), ledger=None,
-                       shards: Sequence[BatchRecord] = ()) -> None:
+                       shards: Sequence[BatchRecord] = ()) -> BatchRecord:
+        """Apply `mutate` and store the record; returns a copy of it as stored (by the time the
+        caller resumes, self.rec may already carry the run loop's next write, not yet stored)."""
         # Shielded: aiosqlite finishes a statement it has queued even when the awaiting task is
         # cancelled (a CancelBatch deadline, shutdown), so a cancel here must not leave memory
         # and database disagreeing about the revision. The write, the in-memory record and the
@@ -269,10 +271,10 @@ class BatchRunner:
         write.add_done_callback(self.t._writes.discard)
         # Retrieved here too: the awaiting runner may be gone (cancelled) when it fails.
         write.add_done_callback(lambda w: w.cancelled() or w.exception())
-        await asyncio.shield(write)
+        return await asyncio.shield(write)
 
     async def _persist_now(self, mutate: Callable[[BatchRecord], None], extra_files, ledger,
-                           shards: Sequence[BatchRecord]) -> None:
+                           shards: Sequence[BatchRecord]) -> BatchRecord:
         """shards: a sharded parent's split (core/sharded.py), inserted in the same transaction."""
         async with self._lock:
             for rebased in (False, True):
@@ -299,13 +301,14 @@ class BatchRunner:
                 except BaseException:
                     self.rec = before
                     raise
-                self.t.hub.publish(copy.deepcopy(self.rec))
+                stored = copy.deepcopy(self.rec)
+                self.t.hub.publish(stored)
                 if before.status is not self.rec.status:
                     log.info("batch %s: %s -> %s", self.rec.id, before.status.value, self.rec.status.value)
                 self.t.events.changed(before, self.rec, ledger)
                 if outbox:
                     self.t.webhooks.wake()
-                return
+                return stored
 
     def _take_cancel(self, stored: BatchRecord) -> None:
         """Take in what another replica may write of an owned batch (its revision, and a cancel
@@ -361,13 +364,18 @@ class BatchRunner:
     # -- cancel -------------------------------------------------------------------------
 
     async def request_cancel(self) -> BatchRecord:
-        """Called by CancelBatch: record the intent now, the run loop carries it out."""
+        """Called by CancelBatch: record the intent now, the run loop carries it out. Returns the
+        batch as stored: the run loop may have begun its next write before this resumes, and that
+        revision is not stored yet (a read right after the answer would not find it)."""
         if self.rec.status not in (BatchStatus.CANCELLING,) and not self.rec.status.is_terminal:
-            await self._persist(self._enter(BatchStatus.CANCELLING))
+            stored = await self._persist(self._enter(BatchStatus.CANCELLING))
+        else:
+            async with self._lock:  # no write in flight: self.rec is the stored state
+                stored = copy.deepcopy(self.rec)
         if self.job is not None:
             self.job.cancel_requested.set()
         self._wake.set()
-        return copy.deepcopy(self.rec)
+        return stored
 
     # -- the run loop ---------------------------------------------------------------------
 
@@ -496,7 +504,8 @@ class BatchRunner:
             created_at=rec.created_at, expires_at=rec.expires_at, state=rec.provider_state,
             open_input=self._open_input, save_state=self._save_state,
             workdir=self.t.work_root / rec.id,
-            progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None)
+            progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None,
+            new_usage=lambda: self.t.accounting.usage_counter(rec))
         return job
 
     def _open_input(self):
@@ -523,7 +532,7 @@ class BatchRunner:
             woken.cancel()
         self._wake.clear()
         # Coalesce bursts of progress into at most one revision per min_poll_interval.
-        await asyncio.sleep(self.t.min_poll_interval)
+        await provider.coalesce(self.job, self.t.min_poll_interval)
 
     async def _step(self, provider: BatchProvider) -> None:
         job = self.job
@@ -685,8 +694,13 @@ class BatchRunner:
     async def _finish(self, provider: BatchProvider, status: BatchStatus,
                       failures: list[FailureCount] | None = None) -> None:
         await self._choose_result_ids(finalizing=status is BatchStatus.COMPLETED)
+        # Counted as the lines were written (the executor), or summed from them here.
+        counted = provider.counted_usage(self.job)
         collected = await collect_results(provider.results(self.job), self.t.blobs, self.rec,
-                                          self.t.accounting.usage_counter(self.rec), time.time())
+                                          self.t.accounting.usage_counter(self.rec) if counted is None else None,
+                                          time.time())
+        if counted is not None:
+            collected.usage = counted
         usage_total, cost = self.t.accounting.price(self.rec, collected.usage.by_tier)
 
         def mutate(r: BatchRecord) -> None:

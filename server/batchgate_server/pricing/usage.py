@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
+import sys
 from collections.abc import AsyncIterable, Iterable, Mapping
 from typing import Any
 
@@ -51,9 +52,15 @@ import msgspec
 from batchgate_server.domain.models import Usage
 
 _loads = json.loads
+_INT_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 0)() or sys.maxsize
 _scan_once = json.scanner.make_scanner(json.JSONDecoder())
 _MARK_B = b"usage"  # also matches a body embedded as a JSON string (escaped quotes)
 _MARK_S = "usage"
+# A key may spell "usage" with escapes ("us\\u0061ge"); json reads it as "usage" all the same.
+_ESCAPE_B = b"\\u"
+_ESCAPE_S = "\\u"
+_long_ints_as_null = json.JSONDecoder(
+    parse_int=lambda text: int(text) if len(text.lstrip("-")) <= _INT_DIGITS else None).raw_decode
 
 
 def _int(v: Any) -> int:
@@ -136,10 +143,10 @@ def tier_of(prompt_tokens: int, thresholds: tuple[int, ...]) -> int:
 def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: str,
               thresholds: tuple[int, ...] = ()) -> None:
     try:
-        if _MARK_B not in line:  # type: ignore[operator]
+        if _MARK_B not in line and _ESCAPE_B not in line:  # type: ignore[operator]
             return
     except TypeError:  # a str line
-        if _MARK_S not in line:  # type: ignore[operator]
+        if _MARK_S not in line and _ESCAPE_S not in line:  # type: ignore[operator]
             return
     try:
         if type(line) is bytes:
@@ -148,8 +155,26 @@ def _add_line(acc: dict[UsageKey, list[int]], line: bytes | str, default_model: 
             obj = _scan_once(line, 0)[0]  # the C scanner directly: no encoding sniffing, no tail regex
         except StopIteration:  # not starting with a JSON value (e.g. leading blanks)
             obj = _loads(line)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+    except RecursionError:  # nested deeper than the decoder goes: as unreadable as bad JSON
         return
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        if type(line) is bytes or "integer string conversion" not in str(exc):
+            return
+        # An integer int() will not convert (past sys.get_int_max_str_digits() digits): msgspec
+        # reads the members usage needs past it, so this reads the line again with such integers
+        # as null (0 where usage is counted; msgspec refuses the line when it is one of them).
+        try:
+            obj = _long_ints_as_null(line.lstrip(" \t\r\n"))[0]
+        except (ValueError, RecursionError):
+            return
+    add_parsed_line(acc, obj, default_model, thresholds)
+
+
+def add_parsed_line(acc: dict[UsageKey, list[int]], obj: Any, default_model: str = "",
+                    thresholds: tuple[int, ...] = ()) -> None:
+    """Add one output line already parsed (`obj`) to `acc`, as add_output_line counts its bytes:
+    for a writer that holds each line parsed as it writes it (the executor), so that nothing is
+    parsed a second time at the end."""
     if type(obj) is not dict:
         return
     resp = obj.get("response")
@@ -229,7 +254,7 @@ def add_output_line(acc: dict[UsageKey, list[int]], line: bytes, thresholds: tup
             line.decode()  # msgspec does not check the UTF-8 of skipped members; json.loads does
     except UnicodeDecodeError:
         return
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         _add_line(acc, line, default_model, thresholds)
         return
     resp = obj.response

@@ -93,6 +93,15 @@ class SharedProgress(abc.ABC):
     async def delete(self) -> None: ...
 
 
+class OutputUsage(abc.ABC):
+    """Counts the usage of a batch's output lines (core's UsageCounter), for a provider that
+    holds each line parsed as it writes it (the executor): see BatchProvider.counted_usage."""
+
+    @abc.abstractmethod
+    def add_parsed(self, line: dict) -> None:
+        """One output line, parsed."""
+
+
 @dataclass
 class ProviderJob:
     batch_id: str
@@ -112,6 +121,8 @@ class ProviderJob:
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     # Several replicas: answers of work done here are kept there too (None: one server).
     progress: SharedProgress | None = None
+    # A fresh counter of the batch's usage (its price's long-context tiers), for counted_usage.
+    new_usage: Callable[[], OutputUsage] | None = None
 
 
 def limits_with_overrides(own: JobLimits, params: Mapping[str, Any]) -> JobLimits:
@@ -257,6 +268,12 @@ class BatchProvider(abc.ABC):
         gave up on it): the answers the provider has are kept and charged; raise (ProviderError)
         when there is nothing to fetch, and the batch fails charged nothing."""
 
+    def counted_usage(self, job: ProviderJob) -> OutputUsage | None:
+        """The usage of every output line `results` is about to give, counted (job.new_usage) as
+        each was written, or None: the tracker then sums it from the lines. Asked right before
+        `results`, of an ended job."""
+        return None
+
     async def release(self, job: ProviderJob) -> None:
         """Called once on every ending (completed, expired, failed, cancelled, also before any
         create), after the terminal state and any results are stored: stop the job a create whose
@@ -274,6 +291,12 @@ class BatchProvider(abc.ABC):
         just sleep (the tracker also wakes on cancel); the in-process executor returns as soon
         as it has progressed."""
         await asyncio.sleep(timeout)
+
+    async def coalesce(self, job: ProviderJob, seconds: float) -> None:
+        """The pause after a change before the next poll, so that a burst of progress makes one
+        revision, not one per request. The in-process executor cuts it short when its run has
+        ended: the outcome is all that is left to report, and waiting only delays it."""
+        await asyncio.sleep(seconds)
 
     def probes(self, deployment: Deployment) -> bool:
         """Whether `probe` can check this deployment (never for one that needs no network)."""

@@ -12,9 +12,12 @@ real closing quote, and in valid JSON such a colon follows a key): what follows 
 in the parse, and replacing a scalar token by another keeps the rest of the parse as it was. The
 line is then decoded again and must read the new value at the member's path; the member had
 another value before and every other byte is unchanged, so the replaced token was the one the
-decoder reads there (for a duplicated key, the last, as Python's json reads it). Anything else —
-a value that is not a scalar, a key spelled with escapes, a nested object's key of the same
-name first — fails the check and the caller re-encodes the line instead.
+decoder reads there (for a duplicated key, the last, as Python's json reads it). Only the key's
+first occurrence in the line is tried: a splice of a later one would leave an earlier duplicate as
+the user wrote it, for a parser that keeps the first of duplicate keys (or refuses them) to read,
+where the re-encode writes the member once. Anything else — a value that is not a scalar, a key
+spelled with escapes, the key first in a nested object or duplicated — fails the check and the
+caller re-encodes the line instead.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ _encode = msgspec.json.Encoder().encode
 # A JSON string, number or literal starting where the match starts (the value after a key's colon).
 _SCALAR = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|-?[0-9][0-9.eE+-]*|null|true|false', re.DOTALL)
 _KEY_PATTERNS: dict[str, re.Pattern[bytes]] = {}
-MAX_CANDIDATES = 4  # occurrences of the key tried before giving up (nested objects may use it too)
 
 
 def _key_pattern(key: str) -> re.Pattern[bytes]:
@@ -50,23 +52,20 @@ def encode_value(value: Any) -> bytes | None:
 def splice_member(raw: bytes, key: str, new_value: bytes,
                   reads_back: Callable[[bytes], bool]) -> bytes | None:
     """`raw` with `new_value` (JSON text) in place of the scalar value of the first member named
-    `key` that `reads_back(line)` accepts (it decodes the spliced line and checks that the
-    member's path holds the new value; see the module docstring), else None (the caller
+    `key` in it, when `reads_back(line)` accepts that (it decodes the spliced line and checks that
+    the member's path holds the new value; see the module docstring), else None (the caller
     re-encodes the line)."""
-    pattern = _key_pattern(key)
-    start = 0
-    for _ in range(MAX_CANDIDATES):
-        match = pattern.search(raw, start)
-        if match is None:
-            return None
-        start = match.end()
-        value = _SCALAR.match(raw, start)
-        if value is None:
-            continue  # an object or array: not a member this splices
-        line = raw[:start] + new_value + raw[value.end():]
-        try:
-            if reads_back(line):
-                return line
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            pass
+    match = _key_pattern(key).search(raw)
+    if match is None:
+        return None
+    start = match.end()
+    value = _SCALAR.match(raw, start)
+    if value is None:
+        return None  # an object or array: not a member this splices
+    line = raw[:start] + new_value + raw[value.end():]
+    try:
+        if reads_back(line):
+            return line
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
     return None

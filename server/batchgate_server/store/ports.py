@@ -156,6 +156,11 @@ class MetadataStore(abc.ABC):
 
     changes: ChangeFeed
 
+    def assume_sole_writer(self) -> None:
+        """Only this process writes the database (a server on its own data directory, which it has
+        locked): a store whose change feed hears every write of this process at once may then
+        answer refresh_batch from it, without a read. By default nothing changes."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections (and their threads) at shutdown."""
@@ -271,6 +276,12 @@ class MetadataStore(abc.ABC):
 
     @abc.abstractmethod
     async def get_batch(self, batch_id: str) -> BatchRecord | None: ...
+
+    @abc.abstractmethod
+    async def refresh_batch(self, known: BatchRecord) -> BatchRecord | None:
+        """get_batch of `known.id`, except that it returns `known` itself while the stored revision is
+        still `known.revision` (the document is then neither transferred nor decoded: a poller's
+        read of an unchanged batch). None when the batch is gone."""
 
     @abc.abstractmethod
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None: ...

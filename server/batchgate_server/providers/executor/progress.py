@@ -121,6 +121,9 @@ class ProgressFlusher:
         self._ends = ends  # () -> (output bytes, error bytes) of whole lines written so far
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        # The last segment sent when its append raised: (seq, output, errors, ends). It may be
+        # stored all the same (a reply lost after the commit); the next flush finds out first.
+        self._unsure: tuple[int, bytes, bytes, tuple[int, int]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._every_interval(), name=f"flush-{self.job.batch_id}")
@@ -145,12 +148,26 @@ class ProgressFlusher:
     async def flush(self) -> None:
         async with self._lock:
             f = self.flushed
+            if self._unsure is not None:
+                seq, output, errors, ends = self._unsure
+                stored = await self.job.progress.read()
+                if len(stored) > seq and stored[seq] == (f.writer, output, errors):
+                    self._stored(ends)  # sending it again would be a Duplicate: LeaseLost for the run
+                self._unsure = None
             out_end, err_end = self._ends()
             if out_end <= f.output and err_end <= f.errors:
                 return
             workdir = self.job.workdir
             output = await asyncio.to_thread(_read_range, workdir / OUTPUT_NAME, f.output, out_end)
             errors = await asyncio.to_thread(_read_range, workdir / ERROR_NAME, f.errors, err_end)
-            await self.job.progress.append(f.seq, f.writer, output, errors)
-            f.seq += 1
-            f.output, f.errors = out_end, err_end
+            try:
+                await self.job.progress.append(f.seq, f.writer, output, errors)
+            except BaseException:
+                self._unsure = (f.seq, output, errors, (out_end, err_end))
+                raise
+            self._stored((out_end, err_end))
+
+    def _stored(self, ends: tuple[int, int]) -> None:
+        f = self.flushed
+        f.seq += 1
+        f.output, f.errors = ends

@@ -19,6 +19,7 @@ from batchgate_server.providers.base import (
     BatchProvider,
     Deployment,
     JobStatus,
+    OutputUsage,
     PollResult,
     ProviderError,
     ProviderJob,
@@ -58,6 +59,17 @@ def options_for(deployment: Deployment) -> ExecutorOptions:
         rewrite_model=None if simulated else deployment.model,
         give_up_after=give_up_after(deployment),
     )
+
+
+async def _at_most(seconds: float, event: asyncio.Event | None) -> None:
+    """Wait until `event` is set (none: never), for `seconds` at most."""
+    if event is None:
+        await asyncio.sleep(seconds)
+        return
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
 
 
 class ExecutorProvider(BatchProvider):
@@ -171,14 +183,20 @@ class ExecutorProvider(BatchProvider):
 
     async def wait_for_change(self, job: ProviderJob, timeout: float) -> None:
         run = self._runs.get(job.batch_id)
-        if run is None:
-            await asyncio.sleep(timeout)
-            return
-        try:
-            await asyncio.wait_for(run.changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        run.changed.clear()
+        await _at_most(timeout, run.changed if run is not None else None)
+        if run is not None:
+            run.changed.clear()
+
+    async def coalesce(self, job: ProviderJob, seconds: float) -> None:
+        run = self._runs.get(job.batch_id)
+        await _at_most(seconds, run.ended if run is not None else None)
+
+    def counted_usage(self, job: ProviderJob) -> OutputUsage | None:
+        # The run's results log counted every line it holds (recovered or written) for this job.
+        run = self._runs.get(job.batch_id)
+        if run is None or run.job is not job or run.outcome is None:
+            return None
+        return run.log.usage
 
     async def results(self, job: ProviderJob) -> AsyncIterator[ResultLine]:
         run = self._runs.pop(job.batch_id, None)

@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from batchgate_server.providers.base import OutputUsage
+
 OUTPUT_NAME = "output.jsonl"
 ERROR_NAME = "errors.jsonl"
 
@@ -83,21 +85,27 @@ class ResultsLog:
     """Raises OSError from a write the disk refused; nothing of that line stays, so writing it
     again later is safe."""
 
-    def __init__(self, workdir: Path, on_error_line: Callable[[dict], None] | None = None) -> None:
+    def __init__(self, workdir: Path, on_error_line: Callable[[dict], None] | None = None,
+                 usage: OutputUsage | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.output_path = workdir / OUTPUT_NAME
         self.error_path = workdir / ERROR_NAME
         self.done: set[str] = set()
-        self.completed, out_end = _recover(self.output_path, self.done, None)
+        # The usage of exactly the output lines on disk: those recovered, then each one written.
+        self.usage = usage
+        self.completed, out_end = _recover(self.output_path, self.done, usage.add_parsed if usage else None)
         self.failed, err_end = _recover(self.error_path, self.done, on_error_line)
         self._out = _AppendOnly(self.output_path, out_end)
         self._err = _AppendOnly(self.error_path, err_end)
 
-    def write_output(self, custom_id: str, line: bytes) -> None:
+    def write_output(self, custom_id: str, line: bytes, parsed: dict) -> None:
+        """`parsed`: `line` parsed (at least its response's status_code and body), for the usage."""
         self._out.append(line + b"\n")
         self.done.add(custom_id)
         self.completed += 1
+        if self.usage is not None:
+            self.usage.add_parsed(parsed)
 
     def write_error(self, custom_id: str, line: bytes) -> None:
         self._err.append(line + b"\n")

@@ -171,10 +171,12 @@ class ExecutorRun:
         self.limiter = limiter or RateLimiter(options.rpm, options.tpm)
         self.health = health or upstream_health(job.deployment, options)
         self.failures = FailureTally(self.health.secrets)
-        self.log = ResultsLog(job.workdir, on_error_line=lambda line: self.failures.answered(*failure_of(line)))
+        self.log = ResultsLog(job.workdir, on_error_line=lambda line: self.failures.answered(*failure_of(line)),
+                              usage=job.new_usage() if job.new_usage is not None else None)
         # Several replicas: answers are stored for the one that may take the batch over.
         self.flusher = ProgressFlusher(job, flushed, lambda: self.log.ends) if flushed is not None else None
         self.changed = asyncio.Event()
+        self.ended = asyncio.Event()  # the run has stopped (its outcome is saved, or it crashed)
         self.outcome: str | None = None  # completed | expired | cancelled, once finished
         deadline = job.expires_at
         if options.completion_window:
@@ -231,6 +233,7 @@ class ExecutorRun:
             log.exception("executor run of %s crashed", self.job.batch_id)
             raise
         finally:
+            self.ended.set()
             self.changed.set()
 
     async def _send_all(self) -> str:
@@ -365,7 +368,9 @@ class ExecutorRun:
         line = (b'{"id":"' + _line_id(self.job.batch_id, custom_id).encode() + b'","custom_id":'
                 + _encode_text(custom_id) + b',"response":{"status_code":' + str(status).encode()
                 + b',"request_id":' + _encode_text(request_id) + b',"body":' + raw + b'},"error":null}')
-        await self._keep(self.log.write_output, custom_id, line)
+        # The usage is counted from `parsed` as the line is written: never parsed again.
+        counted = {"response": {"status_code": status, "body": parsed}}
+        await self._keep(self.log.write_output, custom_id, line, counted)
 
     async def _write_error(self, custom_id: str, response: dict | None, error: dict | None) -> None:
         record = {"id": _line_id(self.job.batch_id, custom_id), "custom_id": custom_id,
@@ -373,16 +378,17 @@ class ExecutorRun:
         await self._keep(self.log.write_error, custom_id, json.dumps(record).encode())
         self.failures.answered(*failure_of(record))
 
-    async def _keep(self, write, custom_id: str, line: bytes) -> None:
-        """Write one result line; while the disk refuses it, hold it (and every new request) and
-        try again, so a full disk pauses the run instead of losing answers."""
+    async def _keep(self, write, *args) -> None:
+        """Write one result line (`write(*args)`: custom_id, the line, …); while the disk refuses
+        it, hold it (and every new request) and try again, so a full disk pauses the run instead
+        of losing answers."""
         try:
-            write(custom_id, line)
+            write(*args)
         except OSError as err:
-            await self._keep_when_writable(write, custom_id, line, err)
+            await self._keep_when_writable(write, args, err)
         self.changed.set()
 
-    async def _keep_when_writable(self, write, custom_id: str, line: bytes, err: OSError) -> None:
+    async def _keep_when_writable(self, write, args: tuple, err: OSError) -> None:
         if self._writable.is_set():
             self._writable.clear()
             log.warning("batch %s: cannot write results to %s (%s); paused until it can",
@@ -392,7 +398,7 @@ class ExecutorRun:
             await asyncio.sleep(jittered_delay(attempt, 0.25, 5.0))
             attempt += 1
             try:
-                write(custom_id, line)
+                write(*args)
                 break
             except OSError:
                 pass

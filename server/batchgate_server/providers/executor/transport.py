@@ -87,6 +87,9 @@ class HttpTransport:
         self._max_connections = max_connections
         self._session: Client | None = None
         self._reaping: set[asyncio.Future] = set()  # cancelled probes being ended
+        # Asked once: tracing is set up at start-up, before any transport, and cannot be unset;
+        # asking per request cost ~3 us (OpenTelemetry reads the environment each time).
+        self._traced = tracing_on()
 
     def _client(self) -> Client:
         # Built on first use: the client binds to the running event loop.
@@ -97,7 +100,7 @@ class HttpTransport:
         return self._session
 
     async def send(self, path: str, body: bytes, custom_id: str) -> TransportResponse:
-        if tracing_on():
+        if self._traced:
             with client_span("POST", path, self.base_url) as span:
                 resp = await self._post(path, body)
                 span.set_attribute("http.response.status_code", resp.status)

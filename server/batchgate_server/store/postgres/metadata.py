@@ -373,6 +373,13 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
         row = await self._fetchrow("SELECT doc FROM batches WHERE id = $1", text_param(batch_id))
         return batch_from_doc(row["doc"]) if row else None
 
+    async def refresh_batch(self, known: BatchRecord) -> BatchRecord | None:
+        row = await self._fetchrow("SELECT CASE WHEN revision = $2 THEN NULL ELSE doc END AS doc FROM batches"
+                                   " WHERE id = $1", text_param(known.id), known.revision)
+        if row is None:
+            return None
+        return known if row["doc"] is None else batch_from_doc(row["doc"])
+
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
         row = await self._fetchrow("SELECT doc FROM batches WHERE project = $1 AND request_id = $2",
                                    text_param(project), utf8(request_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -46,3 +47,30 @@ class LocalChangeFeed(ChangeFeed):
                 listener(batch_id, revision)
             except Exception:  # noqa: BLE001 - one listener's bug must not stop a committed write
                 log.exception("change listener failed")
+
+
+# Batches whose newest revision is remembered (4096 ids of about 80 bytes each).
+LATEST_REVISIONS = 4096
+
+
+class LatestRevisions:
+    """The newest revision heard of each of the last LATEST_REVISIONS batches: from the feed (a
+    write announces its revision after its commit, before it returns) and from reads that ran
+    with no other coroutine between them and the feed. With no other process writing the
+    database, a batch whose remembered revision is the one a reader holds has not changed since
+    (an absent id only costs a read). Revisions only grow here: a late or repeated one changes
+    nothing."""
+
+    def __init__(self, size: int = LATEST_REVISIONS) -> None:
+        self._size = size
+        self._items: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, batch_id: str) -> int | None:
+        return self._items.get(batch_id)
+
+    def heard(self, batch_id: str, revision: int) -> None:
+        if revision > self._items.get(batch_id, 0):
+            self._items[batch_id] = revision
+            self._items.move_to_end(batch_id)
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)

@@ -32,7 +32,7 @@ from batchgate_server.domain.webhooks import OutboxEvent, WebhookEndpoint
 from batchgate_server.store.codec import batch_from_doc, batch_to_doc, file_from_row, groups_to_json
 from batchgate_server.store.errors import LeaseLost, QuotaReached, RevisionConflict, StorageError, StorageFull
 from batchgate_server.store.ports import MetadataStore
-from batchgate_server.store.sqlite.changes import LocalChangeFeed
+from batchgate_server.store.sqlite.changes import LatestRevisions, LocalChangeFeed
 from batchgate_server.store.sqlite.errors import storage_errors
 from batchgate_server.store.sqlite.reserve import RESERVE_BYTES, SpaceReserve
 
@@ -232,6 +232,8 @@ OUTBOX_COLUMNS = ("event_id", "endpoint_id", "project", "batch_id", "event_type"
                   "next_attempt_at", "delivered_at", "given_up_at", "last_error")
 
 
+# The document only when the stored revision is not the caller's (see refresh_batch).
+_REFRESH_BATCH = "SELECT revision, CASE WHEN revision=? THEN NULL ELSE doc END FROM batches WHERE id=?"
 _INSERT_BATCH = ("INSERT INTO batches(id, project, status, created_at, request_id, revision, doc, owner, parent_id)"
                  " VALUES (?,?,?,?,?,?,?,?,?)")
 
@@ -335,19 +337,24 @@ class ReaderPool:
         (it kept GetBatch at 59-80% of a bare health check's rate). Never waits on a lock: when
         SQLite would (SQLITE_BUSY, e.g. while another connection recovers the WAL index) the
         read goes to a reader thread instead. Like every read here it sees every commit before it."""
+        rows = self.read_inline(sql, args)
+        if rows is None:
+            rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+    def read_inline(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row] | None:
+        """The rows of `sql` read on the calling thread (no other coroutine runs meanwhile), or
+        None where SQLite would wait (SQLITE_BUSY): then the caller reads on a reader thread."""
         try:
-            rows = self._read_inline(sql, args)
+            return self._read_inline(sql, args)
         except sqlite3.OperationalError as err:
             if err.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 with storage_errors():  # converted on the error path only: the context costs µs
                     raise
-            rows = None
+            return None
         except Exception:
             with storage_errors():
                 raise
-        if rows is None:
-            rows = await self.fetchall(sql, args)
-        return rows[0] if rows else None
 
     def _read_inline(self, sql: str, args: Sequence[Any]) -> list[sqlite3.Row]:
         conn = self._inline
@@ -408,6 +415,10 @@ class SqliteMetadataStore(MetadataStore):
         # Every committed batch change is announced here (in this process only: servers in one
         # process on one database file hear each other; separate processes poll, see WatchHub).
         self.changes = changes
+        # The newest revisions heard, while this process is the database's only writer
+        # (assume_sole_writer): refresh_batch of an unchanged batch then reads nothing.
+        self._latest: LatestRevisions | None = None
+        self._unsubscribe_latest = lambda: None
         # One writer connection serves the whole server: a statement issued while another
         # coroutine's transaction is open would silently join it. Every write (and every
         # transaction) holds this lock.
@@ -447,6 +458,7 @@ class SqliteMetadataStore(MetadataStore):
         return store
 
     async def close(self) -> None:
+        self._unsubscribe_latest()
         await self.readers.close()
         await self.db.close()
 
@@ -682,6 +694,26 @@ class SqliteMetadataStore(MetadataStore):
     async def get_batch(self, batch_id: str) -> BatchRecord | None:
         row = await self.readers.point_read("SELECT doc FROM batches WHERE id=?", (batch_id,))
         return batch_from_doc(row[0]) if row else None
+
+    def assume_sole_writer(self) -> None:
+        if self._latest is None:
+            self._latest = LatestRevisions()
+            self._unsubscribe_latest = self.changes.subscribe(self._latest.heard)
+
+    async def refresh_batch(self, known: BatchRecord) -> BatchRecord | None:
+        latest = self._latest
+        if latest is not None and latest.get(known.id) == known.revision:
+            return known  # the sole writer's feed has announced no newer revision
+        args = (known.revision, known.id)
+        rows = self.readers.read_inline(_REFRESH_BATCH, args)
+        if rows is None:
+            rows = await self.readers.fetchall(_REFRESH_BATCH, args)
+        elif rows and latest is not None:
+            # Read with no coroutine between it and the feed: any later write is heard after it.
+            latest.heard(known.id, rows[0][0])
+        if not rows:
+            return None
+        return known if rows[0][1] is None else batch_from_doc(rows[0][1])
 
     async def get_batch_by_request_id(self, project: str, request_id: str) -> BatchRecord | None:
         row = await self.readers.fetchone("SELECT doc FROM batches WHERE project=? AND request_id=?",
