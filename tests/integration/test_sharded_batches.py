@@ -263,6 +263,24 @@ async def test_cancel_mid_way_reaches_every_shard_and_keeps_partial_results(tmp_
         assert_each_once(out + err, [line["custom_id"] for line in lines])
         assert {x["error"]["code"] for x in err} == {"batch_cancelled"}
         assert (final.request_counts.completed, final.request_counts.failed) == (4, 8)
+        # Ended means ended: the input is no batch's any more, shards included.
+        await a.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=f.id), metadata=a.metadata)
+
+
+async def test_the_input_of_an_ended_sharded_batch_can_be_deleted_at_once(tmp_path, manual_oai):
+    fake = manual_oai
+    config = openai_config(tmp_path / "models.yaml", fake, max_batch_requests=4)
+    async with serving(tmp_path / "data", config_file=config) as h:
+        a = h.alice
+        f = await h.upload(a, jsonl(chat_lines(12)))
+        batch = await create(a, f.id)
+        watching = asyncio.create_task(watch_all(a, batch.id))
+        await eventually(lambda: len(fake.batches) == 3)
+        for b in list(fake.batches.values()):
+            fake.run_to_end(b.id)
+        final = (await watching)[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+        await a.files.DeleteFile(file_pb2.DeleteFileRequest(file_id=f.id), metadata=a.metadata)
 
 
 async def test_a_shard_failing_at_its_provider_leaves_the_others_results(tmp_path, oai):

@@ -193,8 +193,14 @@ class Tracker:
         return self._runners.get(batch_id)
 
     def batch_reading(self, file_id: str) -> str | None:
-        """The id of an unfinished batch whose input is `file_id`."""
-        return next((r.rec.id for r in self._runners.values() if r.rec.input_file_id == file_id), None)
+        """The id of an unfinished batch whose input is `file_id` (a shard's parent: shards are
+        internal). A runner stays here a moment after its batch has ended (its last steps, a
+        parent's merge after its shards' ends): an ended batch reads nothing any more."""
+        for runner in self._runners.values():
+            rec = runner.rec
+            if rec.input_file_id == file_id and not rec.status.is_terminal:
+                return rec.parent_id or rec.id
+        return None
 
     async def stop(self) -> None:
         """Stop driving batches (they resume on the next start); nothing is cancelled at providers.

@@ -394,9 +394,10 @@ class PostgresMetadataStore(PostgresLeases, MetadataStore):
         return [batch_from_doc(r["doc"]) for r in await self._fetch(sql, *p.values)]
 
     async def active_batch_reading(self, file_id: str) -> str | None:
-        """The id of an unfinished batch whose input is `file_id`, if any."""
-        row = await self._fetchrow(f"SELECT id FROM batches WHERE status NOT IN {migrations.TERMINAL}"
-                                   " AND input_file_id = $1 LIMIT 1", text_param(file_id))
+        """The id of an unfinished batch whose input is `file_id` (a shard's parent), if any."""
+        row = await self._fetchrow(f"SELECT COALESCE(parent_id, id) AS id FROM batches"
+                                   f" WHERE status NOT IN {migrations.TERMINAL} AND input_file_id = $1 LIMIT 1",
+                                   text_param(file_id))
         return row["id"] if row else None
 
     async def active_batches(self) -> list[BatchRecord]:

@@ -729,10 +729,10 @@ class SqliteMetadataStore(MetadataStore):
         return [batch_from_doc(r[0]) for r in await self.readers.fetchall(sql, args)]
 
     async def active_batch_reading(self, file_id: str) -> str | None:
-        """The id of an unfinished batch whose input is `file_id`, if any."""
+        """The id of an unfinished batch whose input is `file_id` (a shard's parent), if any."""
         terminal = [s.value for s in BatchStatus if s.is_terminal]
         row = await self.readers.fetchone(
-            f"SELECT id FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
+            f"SELECT COALESCE(parent_id, id) FROM batches WHERE status NOT IN ({','.join('?' * len(terminal))})"
             " AND json_extract(doc, '$.input_file_id') = ? LIMIT 1", (*terminal, file_id))
         return row[0] if row else None
 
