@@ -53,6 +53,7 @@ import struct
 import time
 from typing import Any
 
+import uvloop
 from aiohttp import web
 
 __all__ = ["FakeUpstream", "build_response", "key_text", "error_body", "MODERATION_CATEGORIES"]
@@ -418,9 +419,14 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8089)
     ap.add_argument("--latency-ms", type=float, default=0.0)
     ap.add_argument("--fail-mode", default=None, choices=["429", "500", "400", "malformed", "hang"])
+    ap.add_argument("--plain-asyncio", action="store_true", help="the stdlib event loop instead of uvloop")
     args = ap.parse_args()
+    # On uvloop, as the servers it stands in for run (vLLM's and SGLang's API servers are uvicorn on
+    # uvloop): the benchmarks' ceiling is wrk against this process, and a fake slower than those
+    # servers would make its own CPU the ceiling instead of the latency it is told to answer in.
+    run = asyncio.run if args.plain_asyncio else uvloop.run
     try:
-        asyncio.run(_serve(args.host, args.port, args.latency_ms, args.fail_mode))
+        run(_serve(args.host, args.port, args.latency_ms, args.fail_mode))
     except KeyboardInterrupt:
         pass
 
