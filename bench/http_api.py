@@ -145,7 +145,7 @@ def main() -> None:
             wait_port(http_port)
             with BatchgateClient(f"127.0.0.1:{port}", api_key=KEY) as bg:
                 small = tmp_path / "small.jsonl"
-                make_file(small, 64 * 1024)
+                make_file(small, 64 * 1024, 4400)
                 batch = bg.create_batch(bg.upload_file(small).id, "/v1/chat/completions", model="simulated")
             batch_url = f"http://127.0.0.1:{http_port}/v1/batches/{batch.id}"
             body_path = tmp_path / "batch.json"
