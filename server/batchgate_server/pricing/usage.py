@@ -271,18 +271,14 @@ def add_output_line(acc: dict[UsageKey, list[int]], line: bytes, thresholds: tup
         _count(acc, body.usage, body.model, default_model, thresholds)
 
 
-def usage_of(counts: list[int]) -> Usage:
-    """A Usage from the six counts add_output_line keeps per key."""
-    return _usage(counts)
-
-
-def _usage(v: list[int]) -> Usage:
+def usage_of(v: list[int]) -> Usage:
+    """A Usage from the six counts add_output_line (and the sums below) keep per key."""
     return Usage(input_tokens=v[0], cached_tokens=v[1], output_tokens=v[2], reasoning_tokens=v[3],
                  cache_creation_tokens=v[4], cache_creation_1h_tokens=v[5])
 
 
 def _finish(acc: dict[UsageKey, list[int]]) -> dict[str, Usage]:
-    return merge_tiers({k: _usage(v) for k, v in acc.items()})
+    return merge_tiers({k: usage_of(v) for k, v in acc.items()})
 
 
 def merge_tiers(by_tier: Mapping[UsageKey, Usage] | Mapping[str, Usage]) -> dict[str, Usage]:
@@ -300,7 +296,7 @@ def sum_usage_by_tier(lines: Iterable[bytes], thresholds: tuple[int, ...] = (), 
     add = _add_line
     for line in lines:
         add(acc, line, default_model, thresholds)
-    return {k: _usage(v) for k, v in acc.items()}
+    return {k: usage_of(v) for k, v in acc.items()}
 
 
 def sum_usage_from_output(lines: Iterable[bytes], *, default_model: str = "") -> dict[str, Usage]:
