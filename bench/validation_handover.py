@@ -3,7 +3,7 @@
 Feeds a ~200 MiB batch file in 1 MiB chunks, on uvloop, three ways:
 
 * hand-over only: to a worker whose validator has stopped at once (max_bytes=0, so it drops every
-  chunk unread): the loop's CPU per MiB is the pipe's cost, the wall rate the pipe's ceiling;
+  chunk unread): the loop's CPU per MiB is the hand-over's cost (the copy into the shared ring and its frame), the wall rate its ceiling;
 * to a worker that validates: the loop's CPU per MiB beside the wall rate;
 * on the loop (--upload-workers 0): the loop's CPU per MiB is the validator's.
 

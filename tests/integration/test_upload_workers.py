@@ -63,6 +63,33 @@ async def test_concurrent_uploads_share_the_workers_each_with_its_own_validator(
         assert h.server.files.validation_workers.open_uploads() == 0
 
 
+def _large_file(n: int, bad: bool) -> bytes:
+    """n lines of ~1.1 KB (several times the ring a worker reads from); with `bad`, problems near its end."""
+    lines = [request_line(f"big-{i}", content=f"{i} " + "lorem ipsum " * 90) for i in range(n)]
+    content = jsonl(lines)
+    if bad:
+        content += jsonl([request_line("big-17"), request_line("tail")]) + b"{not json\n" + jsonl([request_line("end")])
+    return content
+
+
+async def test_uploads_larger_than_the_ring_in_uneven_chunks_keep_their_bytes_in_order(tmp_path):
+    # Chunks that do not divide the ring are skipped past its end, and the loop waits for the
+    # worker to take pieces: a piece written over before it was read, or read from the wrong place,
+    # would change the verdicts. Two uploads at once share the one worker's ring.
+    from batchgate_server.core.upload_validation import RING_BYTES
+    files = [_large_file(8000, bad=False), _large_file(8001, bad=True)]
+    assert all(len(f) > 2 * RING_BYTES for f in files)
+    chunk = 700_001
+    async with serving(tmp_path / "inline", upload_workers=0) as inline:
+        expected = [await _verdict(inline, f, chunk_size=chunk) for f in files]
+    assert expected[0] == ("ok", 8000, "gpt-4o-mini")
+    assert expected[1][1] == "INVALID_BATCH_FILE"
+    async with serving(tmp_path / "workers", upload_workers=1) as h:
+        assert list(await asyncio.gather(*(_verdict(h, f, chunk_size=chunk) for f in files))) == expected
+        assert await _verdict(h, files[1], chunk_size=RING_BYTES // 3 + 1) == expected[1]
+        assert len(_pids(h)) == 1
+
+
 async def _wait_until(predicate, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

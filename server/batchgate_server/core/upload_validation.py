@@ -3,10 +3,11 @@
 On the loop, validation and receiving take turns on one thread: the validator's ~2 ms per MiB was
 most of an upload's time, and every other call waited behind each chunk. A worker process
 (core/validation_process.py) validates chunk k while the loop receives, hashes and writes chunk
-k+1, on another core. The hand-over is the chunk written into a pipe of 1 MiB (0.3-0.5 ms of the
-loop's CPU per MiB on a busy shared machine, against 2-6 ms to validate it there:
-bench/validation_handover.py) and, at the end, the pickled ValidationResult back. The validator itself is the same object with the same rules, so
-both places give the same result.
+k+1, on another core. The hand-over is the chunk copied into a ring of shared memory the worker
+reads it from, a 17-byte frame through a pipe saying where (a pipe carrying the chunk itself cost
+the loop 0.4-0.5 ms per MiB, the ring ~0.1: bench/validation_handover.py), and at the end the
+pickled ValidationResult back. The validator itself is the same object with the same rules, so both
+places give the same result.
 
 A pool of `size` workers (--upload-workers) is shared by all uploads; a worker is started when an
 upload needs one (a server that gets no large upload starts none), and each upload goes to the
@@ -17,10 +18,11 @@ there is nothing to overlap, and it needs no worker started.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import fcntl
 import itertools
 import logging
+import mmap
 import os
 import pickle
 import subprocess
@@ -35,13 +37,11 @@ from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationRes
 
 log = logging.getLogger(__name__)
 
-# The worker's stdin pipe holds one client chunk (Linux's default is 64 KiB; 1 MiB is the most an
-# unprivileged process may ask for by default), and the loop may queue about one more before an
-# upload waits for its worker: receiving goes on while the worker validates, in bounded memory.
-PIPE_BYTES = 1 << 20
-QUEUED_BYTES = 1 << 20
-FEED_BYTES = PIPE_BYTES // 4
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named by Python from 3.10 on Linux only
+# The ring a worker reads its uploads' chunks from: the loop runs up to this far ahead of the worker,
+# in pieces of at most a quarter of it (so that the worker validates one while the next is written,
+# and a piece cut at the ring's end wastes little). Its pages are the worker's fixed cost.
+RING_BYTES = 4 << 20
+PIECE_BYTES = RING_BYTES // 4
 STOP_SECONDS = 5.0  # a worker that closed its stdout and lingers this long is killed
 
 
@@ -53,9 +53,17 @@ def worker_lost() -> Unavailable:
 class _Worker:
     """One validation process and the uploads it holds."""
 
-    def __init__(self, popen: subprocess.Popen, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader) -> None:
+    def __init__(self, popen: subprocess.Popen, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader,
+                 ring: mmap.mmap) -> None:
         self.popen = popen
         self.stdin = stdin
+        # The ring, in bytes counted from its start for ever: [freed, written) holds pieces the
+        # worker has not taken yet; `ends` is where each of them ends, oldest first.
+        self.ring = ring
+        self.written = 0
+        self.freed = 0
+        self.ends: collections.deque[int] = collections.deque()
+        self.room: list[asyncio.Future] = []  # feeds waiting for the worker to take a piece
         self.uploads = 0  # open on this worker now
         self.numbers = itertools.count(1)
         self.answers: dict[int, asyncio.Future] = {}
@@ -67,6 +75,10 @@ class _Worker:
             while True:
                 status, upload, length = wire.FRAME.unpack(await stdout.readexactly(wire.FRAME.size))
                 payload = await stdout.readexactly(length)
+                if status == wire.TAKEN:
+                    self.freed = self.ends.popleft()
+                    self._wake()
+                    continue
                 waiter = self.answers.pop(upload, None)
                 if waiter is None or waiter.done():
                     continue  # its upload went away while the worker finished it
@@ -84,6 +96,13 @@ class _Worker:
         except TimeoutError:
             self.popen.kill()
             await asyncio.to_thread(self.popen.wait)
+        self.ring.close()
+
+    def _wake(self) -> None:
+        room, self.room = self.room, []
+        for waiter in room:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _lose(self) -> None:
         if not self.lost:
@@ -94,6 +113,7 @@ class _Worker:
             if not waiter.done():
                 waiter.set_exception(worker_lost())
         self.answers.clear()
+        self._wake()
 
     def send(self, op: int, upload: int, payload: bytes | memoryview = b"") -> None:
         if self.lost or self.stdin.is_closing():
@@ -102,6 +122,26 @@ class _Worker:
         self.stdin.write(wire.FRAME.pack(op, upload, len(payload)))
         if payload:
             self.stdin.write(payload)
+
+    async def feed(self, upload: int, piece: memoryview) -> None:
+        """Copy `piece` (at most PIECE_BYTES) into the ring, once the worker has taken enough, and
+        tell the worker where it lies."""
+        size = len(piece)
+        while True:
+            if self.lost:
+                raise worker_lost()
+            at = self.written % RING_BYTES
+            skipped = RING_BYTES - at if at + size > RING_BYTES else 0  # a piece is never cut in two
+            if self.written + skipped + size - self.freed <= RING_BYTES:
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self.room.append(waiter)
+            await waiter
+        at = (self.written + skipped) % RING_BYTES
+        self.ring[at:at + size] = piece
+        self.send(wire.FEED, upload, wire.PIECE.pack(at, size))
+        self.written += skipped + size
+        self.ends.append(self.written)
 
     async def drain(self) -> None:
         try:
@@ -180,10 +220,15 @@ async def _start_worker() -> _Worker:
     root = str(Path(batchgate_server.__file__).resolve().parent.parent)
     path = os.environ.get("PYTHONPATH", "")
     env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
-    popen = subprocess.Popen([sys.executable, "-m", wire.__name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=env, bufsize=0)
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(popen.stdin.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+    ring_fd, ring = _ring()
+    try:
+        popen = subprocess.Popen([sys.executable, "-m", wire.__name__, str(ring_fd)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, env=env, bufsize=0, pass_fds=(ring_fd,))
+    except BaseException:
+        ring.close()
+        raise
+    finally:
+        os.close(ring_fd)  # the worker has its own now; the mapping needs none
     loop = asyncio.get_running_loop()
     try:
         stdout = asyncio.StreamReader()
@@ -193,9 +238,24 @@ async def _start_worker() -> _Worker:
     except BaseException:
         popen.kill()
         popen.wait()
+        ring.close()
         raise
-    transport.set_write_buffer_limits(high=QUEUED_BYTES)
-    return _Worker(popen, asyncio.StreamWriter(transport, protocol, None, loop), stdout)
+    return _Worker(popen, asyncio.StreamWriter(transport, protocol, None, loop), stdout, ring)
+
+
+def _ring() -> tuple[int, mmap.mmap]:
+    """A new ring: shared memory (a memfd, Linux) of RING_BYTES, its pages faulted in, as its
+    descriptor (close-on-exec: only pass_fds hands it on) and the loop's mapping of it. OSError where
+    there is no memfd."""
+    if not hasattr(os, "memfd_create"):
+        raise OSError("no memfd_create on this system")
+    fd = os.memfd_create("batchgate-upload-ring")
+    try:
+        os.ftruncate(fd, RING_BYTES)
+        return fd, mmap.mmap(fd, RING_BYTES, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class WorkerValidation:
@@ -207,12 +267,10 @@ class WorkerValidation:
         self._open = True
 
     async def feed(self, chunk: bytes) -> None:
-        # In pieces of a quarter of the pipe: the worker validates the first while the rest follows
-        # (a whole chunk and its frame header would not fit the pipe, and the worker would wait for
-        # the loop to write the last bytes before validating any).
+        # In pieces of a quarter of the ring: the worker validates the first while the rest follows.
         view = memoryview(chunk)
-        for start in range(0, len(chunk), FEED_BYTES):
-            self._worker.send(wire.FEED, self._upload, view[start:start + FEED_BYTES])
+        for start in range(0, len(chunk), PIECE_BYTES):
+            await self._worker.feed(self._upload, view[start:start + PIECE_BYTES])
         await self._worker.drain()
 
     async def finish(self) -> ValidationResult:
