@@ -15,7 +15,7 @@ NODE_STAMP := $(NODE_TESTS)/node_modules/.package-lock.json
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py server/batchgate_server/core/_jsonl_native.c clients/python/pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e clients/python -e ".[dev]"

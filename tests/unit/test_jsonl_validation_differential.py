@@ -93,7 +93,7 @@ def _run(chunks: list[bytes], **limits) -> ValidationResult:
     return v.finish()
 
 
-def _refuse(_buf) -> None:
+def _refuse(*_args) -> None:
     raise msgspec.DecodeError("refused: the plain path reads every line")
 
 
@@ -123,9 +123,16 @@ def _swapped(monkeypatch, **swaps):
 
 @pytest.fixture
 def plain(monkeypatch):
-    """The plain path only: every line decoded alone and read by the stdlib decoder."""
+    """The plain path only: every line decoded alone and read by the stdlib decoder, ids in the
+    Python index."""
     return _swapped(monkeypatch, _read_request=_refuse, _read_requests=_refuse,
-                    _first_bad_byte=_first_bad_byte_line_by_line)
+                    _first_bad_byte=_first_bad_byte_line_by_line, _NativeIndex=None)
+
+
+@pytest.fixture
+def in_python(monkeypatch):
+    """The fast paths without core/_jsonl_native.c: its two loops in Python."""
+    return _swapped(monkeypatch, _NativeIndex=None, _object_lines=jsonl_validation._object_lines_in_python)
 
 
 @pytest.fixture
@@ -135,7 +142,7 @@ def per_line(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_hostile_files_in_random_chunks_match_the_plain_path(seed, plain, per_line):
+def test_hostile_files_in_random_chunks_match_the_plain_path(seed, plain, per_line, in_python):
     for rng, data in _files(seed, 60):
         chunks = _chunks(rng, data)
         limits = {"max_lines": rng.choice((5, 40, 1000)), "max_reported": rng.choice((3, 20, 100))}
@@ -143,6 +150,7 @@ def test_hostile_files_in_random_chunks_match_the_plain_path(seed, plain, per_li
         assert _run(chunks, **limits) == expected, data
         assert _run([data], **limits) == expected, data
         assert per_line(chunks, **limits) == expected, data
+        assert in_python(chunks, **limits) == expected, data
 
 
 def test_every_cut_of_a_file_of_multibyte_and_bad_bytes_matches_the_plain_path(plain):

@@ -1,0 +1,147 @@
+"""core/_jsonl_native.c, the validator's two per-line loops in C, held to their Python versions in
+core/jsonl_validation.py (and to a dict), on hostile input, with its limits and its memory."""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+
+import pytest
+
+from batchgate_server.core import jsonl_validation
+from batchgate_server.core.jsonl_validation import _CustomIdIndex, _object_lines_in_python
+
+
+
+def test_the_native_part_is_built():
+    # The server validates without it, ~2.5x slower: a test environment that lost the build (pip
+    # install -e . compiles it) fails here rather than passing slowly.
+    from batchgate_server.core import _jsonl_native
+    assert jsonl_validation._NativeIndex is _jsonl_native.CustomIdIndex
+    assert jsonl_validation._object_lines is _jsonl_native.object_lines
+
+
+def _native():
+    from batchgate_server.core import _jsonl_native
+    return _jsonl_native
+
+
+def _ids_in_one_bucket(count: int, prefix: str) -> list[str]:
+    mask = (1 << _CustomIdIndex._BUCKET_BITS) - 1
+    ids, n = [], 0
+    while len(ids) < count:
+        n += 1
+        if hash(f"{prefix}{n}") & mask == 0x123:
+            ids.append(f"{prefix}{n}")
+    return ids
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_index_reports_what_a_dict_would_as_the_python_index_does(seed):
+    rng = random.Random(seed)
+    # ASCII, Latin-1, BMP and astral ids (the four string kinds), ids sharing one array, empty and long ids.
+    pool = ([f"id-{i}" for i in range(300)] + [f"café-{i}" for i in range(50)] + [f"東京-{i}" for i in range(50)]
+            + [f"🚀{i}" for i in range(50)] + _ids_in_one_bucket(200, "b") + ["", "x" * 5000])
+    order = [rng.choice(pool) for _ in range(3000)]
+    first: dict[str, int] = {}
+    expected = []
+    for line, cid in enumerate(order, 1):
+        if cid in first:
+            expected.append((line, cid, first[cid]))
+        else:
+            first[cid] = line
+    index = _native().CustomIdIndex(rng.getrandbits(64))
+    reference = _CustomIdIndex(max_line=10_000)
+    # In runs of random length, some of one id: add_run, and add for the runs of one.
+    got, line = [], 1
+    while line <= len(order):
+        run = order[line - 1:line - 1 + rng.choice((1, 1, 7, 100, 1000))]
+        if len(run) == 1:
+            before = index.add(run[0], line)
+            got += [(line, run[0], before)] if before else []
+        else:
+            got += index.add_run(run, line)
+        line += len(run)
+    assert got == expected
+    assert reference.add_run(order, 1) == expected
+    assert len(index) == len(first)
+
+
+def test_the_index_refuses_what_is_not_a_str_or_a_line():
+    index = _native().CustomIdIndex(7)
+
+    class Sneaky(str):
+        def __hash__(self):  # Python code inside the C loop: refused, not run
+            raise AssertionError("ran")
+
+    for bad in (b"bytes", 5, None, Sneaky("s")):
+        with pytest.raises(TypeError):
+            index.add(bad, 1)
+        with pytest.raises(TypeError):
+            index.add_run(["ok", bad], 1)
+    with pytest.raises(TypeError):
+        index.add_run(("a", "tuple"), 1)
+    for line in (0, -1, 2**32, 2**70):
+        with pytest.raises(OverflowError):
+            index.add("x", line)
+    with pytest.raises(OverflowError):
+        index.add_run(["a", "b"], 2**32 - 1)  # its second line is past 32 bits
+    with pytest.raises(TypeError):
+        _native().CustomIdIndex("seed")
+    # What was refused left nothing behind; what was taken before a refusal stays.
+    assert len(index) == 1 and index.add("ok", 9) == 1
+
+
+def test_a_validator_past_32_bit_lines_uses_the_python_index():
+    assert isinstance(jsonl_validation._new_index(2**32), _CustomIdIndex)
+    assert isinstance(jsonl_validation._new_index(2**32 - 1), _native().CustomIdIndex)
+
+
+def test_the_index_holds_about_twelve_bytes_an_id():
+    ids = [f"request-{i}-{'x' * (i % 40)}" for i in range(200_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        index = _native().CustomIdIndex(1)
+        for start in range(0, len(ids), 1000):
+            assert index.add_run(ids[start:start + 1000], start + 1) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 12 bytes an id, arrays grown by half again when full: at most ~18, whatever the ids' length.
+    assert 12 * len(ids) <= held < 19 * len(ids), held / len(ids)
+    assert len(index) == len(ids)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_object_lines_counts_as_the_python_loop_does(seed):
+    rng = random.Random(seed)
+    alphabet = b'{}\r\n "a:,[]'
+    lines = 0
+    for _ in range(3000):
+        parts = []
+        for _ in range(rng.randint(1, 6)):
+            kind = rng.random()
+            if kind < 0.5:
+                parts.append(b"{" + bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 6))).replace(b"\n", b"")
+                             + rng.choice((b"}", b"}\r", b"\r", b"", b"}}")) + b"\n")
+            else:
+                parts.append(bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 8))) + b"\n")
+        buf = b"junk" + b"".join(parts)
+        got = _native().object_lines(buf, 4, len(buf))
+        assert got == _object_lines_in_python(buf, 4, len(buf)), buf
+        lines += got > 0
+    assert lines > 100  # the random regions were often all objects: both answers were tried
+
+
+def test_object_lines_refuses_a_region_that_does_not_end_its_line_or_lies_outside_the_buffer():
+    object_lines = _native().object_lines
+    assert object_lines(b'{}\n{"a":1}\r\n', 0, 12) == 2
+    assert object_lines(b'{}\n{"a":1}', 0, 10) == -1  # the last line is not ended
+    assert object_lines(b"{\r\n", 0, 3) == -1 and object_lines(b"{}\r\n", 0, 4) == 1
+    assert object_lines(memoryview(b"x{}\n"), 1, 4) == 1
+    for start, stop in ((0, 0), (-1, 3), (0, 5), (3, 2)):
+        with pytest.raises(ValueError):
+            object_lines(b"{}\n", start, stop)
+    with pytest.raises(TypeError):
+        object_lines("{}\n", 0, 3)
