@@ -3,6 +3,7 @@ core/jsonl_validation.py (and to a dict), on hostile input, with its limits and 
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import tracemalloc
@@ -185,3 +186,42 @@ def test_a_file_whose_ids_share_their_bytes_with_others_is_valid():
         result = validator.finish()
         assert result.ok, result.problems
         assert result.line_count == len(ids)
+
+
+def test_a_collection_inside_add_run_that_changes_the_list_takes_no_line_past_the_checked_ones():
+    # add_run's tuples (one a duplicate) can start a garbage collection, and a finalizer then runs
+    # Python code: here it swaps the list's ids for 10,000 others. add_run read past the 300 lines
+    # it had checked against 2**32 (the lines it held wrapped to small numbers), and it used the id
+    # it had borrowed from the list after the finalizer freed it (ASAN: heap-use-after-free).
+    index = _native().CustomIdIndex(5)
+    ids = ["".join(["dup", str(i % 3)]) for i in range(300)]
+    calls = []
+
+    class Rearm:  # collected at add_run's first allocation: leaves a Swap to collect at the next
+        def __del__(self):
+            calls.append("rearm")
+            swap = Swap()
+            swap.cycle = swap
+
+    class Swap:
+        def __del__(self):
+            calls.append("swap")
+            ids[:] = ["".join(["new", str(k)]) for k in range(10_000)]
+
+    threshold = gc.get_threshold()
+    gc.disable()
+    try:
+        rearm = Rearm()
+        rearm.cycle = rearm
+        del rearm
+        gc.set_threshold(1, 1000, 1000)
+        gc.enable()
+        first = 2**32 - 400
+        found = index.add_run(ids, first)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.enable()
+    assert calls == ["rearm", "swap"]  # the list did change inside the call
+    assert found and all(first <= line < first + 300 for line, _, _ in found)
+    assert all(cid.startswith("dup") for _, cid, _ in found[:3])
+    assert len(index) <= 300

@@ -181,23 +181,24 @@ Index_add_run(Index *self, PyObject *const *args, Py_ssize_t nargs)
     if (duplicates == NULL) {
         return NULL;
     }
-    /* The list is not resized during the loop: nothing here runs Python code (str hashes are C). */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ids); i++) {
+    /* str hashes are C, but the tuples built for duplicates can start a garbage collection, whose
+     * finalizers run Python code that may change the list: each id is held while it is used, and
+     * the loop stops at the list's end or at `count`, the lines line_number checked. */
+    for (Py_ssize_t i = 0; i < count && i < PyList_GET_SIZE(ids); i++) {
         PyObject *text = PyList_GET_ITEM(ids, i);
+        Py_INCREF(text);
         int64_t first = index_add(self, text, first_line + (uint32_t)i);
-        if (first < 0) {
+        PyObject *found = NULL;
+        if (first > 0) {
+            found = Py_BuildValue("(nOL)", (Py_ssize_t)first_line + i, text, (long long)first);
+        }
+        Py_DECREF(text);
+        if (first < 0 || (first > 0 && (found == NULL || PyList_Append(duplicates, found) < 0))) {
+            Py_XDECREF(found);
             Py_DECREF(duplicates);
             return NULL;
         }
-        if (first > 0) {
-            PyObject *found = Py_BuildValue("(nOL)", (Py_ssize_t)first_line + i, text, (long long)first);
-            if (found == NULL || PyList_Append(duplicates, found) < 0) {
-                Py_XDECREF(found);
-                Py_DECREF(duplicates);
-                return NULL;
-            }
-            Py_DECREF(found);
-        }
+        Py_XDECREF(found);
     }
     return duplicates;
 }
