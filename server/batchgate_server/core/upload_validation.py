@@ -151,11 +151,19 @@ class _Worker:
             raise worker_lost() from None
 
     async def stop(self) -> None:
-        """End the worker: its stdin closes, it reads to the end and exits."""
+        """End the worker: its stdin closes, it reads to the end and exits. One that has not ended
+        STOP_SECONDS later (stopped by a signal, or stuck) is killed: the server's stop waited for
+        it for ever."""
         with contextlib.suppress(ConnectionError):
             self.stdin.close()
         with contextlib.suppress(asyncio.CancelledError):
-            await self.reader
+            try:
+                await asyncio.wait_for(asyncio.shield(self.reader), STOP_SECONDS)
+            except TimeoutError:
+                log.warning("validation worker %d did not end %.0f s after its input closed: killed", self.popen.pid,
+                            STOP_SECONDS)
+                self.popen.kill()
+                await self.reader
 
 
 class ValidationWorkers:
