@@ -497,3 +497,27 @@ def test_client_request_token_is_valid_for_bedrock():
 
     for batch_id in ("batch_0123abcd", "batch__x--y", "weird id/ü"):
         assert re.fullmatch(r"[a-zA-Z0-9]{1,256}(-*[a-zA-Z0-9]){0,256}", client_request_token(batch_id))
+
+
+
+async def test_untranslatable_lines_leave_no_shard_under_the_minimum_and_are_answered_one_by_one(h, bedrock):
+    """350 lines where a job takes 100 to 150 records, 20 of them (in the third job's lines, by line
+    count) untranslatable. The split cut by lines: the third shard had 97 records to send, failed
+    at submit with batch_too_small, and its 97 good requests were answered with that error too. The
+    split counts the records sent: every shard sends 100 to 150, every untranslatable line is answered
+    with its own error."""
+    lines = many(350, model="claude-max-150")
+    for i in range(240, 260):
+        lines[i] = chat(f"bias{i}", "hello", model="claude-max-150", logit_bias={"1": 2})
+    final, _, out, err = await run(h, lines)
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert [s.status for s in final.shards] == [batch_pb2.BATCH_STATUS_COMPLETED] * 3, final.shards
+    assert sorted(line["custom_id"] for line in out) == sorted(f"r{i}" for i in range(350) if not 240 <= i < 260)
+    assert sorted(line["custom_id"] for line in err) == sorted(f"bias{i}" for i in range(240, 260))
+    for line in err:
+        assert line["response"]["status_code"] == 400
+        assert line["response"]["body"]["error"]["param"] == "logit_bias"
+    assert (final.request_counts.completed, final.request_counts.failed) == (330, 20)
+    for shard in final.shards:
+        job = bedrock.job_for_token(client_request_token(shard.id))
+        assert 100 <= len(job.records) <= 150 and job.status == "Completed"
