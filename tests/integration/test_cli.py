@@ -349,7 +349,7 @@ async def test_run_maps_file_models_and_spreads_as_create_batch_does(tmp_path):
         env = cli_env(h)
         (tmp_path / "in.jsonl").write_bytes(batch_file(40, model="house-model"))
         # The server's checks, as for batches create: a key that is the model of no line is refused.
-        code, out, err = await cli(env, "run", "in.jsonl", "--model-map", "other=pool", cwd=tmp_path)
+        code, _, err = await cli(env, "run", "in.jsonl", "--model-map", "other=pool", cwd=tmp_path)
         assert code == EXIT_ERROR and "INVALID_MODEL_MAP" in err, err
         code, summary = await cli_json(env, "run", str(tmp_path / "in.jsonl"), "--model-map", "house-model=pool",
                                        "--spread", "-o", str(tmp_path / "out.jsonl"))
@@ -361,7 +361,7 @@ async def test_run_maps_file_models_and_spreads_as_create_batch_does(tmp_path):
         code, summary = await cli_json(env, "run", str(tmp_path / "in.jsonl"), "--model-map", "house-model=pool",
                                        "-o", str(tmp_path / "one.jsonl"))
         assert code == EXIT_OK and summary["batch"]["shards"] == [], "one job without --spread"
-        code, out, err = await cli(env, "run", "in.jsonl", "--model-map", "house-model", cwd=tmp_path)
+        code, _, err = await cli(env, "run", "in.jsonl", "--model-map", "house-model", cwd=tmp_path)
         assert code == EXIT_USAGE and "--model-map takes FILE_MODEL=MODEL" in err
-        code, out, err = await cli(env, "run", "in.jsonl", cwd=tmp_path)
+        code, _, err = await cli(env, "run", "in.jsonl", cwd=tmp_path)
         assert code == EXIT_USAGE and "run takes --model" in err

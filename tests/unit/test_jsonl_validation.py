@@ -482,8 +482,8 @@ def test_deeply_nested_json_does_not_raise():
 def test_nesting_is_limited_to_max_nesting_levels_whatever_the_interpreter_allows():
     # The line's own object is level 1, body level 2: "x" holds the rest.
     def nested(depth: int) -> str:
-        return '{"custom_id": "c%d", %s, "body": {"model": "m", "x": %s}}' % (
-            depth, HEAD, "[" * (depth - 2) + "]" * (depth - 2))
+        inner = "[" * (depth - 2) + "]" * (depth - 2)
+        return f'{{"custom_id": "c{depth}", {HEAD}, "body": {{"model": "m", "x": {inner}}}}}'
     res = validate(jsonl(nested(MAX_NESTING), nested(MAX_NESTING + 1), nested(990)))
     assert codes(res) == [(2, "invalid_json_line"), (3, "invalid_json_line")]
     assert res.problems[0].message == (

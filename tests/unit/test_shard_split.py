@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 import pytest
 
@@ -48,7 +48,7 @@ def test_lines_never_sent_count_as_no_job_s_requests():
     sizes[240:260] = [0] * 20
     limits = JobLimits(max_requests=150, min_requests=100)
     jobs = cut(sizes, limits, "p")
-    assert jobs[0][0] == 0 and jobs[-1][1] == 350 and all(x[1] == y[0] for x, y in zip(jobs, jobs[1:]))
+    assert jobs[0][0] == 0 and jobs[-1][1] == 350 and all(x[1] == y[0] for x, y in pairwise(jobs))
     sent = [sum(1 for size in sizes[a:b] if size) for a, b in jobs]
     assert sent == [110, 110, 110]
     # The lines never sent go with the sent line before them, the first ones with the first job.

@@ -28,7 +28,7 @@ from array import array
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 import msgspec
 
@@ -116,7 +116,7 @@ def _cut_sent(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[
         return [(0, len(sizes))]
     jobs = cut([sizes[i] for i in sent], limits, what)
     bounds = [0, *(sent[first] for first, _ in jobs[1:]), len(sizes)]
-    return list(zip(bounds, bounds[1:]))
+    return list(pairwise(bounds))
 
 
 # Extra jobs a near-equal cut may take over the fewest (and job counts tried for one).
