@@ -244,20 +244,26 @@ count_openers(const unsigned char *data, Py_ssize_t size)
     Py_ssize_t count = 0, i = 0;
 #if defined(__SSE2__)
     const __m128i bit = _mm_set1_epi8(0x20), brace = _mm_set1_epi8('{'), zero = _mm_setzero_si128();
-    while (size - i >= 16) {
-        /* Up to 255 blocks into byte counters (each compare adds 1 as a -1 subtracted), then summed. */
-        __m128i counters = zero;
-        Py_ssize_t blocks = (size - i) / 16;
-        if (blocks > 255) {
-            blocks = 255;
+#define OPENERS_AT(at) _mm_cmpeq_epi8(_mm_or_si128(_mm_loadu_si128((const __m128i *)(data + (at))), bit), brace)
+    while (size - i >= 64) {
+        /* 64 bytes a round into two sets of byte counters (each compare adds 1 as a -1 subtracted, two a
+         * round to each set): at most 127 rounds before they are summed. */
+        __m128i even = zero, odd = zero;
+        Py_ssize_t rounds = (size - i) / 64;
+        if (rounds > 127) {
+            rounds = 127;
         }
-        for (Py_ssize_t b = 0; b < blocks; b++, i += 16) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(data + i));
-            counters = _mm_sub_epi8(counters, _mm_cmpeq_epi8(_mm_or_si128(v, bit), brace));
+        for (Py_ssize_t r = 0; r < rounds; r++, i += 64) {
+            even = _mm_sub_epi8(_mm_sub_epi8(even, OPENERS_AT(i)), OPENERS_AT(i + 32));
+            odd = _mm_sub_epi8(_mm_sub_epi8(odd, OPENERS_AT(i + 16)), OPENERS_AT(i + 48));
         }
-        __m128i sums = _mm_sad_epu8(counters, zero);
+        __m128i sums = _mm_add_epi64(_mm_sad_epu8(even, zero), _mm_sad_epu8(odd, zero));
         count += _mm_cvtsi128_si32(sums) + _mm_cvtsi128_si32(_mm_unpackhi_epi64(sums, sums));
     }
+    for (; size - i >= 16; i += 16) {
+        count += __builtin_popcount((unsigned)_mm_movemask_epi8(OPENERS_AT(i)));
+    }
+#undef OPENERS_AT
 #endif
     for (; i < size; i++) {
         count += (data[i] | 0x20) == '{';
