@@ -10,14 +10,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 
 from batchgate_server.core.accounting import UsageCounter
+from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.models import Usage
 from batchgate_server.pricing.usage import sum_usage_by_tier
 from batchgate_server.providers.openai_batch import mapping as m
+from batchgate_server.providers.registry import BUILTIN_PROVIDERS
 
 MODEL = "gpt-4o-mini-2024-07-18"
 
@@ -211,6 +214,43 @@ def test_a_line_the_validator_accepts_is_rewritten_from_any_stack_depth():
     assert raw
     out = _from_deeper_in_the_stack(200, lambda: m.rewrite_line(raw, MODEL))
     assert json.loads(out)["body"]["model"] == MODEL
+
+
+def _deepest_valid_tool_schema_line() -> bytes:
+    """The request line with the most deeply nested tool schema (the part the translators walk)
+    that the upload validator accepts."""
+    from batchgate_server.core.jsonl_validation import JsonlValidator
+
+    def with_schema(levels: int) -> bytes:
+        schema: dict = {"type": "string"}
+        for _ in range(levels):
+            schema = {"type": "object", "properties": {"a": schema}}
+        return line({"model": "a", "messages": [{"role": "user", "content": "hi"}],
+                     "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]})
+
+    accepted = b""
+    for levels in range(1, 600):
+        validator = JsonlValidator()
+        validator.feed(with_schema(levels) + b"\n")
+        if not validator.finish().ok:
+            break
+        accepted = with_schema(levels)
+    return accepted
+
+
+@pytest.mark.parametrize("provider", sorted(BUILTIN_PROVIDERS))
+def test_every_provider_measures_the_deepest_line_the_validator_accepts_from_a_deep_stack(provider):
+    # request_size translates the line as the provider's job takes it (the split calls it in a worker
+    # thread; submit translates it again): no RecursionError 600 frames down.
+    module, _, name = BUILTIN_PROVIDERS[provider].partition(":")
+    adapter = getattr(importlib.import_module(module), name)()
+    model = {"anthropic": "claude-3-5-haiku-20241022", "vertex_ai": "gemini-1.5-flash-002",
+             "bedrock": "anthropic.claude-3-haiku-20240307-v1:0"}.get(provider, "gpt-4o")
+    deployment = Deployment(id=provider, model_name=provider, provider=provider, model=model, params={})
+    raw = _deepest_valid_tool_schema_line()
+    assert raw.count(b'"properties"') > 50  # deep enough to matter
+    size = _from_deeper_in_the_stack(600, lambda: adapter.request_size("/v1/chat/completions", deployment, raw))
+    assert size > len(raw) // 2
 
 
 def _reads_first_of_duplicates(raw: bytes) -> object:
