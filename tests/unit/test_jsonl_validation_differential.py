@@ -342,3 +342,17 @@ def test_the_nesting_scan_in_c_finds_what_its_python_twin_finds():
         limit = rng.randint(0, 24)
         assert (jsonl_validation._first_deep_line(buf, start, len(buf), limit)
                 == jsonl_validation._first_deep_line_in_python(buf, start, len(buf), limit)), (buf, start, limit)
+
+
+@pytest.mark.parametrize("where", ["one_chunk", "split_over_chunks"])
+def test_a_long_number_beside_a_deep_line_gets_the_plain_verdict(where, plain, per_line, in_python):
+    # A deep line sends its region line by line; a line there with an integer int() refuses must
+    # still be read the plain way (msgspec skips such a number in a member it does not read).
+    long_number = (b'{"custom_id":"n","method":"POST","url":"/v1/chat/completions","body":{"model":"m","seed":'
+                   + b"9" * 4301 + b"}}")
+    data = b"\n".join([_request("a"), _nested(jsonl_validation.MAX_NESTING + 1), long_number, _request("b")]) + b"\n"
+    chunks = [data] if where == "one_chunk" else [data[:100], data[100:]]
+    expected = plain([data])
+    assert [(p.line, p.code) for p in expected.problems] == [(2, "invalid_json_line"), (3, "invalid_json_line")]
+    for run in (_run, per_line, in_python):
+        assert run(chunks) == expected, run
