@@ -283,6 +283,8 @@ def test_a_duplicated_member_reaches_the_provider_only_as_the_new_value(raw, azu
     (line(raw_body=f'{{"model": "gpt-4o", "model": "{MODEL}"}}'), False),
     (line(raw_body=f'{{"model": "gpt-4o", "model": "{MODEL}"}}'), True),
     (line(raw_body='{"model": "gpt-4o"}')[:-1] + f', "body": {{"model": "{MODEL}"}}}}'.encode(), False),
+    (line(raw_body=f'{{"model": 7, "model": "{MODEL}"}}'), False),  # the earlier one of another type
+    (line(raw_body=f'{{"model": {{"name": "gpt-4o"}}, "model": "{MODEL}"}}'), True),
     # An earlier duplicate spelled with an escape: the splice's first match is the last one.
     (line(raw_body=f'{{"mod\\u0065l": "gpt-4o", "model": "{MODEL}"}}'), False),
     (line(raw_body='{"mod\\u0065l": "gpt-4o", "model": "gpt-4o-mini"}'), False),

@@ -285,7 +285,9 @@ def rewrite_line(raw: bytes, model: str, *, azure: bool = False) -> bytes:
         if not raw.isascii():
             raw.decode()  # msgspec does not check the UTF-8 of members it skips; json does
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        return _rewrite_decoded(raw, model, azure=azure)  # e.g. NaN, a lone surrogate, body not an object
+        # e.g. NaN, a lone surrogate, body not an object, or an earlier duplicate of body.model that is
+        # no string (the validator read the last): written once if anything is written.
+        return _rewrite_decoded(raw, model, azure=azure, always=True)
     url = head.url
     new_url = azure_path(url) if azure and isinstance(url, str) and url.startswith("/v1/") else None
     new_model = head.body is not None and head.body.model != model
