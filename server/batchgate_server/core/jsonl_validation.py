@@ -103,11 +103,13 @@ from batchgate_server.domain.shards import MAX_FILE_GROUPS, MAX_GROUP_LINES, Fil
 
 try:
     from batchgate_server.core._jsonl_native import CustomIdIndex as _NativeIndex
-    from batchgate_server.core._jsonl_native import first_deep_line as _first_deep_line
     from batchgate_server.core._jsonl_native import object_lines as _object_lines
 except ImportError:  # a source tree whose extension was never built (pip install -e . builds it)
     _NativeIndex = None
     _object_lines = None
+try:
+    from batchgate_server.core._jsonl_native import first_deep_line as _first_deep_line
+except ImportError:  # not built, or built before it had this function: only the nesting scan is in Python
     _first_deep_line = None
 
 __all__ = [
