@@ -453,3 +453,12 @@ def test_a_long_number_beside_a_deep_line_gets_the_plain_verdict(where, plain, p
     assert [(p.line, p.code) for p in expected.problems] == [(2, "invalid_json_line"), (3, "invalid_json_line")]
     for run in (_run, per_line, in_python):
         assert run(chunks) == expected, run
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 2**63, 10**20])
+def test_a_validator_with_a_length_limit_msgspec_cannot_take_is_made_and_judges_as_the_plain_path(limit, plain):
+    # The strict reader's Meta(max_length=...) refuses a negative length or one past sys.maxsize
+    # (ValueError): JsonlValidator(max_custom_id_chars=-1) raised where it had validated.
+    data = b"\n".join(_request(cid) for cid in ("a", "bb", "a")) + b"\n"
+    for limits in ({"max_custom_id_chars": limit}, {"max_model_chars": limit}):
+        assert _run([data], **limits) == plain([data], **limits)

@@ -228,6 +228,9 @@ def _strict_reader(supported: frozenset[str], max_custom_id: int, max_model: int
     its lines' bodies have."""
     if not supported:
         return None, None
+    # msgspec takes lengths from 0 to sys.maxsize (ValueError otherwise); the rules any int: a limit
+    # below 0 lets no id through, as 0 does, and one past sys.maxsize every id, as sys.maxsize does.
+    max_custom_id, max_model = (max(0, min(limit, sys.maxsize)) for limit in (max_custom_id, max_model))
     body = msgspec.defstruct("_ValidBody", [("model", Annotated[str, msgspec.Meta(min_length=1, max_length=max_model)])],
                              gc=False)
     request = msgspec.defstruct("_ValidRequest", [
