@@ -18,6 +18,7 @@ import pytest
 
 from batchgate_server.core import jsonl_validation
 from batchgate_server.core.jsonl_validation import JsonlValidator, ValidationResult
+from batchgate_server.domain.shards import MAX_FILE_GROUPS
 
 URL = "/v1/chat/completions"
 BAD_BYTES = (0x80, 0xBF, 0xC0, 0xC1, 0xC3, 0xE0, 0xE6, 0xED, 0xF0, 0xF4, 0xF5, 0xFF)
@@ -334,8 +335,9 @@ def _strict_case(rng: random.Random) -> tuple[bytes, dict]:
                                 for _ in range(rng.choice((1, 2, 5, 70)))))
     urls = list(supported) + list(_OTHER_URLS if rng.random() < 0.2 else ())
     url, model, ids, lines = rng.choice(urls), rng.choice(models), [], []
+    switch = 0.6 if len(models) > MAX_FILE_GROUPS else 0.1  # many groups: past MAX_FILE_GROUPS
     for n in range(rng.choice((1, 5, 30, 200))):
-        if rng.random() < 0.1:
+        if rng.random() < switch:
             url, model = rng.choice(urls), rng.choice(models)
         cid = rng.choice(ids) if ids and rng.random() < 0.08 else text(rng.choice((1, max_id - 1, max_id, max_id + 1)))
         if rng.random() < 0.05:  # ids whose bytes are the same in other str kinds: hash() is equal
@@ -462,3 +464,19 @@ def test_a_validator_with_a_length_limit_msgspec_cannot_take_is_made_and_judges_
     data = b"\n".join(_request(cid) for cid in ("a", "bb", "a")) + b"\n"
     for limits in ({"max_custom_id_chars": limit}, {"max_model_chars": limit}):
         assert _run([data], **limits) == plain([data], **limits)
+
+
+@pytest.mark.parametrize("blank_before", [False, True])
+def test_regions_of_one_group_each_up_to_and_past_max_file_groups_match_the_plain_path(blank_before, plain):
+    # One chunk a group, so that each region is taken whole (_take_valid_run): 64 groups of 12 lines
+    # (past MAX_GROUP_LINES), then a 65th group (refused, named once), an old group again, a 66th.
+    def group(model: str, first: int, count: int = 12) -> bytes:
+        return b"".join(_request(f"{model}-{first + i}", model=model) + b"\n" for i in range(count))
+    chunks = [group(f"m{g}", 0) for g in range(MAX_FILE_GROUPS)]
+    chunks += [group("m-new", 0), group("m3", 100), group("m-newer", 0, 1), group("m0", 200, 1)]
+    if blank_before:
+        chunks = [c if i % 7 else c + b"\n" for i, c in enumerate(chunks)]  # pending before the next region
+    expected = plain([b"".join(chunks)], max_lines=10_000)
+    assert [p.code for p in expected.problems].count("too_many_groups") == 1
+    assert len(expected.groups) == MAX_FILE_GROUPS
+    assert _run(chunks, max_lines=10_000) == expected
