@@ -292,8 +292,8 @@ def test_an_object_over_two_lines_beside_two_objects_on_one_line_is_not_read_as_
 
 
 # Characters of every str kind, escapes' targets, and bytes-in-other-kinds twins ("\xff\xff", "\uffff").
-_STRICT_CHARS = ("a", "b", "Z", "0", "-", "é", "ß", "ÿ", "東", "数", "🚀", "😀", "\u2028", "\t", '"', "\\", "/",
-                 "\x00", "\x7f", "\uffff")
+_STRICT_CHARS = ("a", "b", "Z", "0", "-", "é", "ß", "ÿ", "東", "数", "🚀", "😀", "\u2028", "\t", '"', "\\",
+                 "/", "\x00", "\x7f", "\uffff")
 _ENDPOINTS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/moderations")
 _OTHER_URLS = ("/v1/x", "/é", "/v1/chat/completions/", "", "/V1/CHAT/COMPLETIONS", "/🚀")
 _ODD_VALUES = ("null", "5", '""', "[]", "{}", "true", '"\\ud800"', "1.5", '"x"')
@@ -351,7 +351,8 @@ def _strict_case(rng: random.Random) -> tuple[bytes, dict]:
         if rng.random() < 0.05:
             body.append(("model", rng.choice(_ODD_VALUES + (_escaped(rng, rng.choice(models)),))))
         fields = [("custom_id", _escaped(rng, cid)),
-                  ("method", _escaped(rng, "POST") if rng.random() < 0.95 else rng.choice(('"post"', "null", '"POST "'))),
+                  ("method", _escaped(rng, "POST") if rng.random() < 0.95
+                   else rng.choice(('"post"', "null", '"POST "'))),
                   ("url", _escaped(rng, url)),
                   ("body", "{" + ",".join(f"{_escaped(rng, k)}:{v}" for k, v in body) + "}"
                    if rng.random() < 0.97 else rng.choice(_ODD_VALUES))]

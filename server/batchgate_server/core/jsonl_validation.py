@@ -474,10 +474,10 @@ class _CustomIdIndex:
     the low 12 bits of the first pick one of 4096 sorted arrays, and the id is kept there as
     one 64-bit word, the first hash xored with the id's length and with those 12 bits (known
     from the array) replaced by 12 bits of the second (the length because ``hash()`` hashes a
-    str's bytes in its own kind: "ab" and "\u6261" collide under every key); beside it, in 32 bits (64 past four billion lines), its line. An id is
-    a duplicate when its word is there: a false report between two different ids needs a
-    76-bit collision of a keyed hash (about 7e-12 for a million ids). Arrays of a few hundred
-    entries keep the sorted insert a short memmove.
+    str's bytes in its own kind: "ab" and "\u6261" collide under every key); beside it, in 32
+    bits (64 past four billion lines), its line. An id is a duplicate when its word is there: a
+    false report between two different ids needs a 76-bit collision of a keyed hash (about 7e-12
+    for a million ids). Arrays of a few hundred entries keep the sorted insert a short memmove.
 
     The validator uses the same structure in C (core/_jsonl_native.c, built with the package:
     ``_new_index``), ~0.6 us an id cheaper; this one is its reference in the tests, and the index
