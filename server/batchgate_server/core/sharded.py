@@ -32,6 +32,7 @@ from itertools import accumulate
 
 import msgspec
 
+from batchgate_server.core.prepared_input import PartWriter, PreparedRange
 from batchgate_server.core.result_files import collect_results
 from batchgate_server.core.shard_input import line_group, selection_lines
 from batchgate_server.core.tracker import BatchRunner, Tracker, batch_load, cancel_batch
@@ -161,6 +162,9 @@ class Measured:
     provider: BatchProvider
     offsets: array = field(default_factory=lambda: array("Q"))
     sizes: array = field(default_factory=lambda: array("I"))
+    # Where the part's lines go as the provider receives them (BatchProvider.request_bytes), for
+    # its shards' submits (core/prepared_input.py); None: not kept.
+    writer: PartWriter | None = None
 
 
 # Lines one thread hop measures: ~0.1 s of Anthropic translation, a few hops per second at most.
@@ -180,6 +184,7 @@ class _PartMeasurer:
         self.ordinals: dict[tuple[str, str], int] = {}
 
     def measure(self, block: Sequence[tuple[int, bytes]]) -> None:
+        written: dict[int, tuple[Measured, list[bytes]]] = {}  # by id(): a block's lines of each part
         for offset, line in block:
             group = self.only or line_group(line)
             ordinal = self.ordinals.get(group, 0)
@@ -187,8 +192,17 @@ class _PartMeasurer:
             for m in self.by_group.get(group, ()):
                 if m.part.start <= ordinal < m.part.end:
                     m.offsets.append(offset)
-                    m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
+                    sent = m.provider.request_bytes(m.part.endpoint, m.deployment, line) if m.writer else None
+                    if sent is None:
+                        m.writer = None  # this provider makes its input otherwise: nothing is kept
+                        m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
+                    else:
+                        m.sizes.append(len(sent) + 1)
+                        written.setdefault(id(m), (m, []))[1].append(sent)
                     break
+        for m, lines in written.values():
+            if m.writer is not None:
+                m.writer.write(lines)
 
 
 async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measured], single_group: bool) -> None:
@@ -299,6 +313,8 @@ class ShardedBatchRunner(BatchRunner):
                 log.exception("batch %s: could not record the failure", rec.id)
         finally:
             self._release_plan_load()  # every end: failed split, cancel while validating, lease lost
+            if self.rec.status.is_terminal:  # its shards have ended: their prepared inputs go
+                self.t.prepared.forget(rec.id, [s.id for s in self.rec.shards])
             self.t._forget(rec.id)
 
     async def _reread(self) -> None:
@@ -339,12 +355,21 @@ class ShardedBatchRunner(BatchRunner):
             cuts = [cut(m.sizes, m.provider.limits(m.part.endpoint, m.deployment),
                         f"the {m.part.count} requests for {m.part.model!r} on {m.deployment.id}") for m in measured]
         except SplitRefused as err:
+            self.t.prepared.forget(rec.id, [])
             await self._fail("shard_limits", str(err))
             return
+        except BaseException:
+            self.t.prepared.forget(rec.id, [])
+            raise
         shards: list[BatchRecord] = []
+        prepared: list[tuple[str, PreparedRange]] = []
         for m, jobs in zip(measured, cuts):
+            ends = list(accumulate(m.sizes, initial=0)) if m.writer is not None else None
             for first, last in jobs:
                 d = m.deployment
+                if ends is not None and m.writer is not None:
+                    prepared.append((f"{rec.id}_s{len(shards) + 1}", PreparedRange(
+                        m.writer.path, ends[first], ends[last] - ends[first], d.id, d.model)))
                 shards.append(BatchRecord(
                     id=f"{rec.id}_s{len(shards) + 1}", project=rec.project, endpoint=m.part.endpoint,
                     input_file_id=rec.input_file_id, completion_window=rec.completion_window,
@@ -371,6 +396,8 @@ class ShardedBatchRunner(BatchRunner):
         await self._persist(split, shards=shards)
         log.info("batch %s split into %d jobs: %s", rec.id, len(shards),
                  ", ".join(f"{s.id} ({s.input_line_count} on {s.deployment_id})" for s in shards))
+        for shard_id, prepared_range in prepared:
+            self.t.prepared.register(shard_id, prepared_range)
         for shard in shards:
             self.t.follow_shard(shard.id, rec.id)
             if not self.t.stopping and self.t.runner(shard.id) is None:  # else the next start adopts them
@@ -382,12 +409,18 @@ class ShardedBatchRunner(BatchRunner):
 
     async def _measure(self, single_group: bool) -> list[Measured]:
         measured = []
-        for part in sorted(self.rec.plan, key=lambda p: (p.endpoint, p.model, p.start)):
+        for index, part in enumerate(sorted(self.rec.plan, key=lambda p: (p.endpoint, p.model, p.start))):
             deployment = self.t.router.deployment(part.deployment_id)
             if deployment is None:
                 raise SplitRefused(f"deployment {part.deployment_id!r} is no longer in the model list")
-            measured.append(Measured(part, deployment, self.t.providers.get(deployment.provider)))
-        await measure_parts(self.t.blobs, self.rec.input_file_id, measured, single_group)
+            measured.append(Measured(part, deployment, self.t.providers.get(deployment.provider),
+                                     writer=PartWriter(self.t.prepared.part_path(self.rec.id, index))))
+        try:
+            await measure_parts(self.t.blobs, self.rec.input_file_id, measured, single_group)
+        finally:
+            for m in measured:
+                if m.writer is not None and not m.writer.close():
+                    m.writer = None  # a write failed: its shards build their input
         return measured
 
     # -- follow ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.events import BatchEvents, ParentsOnly
+from batchgate_server.core.prepared_input import PreparedInputs
 from batchgate_server.core.result_files import CollectedResults, collect_results
 from batchgate_server.domain import log_context
 from batchgate_server.core.ownership import Ownership, StoredProgress
@@ -126,6 +127,7 @@ class Tracker:
         self.providers = providers
         self.accounting = accounting
         self.work_root = work_root
+        self.prepared = PreparedInputs(work_root)  # shards' inputs the split wrote (core/prepared_input.py)
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
         self._parents: dict[str, str] = {}  # shard id -> its parent's id (a change wakes the parent)
@@ -512,6 +514,8 @@ class BatchRunner:
             workdir=self.t.work_root / rec.id,
             progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None,
             new_usage=lambda: self.t.accounting.usage_counter(rec))
+        if rec.selection is not None:  # a shard: the input its split wrote, when kept here
+            job.open_prepared = self.t.prepared.opener(rec.id, job.deployment.id, job.deployment.model)
         return job
 
     def _open_input(self):
