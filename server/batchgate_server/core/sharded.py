@@ -183,6 +183,15 @@ class _PartMeasurer:
         self.only = next(iter(self.by_group)) if single_group and len(self.by_group) == 1 else None
         self.ordinals: dict[tuple[str, str], int] = {}
 
+    def measure_run(self, at: int, run: Sequence[bytes]) -> None:
+        """`run`: raw lines from byte `at` (BlobStore.line_runs_at); blank ones are no request."""
+        block = []
+        for raw in run:
+            if raw and not raw.isspace():  # as raw.strip() but without copying the line
+                block.append((at, raw.rstrip(b"\r")))
+            at += len(raw) + 1
+        self.measure(block)
+
     def measure(self, block: Sequence[tuple[int, bytes]]) -> None:
         written: dict[int, tuple[Measured, list[bytes]]] = {}  # by id(): a block's lines of each part
         for offset, line in block:
@@ -213,14 +222,11 @@ async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measu
     when the file does not hold the lines planned. A cancel leaves `measured` half filled: a split
     redone measures into new ones."""
     measurer = _PartMeasurer(measured, single_group)
-    block: list[tuple[int, bytes]] = []
-    async for offset, line in blobs.lines_at(file_id):
-        block.append((offset, line))
-        if len(block) >= MEASURE_BLOCK_LINES:
-            await asyncio.to_thread(measurer.measure, block)
-            block = []
-    if block:
-        await asyncio.to_thread(measurer.measure, block)
+    async for at, run in blobs.line_runs_at(file_id):
+        for first in range(0, len(run), MEASURE_BLOCK_LINES):
+            block = run[first:first + MEASURE_BLOCK_LINES]
+            await asyncio.to_thread(measurer.measure_run, at, block)
+            at += sum(map(len, block)) + len(block)
     for m in measured:
         if len(m.sizes) != m.part.count:
             raise SplitRefused(f"the input has {len(m.sizes)} of the {m.part.count} requests planned for "
@@ -313,8 +319,6 @@ class ShardedBatchRunner(BatchRunner):
                 log.exception("batch %s: could not record the failure", rec.id)
         finally:
             self._release_plan_load()  # every end: failed split, cancel while validating, lease lost
-            if self.rec.status.is_terminal:  # its shards have ended: their prepared inputs go
-                self.t.prepared.forget(rec.id, [s.id for s in self.rec.shards])
             self.t._forget(rec.id)
 
     async def _reread(self) -> None:
@@ -336,6 +340,7 @@ class ShardedBatchRunner(BatchRunner):
         if self.rec.status is BatchStatus.CANCELLING and not self._cancel_propagated:
             await self._propagate_cancel(shards)
         if all(s.status.is_terminal for s in shards):
+            self.t.prepared.forget(self.rec.id, [s.id for s in shards])  # no submit is left to read them
             await self._merge(shards)
             return
         await self._show(shards)
