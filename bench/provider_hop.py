@@ -10,10 +10,12 @@ run, interleaved: the same bytes uploaded straight to the same fake by a plain h
 process of its own (multipart from an open file, as the openai SDK that LiteLLM forwards with does).
 
 Prints per round and as ranges: the hop's MiB/s and the server's CPU per MiB (every process and
-thread of it: a figure the others' load moves less than a rate), the direct upload's MiB/s, and the
-ratio of the two rates against its target. The target, >= 0.70 of the direct upload: LiteLLM's own
-forward of this file (bench/versus_litellm.py, outside `make bench`) reached 112-136 MiB/s, about
-0.40 of this ceiling on the same machine, so 0.70 is well over "as fast as LiteLLM's forward".
+thread of it: a figure the others' load moves less than a rate), how long the split took (CreateBatch
+to the first byte at the provider), the direct upload's MiB/s, and the ratio of the two rates
+against its target. The target, >= 1.00 of the direct upload: the issue's note asks for a hop at
+least as fast as LiteLLM's forward of the same file (bench/versus_litellm.py, outside `make bench`),
+and LiteLLM's forward is such a plain client upload from its process (112-154 MiB/s in its runs, the
+rate this fake takes a file at), so its ratio to this ceiling is about 1.
 
     .venv/bin/python bench/provider_hop.py [--rounds 3] [--mib 200] [--azure]
 """
@@ -47,7 +49,7 @@ from tests.fakes.openai_batch_api import FakeBatchAPI  # noqa: E402
 KEY = "sk-bench-provider-hop"
 MIB = 1024 * 1024
 ENDPOINT = "/v1/chat/completions"
-TARGET = 0.70
+TARGET = 1.00
 
 
 def direct_upload(base_url: str, path: str, azure: bool) -> float:
@@ -95,8 +97,8 @@ def profiled(pid: int, out: str | None):
 
 
 def hop(fake: FakeBatchAPI, pool, server, port: int, file_id: str, lines: int,
-        profile: str | None = None) -> tuple[float, float, int]:
-    """(seconds, server CPU seconds, jobs) of one CreateBatch until the provider has every line and
+        profile: str | None = None) -> tuple[float, float, int, float]:
+    """(seconds, server CPU seconds, jobs, seconds to the first byte at the provider) of one CreateBatch until the provider has every line and
     a batch of every job's file; the batch is cancelled after, and its jobs ended at the provider."""
     before = set(fake.uploads)
     fake.lines_per_tick = 1  # the jobs stay in progress: no results come back during the hop
@@ -113,13 +115,14 @@ def hop(fake: FakeBatchAPI, pool, server, port: int, file_id: str, lines: int,
             time.sleep(0.02)
         cpu_s = server_cpu(server.pid) - cpu_before
     seconds = max(s.finished_at for s in jobs.values()) - started
+    split_s = min(s.started_at for s in jobs.values()) - started  # CreateBatch to the first byte there
     with BatchgateClient(f"127.0.0.1:{port}") as bg:
         bg.cancel_batch(batch_id)
         bg.wait(batch_id)
     fake.lines_per_tick = None
     for stats in jobs.values():
         stats.records = None
-    return seconds, cpu_s, len(jobs)
+    return seconds, cpu_s, len(jobs), split_s
 
 
 def span(values: list[float], fmt: str = ".1f") -> str:
@@ -131,7 +134,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--mib", type=float, default=200.0, help="file size in MiB (bench/upload.py's file)")
     ap.add_argument("--azure", action="store_true", help="an Azure deployment (the url rewritten too)")
-    ap.add_argument("--profile", help="py-spy the server during the first hop, raw, into this file")
+    ap.add_argument("--profile", help="py-spy the server during the first hop (raw format) into this file")
     args = ap.parse_args()
     # The fake logs a traceback for each download its client ends early (a cancelled job's): expected.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
@@ -156,7 +159,7 @@ def main() -> None:
             "model_info": {"id": "bench-provider", "mode": "batch"}}]}))
         server, port = start_server(tmp / "data", "--config", str(config), *LIMITS,
                                     env={"BENCH_PROVIDER_KEY": KEY})
-        rates, cpus, direct = [], [], []
+        rates, cpus, direct, splits = [], [], [], []
         try:
             _, file_id, counted = pool.apply(bg_upload, (port, str(source)))
             assert counted == lines, (counted, lines)
@@ -170,17 +173,19 @@ def main() -> None:
                         fake.uploads.clear()
                         fake.files.clear()
                     else:
-                        seconds, cpu_s, jobs = hop(fake, pool, server, port, file_id, lines,
+                        seconds, cpu_s, jobs, split_s = hop(fake, pool, server, port, file_id, lines,
                                                    args.profile if not rates else None)
                         rates.append(mib / seconds)
+                        splits.append(split_s)
                         cpus.append(cpu_s * 1000 / mib)
-                print(f"round {r + 1}: hop {rates[-1]:6.1f} MiB/s, {cpus[-1]:5.2f} ms server CPU/MiB ({jobs} jobs);"
+                print(f"round {r + 1}: hop {rates[-1]:6.1f} MiB/s, {cpus[-1]:5.2f} ms server CPU/MiB ({jobs} jobs,"
+                      f" the first byte at the provider after {split_s:.2f} s: the split);"
                       f" direct upload {direct[-1]:6.1f} MiB/s; load average {os.getloadavg()[0]:.1f}", flush=True)
         finally:
             stop(server)
     ratios = [h / d for h, d in zip(rates, direct)]
     print(f"provider hop (CreateBatch to the last byte at the provider): {span(rates)} MiB/s,"
-          f" {span(cpus, '.2f')} ms server CPU per MiB")
+          f" {span(cpus, '.2f')} ms server CPU per MiB; the split {span(splits, '.2f')} s of it")
     print(f"direct upload of the same bytes to the same fake (ceiling):  {span(direct)} MiB/s")
     best = max(ratios)
     print(f"  ratio {span(ratios, '.2f')} per round (target >= {TARGET:.2f}:"

@@ -3,7 +3,8 @@
 The real server on loopback, the fake OpenAI / Azure Batch API: the split writes each line as the
 provider receives it (body.model set, Azure's url without /v1), and each shard's submit uploads
 its byte range of that as it is. The provider must get exactly the lines the line-by-line rewrite
-gives, whichever way the input was made, and the written files go with the batch's end."""
+gives, whichever way the input was made; the written file goes once every job has its input, its
+directory with the batch's end."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import json
 from pathlib import Path
 
 import pytest
-
 from batchgate.v1 import batch_pb2
 from batchgate_server.providers.openai_batch import mapping
+
 from tests.conftest import jsonl, request_line, serving
 from tests.fakes.openai_batch_api import FakeBatchAPI
 from tests.integration.batch_helpers import create, results, watch_all
-from tests.integration.test_openai_provider_e2e import azure_entry, openai_entry, write_litellm_config
+from tests.integration.test_openai_provider_e2e import (
+    azure_entry,
+    openai_entry,
+    write_litellm_config,
+)
 from tests.integration.test_sharded_batches import assert_each_once, eventually
 
 CONTENTS = ["plain question", "caf\u00e9 \u2028 \"quoted\" \\ back", "tab\there\nnewline", "\U0001f600 emoji",
@@ -58,32 +63,43 @@ def uploaded_inputs(fake: FakeBatchAPI) -> bytes:
     return b"".join(fake.files[b.input_file_id].content for b in jobs)
 
 
+async def submitted(h, fake: FakeBatchAPI) -> tuple[list[dict], bytes, batch_pb2.Batch]:
+    """Uploads hostile_lines() and creates a batch of them: (lines, the file, the batch) once its
+    three jobs are at the provider (and stay there until the test ends them)."""
+    lines = hostile_lines()
+    content = jsonl(lines)
+    f = await h.upload(h.alice, content)
+    batch = await create(h.alice, f.id)
+    await eventually(lambda: len(fake.batches) == 3)
+    return lines, content, batch
+
+
+async def completed(h, fake: FakeBatchAPI, batch: batch_pb2.Batch, lines: list[dict]) -> None:
+    """Ends every job at the provider: the batch completes with every request answered once."""
+    for b in list(fake.batches.values()):
+        fake.run_to_end(b.id)
+    final = (await watch_all(h.alice, batch.id))[-1]
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
+    out, err = await results(h.alice, final)
+    assert_each_once(out, [line["custom_id"] for line in lines])
+    assert err == []
+
+
 async def test_the_shards_upload_what_the_split_wrote_and_it_goes_with_the_batch(tmp_path, provider):
     fake, config, model, azure = provider
     async with serving(tmp_path / "data", config_file=config) as h:
-        a = h.alice
-        lines = hostile_lines()
-        content = jsonl(lines)
-        f = await h.upload(a, content)
-        batch = await create(a, f.id)
-        await eventually(lambda: len(fake.batches) == 3)
-        prepared = h.data_dir / "work" / batch.id / "prepared"
-        # While the jobs run, the split's files are there: the shards were sent from them ...
-        assert sorted(p.name for p in prepared.iterdir()) == ["part-0.jsonl"]
-        assert (prepared / "part-0.jsonl").read_bytes() == as_sent(content.splitlines(), model, azure)
-        # ... and the provider got exactly the lines the line-by-line rewrite gives.
+        lines, content, batch = await submitted(h, fake)
+        # The provider got exactly the lines the line-by-line rewrite gives ...
         sent = uploaded_inputs(fake)
         assert sent == as_sent(content.splitlines(), model, azure)
         first = json.loads(sent.splitlines()[0])
         assert first["body"]["model"] == model
         assert first["url"] == ("/chat/completions" if azure else "/v1/chat/completions")
-        for b in list(fake.batches.values()):
-            fake.run_to_end(b.id)
-        final = (await watch_all(a, batch.id))[-1]
-        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
-        out, err = await results(a, final)
-        assert_each_once(out, [line["custom_id"] for line in lines]) and err == []
-        assert not prepared.exists(), "the prepared input outlived its batch"
+        # ... and once every job has its input, the split's copy is gone (the jobs may run for a day).
+        prepared = h.data_dir / "work" / batch.id / "prepared"
+        await eventually(lambda: list(prepared.iterdir()) == [])
+        await completed(h, fake, batch, lines)
+        assert not prepared.exists(), "the prepared input's directory outlived its batch"
 
 
 async def test_a_split_that_cannot_write_its_files_sends_the_same_lines(tmp_path, provider):
@@ -92,16 +108,6 @@ async def test_a_split_that_cannot_write_its_files_sends_the_same_lines(tmp_path
     data.mkdir()
     (data / "work").write_text("not a directory")  # every write under work/ fails, as on a full disk
     async with serving(data, config_file=config) as h:
-        a = h.alice
-        lines = hostile_lines()
-        content = jsonl(lines)
-        f = await h.upload(a, content)
-        batch = await create(a, f.id)
-        await eventually(lambda: len(fake.batches) == 3)
+        lines, content, batch = await submitted(h, fake)
         assert uploaded_inputs(fake) == as_sent(content.splitlines(), model, azure)
-        for b in list(fake.batches.values()):
-            fake.run_to_end(b.id)
-        final = (await watch_all(a, batch.id))[-1]
-        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final
-        out, _ = await results(a, final)
-        assert_each_once(out, [line["custom_id"] for line in lines])
+        await completed(h, fake, batch, lines)

@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from batchgate_server.core.prepared_input import PartWriter, PreparedInputs, PreparedRange
+from batchgate_server.core.prepared_input import (
+    PartWriter,
+    PreparedInputs,
+    PreparedRange,
+)
 from batchgate_server.core.sharded import MEASURE_BLOCK_LINES, Measured, measure_parts
 from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.shards import PlannedPart
 from batchgate_server.providers.anthropic.provider import AnthropicBatchProvider
-from batchgate_server.providers.openai_batch import AzureBatchProvider, OpenAIBatchProvider
-from batchgate_server.providers.openai_batch import mapping
+from batchgate_server.providers.openai_batch import (
+    AzureBatchProvider,
+    OpenAIBatchProvider,
+    mapping,
+)
 from batchgate_server.store.blobs.local import LocalBlobStore
 
 
@@ -29,17 +35,41 @@ async def test_a_range_is_given_exactly_and_only_for_its_deployment_and_model(tm
     path = prepared.part_path("batch_p", 0)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"0123456789" * 300_000)  # 3 MB: several read blocks
-    prepared.register("batch_p_s2", PreparedRange(path, 5, 2_500_000, "dep-a", "gpt-x"))
-    opener = prepared.opener("batch_p_s2", "dep-a", "gpt-x")
+    prepared.register("batch_p_s2", PreparedRange(path, 5, 2_500_000, "dep-a", "openai", "gpt-x"))
+    opener = prepared.opener("batch_p_s2", dep())
     assert opener is not None
     assert await read_all(opener) == path.read_bytes()[5:2_500_005]
     assert await read_all(opener) == path.read_bytes()[5:2_500_005], "re-openable: one body per attempt"
-    assert prepared.opener("batch_p_s2", "dep-b", "gpt-x") is None
-    assert prepared.opener("batch_p_s2", "dep-a", "gpt-y") is None, "written for another model"
-    assert prepared.opener("batch_p_s1", "dep-a", "gpt-x") is None
+    assert prepared.opener("batch_p_s2", dep(id="dep-b")) is None
+    assert prepared.opener("batch_p_s2", dep(model="gpt-y")) is None, "written for another model"
+    assert prepared.opener("batch_p_s2", dep(provider="azure")) is None, "Azure's url is rewritten too"
+    assert prepared.opener("batch_p_s1", dep()) is None
     prepared.forget("batch_p", ["batch_p_s2"])
     assert not path.parent.exists()
-    assert prepared.opener("batch_p_s2", "dep-a", "gpt-x") is None
+    assert prepared.opener("batch_p_s2", dep()) is None
+
+
+def dep(id: str = "dep-a", provider: str = "openai", model: str = "gpt-x") -> Deployment:
+    return Deployment(id=id, model_name="m", provider=provider, model=model)
+
+
+async def test_a_parts_file_goes_when_the_last_of_its_shards_has_its_input_at_the_provider(tmp_path):
+    prepared = PreparedInputs(tmp_path)
+    part0, part1 = prepared.part_path("batch_p", 0), prepared.part_path("batch_p", 1)
+    part0.parent.mkdir(parents=True)
+    part0.write_bytes(b"a\nb\n")
+    part1.write_bytes(b"c\n")
+    prepared.register("batch_p_s1", PreparedRange(part0, 0, 2, "dep-a", "openai", "gpt-x"))
+    prepared.register("batch_p_s2", PreparedRange(part0, 2, 2, "dep-a", "openai", "gpt-x"))
+    prepared.register("batch_p_s3", PreparedRange(part1, 0, 2, "dep-a", "openai", "gpt-x"))
+    prepared.release("batch_p_s1")
+    assert part0.exists() and prepared.opener("batch_p_s1", dep()) is None
+    assert await read_all(prepared.opener("batch_p_s2", dep())) == b"b\n"
+    prepared.release("batch_p_s2")
+    assert not part0.exists() and part1.exists()
+    prepared.release("batch_p_s3")
+    prepared.release("batch_p_s3")  # twice: a submit retried after its state was saved
+    assert not part1.exists()
 
 
 @pytest.mark.parametrize("damage", ["cut short", "removed"])
@@ -48,15 +78,15 @@ async def test_a_damaged_file_fails_the_read_and_the_retry_builds_the_input(tmp_
     path = prepared.part_path("batch_p", 0)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"x" * 100)
-    prepared.register("batch_p_s1", PreparedRange(path, 0, 100, "d", "m"))
-    opener = prepared.opener("batch_p_s1", "d", "m")
+    prepared.register("batch_p_s1", PreparedRange(path, 0, 100, "d", "openai", "m"))
+    opener = prepared.opener("batch_p_s1", dep(id="d", model="m"))
     if damage == "cut short":
         path.write_bytes(b"x" * 60)
     else:
         path.unlink()
     with pytest.raises(OSError):
         await read_all(opener)
-    assert prepared.opener("batch_p_s1", "d", "m") is None, "the next attempt must not read it again"
+    assert prepared.opener("batch_p_s1", dep(id="d", model="m")) is None, "the next attempt must not read it again"
 
 
 def test_a_failed_write_marks_the_part_unprepared(tmp_path):

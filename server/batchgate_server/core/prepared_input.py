@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from batchgate_server.domain.deployment import Deployment
+
 log = logging.getLogger(__name__)
 
 READ_BLOCK = 1024 * 1024
@@ -34,12 +36,14 @@ PREPARED_DIR = "prepared"
 
 @dataclass(frozen=True)
 class PreparedRange:
-    """Bytes [start, start + length) of `path`: a shard's input, written for `deployment_id`'s `model`."""
+    """Bytes [start, start + length) of `path`: a shard's input, written for `deployment_id` (on
+    `provider`, its `model`): the translation depends on those alone."""
 
     path: Path
     start: int
     length: int
     deployment_id: str
+    provider: str
     model: str
 
 
@@ -90,11 +94,13 @@ class PreparedInputs:
     def register(self, shard_id: str, prepared: PreparedRange) -> None:
         self._ranges[shard_id] = prepared
 
-    def opener(self, shard_id: str, deployment_id: str, model: str) -> Callable[[], AsyncIterator[bytes]] | None:
+    def opener(self, shard_id: str, deployment: Deployment) -> Callable[[], AsyncIterator[bytes]] | None:
         """ProviderJob.open_prepared of the shard: None when nothing is prepared for it here, or it
-        was prepared for another deployment or model than the job's."""
+        was prepared for another deployment, provider or model than the job's (a model list
+        reloaded since)."""
         prepared = self._ranges.get(shard_id)
-        if prepared is None or (prepared.deployment_id, prepared.model) != (deployment_id, model):
+        if prepared is None or (prepared.deployment_id, prepared.provider, prepared.model) != (
+                deployment.id, deployment.provider, deployment.model):
             return None
         return lambda: self._blocks(shard_id, prepared)
 
@@ -116,6 +122,13 @@ class PreparedInputs:
                 yield block
         finally:
             fh.close()
+
+    def release(self, shard_id: str) -> None:
+        """The shard's input is at its provider: its range goes, and its part's file with the last
+        range of it (a batch's jobs may run for a day; the copy need not)."""
+        prepared = self._ranges.pop(shard_id, None)
+        if prepared is not None and all(other.path != prepared.path for other in self._ranges.values()):
+            prepared.path.unlink(missing_ok=True)
 
     def forget(self, parent_id: str, shard_ids: list[str]) -> None:
         """The parent has ended: its shards' ranges and the files under it go."""

@@ -183,16 +183,18 @@ class _PartMeasurer:
         self.only = next(iter(self.by_group)) if single_group and len(self.by_group) == 1 else None
         self.ordinals: dict[tuple[str, str], int] = {}
 
-    def measure_run(self, at: int, run: Sequence[bytes]) -> None:
+    def measure_run(self, at: int, run: Sequence[bytes]) -> list[tuple[Measured, list[bytes]]]:
         """`run`: raw lines from byte `at` (BlobStore.line_runs_at); blank ones are no request."""
         block = []
         for raw in run:
             if raw and not raw.isspace():  # as raw.strip() but without copying the line
                 block.append((at, raw.rstrip(b"\r")))
             at += len(raw) + 1
-        self.measure(block)
+        return self.measure(block)
 
-    def measure(self, block: Sequence[tuple[int, bytes]]) -> None:
+    def measure(self, block: Sequence[tuple[int, bytes]]) -> list[tuple[Measured, list[bytes]]]:
+        """Measures `block` into the parts; returns each part's lines as its provider receives them,
+        for its writer (write_prepared)."""
         written: dict[int, tuple[Measured, list[bytes]]] = {}  # by id(): a block's lines of each part
         for offset, line in block:
             group = self.only or line_group(line)
@@ -209,9 +211,13 @@ class _PartMeasurer:
                         m.sizes.append(len(sent) + 1)
                         written.setdefault(id(m), (m, []))[1].append(sent)
                     break
-        for m, lines in written.values():
-            if m.writer is not None:
-                m.writer.write(lines)
+        return list(written.values())
+
+
+def write_prepared(written: Sequence[tuple[Measured, list[bytes]]]) -> None:
+    for m, lines in written:
+        if m.writer is not None:
+            m.writer.write(lines)
 
 
 async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measured], single_group: bool) -> None:
@@ -222,11 +228,23 @@ async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measu
     when the file does not hold the lines planned. A cancel leaves `measured` half filled: a split
     redone measures into new ones."""
     measurer = _PartMeasurer(measured, single_group)
-    async for at, run in blobs.line_runs_at(file_id):
-        for first in range(0, len(run), MEASURE_BLOCK_LINES):
-            block = run[first:first + MEASURE_BLOCK_LINES]
-            await asyncio.to_thread(measurer.measure_run, at, block)
-            at += sum(map(len, block)) + len(block)
+    # A block's prepared lines are written on another thread while the next block is measured
+    # (the write's copy into the page cache runs without the GIL): one write in flight, in order.
+    writing: asyncio.Future | None = None
+    try:
+        async for at, run in blobs.line_runs_at(file_id):
+            for first in range(0, len(run), MEASURE_BLOCK_LINES):
+                block = run[first:first + MEASURE_BLOCK_LINES]
+                written = await asyncio.to_thread(measurer.measure_run, at, block)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(write_prepared, written)) if written else None
+                at += sum(map(len, block)) + len(block)
+        if writing is not None:
+            await writing
+    finally:
+        if writing is not None and not writing.done():
+            await asyncio.wait([writing])  # a cancel: the writers are closed after (see _measure), not under it
     for m in measured:
         if len(m.sizes) != m.part.count:
             raise SplitRefused(f"the input has {len(m.sizes)} of the {m.part.count} requests planned for "
@@ -374,7 +392,7 @@ class ShardedBatchRunner(BatchRunner):
                 d = m.deployment
                 if ends is not None and m.writer is not None:
                     prepared.append((f"{rec.id}_s{len(shards) + 1}", PreparedRange(
-                        m.writer.path, ends[first], ends[last] - ends[first], d.id, d.model)))
+                        m.writer.path, ends[first], ends[last] - ends[first], d.id, d.provider, d.model)))
                 shards.append(BatchRecord(
                     id=f"{rec.id}_s{len(shards) + 1}", project=rec.project, endpoint=m.part.endpoint,
                     input_file_id=rec.input_file_id, completion_window=rec.completion_window,

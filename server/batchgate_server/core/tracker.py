@@ -515,7 +515,7 @@ class BatchRunner:
             progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None,
             new_usage=lambda: self.t.accounting.usage_counter(rec))
         if rec.selection is not None:  # a shard: the input its split wrote, when kept here
-            job.open_prepared = self.t.prepared.opener(rec.id, job.deployment.id, job.deployment.model)
+            job.open_prepared = self.t.prepared.opener(rec.id, job.deployment)
         return job
 
     def _open_input(self):
@@ -553,6 +553,7 @@ class BatchRunner:
             return
         if status is BatchStatus.VALIDATING:
             await provider.submit(job)
+            self.t.prepared.release(self.rec.id)  # the provider has the input: a shard's prepared copy goes
 
             def started(r: BatchRecord) -> None:
                 was = r.status
