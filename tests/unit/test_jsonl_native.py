@@ -3,6 +3,8 @@ core/jsonl_validation.py (and to a dict), on hostile input, with its limits and 
 
 from __future__ import annotations
 
+import gc
+import json
 import random
 import tracemalloc
 
@@ -86,6 +88,9 @@ def test_the_index_refuses_what_is_not_a_str_or_a_line():
             index.add("x", line)
     with pytest.raises(OverflowError):
         index.add_run(["a", "b"], 2**32 - 1)  # its second line is past 32 bits
+    for first in (2**64 - 1, 2**64 - 2):  # first + count wraps past 2**64: refused all the same
+        with pytest.raises(OverflowError):
+            index.add_run(["a", "b", "c"], first)
     with pytest.raises(TypeError):
         _native().CustomIdIndex("seed")
     # What was refused left nothing behind; what was taken before a refusal stays.
@@ -145,3 +150,82 @@ def test_object_lines_refuses_a_region_that_does_not_end_its_line_or_lies_outsid
             object_lines(b"{}\n", start, stop)
     with pytest.raises(TypeError):
         object_lines("{}\n", 0, 3)
+
+
+def _other_kind_twin(text: str) -> str:
+    """A different str whose canonical bytes are those of ASCII `text` (even length): two ASCII
+    characters become one UCS-2 code unit ("ab" -> U+6261). hash() hashes those bytes, so the two
+    hash alike under every key."""
+    return text.encode().decode("utf-16-le")
+
+
+def test_ids_of_other_kinds_with_the_same_bytes_are_not_duplicates():
+    # The C index took hash() and an FNV hash of the same bytes, so "ab" was a duplicate of "\u6261"
+    # every time; the Python index kept 12 bits of a second hash apart, so 1 in 4096 such pairs was.
+    rng = random.Random(8)
+    ids = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-") for _ in range(12)) for _ in range(20_000)]
+    twins = [_other_kind_twin(cid) for cid in ids]
+    # Latin-1 against UCS-2, UCS-4 against UCS-2: the same bytes in other kinds.
+    ids += ["\xff\xff", "\U0001f680"]
+    twins += ["\uffff", "\uf680\x01"]
+    assert all(hash(a) == hash(b) and a != b for a, b in zip(ids, twins))
+    for index in (_native().CustomIdIndex(random.getrandbits(64)), _CustomIdIndex(max_line=100_000)):
+        assert index.add_run(ids + twins, 1) == []
+        # and each is still a duplicate of itself
+        assert [line for line, _, _ in index.add_run([twins[5], ids[5]], 50_000)] == [50_000, 50_001]
+
+
+def test_a_file_whose_ids_share_their_bytes_with_others_is_valid():
+    ids = ["ab", "\u6261", "requests", _other_kind_twin("requests"), "\xff\xff", "\uffff"]
+    data = b"".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": "m"}}, ensure_ascii=False).encode() + b"\n" for cid in ids)
+    for chunks in ([data], [data[:40], data[40:]]):
+        validator = jsonl_validation.JsonlValidator()
+        for chunk in chunks:
+            validator.feed(chunk)
+        result = validator.finish()
+        assert result.ok, result.problems
+        assert result.line_count == len(ids)
+
+
+def test_a_collection_inside_add_run_that_changes_the_list_takes_no_line_past_the_checked_ones():
+    # add_run's tuples (one a duplicate) can start a garbage collection, and a finalizer then runs
+    # Python code: here it swaps the list's ids for 10,000 others. add_run read past the 300 lines
+    # it had checked against 2**32 (the lines it held wrapped to small numbers), and it used the id
+    # it had borrowed from the list after the finalizer freed it (ASAN: heap-use-after-free).
+    index = _native().CustomIdIndex(5)
+    ids = ["".join(["dup", str(i % 3)]) for i in range(300)]
+    calls = []
+
+    class Rearm:  # collected at add_run's first allocation: leaves a Swap to collect at the next
+        def __del__(self):
+            calls.append("rearm")
+            swap = Swap()
+            swap.cycle = swap
+
+    class Swap:
+        def __del__(self):
+            calls.append("swap")
+            ids[:] = ["".join(["new", str(k)]) for k in range(10_000)]
+
+    threshold = gc.get_threshold()
+    gc.disable()
+    try:
+        # Lists and small tuples come from free lists, which allocate nothing and so start no
+        # collection: empty both first (kept alive until after the call), whatever ran before.
+        drained = ([(k, k, k) for k in range(5000)], [[] for _ in range(500)])
+        rearm = Rearm()
+        rearm.cycle = rearm
+        del rearm
+        gc.set_threshold(1, 1000, 1000)
+        gc.enable()
+        first = 2**32 - 400
+        found = index.add_run(ids, first)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.enable()
+    del drained
+    assert calls == ["rearm", "swap"]  # the list did change inside the call
+    assert found and all(first <= line < first + 300 for line, _, _ in found)
+    assert all(cid.startswith("dup") for _, cid, _ in found[:3])
+    assert len(index) <= 300

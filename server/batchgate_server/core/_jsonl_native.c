@@ -16,6 +16,12 @@
  * second hash is FNV-1a over the string's canonical code units, seeded by the caller at random (it
  * only adds bits to a keyed hash, so it need not be keyed itself).
  *
+ * The word also holds the id's length (xored in above the bucket bits): hash() hashes a string's
+ * canonical bytes, not its code points, so two different strings of different kinds but the same
+ * bytes ("ab" and U+6261, "\xff\xff" and U+FFFF) have equal hash() whatever the key, and the FNV
+ * over the same bytes is equal too. Such strings always differ in length (same bytes, different
+ * bytes a code point), so the length tells them apart for certain.
+ *
  *     index = CustomIdIndex(seed)
  *     index.add(custom_id, line) -> the line it first appeared on, or 0 (now added)
  *     index.add_run(custom_ids, first_line) -> [(line, custom_id, its first line), ...] of the
@@ -84,7 +90,8 @@ index_add(Index *self, PyObject *text, uint32_t line)
     }
     uint64_t bits = (uint64_t)key;
     Bucket *bucket = &self->buckets[bits & BUCKET_MASK];
-    int64_t word = (int64_t)((bits & ~BUCKET_MASK) | (second_hash(text, self->seed) & BUCKET_MASK));
+    uint64_t length = (uint64_t)PyUnicode_GET_LENGTH(text) << BUCKET_BITS;
+    int64_t word = (int64_t)(((bits ^ length) & ~BUCKET_MASK) | (second_hash(text, self->seed) & BUCKET_MASK));
     /* The first position whose word is >= word. */
     Py_ssize_t lo = 0, hi = bucket->len;
     while (lo < hi) {
@@ -128,12 +135,13 @@ index_add(Index *self, PyObject *text, uint32_t line)
 static int
 line_number(PyObject *value, Py_ssize_t ahead, uint32_t *out)
 {
-    /* `value` as a line, and `ahead` lines after it still a line: 1 <= value, value + ahead < 2**32. */
+    /* `value` as a line, and `ahead` lines after it still a line: 1 <= value, value + ahead < 2**32
+     * (compared without the sum, which wraps for a value near 2**64). */
     unsigned long long line = PyLong_AsUnsignedLongLong(value);
     if (line == (unsigned long long)-1 && PyErr_Occurred()) {
         return -1;
     }
-    if (line == 0 || line + (unsigned long long)ahead > UINT32_MAX) {
+    if (line == 0 || line > UINT32_MAX || (unsigned long long)ahead > UINT32_MAX - line) {
         PyErr_SetString(PyExc_OverflowError, "lines must be from 1 to 2**32 - 1");
         return -1;
     }
@@ -173,23 +181,24 @@ Index_add_run(Index *self, PyObject *const *args, Py_ssize_t nargs)
     if (duplicates == NULL) {
         return NULL;
     }
-    /* The list is not resized during the loop: nothing here runs Python code (str hashes are C). */
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ids); i++) {
+    /* str hashes are C, but the tuples built for duplicates can start a garbage collection, whose
+     * finalizers run Python code that may change the list: each id is held while it is used, and
+     * the loop stops at the list's end or at `count`, the lines line_number checked. */
+    for (Py_ssize_t i = 0; i < count && i < PyList_GET_SIZE(ids); i++) {
         PyObject *text = PyList_GET_ITEM(ids, i);
+        Py_INCREF(text);
         int64_t first = index_add(self, text, first_line + (uint32_t)i);
-        if (first < 0) {
+        PyObject *found = NULL;
+        if (first > 0) {
+            found = Py_BuildValue("(nOL)", (Py_ssize_t)first_line + i, text, (long long)first);
+        }
+        Py_DECREF(text);
+        if (first < 0 || (first > 0 && (found == NULL || PyList_Append(duplicates, found) < 0))) {
+            Py_XDECREF(found);
             Py_DECREF(duplicates);
             return NULL;
         }
-        if (first > 0) {
-            PyObject *found = Py_BuildValue("(nOL)", (Py_ssize_t)first_line + i, text, (long long)first);
-            if (found == NULL || PyList_Append(duplicates, found) < 0) {
-                Py_XDECREF(found);
-                Py_DECREF(duplicates);
-                return NULL;
-            }
-            Py_DECREF(found);
-        }
+        Py_XDECREF(found);
     }
     return duplicates;
 }

@@ -415,8 +415,9 @@ class _CustomIdIndex:
     A Python dict of the ids took ~200 bytes an id (+41 MiB for 203k lines). Here an id is
     two SipHash values (``hash()``, keyed per process, so no input can aim at a collision):
     the low 12 bits of the first pick one of 4096 sorted arrays, and the id is kept there as
-    one 64-bit word, the first hash with those 12 bits (known from the array) replaced by 12
-    bits of the second; beside it, in 32 bits (64 past four billion lines), its line. An id is
+    one 64-bit word, the first hash xored with the id's length and with those 12 bits (known
+    from the array) replaced by 12 bits of the second (the length because ``hash()`` hashes a
+    str's bytes in its own kind: "ab" and "\u6261" collide under every key); beside it, in 32 bits (64 past four billion lines), its line. An id is
     a duplicate when its word is there: a false report between two different ids needs a
     76-bit collision of a keyed hash (about 7e-12 for a million ids). Arrays of a few hundred
     entries keep the sorted insert a short memmove.
@@ -437,7 +438,9 @@ class _CustomIdIndex:
     def add(self, custom_id: str, line: int) -> int:
         """The line ``custom_id`` first appeared on, or 0: it is new, now held as ``line``'s."""
         key = hash(custom_id)
-        word = (key & ~self.mask) | (hash(custom_id + "\0") & self.mask)
+        # hash() hashes a str's canonical bytes: "ab" and "\u6261" (same bytes, other kinds) hash
+        # alike under any key. Such strings differ in length, which the word holds (xored in).
+        word = ((key ^ (len(custom_id) << self._BUCKET_BITS)) & ~self.mask) | (hash(custom_id + "\0") & self.mask)
         bucket = self.buckets[key & self.mask]
         if bucket is None:
             bucket = self.buckets[key & self.mask] = (array("q"), array(self.line_type))
