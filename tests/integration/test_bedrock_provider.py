@@ -235,13 +235,35 @@ async def test_stop_mid_run_returns_partial_results(h, bedrock):
 
 
 async def test_too_few_translatable_records_fail_at_submit(h, bedrock):
-    lines = many(99) + [chat("logit-bias", "hello", logit_bias={"1": 2})]
+    lines = many(88) + [chat(f"bias-{i}", "hello", logit_bias={"1": 2}) for i in range(12)]
     final, _, out, err = await run(h, lines)
     assert final.status == batch_pb2.BATCH_STATUS_FAILED
     assert final.errors[0].code == "batch_too_small"
     msg = final.errors[0].message
-    assert "only 99 of 100" in msg and "at least 100" in msg and "logit_bias" in msg
+    assert "only 88 of 100" in msg and "at least 100" in msg and "line 89 (custom_id 'bias-0')" in msg
+    # Each line that cannot be sent is named after it (the first 10), by its line in the file.
+    assert [(e.code, e.line, e.param) for e in final.errors[1:]] == [
+        ("untranslatable_request", 89 + i, "logit_bias") for i in range(10)]
+    assert "custom_id 'bias-3'" in final.errors[4].message
     assert bedrock.job_for_token(client_request_token(final.id)) is None
+
+
+async def test_a_shard_too_small_to_send_names_its_lines_in_the_file(h, bedrock):
+    """160 lines where a job takes 100 to 150 records (so the batch is split), 70 of them
+    untranslatable: 90 to send, too few for one job. The part runs as one shard, refused at submit
+    (no Bedrock job), each line that cannot be sent named by its line in the file."""
+    lines = many(160, model="claude-max-150")
+    for i in range(50, 120):
+        lines[i] = chat(f"bias{i}", "hello", model="claude-max-150", logit_bias={"1": 2})
+    final, _, out, err = await run(h, lines)
+    assert final.status == batch_pb2.BATCH_STATUS_FAILED
+    [shard] = final.shards
+    assert shard.status == batch_pb2.BATCH_STATUS_FAILED and shard.request_counts.total == 160
+    assert shard.errors[0].code == "batch_too_small" and "only 90 of 160" in shard.errors[0].message
+    assert [(e.line, e.param) for e in shard.errors[1:]] == [(51 + i, "logit_bias") for i in range(10)]
+    assert shard.errors[1].message.startswith("line 51 (custom_id 'bias50'): logit_bias")
+    assert bedrock.job_for_token(client_request_token(shard.id)) is None
+    assert out == [] and sorted(line["custom_id"] for line in err) == sorted(line["custom_id"] for line in lines)
 
 
 @pytest.mark.parametrize("model, code, words", [
@@ -497,3 +519,27 @@ def test_client_request_token_is_valid_for_bedrock():
 
     for batch_id in ("batch_0123abcd", "batch__x--y", "weird id/ü"):
         assert re.fullmatch(r"[a-zA-Z0-9]{1,256}(-*[a-zA-Z0-9]){0,256}", client_request_token(batch_id))
+
+
+
+async def test_untranslatable_lines_leave_no_shard_under_the_minimum_and_are_answered_one_by_one(h, bedrock):
+    """350 lines where a job takes 100 to 150 records, 20 of them (in the third job's lines, by line
+    count) untranslatable. The split cut by lines: the third shard had 97 records to send, failed
+    at submit with batch_too_small, and its 97 good requests were answered with that error too. The
+    split counts the records sent: every shard sends 100 to 150, every untranslatable line is answered
+    with its own error."""
+    lines = many(350, model="claude-max-150")
+    for i in range(240, 260):
+        lines[i] = chat(f"bias{i}", "hello", model="claude-max-150", logit_bias={"1": 2})
+    final, _, out, err = await run(h, lines)
+    assert final.status == batch_pb2.BATCH_STATUS_COMPLETED, final.errors
+    assert [s.status for s in final.shards] == [batch_pb2.BATCH_STATUS_COMPLETED] * 3, final.shards
+    assert sorted(line["custom_id"] for line in out) == sorted(f"r{i}" for i in range(350) if not 240 <= i < 260)
+    assert sorted(line["custom_id"] for line in err) == sorted(f"bias{i}" for i in range(240, 260))
+    for line in err:
+        assert line["response"]["status_code"] == 400
+        assert line["response"]["body"]["error"]["param"] == "logit_bias"
+    assert (final.request_counts.completed, final.request_counts.failed) == (330, 20)
+    for shard in final.shards:
+        job = bedrock.job_for_token(client_request_token(shard.id))
+        assert 100 <= len(job.records) <= 150 and job.status == "Completed"

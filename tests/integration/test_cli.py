@@ -339,3 +339,29 @@ async def test_batches_create_maps_file_models_and_spreads(harness, tmp_path):
     assert code == EXIT_ERROR and "REQUEST_ID_REUSED" in err and "spread" in err
     code, out, err = await cli(env, "batches", "create", f["id"], "--model-map", "house-model")
     assert code == EXIT_USAGE and "--model-map takes FILE_MODEL=MODEL" in err
+
+
+async def test_run_maps_file_models_and_spreads_as_create_batch_does(tmp_path):
+    config = write_config(tmp_path / "models.yaml", [
+        {"model_name": "pool", "litellm_params": {"model": "simulated/echo"}, "model_info": {"id": f"pool-{n}"}}
+        for n in (1, 2)])
+    async with serving(tmp_path / "data", config_file=config) as h:
+        env = cli_env(h)
+        (tmp_path / "in.jsonl").write_bytes(batch_file(40, model="house-model"))
+        # The server's checks, as for batches create: a key that is the model of no line is refused.
+        code, _, err = await cli(env, "run", "in.jsonl", "--model-map", "other=pool", cwd=tmp_path)
+        assert code == EXIT_ERROR and "INVALID_MODEL_MAP" in err, err
+        code, summary = await cli_json(env, "run", str(tmp_path / "in.jsonl"), "--model-map", "house-model=pool",
+                                       "--spread", "-o", str(tmp_path / "out.jsonl"))
+        assert code == EXIT_OK == summary["exit_code"], summary
+        batch = summary["batch"]
+        assert (batch["model"], batch["request_counts"]["completed"]) == ("pool", 40)
+        assert {s["deployment_id"]: s["request_counts"]["total"] for s in batch["shards"]} == {"pool-1": 20, "pool-2": 20}
+        assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 40
+        code, summary = await cli_json(env, "run", str(tmp_path / "in.jsonl"), "--model-map", "house-model=pool",
+                                       "-o", str(tmp_path / "one.jsonl"))
+        assert code == EXIT_OK and summary["batch"]["shards"] == [], "one job without --spread"
+        code, _, err = await cli(env, "run", "in.jsonl", "--model-map", "house-model", cwd=tmp_path)
+        assert code == EXIT_USAGE and "--model-map takes FILE_MODEL=MODEL" in err
+        code, _, err = await cli(env, "run", "in.jsonl", cwd=tmp_path)
+        assert code == EXIT_USAGE and "run takes --model" in err

@@ -557,6 +557,10 @@ JSONL = [
     bad_file("jsonl-blank-line-in-the-middle", raw_lines(GOOD_LINE, "", line_with(custom_id="r1")), "line 2",
              "blank line"),
     bad_file("jsonl-nested-100k-deep", raw_lines("[" * 100_000), "line 1"),
+    # Valid JSON, one level past MAX_NESTING (the line and body are two): after a valid line.
+    bad_file("jsonl-nested-one-past-the-limit",
+             raw_lines(GOOD_LINE, line_with(custom_id="r1", body__x=[[]]).replace("[[]]", "[" * 127 + "]" * 127)),
+             "line 2", "more than 128 levels"),
     bad_file("jsonl-invalid-utf8", raw_lines(GOOD_LINE, line_with(custom_id="r1").encode().replace(b"r1", b"r\xff")),
              "line 2", "not valid UTF-8"),
     bad_file("jsonl-overlong-utf8-nul", raw_lines(line_with(custom_id="r0").encode().replace(b"r0", b"r\xc0\x80")),

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from batchgate_server.core.jsonl_validation import (
+    MAX_NESTING,
     SUPPORTED_ENDPOINTS,
     JsonlValidator,
     LineProblem,
@@ -478,6 +479,18 @@ def test_deeply_nested_json_does_not_raise():
     assert codes(res) == [(2, "invalid_json_line")]
 
 
+def test_nesting_is_limited_to_max_nesting_levels_whatever_the_interpreter_allows():
+    # The line's own object is level 1, body level 2: "x" holds the rest.
+    def nested(depth: int) -> str:
+        inner = "[" * (depth - 2) + "]" * (depth - 2)
+        return f'{{"custom_id": "c{depth}", {HEAD}, "body": {{"model": "m", "x": {inner}}}}}'
+    res = validate(jsonl(nested(MAX_NESTING), nested(MAX_NESTING + 1), nested(990)))
+    assert codes(res) == [(2, "invalid_json_line"), (3, "invalid_json_line")]
+    assert res.problems[0].message == (
+        f"line is nested too deeply: its arrays and objects nest more than {MAX_NESTING} levels deep"
+        f" (at most {MAX_NESTING} are allowed)")
+
+
 def test_bytearray_and_memoryview_chunks():
     data = valid_file(2)
     v = JsonlValidator()
@@ -566,9 +579,9 @@ def test_where_a_deep_surrogate_sits_is_found_without_building_every_path():
     keys costs one walk, not a copy of every ancestor's path per node."""
     import time
 
-    key = "k" * 50_000
+    key = "k" * 400_000  # 100 levels (under MAX_NESTING) of 400,000-character keys
     line = '{"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "x": '
-    line += ('{"%s": ' % key) * 800 + '"\\ud800"' + "}" * 800 + "}}"
+    line += ('{"%s": ' % key) * 100 + '"\\ud800"' + "}" * 100 + "}}"
     started = time.process_time()
     res = validate(line.encode())
     # CPU time, not wall time: these 40 MB took 9 s of CPU when every node spelt its path, 0.2 s now.

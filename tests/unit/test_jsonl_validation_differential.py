@@ -65,6 +65,10 @@ def _hostile(rng: random.Random, line: str) -> bytes:
         return line.replace('"model": "', '"model": 7, "model": "', 1).encode()
     if kind == 11:  # an object split over two lines before the body, so both halves start with "{"
         return raw.replace(b'"body": {', b'"body":\n{', 1)
+    if kind == 12:  # nested about as deep as the limit, brackets in strings beside it
+        depth = jsonl_validation.MAX_NESTING - 2 + rng.randint(-2, 2)  # the line and body are 2 levels
+        inner = rng.choice(("[" * depth + "]" * depth, '{"a":' * depth + '"[{\\"["' + "}" * depth))
+        return raw.replace(b'"body": {', b'"body": {"deep": ' + inner.encode() + b", ", 1)
     return raw
 
 
@@ -131,8 +135,9 @@ def plain(monkeypatch):
 
 @pytest.fixture
 def in_python(monkeypatch):
-    """The fast paths without core/_jsonl_native.c: its two loops in Python."""
-    return _swapped(monkeypatch, _NativeIndex=None, _object_lines=jsonl_validation._object_lines_in_python)
+    """The fast paths without core/_jsonl_native.c: its loops in Python."""
+    return _swapped(monkeypatch, _NativeIndex=None, _object_lines=jsonl_validation._object_lines_in_python,
+                    _first_deep_line=jsonl_validation._first_deep_line_in_python)
 
 
 @pytest.fixture
@@ -380,3 +385,71 @@ def test_the_strict_region_reader_matches_the_plain_path_with_any_limits_and_end
         assert _run([data], **limits) == expected, (data, limits)
         assert per_line(chunks, **limits) == expected, (data, limits)
         assert in_python(chunks, **limits) == expected, (data, limits)
+
+
+def _nested(depth: int, custom_id: str = "d") -> bytes:
+    """A valid request line whose arrays and objects nest exactly ``depth`` deep (the line's own object is 1)."""
+    inner = '{"k": ' * (depth - 3) + '"[[{{ \\" ]"' + "}" * (depth - 3)  # brackets in a string do not count
+    return (f'{{"custom_id": "{custom_id}", "method": "POST", "url": "{URL}", "body": {{"model": "m", "x": [{inner}]}}}}'
+            .encode())
+
+
+@pytest.mark.parametrize("where", ["alone", "among_others", "split_over_chunks", "byte_by_byte"])
+def test_a_line_at_the_nesting_limit_is_valid_and_one_past_it_is_not_on_every_path(where, plain, per_line, in_python):
+    limit = jsonl_validation.MAX_NESTING
+    at, past = _nested(limit, "at"), _nested(limit + 1, "past")
+    assert json.loads(at) and json.loads(past)  # both are JSON that json reads
+    lines = [at, past] if where == "alone" else [_request("a"), at, _request("b"), past, _request("c"), past[:-1]]
+    data = b"\n".join(lines) + b"\n"
+    chunks = {"alone": [data], "among_others": [data],
+              "split_over_chunks": [data[:len(data) // 3], data[len(data) // 3:len(data) * 2 // 3], data[len(data) * 2 // 3:]],
+              "byte_by_byte": [data[i:i + 1] for i in range(len(data))]}[where]
+    expected = plain([data])
+    past_at = [2] if where == "alone" else [4]
+    assert [(p.line, p.code) for p in expected.problems][:1] == [(past_at[0], "invalid_json_line")]
+    assert f"more than {limit} levels" in expected.problems[0].message
+    if where != "alone":  # the cut one is invalid as well (not JSON, and as deep)
+        assert [p.line for p in expected.problems] == [4, 6]
+    for run in (_run, per_line, in_python):
+        assert run(chunks) == expected, run
+
+
+def test_a_deep_line_in_a_region_of_valid_lines_is_the_only_one_refused():
+    # The region of valid lines is read by decode_lines when no line is too deep; one deep line sends
+    # the region line by line, and the lines after it are still checked (a second deep one found too).
+    limit = jsonl_validation.MAX_NESTING
+    lines = [_request(f"r{n}") for n in range(50)]
+    lines[10] = _nested(limit + 1, "deep-1")
+    lines[40] = _nested(10 * limit, "deep-2")
+    lines[45] = _request("r3")  # a duplicate after them is still seen
+    res = _run([b"\n".join(lines) + b"\n"])
+    assert [(p.line, p.code) for p in res.problems] == [
+        (11, "invalid_json_line"), (41, "invalid_json_line"), (46, "duplicate_custom_id")]
+
+
+@pytest.mark.skipif(jsonl_validation._first_deep_line is jsonl_validation._first_deep_line_in_python,
+                    reason="core/_jsonl_native.c is not built")
+def test_the_nesting_scan_in_c_finds_what_its_python_twin_finds():
+    # Bracket soup with strings, escapes and newlines, at random limits and offsets: the C scan counts
+    # brackets 64 bytes at a time before it walks a line, the Python one with bytes.count.
+    rng = random.Random(5)
+    for _ in range(3000):
+        buf = bytes(rng.choice(b'[]{}"\\ax\n') for _ in range(rng.randint(0, 400)))
+        start = rng.randint(0, len(buf))
+        limit = rng.randint(0, 24)
+        assert (jsonl_validation._first_deep_line(buf, start, len(buf), limit)
+                == jsonl_validation._first_deep_line_in_python(buf, start, len(buf), limit)), (buf, start, limit)
+
+
+@pytest.mark.parametrize("where", ["one_chunk", "split_over_chunks"])
+def test_a_long_number_beside_a_deep_line_gets_the_plain_verdict(where, plain, per_line, in_python):
+    # A deep line sends its region line by line; a line there with an integer int() refuses must
+    # still be read the plain way (msgspec skips such a number in a member it does not read).
+    long_number = (b'{"custom_id":"n","method":"POST","url":"/v1/chat/completions","body":{"model":"m","seed":'
+                   + b"9" * 4301 + b"}}")
+    data = b"\n".join([_request("a"), _nested(jsonl_validation.MAX_NESTING + 1), long_number, _request("b")]) + b"\n"
+    chunks = [data] if where == "one_chunk" else [data[:100], data[100:]]
+    expected = plain([data])
+    assert [(p.line, p.code) for p in expected.problems] == [(2, "invalid_json_line"), (3, "invalid_json_line")]
+    for run in (_run, per_line, in_python):
+        assert run(chunks) == expected, run

@@ -10,14 +10,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
 
 from batchgate_server.core.accounting import UsageCounter
+from batchgate_server.domain.deployment import Deployment
 from batchgate_server.domain.models import Usage
 from batchgate_server.pricing.usage import sum_usage_by_tier
 from batchgate_server.providers.openai_batch import mapping as m
+from batchgate_server.providers.registry import BUILTIN_PROVIDERS
 
 MODEL = "gpt-4o-mini-2024-07-18"
 
@@ -194,7 +197,7 @@ def _deepest_valid_line() -> bytes:
     from batchgate_server.core.jsonl_validation import JsonlValidator
 
     accepted = b""
-    for depth in range(800, 1100, 2):
+    for depth in range(2, 1100, 2):
         raw = line(raw_body='{"model": "a", "x": ' + "[" * depth + "]" * depth + "}")
         validator = JsonlValidator()
         validator.feed(raw + b"\n")
@@ -208,17 +211,50 @@ def _from_deeper_in_the_stack(frames: int, call):
     return call() if frames == 0 else _from_deeper_in_the_stack(frames - 1, call)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "the validator's nesting limit is the interpreter's recursion limit minus the caller's stack"
-    " depth (the validator runs in its own process), and rewrite_line's decoders have the same"
-    " limit: a line accepted at upload can raise RecursionError when rewritten from a deeper stack"
-    " (submit and request_size); the fix is an explicit nesting limit in the validator, well under"
-    " the recursion limit, on the plain path and the fast paths alike"))
 def test_a_line_the_validator_accepts_is_rewritten_from_any_stack_depth():
+    # The validator runs in its own process, from a shallow stack; submit and request_size (the
+    # split's) run rewrite_line from a deeper one (here 200 frames below the test's own).
     raw = _deepest_valid_line()
     assert raw
-    out = _from_deeper_in_the_stack(60, lambda: m.rewrite_line(raw, MODEL))
+    out = _from_deeper_in_the_stack(200, lambda: m.rewrite_line(raw, MODEL))
     assert json.loads(out)["body"]["model"] == MODEL
+
+
+def _deepest_valid_tool_schema_line() -> bytes:
+    """The request line with the most deeply nested tool schema (the part the translators walk)
+    that the upload validator accepts."""
+    from batchgate_server.core.jsonl_validation import JsonlValidator
+
+    def with_schema(levels: int) -> bytes:
+        schema: dict = {"type": "string"}
+        for _ in range(levels):
+            schema = {"type": "object", "properties": {"a": schema}}
+        return line({"model": "a", "messages": [{"role": "user", "content": "hi"}],
+                     "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}]})
+
+    accepted = b""
+    for levels in range(1, 600):
+        validator = JsonlValidator()
+        validator.feed(with_schema(levels) + b"\n")
+        if not validator.finish().ok:
+            break
+        accepted = with_schema(levels)
+    return accepted
+
+
+@pytest.mark.parametrize("provider", sorted(BUILTIN_PROVIDERS))
+def test_every_provider_measures_the_deepest_line_the_validator_accepts_from_a_deep_stack(provider):
+    # request_size translates the line as the provider's job takes it (the split calls it in a worker
+    # thread; submit translates it again): no RecursionError 600 frames down.
+    module, _, name = BUILTIN_PROVIDERS[provider].partition(":")
+    adapter = getattr(importlib.import_module(module), name)()
+    model = {"anthropic": "claude-3-5-haiku-20241022", "vertex_ai": "gemini-1.5-flash-002",
+             "bedrock": "anthropic.claude-3-haiku-20240307-v1:0"}.get(provider, "gpt-4o")
+    deployment = Deployment(id=provider, model_name=provider, provider=provider, model=model, params={})
+    raw = _deepest_valid_tool_schema_line()
+    assert raw.count(b'"properties"') > 50  # deep enough to matter
+    size = _from_deeper_in_the_stack(600, lambda: adapter.request_size("/v1/chat/completions", deployment, raw))
+    assert size > len(raw) // 2
 
 
 def _reads_first_of_duplicates(raw: bytes) -> object:
@@ -247,18 +283,28 @@ def test_a_duplicated_member_reaches_the_provider_only_as_the_new_value(raw, azu
     assert sent["url"] == ("/chat/completions" if azure else "/v1/chat/completions")
 
 
-_UNCHANGED_REASON = (
-    "older than the splice: a line whose body.model (the last, as json reads it) is already the"
-    " deployment's is passed on as written, an earlier duplicate with it; writing it once needs a"
-    " search of every such line for a second \"model\" (measured 1.7 -> 3.1 us for a 2.2 KB line)")
-
-
-@pytest.mark.xfail(strict=True, reason=_UNCHANGED_REASON)
 @pytest.mark.parametrize(("raw", "azure"), [
     (line(raw_body=f'{{"model": "gpt-4o", "model": "{MODEL}"}}'), False),
     (line(raw_body=f'{{"model": "gpt-4o", "model": "{MODEL}"}}'), True),
     (line(raw_body='{"model": "gpt-4o"}')[:-1] + f', "body": {{"model": "{MODEL}"}}}}'.encode(), False),
+    (line(raw_body=f'{{"model": 7, "model": "{MODEL}"}}'), False),  # the earlier one of another type
+    (line(raw_body=f'{{"model": {{"name": "gpt-4o"}}, "model": "{MODEL}"}}'), True),
+    # An earlier duplicate spelled with an escape: the splice's first match is the last one.
+    (line(raw_body=f'{{"mod\\u0065l": "gpt-4o", "model": "{MODEL}"}}'), False),
+    (line(raw_body='{"mod\\u0065l": "gpt-4o", "model": "gpt-4o-mini"}'), False),
+    (line(raw_body='{"m\\u006fdel": "gpt-4o", "model": "gpt-4o-mini"}'), True),
+    (line(raw_body='{"model": "gpt-4o"}')[:-1] + b', "bod\\u0079": {"model": "gpt-4o-mini"}}', False),
 ])
 def test_a_duplicated_model_already_the_deployments_reaches_the_provider_once(raw, azure):
+    # The earlier duplicate was passed on beside the last (already the deployment's, or spliced):
+    # a parser that keeps the first of duplicate keys ran the user's model on the deployment's account.
     sent = _reads_first_of_duplicates(m.rewrite_line(raw, MODEL, azure=azure))
     assert sent["body"]["model"] == MODEL
+    assert json.loads(m.rewrite_line(raw, MODEL, azure=azure)) == sent  # each member written once
+
+
+def test_a_nested_member_named_model_or_url_leaves_the_line_as_it_was_written():
+    # Only body.model and url are counted: a tool's "model" property is no duplicate.
+    raw = line(raw_body='{"tools": [{"parameters": {"properties": {"model": {"type": "string"}}}}],'
+                        f' "metadata": {{"url": "x"}}, "model": "{MODEL}"}}')
+    assert m.rewrite_line(raw, MODEL) is raw

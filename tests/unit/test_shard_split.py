@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 import pytest
 
@@ -39,6 +39,27 @@ def test_bytes_add_jobs_where_lines_alone_would_fit():
     assert jobs[0][0] == 0 and jobs[-1][1] == 20 and all(x[1] == y[0] for x, y in zip(jobs, jobs[1:]))
     # 4 jobs of 5 lines would put 5,000 bytes in the third; 5 jobs of 4 lines fit (near-equal by lines).
     assert jobs == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20)]
+
+
+def test_lines_never_sent_count_as_no_job_s_requests():
+    # Bedrock's 100 to 150 records a job; 20 lines (size 0: cannot be translated) among 350. Cut by
+    # lines, the third job held 97 records to send and Bedrock's minimum refused it.
+    sizes = [10] * 350
+    sizes[240:260] = [0] * 20
+    limits = JobLimits(max_requests=150, min_requests=100)
+    jobs = cut(sizes, limits, "p")
+    assert jobs[0][0] == 0 and jobs[-1][1] == 350 and all(x[1] == y[0] for x, y in pairwise(jobs))
+    sent = [sum(1 for size in sizes[a:b] if size) for a, b in jobs]
+    assert sent == [110, 110, 110]
+    # The lines never sent go with the sent line before them, the first ones with the first job.
+    assert cut([0, 0, 5, 5, 0, 5, 5, 0], JobLimits(max_requests=2), "p") == [(0, 5), (5, 8)]
+
+
+def test_a_part_with_too_few_lines_to_send_for_one_job_is_one_job():
+    # Its provider refuses it at submit (BATCH_TOO_SMALL, no job created), as a batch under its minimum.
+    sizes = [10] * 99 + [0] * 5
+    assert cut(sizes, JobLimits(max_requests=150, min_requests=100), "p") == [(0, 104)]
+    assert cut([0] * 7, JobLimits(max_requests=3), "p") == [(0, 7)]  # none sent: one job of error lines
 
 
 def test_no_cut_fits_names_the_numbers():

@@ -406,15 +406,20 @@ def cmd_usage(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int
 
 def cmd_run(bg: BatchgateClient, args: argparse.Namespace, out: Output) -> int:
     started = time.monotonic()
+    if not args.model and not args.model_map:
+        raise CommandLineError("run takes --model (what every line runs on), or --model-map FILE_MODEL=MODEL"
+                               " (lines of models not mapped then run on their own body.model)")
+    model_map = _metadata(args.model_map, "--model-map")  # checked before anything is uploaded
     source = Path(args.requests)
     if not source.is_file():
         out.error(FileNotFoundError(f"{source}: no such file"))
         return EXIT_ERROR
     f = bg.upload_file(source)
-    out.note(f"uploaded {source} as {f.id}: {f.line_count:,} requests for {f.endpoint}")
+    out.note(f"uploaded {source} as {f.id}: {f.line_count:,} requests for {f.endpoint or 'several endpoints'}")
     b = bg.create_batch(f.id, args.endpoint or f.endpoint, model=args.model, provider=args.provider,
-                        completion_window=args.completion_window, metadata=_metadata(args.metadata))
-    out.note(f"created {b.id} on {b.model} ({b.provider})")
+                        completion_window=args.completion_window, metadata=_metadata(args.metadata),
+                        model_map=model_map, spread=args.spread)
+    out.note(f"created {b.id} on {b.model or 'several models'} ({b.provider or 'several providers'})")
     try:
         final = _follow(bg, b.id, out, json_states=False)  # its JSON is the summary
     except KeyboardInterrupt:
@@ -536,13 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = leaf(commands, "run", cmd_run, "upload a JSONL file, run it as a batch, watch it, download the results")
     run.add_argument("requests", help="the OpenAI-format batch file (JSONL)")
-    run.add_argument("--model", required=True, help="model to run on (a model_name, provider/model, simulated)")
+    run.add_argument("--model", default="", help="model to run on (a model_name, provider/model, simulated);"
+                                                  " required unless --model-map is given")
     run.add_argument("-o", "--output", help="where the results go (default: <requests>.results.jsonl);"
                                             " failed requests go to <output>.errors.jsonl")
     run.add_argument("--endpoint", help="default: the endpoint of the file's lines")
     run.add_argument("--provider", default="")
     run.add_argument("--completion-window", default="24h")
     run.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    _routing_options(run)
 
     files = commands.add_parser("files", help="upload, list, get, download, delete files").add_subparsers(
         dest="files_command", required=True, metavar="ACTION")
@@ -568,11 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="default: the endpoint of the file's lines")
     p.add_argument("--model", default="")
     p.add_argument("--provider", default="")
-    p.add_argument("--model-map", action="append", default=[], metavar="FILE_MODEL=MODEL",
-                   help="run the lines of FILE_MODEL (their body.model) on MODEL: a model name, provider/model or"
-                        " deployment id (repeatable)")
-    p.add_argument("--spread", action="store_true",
-                   help="cut the batch across every deployment of its model, by weight and free capacity")
+    _routing_options(p)
     p.add_argument("--completion-window", default="24h")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--request-id", default="", help="idempotency key (default: one made up)")
@@ -594,6 +597,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     p.add_argument("--provider", default="")
     return parser
+
+
+def _routing_options(p: argparse.ArgumentParser) -> None:
+    """CreateBatch's model_map and spread, as `batches create` and `run` take them."""
+    p.add_argument("--model-map", action="append", default=[], metavar="FILE_MODEL=MODEL",
+                   help="run the lines of FILE_MODEL (their body.model) on MODEL: a model name, provider/model or"
+                        " deployment id (repeatable)")
+    p.add_argument("--spread", action="store_true",
+                   help="cut the batch across every deployment of its model, by weight and free capacity")
 
 
 def client_from_args(args: argparse.Namespace) -> BatchgateClient:

@@ -9,7 +9,13 @@ kept, never the whole file.
 Rules follow OpenAI's batch input validation (codes as in its ``errors.data``):
 
 * the file is UTF-8 (``invalid_utf8``, at the line holding the bad byte);
-* every non-blank line is one JSON object (``invalid_json_line``). A trailing
+* every non-blank line is one JSON object (``invalid_json_line``), whose arrays and
+  objects nest at most ``MAX_NESTING`` (128) levels deep, the line's own object being
+  level 1 (past it ``invalid_json_line``, "nested too deeply ...", whatever else the line
+  holds, checked before its JSON on every path: ``_first_deep_line``, one C call a region,
+  ~0.12 ms per MiB). Every reader of an accepted line (json, msgspec, the providers'
+  ``rewrite_line`` and ``request_size``) recurses once a level in whatever stack it runs
+  in; real requests nest 20-60 (see ``MAX_NESTING``). A trailing
   newline, CRLF endings and blank lines at the very end of the file are fine;
   a blank line followed by a request line is ``invalid_json_line``, and so is
   a line starting with a UTF-8 byte order mark (its message says so);
@@ -82,6 +88,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from array import array
 from bisect import bisect_left
@@ -100,6 +107,10 @@ try:
 except ImportError:  # a source tree whose extension was never built (pip install -e . builds it)
     _NativeIndex = None
     _object_lines = None
+try:
+    from batchgate_server.core._jsonl_native import first_deep_line as _first_deep_line
+except ImportError:  # not built, or built before it had this function: only the nesting scan is in Python
+    _first_deep_line = None
 
 __all__ = [
     "SUPPORTED_ENDPOINTS",
@@ -140,6 +151,18 @@ TOO_MANY_TASKS = "too_many_tasks"
 FILE_TOO_LARGE = "file_too_large"
 
 _JSON_WS = " \t\r\n"
+
+# The deepest a line's arrays and objects may nest (its own object is level 1), on every path alike.
+# Every line accepted is read again later by code that recurses once a level (json, msgspec, the
+# providers' rewrite_line and request_size, each in whatever call stack it runs): without a limit of its
+# own, the validator's was the interpreter's recursion limit (1000) minus its own shallow stack, and a
+# line accepted at ~990 could raise RecursionError in a deeper one. Real requests nest far less: a deep
+# JSON schema in response_format or tools reaches 20-60 (OpenAI's strict schemas allow 10 levels of
+# object nesting, ~2-3 JSON levels each, under body.response_format.json_schema.schema). 128, serde_json's
+# default, leaves twice that and ~870 frames for any reader's own stack.
+MAX_NESTING = 128
+_TOO_DEEP = (f"line is nested too deeply: its arrays and objects nest more than {MAX_NESTING} levels deep"
+             f" (at most {MAX_NESTING} are allowed)")
 
 
 @dataclass
@@ -338,6 +361,37 @@ def _object_lines_in_python(buf: bytes, start: int, stop: int) -> int:
 
 if _object_lines is None:
     _object_lines = _object_lines_in_python
+
+# A string (an escape skips the character after it; one never closed runs to the line's end) or a bracket.
+_NESTING_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|[\[\]{}]', re.DOTALL)
+
+
+def _first_deep_line_in_python(buf: bytes, start: int, stop: int, limit: int) -> int:
+    """Where the first line of ``buf[start:stop]`` starts whose arrays and objects nest more than ``limit``
+    deep (brackets outside strings), or -1. A line of at most ``limit`` "[" and "{" cannot: only such a line
+    is walked. core/_jsonl_native.c has the same function in C."""
+    if buf.count(b"[", start, stop) + buf.count(b"{", start, stop) <= limit:
+        return -1
+    i = start
+    while i < stop:
+        j = buf.find(b"\n", i, stop)
+        j = stop if j < 0 else j
+        if buf.count(b"[", i, j) + buf.count(b"{", i, j) > limit:
+            depth = 0
+            for token in _NESTING_TOKEN.finditer(buf, i, j):
+                c = buf[token.start()]
+                if c == 91 or c == 123:  # "[" "{"
+                    depth += 1
+                    if depth > limit:
+                        return i
+                elif c != 34:  # "]" "}"
+                    depth -= 1
+        i = j + 1
+    return -1
+
+
+if _first_deep_line is None:
+    _first_deep_line = _first_deep_line_in_python
 
 
 def _first_bad_byte(view: memoryview, start: int, stop: int) -> int:
@@ -719,8 +773,13 @@ class JsonlValidator:
         # ASCII (a word-at-a-time check, once: it scans from the buffer's start) needs no decode.
         bad = stop if buf.isascii() else _first_bad_byte(view, start, stop)
         by_line = False  # past a bad line in the region: each line checked alone
+        # Where the first line nested deeper than MAX_NESTING starts (-1: none): such a region is read
+        # line by line, that line invalid whatever else it holds.
+        deep = _first_deep_line(buf, start, stop, MAX_NESTING)
         if _may_hold_a_long_integer(buf, start, stop):
             read_request = _refuse_typed  # json's verdict on it differs from msgspec's: the plain way
+            requests = None
+        elif deep >= 0:
             requests = None
         else:
             requests = (_read_region(buf, view, start, stop, max_lines - tasks, self._read_valid_lines)
@@ -754,10 +813,16 @@ class JsonlValidator:
                     n += 1
                     if by_line:
                         bad = _first_bad_byte(view, line_start, j)
+                    too_deep = line_start == deep
+                    if too_deep:
+                        deep = _first_deep_line(buf, i, stop, MAX_NESTING) if i < stop else -1
                     if bad < j:
                         # This line holds the first bad byte (the lines before it were all UTF-8):
                         # reported once counted, below.
                         request = None
+                    elif too_deep:
+                        request = None
+                        obj, error = _INVALID, _TOO_DEEP
                     else:
                         try:
                             request = read_request(view[line_start:j])

@@ -28,7 +28,7 @@ from array import array
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 import msgspec
 
@@ -72,7 +72,11 @@ def cut(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[int, i
     within `limits`; near-equal by lines (so the last job is not left below min_requests) where
     that costs at most NEAR_EQUAL_TRIES jobs more than the fewest. SplitRefused naming the
     numbers when no cut fits. Linear in the lines: the sizes of a hostile file (one request near
-    the byte limit among small ones) must not make it search every job count."""
+    the byte limit among small ones) must not make it search every job count. A line of size 0
+    is never sent (its provider cannot translate it: an error line of its job): only the others
+    count as the job's requests (``_cut_sent``)."""
+    if 0 in sizes:
+        return _cut_sent(sizes, limits, what)
     n = len(sizes)
     if n < limits.min_requests:
         raise SplitRefused(f"{what} has {n} requests; a job there takes at least {limits.min_requests}")
@@ -100,6 +104,20 @@ def cut(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[int, i
         if near_equal is not None:
             return near_equal
     return fewest
+
+
+def _cut_sent(sizes: Sequence[int], limits: JobLimits, what: str) -> list[tuple[int, int]]:
+    """`cut` of a part holding lines that are never sent (size 0): the sent lines are cut, so that no job
+    has fewer records to send than its provider's minimum (Bedrock refuses such a job) or more than its
+    maximum, and each line never sent goes with the job of the sent line before it (the first job: the
+    ones before any). A part whose sent lines are too few for one job is one job, which its provider
+    refuses at submit as it refuses a batch under its minimum (BATCH_TOO_SMALL, no job created)."""
+    sent = [i for i, size in enumerate(sizes) if size]
+    if len(sent) < limits.min_requests:
+        return [(0, len(sizes))]
+    jobs = cut([sizes[i] for i in sent], limits, what)
+    bounds = [0, *(sent[first] for first, _ in jobs[1:]), len(sizes)]
+    return list(pairwise(bounds))
 
 
 # Extra jobs a near-equal cut may take over the fewest (and job counts tried for one).

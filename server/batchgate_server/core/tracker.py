@@ -432,7 +432,7 @@ class BatchRunner:
                     log.warning("batch %s: %s (retrying in %.1fs)", rec.id, err.message, delay)
                     await self._sleep(delay)
                 except UnsupportedRequest as err:
-                    await self._fail(err.reason.lower(), err.message)
+                    await self._fail_with([BatchError(err.reason.lower(), err.message), *err.line_errors])
                     break
                 except (StorageFull, StorageUnavailable, RevisionConflict, OSError) as err:
                     # Our own storage failing (a full disk, a database locked by a backup, a stale
@@ -513,10 +513,17 @@ class BatchRunner:
             open_input=self._open_input, save_state=self._save_state,
             workdir=self.t.work_root / rec.id,
             progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None,
-            new_usage=lambda: self.t.accounting.usage_counter(rec))
+            new_usage=lambda: self.t.accounting.usage_counter(rec), first_line=self._first_line())
         if rec.selection is not None:  # a shard: the input its split wrote, when kept here
             job.open_prepared = self.t.prepared.opener(rec.id, job.deployment)
         return job
+
+    def _first_line(self) -> int | None:
+        """ProviderJob.first_line: a shard's lines follow one another in the file only when it has one group."""
+        selection = self.rec.selection
+        if selection is None:
+            return 1
+        return selection.start + 1 if selection.single_group else None
 
     def _open_input(self):
         rec = self.rec

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,9 @@ class ProviderJob:
     progress: SharedProgress | None = None
     # A fresh counter of the batch's usage (its price's long-context tiers), for counted_usage.
     new_usage: Callable[[], OutputUsage] | None = None
+    # The input file's line number of the job's first line (its lines follow it in the file); None when
+    # they do not (a shard of a file that mixes groups): messages then name a line by its custom_id only.
+    first_line: int | None = 1
     # The job's input as this provider's request_bytes wrote it (newline-terminated lines, in
     # blocks), when the split of its sharded parent kept it on this server (core/prepared_input.py);
     # None: build it from open_input. The same bytes either way.
@@ -165,12 +168,16 @@ class UnsupportedRequest(Exception):
     or FAILED_PRECONDITION with `reason`)."""
 
     def __init__(self, message: str, *, reason: str = "UNSUPPORTED_ENDPOINT",
-                 precondition: bool = False, details: Mapping[str, str] | None = None) -> None:
+                 precondition: bool = False, details: Mapping[str, str] | None = None,
+                 line_errors: Sequence[BatchError] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.precondition = precondition
         self.details = dict(details or {})
+        # Raised by submit: the lines at fault, each its own error after the batch's (Batch.errors, as
+        # OpenAI's errors.data names a line).
+        self.line_errors = list(line_errors)
 
 
 class RequestEvents:

@@ -114,6 +114,22 @@ class Staged:
     skipped: int = 0  # lines that failed translation (they come back as error lines)
     first_error: str = ""  # "line N (custom_id …): message" of the first skipped line
     bytes: int = 0
+    # The first MAX_LINE_ERRORS skipped lines, each as the error a refused job names it by.
+    line_errors: list[BatchError] = field(default_factory=list)
+
+
+# Skipped lines a job refused for too few records names one by one (Batch.errors stays short).
+MAX_LINE_ERRORS = 10
+
+
+def untranslatable(job: ProviderJob, line: InputLine, err: BaseException) -> BatchError:
+    """Line `line` of `job`, which cannot be translated, as a batch error: its line in the input file
+    where the job knows it (ProviderJob.first_line), its custom_id, the parameter at fault."""
+    msg = getattr(err, "message", str(err))
+    param = getattr(err, "param", "")
+    number = job.first_line + line.index if job.first_line is not None else None
+    where = f"line {number} (custom_id {line.custom_id!r})" if number is not None else f"custom_id {line.custom_id!r}"
+    return BatchError("untranslatable_request", f"{where}: {param + ': ' if param else ''}{msg}", param, number)
 
 
 def record_bytes(record: dict) -> bytes:
@@ -137,11 +153,9 @@ async def write_translated(job: ProviderJob, codec: CustomIdCodec, path: Path,
                 record = translate(line)
             except errors as err:
                 staged.skipped += 1
-                if not staged.first_error:
-                    msg = getattr(err, "message", str(err))
-                    param = getattr(err, "param", "")
-                    staged.first_error = (f"line {line.index + 1} (custom_id {line.custom_id!r}): "
-                                          f"{param + ': ' if param else ''}{msg}")
+                if len(staged.line_errors) < MAX_LINE_ERRORS:
+                    staged.line_errors.append(untranslatable(job, line, err))
+                    staged.first_error = staged.first_error or staged.line_errors[0].message
                 continue
             buf += record_bytes(record)
             buf += b"\n"

@@ -230,7 +230,7 @@ class BedrockBatchProvider(StagedBatchProvider):
                 f"only {staged.sent} of {job.line_count} requests can be sent to Bedrock "
                 f"({staged.skipped} cannot be translated, first: {staged.first_error}); Bedrock batch "
                 f"inference needs at least {low} records per job", reason="BATCH_TOO_SMALL",
-                precondition=True)
+                precondition=True, line_errors=staged.line_errors)
 
     async def _upload(self, cfg: BedrockConfig, job: ProviderJob, path: Path, base: str) -> None:
         job.state["input_uri"] = await self._client.upload_file(cfg, path, f"{base}/input/{job.batch_id}.jsonl")

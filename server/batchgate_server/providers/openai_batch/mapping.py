@@ -10,6 +10,7 @@ where a caller passes `now`), unit-tested in tests/unit/test_openai_batch_mappin
 from __future__ import annotations
 
 import email.utils
+import itertools
 import json
 import math
 import time
@@ -230,6 +231,47 @@ class _LineHead(msgspec.Struct):
 _read_head = msgspec.json.Decoder(_LineHead).decode
 
 
+class _Counted(str):
+    """A member of the line head whose every occurrence the read counts (``_read_counted``)."""
+
+    __slots__ = ()
+
+
+# Occurrences of body.model (and Azure's url) in the lines read: msgspec calls the hook for each, the
+# duplicates json drops included, however the key is spelled (escapes too); nested members of the same name (a
+# tool's schema) are no field and not counted. A line's count is the counter's advance over its read:
+# a read on another thread at the same time can only add to it (one more re-encode, never a missed
+# duplicate), so no lock or thread-local is needed. ~0.25 us a member (a Python call from msgspec) for a
+# line of 2 KB, where a search of its bytes for a second '"model"' took 1.4 us (and one for keys spelled
+# with escapes 1.3 more).
+_occurrences = itertools.count()
+
+
+def _count_occurrence(_type: type, value: Any, _next=next, _counter=_occurrences) -> Any:
+    _next(_counter)
+    return _Counted(value) if value.__class__ is str else value  # anything else fails the read: re-encoded
+
+
+class _CountedBody(msgspec.Struct):
+    model: _Counted | None = None
+
+
+class _CountedHead(msgspec.Struct):
+    body: _CountedBody | None = None
+    url: Any = None
+
+
+class _CountedAzureHead(msgspec.Struct):
+    """Azure's url is spliced too: its occurrences are counted as well."""
+
+    body: _CountedBody | None = None
+    url: _Counted | None = None
+
+
+_read_counted = msgspec.json.Decoder(_CountedHead, dec_hook=_count_occurrence).decode
+_read_counted_azure = msgspec.json.Decoder(_CountedAzureHead, dec_hook=_count_occurrence).decode
+
+
 def rewrite_line(raw: bytes, model: str, *, azure: bool = False) -> bytes:
     """Set body.model to the deployment's model (and drop the /v1 of the url for Azure).
 
@@ -237,15 +279,24 @@ def rewrite_line(raw: bytes, model: str, *, azure: bool = False) -> bytes:
     its line number) rather than the adapter guessing. Unchanged lines are returned as-is.
     The new values are spliced into the line's bytes where that is provably exact
     (providers/json_splice.py); otherwise the line is decoded and re-encoded whole."""
+    before = next(_occurrences)
     try:
-        head = _read_head(raw)
+        head = _read_counted_azure(raw) if azure else _read_counted(raw)
         if not raw.isascii():
             raw.decode()  # msgspec does not check the UTF-8 of members it skips; json does
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        return _rewrite_decoded(raw, model, azure=azure)  # e.g. NaN, a lone surrogate, body not an object
+        # e.g. NaN, a lone surrogate, body not an object, or an earlier duplicate of body.model that is
+        # no string (the validator read the last): written once if anything is written.
+        return _rewrite_decoded(raw, model, azure=azure, always=True)
     url = head.url
     new_url = azure_path(url) if azure and isinstance(url, str) and url.startswith("/v1/") else None
     new_model = head.body is not None and head.body.model != model
+    counted = (azure and url is not None) + (head.body is not None and head.body.model is not None)
+    if next(_occurrences) - before - 1 > counted:
+        # A duplicate of url, body or body.model (spelled plainly or with escapes): the splice, or the
+        # line as it is, would pass the earlier one on, for a parser that keeps the first of duplicate
+        # keys to read (another model, on the deployment's account). The re-encode writes it once.
+        return _rewrite_decoded(raw, model, azure=azure, always=True)
     if new_url is None and not new_model:
         return raw
     if new_url is not None and new_model and new_url != model:
@@ -286,8 +337,10 @@ def _splice(line: bytes, key: str, value: str, reads_back: Callable[[bytes], boo
     return None if encoded is None else json_splice.splice_member(line, key, encoded, reads_back)
 
 
-def _rewrite_decoded(raw: bytes, model: str, *, azure: bool) -> bytes:
-    """rewrite_line by decoding the whole line and encoding it again (json, as Python reads it)."""
+def _rewrite_decoded(raw: bytes, model: str, *, azure: bool, always: bool = False) -> bytes:
+    """rewrite_line by decoding the whole line and encoding it again (json, as Python reads it): a
+    line with nothing to change is returned as it is unless ``always`` (it may hold duplicate keys,
+    which the encode writes once)."""
     try:
         obj = json.loads(raw)
     except ValueError:
@@ -304,7 +357,7 @@ def _rewrite_decoded(raw: bytes, model: str, *, azure: bool) -> bytes:
         if isinstance(url, str) and url.startswith("/v1/"):
             obj["url"] = azure_path(url)
             changed = True
-    if not changed:
+    if not changed and not always:
         return raw
     try:
         return _dumps(obj).encode()
