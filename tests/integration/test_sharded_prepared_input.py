@@ -111,3 +111,21 @@ async def test_a_split_that_cannot_write_its_files_sends_the_same_lines(tmp_path
         lines, content, batch = await submitted(h, fake)
         assert uploaded_inputs(fake) == as_sent(content.splitlines(), model, azure)
         await completed(h, fake, batch, lines)
+
+
+async def test_a_prepared_file_cut_short_before_the_upload_is_retried_from_the_stored_input(tmp_path, provider):
+    fake, config, model, azure = provider
+    # Every job's first upload is answered 503 with a Retry-After: the split has written its file, the
+    # jobs have not sent it yet. It is cut short then, as a disk error would leave it.
+    fake.inject(503, 3, retry_after=1.0, path_contains="/files", method="POST")
+    async with serving(tmp_path / "data", config_file=config) as h:
+        lines = hostile_lines()
+        content = jsonl(lines)
+        f = await h.upload(h.alice, content)
+        batch = await create(h.alice, f.id)
+        await eventually(lambda: fake.calls_to("POST", "/files") >= 3)
+        part = h.data_dir / "work" / batch.id / "prepared" / "part-0.jsonl"
+        part.write_bytes(part.read_bytes()[:100])
+        await eventually(lambda: len(fake.batches) == 3)
+        assert uploaded_inputs(fake) == as_sent(content.splitlines(), model, azure)
+        await completed(h, fake, batch, lines)

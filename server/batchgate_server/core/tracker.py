@@ -514,8 +514,6 @@ class BatchRunner:
             workdir=self.t.work_root / rec.id,
             progress=StoredProgress(self.t.store, rec.id, self.t.replica) if self.t.shared_progress else None,
             new_usage=lambda: self.t.accounting.usage_counter(rec), first_line=self._first_line())
-        if rec.selection is not None:  # a shard: the input its split wrote, when kept here
-            job.open_prepared = self.t.prepared.opener(rec.id, job.deployment)
         return job
 
     def _first_line(self) -> int | None:
@@ -559,6 +557,9 @@ class BatchRunner:
             await self._cancel_before_submission()
             return
         if status is BatchStatus.VALIDATING:
+            # A shard: the input its split wrote, when kept here; asked again at every attempt, as a
+            # read of it that failed drops it (the attempt after builds the input from the file).
+            job.open_prepared = self.t.prepared.opener(self.rec.id, job.deployment)
             await provider.submit(job)
             self.t.prepared.release(self.rec.id)  # the provider has the input: a shard's prepared copy goes
 
