@@ -142,3 +142,14 @@ async def test_a_provider_that_makes_its_input_otherwise_writes_nothing(tmp_path
     assert m.writer is None and not (tmp_path / "work").exists()
     assert list(m.sizes) == [provider.request_size(m.part.endpoint, deployment, _line(i)) for i in range(5)]
     await blobs.close()
+
+
+def test_the_start_sweeps_what_an_earlier_process_prepared_and_nothing_else(tmp_path):
+    for parent in ("batch_a", "batch_b"):
+        part = PreparedInputs(tmp_path).part_path(parent, 0)
+        part.parent.mkdir(parents=True)
+        part.write_bytes(b"x\n")
+    (tmp_path / "batch_a" / "results.log").write_bytes(b"an executor's work file")
+    PreparedInputs(tmp_path).sweep()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "batch_a", "batch_a/results.log", "batch_b"]

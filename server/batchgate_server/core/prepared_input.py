@@ -13,7 +13,9 @@ restart (kill -9 included) or another replica running the shard finds nothing an
 input from the stored file as before (ProviderJob.open_input), which gives the same bytes. A part
 whose file could not be written (a full disk) is simply not registered. A range that turns out
 short when read (the file removed under it) is dropped from the registry before the read fails,
-so the retry builds the input the usual way. The files go with the parent's end.
+so the retry builds the input the usual way. A part's file goes once each of its shards has its
+input at the provider, the rest with the parent's end, and whatever an earlier process left at
+the next start.
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ class PreparedInputs:
         prepared = self._ranges.pop(shard_id, None)
         if prepared is not None and all(other.path != prepared.path for other in self._ranges.values()):
             prepared.path.unlink(missing_ok=True)
+
+    def sweep(self) -> None:
+        """At start: every prepared file left by an earlier process (a crash, a shutdown during a
+        split, a batch that ended on another replica) goes; none is anyone's now (the registry is
+        this process's)."""
+        for stale in self.work_root.glob(f"*/{PREPARED_DIR}"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def forget(self, parent_id: str, shard_ids: list[str]) -> None:
         """The parent has ended: its shards' ranges and the files under it go."""

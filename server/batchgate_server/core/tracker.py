@@ -142,6 +142,7 @@ class Tracker:
 
     async def start(self) -> int:
         self._unsubscribe = self.store.changes.subscribe(self.changed)
+        await asyncio.to_thread(self.prepared.sweep)  # a split's copies from before are no one's now
         active = await self.ownership.start(self)
         for record in active:
             self.adopt(record)
