@@ -70,6 +70,7 @@ bench: install
 	$(PY) bench/watch.py
 	$(PY) bench/cost.py
 	$(PY) bench/passthrough.py
+	$(PY) bench/provider_hop.py
 	$(PY) bench/http_api.py
 	$(PY) bench/client_overhead.py
 	$(PY) bench/postgres_driver.py

@@ -61,6 +61,10 @@ HOSTILE_LINES = [
     b'{"url": "/v1/chat/completions", "url": "/v1/embeddings", "body": {"model": "a"}}',
     b'{"body": {"url": "/v1/nested", "model": "a"}, "url": "/v1/embeddings"}',
     b'{"url": 5, "body": {"model": "a"}}',
+    # Azure's two splices, read back once: a url at a key's end, a model named like the new url
+    b'{"x\\"url": "/v1/a", "url": "/v1/chat/completions", "body": {"model": "a"}}',
+    b'{"url": "/v1/chat/completions", "body": {"model": "/chat/completions"}}',
+    b'{"body": {"model": "/v1/embeddings"}, "url": "/v1/embeddings"}',
     b'  {"body": {"model": "a"}}  ',
     b'{"body": {"model": "a"}} trailing',
     b'{"body": {"model": "\xff"}}',  # bad UTF-8
@@ -80,7 +84,7 @@ def reads(raw: bytes) -> object:
 
 
 @pytest.mark.parametrize("azure", [False, True])
-@pytest.mark.parametrize("model", [MODEL, "a", 'dep "quoted" \\ é \u2028'])
+@pytest.mark.parametrize("model", [MODEL, "a", 'dep "quoted" \\ é \u2028', "/chat/completions"])
 @pytest.mark.parametrize("raw", HOSTILE_LINES)
 def test_rewrite_reads_as_the_full_reencode(raw, model, azure):
     spliced = m.rewrite_line(raw, model, azure=azure)

@@ -32,6 +32,7 @@ from itertools import accumulate, pairwise
 
 import msgspec
 
+from batchgate_server.core.prepared_input import PartWriter, PreparedRange
 from batchgate_server.core.result_files import collect_results
 from batchgate_server.core.shard_input import line_group, selection_lines
 from batchgate_server.core.tracker import BatchRunner, Tracker, batch_load, cancel_batch
@@ -179,6 +180,9 @@ class Measured:
     provider: BatchProvider
     offsets: array = field(default_factory=lambda: array("Q"))
     sizes: array = field(default_factory=lambda: array("I"))
+    # Where the part's lines go as the provider receives them (BatchProvider.request_bytes), for
+    # its shards' submits (core/prepared_input.py); None: not kept.
+    writer: PartWriter | None = None
 
 
 # Lines one thread hop measures: ~0.1 s of Anthropic translation, a few hops per second at most.
@@ -197,7 +201,19 @@ class _PartMeasurer:
         self.only = next(iter(self.by_group)) if single_group and len(self.by_group) == 1 else None
         self.ordinals: dict[tuple[str, str], int] = {}
 
-    def measure(self, block: Sequence[tuple[int, bytes]]) -> None:
+    def measure_run(self, at: int, run: Sequence[bytes]) -> list[tuple[Measured, list[bytes]]]:
+        """`run`: raw lines from byte `at` (BlobStore.line_runs_at); blank ones are no request."""
+        block = []
+        for raw in run:
+            if raw and not raw.isspace():  # as raw.strip() but without copying the line
+                block.append((at, raw.rstrip(b"\r")))
+            at += len(raw) + 1
+        return self.measure(block)
+
+    def measure(self, block: Sequence[tuple[int, bytes]]) -> list[tuple[Measured, list[bytes]]]:
+        """Measures `block` into the parts; returns each part's lines as its provider receives them,
+        for its writer (write_prepared)."""
+        written: dict[int, tuple[Measured, list[bytes]]] = {}  # by id(): a block's lines of each part
         for offset, line in block:
             group = self.only or line_group(line)
             ordinal = self.ordinals.get(group, 0)
@@ -205,8 +221,21 @@ class _PartMeasurer:
             for m in self.by_group.get(group, ()):
                 if m.part.start <= ordinal < m.part.end:
                     m.offsets.append(offset)
-                    m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
+                    sent = m.provider.request_bytes(m.part.endpoint, m.deployment, line) if m.writer else None
+                    if sent is None:
+                        m.writer = None  # this provider makes its input otherwise: nothing is kept
+                        m.sizes.append(m.provider.request_size(m.part.endpoint, m.deployment, line))
+                    else:
+                        m.sizes.append(len(sent) + 1)
+                        written.setdefault(id(m), (m, []))[1].append(sent)
                     break
+        return list(written.values())
+
+
+def write_prepared(written: Sequence[tuple[Measured, list[bytes]]]) -> None:
+    for m, lines in written:
+        if m.writer is not None:
+            m.writer.write(lines)
 
 
 async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measured], single_group: bool) -> None:
@@ -217,14 +246,23 @@ async def measure_parts(blobs: BlobStore, file_id: str, measured: Sequence[Measu
     when the file does not hold the lines planned. A cancel leaves `measured` half filled: a split
     redone measures into new ones."""
     measurer = _PartMeasurer(measured, single_group)
-    block: list[tuple[int, bytes]] = []
-    async for offset, line in blobs.lines_at(file_id):
-        block.append((offset, line))
-        if len(block) >= MEASURE_BLOCK_LINES:
-            await asyncio.to_thread(measurer.measure, block)
-            block = []
-    if block:
-        await asyncio.to_thread(measurer.measure, block)
+    # A block's prepared lines are written on another thread while the next block is measured
+    # (the write's copy into the page cache runs without the GIL): one write in flight, in order.
+    writing: asyncio.Future | None = None
+    try:
+        async for at, run in blobs.line_runs_at(file_id):
+            for first in range(0, len(run), MEASURE_BLOCK_LINES):
+                block = run[first:first + MEASURE_BLOCK_LINES]
+                written = await asyncio.to_thread(measurer.measure_run, at, block)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(write_prepared, written)) if written else None
+                at += sum(map(len, block)) + len(block)
+        if writing is not None:
+            await writing
+    finally:
+        if writing is not None and not writing.done():
+            await asyncio.wait([writing])  # a cancel: the writers are closed after (see _measure), not under it
     for m in measured:
         if len(m.sizes) != m.part.count:
             raise SplitRefused(f"the input has {len(m.sizes)} of the {m.part.count} requests planned for "
@@ -338,6 +376,7 @@ class ShardedBatchRunner(BatchRunner):
         if self.rec.status is BatchStatus.CANCELLING and not self._cancel_propagated:
             await self._propagate_cancel(shards)
         if all(s.status.is_terminal for s in shards):
+            self.t.prepared.forget(self.rec.id, [s.id for s in shards])  # no submit is left to read them
             await self._merge(shards)
             return
         await self._show(shards)
@@ -357,12 +396,21 @@ class ShardedBatchRunner(BatchRunner):
             cuts = [cut(m.sizes, m.provider.limits(m.part.endpoint, m.deployment),
                         f"the {m.part.count} requests for {m.part.model!r} on {m.deployment.id}") for m in measured]
         except SplitRefused as err:
+            self.t.prepared.forget(rec.id, [])
             await self._fail("shard_limits", str(err))
             return
+        except BaseException:
+            self.t.prepared.forget(rec.id, [])
+            raise
         shards: list[BatchRecord] = []
+        prepared: list[tuple[str, PreparedRange]] = []
         for m, jobs in zip(measured, cuts):
+            ends = list(accumulate(m.sizes, initial=0)) if m.writer is not None else None
             for first, last in jobs:
                 d = m.deployment
+                if ends is not None and m.writer is not None:
+                    prepared.append((f"{rec.id}_s{len(shards) + 1}", PreparedRange(
+                        m.writer.path, ends[first], ends[last] - ends[first], d.id, d.provider, d.model)))
                 shards.append(BatchRecord(
                     id=f"{rec.id}_s{len(shards) + 1}", project=rec.project, endpoint=m.part.endpoint,
                     input_file_id=rec.input_file_id, completion_window=rec.completion_window,
@@ -389,6 +437,8 @@ class ShardedBatchRunner(BatchRunner):
         await self._persist(split, shards=shards)
         log.info("batch %s split into %d jobs: %s", rec.id, len(shards),
                  ", ".join(f"{s.id} ({s.input_line_count} on {s.deployment_id})" for s in shards))
+        for shard_id, prepared_range in prepared:
+            self.t.prepared.register(shard_id, prepared_range)
         for shard in shards:
             self.t.follow_shard(shard.id, rec.id)
             if not self.t.stopping and self.t.runner(shard.id) is None:  # else the next start adopts them
@@ -400,12 +450,18 @@ class ShardedBatchRunner(BatchRunner):
 
     async def _measure(self, single_group: bool) -> list[Measured]:
         measured = []
-        for part in sorted(self.rec.plan, key=lambda p: (p.endpoint, p.model, p.start)):
+        for index, part in enumerate(sorted(self.rec.plan, key=lambda p: (p.endpoint, p.model, p.start))):
             deployment = self.t.router.deployment(part.deployment_id)
             if deployment is None:
                 raise SplitRefused(f"deployment {part.deployment_id!r} is no longer in the model list")
-            measured.append(Measured(part, deployment, self.t.providers.get(deployment.provider)))
-        await measure_parts(self.t.blobs, self.rec.input_file_id, measured, single_group)
+            measured.append(Measured(part, deployment, self.t.providers.get(deployment.provider),
+                                     writer=PartWriter(self.t.prepared.part_path(self.rec.id, index))))
+        try:
+            await measure_parts(self.t.blobs, self.rec.input_file_id, measured, single_group)
+        finally:
+            for m in measured:
+                if m.writer is not None and not m.writer.close():
+                    m.writer = None  # a write failed: its shards build their input
         return measured
 
     # -- follow ---------------------------------------------------------------------------

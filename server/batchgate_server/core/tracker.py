@@ -32,6 +32,7 @@ from pathlib import Path
 
 from batchgate_server.core.accounting import Accounting
 from batchgate_server.core.events import BatchEvents, ParentsOnly
+from batchgate_server.core.prepared_input import PreparedInputs
 from batchgate_server.core.result_files import CollectedResults, collect_results
 from batchgate_server.domain import log_context
 from batchgate_server.core.ownership import Ownership, StoredProgress
@@ -126,6 +127,7 @@ class Tracker:
         self.providers = providers
         self.accounting = accounting
         self.work_root = work_root
+        self.prepared = PreparedInputs(work_root)  # shards' inputs the split wrote (core/prepared_input.py)
         self.min_poll_interval = min_poll_interval
         self._runners: dict[str, BatchRunner] = {}
         self._parents: dict[str, str] = {}  # shard id -> its parent's id (a change wakes the parent)
@@ -140,6 +142,7 @@ class Tracker:
 
     async def start(self) -> int:
         self._unsubscribe = self.store.changes.subscribe(self.changed)
+        await asyncio.to_thread(self.prepared.sweep)  # a split's copies from before are no one's now
         active = await self.ownership.start(self)
         for record in active:
             self.adopt(record)
@@ -555,7 +558,11 @@ class BatchRunner:
             await self._cancel_before_submission()
             return
         if status is BatchStatus.VALIDATING:
+            # A shard: the input its split wrote, when kept here; asked again at every attempt, as a
+            # read of it that failed drops it (the attempt after builds the input from the file).
+            job.open_prepared = self.t.prepared.opener(self.rec.id, job.deployment)
             await provider.submit(job)
+            self.t.prepared.release(self.rec.id)  # the provider has the input: a shard's prepared copy goes
 
             def started(r: BatchRecord) -> None:
                 was = r.status

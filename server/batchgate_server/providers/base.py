@@ -126,6 +126,10 @@ class ProviderJob:
     # The input file's line number of the job's first line (its lines follow it in the file); None when
     # they do not (a shard of a file that mixes groups): messages then name a line by its custom_id only.
     first_line: int | None = 1
+    # The job's input as this provider's request_bytes wrote it (newline-terminated lines, in
+    # blocks), when the split of its sharded parent kept it on this server (core/prepared_input.py);
+    # None: build it from open_input. The same bytes either way.
+    open_prepared: Callable[[], AsyncIterator[bytes]] | None = None
 
 
 def limits_with_overrides(own: JobLimits, params: Mapping[str, Any]) -> JobLimits:
@@ -249,6 +253,13 @@ class BatchProvider(abc.ABC):
         """Bytes the input line `line` (raw JSONL, no newline) takes in this provider's job input
         once translated, counted the way the provider counts its byte limit."""
         return len(line) + 1
+
+    def request_bytes(self, endpoint: str, deployment: Deployment, line: bytes) -> bytes | None:
+        """The input line `line` as it goes into this provider's job input file (no newline), when
+        the job's input is that file's lines one for one (then request_size is its length + 1);
+        None (the default): the job's input is made otherwise. The split measures with it and keeps
+        what it wrote for the submit (ProviderJob.open_prepared)."""
+        return None
 
     def job_id(self, state: Mapping[str, Any]) -> str:
         """The provider's id of the job described by `state` (job.state), "" before submission:

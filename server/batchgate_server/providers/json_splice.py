@@ -49,20 +49,26 @@ def encode_value(value: Any) -> bytes | None:
         return None
 
 
+def scalar_span(raw: bytes, key: str) -> tuple[int, int] | None:
+    """(start, end) of the scalar value after the first ``"<key>":`` in `raw`, None when there is
+    none or the value is an object or array (not a member this splices)."""
+    match = _key_pattern(key).search(raw)
+    if match is None:
+        return None
+    value = _SCALAR.match(raw, match.end())
+    return None if value is None else (match.end(), value.end())
+
+
 def splice_member(raw: bytes, key: str, new_value: bytes,
                   reads_back: Callable[[bytes], bool]) -> bytes | None:
     """`raw` with `new_value` (JSON text) in place of the scalar value of the first member named
     `key` in it, when `reads_back(line)` accepts that (it decodes the spliced line and checks that
     the member's path holds the new value; see the module docstring), else None (the caller
     re-encodes the line)."""
-    match = _key_pattern(key).search(raw)
-    if match is None:
+    span = scalar_span(raw, key)
+    if span is None:
         return None
-    start = match.end()
-    value = _SCALAR.match(raw, start)
-    if value is None:
-        return None  # an object or array: not a member this splices
-    line = raw[:start] + new_value + raw[value.end():]
+    line = raw[:span[0]] + new_value + raw[span[1]:]
     try:
         if reads_back(line):
             return line

@@ -99,6 +99,16 @@ class BlobStore(abc.ABC):
                     yield at, line.rstrip(b"\r")
                 at += len(line) + 1
 
+    async def line_runs_at(self, key: str, offset: int = 0) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """The raw lines of `key` from `offset` a block's worth at a time, each run with the byte
+        offset of its first line: blank lines included, without their newline but with any `\\r`
+        (as `lines_at` yields them once stripped), for a reader whose per-line work runs elsewhere
+        (the split's, in a thread) rather than a step of the loop per line."""
+        at = offset
+        async for run in self._line_runs(key, offset):
+            yield at, run
+            at += sum(map(len, run)) + len(run)
+
     async def _line_runs(self, key: str, offset: int) -> AsyncIterator[list[bytes]]:
         """The raw lines of `key` from `offset` (blank ones too, without their newline), a block's
         worth at a time: one split per block keeps the per-line cost of a reader to its loop."""

@@ -5,6 +5,7 @@ and a streamed line-by-line download. Translation lives in mapping.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -225,17 +226,7 @@ def multipart_stream(fields: Mapping[str, str], file_field: str, filename: str,
     """(content type, body factory) for a multipart/form-data upload whose file part is the
     newline-joined `lines()`, streamed in ~256 KiB chunks (never the whole file in memory).
     The factory makes a fresh body per attempt."""
-    boundary = "batchgate-" + secrets.token_hex(16)
-    name = _SAFE_NAME.sub("_", filename) or "input.jsonl"
-    head = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in fields.items())
-    head += (f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
-             f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-
-    async def body() -> AsyncIterator[bytes]:
-        yield head
+    async def chunks() -> AsyncIterator[bytes]:
         # Joined once per chunk: a bytearray grown line by line reallocates (and copies) as it grows.
         parts: list[bytes] = []
         size = 0
@@ -250,6 +241,30 @@ def multipart_stream(fields: Mapping[str, str], file_field: str, filename: str,
         if parts:
             parts.append(b"")
             yield b"\n".join(parts)
+
+    return multipart_body(fields, file_field, filename, chunks)
+
+
+def multipart_body(fields: Mapping[str, str], file_field: str, filename: str,
+                   content: Callable[[], AsyncIterator[bytes]]
+                   ) -> tuple[str, Callable[[], AsyncIterator[bytes]]]:
+    """(content type, body factory) for a multipart/form-data upload whose file part is the
+    concatenated chunks of `content()`, streamed as they come. The factory makes a fresh body per
+    attempt."""
+    boundary = "batchgate-" + secrets.token_hex(16)
+    name = _SAFE_NAME.sub("_", filename) or "input.jsonl"
+    head = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items())
+    head += (f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
+             f'filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        async with contextlib.aclosing(content()) as chunks:  # closed with the body, on failures too
+            async for chunk in chunks:
+                yield chunk
         yield tail
 
     return f"multipart/form-data; boundary={boundary}", body

@@ -299,12 +299,37 @@ def rewrite_line(raw: bytes, model: str, *, azure: bool = False) -> bytes:
         return _rewrite_decoded(raw, model, azure=azure, always=True)
     if new_url is None and not new_model:
         return raw
+    if new_url is not None and new_model and new_url != model:
+        both = _splice_both(raw, new_url, model)
+        if both is not None:
+            return both
     line: bytes | None = raw
     if new_url is not None:
         line = _splice(line, "url", new_url, lambda spliced: _read_head(spliced).url == new_url)
     if line is not None and new_model:
         line = _splice(line, "model", model, lambda spliced: _read_head(spliced).body.model == model)
     return line if line is not None else _rewrite_decoded(raw, model, azure=azure)
+
+
+def _splice_both(raw: bytes, url: str, model: str) -> bytes | None:
+    """Azure's two splices (the url, body.model) with one read-back for both, None when it does
+    not prove them. Each splice replaces one scalar token, so the line keeps its structure and each
+    member reads the token at the same place as before; both members read other values before (the
+    caller checked) and read the new ones after, so each reads a replaced token, and not the other
+    member's: the two new values differ (the caller checked), and each reads as its own only."""
+    url_span, model_span = json_splice.scalar_span(raw, "url"), json_splice.scalar_span(raw, "model")
+    url_value, model_value = json_splice.encode_value(url), json_splice.encode_value(model)
+    if url_span is None or model_span is None or url_value is None or model_value is None:
+        return None
+    (first, first_value), (second, second_value) = sorted(((url_span, url_value), (model_span, model_value)))
+    if first[1] > second[0]:
+        return None
+    line = b"".join((raw[:first[0]], first_value, raw[first[1]:second[0]], second_value, raw[second[1]:]))
+    try:
+        head = _read_head(line)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return line if head.url == url and head.body is not None and head.body.model == model else None
 
 
 def _splice(line: bytes, key: str, value: str, reads_back: Callable[[bytes], bool]) -> bytes | None:

@@ -68,7 +68,7 @@ from batchgate_server.providers.eventual import Consistency, create_call
 from batchgate_server.providers.params import float_param, int_param
 
 from . import mapping
-from .client import ApiClient, Conn, multipart_stream
+from .client import ApiClient, Conn, multipart_body, multipart_stream
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,9 @@ class _OpenAIFamilyProvider(BatchProvider):
         """The line as uploaded in the job's input file (body.model set to the deployment's, the
         url without /v1 on Azure; custom_ids go as they are), with its newline."""
         return len(mapping.rewrite_line(line, deployment.model, azure=self.azure)) + 1
+
+    def request_bytes(self, endpoint: str, deployment: Deployment, line: bytes) -> bytes:
+        return mapping.rewrite_line(line, deployment.model, azure=self.azure)
 
     def job_id(self, state: Mapping[str, Any]) -> str:
         return str(state.get("provider_batch_id") or "")
@@ -338,8 +341,12 @@ class _OpenAIFamilyProvider(BatchProvider):
         else:
             st["upload_started"] = True
             await job.save_state()
-        content_type, body = multipart_stream({"purpose": "batch"}, "file", self._input_name(job),
-                                              lambda: self._input_lines(job))
+        if job.open_prepared is not None:  # the split wrote it: sent as it is
+            content_type, body = multipart_body({"purpose": "batch"}, "file", self._input_name(job),
+                                                job.open_prepared)
+        else:
+            content_type, body = multipart_stream({"purpose": "batch"}, "file", self._input_name(job),
+                                                  lambda: self._input_lines(job))
         obj = await self._api.request_json(conn, "POST", "/files", content=body,
                                            headers={"Content-Type": content_type})
         if not isinstance(obj.get("id"), str):
