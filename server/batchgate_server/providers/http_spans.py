@@ -1,7 +1,7 @@
 """One outgoing provider HTTP call: its client span, and its counts by deployment.
 
 The span is made at the shared client seams (httpx in openai_batch/client.py for OpenAI, Azure and
-Anthropic, vertex/client.py for Vertex AI, pyreqwest in executor/transport.py); Bedrock's boto3
+Anthropic, vertex/client.py for Vertex AI, the executor's in executor/transport.py); Bedrock's boto3
 clients count through botocore's events (bedrock/client.py) with the same outcome codes. A span is
 a no-op until a tracer provider is installed (observability/tracing.py); inside a batch's runner it
 joins that batch's trace. The counts go to the deployment's RequestEvents (providers/base.py),

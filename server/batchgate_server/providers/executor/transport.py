@@ -1,17 +1,19 @@
 """HTTP transport to an OpenAI-compatible server.
 
-pyreqwest (Python bindings of Rust's reqwest/hyper) rather than aiohttp or httpx: the executor's
-whole job is request throughput, and its cost is the client's CPU per request on the event-loop
-thread. Measured against the same local fake at 128 concurrent requests (uvloop, this 2-core
-machine): aiohttp 150-180 us of process CPU per request (tuning it — no timeout object, no
-auto-decompress — changed nothing measurable), aiosonic 130-135 us, pyreqwest 75-95 us; httpx
-sustains about a twentieth of aiohttp's rate. HTTP parsing, pooling and timeouts run in Rust.
-(The remote batch APIs, with few large calls, use httpx.)
+The executor's whole job is request throughput, and its cost is the client's CPU per request.
+Requests go through http1.py, the executor's own HTTP/1.1 client (40-48 us of CPU per request
+against a local fake at 128 in flight, on this 2-core machine), not a general client library:
+pyreqwest (Rust's reqwest/hyper) 88-100 us, aiohttp 150-180, aiosonic 130-135; httpx sustains
+about a twentieth of aiohttp's rate. An upstream reached through a proxy (HTTP_PROXY,
+HTTPS_PROXY or ALL_PROXY, unless NO_PROXY names it) goes through pyreqwest, which speaks to
+proxies; http1.py does not. (The remote batch APIs, with few large calls, use httpx.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,10 +21,11 @@ from datetime import timedelta
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import ConnectError, PyreqwestError, RequestTimeoutError
 
+from batchgate_server.providers.executor.http1 import Http1Pool, HttpClientError
 from batchgate_server.providers.http_spans import client_span, tracing_on
 
 
-# pyreqwest 0.15 can lose a cancellation: a task cancelled just as its request completes may stay
+# pyreqwest 0.15 (proxied upstreams) can lose a cancellation: a task cancelled just as its request completes may stay
 # "cancelling" forever, waiting inside pyreqwest's clean-up (measured: under uvloop about half of
 # the runs that cancel 8 busy workers leave one stuck). Cancelling it again ends it every time
 # (0 stuck in 200 such runs). Everything that cancels a task awaiting this transport ends it with
@@ -73,6 +76,16 @@ def _failure(err: PyreqwestError, timeout: float, base_url: str) -> TransportFai
     return TransportFailure("connection_error", f"{type(err).__name__}: {summary}" + (f" ({root})" if root else ""))
 
 
+def proxied(base_url: str) -> bool:
+    """Whether the environment sends requests to `base_url` through a proxy (as reqwest reads it:
+    the scheme's variable or ALL_PROXY, unless NO_PROXY names the host)."""
+    parts = urllib.parse.urlsplit(base_url)
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(parts.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
+
+
 class HttpTransport:
     def __init__(self, base_url: str, api_key: str | None, *, timeout: float, max_connections: int,
                  extra_headers: dict[str, str] | None = None) -> None:
@@ -85,6 +98,10 @@ class HttpTransport:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._timeout = timeout
         self._max_connections = max_connections
+        # Checked here, not at the first request: a malformed api_base or header is the
+        # deployment's misconfiguration.
+        self._pool = Http1Pool(self.base_url, self._headers, timeout=timeout, max_connections=max_connections)
+        self._via_proxy = proxied(self.base_url)
         self._session: Client | None = None
         self._reaping: set[asyncio.Future] = set()  # cancelled probes being ended
         # Asked once: tracing is set up at start-up, before any transport, and cannot be unset;
@@ -108,6 +125,15 @@ class HttpTransport:
         return await self._post(path, body)
 
     async def _post(self, path: str, body: bytes) -> TransportResponse:
+        if self._via_proxy:
+            return await self._post_via_proxy(path, body)
+        try:
+            answer = await self._pool.request("POST", path, body)
+        except HttpClientError as err:
+            raise TransportFailure(err.code, err.message) from None
+        return TransportResponse(answer.status, answer.headers, answer.body)
+
+    async def _post_via_proxy(self, path: str, body: bytes) -> TransportResponse:
         try:
             resp = await self._client().post(self.base_url + path).body_bytes(body).build().send()
             data = await resp.bytes()
@@ -128,6 +154,11 @@ class HttpTransport:
             raise
 
     async def _get(self, path: str) -> int:
+        if not self._via_proxy:
+            try:
+                return (await self._pool.request("GET", path)).status
+            except HttpClientError as err:
+                raise TransportFailure(err.code, err.message) from None
         try:
             resp = await self._client().get(self.base_url + path).build().send()
             await resp.bytes()
@@ -136,6 +167,7 @@ class HttpTransport:
         return resp.status
 
     async def close(self) -> None:
+        await self._pool.close()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
