@@ -463,6 +463,19 @@ async def test_too_large_batch_fails_before_sending(tmp_path, api, provider, mon
     assert api.calls == [] and not (h.job.workdir / BODY_FILE).exists()
 
 
+@pytest.mark.parametrize("first_line, where", [(1, "at input line 6 "), (41, "at input line 46 "),
+                                               (None, "at the request with custom_id 'req-5' ")])
+async def test_too_large_batch_names_the_line_in_the_file(tmp_path, api, provider, monkeypatch, first_line, where):
+    """A shard's line is named by its place in the input file (a shard of one group starts at
+    first_line), or by its custom_id when the shard's lines are not consecutive in the file."""
+    monkeypatch.setattr(provider_module, "MAX_BODY_BYTES", 2000)
+    h = make_job(tmp_path, [chat_line(i, text="many words " * 20) for i in range(20)], dep(api))
+    h.job.first_line = first_line
+    with pytest.raises(ProviderError) as e:
+        await provider.submit(h.job)
+    assert where in e.value.message, e.value.message
+
+
 async def test_create_body_is_streamed_not_held_in_memory(tmp_path, provider):
     """~20 MB of input: translating and spooling the create body keeps memory flat."""
     big = "lorem ipsum dolor sit amet " * 400  # ~10 KB of text per request

@@ -590,9 +590,13 @@ class AnthropicBatchProvider(BatchProvider):
                     item = batch_request_line(pid, params)
                     size += body.write(b"," + item if sent else item)
                     if size + 2 > MAX_BODY_BYTES:
+                        # A shard's line by its place in the input file, or by its custom_id where
+                        # the shard's lines are not consecutive there (ProviderJob.first_line).
+                        where = (f"input line {job.first_line + line_no - 1}" if job.first_line is not None
+                                 else f"the request with custom_id {custom_id!r}")
                         raise ProviderError(
                             f"the batch is too large for Anthropic: its Message Batches create body exceeds "
-                            f"{MAX_BODY_BYTES // 1_000_000} MB at input line {line_no} (Anthropic accepts at "
+                            f"{MAX_BODY_BYTES // 1_000_000} MB at {where} (Anthropic accepts at "
                             f"most 256 MB and {MAX_REQUESTS} requests per batch); split the input file",
                             code="batch_too_large", retryable=False)
                 sent += 1
