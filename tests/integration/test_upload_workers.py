@@ -326,3 +326,32 @@ async def test_stopping_the_server_while_an_upload_waits_for_a_stopped_worker_ki
     assert stored_blobs(h.data_dir) == []
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.local_stores  # watches the temporary file on local disk
+async def test_an_answer_the_server_cannot_read_ends_the_worker_and_fails_its_upload_as_unavailable(tmp_path):
+    """A frame on the worker's answer pipe that is not one of its answers (written here into the
+    pipe itself, through /proc): the worker is killed and reaped, its upload fails UNAVAILABLE, and
+    the next upload starts another worker."""
+    from batchgate_server.core import validation_process as wire
+
+    async with serving(tmp_path / "d", upload_workers=1) as h:
+        a = h.alice
+        content, chunks = _in_chunks(batch_file(300))
+        go_on = asyncio.Event()
+        call = a.files.UploadFile(_held_upload(chunks, go_on, held_after=3), metadata=a.metadata)
+        await _wait_until(lambda: _pids(h) and uploads_in_flight(h.data_dir))
+        (pid,) = _pids(h)
+        with open(f"/proc/{pid}/fd/1", "wb", buffering=0) as answers:  # the write end of its stdout pipe
+            answers.write(wire.FRAME.pack(max(wire.RESULT, wire.FAILED, wire.TAKEN) + 1, 1, 0))
+        await _wait_until(lambda: not _pids(h))
+        await _wait_until(lambda: not os.path.exists(f"/proc/{pid}"))  # killed, and reaped (no zombie)
+        go_on.set()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_details(err.value)[0].reason == "VALIDATION_WORKER_LOST"
+        await _wait_until(lambda: not h.server.files.uploads_in_progress() and not uploads_in_flight(h.data_dir))
+        assert stored_blobs(h.data_dir) == []
+        assert await _verdict(h, content) == ("ok", 300, "gpt-4o-mini")
+        assert len(_pids(h)) == 1 and _pids(h) != [pid]

@@ -79,6 +79,8 @@ class _Worker:
                     self.freed = self.ends.popleft()
                     self._wake()
                     continue
+                if status not in (wire.RESULT, wire.FAILED):
+                    raise ValueError(f"an answer of no known kind ({status})")
                 waiter = self.answers.pop(upload, None)
                 if waiter is None or waiter.done():
                     continue  # its upload went away while the worker finished it
@@ -88,6 +90,11 @@ class _Worker:
                     waiter.set_exception(RuntimeError(f"the upload validator failed:\n{payload.decode()}"))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker ended (stopped, or killed)
+        except Exception:
+            # An answer that cannot be read (not one of the protocol's): nothing more from this
+            # worker can be trusted; its uploads fail as if it had died.
+            log.exception("validation worker %d sent an answer the server cannot read: killed", self.popen.pid)
+            self.popen.kill()
         finally:
             self._lose()
         # Its stdout ends as it exits: reap it (killed if it lingers).
