@@ -538,3 +538,28 @@ async def test_stopping_finishes_the_batch_writes_in_flight(tmp_path, caplog):
     gc.collect()  # report any write that failed unseen
     failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert failed == [], "no write may meet a closed store"
+
+
+@pytest.mark.parametrize("api_base, api_key, says", [
+    ("ftp://models.internal/v1", None, "is not an http:// or https:// URL"),
+    ("http://models.internal:99999/v1", None, "port"),
+    ("http://models.internal/v1", "key\r\nx-injected: 1", "line break"),
+])
+async def test_an_executor_deployment_it_cannot_call_is_refused_at_create(tmp_path, api_base, api_key, says):
+    """An api_base that is not an HTTP origin, or a key that would break the request's headers:
+    CreateBatch says so (the deployment is misconfigured), nothing is accepted to fail later."""
+    entry = upstream_entry("broken", api_base)
+    if api_key:
+        entry["litellm_params"]["api_key"] = api_key
+    h = await start_harness(tmp_path / "data", config_file=write_config(tmp_path / "models.yaml", [entry]))
+    try:
+        a = h.alice
+        f = await h.upload(a, jsonl([request_line("x", model="broken")]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await create(a, f.id)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_details(err.value)[0].reason == "DEPLOYMENT_MISCONFIGURED"
+        assert says in err.value.details() and "x-injected" not in err.value.details()
+    finally:
+        await h.channel.close()
+        await h.server.stop(grace=0)

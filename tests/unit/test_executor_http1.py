@@ -4,8 +4,11 @@ servers that answer well, and servers that close, stall, lie or send too much.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import ssl
+import threading
 import time
 
 import pytest
@@ -142,10 +145,11 @@ async def test_chunked_answer_is_joined():
     assert srv.connections == 1
 
 
-async def test_answer_without_a_length_ends_with_the_connection():
+@pytest.mark.parametrize("headers", [b"connection: close\r\n", b"transfer-encoding: identity\r\n"])
+async def test_answer_without_a_length_ends_with_the_connection(headers):
     async def serve(_, reader, writer):
         await srv.next_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n{\"whole\":")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + headers + b"\r\n{\"whole\":")
         await writer.drain()
         await asyncio.sleep(0.02)
         writer.write(b"true}")
@@ -337,6 +341,55 @@ async def test_endless_headers_are_refused():
         await client.close()
 
 
+async def test_an_endless_header_line_is_refused_before_the_deadline():
+    async def serve(_, reader, writer):
+        await srv.next_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-junk: ")
+        while True:  # one header line that never ends
+            writer.write(b"y" * 4096)
+            await writer.drain()
+
+    async with Server(serve) as srv:
+        client = pool(srv.url, timeout=30)
+        started = time.monotonic()
+        with pytest.raises(HttpClientError) as err:
+            await client.request("POST", "/x", b"{}")
+        assert "bytes of headers" in err.value.message and time.monotonic() - started < 5
+        await client.close()
+
+
+async def test_a_second_answer_in_the_bytes_of_the_first_is_dropped_with_its_connection():
+    async def serve(_, reader, writer):
+        while await srv.next_request(reader) is not None:
+            if srv.connections == 1:  # the first connection answers twice at once
+                writer.write(ok(b'{"a":1}', b"x-a: 1\r\n") + ok(b'{"injected":1}', b"x-injected: yes\r\n"))
+            else:
+                writer.write(ok(b'{"b":2}'))
+
+    async with Server(serve) as srv:
+        client = pool(srv.url)
+        first = await client.request("POST", "/x", b"{}")
+        assert first.body == b'{"a":1}' and "x-injected" not in first.headers
+        second = await client.request("POST", "/x", b"{}")
+        assert second.body == b'{"b":2}'
+        await client.close()
+    assert srv.connections == 2
+
+
+async def test_switching_protocols_is_not_an_answer():
+    async def serve(_, reader, writer):
+        await srv.next_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+        await reader.read()
+
+    async with Server(serve) as srv:
+        client = pool(srv.url)
+        with pytest.raises(HttpClientError) as err:
+            await client.request("POST", "/x", b"{}")
+        assert err.value.code == "connection_error" and "switched protocols" in err.value.message
+        await client.close()
+
+
 async def test_bytes_on_an_idle_connection_drop_it():
     async def serve(_, reader, writer):
         await srv.next_request(reader)
@@ -395,6 +448,39 @@ async def test_a_queued_request_cancelled_leaves_the_queue():
     assert [body for _, _, body in srv.requests] == [b"1", b"3"]
 
 
+async def test_requests_cancelled_all_at_once_in_flight_and_queued_all_end_cancelled():
+    """As a batch's stop cancels its workers: the ones in flight give their slots to queued ones
+    that are themselves cancelled already."""
+    async def serve(_, reader, writer):
+        while await srv.next_request(reader) is not None:
+            await asyncio.sleep(10)
+
+    async with Server(serve) as srv:
+        client = pool(srv.url, timeout=30, max_connections=2)
+        tasks = [asyncio.ensure_future(client.request("POST", "/x", b"{}")) for _ in range(6)]
+        await asyncio.sleep(0.2)
+        for task in tasks:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+        assert (client._busy, len(client._waiters)) == (0, 0)
+        await client.close()
+
+
+async def test_a_request_waiting_for_a_connection_is_not_timed_until_it_has_one():
+    async def serve(_, reader, writer):
+        while await srv.next_request(reader) is not None:
+            await asyncio.sleep(0.3)
+            writer.write(ok())
+
+    async with Server(serve) as srv:
+        client = pool(srv.url, timeout=0.6, max_connections=2)  # 6 requests: three rounds of 0.3 s
+        answers = await asyncio.gather(*(client.request("POST", "/x", b"{}") for _ in range(6)))
+        assert [a.status for a in answers] == [200] * 6
+        await client.close()
+    assert len(srv.requests) == 6
+
+
 async def test_at_most_max_connections_open():
     async def serve(_, reader, writer):
         while await srv.next_request(reader) is not None:
@@ -425,7 +511,8 @@ async def test_close_ends_requests_in_flight_and_refuses_new_ones():
             await client.request("POST", "/x", b"{}")
 
 
-@pytest.mark.parametrize("url", ["ftp://host/v1", "http:///v1", "http://h:99999", "http://u:p@h/v1", "http://h/?q=1"])
+@pytest.mark.parametrize("url", ["ftp://host/v1", "http:///v1", "http://h:99999", "http://u:p@h/v1", "http://h/?q=1",
+                                 "http://" + "a" * 64 + ".example/v1"])
 async def test_api_base_that_is_not_an_http_origin_is_refused(url):
     with pytest.raises(ValueError):
         pool(url)
@@ -513,3 +600,40 @@ async def test_an_upstream_behind_a_proxy_is_reached_through_it(monkeypatch):
     line, headers, _ = srv.requests[0]
     assert line == b"POST http://vllm.invalid:8000/v1/chat/completions HTTP/1.1"
     assert headers["authorization"] == "Bearer k"
+
+
+@pytest.mark.parametrize("close_notify", [True, False])
+async def test_https_answer_without_a_length_ends_with_the_connection(tmp_path, monkeypatch, close_notify):
+    """Also when the server closes without TLS's close_notify (which uvloop reports differently)."""
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        tls = server_ctx.wrap_socket(conn, server_side=True)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += tls.recv(65536)
+        tls.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nbody-until-close")
+        if close_notify:
+            with contextlib.suppress(ssl.SSLError, OSError):  # the client's own close_notify crosses ours
+                tls.unwrap().close()
+        else:  # a FIN without close_notify
+            socket.socket(fileno=os.dup(tls.fileno())).shutdown(socket.SHUT_RDWR)
+            tls.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = pool(f"https://localhost:{listener.getsockname()[1]}")
+        answer = await client.request("POST", "/x", b"{}")
+        assert (answer.status, answer.body) == (200, b"body-until-close")
+        await client.close()
+    finally:
+        thread.join(5)
+        listener.close()

@@ -77,6 +77,11 @@ class Origin:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             raise ValueError(f"api_base {base_url!r} has a port that is not a number from 0 to 65535") from None
+        try:
+            parts.hostname.encode("idna")  # what connecting does with it
+        except UnicodeError:
+            raise ValueError(f"api_base {base_url!r} has a host name that is not valid (a label over 63 "
+                             "characters?)") from None
         return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
     @property
@@ -90,9 +95,16 @@ def _header_block(headers: dict[str, str]) -> bytes:
     lines = []
     for name, value in headers.items():
         if any(c in name for c in "\r\n:") or "\r" in value or "\n" in value:
-            raise ValueError(f"header {name!r}: a line break or a colon in a name, or a line break in a value")
+            # The value is not repeated: it may be a key.
+            raise ValueError(f"header {name.splitlines()[0][:40]!r} has a line break (or a colon in its name)")
         lines.append(f"{name}: {value}\r\n")
     return "".join(lines).encode("latin-1")
+
+
+def check_request_target(base_url: str, headers: dict[str, str]) -> None:
+    """ValueError unless requests can go to `base_url` with `headers` (what Http1Pool checks)."""
+    Origin.parse(base_url)
+    _header_block(headers)
 
 
 @dataclass
@@ -116,7 +128,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self._status = 0
         self._headers: dict[str, str] = {}
-        self._header_bytes = 0
+        self._head_bytes = 0  # bytes received before the headers ended
         self._body: list[bytes] = []
         self._size = 0
         self._got_bytes = False  # any byte of the answer to the current request
@@ -157,12 +169,22 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self._got_bytes = True
+        if not self._headers_done:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
-            pass  # a callback failed the request already (too large)
+            return  # a callback failed the request already (too large, bytes nobody asked for)
+        except httptools.HttpParserUpgrade:
+            self.fail("connection_error", "the server switched protocols (101): not an HTTP/1.1 answer")
+            return
         except httptools.HttpParserError as err:
             self.fail("connection_error", f"the server's answer is not valid HTTP/1.1 ({err})")
+            return
+        # Counted here, not per header: the parser holds a header line until it ends, and an
+        # endless one would grow in memory until the deadline.
+        if not self._headers_done and self._head_bytes > MAX_HEADER_BYTES and self._waiter is not None:
+            self.fail("connection_error", f"the server's answer has more than {MAX_HEADER_BYTES} bytes of headers")
 
     def eof_received(self) -> bool:
         if self._waiter is not None and self._headers_done and not self._delimited:
@@ -171,6 +193,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if (self._waiter is not None and self._headers_done and not self._delimited
+                and (exc is None or isinstance(exc, ssl.SSLEOFError))):
+            # An answer without a length ends with the connection: over TLS uvloop reports a close
+            # without close_notify here, not in eof_received (asyncio's loop accepts it there too).
+            self._complete(keep_alive=False)
+            return
         waiter, self._waiter = self._waiter, None
         if waiter is None or waiter.done():
             return
@@ -182,22 +210,28 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > MAX_HEADER_BYTES:
-            self.fail("connection_error", f"the server's answer has more than {MAX_HEADER_BYTES} bytes of headers")
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # A second answer in the bytes of the last one: nothing asked for it, and what follows
+            # on this connection cannot be trusted.
+            self.abort()
             raise _Refused
+
+    def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        if key in ("content-length", "transfer-encoding"):
-            self._delimited = True
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
         self._headers_done = True
-        if self._status in (204, 304):
-            self._delimited = True
+        # Where the body ends, as llhttp reads it: chunked last, else a Content-Length without a
+        # Transfer-Encoding, else at the connection's end (RFC 9112 6.3).
+        coding = self._headers.get("transfer-encoding")
+        if coding is not None:
+            self._delimited = coding.rsplit(",", 1)[-1].strip().lower() == "chunked"
+        else:
+            self._delimited = "content-length" in self._headers or self._status in (204, 304)
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -256,10 +290,11 @@ class Http1Pool:
     async def request(self, method: str, path: str, body: bytes | None = None) -> HttpAnswer:
         if self._closed:
             raise HttpClientError("connection_error", "the client is closed")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
         await self._take_slot()
         try:
+            # From the slot on: a request waiting for a connection (more requests than
+            # max_connections, several batches on the deployment) has not been sent yet.
+            deadline = asyncio.get_running_loop().time() + self._timeout
             head = self._head(method, path, body)
             conn = self._reuse()
             fresh = conn is None
@@ -344,7 +379,7 @@ class Http1Pool:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._give_slot()  # handed over as the cancel came: pass it on
-            else:
+            elif waiter in self._waiters:  # (a request that ended meanwhile may have dropped it)
                 self._waiters.remove(waiter)
             raise
 

@@ -86,10 +86,17 @@ class ExecutorProvider(BatchProvider):
     def check(self, endpoint: str, deployment: Deployment, line_count: int) -> None:
         if endpoint not in SUPPORTED_ENDPOINTS:
             raise UnsupportedRequest(f"the built-in executor supports {', '.join(SUPPORTED_ENDPOINTS)}")
-        if deployment.params.get("transport") != "simulated" and not deployment.params.get("api_base"):
+        if deployment.params.get("transport") == "simulated":
+            return
+        if not deployment.params.get("api_base"):
             raise UnsupportedRequest(
                 f"deployment {deployment.model_name!r} needs litellm_params.api_base (the OpenAI-compatible "
                 "server to run the batch against)", reason="DEPLOYMENT_MISCONFIGURED", precondition=True)
+        try:  # an api_base or api_key the client cannot send with: said now, not request by request
+            HttpTransport.check(deployment.params["api_base"], deployment.params.get("api_key"))
+        except ValueError as err:
+            raise UnsupportedRequest(f"deployment {deployment.model_name!r}: {err}",
+                                     reason="DEPLOYMENT_MISCONFIGURED", precondition=True) from None
 
     def probes(self, deployment: Deployment) -> bool:
         return deployment.params.get("transport") != "simulated" and bool(deployment.params.get("api_base"))

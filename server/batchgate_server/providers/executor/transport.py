@@ -21,7 +21,7 @@ from datetime import timedelta
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import ConnectError, PyreqwestError, RequestTimeoutError
 
-from batchgate_server.providers.executor.http1 import Http1Pool, HttpClientError
+from batchgate_server.providers.executor.http1 import Http1Pool, HttpClientError, check_request_target
 from batchgate_server.providers.http_spans import client_span, tracing_on
 
 
@@ -86,16 +86,30 @@ def proxied(base_url: str) -> bool:
     return not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
 
 
+def _origin_url(base_url: str) -> str:
+    # "…/v1" or a bare host both work: request paths carry their own /v1.
+    url = base_url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+def _request_headers(api_key: str | None, extra_headers: dict[str, str] | None) -> dict[str, str]:
+    headers = {"content-type": "application/json", **(extra_headers or {})}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
+
+
 class HttpTransport:
+    @staticmethod
+    def check(base_url: str, api_key: str | None) -> None:
+        """ValueError if requests cannot be sent to `base_url` with `api_key` (not an http(s)
+        origin, a line break in the key), without building the client."""
+        check_request_target(_origin_url(base_url), _request_headers(api_key, None))
+
     def __init__(self, base_url: str, api_key: str | None, *, timeout: float, max_connections: int,
                  extra_headers: dict[str, str] | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        # "…/v1" or a bare host both work: request paths carry their own /v1.
-        if self.base_url.endswith("/v1"):
-            self.base_url = self.base_url[:-3]
-        self._headers = {"content-type": "application/json", **(extra_headers or {})}
-        if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
+        self.base_url = _origin_url(base_url)
+        self._headers = _request_headers(api_key, extra_headers)
         self._timeout = timeout
         self._max_connections = max_connections
         # Checked here, not at the first request: a malformed api_base or header is the
