@@ -146,6 +146,7 @@ def main() -> None:
             validated: list[float] = []
             raw: list[float] = []
             growth_big: list[float] = []
+            growth_loop: list[float] = []  # of which the loop process's own
             # CPU ms per MiB: the ceiling server's; the validated server's loop process and its workers'.
             cpu_raw: list[float] = []
             cpu_loop: list[float] = []
@@ -162,6 +163,7 @@ def main() -> None:
                     sys_before, faults_before = system_seconds_and_faults(members[0])
                     if target_port == port:
                         baseline = family_rss_kib(server.pid)
+                        loop_baseline = rss_kib(server.pid)
                         reset_family_peak(server.pid)
                     seconds, f = upload(target_port, big)
                     runs.append(size / MIB / seconds)
@@ -172,6 +174,7 @@ def main() -> None:
                     if target_port == port:
                         assert f.line_count == big_lines and f.bytes == size, f
                         growth_big.append((family_rss_kib(server.pid, "VmHWM") - baseline) / 1024)
+                        growth_loop.append((rss_kib(server.pid, "VmHWM") - loop_baseline) / 1024)
                         cpu_loop.append(spent[0])
                         cpu_workers.append(sum(spent[1:]))
                     else:
@@ -191,7 +194,8 @@ def main() -> None:
                 f"{name} {min(k[0] for k in runs):.2f} ms, {min(k[1] for k in runs):.0f} faults"
                 for name, runs in kernel.items()))
             print(f"server RSS growth, {big_lines} lines: max {max(growth_big):.1f} (range {min(growth_big):.1f}-{max(growth_big):.1f}) MiB"
-                  f" (target < 32: {verdict(max(growth_big), 32, higher_is_better=False)})")
+                  f" (target < 32: {verdict(max(growth_big), 32, higher_is_better=False)}); by round "
+                  + ", ".join(f"{g:.1f} (loop process {lg:.1f})" for g, lg in zip(growth_big, growth_loop)))
 
             baseline = family_rss_kib(server.pid)
             reset_family_peak(server.pid)

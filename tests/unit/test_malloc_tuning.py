@@ -46,3 +46,46 @@ def test_megabyte_buffers_are_reused_instead_of_faulted_in_again():
     default, tuned = page_faults(tuned=False), page_faults(tuned=True)
     assert tuned < 20_000, (default, tuned)
     assert default > 5 * tuned, (default, tuned)  # the settings are what makes the difference
+
+
+ARENAS = """
+import ctypes, os, sys, tempfile, threading
+sys.path.insert(0, {server!r})
+if {tuned!r}:
+    from batchgate_server.malloc_tuning import keep_large_buffers
+    assert keep_large_buffers()
+start = threading.Barrier(8)
+def allocate():
+    start.wait()  # all at once, as gRPC's threads receive
+    held = [bytes(256 << 10) for _ in range(16)]
+    del held
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+path = tempfile.mktemp()
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(stream))
+libc.fclose(ctypes.c_void_p(stream))
+print(open(path).read().count("<heap nr="))
+os.unlink(path)
+"""
+
+
+def arenas(tuned: bool) -> int:
+    out = subprocess.run([sys.executable, "-c", ARENAS.format(server=str(SERVER), tuned=tuned)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_threads_share_at_most_two_arenas():
+    """Each arena keeps its own peak (the trim threshold above): eight threads allocating at once
+    get arenas of their own by default, and share two with the settings."""
+    from batchgate_server.malloc_tuning import ARENA_MAX
+
+    default, tuned = arenas(tuned=False), arenas(tuned=True)
+    assert tuned <= ARENA_MAX < default, (default, tuned)

@@ -120,7 +120,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.served = 0  # answers read on this connection: > 0 means it was reused
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future | None = None
         self._reset()
@@ -133,7 +132,7 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._got_bytes = False  # any byte of the answer to the current request
         self._headers_done = False
-        self._delimited = False  # Content-Length or chunked: the parser knows where the body ends
+        self._delimited = False  # the parser knows where the body ends (else: at the connection's end)
 
     # -- the caller's side ----------------------------------------------------------------
 
@@ -249,7 +248,6 @@ class _Connection(asyncio.Protocol):
 
     def _complete(self, keep_alive: bool) -> None:
         waiter, self._waiter = self._waiter, None
-        self.served += 1
         if not keep_alive:
             self.closed = True
             self.transport.close()
