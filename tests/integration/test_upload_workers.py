@@ -103,6 +103,17 @@ def _in_chunks(content: bytes) -> tuple[bytes, list[bytes]]:
     return content, [content[i:i + CHUNK] for i in range(0, len(content), CHUNK)]
 
 
+async def _held_on_its_worker(h):
+    """An upload of 300 lines held after 3 chunks, on the server's one worker: (the call, what lets
+    it go on, the content, the worker's pid)."""
+    content, chunks = _in_chunks(batch_file(300))
+    go_on = asyncio.Event()
+    call = h.alice.files.UploadFile(_held_upload(chunks, go_on, held_after=3), metadata=h.alice.metadata)
+    await _wait_until(lambda: _pids(h) and uploads_in_flight(h.data_dir))
+    (pid,) = _pids(h)
+    return call, go_on, content, pid
+
+
 def _held_upload(chunks: list[bytes], go_on: asyncio.Event, held_after: int):
     """An upload that sends `held_after` chunks, waits for `go_on`, then the rest and finish."""
     async def messages():
@@ -120,11 +131,7 @@ def _held_upload(chunks: list[bytes], go_on: asyncio.Event, held_after: int):
 async def test_a_worker_killed_mid_upload_fails_it_as_unavailable_and_the_next_upload_starts_another(tmp_path):
     async with serving(tmp_path / "d", upload_workers=1) as h:
         a = h.alice
-        content, chunks = _in_chunks(batch_file(300))
-        go_on = asyncio.Event()
-        call = a.files.UploadFile(_held_upload(chunks, go_on, held_after=3), metadata=a.metadata)
-        await _wait_until(lambda: _pids(h) and uploads_in_flight(h.data_dir))
-        (pid,) = _pids(h)
+        call, go_on, content, pid = await _held_on_its_worker(h)
         os.kill(pid, signal.SIGKILL)
         await _wait_until(lambda: not _pids(h))
         go_on.set()
@@ -337,11 +344,7 @@ async def test_an_answer_the_server_cannot_read_ends_the_worker_and_fails_its_up
 
     async with serving(tmp_path / "d", upload_workers=1) as h:
         a = h.alice
-        content, chunks = _in_chunks(batch_file(300))
-        go_on = asyncio.Event()
-        call = a.files.UploadFile(_held_upload(chunks, go_on, held_after=3), metadata=a.metadata)
-        await _wait_until(lambda: _pids(h) and uploads_in_flight(h.data_dir))
-        (pid,) = _pids(h)
+        call, go_on, content, pid = await _held_on_its_worker(h)
         with open(f"/proc/{pid}/fd/1", "wb", buffering=0) as answers:  # the write end of its stdout pipe
             answers.write(wire.FRAME.pack(max(wire.RESULT, wire.FAILED, wire.TAKEN) + 1, 1, 0))
         await _wait_until(lambda: not _pids(h))

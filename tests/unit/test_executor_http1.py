@@ -92,6 +92,17 @@ def pool(url: str, *, timeout: float = 5.0, max_connections: int = 8, **headers)
                      max_connections=max_connections)
 
 
+async def refused(serve, *, timeout: float = 5.0) -> HttpClientError:
+    """The error of one request to a Server running `serve`; the connection is dropped with it."""
+    async with Server(serve) as srv:
+        client = pool(srv.url, timeout=timeout)
+        with pytest.raises(HttpClientError) as err:
+            await client.request("POST", "/x", b"{}")
+        assert client.connections == 0
+        await client.close()
+    return err.value
+
+
 async def test_keep_alive_answers_on_one_connection_with_headers_as_sent():
     async def serve(_, reader, writer):
         while await srv.next_request(reader) is not None:
@@ -259,19 +270,14 @@ async def test_no_answer_in_time_is_a_timeout_and_frees_the_connection():
 
 async def test_a_slow_answer_is_timed_as_a_whole():
     async def serve(_, reader, writer):
-        await srv.next_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
         for _ in range(100):  # a byte every 20 ms: each arrives in time, the whole does not
             writer.write(b" ")
             await writer.drain()
             await asyncio.sleep(0.02)
 
-    async with Server(serve) as srv:
-        client = pool(srv.url, timeout=0.5)
-        with pytest.raises(HttpClientError) as err:
-            await client.request("POST", "/x", b"{}")
-        assert err.value.code == "request_timeout"
-        await client.close()
+    assert (await refused(serve, timeout=0.5)).code == "request_timeout"
 
 
 async def test_refused_connection():
@@ -295,67 +301,49 @@ async def test_refused_connection():
 ])
 async def test_answers_that_are_not_http_or_are_cut_short(answer, expected):
     async def serve(_, reader, writer):
-        await srv.next_request(reader)
+        await read_request(reader)
         writer.write(answer)
 
-    async with Server(serve) as srv:
-        client = pool(srv.url)
-        with pytest.raises(HttpClientError) as err:
-            await client.request("POST", "/x", b"{}")
-        assert err.value.code == "connection_error" and expected in err.value.message
-        assert client.connections == 0
-        await client.close()
+    err = await refused(serve)
+    assert err.code == "connection_error" and expected in err.message
 
 
 async def test_an_answer_too_large_is_refused(monkeypatch):
     monkeypatch.setattr(http1, "MAX_BODY", 1000)
 
     async def serve(_, reader, writer):
-        await srv.next_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
         while True:  # never ends
             writer.write(b"100\r\n" + b"x" * 256 + b"\r\n")
             await writer.drain()
 
-    async with Server(serve) as srv:
-        client = pool(srv.url)
-        with pytest.raises(HttpClientError) as err:
-            await client.request("POST", "/x", b"{}")
-        assert err.value.code == "connection_error" and "larger than" in err.value.message
-        await client.close()
+    err = await refused(serve)
+    assert err.code == "connection_error" and "larger than" in err.message
 
 
 async def test_endless_headers_are_refused():
     async def serve(_, reader, writer):
-        await srv.next_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\n")
         while True:
             writer.write(b"x-junk: " + b"y" * 1000 + b"\r\n")
             await writer.drain()
 
-    async with Server(serve) as srv:
-        client = pool(srv.url)
-        with pytest.raises(HttpClientError) as err:
-            await client.request("POST", "/x", b"{}")
-        assert "bytes of headers" in err.value.message
-        await client.close()
+    assert "bytes of headers" in (await refused(serve)).message
 
 
 async def test_an_endless_header_line_is_refused_before_the_deadline():
     async def serve(_, reader, writer):
-        await srv.next_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nx-junk: ")
         while True:  # one header line that never ends
             writer.write(b"y" * 4096)
             await writer.drain()
 
-    async with Server(serve) as srv:
-        client = pool(srv.url, timeout=30)
-        started = time.monotonic()
-        with pytest.raises(HttpClientError) as err:
-            await client.request("POST", "/x", b"{}")
-        assert "bytes of headers" in err.value.message and time.monotonic() - started < 5
-        await client.close()
+    started = time.monotonic()
+    assert "bytes of headers" in (await refused(serve, timeout=30)).message
+    assert time.monotonic() - started < 5
 
 
 async def test_a_second_answer_in_the_bytes_of_the_first_is_dropped_with_its_connection():
@@ -378,16 +366,12 @@ async def test_a_second_answer_in_the_bytes_of_the_first_is_dropped_with_its_con
 
 async def test_switching_protocols_is_not_an_answer():
     async def serve(_, reader, writer):
-        await srv.next_request(reader)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
         await reader.read()
 
-    async with Server(serve) as srv:
-        client = pool(srv.url)
-        with pytest.raises(HttpClientError) as err:
-            await client.request("POST", "/x", b"{}")
-        assert err.value.code == "connection_error" and "switched protocols" in err.value.message
-        await client.close()
+    err = await refused(serve)
+    assert err.code == "connection_error" and "switched protocols" in err.message
 
 
 async def test_bytes_on_an_idle_connection_drop_it():
@@ -467,31 +451,29 @@ async def test_requests_cancelled_all_at_once_in_flight_and_queued_all_end_cance
         await client.close()
 
 
-async def test_a_request_waiting_for_a_connection_is_not_timed_until_it_has_one():
+async def many_at_once(requests: int, answer_after: float, **pool_args) -> tuple[list[http1.HttpAnswer], Server]:
+    """`requests` requests at once to a server answering each after `answer_after` seconds."""
     async def serve(_, reader, writer):
         while await srv.next_request(reader) is not None:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(answer_after)
             writer.write(ok())
 
     async with Server(serve) as srv:
-        client = pool(srv.url, timeout=0.6, max_connections=2)  # 6 requests: three rounds of 0.3 s
-        answers = await asyncio.gather(*(client.request("POST", "/x", b"{}") for _ in range(6)))
-        assert [a.status for a in answers] == [200] * 6
+        client = pool(srv.url, **pool_args)
+        answers = await asyncio.gather(*(client.request("POST", "/x", b"{}") for _ in range(requests)))
         await client.close()
-    assert len(srv.requests) == 6
+    return answers, srv
+
+
+async def test_a_request_waiting_for_a_connection_is_not_timed_until_it_has_one():
+    # 6 requests on 2 connections: three rounds of 0.3 s, each within the 0.6 s timeout
+    answers, srv = await many_at_once(6, 0.3, timeout=0.6, max_connections=2)
+    assert [a.status for a in answers] == [200] * 6 and len(srv.requests) == 6
 
 
 async def test_at_most_max_connections_open():
-    async def serve(_, reader, writer):
-        while await srv.next_request(reader) is not None:
-            await asyncio.sleep(0.03)
-            writer.write(ok())
-
-    async with Server(serve) as srv:
-        client = pool(srv.url, max_connections=3)
-        answers = await asyncio.gather(*(client.request("POST", "/x", b"{}") for _ in range(30)))
-        assert all(a.status == 200 for a in answers)
-        await client.close()
+    answers, srv = await many_at_once(30, 0.03, max_connections=3)
+    assert all(a.status == 200 for a in answers)
     assert srv.most_open == 3 and srv.connections == 3
 
 

@@ -33,10 +33,15 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def page_faults(tuned: bool) -> int:
-    out = subprocess.run([sys.executable, "-c", CHURN.format(server=str(SERVER), tuned=tuned)],
+def run(script: str, tuned: bool) -> int:
+    """The number `script` prints, run in a new process, with the server's settings or without."""
+    out = subprocess.run([sys.executable, "-c", script.format(server=str(SERVER), tuned=tuned)],
                          capture_output=True, text=True, check=True).stdout
     return int(out)
+
+
+def page_faults(tuned: bool) -> int:
+    return run(CHURN, tuned)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -76,9 +81,7 @@ os.unlink(path)
 
 
 def arenas(tuned: bool) -> int:
-    out = subprocess.run([sys.executable, "-c", ARENAS.format(server=str(SERVER), tuned=tuned)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out)
+    return run(ARENAS, tuned)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
