@@ -619,3 +619,22 @@ async def test_https_answer_without_a_length_ends_with_the_connection(tmp_path, 
     finally:
         thread.join(5)
         listener.close()
+
+
+async def test_a_probe_is_not_held_behind_the_requests_it_checks_on():
+    """Every connection busy with a long request: the deployment's health probe still gets through."""
+    async def serve(_, reader, writer):
+        while (request := await srv.next_request(reader)) is not None:
+            if request[0].startswith(b"POST"):
+                await asyncio.sleep(30)  # a long generation
+            writer.write(ok(b"[]"))
+
+    async with Server(serve) as srv:
+        transport = HttpTransport(srv.url + "/v1", None, timeout=60, max_connections=2)
+        busy = [asyncio.ensure_future(transport.send("/v1/chat/completions", b"{}", f"c{i}")) for i in range(3)]
+        await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(transport.probe("/v1/models"), 2) == 200
+        for task in busy:
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        await transport.close()

@@ -285,10 +285,13 @@ class Http1Pool:
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._closed = False
 
-    async def request(self, method: str, path: str, body: bytes | None = None) -> HttpAnswer:
+    async def request(self, method: str, path: str, body: bytes | None = None, *, capped: bool = True) -> HttpAnswer:
+        """`capped=False`: not counted against max_connections (a health probe, which must not wait
+        behind the requests it checks on: one at a time, so at most one connection more)."""
         if self._closed:
             raise HttpClientError("connection_error", "the client is closed")
-        await self._take_slot()
+        if capped:
+            await self._take_slot()
         try:
             # From the slot on: a request waiting for a connection (more requests than
             # max_connections, several batches on the deployment) has not been sent yet.
@@ -308,7 +311,8 @@ class Http1Pool:
                         raise
                     conn, fresh = None, True
         finally:
-            self._give_slot()
+            if capped:
+                self._give_slot()
 
     def _head(self, method: str, path: str, body: bytes | None) -> bytes:
         start = self._heads.get((method, path))

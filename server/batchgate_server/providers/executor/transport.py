@@ -170,7 +170,7 @@ class HttpTransport:
     async def _get(self, path: str) -> int:
         if not self._via_proxy:
             try:
-                return (await self._pool.request("GET", path)).status
+                return (await self._pool.request("GET", path, capped=False)).status
             except HttpClientError as err:
                 raise TransportFailure(err.code, err.message) from None
         try:
