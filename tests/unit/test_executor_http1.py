@@ -638,3 +638,35 @@ async def test_a_probe_is_not_held_behind_the_requests_it_checks_on():
             task.cancel()
         await asyncio.gather(*busy, return_exceptions=True)
         await transport.close()
+
+
+async def test_the_tls_context_is_made_off_the_event_loop(tmp_path, monkeypatch):
+    """Loading the CAs takes tens of milliseconds: not on the loop's thread, and once per pool."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    made_on: list[threading.Thread] = []
+    original = ssl.create_default_context
+
+    def recorded(*args, **kwargs):
+        made_on.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    async def handle(reader, writer):
+        while (request := await read_request(reader)) is not None:
+            writer.write(ok(request[2]))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    monkeypatch.setattr(ssl, "create_default_context", recorded)
+    try:
+        client = pool(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}", max_connections=4)
+        answers = await asyncio.gather(*(client.request("POST", "/x", b"%d" % i) for i in range(4)))
+        assert [a.body for a in answers] == [b"0", b"1", b"2", b"3"]
+        assert len(made_on) == 1 and made_on[0] is not threading.main_thread()
+        await client.close()
+    finally:
+        server.close()

@@ -277,7 +277,8 @@ class Http1Pool:
         self._max = max(1, max_connections)
         self._fixed_headers = _header_block({"host": self.origin.host_header, "user-agent": "batchgate",
                                              **headers})
-        self._ssl = ssl.create_default_context() if self.origin.scheme == "https" else None
+        # https: made on a worker thread at the first connection (loading the CAs takes ~50 ms).
+        self._tls: asyncio.Future | None = None
         self._heads: dict[tuple[str, str], bytes] = {}
         self._idle: collections.deque[_Connection] = collections.deque()
         self._open: set[_Connection] = set()
@@ -357,9 +358,10 @@ class Http1Pool:
         origin = self.origin
         try:
             async with asyncio.timeout_at(deadline):
+                tls = await self._tls_context() if origin.scheme == "https" else None
                 _, conn = await loop.create_connection(
-                    _Connection, origin.host, origin.port, ssl=self._ssl,
-                    server_hostname=origin.host if self._ssl is not None else None)
+                    _Connection, origin.host, origin.port, ssl=tls,
+                    server_hostname=origin.host if tls is not None else None)
         except TimeoutError:
             raise HttpClientError("request_timeout", f"no answer within {self._timeout:g}s") from None
         except OSError as err:
@@ -369,6 +371,11 @@ class Http1Pool:
             raise HttpClientError("connection_error", "the client is closed")
         self._open.add(conn)
         return conn
+
+    async def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            self._tls = asyncio.ensure_future(asyncio.to_thread(ssl.create_default_context))
+        return await asyncio.shield(self._tls)  # shared: one request's cancel does not end it
 
     async def _take_slot(self) -> None:
         if self._busy < self._max and not self._waiters:
