@@ -26,6 +26,7 @@ FAIL:429-once      429 (Retry-After: 1) on the first request with this key text,
 FAIL:500           500 server_error
 FAIL:400           400 invalid_request_error
 FAIL:malformed     200 with a truncated JSON body
+FAIL:bigheaders    200 with a whole, valid answer behind 80 KB of headers (over an HTTP client's limit)
 FAIL:hang          never answers (until the server stops)
 SLOW:<ms>          answer after <ms> milliseconds (on top of ``latency_ms``)
 =================  ==========================================================================
@@ -362,6 +363,8 @@ class FakeUpstream:
                 mode = "400"
             elif "FAIL:malformed" in text:
                 mode = "malformed"
+            elif "FAIL:bigheaders" in text:
+                mode = "bigheaders"
             elif "FAIL:hang" in text:
                 mode = "hang"
             i = text.find("SLOW:")
@@ -391,6 +394,10 @@ class FakeUpstream:
             if mode == "malformed":
                 return web.Response(status=200, content_type=_JSON,
                                     body=b'{"id": "chatcmpl-broken", "object": "chat.comp')
+            if mode == "bigheaders":
+                self._seq += 1
+                return web.Response(body=_dumps(build_response(path, body, seq=self._seq, text=text)).encode(),
+                                    content_type=_JSON, headers={f"x-debug-{i}": "d" * 1000 for i in range(80)})
             if mode == "hang":
                 await self._stopping.wait()
                 raise web.HTTPServiceUnavailable()

@@ -288,3 +288,25 @@ async def test_a_dead_upstream_shows_in_the_batch_and_in_a_few_log_lines(tmp_pat
         assert "sk-secret-key-123" not in caplog.text
     finally:
         await stop_harness(h)
+
+
+async def test_an_answer_over_the_clients_limits_is_the_requests_failure_not_an_outage(tmp_path, upstream):
+    """The upstream answered (80 KB of headers, over the client's 64 KiB): the request spends its
+    retries and ends as an error line; the deployment is not taken for out, so the other requests
+    run once each, and the big one is not sent again and again while "waiting for it to return"."""
+    h = await executor_harness(tmp_path, upstream, max_retries=2)
+    try:
+        lines = [request_line("big", model="fake-llm", content="FAIL:bigheaders please")]
+        lines += [request_line(f"ok-{i}", model="fake-llm", content=f"fine {i}") for i in range(10)]
+        batch = await create(h.alice, await store_unchecked_file(h, h.alice.project, jsonl(lines)))
+        final = (await watch_until(h.alice, batch.id, ended))[-1]
+        assert final.status == batch_pb2.BATCH_STATUS_COMPLETED
+        assert (final.request_counts.completed, final.request_counts.failed) == (10, 1)
+        out, err = await results(h.alice, final)
+        assert [(e["custom_id"], e["error"]["code"]) for e in err] == [("big", "invalid_response")]
+        assert "bytes of headers" in err[0]["error"]["message"]
+        assert upstream.count("FAIL:bigheaders please") == 3  # once and max_retries more
+        assert all(upstream.count(f"fine {i}") == 1 for i in range(10))
+        assert [(f.code, f.count, f.retried) for f in final.failures] == [("invalid_response", 1, 2)]
+    finally:
+        await stop_harness(h)

@@ -293,19 +293,22 @@ async def test_refused_connection():
     await client.close()
 
 
-@pytest.mark.parametrize("answer, expected", [
-    (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not valid HTTP/1.1"),
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"short\":", "in the middle of its answer"),
-    (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!", "not valid HTTP/1.1"),
-    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "not valid HTTP/1.1"),
+@pytest.mark.parametrize("answer, code, expected", [
+    (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "invalid_response", "not valid HTTP/1.1"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"short\":", "connection_error", "in the middle of its answer"),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!", "invalid_response",
+     "not valid HTTP/1.1"),
+    (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", "invalid_response", "not valid HTTP/1.1"),
 ])
-async def test_answers_that_are_not_http_or_are_cut_short(answer, expected):
+async def test_answers_that_are_not_http_or_are_cut_short(answer, code, expected):
+    """Not HTTP: the server answered (invalid_response, the request's failure); cut short: the
+    connection was lost (connection_error, maybe an outage)."""
     async def serve(_, reader, writer):
         await read_request(reader)
         writer.write(answer)
 
     err = await refused(serve)
-    assert err.code == "connection_error" and expected in err.message
+    assert err.code == code and expected in err.message
 
 
 async def test_an_answer_too_large_is_refused(monkeypatch):
@@ -319,7 +322,7 @@ async def test_an_answer_too_large_is_refused(monkeypatch):
             await writer.drain()
 
     err = await refused(serve)
-    assert err.code == "connection_error" and "larger than" in err.message
+    assert err.code == "invalid_response" and "larger than" in err.message
 
 
 async def test_endless_headers_are_refused():
@@ -371,7 +374,7 @@ async def test_switching_protocols_is_not_an_answer():
         await reader.read()
 
     err = await refused(serve)
-    assert err.code == "connection_error" and "switched protocols" in err.message
+    assert err.code == "invalid_response" and "switched protocols" in err.message
 
 
 async def test_bytes_on_an_idle_connection_drop_it():
@@ -493,11 +496,100 @@ async def test_close_ends_requests_in_flight_and_refuses_new_ones():
             await client.request("POST", "/x", b"{}")
 
 
-@pytest.mark.parametrize("url", ["ftp://host/v1", "http:///v1", "http://h:99999", "http://u:p@h/v1", "http://h/?q=1",
-                                 "http://" + "a" * 64 + ".example/v1"])
+@pytest.mark.parametrize("url", ["ftp://host/v1", "http:///v1", "http://h:99999", "http://u:s3cret@h/v1",
+                                 "http://:s3cret@h/v1", "http://h/?q=1", "http://" + "a" * 64 + ".example/v1"])
 async def test_api_base_that_is_not_an_http_origin_is_refused(url):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as err:
         pool(url)
+    assert "s3cret" not in str(err.value)  # CreateBatch shows the message to its caller
+
+
+async def test_api_base_path_is_sent_percent_encoded_and_its_scheme_in_any_case():
+    async def serve(_, reader, writer):
+        while await srv.next_request(reader) is not None:
+            writer.write(ok())
+
+    async with Server(serve) as srv:
+        client = pool(f"HTTP://127.0.0.1:{srv.port}/my models/ünï/ ")
+        assert (await client.request("POST", "/v1/x", b"{}")).status == 200
+        await client.close()
+    assert srv.requests[0][0] == b"POST /my%20models/%C3%BCn%C3%AF/v1/x HTTP/1.1"
+
+
+async def test_content_length_beside_chunked_reads_chunked():
+    async def serve(_, reader, writer):
+        await srv.next_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"2\r\n{}\r\n0\r\n\r\n")
+        await reader.read()
+
+    async with Server(serve) as srv:
+        client = pool(srv.url)
+        assert (await client.request("POST", "/x", b"{}")).body == b"{}"
+        await client.close()
+
+
+async def test_a_reused_connection_closed_later_unanswered_is_not_sent_again():
+    """The server read the request and failed while working on it: that is not the keep-alive
+    race, and the request goes back to the executor (its retry has a backoff, and is counted)."""
+    async def serve(conn_no, reader, writer):
+        await srv.next_request(reader)
+        writer.write(ok())
+        await writer.drain()
+        await srv.next_request(reader)
+        await asyncio.sleep(0.6)  # working on it, then gone
+
+    async with Server(serve) as srv:
+        client = pool(srv.url)
+        await client.request("POST", "/x", b"1")
+        with pytest.raises(HttpClientError) as err:
+            await client.request("POST", "/x", b"2")
+        assert err.value.code == "connection_error"
+        await client.close()
+    assert [body for _, _, body in srv.requests] == [b"1", b"2"]
+
+
+async def test_a_connection_idle_too_long_is_not_used_again(monkeypatch):
+    monkeypatch.setattr(http1, "IDLE_SECONDS", 0.1)
+
+    async def serve(_, reader, writer):
+        while await srv.next_request(reader) is not None:
+            writer.write(ok())
+
+    async with Server(serve) as srv:
+        client = pool(srv.url)
+        await client.request("POST", "/x", b"{}")
+        await client.request("POST", "/x", b"{}")  # at once: the same connection
+        await asyncio.sleep(0.2)
+        await client.request("POST", "/x", b"{}")
+        await client.close()
+    assert srv.connections == 2
+
+
+async def test_a_header_block_over_the_limit_in_one_write_is_refused():
+    async def serve(_, reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 1000) for i in range(70))
+                     + b"content-length: 2\r\n\r\n{}")
+        await reader.read()
+
+    assert "bytes of headers" in (await refused(serve)).message
+
+
+async def test_a_closed_transport_serves_on_new_connections():
+    """A run being set up may still hold the transport of an ad-hoc deployment whose last batch
+    just released it."""
+    async def serve(_, reader, writer):
+        while await srv.next_request(reader) is not None:
+            writer.write(ok())
+
+    async with Server(serve) as srv:
+        transport = HttpTransport(srv.url, None, timeout=5, max_connections=2)
+        assert (await transport.send("/v1/chat/completions", b"{}", "a")).status == 200
+        await transport.close()
+        assert (await transport.send("/v1/chat/completions", b"{}", "b")).status == 200
+        await transport.close()
+    assert srv.connections == 2
 
 
 async def test_line_breaks_in_headers_are_refused():

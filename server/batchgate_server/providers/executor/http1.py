@@ -16,8 +16,9 @@ included; answers with a Content-Length, chunked, or ended by the server closing
 1xx answers skipped; https with the system's CAs (SSL_CERT_FILE names another bundle). Proxies are
 the caller's business (transport.py).
 
-Every failure is an HttpClientError with the executor's code: connection_error (no connection, the
-connection lost, an answer that is not HTTP or is too large) or request_timeout.
+Every failure is an HttpClientError with the executor's code: connection_error (no connection, or
+the connection lost), request_timeout, or invalid_response (an answer that is not HTTP/1.1 or is
+over the limits below: the server answered, so it is the request's failure, not an outage).
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ import httptools
 # exhaust the process (an embeddings answer for 2,048 inputs of 3,072 floats is about 130 MB).
 MAX_BODY = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
+# A connection unused this long is closed rather than reused (as hyper does): a NAT or load balancer
+# may have forgotten it without a word, and a request on it would wait for its whole timeout.
+IDLE_SECONDS = 90.0
+# The keep-alive race: a reused connection the server closed as the request left shows it within
+# a round trip. One that closes later, unanswered, was the server's failure while working on it:
+# not sent again here (the executor's own retry, with its backoff and counts, decides).
+RACE_SECONDS = 0.25
+INVALID = "invalid_response"
 
 
 def _reason(err: OSError) -> str:
@@ -68,21 +77,29 @@ class Origin:
 
     @classmethod
     def parse(cls, base_url: str) -> Origin:
-        parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"api_base {base_url!r} is not an http:// or https:// URL")
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError(f"api_base {base_url!r}: no query, fragment or user:password@ (api_key sets the key)")
+        parts = urllib.parse.urlsplit(base_url.strip())
+        # Messages name the URL without its user:password@, which may hold a secret.
+        shown = repr(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl())
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"api_base {shown} is not an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"api_base {shown}: no user:password@ in it (api_key sets the key)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"api_base {shown}: no query or fragment")
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            port = parts.port or (443 if scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"api_base {base_url!r} has a port that is not a number from 0 to 65535") from None
+            raise ValueError(f"api_base {shown} has a port that is not a number from 0 to 65535") from None
         try:
             parts.hostname.encode("idna")  # what connecting does with it
         except UnicodeError:
-            raise ValueError(f"api_base {base_url!r} has a host name that is not valid (a label over 63 "
+            raise ValueError(f"api_base {shown} has a host name that is not valid (a label over 63 "
                              "characters?)") from None
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+        # Sent as it is on the request line: what is not allowed there is percent-encoded (as
+        # pyreqwest did), what is already encoded stays.
+        path = urllib.parse.quote(parts.path.rstrip("/"), safe="/%:@!$&'()*+,;=-._~")
+        return cls(scheme, parts.hostname, port, path)
 
     @property
     def host_header(self) -> str:
@@ -120,7 +137,11 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.idle_since = 0.0  # loop time it went back to the pool
+        self.sent_at = 0.0  # loop time the current request was written
         self._parser = httptools.HttpResponseParser(self)
+        # Content-Length beside chunked: chunked wins (RFC 9112 6.3; hyper and pyreqwest read it so).
+        self._parser.set_dangerous_leniencies(lenient_chunked_length=True)
         self._waiter: asyncio.Future | None = None
         self._reset()
 
@@ -128,6 +149,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers: dict[str, str] = {}
         self._head_bytes = 0  # bytes received before the headers ended
+        self._header_bytes = 0  # names and values parsed
         self._body: list[bytes] = []
         self._size = 0
         self._got_bytes = False  # any byte of the answer to the current request
@@ -138,7 +160,9 @@ class _Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes | None) -> asyncio.Future:
         self._reset()
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        self.sent_at = loop.time()
         if body:
             self.transport.writelines((head, body))
         else:
@@ -175,15 +199,18 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserCallbackError:
             return  # a callback failed the request already (too large, bytes nobody asked for)
         except httptools.HttpParserUpgrade:
-            self.fail("connection_error", "the server switched protocols (101): not an HTTP/1.1 answer")
+            self.fail(INVALID, "the server switched protocols (101): not an HTTP/1.1 answer")
             return
         except httptools.HttpParserError as err:
-            self.fail("connection_error", f"the server's answer is not valid HTTP/1.1 ({err})")
+            self.fail(INVALID, f"the server's answer is not valid HTTP/1.1 ({err})")
             return
         # Counted here, not per header: the parser holds a header line until it ends, and an
         # endless one would grow in memory until the deadline.
         if not self._headers_done and self._head_bytes > MAX_HEADER_BYTES and self._waiter is not None:
-            self.fail("connection_error", f"the server's answer has more than {MAX_HEADER_BYTES} bytes of headers")
+            self._too_many_header_bytes()
+
+    def _too_many_header_bytes(self) -> None:
+        self.fail(INVALID, f"the server's answer has more than {MAX_HEADER_BYTES} bytes of headers")
 
     def eof_received(self) -> bool:
         if self._waiter is not None and self._headers_done and not self._delimited:
@@ -202,7 +229,8 @@ class _Connection(asyncio.Protocol):
         if waiter is None or waiter.done():
             return
         if not self._got_bytes:
-            err = _Closed("the server closed the connection before answering")
+            err = _Closed("the server closed the connection before answering",
+                          asyncio.get_running_loop().time() - self.sent_at)
         else:
             err = HttpClientError("connection_error", "the server closed the connection in the middle of its answer")
         waiter.set_exception(err)
@@ -217,6 +245,10 @@ class _Connection(asyncio.Protocol):
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:  # a whole block over the limit in one read
+            self._too_many_header_bytes()
+            raise _Refused
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
@@ -235,7 +267,7 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
         if self._size > MAX_BODY:
-            self.fail("connection_error", f"the server's answer is larger than {MAX_BODY // 2**20} MiB")
+            self.fail(INVALID, f"the server's answer is larger than {MAX_BODY // 2**20} MiB")
             raise _Refused
         self._body.append(body)
 
@@ -257,10 +289,11 @@ class _Connection(asyncio.Protocol):
 
 
 class _Closed(HttpClientError):
-    """The connection closed before any byte of the answer."""
+    """The connection closed before any byte of the answer, `after` seconds from the request's write."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, after: float) -> None:
         super().__init__("connection_error", message)
+        self.after = after
 
 
 class _Refused(Exception):
@@ -305,10 +338,11 @@ class Http1Pool:
                     conn = await self._connect(deadline)
                 try:
                     return await self._exchange(conn, head, body, deadline)
-                except _Closed:
+                except _Closed as err:
                     # A reused connection the server had closed as the request left: once more
-                    # on a new one. A new connection that closes unanswered is the server's fault.
-                    if fresh:
+                    # on a new one. A new connection that closes unanswered, or a reused one that
+                    # closes later (the server failed while working on it), is the server's fault.
+                    if fresh or err.after > RACE_SECONDS:
                         raise
                     conn, fresh = None, True
         finally:
@@ -342,14 +376,18 @@ class Http1Pool:
         if conn.closed:
             self._open.discard(conn)
         else:
+            conn.idle_since = loop.time()
             self._idle.append(conn)
         return answer
 
     def _reuse(self) -> _Connection | None:
+        now = asyncio.get_running_loop().time()
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed and not conn.transport.is_closing():
-                return conn
+                if now - conn.idle_since <= IDLE_SECONDS:
+                    return conn
+                conn.abort()
             self._open.discard(conn)
         return None
 

@@ -317,7 +317,7 @@ class ExecutorRun:
                 raise
             except TransportFailure as err:
                 failure = _Failure(err.code, err.message, None, {"code": err.code, "message": err.message},
-                                   upstream_fault=True, retryable=True)
+                                   upstream_fault=err.upstream_fault, retryable=True)
             else:
                 parsed = _json_or_none(resp.body)
                 if 200 <= resp.status < 300 and parsed is not None:

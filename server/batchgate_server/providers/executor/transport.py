@@ -21,7 +21,7 @@ from datetime import timedelta
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import ConnectError, PyreqwestError, RequestTimeoutError
 
-from batchgate_server.providers.executor.http1 import Http1Pool, HttpClientError, check_request_target
+from batchgate_server.providers.executor.http1 import INVALID, Http1Pool, HttpClientError, check_request_target
 from batchgate_server.providers.http_spans import client_span, tracing_on
 
 
@@ -54,12 +54,19 @@ class TransportResponse:
 
 
 class TransportFailure(Exception):
-    """No HTTP answer: connection refused/reset, timeout."""
+    """No usable HTTP answer: connection refused/reset, timeout (`upstream_fault`: says nothing about
+    the request, may be an outage), or an answer that is not HTTP or over the client's limits (the
+    server answered: the request's own failure)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, upstream_fault: bool = True) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.upstream_fault = upstream_fault
+
+
+def _from_client(err: HttpClientError) -> TransportFailure:
+    return TransportFailure(err.code, err.message, upstream_fault=err.code != INVALID)
 
 
 def _failure(err: PyreqwestError, timeout: float, base_url: str) -> TransportFailure:
@@ -88,7 +95,7 @@ def proxied(base_url: str) -> bool:
 
 def _origin_url(base_url: str) -> str:
     # "…/v1" or a bare host both work: request paths carry their own /v1.
-    url = base_url.rstrip("/")
+    url = base_url.strip().rstrip("/")
     return url[:-3] if url.endswith("/v1") else url
 
 
@@ -114,13 +121,16 @@ class HttpTransport:
         self._max_connections = max_connections
         # Checked here, not at the first request: a malformed api_base or header is the
         # deployment's misconfiguration.
-        self._pool = Http1Pool(self.base_url, self._headers, timeout=timeout, max_connections=max_connections)
+        self._pool = self._new_pool()
         self._via_proxy = proxied(self.base_url)
         self._session: Client | None = None
         self._reaping: set[asyncio.Future] = set()  # cancelled probes being ended
         # Asked once: tracing is set up at start-up, before any transport, and cannot be unset;
         # asking per request cost ~3 us (OpenTelemetry reads the environment each time).
         self._traced = tracing_on()
+
+    def _new_pool(self) -> Http1Pool:
+        return Http1Pool(self.base_url, self._headers, timeout=self._timeout, max_connections=self._max_connections)
 
     def _client(self) -> Client:
         # Built on first use: the client binds to the running event loop.
@@ -144,7 +154,7 @@ class HttpTransport:
         try:
             answer = await self._pool.request("POST", path, body)
         except HttpClientError as err:
-            raise TransportFailure(err.code, err.message) from None
+            raise _from_client(err) from None
         return TransportResponse(answer.status, answer.headers, answer.body)
 
     async def _post_via_proxy(self, path: str, body: bytes) -> TransportResponse:
@@ -172,7 +182,7 @@ class HttpTransport:
             try:
                 return (await self._pool.request("GET", path, capped=False)).status
             except HttpClientError as err:
-                raise TransportFailure(err.code, err.message) from None
+                raise _from_client(err) from None
         try:
             resp = await self._client().get(self.base_url + path).build().send()
             await resp.bytes()
@@ -181,7 +191,9 @@ class HttpTransport:
         return resp.status
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Its connections close; it stays usable (a run being set up may hold it still), on new ones."""
+        pool, self._pool = self._pool, self._new_pool()
+        await pool.close()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
