@@ -95,7 +95,9 @@ async def test_a_poller_on_one_replica_sees_a_cancel_on_another_at_once(cluster)
     """B's GetBatch answers an unchanged batch from the state it last read: it must still see A's
     write the moment it returned (and CancelBatch answers only a stored state)."""
     a, b = await cluster.start(2)
-    batch = await upload_and_create(a.caller, slow_lines(50, 100))
+    # 10 s of requests (4 at a time): still running at the cancel, however loaded the machine (50 of
+    # 100 ms, 1.25 s, had ended before it once, in a full run beside other work).
+    batch = await upload_and_create(a.caller, slow_lines(40, 1000))
     get = batch_pb2.GetBatchRequest(batch_id=batch.id)
     for _ in range(2):
         polled = (await b.caller.batches.GetBatch(get, metadata=b.caller.metadata)).batch
