@@ -5,16 +5,17 @@ Why its own client: the executor's cost is CPU per request, and the machine it r
 shared with the server it calls. Measured against the same local fake at 128 requests in flight
 (uvloop, the 2-core machine): pyreqwest spends 88-100 us of process CPU per request (36 on the event
 loop, 52-73 on its Rust runtime's thread), this client 40-48 us, all on the loop; in
-bench/executor.py the server's CPU per request fell from 145-192 to 91-109 us. The executor needs
+bench/executor.py the server's CPU per request fell from 145-192 to 77-127 us. The executor needs
 little of a general client: one origin, POST and GET, a body in memory, an answer read whole.
 
 What it does: keep-alive connections, at most `max_connections` open, the most recently used first;
-a connection the server closed while idle is dropped, and a request whose reused connection closes
-before any byte of the answer goes once more on a new connection (the server closed it as the
-request left: a keep-alive race, nothing was answered); one deadline per request, connecting
-included; answers with a Content-Length, chunked, or ended by the server closing the connection;
-1xx answers skipped; https with the system's CAs (SSL_CERT_FILE names another bundle). Proxies are
-the caller's business (transport.py).
+a connection the server closed while idle, or idle for IDLE_SECONDS, is dropped, and a request whose
+reused connection closes within RACE_SECONDS, before any byte of the answer, goes once more on a new
+connection (the server closed it as the request left: a keep-alive race, nothing was answered); one
+deadline per request from when it has a connection, connecting included; answers with a
+Content-Length, chunked, or ended by the server closing the connection; 1xx answers skipped; https
+with the system's CAs (SSL_CERT_FILE names another bundle). Proxies are the caller's business
+(transport.py).
 
 Every failure is an HttpClientError with the executor's code: connection_error (no connection, or
 the connection lost), request_timeout, or invalid_response (an answer that is not HTTP/1.1 or is
