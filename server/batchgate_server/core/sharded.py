@@ -53,7 +53,7 @@ from batchgate_server.pricing.cost import sum_costs
 from batchgate_server.providers.base import BatchProvider, ResultKind, ResultLine
 from batchgate_server.providers.output_lines import line_id, no_result_line
 from batchgate_server.store.errors import LeaseLost, RevisionConflict, StorageError, StorageFull, StorageUnavailable
-from batchgate_server.store.ports import BlobStore
+from batchgate_server.store.ports import BlobStore, request_lines_at
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +203,7 @@ class _PartMeasurer:
 
     def measure_run(self, at: int, run: Sequence[bytes]) -> list[tuple[Measured, list[bytes]]]:
         """`run`: raw lines from byte `at` (BlobStore.line_runs_at); blank ones are no request."""
-        block = []
-        for raw in run:
-            if raw and not raw.isspace():  # as raw.strip() but without copying the line
-                block.append((at, raw.rstrip(b"\r")))
-            at += len(raw) + 1
-        return self.measure(block)
+        return self.measure(list(request_lines_at(at, run)))
 
     def measure(self, block: Sequence[tuple[int, bytes]]) -> list[tuple[Measured, list[bytes]]]:
         """Measures `block` into the parts; returns each part's lines as its provider receives them,
@@ -408,7 +403,7 @@ class ShardedBatchRunner(BatchRunner):
             ends = list(accumulate(m.sizes, initial=0)) if m.writer is not None else None
             for first, last in jobs:
                 d = m.deployment
-                if ends is not None and m.writer is not None:
+                if ends is not None:
                     prepared.append((f"{rec.id}_s{len(shards) + 1}", PreparedRange(
                         m.writer.path, ends[first], ends[last] - ends[first], d.id, d.provider, d.model)))
                 shards.append(BatchRecord(

@@ -11,7 +11,7 @@ contract suites in tests/contract/.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,18 +86,15 @@ class BlobStore(abc.ABC):
         batch's input (ProviderJob.open_input). A missing key raises KeyError on the first iteration."""
         async for run in self._line_runs(key, offset):
             for line in run:
-                if line.strip():
+                if line and not line.isspace():  # as line.strip(), without copying the line
                     yield line.rstrip(b"\r")
 
     async def lines_at(self, key: str, offset: int = 0) -> AsyncIterator[tuple[int, bytes]]:
         """As `lines`, each with the byte offset where it starts in `key` (a shard's start,
         domain/shards.py ShardSelection.byte_offset)."""
-        at = offset
-        async for run in self._line_runs(key, offset):
-            for line in run:
-                if line.strip():
-                    yield at, line.rstrip(b"\r")
-                at += len(line) + 1
+        async for at, run in self.line_runs_at(key, offset):
+            for item in request_lines_at(at, run):
+                yield item
 
     async def line_runs_at(self, key: str, offset: int = 0) -> AsyncIterator[tuple[int, list[bytes]]]:
         """The raw lines of `key` from `offset` a block's worth at a time, each run with the byte
@@ -119,6 +116,15 @@ class BlobStore(abc.ABC):
             yield run
         if tail:
             yield [tail]
+
+
+def request_lines_at(at: int, run: Sequence[bytes]) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of `run` (raw lines from byte `at`, as BlobStore.line_runs_at yields
+    them), each with its byte offset and without a trailing `\r`: what `lines_at` yields of them."""
+    for line in run:
+        if line and not line.isspace():  # as line.strip(), without copying the line
+            yield at, line.rstrip(b"\r")
+        at += len(line) + 1
 
 
 # -- change feed ------------------------------------------------------------------------
